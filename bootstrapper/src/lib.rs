@@ -1,0 +1,1 @@
+//! netboot: bootstraps a cluster service network.

@@ -1,0 +1,1 @@
+//! netboot-datapath agent.

@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/*
+ * netboot socket load balancer: the ONE definition of every BPF map layout.
+ *
+ * The Rust side (datapath/src/layout.rs) mirrors each struct with #[repr(C)]
+ * and compile-time size/offset asserts; change a field here, then there.
+ * All structs are padded explicitly so that no implicit padding (which the
+ * kernel hashes as part of a key) can hold garbage.
+ *
+ * Design after Cilium's lb4 maps (bpf/lib/lb.h):
+ *   nb_lb4_svc      (vip, dport, proto, slot) -> frontend (slot 0) / backend id (slot 1..n)
+ *   nb_lb4_be       backend id -> (ip, port, proto, state)
+ *   nb_lb4_revnat   rev-nat id (= service id) -> (vip, port)
+ *   nb_lb4_rev_sk   (socket cookie, backend ip, port) -> (vip, port, rev-nat id)   LRU
+ *   nb_lb4_aff      (client netns cookie, rev-nat id) -> (last used, backend id)  LRU
+ *   nb_lb4_affmatch (backend id, rev-nat id) -> membership, kept for ready AND
+ *                   terminating backends so existing affinity survives termination
+ *   nb_counters     per-CPU u64 per outcome (enum nb_counter)
+ *   nb_config       single entry: datapath mode (replace or observe)
+ *
+ * Byte order: addresses and ports are network order (__be32/__be16), exactly as
+ * they appear in struct bpf_sock_addr; everything else is host order.
+ */
+#ifndef NETBOOT_LB_H
+#define NETBOOT_LB_H
+
+#include <linux/types.h>
+
+/* Map names (at most 15 characters; also the pin file names, see pins.rs). */
+#define NB_MAP_SERVICES   nb_lb4_svc
+#define NB_MAP_BACKENDS   nb_lb4_be
+#define NB_MAP_REVNAT     nb_lb4_revnat
+#define NB_MAP_REV_SK     nb_lb4_rev_sk
+#define NB_MAP_AFFINITY   nb_lb4_aff
+#define NB_MAP_AFF_MATCH  nb_lb4_affmatch
+#define NB_MAP_COUNTERS   nb_counters
+#define NB_MAP_CONFIG     nb_config
+
+/* Default sizes; the agent overrides them from config.yaml before load. */
+#define NB_DEFAULT_SERVICES  65536
+#define NB_DEFAULT_BACKENDS  262144
+#define NB_DEFAULT_REVNAT    65536
+#define NB_DEFAULT_AFFINITY  65536
+#define NB_DEFAULT_REV_SK    262144
+
+/* Frontend flags (struct nb_lb4_service.flags, slot 0 only). */
+#define NB_SVC_F_AFFINITY  0x01 /* ClientIP session affinity */
+
+/* Backend states (struct nb_lb4_backend.state). */
+#define NB_BE_ACTIVE       0 /* ready: may be chosen for new connections */
+#define NB_BE_TERMINATING  1 /* terminating: only reachable through existing affinity */
+
+/* Datapath modes (struct nb_config.mode). */
+#define NB_MODE_OBSERVE    0 /* coexist: look up and count, never translate */
+#define NB_MODE_REPLACE    1 /* kube-proxy replacement: translate */
+
+/* Key of nb_lb4_svc. 12 bytes. */
+struct nb_lb4_key {
+	__be32 address;      /* service VIP (ClusterIP) */
+	__be16 dport;        /* service port */
+	__u16 backend_slot;  /* 0 = frontend entry, 1..count = backend slots */
+	__u8 proto;          /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[3];         /* always zero */
+};
+
+/* Value of nb_lb4_svc. 16 bytes. */
+struct nb_lb4_service {
+	__u32 backend_id;        /* slot > 0: id into nb_lb4_be; slot 0: 0 */
+	__u32 affinity_timeout;  /* slot 0: ClientIP affinity timeout in seconds; else 0 */
+	__u16 count;             /* slot 0: number of backend slots (ready backends) */
+	__u16 rev_nat_index;     /* service id (frontend id), key of nb_lb4_revnat */
+	__u8 flags;              /* slot 0: NB_SVC_F_* */
+	__u8 pad[3];             /* always zero */
+};
+
+/* Value of nb_lb4_be (key: __u32 backend id, 0 is never used). 8 bytes. */
+struct nb_lb4_backend {
+	__be32 address;  /* backend (pod) IPv4 address */
+	__be16 port;     /* backend target port */
+	__u8 proto;      /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 state;      /* NB_BE_* */
+};
+
+/* Value of nb_lb4_revnat (key: __u16 rev-nat id). 8 bytes. */
+struct nb_lb4_reverse_nat {
+	__be32 address;  /* service VIP */
+	__be16 port;     /* service port */
+	__u16 pad;       /* always zero */
+};
+
+/* Key of nb_lb4_rev_sk: which backend a socket was sent to. 16 bytes. */
+struct nb_lb4_rev_sk_key {
+	__u64 cookie;    /* socket cookie (bpf_get_socket_cookie) */
+	__be32 address;  /* backend address the socket was translated to */
+	__be16 port;     /* backend port */
+	__u16 pad;       /* always zero */
+};
+
+/* Value of nb_lb4_rev_sk: what the socket asked for. 8 bytes. */
+struct nb_lb4_rev_sk_val {
+	__be32 address;       /* service VIP */
+	__be16 port;          /* service port */
+	__u16 rev_nat_index;  /* service id, to check the service still exists */
+};
+
+/* Key of nb_lb4_aff. 16 bytes. */
+struct nb_lb4_affinity_key {
+	__u64 client_cookie;  /* client identity: netns cookie of the socket */
+	__u16 rev_nat_id;     /* service id */
+	__u8 pad[6];          /* always zero */
+};
+
+/* Value of nb_lb4_aff. 16 bytes. */
+struct nb_lb4_affinity_val {
+	__u64 last_used;   /* bpf_ktime_get_ns() of the last connection */
+	__u32 backend_id;  /* backend chosen for this client */
+	__u32 pad;         /* always zero */
+};
+
+/* Key of nb_lb4_affmatch (value: __u32 NB_BE_* state). 8 bytes. */
+struct nb_lb4_affinity_match {
+	__u32 backend_id;  /* backend id */
+	__u16 rev_nat_id;  /* service id the backend belongs to */
+	__u16 pad;         /* always zero */
+};
+
+/* Value of nb_config (array, key 0). 8 bytes. */
+struct nb_config {
+	__u32 mode;      /* NB_MODE_* */
+	__u32 version;   /* datapath layout version the maps were written with */
+};
+
+/* Layout version: bump when any struct above changes incompatibly. */
+#define NB_LAYOUT_VERSION 1
+
+/* Index of nb_counters (per-CPU array of __u64). One per outcome. */
+enum nb_counter {
+	NB_CTR_CONNECT_XLATED = 0,    /* connect4: translated to a backend */
+	NB_CTR_SENDMSG_XLATED,        /* sendmsg4: translated to a backend */
+	NB_CTR_NOT_SERVICE,           /* connect4/sendmsg4: destination is no service */
+	NB_CTR_PROTO_UNSUPPORTED,     /* connect4/sendmsg4: neither TCP nor UDP */
+	NB_CTR_NO_BACKEND,            /* service without ready backend: rejected ECONNREFUSED */
+	NB_CTR_NO_BACKEND_SLOT,       /* slot missing (update in flight): rejected ECONNREFUSED */
+	NB_CTR_BACKEND_MISSING,       /* slot names an unknown backend id: rejected ECONNREFUSED */
+	NB_CTR_AFFINITY_HIT,          /* affinity entry reused */
+	NB_CTR_AFFINITY_NEW,          /* affinity entry created or refreshed with a new backend */
+	NB_CTR_AFFINITY_EXPIRED,      /* affinity entry older than the timeout */
+	NB_CTR_AFFINITY_STALE,        /* affinity backend no longer belongs to the service */
+	NB_CTR_REV_SK_UPDATE_FAIL,    /* could not record the reverse entry: rejected ENOMEM */
+	NB_CTR_RECVMSG_XLATED,        /* recvmsg4: source rewritten to the VIP */
+	NB_CTR_RECVMSG_NO_ENTRY,      /* recvmsg4: no reverse entry for this socket/peer */
+	NB_CTR_PEER_XLATED,           /* getpeername4: peer rewritten to the VIP */
+	NB_CTR_PEER_NO_ENTRY,         /* getpeername4: no reverse entry */
+	NB_CTR_REV_STALE,             /* recvmsg4/getpeername4: service is gone, entry dropped */
+	NB_CTR_OBSERVED,              /* observe mode: a service was hit but not translated */
+	NB_CTR_NO_CONFIG,             /* nb_config unreadable: nothing done */
+	NB_CTR_MAX                    /* number of counters (array size) */
+};
+
+#endif /* NETBOOT_LB_H */

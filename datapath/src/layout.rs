@@ -1,0 +1,370 @@
+//! Rust mirrors of the map layouts defined in `bpf/lb.h` (the single source).
+//!
+//! Every struct is `#[repr(C)]` with the same explicit padding as the header;
+//! the `const` blocks below fail the build if a size or offset drifts.
+//! Addresses and ports are kept in network byte order, as in the kernel.
+
+use std::mem::{offset_of, size_of};
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+/// Map names in the BPF object (also the pin file names, see `pins.rs`).
+pub mod names {
+    /// `(vip, port, proto, slot)` → frontend / backend slot.
+    pub const SERVICES: &str = "nb_lb4_svc";
+    /// backend id → backend.
+    pub const BACKENDS: &str = "nb_lb4_be";
+    /// rev-nat id → (vip, port).
+    pub const REVNAT: &str = "nb_lb4_revnat";
+    /// (socket cookie, backend) → (vip, port), LRU.
+    pub const REV_SK: &str = "nb_lb4_rev_sk";
+    /// (client netns cookie, rev-nat id) → (last used, backend id), LRU.
+    pub const AFFINITY: &str = "nb_lb4_aff";
+    /// (backend id, rev-nat id) → state: membership for affinity.
+    pub const AFF_MATCH: &str = "nb_lb4_affmatch";
+    /// Per-CPU outcome counters.
+    pub const COUNTERS: &str = "nb_counters";
+    /// Single-entry datapath configuration.
+    pub const CONFIG: &str = "nb_config";
+    /// All maps the agent pins, in load order.
+    pub const ALL: [&str; 8] = [
+        SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG,
+    ];
+}
+
+/// `NB_SVC_F_AFFINITY`.
+pub const SVC_F_AFFINITY: u8 = 0x01;
+/// `NB_BE_ACTIVE`.
+pub const BE_ACTIVE: u8 = 0;
+/// `NB_BE_TERMINATING`.
+pub const BE_TERMINATING: u8 = 1;
+/// `NB_MODE_OBSERVE`.
+pub const MODE_OBSERVE: u32 = 0;
+/// `NB_MODE_REPLACE`.
+pub const MODE_REPLACE: u32 = 1;
+/// `NB_LAYOUT_VERSION`.
+pub const LAYOUT_VERSION: u32 = 1;
+/// `IPPROTO_TCP`.
+pub const PROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const PROTO_UDP: u8 = 17;
+
+/// `struct nb_lb4_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4Key {
+    /// Service VIP, network order.
+    pub address: u32,
+    /// Service port, network order.
+    pub dport: u16,
+    /// 0 = frontend, 1..=count = backend slots.
+    pub backend_slot: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct nb_lb4_service`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4Service {
+    /// Slot > 0: backend id.
+    pub backend_id: u32,
+    /// Slot 0: affinity timeout in seconds.
+    pub affinity_timeout: u32,
+    /// Slot 0: number of backend slots.
+    pub count: u16,
+    /// Service id.
+    pub rev_nat_index: u16,
+    /// Slot 0: `SVC_F_*`.
+    pub flags: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct nb_lb4_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4Backend {
+    /// Backend address, network order.
+    pub address: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `BE_*`.
+    pub state: u8,
+}
+
+/// `struct nb_lb4_reverse_nat`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4ReverseNat {
+    /// Service VIP, network order.
+    pub address: u32,
+    /// Service port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// `struct nb_lb4_rev_sk_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4RevSkKey {
+    /// Socket cookie.
+    pub cookie: u64,
+    /// Backend address, network order.
+    pub address: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// `struct nb_lb4_rev_sk_val`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4RevSkVal {
+    /// Service VIP, network order.
+    pub address: u32,
+    /// Service port, network order.
+    pub port: u16,
+    /// Service id.
+    pub rev_nat_index: u16,
+}
+
+/// `struct nb_lb4_affinity_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4AffinityKey {
+    /// Client netns cookie.
+    pub client_cookie: u64,
+    /// Service id.
+    pub rev_nat_id: u16,
+    /// Zero.
+    pub pad: [u8; 6],
+}
+
+/// `struct nb_lb4_affinity_val`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4AffinityVal {
+    /// `bpf_ktime_get_ns()` of the last use.
+    pub last_used: u64,
+    /// Chosen backend.
+    pub backend_id: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// `struct nb_lb4_affinity_match`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4AffinityMatch {
+    /// Backend id.
+    pub backend_id: u32,
+    /// Service id.
+    pub rev_nat_id: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// `struct nb_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NbConfig {
+    /// `MODE_*`.
+    pub mode: u32,
+    /// `LAYOUT_VERSION` the maps were written with.
+    pub version: u32,
+}
+
+// SAFETY: all of these are repr(C) plain data made of integers with explicit
+// padding fields, so every bit pattern is valid and there is no implicit padding.
+unsafe impl aya::Pod for Lb4Key {}
+unsafe impl aya::Pod for Lb4Service {}
+unsafe impl aya::Pod for Lb4Backend {}
+unsafe impl aya::Pod for Lb4ReverseNat {}
+unsafe impl aya::Pod for Lb4RevSkKey {}
+unsafe impl aya::Pod for Lb4RevSkVal {}
+unsafe impl aya::Pod for Lb4AffinityKey {}
+unsafe impl aya::Pod for Lb4AffinityVal {}
+unsafe impl aya::Pod for Lb4AffinityMatch {}
+unsafe impl aya::Pod for NbConfig {}
+
+const _: () = {
+    assert!(size_of::<Lb4Key>() == 12);
+    assert!(offset_of!(Lb4Key, address) == 0);
+    assert!(offset_of!(Lb4Key, dport) == 4);
+    assert!(offset_of!(Lb4Key, backend_slot) == 6);
+    assert!(offset_of!(Lb4Key, proto) == 8);
+    assert!(offset_of!(Lb4Key, pad) == 9);
+
+    assert!(size_of::<Lb4Service>() == 16);
+    assert!(offset_of!(Lb4Service, backend_id) == 0);
+    assert!(offset_of!(Lb4Service, affinity_timeout) == 4);
+    assert!(offset_of!(Lb4Service, count) == 8);
+    assert!(offset_of!(Lb4Service, rev_nat_index) == 10);
+    assert!(offset_of!(Lb4Service, flags) == 12);
+
+    assert!(size_of::<Lb4Backend>() == 8);
+    assert!(offset_of!(Lb4Backend, port) == 4);
+    assert!(offset_of!(Lb4Backend, proto) == 6);
+    assert!(offset_of!(Lb4Backend, state) == 7);
+
+    assert!(size_of::<Lb4ReverseNat>() == 8);
+    assert!(offset_of!(Lb4ReverseNat, port) == 4);
+
+    assert!(size_of::<Lb4RevSkKey>() == 16);
+    assert!(offset_of!(Lb4RevSkKey, address) == 8);
+    assert!(offset_of!(Lb4RevSkKey, port) == 12);
+    assert!(size_of::<Lb4RevSkVal>() == 8);
+    assert!(offset_of!(Lb4RevSkVal, rev_nat_index) == 6);
+
+    assert!(size_of::<Lb4AffinityKey>() == 16);
+    assert!(offset_of!(Lb4AffinityKey, rev_nat_id) == 8);
+    assert!(size_of::<Lb4AffinityVal>() == 16);
+    assert!(offset_of!(Lb4AffinityVal, backend_id) == 8);
+
+    assert!(size_of::<Lb4AffinityMatch>() == 8);
+    assert!(offset_of!(Lb4AffinityMatch, rev_nat_id) == 4);
+
+    assert!(size_of::<NbConfig>() == 8);
+};
+
+/// Outcome counters, index of `nb_counters` (`enum nb_counter`).
+pub const COUNTER_NAMES: [&str; 19] = [
+    "connect_translated",
+    "sendmsg_translated",
+    "not_service",
+    "proto_unsupported",
+    "no_backend",
+    "no_backend_slot",
+    "backend_missing",
+    "affinity_hit",
+    "affinity_new",
+    "affinity_expired",
+    "affinity_stale",
+    "rev_sk_update_fail",
+    "recvmsg_translated",
+    "recvmsg_no_entry",
+    "getpeername_translated",
+    "getpeername_no_entry",
+    "rev_stale",
+    "observed",
+    "no_config",
+];
+
+/// `NB_CTR_MAX`.
+pub const COUNTER_MAX: u32 = COUNTER_NAMES.len() as u32;
+
+/// A VIP or backend address as kept in the maps (network order u32).
+pub fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Back from the map form.
+pub fn addr_from_be(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// A port as kept in the maps (network order u16).
+pub fn port_be(p: u16) -> u16 {
+    p.to_be()
+}
+
+/// Back from the map form.
+pub fn port_from_be(p: u16) -> u16 {
+    u16::from_be(p)
+}
+
+/// Protocol name for display.
+pub fn proto_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "ANY",
+    }
+}
+
+/// A frontend address as a value type (host order), for tables and display.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct L4Addr {
+    /// IPv4 address.
+    pub ip: Ipv4Addr,
+    /// Port, host order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+}
+
+impl std::fmt::Display for L4Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, proto_name(self.proto))
+    }
+}
+
+impl Lb4Key {
+    /// The key of a frontend or slot.
+    pub fn new(fe: L4Addr, slot: u16) -> Self {
+        Self {
+            address: addr_be(fe.ip),
+            dport: port_be(fe.port),
+            backend_slot: slot,
+            proto: fe.proto,
+            pad: [0; 3],
+        }
+    }
+
+    /// The frontend this key belongs to.
+    pub fn frontend(&self) -> L4Addr {
+        L4Addr {
+            ip: addr_from_be(self.address),
+            port: port_from_be(self.dport),
+            proto: self.proto,
+        }
+    }
+}
+
+impl Lb4Backend {
+    /// The backend's address.
+    pub fn l4(&self) -> L4Addr {
+        L4Addr {
+            ip: addr_from_be(self.address),
+            port: port_from_be(self.port),
+            proto: self.proto,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_counter_names_match_enum() {
+        // bpf/lb.h enumerates NB_CTR_* in this order; NB_CTR_MAX follows the last.
+        let header = include_str!("../bpf/lb.h");
+        let start = header.find("enum nb_counter").unwrap();
+        let body = &header[start..];
+        let ctrs: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("NB_CTR_"))
+            .map(|l| l.split([' ', ',', '=']).next().unwrap())
+            .take_while(|n| *n != "MAX")
+            .collect();
+        assert_eq!(ctrs.len(), COUNTER_NAMES.len(), "{ctrs:?}");
+    }
+
+    #[test]
+    fn network_order_round_trip() {
+        let fe = L4Addr { ip: Ipv4Addr::new(10, 96, 0, 10), port: 53, proto: PROTO_UDP };
+        let k = Lb4Key::new(fe, 0);
+        assert_eq!(k.address.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(k.dport.to_ne_bytes(), [0, 53]);
+        assert_eq!(k.frontend(), fe);
+    }
+}

@@ -1,0 +1,284 @@
+//! Loads the embedded BPF object, pins its maps, and attaches the socket LB
+//! programs to a cgroup through pinned links.
+//!
+//! Restart: maps are reopened from their pins (aya reuses a pinned map instead
+//! of creating one), so the datapath state survives; nothing is flushed.
+//!
+//! Upgrade / restart of the programs: the new programs are loaded first, then
+//! each existing pinned link gets the new program with `BPF_LINK_UPDATE`, an
+//! atomic swap inside the kernel: at no instant is the cgroup without a
+//! connect4 program. Only when no link is pinned yet is a new link created
+//! (and pinned). A link found attached to another cgroup than requested is
+//! replaced (new link first, then the old pin removed).
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::MapInfo;
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use serde::Serialize;
+
+use crate::config::MapSizes;
+use crate::layout::{names, NbConfig, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE};
+use crate::maps::kernel::KernelMaps;
+use crate::maps::MapsError;
+use crate::pins::{PinError, Pins};
+use crate::sys;
+
+/// The compiled `bpf/sock_lb.bpf.c`.
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.bpf.o"));
+
+/// The attach points: (link pin name, program name in the object).
+pub const ATTACH_POINTS: [(&str, &str); 4] = [
+    ("connect4", "nb_sock4_connect"),
+    ("sendmsg4", "nb_sock4_sendmsg"),
+    ("recvmsg4", "nb_sock4_recvmsg"),
+    ("getpeername4", "nb_sock4_getpeername"),
+];
+
+/// Errors of loading and attaching.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// Pin directories.
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    /// The object could not be loaded.
+    #[error("load BPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A program is missing from the object.
+    #[error("program {0} missing from the BPF object")]
+    MissingProgram(&'static str),
+    /// A program could not be loaded or attached.
+    #[error("program {name}: {op}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Operation.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    /// A link could not be converted, pinned or updated.
+    #[error("link {path}: {op}: {reason}")]
+    Link {
+        /// Pin path.
+        path: PathBuf,
+        /// Operation.
+        op: &'static str,
+        /// Cause (text, the aya and io errors differ in type).
+        reason: String,
+    },
+    /// The cgroup directory could not be opened.
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pinned map has a layout this binary does not understand.
+    #[error("pinned map {path} has key/value size {found:?}, this build expects {expected:?}; remove the pins to migrate")]
+    Incompatible {
+        /// Pin path.
+        path: PathBuf,
+        /// (key, value) sizes found.
+        found: (u32, u32),
+        /// (key, value) sizes expected.
+        expected: (u32, u32),
+    },
+    /// Map access after loading.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// What happened to one attach point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum LinkAction {
+    /// A new link was created and pinned.
+    Attached,
+    /// The existing pinned link now runs the newly loaded program.
+    Updated,
+    /// The pinned link pointed at another cgroup and was replaced.
+    Reattached,
+}
+
+/// Result of [`install`].
+#[derive(Clone, Debug, Serialize)]
+pub struct InstallReport {
+    /// Maps already existed (restart): their contents were kept.
+    pub maps_reused: bool,
+    /// Per attach point.
+    pub links: Vec<(String, LinkAction)>,
+    /// Map size mismatches that were kept as pinned (resize needs re-pinning).
+    pub size_warnings: Vec<String>,
+}
+
+/// Expected (key, value) sizes per map.
+fn expected_sizes(name: &str) -> Option<(u32, u32)> {
+    use crate::layout::*;
+    use std::mem::size_of;
+    let s = |k: usize, v: usize| Some((k as u32, v as u32));
+    match name {
+        names::SERVICES => s(size_of::<Lb4Key>(), size_of::<Lb4Service>()),
+        names::BACKENDS => s(4, size_of::<Lb4Backend>()),
+        names::REVNAT => s(2, size_of::<Lb4ReverseNat>()),
+        names::REV_SK => s(size_of::<Lb4RevSkKey>(), size_of::<Lb4RevSkVal>()),
+        names::AFFINITY => s(size_of::<Lb4AffinityKey>(), size_of::<Lb4AffinityVal>()),
+        names::AFF_MATCH => s(size_of::<Lb4AffinityMatch>(), 4),
+        names::COUNTERS => s(4, 8),
+        names::CONFIG => s(4, size_of::<NbConfig>()),
+        _ => None,
+    }
+}
+
+fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
+    match name {
+        names::SERVICES => Some(sizes.services),
+        names::BACKENDS | names::AFF_MATCH => Some(sizes.backends),
+        names::REVNAT => Some(sizes.reverse_nat),
+        names::AFFINITY => Some(sizes.affinity),
+        names::REV_SK => Some(sizes.backends),
+        _ => None,
+    }
+}
+
+/// Checks pinned maps against this build's layouts before reusing them.
+fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<String>, LoaderError> {
+    let mut warnings = Vec::new();
+    for name in names::ALL {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
+        if let Some(expected) = expected_sizes(name) {
+            let found = (info.key_size(), info.value_size());
+            if found != expected {
+                return Err(LoaderError::Incompatible { path, found, expected });
+            }
+        }
+        if let Some(want) = wanted_entries(name, sizes) {
+            if info.max_entries() != want {
+                warnings.push(format!(
+                    "{name}: pinned with {} entries, config asks {want}; keeping the pinned map",
+                    info.max_entries()
+                ));
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+/// Loads the object with its maps pinned under `pins` (reusing existing pins).
+pub fn load(pins: &Pins, sizes: &MapSizes) -> Result<(Ebpf, Vec<String>, bool), LoaderError> {
+    pins.prepare()?;
+    let reused = pins.maps_exist();
+    let warnings = check_pinned(pins, sizes)?;
+    let mut loader = EbpfLoader::new();
+    for name in names::ALL {
+        loader.map_pin_path(name, pins.map(name));
+        if let Some(n) = wanted_entries(name, sizes) {
+            loader.map_max_entries(name, n);
+        }
+    }
+    let ebpf = loader.load(BPF_OBJECT).map_err(|e| LoaderError::Load(Box::new(e)))?;
+    Ok((ebpf, warnings, reused))
+}
+
+fn link_err(path: &Path, op: &'static str, reason: impl ToString) -> LoaderError {
+    LoaderError::Link { path: path.to_path_buf(), op, reason: reason.to_string() }
+}
+
+/// Loads, pins and attaches everything; sets the datapath mode.
+pub fn install(
+    pins: &Pins,
+    cgroup: &Path,
+    sizes: &MapSizes,
+    replace: bool,
+) -> Result<InstallReport, LoaderError> {
+    let (mut ebpf, size_warnings, maps_reused) = load(pins, sizes)?;
+    let cg_id = sys::cgroup_id(cgroup)
+        .map_err(|source| LoaderError::Cgroup { path: cgroup.to_path_buf(), source })?;
+    let mut links = Vec::new();
+
+    for (point, prog_name) in ATTACH_POINTS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(prog_name)
+            .ok_or(LoaderError::MissingProgram(prog_name))?
+            .try_into()
+            .map_err(|e| LoaderError::Program { name: prog_name, op: "type", source: Box::new(e) })?;
+        prog.load()
+            .map_err(|e| LoaderError::Program { name: prog_name, op: "load", source: Box::new(e) })?;
+        let pin = pins.link(point);
+
+        let mut action = LinkAction::Attached;
+        if pin.exists() {
+            let link_fd = sys::obj_get(&pin).map_err(|e| link_err(&pin, "open", e))?;
+            let info = sys::link_info(link_fd.as_fd()).map_err(|e| link_err(&pin, "info", e))?;
+            if info.link_type == sys::LINK_TYPE_CGROUP && info.cgroup_id == cg_id {
+                let prog_fd = prog
+                    .fd()
+                    .map_err(|e| LoaderError::Program { name: prog_name, op: "fd", source: Box::new(e) })?;
+                sys::link_update(link_fd.as_fd(), prog_fd.as_fd())
+                    .map_err(|e| link_err(&pin, "update", e))?;
+                links.push((point.to_string(), LinkAction::Updated));
+                continue;
+            }
+            action = LinkAction::Reattached;
+        }
+
+        let cg = File::open(cgroup)
+            .map_err(|source| LoaderError::Cgroup { path: cgroup.to_path_buf(), source })?;
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|e| LoaderError::Program { name: prog_name, op: "attach", source: Box::new(e) })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| LoaderError::Program { name: prog_name, op: "take link", source: Box::new(e) })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin, "convert", e))?;
+        if action == LinkAction::Reattached {
+            // The new link is attached; dropping the old pin detaches the old one.
+            std::fs::remove_file(&pin).map_err(|e| link_err(&pin, "remove stale", e))?;
+        }
+        fd_link.pin(&pin).map_err(|e| link_err(&pin, "pin", e))?;
+        links.push((point.to_string(), action));
+    }
+
+    let mut maps = KernelMaps::open(pins)?;
+    let mode = if replace { MODE_REPLACE } else { MODE_OBSERVE };
+    maps.set_config(NbConfig { mode, version: LAYOUT_VERSION })?;
+    Ok(InstallReport { maps_reused, links, size_warnings })
+}
+
+/// Where the socket LB is attached, read back from the link pins.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AttachState {
+    /// Attach point → (link id, program id, cgroup id).
+    pub links: Vec<(String, u32, u32, u64)>,
+}
+
+/// Reads the pinned links (for status).
+pub fn attach_state(pins: &Pins) -> AttachState {
+    let mut links = Vec::new();
+    for (point, _) in ATTACH_POINTS {
+        let Ok(fd) = sys::obj_get(&pins.link(point)) else { continue };
+        if let Ok(i) = sys::link_info(fd.as_fd()) {
+            links.push((point.to_string(), i.id, i.prog_id, i.cgroup_id));
+        }
+    }
+    AttachState { links }
+}
+
+/// Detaches and forgets everything under `pins` (links first).
+pub fn uninstall(pins: &Pins) -> Result<(), LoaderError> {
+    pins.remove_all()?;
+    Ok(())
+}

@@ -1,0 +1,447 @@
+//! The one reconciler: diffs the desired table against what is programmed in
+//! the maps and writes only the difference.
+//!
+//! "Programmed" is a mirror of the maps, built by reading them back at start
+//! ([`Reconciler::recover`]) and updated after every successful write, so a
+//! failed pass leaves an exact picture and the next pass (retry) writes only
+//! what is still missing. Service and backend ids come from the maps, so they
+//! are stable across restarts.
+//!
+//! Write order keeps the datapath consistent at every instant (after Cilium's
+//! `UpsertService`): backends before the slots that name them; new slots
+//! before the frontend count that exposes them; the frontend count before the
+//! slots it stops exposing are deleted; a removed frontend's slot 0 first;
+//! unreferenced backends last.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::desired::{BackendState, DesiredTable};
+use crate::layout::{
+    addr_be, port_be, L4Addr, Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service,
+    SVC_F_AFFINITY,
+};
+use crate::maps::{LbMaps, MapsDump, MapsError};
+
+/// Errors of reconciliation.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A map write or read failed; the pass stopped there.
+    #[error("{what}: {source}")]
+    Map {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: MapsError,
+    },
+    /// No service id left (u16).
+    #[error("{0}: no free service id (65535 frontends in use)")]
+    ServiceIdsExhausted(L4Addr),
+    /// No backend id left.
+    #[error("{0}: no free backend id")]
+    BackendIdsExhausted(L4Addr),
+}
+
+/// Counts of one pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SyncStats {
+    /// Map updates written.
+    pub updates: u64,
+    /// Map deletes written.
+    pub deletes: u64,
+}
+
+impl SyncStats {
+    /// Total writes.
+    pub fn writes(&self) -> u64 {
+        self.updates + self.deletes
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct ProgFrontend {
+    id: u16,
+    /// Slot 0 as written (None: not written yet).
+    value: Option<Lb4Service>,
+    /// Slot i+1 → backend id.
+    slots: Vec<u32>,
+    /// Backend id → state, as in nb_lb4_affmatch.
+    members: BTreeMap<u32, u32>,
+    revnat: Option<Lb4ReverseNat>,
+}
+
+#[derive(Debug, Default)]
+struct IdAlloc {
+    used: BTreeSet<u32>,
+    max: u32,
+    hint: u32,
+}
+
+impl IdAlloc {
+    fn new(max: u32) -> Self {
+        Self { used: BTreeSet::new(), max, hint: 1 }
+    }
+    fn mark(&mut self, id: u32) {
+        self.used.insert(id);
+    }
+    fn free(&mut self, id: u32) {
+        self.used.remove(&id);
+        self.hint = self.hint.min(id.max(1));
+    }
+    fn alloc(&mut self) -> Option<u32> {
+        let mut id = self.hint.max(1);
+        while id <= self.max {
+            if !self.used.contains(&id) {
+                self.used.insert(id);
+                self.hint = id + 1;
+                return Some(id);
+            }
+            id += 1;
+        }
+        None
+    }
+}
+
+/// Programmed state, summarised for status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Programmed {
+    /// Frontends in the maps.
+    pub services: usize,
+    /// Backends in the maps.
+    pub backends: usize,
+}
+
+/// The reconciler, owning the maps.
+pub struct Reconciler<M: LbMaps> {
+    maps: M,
+    frontends: BTreeMap<L4Addr, ProgFrontend>,
+    backends: BTreeMap<L4Addr, (u32, Lb4Backend)>,
+    svc_ids: IdAlloc,
+    be_ids: IdAlloc,
+    /// Entries found at recovery that belong to nothing consistent.
+    orphans: MapsDump,
+}
+
+impl<M: LbMaps> Reconciler<M> {
+    /// Reads the maps back and builds the programmed mirror (restart path;
+    /// on empty maps this is a fresh start).
+    pub fn recover(maps: M) -> Result<Self, ReconcileError> {
+        let dump = maps
+            .dump()
+            .map_err(|source| ReconcileError::Map { what: "read back maps".into(), source })?;
+        let mut r = Self {
+            maps,
+            frontends: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            svc_ids: IdAlloc::new(u32::from(u16::MAX)),
+            be_ids: IdAlloc::new(u32::MAX - 1),
+            orphans: MapsDump::default(),
+        };
+        let mut by_id: BTreeMap<u16, L4Addr> = BTreeMap::new();
+        for (k, v) in &dump.services {
+            if k.backend_slot == 0 {
+                let fe = k.frontend();
+                r.svc_ids.mark(u32::from(v.rev_nat_index));
+                by_id.insert(v.rev_nat_index, fe);
+                r.frontends.insert(
+                    fe,
+                    ProgFrontend { id: v.rev_nat_index, value: Some(*v), ..Default::default() },
+                );
+            }
+        }
+        for (k, v) in &dump.services {
+            if k.backend_slot == 0 {
+                continue;
+            }
+            let fe = k.frontend();
+            match r.frontends.get_mut(&fe) {
+                Some(p) if p.id == v.rev_nat_index => {
+                    let i = usize::from(k.backend_slot) - 1;
+                    if p.slots.len() <= i {
+                        p.slots.resize(i + 1, 0);
+                    }
+                    p.slots[i] = v.backend_id;
+                }
+                _ => {
+                    r.orphans.services.insert(*k, *v);
+                }
+            }
+        }
+        // A hole in the slots (0) is repaired by the next pass: it differs from desired.
+        for (id, v) in &dump.revnat {
+            match by_id.get(id).and_then(|fe| r.frontends.get_mut(fe)) {
+                Some(p) => p.revnat = Some(*v),
+                None => {
+                    r.orphans.revnat.insert(*id, *v);
+                }
+            }
+        }
+        for (k, v) in &dump.aff_match {
+            match by_id.get(&k.rev_nat_id).and_then(|fe| r.frontends.get_mut(fe)) {
+                Some(p) => {
+                    p.members.insert(k.backend_id, *v);
+                }
+                None => {
+                    r.orphans.aff_match.insert(*k, *v);
+                }
+            }
+        }
+        for (id, b) in &dump.backends {
+            r.be_ids.mark(*id);
+            r.backends.insert(b.l4(), (*id, *b));
+        }
+        Ok(r)
+    }
+
+    /// The maps (for tests and status).
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// The maps, mutably (counters, config).
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Sizes of the programmed state.
+    pub fn programmed(&self) -> Programmed {
+        Programmed { services: self.frontends.len(), backends: self.backends.len() }
+    }
+
+    /// Service id of a programmed frontend.
+    pub fn service_id(&self, fe: &L4Addr) -> Option<u16> {
+        self.frontends.get(fe).map(|p| p.id)
+    }
+
+    /// One pass: make the maps equal to `desired`. On error the pass stops;
+    /// call again (with backoff) to finish.
+    pub fn reconcile(&mut self, desired: &DesiredTable) -> Result<SyncStats, ReconcileError> {
+        let mut st = SyncStats::default();
+        let r = self.pass(desired, &mut st);
+        r.map(|()| st)
+    }
+
+    fn pass(&mut self, desired: &DesiredTable, st: &mut SyncStats) -> Result<(), ReconcileError> {
+        // Global backend states: Active wins if two frontends disagree.
+        let mut want_be: BTreeMap<L4Addr, BackendState> = BTreeMap::new();
+        for fe in desired.frontends.values() {
+            for (a, s) in &fe.backends {
+                let e = want_be.entry(*a).or_insert(*s);
+                if *s < *e {
+                    *e = *s;
+                }
+            }
+        }
+
+        // A: backends.
+        for (addr, state) in &want_be {
+            let val = Lb4Backend {
+                address: addr_be(addr.ip),
+                port: port_be(addr.port),
+                proto: addr.proto,
+                state: state.as_u8(),
+            };
+            let id = match self.backends.get(addr) {
+                Some((_, cur)) if *cur == val => continue,
+                Some((id, _)) => *id,
+                None => self.be_ids.alloc().ok_or(ReconcileError::BackendIdsExhausted(*addr))?,
+            };
+            self.maps.update_backend(id, val).map_err(|source| {
+                if !self.backends.contains_key(addr) {
+                    self.be_ids.free(id);
+                }
+                ReconcileError::Map { what: format!("backend {id} {addr}"), source }
+            })?;
+            st.updates += 1;
+            self.backends.insert(*addr, (id, val));
+        }
+
+        // B: frontends.
+        for (addr, fe) in &desired.frontends {
+            let id = match self.frontends.get(addr) {
+                Some(p) => p.id,
+                None => {
+                    let id = self.svc_ids.alloc().ok_or(ReconcileError::ServiceIdsExhausted(*addr))?;
+                    let id = u16::try_from(id).map_err(|_| ReconcileError::ServiceIdsExhausted(*addr))?;
+                    self.frontends.insert(*addr, ProgFrontend { id, ..Default::default() });
+                    id
+                }
+            };
+            self.upsert_frontend(*addr, id, fe, st)?;
+        }
+
+        // C: frontends no longer desired.
+        let gone: Vec<L4Addr> =
+            self.frontends.keys().filter(|a| !desired.frontends.contains_key(a)).copied().collect();
+        for addr in gone {
+            self.delete_frontend(addr, st)?;
+        }
+
+        // D: orphans found at recovery.
+        self.delete_orphans(st)?;
+
+        // E: backends nobody references any more.
+        let stale: Vec<(L4Addr, u32)> = self
+            .backends
+            .iter()
+            .filter(|(a, _)| !want_be.contains_key(a))
+            .map(|(a, (id, _))| (*a, *id))
+            .collect();
+        for (addr, id) in stale {
+            self.maps
+                .delete_backend(id)
+                .map_err(|source| ReconcileError::Map { what: format!("delete backend {id} {addr}"), source })?;
+            st.deletes += 1;
+            self.backends.remove(&addr);
+            self.be_ids.free(id);
+        }
+        Ok(())
+    }
+
+    fn upsert_frontend(
+        &mut self,
+        addr: L4Addr,
+        id: u16,
+        fe: &crate::desired::Frontend,
+        st: &mut SyncStats,
+    ) -> Result<(), ReconcileError> {
+        let map_err = |what: String| move |source| ReconcileError::Map { what, source };
+        let mut members: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut active: Vec<u32> = Vec::new();
+        for (b, s) in &fe.backends {
+            // Phase A wrote every desired backend, so the id exists.
+            let Some((bid, _)) = self.backends.get(b) else { continue };
+            members.insert(*bid, u32::from(s.as_u8()));
+            if *s == BackendState::Active {
+                active.push(*bid);
+            }
+        }
+        let Some(p) = self.frontends.get_mut(&addr) else { return Ok(()) };
+
+        let rn = Lb4ReverseNat { address: addr_be(addr.ip), port: port_be(addr.port), pad: 0 };
+        if p.revnat != Some(rn) {
+            self.maps.update_revnat(id, rn).map_err(map_err(format!("{} revnat {id}", fe.name)))?;
+            st.updates += 1;
+            p.revnat = Some(rn);
+        }
+        for (bid, state) in &members {
+            if p.members.get(bid) != Some(state) {
+                let k = Lb4AffinityMatch { backend_id: *bid, rev_nat_id: id, pad: 0 };
+                self.maps.update_aff_match(k, *state).map_err(map_err(format!("{} affmatch {bid}", fe.name)))?;
+                st.updates += 1;
+                p.members.insert(*bid, *state);
+            }
+        }
+        for (i, bid) in active.iter().enumerate() {
+            if p.slots.get(i) == Some(bid) {
+                continue;
+            }
+            let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
+            let k = Lb4Key::new(addr, slot);
+            let v = Lb4Service { backend_id: *bid, rev_nat_index: id, ..Default::default() };
+            self.maps.update_service(k, v).map_err(map_err(format!("{} slot {slot}", fe.name)))?;
+            st.updates += 1;
+            if p.slots.len() <= i {
+                p.slots.resize(i + 1, 0);
+            }
+            p.slots[i] = *bid;
+        }
+        let count = u16::try_from(active.len()).unwrap_or(u16::MAX);
+        let front = Lb4Service {
+            backend_id: 0,
+            affinity_timeout: fe.affinity_timeout.unwrap_or(0),
+            count,
+            rev_nat_index: id,
+            flags: if fe.affinity_timeout.is_some() { SVC_F_AFFINITY } else { 0 },
+            pad: [0; 3],
+        };
+        if p.value != Some(front) {
+            self.maps
+                .update_service(Lb4Key::new(addr, 0), front)
+                .map_err(map_err(format!("{} frontend", fe.name)))?;
+            st.updates += 1;
+            p.value = Some(front);
+        }
+        while p.slots.len() > active.len() {
+            let slot = u16::try_from(p.slots.len()).unwrap_or(u16::MAX);
+            self.maps
+                .delete_service(Lb4Key::new(addr, slot))
+                .map_err(map_err(format!("{} delete slot {slot}", fe.name)))?;
+            st.deletes += 1;
+            p.slots.pop();
+        }
+        let extra: Vec<u32> = p.members.keys().filter(|b| !members.contains_key(b)).copied().collect();
+        for bid in extra {
+            let k = Lb4AffinityMatch { backend_id: bid, rev_nat_id: id, pad: 0 };
+            self.maps.delete_aff_match(k).map_err(map_err(format!("{} delete affmatch {bid}", fe.name)))?;
+            st.deletes += 1;
+            p.members.remove(&bid);
+        }
+        Ok(())
+    }
+
+    fn delete_frontend(&mut self, addr: L4Addr, st: &mut SyncStats) -> Result<(), ReconcileError> {
+        let Some(p) = self.frontends.get_mut(&addr) else { return Ok(()) };
+        let id = p.id;
+        let map_err = |what: String| move |source| ReconcileError::Map { what, source };
+        if p.value.is_some() {
+            self.maps.delete_service(Lb4Key::new(addr, 0)).map_err(map_err(format!("{addr} delete frontend")))?;
+            st.deletes += 1;
+            p.value = None;
+        }
+        while !p.slots.is_empty() {
+            let slot = u16::try_from(p.slots.len()).unwrap_or(u16::MAX);
+            self.maps
+                .delete_service(Lb4Key::new(addr, slot))
+                .map_err(map_err(format!("{addr} delete slot {slot}")))?;
+            st.deletes += 1;
+            p.slots.pop();
+        }
+        let members: Vec<u32> = p.members.keys().copied().collect();
+        for bid in members {
+            let k = Lb4AffinityMatch { backend_id: bid, rev_nat_id: id, pad: 0 };
+            self.maps.delete_aff_match(k).map_err(map_err(format!("{addr} delete affmatch {bid}")))?;
+            st.deletes += 1;
+            p.members.remove(&bid);
+        }
+        if p.revnat.is_some() {
+            self.maps.delete_revnat(id).map_err(map_err(format!("{addr} delete revnat {id}")))?;
+            st.deletes += 1;
+            p.revnat = None;
+        }
+        self.frontends.remove(&addr);
+        self.svc_ids.free(u32::from(id));
+        Ok(())
+    }
+
+    fn delete_orphans(&mut self, st: &mut SyncStats) -> Result<(), ReconcileError> {
+        let map_err = |what: String| move |source| ReconcileError::Map { what, source };
+        while let Some((k, _)) = self.orphans.services.pop_first() {
+            if let Err(e) = self.maps.delete_service(k) {
+                self.orphans.services.insert(k, Lb4Service::default());
+                return Err(map_err(format!("{} delete orphan slot {}", k.frontend(), k.backend_slot))(e));
+            }
+            st.deletes += 1;
+        }
+        while let Some((id, v)) = self.orphans.revnat.pop_first() {
+            if let Err(e) = self.maps.delete_revnat(id) {
+                self.orphans.revnat.insert(id, v);
+                return Err(map_err(format!("delete orphan revnat {id}"))(e));
+            }
+            st.deletes += 1;
+        }
+        while let Some((k, v)) = self.orphans.aff_match.pop_first() {
+            if let Err(e) = self.maps.delete_aff_match(k) {
+                self.orphans.aff_match.insert(k, v);
+                return Err(map_err(format!("delete orphan affmatch {}/{}", k.backend_id, k.rev_nat_id))(e));
+            }
+            st.deletes += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

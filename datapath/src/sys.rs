@@ -1,0 +1,112 @@
+//! The few bpf(2) commands aya 0.14 does not expose for cgroup links:
+//! opening a pinned link as a plain fd, reading its info, and
+//! `BPF_LINK_UPDATE` (atomic program replacement inside an existing link).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// bpf_attr is a union of up to 144 bytes in current kernels; we zero a larger
+/// buffer and fill only the fields a command reads.
+#[repr(C, align(8))]
+struct Attr([u8; 160]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; 160])
+    }
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: attr points to a zero-initialised buffer larger than the union
+    // the kernel reads for these commands; the size passed matches it.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), std::mem::size_of::<Attr>())
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = Attr::new();
+    // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    attr.put_u64(0, c.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What a cgroup link is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    /// Link id.
+    pub id: u32,
+    /// Id of the program currently in the link.
+    pub prog_id: u32,
+    /// `BPF_LINK_TYPE_*`.
+    pub link_type: u32,
+    /// Cgroup id (the cgroup directory's inode number on cgroup2).
+    pub cgroup_id: u64,
+    /// `BPF_CGROUP_*` attach type.
+    pub attach_type: u32,
+}
+
+/// `BPF_LINK_TYPE_CGROUP`.
+pub const LINK_TYPE_CGROUP: u32 = 3;
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link.
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned
+    // union; for cgroup links { __u64 cgroup_id; __u32 attach_type; }.
+    let mut info = [0u8; 64];
+    let mut attr = Attr::new();
+    // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u32(4, info.len() as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&info[16..24]);
+    Ok(CgroupLinkInfo {
+        link_type: u32_at(0),
+        id: u32_at(4),
+        prog_id: u32_at(8),
+        cgroup_id: u64::from_ne_bytes(c),
+        attach_type: u32_at(24),
+    })
+}
+
+/// `BPF_LINK_UPDATE`: atomically replaces the program in `link` with `prog`.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::new();
+    // struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr)?;
+    Ok(())
+}
+
+/// The cgroup id of a cgroup2 directory (its inode number).
+pub fn cgroup_id(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(dir)?.ino())
+}

@@ -1,0 +1,417 @@
+//! Privileged test support: network namespaces, a cgroup and a pin root that
+//! the test creates and removes (Drop guards, pass or fail), backend servers
+//! running as threads inside a namespace, and clients running as child
+//! processes (this test binary re-executed) inside the cgroup and namespace.
+//!
+//! Network safety: every address lives inside namespaces created here, joined
+//! by a veth pair whose both ends are in test namespaces; no namespace has a
+//! default route; nothing is added to the root namespace.
+
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+pub const HELPER_ENV: &str = "NBT_DP_HELPER";
+
+/// Panics (never skips) when the test cannot run for real.
+pub fn require_privileges() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "privileged datapath test: must run as root (euid is {euid})");
+    assert!(
+        Path::new(CGROUP_ROOT).join("cgroup.procs").exists(),
+        "privileged datapath test: cgroup2 not mounted at {CGROUP_ROOT}"
+    );
+    assert!(
+        netboot_datapath::pins::is_bpffs(Path::new("/sys/fs/bpf")),
+        "privileged datapath test: bpffs not mounted at /sys/fs/bpf"
+    );
+    for tool in ["ip"] {
+        let ok = Command::new(tool).arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok, "privileged datapath test: `{tool}` (iproute2) is required");
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace `nbt-dp-…`, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        assert!(name.starts_with("nbt-dp-"), "test netns must be prefixed nbt-dp-: {name}");
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        run("ip", &["netns", "add", name]);
+        let ns = Self { name: name.to_string() };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS…`
+    pub fn ip(&self, args: &[&str]) {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        run("ip", &a);
+    }
+
+    /// Runs a command inside the namespace (`ip netns exec`), returning output.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, cmd])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ip netns exec {cmd}: {e}"))
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A cgroup under `/sys/fs/cgroup/unified/netboot-test/`, removed on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let parent = Path::new(CGROUP_ROOT).join("netboot-test");
+        let _ = std::fs::create_dir(&parent);
+        let path = parent.join(format!("{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Children have exited (ChildGuard); retry briefly while the kernel reaps them.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir(Path::new(CGROUP_ROOT).join("netboot-test"));
+    }
+}
+
+/// A pin root under `/sys/fs/bpf/netboot-test/`, removed on drop (which
+/// detaches the programs: links are unpinned first).
+pub struct TestPins {
+    pub pins: netboot_datapath::pins::Pins,
+}
+
+impl TestPins {
+    pub fn new(tag: &str) -> Self {
+        let root = PathBuf::from("/sys/fs/bpf/netboot-test").join(format!("{tag}-{}", std::process::id()));
+        let pins = netboot_datapath::pins::Pins::new(root);
+        let _ = pins.remove_all();
+        Self { pins }
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = self.pins.remove_all();
+        let _ = std::fs::remove_dir("/sys/fs/bpf/netboot-test");
+    }
+}
+
+/// Client netns + server netns joined by a veth pair.
+/// Client: 10.244.0.100/16. Server: 10.244.1.1..=N/16 (the backends).
+pub struct Topology {
+    pub client: Netns,
+    pub server: Netns,
+}
+
+impl Topology {
+    pub fn new(tag: &str, backends: u8) -> Self {
+        let client = Netns::new(&format!("nbt-dp-{tag}-c"));
+        let server = Netns::new(&format!("nbt-dp-{tag}-s"));
+        client.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &server.name]);
+        client.ip(&["addr", "add", "10.244.0.100/16", "dev", "veth0"]);
+        client.ip(&["link", "set", "veth0", "up"]);
+        for i in 1..=backends {
+            server.ip(&["addr", "add", &format!("10.244.1.{i}/16"), "dev", "veth1"]);
+        }
+        server.ip(&["link", "set", "veth1", "up"]);
+        Self { client, server }
+    }
+}
+
+pub fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, i)
+}
+
+/// Enters the network namespace at `path` on the calling thread.
+fn setns_thread(path: &Path) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+/// TCP and UDP servers answering with their name, as threads in a namespace.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    /// One TCP and one UDP server per `(name, ip, port)`.
+    pub fn start(ns: &Netns, backends: &[(&str, Ipv4Addr, u16)]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (name, ip, port) in backends {
+            let (name, ip, port) = (name.to_string(), *ip, *port);
+            let path = ns.path();
+            let stop2 = stop.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (path2, stop3, name2, tx2) = (path.clone(), stop.clone(), name.clone(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                setns_thread(&path);
+                let tcp = TcpListener::bind(SocketAddrV4::new(ip, port)).expect("bind tcp");
+                tcp.set_nonblocking(true).expect("nonblocking");
+                tx.send(()).expect("ready");
+                while !stop2.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.write_all(format!("{name}\n").as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                    }
+                }
+            }));
+            threads.push(std::thread::spawn(move || {
+                setns_thread(&path2);
+                let udp = UdpSocket::bind(SocketAddrV4::new(ip, port)).expect("bind udp");
+                udp.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+                tx2.send(()).expect("ready");
+                let mut buf = [0u8; 1500];
+                while !stop3.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(name2.as_bytes(), from);
+                    }
+                }
+            }));
+            rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
+            rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
+        }
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a client child should do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientOp {
+    /// `count` TCP connects; read the server's name; record getpeername.
+    Tcp { addr: SocketAddrV4, count: u32 },
+    /// `count` datagrams from ONE unconnected socket; record reply name + source.
+    Udp { addr: SocketAddrV4, count: u32 },
+    /// `count` datagrams, each from a new unconnected socket.
+    UdpNewSocket { addr: SocketAddrV4, count: u32 },
+    /// TCP connects every `interval_ms` for `duration_ms`.
+    TcpLoop { addr: SocketAddrV4, duration_ms: u64, interval_ms: u64 },
+}
+
+/// One attempt.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attempt {
+    pub ok: bool,
+    pub name: String,
+    pub peer: String,
+    pub errno: i32,
+    pub micros: u64,
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(-1)
+}
+
+fn tcp_once(addr: SocketAddrV4) -> Attempt {
+    let t = Instant::now();
+    match std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)) {
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let mut buf = Vec::new();
+            let mut b = [0u8; 64];
+            loop {
+                match s.read(&mut b) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.extend_from_slice(&b[..n]);
+                        if buf.contains(&b'\n') {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        return Attempt { ok: false, name: String::new(), peer, errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 };
+                    }
+                }
+            }
+            let name = String::from_utf8_lossy(&buf).trim().to_string();
+            Attempt { ok: !name.is_empty(), name, peer, errno: 0, micros: t.elapsed().as_micros() as u64 }
+        }
+        Err(e) => Attempt { ok: false, name: String::new(), peer: String::new(), errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 },
+    }
+}
+
+fn udp_once(sock: &UdpSocket, addr: SocketAddrV4) -> Attempt {
+    let t = Instant::now();
+    let mut b = [0u8; 256];
+    if let Err(e) = sock.send_to(b"hi", addr) {
+        return Attempt { ok: false, name: String::new(), peer: String::new(), errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 };
+    }
+    match sock.recv_from(&mut b) {
+        Ok((n, from)) => Attempt {
+            ok: true,
+            name: String::from_utf8_lossy(&b[..n]).to_string(),
+            peer: from.to_string(),
+            errno: 0,
+            micros: t.elapsed().as_micros() as u64,
+        },
+        Err(e) => Attempt { ok: false, name: String::new(), peer: String::new(), errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 },
+    }
+}
+
+fn udp_sock() -> UdpSocket {
+    let s = UdpSocket::bind("0.0.0.0:0").expect("udp bind");
+    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    s
+}
+
+/// Runs in the child (see [`helper_main`]).
+fn client_main(op: ClientOp) -> Vec<Attempt> {
+    match op {
+        ClientOp::Tcp { addr, count } => (0..count).map(|_| tcp_once(addr)).collect(),
+        ClientOp::Udp { addr, count } => {
+            let s = udp_sock();
+            (0..count).map(|_| udp_once(&s, addr)).collect()
+        }
+        ClientOp::UdpNewSocket { addr, count } => (0..count).map(|_| udp_once(&udp_sock(), addr)).collect(),
+        ClientOp::TcpLoop { addr, duration_ms, interval_ms } => {
+            let end = Instant::now() + Duration::from_millis(duration_ms);
+            let mut out = Vec::new();
+            while Instant::now() < end {
+                out.push(tcp_once(addr));
+                std::thread::sleep(Duration::from_millis(interval_ms));
+            }
+            out
+        }
+    }
+}
+
+/// Call first thing in the `helper` test: in a child, runs the client and exits.
+pub fn helper_main() {
+    let Ok(op) = std::env::var(HELPER_ENV) else { return };
+    let op: ClientOp = serde_json::from_str(&op).expect("helper op");
+    let res = client_main(op);
+    println!("NBT-RESULT {}", serde_json::to_string(&res).expect("json"));
+    let _ = std::io::stdout().flush();
+    std::process::exit(0);
+}
+
+/// Kills (by pid) and reaps a child we started, on drop.
+pub struct ChildGuard(pub Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawns this test binary as a client inside `cgroup` and `ns`.
+pub fn spawn_client(cgroup: &Path, ns: &Netns, op: &ClientOp) -> ChildGuard {
+    let exe = std::env::current_exe().expect("current exe");
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes()).expect("path");
+    let nsfile = File::open(ns.path()).expect("netns file");
+    let nsfd = nsfile.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", "helper", "--nocapture", "--test-threads=1"])
+        .env(HELPER_ENV, serde_json::to_string(op).expect("json"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls (open, write, close, setns) in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let w = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if w != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn client");
+    drop(nsfile);
+    ChildGuard(Some(child))
+}
+
+/// Waits for a client and parses its attempts.
+pub fn client_results(mut g: ChildGuard) -> Vec<Attempt> {
+    let child = g.0.take().expect("child");
+    let out = child.wait_with_output().expect("wait client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.split_once("NBT-RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| panic!("client printed no result: {text}"));
+    serde_json::from_str(line).expect("result json")
+}
+
+/// Runs one client op to completion.
+pub fn client(cgroup: &Path, ns: &Netns, op: ClientOp) -> Vec<Attempt> {
+    client_results(spawn_client(cgroup, ns, &op))
+}

@@ -1,1 +1,228 @@
-fn main() {}
+//! netboot-probe: the workload netboot's checks and tests run inside pods.
+//!
+//! - `serve`: a TCP server that greets every connection with `NAME\n` and then
+//!   echoes, and a UDP server that answers every datagram with `NAME`.
+//! - `connect`: a small client for the same protocol that prints the names it
+//!   receives (one per line), handy from `exec_in_pod` in tests.
+//!
+//! Plain std threads: the probe runs in many network namespaces at once and
+//! must stay small. New subcommands are new variants of [`Command`].
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::process::ExitCode;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "netboot-probe", version, about = "netboot's probe workload")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve TCP (greeting + echo) and UDP (name reply).
+    Serve(ServeArgs),
+    /// Connect to a probe server and print the names it answers with.
+    Connect(ConnectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The name to answer with.
+    #[arg(long, env = "POD_NAME")]
+    name: String,
+    /// TCP port (0 disables TCP).
+    #[arg(long, default_value_t = 8080)]
+    tcp_port: u16,
+    /// UDP port (0 disables UDP).
+    #[arg(long, default_value_t = 8081)]
+    udp_port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: std::net::IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConnectArgs {
+    /// Protocol to use.
+    proto: Proto,
+    /// Server address, HOST:PORT.
+    target: String,
+    /// Number of connections (TCP) or datagrams (UDP); each answer is printed.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Timeout for each attempt, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Connect(args) => connect(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("netboot-probe: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    if args.tcp_port == 0 && args.udp_port == 0 {
+        bail!("both --tcp-port and --udp-port are 0: nothing to serve");
+    }
+    let mut handles = Vec::new();
+    if args.tcp_port != 0 {
+        let addr = SocketAddr::new(args.bind, args.tcp_port);
+        let listener = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+        let name = args.name.clone();
+        eprintln!("netboot-probe: {name} serving tcp on {addr}");
+        handles.push(thread::spawn(move || serve_tcp(listener, name)));
+    }
+    if args.udp_port != 0 {
+        let addr = SocketAddr::new(args.bind, args.udp_port);
+        let socket = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+        let name = args.name.clone();
+        eprintln!("netboot-probe: {name} serving udp on {addr}");
+        handles.push(thread::spawn(move || serve_udp(socket, name)));
+    }
+    for handle in handles {
+        match handle.join() {
+            Ok(result) => result?,
+            Err(_) => bail!("server thread panicked"),
+        }
+    }
+    Ok(())
+}
+
+fn serve_tcp(listener: TcpListener, name: String) -> Result<()> {
+    loop {
+        let (stream, _peer) = match listener.accept() {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Transient (EMFILE, ECONNABORTED): keep serving.
+                eprintln!("netboot-probe: accept: {err}");
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let name = name.clone();
+        thread::spawn(move || {
+            // A client that goes away mid-echo is not an error worth reporting.
+            let _ = greet_and_echo(stream, &name);
+        });
+    }
+}
+
+fn greet_and_echo(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.write_all(format!("{name}\n").as_bytes())?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n])?;
+    }
+}
+
+fn serve_udp(socket: UdpSocket, name: String) -> Result<()> {
+    let mut buf = [0u8; 2048];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                if let Err(err) = socket.send_to(name.as_bytes(), peer) {
+                    eprintln!("netboot-probe: udp reply to {peer}: {err}");
+                }
+            }
+            Err(err) => {
+                eprintln!("netboot-probe: udp recv: {err}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn connect(args: ConnectArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let addr = args
+        .target
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {}", args.target))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", args.target))?;
+    let mut failures = 0u32;
+    for _ in 0..args.count.max(1) {
+        let answer = match args.proto {
+            Proto::Tcp => tcp_name(addr, timeout),
+            Proto::Udp => udp_name(addr, timeout),
+        };
+        match answer {
+            Ok(name) => println!("{name}"),
+            Err(err) => {
+                failures += 1;
+                eprintln!("netboot-probe: {addr}: {err:#}");
+            }
+        }
+    }
+    if failures > 0 {
+        bail!(
+            "{failures} of {} attempts to {addr} failed",
+            args.count.max(1)
+        );
+    }
+    Ok(())
+}
+
+fn tcp_name(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, timeout).context("tcp connect")?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).context("read greeting")?;
+    let name = line.trim_end().to_string();
+    if name.is_empty() {
+        bail!("server closed without a greeting");
+    }
+    // Check the echo half too, so a half-working path does not pass.
+    let mut writer = stream;
+    writer.write_all(b"ping\n").context("write echo")?;
+    let mut echo = String::new();
+    reader.read_line(&mut echo).context("read echo")?;
+    if echo != "ping\n" {
+        bail!("echo mismatch: got {echo:?}");
+    }
+    Ok(name)
+}
+
+fn udp_name(addr: SocketAddr, timeout: Duration) -> Result<String> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(bind).context("udp bind")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(addr).context("udp connect")?;
+    socket.send(b"ping").context("udp send")?;
+    let mut buf = [0u8; 2048];
+    let n = socket.recv(&mut buf).context("udp receive")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

@@ -1,1 +1,17 @@
-//! Test harness.
+//! netboot-harness: test support for netboot.
+//!
+//! - [`cluster`]: the shared local cluster (tests/cluster/up), unique test
+//!   namespaces and helpers to wait for, and run commands in, podnet pods.
+//! - [`podnet`]: the controller that makes selected pods real (netns, cgroup,
+//!   processes), runs datapath agents, emulates kube-proxy and cluster DNS.
+//! - [`kubeproxy_rules`]: kube-proxy's iptables ruleset as a pure function.
+//! - [`names`], [`netns`], [`cgroup`], [`process`], [`dns`]: the plumbing.
+
+pub mod cgroup;
+pub mod cluster;
+pub mod dns;
+pub mod kubeproxy_rules;
+pub mod names;
+pub mod netns;
+pub mod podnet;
+pub mod process;

@@ -1,1 +1,53 @@
-fn main() {}
+//! podnet: makes the local cluster's podnet, agent, kube-proxy and coredns
+//! pods real (see netboot_harness::podnet). Stops and cleans up on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use netboot_harness::podnet::{self, Options};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podnet",
+    about = "Real network namespaces, cgroups and processes for the local cluster's pods"
+)]
+struct Args {
+    /// Kubeconfig for the local cluster.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    /// Cluster state dir; podnet keeps its files in <state>/podnet.
+    #[arg(long, env = "NETBOOT_STATE_DIR", default_value = "/tmp/netboot-local")]
+    state: PathBuf,
+    /// Directory with the workspace-built netboot-probe and netboot-datapath.
+    #[arg(long)]
+    bin_dir: PathBuf,
+    /// iptables-restore used for kube-proxy's rules (nft backend by default).
+    #[arg(long, default_value = "iptables-nft-restore")]
+    iptables_restore: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let args = Args::parse();
+    let mut opts = Options::new(args.kubeconfig, args.state, args.bin_dir);
+    opts.iptables_restore = args.iptables_restore;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    };
+    podnet::run(opts, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Running the real `netboot-datapath agent` for agent DaemonSet pods: in the
+//! root netns (so it reaches the API at 127.0.0.1:6443), in the node's cgroup,
+//! with the node's bpffs pin dir and rules netns; readiness from its /readyz
+//! polled every second and written to the pod's status.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::kubelet::{run_once, until_stopped, PidBook, PodRef, RunEnd, Runner};
+use super::status::{self, AgentState};
+use crate::names::{self, Layout};
+use crate::process::Launch;
+
+/// Annotation on an agent pod that replaces the agent binary (tests use it to
+/// run a stand-in, or a deliberately broken agent).
+pub const BINARY_ANNOTATION: &str = "netboot.io/podnet-binary";
+
+/// Why an agent could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The pod does not mount a ConfigMap with `config.yaml`.
+    #[error("Pod/{pod}: {reason}")]
+    Spec {
+        /// `namespace/name`.
+        pod: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading the ConfigMap failed.
+    #[error("Pod/{pod}: ConfigMap/{configmap}: {source}")]
+    ConfigMap {
+        /// `namespace/name` of the pod.
+        pod: String,
+        /// `namespace/name` of the ConfigMap.
+        configmap: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// A local file operation failed.
+    #[error("Pod/{pod}: {what}: {source}")]
+    Io {
+        /// `namespace/name` of the pod.
+        pod: String,
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Settings shared by every agent podnet runs.
+#[derive(Debug, Clone)]
+pub struct AgentEnv {
+    /// Directory with the workspace's `netboot-datapath`.
+    pub bin_dir: PathBuf,
+    /// podnet's kubeconfig (the agent replaces the server address anyway).
+    pub kubeconfig: PathBuf,
+    /// Where agent configs and logs go (`<state>/podnet/agents`).
+    pub dir: PathBuf,
+    /// Names and roots.
+    pub layout: Layout,
+}
+
+/// One agent to run.
+#[derive(Debug, Clone)]
+pub struct AgentPod {
+    /// The pod.
+    pub pod: PodRef,
+    /// Its node.
+    pub node: String,
+    /// The node's IP (pod IP and host IP of a hostNetwork pod).
+    pub node_ip: String,
+    /// Container name and image (for the status).
+    pub container: String,
+    /// Container image.
+    pub image: String,
+    /// Literal env of the container.
+    pub env: Vec<(String, String)>,
+    /// Binary override from [`BINARY_ANNOTATION`].
+    pub binary: Option<PathBuf>,
+    /// `namespace/name` of the ConfigMap mounted by the pod.
+    pub configmap: (String, String),
+    /// SIGTERM → SIGKILL grace.
+    pub grace: Duration,
+    /// When podnet first saw the pod (status.startTime).
+    pub start_time: String,
+}
+
+impl AgentPod {
+    /// Reads what podnet needs from an agent pod bound to `node`.
+    pub fn from_pod(pod: &Pod, node: &str, node_ip: &str) -> Result<Self, AgentError> {
+        let pref = PodRef {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+        };
+        let spec_err = |reason: &str| AgentError::Spec {
+            pod: pref.to_string(),
+            reason: reason.to_string(),
+        };
+        let spec = pod.spec.as_ref().ok_or_else(|| spec_err("no spec"))?;
+        let c = spec
+            .containers
+            .first()
+            .ok_or_else(|| spec_err("no containers"))?;
+        let cm = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
+            .ok_or_else(|| spec_err("mounts no ConfigMap (the agent's config.yaml)"))?;
+        let env = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+            .collect();
+        let binary = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(BINARY_ANNOTATION))
+            .map(PathBuf::from);
+        let start_time = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0.to_string())
+            .unwrap_or_else(status::now);
+        Ok(Self {
+            configmap: (pref.namespace.clone(), cm),
+            pod: pref,
+            node: node.to_string(),
+            node_ip: node_ip.to_string(),
+            container: c.name.clone(),
+            image: c.image.clone().unwrap_or_default(),
+            env,
+            binary,
+            grace: Duration::from_secs(
+                u64::try_from(
+                    spec.termination_grace_period_seconds
+                        .unwrap_or(30)
+                        .clamp(1, 30),
+                )
+                .unwrap_or(30),
+            ),
+            start_time,
+        })
+    }
+}
+
+/// Picks a free loopback port for the agent's --listen.
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Writes the ConfigMap's `config.yaml` to the agent's dir; returns its path.
+async fn materialize_config(
+    client: &Client,
+    env: &AgentEnv,
+    a: &AgentPod,
+) -> Result<PathBuf, AgentError> {
+    let (ns, name) = &a.configmap;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm = api
+        .get(name)
+        .await
+        .map_err(|source| AgentError::ConfigMap {
+            pod: a.pod.to_string(),
+            configmap: format!("{ns}/{name}"),
+            source,
+        })?;
+    let data = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .cloned()
+        .ok_or_else(|| AgentError::Spec {
+            pod: a.pod.to_string(),
+            reason: format!("ConfigMap/{ns}/{name} has no key config.yaml"),
+        })?;
+    let dir = env.dir.join(&a.node);
+    let path = dir.join("config.yaml");
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, data))
+        .map_err(|source| AgentError::Io {
+            pod: a.pod.to_string(),
+            what: format!("write {}", path.display()),
+            source,
+        })?;
+    Ok(path)
+}
+
+fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
+    let program = a
+        .binary
+        .clone()
+        .unwrap_or_else(|| env.bin_dir.join("netboot-datapath"));
+    let l = &env.layout;
+    let args = vec![
+        "agent".to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--node-name".into(),
+        a.node.clone(),
+        "--cgroup".into(),
+        l.node_cgroup(&a.node).display().to_string(),
+        "--bpffs".into(),
+        l.node_bpffs(&a.node).display().to_string(),
+        "--rules-netns".into(),
+        names::netns_path(&l.node_netns(&a.node))
+            .display()
+            .to_string(),
+        "--kubeconfig".into(),
+        env.kubeconfig.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    let mut vars = a.env.clone();
+    vars.push(("NETBOOT_NODE_NAME".into(), a.node.clone()));
+    Launch {
+        program,
+        args,
+        env: vars,
+        netns: None,
+        cgroup: Some(l.node_cgroup(&a.node)),
+        log: Some(env.dir.join(&a.node).join(format!("{}.log", a.pod.name))),
+        supervised: true,
+    }
+}
+
+/// GET /readyz on the agent; true on HTTP 200.
+pub async fn readyz(port: u16) -> bool {
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = [0u8; 32];
+        let n = s.read(&mut buf).await.ok()?;
+        let head = std::str::from_utf8(&buf[..n]).ok()?;
+        Some(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(800), probe).await,
+        Ok(Some(true))
+    )
+}
+
+async fn patch(client: &Client, a: &AgentPod, s: &AgentState) {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &a.pod.namespace);
+    let body = status::agent(&a.container, &a.image, &a.start_time, s);
+    match api
+        .patch_status(
+            &a.pod.name,
+            &PatchParams::default(),
+            &Patch::Strategic(&body),
+        )
+        .await
+    {
+        Ok(_) => {
+            info!(pod = %a.pod, node = %a.node, ready = s.ready, restarts = s.restarts, "agent status patched")
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => warn!(pod = %a.pod, error = %e, "Pod/{}: agent status patch failed", a.pod),
+    }
+}
+
+/// Runs and supervises one agent until stopped.
+pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runner {
+    let (tx, mut rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let what = format!("{} (agent for {})", a.pod, a.node);
+        let mut state = AgentState {
+            node_ip: a.node_ip.clone(),
+            running: false,
+            ready: false,
+            restarts: 0,
+            started_at: status::now(),
+            last_exit: None,
+        };
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let config = match materialize_config(&client, &env, &a).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "agent not started");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                        _ = until_stopped(&mut rx) => return,
+                    }
+                }
+            };
+            let port = match free_port() {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(pod = %a.pod, error = %e, "no free port for the agent");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let l = launch(&env, &a, &config, port);
+            state.running = true;
+            state.ready = false;
+            state.started_at = status::now();
+            patch(&client, &a, &state).await;
+
+            // Run the process while a poller keeps readiness in the status.
+            let (poll_stop_tx, mut poll_stop_rx) = watch::channel(false);
+            let poller = {
+                let client = client.clone();
+                let a = a.clone();
+                let mut st = state.clone();
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tokio::select! {
+                            _ = tick.tick() => {}
+                            _ = until_stopped(&mut poll_stop_rx) => return,
+                        }
+                        let ready = readyz(port).await;
+                        if ready != st.ready {
+                            st.ready = ready;
+                            patch(&client, &a, &st).await;
+                        }
+                    }
+                })
+            };
+            let t0 = Instant::now();
+            let end = run_once(&l, &what, &pids, &mut rx, a.grace).await;
+            let _ = poll_stop_tx.send(true);
+            let _ = poller.await;
+            match end {
+                RunEnd::Stopped => {
+                    info!(pod = %a.pod, node = %a.node, "agent stopped (SIGTERM); its pins stay");
+                    return;
+                }
+                RunEnd::Exited(t) => {
+                    warn!(pod = %a.pod, node = %a.node, exit_code = t.exit_code, "agent exited; restarting in {backoff:?}");
+                    state.running = false;
+                    state.ready = false;
+                    state.restarts += 1;
+                    state.last_exit = Some(t);
+                    patch(&client, &a, &state).await;
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_secs(1);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = until_stopped(&mut rx) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    });
+    Runner::new(tx, task)
+}

@@ -1,0 +1,184 @@
+//! The netns plumbing on its own (root, no cluster): a private layout with two
+//! nodes and two pods, the probe across nodes, then removal of everything.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use netboot_harness::cluster::{require_root, workspace_bin};
+use netboot_harness::names::{self, Layout};
+use netboot_harness::netns::{self, Plumber};
+use netboot_harness::process::Launch;
+use netboot_harness::{cgroup, process};
+
+fn test_layout(tag: &str) -> Layout {
+    let id = std::process::id() % 100_000;
+    Layout {
+        netns_prefix: format!("nbt{tag}{id}-"),
+        cgroup_root: format!("/sys/fs/cgroup/unified/netboot-test-{tag}{id}").into(),
+        bpffs_root: format!("/sys/fs/bpf/netboot-test-{tag}{id}").into(),
+    }
+}
+
+async fn output_in(layout: &Layout, uid: &str, argv: &[&str]) -> std::process::Output {
+    let launch = Launch {
+        program: argv[0].into(),
+        args: argv[1..].iter().map(|s| s.to_string()).collect(),
+        netns: Some(layout.pod_netns(uid)),
+        ..Default::default()
+    };
+    tokio::task::spawn_blocking(move || launch.command().unwrap().output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Two pods on two nodes reach each other over TCP and UDP through their node
+/// netns and the fabric; nothing reaches outside (no default route).
+#[tokio::test]
+async fn pods_on_two_nodes_reach_each_other_and_teardown_leaves_nothing() {
+    require_root("the netns plumbing test");
+    let layout = test_layout("p");
+    let plumber = Plumber::new(layout.clone());
+    plumber.remove_all().await;
+    let probe = workspace_bin("netboot-probe");
+
+    plumber.ensure_cp().await.unwrap();
+    plumber
+        .ensure_node("node-a", Ipv4Addr::new(172, 18, 1, 1))
+        .await
+        .unwrap();
+    plumber
+        .ensure_node("node-b", Ipv4Addr::new(172, 18, 1, 2))
+        .await
+        .unwrap();
+    let routes_a = [("10.244.2.0/24".to_string(), Ipv4Addr::new(172, 18, 1, 2))].into();
+    let routes_b = [("10.244.1.0/24".to_string(), Ipv4Addr::new(172, 18, 1, 1))].into();
+    plumber
+        .sync_routes(&layout.node_netns("node-a"), &Default::default(), &routes_a)
+        .await
+        .unwrap();
+    plumber
+        .sync_routes(&layout.node_netns("node-b"), &Default::default(), &routes_b)
+        .await
+        .unwrap();
+    let (uid_a, uid_b) = (
+        "aaaaaaaa-1111-4000-8000-000000000001",
+        "bbbbbbbb-2222-4000-8000-000000000002",
+    );
+    plumber
+        .add_pod("node-a", uid_a, Ipv4Addr::new(10, 244, 1, 5))
+        .await
+        .unwrap();
+    plumber
+        .add_pod("node-b", uid_b, Ipv4Addr::new(10, 244, 2, 7))
+        .await
+        .unwrap();
+
+    // The server runs in pod b's netns and cgroup, like podnet runs pods.
+    let cg = layout.pod_cgroup("node-b", uid_b);
+    cgroup::ensure(&cg).unwrap();
+    let server = Launch {
+        program: probe.clone(),
+        args: vec!["serve".into(), "--name".into(), "pod-b".into()],
+        netns: Some(layout.pod_netns(uid_b)),
+        cgroup: Some(cg.clone()),
+        supervised: true,
+        ..Default::default()
+    };
+    let mut child = server.spawn().unwrap();
+    let pid = child.id().unwrap();
+    assert_eq!(
+        cgroup::procs(&cg),
+        vec![i32::try_from(pid).unwrap()],
+        "server joined its cgroup"
+    );
+
+    let probe_s = probe.display().to_string();
+    let mut got = String::new();
+    for _ in 0..40 {
+        let out = output_in(
+            &layout,
+            uid_a,
+            &[
+                &probe_s,
+                "connect",
+                "tcp",
+                "10.244.2.7:8080",
+                "--timeout-ms",
+                "500",
+            ],
+        )
+        .await;
+        got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got, "pod-b", "tcp pod-a -> pod-b across nodes");
+    let out = output_in(
+        &layout,
+        uid_a,
+        &[
+            &probe_s,
+            "connect",
+            "udp",
+            "10.244.2.7:8081",
+            "--count",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pod-b\npod-b\npod-b\n",
+        "udp pod-a -> pod-b"
+    );
+
+    // No default route anywhere; the pod has exactly its three routes.
+    for ns in [
+        layout.pod_netns(uid_a),
+        layout.node_netns("node-a"),
+        layout.cp_netns(),
+        layout.fabric_netns(),
+    ] {
+        let routes = std::process::Command::new("ip")
+            .args(["-n", &ns, "route", "show", "default"])
+            .output()
+            .unwrap();
+        assert!(
+            routes.stdout.is_empty(),
+            "netns {ns} has a default route: {}",
+            String::from_utf8_lossy(&routes.stdout)
+        );
+    }
+    // Nothing leaves the pod world: an address outside it is unreachable.
+    let out = output_in(
+        &layout,
+        uid_a,
+        &[
+            &probe_s,
+            "connect",
+            "tcp",
+            "192.0.2.1:80",
+            "--timeout-ms",
+            "300",
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "a pod reached 192.0.2.1");
+
+    process::signal_group(pid, libc::SIGTERM);
+    let _ = child.wait().await;
+    let errors = plumber.remove_all().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    cgroup::remove_tree(&layout.cgroup_root).await.unwrap();
+    assert!(
+        netns::list(&layout.netns_prefix).is_empty(),
+        "netns left: {:?}",
+        netns::list(&layout.netns_prefix)
+    );
+    assert!(!layout.cgroup_root.exists());
+    assert!(!names::netns_etc(&layout.pod_netns(uid_a)).exists());
+}

@@ -1,1 +1,19 @@
-fn main() {}
+//! netboot-datapath: the binary is thin; the library does the work.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = cli::args::Cli::parse();
+    Ok(cli::run(cli).await?)
+}

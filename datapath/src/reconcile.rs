@@ -128,9 +128,6 @@ impl<M: LbMaps> Reconciler<M> {
     /// Reads the maps back and builds the programmed mirror (restart path;
     /// on empty maps this is a fresh start).
     pub fn recover(maps: M) -> Result<Self, ReconcileError> {
-        let dump = maps
-            .dump()
-            .map_err(|source| ReconcileError::Map { what: "read back maps".into(), source })?;
         let mut r = Self {
             maps,
             frontends: BTreeMap::new(),
@@ -139,6 +136,23 @@ impl<M: LbMaps> Reconciler<M> {
             be_ids: IdAlloc::new(u32::MAX - 1),
             orphans: MapsDump::default(),
         };
+        r.resync()?;
+        Ok(r)
+    }
+
+    /// Re-reads the maps and rebuilds the mirror, so the next pass also
+    /// repairs changes made behind the reconciler's back.
+    pub fn resync(&mut self) -> Result<(), ReconcileError> {
+        let dump = self
+            .maps
+            .dump()
+            .map_err(|source| ReconcileError::Map { what: "read back maps".into(), source })?;
+        self.frontends.clear();
+        self.backends.clear();
+        self.svc_ids = IdAlloc::new(u32::from(u16::MAX));
+        self.be_ids = IdAlloc::new(u32::MAX - 1);
+        self.orphans = MapsDump::default();
+        let r = self;
         let mut by_id: BTreeMap<u16, L4Addr> = BTreeMap::new();
         for (k, v) in &dump.services {
             if k.backend_slot == 0 {
@@ -192,7 +206,7 @@ impl<M: LbMaps> Reconciler<M> {
             r.be_ids.mark(*id);
             r.backends.insert(b.l4(), (*id, *b));
         }
-        Ok(r)
+        Ok(())
     }
 
     /// The maps (for tests and status).
@@ -445,3 +459,6 @@ impl<M: LbMaps> Reconciler<M> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+pub(crate) use tests::fixture as tests_fixture;

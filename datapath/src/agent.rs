@@ -1,0 +1,366 @@
+//! The agent: load and attach the datapath, watch the API, reconcile the
+//! maps, hand the node over from kube-proxy, annotate the Node, and serve
+//! status. Everything the binary's `agent` subcommand does, as a library call.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::handover::{self, RulesNetns};
+use crate::http::{self, StatusSource};
+use crate::loader;
+use crate::maps::kernel::KernelMaps;
+use crate::maps::MapsError;
+use crate::pins::Pins;
+use crate::reconcile::{ReconcileError, Reconciler};
+use crate::status::{now_unix, Counter, LinkStatus, Status, DATAPATH_VERSION};
+use crate::watch::{self, WatchError, Watched};
+
+/// Node annotation: replace mode and ready.
+pub const ANN_KPR: &str = "netboot.io/kube-proxy-replacement";
+/// Node annotation: datapath version.
+pub const ANN_VERSION: &str = "netboot.io/datapath-version";
+/// Node annotation: kube-proxy rules present/absent in the rules netns.
+pub const ANN_RULES: &str = "netboot.io/kube-proxy-rules";
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Loading or attaching the programs.
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    /// Opening the maps.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// Reading the maps back.
+    #[error(transparent)]
+    Reconcile(#[from] ReconcileError),
+    /// The API client.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    /// The status endpoint.
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    /// The static source.
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    /// No cgroup2 mount found.
+    #[error("no cgroup2 mount found in /proc/self/mountinfo; pass --cgroup")]
+    NoCgroup2,
+}
+
+/// Resolved agent settings (flags + config.yaml).
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// config.yaml.
+    pub config: Config,
+    /// The Node served.
+    pub node_name: String,
+    /// Cgroup the socket LB attaches to.
+    pub cgroup: PathBuf,
+    /// Pin layout.
+    pub pins: Pins,
+    /// Namespace whose kube-proxy rules are handled (None: own).
+    pub rules_netns: Option<PathBuf>,
+    /// Credentials (None: in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// HTTP listen address.
+    pub listen: String,
+    /// Serve these objects instead of watching the API (tests, API-less nodes).
+    pub static_services: Option<PathBuf>,
+    /// How often node handover/annotation is re-checked.
+    pub node_interval: Duration,
+}
+
+/// First cgroup2 mount point in `/proc/self/mountinfo`.
+pub fn default_cgroup() -> Result<PathBuf, AgentError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| AgentError::NoCgroup2)?;
+    for line in text.lines() {
+        // ... mountpoint(4) ... " - " fstype source opts
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        if right.split_whitespace().next() == Some("cgroup2") {
+            if let Some(mp) = left.split_whitespace().nth(4) {
+                return Ok(PathBuf::from(mp.replace("\\040", " ")));
+            }
+        }
+    }
+    Err(AgentError::NoCgroup2)
+}
+
+/// Shared between the loops and the HTTP server.
+pub struct AgentState {
+    status: Mutex<Status>,
+    maps: Mutex<Option<KernelMaps>>,
+    pins: Pins,
+    /// Woken when readiness changes.
+    pub ready_changed: Notify,
+}
+
+impl AgentState {
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+    fn get(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl StatusSource for AgentState {
+    fn status(&self) -> Status {
+        let mut s = self.get();
+        if let Ok(m) = self.maps.lock() {
+            if let Some(c) = m.as_ref().and_then(|m| m.counters().ok()) {
+                s.counters = c.0.iter().map(|(n, v)| Counter { name: (*n).to_string(), value: *v }).collect();
+            }
+        }
+        s.links = loader::attach_state(&self.pins)
+            .links
+            .into_iter()
+            .map(|(point, link_id, prog_id, cgroup_id)| LinkStatus { point, link_id, prog_id, cgroup_id })
+            .collect();
+        s
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM. The datapath (pinned maps and links)
+/// stays in place when the agent exits.
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    let cfg = opts.config.clone();
+    let replace = cfg.kube_proxy_replacement;
+    let report = loader::install(&opts.pins, &opts.cgroup, &cfg.map_sizes, replace)?;
+    for w in &report.size_warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
+    let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
+    let prog = recon.programmed();
+    tracing::info!(services = prog.services, backends = prog.backends, "programmed state read back from the maps");
+
+    let state = Arc::new(AgentState {
+        status: Mutex::new(Status {
+            node: opts.node_name.clone(),
+            kube_proxy_replacement: replace,
+            datapath_version: DATAPATH_VERSION.into(),
+            cgroup: opts.cgroup.display().to_string(),
+            bpffs: opts.pins.root().display().to_string(),
+            api_endpoint: if opts.static_services.is_some() { String::new() } else { cfg.api_url() },
+            services: prog.services,
+            backends: prog.backends,
+            kube_proxy_rules: "unknown".into(),
+            maps_reused: report.maps_reused,
+            ..Default::default()
+        }),
+        maps: Mutex::new(KernelMaps::open(&opts.pins).ok()),
+        pins: opts.pins.clone(),
+        ready_changed: Notify::new(),
+    });
+
+    let (listener, addr) = http::bind(&opts.listen).await?;
+    tracing::info!(%addr, "serving /healthz /readyz /metrics /v1/status");
+    let server = tokio::spawn(http::serve(listener, state.clone()));
+
+    let watched = Arc::new(Watched::default());
+    let mut tasks = Vec::new();
+    let client = match &opts.static_services {
+        Some(p) => {
+            watched.load_static(p)?;
+            None
+        }
+        None => {
+            let c = crate::client::build(opts.kubeconfig.as_deref(), &cfg.api_url()).await?;
+            tasks.extend(watch::spawn(c.clone(), watched.clone()));
+            Some(c)
+        }
+    };
+    tasks.push(tokio::spawn(node_loop(client, state.clone(), opts.clone())));
+
+    let result = tokio::select! {
+        r = reconcile_loop(&mut recon, &watched, &state, &cfg) => r,
+        _ = shutdown_signal() => {
+            tracing::info!("signal received: exiting, datapath stays pinned");
+            Ok(())
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    server.abort();
+    result
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+async fn reconcile_loop(
+    recon: &mut Reconciler<KernelMaps>,
+    watched: &Watched,
+    state: &AgentState,
+    cfg: &Config,
+) -> Result<(), AgentError> {
+    const MIN_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(10);
+    const RESYNC: Duration = Duration::from_secs(300);
+    let mut backoff = MIN_BACKOFF;
+    let mut last_resync = Instant::now();
+    loop {
+        if !watched.synced() {
+            watched.changed.notified().await;
+            continue;
+        }
+        if last_resync.elapsed() > RESYNC {
+            // Re-read the maps so drift made behind our back gets repaired.
+            if let Err(e) = tokio::task::block_in_place(|| recon.resync()) {
+                tracing::warn!(error = %e, "resync from maps failed");
+            }
+            last_resync = Instant::now();
+        }
+        let desired = watched.desired(cfg.session_affinity_timeout_seconds);
+        let t = Instant::now();
+        match tokio::task::block_in_place(|| recon.reconcile(&desired)) {
+            Ok(st) => {
+                let prog = recon.programmed();
+                let took = t.elapsed();
+                if st.writes() > 0 {
+                    tracing::info!(updates = st.updates, deletes = st.deletes, services = prog.services, backends = prog.backends, ?took, "maps reconciled");
+                }
+                let mut became_ready = false;
+                state.update(|s| {
+                    became_ready = !s.ready;
+                    s.ready = true;
+                    s.services = prog.services;
+                    s.backends = prog.backends;
+                    s.desired_services = desired.frontends.len();
+                    s.syncs += 1;
+                    s.map_writes += st.writes();
+                    s.last_sync_unix = now_unix();
+                    s.last_sync_millis = took.as_millis() as u64;
+                    s.watch_errors = watched.errors.load(Ordering::Relaxed);
+                });
+                if became_ready {
+                    tracing::info!("initial sync complete: ready");
+                    state.ready_changed.notify_one();
+                }
+                backoff = MIN_BACKOFF;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "reconcile failed, retrying");
+                state.update(|s| {
+                    s.sync_errors += 1;
+                    s.last_error = e.to_string();
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = watched.changed.notified() => {
+                // Coalesce bursts of events into one pass.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = tokio::time::sleep(RESYNC) => {}
+        }
+        if let Ok(l) = watched.last_error.lock() {
+            if !l.is_empty() {
+                let l = l.clone();
+                state.update(|s| s.last_error = l);
+            }
+        }
+    }
+}
+
+/// Handover (replace mode, once ready) and Node annotations, re-checked periodically.
+async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOptions) {
+    let replace = opts.config.kube_proxy_replacement;
+    let cleanup = replace && opts.config.cleanup_kube_proxy_rules;
+    let mut applied: Option<(bool, String)> = None;
+    loop {
+        let ready = state.get().ready;
+        let ns = RulesNetns::new(opts.rules_netns.as_deref());
+        let rules = tokio::task::spawn_blocking(move || -> Result<(usize, bool), handover::HandoverError> {
+            // Remove kube-proxy's rules only once our maps are programmed.
+            let removed = if cleanup && ready { handover::cleanup(&ns)?.items() } else { 0 };
+            Ok((removed, handover::detect(&ns)?.present()))
+        })
+        .await;
+        let rules_word = match rules {
+            Ok(Ok((removed, present))) => {
+                if removed > 0 {
+                    tracing::info!(removed, "removed kube-proxy rules (KUBE-* chains, jumps, nft tables)");
+                }
+                let w = if present { "present" } else { "absent" };
+                state.update(|s| {
+                    s.kube_proxy_rules = w.into();
+                    s.kube_proxy_rules_removed += removed;
+                });
+                w.to_string()
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "kube-proxy rules check failed");
+                state.update(|s| {
+                    s.kube_proxy_rules = "unknown".into();
+                    s.last_error = e.to_string();
+                });
+                "unknown".to_string()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kube-proxy rules task failed");
+                "unknown".to_string()
+            }
+        };
+        if let Some(c) = &client {
+            let kpr = replace && ready;
+            let want = (kpr, rules_word.clone());
+            if applied.as_ref() != Some(&want) {
+                match annotate(c, &opts.node_name, kpr, &rules_word).await {
+                    Ok(()) => {
+                        tracing::info!(node = %opts.node_name, kpr, rules = %rules_word, "node annotated");
+                        applied = Some(want);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, node = %opts.node_name, "annotating node failed, will retry");
+                        state.update(|s| s.last_error = format!("annotate Node/{}: {e}", opts.node_name));
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = state.ready_changed.notified() => {}
+            _ = tokio::time::sleep(opts.node_interval) => {}
+        }
+    }
+}
+
+/// Writes the contract annotations on the Node.
+pub async fn annotate(client: &Client, node: &str, kpr: bool, rules: &str) -> Result<(), kube::Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {
+            ANN_KPR: if kpr { "true" } else { "false" },
+            ANN_VERSION: DATAPATH_VERSION,
+            ANN_RULES: rules,
+        }}
+    });
+    nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+}

@@ -1,0 +1,148 @@
+//! Command-line arguments (the only place clap structs live).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// netboot's eBPF kube-proxy replacement.
+#[derive(Debug, Parser)]
+#[command(name = "netboot-datapath", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the node agent (load, attach, watch, reconcile, hand over, serve status).
+    Agent(AgentArgs),
+    /// Print whether this node runs the kube-proxy replacement, and details.
+    Status(StatusArgs),
+    /// Service frontends and their backends.
+    Service {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
+    /// Raw BPF map views.
+    Bpf {
+        /// Which maps.
+        #[command(subcommand)]
+        cmd: BpfCmd,
+    },
+    /// Remove (or with --dry-run, list) kube-proxy's KUBE-* rules and nft tables.
+    CleanupKubeProxy(CleanupArgs),
+    /// Detach the socket LB and remove every pin (ends translation on this node).
+    Uninstall(PinArgs),
+}
+
+/// `agent` flags (contracts.md; every flag has an env form).
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The agent ConfigMap's config.yaml.
+    #[arg(long, env = "NETBOOT_CONFIG", default_value = "/etc/netboot/config.yaml")]
+    pub config: PathBuf,
+    /// The Node this agent serves.
+    #[arg(long, env = "NETBOOT_NODE_NAME")]
+    pub node_name: String,
+    /// cgroup2 directory the socket LB attaches to [default: first cgroup2 mount].
+    #[arg(long, env = "NETBOOT_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// Pin root (mounted as bpffs if not yet).
+    #[arg(long, env = "NETBOOT_BPFFS", default_value = "/sys/fs/bpf/netboot")]
+    pub bpffs: PathBuf,
+    /// Network namespace whose KUBE-* rules the agent cleans [default: own].
+    #[arg(long, env = "NETBOOT_RULES_NETNS")]
+    pub rules_netns: Option<PathBuf>,
+    /// Credentials; the server address is always replaced by apiServer from the config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of /healthz, /readyz, /metrics, /v1/status.
+    #[arg(long, env = "NETBOOT_LISTEN", default_value = "0.0.0.0:9890")]
+    pub listen: String,
+    /// Serve the Services/EndpointSlices in this YAML file instead of watching the API.
+    #[arg(long, env = "NETBOOT_STATIC_SERVICES", hide = true)]
+    pub static_services: Option<PathBuf>,
+    /// Seconds between kube-proxy rule checks / Node annotation refreshes.
+    #[arg(long, env = "NETBOOT_NODE_INTERVAL", default_value_t = 30, hide = true)]
+    pub node_interval: u64,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable columns.
+    #[default]
+    Text,
+    /// JSON.
+    Json,
+}
+
+/// `status` flags.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// More detail (socket LB links, modes, counters).
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+    /// Ask the agent at this address (host:port) instead of reading the pins.
+    #[arg(long, env = "NETBOOT_AGENT")]
+    pub agent: Option<String>,
+    /// Pin root to read when no agent is given.
+    #[arg(long, env = "NETBOOT_BPFFS", default_value = "/sys/fs/bpf/netboot")]
+    pub bpffs: PathBuf,
+}
+
+/// Flags of the map-reading list commands.
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// Pin root.
+    #[arg(long, env = "NETBOOT_BPFFS", default_value = "/sys/fs/bpf/netboot")]
+    pub bpffs: PathBuf,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// `service …`.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// List frontends and backends (ID, Frontend, Service Type, Backend).
+    List(PinArgs),
+}
+
+/// `bpf …`.
+#[derive(Debug, Subcommand)]
+pub enum BpfCmd {
+    /// Load-balancing maps.
+    Lb {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: LbCmd,
+    },
+}
+
+/// `bpf lb …`.
+#[derive(Debug, Subcommand)]
+pub enum LbCmd {
+    /// Every nb_lb4_svc entry: SERVICE ADDRESS, BACKEND ADDRESS (REVNAT_ID) (SLOT).
+    List(PinArgs),
+}
+
+/// `cleanup-kube-proxy` flags.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Network namespace file to work in [default: own].
+    #[arg(long, env = "NETBOOT_RULES_NETNS")]
+    pub rules_netns: Option<PathBuf>,
+    /// Only list what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
+}

@@ -1,0 +1,248 @@
+//! The agent's status (served as `/v1/status`, printed by `netboot-datapath
+//! status`) and its text rendering in cilium-dbg's style.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Datapath version reported in the Node annotation and status.
+pub const DATAPATH_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// One outcome counter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counter {
+    /// Name (see `layout::COUNTER_NAMES`).
+    pub name: String,
+    /// Sum over CPUs.
+    pub value: u64,
+}
+
+/// One attached program link.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// Attach point (connect4, …).
+    pub point: String,
+    /// Kernel link id.
+    pub link_id: u32,
+    /// Program id currently in the link.
+    pub prog_id: u32,
+    /// Cgroup id the link is attached to.
+    pub cgroup_id: u64,
+}
+
+/// Everything status and metrics report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Node served.
+    pub node: String,
+    /// true: translating ClusterIPs (replace mode); false: coexist (observe only).
+    pub kube_proxy_replacement: bool,
+    /// Datapath version.
+    pub datapath_version: String,
+    /// Cgroup the socket LB is attached to.
+    pub cgroup: String,
+    /// Pin root.
+    pub bpffs: String,
+    /// The only API address the agent dials (empty when reading pins directly).
+    pub api_endpoint: String,
+    /// Attached links.
+    pub links: Vec<LinkStatus>,
+    /// Maps hold a complete initial list (what /readyz reports).
+    pub ready: bool,
+    /// Frontends programmed in the maps.
+    pub services: usize,
+    /// Backends programmed in the maps.
+    pub backends: usize,
+    /// Frontends in the desired table.
+    pub desired_services: usize,
+    /// Successful reconcile passes.
+    pub syncs: u64,
+    /// Failed reconcile passes (retried).
+    pub sync_errors: u64,
+    /// Map writes done by the reconciler since start.
+    pub map_writes: u64,
+    /// Unix seconds of the last successful sync (0 = never).
+    pub last_sync_unix: u64,
+    /// Duration of the last successful pass in milliseconds.
+    pub last_sync_millis: u64,
+    /// Last reconcile or watch error.
+    pub last_error: String,
+    /// Watch stream errors (each retried with backoff).
+    pub watch_errors: u64,
+    /// kube-proxy rules in the rules netns: "present", "absent" or "unknown".
+    pub kube_proxy_rules: String,
+    /// KUBE-* chains and nft tables removed by the handover.
+    pub kube_proxy_rules_removed: usize,
+    /// Map reuse at start: true when the agent restarted on existing pins.
+    pub maps_reused: bool,
+    /// Per-outcome BPF counters.
+    pub counters: Vec<Counter>,
+}
+
+/// Seconds since the epoch.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// RFC 3339 UTC rendering of unix seconds (no external time crate).
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+impl Status {
+    /// `status` text output.
+    pub fn render(&self, verbose: bool, now: u64) -> String {
+        let mut s = String::new();
+        let points: Vec<&str> = self.links.iter().map(|l| l.point.as_str()).collect();
+        let attach = if points.is_empty() {
+            "socket LB not attached".to_string()
+        } else {
+            format!("Socket LB on cgroup {} ({})", self.cgroup, points.join(", "))
+        };
+        let mode = if self.kube_proxy_replacement { "" } else { " (coexist: observe only)" };
+        let _ = writeln!(s, "KubeProxyReplacement:   {}   [{attach}]{mode}", yes(self.kube_proxy_replacement));
+        let _ = writeln!(s, "Ready:                  {}", yes(self.ready));
+        let _ = writeln!(s, "Datapath:               {} (pins {})", self.datapath_version, self.bpffs);
+        let _ = writeln!(
+            s,
+            "Services:               {} frontends, {} backends programmed",
+            self.services, self.backends
+        );
+        let last = if self.last_sync_unix == 0 {
+            "never".to_string()
+        } else {
+            format!(
+                "{} ({}s ago, {} ms), {} syncs, {} errors",
+                rfc3339(self.last_sync_unix),
+                now.saturating_sub(self.last_sync_unix),
+                self.last_sync_millis,
+                self.syncs,
+                self.sync_errors
+            )
+        };
+        let _ = writeln!(s, "Last sync:              {last}");
+        let api = if self.api_endpoint.is_empty() { "unknown (read from pins)" } else { &self.api_endpoint };
+        let _ = writeln!(s, "API endpoint:           {api}");
+        let _ = writeln!(s, "KubeProxy rules:        {}", if self.kube_proxy_rules.is_empty() { "unknown" } else { &self.kube_proxy_rules });
+        if verbose {
+            let _ = writeln!(s, "KubeProxyReplacement Details:");
+            let _ = writeln!(s, "  Socket LB:            {}", if points.is_empty() { "Disabled" } else { "Enabled" });
+            let _ = writeln!(s, "  Socket LB Protocols:  TCP, UDP (IPv4 only)");
+            for l in &self.links {
+                let _ = writeln!(s, "    {:<14} link {} prog {} cgroup-id {}", l.point, l.link_id, l.prog_id, l.cgroup_id);
+            }
+            let _ = writeln!(s, "  Mode:                 {}", if self.kube_proxy_replacement { "Replace (translate ClusterIPs)" } else { "Coexist (kube-proxy translates; counters only)" });
+            let _ = writeln!(s, "  Backend Selection:    Random (TCP), per-socket (UDP)");
+            let _ = writeln!(s, "  Session Affinity:     Enabled (ClientIP, by client netns)");
+            let _ = writeln!(s, "  Graceful Termination: Enabled (terminating backends keep existing affinity)");
+            let _ = writeln!(s, "  Node:                 {}", self.node);
+            let _ = writeln!(s, "  Maps reused at start: {}", yes(self.maps_reused));
+            let _ = writeln!(s, "  Map writes:           {}", self.map_writes);
+            if !self.last_error.is_empty() {
+                let _ = writeln!(s, "  Last error:           {}", self.last_error);
+            }
+            let _ = writeln!(s, "  BPF counters:");
+            for c in &self.counters {
+                let _ = writeln!(s, "    {:<24} {}", c.name, c.value);
+            }
+        }
+        s
+    }
+
+    /// Prometheus text exposition.
+    pub fn metrics(&self) -> String {
+        let mut s = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, v: String| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        gauge("netboot_datapath_ready", "1 once the maps hold a complete initial list", "gauge", u8::from(self.ready).to_string());
+        gauge("netboot_datapath_kube_proxy_replacement", "1 in replace mode, 0 in coexist mode", "gauge", u8::from(self.kube_proxy_replacement).to_string());
+        gauge("netboot_datapath_services", "Service frontends programmed in the BPF maps", "gauge", self.services.to_string());
+        gauge("netboot_datapath_backends", "Backends programmed in the BPF maps", "gauge", self.backends.to_string());
+        gauge("netboot_datapath_desired_services", "Service frontends in the desired table", "gauge", self.desired_services.to_string());
+        gauge("netboot_datapath_syncs_total", "Successful reconcile passes", "counter", self.syncs.to_string());
+        gauge("netboot_datapath_sync_errors_total", "Failed reconcile passes (retried with backoff)", "counter", self.sync_errors.to_string());
+        gauge("netboot_datapath_map_writes_total", "BPF map updates and deletes written by the reconciler", "counter", self.map_writes.to_string());
+        gauge("netboot_datapath_watch_errors_total", "Watch stream errors (retried with backoff)", "counter", self.watch_errors.to_string());
+        gauge("netboot_datapath_last_sync_timestamp_seconds", "Unix time of the last successful sync", "gauge", self.last_sync_unix.to_string());
+        gauge("netboot_datapath_last_sync_duration_seconds", "Duration of the last successful sync", "gauge", format!("{:.3}", self.last_sync_millis as f64 / 1000.0));
+        gauge(
+            "netboot_datapath_kube_proxy_rules_present",
+            "1 if KUBE-* rules or kube-proxy's nft table exist in the rules netns",
+            "gauge",
+            u8::from(self.kube_proxy_rules == "present").to_string(),
+        );
+        let _ = writeln!(s, "# HELP netboot_datapath_bpf_outcomes_total Socket LB decisions by outcome (per-CPU counters summed)");
+        let _ = writeln!(s, "# TYPE netboot_datapath_bpf_outcomes_total counter");
+        for c in &self.counters {
+            let _ = writeln!(s, "netboot_datapath_bpf_outcomes_total{{outcome=\"{}\"}} {}", c.name, c.value);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            node: "node-0".into(),
+            kube_proxy_replacement: true,
+            datapath_version: "0.1.0".into(),
+            cgroup: "/sys/fs/cgroup".into(),
+            bpffs: "/sys/fs/bpf/netboot".into(),
+            api_endpoint: "https://127.0.0.1:6443".into(),
+            links: vec![LinkStatus { point: "connect4".into(), link_id: 7, prog_id: 42, cgroup_id: 1 }],
+            ready: true,
+            services: 3,
+            backends: 4,
+            desired_services: 3,
+            syncs: 2,
+            last_sync_unix: 1_800_000_000,
+            last_sync_millis: 12,
+            kube_proxy_rules: "absent".into(),
+            counters: vec![Counter { name: "connect_translated".into(), value: 5 }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_text() {
+        insta::assert_snapshot!(sample().render(true, 1_800_000_003));
+    }
+
+    #[test]
+    fn metrics_text() {
+        insta::assert_snapshot!(sample().metrics());
+    }
+
+    #[test]
+    fn rfc3339_known_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_800_000_000), "2027-01-15T08:00:00Z");
+    }
+}

@@ -415,3 +415,43 @@ pub fn client_results(mut g: ChildGuard) -> Vec<Attempt> {
 pub fn client(cgroup: &Path, ns: &Netns, op: ClientOp) -> Vec<Attempt> {
     client_results(spawn_client(cgroup, ns, &op))
 }
+
+/// A free TCP port on 127.0.0.1 (racy but fine for tests).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// Plain HTTP/1.0 GET against 127.0.0.1; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// Polls `/readyz` until 200 or the deadline.
+pub fn wait_ready(addr: &str, within: Duration) -> Duration {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if let Some((200, _)) = http_get(addr, "/readyz") {
+            return t.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("agent at {addr} not ready within {within:?}");
+}
+
+/// VmRSS of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,3 @@
+pub mod args;
+pub mod check;
+pub mod render;

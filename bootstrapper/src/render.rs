@@ -1,0 +1,357 @@
+//! Rendering: spec → handlebars templates → checked Kubernetes objects.
+//!
+//! Templates are embedded in the binary (templates/ at the repository root) and
+//! can be overridden file by file with a directory. Handlebars runs in strict
+//! mode, so a missing variable is an error naming the template and line. Every
+//! value reaches the YAML through a quoting helper (`q`, `qs`) or the escape
+//! function, which JSON-quotes, so no value can inject YAML. Each rendered
+//! document is parsed back, checked as a Kubernetes object, labelled and
+//! hashed before it leaves.
+
+use std::path::{Path, PathBuf};
+
+use handlebars::{
+    Context, Handlebars, Helper, HelperResult, Output, RenderContext, RenderErrorReason,
+};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{Manifest, ManifestError};
+use crate::spec::{ApiServer, ClusterNetwork};
+
+/// The embedded templates, in rendering order.
+pub const EMBEDDED: &[(&str, &str)] = &[
+    (
+        "namespace.yaml.hbs",
+        include_str!("../../templates/namespace.yaml.hbs"),
+    ),
+    (
+        "agent-rbac.yaml.hbs",
+        include_str!("../../templates/agent-rbac.yaml.hbs"),
+    ),
+    (
+        "agent-configmap.yaml.hbs",
+        include_str!("../../templates/agent-configmap.yaml.hbs"),
+    ),
+    (
+        "agent-daemonset.yaml.hbs",
+        include_str!("../../templates/agent-daemonset.yaml.hbs"),
+    ),
+    (
+        "reconciler.yaml.hbs",
+        include_str!("../../templates/reconciler.yaml.hbs"),
+    ),
+];
+
+pub const TEMPLATE_SUFFIX: &str = ".yaml.hbs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("{dir}: cannot read template directory: {source}")]
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: cannot read template: {source}")]
+    ReadTemplate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{template}: {message}")]
+    Template { template: String, message: String },
+    #[error(
+        "{spec}: spec.apiServer is empty; netboot detects it at apply time — pass --api-server HOST:PORT to render offline"
+    )]
+    NoApiServer { spec: String },
+    #[error("{template}: document {index}: {source}")]
+    Manifest {
+        template: String,
+        index: usize,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("{first} and {second} both render {object}")]
+    Duplicate {
+        object: String,
+        first: String,
+        second: String,
+    },
+}
+
+/// Options for [`render`]. `Default` renders the embedded templates.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions {
+    /// A directory whose `*.yaml.hbs` files replace embedded templates of the
+    /// same name and add new ones.
+    pub templates: Option<PathBuf>,
+    /// The API endpoint to render when the spec leaves it empty (detected at apply time).
+    pub api_server: Option<ApiServer>,
+}
+
+/// The template set: embedded ones plus overrides, sorted by name with the
+/// embedded order kept for embedded names.
+pub fn load_templates(dir: Option<&Path>) -> Result<Vec<(String, String)>, RenderError> {
+    let mut templates: Vec<(String, String)> = EMBEDDED
+        .iter()
+        .map(|(n, t)| ((*n).to_string(), (*t).to_string()))
+        .collect();
+    let Some(dir) = dir else { return Ok(templates) };
+    let entries = std::fs::read_dir(dir).map_err(|source| RenderError::ReadDir {
+        dir: dir.into(),
+        source,
+    })?;
+    let mut extra = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| RenderError::ReadDir {
+            dir: dir.into(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.ends_with(TEMPLATE_SUFFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| RenderError::ReadTemplate { path, source })?;
+        match templates.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = text,
+            None => extra.push((name, text)),
+        }
+    }
+    extra.sort();
+    templates.extend(extra);
+    Ok(templates)
+}
+
+/// The values templates see. Documented in README.md ("Overriding templates").
+pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
+    let d = &spec.datapath;
+    let config = json!({
+        "apiServer": {"host": api.host, "port": api.port},
+        "datapath": d,
+        "cleanupRules": spec.kube_proxy.cleanup_rules,
+    });
+    let config_hash = format!(
+        "sha256:{}",
+        hex(&Sha256::digest(config.to_string().as_bytes()))
+    );
+    let reconcile = spec.reconcile.as_ref().map(|r| {
+        json!({
+            "repo": r.repo,
+            "ref": r.git_ref,
+            "path": r.path,
+            "schedule": r.schedule,
+            "suspend": r.suspend,
+            "image": r.image,
+            "secretName": r.secret_name.clone().unwrap_or_else(|| "netboot-git".into()),
+        })
+    });
+    json!({
+        "cluster": spec.name,
+        "namespace": spec.namespace,
+        "apiServer": {"host": api.host, "port": api.port},
+        "datapath": {
+            "image": d.image,
+            "version": d.version,
+            "imageRef": format!("{}:{}", d.image, d.version),
+            "kubeProxyReplacement": d.kube_proxy_replacement,
+            "sessionAffinityTimeoutSeconds": d.session_affinity_timeout_seconds,
+            "mapSizes": d.map_sizes,
+            "healthPort": d.health_port,
+        },
+        "kubeProxy": {"remove": spec.kube_proxy.remove, "cleanupRules": spec.kube_proxy.cleanup_rules},
+        "configHash": config_hash,
+        "reconcile": reconcile,
+    })
+}
+
+/// Renders the spec into checked, labelled, hashed objects in apply order.
+pub fn render(
+    spec: &ClusterNetwork,
+    spec_file: &str,
+    opts: &RenderOptions,
+) -> Result<Vec<Manifest>, RenderError> {
+    let api = spec
+        .api_server
+        .clone()
+        .or_else(|| opts.api_server.clone())
+        .ok_or_else(|| RenderError::NoApiServer {
+            spec: spec_file.to_string(),
+        })?;
+    let templates = load_templates(opts.templates.as_deref())?;
+    let hb = engine(&templates)?;
+    let data = template_data(spec, &api);
+    let mut manifests: Vec<Manifest> = Vec::new();
+    for (name, _) in &templates {
+        let text = hb
+            .render(name, &data)
+            .map_err(|e| template_error(name, &e))?;
+        for (index, doc) in split_documents(&text).into_iter().enumerate() {
+            let m = Manifest::from_rendered(doc, name, &spec.name).map_err(|source| {
+                RenderError::Manifest {
+                    template: name.clone(),
+                    index: index + 1,
+                    source,
+                }
+            })?;
+            if let Some(prev) = manifests.iter().find(|p| p.id() == m.id()) {
+                return Err(RenderError::Duplicate {
+                    object: m.id().to_string(),
+                    first: prev.template.clone(),
+                    second: name.clone(),
+                });
+            }
+            manifests.push(m);
+        }
+    }
+    manifests.sort_by(|a, b| a.id().cmp(b.id()));
+    Ok(manifests)
+}
+
+fn engine(templates: &[(String, String)]) -> Result<Handlebars<'static>, RenderError> {
+    let mut hb = Handlebars::new();
+    hb.set_strict_mode(true);
+    hb.set_dev_mode(false);
+    // A bare `{{value}}` is JSON-quoted too: nothing reaches the YAML unquoted.
+    hb.register_escape_fn(|s| serde_json::Value::String(s.to_string()).to_string());
+    hb.register_helper("q", Box::new(quote_helper));
+    hb.register_helper("qs", Box::new(quote_string_helper));
+    hb.register_helper("concat", Box::new(concat_helper));
+    for (name, text) in templates {
+        hb.register_template_string(name, text)
+            .map_err(|e| RenderError::Template {
+                template: name.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    Ok(hb)
+}
+
+fn template_error(name: &str, e: &handlebars::RenderError) -> RenderError {
+    let at = match (e.line_no, e.column_no) {
+        (Some(l), Some(c)) => format!("line {l}, column {c}: "),
+        _ => String::new(),
+    };
+    let reason = match e.reason() {
+        RenderErrorReason::MissingVariable(Some(var)) => {
+            format!("variable `{var}` is not defined (strict mode)")
+        }
+        other => other.to_string(),
+    };
+    RenderError::Template {
+        template: e.template_name.clone().unwrap_or_else(|| name.to_string()),
+        message: format!("{at}{reason}"),
+    }
+}
+
+/// The helper's only parameter; a missing variable is an error even inside a
+/// helper call (handlebars' strict mode passes it through as null).
+fn param(h: &Helper, helper: &'static str) -> Result<Value, RenderErrorReason> {
+    let p = h
+        .param(0)
+        .ok_or(RenderErrorReason::ParamNotFoundForIndex(helper, 0))?;
+    if p.is_value_missing() {
+        return Err(RenderErrorReason::MissingVariable(
+            p.relative_path().cloned(),
+        ));
+    }
+    Ok(p.value().clone())
+}
+
+/// `{{q value}}`: the value as a JSON scalar (strings quoted, numbers and
+/// booleans as they are). JSON is YAML, and a quoted string cannot break out.
+fn quote_helper(
+    h: &Helper,
+    _: &Handlebars,
+    _: &Context,
+    _: &mut RenderContext,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let v = param(h, "q")?;
+    match v {
+        Value::Array(_) | Value::Object(_) => {
+            Err(RenderErrorReason::InvalidParamType("a scalar for q").into())
+        }
+        other => Ok(out.write(&other.to_string())?),
+    }
+}
+
+/// `{{qs value}}`: the value as a quoted string, whatever its type.
+fn quote_string_helper(
+    h: &Helper,
+    _: &Handlebars,
+    _: &Context,
+    _: &mut RenderContext,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let v = param(h, "qs")?;
+    let s = match v {
+        Value::String(s) => s,
+        Value::Array(_) | Value::Object(_) => {
+            return Err(RenderErrorReason::InvalidParamType("a scalar for qs").into())
+        }
+        other => other.to_string(),
+    };
+    Ok(out.write(&Value::String(s).to_string())?)
+}
+
+/// `(concat a b …)`: the parameters joined as one string (a subexpression; quote the result).
+fn concat_helper(
+    h: &Helper,
+    _: &Handlebars,
+    _: &Context,
+    _: &mut RenderContext,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let mut s = String::new();
+    for p in h.params() {
+        match p.value() {
+            Value::String(v) => s.push_str(v),
+            Value::Number(n) => s.push_str(&n.to_string()),
+            Value::Bool(b) => s.push_str(&b.to_string()),
+            _ => return Err(RenderErrorReason::InvalidParamType("scalars for concat").into()),
+        }
+    }
+    Ok(out.write(&s)?)
+}
+
+/// Splits rendered text at `---` lines, dropping documents that hold only
+/// comments or whitespace.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_end() == "---" {
+            docs.push(&text[start..offset]);
+            start = offset + line.len();
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs.into_iter()
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Multi-document YAML of the manifests, in order; identical bytes every run.
+pub fn to_yaml(manifests: &[Manifest]) -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for m in manifests {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&m.object)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,876 @@
+//! The `ClusterNetwork` spec: one file per cluster under `clusters/`.
+//!
+//! [`load`] reads a file, [`parse`] checks its text and reports every problem at
+//! once as `file:line:column: field.path: message`. Defaults live in the
+//! `Default` impls below and are documented field by field; README.md's spec
+//! reference repeats them.
+
+pub mod check;
+pub mod yaml;
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+pub use check::SpecError;
+use check::{Checker, Section};
+use yaml::{Node, Pos};
+
+pub const API_VERSION: &str = "netboot.io/v1alpha1";
+pub const KIND: &str = "ClusterNetwork";
+/// Larger spec files are refused before parsing.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The names of the validation checks, in the order they run.
+pub const CHECKS: &[&str] = &[
+    "kube-proxy",
+    "agents",
+    "api-endpoint",
+    "pod-to-pod",
+    "pod-to-service",
+    "session-affinity",
+    "pod-to-api",
+    "dns",
+];
+
+/// A checked cluster spec with every default filled in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterNetwork {
+    /// `metadata.name`: the cluster's name; labels every object (`netboot.io/cluster`). Required.
+    pub name: String,
+    /// `spec.namespace`: where netboot's own objects live. Default `netboot-system`.
+    pub namespace: String,
+    pub cluster: Cluster,
+    /// `spec.apiServer`: the endpoint agents use. Default: detected at apply time.
+    pub api_server: Option<ApiServer>,
+    pub datapath: Datapath,
+    pub kube_proxy: KubeProxy,
+    pub validation: Validation,
+    pub reconcile: Option<Reconcile>,
+}
+
+/// `spec.cluster`: how to reach the cluster and its address ranges.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cluster {
+    /// `context`: kubeconfig context. Default: the kubeconfig's current context.
+    pub context: Option<String>,
+    /// `inCluster`: use the pod's service account (the CronJob). Default false.
+    pub in_cluster: bool,
+    /// `serviceCIDR`: the API server's `--service-cluster-ip-range`. Required.
+    #[serde(rename = "serviceCIDR")]
+    pub service_cidr: IpNet,
+    /// `podCIDR`: the cluster's pod range. Required.
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: IpNet,
+    /// `dnsDomain`: cluster DNS domain. Default `cluster.local`.
+    pub dns_domain: String,
+}
+
+/// `spec.apiServer`: an address agents reach without any ClusterIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiServer {
+    /// A DNS name or IP address, not a URL.
+    pub host: String,
+    /// Default 6443.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Netboot,
+}
+
+/// `spec.datapath`: the agent netboot installs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Datapath {
+    /// `provider`: `netboot` (`cilium` is reserved). Default `netboot`.
+    pub provider: Provider,
+    /// `image`: repository of the agent image. Default `ghcr.io/netboot/netboot-datapath`.
+    pub image: String,
+    /// `version`: image tag. Default: this netboot's version.
+    pub version: String,
+    /// `kubeProxyReplacement`: true replaces kube-proxy, false runs beside it. Default true.
+    pub kube_proxy_replacement: bool,
+    /// `sessionAffinityTimeoutSeconds`: ClientIP affinity timeout when a Service sets none. Default 10800.
+    pub session_affinity_timeout_seconds: u32,
+    pub map_sizes: MapSizes,
+    /// `healthPort`: the agent's /healthz, /readyz, /metrics port (host network). Default 9890.
+    pub health_port: u16,
+}
+
+/// `spec.datapath.mapSizes`: BPF map capacities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapSizes {
+    /// Service frontends plus backend slots. Default 65536.
+    pub services: u32,
+    /// Default 262144.
+    pub backends: u32,
+    /// ClientIP affinity entries (LRU). Default 65536.
+    pub affinity: u32,
+    /// Reverse-NAT entries. Default 65536.
+    pub reverse_nat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            services: 65536,
+            backends: 262144,
+            affinity: 65536,
+            reverse_nat: 65536,
+        }
+    }
+}
+
+/// `spec.kubeProxy`: what happens to kube-proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeProxy {
+    /// `remove`: delete kube-proxy once agents are verified. Default: `datapath.kubeProxyReplacement`.
+    pub remove: bool,
+    /// `backup`: store the DaemonSet and ConfigMap before deleting. Default true.
+    pub backup: bool,
+    /// `cleanupRules`: agents clear KUBE-* rules on their node. Default true.
+    pub cleanup_rules: bool,
+    /// `namespace`: where kube-proxy lives. Default `kube-system`.
+    pub namespace: String,
+    /// `daemonSet` / `configMap`: their names. Default `kube-proxy` for both.
+    pub daemon_set: String,
+    pub config_map: String,
+}
+
+/// `spec.validation`: the checks after apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Validation {
+    /// `skip`: names of checks not to run (see [`CHECKS`]). Default none.
+    pub skip: Vec<String>,
+    /// `timeoutSeconds`: for the whole validation. Default 300.
+    pub timeout_seconds: u32,
+    /// `rolloutTimeoutSeconds`: for the agent rollout. Default 300.
+    pub rollout_timeout_seconds: u32,
+    /// `rollbackOnFailure`: restore kube-proxy when validation fails. Default true.
+    pub rollback_on_failure: bool,
+}
+
+/// `spec.reconcile`: where the desired state lives, for the reconciler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reconcile {
+    /// `repo`: git URL (https://, ssh://, git@host:path or file://). Required.
+    pub repo: String,
+    /// `ref`: branch, tag or commit. Default `main`.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// `path`: this spec's path inside the repo. Default `clusters/<name>.yaml`.
+    pub path: String,
+    /// `interval`: e.g. `5m`, `1h`. Default `5m`.
+    pub interval_seconds: u64,
+    /// `schedule`: the CronJob's schedule, derived from the interval.
+    pub schedule: String,
+    /// `suspend`: report drift but write nothing. Default false.
+    pub suspend: bool,
+    /// `image`: the reconciler image. Default `ghcr.io/netboot/netboot:<version>`.
+    pub image: String,
+    /// `secretName`: Secret with git credentials and known_hosts. Default none.
+    pub secret_name: Option<String>,
+}
+
+/// Why a spec could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_errors(.0))]
+    Invalid(Vec<SpecError>),
+}
+
+impl LoadError {
+    /// The individual problems, for `-o json`.
+    pub fn errors(&self) -> Vec<SpecError> {
+        match self {
+            LoadError::Invalid(errors) => errors.clone(),
+            LoadError::Read { path, source } => vec![SpecError {
+                file: path.clone(),
+                line: 0,
+                column: 0,
+                field: String::new(),
+                message: source.to_string(),
+            }],
+        }
+    }
+}
+
+fn render_errors(errors: &[SpecError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads and checks one spec file.
+pub fn load(path: &Path) -> Result<ClusterNetwork, LoadError> {
+    let name = path.display().to_string();
+    let read_err = |source| LoadError::Read {
+        path: name.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(invalid(
+            &name,
+            Pos { line: 1, column: 1 },
+            format!(
+                "file is {} bytes; a spec may be at most {MAX_FILE_BYTES}",
+                meta.len()
+            ),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    parse_bytes(&name, &bytes)
+}
+
+/// Checks a spec given as raw bytes (they need not be UTF-8).
+pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<ClusterNetwork, LoadError> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse(file, text),
+        Err(e) => {
+            let before = &bytes[..e.valid_up_to()];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+            Err(invalid(
+                file,
+                Pos { line, column },
+                "file is not UTF-8 text (is it a binary file?)",
+            ))
+        }
+    }
+}
+
+fn invalid(file: &str, pos: Pos, message: impl Into<String>) -> LoadError {
+    let mut c = Checker::new(file);
+    c.error(pos, "", message);
+    LoadError::Invalid(c.into_errors())
+}
+
+/// Checks a spec's text; `file` names it in messages.
+pub fn parse(file: &str, text: &str) -> Result<ClusterNetwork, LoadError> {
+    if text.contains('\0') {
+        return Err(invalid(
+            file,
+            Pos { line: 1, column: 1 },
+            "file contains NUL bytes (is it a binary file?)",
+        ));
+    }
+    let docs = yaml::parse_documents(text)
+        .map_err(|e| invalid(file, e.pos, format!("not valid YAML: {}", e.message)))?;
+    let root = match docs.as_slice() {
+        [] => {
+            return Err(invalid(
+                file,
+                Pos { line: 1, column: 1 },
+                "file is empty; expected a ClusterNetwork",
+            ))
+        }
+        [one] => one,
+        [_, second, ..] => {
+            return Err(invalid(
+                file,
+                second.pos,
+                format!(
+                    "file holds {} YAML documents; put one ClusterNetwork per file",
+                    docs.len()
+                ),
+            ))
+        }
+    };
+    let mut c = Checker::new(file);
+    let spec = decode(&mut c, root);
+    match spec {
+        Some(spec) if !c.has_errors() => Ok(spec),
+        _ => Err(LoadError::Invalid(c.into_errors())),
+    }
+}
+
+fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
+    let top = c.section(root, "", &["apiVersion", "kind", "metadata", "spec"])?;
+    if let Some(n) = c.require(&top, "apiVersion") {
+        if let Some(v) = c.string(n, "apiVersion") {
+            if v != API_VERSION {
+                c.error(
+                    n.pos,
+                    "apiVersion",
+                    format!("`{v}` is not supported; expected `{API_VERSION}`"),
+                );
+            }
+        }
+    }
+    if let Some(n) = c.require(&top, "kind") {
+        if let Some(v) = c.string(n, "kind") {
+            if v != KIND {
+                c.error(
+                    n.pos,
+                    "kind",
+                    format!("`{v}` is not supported; expected `{KIND}`"),
+                );
+            }
+        }
+    }
+    let name = c.require(&top, "metadata").and_then(|n| {
+        let meta = c.section(n, "metadata", &["name", "labels", "annotations"])?;
+        let node = c.require(&meta, "name")?;
+        let name = c.nonempty(node, "metadata.name")?;
+        if !is_dns_label(&name) {
+            c.error(node.pos, "metadata.name", format!(
+                "`{name}` is not a valid name: use lowercase letters, digits and '-', at most 63 characters"
+            ));
+        }
+        Some(name)
+    });
+    let spec = c.require(&top, "spec").and_then(|n| {
+        c.section(
+            n,
+            "spec",
+            &[
+                "namespace",
+                "cluster",
+                "apiServer",
+                "datapath",
+                "kubeProxy",
+                "validation",
+                "reconcile",
+            ],
+        )
+    })?;
+
+    let namespace = opt(c, &spec, "namespace", |c, n, p| {
+        let v = c.nonempty(n, p)?;
+        if !is_dns_label(&v) {
+            c.error(n.pos, p, format!("`{v}` is not a valid namespace name"));
+        }
+        Some(v)
+    })
+    .unwrap_or_else(|| "netboot-system".to_string());
+    let cluster = c
+        .require(&spec, "cluster")
+        .and_then(|n| decode_cluster(c, n, "spec.cluster"));
+    let api_server = spec
+        .get("apiServer")
+        .and_then(|n| decode_api_server(c, n, "spec.apiServer", cluster.as_ref()));
+    let datapath = match spec.get("datapath") {
+        Some(n) => decode_datapath(c, n, "spec.datapath"),
+        None => Some(Datapath::defaults()),
+    };
+    let replace = datapath.as_ref().is_none_or(|d| d.kube_proxy_replacement);
+    let kube_proxy = match spec.get("kubeProxy") {
+        Some(n) => decode_kube_proxy(c, n, "spec.kubeProxy", replace),
+        None => Some(KubeProxy::defaults(replace)),
+    };
+    let validation = match spec.get("validation") {
+        Some(n) => decode_validation(c, n, "spec.validation"),
+        None => Some(Validation::default()),
+    };
+    let reconcile = match (spec.get("reconcile"), name.as_deref()) {
+        (Some(n), Some(name)) => decode_reconcile(c, n, "spec.reconcile", name),
+        _ => None,
+    };
+    Some(ClusterNetwork {
+        name: name?,
+        namespace,
+        cluster: cluster?,
+        api_server,
+        datapath: datapath?,
+        kube_proxy: kube_proxy?,
+        validation: validation?,
+        reconcile,
+    })
+}
+
+/// Decodes an optional field with `f` when present.
+fn opt<T>(
+    c: &mut Checker,
+    s: &Section<'_>,
+    key: &str,
+    f: impl FnOnce(&mut Checker, &Node, &str) -> Option<T>,
+) -> Option<T> {
+    let node = s.get(key)?;
+    f(c, node, &s.child(key))
+}
+
+fn decode_cluster(c: &mut Checker, n: &Node, path: &str) -> Option<Cluster> {
+    let s = c.section(
+        n,
+        path,
+        &[
+            "context",
+            "inCluster",
+            "serviceCIDR",
+            "podCIDR",
+            "dnsDomain",
+        ],
+    )?;
+    let context = opt(c, &s, "context", Checker::nonempty);
+    let in_cluster = opt(c, &s, "inCluster", Checker::boolean).unwrap_or(false);
+    if in_cluster && context.is_some() {
+        c.error(
+            s.pos,
+            &s.child("context"),
+            "set either `context` or `inCluster: true`, not both",
+        );
+    }
+    let service_cidr = c
+        .require(&s, "serviceCIDR")
+        .and_then(|n| cidr(c, n, &s.child("serviceCIDR")));
+    let pod_cidr = c
+        .require(&s, "podCIDR")
+        .and_then(|n| cidr(c, n, &s.child("podCIDR")));
+    if let (Some(svc), Some(pod), Some(node)) = (service_cidr, pod_cidr, s.get("podCIDR")) {
+        if svc.contains(&pod.network()) || pod.contains(&svc.network()) {
+            c.error(
+                node.pos,
+                &s.child("podCIDR"),
+                format!("{pod} overlaps serviceCIDR {svc}"),
+            );
+        }
+    }
+    let dns_domain =
+        opt(c, &s, "dnsDomain", Checker::nonempty).unwrap_or_else(|| "cluster.local".into());
+    Some(Cluster {
+        context,
+        in_cluster,
+        service_cidr: service_cidr?,
+        pod_cidr: pod_cidr?,
+        dns_domain,
+    })
+}
+
+fn cidr(c: &mut Checker, n: &Node, path: &str) -> Option<IpNet> {
+    let text = c.nonempty(n, path)?;
+    match text.parse::<IpNet>() {
+        Ok(net) if net.trunc() == net => Some(net),
+        Ok(net) => {
+            c.error(
+                n.pos,
+                path,
+                format!(
+                    "`{text}` has host bits set; did you mean `{}`?",
+                    net.trunc()
+                ),
+            );
+            None
+        }
+        Err(_) => {
+            c.error(
+                n.pos,
+                path,
+                format!("`{text}` is not a CIDR (expected e.g. 10.96.0.0/12)"),
+            );
+            None
+        }
+    }
+}
+
+fn decode_api_server(
+    c: &mut Checker,
+    n: &Node,
+    path: &str,
+    cluster: Option<&Cluster>,
+) -> Option<ApiServer> {
+    let s = c.section(n, path, &["host", "port"])?;
+    let port = match s.get("port") {
+        Some(p) => c
+            .integer(p, &s.child("port"), 1, 65535)
+            .and_then(|v| u16::try_from(v).ok()),
+        None => Some(6443),
+    };
+    let host_path = s.child("host");
+    let host = c.require(&s, "host").and_then(|n| {
+        let host = c.nonempty(n, &host_path)?;
+        check_host(c, n, &host_path, &host, cluster)?;
+        Some(host)
+    });
+    Some(ApiServer {
+        host: host?,
+        port: port?,
+    })
+}
+
+/// Refuses URLs, ports in the host, malformed names, and the kube-proxy trap:
+/// an address inside the Service CIDR.
+pub(crate) fn check_host(
+    c: &mut Checker,
+    n: &Node,
+    path: &str,
+    host: &str,
+    cluster: Option<&Cluster>,
+) -> Option<()> {
+    if host.contains("://") {
+        c.error(
+            n.pos,
+            path,
+            format!("`{host}` is a URL; give only the host name or IP (the port goes in `port`)"),
+        );
+        return None;
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        if let Some(cluster) = cluster {
+            if cluster.service_cidr.contains(&ip) {
+                c.error(n.pos, path, format!(
+                    "{ip} is inside the cluster's Service CIDR {}: it is a ClusterIP (the `kubernetes` Service), \
+                     reachable only through kube-proxy or the datapath itself — once kube-proxy is removed the \
+                     agent could not reach the API server and could not start. Use the API server's real address \
+                     (a node IP, a load balancer or a stable DNS name)",
+                    cluster.service_cidr
+                ));
+                return None;
+            }
+        }
+        return Some(());
+    }
+    if host.contains(':') {
+        c.error(
+            n.pos,
+            path,
+            format!("`{host}` contains ':'; give the port in `port`"),
+        );
+        return None;
+    }
+    let valid = host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !valid {
+        c.error(
+            n.pos,
+            path,
+            format!("`{host}` is neither an IP address nor a valid DNS name"),
+        );
+        return None;
+    }
+    Some(())
+}
+
+impl Datapath {
+    fn defaults() -> Self {
+        Datapath {
+            provider: Provider::Netboot,
+            image: "ghcr.io/netboot/netboot-datapath".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            kube_proxy_replacement: true,
+            session_affinity_timeout_seconds: 10800,
+            map_sizes: MapSizes::default(),
+            health_port: 9890,
+        }
+    }
+}
+
+fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
+    let s = c.section(
+        n,
+        path,
+        &[
+            "provider",
+            "image",
+            "version",
+            "kubeProxyReplacement",
+            "sessionAffinityTimeoutSeconds",
+            "mapSizes",
+            "healthPort",
+        ],
+    )?;
+    let mut d = Datapath::defaults();
+    let mut ok = true;
+    if let Some(p) = s.get("provider") {
+        let p_path = s.child("provider");
+        match c.one_of(p, &p_path, &["netboot", "cilium"]).as_deref() {
+            Some("netboot") => {}
+            Some(_) => {
+                c.error(
+                    p.pos,
+                    &p_path,
+                    "provider `cilium` is not yet supported; use `netboot`",
+                );
+                ok = false;
+            }
+            None => ok = false,
+        }
+    }
+    if let Some(v) = opt(c, &s, "image", Checker::nonempty) {
+        if v.contains(char::is_whitespace)
+            || v.contains('@')
+            || v.rsplit('/').next().is_some_and(|last| last.contains(':'))
+        {
+            if let Some(node) = s.get("image") {
+                c.error(node.pos, &s.child("image"), format!(
+                    "`{v}` must be an image repository without tag or digest (the tag goes in `version`)"
+                ));
+            }
+            ok = false;
+        }
+        d.image = v;
+    }
+    if let Some(v) = opt(c, &s, "version", Checker::nonempty) {
+        if !v
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '_'))
+            || v.len() > 128
+        {
+            if let Some(node) = s.get("version") {
+                c.error(
+                    node.pos,
+                    &s.child("version"),
+                    format!("`{v}` is not a valid image tag"),
+                );
+            }
+            ok = false;
+        }
+        d.version = v;
+    }
+    if let Some(v) = opt(c, &s, "kubeProxyReplacement", Checker::boolean) {
+        d.kube_proxy_replacement = v;
+    }
+    if let Some(v) = opt(c, &s, "sessionAffinityTimeoutSeconds", |c, n, p| {
+        c.integer(n, p, 1, 86400)
+    }) {
+        d.session_affinity_timeout_seconds = u32::try_from(v).ok()?;
+    }
+    if let Some(v) = opt(c, &s, "healthPort", |c, n, p| c.integer(n, p, 1, 65535)) {
+        d.health_port = u16::try_from(v).ok()?;
+    }
+    if let Some(m) = s.get("mapSizes") {
+        let ms = c.section(
+            m,
+            &s.child("mapSizes"),
+            &["services", "backends", "affinity", "reverseNat"],
+        )?;
+        let size = |c: &mut Checker, key: &str, default: u32| -> Option<u32> {
+            match ms.get(key) {
+                Some(n) => c
+                    .integer(n, &ms.child(key), 1024, 16_777_216)
+                    .and_then(|v| u32::try_from(v).ok()),
+                None => Some(default),
+            }
+        };
+        let def = MapSizes::default();
+        d.map_sizes = MapSizes {
+            services: size(c, "services", def.services)?,
+            backends: size(c, "backends", def.backends)?,
+            affinity: size(c, "affinity", def.affinity)?,
+            reverse_nat: size(c, "reverseNat", def.reverse_nat)?,
+        };
+    }
+    ok.then_some(d)
+}
+
+impl KubeProxy {
+    fn defaults(replace: bool) -> Self {
+        KubeProxy {
+            remove: replace,
+            backup: true,
+            cleanup_rules: true,
+            namespace: "kube-system".into(),
+            daemon_set: "kube-proxy".into(),
+            config_map: "kube-proxy".into(),
+        }
+    }
+}
+
+fn decode_kube_proxy(c: &mut Checker, n: &Node, path: &str, replace: bool) -> Option<KubeProxy> {
+    let s = c.section(
+        n,
+        path,
+        &[
+            "remove",
+            "backup",
+            "cleanupRules",
+            "namespace",
+            "daemonSet",
+            "configMap",
+        ],
+    )?;
+    let mut k = KubeProxy::defaults(replace);
+    if let Some(v) = opt(c, &s, "remove", Checker::boolean) {
+        if v && !replace {
+            if let Some(node) = s.get("remove") {
+                c.error(node.pos, &s.child("remove"), "kube-proxy can only be removed when \
+                    `spec.datapath.kubeProxyReplacement` is true; in coexist mode it keeps serving Services");
+            }
+            return None;
+        }
+        k.remove = v;
+    }
+    if let Some(v) = opt(c, &s, "backup", Checker::boolean) {
+        if !v && k.remove {
+            if let Some(node) = s.get("backup") {
+                c.error(
+                    node.pos,
+                    &s.child("backup"),
+                    "removing kube-proxy without a backup would make rollback \
+                    impossible; keep `backup: true`",
+                );
+            }
+            return None;
+        }
+        k.backup = v;
+    }
+    if let Some(v) = opt(c, &s, "cleanupRules", Checker::boolean) {
+        k.cleanup_rules = v;
+    }
+    for (key, slot) in [
+        ("namespace", &mut k.namespace),
+        ("daemonSet", &mut k.daemon_set),
+        ("configMap", &mut k.config_map),
+    ] {
+        if let Some(v) = opt(c, &s, key, Checker::nonempty) {
+            *slot = v;
+        }
+    }
+    Some(k)
+}
+
+impl Default for Validation {
+    fn default() -> Self {
+        Validation {
+            skip: Vec::new(),
+            timeout_seconds: 300,
+            rollout_timeout_seconds: 300,
+            rollback_on_failure: true,
+        }
+    }
+}
+
+fn decode_validation(c: &mut Checker, n: &Node, path: &str) -> Option<Validation> {
+    let s = c.section(
+        n,
+        path,
+        &[
+            "skip",
+            "timeoutSeconds",
+            "rolloutTimeoutSeconds",
+            "rollbackOnFailure",
+        ],
+    )?;
+    let mut v = Validation::default();
+    if let Some(list) = s.get("skip") {
+        let p = s.child("skip");
+        for (i, item) in c.list(list, &p)?.iter().enumerate() {
+            if let Some(name) = c.one_of(item, &format!("{p}[{i}]"), CHECKS) {
+                v.skip.push(name);
+            }
+        }
+    }
+    if let Some(t) = opt(c, &s, "timeoutSeconds", |c, n, p| c.integer(n, p, 1, 3600)) {
+        v.timeout_seconds = u32::try_from(t).ok()?;
+    }
+    if let Some(t) = opt(c, &s, "rolloutTimeoutSeconds", |c, n, p| {
+        c.integer(n, p, 1, 3600)
+    }) {
+        v.rollout_timeout_seconds = u32::try_from(t).ok()?;
+    }
+    if let Some(b) = opt(c, &s, "rollbackOnFailure", Checker::boolean) {
+        v.rollback_on_failure = b;
+    }
+    Some(v)
+}
+
+fn decode_reconcile(c: &mut Checker, n: &Node, path: &str, name: &str) -> Option<Reconcile> {
+    let s = c.section(
+        n,
+        path,
+        &[
+            "repo",
+            "ref",
+            "path",
+            "interval",
+            "suspend",
+            "image",
+            "secretName",
+        ],
+    )?;
+    let repo_node = c.require(&s, "repo");
+    let repo = repo_node.and_then(|n| {
+        let url = c.nonempty(n, &s.child("repo"))?;
+        let known = ["https://", "http://", "ssh://", "file://", "git@"];
+        if !known.iter().any(|p| url.starts_with(p)) && !url.starts_with('/') {
+            c.error(n.pos, &s.child("repo"), format!(
+                "`{url}` is not a git URL (expected https://, ssh://, git@host:path, file:// or an absolute path)"
+            ));
+            return None;
+        }
+        Some(url)
+    });
+    let git_ref = opt(c, &s, "ref", Checker::nonempty).unwrap_or_else(|| "main".into());
+    let spec_path =
+        opt(c, &s, "path", Checker::nonempty).unwrap_or_else(|| format!("clusters/{name}.yaml"));
+    let (interval_seconds, schedule) = match s.get("interval") {
+        Some(n) => interval(c, n, &s.child("interval"))?,
+        None => (300, "*/5 * * * *".to_string()),
+    };
+    let suspend = opt(c, &s, "suspend", Checker::boolean).unwrap_or(false);
+    let image = opt(c, &s, "image", Checker::nonempty)
+        .unwrap_or_else(|| format!("ghcr.io/netboot/netboot:{}", env!("CARGO_PKG_VERSION")));
+    let secret_name = opt(c, &s, "secretName", Checker::nonempty);
+    Some(Reconcile {
+        repo: repo?,
+        git_ref,
+        path: spec_path,
+        interval_seconds,
+        schedule,
+        suspend,
+        image,
+        secret_name,
+    })
+}
+
+/// `5m`, `1h`, `30m`: whole minutes dividing an hour or whole hours dividing a
+/// day, so the CronJob's schedule matches the interval exactly.
+fn interval(c: &mut Checker, n: &Node, path: &str) -> Option<(u64, String)> {
+    let text = c.nonempty(n, path)?;
+    let (num, unit) = text.split_at(
+        text.find(|ch: char| !ch.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: u64 = num.parse().unwrap_or(0);
+    let result = match unit {
+        "m" if value > 0 && 60 % value == 0 => Some((value * 60, format!("*/{value} * * * *"))),
+        "h" if value > 0 && 24 % value == 0 => Some((value * 3600, format!("0 */{value} * * *"))),
+        _ => None,
+    };
+    if result.is_none() {
+        c.error(n.pos, path, format!(
+            "`{text}` is not a supported interval: use minutes that divide an hour (1m, 5m, 10m, 15m, 30m) \
+             or hours that divide a day (1h, 2h, 6h, 12h, 24h)"
+        ));
+    }
+    result
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests;

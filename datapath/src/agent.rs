@@ -81,10 +81,13 @@ pub struct AgentOptions {
 
 /// First cgroup2 mount point in `/proc/self/mountinfo`.
 pub fn default_cgroup() -> Result<PathBuf, AgentError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| AgentError::NoCgroup2)?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|_| AgentError::NoCgroup2)?;
     for line in text.lines() {
         // ... mountpoint(4) ... " - " fstype source opts
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() == Some("cgroup2") {
             if let Some(mp) = left.split_whitespace().nth(4) {
                 return Ok(PathBuf::from(mp.replace("\\040", " ")));
@@ -119,13 +122,24 @@ impl StatusSource for AgentState {
         let mut s = self.get();
         if let Ok(m) = self.maps.lock() {
             if let Some(c) = m.as_ref().and_then(|m| m.counters().ok()) {
-                s.counters = c.0.iter().map(|(n, v)| Counter { name: (*n).to_string(), value: *v }).collect();
+                s.counters =
+                    c.0.iter()
+                        .map(|(n, v)| Counter {
+                            name: (*n).to_string(),
+                            value: *v,
+                        })
+                        .collect();
             }
         }
         s.links = loader::attach_state(&self.pins)
             .links
             .into_iter()
-            .map(|(point, link_id, prog_id, cgroup_id)| LinkStatus { point, link_id, prog_id, cgroup_id })
+            .map(|(point, link_id, prog_id, cgroup_id)| LinkStatus {
+                point,
+                link_id,
+                prog_id,
+                cgroup_id,
+            })
             .collect();
         s
     }
@@ -143,7 +157,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
     let prog = recon.programmed();
-    tracing::info!(services = prog.services, backends = prog.backends, "programmed state read back from the maps");
+    tracing::info!(
+        services = prog.services,
+        backends = prog.backends,
+        "programmed state read back from the maps"
+    );
 
     let state = Arc::new(AgentState {
         status: Mutex::new(Status {
@@ -152,7 +170,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             datapath_version: DATAPATH_VERSION.into(),
             cgroup: opts.cgroup.display().to_string(),
             bpffs: opts.pins.root().display().to_string(),
-            api_endpoint: if opts.static_services.is_some() { String::new() } else { cfg.api_url() },
+            api_endpoint: if opts.static_services.is_some() {
+                String::new()
+            } else {
+                cfg.api_url()
+            },
             services: prog.services,
             backends: prog.backends,
             kube_proxy_rules: "unknown".into(),
@@ -242,7 +264,14 @@ async fn reconcile_loop(
                 let prog = recon.programmed();
                 let took = t.elapsed();
                 if st.writes() > 0 {
-                    tracing::info!(updates = st.updates, deletes = st.deletes, services = prog.services, backends = prog.backends, ?took, "maps reconciled");
+                    tracing::info!(
+                        updates = st.updates,
+                        deletes = st.deletes,
+                        services = prog.services,
+                        backends = prog.backends,
+                        ?took,
+                        "maps reconciled"
+                    );
                 }
                 let mut became_ready = false;
                 state.update(|s| {
@@ -298,16 +327,25 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
     loop {
         let ready = state.get().ready;
         let ns = RulesNetns::new(opts.rules_netns.as_deref());
-        let rules = tokio::task::spawn_blocking(move || -> Result<(usize, bool), handover::HandoverError> {
-            // Remove kube-proxy's rules only once our maps are programmed.
-            let removed = if cleanup && ready { handover::cleanup(&ns)?.items() } else { 0 };
-            Ok((removed, handover::detect(&ns)?.present()))
-        })
+        let rules = tokio::task::spawn_blocking(
+            move || -> Result<(usize, bool), handover::HandoverError> {
+                // Remove kube-proxy's rules only once our maps are programmed.
+                let removed = if cleanup && ready {
+                    handover::cleanup(&ns)?.items()
+                } else {
+                    0
+                };
+                Ok((removed, handover::detect(&ns)?.present()))
+            },
+        )
         .await;
         let rules_word = match rules {
             Ok(Ok((removed, present))) => {
                 if removed > 0 {
-                    tracing::info!(removed, "removed kube-proxy rules (KUBE-* chains, jumps, nft tables)");
+                    tracing::info!(
+                        removed,
+                        "removed kube-proxy rules (KUBE-* chains, jumps, nft tables)"
+                    );
                 }
                 let w = if present { "present" } else { "absent" };
                 state.update(|s| {
@@ -340,7 +378,9 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, node = %opts.node_name, "annotating node failed, will retry");
-                        state.update(|s| s.last_error = format!("annotate Node/{}: {e}", opts.node_name));
+                        state.update(|s| {
+                            s.last_error = format!("annotate Node/{}: {e}", opts.node_name)
+                        });
                     }
                 }
             }
@@ -353,7 +393,12 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
 }
 
 /// Writes the contract annotations on the Node.
-pub async fn annotate(client: &Client, node: &str, kpr: bool, rules: &str) -> Result<(), kube::Error> {
+pub async fn annotate(
+    client: &Client,
+    node: &str,
+    kpr: bool,
+    rules: &str,
+) -> Result<(), kube::Error> {
     let nodes: Api<Node> = Api::all(client.clone());
     let patch = serde_json::json!({
         "metadata": {"annotations": {
@@ -362,5 +407,8 @@ pub async fn annotate(client: &Client, node: &str, kpr: bool, rules: &str) -> Re
             ANN_RULES: rules,
         }}
     });
-    nodes.patch(node, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
 }

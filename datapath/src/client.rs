@@ -38,18 +38,27 @@ pub enum ClientError {
 pub async fn config(kubeconfig: Option<&Path>, api_url: &str) -> Result<kube::Config, ClientError> {
     let mut cfg = match kubeconfig {
         Some(p) => {
-            let kc = Kubeconfig::read_from(p)
-                .map_err(|source| ClientError::Kubeconfig { path: p.display().to_string(), source })?;
+            let kc = Kubeconfig::read_from(p).map_err(|source| ClientError::Kubeconfig {
+                path: p.display().to_string(),
+                source,
+            })?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
                 .await
-                .map_err(|source| ClientError::Kubeconfig { path: p.display().to_string(), source })?
+                .map_err(|source| ClientError::Kubeconfig {
+                    path: p.display().to_string(),
+                    source,
+                })?
         }
         // The DNS variant needs no KUBERNETES_SERVICE_* env (a ClusterIP); the URL is replaced anyway.
         None => kube::Config::incluster_dns().map_err(ClientError::InCluster)?,
     };
-    cfg.cluster_url = api_url
-        .parse()
-        .map_err(|e: http_uri_error::InvalidUri| ClientError::Url { url: api_url.into(), message: e.to_string() })?;
+    cfg.cluster_url =
+        api_url
+            .parse()
+            .map_err(|e: http_uri_error::InvalidUri| ClientError::Url {
+                url: api_url.into(),
+                message: e.to_string(),
+            })?;
     Ok(cfg)
 }
 

@@ -65,7 +65,12 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self { services: 65536, backends: 262144, affinity: 65536, reverse_nat: 65536 }
+        Self {
+            services: 65536,
+            backends: 262144,
+            affinity: 65536,
+            reverse_nat: 65536,
+        }
     }
 }
 
@@ -101,8 +106,16 @@ impl Config {
     /// Parses YAML text; `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: Config = serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-            ConfigError::Parse { path: path.to_path_buf(), line, column, message: e.to_string() }
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.to_string(),
+            }
         })?;
         let invalid = |field, message: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -124,8 +137,10 @@ impl Config {
 
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
@@ -161,9 +176,12 @@ cleanupKubeProxyRules: true                  # replace mode: remove KUBE-* rules
 
     #[test]
     fn unknown_field_is_reported_with_position() {
-        let e = Config::parse("apiServer: {host: a, port: 1}\nbogus: 1\n", Path::new("c.yaml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            "apiServer: {host: a, port: 1}\nbogus: 1\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("c.yaml:2:"), "{e}");
     }
 

@@ -69,7 +69,11 @@ impl DesiredTable {
 
     /// Number of distinct backends.
     pub fn backend_count(&self) -> usize {
-        let mut all: Vec<&L4Addr> = self.frontends.values().flat_map(|f| f.backends.keys()).collect();
+        let mut all: Vec<&L4Addr> = self
+            .frontends
+            .values()
+            .flat_map(|f| f.backends.keys())
+            .collect();
         all.sort();
         all.dedup();
         all.len()
@@ -99,7 +103,12 @@ pub fn build<'a>(
         if s.address_type != "IPv4" {
             continue;
         }
-        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
             continue;
         };
         let ns = s.metadata.namespace.clone().unwrap_or_default();
@@ -109,8 +118,12 @@ pub fn build<'a>(
     let mut table = DesiredTable::default();
     for svc in services {
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let Some(name) = svc.metadata.name.clone() else { continue };
-        let Some(spec) = svc.spec.as_ref() else { continue };
+        let Some(name) = svc.metadata.name.clone() else {
+            continue;
+        };
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
         }
@@ -137,14 +150,25 @@ pub fn build<'a>(
                 .filter(|t| *t > 0)
                 .unwrap_or(default_affinity_timeout)
         });
-        let slices = by_svc.get(&(ns.clone(), name.clone())).map(Vec::as_slice).unwrap_or(&[]);
+        let slices = by_svc
+            .get(&(ns.clone(), name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         for port in spec.ports.iter().flatten() {
-            let Some(proto) = proto_of(port.protocol.as_deref()) else { continue };
-            let Ok(vport) = u16::try_from(port.port) else { continue };
+            let Some(proto) = proto_of(port.protocol.as_deref()) else {
+                continue;
+            };
+            let Ok(vport) = u16::try_from(port.port) else {
+                continue;
+            };
             let port_name = port.name.clone().unwrap_or_default();
             let backends = backends_for(slices, &port_name, proto);
             for ip in &ips {
-                let addr = L4Addr { ip: *ip, port: vport, proto };
+                let addr = L4Addr {
+                    ip: *ip,
+                    port: vport,
+                    proto,
+                };
                 table.insert(Frontend {
                     addr,
                     name: format!("{ns}/{name}:{port_name}"),
@@ -157,16 +181,28 @@ pub fn build<'a>(
     table
 }
 
-fn backends_for(slices: &[&EndpointSlice], port_name: &str, proto: u8) -> BTreeMap<L4Addr, BackendState> {
+fn backends_for(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    proto: u8,
+) -> BTreeMap<L4Addr, BackendState> {
     let mut out: BTreeMap<L4Addr, BackendState> = BTreeMap::new();
     for s in slices {
         for p in s.ports.iter().flatten() {
-            if p.name.as_deref().unwrap_or("") != port_name || proto_of(p.protocol.as_deref()) != Some(proto) {
+            if p.name.as_deref().unwrap_or("") != port_name
+                || proto_of(p.protocol.as_deref()) != Some(proto)
+            {
                 continue;
             }
-            let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) else { continue };
+            let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) else {
+                continue;
+            };
             for ep in s.endpoints.iter().flatten() {
-                let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+                let Some(ip) = ep
+                    .addresses
+                    .first()
+                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                else {
                     continue;
                 };
                 let c = ep.conditions.as_ref();
@@ -205,7 +241,8 @@ mod tests {
 
     #[test]
     fn headless_and_external_name_are_ignored() {
-        let a = svc("metadata: {name: h, namespace: d}\nspec: {clusterIP: None, ports: [{port: 80}]}");
+        let a =
+            svc("metadata: {name: h, namespace: d}\nspec: {clusterIP: None, ports: [{port: 80}]}");
         let b = svc("metadata: {name: e, namespace: d}\nspec: {type: ExternalName, externalName: x.example, ports: [{port: 80}]}");
         assert!(build([&a, &b], [], 10800).frontends.is_empty());
     }
@@ -226,10 +263,17 @@ endpoints:
         );
         let t = build([&s], [&sl], 10800);
         let fe = t.frontends.values().next().unwrap();
-        let states: Vec<_> = fe.backends.iter().map(|(a, s)| (a.ip.to_string(), *s)).collect();
+        let states: Vec<_> = fe
+            .backends
+            .iter()
+            .map(|(a, s)| (a.ip.to_string(), *s))
+            .collect();
         assert_eq!(
             states,
-            vec![("10.244.0.1".into(), BackendState::Active), ("10.244.0.2".into(), BackendState::Terminating)]
+            vec![
+                ("10.244.0.1".into(), BackendState::Active),
+                ("10.244.0.2".into(), BackendState::Terminating)
+            ]
         );
         assert_eq!(fe.addr.proto, PROTO_TCP);
     }

@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::layout::{addr_from_be, port_from_be, L4Addr, BE_TERMINATING, MODE_REPLACE, SVC_F_AFFINITY};
+use crate::layout::{
+    addr_from_be, port_from_be, L4Addr, BE_TERMINATING, MODE_REPLACE, SVC_F_AFFINITY,
+};
 use crate::loader;
 use crate::maps::kernel::KernelMaps;
 use crate::maps::{LbMaps, MapsDump, MapsError};
@@ -55,14 +57,33 @@ pub fn service_rows(d: &MapsDump) -> Vec<ServiceRow> {
             let mut key = *k;
             key.backend_slot = slot;
             if let Some(s) = d.services.get(&key) {
-                let addr = d.backends.get(&s.backend_id).map(|b| b.l4().to_string()).unwrap_or_else(|| "?".into());
-                backends.push(BackendRow { id: s.backend_id, address: addr, state: "active".into(), slot });
+                let addr = d
+                    .backends
+                    .get(&s.backend_id)
+                    .map(|b| b.l4().to_string())
+                    .unwrap_or_else(|| "?".into());
+                backends.push(BackendRow {
+                    id: s.backend_id,
+                    address: addr,
+                    state: "active".into(),
+                    slot,
+                });
             }
         }
         for (m, state) in &d.aff_match {
-            if m.rev_nat_id == v.rev_nat_index && u8::try_from(*state).ok() == Some(BE_TERMINATING) {
-                let addr = d.backends.get(&m.backend_id).map(|b| b.l4().to_string()).unwrap_or_else(|| "?".into());
-                backends.push(BackendRow { id: m.backend_id, address: addr, state: "terminating".into(), slot: 0 });
+            if m.rev_nat_id == v.rev_nat_index && u8::try_from(*state).ok() == Some(BE_TERMINATING)
+            {
+                let addr = d
+                    .backends
+                    .get(&m.backend_id)
+                    .map(|b| b.l4().to_string())
+                    .unwrap_or_else(|| "?".into());
+                backends.push(BackendRow {
+                    id: m.backend_id,
+                    address: addr,
+                    state: "terminating".into(),
+                    slot: 0,
+                });
             }
         }
         fronts.insert(
@@ -84,14 +105,22 @@ pub fn service_rows(d: &MapsDump) -> Vec<ServiceRow> {
 /// `service list` text.
 pub fn render_service_list(rows: &[ServiceRow]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<6} {:<24} {:<28} Backend", "ID", "Frontend", "Service Type");
+    let _ = writeln!(
+        s,
+        "{:<6} {:<24} {:<28} Backend",
+        "ID", "Frontend", "Service Type"
+    );
     for r in rows {
         let ty = match r.affinity_timeout {
             Some(t) => format!("{} (ClientIP {t}s)", r.type_),
             None => r.type_.clone(),
         };
         if r.backends.is_empty() {
-            let _ = writeln!(s, "{:<6} {:<24} {:<28} (none: connect is refused)", r.id, r.frontend, ty);
+            let _ = writeln!(
+                s,
+                "{:<6} {:<24} {:<28} (none: connect is refused)",
+                r.id, r.frontend, ty
+            );
             continue;
         }
         for (i, b) in r.backends.iter().enumerate() {
@@ -124,7 +153,16 @@ pub struct LbRow {
 /// Builds `bpf lb list` rows (raw map view).
 pub fn lb_rows(d: &MapsDump) -> Vec<LbRow> {
     let mut entries: Vec<_> = d.services.iter().collect();
-    entries.sort_by_key(|(k, _)| (k.frontend(), if k.backend_slot == 0 { u16::MAX } else { k.backend_slot }));
+    entries.sort_by_key(|(k, _)| {
+        (
+            k.frontend(),
+            if k.backend_slot == 0 {
+                u16::MAX
+            } else {
+                k.backend_slot
+            },
+        )
+    });
     entries
         .into_iter()
         .map(|(k, v)| {
@@ -145,7 +183,13 @@ pub fn lb_rows(d: &MapsDump) -> Vec<LbRow> {
                     .unwrap_or_else(|| format!("<missing backend {}>", v.backend_id));
                 (b, String::new())
             };
-            LbRow { service: k.frontend().to_string(), backend, revnat_id: v.rev_nat_index, slot: k.backend_slot, flags }
+            LbRow {
+                service: k.frontend().to_string(),
+                backend,
+                revnat_id: v.rev_nat_index,
+                slot: k.backend_slot,
+                flags,
+            }
         })
         .collect()
 }
@@ -153,12 +197,28 @@ pub fn lb_rows(d: &MapsDump) -> Vec<LbRow> {
 /// `bpf lb list` text.
 pub fn render_lb_list(rows: &[LbRow]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<24} BACKEND ADDRESS (REVNAT_ID) (SLOT)", "SERVICE ADDRESS");
+    let _ = writeln!(
+        s,
+        "{:<24} BACKEND ADDRESS (REVNAT_ID) (SLOT)",
+        "SERVICE ADDRESS"
+    );
     let mut last = String::new();
     for r in rows {
-        let svc = if r.service == last { "" } else { r.service.as_str() };
-        let flags = if r.flags.is_empty() { String::new() } else { format!(" {}", r.flags) };
-        let _ = writeln!(s, "{svc:<24} {} ({}) ({}){flags}", r.backend, r.revnat_id, r.slot);
+        let svc = if r.service == last {
+            ""
+        } else {
+            r.service.as_str()
+        };
+        let flags = if r.flags.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", r.flags)
+        };
+        let _ = writeln!(
+            s,
+            "{svc:<24} {} ({}) ({}){flags}",
+            r.backend, r.revnat_id, r.slot
+        );
         last = r.service.clone();
     }
     s
@@ -168,7 +228,12 @@ pub fn render_lb_list(rows: &[LbRow]) -> String {
 pub fn revnat_rows(d: &MapsDump) -> Vec<(u16, String)> {
     d.revnat
         .iter()
-        .map(|(id, r)| (*id, format!("{}:{}", addr_from_be(r.address), port_from_be(r.port))))
+        .map(|(id, r)| {
+            (
+                *id,
+                format!("{}:{}", addr_from_be(r.address), port_from_be(r.port)),
+            )
+        })
         .collect()
 }
 
@@ -181,9 +246,16 @@ pub fn status_from_pins(pins: &Pins) -> Result<Status, MapsError> {
     let links = loader::attach_state(pins)
         .links
         .into_iter()
-        .map(|(point, link_id, prog_id, cgroup_id)| LinkStatus { point, link_id, prog_id, cgroup_id })
+        .map(|(point, link_id, prog_id, cgroup_id)| LinkStatus {
+            point,
+            link_id,
+            prog_id,
+            cgroup_id,
+        })
         .collect();
-    let cgroup = crate::agent::default_cgroup().map(|p| p.display().to_string()).unwrap_or_default();
+    let cgroup = crate::agent::default_cgroup()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     Ok(Status {
         kube_proxy_replacement: cfg.mode == MODE_REPLACE,
         datapath_version: DATAPATH_VERSION.into(),
@@ -192,7 +264,14 @@ pub fn status_from_pins(pins: &Pins) -> Result<Status, MapsError> {
         links,
         services: dump.frontend_count(),
         backends: dump.backends.len(),
-        counters: counters.0.iter().map(|(n, v)| Counter { name: (*n).to_string(), value: *v }).collect(),
+        counters: counters
+            .0
+            .iter()
+            .map(|(n, v)| Counter {
+                name: (*n).to_string(),
+                value: *v,
+            })
+            .collect(),
         kube_proxy_rules: "unknown".into(),
         ..Default::default()
     })

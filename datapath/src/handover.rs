@@ -63,7 +63,9 @@ pub struct RulesNetns {
 impl RulesNetns {
     /// In `path`, or the agent's own namespace.
     pub fn new(path: Option<&Path>) -> Self {
-        Self { path: path.map(Path::to_path_buf) }
+        Self {
+            path: path.map(Path::to_path_buf),
+        }
     }
 
     fn command(&self, prog: &str) -> Command {
@@ -78,30 +80,57 @@ impl RulesNetns {
     }
 
     /// Runs `prog args` (with `stdin`), returning stdout; None if `prog` is not installed.
-    fn run(&self, prog: &str, args: &[&str], stdin: Option<&str>) -> Result<Option<String>, HandoverError> {
+    fn run(
+        &self,
+        prog: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<Option<String>, HandoverError> {
         let cmd_line = format!("{prog} {}", args.join(" "));
         let mut c = self.command(prog);
-        c.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        c.args(args).stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = match c.spawn() {
             Ok(ch) => ch,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(HandoverError::Spawn { cmd: cmd_line, source }),
+            Err(source) => {
+                return Err(HandoverError::Spawn {
+                    cmd: cmd_line,
+                    source,
+                })
+            }
         };
         if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
             w.write_all(input.as_bytes())
-                .map_err(|source| HandoverError::Spawn { cmd: cmd_line.clone(), source })?;
+                .map_err(|source| HandoverError::Spawn {
+                    cmd: cmd_line.clone(),
+                    source,
+                })?;
         }
         let out = child
             .wait_with_output()
-            .map_err(|source| HandoverError::Spawn { cmd: cmd_line.clone(), source })?;
+            .map_err(|source| HandoverError::Spawn {
+                cmd: cmd_line.clone(),
+                source,
+            })?;
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
         // nsenter reports a missing program as exit 127 (or 126).
-        if self.path.is_some() && matches!(out.status.code(), Some(126 | 127)) && stderr.contains(prog) {
+        if self.path.is_some()
+            && matches!(out.status.code(), Some(126 | 127))
+            && stderr.contains(prog)
+        {
             return Ok(None);
         }
         if !out.status.success() {
-            return Err(HandoverError::Failed { cmd: cmd_line, code: out.status.code().unwrap_or(-1), stderr });
+            return Err(HandoverError::Failed {
+                cmd: cmd_line,
+                code: out.status.code().unwrap_or(-1),
+                stderr,
+            });
         }
         Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
     }
@@ -152,13 +181,19 @@ pub fn plan_from_save(backend: &str, save: &str) -> Vec<TablePlan> {
     let mut cur: Option<TablePlan> = None;
     for line in save.lines() {
         if let Some(t) = line.strip_prefix('*') {
-            cur = Some(TablePlan { backend: backend.into(), table: t.trim().into(), ..Default::default() });
+            cur = Some(TablePlan {
+                backend: backend.into(),
+                table: t.trim().into(),
+                ..Default::default()
+            });
             continue;
         }
         let Some(p) = cur.as_mut() else { continue };
         if line == "COMMIT" {
             if let Some(p) = cur.take() {
-                if TABLES.contains(&p.table.as_str()) && (!p.chains.is_empty() || !p.jumps.is_empty()) {
+                if TABLES.contains(&p.table.as_str())
+                    && (!p.chains.is_empty() || !p.jumps.is_empty())
+                {
                     out.push(p);
                 }
             }
@@ -177,9 +212,10 @@ pub fn plan_from_save(backend: &str, save: &str) -> Vec<TablePlan> {
                 continue; // goes with the chain
             }
             let toks: Vec<&str> = rest.split_whitespace().collect();
-            let targets_kube = toks
-                .windows(2)
-                .any(|w| (w[0] == "-j" || w[0] == "-g" || w[0] == "--jump" || w[0] == "--goto") && is_kube(w[1]));
+            let targets_kube = toks.windows(2).any(|w| {
+                (w[0] == "-j" || w[0] == "-g" || w[0] == "--jump" || w[0] == "--goto")
+                    && is_kube(w[1])
+            });
             if targets_kube {
                 p.jumps.push(line.to_string());
             }
@@ -205,7 +241,11 @@ impl Report {
 
     /// Chains + jumps + nft tables counted.
     pub fn items(&self) -> usize {
-        self.tables.iter().map(|t| t.chains.len() + t.jumps.len()).sum::<usize>() + self.nft_tables.len()
+        self.tables
+            .iter()
+            .map(|t| t.chains.len() + t.jumps.len())
+            .sum::<usize>()
+            + self.nft_tables.len()
     }
 }
 
@@ -232,7 +272,11 @@ pub fn detect(ns: &RulesNetns) -> Result<Report, HandoverError> {
 pub fn cleanup(ns: &RulesNetns) -> Result<Report, HandoverError> {
     let rep = detect(ns)?;
     for t in &rep.tables {
-        let restore = BACKENDS.iter().find(|(s, _)| *s == t.backend).map(|(_, r)| *r).unwrap_or("iptables-restore");
+        let restore = BACKENDS
+            .iter()
+            .find(|(s, _)| *s == t.backend)
+            .map(|(_, r)| *r)
+            .unwrap_or("iptables-restore");
         ns.run(restore, &["--noflush"], Some(&t.restore_input()))?;
     }
     for spec in &rep.nft_tables {

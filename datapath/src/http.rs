@@ -87,13 +87,25 @@ fn route(path: &str, src: &dyn StatusSource) -> Response<Full<Bytes>> {
             if st.ready {
                 reply(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "initial sync not complete\n".into())
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "initial sync not complete\n".into(),
+                )
             }
         }
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", src.status().metrics()),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            src.status().metrics(),
+        ),
         "/v1/status" => match serde_json::to_string_pretty(&src.status()) {
             Ok(j) => reply(StatusCode::OK, "application/json", j),
-            Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                e.to_string(),
+            ),
         },
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
@@ -103,22 +115,32 @@ fn route(path: &str, src: &dyn StatusSource) -> Response<Full<Bytes>> {
 pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), HttpError> {
     let l = TcpListener::bind(addr)
         .await
-        .map_err(|source| HttpError::Bind { addr: addr.into(), source })?;
-    let local = l.local_addr().map_err(|source| HttpError::Bind { addr: addr.into(), source })?;
+        .map_err(|source| HttpError::Bind {
+            addr: addr.into(),
+            source,
+        })?;
+    let local = l.local_addr().map_err(|source| HttpError::Bind {
+        addr: addr.into(),
+        source,
+    })?;
     Ok((l, local))
 }
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, src: Arc<dyn StatusSource>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let src = src.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let src = src.clone();
                 async move { Ok::<_, Infallible>(route(req.uri().path(), src.as_ref())) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -127,26 +149,41 @@ pub async fn serve(listener: TcpListener, src: Arc<dyn StatusSource>) {
 pub async fn get(addr: &str, path: &str) -> Result<(u16, String), HttpError> {
     let stream = TcpStream::connect(addr)
         .await
-        .map_err(|source| HttpError::Connect { addr: addr.into(), source })?;
+        .map_err(|source| HttpError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|source| HttpError::Protocol { addr: addr.into(), source })?;
+        .map_err(|source| HttpError::Protocol {
+            addr: addr.into(),
+            source,
+        })?;
     tokio::spawn(conn);
     let req = Request::builder()
         .uri(path)
         .header(hyper::header::HOST, addr)
         .body(Full::new(Bytes::new()))
-        .map_err(|e| HttpError::Request { addr: addr.into(), message: e.to_string() })?;
+        .map_err(|e| HttpError::Request {
+            addr: addr.into(),
+            message: e.to_string(),
+        })?;
     let res = sender
         .send_request(req)
         .await
-        .map_err(|source| HttpError::Protocol { addr: addr.into(), source })?;
+        .map_err(|source| HttpError::Protocol {
+            addr: addr.into(),
+            source,
+        })?;
     let code = res.status().as_u16();
     let body = res
         .into_body()
         .collect()
         .await
-        .map_err(|source| HttpError::Protocol { addr: addr.into(), source })?
+        .map_err(|source| HttpError::Protocol {
+            addr: addr.into(),
+            source,
+        })?
         .to_bytes();
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
@@ -154,5 +191,8 @@ pub async fn get(addr: &str, path: &str) -> Result<(u16, String), HttpError> {
 /// Fetches and decodes `/v1/status`.
 pub async fn fetch_status(addr: &str) -> Result<Status, HttpError> {
     let (_, body) = get(addr, "/v1/status").await?;
-    serde_json::from_str(&body).map_err(|source| HttpError::Decode { addr: addr.into(), source })
+    serde_json::from_str(&body).map_err(|source| HttpError::Decode {
+        addr: addr.into(),
+        source,
+    })
 }

@@ -361,7 +361,11 @@ mod tests {
 
     #[test]
     fn network_order_round_trip() {
-        let fe = L4Addr { ip: Ipv4Addr::new(10, 96, 0, 10), port: 53, proto: PROTO_UDP };
+        let fe = L4Addr {
+            ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: 53,
+            proto: PROTO_UDP,
+        };
         let k = Lb4Key::new(fe, 0);
         assert_eq!(k.address.to_ne_bytes(), [10, 96, 0, 10]);
         assert_eq!(k.dport.to_ne_bytes(), [0, 53]);

@@ -5,18 +5,18 @@
 //! one [`reconcile::Reconciler`] → [`maps`] (pinned BPF maps, see [`pins`]) →
 //! the programs in `bpf/sock_lb.bpf.c`, attached by [`loader`].
 
+pub mod agent;
+pub mod client;
 pub mod config;
+pub mod desired;
+pub mod diag;
+pub mod handover;
+pub mod http;
 pub mod layout;
 pub mod loader;
 pub mod maps;
 pub mod pins;
-pub mod sys;
-pub mod desired;
 pub mod reconcile;
-pub mod agent;
-pub mod client;
-pub mod handover;
-pub mod http;
 pub mod status;
+pub mod sys;
 pub mod watch;
-pub mod diag;

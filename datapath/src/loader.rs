@@ -162,7 +162,11 @@ fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<String>, LoaderErro
         if let Some(expected) = expected_sizes(name) {
             let found = (info.key_size(), info.value_size());
             if found != expected {
-                return Err(LoaderError::Incompatible { path, found, expected });
+                return Err(LoaderError::Incompatible {
+                    path,
+                    found,
+                    expected,
+                });
             }
         }
         if let Some(want) = wanted_entries(name, sizes) {
@@ -189,12 +193,18 @@ pub fn load(pins: &Pins, sizes: &MapSizes) -> Result<(Ebpf, Vec<String>, bool), 
             loader.map_max_entries(name, n);
         }
     }
-    let ebpf = loader.load(BPF_OBJECT).map_err(|e| LoaderError::Load(Box::new(e)))?;
+    let ebpf = loader
+        .load(BPF_OBJECT)
+        .map_err(|e| LoaderError::Load(Box::new(e)))?;
     Ok((ebpf, warnings, reused))
 }
 
 fn link_err(path: &Path, op: &'static str, reason: impl ToString) -> LoaderError {
-    LoaderError::Link { path: path.to_path_buf(), op, reason: reason.to_string() }
+    LoaderError::Link {
+        path: path.to_path_buf(),
+        op,
+        reason: reason.to_string(),
+    }
 }
 
 /// Loads, pins and attaches everything; sets the datapath mode.
@@ -205,8 +215,10 @@ pub fn install(
     replace: bool,
 ) -> Result<InstallReport, LoaderError> {
     let (mut ebpf, size_warnings, maps_reused) = load(pins, sizes)?;
-    let cg_id = sys::cgroup_id(cgroup)
-        .map_err(|source| LoaderError::Cgroup { path: cgroup.to_path_buf(), source })?;
+    let cg_id = sys::cgroup_id(cgroup).map_err(|source| LoaderError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
     let mut links = Vec::new();
 
     for (point, prog_name) in ATTACH_POINTS {
@@ -214,9 +226,16 @@ pub fn install(
             .program_mut(prog_name)
             .ok_or(LoaderError::MissingProgram(prog_name))?
             .try_into()
-            .map_err(|e| LoaderError::Program { name: prog_name, op: "type", source: Box::new(e) })?;
-        prog.load()
-            .map_err(|e| LoaderError::Program { name: prog_name, op: "load", source: Box::new(e) })?;
+            .map_err(|e| LoaderError::Program {
+                name: prog_name,
+                op: "type",
+                source: Box::new(e),
+            })?;
+        prog.load().map_err(|e| LoaderError::Program {
+            name: prog_name,
+            op: "load",
+            source: Box::new(e),
+        })?;
         let pin = pins.link(point);
 
         let mut action = LinkAction::Attached;
@@ -224,9 +243,11 @@ pub fn install(
             let link_fd = sys::obj_get(&pin).map_err(|e| link_err(&pin, "open", e))?;
             let info = sys::link_info(link_fd.as_fd()).map_err(|e| link_err(&pin, "info", e))?;
             if info.link_type == sys::LINK_TYPE_CGROUP && info.cgroup_id == cg_id {
-                let prog_fd = prog
-                    .fd()
-                    .map_err(|e| LoaderError::Program { name: prog_name, op: "fd", source: Box::new(e) })?;
+                let prog_fd = prog.fd().map_err(|e| LoaderError::Program {
+                    name: prog_name,
+                    op: "fd",
+                    source: Box::new(e),
+                })?;
                 sys::link_update(link_fd.as_fd(), prog_fd.as_fd())
                     .map_err(|e| link_err(&pin, "update", e))?;
                 links.push((point.to_string(), LinkAction::Updated));
@@ -235,14 +256,22 @@ pub fn install(
             action = LinkAction::Reattached;
         }
 
-        let cg = File::open(cgroup)
-            .map_err(|source| LoaderError::Cgroup { path: cgroup.to_path_buf(), source })?;
+        let cg = File::open(cgroup).map_err(|source| LoaderError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
         let id = prog
             .attach(&cg, CgroupAttachMode::Single)
-            .map_err(|e| LoaderError::Program { name: prog_name, op: "attach", source: Box::new(e) })?;
-        let link = prog
-            .take_link(id)
-            .map_err(|e| LoaderError::Program { name: prog_name, op: "take link", source: Box::new(e) })?;
+            .map_err(|e| LoaderError::Program {
+                name: prog_name,
+                op: "attach",
+                source: Box::new(e),
+            })?;
+        let link = prog.take_link(id).map_err(|e| LoaderError::Program {
+            name: prog_name,
+            op: "take link",
+            source: Box::new(e),
+        })?;
         let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin, "convert", e))?;
         if action == LinkAction::Reattached {
             // The new link is attached; dropping the old pin detaches the old one.
@@ -254,8 +283,15 @@ pub fn install(
 
     let mut maps = KernelMaps::open(pins)?;
     let mode = if replace { MODE_REPLACE } else { MODE_OBSERVE };
-    maps.set_config(NbConfig { mode, version: LAYOUT_VERSION })?;
-    Ok(InstallReport { maps_reused, links, size_warnings })
+    maps.set_config(NbConfig {
+        mode,
+        version: LAYOUT_VERSION,
+    })?;
+    Ok(InstallReport {
+        maps_reused,
+        links,
+        size_warnings,
+    })
 }
 
 /// Where the socket LB is attached, read back from the link pins.
@@ -269,7 +305,9 @@ pub struct AttachState {
 pub fn attach_state(pins: &Pins) -> AttachState {
     let mut links = Vec::new();
     for (point, _) in ATTACH_POINTS {
-        let Ok(fd) = sys::obj_get(&pins.link(point)) else { continue };
+        let Ok(fd) = sys::obj_get(&pins.link(point)) else {
+            continue;
+        };
         if let Ok(i) = sys::link_info(fd.as_fd()) {
             links.push((point.to_string(), i.id, i.prog_id, i.cgroup_id));
         }

@@ -128,7 +128,10 @@ impl Pins {
             };
             for e in entries.flatten() {
                 let p = e.path();
-                std::fs::remove_file(&p).map_err(|source| PinError::Remove { path: p.clone(), source })?;
+                std::fs::remove_file(&p).map_err(|source| PinError::Remove {
+                    path: p.clone(),
+                    source,
+                })?;
             }
             let _ = std::fs::remove_dir(&dir);
         }
@@ -200,8 +203,14 @@ mod tests {
     #[test]
     fn layout_of_pins() {
         let p = Pins::new("/sys/fs/bpf/netboot-local/node-0");
-        assert_eq!(p.map("nb_lb4_svc"), Path::new("/sys/fs/bpf/netboot-local/node-0/maps/nb_lb4_svc"));
-        assert_eq!(p.link("connect4"), Path::new("/sys/fs/bpf/netboot-local/node-0/links/connect4"));
+        assert_eq!(
+            p.map("nb_lb4_svc"),
+            Path::new("/sys/fs/bpf/netboot-local/node-0/maps/nb_lb4_svc")
+        );
+        assert_eq!(
+            p.link("connect4"),
+            Path::new("/sys/fs/bpf/netboot-local/node-0/links/connect4")
+        );
         assert_eq!(Pins::default().root(), Path::new(DEFAULT_ROOT));
     }
 }

@@ -81,7 +81,11 @@ struct IdAlloc {
 
 impl IdAlloc {
     fn new(max: u32) -> Self {
-        Self { used: BTreeSet::new(), max, hint: 1 }
+        Self {
+            used: BTreeSet::new(),
+            max,
+            hint: 1,
+        }
     }
     fn mark(&mut self, id: u32) {
         self.used.insert(id);
@@ -143,10 +147,10 @@ impl<M: LbMaps> Reconciler<M> {
     /// Re-reads the maps and rebuilds the mirror, so the next pass also
     /// repairs changes made behind the reconciler's back.
     pub fn resync(&mut self) -> Result<(), ReconcileError> {
-        let dump = self
-            .maps
-            .dump()
-            .map_err(|source| ReconcileError::Map { what: "read back maps".into(), source })?;
+        let dump = self.maps.dump().map_err(|source| ReconcileError::Map {
+            what: "read back maps".into(),
+            source,
+        })?;
         self.frontends.clear();
         self.backends.clear();
         self.svc_ids = IdAlloc::new(u32::from(u16::MAX));
@@ -161,7 +165,11 @@ impl<M: LbMaps> Reconciler<M> {
                 by_id.insert(v.rev_nat_index, fe);
                 r.frontends.insert(
                     fe,
-                    ProgFrontend { id: v.rev_nat_index, value: Some(*v), ..Default::default() },
+                    ProgFrontend {
+                        id: v.rev_nat_index,
+                        value: Some(*v),
+                        ..Default::default()
+                    },
                 );
             }
         }
@@ -193,7 +201,10 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         for (k, v) in &dump.aff_match {
-            match by_id.get(&k.rev_nat_id).and_then(|fe| r.frontends.get_mut(fe)) {
+            match by_id
+                .get(&k.rev_nat_id)
+                .and_then(|fe| r.frontends.get_mut(fe))
+            {
                 Some(p) => {
                     p.members.insert(k.backend_id, *v);
                 }
@@ -221,7 +232,10 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Sizes of the programmed state.
     pub fn programmed(&self) -> Programmed {
-        Programmed { services: self.frontends.len(), backends: self.backends.len() }
+        Programmed {
+            services: self.frontends.len(),
+            backends: self.backends.len(),
+        }
     }
 
     /// Service id of a programmed frontend.
@@ -260,13 +274,19 @@ impl<M: LbMaps> Reconciler<M> {
             let id = match self.backends.get(addr) {
                 Some((_, cur)) if *cur == val => continue,
                 Some((id, _)) => *id,
-                None => self.be_ids.alloc().ok_or(ReconcileError::BackendIdsExhausted(*addr))?,
+                None => self
+                    .be_ids
+                    .alloc()
+                    .ok_or(ReconcileError::BackendIdsExhausted(*addr))?,
             };
             self.maps.update_backend(id, val).map_err(|source| {
                 if !self.backends.contains_key(addr) {
                     self.be_ids.free(id);
                 }
-                ReconcileError::Map { what: format!("backend {id} {addr}"), source }
+                ReconcileError::Map {
+                    what: format!("backend {id} {addr}"),
+                    source,
+                }
             })?;
             st.updates += 1;
             self.backends.insert(*addr, (id, val));
@@ -277,9 +297,19 @@ impl<M: LbMaps> Reconciler<M> {
             let id = match self.frontends.get(addr) {
                 Some(p) => p.id,
                 None => {
-                    let id = self.svc_ids.alloc().ok_or(ReconcileError::ServiceIdsExhausted(*addr))?;
-                    let id = u16::try_from(id).map_err(|_| ReconcileError::ServiceIdsExhausted(*addr))?;
-                    self.frontends.insert(*addr, ProgFrontend { id, ..Default::default() });
+                    let id = self
+                        .svc_ids
+                        .alloc()
+                        .ok_or(ReconcileError::ServiceIdsExhausted(*addr))?;
+                    let id = u16::try_from(id)
+                        .map_err(|_| ReconcileError::ServiceIdsExhausted(*addr))?;
+                    self.frontends.insert(
+                        *addr,
+                        ProgFrontend {
+                            id,
+                            ..Default::default()
+                        },
+                    );
                     id
                 }
             };
@@ -287,8 +317,12 @@ impl<M: LbMaps> Reconciler<M> {
         }
 
         // C: frontends no longer desired.
-        let gone: Vec<L4Addr> =
-            self.frontends.keys().filter(|a| !desired.frontends.contains_key(a)).copied().collect();
+        let gone: Vec<L4Addr> = self
+            .frontends
+            .keys()
+            .filter(|a| !desired.frontends.contains_key(a))
+            .copied()
+            .collect();
         for addr in gone {
             self.delete_frontend(addr, st)?;
         }
@@ -306,7 +340,10 @@ impl<M: LbMaps> Reconciler<M> {
         for (addr, id) in stale {
             self.maps
                 .delete_backend(id)
-                .map_err(|source| ReconcileError::Map { what: format!("delete backend {id} {addr}"), source })?;
+                .map_err(|source| ReconcileError::Map {
+                    what: format!("delete backend {id} {addr}"),
+                    source,
+                })?;
             st.deletes += 1;
             self.backends.remove(&addr);
             self.be_ids.free(id);
@@ -326,24 +363,40 @@ impl<M: LbMaps> Reconciler<M> {
         let mut active: Vec<u32> = Vec::new();
         for (b, s) in &fe.backends {
             // Phase A wrote every desired backend, so the id exists.
-            let Some((bid, _)) = self.backends.get(b) else { continue };
+            let Some((bid, _)) = self.backends.get(b) else {
+                continue;
+            };
             members.insert(*bid, u32::from(s.as_u8()));
             if *s == BackendState::Active {
                 active.push(*bid);
             }
         }
-        let Some(p) = self.frontends.get_mut(&addr) else { return Ok(()) };
+        let Some(p) = self.frontends.get_mut(&addr) else {
+            return Ok(());
+        };
 
-        let rn = Lb4ReverseNat { address: addr_be(addr.ip), port: port_be(addr.port), pad: 0 };
+        let rn = Lb4ReverseNat {
+            address: addr_be(addr.ip),
+            port: port_be(addr.port),
+            pad: 0,
+        };
         if p.revnat != Some(rn) {
-            self.maps.update_revnat(id, rn).map_err(map_err(format!("{} revnat {id}", fe.name)))?;
+            self.maps
+                .update_revnat(id, rn)
+                .map_err(map_err(format!("{} revnat {id}", fe.name)))?;
             st.updates += 1;
             p.revnat = Some(rn);
         }
         for (bid, state) in &members {
             if p.members.get(bid) != Some(state) {
-                let k = Lb4AffinityMatch { backend_id: *bid, rev_nat_id: id, pad: 0 };
-                self.maps.update_aff_match(k, *state).map_err(map_err(format!("{} affmatch {bid}", fe.name)))?;
+                let k = Lb4AffinityMatch {
+                    backend_id: *bid,
+                    rev_nat_id: id,
+                    pad: 0,
+                };
+                self.maps
+                    .update_aff_match(k, *state)
+                    .map_err(map_err(format!("{} affmatch {bid}", fe.name)))?;
                 st.updates += 1;
                 p.members.insert(*bid, *state);
             }
@@ -354,8 +407,14 @@ impl<M: LbMaps> Reconciler<M> {
             }
             let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
             let k = Lb4Key::new(addr, slot);
-            let v = Lb4Service { backend_id: *bid, rev_nat_index: id, ..Default::default() };
-            self.maps.update_service(k, v).map_err(map_err(format!("{} slot {slot}", fe.name)))?;
+            let v = Lb4Service {
+                backend_id: *bid,
+                rev_nat_index: id,
+                ..Default::default()
+            };
+            self.maps
+                .update_service(k, v)
+                .map_err(map_err(format!("{} slot {slot}", fe.name)))?;
             st.updates += 1;
             if p.slots.len() <= i {
                 p.slots.resize(i + 1, 0);
@@ -368,7 +427,11 @@ impl<M: LbMaps> Reconciler<M> {
             affinity_timeout: fe.affinity_timeout.unwrap_or(0),
             count,
             rev_nat_index: id,
-            flags: if fe.affinity_timeout.is_some() { SVC_F_AFFINITY } else { 0 },
+            flags: if fe.affinity_timeout.is_some() {
+                SVC_F_AFFINITY
+            } else {
+                0
+            },
             pad: [0; 3],
         };
         if p.value != Some(front) {
@@ -386,10 +449,21 @@ impl<M: LbMaps> Reconciler<M> {
             st.deletes += 1;
             p.slots.pop();
         }
-        let extra: Vec<u32> = p.members.keys().filter(|b| !members.contains_key(b)).copied().collect();
+        let extra: Vec<u32> = p
+            .members
+            .keys()
+            .filter(|b| !members.contains_key(b))
+            .copied()
+            .collect();
         for bid in extra {
-            let k = Lb4AffinityMatch { backend_id: bid, rev_nat_id: id, pad: 0 };
-            self.maps.delete_aff_match(k).map_err(map_err(format!("{} delete affmatch {bid}", fe.name)))?;
+            let k = Lb4AffinityMatch {
+                backend_id: bid,
+                rev_nat_id: id,
+                pad: 0,
+            };
+            self.maps
+                .delete_aff_match(k)
+                .map_err(map_err(format!("{} delete affmatch {bid}", fe.name)))?;
             st.deletes += 1;
             p.members.remove(&bid);
         }
@@ -397,11 +471,15 @@ impl<M: LbMaps> Reconciler<M> {
     }
 
     fn delete_frontend(&mut self, addr: L4Addr, st: &mut SyncStats) -> Result<(), ReconcileError> {
-        let Some(p) = self.frontends.get_mut(&addr) else { return Ok(()) };
+        let Some(p) = self.frontends.get_mut(&addr) else {
+            return Ok(());
+        };
         let id = p.id;
         let map_err = |what: String| move |source| ReconcileError::Map { what, source };
         if p.value.is_some() {
-            self.maps.delete_service(Lb4Key::new(addr, 0)).map_err(map_err(format!("{addr} delete frontend")))?;
+            self.maps
+                .delete_service(Lb4Key::new(addr, 0))
+                .map_err(map_err(format!("{addr} delete frontend")))?;
             st.deletes += 1;
             p.value = None;
         }
@@ -415,13 +493,21 @@ impl<M: LbMaps> Reconciler<M> {
         }
         let members: Vec<u32> = p.members.keys().copied().collect();
         for bid in members {
-            let k = Lb4AffinityMatch { backend_id: bid, rev_nat_id: id, pad: 0 };
-            self.maps.delete_aff_match(k).map_err(map_err(format!("{addr} delete affmatch {bid}")))?;
+            let k = Lb4AffinityMatch {
+                backend_id: bid,
+                rev_nat_id: id,
+                pad: 0,
+            };
+            self.maps
+                .delete_aff_match(k)
+                .map_err(map_err(format!("{addr} delete affmatch {bid}")))?;
             st.deletes += 1;
             p.members.remove(&bid);
         }
         if p.revnat.is_some() {
-            self.maps.delete_revnat(id).map_err(map_err(format!("{addr} delete revnat {id}")))?;
+            self.maps
+                .delete_revnat(id)
+                .map_err(map_err(format!("{addr} delete revnat {id}")))?;
             st.deletes += 1;
             p.revnat = None;
         }
@@ -435,7 +521,11 @@ impl<M: LbMaps> Reconciler<M> {
         while let Some((k, _)) = self.orphans.services.pop_first() {
             if let Err(e) = self.maps.delete_service(k) {
                 self.orphans.services.insert(k, Lb4Service::default());
-                return Err(map_err(format!("{} delete orphan slot {}", k.frontend(), k.backend_slot))(e));
+                return Err(map_err(format!(
+                    "{} delete orphan slot {}",
+                    k.frontend(),
+                    k.backend_slot
+                ))(e));
             }
             st.deletes += 1;
         }
@@ -449,7 +539,10 @@ impl<M: LbMaps> Reconciler<M> {
         while let Some((k, v)) = self.orphans.aff_match.pop_first() {
             if let Err(e) = self.maps.delete_aff_match(k) {
                 self.orphans.aff_match.insert(k, v);
-                return Err(map_err(format!("delete orphan affmatch {}/{}", k.backend_id, k.rev_nat_id))(e));
+                return Err(map_err(format!(
+                    "delete orphan affmatch {}/{}",
+                    k.backend_id, k.rev_nat_id
+                ))(e));
             }
             st.deletes += 1;
         }

@@ -83,7 +83,10 @@ pub struct Status {
 
 /// Seconds since the epoch.
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// RFC 3339 UTC rendering of unix seconds (no external time crate).
@@ -101,7 +104,12 @@ pub fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn yes(b: bool) -> &'static str {
@@ -120,12 +128,28 @@ impl Status {
         let attach = if points.is_empty() {
             "socket LB not attached".to_string()
         } else {
-            format!("Socket LB on cgroup {} ({})", self.cgroup, points.join(", "))
+            format!(
+                "Socket LB on cgroup {} ({})",
+                self.cgroup,
+                points.join(", ")
+            )
         };
-        let mode = if self.kube_proxy_replacement { "" } else { " (coexist: observe only)" };
-        let _ = writeln!(s, "KubeProxyReplacement:   {}   [{attach}]{mode}", yes(self.kube_proxy_replacement));
+        let mode = if self.kube_proxy_replacement {
+            ""
+        } else {
+            " (coexist: observe only)"
+        };
+        let _ = writeln!(
+            s,
+            "KubeProxyReplacement:   {}   [{attach}]{mode}",
+            yes(self.kube_proxy_replacement)
+        );
         let _ = writeln!(s, "Ready:                  {}", yes(self.ready));
-        let _ = writeln!(s, "Datapath:               {} (pins {})", self.datapath_version, self.bpffs);
+        let _ = writeln!(
+            s,
+            "Datapath:               {} (pins {})",
+            self.datapath_version, self.bpffs
+        );
         let _ = writeln!(
             s,
             "Services:               {} frontends, {} backends programmed",
@@ -144,20 +168,58 @@ impl Status {
             )
         };
         let _ = writeln!(s, "Last sync:              {last}");
-        let api = if self.api_endpoint.is_empty() { "unknown (read from pins)" } else { &self.api_endpoint };
+        let api = if self.api_endpoint.is_empty() {
+            "unknown (read from pins)"
+        } else {
+            &self.api_endpoint
+        };
         let _ = writeln!(s, "API endpoint:           {api}");
-        let _ = writeln!(s, "KubeProxy rules:        {}", if self.kube_proxy_rules.is_empty() { "unknown" } else { &self.kube_proxy_rules });
+        let _ = writeln!(
+            s,
+            "KubeProxy rules:        {}",
+            if self.kube_proxy_rules.is_empty() {
+                "unknown"
+            } else {
+                &self.kube_proxy_rules
+            }
+        );
         if verbose {
             let _ = writeln!(s, "KubeProxyReplacement Details:");
-            let _ = writeln!(s, "  Socket LB:            {}", if points.is_empty() { "Disabled" } else { "Enabled" });
+            let _ = writeln!(
+                s,
+                "  Socket LB:            {}",
+                if points.is_empty() {
+                    "Disabled"
+                } else {
+                    "Enabled"
+                }
+            );
             let _ = writeln!(s, "  Socket LB Protocols:  TCP, UDP (IPv4 only)");
             for l in &self.links {
-                let _ = writeln!(s, "    {:<14} link {} prog {} cgroup-id {}", l.point, l.link_id, l.prog_id, l.cgroup_id);
+                let _ = writeln!(
+                    s,
+                    "    {:<14} link {} prog {} cgroup-id {}",
+                    l.point, l.link_id, l.prog_id, l.cgroup_id
+                );
             }
-            let _ = writeln!(s, "  Mode:                 {}", if self.kube_proxy_replacement { "Replace (translate ClusterIPs)" } else { "Coexist (kube-proxy translates; counters only)" });
+            let _ = writeln!(
+                s,
+                "  Mode:                 {}",
+                if self.kube_proxy_replacement {
+                    "Replace (translate ClusterIPs)"
+                } else {
+                    "Coexist (kube-proxy translates; counters only)"
+                }
+            );
             let _ = writeln!(s, "  Backend Selection:    Random (TCP), per-socket (UDP)");
-            let _ = writeln!(s, "  Session Affinity:     Enabled (ClientIP, by client netns)");
-            let _ = writeln!(s, "  Graceful Termination: Enabled (terminating backends keep existing affinity)");
+            let _ = writeln!(
+                s,
+                "  Session Affinity:     Enabled (ClientIP, by client netns)"
+            );
+            let _ = writeln!(
+                s,
+                "  Graceful Termination: Enabled (terminating backends keep existing affinity)"
+            );
             let _ = writeln!(s, "  Node:                 {}", self.node);
             let _ = writeln!(s, "  Maps reused at start: {}", yes(self.maps_reused));
             let _ = writeln!(s, "  Map writes:           {}", self.map_writes);
@@ -178,17 +240,72 @@ impl Status {
         let mut gauge = |name: &str, help: &str, kind: &str, v: String| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        gauge("netboot_datapath_ready", "1 once the maps hold a complete initial list", "gauge", u8::from(self.ready).to_string());
-        gauge("netboot_datapath_kube_proxy_replacement", "1 in replace mode, 0 in coexist mode", "gauge", u8::from(self.kube_proxy_replacement).to_string());
-        gauge("netboot_datapath_services", "Service frontends programmed in the BPF maps", "gauge", self.services.to_string());
-        gauge("netboot_datapath_backends", "Backends programmed in the BPF maps", "gauge", self.backends.to_string());
-        gauge("netboot_datapath_desired_services", "Service frontends in the desired table", "gauge", self.desired_services.to_string());
-        gauge("netboot_datapath_syncs_total", "Successful reconcile passes", "counter", self.syncs.to_string());
-        gauge("netboot_datapath_sync_errors_total", "Failed reconcile passes (retried with backoff)", "counter", self.sync_errors.to_string());
-        gauge("netboot_datapath_map_writes_total", "BPF map updates and deletes written by the reconciler", "counter", self.map_writes.to_string());
-        gauge("netboot_datapath_watch_errors_total", "Watch stream errors (retried with backoff)", "counter", self.watch_errors.to_string());
-        gauge("netboot_datapath_last_sync_timestamp_seconds", "Unix time of the last successful sync", "gauge", self.last_sync_unix.to_string());
-        gauge("netboot_datapath_last_sync_duration_seconds", "Duration of the last successful sync", "gauge", format!("{:.3}", self.last_sync_millis as f64 / 1000.0));
+        gauge(
+            "netboot_datapath_ready",
+            "1 once the maps hold a complete initial list",
+            "gauge",
+            u8::from(self.ready).to_string(),
+        );
+        gauge(
+            "netboot_datapath_kube_proxy_replacement",
+            "1 in replace mode, 0 in coexist mode",
+            "gauge",
+            u8::from(self.kube_proxy_replacement).to_string(),
+        );
+        gauge(
+            "netboot_datapath_services",
+            "Service frontends programmed in the BPF maps",
+            "gauge",
+            self.services.to_string(),
+        );
+        gauge(
+            "netboot_datapath_backends",
+            "Backends programmed in the BPF maps",
+            "gauge",
+            self.backends.to_string(),
+        );
+        gauge(
+            "netboot_datapath_desired_services",
+            "Service frontends in the desired table",
+            "gauge",
+            self.desired_services.to_string(),
+        );
+        gauge(
+            "netboot_datapath_syncs_total",
+            "Successful reconcile passes",
+            "counter",
+            self.syncs.to_string(),
+        );
+        gauge(
+            "netboot_datapath_sync_errors_total",
+            "Failed reconcile passes (retried with backoff)",
+            "counter",
+            self.sync_errors.to_string(),
+        );
+        gauge(
+            "netboot_datapath_map_writes_total",
+            "BPF map updates and deletes written by the reconciler",
+            "counter",
+            self.map_writes.to_string(),
+        );
+        gauge(
+            "netboot_datapath_watch_errors_total",
+            "Watch stream errors (retried with backoff)",
+            "counter",
+            self.watch_errors.to_string(),
+        );
+        gauge(
+            "netboot_datapath_last_sync_timestamp_seconds",
+            "Unix time of the last successful sync",
+            "gauge",
+            self.last_sync_unix.to_string(),
+        );
+        gauge(
+            "netboot_datapath_last_sync_duration_seconds",
+            "Duration of the last successful sync",
+            "gauge",
+            format!("{:.3}", self.last_sync_millis as f64 / 1000.0),
+        );
         gauge(
             "netboot_datapath_kube_proxy_rules_present",
             "1 if KUBE-* rules or kube-proxy's nft table exist in the rules netns",
@@ -198,7 +315,11 @@ impl Status {
         let _ = writeln!(s, "# HELP netboot_datapath_bpf_outcomes_total Socket LB decisions by outcome (per-CPU counters summed)");
         let _ = writeln!(s, "# TYPE netboot_datapath_bpf_outcomes_total counter");
         for c in &self.counters {
-            let _ = writeln!(s, "netboot_datapath_bpf_outcomes_total{{outcome=\"{}\"}} {}", c.name, c.value);
+            let _ = writeln!(
+                s,
+                "netboot_datapath_bpf_outcomes_total{{outcome=\"{}\"}} {}",
+                c.name, c.value
+            );
         }
         s
     }
@@ -216,7 +337,12 @@ mod tests {
             cgroup: "/sys/fs/cgroup".into(),
             bpffs: "/sys/fs/bpf/netboot".into(),
             api_endpoint: "https://127.0.0.1:6443".into(),
-            links: vec![LinkStatus { point: "connect4".into(), link_id: 7, prog_id: 42, cgroup_id: 1 }],
+            links: vec![LinkStatus {
+                point: "connect4".into(),
+                link_id: 7,
+                prog_id: 42,
+                cgroup_id: 1,
+            }],
             ready: true,
             services: 3,
             backends: 4,
@@ -225,7 +351,10 @@ mod tests {
             last_sync_unix: 1_800_000_000,
             last_sync_millis: 12,
             kube_proxy_rules: "absent".into(),
-            counters: vec![Counter { name: "connect_translated".into(), value: 5 }],
+            counters: vec![Counter {
+                name: "connect_translated".into(),
+                value: 5,
+            }],
             ..Default::default()
         }
     }

@@ -32,7 +32,12 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     // SAFETY: attr points to a zero-initialised buffer larger than the union
     // the kernel reads for these commands; the size passed matches it.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), std::mem::size_of::<Attr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            std::mem::size_of::<Attr>(),
+        )
     };
     if rc < 0 {
         Err(io::Error::last_os_error())

@@ -73,13 +73,20 @@ pub struct Watched {
 impl Watched {
     /// Both initial lists are complete.
     pub fn synced(&self) -> bool {
-        self.stores.lock().map(|s| s.services_synced && s.slices_synced).unwrap_or(false)
+        self.stores
+            .lock()
+            .map(|s| s.services_synced && s.slices_synced)
+            .unwrap_or(false)
     }
 
     /// Builds the desired table from the current stores.
     pub fn desired(&self, default_affinity_timeout: u32) -> DesiredTable {
         match self.stores.lock() {
-            Ok(s) => desired::build(s.services.values(), s.slices.values(), default_affinity_timeout),
+            Ok(s) => desired::build(
+                s.services.values(),
+                s.slices.values(),
+                default_affinity_timeout,
+            ),
             Err(_) => DesiredTable::default(),
         }
     }
@@ -94,11 +101,18 @@ impl Watched {
     /// EndpointSlices) instead of watching: tests and API-less operation.
     pub fn load_static(&self, path: &Path) -> Result<(), WatchError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| WatchError::Read { path: p.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| WatchError::Read {
+            path: p.clone(),
+            source,
+        })?;
         let mut services = BTreeMap::new();
         let mut slices = BTreeMap::new();
         for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let perr = |message: String| WatchError::Parse { path: p.clone(), index, message };
+            let perr = |message: String| WatchError::Parse {
+                path: p.clone(),
+                index,
+                message,
+            };
             let v = serde_yaml::Value::deserialize(doc).map_err(|e| perr(e.to_string()))?;
             match v.get("kind").and_then(|k| k.as_str()) {
                 Some("Service") => {
@@ -106,7 +120,8 @@ impl Watched {
                     services.insert(key(&s), s);
                 }
                 Some("EndpointSlice") => {
-                    let s: EndpointSlice = serde_yaml::from_value(v).map_err(|e| perr(e.to_string()))?;
+                    let s: EndpointSlice =
+                        serde_yaml::from_value(v).map_err(|e| perr(e.to_string()))?;
                     slices.insert(key(&s), s);
                 }
                 None if v.is_null() => {}
@@ -153,7 +168,13 @@ impl Stored for EndpointSlice {
 
 async fn run_one<K>(api: Api<K>, shared: Arc<Watched>)
 where
-    K: Stored + Resource<DynamicType = ()> + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: Stored
+        + Resource<DynamicType = ()>
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     futures::pin_mut!(stream);

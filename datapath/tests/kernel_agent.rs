@@ -6,6 +6,8 @@
 //!
 //! Run: `sudo cargo test -p netboot-datapath --test kernel_agent`
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
+
 mod support;
 
 use std::net::SocketAddrV4;
@@ -55,7 +57,13 @@ struct Agent {
     pid: u32,
 }
 
-fn start_agent(dir: &std::path::Path, cg: &std::path::Path, pins: &std::path::Path, listen: &str, rules_ns: &Netns) -> Agent {
+fn start_agent(
+    dir: &std::path::Path,
+    cg: &std::path::Path,
+    pins: &std::path::Path,
+    listen: &str,
+    rules_ns: &Netns,
+) -> Agent {
     let child = Command::new(BIN)
         .args(["agent", "--node-name", "test-node"])
         .arg("--config")
@@ -72,16 +80,24 @@ fn start_agent(dir: &std::path::Path, cg: &std::path::Path, pins: &std::path::Pa
         .env("RUST_LOG", "info")
         .env_remove("KUBECONFIG")
         .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("agent.log")).expect("log")))
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("agent.log")).expect("log"),
+        ))
         .spawn()
         .expect("spawn agent");
     let pid = child.id();
-    Agent { guard: ChildGuard(Some(child)), pid }
+    Agent {
+        guard: ChildGuard(Some(child)),
+        pid,
+    }
 }
 
 fn cli(args: &[&str]) -> (bool, String) {
     let out = Command::new(BIN).args(args).output().expect("run cli");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
@@ -119,14 +135,38 @@ fn agent_kill9_and_restart_drop_no_connection() {
     assert_eq!(st["services"], 2);
     assert_eq!(st["backends"], 3);
     assert_eq!(st["links"].as_array().map(Vec::len), Some(4));
-    let link_ids: Vec<u64> = st["links"].as_array().expect("links").iter().map(|l| l["link_id"].as_u64().unwrap_or(0)).collect();
+    let link_ids: Vec<u64> = st["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| l["link_id"].as_u64().unwrap_or(0))
+        .collect();
     let (_, text) = cli(&["status", "--agent", &listen, "--verbose"]);
-    assert!(text.starts_with("KubeProxyReplacement:   True   [Socket LB on cgroup"), "{text}");
+    assert!(
+        text.starts_with("KubeProxyReplacement:   True   [Socket LB on cgroup"),
+        "{text}"
+    );
     let (ok, text) = cli(&["status", "--bpffs", pin_root.to_str().expect("utf8")]);
     assert!(ok && text.contains("2 frontends, 3 backends"), "{text}");
-    let (ok, text) = cli(&["service", "list", "--bpffs", pin_root.to_str().expect("utf8")]);
-    assert!(ok && text.contains("10.96.0.80:80/TCP") && text.contains("10.244.1.2:8080/TCP (active)"), "{text}");
-    let (ok, text) = cli(&["bpf", "lb", "list", "--bpffs", pin_root.to_str().expect("utf8"), "-o", "json"]);
+    let (ok, text) = cli(&[
+        "service",
+        "list",
+        "--bpffs",
+        pin_root.to_str().expect("utf8"),
+    ]);
+    assert!(
+        ok && text.contains("10.96.0.80:80/TCP") && text.contains("10.244.1.2:8080/TCP (active)"),
+        "{text}"
+    );
+    let (ok, text) = cli(&[
+        "bpf",
+        "lb",
+        "list",
+        "--bpffs",
+        pin_root.to_str().expect("utf8"),
+        "-o",
+        "json",
+    ]);
     assert!(ok, "{text}");
     let rows: serde_json::Value = serde_json::from_str(&text).expect("lb json");
     assert_eq!(rows.as_array().map(Vec::len), Some(5));
@@ -138,7 +178,15 @@ fn agent_kill9_and_restart_drop_no_connection() {
 
     // Continuous client while the agent is SIGKILLed and restarted.
     let addr = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 80), 80);
-    let client = spawn_client(&cg.path, &topo.client, &ClientOp::TcpLoop { addr, duration_ms: 7000, interval_ms: 3 });
+    let client = spawn_client(
+        &cg.path,
+        &topo.client,
+        &ClientOp::TcpLoop {
+            addr,
+            duration_ms: 7000,
+            interval_ms: 3,
+        },
+    );
     let mut restarts = 0;
     let mut ready_after_restart = Vec::new();
     let t = Instant::now();
@@ -164,19 +212,44 @@ fn agent_kill9_and_restart_drop_no_connection() {
         rss
     );
     assert!(res.len() > 500, "too few attempts: {}", res.len());
-    assert!(failed.is_empty(), "failed attempts: {:?}", &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "failed attempts: {:?}",
+        &failed[..failed.len().min(5)]
+    );
     assert!(spread > 0 && spread < res.len());
 
     // Restarted agents re-used the pins: same links (program swapped in place), no rewrite.
     let (_, js) = cli(&["status", "--agent", &listen, "-o", "json"]);
     let st: serde_json::Value = serde_json::from_str(&js).expect("status json");
-    let ids: Vec<u64> = st["links"].as_array().expect("links").iter().map(|l| l["link_id"].as_u64().unwrap_or(0)).collect();
-    assert_eq!(ids, link_ids, "links must be updated in place, not recreated");
+    let ids: Vec<u64> = st["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| l["link_id"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        ids, link_ids,
+        "links must be updated in place, not recreated"
+    );
     assert_eq!(st["mapsReused"], true);
-    assert_eq!(st["mapWrites"], 0, "a restart must not rewrite unchanged maps");
+    assert_eq!(
+        st["mapWrites"], 0,
+        "a restart must not rewrite unchanged maps"
+    );
 
     // UDP through the restarted agent's datapath, reply from the VIP.
-    let udp = client_results(spawn_client(&cg.path, &topo.client, &ClientOp::Udp { addr: SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 10), 53), count: 2 }));
-    assert!(udp.iter().all(|a| a.ok && a.peer == "10.96.0.10:53"), "{udp:?}");
+    let udp = client_results(spawn_client(
+        &cg.path,
+        &topo.client,
+        &ClientOp::Udp {
+            addr: SocketAddrV4::new(std::net::Ipv4Addr::new(10, 96, 0, 10), 53),
+            count: 2,
+        },
+    ));
+    assert!(
+        udp.iter().all(|a| a.ok && a.peer == "10.96.0.10:53"),
+        "{udp:?}"
+    );
     drop(agent);
 }

@@ -6,6 +6,8 @@
 //! Run: `sudo cargo test -p netboot-datapath --test kernel_socket_lb`
 //! (panics, never skips, without root / BPF).
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,7 +31,12 @@ fn helper() {
 const BE_PORT: u16 = 8080;
 
 fn small_sizes() -> MapSizes {
-    MapSizes { services: 1024, backends: 1024, affinity: 1024, reverse_nat: 1024 }
+    MapSizes {
+        services: 1024,
+        backends: 1024,
+        affinity: 1024,
+        reverse_nat: 1024,
+    }
 }
 
 // Field order is drop order: servers, maps, pins (detach), cgroup, namespaces.
@@ -48,12 +55,20 @@ impl Env {
         let cg = TestCgroup::new(tag);
         let pins = TestPins::new(tag);
         loader::install(&pins.pins, &cg.path, &small_sizes(), replace).expect("install");
-        let recon = Reconciler::recover(KernelMaps::open(&pins.pins).expect("open maps")).expect("recover");
+        let recon =
+            Reconciler::recover(KernelMaps::open(&pins.pins).expect("open maps")).expect("recover");
         let names: Vec<String> = (1..=backends).map(|i| format!("be{i}")).collect();
-        let list: Vec<(&str, Ipv4Addr, u16)> =
-            (1..=backends).map(|i| (names[usize::from(i) - 1].as_str(), backend_ip(i), BE_PORT)).collect();
+        let list: Vec<(&str, Ipv4Addr, u16)> = (1..=backends)
+            .map(|i| (names[usize::from(i) - 1].as_str(), backend_ip(i), BE_PORT))
+            .collect();
         let servers = Servers::start(&topo.server, &list);
-        Self { _servers: Some(servers), recon, pins, cg, topo }
+        Self {
+            _servers: Some(servers),
+            recon,
+            pins,
+            cg,
+            topo,
+        }
     }
 
     fn client(&self, op: ClientOp) -> Vec<Attempt> {
@@ -69,14 +84,29 @@ fn vip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, 0, last)
 }
 
-fn frontend(ip: Ipv4Addr, port: u16, proto: u8, backends: &[(u8, BackendState)], affinity: Option<u32>) -> Frontend {
+fn frontend(
+    ip: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    backends: &[(u8, BackendState)],
+    affinity: Option<u32>,
+) -> Frontend {
     Frontend {
         addr: L4Addr { ip, port, proto },
         name: format!("test/{ip}:{port}"),
         affinity_timeout: affinity,
         backends: backends
             .iter()
-            .map(|(i, s)| (L4Addr { ip: backend_ip(*i), port: BE_PORT, proto }, *s))
+            .map(|(i, s)| {
+                (
+                    L4Addr {
+                        ip: backend_ip(*i),
+                        port: BE_PORT,
+                        proto,
+                    },
+                    *s,
+                )
+            })
             .collect(),
     }
 }
@@ -92,7 +122,12 @@ fn table(fes: Vec<Frontend>) -> DesiredTable {
 fn tally(attempts: &[Attempt]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for a in attempts {
-        *m.entry(if a.ok { a.name.clone() } else { format!("errno{}", a.errno) }).or_default() += 1;
+        *m.entry(if a.ok {
+            a.name.clone()
+        } else {
+            format!("errno{}", a.errno)
+        })
+        .or_default() += 1;
     }
     m
 }
@@ -109,17 +144,26 @@ fn tcp_and_udp_reach_a_backend_and_the_app_sees_the_vip() {
         ]))
         .expect("reconcile");
 
-    let tcp = env.client(ClientOp::Tcp { addr: SocketAddrV4::new(vip(10), 80), count: 3 });
+    let tcp = env.client(ClientOp::Tcp {
+        addr: SocketAddrV4::new(vip(10), 80),
+        count: 3,
+    });
     for a in &tcp {
         assert!(a.ok, "tcp attempt failed: {a:?}");
         assert_eq!(a.name, "be1");
         assert_eq!(a.peer, "10.96.0.10:80", "getpeername must return the VIP");
     }
-    let udp = env.client(ClientOp::Udp { addr: SocketAddrV4::new(vip(10), 53), count: 3 });
+    let udp = env.client(ClientOp::Udp {
+        addr: SocketAddrV4::new(vip(10), 53),
+        count: 3,
+    });
     for a in &udp {
         assert!(a.ok, "udp attempt failed: {a:?}");
         assert_eq!(a.name, "be1");
-        assert_eq!(a.peer, "10.96.0.10:53", "UDP replies must come from the VIP (recvmsg4)");
+        assert_eq!(
+            a.peer, "10.96.0.10:53",
+            "UDP replies must come from the VIP (recvmsg4)"
+        );
     }
     assert!(env.counter("connect_translated") >= 3);
     assert!(env.counter("sendmsg_translated") >= 3);
@@ -137,14 +181,26 @@ fn load_spreads_over_backends() {
             frontend(vip(20), 80, PROTO_UDP, &be, None),
         ]))
         .expect("reconcile");
-    let t = tally(&env.client(ClientOp::Tcp { addr: SocketAddrV4::new(vip(20), 80), count: 90 }));
+    let t = tally(&env.client(ClientOp::Tcp {
+        addr: SocketAddrV4::new(vip(20), 80),
+        count: 90,
+    }));
     eprintln!("tcp spread: {t:?}");
     for b in ["be1", "be2", "be3"] {
-        assert!(t.get(b).copied().unwrap_or(0) >= 10, "{b} got too few of 90: {t:?}");
+        assert!(
+            t.get(b).copied().unwrap_or(0) >= 10,
+            "{b} got too few of 90: {t:?}"
+        );
     }
-    let u = tally(&env.client(ClientOp::UdpNewSocket { addr: SocketAddrV4::new(vip(20), 80), count: 30 }));
+    let u = tally(&env.client(ClientOp::UdpNewSocket {
+        addr: SocketAddrV4::new(vip(20), 80),
+        count: 30,
+    }));
     eprintln!("udp spread: {u:?}");
-    assert!(u.keys().filter(|k| k.starts_with("be")).count() >= 2, "udp did not spread: {u:?}");
+    assert!(
+        u.keys().filter(|k| k.starts_with("be")).count() >= 2,
+        "udp did not spread: {u:?}"
+    );
 }
 
 #[test]
@@ -163,7 +219,11 @@ fn client_ip_affinity_sticks_then_expires() {
     std::thread::sleep(Duration::from_millis(2600));
     let t2 = tally(&env.client(ClientOp::Tcp { addr, count: 1 }));
     assert_eq!(t2.values().sum::<usize>(), 1);
-    assert_eq!(env.counter("affinity_expired"), 1, "entry older than the timeout must expire");
+    assert_eq!(
+        env.counter("affinity_expired"),
+        1,
+        "entry older than the timeout must expire"
+    );
     assert_eq!(env.counter("affinity_new"), 2);
 }
 
@@ -172,13 +232,25 @@ fn removed_endpoint_gets_no_new_connections() {
     let mut env = Env::new("removal", 2, true);
     let addr = SocketAddrV4::new(vip(40), 80);
     env.recon
-        .reconcile(&table(vec![frontend(vip(40), 80, PROTO_TCP, &[(1, Active), (2, Active)], None)]))
+        .reconcile(&table(vec![frontend(
+            vip(40),
+            80,
+            PROTO_TCP,
+            &[(1, Active), (2, Active)],
+            None,
+        )]))
         .expect("reconcile");
     let t = tally(&env.client(ClientOp::Tcp { addr, count: 40 }));
     assert!(t.contains_key("be2"), "{t:?}");
 
     env.recon
-        .reconcile(&table(vec![frontend(vip(40), 80, PROTO_TCP, &[(1, Active)], None)]))
+        .reconcile(&table(vec![frontend(
+            vip(40),
+            80,
+            PROTO_TCP,
+            &[(1, Active)],
+            None,
+        )]))
         .expect("reconcile");
     let t = tally(&env.client(ClientOp::Tcp { addr, count: 40 }));
     assert_eq!(t, BTreeMap::from([("be1".to_string(), 40)]));
@@ -195,7 +267,13 @@ fn terminating_endpoint_keeps_only_existing_affinity() {
             frontend(vip(41), 81, PROTO_TCP, &[(1, Active)], None),
         ]))
         .expect("reconcile");
-    assert_eq!(tally(&env.client(ClientOp::Tcp { addr: aff, count: 3 })), BTreeMap::from([("be1".into(), 3)]));
+    assert_eq!(
+        tally(&env.client(ClientOp::Tcp {
+            addr: aff,
+            count: 3
+        })),
+        BTreeMap::from([("be1".into(), 3)])
+    );
 
     // be1 starts terminating, be2 arrives.
     let be = [(1, Terminating), (2, Active)];
@@ -206,15 +284,39 @@ fn terminating_endpoint_keeps_only_existing_affinity() {
         ]))
         .expect("reconcile");
     // Existing affinity (same client netns) still reaches be1 ...
-    assert_eq!(tally(&env.client(ClientOp::Tcp { addr: aff, count: 5 })), BTreeMap::from([("be1".into(), 5)]));
+    assert_eq!(
+        tally(&env.client(ClientOp::Tcp {
+            addr: aff,
+            count: 5
+        })),
+        BTreeMap::from([("be1".into(), 5)])
+    );
     // ... but new selections only go to ready be2.
-    assert_eq!(tally(&env.client(ClientOp::Tcp { addr: plain, count: 20 })), BTreeMap::from([("be2".into(), 20)]));
+    assert_eq!(
+        tally(&env.client(ClientOp::Tcp {
+            addr: plain,
+            count: 20
+        })),
+        BTreeMap::from([("be2".into(), 20)])
+    );
 
     // Once be1 is gone for good, affinity moves on.
     env.recon
-        .reconcile(&table(vec![frontend(vip(41), 80, PROTO_TCP, &[(2, Active)], Some(600))]))
+        .reconcile(&table(vec![frontend(
+            vip(41),
+            80,
+            PROTO_TCP,
+            &[(2, Active)],
+            Some(600),
+        )]))
         .expect("reconcile");
-    assert_eq!(tally(&env.client(ClientOp::Tcp { addr: aff, count: 3 })), BTreeMap::from([("be2".into(), 3)]));
+    assert_eq!(
+        tally(&env.client(ClientOp::Tcp {
+            addr: aff,
+            count: 3
+        })),
+        BTreeMap::from([("be2".into(), 3)])
+    );
     assert!(env.counter("affinity_stale") >= 1);
 }
 
@@ -227,13 +329,19 @@ fn service_without_endpoints_refuses_fast() {
             frontend(vip(50), 53, PROTO_UDP, &[], None),
         ]))
         .expect("reconcile");
-    let tcp = env.client(ClientOp::Tcp { addr: SocketAddrV4::new(vip(50), 80), count: 5 });
+    let tcp = env.client(ClientOp::Tcp {
+        addr: SocketAddrV4::new(vip(50), 80),
+        count: 5,
+    });
     for a in &tcp {
         assert!(!a.ok);
         assert_eq!(a.errno, libc::ECONNREFUSED, "{a:?}");
         assert!(a.micros < 100_000, "refusal must be fast: {a:?}");
     }
-    let udp = env.client(ClientOp::Udp { addr: SocketAddrV4::new(vip(50), 53), count: 2 });
+    let udp = env.client(ClientOp::Udp {
+        addr: SocketAddrV4::new(vip(50), 53),
+        count: 2,
+    });
     for a in &udp {
         assert_eq!(a.errno, libc::ECONNREFUSED, "{a:?}");
     }
@@ -241,8 +349,13 @@ fn service_without_endpoints_refuses_fast() {
 
     // A deleted Service is no service any more: not translated (no route in
     // the test netns, so it fails at once with ENETUNREACH instead of hanging).
-    env.recon.reconcile(&DesiredTable::default()).expect("reconcile");
-    let gone = env.client(ClientOp::Tcp { addr: SocketAddrV4::new(vip(50), 80), count: 1 });
+    env.recon
+        .reconcile(&DesiredTable::default())
+        .expect("reconcile");
+    let gone = env.client(ClientOp::Tcp {
+        addr: SocketAddrV4::new(vip(50), 80),
+        count: 1,
+    });
     assert_eq!(gone[0].errno, libc::ENETUNREACH, "{gone:?}");
     assert!(env.counter("not_service") >= 1);
 }
@@ -251,11 +364,24 @@ fn service_without_endpoints_refuses_fast() {
 fn coexist_mode_observes_and_never_translates() {
     let mut env = Env::new("coexist", 1, false);
     env.recon
-        .reconcile(&table(vec![frontend(vip(60), 80, PROTO_TCP, &[(1, Active)], None)]))
+        .reconcile(&table(vec![frontend(
+            vip(60),
+            80,
+            PROTO_TCP,
+            &[(1, Active)],
+            None,
+        )]))
         .expect("reconcile");
-    let a = env.client(ClientOp::Tcp { addr: SocketAddrV4::new(vip(60), 80), count: 2 });
+    let a = env.client(ClientOp::Tcp {
+        addr: SocketAddrV4::new(vip(60), 80),
+        count: 2,
+    });
     for x in &a {
-        assert_eq!(x.errno, libc::ENETUNREACH, "coexist must not translate: {x:?}");
+        assert_eq!(
+            x.errno,
+            libc::ENETUNREACH,
+            "coexist must not translate: {x:?}"
+        );
     }
     assert_eq!(env.counter("connect_translated"), 0);
     assert!(env.counter("observed") >= 2);
@@ -267,24 +393,54 @@ fn reinstall_updates_links_in_place_without_failures() {
     // keep the pinned maps, and not fail a single connection meanwhile.
     let mut env = Env::new("reinstall", 2, true);
     let addr = SocketAddrV4::new(vip(70), 80);
-    let fe = vec![frontend(vip(70), 80, PROTO_TCP, &[(1, Active), (2, Active)], None)];
+    let fe = vec![frontend(
+        vip(70),
+        80,
+        PROTO_TCP,
+        &[(1, Active), (2, Active)],
+        None,
+    )];
     env.recon.reconcile(&table(fe.clone())).expect("reconcile");
     let before = loader::attach_state(&env.pins.pins);
     assert_eq!(before.links.len(), 4);
 
-    let loop_client = spawn_client(&env.cg.path, &env.topo.client, &ClientOp::TcpLoop { addr, duration_ms: 2500, interval_ms: 2 });
+    let loop_client = spawn_client(
+        &env.cg.path,
+        &env.topo.client,
+        &ClientOp::TcpLoop {
+            addr,
+            duration_ms: 2500,
+            interval_ms: 2,
+        },
+    );
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..5 {
-        let r = loader::install(&env.pins.pins, &env.cg.path, &small_sizes(), true).expect("reinstall");
+        let r =
+            loader::install(&env.pins.pins, &env.cg.path, &small_sizes(), true).expect("reinstall");
         assert!(r.maps_reused);
-        assert!(r.links.iter().all(|(_, a)| *a == LinkAction::Updated), "{:?}", r.links);
-        let mut again = Reconciler::recover(KernelMaps::open(&env.pins.pins).expect("open")).expect("recover");
-        assert_eq!(again.reconcile(&table(fe.clone())).expect("reconcile").writes(), 0);
+        assert!(
+            r.links.iter().all(|(_, a)| *a == LinkAction::Updated),
+            "{:?}",
+            r.links
+        );
+        let mut again =
+            Reconciler::recover(KernelMaps::open(&env.pins.pins).expect("open")).expect("recover");
+        assert_eq!(
+            again
+                .reconcile(&table(fe.clone()))
+                .expect("reconcile")
+                .writes(),
+            0
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let res = client_results(loop_client);
     let failed: Vec<_> = res.iter().filter(|a| !a.ok).collect();
-    eprintln!("reinstall: {} connections, {} failed", res.len(), failed.len());
+    eprintln!(
+        "reinstall: {} connections, {} failed",
+        res.len(),
+        failed.len()
+    );
     assert!(res.len() > 100);
     assert!(failed.is_empty(), "{failed:?}");
     let after = loader::attach_state(&env.pins.pins);
@@ -300,16 +456,33 @@ fn program_10k_services_through_the_reconciler() {
     let cg = TestCgroup::new("scale");
     let pins = TestPins::new("scale");
     loader::install(&pins.pins, &cg.path, &MapSizes::default(), true).expect("install");
-    let mut recon = Reconciler::recover(KernelMaps::open(&pins.pins).expect("open")).expect("recover");
+    let mut recon =
+        Reconciler::recover(KernelMaps::open(&pins.pins).expect("open")).expect("recover");
     let mut t = DesiredTable::default();
     for i in 0..10_000u32 {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + i);
         let mut backends = BTreeMap::new();
         for j in 0..2u32 {
             let b = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + 2 * i + j);
-            backends.insert(L4Addr { ip: b, port: 8080, proto: PROTO_TCP }, Active);
+            backends.insert(
+                L4Addr {
+                    ip: b,
+                    port: 8080,
+                    proto: PROTO_TCP,
+                },
+                Active,
+            );
         }
-        t.insert(Frontend { addr: L4Addr { ip, port: 80, proto: PROTO_TCP }, name: format!("s{i}"), affinity_timeout: None, backends });
+        t.insert(Frontend {
+            addr: L4Addr {
+                ip,
+                port: 80,
+                proto: PROTO_TCP,
+            },
+            name: format!("s{i}"),
+            affinity_timeout: None,
+            backends,
+        });
     }
     let start = Instant::now();
     let st = recon.reconcile(&t).expect("reconcile");
@@ -328,6 +501,11 @@ fn program_10k_services_through_the_reconciler() {
     assert_eq!(st2.writes(), 0);
     assert_eq!(st3.writes(), 0);
     assert_eq!(re.programmed().services, 10_000);
-    let ids: BTreeSet<u16> = (0..10).map(|i| re.service_id(&t.frontends.keys().nth(i).copied().expect("fe")).expect("id")).collect();
+    let ids: BTreeSet<u16> = (0..10)
+        .map(|i| {
+            re.service_id(&t.frontends.keys().nth(i).copied().expect("fe"))
+                .expect("id")
+        })
+        .collect();
     assert_eq!(ids.len(), 10);
 }

@@ -42,7 +42,11 @@ pub enum Cmd {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The agent ConfigMap's config.yaml.
-    #[arg(long, env = "NETBOOT_CONFIG", default_value = "/etc/netboot/config.yaml")]
+    #[arg(
+        long,
+        env = "NETBOOT_CONFIG",
+        default_value = "/etc/netboot/config.yaml"
+    )]
     pub config: PathBuf,
     /// The Node this agent serves.
     #[arg(long, env = "NETBOOT_NODE_NAME")]

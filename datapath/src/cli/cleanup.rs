@@ -10,13 +10,23 @@ use super::CliError;
 /// Lists or removes kube-proxy's rules in the rules netns.
 pub fn run(a: CleanupArgs) -> Result<ExitCode, CliError> {
     let ns = RulesNetns::new(a.rules_netns.as_deref());
-    let rep = if a.dry_run { handover::detect(&ns)? } else { handover::cleanup(&ns)? };
+    let rep = if a.dry_run {
+        handover::detect(&ns)?
+    } else {
+        handover::cleanup(&ns)?
+    };
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rep)?),
         Output::Text => {
             let verb = if a.dry_run { "would remove" } else { "removed" };
             for t in &rep.tables {
-                println!("{} {}: {verb} {} KUBE-* chains, {} jumps", t.backend, t.table, t.chains.len(), t.jumps.len());
+                println!(
+                    "{} {}: {verb} {} KUBE-* chains, {} jumps",
+                    t.backend,
+                    t.table,
+                    t.chains.len(),
+                    t.jumps.len()
+                );
             }
             for n in &rep.nft_tables {
                 println!("nft: {verb} table {n}");

@@ -42,12 +42,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.cmd {
         Cmd::Agent(a) => agent::run(a).await,
         Cmd::Status(a) => status::run(a).await,
-        Cmd::Service { cmd: ServiceCmd::List(a) } => lists::service_list(a),
-        Cmd::Bpf { cmd: BpfCmd::Lb { cmd: LbCmd::List(a) } } => lists::lb_list(a),
+        Cmd::Service {
+            cmd: ServiceCmd::List(a),
+        } => lists::service_list(a),
+        Cmd::Bpf {
+            cmd: BpfCmd::Lb {
+                cmd: LbCmd::List(a),
+            },
+        } => lists::lb_list(a),
         Cmd::CleanupKubeProxy(a) => cleanup::run(a),
         Cmd::Uninstall(a) => {
             netboot_datapath::pins::Pins::new(&a.bpffs).remove_all()?;
-            println!("removed pins under {} (socket LB detached)", a.bpffs.display());
+            println!(
+                "removed pins under {} (socket LB detached)",
+                a.bpffs.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -25,5 +25,9 @@ pub async fn run(a: StatusArgs) -> Result<ExitCode, CliError> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&st)?),
         Output::Text => print!("{}", st.render(a.verbose, now_unix())),
     }
-    Ok(if st.kube_proxy_replacement && st.ready { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if st.kube_proxy_replacement && st.ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

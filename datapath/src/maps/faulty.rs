@@ -20,14 +20,22 @@ pub struct FaultyMaps {
 impl FaultyMaps {
     /// Fails every `fail_every`-th write.
     pub fn new(fail_every: u64) -> Self {
-        Self { inner: MemoryMaps::new(), fail_every, attempts: 0, failures: 0 }
+        Self {
+            inner: MemoryMaps::new(),
+            fail_every,
+            attempts: 0,
+            failures: 0,
+        }
     }
 
     fn gate(&mut self, op: &'static str) -> Result<(), MapsError> {
         self.attempts += 1;
-        if self.fail_every != 0 && self.attempts % self.fail_every == 0 {
+        if self.fail_every != 0 && self.attempts.is_multiple_of(self.fail_every) {
             self.failures += 1;
-            return Err(MapsError::Injected { op, n: self.attempts });
+            return Err(MapsError::Injected {
+                op,
+                n: self.attempts,
+            });
         }
         Ok(())
     }

@@ -4,8 +4,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 
 use super::{LbMaps, MapsDump, MapsError};
 use crate::layout::{
-    names, Lb4AffinityKey, Lb4AffinityMatch, Lb4AffinityVal, Lb4Backend, Lb4Key,
-    Lb4ReverseNat, Lb4RevSkKey, Lb4RevSkVal, Lb4Service, NbConfig, COUNTER_MAX, COUNTER_NAMES,
+    names, Lb4AffinityKey, Lb4AffinityMatch, Lb4AffinityVal, Lb4Backend, Lb4Key, Lb4RevSkKey,
+    Lb4RevSkVal, Lb4ReverseNat, Lb4Service, NbConfig, COUNTER_MAX, COUNTER_NAMES,
 };
 use crate::pins::Pins;
 
@@ -23,9 +23,14 @@ pub struct KernelMaps {
 
 fn open(pins: &Pins, name: &'static str) -> Result<Map, MapsError> {
     let path = pins.map(name);
-    let data = MapData::from_pin(&path)
-        .map_err(|e| MapsError::Open { path: path.clone(), source: Box::new(e) })?;
-    Map::from_map_data(data).map_err(|e| MapsError::Open { path, source: Box::new(e) })
+    let data = MapData::from_pin(&path).map_err(|e| MapsError::Open {
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
+    Map::from_map_data(data).map_err(|e| MapsError::Open {
+        path,
+        source: Box::new(e),
+    })
 }
 
 fn typed<T>(pins: &Pins, name: &'static str) -> Result<T, MapsError>
@@ -33,11 +38,18 @@ where
     T: TryFrom<Map, Error = MapError>,
 {
     let map = open(pins, name)?;
-    T::try_from(map).map_err(|e| MapsError::Open { path: pins.map(name), source: Box::new(e) })
+    T::try_from(map).map_err(|e| MapsError::Open {
+        path: pins.map(name),
+        source: Box::new(e),
+    })
 }
 
 fn kerr(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
-    move |e| MapsError::Kernel { map, op, source: Box::new(e) }
+    move |e| MapsError::Kernel {
+        map,
+        op,
+        source: Box::new(e),
+    }
 }
 
 /// Deleting a key that is not there is not an error.
@@ -58,7 +70,11 @@ pub struct Counters(pub Vec<(&'static str, u64)>);
 impl Counters {
     /// Value of the counter called `name`.
     pub fn get(&self, name: &str) -> u64 {
-        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap_or(0)
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
     }
 }
 
@@ -87,7 +103,10 @@ impl KernelMaps {
     pub fn counters(&self) -> Result<Counters, MapsError> {
         let mut out = Vec::with_capacity(COUNTER_NAMES.len());
         for (i, name) in (0..COUNTER_MAX).zip(COUNTER_NAMES) {
-            let v = self.counters.get(&i, 0).map_err(kerr(names::COUNTERS, "get"))?;
+            let v = self
+                .counters
+                .get(&i, 0)
+                .map_err(kerr(names::COUNTERS, "get"))?;
             out.push((name, v.iter().sum()));
         }
         Ok(Counters(out))
@@ -100,12 +119,17 @@ impl KernelMaps {
 
     /// Writes the datapath configuration entry (mode switch is one write).
     pub fn set_config(&mut self, cfg: NbConfig) -> Result<(), MapsError> {
-        self.config.set(0, cfg, 0).map_err(kerr(names::CONFIG, "set"))
+        self.config
+            .set(0, cfg, 0)
+            .map_err(kerr(names::CONFIG, "set"))
     }
 
     /// Affinity entries (LRU, written by the datapath).
     pub fn affinity(&self) -> Result<Vec<(Lb4AffinityKey, Lb4AffinityVal)>, MapsError> {
-        self.affinity.iter().collect::<Result<_, _>>().map_err(kerr(names::AFFINITY, "iter"))
+        self.affinity
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(kerr(names::AFFINITY, "iter"))
     }
 
     /// Number of reverse socket entries (LRU, written by the datapath).
@@ -121,35 +145,59 @@ impl KernelMaps {
 
 impl LbMaps for KernelMaps {
     fn update_service(&mut self, key: Lb4Key, val: Lb4Service) -> Result<(), MapsError> {
-        self.services.insert(key, val, 0).map_err(kerr(names::SERVICES, "update"))
+        self.services
+            .insert(key, val, 0)
+            .map_err(kerr(names::SERVICES, "update"))
     }
     fn delete_service(&mut self, key: Lb4Key) -> Result<(), MapsError> {
         absent_ok(self.services.remove(&key)).map_err(kerr(names::SERVICES, "delete"))
     }
     fn update_backend(&mut self, id: u32, val: Lb4Backend) -> Result<(), MapsError> {
-        self.backends.insert(id, val, 0).map_err(kerr(names::BACKENDS, "update"))
+        self.backends
+            .insert(id, val, 0)
+            .map_err(kerr(names::BACKENDS, "update"))
     }
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.backends.remove(&id)).map_err(kerr(names::BACKENDS, "delete"))
     }
     fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError> {
-        self.revnat.insert(id, val, 0).map_err(kerr(names::REVNAT, "update"))
+        self.revnat
+            .insert(id, val, 0)
+            .map_err(kerr(names::REVNAT, "update"))
     }
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError> {
         absent_ok(self.revnat.remove(&id)).map_err(kerr(names::REVNAT, "delete"))
     }
     fn update_aff_match(&mut self, key: Lb4AffinityMatch, state: u32) -> Result<(), MapsError> {
-        self.aff_match.insert(key, state, 0).map_err(kerr(names::AFF_MATCH, "update"))
+        self.aff_match
+            .insert(key, state, 0)
+            .map_err(kerr(names::AFF_MATCH, "update"))
     }
     fn delete_aff_match(&mut self, key: Lb4AffinityMatch) -> Result<(), MapsError> {
         absent_ok(self.aff_match.remove(&key)).map_err(kerr(names::AFF_MATCH, "delete"))
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         Ok(MapsDump {
-            services: self.services.iter().collect::<Result<_, _>>().map_err(kerr(names::SERVICES, "iter"))?,
-            backends: self.backends.iter().collect::<Result<_, _>>().map_err(kerr(names::BACKENDS, "iter"))?,
-            revnat: self.revnat.iter().collect::<Result<_, _>>().map_err(kerr(names::REVNAT, "iter"))?,
-            aff_match: self.aff_match.iter().collect::<Result<_, _>>().map_err(kerr(names::AFF_MATCH, "iter"))?,
+            services: self
+                .services
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(kerr(names::SERVICES, "iter"))?,
+            backends: self
+                .backends
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(kerr(names::BACKENDS, "iter"))?,
+            revnat: self
+                .revnat
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(kerr(names::REVNAT, "iter"))?,
+            aff_match: self
+                .aff_match
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(kerr(names::AFF_MATCH, "iter"))?,
         })
     }
 }

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::layout::{
-    addr_from_be, port_from_be, proto_name, Lb4AffinityMatch, Lb4Backend, Lb4Key,
-    Lb4ReverseNat, Lb4Service, BE_TERMINATING,
+    addr_from_be, port_from_be, proto_name, Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat,
+    Lb4Service, BE_TERMINATING,
 };
 
 /// Errors of map access.
@@ -84,7 +84,11 @@ impl MapsDump {
             }
         }
         for (id, b) in &self.backends {
-            let state = if b.state == BE_TERMINATING { "terminating" } else { "active" };
+            let state = if b.state == BE_TERMINATING {
+                "terminating"
+            } else {
+                "active"
+            };
             let _ = writeln!(s, "backend {id} {} {state}", b.l4());
         }
         for (id, r) in &self.revnat {
@@ -96,7 +100,11 @@ impl MapsDump {
             );
         }
         for (k, v) in &self.aff_match {
-            let _ = writeln!(s, "affmatch backend={} revnat={} state={v}", k.backend_id, k.rev_nat_id);
+            let _ = writeln!(
+                s,
+                "affmatch backend={} revnat={} state={v}",
+                k.backend_id, k.rev_nat_id
+            );
         }
         s
     }

@@ -34,7 +34,11 @@ fn cluster() -> DesiredTable {
 }
 
 fn tcp(ip: [u8; 4], port: u16) -> L4Addr {
-    L4Addr { ip: Ipv4Addr::from(ip), port, proto: PROTO_TCP }
+    L4Addr {
+        ip: Ipv4Addr::from(ip),
+        port,
+        proto: PROTO_TCP,
+    }
 }
 
 #[test]
@@ -72,12 +76,17 @@ fn restart_recovers_ids_and_writes_nothing() {
     let fe = tcp([10, 96, 20, 1], 80);
     let mut backends = BTreeMap::new();
     backends.insert(tcp([10, 244, 9, 9], 80), BackendState::Active);
-    d.insert(Frontend { addr: fe, name: "default/new:".into(), affinity_timeout: None, backends });
+    d.insert(Frontend {
+        addr: fe,
+        name: "default/new:".into(),
+        affinity_timeout: None,
+        backends,
+    });
     r2.reconcile(&d).unwrap();
     let id = r2.service_id(&fe).unwrap();
     let ids: BTreeSet<u16> = r2.maps().state.revnat.keys().copied().collect();
     assert_eq!(ids.len(), d.frontends.len());
-    assert!(dump.revnat.get(&id).is_none(), "id {id} reused");
+    assert!(!dump.revnat.contains_key(&id), "id {id} reused");
 }
 
 #[test]
@@ -130,7 +139,14 @@ fn orphans_from_a_crash_are_cleaned() {
     // Why: a crash between writes can leave a slot or revnat entry without its frontend.
     let mut m = MemoryMaps::new();
     let fe = tcp([10, 96, 99, 9], 80);
-    m.state.services.insert(Lb4Key::new(fe, 1), Lb4Service { backend_id: 7, rev_nat_index: 9, ..Default::default() });
+    m.state.services.insert(
+        Lb4Key::new(fe, 1),
+        Lb4Service {
+            backend_id: 7,
+            rev_nat_index: 9,
+            ..Default::default()
+        },
+    );
     m.state.revnat.insert(9, Lb4ReverseNat::default());
     let mut r = Reconciler::recover(m).unwrap();
     r.reconcile(&cluster()).unwrap();

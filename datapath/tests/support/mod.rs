@@ -31,7 +31,10 @@ pub const HELPER_ENV: &str = "NBT_DP_HELPER";
 pub fn require_privileges() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "privileged datapath test: must run as root (euid is {euid})");
+    assert_eq!(
+        euid, 0,
+        "privileged datapath test: must run as root (euid is {euid})"
+    );
     assert!(
         Path::new(CGROUP_ROOT).join("cgroup.procs").exists(),
         "privileged datapath test: cgroup2 not mounted at {CGROUP_ROOT}"
@@ -40,14 +43,19 @@ pub fn require_privileges() {
         netboot_datapath::pins::is_bpffs(Path::new("/sys/fs/bpf")),
         "privileged datapath test: bpffs not mounted at /sys/fs/bpf"
     );
-    for tool in ["ip"] {
-        let ok = Command::new(tool).arg("-V").output().map(|o| o.status.success()).unwrap_or(false);
-        assert!(ok, "privileged datapath test: `{tool}` (iproute2) is required");
-    }
+    let ok = Command::new("ip")
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "privileged datapath test: `ip` (iproute2) is required");
 }
 
 fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}",
@@ -62,10 +70,15 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(name: &str) -> Self {
-        assert!(name.starts_with("nbt-dp-"), "test netns must be prefixed nbt-dp-: {name}");
+        assert!(
+            name.starts_with("nbt-dp-"),
+            "test netns must be prefixed nbt-dp-: {name}"
+        );
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run("ip", &["netns", "add", name]);
-        let ns = Self { name: name.to_string() };
+        let ns = Self {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -93,7 +106,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -134,7 +149,8 @@ pub struct TestPins {
 
 impl TestPins {
     pub fn new(tag: &str) -> Self {
-        let root = PathBuf::from("/sys/fs/bpf/netboot-test").join(format!("{tag}-{}", std::process::id()));
+        let root =
+            PathBuf::from("/sys/fs/bpf/netboot-test").join(format!("{tag}-{}", std::process::id()));
         let pins = netboot_datapath::pins::Pins::new(root);
         let _ = pins.remove_all();
         Self { pins }
@@ -159,7 +175,18 @@ impl Topology {
     pub fn new(tag: &str, backends: u8) -> Self {
         let client = Netns::new(&format!("nbt-dp-{tag}-c"));
         let server = Netns::new(&format!("nbt-dp-{tag}-s"));
-        client.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", &server.name]);
+        client.ip(&[
+            "link",
+            "add",
+            "veth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth1",
+            "netns",
+            &server.name,
+        ]);
         client.ip(&["addr", "add", "10.244.0.100/16", "dev", "veth0"]);
         client.ip(&["link", "set", "veth0", "up"]);
         for i in 1..=backends {
@@ -179,7 +206,13 @@ fn setns_thread(path: &Path) {
     let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setns {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// TCP and UDP servers answering with their name, as threads in a namespace.
@@ -217,7 +250,8 @@ impl Servers {
             threads.push(std::thread::spawn(move || {
                 setns_thread(&path2);
                 let udp = UdpSocket::bind(SocketAddrV4::new(ip, port)).expect("bind udp");
-                udp.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
+                udp.set_read_timeout(Some(Duration::from_millis(20)))
+                    .expect("timeout");
                 tx2.send(()).expect("ready");
                 let mut buf = [0u8; 1500];
                 while !stop3.load(Ordering::Relaxed) {
@@ -226,8 +260,10 @@ impl Servers {
                     }
                 }
             }));
-            rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
-            rx.recv_timeout(Duration::from_secs(5)).expect("server did not start");
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("server did not start");
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("server did not start");
         }
         Self { stop, threads }
     }
@@ -252,7 +288,11 @@ pub enum ClientOp {
     /// `count` datagrams, each from a new unconnected socket.
     UdpNewSocket { addr: SocketAddrV4, count: u32 },
     /// TCP connects every `interval_ms` for `duration_ms`.
-    TcpLoop { addr: SocketAddrV4, duration_ms: u64, interval_ms: u64 },
+    TcpLoop {
+        addr: SocketAddrV4,
+        duration_ms: u64,
+        interval_ms: u64,
+    },
 }
 
 /// One attempt.
@@ -287,14 +327,32 @@ fn tcp_once(addr: SocketAddrV4) -> Attempt {
                         }
                     }
                     Err(e) => {
-                        return Attempt { ok: false, name: String::new(), peer, errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 };
+                        return Attempt {
+                            ok: false,
+                            name: String::new(),
+                            peer,
+                            errno: errno_of(&e),
+                            micros: t.elapsed().as_micros() as u64,
+                        };
                     }
                 }
             }
             let name = String::from_utf8_lossy(&buf).trim().to_string();
-            Attempt { ok: !name.is_empty(), name, peer, errno: 0, micros: t.elapsed().as_micros() as u64 }
+            Attempt {
+                ok: !name.is_empty(),
+                name,
+                peer,
+                errno: 0,
+                micros: t.elapsed().as_micros() as u64,
+            }
         }
-        Err(e) => Attempt { ok: false, name: String::new(), peer: String::new(), errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 },
+        Err(e) => Attempt {
+            ok: false,
+            name: String::new(),
+            peer: String::new(),
+            errno: errno_of(&e),
+            micros: t.elapsed().as_micros() as u64,
+        },
     }
 }
 
@@ -302,7 +360,13 @@ fn udp_once(sock: &UdpSocket, addr: SocketAddrV4) -> Attempt {
     let t = Instant::now();
     let mut b = [0u8; 256];
     if let Err(e) = sock.send_to(b"hi", addr) {
-        return Attempt { ok: false, name: String::new(), peer: String::new(), errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 };
+        return Attempt {
+            ok: false,
+            name: String::new(),
+            peer: String::new(),
+            errno: errno_of(&e),
+            micros: t.elapsed().as_micros() as u64,
+        };
     }
     match sock.recv_from(&mut b) {
         Ok((n, from)) => Attempt {
@@ -312,13 +376,20 @@ fn udp_once(sock: &UdpSocket, addr: SocketAddrV4) -> Attempt {
             errno: 0,
             micros: t.elapsed().as_micros() as u64,
         },
-        Err(e) => Attempt { ok: false, name: String::new(), peer: String::new(), errno: errno_of(&e), micros: t.elapsed().as_micros() as u64 },
+        Err(e) => Attempt {
+            ok: false,
+            name: String::new(),
+            peer: String::new(),
+            errno: errno_of(&e),
+            micros: t.elapsed().as_micros() as u64,
+        },
     }
 }
 
 fn udp_sock() -> UdpSocket {
     let s = UdpSocket::bind("0.0.0.0:0").expect("udp bind");
-    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     s
 }
 
@@ -330,8 +401,14 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
             let s = udp_sock();
             (0..count).map(|_| udp_once(&s, addr)).collect()
         }
-        ClientOp::UdpNewSocket { addr, count } => (0..count).map(|_| udp_once(&udp_sock(), addr)).collect(),
-        ClientOp::TcpLoop { addr, duration_ms, interval_ms } => {
+        ClientOp::UdpNewSocket { addr, count } => {
+            (0..count).map(|_| udp_once(&udp_sock(), addr)).collect()
+        }
+        ClientOp::TcpLoop {
+            addr,
+            duration_ms,
+            interval_ms,
+        } => {
             let end = Instant::now() + Duration::from_millis(duration_ms);
             let mut out = Vec::new();
             while Instant::now() < end {
@@ -345,7 +422,9 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
 
 /// Call first thing in the `helper` test: in a child, runs the client and exits.
 pub fn helper_main() {
-    let Ok(op) = std::env::var(HELPER_ENV) else { return };
+    let Ok(op) = std::env::var(HELPER_ENV) else {
+        return;
+    };
     let op: ClientOp = serde_json::from_str(&op).expect("helper op");
     let res = client_main(op);
     println!("NBT-RESULT {}", serde_json::to_string(&res).expect("json"));
@@ -368,7 +447,8 @@ impl Drop for ChildGuard {
 /// Spawns this test binary as a client inside `cgroup` and `ns`.
 pub fn spawn_client(cgroup: &Path, ns: &Netns, op: &ClientOp) -> ChildGuard {
     let exe = std::env::current_exe().expect("current exe");
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes()).expect("path");
+    let procs =
+        CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes()).expect("path");
     let nsfile = File::open(ns.path()).expect("netns file");
     let nsfd = nsfile.as_raw_fd();
     let mut cmd = Command::new(exe);
@@ -424,13 +504,18 @@ pub fn free_port() -> u16 {
 
 /// Plain HTTP/1.0 GET against 127.0.0.1; returns (status, body).
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500)).ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
+            .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 

@@ -237,13 +237,38 @@ pub fn revnat_rows(d: &MapsDump) -> Vec<(u16, String)> {
         .collect()
 }
 
+/// The cgroup directory the links are attached to, found by walking the
+/// cgroup2 mount (bounded depth) for the directory whose inode is the id.
+fn links_cgroup(links: &[LinkStatus]) -> Option<String> {
+    let id = links.first()?.cgroup_id;
+    let root = crate::agent::default_cgroup().ok()?;
+    let mut stack = vec![(root, 0u8)];
+    while let Some((dir, depth)) = stack.pop() {
+        if crate::sys::cgroup_id(&dir).ok() == Some(id) {
+            return Some(dir.display().to_string());
+        }
+        if depth >= 6 {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    None
+}
+
 /// Status read from the pins alone (no agent): mode, links, sizes, counters.
 pub fn status_from_pins(pins: &Pins) -> Result<Status, MapsError> {
     let maps = KernelMaps::open(pins)?;
     let dump = maps.dump()?;
     let cfg = maps.config()?;
     let counters = maps.counters()?;
-    let links = loader::attach_state(pins)
+    let links: Vec<LinkStatus> = loader::attach_state(pins)
         .links
         .into_iter()
         .map(|(point, link_id, prog_id, cgroup_id)| LinkStatus {
@@ -253,13 +278,11 @@ pub fn status_from_pins(pins: &Pins) -> Result<Status, MapsError> {
             cgroup_id,
         })
         .collect();
-    let cgroup = crate::agent::default_cgroup()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let cgroup = links_cgroup(&links).unwrap_or_else(|| "unknown".into());
     Ok(Status {
         kube_proxy_replacement: cfg.mode == MODE_REPLACE,
         datapath_version: DATAPATH_VERSION.into(),
-        cgroup: format!("{cgroup} (default; see links for the cgroup id)"),
+        cgroup,
         bpffs: pins.root().display().to_string(),
         links,
         services: dump.frontend_count(),

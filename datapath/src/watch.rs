@@ -177,6 +177,17 @@ where
         + 'static,
 {
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+    consume(stream, &shared).await;
+}
+
+/// Applies watch events to the stores: a (re)list is buffered and swapped in
+/// whole at `InitDone`; errors are counted (the stream itself backs off).
+async fn consume<K, E, S>(stream: S, shared: &Watched)
+where
+    K: Stored + Resource<DynamicType = ()>,
+    E: std::fmt::Display,
+    S: futures::Stream<Item = Result<Event<K>, E>>,
+{
     futures::pin_mut!(stream);
     let mut buffer: Option<BTreeMap<Key, K>> = None;
     while let Some(ev) = stream.next().await {
@@ -215,4 +226,81 @@ pub fn spawn(client: Client, shared: Arc<Watched>) -> Vec<tokio::task::JoinHandl
         tokio::spawn(run_one::<Service>(Api::all(client.clone()), shared.clone())),
         tokio::spawn(run_one::<EndpointSlice>(Api::all(client), shared)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: d}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
+        ))
+        .unwrap()
+    }
+
+    fn ev(e: Event<Service>) -> Result<Event<Service>, String> {
+        Ok(e)
+    }
+
+    #[tokio::test]
+    async fn relist_is_swapped_in_only_when_complete() {
+        let w = Arc::new(Watched::default());
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Event<Service>, String>>();
+        let task = {
+            let w = w.clone();
+            tokio::spawn(async move { consume(rx, &w).await })
+        };
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(20));
+        let names = |w: &Watched| -> Vec<String> {
+            w.stores
+                .lock()
+                .unwrap()
+                .services
+                .keys()
+                .map(|k| k.1.clone())
+                .collect()
+        };
+
+        // Initial list in progress: nothing visible, not synced.
+        tx.unbounded_send(ev(Event::Init)).unwrap();
+        tx.unbounded_send(ev(Event::InitApply(svc("a", "10.96.0.1"))))
+            .unwrap();
+        tx.unbounded_send(ev(Event::InitApply(svc("b", "10.96.0.2"))))
+            .unwrap();
+        settle().await;
+        assert!(!w.stores.lock().unwrap().services_synced);
+        assert!(names(&w).is_empty());
+        tx.unbounded_send(ev(Event::InitDone)).unwrap();
+        settle().await;
+        assert_eq!(names(&w), vec!["a", "b"]);
+
+        // An error, then a re-list in which "a" is gone: the last complete list stays until InitDone.
+        tx.unbounded_send(Err("connection reset".to_string()))
+            .unwrap();
+        tx.unbounded_send(ev(Event::Init)).unwrap();
+        tx.unbounded_send(ev(Event::InitApply(svc("b", "10.96.0.2"))))
+            .unwrap();
+        settle().await;
+        assert_eq!(names(&w), vec!["a", "b"]);
+        assert_eq!(w.errors.load(Ordering::Relaxed), 1);
+        tx.unbounded_send(ev(Event::InitDone)).unwrap();
+        tx.unbounded_send(ev(Event::Apply(svc("c", "10.96.0.3"))))
+            .unwrap();
+        settle().await;
+        assert_eq!(names(&w), vec!["b", "c"]);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn static_file_marks_both_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.yaml");
+        std::fs::write(&p, include_str!("../testdata/cluster.yaml")).unwrap();
+        let w = Watched::default();
+        w.load_static(&p).unwrap();
+        assert!(w.synced());
+        assert_eq!(w.desired(10800).frontends.len(), 6);
+    }
 }

@@ -148,6 +148,10 @@ fn agent_kill9_and_restart_drop_no_connection() {
     );
     let (ok, text) = cli(&["status", "--bpffs", pin_root.to_str().expect("utf8")]);
     assert!(ok && text.contains("2 frontends, 3 backends"), "{text}");
+    assert!(
+        text.contains(&format!("Socket LB on cgroup {}", cg.path.display())),
+        "{text}"
+    );
     let (ok, text) = cli(&[
         "service",
         "list",
@@ -252,4 +256,68 @@ fn agent_kill9_and_restart_drop_no_connection() {
         "{udp:?}"
     );
     drop(agent);
+}
+
+#[test]
+fn agent_dials_api_server_from_config_never_the_kubeconfig_server() {
+    // Why: an agent that dials the kubernetes ClusterIP hangs once kube-proxy is gone.
+    require_privileges();
+    let ns = Netns::new("nbt-dp-api");
+    let cg = TestCgroup::new("api");
+    let pins = TestPins::new("api");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake api");
+    let api_port = api.local_addr().expect("addr").port();
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!("apiServer: {{host: 127.0.0.1, port: {api_port}}}\nkubeProxyReplacement: true\n"),
+    )
+    .expect("config");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://10.96.0.1:443', insecure-skip-tls-verify: true}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    )
+    .expect("kubeconfig");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(BIN)
+        .args(["agent", "--node-name", "n", "--listen", &listen])
+        .arg("--config")
+        .arg(dir.path().join("config.yaml"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .arg("--bpffs")
+        .arg(pins.pins.root())
+        .arg("--rules-netns")
+        .arg(ns.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn agent");
+    let _agent = ChildGuard(Some(child));
+
+    api.set_nonblocking(true).expect("nonblocking");
+    let t = Instant::now();
+    let mut dialed = false;
+    while t.elapsed() < Duration::from_secs(15) {
+        if let Ok((mut s, _)) = api.accept() {
+            use std::io::Read;
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut hello = [0u8; 5];
+            // A TLS ClientHello starts with record type 0x16.
+            if s.read_exact(&mut hello).is_ok() && hello[0] == 0x16 {
+                dialed = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dialed, "the agent never dialed apiServer from config.yaml");
+    // No complete list from the API: never ready.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(http_get(&listen, "/readyz").map(|r| r.0), Some(503));
+    assert_eq!(http_get(&listen, "/healthz").map(|r| r.0), Some(200));
 }

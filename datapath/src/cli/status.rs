@@ -10,7 +10,7 @@ use super::args::{Output, StatusArgs};
 use super::CliError;
 
 /// Prints the status from the agent (`--agent`) or from the pins.
-/// Exit 0 when the replacement is active and ready, 1 otherwise.
+/// Exit 0 when the datapath is ready (in either mode), 1 otherwise.
 pub async fn run(a: StatusArgs) -> Result<ExitCode, CliError> {
     let st = match &a.agent {
         Some(addr) => http::fetch_status(addr).await?,

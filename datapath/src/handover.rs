@@ -277,7 +277,7 @@ pub fn cleanup(ns: &RulesNetns) -> Result<Report, HandoverError> {
             .find(|(s, _)| *s == t.backend)
             .map(|(_, r)| *r)
             .unwrap_or("iptables-restore");
-        ns.run(restore, &["--noflush"], Some(&t.restore_input()))?;
+        ns.run(restore, &["-w", "--noflush"], Some(&t.restore_input()))?;
     }
     for spec in &rep.nft_tables {
         let mut args = vec!["delete", "table"];

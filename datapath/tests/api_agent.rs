@@ -1,0 +1,391 @@
+//! Privileged, needs a Kubernetes control plane binary build: runs a private
+//! etcd + kube-apiserver on 127.0.0.1 (binaries from tests/cluster/build's
+//! cache), then the real agent against it with a kubeconfig whose server is a
+//! ClusterIP (10.96.0.1) — the agent must dial `apiServer` from config.yaml
+//! instead. Checks watchers → maps → traffic, updates (endpoints removed →
+//! ECONNREFUSED, Service deleted → untranslated) and the Node annotations.
+//!
+//! Run: `sudo cargo test -p netboot-datapath --test api_agent -- --ignored`
+//! (after `tests/cluster/build`; NETBOOT_CACHE overrides ~/.cache/netboot).
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+#[test]
+fn helper() {
+    support::helper_main();
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
+
+fn cached(kind: &str, name: &str) -> PathBuf {
+    let cache = std::env::var("NETBOOT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/netboot")
+        });
+    let dir = cache.join(kind);
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (run tests/cluster/build first)", dir.display()))
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "{name} not found under {} (run tests/cluster/build first)",
+            dir.display()
+        )
+    })
+}
+
+fn sh(script: &str, dir: &Path) {
+    let out = Command::new("bash")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn pki(dir: &Path) {
+    sh(
+        r#"
+k() { openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null; }
+k ca.key
+openssl req -x509 -new -key ca.key -subj /CN=nbt-dp-ca -days 2 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign -out ca.crt 2>/dev/null
+sign() { k "$1.key"; openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
+  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -sha256 -out "$1.crt" -extfile <(printf '%s\n' "$3") 2>/dev/null; }
+sign apiserver /CN=kube-apiserver "basicConstraints=critical,CA:FALSE
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes"
+sign admin "/O=system:masters/CN=nbt-dp-admin" "basicConstraints=critical,CA:FALSE
+extendedKeyUsage=clientAuth"
+k sa.key; openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
+"#,
+        dir,
+    );
+}
+
+fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let p = dir.join(format!(
+        "kubeconfig-{}",
+        server.replace([':', '/', '.'], "_")
+    ));
+    std::fs::write(
+        &p,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{server}', certificate-authority: {d}/ca.crt}}}}]\nusers: [{{name: u, user: {{client-certificate: {d}/admin.crt, client-key: {d}/admin.key}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+            d = dir.display()
+        ),
+    )
+    .expect("kubeconfig");
+    p
+}
+
+struct Kubectl {
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        use std::io::Write;
+        let mut c = Command::new(&self.bin);
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut ch = c.spawn().expect("kubectl");
+        if let Some(s) = stdin {
+            ch.stdin
+                .take()
+                .expect("stdin")
+                .write_all(s.as_bytes())
+                .expect("write");
+        }
+        drop(ch.stdin.take());
+        let out = ch.wait_with_output().expect("kubectl wait");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+    fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let (ok, text) = self.run(args, stdin);
+        assert!(ok, "kubectl {args:?}: {text}");
+        text
+    }
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if f() {
+            return t.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {within:?} waiting for {what}");
+}
+
+const OBJECTS: &str = "
+apiVersion: v1
+kind: Node
+metadata: {name: nbt-dp-node}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.80
+  ports: [{name: http, port: 80, targetPort: 8080}]
+  selector: {app: none}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-manual, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.1], conditions: {ready: true}}
+- {addresses: [10.244.1.2], conditions: {ready: true}}
+";
+
+#[test]
+#[ignore = "needs etcd and kube-apiserver built by tests/cluster/build; run with --ignored"]
+fn agent_against_a_real_api_server() {
+    require_privileges();
+    let etcd = cached("etcd", "etcd");
+    let apiserver = cached("k8s", "kube-apiserver");
+    let kubectl_bin = cached("k8s", "kubectl");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    pki(d);
+
+    let (ec, ep, ap) = (free_port(), free_port(), free_port());
+    let _etcd = ChildGuard(Some(
+        Command::new(&etcd)
+            .args(["--name", "nbt-dp", "--data-dir"])
+            .arg(d.join("etcd"))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{ec}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{ec}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{ep}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{ep}"
+            ))
+            .arg(format!("--initial-cluster=nbt-dp=http://127.0.0.1:{ep}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(d.join("etcd.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("etcd"),
+    ));
+    let _api = ChildGuard(Some(
+        Command::new(&apiserver)
+            .arg(format!("--etcd-servers=http://127.0.0.1:{ec}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=192.0.2.10"])
+            .arg(format!("--secure-port={ap}"))
+            .args([
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--authorization-mode=RBAC",
+                "--endpoint-reconciler-type=none",
+            ])
+            .arg(format!("--client-ca-file={}/ca.crt", d.display()))
+            .arg(format!("--tls-cert-file={}/apiserver.crt", d.display()))
+            .arg(format!(
+                "--tls-private-key-file={}/apiserver.key",
+                d.display()
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-account-key-file={}/sa.pub", d.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}/sa.key",
+                d.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(d.join("apiserver.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("kube-apiserver"),
+    ));
+    let kubectl = Kubectl {
+        bin: kubectl_bin,
+        kubeconfig: kubeconfig(d, &format!("https://127.0.0.1:{ap}")),
+    };
+    wait_for("kube-apiserver /readyz", Duration::from_secs(90), || {
+        kubectl.run(&["get", "--raw", "/readyz"], None).0
+    });
+    kubectl.ok(&["apply", "-f", "-"], Some(OBJECTS));
+
+    let topo = Topology::new("api", 2);
+    let _servers = Servers::start(
+        &topo.server,
+        &[("be1", backend_ip(1), 8080), ("be2", backend_ip(2), 8080)],
+    );
+    let cg = TestCgroup::new("api");
+    let pins = TestPins::new("api");
+    std::fs::write(
+        d.join("config.yaml"),
+        format!("apiServer: {{host: 127.0.0.1, port: {ap}}}\nkubeProxyReplacement: true\ncleanupKubeProxyRules: true\n"),
+    )
+    .expect("config");
+    // The credentials' server is the kubernetes ClusterIP: the agent must not use it.
+    let agent_kc = kubeconfig(d, "https://10.96.0.1:443");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let t_agent = Instant::now();
+    let agent = Command::new(BIN)
+        .args([
+            "agent",
+            "--node-name",
+            "nbt-dp-node",
+            "--listen",
+            &listen,
+            "--node-interval",
+            "1",
+        ])
+        .arg("--config")
+        .arg(d.join("config.yaml"))
+        .arg("--kubeconfig")
+        .arg(&agent_kc)
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .arg("--bpffs")
+        .arg(pins.pins.root())
+        .arg("--rules-netns")
+        .arg(topo.client.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(d.join("agent.log")).expect("log"),
+        ))
+        .spawn()
+        .expect("agent");
+    let _agent = ChildGuard(Some(agent));
+    let ready = wait_ready(&listen, Duration::from_secs(30));
+    println!(
+        "NUMBERS api: agent ready {ready:?} after start ({:?} total)",
+        t_agent.elapsed()
+    );
+
+    let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 80), 80);
+    let res = client(
+        &cg.path,
+        &topo.client,
+        ClientOp::Tcp {
+            addr: vip,
+            count: 40,
+        },
+    );
+    assert!(
+        res.iter().all(|a| a.ok && a.peer == "10.96.0.80:80"),
+        "{res:?}"
+    );
+    assert!(res.iter().any(|a| a.name == "be1") && res.iter().any(|a| a.name == "be2"));
+
+    // Node annotations per contracts.md.
+    let ann = |k: &str| {
+        kubectl.ok(
+            &[
+                "get",
+                "node",
+                "nbt-dp-node",
+                "-o",
+                &format!(
+                    "jsonpath={{.metadata.annotations.{}}}",
+                    k.replace('.', "\\.")
+                ),
+            ],
+            None,
+        )
+    };
+    wait_for("node annotations", Duration::from_secs(15), || {
+        ann("netboot.io/kube-proxy-replacement") == "true"
+    });
+    assert_eq!(
+        ann("netboot.io/datapath-version"),
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(ann("netboot.io/kube-proxy-rules"), "absent");
+
+    // Endpoints removed in the API → connect refused fast.
+    let t = Instant::now();
+    kubectl.ok(
+        &["delete", "endpointslice", "-n", "default", "web-manual"],
+        None,
+    );
+    wait_for(
+        "ECONNREFUSED after endpoints removal",
+        Duration::from_secs(15),
+        || {
+            client(
+                &cg.path,
+                &topo.client,
+                ClientOp::Tcp {
+                    addr: vip,
+                    count: 1,
+                },
+            )[0]
+            .errno
+                == libc::ECONNREFUSED
+        },
+    );
+    println!(
+        "NUMBERS api: endpoint removal reached the datapath in {:?}",
+        t.elapsed()
+    );
+
+    // Service deleted → VIP no longer translated.
+    kubectl.ok(&["delete", "service", "-n", "default", "web"], None);
+    wait_for(
+        "VIP untranslated after Service deletion",
+        Duration::from_secs(15),
+        || {
+            client(
+                &cg.path,
+                &topo.client,
+                ClientOp::Tcp {
+                    addr: vip,
+                    count: 1,
+                },
+            )[0]
+            .errno
+                == libc::ENETUNREACH
+        },
+    );
+    // Only the API server's own default/kubernetes Service (no endpoints here) is left.
+    let out = Command::new(BIN)
+        .args(["service", "list", "-o", "json", "--bpffs"])
+        .arg(pins.pins.root())
+        .output()
+        .expect("cli");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let fronts: Vec<&str> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["frontend"].as_str())
+        .collect();
+    assert_eq!(fronts, vec!["10.96.0.1:443/TCP"]);
+    let (code, metrics) = http_get(&listen, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("netboot_datapath_services 1"), "{metrics}");
+}

@@ -279,11 +279,14 @@ fn agent_against_a_real_api_server() {
         ))
         .spawn()
         .expect("agent");
+    let agent_pid = agent.id();
     let _agent = ChildGuard(Some(agent));
     let ready = wait_ready(&listen, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
     println!(
-        "NUMBERS api: agent ready {ready:?} after start ({:?} total)",
-        t_agent.elapsed()
+        "NUMBERS api: agent ready {ready:?} after start ({:?} total); RSS {} KiB with watchers",
+        t_agent.elapsed(),
+        rss_kib(agent_pid)
     );
 
     let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 80), 80);

@@ -441,7 +441,7 @@ fn reinstall_updates_links_in_place_without_failures() {
         res.len(),
         failed.len()
     );
-    assert!(res.len() > 100);
+    assert!(res.len() > 50, "too few attempts: {}", res.len());
     assert!(failed.is_empty(), "{failed:?}");
     let after = loader::attach_state(&env.pins.pins);
     for (b, a) in before.links.iter().zip(&after.links) {

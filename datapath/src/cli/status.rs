@@ -16,8 +16,8 @@ pub async fn run(a: StatusArgs) -> Result<ExitCode, CliError> {
         Some(addr) => http::fetch_status(addr).await?,
         None => {
             let mut st = diag::status_from_pins(&Pins::new(&a.bpffs))?;
-            // Maps exist and hold what the last agent wrote.
-            st.ready = true;
+            // Without the agent: the datapath works when every hook is attached.
+            st.ready = st.links.len() == netboot_datapath::loader::ATTACH_POINTS.len();
             st
         }
     };

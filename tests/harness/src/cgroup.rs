@@ -56,6 +56,14 @@ fn children(path: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Kills every process in the cgroup and its descendants (`cgroup.kill`).
+/// Only for cgroups whose processes podnet started. Missing is fine.
+pub fn kill(path: &Path) {
+    if path.join("cgroup.kill").exists() {
+        let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    }
+}
+
 /// Removes the cgroup and its descendants, leaves first. A cgroup that still
 /// has processes cannot be removed: the caller stops its own processes first.
 /// Missing is fine.

@@ -345,8 +345,6 @@ pub async fn run_once(
                 process::signal_group(pid, libc::SIGKILL);
                 let _ = child.wait().await;
             }
-            // Anything the process left in its group.
-            process::signal_group(pid, libc::SIGKILL);
             RunEnd::Stopped
         }
     };

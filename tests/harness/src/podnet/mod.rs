@@ -511,6 +511,8 @@ impl Controller {
                 warn!(error = %e, "teardown");
             }
         }
+        // Whatever still runs in the pod's cgroup was started for the pod.
+        cgroup::kill(&real.cgroup);
         if let Err(e) = cgroup::remove_tree(&real.cgroup).await {
             warn!(error = %e, "teardown");
         }
@@ -524,6 +526,11 @@ impl Controller {
         let mut want: HashMap<String, (Arc<Pod>, String, Ipv4Addr)> = HashMap::new();
         for pod in pods {
             if !has_label(pod, labels::PODNET) || deleting(pod) {
+                continue;
+            }
+            // Ended pods are not run again (e.g. after a podnet restart).
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed")) {
                 continue;
             }
             let (Some(uid), Some(node)) = (pod.metadata.uid.clone(), node_of(pod)) else {

@@ -4,6 +4,19 @@
 //! [`render`] (handlebars templates → [`manifest`]s) → apply → handover →
 //! validate → status. The `netboot` binary is a thin CLI over this library.
 
+pub mod apply;
+pub mod cluster;
+pub mod converge;
+pub mod diff;
+pub mod endpoint;
+pub mod handover;
+pub mod inventory;
+pub mod lock;
 pub mod manifest;
+pub mod probe;
+pub mod prune;
 pub mod render;
+pub mod resources;
 pub mod spec;
+pub mod validate;
+pub mod wait;

@@ -18,5 +18,6 @@ pub mod prune;
 pub mod render;
 pub mod resources;
 pub mod spec;
+pub mod status;
 pub mod validate;
 pub mod wait;

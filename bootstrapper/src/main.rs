@@ -1,5 +1,7 @@
 //! `netboot`: a thin CLI over the netboot library. Each subcommand lives in
-//! cli/<name>.rs and returns the process's exit status.
+//! cli/<name>.rs and returns the process's exit status:
+//! 0 ok, 1 validation failed (rolled back when configured) or `check` found
+//! errors, 2 any other error.
 
 mod cli;
 
@@ -11,9 +13,26 @@ use cli::args::{Cli, Command, LogFormat};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    let output = cli.global.output;
     let result = match &cli.command {
-        Command::Render(args) => cli::render::run(args, cli.global.output),
-        Command::Check(args) => cli::check::run(args, cli.global.output),
+        Command::Render(args) => cli::render::run(args, output),
+        Command::Check(args) => cli::check::run(args, output),
+        cmd => match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(async {
+                match cmd {
+                    Command::Plan(a) => cli::apply::plan(a, output).await,
+                    Command::Apply(a) => cli::apply::apply(a, output).await,
+                    Command::Rollback(a) => cli::apply::rollback(a, output).await,
+                    Command::Validate(a) => cli::validate::run(a, output).await,
+                    Command::Status(a) => cli::status::run(a, output).await,
+                    Command::Render(_) | Command::Check(_) => Ok(ExitCode::SUCCESS),
+                }
+            }),
+            Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
+        },
     };
     match result {
         Ok(code) => code,

@@ -131,7 +131,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
     let config = json!({
         "apiServer": {"host": api.host, "port": api.port},
         "datapath": d,
-        "cleanupRules": spec.kube_proxy.cleanup_rules,
+        "kubeProxy": {"cleanupRules": spec.kube_proxy.cleanup_rules, "namespace": spec.kube_proxy.namespace, "daemonSet": spec.kube_proxy.daemon_set},
     });
     let config_hash = format!(
         "sha256:{}",
@@ -161,7 +161,12 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
             "mapSizes": d.map_sizes,
             "healthPort": d.health_port,
         },
-        "kubeProxy": {"remove": spec.kube_proxy.remove, "cleanupRules": spec.kube_proxy.cleanup_rules},
+        "kubeProxy": {
+            "remove": spec.kube_proxy.remove,
+            "cleanupRules": spec.kube_proxy.cleanup_rules,
+            "namespace": spec.kube_proxy.namespace,
+            "daemonSet": spec.kube_proxy.daemon_set,
+        },
         "configHash": config_hash,
         "reconcile": reconcile,
     })

@@ -48,6 +48,55 @@ pub enum Command {
     Render(RenderArgs),
     /// Check spec files and report every problem as file:line:column: field: message.
     Check(CheckArgs),
+    /// Show what apply would do — objects and handover steps — without writing anything.
+    Plan(ApplyArgs),
+    /// Apply the spec: manifests, agent rollout, gated kube-proxy handover, validation, rollback on failure.
+    Apply(ApplyArgs),
+    /// Run the validation checks against the cluster as it is.
+    Validate(ApplyArgs),
+    /// Agents per node, KubeProxyReplacement per node, kube-proxy, the last apply.
+    Status(ApplyArgs),
+    /// Go back to kube-proxy: restore it from the backup and switch the agents to coexist mode.
+    Rollback(ApplyArgs),
+}
+
+/// Where the cluster is, as kubectl takes it.
+#[derive(Debug, Args, Clone)]
+pub struct ClusterArgs {
+    /// Path to the kubeconfig file (default $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: spec.cluster.context, then the current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Use the pod's service account (the in-cluster CronJob).
+    #[arg(long, global = true)]
+    pub in_cluster: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The cluster's spec, e.g. clusters/prod.yaml.
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub templates: TemplateArgs,
+    /// Delete and recreate objects whose immutable fields changed.
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for another netboot holding the cluster's lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub lock_timeout: u64,
+    /// Image for the validation probe pods (default ghcr.io/netboot/netboot:<datapath.version>).
+    #[arg(long, value_name = "IMAGE")]
+    pub probe_image: Option<String>,
+    /// Try the handover again although it was rolled back at this revision.
+    #[arg(long)]
+    pub retry: bool,
+    /// Do not validate after changes (a handover is always validated).
+    #[arg(long)]
+    pub skip_validation: bool,
 }
 
 #[derive(Debug, Args)]

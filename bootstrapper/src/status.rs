@@ -1,0 +1,248 @@
+//! `netboot status`: what an operator wants to see before and after — agents
+//! per node, KubeProxyReplacement per node, kube-proxy present or gone (and
+//! its backup), the last apply and its revision, the last handover's steps.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+use kube::Client;
+use serde::Serialize;
+
+use crate::apply::describe;
+use crate::handover::{self, KubeProxyState};
+use crate::inventory::{self, Inventory};
+use crate::spec::ClusterNetwork;
+use crate::wait::{
+    self, AGENT_DAEMONSET, AGENT_SELECTOR, KPR_ANNOTATION, RULES_ANNOTATION, VERSION_ANNOTATION,
+};
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub node: String,
+    pub agent_pod: Option<String>,
+    pub agent_ready: bool,
+    pub kube_proxy_replacement: Option<String>,
+    pub kube_proxy_rules: Option<String>,
+    pub datapath_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    pub cluster: String,
+    pub server: String,
+    pub agents: Option<String>,
+    pub agent_image: Option<String>,
+    pub kube_proxy: KubeProxyState,
+    pub backup_taken: Option<String>,
+    pub inventory: Option<Inventory>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+impl ClusterStatus {
+    pub fn replacement_nodes(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.kube_proxy_replacement.as_deref() == Some("true"))
+            .count()
+    }
+}
+
+pub async fn gather(
+    client: &Client,
+    spec: &ClusterNetwork,
+    server: &str,
+) -> Result<ClusterStatus, String> {
+    let ns = &spec.namespace;
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), ns)
+        .get_opt(AGENT_DAEMONSET)
+        .await
+        .map_err(|e| describe(&e))?;
+    let agents = ds.as_ref().map(|d| match wait::rollout_pending(d) {
+        None => {
+            let n = d
+                .status
+                .as_ref()
+                .map(|s| s.number_available.unwrap_or(0))
+                .unwrap_or(0);
+            format!("{n}/{n} ready")
+        }
+        Some(reason) => reason,
+    });
+    let agent_image = ds
+        .as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.image.clone());
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(AGENT_SELECTOR))
+        .await
+        .map_err(|e| describe(&e))?;
+    let mut by_node: BTreeMap<String, &Pod> = BTreeMap::new();
+    for p in &pods.items {
+        if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            by_node.insert(n, p);
+        }
+    }
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| describe(&e))?;
+    let nodes = nodes
+        .items
+        .into_iter()
+        .map(|n| {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let ann = n.metadata.annotations.unwrap_or_default();
+            let pod = by_node.get(&name);
+            NodeStatus {
+                agent_pod: pod.and_then(|p| p.metadata.name.clone()),
+                agent_ready: pod.is_some_and(|p| wait::pod_not_ready(p).is_none()),
+                kube_proxy_replacement: ann.get(KPR_ANNOTATION).cloned(),
+                kube_proxy_rules: ann.get(RULES_ANNOTATION).cloned(),
+                datapath_version: ann.get(VERSION_ANNOTATION).cloned(),
+                node: name,
+            }
+        })
+        .collect();
+    let kube_proxy = handover::kube_proxy_state(client, &spec.kube_proxy)
+        .await
+        .map_err(|e| e.to_string())?;
+    let backup_taken = handover::load_backup(client, ns)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|b| b.taken);
+    let inventory = inventory::load(client, ns)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ClusterStatus {
+        cluster: spec.name.clone(),
+        server: server.into(),
+        agents,
+        agent_image,
+        kube_proxy,
+        backup_taken,
+        inventory,
+        nodes,
+    })
+}
+
+/// Like `cilium status`: a summary block, then a row per node.
+pub fn format(s: &ClusterStatus) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<22}{v}\n"));
+    line(
+        &mut out,
+        "Cluster:",
+        format!("{} ({})", s.cluster, s.server),
+    );
+    let total = s.nodes.len();
+    let kpr = s.replacement_nodes();
+    let word = if total > 0 && kpr == total {
+        "True"
+    } else {
+        "False"
+    };
+    line(
+        &mut out,
+        "KubeProxyReplacement:",
+        format!("{word}   [{kpr}/{total} nodes report True]"),
+    );
+    line(
+        &mut out,
+        "Agents:",
+        match (&s.agents, &s.agent_image) {
+            (Some(a), Some(img)) => format!("{a}   [DaemonSet netboot-datapath, {img}]"),
+            (Some(a), None) => a.clone(),
+            _ => "not installed".into(),
+        },
+    );
+    let kp = if s.kube_proxy.present() {
+        format!(
+            "present (DaemonSet {}, ConfigMap {}, {} pods)",
+            yes(s.kube_proxy.daemon_set),
+            yes(s.kube_proxy.config_map),
+            s.kube_proxy.pods
+        )
+    } else {
+        format!("absent ({} pods left)", s.kube_proxy.pods)
+    };
+    line(&mut out, "KubeProxy:", kp);
+    line(
+        &mut out,
+        "KubeProxy backup:",
+        s.backup_taken
+            .clone()
+            .map(|t| format!("taken {t}"))
+            .unwrap_or_else(|| "none".into()),
+    );
+    match &s.inventory {
+        Some(i) => {
+            line(
+                &mut out,
+                "Last change:",
+                format!(
+                    "{} at revision {} (mode {}, {} objects)",
+                    i.updated,
+                    i.revision,
+                    i.mode,
+                    i.objects.len()
+                ),
+            );
+            if !i.handover.is_empty() {
+                line(
+                    &mut out,
+                    "Last handover:",
+                    i.handover
+                        .iter()
+                        .map(|h| format!("{} {}", h.name, h.result))
+                        .collect::<Vec<_>>()
+                        .join(" → "),
+                );
+            }
+        }
+        None => line(&mut out, "Last change:", "never applied".into()),
+    }
+    out.push('\n');
+    let w = s
+        .nodes
+        .iter()
+        .map(|n| n.node.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    out.push_str(&format!(
+        "{:<w$}  {:<8}  {:<6}  {:<8}  {:<8}  AGENT POD\n",
+        "NODE", "AGENT", "KPR", "RULES", "VERSION"
+    ));
+    for n in &s.nodes {
+        out.push_str(&format!(
+            "{:<w$}  {:<8}  {:<6}  {:<8}  {:<8}  {}\n",
+            n.node,
+            if n.agent_pod.is_none() {
+                "missing"
+            } else if n.agent_ready {
+                "ready"
+            } else {
+                "NOT READY"
+            },
+            n.kube_proxy_replacement.as_deref().unwrap_or("-"),
+            n.kube_proxy_rules.as_deref().unwrap_or("-"),
+            n.datapath_version.as_deref().unwrap_or("-"),
+            n.agent_pod.as_deref().unwrap_or("-"),
+        ));
+    }
+    out
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}

@@ -50,30 +50,41 @@ pid_of() {
   if [[ -f "$f" ]]; then head -n1 "$f"; fi
 }
 
-# alive NAME: true if NAME's recorded PID still runs the binary it was
-# started with (guards against a recycled PID).
+# start_time PID: the process's start time (clock ticks since boot, field 22
+# of /proc/PID/stat); with the PID it names one process for good.
+start_time() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }" # drop "pid (comm) ": comm may hold spaces
+  awk '{ print $20 }' <<<"$stat"
+}
+
+# alive NAME: true if NAME's recorded PID is still the process up started:
+# same PID and same start time (a recycled PID has another start time; a
+# moved or rebuilt binary does not matter).
 alive() {
-  local pid exe want
+  local pid want have
   pid="$(pid_of "$1")"
   [[ -n "$pid" && -d "/proc/$pid" ]] || return 1
-  want="$(sed -n 2p "$STATE/pids/$1.pid")"
-  [[ -z "$want" ]] && return 0
-  exe="$(readlink "/proc/$pid/exe" 2>/dev/null || true)"
-  # A rebuilt binary shows as "<path> (deleted)".
-  [[ "${exe% (deleted)}" == "$want" ]]
+  want="$(sed -n 3p "$STATE/pids/$1.pid")"
+  have="$(start_time "$pid")" || return 1
+  [[ -z "$want" || "$have" == "$want" ]]
 }
 
 # start NAME BINARY ARGS...: runs BINARY in its own session, detached from
-# this shell, output to logs/NAME.log; records "PID\nBINARY" in pids/NAME.pid.
+# this shell, output to logs/NAME.log; records "PID\nBINARY\nSTART_TIME" in
+# pids/NAME.pid.
 start() {
   local name="$1" bin="$2"; shift 2
   [[ -x "$bin" ]] || die "$name: binary $bin missing (run tests/cluster/build)"
   mkdir -p "$STATE/logs" "$STATE/pids"
   # In a non-interactive shell a background job is not a process-group
-  # leader, so setsid execs in place and $! is the component's own PID.
+  # leader, so setsid execs in place and $! is the component's own PID. The
+  # start time is set at fork, so it is right even before the exec.
   setsid nohup "$bin" "$@" >>"$STATE/logs/$name.log" 2>&1 </dev/null &
-  printf '%s\n%s\n' "$!" "$(readlink -f "$bin")" >"$STATE/pids/$name.pid"
-  say "$name: started (pid $!, log $STATE/logs/$name.log)"
+  local pid=$!
+  printf '%s\n%s\n%s\n' "$pid" "$(readlink -f "$bin")" "$(start_time "$pid" || true)" >"$STATE/pids/$name.pid"
+  say "$name: started (pid $pid, log $STATE/logs/$name.log)"
 }
 
 # tail_log NAME: the last 30 lines of NAME's log, for error messages.

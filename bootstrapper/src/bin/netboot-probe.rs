@@ -30,6 +30,19 @@ enum Command {
     Serve(ServeArgs),
     /// Connect to a probe server and print the names it answers with.
     Connect(ConnectArgs),
+    /// Run a validation plan (JSON, see netboot::probe) and report as JSON on
+    /// stdout and in $TERMINATION_LOG (default /dev/termination-log).
+    Check(CheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// The plan, as JSON.
+    #[arg(long)]
+    plan: String,
+    /// Where the report goes for the kubelet (or podnet) to read back.
+    #[arg(long, env = "TERMINATION_LOG", default_value = "/dev/termination-log")]
+    termination_log: std::path::PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +86,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Connect(args) => connect(args),
+        Command::Check(args) => check(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,6 +94,22 @@ fn main() -> ExitCode {
             eprintln!("netboot-probe: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn check(args: CheckArgs) -> Result<()> {
+    let plan: netboot::probe::Plan = serde_json::from_str(&args.plan).context("--plan is not a valid plan")?;
+    let report = netboot::probe::run(&plan);
+    let json = serde_json::to_string(&report)?;
+    println!("{json}");
+    // The termination message is capped at 4096 bytes; a report that cannot be written is still on stdout.
+    if let Err(e) = std::fs::write(&args.termination_log, &json) {
+        eprintln!("netboot-probe: writing {}: {e}", args.termination_log.display());
+    }
+    if report.ok() {
+        Ok(())
+    } else {
+        bail!("{} of {} checks failed", report.outcomes.iter().filter(|o| !o.ok).count(), report.outcomes.len())
     }
 }
 

@@ -106,7 +106,11 @@ impl Launch {
     pub fn display(&self) -> String {
         let mut parts = vec![self.program.display().to_string()];
         parts.extend(self.args.iter().cloned());
-        parts.join(" ")
+        let line = parts.join(" ").replace('\n', " ");
+        match line.char_indices().nth(160) {
+            Some((i, _)) => format!("{}…", &line[..i]),
+            None => line,
+        }
     }
 }
 

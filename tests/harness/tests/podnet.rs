@@ -400,3 +400,46 @@ async fn agent_pod_runs_in_node_cgroup_and_readiness_follows_readyz() {
     })
     .await;
 }
+
+/// A podnet pod whose command keeps failing (restartPolicy Always) is
+/// restarted, with a growing back-off between runs.
+#[tokio::test]
+async fn crashing_container_is_restarted_with_backoff() {
+    let cluster = SharedCluster::get().await;
+    let ns = TestNamespace::new(&cluster, "crashloop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("runs");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "crasher", "labels": {"netboot.io/podnet": "true"}},
+        "spec": {
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "crash", "image": "busybox",
+                            "command": ["sh", "-c", "date +%s.%N >> $OUT; exit 1"],
+                            "env": [{"name": "OUT", "value": out.display().to_string()}]}]
+        }
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(cluster.client.clone(), &ns.name)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    let runs: Vec<f64> = wait_for("three runs", Duration::from_secs(60), || async {
+        let runs: Vec<f64> = std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect();
+        if runs.len() >= 3 {
+            Ok(runs)
+        } else {
+            Err(format!("{} runs", runs.len()))
+        }
+    })
+    .await;
+    let (gap1, gap2) = (runs[1] - runs[0], runs[2] - runs[1]);
+    assert!(
+        gap1 >= 0.9 && gap2 >= 1.8 && gap2 > gap1,
+        "back-off gaps {gap1:.2}s, {gap2:.2}s"
+    );
+}

@@ -144,3 +144,123 @@ async fn podnet_shutdown_removes_every_netns_veth_and_cgroup() {
         .count();
     assert_eq!(pid_files, 0, "pid records left");
 }
+
+/// After a crash (SIGKILL) podnet's children die with it (parent-death
+/// signal), its netns and cgroups stay; the next podnet removes them at start,
+/// realizes the pods afresh, and its SIGTERM shutdown leaves nothing.
+#[tokio::test]
+async fn podnet_restart_after_a_crash_cleans_up_and_rebuilds() {
+    let cluster = SharedCluster::get().await;
+    let ns = TestNamespace::new(&cluster, "crash").await;
+    let id = std::process::id() % 100_000;
+    let layout = Layout {
+        netns_prefix: format!("nbr{id}-"),
+        cgroup_root: format!("/sys/fs/cgroup/unified/netboot-test-r{id}").into(),
+        bpffs_root: format!("/sys/fs/bpf/netboot-test-r{id}").into(),
+    };
+    let state = tempfile::tempdir().unwrap();
+    let podnet_bin = workspace_bin("podnet");
+    let bin_dir = workspace_bin("netboot-probe")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let start = || {
+        std::process::Command::new(&podnet_bin)
+            .args(["--kubeconfig", &cluster.kubeconfig.display().to_string()])
+            .args(["--state", &state.path().display().to_string()])
+            .args(["--bin-dir", &bin_dir.display().to_string()])
+            .args(["--netns-prefix", &layout.netns_prefix])
+            .args(["--cgroup-root", &layout.cgroup_root.display().to_string()])
+            .args(["--bpffs-root", &layout.bpffs_root.display().to_string()])
+            .args(["--namespace", &ns.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(state.path().join("podnet.log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let realized_pids = |want: usize| {
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+        let layout = layout.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let n = list
+                .items
+                .iter()
+                .filter(|p| realized_in(&layout, p))
+                .count();
+            let procs = cgroup::procs_recursive(&layout.cgroup_root);
+            if n == want && procs.len() == want {
+                Ok(procs)
+            } else {
+                Err(format!("{n} realized, procs {procs:?}"))
+            }
+        }
+    };
+
+    let mut first = start();
+    let deploys: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns.name);
+    deploys
+        .create(&PostParams::default(), &probe_deployment("srv", 2))
+        .await
+        .unwrap();
+    let old = wait_for(
+        "2 pods realized by the first podnet",
+        Duration::from_secs(120),
+        || realized_pids(2),
+    )
+    .await;
+    let stale = netns::list(&layout.netns_prefix);
+
+    // SIGKILL: the crash.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_for(
+        "the children to die with podnet",
+        Duration::from_secs(10),
+        || async {
+            let alive: Vec<&i32> = old
+                .iter()
+                .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+                .collect();
+            if alive.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{alive:?}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        netns::list(&layout.netns_prefix),
+        stale,
+        "netns stay after a crash"
+    );
+
+    let mut second = start();
+    let new = wait_for(
+        "2 pods realized again by the second podnet",
+        Duration::from_secs(120),
+        || realized_pids(2),
+    )
+    .await;
+    assert!(
+        new.iter().all(|p| !old.contains(p)),
+        "fresh processes: {old:?} vs {new:?}"
+    );
+
+    // SIGTERM: the orderly shutdown `tests/cluster/down` does.
+    // SAFETY: kill(2) on the podnet this test started.
+    unsafe { libc::kill(i32::try_from(second.id()).unwrap(), libc::SIGTERM) };
+    let status = second.wait().unwrap();
+    let log = std::fs::read_to_string(state.path().join("podnet.log")).unwrap_or_default();
+    assert!(status.success(), "podnet exited with {status}:\n{log}");
+    assert_eq!(
+        netns::list(&layout.netns_prefix),
+        Vec::<String>::new(),
+        "netns left behind:\n{log}"
+    );
+    assert!(!layout.cgroup_root.exists(), "cgroups left behind:\n{log}");
+}

@@ -27,6 +27,18 @@ struct Args {
     /// iptables-restore used for kube-proxy's rules (nft backend by default).
     #[arg(long, default_value = "iptables-nft-restore")]
     iptables_restore: String,
+    /// Prefix of every netns podnet makes (tests run a second podnet with their own).
+    #[arg(long, default_value = netboot_harness::names::NETNS_PREFIX)]
+    netns_prefix: String,
+    /// Root of podnet's cgroups.
+    #[arg(long, default_value = netboot_harness::names::CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+    /// Root of the agents' bpffs pin dirs.
+    #[arg(long, default_value = netboot_harness::names::BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+    /// Only handle pods in this namespace (default: all).
+    #[arg(long)]
+    namespace: Option<String>,
 }
 
 #[tokio::main]
@@ -41,6 +53,12 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mut opts = Options::new(args.kubeconfig, args.state, args.bin_dir);
     opts.iptables_restore = args.iptables_restore;
+    opts.layout = netboot_harness::names::Layout {
+        netns_prefix: args.netns_prefix,
+        cgroup_root: args.cgroup_root,
+        bpffs_root: args.bpffs_root,
+    };
+    opts.namespace = args.namespace;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {

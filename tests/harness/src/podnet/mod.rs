@@ -171,6 +171,13 @@ struct RealPod {
     dns: Vec<JoinHandle<()>>,
 }
 
+/// An agent podnet runs; `stopping` once its pod went away.
+struct AgentEntry {
+    pod: String,
+    runner: Runner,
+    stopping: bool,
+}
+
 /// A node netns podnet made, with the routes programmed in it.
 struct RealNode {
     ip: Ipv4Addr,
@@ -196,7 +203,8 @@ struct Controller {
     cp_routes: BTreeMap<String, Ipv4Addr>,
     nodes: BTreeMap<String, RealNode>,
     pods: HashMap<String, RealPod>,
-    agents: HashMap<String, (String, Runner)>,
+    agents: HashMap<String, AgentEntry>,
+    teardowns: Vec<JoinHandle<()>>,
     failed: HashMap<String, String>,
     zone: SharedZone,
     svc_gen_seen: u64,
@@ -496,30 +504,38 @@ impl Controller {
         Ok(())
     }
 
-    async fn teardown_pod(&mut self, uid: &str) {
+    /// Stops the pod's process and removes its netns and cgroup, in a task so
+    /// a slow SIGTERM does not hold up the reconcile loop.
+    fn teardown_pod(&mut self, uid: &str) {
         let Some(real) = self.pods.remove(uid) else {
             return;
         };
-        if let Some(r) = real.runner {
-            r.stop().await;
-        }
-        for t in real.dns {
-            t.abort();
-        }
-        if real.netns != self.opts.layout.node_netns(&real.node) {
-            if let Err(e) = self.plumber.remove_pod(uid).await {
+        let plumber = self.plumber.clone();
+        let node_netns = self.opts.layout.node_netns(&real.node);
+        let uid = uid.to_string();
+        self.teardowns.retain(|t| !t.is_finished());
+        self.teardowns.push(tokio::spawn(async move {
+            if let Some(r) = real.runner {
+                r.stop().await;
+            }
+            for t in real.dns {
+                t.abort();
+            }
+            if real.netns != node_netns {
+                if let Err(e) = plumber.remove_pod(&uid).await {
+                    warn!(error = %e, "teardown");
+                }
+            }
+            // Whatever still runs in the pod's cgroup was started for the pod.
+            cgroup::kill(&real.cgroup);
+            if let Err(e) = cgroup::remove_tree(&real.cgroup).await {
                 warn!(error = %e, "teardown");
             }
-        }
-        // Whatever still runs in the pod's cgroup was started for the pod.
-        cgroup::kill(&real.cgroup);
-        if let Err(e) = cgroup::remove_tree(&real.cgroup).await {
-            warn!(error = %e, "teardown");
-        }
-        info!(
-            "netns {} removed for {} on {}",
-            real.netns, real.pod, real.node
-        );
+            info!(
+                "netns {} removed for {} on {}",
+                real.netns, real.pod, real.node
+            );
+        }));
     }
 
     async fn sync_pods(&mut self, pods: &[Arc<Pod>]) {
@@ -553,7 +569,7 @@ impl Controller {
             .cloned()
             .collect();
         for uid in gone {
-            self.teardown_pod(&uid).await;
+            self.teardown_pod(&uid);
         }
         for (uid, (pod, node, ip)) in want {
             if self.pods.contains_key(&uid) || self.failed.contains_key(&uid) {
@@ -601,11 +617,16 @@ impl Controller {
             .cloned()
             .collect();
         for uid in gone {
-            if let Some((key, runner)) = self.agents.remove(&uid) {
-                info!("agent for {key} stopping (pod deleted)");
-                runner.stop().await;
+            if let Some(a) = self.agents.get_mut(&uid) {
+                if !a.stopping {
+                    info!("agent for {} stopping (pod deleted)", a.pod);
+                    a.runner.signal_stop();
+                    a.stopping = true;
+                }
             }
         }
+        self.agents
+            .retain(|_, a| !(a.stopping && a.runner.finished()));
         // Pods being deleted whose agent has stopped: finish the deletion like a kubelet.
         for pod in deleting_pods {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -660,7 +681,14 @@ impl Controller {
                         self.opts.layout.node_cgroup(&node).display()
                     );
                     let r = agent::spawn(a, env.clone(), self.client.clone(), self.pids.clone());
-                    self.agents.insert(uid, (pod_key(&pod), r));
+                    self.agents.insert(
+                        uid,
+                        AgentEntry {
+                            pod: pod_key(&pod),
+                            runner: r,
+                            stopping: false,
+                        },
+                    );
                 }
                 Err(e) => {
                     warn!(error = %e, "agent not started");
@@ -743,9 +771,9 @@ impl Controller {
             self.agents.len()
         );
         let mut stops = Vec::new();
-        for (_, (_, r)) in self.agents.drain() {
-            r.signal_stop();
-            stops.push(r);
+        for (_, a) in self.agents.drain() {
+            a.runner.signal_stop();
+            stops.push(a.runner);
         }
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in &uids {
@@ -756,8 +784,9 @@ impl Controller {
         }
         futures::future::join_all(stops.into_iter().map(Runner::stop)).await;
         for uid in uids {
-            self.teardown_pod(&uid).await;
+            self.teardown_pod(&uid);
         }
+        futures::future::join_all(self.teardowns.drain(..)).await;
         if let Some(p) = self.proxy.take() {
             p.abort();
         }
@@ -850,6 +879,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         nodes: BTreeMap::new(),
         pods: HashMap::new(),
         agents: HashMap::new(),
+        teardowns: Vec::new(),
         failed: HashMap::new(),
         zone: SharedZone::default(),
         svc_gen_seen: 0,
@@ -878,7 +908,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     // Coalesce bursts of events.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                // Agents that are stopping are checked every second.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = &mut shutdown => break,
             }
         }

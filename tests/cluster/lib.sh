@@ -61,14 +61,17 @@ start_time() {
 
 # alive NAME: true if NAME's recorded PID is still the process up started:
 # same PID and same start time (a recycled PID has another start time; a
-# moved or rebuilt binary does not matter).
+# moved or rebuilt binary does not matter), and not a zombie waiting to be
+# reaped.
 alive() {
-  local pid want have
+  local pid want stat
   pid="$(pid_of "$1")"
-  [[ -n "$pid" && -d "/proc/$pid" ]] || return 1
+  [[ -n "$pid" ]] || return 1
+  stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }"
+  [[ "${stat%% *}" != Z ]] || return 1
   want="$(sed -n 3p "$STATE/pids/$1.pid")"
-  have="$(start_time "$pid")" || return 1
-  [[ -z "$want" || "$have" == "$want" ]]
+  [[ -z "$want" || "$(awk '{ print $20 }' <<<"$stat")" == "$want" ]]
 }
 
 # start NAME BINARY ARGS...: runs BINARY in its own session, detached from

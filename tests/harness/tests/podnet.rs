@@ -9,8 +9,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, DeleteParams, PostParams};
 use netboot_harness::cluster::{
-    client_pod, exec_in_pod, probe_deployment, probe_service, realized, wait_deployment_realized,
-    wait_for, wait_terminated, SharedCluster, TestNamespace,
+    client_pod, exec_in_pod, probe_deployment, probe_service, realized, wait_deployment_realized, wait_for,
+    wait_terminated, SharedCluster, TestNamespace,
 };
 use netboot_harness::names;
 use serde_json::json;
@@ -43,15 +43,9 @@ fn spread_probe(app: &str, replicas: i32) -> Deployment {
 
 async fn create_probe(cluster: &SharedCluster, ns: &str, app: &str, replicas: i32) -> Vec<Pod> {
     let deploys: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
-    deploys
-        .create(&PostParams::default(), &spread_probe(app, replicas))
-        .await
-        .unwrap();
+    deploys.create(&PostParams::default(), &spread_probe(app, replicas)).await.unwrap();
     let services: Api<Service> = Api::namespaced(cluster.client.clone(), ns);
-    services
-        .create(&PostParams::default(), &probe_service(app, app))
-        .await
-        .unwrap();
+    services.create(&PostParams::default(), &probe_service(app, app)).await.unwrap();
     wait_deployment_realized(&cluster.client, ns, app, WAIT).await
 }
 
@@ -84,43 +78,20 @@ async fn client_pod_reaches_every_probe_pod_by_ip_over_tcp_and_udp() {
         "for i in $(seq 1 20); do : > $TERMINATION_LOG; if ( {script} ); then exit 0; fi; sleep 0.5; done; exit 1"
     );
     let client_node = node(&probes[0]);
-    let (code, message) = run_client(
-        &cluster,
-        &ns.name,
-        client_pod("client", Some(&client_node), &script),
-    )
-    .await;
+    let (code, message) = run_client(&cluster, &ns.name, client_pod("client", Some(&client_node), &script)).await;
     let want: Vec<String> = probes.iter().flat_map(|p| [name(p), name(p)]).collect();
     assert_eq!(code, 0, "client failed; message: {message}");
-    assert_eq!(
-        message.lines().collect::<Vec<_>>(),
-        want,
-        "names from {nodes:?} (client on {client_node})"
-    );
+    assert_eq!(message.lines().collect::<Vec<_>>(), want, "names from {nodes:?} (client on {client_node})");
 
     // exec_in_pod: the same from inside a probe pod, pod -> pod.
     let out = exec_in_pod(
         &probes[0],
-        &[
-            "netboot-probe",
-            "connect",
-            "tcp",
-            &format!("{}:8080", ip(&probes[2])),
-            "--count",
-            "2",
-        ],
+        &["netboot-probe", "connect", "tcp", &format!("{}:8080", ip(&probes[2])), "--count", "2"],
     )
     .output()
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{0}\n{0}\n", name(&probes[2]))
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{0}\n{0}\n", name(&probes[2])));
 }
 
 /// A failing client reports phase Failed, its exit code and its termination log.
@@ -131,22 +102,12 @@ async fn failing_client_reports_exit_code_and_message() {
     let (code, message) = run_client(
         &cluster,
         &ns.name,
-        client_pod(
-            "fails",
-            None,
-            "echo \"bad news from $POD_NAME on $NODE_NAME\" > $TERMINATION_LOG; exit 3",
-        ),
+        client_pod("fails", None, "echo \"bad news from $POD_NAME on $NODE_NAME\" > $TERMINATION_LOG; exit 3"),
     )
     .await;
     assert_eq!(code, 3);
-    assert!(
-        message.starts_with("bad news from fails on node-"),
-        "{message}"
-    );
-    let pod = Api::<Pod>::namespaced(cluster.client.clone(), &ns.name)
-        .get("fails")
-        .await
-        .unwrap();
+    assert!(message.starts_with("bad news from fails on node-"), "{message}");
+    let pod = Api::<Pod>::namespaced(cluster.client.clone(), &ns.name).get("fails").await.unwrap();
     assert_eq!(pod.status.unwrap().phase.as_deref(), Some("Failed"));
 }
 
@@ -156,17 +117,11 @@ async fn failing_client_reports_exit_code_and_message() {
 #[tokio::test]
 async fn client_reaches_cluster_ip_and_dns_name_through_kube_proxy_rules() {
     let cluster = SharedCluster::get().await;
-    let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> =
-        Api::namespaced(cluster.client.clone(), "kube-system");
-    ds.get("kube-proxy")
-        .await
-        .expect("the local cluster runs kubeadm's kube-proxy DaemonSet");
+    let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(cluster.client.clone(), "kube-system");
+    ds.get("kube-proxy").await.expect("the local cluster runs kubeadm's kube-proxy DaemonSet");
     let ns = TestNamespace::new(&cluster, "clusterip").await;
     let probes = create_probe(&cluster, &ns.name, "web", 3).await;
-    let svc = Api::<Service>::namespaced(cluster.client.clone(), &ns.name)
-        .get("web")
-        .await
-        .unwrap();
+    let svc = Api::<Service>::namespaced(cluster.client.clone(), &ns.name).get("web").await.unwrap();
     let cip = svc.spec.unwrap().cluster_ip.unwrap();
 
     let script = format!(
@@ -179,16 +134,8 @@ async fn client_reaches_cluster_ip_and_dns_name_through_kube_proxy_rules() {
          rm -f $TERMINATION_LOG.*; exit 1"
     );
     let client_node = node(&probes[1]);
-    let (code, message) = run_client(
-        &cluster,
-        &ns.name,
-        client_pod("vip-client", Some(&client_node), &script),
-    )
-    .await;
-    assert_eq!(
-        code, 0,
-        "client could not reach {cip} (tcp 80, udp 81, web:80): {message}"
-    );
+    let (code, message) = run_client(&cluster, &ns.name, client_pod("vip-client", Some(&client_node), &script)).await;
+    assert_eq!(code, 0, "client could not reach {cip} (tcp 80, udp 81, web:80): {message}");
     let names: BTreeSet<String> = probes.iter().map(name).collect();
     let got: Vec<&str> = message.lines().collect();
     assert_eq!(got.len(), 3, "{message}");
@@ -198,23 +145,12 @@ async fn client_reaches_cluster_ip_and_dns_name_through_kube_proxy_rules() {
 
     // The rules are kube-proxy's, in the node's netns.
     let save = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &names::node_netns(&client_node),
-            "iptables-nft-save",
-            "-t",
-            "nat",
-        ])
+        .args(["netns", "exec", &names::node_netns(&client_node), "iptables-nft-save", "-t", "nat"])
         .output()
         .unwrap();
     let save = String::from_utf8_lossy(&save.stdout);
-    let chain =
-        netboot_harness::kubeproxy_rules::service_chain(&format!("{}/web:tcp", ns.name), "tcp");
-    assert!(
-        save.contains(&format!("-j {chain}")),
-        "no {chain} in:\n{save}"
-    );
+    let chain = netboot_harness::kubeproxy_rules::service_chain(&format!("{}/web:tcp", ns.name), "tcp");
+    assert!(save.contains(&format!("-j {chain}")), "no {chain} in:\n{save}");
 }
 
 /// Deleting the pods (scaling the Deployment to zero) removes their netns and cgroups.
@@ -234,16 +170,10 @@ async fn deleting_pods_removes_their_netns_and_cgroups() {
         assert!(names::netns_path(netns).exists() && cg.exists());
     }
     let deploys: Api<Deployment> = Api::namespaced(cluster.client.clone(), &ns.name);
-    deploys
-        .delete("gone", &DeleteParams::foreground())
-        .await
-        .unwrap();
+    deploys.delete("gone", &DeleteParams::foreground()).await.unwrap();
     wait_for("the pods' netns and cgroups to go", WAIT, || async {
-        let left: Vec<&String> = made
-            .iter()
-            .filter(|(n, c)| names::netns_path(n).exists() || c.exists())
-            .map(|(n, _)| n)
-            .collect();
+        let left: Vec<&String> =
+            made.iter().filter(|(n, c)| names::netns_path(n).exists() || c.exists()).map(|(n, _)| n).collect();
         if left.is_empty() {
             Ok(())
         } else {
@@ -280,10 +210,7 @@ http.server.HTTPServer((host, int(port)), H).serve_forever()
 
 fn pod_ready(p: &Pod) -> Option<bool> {
     let conds = p.status.as_ref()?.conditions.as_ref()?;
-    conds
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.status == "True")
+    conds.iter().find(|c| c.type_ == "Ready").map(|c| c.status == "True")
 }
 
 /// Agent pods: podnet runs the agent (here a stand-in, via the
@@ -342,14 +269,7 @@ async fn agent_pod_runs_in_node_cgroup_and_readiness_follows_readyz() {
     let p = wait_for("the agent pod Ready", WAIT, || ready(true)).await;
     let status = p.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Running"));
-    assert!(
-        status
-            .pod_ip
-            .as_deref()
-            .is_some_and(|ip| ip.starts_with("172.18.")),
-        "{:?}",
-        status.pod_ip
-    );
+    assert!(status.pod_ip.as_deref().is_some_and(|ip| ip.starts_with("172.18.")), "{:?}", status.pod_ip);
     assert_eq!(status.pod_ip, status.host_ip);
 
     let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
@@ -357,38 +277,19 @@ async fn agent_pod_runs_in_node_cgroup_and_readiness_follows_readyz() {
     let flag = |f: &str| args[args.iter().position(|a| *a == f).unwrap() + 1].to_string();
     assert_eq!(args[0], "agent");
     assert_eq!(flag("--node-name"), node);
-    assert_eq!(
-        flag("--cgroup"),
-        names::Layout::default()
-            .node_cgroup(node)
-            .display()
-            .to_string()
-    );
+    assert_eq!(flag("--cgroup"), names::Layout::default().node_cgroup(node).display().to_string());
     assert_eq!(flag("--bpffs"), format!("/sys/fs/bpf/netboot-local/{node}"));
     assert_eq!(flag("--rules-netns"), format!("/run/netns/nb-node-{node}"));
-    assert!(std::fs::read_to_string(flag("--config"))
-        .unwrap()
-        .contains("kubeProxyReplacement: true"));
+    assert!(std::fs::read_to_string(flag("--config")).unwrap().contains("kubeProxyReplacement: true"));
     let cgroup = std::fs::read_to_string(dir.path().join("cgroup")).unwrap();
-    assert!(
-        cgroup.contains(&format!("0::/netboot-local/{node}\n")),
-        "{cgroup}"
-    );
+    assert!(cgroup.contains(&format!("0::/netboot-local/{node}\n")), "{cgroup}");
 
     std::fs::write(dir.path().join("unready"), "").unwrap();
-    wait_for("the agent pod not Ready", Duration::from_secs(30), || {
-        ready(false)
-    })
-    .await;
+    wait_for("the agent pod not Ready", Duration::from_secs(30), || ready(false)).await;
     std::fs::remove_file(dir.path().join("unready")).unwrap();
-    wait_for("the agent pod Ready again", Duration::from_secs(30), || {
-        ready(true)
-    })
-    .await;
+    wait_for("the agent pod Ready again", Duration::from_secs(30), || ready(true)).await;
 
-    pods.delete("agent", &DeleteParams::default())
-        .await
-        .unwrap();
+    pods.delete("agent", &DeleteParams::default()).await.unwrap();
     wait_for("SIGTERM to the agent and the pod gone", WAIT, || async {
         let gone = matches!(pods.get_opt("agent").await, Ok(None));
         let term = dir.path().join("terminated").exists();
@@ -420,16 +321,10 @@ async fn crashing_container_is_restarted_with_backoff() {
         }
     }))
     .unwrap();
-    Api::<Pod>::namespaced(cluster.client.clone(), &ns.name)
-        .create(&PostParams::default(), &pod)
-        .await
-        .unwrap();
+    Api::<Pod>::namespaced(cluster.client.clone(), &ns.name).create(&PostParams::default(), &pod).await.unwrap();
     let runs: Vec<f64> = wait_for("three runs", Duration::from_secs(60), || async {
-        let runs: Vec<f64> = std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect();
+        let runs: Vec<f64> =
+            std::fs::read_to_string(&out).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect();
         if runs.len() >= 3 {
             Ok(runs)
         } else {
@@ -438,8 +333,5 @@ async fn crashing_container_is_restarted_with_backoff() {
     })
     .await;
     let (gap1, gap2) = (runs[1] - runs[0], runs[2] - runs[1]);
-    assert!(
-        gap1 >= 0.9 && gap2 >= 1.8 && gap2 > gap1,
-        "back-off gaps {gap1:.2}s, {gap2:.2}s"
-    );
+    assert!(gap1 >= 0.9 && gap2 >= 1.8 && gap2 > gap1, "back-off gaps {gap1:.2}s, {gap2:.2}s");
 }

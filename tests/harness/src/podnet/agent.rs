@@ -212,15 +212,20 @@ pub async fn readyz(port: u16) -> bool {
     matches!(tokio::time::timeout(Duration::from_millis(800), probe).await, Ok(Some(true)))
 }
 
-async fn patch(client: &Client, a: &AgentPod, s: &AgentState) {
+/// Patches the pod status; false if that failed (the caller retries).
+async fn patch(client: &Client, a: &AgentPod, s: &AgentState) -> bool {
     let api: Api<Pod> = Api::namespaced(client.clone(), &a.pod.namespace);
     let body = status::agent(&a.container, &a.image, &a.start_time, s);
     match api.patch_status(&a.pod.name, &PatchParams::default(), &Patch::Strategic(&body)).await {
         Ok(_) => {
-            info!(pod = %a.pod, node = %a.node, ready = s.ready, restarts = s.restarts, "agent status patched")
+            info!(pod = %a.pod, node = %a.node, ready = s.ready, restarts = s.restarts, "agent status patched");
+            true
         }
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => warn!(pod = %a.pod, error = %e, "Pod/{}: agent status patch failed", a.pod),
+        Err(kube::Error::Api(e)) if e.code == 404 => true,
+        Err(e) => {
+            warn!(pod = %a.pod, error = %e, "Pod/{}: agent status patch failed", a.pod);
+            false
+        }
     }
 }
 
@@ -261,7 +266,7 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
             state.running = true;
             state.ready = false;
             state.started_at = status::now();
-            patch(&client, &a, &state).await;
+            let patched = patch(&client, &a, &state).await;
 
             // Run the process while a poller keeps readiness in the status.
             let (poll_stop_tx, mut poll_stop_rx) = watch::channel(false);
@@ -269,6 +274,7 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                 let client = client.clone();
                 let a = a.clone();
                 let mut st = state.clone();
+                let mut synced = patched;
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
                     loop {
@@ -277,9 +283,9 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                             _ = until_stopped(&mut poll_stop_rx) => return,
                         }
                         let ready = readyz(port).await;
-                        if ready != st.ready {
+                        if ready != st.ready || !synced {
                             st.ready = ready;
-                            patch(&client, &a, &st).await;
+                            synced = patch(&client, &a, &st).await;
                         }
                     }
                 })
@@ -299,7 +305,7 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                     state.ready = false;
                     state.restarts += 1;
                     state.last_exit = Some(t);
-                    patch(&client, &a, &state).await;
+                    let _ = patch(&client, &a, &state).await;
                 }
             }
             if t0.elapsed() > Duration::from_secs(10) {

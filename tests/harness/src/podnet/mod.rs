@@ -172,6 +172,9 @@ struct AgentEntry {
     stopping: bool,
 }
 
+/// How long podnet waits before it retries a pod it could not realize.
+pub const RETRY_AFTER: Duration = Duration::from_secs(10);
+
 /// kube-proxy's rules as last written into a node netns.
 struct Applied {
     /// The kube-proxy pod that "wrote" them.
@@ -211,7 +214,8 @@ struct Controller {
     pods: HashMap<String, RealPod>,
     agents: HashMap<String, AgentEntry>,
     teardowns: Vec<JoinHandle<()>>,
-    failed: HashMap<String, String>,
+    /// Pods that could not be realized, and when: retried after [`RETRY_AFTER`].
+    failed: HashMap<String, std::time::Instant>,
     zone: SharedZone,
     svc_gen_seen: u64,
     rules: String,
@@ -526,7 +530,7 @@ impl Controller {
             self.teardown_pod(&uid);
         }
         for (uid, (pod, node, ip)) in want {
-            if self.pods.contains_key(&uid) || self.failed.contains_key(&uid) {
+            if self.pods.contains_key(&uid) || self.failed.get(&uid).is_some_and(|t| t.elapsed() < RETRY_AFTER) {
                 continue;
             }
             match self.ensure_node(&node).await {
@@ -541,7 +545,7 @@ impl Controller {
                 warn!(error = %e, "Pod/{}: not realized", pod_key(&pod));
                 // Undo what was made, and do not retry in a tight loop.
                 let _ = self.plumber.remove_pod(&uid).await;
-                self.failed.insert(uid, e.to_string());
+                self.failed.insert(uid, std::time::Instant::now());
             }
         }
         self.failed.retain(|uid, _| pods.iter().any(|p| p.metadata.uid.as_deref() == Some(uid)));
@@ -598,7 +602,7 @@ impl Controller {
             layout: self.opts.layout.clone(),
         };
         for (uid, pod) in want {
-            if self.agents.contains_key(&uid) || self.failed.contains_key(&uid) {
+            if self.agents.contains_key(&uid) || self.failed.get(&uid).is_some_and(|t| t.elapsed() < RETRY_AFTER) {
                 continue;
             }
             let Some(node) = node_of(&pod).map(str::to_string) else {
@@ -625,7 +629,7 @@ impl Controller {
                 }
                 Err(e) => {
                     warn!(error = %e, "agent not started");
-                    self.failed.insert(uid, e.to_string());
+                    self.failed.insert(uid, std::time::Instant::now());
                 }
             }
         }

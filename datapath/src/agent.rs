@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::handover::{self, RulesNetns};
 use crate::http::{self, StatusSource};
+use crate::kube_proxy::{self, KubeProxyState, KubeProxyWatch};
 use crate::loader;
 use crate::maps::kernel::KernelMaps;
 use crate::maps::MapsError;
@@ -77,6 +78,9 @@ pub struct AgentOptions {
     pub static_services: Option<PathBuf>,
     /// How often node handover/annotation is re-checked.
     pub node_interval: Duration,
+    /// With `static_services` (no API to watch): treat kube-proxy as
+    /// installed, so its rules are never removed. Ignored when watching.
+    pub kube_proxy_present: bool,
 }
 
 /// First cgroup2 mount point in `/proc/self/mountinfo`.
@@ -104,6 +108,12 @@ pub struct AgentState {
     pins: Pins,
     /// Woken when readiness changes.
     pub ready_changed: Notify,
+    /// Whether kube-proxy's DaemonSet exists (woken on change).
+    pub kube_proxy: Arc<KubeProxyWatch>,
+    /// Replace mode.
+    replace: bool,
+    /// cleanupKubeProxyRules.
+    cleanup: bool,
 }
 
 impl AgentState {
@@ -120,6 +130,9 @@ impl AgentState {
 impl StatusSource for AgentState {
     fn status(&self) -> Status {
         let mut s = self.get();
+        s.kube_proxy = self.kube_proxy.get().0;
+        s.kube_proxy_cleanup =
+            kube_proxy::decide(self.replace, self.cleanup, s.ready, s.kube_proxy);
         if let Ok(m) = self.maps.lock() {
             if let Some(c) = m.as_ref().and_then(|m| m.counters().ok()) {
                 s.counters =
@@ -163,6 +176,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         "programmed state read back from the maps"
     );
 
+    // Without an API (static Services) nothing tells whether kube-proxy runs:
+    // absent unless the caller says otherwise. Watching: unknown until listed.
+    let kube_proxy_initial = match (&opts.static_services, opts.kube_proxy_present) {
+        (None, _) => KubeProxyState::Unknown,
+        (Some(_), true) => KubeProxyState::Installed,
+        (Some(_), false) => KubeProxyState::Absent,
+    };
     let state = Arc::new(AgentState {
         status: Mutex::new(Status {
             node: opts.node_name.clone(),
@@ -178,12 +198,23 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             services: prog.services,
             backends: prog.backends,
             kube_proxy_rules: "unknown".into(),
+            kube_proxy_daemon_set: if opts.static_services.is_some() {
+                String::new() // nothing watched: --kube-proxy-present decides
+            } else {
+                cfg.kube_proxy.to_string()
+            },
             maps_reused: report.maps_reused,
             ..Default::default()
         }),
         maps: Mutex::new(KernelMaps::open(&opts.pins).ok()),
         pins: opts.pins.clone(),
         ready_changed: Notify::new(),
+        kube_proxy: Arc::new(KubeProxyWatch::new(
+            cfg.kube_proxy.clone(),
+            kube_proxy_initial,
+        )),
+        replace,
+        cleanup: cfg.cleanup_kube_proxy_rules,
     });
 
     let (listener, addr) = http::bind(&opts.listen).await?;
@@ -200,6 +231,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         None => {
             let c = crate::client::build(opts.kubeconfig.as_deref(), &cfg.api_url()).await?;
             tasks.extend(watch::spawn(c.clone(), watched.clone()));
+            tasks.push(kube_proxy::spawn(
+                c.clone(),
+                state.kube_proxy.clone(),
+                watched.clone(),
+            ));
             Some(c)
         }
     };
@@ -319,18 +355,32 @@ async fn reconcile_loop(
     }
 }
 
-/// Handover (replace mode, once ready) and Node annotations, re-checked periodically.
+/// Handover and Node annotations, re-checked periodically (and at once when
+/// readiness or kube-proxy's presence changes). kube-proxy's rules are removed
+/// only in replace mode with cleanup enabled, once the maps are programmed and
+/// kube-proxy's DaemonSet is known to be gone (see [`kube_proxy::decide`]).
 async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOptions) {
     let replace = opts.config.kube_proxy_replacement;
-    let cleanup = replace && opts.config.cleanup_kube_proxy_rules;
     let mut applied: Option<(bool, String)> = None;
+    let mut last_decision = None;
     loop {
         let ready = state.get().ready;
+        let kp = state.kube_proxy.get().0;
+        let decision = kube_proxy::decide(replace, state.cleanup, ready, kp);
+        if last_decision != Some(decision) {
+            tracing::info!(
+                kube_proxy = %kp,
+                daemon_set = %opts.config.kube_proxy,
+                cleanup = %decision,
+                "kube-proxy rules cleanup"
+            );
+            last_decision = Some(decision);
+        }
+        let clean = decision.cleans();
         let ns = RulesNetns::new(opts.rules_netns.as_deref());
         let rules = tokio::task::spawn_blocking(
             move || -> Result<(usize, bool), handover::HandoverError> {
-                // Remove kube-proxy's rules only once our maps are programmed.
-                let removed = if cleanup && ready {
+                let removed = if clean {
                     handover::cleanup(&ns)?.items()
                 } else {
                     0
@@ -385,9 +435,22 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
                 }
             }
         }
+        // Decided again after the pass: the wait depends on the state now.
+        let decision = kube_proxy::decide(
+            replace,
+            state.cleanup,
+            state.get().ready,
+            state.kube_proxy.get().0,
+        );
+        let wait = kube_proxy::recheck_interval(
+            decision,
+            state.kube_proxy.absent_for(),
+            opts.node_interval,
+        );
         tokio::select! {
             _ = state.ready_changed.notified() => {}
-            _ = tokio::time::sleep(opts.node_interval) => {}
+            _ = state.kube_proxy.changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -74,6 +74,32 @@ impl Default for MapSizes {
     }
 }
 
+/// kube-proxy's DaemonSet: while it exists (or before the agent knows), the
+/// agent does not remove kube-proxy's rules (see `kube_proxy.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct KubeProxyRef {
+    /// Namespace of the DaemonSet.
+    pub namespace: String,
+    /// Name of the DaemonSet.
+    pub daemon_set: String,
+}
+
+impl Default for KubeProxyRef {
+    fn default() -> Self {
+        Self {
+            namespace: "kube-system".into(),
+            daemon_set: "kube-proxy".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for KubeProxyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.daemon_set)
+    }
+}
+
 fn default_timeout() -> u32 {
     10800
 }
@@ -100,6 +126,9 @@ pub struct Config {
     /// Replace mode: remove kube-proxy's KUBE-* rules on this node.
     #[serde(default = "default_true")]
     pub cleanup_kube_proxy_rules: bool,
+    /// kube-proxy's DaemonSet, watched to hold the cleanup back while it exists.
+    #[serde(default)]
+    pub kube_proxy: KubeProxyRef,
 }
 
 impl Config {
@@ -127,6 +156,12 @@ impl Config {
         }
         if cfg.api_server.port == 0 {
             return Err(invalid("apiServer.port", "must not be 0"));
+        }
+        if cfg.kube_proxy.namespace.is_empty() {
+            return Err(invalid("kubeProxy.namespace", "must not be empty"));
+        }
+        if cfg.kube_proxy.daemon_set.is_empty() {
+            return Err(invalid("kubeProxy.daemonSet", "must not be empty"));
         }
         let m = cfg.map_sizes;
         if m.services < 16 || m.backends < 16 || m.affinity < 16 || m.reverse_nat < 16 {
@@ -172,6 +207,44 @@ cleanupKubeProxyRules: true                  # replace mode: remove KUBE-* rules
         assert_eq!(c.api_url(), "https://127.0.0.1:6443");
         assert!(c.kube_proxy_replacement);
         assert_eq!(c.map_sizes, MapSizes::default());
+        assert_eq!(c.kube_proxy, KubeProxyRef::default());
+        assert_eq!(c.kube_proxy.to_string(), "kube-system/kube-proxy");
+    }
+
+    #[test]
+    fn kube_proxy_daemon_set_is_configurable_and_defaulted() {
+        let c = Config::parse(
+            "apiServer: {host: a, port: 1}\nkubeProxy: {namespace: kp, daemonSet: proxy}\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.kube_proxy.to_string(), "kp/proxy");
+        let c = Config::parse(
+            "apiServer: {host: a, port: 1}\nkubeProxy: {daemonSet: proxy}\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.kube_proxy.to_string(), "kube-system/proxy");
+        let c = Config::parse(
+            "apiServer: {host: a, port: 1}\nkubeProxy: {}\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.kube_proxy, KubeProxyRef::default());
+        let e = Config::parse(
+            "apiServer: {host: a, port: 1}\nkubeProxy: {namespace: kube-system, name: x}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("c.yaml:2:") && e.contains("name"), "{e}");
+        let e = Config::parse(
+            "apiServer: {host: a, port: 1}\nkubeProxy: {daemonSet: ''}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "c.yaml: kubeProxy.daemonSet: must not be empty");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod desired;
 pub mod diag;
 pub mod handover;
 pub mod http;
+pub mod kube_proxy;
 pub mod layout;
 pub mod loader;
 pub mod maps;

@@ -6,6 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::kube_proxy::{Cleanup, KubeProxyState};
+
 /// Datapath version reported in the Node annotation and status.
 pub const DATAPATH_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -75,6 +77,17 @@ pub struct Status {
     pub kube_proxy_rules: String,
     /// KUBE-* chains and nft tables removed by the handover.
     pub kube_proxy_rules_removed: usize,
+    /// Whether kube-proxy's DaemonSet exists: "installed", "absent" or "unknown".
+    #[serde(default)]
+    pub kube_proxy: KubeProxyState,
+    /// The watched DaemonSet, `namespace/name` (empty when read from the pins).
+    #[serde(default)]
+    pub kube_proxy_daemon_set: String,
+    /// What the agent does about kube-proxy's rules: "active", "held-back"
+    /// (kube-proxy installed or not known absent), "waiting-for-ready",
+    /// "disabled" (coexist or cleanupKubeProxyRules false) or "unknown".
+    #[serde(default)]
+    pub kube_proxy_cleanup: Cleanup,
     /// Map reuse at start: true when the agent restarted on existing pins.
     pub maps_reused: bool,
     /// Per-outcome BPF counters.
@@ -174,6 +187,7 @@ impl Status {
             &self.api_endpoint
         };
         let _ = writeln!(s, "API endpoint:           {api}");
+        let _ = writeln!(s, "KubeProxy:              {}", self.kube_proxy_line());
         let _ = writeln!(
             s,
             "KubeProxy rules:        {}",
@@ -232,6 +246,23 @@ impl Status {
             }
         }
         s
+    }
+
+    /// `installed (DaemonSet kube-system/kube-proxy), rules cleanup held back`.
+    fn kube_proxy_line(&self) -> String {
+        let mut line = self.kube_proxy.to_string();
+        if !self.kube_proxy_daemon_set.is_empty() {
+            let _ = write!(line, " (DaemonSet {})", self.kube_proxy_daemon_set);
+        }
+        let cleanup = match self.kube_proxy_cleanup {
+            Cleanup::Unknown => return line,
+            Cleanup::Disabled => "rules cleanup disabled",
+            Cleanup::HeldBack => "rules cleanup held back until kube-proxy is removed",
+            Cleanup::WaitingForReady => "rules cleanup waits for the initial sync",
+            Cleanup::Active => "rules cleanup active",
+        };
+        let _ = write!(line, ", {cleanup}");
+        line
     }
 
     /// Prometheus text exposition.
@@ -312,6 +343,18 @@ impl Status {
             "gauge",
             u8::from(self.kube_proxy_rules == "present").to_string(),
         );
+        gauge(
+            "netboot_kube_proxy_installed",
+            "1 while kube-proxy's DaemonSet exists or is not yet known to be absent (rules cleanup held back), 0 once it is absent",
+            "gauge",
+            u8::from(self.kube_proxy != KubeProxyState::Absent).to_string(),
+        );
+        gauge(
+            "netboot_datapath_kube_proxy_cleanup_held_back",
+            "1 in replace mode while kube-proxy's rules are left alone because kube-proxy is installed",
+            "gauge",
+            u8::from(self.kube_proxy_cleanup == Cleanup::HeldBack).to_string(),
+        );
         let _ = writeln!(s, "# HELP netboot_datapath_bpf_outcomes_total Socket LB decisions by outcome (per-CPU counters summed)");
         let _ = writeln!(s, "# TYPE netboot_datapath_bpf_outcomes_total counter");
         for c in &self.counters {
@@ -351,6 +394,9 @@ mod tests {
             last_sync_unix: 1_800_000_000,
             last_sync_millis: 12,
             kube_proxy_rules: "absent".into(),
+            kube_proxy: KubeProxyState::Absent,
+            kube_proxy_daemon_set: "kube-system/kube-proxy".into(),
+            kube_proxy_cleanup: Cleanup::Active,
             counters: vec![Counter {
                 name: "connect_translated".into(),
                 value: 5,
@@ -367,6 +413,42 @@ mod tests {
     #[test]
     fn metrics_text() {
         insta::assert_snapshot!(sample().metrics());
+    }
+
+    #[test]
+    fn kube_proxy_line_and_metric() {
+        let mut st = sample();
+        st.kube_proxy = KubeProxyState::Installed;
+        st.kube_proxy_cleanup = Cleanup::HeldBack;
+        let text = st.render(false, 1_800_000_003);
+        assert!(
+            text.contains("KubeProxy:              installed (DaemonSet kube-system/kube-proxy), rules cleanup held back until kube-proxy is removed\n"),
+            "{text}"
+        );
+        let m = st.metrics();
+        assert!(m.contains("\nnetboot_kube_proxy_installed 1\n"), "{m}");
+        assert!(
+            m.contains("\nnetboot_datapath_kube_proxy_cleanup_held_back 1\n"),
+            "{m}"
+        );
+        st.kube_proxy = KubeProxyState::Unknown;
+        assert!(st.metrics().contains("\nnetboot_kube_proxy_installed 1\n"));
+        // An older agent's /v1/status without the fields still decodes.
+        let mut v = serde_json::to_value(sample()).unwrap();
+        for k in ["kubeProxy", "kubeProxyDaemonSet", "kubeProxyCleanup"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let old: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(old.kube_proxy, KubeProxyState::Unknown);
+        assert_eq!(
+            old.render(false, 0)
+                .lines()
+                .find(|l| l.starts_with("KubeProxy:")),
+            Some("KubeProxy:              unknown")
+        );
+        let js = serde_json::to_value(sample()).unwrap();
+        assert_eq!(js["kubeProxy"], "absent");
+        assert_eq!(js["kubeProxyCleanup"], "active");
     }
 
     #[test]

@@ -3,10 +3,18 @@
 //! cache), then the real agent against it with a kubeconfig whose server is a
 //! ClusterIP (10.96.0.1) — the agent must dial `apiServer` from config.yaml
 //! instead. Checks watchers → maps → traffic, updates (endpoints removed →
-//! ECONNREFUSED, Service deleted → untranslated) and the Node annotations.
+//! ECONNREFUSED, Service deleted → untranslated), the Node annotations, and
+//! the kube-proxy hand-off: while kube-proxy's DaemonSet exists the agent
+//! leaves KUBE-* rules in its rules netns; once it is deleted they are gone
+//! within seconds (at once, not at the next periodic check); re-created, the
+//! agent stops cleaning again.
 //!
-//! Run: `sudo cargo test -p netboot-datapath --test api_agent -- --ignored`
-//! (after `tests/cluster/build`; NETBOOT_CACHE overrides ~/.cache/netboot).
+//! Run: `sudo cargo test -p netboot-datapath --test api_agent` after
+//! `tests/cluster/build` (tests/run does it; NETBOOT_CACHE overrides
+//! ~/.cache/netboot). Without the binaries the test panics saying so.
+//! Everything is private: etcd and the API server listen on free loopback
+//! ports (never the shared local cluster's 6443/2379), so it runs alongside
+//! the other tests.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
 
@@ -17,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use netboot_datapath::handover::{self, RulesNetns};
 use support::*;
 
 #[test]
@@ -35,7 +44,13 @@ fn cached(kind: &str, name: &str) -> PathBuf {
         });
     let dir = cache.join(kind);
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e} (run tests/cluster/build first)", dir.display()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "api_agent needs {name} from the tests/cluster/build cache: {}: {e} \
+                 (run tests/cluster/build first; NETBOOT_CACHE overrides ~/.cache/netboot)",
+                dir.display()
+            )
+        })
         .flatten()
         .map(|e| e.path().join("bin").join(name))
         .filter(|p| p.exists())
@@ -43,7 +58,8 @@ fn cached(kind: &str, name: &str) -> PathBuf {
     found.sort();
     found.pop().unwrap_or_else(|| {
         panic!(
-            "{name} not found under {} (run tests/cluster/build first)",
+            "api_agent needs {name} from the tests/cluster/build cache: not found under {}/*/bin \
+             (run tests/cluster/build first; NETBOOT_CACHE overrides ~/.cache/netboot)",
             dir.display()
         )
     })
@@ -170,17 +186,17 @@ endpoints:
 ";
 
 #[test]
-#[ignore = "needs etcd and kube-apiserver built by tests/cluster/build; run with --ignored"]
 fn agent_against_a_real_api_server() {
-    require_privileges();
     let etcd = cached("etcd", "etcd");
     let apiserver = cached("k8s", "kube-apiserver");
     let kubectl_bin = cached("k8s", "kubectl");
+    require_privileges();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     pki(d);
 
-    let (ec, ep, ap) = (free_port(), free_port(), free_port());
+    let ports = free_ports(4);
+    let (ec, ep, ap, lp) = (ports[0], ports[1], ports[2], ports[3]);
     let _etcd = ChildGuard(Some(
         Command::new(&etcd)
             .args(["--name", "nbt-dp", "--data-dir"])
@@ -237,13 +253,13 @@ fn agent_against_a_real_api_server() {
     });
     kubectl.ok(&["apply", "-f", "-"], Some(OBJECTS));
 
-    let topo = Topology::new("api", 2);
+    let topo = Topology::new("apisrv", 2);
     let _servers = Servers::start(
         &topo.server,
         &[("be1", backend_ip(1), 8080), ("be2", backend_ip(2), 8080)],
     );
-    let cg = TestCgroup::new("api");
-    let pins = TestPins::new("api");
+    let cg = TestCgroup::new("apisrv");
+    let pins = TestPins::new("apisrv");
     std::fs::write(
         d.join("config.yaml"),
         format!("apiServer: {{host: 127.0.0.1, port: {ap}}}\nkubeProxyReplacement: true\ncleanupKubeProxyRules: true\n"),
@@ -251,36 +267,40 @@ fn agent_against_a_real_api_server() {
     .expect("config");
     // The credentials' server is the kubernetes ClusterIP: the agent must not use it.
     let agent_kc = kubeconfig(d, "https://10.96.0.1:443");
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{lp}");
+    let start_agent = |node_interval: &str, log: &str| {
+        Command::new(BIN)
+            .args([
+                "agent",
+                "--node-name",
+                "nbt-dp-node",
+                "--listen",
+                &listen,
+                "--node-interval",
+                node_interval,
+            ])
+            .arg("--config")
+            .arg(d.join("config.yaml"))
+            .arg("--kubeconfig")
+            .arg(&agent_kc)
+            .arg("--cgroup")
+            .arg(&cg.path)
+            .arg("--bpffs")
+            .arg(pins.pins.root())
+            .arg("--rules-netns")
+            .arg(topo.client.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(d.join(log)).expect("log"),
+            ))
+            .spawn()
+            .expect("agent")
+    };
     let t_agent = Instant::now();
-    let agent = Command::new(BIN)
-        .args([
-            "agent",
-            "--node-name",
-            "nbt-dp-node",
-            "--listen",
-            &listen,
-            "--node-interval",
-            "1",
-        ])
-        .arg("--config")
-        .arg(d.join("config.yaml"))
-        .arg("--kubeconfig")
-        .arg(&agent_kc)
-        .arg("--cgroup")
-        .arg(&cg.path)
-        .arg("--bpffs")
-        .arg(pins.pins.root())
-        .arg("--rules-netns")
-        .arg(topo.client.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(d.join("agent.log")).expect("log"),
-        ))
-        .spawn()
-        .expect("agent");
+    let agent = start_agent("1", "agent.log");
     let agent_pid = agent.id();
-    let _agent = ChildGuard(Some(agent));
+    let mut agent = ChildGuard(Some(agent));
     let ready = wait_ready(&listen, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(500));
     println!(
@@ -391,4 +411,158 @@ fn agent_against_a_real_api_server() {
     let (code, metrics) = http_get(&listen, "/metrics").expect("metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("netboot_datapath_services 1"), "{metrics}");
+
+    // kube-proxy hand-off.
+    let rules = RulesNetns::new(Some(&topo.client.path()));
+    let present = || handover::detect(&rules).expect("detect").present();
+    let write_rules = || {
+        in_ns(&topo.client, "iptables-nft-restore", &["-w"], Some(RULES));
+        assert!(present());
+    };
+    let st = || -> serde_json::Value {
+        let (_, body) = http_get(&listen, "/v1/status").expect("/v1/status");
+        serde_json::from_str(&body).expect("status json")
+    };
+    let agent_log = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
+    wait_for("kube-proxy known absent", Duration::from_secs(15), || {
+        st()["kubeProxy"] == "absent"
+    });
+    assert_eq!(st()["kubeProxyDaemonSet"], "kube-system/kube-proxy");
+    assert_eq!(st()["kubeProxyCleanup"], "active");
+    // Other DaemonSets (another name, or the name in another namespace) are not kube-proxy.
+    wait_for("namespace kube-system", Duration::from_secs(30), || {
+        kubectl.run(&["get", "namespace", "kube-system"], None).0
+    });
+    kubectl.ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "{}---\n{}",
+            daemon_set("default", "kube-proxy"),
+            daemon_set("kube-system", "kube-proxy-canary")
+        )),
+    );
+    write_rules();
+    wait_for(
+        "rules removed while only other DaemonSets exist",
+        Duration::from_secs(10),
+        || !present(),
+    );
+    assert_eq!(st()["kubeProxy"], "absent");
+
+    // kube-proxy installed: rules are left alone and reported present.
+    kubectl.ok(
+        &["apply", "-f", "-"],
+        Some(&daemon_set("kube-system", "kube-proxy")),
+    );
+    wait_for("kube-proxy seen installed", Duration::from_secs(15), || {
+        st()["kubeProxy"] == "installed"
+    });
+    write_rules();
+    let before = rules_only(&in_ns(&topo.client, "iptables-nft-save", &[], None));
+    wait_for("rules annotation present", Duration::from_secs(15), || {
+        ann("netboot.io/kube-proxy-rules") == "present"
+    });
+    std::thread::sleep(Duration::from_secs(3)); // 3 node intervals
+    assert_eq!(
+        rules_only(&in_ns(&topo.client, "iptables-nft-save", &[], None)),
+        before,
+        "rules touched while kube-proxy is installed:\n{}",
+        agent_log("agent.log")
+    );
+    let s = st();
+    assert_eq!(s["kubeProxyCleanup"], "held-back", "{s}");
+    assert_eq!(s["kubeProxyRules"], "present", "{s}");
+    let (_, metrics) = http_get(&listen, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("\nnetboot_kube_proxy_installed 1\n"),
+        "{metrics}"
+    );
+
+    // Deleted: gone within seconds.
+    let t = Instant::now();
+    kubectl.ok(
+        &["delete", "daemonset", "-n", "kube-system", "kube-proxy"],
+        None,
+    );
+    wait_for(
+        "rules removed after kube-proxy's deletion",
+        Duration::from_secs(5),
+        || !present(),
+    );
+    let gone = t.elapsed();
+    wait_for("rules annotation absent", Duration::from_secs(10), || {
+        ann("netboot.io/kube-proxy-rules") == "absent"
+    });
+    let (_, metrics) = http_get(&listen, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("\nnetboot_kube_proxy_installed 0\n"),
+        "{metrics}"
+    );
+
+    // Re-created (a human, or a rollback): cleaning stops again.
+    kubectl.ok(
+        &["apply", "-f", "-"],
+        Some(&daemon_set("kube-system", "kube-proxy")),
+    );
+    wait_for(
+        "kube-proxy seen re-installed",
+        Duration::from_secs(15),
+        || st()["kubeProxy"] == "installed",
+    );
+    write_rules();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(present(), "rules removed after kube-proxy came back");
+
+    // The deletion wakes the agent: with a 30 s check interval, rules still
+    // go within seconds of the DaemonSet's deletion.
+    drop(agent.0.take().map(|mut c| {
+        let _ = c.kill();
+        c.wait()
+    }));
+    agent = ChildGuard(Some(start_agent("30", "agent-slow.log")));
+    wait_ready(&listen, Duration::from_secs(30));
+    wait_for(
+        "restarted agent sees kube-proxy",
+        Duration::from_secs(15),
+        || st()["kubeProxy"] == "installed",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        present(),
+        "restarted agent removed rules of an installed kube-proxy"
+    );
+    let t = Instant::now();
+    kubectl.ok(
+        &["delete", "daemonset", "-n", "kube-system", "kube-proxy"],
+        None,
+    );
+    wait_for(
+        "rules removed after deletion, without waiting for the 30 s interval",
+        Duration::from_secs(5),
+        || !present(),
+    );
+    let woken = t.elapsed();
+    assert!(
+        agent_log("agent-slow.log").contains("kube-proxy state changed"),
+        "{}",
+        agent_log("agent-slow.log")
+    );
+    println!(
+        "NUMBERS api: kube-proxy DaemonSet deleted → rules removed in {gone:?} (1 s interval), {woken:?} (30 s interval)"
+    );
+    drop(agent);
+}
+
+fn daemon_set(namespace: &str, name: &str) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {{name: {name}, namespace: {namespace}, labels: {{k8s-app: kube-proxy}}}}
+spec:
+  selector: {{matchLabels: {{k8s-app: kube-proxy}}}}
+  template:
+    metadata: {{labels: {{k8s-app: kube-proxy}}}}
+    spec: {{containers: [{{name: kube-proxy, image: registry.k8s.io/kube-proxy:v1.36.3}}]}}
+"
+    )
 }

@@ -4,14 +4,18 @@
 //! nftables table. Needs root, iptables (legacy + nft) and nft; never touches
 //! the root namespace.
 //!
+//! Also the agent's side: with kube-proxy installed (`--kube-proxy-present`)
+//! it leaves the rules in its rules netns and reports them `present`; without
+//! it removes them.
+//!
 //! Run: `sudo cargo test -p netboot-datapath --test handover_rules`
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
 
 mod support;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use netboot_datapath::handover::{self, RulesNetns};
 use support::*;
@@ -19,80 +23,6 @@ use support::*;
 #[test]
 fn helper() {
     support::helper_main();
-}
-
-/// What kube-proxy (iptables mode) leaves, plus foreign rules that must survive.
-const RULES: &str = "*nat
-:PREROUTING ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:KUBE-SERVICES - [0:0]
-:KUBE-POSTROUTING - [0:0]
-:KUBE-MARK-MASQ - [0:0]
-:KUBE-SVC-TCOU7JCQXEZGVUNU - [0:0]
-:KUBE-SEP-AAAAAAAAAAAAAAAA - [0:0]
-:FOREIGN-NAT - [0:0]
--A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
--A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE
--A FOREIGN-NAT -p tcp --dport 2222 -j RETURN
--A KUBE-SERVICES -d 10.96.0.10/32 -p udp -m udp --dport 53 -j KUBE-SVC-TCOU7JCQXEZGVUNU
--A KUBE-SVC-TCOU7JCQXEZGVUNU -j KUBE-SEP-AAAAAAAAAAAAAAAA
--A KUBE-SEP-AAAAAAAAAAAAAAAA -p udp -m udp -j DNAT --to-destination 10.244.1.2:53
--A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
--A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE
-COMMIT
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:KUBE-FIREWALL - [0:0]
-:KUBE-FORWARD - [0:0]
--A INPUT -j KUBE-FIREWALL
--A INPUT -p tcp --dport 2222 -j ACCEPT
--A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
--A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
--A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP
-COMMIT
-*mangle
-:PREROUTING ACCEPT [0:0]
-:KUBE-KUBELET-CANARY - [0:0]
--A PREROUTING -p tcp --dport 2223 -j ACCEPT
-COMMIT
-";
-
-fn in_ns(ns: &Netns, prog: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.name, prog]).args(args);
-    c.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut ch = c.spawn().unwrap_or_else(|e| panic!("{prog}: {e}"));
-    if let (Some(s), Some(mut w)) = (stdin, ch.stdin.take()) {
-        w.write_all(s.as_bytes()).expect("stdin");
-    }
-    let out = ch.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn rules_only(save: &str) -> Vec<String> {
-    save.lines()
-        .filter(|l| l.starts_with("-A ") || l.starts_with(':') || l.starts_with('*'))
-        .map(|l| {
-            // Drop counters "[0:0]" from chain declarations.
-            l.split(" [").next().unwrap_or(l).to_string()
-        })
-        .collect()
 }
 
 fn check_backend(tag: &str, save: &str, restore: &str, with_nft_table: bool) {
@@ -193,4 +123,163 @@ fn cleanup_removes_exactly_kube_proxy_rules_legacy() {
 #[test]
 fn cleanup_removes_exactly_kube_proxy_rules_nft_and_nft_table() {
     check_backend("nft", "iptables-nft-save", "iptables-nft-restore", true);
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
+
+/// A real agent (static Services, replace mode, cleanup on, 1 s node
+/// interval) whose rules netns is `ns`.
+fn start_agent(
+    dir: &std::path::Path,
+    ns: &Netns,
+    cg: &TestCgroup,
+    pins: &TestPins,
+    listen: &str,
+    kube_proxy_present: bool,
+) -> ChildGuard {
+    std::fs::write(
+        dir.join("config.yaml"),
+        "apiServer: {host: 127.0.0.1, port: 6443}\nkubeProxyReplacement: true\ncleanupKubeProxyRules: true\n",
+    )
+    .expect("config");
+    std::fs::write(dir.join("static.yaml"), "# no Services\n").expect("static");
+    let mut c = Command::new(BIN);
+    c.args(["agent", "--node-name", "test-node", "--listen", listen])
+        .args(["--node-interval", "1"])
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .arg("--static-services")
+        .arg(dir.join("static.yaml"))
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .arg("--bpffs")
+        .arg(pins.pins.root())
+        .arg("--rules-netns")
+        .arg(ns.path())
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .env_remove("NETBOOT_KUBE_PROXY_PRESENT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("agent.log")).expect("log"),
+        ));
+    if kube_proxy_present {
+        c.arg("--kube-proxy-present");
+    }
+    ChildGuard(Some(c.spawn().expect("spawn agent")))
+}
+
+fn status(listen: &str) -> serde_json::Value {
+    let (code, body) = http_get(listen, "/v1/status").expect("/v1/status");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status json")
+}
+
+fn log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+}
+
+/// A netns holding kube-proxy's rules (nft backend) and its nft table, plus
+/// foreign rules; returns it with its `iptables-nft-save` lines.
+fn kube_proxy_netns(tag: &str) -> (Netns, Vec<String>) {
+    let ns = Netns::new(&format!("nbt-dp-hoa-{tag}"));
+    in_ns(&ns, "iptables-nft-restore", &[], Some(RULES));
+    in_ns(&ns, "nft", &["add", "table", "ip", "kube-proxy"], None);
+    let before = rules_only(&in_ns(&ns, "iptables-nft-save", &[], None));
+    (ns, before)
+}
+
+#[test]
+fn agent_leaves_rules_while_kube_proxy_is_present() {
+    require_privileges();
+    let (ns, before) = kube_proxy_netns("present");
+    let cg = TestCgroup::new("hoa-present");
+    let pins = TestPins::new("hoa-present");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = start_agent(dir.path(), &ns, &cg, &pins, &listen, true);
+    wait_ready(&listen, Duration::from_secs(30));
+    let t = Instant::now();
+    while status(&listen)["kubeProxyRules"] != "present" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "rules never reported present: {}\n{}",
+            status(&listen),
+            log(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Several node intervals (1 s) pass: nothing is removed.
+    std::thread::sleep(Duration::from_millis(3500));
+    let after = rules_only(&in_ns(&ns, "iptables-nft-save", &[], None));
+    assert_eq!(after, before, "rules changed while kube-proxy is present");
+    let tables = in_ns(&ns, "nft", &["list", "tables"], None);
+    assert!(tables.contains("table ip kube-proxy"), "{tables}");
+    let st = status(&listen);
+    assert_eq!(st["kubeProxy"], "installed", "{st}");
+    assert_eq!(st["kubeProxyCleanup"], "held-back", "{st}");
+    assert_eq!(st["kubeProxyRules"], "present", "{st}");
+    assert_eq!(st["kubeProxyRulesRemoved"], 0, "{st}");
+    let (_, metrics) = http_get(&listen, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("\nnetboot_kube_proxy_installed 1\n")
+            && metrics.contains("\nnetboot_datapath_kube_proxy_rules_present 1\n")
+            && metrics.contains("\nnetboot_datapath_kube_proxy_cleanup_held_back 1\n"),
+        "{metrics}"
+    );
+    let out = Command::new(BIN)
+        .args(["status", "--verbose", "--agent", &listen])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("KubeProxy:              installed, rules cleanup held back")
+            && text.contains("KubeProxy rules:        present"),
+        "{text}"
+    );
+}
+
+#[test]
+fn agent_removes_rules_when_kube_proxy_is_absent() {
+    require_privileges();
+    let (ns, before) = kube_proxy_netns("absent");
+    let cg = TestCgroup::new("hoa-absent");
+    let pins = TestPins::new("hoa-absent");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = start_agent(dir.path(), &ns, &cg, &pins, &listen, false);
+    wait_ready(&listen, Duration::from_secs(30));
+    let rules = RulesNetns::new(Some(&ns.path()));
+    let t = Instant::now();
+    while handover::detect(&rules).expect("detect").present() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "kube-proxy rules not removed: {}\n{}",
+            status(&listen),
+            log(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = rules_only(&in_ns(&ns, "iptables-nft-save", &[], None));
+    let expected: Vec<String> = before
+        .iter()
+        .filter(|l| !l.contains("KUBE-"))
+        .cloned()
+        .collect();
+    assert_eq!(after, expected, "only kube-proxy's lines may go");
+    let t = Instant::now();
+    while status(&listen)["kubeProxyRules"] != "absent" {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", status(&listen));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = status(&listen);
+    assert_eq!(st["kubeProxy"], "absent", "{st}");
+    assert_eq!(st["kubeProxyCleanup"], "active", "{st}");
+    assert!(st["kubeProxyRulesRemoved"].as_u64() > Some(0), "{st}");
+    let (_, metrics) = http_get(&listen, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("\nnetboot_kube_proxy_installed 0\n")
+            && metrics.contains("\nnetboot_datapath_kube_proxy_cleanup_held_back 0\n"),
+        "{metrics}"
+    );
 }

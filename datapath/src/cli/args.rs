@@ -72,6 +72,14 @@ pub struct AgentArgs {
     /// Seconds between kube-proxy rule checks / Node annotation refreshes.
     #[arg(long, env = "NETBOOT_NODE_INTERVAL", default_value_t = 30, hide = true)]
     pub node_interval: u64,
+    /// With --static-services: treat kube-proxy as installed (its rules are never removed).
+    #[arg(
+        long,
+        env = "NETBOOT_KUBE_PROXY_PRESENT",
+        hide = true,
+        requires = "static_services"
+    )]
+    pub kube_proxy_present: bool,
 }
 
 /// Output format.

@@ -540,3 +540,96 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// What kube-proxy (iptables mode) leaves, plus foreign rules that must survive.
+pub const RULES: &str = "*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-TCOU7JCQXEZGVUNU - [0:0]
+:KUBE-SEP-AAAAAAAAAAAAAAAA - [0:0]
+:FOREIGN-NAT - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE
+-A FOREIGN-NAT -p tcp --dport 2222 -j RETURN
+-A KUBE-SERVICES -d 10.96.0.10/32 -p udp -m udp --dport 53 -j KUBE-SVC-TCOU7JCQXEZGVUNU
+-A KUBE-SVC-TCOU7JCQXEZGVUNU -j KUBE-SEP-AAAAAAAAAAAAAAAA
+-A KUBE-SEP-AAAAAAAAAAAAAAAA -p udp -m udp -j DNAT --to-destination 10.244.1.2:53
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A INPUT -p tcp --dport 2222 -j ACCEPT
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A KUBE-FORWARD -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+-A PREROUTING -p tcp --dport 2223 -j ACCEPT
+COMMIT
+";
+
+pub fn in_ns(ns: &Netns, prog: &str, args: &[&str], stdin: Option<&str>) -> String {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name, prog]).args(args);
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut ch = c.spawn().unwrap_or_else(|e| panic!("{prog}: {e}"));
+    if let (Some(s), Some(mut w)) = (stdin, ch.stdin.take()) {
+        w.write_all(s.as_bytes()).expect("stdin");
+    }
+    let out = ch.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn rules_only(save: &str) -> Vec<String> {
+    save.lines()
+        .filter(|l| l.starts_with("-A ") || l.starts_with(':') || l.starts_with('*'))
+        .map(|l| {
+            // Drop counters "[0:0]" from chain declarations.
+            l.split(" [").next().unwrap_or(l).to_string()
+        })
+        .collect()
+}
+
+/// `n` distinct free ports on 127.0.0.1, none of the shared local cluster's
+/// (6443 API server, 2379/2380 etcd, 10250-10260 components): all are held
+/// until every one is chosen, so they differ from each other.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    const SHARED: std::ops::RangeInclusive<u16> = 10250..=10260;
+    let mut held = Vec::new();
+    while held.len() < n {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        if [6443, 2379, 2380].contains(&port) || SHARED.contains(&port) {
+            continue;
+        }
+        held.push(l);
+    }
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}

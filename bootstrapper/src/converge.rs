@@ -64,6 +64,7 @@ pub enum HandoverPlan {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub cluster: String,
     pub revision: String,
@@ -78,6 +79,7 @@ pub struct Plan {
 
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Outcome {
     pub plan: Plan,
     pub applied: ChangeSet,
@@ -224,36 +226,37 @@ fn stale_objects(inv: Option<&Inventory>, desired: &[Manifest]) -> Vec<crate::ma
 
 /// Runs the whole job.
 pub async fn apply(conn: &Connection, s: &Settings) -> Result<Outcome, ConvergeError> {
-    let (plan, desired, spec, inv) = plan(conn, s).await?;
-    if plan.noop {
-        return Ok(Outcome {
-            plan,
-            applied: ChangeSet::default(),
-            handover: vec![],
-            validation: None,
-            rolled_back: false,
-            exit_code: 0,
-        });
+    let (first, desired, spec, _) = plan(conn, s).await?;
+    if first.noop {
+        return Ok(noop(first));
     }
     let client = &conn.client;
     // The namespace first: the lock lives in it.
     if let Some(ns) = desired.iter().find(|m| m.id().kind == "Namespace") {
-        apply::apply(
-            client,
-            std::slice::from_ref(ns),
-            &ApplyOptions {
-                dry_run: false,
-                force: false,
-            },
-        )
-        .await?;
+        apply::apply(client, std::slice::from_ref(ns), &ApplyOptions::default()).await?;
     }
     let lock = lock::acquire(client, &spec.namespace, s.lock_wait).await?;
-    let result = apply_locked(conn, s, &spec, plan, &desired, inv).await;
+    // Plan again under the lock: another netboot may have changed the cluster while we waited.
+    let result = match plan(conn, s).await {
+        Ok((again, _, _, _)) if again.noop => Ok(noop(again)),
+        Ok((again, desired, spec, inv)) => apply_locked(conn, s, &spec, again, &desired, inv).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = lock.release().await {
         tracing::warn!("releasing the lock: {e}");
     }
     result
+}
+
+fn noop(plan: Plan) -> Outcome {
+    Outcome {
+        plan,
+        applied: ChangeSet::default(),
+        handover: vec![],
+        validation: None,
+        rolled_back: false,
+        exit_code: 0,
+    }
 }
 
 async fn apply_locked(
@@ -266,8 +269,6 @@ async fn apply_locked(
 ) -> Result<Outcome, ConvergeError> {
     let client = &conn.client;
     let events = Events::new(client, &spec.namespace);
-    // Re-read under the lock: another netboot may have changed the cluster while we waited.
-    let previous = inventory::load(client, &spec.namespace).await?.or(previous);
     let held = plan.handover == HandoverPlan::HeldAfterRollback;
     let mut applied = match apply::apply(
         client,
@@ -305,7 +306,7 @@ async fn apply_locked(
     }
 
     let rollout = Duration::from_secs(u64::from(spec.validation.rollout_timeout_seconds));
-    println!("waiting for the agents to roll out …");
+    eprintln!("waiting for the agents to roll out …");
     if let Err(e) = wait::agents_rolled_out(client, &spec.namespace, rollout).await {
         events.warn("RolloutFailed", &e.to_string()).await;
         return Err(e.into());
@@ -315,7 +316,7 @@ async fn apply_locked(
     let mut handed_over = false;
     match plan.handover {
         HandoverPlan::Replace => {
-            println!("kube-proxy handover:");
+            eprintln!("kube-proxy handover:");
             let opts = HandoverOptions {
                 namespace: spec.namespace.clone(),
                 cluster: spec.name.clone(),
@@ -355,7 +356,12 @@ async fn apply_locked(
                 });
             }
             handed_over = true;
-            events.normal("HandoverComplete", "kube-proxy removed; every node reports KubeProxyReplacement=true and its KUBE-* rules cleared").await;
+            events
+                .normal(
+                    "HandoverComplete",
+                    "kube-proxy removed; every node reports KubeProxyReplacement=true and its KUBE-* rules cleared",
+                )
+                .await;
         }
         HandoverPlan::Restore => {
             let restored = restore_kube_proxy(client, &spec.namespace).await?;
@@ -374,7 +380,7 @@ async fn apply_locked(
     let validation = if s.skip_validation && !handed_over {
         None
     } else {
-        println!("validating …");
+        eprintln!("validating …");
         let report = validate::validate(
             client,
             spec,
@@ -476,7 +482,7 @@ async fn rollback(
     events: &Events,
 ) -> Result<(), ConvergeError> {
     let client = &conn.client;
-    println!("rolling back: restoring kube-proxy and switching agents to coexist …");
+    eprintln!("rolling back: restoring kube-proxy and switching agents to coexist …");
     let restored = restore_kube_proxy(client, &spec.namespace).await?;
     let mut coexist = spec.clone();
     coexist.datapath.kube_proxy_replacement = false;

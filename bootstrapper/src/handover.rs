@@ -96,6 +96,7 @@ impl HandoverError {
 
 /// What of kube-proxy is in the cluster.
 #[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KubeProxyState {
     pub daemon_set: bool,
     pub config_map: bool,
@@ -169,6 +170,7 @@ pub fn strip_server_fields(mut v: Value) -> Value {
 
 /// The stored copy of kube-proxy.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Backup {
     pub daemon_set: Option<Value>,
     pub config_map: Option<Value>,
@@ -333,7 +335,7 @@ pub async fn replace_kube_proxy(
     records: &mut Vec<StepRecord>,
 ) -> Result<(), HandoverError> {
     let mut done = |name: &str, message: String| {
-        println!(
+        eprintln!(
             "  ✓ {name}{}",
             if message.is_empty() {
                 String::new()

@@ -56,6 +56,7 @@ pub enum ManifestError {
 
 /// Kind, namespace and name: how objects are identified and ordered.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ObjectId {
     pub api_version: String,
     pub kind: String,
@@ -362,8 +363,18 @@ mod tests {
 
     #[test]
     fn hash_ignores_key_order_and_itself() {
-        let a = Manifest::from_rendered("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n}\ndata: {a: '1', b: '2'}\n", "t", "c").unwrap();
-        let b = Manifest::from_rendered("kind: ConfigMap\ndata: {b: '2', a: '1'}\nmetadata: {namespace: n, name: w}\napiVersion: v1\n", "t", "c").unwrap();
+        let a = Manifest::from_rendered(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n}\ndata: {a: '1', b: '2'}\n",
+            "t",
+            "c",
+        )
+        .unwrap();
+        let b = Manifest::from_rendered(
+            "kind: ConfigMap\ndata: {b: '2', a: '1'}\nmetadata: {namespace: n, name: w}\napiVersion: v1\n",
+            "t",
+            "c",
+        )
+        .unwrap();
         assert_eq!(a.hash(), b.hash());
         assert!(a.hash().starts_with("sha256:"));
         assert_eq!(canonical_hash(&a.object), a.hash());

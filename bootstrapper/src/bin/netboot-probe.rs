@@ -98,18 +98,26 @@ fn main() -> ExitCode {
 }
 
 fn check(args: CheckArgs) -> Result<()> {
-    let plan: netboot::probe::Plan = serde_json::from_str(&args.plan).context("--plan is not a valid plan")?;
+    let plan: netboot::probe::Plan =
+        serde_json::from_str(&args.plan).context("--plan is not a valid plan")?;
     let report = netboot::probe::run(&plan);
     let json = serde_json::to_string(&report)?;
     println!("{json}");
     // The termination message is capped at 4096 bytes; a report that cannot be written is still on stdout.
     if let Err(e) = std::fs::write(&args.termination_log, &json) {
-        eprintln!("netboot-probe: writing {}: {e}", args.termination_log.display());
+        eprintln!(
+            "netboot-probe: writing {}: {e}",
+            args.termination_log.display()
+        );
     }
     if report.ok() {
         Ok(())
     } else {
-        bail!("{} of {} checks failed", report.outcomes.iter().filter(|o| !o.ok).count(), report.outcomes.len())
+        bail!(
+            "{} of {} checks failed",
+            report.outcomes.iter().filter(|o| !o.ok).count(),
+            report.outcomes.len()
+        )
     }
 }
 

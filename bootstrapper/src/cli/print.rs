@@ -126,7 +126,10 @@ pub fn outcome(o: &Outcome) -> String {
         out.push_str(&validate::format_table(v));
     }
     if o.rolled_back {
-        let _ = writeln!(out, "\nvalidation failed: kube-proxy was restored from the backup and the agents are in coexist mode");
+        let _ = writeln!(
+            out,
+            "\nvalidation failed: kube-proxy was restored from the backup and the agents are in coexist mode"
+        );
     }
     out
 }

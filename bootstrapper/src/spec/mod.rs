@@ -333,9 +333,11 @@ fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
         let node = c.require(&meta, "name")?;
         let name = c.nonempty(node, "metadata.name")?;
         if !is_dns_label(&name) {
-            c.error(node.pos, "metadata.name", format!(
-                "`{name}` is not a valid name: use lowercase letters, digits and '-', at most 63 characters"
-            ));
+            c.error(
+                node.pos,
+                "metadata.name",
+                format!("`{name}` is not a valid name: use lowercase letters, digits and '-', at most 63 characters"),
+            );
         }
         Some(name)
     });
@@ -527,13 +529,17 @@ pub(crate) fn check_host(
     if let Ok(ip) = host.parse::<IpAddr>() {
         if let Some(cluster) = cluster {
             if cluster.service_cidr.contains(&ip) {
-                c.error(n.pos, path, format!(
-                    "{ip} is inside the cluster's Service CIDR {}: it is a ClusterIP (the `kubernetes` Service), \
+                c.error(
+                    n.pos,
+                    path,
+                    format!(
+                        "{ip} is inside the cluster's Service CIDR {}: it is a ClusterIP (the `kubernetes` Service), \
                      reachable only through kube-proxy or the datapath itself — once kube-proxy is removed the \
                      agent could not reach the API server and could not start. Use the API server's real address \
                      (a node IP, a load balancer or a stable DNS name)",
-                    cluster.service_cidr
-                ));
+                        cluster.service_cidr
+                    ),
+                );
                 return None;
             }
         }
@@ -619,9 +625,11 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
             || v.rsplit('/').next().is_some_and(|last| last.contains(':'))
         {
             if let Some(node) = s.get("image") {
-                c.error(node.pos, &s.child("image"), format!(
-                    "`{v}` must be an image repository without tag or digest (the tag goes in `version`)"
-                ));
+                c.error(
+                    node.pos,
+                    &s.child("image"),
+                    format!("`{v}` must be an image repository without tag or digest (the tag goes in `version`)"),
+                );
             }
             ok = false;
         }
@@ -710,8 +718,12 @@ fn decode_kube_proxy(c: &mut Checker, n: &Node, path: &str, replace: bool) -> Op
     if let Some(v) = opt(c, &s, "remove", Checker::boolean) {
         if v && !replace {
             if let Some(node) = s.get("remove") {
-                c.error(node.pos, &s.child("remove"), "kube-proxy can only be removed when \
-                    `spec.datapath.kubeProxyReplacement` is true; in coexist mode it keeps serving Services");
+                c.error(
+                    node.pos,
+                    &s.child("remove"),
+                    "kube-proxy can only be removed when \
+                    `spec.datapath.kubeProxyReplacement` is true; in coexist mode it keeps serving Services",
+                );
             }
             return None;
         }
@@ -810,9 +822,13 @@ fn decode_reconcile(c: &mut Checker, n: &Node, path: &str, name: &str) -> Option
         let url = c.nonempty(n, &s.child("repo"))?;
         let known = ["https://", "http://", "ssh://", "file://", "git@"];
         if !known.iter().any(|p| url.starts_with(p)) && !url.starts_with('/') {
-            c.error(n.pos, &s.child("repo"), format!(
-                "`{url}` is not a git URL (expected https://, ssh://, git@host:path, file:// or an absolute path)"
-            ));
+            c.error(
+                n.pos,
+                &s.child("repo"),
+                format!(
+                    "`{url}` is not a git URL (expected https://, ssh://, git@host:path, file:// or an absolute path)"
+                ),
+            );
             return None;
         }
         Some(url)
@@ -855,10 +871,14 @@ fn interval(c: &mut Checker, n: &Node, path: &str) -> Option<(u64, String)> {
         _ => None,
     };
     if result.is_none() {
-        c.error(n.pos, path, format!(
-            "`{text}` is not a supported interval: use minutes that divide an hour (1m, 5m, 10m, 15m, 30m) \
+        c.error(
+            n.pos,
+            path,
+            format!(
+                "`{text}` is not a supported interval: use minutes that divide an hour (1m, 5m, 10m, 15m, 30m) \
              or hours that divide a day (1h, 2h, 6h, 12h, 24h)"
-        ));
+            ),
+        );
     }
     result
 }

@@ -53,37 +53,133 @@ fn coexist_keeps_kube_proxy_by_default() {
 #[test]
 fn malformed_specs_point_at_the_right_line() {
     let table: &[(&str, String, &str)] = &[
-        ("unknown field with suggestion", GOOD.replace("  apiServer:", "  apiserver:"), "t.yaml:9:3: spec.apiserver: unknown field; did you mean `apiServer`?"),
-        ("wrong type", GOOD.replace("port: 6443", "port: [1]"), "t.yaml:11:11: spec.apiServer.port: expected an integer, found list"),
-        ("port out of range", GOOD.replace("port: 6443", "port: 70000"), "t.yaml:11:11: spec.apiServer.port: 70000 is out of range (1..=65535)"),
+        (
+            "unknown field with suggestion",
+            GOOD.replace("  apiServer:", "  apiserver:"),
+            "t.yaml:9:3: spec.apiserver: unknown field; did you mean `apiServer`?",
+        ),
+        (
+            "wrong type",
+            GOOD.replace("port: 6443", "port: [1]"),
+            "t.yaml:11:11: spec.apiServer.port: expected an integer, found list",
+        ),
+        (
+            "port out of range",
+            GOOD.replace("port: 6443", "port: 70000"),
+            "t.yaml:11:11: spec.apiServer.port: 70000 is out of range (1..=65535)",
+        ),
         ("port zero", GOOD.replace("port: 6443", "port: 0"), "t.yaml:11:11: spec.apiServer.port: 0 is out of range"),
-        ("ClusterIP as API host", GOOD.replace("172.18.0.2", "10.96.0.1"), "t.yaml:10:11: spec.apiServer.host: 10.96.0.1 is inside the cluster's Service CIDR 10.96.0.0/16"),
-        ("URL as host", GOOD.replace("172.18.0.2", "https://api.example.com:6443"), "t.yaml:10:11: spec.apiServer.host: `https://api.example.com:6443` is a URL"),
+        (
+            "ClusterIP as API host",
+            GOOD.replace("172.18.0.2", "10.96.0.1"),
+            "t.yaml:10:11: spec.apiServer.host: 10.96.0.1 is inside the cluster's Service CIDR 10.96.0.0/16",
+        ),
+        (
+            "URL as host",
+            GOOD.replace("172.18.0.2", "https://api.example.com:6443"),
+            "t.yaml:10:11: spec.apiServer.host: `https://api.example.com:6443` is a URL",
+        ),
         ("empty host", GOOD.replace("172.18.0.2", "\"\""), "t.yaml:10:11: spec.apiServer.host: must not be empty"),
-        ("host with port", GOOD.replace("172.18.0.2", "api.example.com:6443"), "t.yaml:10:11: spec.apiServer.host: `api.example.com:6443` contains ':'"),
-        ("bad CIDR", GOOD.replace("10.244.0.0/16", "10.244.0.0/33"), "t.yaml:8:14: spec.cluster.podCIDR: `10.244.0.0/33` is not a CIDR"),
-        ("CIDR with host bits", GOOD.replace("10.96.0.0/16", "10.96.0.1/16"), "t.yaml:7:18: spec.cluster.serviceCIDR: `10.96.0.1/16` has host bits set; did you mean `10.96.0.0/16`?"),
-        ("overlapping CIDRs", GOOD.replace("10.244.0.0/16", "10.96.128.0/17"), "t.yaml:8:14: spec.cluster.podCIDR: 10.96.128.0/17 overlaps serviceCIDR 10.96.0.0/16"),
-        ("missing name", GOOD.replace("  name: t\n", "  labels: {}\n"), "t.yaml:3:1: metadata.name: required field is missing"),
-        ("bad name", GOOD.replace("name: t", "name: Prod_1"), "t.yaml:4:9: metadata.name: `Prod_1` is not a valid name"),
+        (
+            "host with port",
+            GOOD.replace("172.18.0.2", "api.example.com:6443"),
+            "t.yaml:10:11: spec.apiServer.host: `api.example.com:6443` contains ':'",
+        ),
+        (
+            "bad CIDR",
+            GOOD.replace("10.244.0.0/16", "10.244.0.0/33"),
+            "t.yaml:8:14: spec.cluster.podCIDR: `10.244.0.0/33` is not a CIDR",
+        ),
+        (
+            "CIDR with host bits",
+            GOOD.replace("10.96.0.0/16", "10.96.0.1/16"),
+            "t.yaml:7:18: spec.cluster.serviceCIDR: `10.96.0.1/16` has host bits set; did you mean `10.96.0.0/16`?",
+        ),
+        (
+            "overlapping CIDRs",
+            GOOD.replace("10.244.0.0/16", "10.96.128.0/17"),
+            "t.yaml:8:14: spec.cluster.podCIDR: 10.96.128.0/17 overlaps serviceCIDR 10.96.0.0/16",
+        ),
+        (
+            "missing name",
+            GOOD.replace("  name: t\n", "  labels: {}\n"),
+            "t.yaml:3:1: metadata.name: required field is missing",
+        ),
+        (
+            "bad name",
+            GOOD.replace("name: t", "name: Prod_1"),
+            "t.yaml:4:9: metadata.name: `Prod_1` is not a valid name",
+        ),
         ("empty file", String::new(), "t.yaml:1:1: file is empty; expected a ClusterNetwork"),
         ("comments only", "# nothing\n".to_string(), "t.yaml:1:1: file is empty"),
         ("not YAML", "spec: [unclosed\nfoo: {\n".to_string(), "t.yaml:"),
         ("not a mapping", "- a\n- b\n".to_string(), "t.yaml:1:1: expected a mapping, found list"),
         ("two documents", format!("{GOOD}---\n{GOOD}"), "t.yaml:13:1: file holds 2 YAML documents"),
-        ("unknown provider", format!("{GOOD}  datapath:\n    provider: calico\n"), "t.yaml:13:15: spec.datapath.provider: `calico` is not one of: netboot, cilium"),
-        ("cilium reserved", format!("{GOOD}  datapath:\n    provider: cilium\n"), "t.yaml:13:15: spec.datapath.provider: provider `cilium` is not yet supported"),
-        ("wrong kind", GOOD.replace("kind: ClusterNetwork", "kind: Cluster"), "t.yaml:2:7: kind: `Cluster` is not supported; expected `ClusterNetwork`"),
-        ("wrong apiVersion", GOOD.replace("netboot.io/v1alpha1", "v1"), "t.yaml:1:13: apiVersion: `v1` is not supported"),
-        ("string for boolean", format!("{GOOD}  datapath:\n    kubeProxyReplacement: \"yes\"\n"), "t.yaml:13:27: spec.datapath.kubeProxyReplacement: expected a boolean (true or false), found string"),
-        ("unknown check", format!("{GOOD}  validation:\n    skip: [dnss]\n"), "t.yaml:13:12: spec.validation.skip[0]: `dnss` is not one of: kube-proxy, agents"),
-        ("remove in coexist", format!("{GOOD}  datapath:\n    kubeProxyReplacement: false\n  kubeProxy:\n    remove: true\n"), "t.yaml:15:13: spec.kubeProxy.remove: kube-proxy can only be removed"),
-        ("remove without backup", format!("{GOOD}  kubeProxy:\n    backup: false\n"), "t.yaml:13:13: spec.kubeProxy.backup: removing kube-proxy without a backup"),
-        ("bad interval", format!("{GOOD}  reconcile:\n    repo: https://x/y.git\n    interval: 7m\n"), "t.yaml:14:15: spec.reconcile.interval: `7m` is not a supported interval"),
-        ("bad repo", format!("{GOOD}  reconcile:\n    repo: x/y\n"), "t.yaml:13:11: spec.reconcile.repo: `x/y` is not a git URL"),
-        ("map size too small", format!("{GOOD}  datapath:\n    mapSizes:\n      services: 10\n"), "t.yaml:14:17: spec.datapath.mapSizes.services: 10 is out of range"),
-        ("duplicate field", GOOD.replace("    port: 6443", "    port: 6443\n    port: 6444"), "t.yaml:12:5: spec.apiServer.port: duplicate field"),
-        ("image with tag", format!("{GOOD}  datapath:\n    image: ghcr.io/x/agent:1.0\n"), "t.yaml:13:12: spec.datapath.image: `ghcr.io/x/agent:1.0` must be an image repository without tag"),
+        (
+            "unknown provider",
+            format!("{GOOD}  datapath:\n    provider: calico\n"),
+            "t.yaml:13:15: spec.datapath.provider: `calico` is not one of: netboot, cilium",
+        ),
+        (
+            "cilium reserved",
+            format!("{GOOD}  datapath:\n    provider: cilium\n"),
+            "t.yaml:13:15: spec.datapath.provider: provider `cilium` is not yet supported",
+        ),
+        (
+            "wrong kind",
+            GOOD.replace("kind: ClusterNetwork", "kind: Cluster"),
+            "t.yaml:2:7: kind: `Cluster` is not supported; expected `ClusterNetwork`",
+        ),
+        (
+            "wrong apiVersion",
+            GOOD.replace("netboot.io/v1alpha1", "v1"),
+            "t.yaml:1:13: apiVersion: `v1` is not supported",
+        ),
+        (
+            "string for boolean",
+            format!("{GOOD}  datapath:\n    kubeProxyReplacement: \"yes\"\n"),
+            "t.yaml:13:27: spec.datapath.kubeProxyReplacement: expected a boolean (true or false), found string",
+        ),
+        (
+            "unknown check",
+            format!("{GOOD}  validation:\n    skip: [dnss]\n"),
+            "t.yaml:13:12: spec.validation.skip[0]: `dnss` is not one of: kube-proxy, agents",
+        ),
+        (
+            "remove in coexist",
+            format!("{GOOD}  datapath:\n    kubeProxyReplacement: false\n  kubeProxy:\n    remove: true\n"),
+            "t.yaml:15:13: spec.kubeProxy.remove: kube-proxy can only be removed",
+        ),
+        (
+            "remove without backup",
+            format!("{GOOD}  kubeProxy:\n    backup: false\n"),
+            "t.yaml:13:13: spec.kubeProxy.backup: removing kube-proxy without a backup",
+        ),
+        (
+            "bad interval",
+            format!("{GOOD}  reconcile:\n    repo: https://x/y.git\n    interval: 7m\n"),
+            "t.yaml:14:15: spec.reconcile.interval: `7m` is not a supported interval",
+        ),
+        (
+            "bad repo",
+            format!("{GOOD}  reconcile:\n    repo: x/y\n"),
+            "t.yaml:13:11: spec.reconcile.repo: `x/y` is not a git URL",
+        ),
+        (
+            "map size too small",
+            format!("{GOOD}  datapath:\n    mapSizes:\n      services: 10\n"),
+            "t.yaml:14:17: spec.datapath.mapSizes.services: 10 is out of range",
+        ),
+        (
+            "duplicate field",
+            GOOD.replace("    port: 6443", "    port: 6443\n    port: 6444"),
+            "t.yaml:12:5: spec.apiServer.port: duplicate field",
+        ),
+        (
+            "image with tag",
+            format!("{GOOD}  datapath:\n    image: ghcr.io/x/agent:1.0\n"),
+            "t.yaml:13:12: spec.datapath.image: `ghcr.io/x/agent:1.0` must be an image repository without tag",
+        ),
     ];
     assert!(table.len() >= 15);
     let mut failures = Vec::new();

@@ -1,0 +1,564 @@
+//! `netboot apply` against the local real cluster (tests/cluster/): real
+//! kube-apiserver, controllers, kwok nodes, and — through podnet — the real
+//! datapath agents in the kernel and probe pods in network namespaces.
+//!
+//! These tests change cluster-wide state (kube-proxy, netboot-system, Node
+//! annotations), so they run one at a time behind a lock, each from the same
+//! baseline: a kubeadm-shaped cluster with kube-proxy and no netboot.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::Client;
+use netboot_harness::cluster::{repo_root, SharedCluster};
+use serde_json::{json, Value};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}):\n{}\n--- stderr\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+fn netboot(c: &SharedCluster, args: &[&str]) -> Run {
+    let out: Output = Command::new(env!("CARGO_BIN_EXE_netboot"))
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .current_dir(repo_root())
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    eprintln!(
+        "$ netboot {}\n  exit {}\n{}\n{}",
+        args.join(" "),
+        run.code,
+        indent(&run.stdout),
+        indent(&run.stderr)
+    );
+    run
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A copy of clusters/local.yaml with `edit` applied, in a temp dir.
+fn spec_file(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("clusters/local.yaml")).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, edit(text)).unwrap();
+    path
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Back to the baseline: no netboot objects, no BPF on the nodes, no netboot
+/// Node annotations, kube-proxy installed as kubeadm makes it.
+async fn reset(c: &SharedCluster) {
+    let client = &c.client;
+    let ns: Api<Namespace> = Api::all(client.clone());
+    if ns.get_opt("netboot-system").await.unwrap().is_some() {
+        let _ = ns
+            .delete("netboot-system", &DeleteParams::foreground())
+            .await;
+        wait_until(
+            "netboot-system to be deleted",
+            Duration::from_secs(90),
+            || async { ns.get_opt("netboot-system").await.unwrap().is_none() },
+        )
+        .await;
+    }
+    let lp = ListParams::default().labels("app.kubernetes.io/managed-by=netboot");
+    for kind in [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "Role",
+        "RoleBinding",
+    ] {
+        let (ar, namespaced) = netboot::resources::api_resource(kind).unwrap();
+        let api: Api<kube::api::DynamicObject> = if namespaced {
+            Api::namespaced_with(client.clone(), "kube-system", &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        };
+        let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
+    }
+    // Agents are gone with their namespace; their programs stay attached (by design). Detach them.
+    let nodes: Api<Node> = Api::all(client.clone());
+    for n in nodes.list(&ListParams::default()).await.unwrap().items {
+        let name = n.metadata.name.clone().unwrap();
+        let pins = PathBuf::from(format!("/sys/fs/bpf/netboot-local/{name}"));
+        if pins.exists() {
+            let bin = netboot_harness::cluster::workspace_bin("netboot-datapath");
+            let st = Command::new(bin)
+                .args(["uninstall", "--bpffs"])
+                .arg(&pins)
+                .status()
+                .unwrap();
+            assert!(
+                st.success(),
+                "netboot-datapath uninstall --bpffs {}",
+                pins.display()
+            );
+        }
+        let patch = json!({"metadata": {"annotations": {
+            "netboot.io/kube-proxy-replacement": null, "netboot.io/datapath-version": null, "netboot.io/kube-proxy-rules": null}}});
+        nodes
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+    let kubectl = kubectl(c);
+    let st = Command::new(&kubectl)
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(repo_root().join("tests/cluster/manifests/kubeadm/20-kube-proxy.yaml"))
+        .env("KUBECONFIG", &c.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "kubectl apply kube-proxy: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let nodes_n = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    wait_until(
+        "kube-proxy pods on every node",
+        Duration::from_secs(60),
+        || async {
+            pods.list(&ListParams::default().labels("k8s-app=kube-proxy"))
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count()
+                == nodes_n
+        },
+    )
+    .await;
+}
+
+fn kubectl(c: &SharedCluster) -> PathBuf {
+    let env = std::fs::read_to_string(c.state.join("cluster.env")).unwrap();
+    let line = env
+        .lines()
+        .find(|l| l.starts_with("KUBECTL="))
+        .expect("KUBECTL in cluster.env");
+    PathBuf::from(
+        line.trim_start_matches("KUBECTL=")
+            .trim_matches(['\'', '"']),
+    )
+}
+
+/// Write requests (not dry-run) by the admin user — netboot's identity in
+/// these tests — in the audit log since `from` bytes.
+fn admin_writes_since(c: &SharedCluster, from: u64) -> Vec<String> {
+    let log = std::fs::read(c.state.join("logs/audit.log")).unwrap();
+    let tail = &log[usize::try_from(from).unwrap().min(log.len())..];
+    String::from_utf8_lossy(tail)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["user"]["username"] == "kubernetes-admin" && e["stage"] == "ResponseComplete")
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["verb"].as_str().unwrap_or(""),
+                e["requestURI"].as_str().unwrap_or("")
+            )
+        })
+        .filter(|w| !w.contains("dryRun=All"))
+        .collect()
+}
+
+fn audit_len(c: &SharedCluster) -> u64 {
+    std::fs::metadata(c.state.join("logs/audit.log"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+async fn kube_proxy(client: &Client) -> (Option<DaemonSet>, Option<ConfigMap>) {
+    let ds = Api::<DaemonSet>::namespaced(client.clone(), "kube-system")
+        .get_opt("kube-proxy")
+        .await
+        .unwrap();
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
+        .get_opt("kube-proxy")
+        .await
+        .unwrap();
+    (ds, cm)
+}
+
+fn check_results(outcome: &Value) -> Vec<(String, String)> {
+    outcome["validation"]["checks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap().to_string(),
+                        c["result"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The main job, then what operators do next: a no-op apply, a changed
+/// value, a dropped template, and the way back to coexist.
+#[test]
+fn replace_then_noop_then_change_then_prune_then_coexist() {
+    let _g = serial();
+    rt().block_on(async {
+        let c = SharedCluster::get().await;
+        reset(&c).await;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_file(dir.path(), "local.yaml", |s| s);
+        let spec = spec.to_str().unwrap();
+
+        // A fresh kubeadm-like cluster with kube-proxy → replaced and validated.
+        let started = Instant::now();
+        let run = netboot(&c, &["apply", "-o", "json", spec]);
+        assert_eq!(run.code, 0, "apply failed");
+        eprintln!("full apply took {:?}", started.elapsed());
+        let out = run.json();
+        let checks = check_results(&out);
+        assert_eq!(checks.len(), 8, "{checks:?}");
+        assert!(checks.iter().all(|(_, r)| r == "passed"), "{checks:?}");
+        let steps: Vec<&str> = out["handover"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        assert_eq!(steps, ["agents-rolled-out", "nodes-report-replacement", "backup-kube-proxy", "delete-kube-proxy", "kube-proxy-gone", "rules-cleared", "validation"]);
+        let (ds, cm) = kube_proxy(&c.client).await;
+        assert!(ds.is_none() && cm.is_none(), "kube-proxy DaemonSet and ConfigMap must be gone");
+        let status = netboot(&c, &["status", "-o", "json", spec]).json();
+        assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
+        assert!(status["nodes"].as_array().unwrap().iter().all(|n| n["kubeProxyReplacement"] == "true" && n["kubeProxyRules"] == "absent"), "{status:#}");
+
+        // The same spec again: zero write requests.
+        let mark = audit_len(&c);
+        let run = netboot(&c, &["apply", "-o", "json", spec]);
+        assert_eq!(run.code, 0);
+        assert_eq!(run.json()["plan"]["noop"], true);
+        tokio::time::sleep(Duration::from_secs(1)).await; // the audit log is written when responses complete
+        let writes = admin_writes_since(&c, mark);
+        assert!(writes.is_empty(), "a no-op apply wrote: {writes:#?}");
+
+        // A changed value → only the objects it affects are configured.
+        let changed = spec_file(dir.path(), "changed.yaml", |s| s.replace("sessionAffinityTimeoutSeconds: 10800", "sessionAffinityTimeoutSeconds: 3600"));
+        let out = netboot(&c, &["apply", "-o", "json", "--skip-validation", changed.to_str().unwrap()]).json();
+        let configured: Vec<String> = out["applied"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "configured")
+            .map(|e| format!("{}/{}", e["kind"].as_str().unwrap(), e["name"].as_str().unwrap()))
+            .collect();
+        assert_eq!(configured, ["ConfigMap/netboot-datapath-config", "DaemonSet/netboot-datapath"], "{out:#}");
+
+        // An object that leaves the templates is pruned; nothing else is touched.
+        let extra = tempfile::tempdir().unwrap();
+        std::fs::write(
+            extra.path().join("extra.yaml.hbs"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: netboot-extra\n  namespace: {{q namespace}}\ndata:\n  a: \"1\"\n",
+        )
+        .unwrap();
+        let run = netboot(&c, &["apply", "-o", "json", "--skip-validation", "--templates", extra.path().to_str().unwrap(), changed.to_str().unwrap()]);
+        assert_eq!(run.code, 0);
+        let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "netboot-system");
+        assert!(cms.get_opt("netboot-extra").await.unwrap().is_some());
+        let out = netboot(&c, &["apply", "-o", "json", "--skip-validation", changed.to_str().unwrap()]).json();
+        let pruned: Vec<&str> = out["applied"]["entries"].as_array().unwrap().iter().filter(|e| e["action"] == "pruned").map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(pruned, ["netboot-extra"]);
+        wait_until("netboot-extra to be deleted", Duration::from_secs(30), || async { cms.get_opt("netboot-extra").await.unwrap().is_none() }).await;
+
+        // Back to coexist: kube-proxy restored exactly as backed up, validated.
+        let backup = cms.get("netboot-kube-proxy-backup").await.unwrap();
+        let coexist = spec_file(dir.path(), "coexist.yaml", |s| s.replace("kubeProxyReplacement: true", "kubeProxyReplacement: false"));
+        let run = netboot(&c, &["apply", "-o", "json", coexist.to_str().unwrap()]);
+        assert_eq!(run.code, 0);
+        let checks = check_results(&run.json());
+        assert!(checks.iter().all(|(_, r)| r == "passed"), "{checks:?}");
+        let (ds, cm) = kube_proxy(&c.client).await;
+        let backup_ds: Value = serde_json::from_str(&backup.data.as_ref().unwrap()["daemonset.json"]).unwrap();
+        let backup_cm: Value = serde_json::from_str(&backup.data.as_ref().unwrap()["configmap.json"]).unwrap();
+        let live_ds = netboot::handover::strip_server_fields(serde_json::to_value(ds.unwrap()).unwrap());
+        let live_cm = netboot::handover::strip_server_fields(serde_json::to_value(cm.unwrap()).unwrap());
+        assert_eq!(live_cm, backup_cm, "restored ConfigMap differs from the backup");
+        assert_eq!(live_ds["spec"], backup_ds["spec"], "restored DaemonSet spec differs from the backup");
+        assert_eq!(live_ds["metadata"]["labels"], backup_ds["metadata"]["labels"]);
+    });
+}
+
+/// An agent that never becomes ready (it cannot reach the API) must keep
+/// kube-proxy in place, and the error must name the gate and the nodes.
+#[test]
+fn agent_never_ready_keeps_kube_proxy() {
+    let _g = serial();
+    rt().block_on(async {
+        let c = SharedCluster::get().await;
+        reset(&c).await;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_file(dir.path(), "broken.yaml", |s| {
+            s.replace("port: 6443", "port: 6553")
+                .replace("rolloutTimeoutSeconds: 120", "rolloutTimeoutSeconds: 15")
+        });
+        let run = netboot(&c, &["apply", spec.to_str().unwrap()]);
+        assert_eq!(run.code, 2, "a failed gate is an error");
+        assert!(
+            run.stderr
+                .contains("DaemonSet/netboot-system/netboot-datapath rollout: not ready after 15s"),
+            "{}",
+            run.stderr
+        );
+        for n in ["node-0", "node-1", "node-2"] {
+            assert!(
+                run.stderr
+                    .contains(&format!("  {n}: pod netboot-datapath-")),
+                "node {n} not named: {}",
+                run.stderr
+            );
+        }
+        let (ds, cm) = kube_proxy(&c.client).await;
+        assert!(
+            ds.is_some() && cm.is_some(),
+            "kube-proxy must stay when a gate fails"
+        );
+        let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "netboot-system");
+        assert!(
+            cms.get_opt("netboot-kube-proxy-backup")
+                .await
+                .unwrap()
+                .is_none(),
+            "no backup: the handover never started"
+        );
+    });
+}
+
+/// Validation failing after kube-proxy was removed → kube-proxy restored
+/// identical to its backup, agents in coexist, exit 1; the next apply of the
+/// same revision does not loop into another handover.
+#[test]
+fn failed_validation_rolls_back() {
+    let _g = serial();
+    rt().block_on(async {
+        let c = SharedCluster::get().await;
+        reset(&c).await;
+        let (ds0, cm0) = kube_proxy(&c.client).await;
+        let dir = tempfile::tempdir().unwrap();
+        // A DNS domain nobody serves: the dns check fails after the handover.
+        let spec = spec_file(dir.path(), "baddns.yaml", |s| {
+            s.replace(
+                "podCIDR: 10.244.0.0/16",
+                "podCIDR: 10.244.0.0/16\n    dnsDomain: cluster.invalid",
+            )
+            .replace("timeoutSeconds: 120\n", "timeoutSeconds: 20\n")
+        });
+        let run = netboot(&c, &["apply", "-o", "json", spec.to_str().unwrap()]);
+        assert_eq!(run.code, 1, "validation failure exits 1");
+        let out = run.json();
+        assert_eq!(out["rolledBack"], true);
+        let failed: Vec<String> = check_results(&out)
+            .into_iter()
+            .filter(|(_, r)| r == "failed")
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(failed, ["dns"]);
+        let (ds, cm) = kube_proxy(&c.client).await;
+        let strip = |v: Value| netboot::handover::strip_server_fields(v);
+        assert_eq!(
+            strip(serde_json::to_value(cm.unwrap()).unwrap()),
+            strip(serde_json::to_value(cm0.unwrap()).unwrap())
+        );
+        let (ds, ds0) = (
+            strip(serde_json::to_value(ds.unwrap()).unwrap()),
+            strip(serde_json::to_value(ds0.unwrap()).unwrap()),
+        );
+        assert_eq!(ds["spec"], ds0["spec"]);
+        let status = netboot(&c, &["status", "-o", "json", spec.to_str().unwrap()]).json();
+        assert_eq!(status["inventory"]["mode"], "rolled-back");
+        // Same revision again: held in coexist, no second handover.
+        let run = netboot(&c, &["plan", "-o", "json", spec.to_str().unwrap()]);
+        assert_eq!(run.json()["handover"], "held-after-rollback");
+    });
+}
+
+/// Coexist mode leaves kube-proxy exactly as it was.
+#[test]
+fn coexist_leaves_kube_proxy_alone() {
+    let _g = serial();
+    rt().block_on(async {
+        let c = SharedCluster::get().await;
+        reset(&c).await;
+        let (ds0, cm0) = kube_proxy(&c.client).await;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_file(dir.path(), "coexist.yaml", |s| {
+            s.replace("kubeProxyReplacement: true", "kubeProxyReplacement: false")
+        });
+        let run = netboot(&c, &["apply", "-o", "json", spec.to_str().unwrap()]);
+        assert_eq!(run.code, 0);
+        assert!(check_results(&run.json())
+            .iter()
+            .all(|(_, r)| r == "passed"));
+        let (ds, cm) = kube_proxy(&c.client).await;
+        assert_eq!(
+            ds.unwrap().metadata.resource_version,
+            ds0.unwrap().metadata.resource_version,
+            "kube-proxy DaemonSet was written"
+        );
+        assert_eq!(
+            cm.unwrap().metadata.resource_version,
+            cm0.unwrap().metadata.resource_version,
+            "kube-proxy ConfigMap was written"
+        );
+        let status = netboot(&c, &["status", "-o", "json", spec.to_str().unwrap()]).json();
+        assert!(
+            status["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["kubeProxyReplacement"] == "false"),
+            "{status:#}"
+        );
+    });
+}
+
+/// A second netboot waits for the lock, and gives up naming the holder.
+#[test]
+fn a_held_lock_makes_the_second_apply_wait_then_fail() {
+    let _g = serial();
+    rt().block_on(async {
+        let c = SharedCluster::get().await;
+        reset(&c).await;
+        let ns: Api<Namespace> = Api::all(c.client.clone());
+        let nsobj: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": "netboot-system"}})).unwrap();
+        ns.create(&PostParams::default(), &nsobj).await.unwrap();
+        let leases: Api<Lease> = Api::namespaced(c.client.clone(), "netboot-system");
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some("netboot-lock".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("other-host/pid-1/test".into()),
+                lease_duration_seconds: Some(60),
+                renew_time: Some(MicroTime(jiff::Timestamp::now())),
+                acquire_time: Some(MicroTime(jiff::Timestamp::now())),
+                ..Default::default()
+            }),
+        };
+        leases.create(&PostParams::default(), &lease).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_file(dir.path(), "local.yaml", |s| s);
+        let started = Instant::now();
+        let run = netboot(
+            &c,
+            &["apply", "--lock-timeout", "3", spec.to_str().unwrap()],
+        );
+        assert_eq!(run.code, 2);
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "it must wait before giving up"
+        );
+        assert!(
+            run.stderr.contains(
+                "waiting for Lease/netboot-system/netboot-lock, held by other-host/pid-1/test"
+            ),
+            "{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("held by other-host/pid-1/test"),
+            "{}",
+            run.stderr
+        );
+        // Released: two applies at once — both succeed, one after the other.
+        leases
+            .delete("netboot-lock", &DeleteParams::default())
+            .await
+            .unwrap();
+        let spec2 = spec.clone();
+        let kc = c.kubeconfig.clone();
+        let spawn = |spec: PathBuf, kc: PathBuf| {
+            std::thread::spawn(move || {
+                Command::new(env!("CARGO_BIN_EXE_netboot"))
+                    .args(["apply", "--skip-validation", "--lock-timeout", "300"])
+                    .arg(&spec)
+                    .arg("--kubeconfig")
+                    .arg(&kc)
+                    .current_dir(repo_root())
+                    .output()
+                    .unwrap()
+            })
+        };
+        let a = spawn(spec.clone(), kc.clone());
+        let b = spawn(spec2, kc);
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        let both = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&a.stderr),
+            String::from_utf8_lossy(&b.stderr)
+        );
+        assert!(a.status.success() && b.status.success(), "{both}");
+    });
+}

@@ -562,3 +562,100 @@ fn a_held_lock_makes_the_second_apply_wait_then_fail() {
         assert!(a.status.success() && b.status.success(), "{both}");
     });
 }
+
+/// The API server killed in the middle of an apply and started again: the
+/// rerun converges and nothing is lost (the inventory lists every object, the
+/// kube-proxy backup matches what was installed).
+#[test]
+fn api_server_killed_mid_apply_then_rerun_converges() {
+    let _g = serial();
+    rt().block_on(async {
+        let c = SharedCluster::get().await;
+        reset(&c).await;
+        let (ds0, _) = kube_proxy(&c.client).await;
+        let ds0 = netboot::handover::strip_server_fields(serde_json::to_value(ds0.unwrap()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_file(dir.path(), "local.yaml", |s| s);
+        let child = Command::new(env!("CARGO_BIN_EXE_netboot"))
+            .args(["apply", "--lock-timeout", "5"])
+            .arg(&spec)
+            .arg("--kubeconfig")
+            .arg(&c.kubeconfig)
+            .current_dir(repo_root())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let dss: Api<DaemonSet> = Api::namespaced(c.client.clone(), "netboot-system");
+        wait_until("the apply to create the agent DaemonSet", Duration::from_secs(60), || async {
+            dss.get_opt("netboot-datapath").await.ok().flatten().is_some()
+        })
+        .await;
+        let apiserver = ApiServerProcess::read(&c.state);
+        apiserver.kill();
+        let out = child.wait_with_output().unwrap();
+        eprintln!("interrupted apply: exit {:?}\n{}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+        apiserver.start_again(&c.state);
+        let client = c.client.clone();
+        wait_until("the API server to answer again", Duration::from_secs(60), || async { client.apiserver_version().await.is_ok() }).await;
+        // Controllers, kwok and podnet reconnect on their own; give the agents' watches a moment.
+        let run = netboot(&c, &["apply", "-o", "json", "--lock-timeout", "90", spec.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "the rerun must converge");
+        let out = run.json();
+        assert!(check_results(&out).iter().all(|(_, r)| r == "passed"), "{:?}", check_results(&out));
+        let status = netboot(&c, &["status", "-o", "json", spec.to_str().unwrap()]).json();
+        assert_eq!(status["inventory"]["objects"].as_array().unwrap().len(), 10, "{status:#}");
+        assert_eq!(status["kubeProxy"]["daemonSet"], false);
+        let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "netboot-system");
+        let backup = cms.get("netboot-kube-proxy-backup").await.unwrap();
+        let backup_ds: Value = serde_json::from_str(&backup.data.unwrap()["daemonset.json"]).unwrap();
+        assert_eq!(backup_ds["spec"], ds0["spec"], "the backup must be kube-proxy as it was installed");
+    });
+}
+
+/// The local cluster's kube-apiserver, as tests/cluster/up started and
+/// recorded it (pids/kube-apiserver.pid: pid, binary, start time).
+struct ApiServerProcess {
+    pid: i32,
+    argv: Vec<String>,
+}
+
+impl ApiServerProcess {
+    fn read(state: &Path) -> Self {
+        let rec = std::fs::read_to_string(state.join("pids/kube-apiserver.pid")).unwrap();
+        let pid: i32 = rec.lines().next().unwrap().trim().parse().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let argv: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        assert!(argv[0].ends_with("kube-apiserver"), "pid {pid} is {argv:?}, not the recorded kube-apiserver");
+        ApiServerProcess { pid, argv }
+    }
+
+    fn kill(&self) {
+        // SAFETY: signalling the process the cluster scripts started and recorded.
+        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGKILL) }, 0);
+        let start = Instant::now();
+        while Path::new(&format!("/proc/{}/cmdline", self.pid)).exists() && std::fs::read(format!("/proc/{}/cmdline", self.pid)).map(|c| !c.is_empty()).unwrap_or(false) {
+            assert!(start.elapsed() < Duration::from_secs(10), "kube-apiserver did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Same binary, same flags, same log; the pid file is rewritten so
+    /// tests/cluster/down stops the new process.
+    fn start_again(&self, state: &Path) {
+        let log = std::fs::OpenOptions::new().append(true).open(state.join("logs/kube-apiserver.log")).unwrap();
+        let child = Command::new("setsid")
+            .args(&self.argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(200));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = stat.rsplit_once(") ").unwrap().1;
+        let start_time = after.split(' ').nth(19).unwrap();
+        std::fs::write(state.join("pids/kube-apiserver.pid"), format!("{pid}\n{}\n{start_time}\n", self.argv[0])).unwrap();
+    }
+}

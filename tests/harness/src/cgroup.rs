@@ -17,7 +17,11 @@ pub struct CgroupError {
 }
 
 fn err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
-    move |source| CgroupError { path: path.to_path_buf(), what, source }
+    move |source| CgroupError {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
 }
 
 /// Creates the cgroup directory and its parents (idempotent).

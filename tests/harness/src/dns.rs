@@ -47,7 +47,10 @@ impl SharedZone {
 pub fn zone(services: &[Service], slices: &[EndpointSlice]) -> Zone {
     let mut out = Zone::new();
     for svc in services {
-        let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
+        let (Some(ns), Some(name)) = (
+            svc.metadata.namespace.as_deref(),
+            svc.metadata.name.as_deref(),
+        ) else {
             continue;
         };
         let fqdn = format!("{name}.{ns}.svc.{DOMAIN}");
@@ -59,7 +62,11 @@ pub fn zone(services: &[Service], slices: &[EndpointSlice]) -> Zone {
         } else if cluster_ip == "None" {
             for slice in slices.iter().filter(|s| {
                 s.metadata.namespace.as_deref() == Some(ns)
-                    && s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).map(String::as_str)
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        .map(String::as_str)
                         == Some(name)
             }) {
                 for ep in slice.endpoints.iter().flatten() {
@@ -67,7 +74,11 @@ pub fn zone(services: &[Service], slices: &[EndpointSlice]) -> Zone {
                     if !ready {
                         continue;
                     }
-                    entry.extend(ep.addresses.iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()));
+                    entry.extend(
+                        ep.addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<Ipv4Addr>().ok()),
+                    );
                 }
             }
         }
@@ -96,7 +107,11 @@ pub fn answer(zone: &Zone, query: &[u8]) -> Option<Vec<u8>> {
         Some(ips) => {
             if query.query_type() == RecordType::A {
                 for ip in ips {
-                    response.answers.push(Record::from_rdata(query.name().clone(), TTL, RData::A(A(*ip))));
+                    response.answers.push(Record::from_rdata(
+                        query.name().clone(),
+                        TTL,
+                        RData::A(A(*ip)),
+                    ));
                 }
             }
             // Other types for a known name: NOERROR with no data.
@@ -155,7 +170,8 @@ pub async fn serve_tcp(listener: TcpListener, zone: SharedZone) {
                 let Ok(reply_len) = u16::try_from(reply.len()) else {
                     return;
                 };
-                if stream.write_all(&reply_len.to_be_bytes()).await.is_err() || stream.write_all(&reply).await.is_err()
+                if stream.write_all(&reply_len.to_be_bytes()).await.is_err()
+                    || stream.write_all(&reply).await.is_err()
                 {
                     return;
                 }
@@ -177,7 +193,8 @@ mod tests {
     fn query(name: &str, t: RecordType) -> Vec<u8> {
         let mut m = Message::new(42, MessageType::Query, OpCode::Query);
         m.metadata.recursion_desired = true;
-        m.queries.push(Query::query(Name::from_ascii(name).unwrap(), t));
+        m.queries
+            .push(Query::query(Name::from_ascii(name).unwrap(), t));
         m.to_vec().unwrap()
     }
 
@@ -189,8 +206,15 @@ mod tests {
 
     #[test]
     fn answers_a_for_a_known_service() {
-        let z = zone_with("kubernetes.default.svc.cluster.local", Ipv4Addr::new(10, 96, 0, 1));
-        let reply = answer(&z, &query("Kubernetes.default.svc.cluster.local.", RecordType::A)).unwrap();
+        let z = zone_with(
+            "kubernetes.default.svc.cluster.local",
+            Ipv4Addr::new(10, 96, 0, 1),
+        );
+        let reply = answer(
+            &z,
+            &query("Kubernetes.default.svc.cluster.local.", RecordType::A),
+        )
+        .unwrap();
         let m = Message::from_vec(&reply).unwrap();
         assert_eq!(m.metadata.id, 42);
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
@@ -200,15 +224,26 @@ mod tests {
 
     #[test]
     fn nxdomain_for_unknown_and_nodata_for_aaaa() {
-        let z = zone_with("kubernetes.default.svc.cluster.local", Ipv4Addr::new(10, 96, 0, 1));
-        let m =
-            Message::from_vec(&answer(&z, &query("nope.default.svc.cluster.local.", RecordType::A)).unwrap()).unwrap();
+        let z = zone_with(
+            "kubernetes.default.svc.cluster.local",
+            Ipv4Addr::new(10, 96, 0, 1),
+        );
+        let m = Message::from_vec(
+            &answer(&z, &query("nope.default.svc.cluster.local.", RecordType::A)).unwrap(),
+        )
+        .unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-        let m = Message::from_vec(&answer(&z, &query("example.com.", RecordType::A)).unwrap()).unwrap();
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
         let m =
-            Message::from_vec(&answer(&z, &query("kubernetes.default.svc.cluster.local.", RecordType::AAAA)).unwrap())
-                .unwrap();
+            Message::from_vec(&answer(&z, &query("example.com.", RecordType::A)).unwrap()).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = Message::from_vec(
+            &answer(
+                &z,
+                &query("kubernetes.default.svc.cluster.local.", RecordType::AAAA),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::NoError);
         assert!(m.answers.is_empty());
     }

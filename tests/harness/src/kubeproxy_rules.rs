@@ -40,7 +40,10 @@ pub struct RuleOptions {
 
 impl Default for RuleOptions {
     fn default() -> Self {
-        Self { cluster_cidr: Some("10.244.0.0/16".to_string()), masquerade_bit: 14 }
+        Self {
+            cluster_cidr: Some("10.244.0.0/16".to_string()),
+            masquerade_bit: 14,
+        }
     }
 }
 
@@ -81,17 +84,26 @@ pub fn hash16(input: &str) -> String {
 
 /// `KUBE-SVC-<hash>` for a ServicePortName (`ns/name:port`) and lower-case protocol.
 pub fn service_chain(service_port_name: &str, protocol: &str) -> String {
-    format!("KUBE-SVC-{}", hash16(&format!("{service_port_name}{protocol}")))
+    format!(
+        "KUBE-SVC-{}",
+        hash16(&format!("{service_port_name}{protocol}"))
+    )
 }
 
 /// `KUBE-EXT-<hash>`: the external (NodePort) entry chain of a service port.
 pub fn external_chain(service_port_name: &str, protocol: &str) -> String {
-    format!("KUBE-EXT-{}", hash16(&format!("{service_port_name}{protocol}")))
+    format!(
+        "KUBE-EXT-{}",
+        hash16(&format!("{service_port_name}{protocol}"))
+    )
 }
 
 /// `KUBE-SEP-<hash>` for a service port's endpoint `ip:port`.
 pub fn endpoint_chain(service_port_name: &str, protocol: &str, endpoint: &str) -> String {
-    format!("KUBE-SEP-{}", hash16(&format!("{service_port_name}{protocol}{endpoint}")))
+    format!(
+        "KUBE-SEP-{}",
+        hash16(&format!("{service_port_name}{protocol}{endpoint}"))
+    )
 }
 
 /// RFC 4648 base32 with the standard alphabet and padding (Go's base32.StdEncoding).
@@ -135,7 +147,12 @@ fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServiceP
         let Some(ns) = slice.metadata.namespace.clone() else {
             continue;
         };
-        let Some(svc) = slice.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) else {
+        let Some(svc) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        else {
             continue;
         };
         by_service.entry((ns, svc.clone())).or_default().push(slice);
@@ -143,7 +160,10 @@ fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServiceP
 
     let mut out = Vec::new();
     for svc in services {
-        let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
+        let (Some(ns), Some(name)) = (
+            svc.metadata.namespace.as_deref(),
+            svc.metadata.name.as_deref(),
+        ) else {
             continue;
         };
         let Some(spec) = svc.spec.as_ref() else {
@@ -170,11 +190,18 @@ fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServiceP
             None
         };
         let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-        let svc_slices = by_service.get(&(ns.to_string(), name.to_string())).cloned().unwrap_or_default();
+        let svc_slices = by_service
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default();
         for port in spec.ports.iter().flatten() {
             let port_name = port.name.clone().unwrap_or_default();
             let protocol = port.protocol.as_deref().unwrap_or("TCP").to_string();
-            let spn = if port_name.is_empty() { format!("{ns}/{name}") } else { format!("{ns}/{name}:{port_name}") };
+            let spn = if port_name.is_empty() {
+                format!("{ns}/{name}")
+            } else {
+                format!("{ns}/{name}:{port_name}")
+            };
             let mut endpoints = BTreeSet::new();
             for slice in &svc_slices {
                 let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
@@ -193,7 +220,10 @@ fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServiceP
                         continue;
                     }
                     if let Some(ip) = ep.addresses.first() {
-                        endpoints.insert(Endpoint { ip: ip.clone(), port: target });
+                        endpoints.insert(Endpoint {
+                            ip: ip.clone(),
+                            port: target,
+                        });
                     }
                 }
             }
@@ -273,8 +303,11 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
             let _ = writeln!(chain_rules, "-A {ext_chain} -j {svc_chain}");
         }
 
-        let seps: Vec<(String, &Endpoint)> =
-            sp.endpoints.iter().map(|ep| (endpoint_chain(&sp.name, proto, &ep.addr()), ep)).collect();
+        let seps: Vec<(String, &Endpoint)> = sp
+            .endpoints
+            .iter()
+            .map(|ep| (endpoint_chain(&sp.name, proto, &ep.addr()), ep))
+            .collect();
         if let Some(seconds) = sp.affinity_seconds {
             for (sep, ep) in &seps {
                 let _ = writeln!(
@@ -307,10 +340,16 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
         }
         for (sep, ep) in &seps {
             nat_chains.insert(sep.clone());
-            let _ =
-                writeln!(chain_rules, "-A {sep} -s {}/32 -m comment --comment {} -j KUBE-MARK-MASQ", ep.ip, sp.name);
-            let recent =
-                if sp.affinity_seconds.is_some() { format!(" -m recent --name {sep} --set") } else { String::new() };
+            let _ = writeln!(
+                chain_rules,
+                "-A {sep} -s {}/32 -m comment --comment {} -j KUBE-MARK-MASQ",
+                ep.ip, sp.name
+            );
+            let recent = if sp.affinity_seconds.is_some() {
+                format!(" -m recent --name {sep} --set")
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 chain_rules,
                 "-A {sep} -p {proto} -m comment --comment {}{recent} -m {proto} -j DNAT --to-destination {}",
@@ -321,7 +360,9 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
     }
 
     let mut out = String::new();
-    out.push_str("# Generated by netboot-harness kubeproxy_rules (kube-proxy iptables mode emulation)\n");
+    out.push_str(
+        "# Generated by netboot-harness kubeproxy_rules (kube-proxy iptables mode emulation)\n",
+    );
     // mangle: only the canary kube-proxy creates.
     out.push_str("*mangle\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n");
 
@@ -340,7 +381,9 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
     out.push_str("-A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n");
     out.push_str("-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n");
     out.push_str("-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n");
-    out.push_str("-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n");
+    out.push_str(
+        "-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n",
+    );
     out.push_str(
         "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
     );
@@ -361,14 +404,24 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
     out.push_str(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
     );
-    for chain in ["KUBE-MARK-MASQ", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-PROXY-CANARY", "KUBE-SERVICES"] {
+    for chain in [
+        "KUBE-MARK-MASQ",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-PROXY-CANARY",
+        "KUBE-SERVICES",
+    ] {
         let _ = writeln!(out, ":{chain} - [0:0]");
     }
     for chain in &nat_chains {
         let _ = writeln!(out, ":{chain} - [0:0]");
     }
-    out.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
-    out.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    out.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    out.push_str(
+        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
     out.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
     let _ = writeln!(out, "-A KUBE-MARK-MASQ -j MARK --set-xmark {mark}");
     let _ = writeln!(out, "-A KUBE-POSTROUTING -m mark ! --mark {mark} -j RETURN");
@@ -386,12 +439,24 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{ServicePort as K8sServicePort, ServiceSpec};
-    use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::api::discovery::v1::{
+        Endpoint as SliceEndpoint, EndpointConditions, EndpointPort,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-    fn svc(ns: &str, name: &str, ip: &str, type_: &str, ports: &[(&str, &str, i32, Option<i32>)]) -> Service {
+    fn svc(
+        ns: &str,
+        name: &str,
+        ip: &str,
+        type_: &str,
+        ports: &[(&str, &str, i32, Option<i32>)],
+    ) -> Service {
         Service {
-            metadata: ObjectMeta { namespace: Some(ns.into()), name: Some(name.into()), ..Default::default() },
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
             spec: Some(ServiceSpec {
                 cluster_ip: Some(ip.into()),
                 type_: Some(type_.into()),
@@ -413,7 +478,12 @@ mod tests {
         }
     }
 
-    fn slice(ns: &str, svc: &str, ports: &[(&str, &str, i32)], eps: &[(&str, bool)]) -> EndpointSlice {
+    fn slice(
+        ns: &str,
+        svc: &str,
+        ports: &[(&str, &str, i32)],
+        eps: &[(&str, bool)],
+    ) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
                 namespace: Some(ns.into()),
@@ -426,7 +496,10 @@ mod tests {
                 eps.iter()
                     .map(|(ip, ready)| SliceEndpoint {
                         addresses: vec![ip.to_string()],
-                        conditions: Some(EndpointConditions { ready: Some(*ready), ..Default::default() }),
+                        conditions: Some(EndpointConditions {
+                            ready: Some(*ready),
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     })
                     .collect(),
@@ -448,10 +521,22 @@ mod tests {
     /// Chain names real kube-proxies write for kubeadm's default Services.
     #[test]
     fn chain_names_match_real_kube_proxy() {
-        assert_eq!(service_chain("default/kubernetes:https", "tcp"), "KUBE-SVC-NPX46M4PTMTKRN6Y");
-        assert_eq!(service_chain("kube-system/kube-dns:dns", "udp"), "KUBE-SVC-TCOU7JCQXEZGVUNU");
-        assert_eq!(service_chain("kube-system/kube-dns:dns-tcp", "tcp"), "KUBE-SVC-ERIFXISQEP7F7OF4");
-        assert_eq!(service_chain("kube-system/kube-dns:metrics", "tcp"), "KUBE-SVC-JD5MR3NA4I4DYORP");
+        assert_eq!(
+            service_chain("default/kubernetes:https", "tcp"),
+            "KUBE-SVC-NPX46M4PTMTKRN6Y"
+        );
+        assert_eq!(
+            service_chain("kube-system/kube-dns:dns", "udp"),
+            "KUBE-SVC-TCOU7JCQXEZGVUNU"
+        );
+        assert_eq!(
+            service_chain("kube-system/kube-dns:dns-tcp", "tcp"),
+            "KUBE-SVC-ERIFXISQEP7F7OF4"
+        );
+        assert_eq!(
+            service_chain("kube-system/kube-dns:metrics", "tcp"),
+            "KUBE-SVC-JD5MR3NA4I4DYORP"
+        );
     }
 
     #[test]
@@ -472,7 +557,13 @@ mod tests {
     #[test]
     fn golden_ruleset() {
         let services = vec![
-            svc("default", "kubernetes", "10.96.0.1", "ClusterIP", &[("https", "TCP", 443, None)]),
+            svc(
+                "default",
+                "kubernetes",
+                "10.96.0.1",
+                "ClusterIP",
+                &[("https", "TCP", 443, None)],
+            ),
             svc(
                 "kube-system",
                 "kube-dns",
@@ -480,34 +571,87 @@ mod tests {
                 "ClusterIP",
                 &[("dns", "UDP", 53, None), ("dns-tcp", "TCP", 53, None)],
             ),
-            svc("t", "probe", "10.96.5.5", "NodePort", &[("", "TCP", 80, Some(30080))]),
-            svc("t", "empty", "10.96.5.6", "ClusterIP", &[("http", "TCP", 80, None)]),
-            svc("t", "headless", "None", "ClusterIP", &[("http", "TCP", 80, None)]),
+            svc(
+                "t",
+                "probe",
+                "10.96.5.5",
+                "NodePort",
+                &[("", "TCP", 80, Some(30080))],
+            ),
+            svc(
+                "t",
+                "empty",
+                "10.96.5.6",
+                "ClusterIP",
+                &[("http", "TCP", 80, None)],
+            ),
+            svc(
+                "t",
+                "headless",
+                "None",
+                "ClusterIP",
+                &[("http", "TCP", 80, None)],
+            ),
         ];
-        let mut sticky = svc("t", "sticky", "10.96.5.7", "ClusterIP", &[("udp", "UDP", 81, None)]);
+        let mut sticky = svc(
+            "t",
+            "sticky",
+            "10.96.5.7",
+            "ClusterIP",
+            &[("udp", "UDP", 81, None)],
+        );
         if let Some(spec) = sticky.spec.as_mut() {
             spec.session_affinity = Some("ClientIP".into());
         }
         let mut services = services;
         services.push(sticky);
         let slices = vec![
-            slice("default", "kubernetes", &[("https", "TCP", 6443)], &[("172.18.0.2", true)]),
-            slice("kube-system", "kube-dns", &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)], &[("10.244.1.3", true)]),
+            slice(
+                "default",
+                "kubernetes",
+                &[("https", "TCP", 6443)],
+                &[("172.18.0.2", true)],
+            ),
+            slice(
+                "kube-system",
+                "kube-dns",
+                &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
+                &[("10.244.1.3", true)],
+            ),
             slice(
                 "t",
                 "probe",
                 &[("", "TCP", 8080)],
-                &[("10.244.2.7", true), ("10.244.1.5", true), ("10.244.3.9", true), ("10.244.3.10", false)],
+                &[
+                    ("10.244.2.7", true),
+                    ("10.244.1.5", true),
+                    ("10.244.3.9", true),
+                    ("10.244.3.10", false),
+                ],
             ),
-            slice("t", "sticky", &[("udp", "UDP", 8081)], &[("10.244.1.5", true)]),
+            slice(
+                "t",
+                "sticky",
+                &[("udp", "UDP", 8081)],
+                &[("10.244.1.5", true)],
+            ),
         ];
         insta::assert_snapshot!(render(&services, &slices, &RuleOptions::default()));
     }
 
     #[test]
     fn no_services_still_has_the_base_chains() {
-        let out = render(&[], &[], &RuleOptions { cluster_cidr: None, masquerade_bit: 14 });
-        assert!(out.contains("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"));
+        let out = render(
+            &[],
+            &[],
+            &RuleOptions {
+                cluster_cidr: None,
+                masquerade_bit: 14,
+            },
+        );
+        assert!(out.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ));
         assert!(out.contains("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000"));
         assert!(!out.contains("KUBE-SVC-"));
     }

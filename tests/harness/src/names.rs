@@ -109,6 +109,19 @@ impl Layout {
     }
 }
 
+/// Annotation that hands a pod to the podnet whose netns prefix it names.
+/// Without it a pod belongs to the contract's podnet (`nb-`); tests that run
+/// a second podnet put their prefix here so the two never share a pod.
+pub const OWNER_ANNOTATION: &str = "netboot.io/podnet-owner";
+
+/// The netns prefix of the podnet a pod belongs to.
+pub fn podnet_owner(annotations: Option<&std::collections::BTreeMap<String, String>>) -> &str {
+    annotations
+        .and_then(|a| a.get(OWNER_ANNOTATION))
+        .map(String::as_str)
+        .unwrap_or(NETNS_PREFIX)
+}
+
 /// `nb-node-<node>` in the contract's layout.
 pub fn node_netns(node: &str) -> String {
     Layout::default().node_netns(node)
@@ -143,8 +156,10 @@ pub fn pod_cgroup(node: &str, uid: &str) -> PathBuf {
 /// when that is too long or has characters an interface name cannot.
 fn ifname(prefix: &str, suffix: &str) -> String {
     let candidate = format!("{prefix}{suffix}");
-    let valid =
-        candidate.len() <= 15 && suffix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+    let valid = candidate.len() <= 15
+        && suffix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
     if valid {
         return candidate;
     }
@@ -180,7 +195,9 @@ mod tests {
         assert_eq!(node_netns("node-7"), "nb-node-node-7");
         assert_eq!(
             pod_cgroup("node-7", uid),
-            PathBuf::from("/sys/fs/cgroup/unified/netboot-local/node-7/3f2a9c1b-7d4e-4a1b-9c3d-0123456789ab")
+            PathBuf::from(
+                "/sys/fs/cgroup/unified/netboot-local/node-7/3f2a9c1b-7d4e-4a1b-9c3d-0123456789ab"
+            )
         );
         assert_eq!(pod_node_veth(uid), "p3f2a9c1b-7d4");
         assert_eq!(node_fabric_veth("node-999"), "n-node-999");

@@ -51,18 +51,30 @@ async fn run(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> 
     debug!(netns, %command, "run");
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let io =
-        |what: &str, source| NetError::Io { netns: netns.to_string(), what: format!("{what} `{command}`"), source };
+    let io = |what: &str, source| NetError::Io {
+        netns: netns.to_string(),
+        what: format!("{what} `{command}`"),
+        source,
+    };
     let mut child = cmd.spawn().map_err(|e| io("start", e))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).await.map_err(|e| io("write stdin of", e))?;
+        pipe.write_all(input.as_bytes())
+            .await
+            .map_err(|e| io("write stdin of", e))?;
         drop(pipe);
     }
-    let out = child.wait_with_output().await.map_err(|e| io("wait for", e))?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| io("wait for", e))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -138,7 +150,13 @@ pub async fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
     // /proc/sys/net follows the netns of the process that opens it; `ip netns
     // exec` only remounts /sys, so /proc/sys here is the namespace's own.
     let script = format!("echo {value} > /proc/sys/{key}");
-    run(netns, "ip", &["netns", "exec", netns, "sh", "-c", &script], None).await
+    run(
+        netns,
+        "ip",
+        &["netns", "exec", netns, "sh", "-c", &script],
+        None,
+    )
+    .await
 }
 
 /// Writes `/etc/netns/<netns>/resolv.conf` so `ip netns exec` gives the pod cluster DNS.
@@ -148,9 +166,13 @@ pub fn write_resolv_conf(netns: &str, pod_namespace: &str) -> Result<()> {
         "nameserver {}\nsearch {pod_namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
         names::DNS_IP
     );
-    std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("resolv.conf"), content)).map_err(|source| {
-        NetError::Io { netns: netns.to_string(), what: format!("write {}/resolv.conf", dir.display()), source }
-    })
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("resolv.conf"), content))
+        .map_err(|source| NetError::Io {
+            netns: netns.to_string(),
+            what: format!("write {}/resolv.conf", dir.display()),
+            source,
+        })
 }
 
 /// Runs `f` on a thread that has entered the netns, e.g. to bind a socket
@@ -161,7 +183,11 @@ where
     F: FnOnce() -> std::io::Result<T> + Send + 'static,
 {
     let path = names::netns_path(netns);
-    let io = |what: String, source| NetError::Io { netns: netns.to_string(), what, source };
+    let io = |what: String, source| NetError::Io {
+        netns: netns.to_string(),
+        what,
+        source,
+    };
     let file = std::fs::File::open(&path).map_err(|e| io(format!("open {}", path.display()), e))?;
     let handle = std::thread::spawn(move || -> std::io::Result<T> {
         // SAFETY: setns on this short-lived thread only; the fd is valid for the call.
@@ -173,7 +199,10 @@ where
     });
     match handle.join() {
         Ok(result) => result.map_err(|e| io("run in netns".to_string(), e)),
-        Err(_) => Err(io("run in netns".to_string(), std::io::Error::other("thread panicked"))),
+        Err(_) => Err(io(
+            "run in netns".to_string(),
+            std::io::Error::other("thread panicked"),
+        )),
     }
 }
 
@@ -194,7 +223,14 @@ impl Plumber {
     pub async fn ensure_fabric(&self) -> Result<()> {
         let fabric = self.layout.fabric_netns();
         add(&fabric).await?;
-        let has_bridge = run(&fabric, "ip", &["-n", &fabric, "link", "show", names::FABRIC_BRIDGE], None).await.is_ok();
+        let has_bridge = run(
+            &fabric,
+            "ip",
+            &["-n", &fabric, "link", "show", names::FABRIC_BRIDGE],
+            None,
+        )
+        .await
+        .is_ok();
         if !has_bridge {
             ip_batch(
                 &fabric,
@@ -216,7 +252,10 @@ impl Plumber {
         ip_batch(
             &fabric,
             &[
-                format!("link add {fabric_if} type veth peer name {} netns {inner}", names::INNER_IF),
+                format!(
+                    "link add {fabric_if} type veth peer name {} netns {inner}",
+                    names::INNER_IF
+                ),
                 format!("link set {fabric_if} master {} up", names::FABRIC_BRIDGE),
             ],
         )
@@ -224,7 +263,11 @@ impl Plumber {
         ip_batch(
             inner,
             &[
-                format!("addr add {ip}/{} dev {}", names::NODE_PREFIX, names::INNER_IF),
+                format!(
+                    "addr add {ip}/{} dev {}",
+                    names::NODE_PREFIX,
+                    names::INNER_IF
+                ),
                 format!("link set {} up", names::INNER_IF),
             ],
         )
@@ -267,7 +310,10 @@ impl Plumber {
         let mut lines = Vec::new();
         for (cidr, via) in want {
             if have.get(cidr) != Some(via) {
-                lines.push(format!("route replace {cidr} via {via} dev {}", names::INNER_IF));
+                lines.push(format!(
+                    "route replace {cidr} via {via} dev {}",
+                    names::INNER_IF
+                ));
             }
         }
         for cidr in have.keys() {
@@ -289,7 +335,10 @@ impl Plumber {
         ip_batch(
             &node_ns,
             &[
-                format!("link add {veth} type veth peer name {} netns {pod_ns}", names::INNER_IF),
+                format!(
+                    "link add {veth} type veth peer name {} netns {pod_ns}",
+                    names::INNER_IF
+                ),
                 format!("addr add {}/32 dev {veth}", names::POD_GATEWAY),
                 format!("link set {veth} up"),
                 format!("route replace {pod_ip}/32 dev {veth} scope link"),
@@ -304,9 +353,18 @@ impl Plumber {
                 format!("addr add {pod_ip}/32 dev {dev}"),
                 format!("link set {dev} up"),
                 format!("route add {gw} dev {dev} scope link"),
-                format!("route add {} via {gw} dev {dev} src {pod_ip}", names::POD_CIDR),
-                format!("route add {} via {gw} dev {dev} src {pod_ip}", names::SERVICE_CIDR),
-                format!("route add {} via {gw} dev {dev} src {pod_ip}", names::NODE_CIDR),
+                format!(
+                    "route add {} via {gw} dev {dev} src {pod_ip}",
+                    names::POD_CIDR
+                ),
+                format!(
+                    "route add {} via {gw} dev {dev} src {pod_ip}",
+                    names::SERVICE_CIDR
+                ),
+                format!(
+                    "route add {} via {gw} dev {dev} src {pod_ip}",
+                    names::NODE_CIDR
+                ),
             ],
         )
         .await?;

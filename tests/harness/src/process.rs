@@ -59,9 +59,10 @@ impl Launch {
             cmd.stdout(file.try_clone()?).stderr(file);
         }
         let procs = match &self.cgroup {
-            Some(cg) => {
-                Some(CString::new(cg.join("cgroup.procs").as_os_str().as_bytes()).map_err(std::io::Error::other)?)
-            }
+            Some(cg) => Some(
+                CString::new(cg.join("cgroup.procs").as_os_str().as_bytes())
+                    .map_err(std::io::Error::other)?,
+            ),
             None => None,
         };
         let supervised = self.supervised;

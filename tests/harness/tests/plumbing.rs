@@ -28,7 +28,9 @@ async fn output_in(layout: &Layout, uid: &str, argv: &[&str]) -> std::process::O
         netns: Some(layout.pod_netns(uid)),
         ..Default::default()
     };
-    tokio::task::spawn_blocking(move || launch.command().unwrap().output().unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || launch.command().unwrap().output().unwrap())
+        .await
+        .unwrap()
 }
 
 /// Two pods on two nodes reach each other over TCP and UDP through their node
@@ -42,15 +44,36 @@ async fn pods_on_two_nodes_reach_each_other_and_teardown_leaves_nothing() {
     let probe = workspace_bin("netboot-probe");
 
     plumber.ensure_cp().await.unwrap();
-    plumber.ensure_node("node-a", Ipv4Addr::new(172, 18, 1, 1)).await.unwrap();
-    plumber.ensure_node("node-b", Ipv4Addr::new(172, 18, 1, 2)).await.unwrap();
+    plumber
+        .ensure_node("node-a", Ipv4Addr::new(172, 18, 1, 1))
+        .await
+        .unwrap();
+    plumber
+        .ensure_node("node-b", Ipv4Addr::new(172, 18, 1, 2))
+        .await
+        .unwrap();
     let routes_a = [("10.244.2.0/24".to_string(), Ipv4Addr::new(172, 18, 1, 2))].into();
     let routes_b = [("10.244.1.0/24".to_string(), Ipv4Addr::new(172, 18, 1, 1))].into();
-    plumber.sync_routes(&layout.node_netns("node-a"), &Default::default(), &routes_a).await.unwrap();
-    plumber.sync_routes(&layout.node_netns("node-b"), &Default::default(), &routes_b).await.unwrap();
-    let (uid_a, uid_b) = ("aaaaaaaa-1111-4000-8000-000000000001", "bbbbbbbb-2222-4000-8000-000000000002");
-    plumber.add_pod("node-a", uid_a, Ipv4Addr::new(10, 244, 1, 5)).await.unwrap();
-    plumber.add_pod("node-b", uid_b, Ipv4Addr::new(10, 244, 2, 7)).await.unwrap();
+    plumber
+        .sync_routes(&layout.node_netns("node-a"), &Default::default(), &routes_a)
+        .await
+        .unwrap();
+    plumber
+        .sync_routes(&layout.node_netns("node-b"), &Default::default(), &routes_b)
+        .await
+        .unwrap();
+    let (uid_a, uid_b) = (
+        "aaaaaaaa-1111-4000-8000-000000000001",
+        "bbbbbbbb-2222-4000-8000-000000000002",
+    );
+    plumber
+        .add_pod("node-a", uid_a, Ipv4Addr::new(10, 244, 1, 5))
+        .await
+        .unwrap();
+    plumber
+        .add_pod("node-b", uid_b, Ipv4Addr::new(10, 244, 2, 7))
+        .await
+        .unwrap();
 
     // The server runs in pod b's netns and cgroup, like podnet runs pods.
     let cg = layout.pod_cgroup("node-b", uid_b);
@@ -65,13 +88,28 @@ async fn pods_on_two_nodes_reach_each_other_and_teardown_leaves_nothing() {
     };
     let mut child = server.spawn().unwrap();
     let pid = child.id().unwrap();
-    assert_eq!(cgroup::procs(&cg), vec![i32::try_from(pid).unwrap()], "server joined its cgroup");
+    assert_eq!(
+        cgroup::procs(&cg),
+        vec![i32::try_from(pid).unwrap()],
+        "server joined its cgroup"
+    );
 
     let probe_s = probe.display().to_string();
     let mut got = String::new();
     for _ in 0..40 {
-        let out =
-            output_in(&layout, uid_a, &[&probe_s, "connect", "tcp", "10.244.2.7:8080", "--timeout-ms", "500"]).await;
+        let out = output_in(
+            &layout,
+            uid_a,
+            &[
+                &probe_s,
+                "connect",
+                "tcp",
+                "10.244.2.7:8080",
+                "--timeout-ms",
+                "500",
+            ],
+        )
+        .await;
         got = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if out.status.success() {
             break;
@@ -79,12 +117,36 @@ async fn pods_on_two_nodes_reach_each_other_and_teardown_leaves_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(got, "pod-b", "tcp pod-a -> pod-b across nodes");
-    let out = output_in(&layout, uid_a, &[&probe_s, "connect", "udp", "10.244.2.7:8081", "--count", "3"]).await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "pod-b\npod-b\npod-b\n", "udp pod-a -> pod-b");
+    let out = output_in(
+        &layout,
+        uid_a,
+        &[
+            &probe_s,
+            "connect",
+            "udp",
+            "10.244.2.7:8081",
+            "--count",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pod-b\npod-b\npod-b\n",
+        "udp pod-a -> pod-b"
+    );
 
     // No default route anywhere; the pod has exactly its three routes.
-    for ns in [layout.pod_netns(uid_a), layout.node_netns("node-a"), layout.cp_netns(), layout.fabric_netns()] {
-        let routes = std::process::Command::new("ip").args(["-n", &ns, "route", "show", "default"]).output().unwrap();
+    for ns in [
+        layout.pod_netns(uid_a),
+        layout.node_netns("node-a"),
+        layout.cp_netns(),
+        layout.fabric_netns(),
+    ] {
+        let routes = std::process::Command::new("ip")
+            .args(["-n", &ns, "route", "show", "default"])
+            .output()
+            .unwrap();
         assert!(
             routes.stdout.is_empty(),
             "netns {ns} has a default route: {}",
@@ -92,7 +154,19 @@ async fn pods_on_two_nodes_reach_each_other_and_teardown_leaves_nothing() {
         );
     }
     // Nothing leaves the pod world: an address outside it is unreachable.
-    let out = output_in(&layout, uid_a, &[&probe_s, "connect", "tcp", "192.0.2.1:80", "--timeout-ms", "300"]).await;
+    let out = output_in(
+        &layout,
+        uid_a,
+        &[
+            &probe_s,
+            "connect",
+            "tcp",
+            "192.0.2.1:80",
+            "--timeout-ms",
+            "300",
+        ],
+    )
+    .await;
     assert!(!out.status.success(), "a pod reached 192.0.2.1");
 
     process::signal_group(pid, libc::SIGTERM);
@@ -100,7 +174,11 @@ async fn pods_on_two_nodes_reach_each_other_and_teardown_leaves_nothing() {
     let errors = plumber.remove_all().await;
     assert!(errors.is_empty(), "{errors:?}");
     cgroup::remove_tree(&layout.cgroup_root).await.unwrap();
-    assert!(netns::list(&layout.netns_prefix).is_empty(), "netns left: {:?}", netns::list(&layout.netns_prefix));
+    assert!(
+        netns::list(&layout.netns_prefix).is_empty(),
+        "netns left: {:?}",
+        netns::list(&layout.netns_prefix)
+    );
     assert!(!layout.cgroup_root.exists());
     assert!(!names::netns_etc(&layout.pod_netns(uid_a)).exists());
 }

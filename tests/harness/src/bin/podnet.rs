@@ -10,7 +10,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "podnet", about = "Real network namespaces, cgroups and processes for the local cluster's pods")]
+#[command(
+    name = "podnet",
+    about = "Real network namespaces, cgroups and processes for the local cluster's pods"
+)]
 struct Args {
     /// Kubeconfig for the local cluster.
     #[arg(long, env = "KUBECONFIG")]
@@ -41,7 +44,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -103,17 +103,33 @@ impl AgentPod {
             name: pod.metadata.name.clone().unwrap_or_default(),
             uid: pod.metadata.uid.clone().unwrap_or_default(),
         };
-        let spec_err = |reason: &str| AgentError::Spec { pod: pref.to_string(), reason: reason.to_string() };
+        let spec_err = |reason: &str| AgentError::Spec {
+            pod: pref.to_string(),
+            reason: reason.to_string(),
+        };
         let spec = pod.spec.as_ref().ok_or_else(|| spec_err("no spec"))?;
-        let c = spec.containers.first().ok_or_else(|| spec_err("no containers"))?;
+        let c = spec
+            .containers
+            .first()
+            .ok_or_else(|| spec_err("no containers"))?;
         let cm = spec
             .volumes
             .iter()
             .flatten()
             .find_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
             .ok_or_else(|| spec_err("mounts no ConfigMap (the agent's config.yaml)"))?;
-        let env = c.env.iter().flatten().filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v))).collect();
-        let binary = pod.metadata.annotations.as_ref().and_then(|a| a.get(BINARY_ANNOTATION)).map(PathBuf::from);
+        let env = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+            .collect();
+        let binary = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(BINARY_ANNOTATION))
+            .map(PathBuf::from);
         let start_time = pod
             .status
             .as_ref()
@@ -130,7 +146,12 @@ impl AgentPod {
             env,
             binary,
             grace: Duration::from_secs(
-                u64::try_from(spec.termination_grace_period_seconds.unwrap_or(30).clamp(1, 30)).unwrap_or(30),
+                u64::try_from(
+                    spec.termination_grace_period_seconds
+                        .unwrap_or(30)
+                        .clamp(1, 30),
+                )
+                .unwrap_or(30),
             ),
             start_time,
         })
@@ -144,30 +165,47 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 /// Writes the ConfigMap's `config.yaml` to the agent's dir; returns its path.
-async fn materialize_config(client: &Client, env: &AgentEnv, a: &AgentPod) -> Result<PathBuf, AgentError> {
+async fn materialize_config(
+    client: &Client,
+    env: &AgentEnv,
+    a: &AgentPod,
+) -> Result<PathBuf, AgentError> {
     let (ns, name) = &a.configmap;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let cm = api.get(name).await.map_err(|source| AgentError::ConfigMap {
-        pod: a.pod.to_string(),
-        configmap: format!("{ns}/{name}"),
-        source,
-    })?;
-    let data = cm.data.as_ref().and_then(|d| d.get("config.yaml")).cloned().ok_or_else(|| AgentError::Spec {
-        pod: a.pod.to_string(),
-        reason: format!("ConfigMap/{ns}/{name} has no key config.yaml"),
-    })?;
+    let cm = api
+        .get(name)
+        .await
+        .map_err(|source| AgentError::ConfigMap {
+            pod: a.pod.to_string(),
+            configmap: format!("{ns}/{name}"),
+            source,
+        })?;
+    let data = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .cloned()
+        .ok_or_else(|| AgentError::Spec {
+            pod: a.pod.to_string(),
+            reason: format!("ConfigMap/{ns}/{name} has no key config.yaml"),
+        })?;
     let dir = env.dir.join(&a.node);
     let path = dir.join("config.yaml");
-    std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, data)).map_err(|source| AgentError::Io {
-        pod: a.pod.to_string(),
-        what: format!("write {}", path.display()),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, data))
+        .map_err(|source| AgentError::Io {
+            pod: a.pod.to_string(),
+            what: format!("write {}", path.display()),
+            source,
+        })?;
     Ok(path)
 }
 
 fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
-    let program = a.binary.clone().unwrap_or_else(|| env.bin_dir.join("netboot-datapath"));
+    let program = a
+        .binary
+        .clone()
+        .unwrap_or_else(|| env.bin_dir.join("netboot-datapath"));
     let l = &env.layout;
     let args = vec![
         "agent".to_string(),
@@ -180,7 +218,9 @@ fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
         "--bpffs".into(),
         l.node_bpffs(&a.node).display().to_string(),
         "--rules-netns".into(),
-        names::netns_path(&l.node_netns(&a.node)).display().to_string(),
+        names::netns_path(&l.node_netns(&a.node))
+            .display()
+            .to_string(),
         "--kubeconfig".into(),
         env.kubeconfig.display().to_string(),
         "--listen".into(),
@@ -202,21 +242,35 @@ fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
 /// GET /readyz on the agent; true on HTTP 200.
 pub async fn readyz(port: u16) -> bool {
     let probe = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
         let mut buf = [0u8; 32];
         let n = s.read(&mut buf).await.ok()?;
         let head = std::str::from_utf8(&buf[..n]).ok()?;
         Some(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"))
     };
-    matches!(tokio::time::timeout(Duration::from_millis(800), probe).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(Duration::from_millis(800), probe).await,
+        Ok(Some(true))
+    )
 }
 
 /// Patches the pod status; false if that failed (the caller retries).
 async fn patch(client: &Client, a: &AgentPod, s: &AgentState) -> bool {
     let api: Api<Pod> = Api::namespaced(client.clone(), &a.pod.namespace);
     let body = status::agent(&a.container, &a.image, &a.start_time, s);
-    match api.patch_status(&a.pod.name, &PatchParams::default(), &Patch::Strategic(&body)).await {
+    match api
+        .patch_status(
+            &a.pod.name,
+            &PatchParams::default(),
+            &Patch::Strategic(&body),
+        )
+        .await
+    {
         Ok(_) => {
             info!(pod = %a.pod, node = %a.node, ready = s.ready, restarts = s.restarts, "agent status patched");
             true

@@ -130,28 +130,46 @@ pub fn container_run(
         name: pod.metadata.name.clone().unwrap_or_default(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
     };
-    let err = |reason: String| SpecError { pod: pref.to_string(), reason };
+    let err = |reason: String| SpecError {
+        pod: pref.to_string(),
+        reason,
+    };
     let spec = pod.spec.as_ref().ok_or_else(|| err("no spec".into()))?;
-    let c = spec.containers.first().ok_or_else(|| err("no containers".into()))?;
+    let c = spec
+        .containers
+        .first()
+        .ok_or_else(|| err("no containers".into()))?;
     if spec.containers.len() > 1 {
         warn!(pod = %pref, "only the first container ({}) runs under podnet", c.name);
     }
     let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
     argv.extend(c.args.clone().unwrap_or_default());
     if argv.is_empty() {
-        return Err(err(format!("container {} has no command: podnet runs commands, not images", c.name)));
+        return Err(err(format!(
+            "container {} has no command: podnet runs commands, not images",
+            c.name
+        )));
     }
     let program = argv.remove(0);
-    let base = Path::new(&program).file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
-    let program =
-        if WORKSPACE_BINARIES.contains(&base.as_str()) { bin_dir.join(&base) } else { PathBuf::from(program) };
+    let base = Path::new(&program)
+        .file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let program = if WORKSPACE_BINARIES.contains(&base.as_str()) {
+        bin_dir.join(&base)
+    } else {
+        PathBuf::from(program)
+    };
 
     let termination_log = pod_dir.join(format!("{}.termination-log", c.name));
     let mut env = Vec::new();
     for e in c.env.iter().flatten() {
         let value = match (&e.value, &e.value_from) {
             (Some(v), _) => Some(v.clone()),
-            (None, Some(from)) => from.field_ref.as_ref().and_then(|f| field(pod, &f.field_path)),
+            (None, Some(from)) => from
+                .field_ref
+                .as_ref()
+                .and_then(|f| field(pod, &f.field_path)),
             (None, None) => Some(String::new()),
         };
         match value {
@@ -163,8 +181,14 @@ pub fn container_run(
     }
     let path = format!("{}:{}", bin_dir.display(), process::DEFAULT_PATH);
     env.push(("PATH".into(), path));
-    env.push(("TERMINATION_LOG".into(), termination_log.display().to_string()));
-    let grace = spec.termination_grace_period_seconds.unwrap_or(30).clamp(0, 30);
+    env.push((
+        "TERMINATION_LOG".into(),
+        termination_log.display().to_string(),
+    ));
+    let grace = spec
+        .termination_grace_period_seconds
+        .unwrap_or(30)
+        .clamp(0, 30);
     Ok(ContainerRun {
         pod: pref,
         container: c.name.clone(),
@@ -197,7 +221,10 @@ impl PidBook {
     /// A book in `dir` (created).
     pub fn new(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, live: Arc::default() })
+        Ok(Self {
+            dir,
+            live: Arc::default(),
+        })
     }
 
     /// Records a started process.
@@ -219,7 +246,11 @@ impl PidBook {
     /// PIDs recorded on disk (by this or an earlier podnet).
     pub fn recorded(&self) -> Vec<u32> {
         std::fs::read_dir(&self.dir)
-            .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_string_lossy().parse().ok()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -372,7 +403,14 @@ async fn report_terminal(client: &Client, run: &ContainerRun, restarts: i32, t: 
     let api: Api<Pod> = Api::namespaced(client.clone(), &run.pod.namespace);
     let patch = status::terminal(&run.container, &run.image, restarts, t);
     for attempt in 1..=5 {
-        match api.patch_status(&run.pod.name, &PatchParams::default(), &Patch::Strategic(&patch)).await {
+        match api
+            .patch_status(
+                &run.pod.name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+        {
             Ok(_) => {
                 info!(pod = %run.pod, exit_code = t.exit_code, "status: phase {}", patch["status"]["phase"]);
                 return;

@@ -120,7 +120,10 @@ pub enum Error {
 
 /// Builds a client from a kubeconfig file.
 pub async fn client_from(path: &Path) -> Result<Client, Error> {
-    let boxed = |e: Box<dyn std::error::Error + Send + Sync>| Error::Kubeconfig { path: path.to_path_buf(), source: e };
+    let boxed = |e: Box<dyn std::error::Error + Send + Sync>| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        source: e,
+    };
     let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| boxed(Box::new(e)))?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
@@ -146,7 +149,10 @@ fn lock(layout: &Layout) -> Result<Lock, Error> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| Error::Io { what: format!("open {}", path.display()), source })?;
+        .map_err(|source| Error::Io {
+            what: format!("open {}", path.display()),
+            source,
+        })?;
     // SAFETY: flock on an fd we own.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -224,11 +230,20 @@ struct Controller {
 }
 
 fn has_label(pod: &Pod, (k, v): (&str, &str)) -> bool {
-    pod.metadata.labels.as_ref().and_then(|l| l.get(k)).map(String::as_str) == Some(v)
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(k))
+        .map(String::as_str)
+        == Some(v)
 }
 
 fn pod_key(pod: &Pod) -> String {
-    format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or(""), pod.metadata.name.as_deref().unwrap_or(""))
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or(""),
+        pod.metadata.name.as_deref().unwrap_or("")
+    )
 }
 
 fn node_of(pod: &Pod) -> Option<&str> {
@@ -265,7 +280,9 @@ pub async fn cleanup(layout: &Layout, pids: &PidBook) {
     for pid in pids.recorded() {
         let ours = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .map(|c| {
-                c.lines().filter_map(|l| l.strip_prefix("0::")).any(|p| p == rel || p.starts_with(&format!("{rel}/")))
+                c.lines()
+                    .filter_map(|l| l.strip_prefix("0::"))
+                    .any(|p| p == rel || p.starts_with(&format!("{rel}/")))
             })
             .unwrap_or(false);
         if ours {
@@ -276,7 +293,10 @@ pub async fn cleanup(layout: &Layout, pids: &PidBook) {
         }
     }
     for _ in 0..50 {
-        if victims.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+        if victims
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -320,8 +340,11 @@ impl Controller {
             l.set_nonblocking(true)?;
             Ok(l)
         })?;
-        let listener = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|source| Error::Io { what: format!("netns {cp}: API proxy listener"), source })?;
+        let listener =
+            tokio::net::TcpListener::from_std(std_listener).map_err(|source| Error::Io {
+                what: format!("netns {cp}: API proxy listener"),
+                source,
+            })?;
         let upstream = self.opts.api_upstream.clone();
         info!(netns = %cp, "API proxy {}:{} -> {upstream}", names::CP_IP, names::API_PORT);
         self.proxy = Some(tokio::spawn(async move {
@@ -369,7 +392,14 @@ impl Controller {
             self.opts.layout.node_netns(node),
             pod_cidr.as_deref().unwrap_or("none")
         );
-        self.nodes.insert(node.to_string(), RealNode { ip, pod_cidr, routes: BTreeMap::new() });
+        self.nodes.insert(
+            node.to_string(),
+            RealNode {
+                ip,
+                pod_cidr,
+                routes: BTreeMap::new(),
+            },
+        );
         Ok(true)
     }
 
@@ -385,12 +415,18 @@ impl Controller {
                     .and_then(|o| o.spec.as_ref().and_then(|s| s.pod_cidr.clone()));
             }
         }
-        let all: BTreeMap<String, (String, Ipv4Addr)> =
-            self.nodes.iter().filter_map(|(k, n)| n.pod_cidr.clone().map(|c| (k.clone(), (c, n.ip)))).collect();
+        let all: BTreeMap<String, (String, Ipv4Addr)> = self
+            .nodes
+            .iter()
+            .filter_map(|(k, n)| n.pod_cidr.clone().map(|c| (k.clone(), (c, n.ip))))
+            .collect();
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for name in names {
-            let want: BTreeMap<String, Ipv4Addr> =
-                all.iter().filter(|(k, _)| **k != name).map(|(_, (c, ip))| (c.clone(), *ip)).collect();
+            let want: BTreeMap<String, Ipv4Addr> = all
+                .iter()
+                .filter(|(k, _)| **k != name)
+                .map(|(_, (c, ip))| (c.clone(), *ip))
+                .collect();
             let Some(n) = self.nodes.get_mut(&name) else {
                 continue;
             };
@@ -406,7 +442,8 @@ impl Controller {
                 Err(e) => warn!(error = %e, "routes"),
             }
         }
-        let want: BTreeMap<String, Ipv4Addr> = all.values().map(|(c, ip)| (c.clone(), *ip)).collect();
+        let want: BTreeMap<String, Ipv4Addr> =
+            all.values().map(|(c, ip)| (c.clone(), *ip)).collect();
         if self.cp_routes != want {
             let ns = self.opts.layout.cp_netns();
             match self.plumber.sync_routes(&ns, &self.cp_routes, &want).await {
@@ -419,7 +456,11 @@ impl Controller {
     async fn realize_pod(&mut self, pod: &Pod, node: &str, ip: Ipv4Addr) -> Result<(), Error> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let key = pod_key(pod);
-        let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+        let host_network = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
         let netns = if host_network {
             self.opts.layout.node_netns(node)
         } else {
@@ -449,10 +490,14 @@ impl Controller {
             });
             match sockets {
                 Ok((udp, tcp)) => {
-                    let io = |source| Error::Io { what: format!("Pod/{key}: DNS sockets"), source };
+                    let io = |source| Error::Io {
+                        what: format!("Pod/{key}: DNS sockets"),
+                        source,
+                    };
                     let udp = tokio::net::UdpSocket::from_std(udp).map_err(io)?;
                     let tcp = tokio::net::TcpListener::from_std(tcp).map_err(io)?;
-                    real.dns.push(tokio::spawn(dns::serve_udp(udp, zone.clone())));
+                    real.dns
+                        .push(tokio::spawn(dns::serve_udp(udp, zone.clone())));
                     real.dns.push(tokio::spawn(dns::serve_tcp(tcp, zone)));
                     info!("DNS for cluster.local served in netns {netns} for {key} ({ip}:53)");
                 }
@@ -460,8 +505,10 @@ impl Controller {
             }
         } else {
             let dir = self.pod_dir(pod);
-            std::fs::create_dir_all(&dir)
-                .map_err(|source| Error::Io { what: format!("create {}", dir.display()), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                what: format!("create {}", dir.display()),
+                source,
+            })?;
             match kubelet::container_run(pod, &self.opts.bin_dir, Some(netns), cg, &dir) {
                 Ok(run) => {
                     real.runner = Some(kubelet::spawn(run, self.client.clone(), self.pids.clone()));
@@ -500,7 +547,10 @@ impl Controller {
             if let Err(e) = cgroup::remove_tree(&real.cgroup).await {
                 warn!(error = %e, "teardown");
             }
-            info!("netns {} removed for {} on {}", real.netns, real.pod, real.node);
+            info!(
+                "netns {} removed for {} on {}",
+                real.netns, real.pod, real.node
+            );
         }));
     }
 
@@ -518,19 +568,32 @@ impl Controller {
             let (Some(uid), Some(node)) = (pod.metadata.uid.clone(), node_of(pod)) else {
                 continue;
             };
-            let Some(ip) =
-                pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+            let Some(ip) = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
             else {
                 continue;
             };
             want.insert(uid, (pod.clone(), node.to_string(), ip));
         }
-        let gone: Vec<String> = self.pods.keys().filter(|uid| !want.contains_key(*uid)).cloned().collect();
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|uid| !want.contains_key(*uid))
+            .cloned()
+            .collect();
         for uid in gone {
             self.teardown_pod(&uid);
         }
         for (uid, (pod, node, ip)) in want {
-            if self.pods.contains_key(&uid) || self.failed.get(&uid).is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            if self.pods.contains_key(&uid)
+                || self
+                    .failed
+                    .get(&uid)
+                    .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+            {
                 continue;
             }
             match self.ensure_node(&node).await {
@@ -548,7 +611,8 @@ impl Controller {
                 self.failed.insert(uid, std::time::Instant::now());
             }
         }
-        self.failed.retain(|uid, _| pods.iter().any(|p| p.metadata.uid.as_deref() == Some(uid)));
+        self.failed
+            .retain(|uid, _| pods.iter().any(|p| p.metadata.uid.as_deref() == Some(uid)));
     }
 
     async fn sync_agents(&mut self, pods: &[Arc<Pod>]) {
@@ -567,7 +631,12 @@ impl Controller {
                 want.insert(uid, pod.clone());
             }
         }
-        let gone: Vec<String> = self.agents.keys().filter(|u| !want.contains_key(*u)).cloned().collect();
+        let gone: Vec<String> = self
+            .agents
+            .keys()
+            .filter(|u| !want.contains_key(*u))
+            .cloned()
+            .collect();
         for uid in gone {
             if let Some(a) = self.agents.get_mut(&uid) {
                 if !a.stopping {
@@ -577,7 +646,8 @@ impl Controller {
                 }
             }
         }
-        self.agents.retain(|_, a| !(a.stopping && a.runner.finished()));
+        self.agents
+            .retain(|_, a| !(a.stopping && a.runner.finished()));
         // Pods being deleted whose agent has stopped: finish the deletion like a kubelet.
         for pod in deleting_pods {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
@@ -588,7 +658,10 @@ impl Controller {
             let name = pod.metadata.name.clone().unwrap_or_default();
             let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
             let mut dp = DeleteParams::default().grace_period(0);
-            dp.preconditions = Some(kube::api::Preconditions { uid: Some(uid), resource_version: None });
+            dp.preconditions = Some(kube::api::Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            });
             match api.delete(&name, &dp).await {
                 Ok(_) => debug!("Pod/{ns}/{name}: deleted after its agent stopped"),
                 Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
@@ -602,7 +675,12 @@ impl Controller {
             layout: self.opts.layout.clone(),
         };
         for (uid, pod) in want {
-            if self.agents.contains_key(&uid) || self.failed.get(&uid).is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            if self.agents.contains_key(&uid)
+                || self
+                    .failed
+                    .get(&uid)
+                    .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+            {
                 continue;
             }
             let Some(node) = node_of(&pod).map(str::to_string) else {
@@ -616,7 +694,11 @@ impl Controller {
                     continue;
                 }
             }
-            let node_ip = self.nodes.get(&node).map(|n| n.ip.to_string()).unwrap_or_default();
+            let node_ip = self
+                .nodes
+                .get(&node)
+                .map(|n| n.ip.to_string())
+                .unwrap_or_default();
             match agent::AgentPod::from_pod(&pod, &node, &node_ip) {
                 Ok(a) => {
                     info!(
@@ -625,7 +707,14 @@ impl Controller {
                         self.opts.layout.node_cgroup(&node).display()
                     );
                     let r = agent::spawn(a, env.clone(), self.client.clone(), self.pids.clone());
-                    self.agents.insert(uid, AgentEntry { pod: pod_key(&pod), runner: r, stopping: false });
+                    self.agents.insert(
+                        uid,
+                        AgentEntry {
+                            pod: pod_key(&pod),
+                            runner: r,
+                            stopping: false,
+                        },
+                    );
                 }
                 Err(e) => {
                     warn!(error = %e, "agent not started");
@@ -639,13 +728,28 @@ impl Controller {
         let gen = self.stores.svc_gen.load(Ordering::SeqCst);
         if gen != self.svc_gen_seen {
             self.svc_gen_seen = gen;
-            let services: Vec<Service> = self.stores.services.state().iter().map(|s| (**s).clone()).collect();
-            let slices: Vec<EndpointSlice> = self.stores.slices.state().iter().map(|s| (**s).clone()).collect();
+            let services: Vec<Service> = self
+                .stores
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect();
+            let slices: Vec<EndpointSlice> = self
+                .stores
+                .slices
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect();
             self.zone.set(dns::zone(&services, &slices));
             self.rules = kubeproxy_rules::render(
                 &services,
                 &slices,
-                &RuleOptions { cluster_cidr: Some(self.opts.cluster_cidr.clone()), ..RuleOptions::default() },
+                &RuleOptions {
+                    cluster_cidr: Some(self.opts.cluster_cidr.clone()),
+                    ..RuleOptions::default()
+                },
             );
         }
         // Nodes with a live kube-proxy pod whose netns exists get the rules,
@@ -662,7 +766,10 @@ impl Controller {
             .collect();
         for (node, pod_uid) in kp_nodes {
             if let Some(a) = self.rules_applied.get(&node) {
-                if a.rules == self.rules && a.pod_uid == pod_uid && a.at.elapsed() < KUBE_PROXY_SYNC_PERIOD {
+                if a.rules == self.rules
+                    && a.pod_uid == pod_uid
+                    && a.at.elapsed() < KUBE_PROXY_SYNC_PERIOD
+                {
                     continue;
                 }
             }
@@ -670,14 +777,23 @@ impl Controller {
             let r = netns::run_in(&ns, &self.opts.iptables_restore, &[], Some(&self.rules)).await;
             match r {
                 Ok(()) => {
-                    let changed = self.rules_applied.get(&node).is_none_or(|a| a.rules != self.rules);
+                    let changed = self
+                        .rules_applied
+                        .get(&node)
+                        .is_none_or(|a| a.rules != self.rules);
                     if changed {
                         info!(netns = %ns, "kube-proxy rules written for node {node} ({} lines)", self.rules.lines().count());
                     } else {
                         debug!(netns = %ns, "kube-proxy rules resynced for node {node}");
                     }
-                    self.rules_applied
-                        .insert(node, Applied { pod_uid, rules: self.rules.clone(), at: std::time::Instant::now() });
+                    self.rules_applied.insert(
+                        node,
+                        Applied {
+                            pod_uid,
+                            rules: self.rules.clone(),
+                            at: std::time::Instant::now(),
+                        },
+                    );
                 }
                 Err(e) => warn!(error = %e, "kube-proxy rules for node {node}"),
             }
@@ -690,6 +806,8 @@ impl Controller {
             return;
         }
         let mut pods = self.stores.pods.state();
+        let prefix = self.opts.layout.netns_prefix.as_str();
+        pods.retain(|p| names::podnet_owner(p.metadata.annotations.as_ref()) == prefix);
         if let Some(ns) = &self.opts.namespace {
             pods.retain(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()));
         }
@@ -700,7 +818,11 @@ impl Controller {
     }
 
     async fn shutdown(mut self) {
-        info!("shutting down: stopping {} pods and {} agents", self.pods.len(), self.agents.len());
+        info!(
+            "shutting down: stopping {} pods and {} agents",
+            self.pods.len(),
+            self.agents.len()
+        );
         let mut stops = Vec::new();
         for (_, a) in self.agents.drain() {
             a.runner.signal_stop();
@@ -733,10 +855,18 @@ fn watch_into<K>(
     gen: Option<Arc<AtomicU64>>,
 ) -> JoinHandle<()>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
     tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer);
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
@@ -756,8 +886,10 @@ where
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let _lock = lock(&opts.layout)?;
     let dir = opts.dir();
-    let pids = PidBook::new(dir.join("pids"))
-        .map_err(|source| Error::Io { what: format!("create {}", dir.join("pids").display()), source })?;
+    let pids = PidBook::new(dir.join("pids")).map_err(|source| Error::Io {
+        what: format!("create {}", dir.join("pids").display()),
+        source,
+    })?;
     info!("cleaning leftovers of an earlier podnet");
     cleanup(&opts.layout, &pids).await;
     let client = client_from(&opts.kubeconfig).await?;
@@ -771,15 +903,31 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let watchers = vec![
         watch_into(Api::<Node>::all(client.clone()), nw, notify.clone(), None),
         watch_into(Api::<Pod>::all(client.clone()), pw, notify.clone(), None),
-        watch_into(Api::<Service>::all(client.clone()), sw, notify.clone(), Some(svc_gen.clone())),
-        watch_into(Api::<EndpointSlice>::all(client.clone()), ew, notify.clone(), Some(svc_gen.clone())),
+        watch_into(
+            Api::<Service>::all(client.clone()),
+            sw,
+            notify.clone(),
+            Some(svc_gen.clone()),
+        ),
+        watch_into(
+            Api::<EndpointSlice>::all(client.clone()),
+            ew,
+            notify.clone(),
+            Some(svc_gen.clone()),
+        ),
     ];
     let mut ctl = Controller {
         plumber: Plumber::new(opts.layout.clone()),
         opts,
         client,
         pids,
-        stores: Stores { nodes, pods, services, slices, svc_gen },
+        stores: Stores {
+            nodes,
+            pods,
+            services,
+            slices,
+            svc_gen,
+        },
         cp_routes: BTreeMap::new(),
         nodes: BTreeMap::new(),
         pods: HashMap::new(),

@@ -28,8 +28,7 @@ pub struct Terminated {
 pub fn terminal(container: &str, image: &str, restarts: i32, t: &Terminated) -> Value {
     let ok = t.exit_code == 0;
     let now = now();
-    let not_ready =
-        |type_: &str| json!({"type": type_, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now});
+    let not_ready = |type_: &str| json!({"type": type_, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now});
     json!({
         "status": {
             "phase": if ok { "Succeeded" } else { "Failed" },
@@ -156,8 +155,14 @@ mod tests {
         };
         let p = terminal("probe", "netboot-probe:dev", 0, &t);
         assert_eq!(p["status"]["phase"], "Failed");
-        assert_eq!(p["status"]["containerStatuses"][0]["state"]["terminated"]["message"], "boom");
-        assert_eq!(p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"], 3);
+        assert_eq!(
+            p["status"]["containerStatuses"][0]["state"]["terminated"]["message"],
+            "boom"
+        );
+        assert_eq!(
+            p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+            3
+        );
     }
 
     #[test]

@@ -642,6 +642,8 @@ impl ApiServerProcess {
 
     /// Same binary, same flags, same log; the pid file is rewritten so
     /// tests/cluster/down stops the new process.
+    // A daemon like the other components: tests/cluster/down stops it by the recorded PID.
+    #[allow(clippy::zombie_processes)]
     fn start_again(&self, state: &Path) {
         let log = std::fs::OpenOptions::new().append(true).open(state.join("logs/kube-apiserver.log")).unwrap();
         let child = Command::new("setsid")

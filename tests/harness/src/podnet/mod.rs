@@ -885,6 +885,7 @@ where
 /// Runs podnet until `shutdown` resolves, then removes everything it made.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let _lock = lock(&opts.layout)?;
+    let layout = opts.layout.clone();
     let dir = opts.dir();
     let pids = PidBook::new(dir.join("pids")).map_err(|source| Error::Io {
         what: format!("create {}", dir.join("pids").display()),
@@ -971,5 +972,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         w.abort();
     }
     ctl.shutdown().await;
+    // Nothing of this podnet is left; its lock file goes too (still held
+    // until exit, so no second podnet can slip in meanwhile).
+    let _ = std::fs::remove_file(lock_path(&layout));
     Ok(())
 }

@@ -34,6 +34,27 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// Runs `body` on the shared cluster from the baseline, one test at a time,
+/// and puts the baseline back afterwards, pass or fail, so other test
+/// binaries find kube-proxy as kubeadm left it.
+fn scenario<F, Fut>(body: F)
+where
+    F: FnOnce(SharedCluster) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _g = serial();
+    let rt = rt();
+    let c = rt.block_on(SharedCluster::get());
+    rt.block_on(reset(&c));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(body(c.clone()))
+    }));
+    rt.block_on(reset(&c));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 struct Run {
     code: i32,
     stdout: String,
@@ -269,10 +290,7 @@ fn check_results(outcome: &Value) -> Vec<(String, String)> {
 /// value, a dropped template, and the way back to coexist.
 #[test]
 fn replace_then_noop_then_change_then_prune_then_coexist() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec_file(dir.path(), "local.yaml", |s| s);
         let spec = spec.to_str().unwrap();
@@ -286,13 +304,39 @@ fn replace_then_noop_then_change_then_prune_then_coexist() {
         let checks = check_results(&out);
         assert_eq!(checks.len(), 8, "{checks:?}");
         assert!(checks.iter().all(|(_, r)| r == "passed"), "{checks:?}");
-        let steps: Vec<&str> = out["handover"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-        assert_eq!(steps, ["agents-rolled-out", "nodes-report-replacement", "backup-kube-proxy", "delete-kube-proxy", "kube-proxy-gone", "rules-cleared", "validation"]);
+        let steps: Vec<&str> = out["handover"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "agents-rolled-out",
+                "nodes-report-replacement",
+                "backup-kube-proxy",
+                "delete-kube-proxy",
+                "kube-proxy-gone",
+                "rules-cleared",
+                "validation"
+            ]
+        );
         let (ds, cm) = kube_proxy(&c.client).await;
-        assert!(ds.is_none() && cm.is_none(), "kube-proxy DaemonSet and ConfigMap must be gone");
+        assert!(
+            ds.is_none() && cm.is_none(),
+            "kube-proxy DaemonSet and ConfigMap must be gone"
+        );
         let status = netboot(&c, &["status", "-o", "json", spec]).json();
         assert_eq!(status["nodes"].as_array().unwrap().len(), 3);
-        assert!(status["nodes"].as_array().unwrap().iter().all(|n| n["kubeProxyReplacement"] == "true" && n["kubeProxyRules"] == "absent"), "{status:#}");
+        assert!(
+            status["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["kubeProxyReplacement"] == "true" && n["kubeProxyRules"] == "absent"),
+            "{status:#}"
+        );
 
         // The same spec again: zero write requests.
         let mark = audit_len(&c);
@@ -304,16 +348,44 @@ fn replace_then_noop_then_change_then_prune_then_coexist() {
         assert!(writes.is_empty(), "a no-op apply wrote: {writes:#?}");
 
         // A changed value → only the objects it affects are configured.
-        let changed = spec_file(dir.path(), "changed.yaml", |s| s.replace("sessionAffinityTimeoutSeconds: 10800", "sessionAffinityTimeoutSeconds: 3600"));
-        let out = netboot(&c, &["apply", "-o", "json", "--skip-validation", changed.to_str().unwrap()]).json();
+        let changed = spec_file(dir.path(), "changed.yaml", |s| {
+            s.replace(
+                "sessionAffinityTimeoutSeconds: 10800",
+                "sessionAffinityTimeoutSeconds: 3600",
+            )
+        });
+        let out = netboot(
+            &c,
+            &[
+                "apply",
+                "-o",
+                "json",
+                "--skip-validation",
+                changed.to_str().unwrap(),
+            ],
+        )
+        .json();
         let configured: Vec<String> = out["applied"]["entries"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|e| e["action"] == "configured")
-            .map(|e| format!("{}/{}", e["kind"].as_str().unwrap(), e["name"].as_str().unwrap()))
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e["kind"].as_str().unwrap(),
+                    e["name"].as_str().unwrap()
+                )
+            })
             .collect();
-        assert_eq!(configured, ["ConfigMap/netboot-datapath-config", "DaemonSet/netboot-datapath"], "{out:#}");
+        assert_eq!(
+            configured,
+            [
+                "ConfigMap/netboot-datapath-config",
+                "DaemonSet/netboot-datapath"
+            ],
+            "{out:#}"
+        );
 
         // An object that leaves the templates is pruned; nothing else is touched.
         let extra = tempfile::tempdir().unwrap();
@@ -322,30 +394,77 @@ fn replace_then_noop_then_change_then_prune_then_coexist() {
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: netboot-extra\n  namespace: {{q namespace}}\ndata:\n  a: \"1\"\n",
         )
         .unwrap();
-        let run = netboot(&c, &["apply", "-o", "json", "--skip-validation", "--templates", extra.path().to_str().unwrap(), changed.to_str().unwrap()]);
+        let run = netboot(
+            &c,
+            &[
+                "apply",
+                "-o",
+                "json",
+                "--skip-validation",
+                "--templates",
+                extra.path().to_str().unwrap(),
+                changed.to_str().unwrap(),
+            ],
+        );
         assert_eq!(run.code, 0);
         let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "netboot-system");
         assert!(cms.get_opt("netboot-extra").await.unwrap().is_some());
-        let out = netboot(&c, &["apply", "-o", "json", "--skip-validation", changed.to_str().unwrap()]).json();
-        let pruned: Vec<&str> = out["applied"]["entries"].as_array().unwrap().iter().filter(|e| e["action"] == "pruned").map(|e| e["name"].as_str().unwrap()).collect();
+        let out = netboot(
+            &c,
+            &[
+                "apply",
+                "-o",
+                "json",
+                "--skip-validation",
+                changed.to_str().unwrap(),
+            ],
+        )
+        .json();
+        let pruned: Vec<&str> = out["applied"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "pruned")
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
         assert_eq!(pruned, ["netboot-extra"]);
-        wait_until("netboot-extra to be deleted", Duration::from_secs(30), || async { cms.get_opt("netboot-extra").await.unwrap().is_none() }).await;
+        wait_until(
+            "netboot-extra to be deleted",
+            Duration::from_secs(30),
+            || async { cms.get_opt("netboot-extra").await.unwrap().is_none() },
+        )
+        .await;
 
         // Back to coexist: kube-proxy restored exactly as backed up, validated.
         let backup = cms.get("netboot-kube-proxy-backup").await.unwrap();
-        let coexist = spec_file(dir.path(), "coexist.yaml", |s| s.replace("kubeProxyReplacement: true", "kubeProxyReplacement: false"));
+        let coexist = spec_file(dir.path(), "coexist.yaml", |s| {
+            s.replace("kubeProxyReplacement: true", "kubeProxyReplacement: false")
+        });
         let run = netboot(&c, &["apply", "-o", "json", coexist.to_str().unwrap()]);
         assert_eq!(run.code, 0);
         let checks = check_results(&run.json());
         assert!(checks.iter().all(|(_, r)| r == "passed"), "{checks:?}");
         let (ds, cm) = kube_proxy(&c.client).await;
-        let backup_ds: Value = serde_json::from_str(&backup.data.as_ref().unwrap()["daemonset.json"]).unwrap();
-        let backup_cm: Value = serde_json::from_str(&backup.data.as_ref().unwrap()["configmap.json"]).unwrap();
-        let live_ds = netboot::handover::strip_server_fields(serde_json::to_value(ds.unwrap()).unwrap());
-        let live_cm = netboot::handover::strip_server_fields(serde_json::to_value(cm.unwrap()).unwrap());
-        assert_eq!(live_cm, backup_cm, "restored ConfigMap differs from the backup");
-        assert_eq!(live_ds["spec"], backup_ds["spec"], "restored DaemonSet spec differs from the backup");
-        assert_eq!(live_ds["metadata"]["labels"], backup_ds["metadata"]["labels"]);
+        let backup_ds: Value =
+            serde_json::from_str(&backup.data.as_ref().unwrap()["daemonset.json"]).unwrap();
+        let backup_cm: Value =
+            serde_json::from_str(&backup.data.as_ref().unwrap()["configmap.json"]).unwrap();
+        let live_ds =
+            netboot::handover::strip_server_fields(serde_json::to_value(ds.unwrap()).unwrap());
+        let live_cm =
+            netboot::handover::strip_server_fields(serde_json::to_value(cm.unwrap()).unwrap());
+        assert_eq!(
+            live_cm, backup_cm,
+            "restored ConfigMap differs from the backup"
+        );
+        assert_eq!(
+            live_ds["spec"], backup_ds["spec"],
+            "restored DaemonSet spec differs from the backup"
+        );
+        assert_eq!(
+            live_ds["metadata"]["labels"],
+            backup_ds["metadata"]["labels"]
+        );
     });
 }
 
@@ -353,10 +472,7 @@ fn replace_then_noop_then_change_then_prune_then_coexist() {
 /// kube-proxy in place, and the error must name the gate and the nodes.
 #[test]
 fn agent_never_ready_keeps_kube_proxy() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec_file(dir.path(), "broken.yaml", |s| {
             s.replace("port: 6443", "port: 6553")
@@ -399,10 +515,7 @@ fn agent_never_ready_keeps_kube_proxy() {
 /// same revision does not loop into another handover.
 #[test]
 fn failed_validation_rolls_back() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let (ds0, cm0) = kube_proxy(&c.client).await;
         let dir = tempfile::tempdir().unwrap();
         // A DNS domain nobody serves: the dns check fails after the handover.
@@ -445,10 +558,7 @@ fn failed_validation_rolls_back() {
 /// Coexist mode leaves kube-proxy exactly as it was.
 #[test]
 fn coexist_leaves_kube_proxy_alone() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let (ds0, cm0) = kube_proxy(&c.client).await;
         let dir = tempfile::tempdir().unwrap();
         let spec = spec_file(dir.path(), "coexist.yaml", |s| {
@@ -485,10 +595,7 @@ fn coexist_leaves_kube_proxy_alone() {
 /// A second netboot waits for the lock, and gives up naming the holder.
 #[test]
 fn a_held_lock_makes_the_second_apply_wait_then_fail() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let ns: Api<Namespace> = Api::all(c.client.clone());
         let nsobj: Namespace =
             serde_json::from_value(json!({"metadata": {"name": "netboot-system"}})).unwrap();
@@ -568,12 +675,10 @@ fn a_held_lock_makes_the_second_apply_wait_then_fail() {
 /// kube-proxy backup matches what was installed).
 #[test]
 fn api_server_killed_mid_apply_then_rerun_converges() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let (ds0, _) = kube_proxy(&c.client).await;
-        let ds0 = netboot::handover::strip_server_fields(serde_json::to_value(ds0.unwrap()).unwrap());
+        let ds0 =
+            netboot::handover::strip_server_fields(serde_json::to_value(ds0.unwrap()).unwrap());
         let dir = tempfile::tempdir().unwrap();
         let spec = spec_file(dir.path(), "local.yaml", |s| s);
         let child = Command::new(env!("CARGO_BIN_EXE_netboot"))
@@ -587,29 +692,68 @@ fn api_server_killed_mid_apply_then_rerun_converges() {
             .spawn()
             .unwrap();
         let dss: Api<DaemonSet> = Api::namespaced(c.client.clone(), "netboot-system");
-        wait_until("the apply to create the agent DaemonSet", Duration::from_secs(60), || async {
-            dss.get_opt("netboot-datapath").await.ok().flatten().is_some()
-        })
+        wait_until(
+            "the apply to create the agent DaemonSet",
+            Duration::from_secs(60),
+            || async {
+                dss.get_opt("netboot-datapath")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+            },
+        )
         .await;
         let apiserver = ApiServerProcess::read(&c.state);
         apiserver.kill();
         let out = child.wait_with_output().unwrap();
-        eprintln!("interrupted apply: exit {:?}\n{}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "interrupted apply: exit {:?}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         apiserver.start_again(&c.state);
         let client = c.client.clone();
-        wait_until("the API server to answer again", Duration::from_secs(60), || async { client.apiserver_version().await.is_ok() }).await;
+        wait_until(
+            "the API server to answer again",
+            Duration::from_secs(60),
+            || async { client.apiserver_version().await.is_ok() },
+        )
+        .await;
         // Controllers, kwok and podnet reconnect on their own; give the agents' watches a moment.
-        let run = netboot(&c, &["apply", "-o", "json", "--lock-timeout", "90", spec.to_str().unwrap()]);
+        let run = netboot(
+            &c,
+            &[
+                "apply",
+                "-o",
+                "json",
+                "--lock-timeout",
+                "90",
+                spec.to_str().unwrap(),
+            ],
+        );
         assert_eq!(run.code, 0, "the rerun must converge");
         let out = run.json();
-        assert!(check_results(&out).iter().all(|(_, r)| r == "passed"), "{:?}", check_results(&out));
+        assert!(
+            check_results(&out).iter().all(|(_, r)| r == "passed"),
+            "{:?}",
+            check_results(&out)
+        );
         let status = netboot(&c, &["status", "-o", "json", spec.to_str().unwrap()]).json();
-        assert_eq!(status["inventory"]["objects"].as_array().unwrap().len(), 10, "{status:#}");
+        assert_eq!(
+            status["inventory"]["objects"].as_array().unwrap().len(),
+            10,
+            "{status:#}"
+        );
         assert_eq!(status["kubeProxy"]["daemonSet"], false);
         let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "netboot-system");
         let backup = cms.get("netboot-kube-proxy-backup").await.unwrap();
-        let backup_ds: Value = serde_json::from_str(&backup.data.unwrap()["daemonset.json"]).unwrap();
-        assert_eq!(backup_ds["spec"], ds0["spec"], "the backup must be kube-proxy as it was installed");
+        let backup_ds: Value =
+            serde_json::from_str(&backup.data.unwrap()["daemonset.json"]).unwrap();
+        assert_eq!(
+            backup_ds["spec"], ds0["spec"],
+            "the backup must be kube-proxy as it was installed"
+        );
     });
 }
 
@@ -625,8 +769,15 @@ impl ApiServerProcess {
         let rec = std::fs::read_to_string(state.join("pids/kube-apiserver.pid")).unwrap();
         let pid: i32 = rec.lines().next().unwrap().trim().parse().unwrap();
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-        let argv: Vec<String> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        assert!(argv[0].ends_with("kube-apiserver"), "pid {pid} is {argv:?}, not the recorded kube-apiserver");
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(
+            argv[0].ends_with("kube-apiserver"),
+            "pid {pid} is {argv:?}, not the recorded kube-apiserver"
+        );
         ApiServerProcess { pid, argv }
     }
 
@@ -634,8 +785,15 @@ impl ApiServerProcess {
         // SAFETY: signalling the process the cluster scripts started and recorded.
         assert_eq!(unsafe { libc::kill(self.pid, libc::SIGKILL) }, 0);
         let start = Instant::now();
-        while Path::new(&format!("/proc/{}/cmdline", self.pid)).exists() && std::fs::read(format!("/proc/{}/cmdline", self.pid)).map(|c| !c.is_empty()).unwrap_or(false) {
-            assert!(start.elapsed() < Duration::from_secs(10), "kube-apiserver did not exit");
+        while Path::new(&format!("/proc/{}/cmdline", self.pid)).exists()
+            && std::fs::read(format!("/proc/{}/cmdline", self.pid))
+                .map(|c| !c.is_empty())
+                .unwrap_or(false)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "kube-apiserver did not exit"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -645,7 +803,10 @@ impl ApiServerProcess {
     // A daemon like the other components: tests/cluster/down stops it by the recorded PID.
     #[allow(clippy::zombie_processes)]
     fn start_again(&self, state: &Path) {
-        let log = std::fs::OpenOptions::new().append(true).open(state.join("logs/kube-apiserver.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(state.join("logs/kube-apiserver.log"))
+            .unwrap();
         let child = Command::new("setsid")
             .args(&self.argv)
             .stdin(std::process::Stdio::null())
@@ -658,6 +819,10 @@ impl ApiServerProcess {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let after = stat.rsplit_once(") ").unwrap().1;
         let start_time = after.split(' ').nth(19).unwrap();
-        std::fs::write(state.join("pids/kube-apiserver.pid"), format!("{pid}\n{}\n{start_time}\n", self.argv[0])).unwrap();
+        std::fs::write(
+            state.join("pids/kube-apiserver.pid"),
+            format!("{pid}\n{}\n{start_time}\n", self.argv[0]),
+        )
+        .unwrap();
     }
 }

@@ -37,6 +37,17 @@ pub enum Action {
     Skipped,
 }
 
+impl Action {
+    pub const ALL: [Action; 6] = [
+        Action::Created,
+        Action::Configured,
+        Action::Recreated,
+        Action::Unchanged,
+        Action::Pruned,
+        Action::Skipped,
+    ];
+}
+
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
@@ -88,18 +99,11 @@ impl ChangeSet {
     }
 
     pub fn summary(&self) -> String {
-        let parts: Vec<String> = [
-            Action::Created,
-            Action::Configured,
-            Action::Recreated,
-            Action::Unchanged,
-            Action::Pruned,
-            Action::Skipped,
-        ]
-        .into_iter()
-        .filter(|a| self.count(*a) > 0)
-        .map(|a| format!("{} {a}", self.count(a)))
-        .collect();
+        let parts: Vec<String> = Action::ALL
+            .into_iter()
+            .filter(|a| self.count(*a) > 0)
+            .map(|a| format!("{} {a}", self.count(a)))
+            .collect();
         if parts.is_empty() {
             "nothing to do".into()
         } else {

@@ -14,7 +14,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 use serde::Serialize;
 
-use crate::apply::{self, Action, ApplyOptions, ChangeSet};
+use crate::apply::{self, ApplyOptions, ChangeSet};
 use crate::cluster::Connection;
 use crate::endpoint::{self, Detected};
 use crate::handover::{self, HandoverOptions, KubeProxyState};
@@ -600,19 +600,4 @@ impl Events {
     async fn warn(&self, reason: &str, note: &str) {
         self.publish(EventType::Warning, reason, note).await;
     }
-}
-
-/// Counts for the ChangeSet table.
-pub fn action_counts(c: &ChangeSet) -> Vec<(Action, usize)> {
-    [
-        Action::Created,
-        Action::Configured,
-        Action::Recreated,
-        Action::Unchanged,
-        Action::Pruned,
-        Action::Skipped,
-    ]
-    .into_iter()
-    .map(|a| (a, c.count(a)))
-    .collect()
 }

@@ -129,7 +129,7 @@ pub fn pod_not_ready(p: &Pod) -> Option<String> {
     }
 }
 
-pub async fn node_names(client: &Client) -> Result<Vec<String>, WaitError> {
+async fn list_nodes(client: &Client) -> Result<Vec<Node>, WaitError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let list = nodes
         .list(&ListParams::default())
@@ -138,8 +138,12 @@ pub async fn node_names(client: &Client) -> Result<Vec<String>, WaitError> {
             what: "nodes".into(),
             message: describe(&e),
         })?;
-    Ok(list
-        .items
+    Ok(list.items)
+}
+
+pub async fn node_names(client: &Client) -> Result<Vec<String>, WaitError> {
+    Ok(list_nodes(client)
+        .await?
         .into_iter()
         .filter_map(|n| n.metadata.name)
         .collect())
@@ -152,17 +156,9 @@ pub async fn nodes_not_reporting(
     want_kpr: bool,
     want_rules_absent: bool,
 ) -> Result<Vec<NodeProblem>, WaitError> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let list = nodes
-        .list(&ListParams::default())
-        .await
-        .map_err(|e| WaitError::Api {
-            what: "nodes".into(),
-            message: describe(&e),
-        })?;
+    let nodes = list_nodes(client).await?;
     let want = if want_kpr { "true" } else { "false" };
-    Ok(list
-        .items
+    Ok(nodes
         .into_iter()
         .filter_map(|n| {
             let name = n.metadata.name.clone().unwrap_or_default();

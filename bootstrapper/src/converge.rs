@@ -555,13 +555,13 @@ pub async fn rollback_now(conn: &Connection, s: &Settings) -> Result<Outcome, Co
 
 /// Events on the inventory ConfigMap (best effort: an event that cannot be
 /// written is logged, never fails the run).
-struct Events {
+pub(crate) struct Events {
     recorder: Recorder,
     reference: ObjectReference,
 }
 
 impl Events {
-    fn new(client: &Client, namespace: &str) -> Self {
+    pub(crate) fn new(client: &Client, namespace: &str) -> Self {
         let reporter = Reporter {
             controller: "netboot".into(),
             instance: Some(lock::identity()),
@@ -593,11 +593,11 @@ impl Events {
         }
     }
 
-    async fn normal(&self, reason: &str, note: &str) {
+    pub(crate) async fn normal(&self, reason: &str, note: &str) {
         self.publish(EventType::Normal, reason, note).await;
     }
 
-    async fn warn(&self, reason: &str, note: &str) {
+    pub(crate) async fn warn(&self, reason: &str, note: &str) {
         self.publish(EventType::Warning, reason, note).await;
     }
 }

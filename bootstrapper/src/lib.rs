@@ -1,6 +1,7 @@
 //! netboot bootstraps a Kubernetes cluster's service network the GitOps way.
 //!
 //! The pipeline follows the data: [`spec`] (a checked `ClusterNetwork`) →
+//! [`source`] (the spec and templates at a git commit) →
 //! [`render`] (handlebars templates → [`manifest`]s) → apply → handover →
 //! validate → status. The `netboot` binary is a thin CLI over this library.
 
@@ -15,8 +16,10 @@ pub mod lock;
 pub mod manifest;
 pub mod probe;
 pub mod prune;
+pub mod reconcile;
 pub mod render;
 pub mod resources;
+pub mod source;
 pub mod spec;
 pub mod status;
 pub mod validate;

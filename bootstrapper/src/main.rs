@@ -26,6 +26,7 @@ fn main() -> ExitCode {
                     Command::Plan(a) => cli::apply::plan(a, output).await,
                     Command::Apply(a) => cli::apply::apply(a, output).await,
                     Command::Rollback(a) => cli::apply::rollback(a, output).await,
+                    Command::Reconcile(a) => cli::reconcile::run(a, output).await,
                     Command::Validate(a) => cli::validate::run(a, output).await,
                     Command::Status(a) => cli::status::run(a, output).await,
                     Command::Render(_) | Command::Check(_) => Ok(ExitCode::SUCCESS),
@@ -46,6 +47,8 @@ fn main() -> ExitCode {
 fn init_logging(cli: &Cli) {
     let level = match (cli.global.quiet, cli.global.verbose) {
         (true, _) => "error",
+        // The reconciler runs unattended: its log is its report.
+        (false, 0) if matches!(cli.command, Command::Reconcile(_)) => "info",
         (false, 0) => "warn",
         (false, 1) => "info",
         (false, 2) => "debug",
@@ -55,7 +58,8 @@ fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.global.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

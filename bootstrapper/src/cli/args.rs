@@ -1,6 +1,7 @@
 //! The command line. clap structs live here and nowhere else.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -58,6 +59,8 @@ pub enum Command {
     Status(ApplyArgs),
     /// Go back to kube-proxy: restore it from the backup and switch the agents to coexist mode.
     Rollback(ApplyArgs),
+    /// Keep clusters at the state committed in git: fetch, plan, apply what drifted, every interval.
+    Reconcile(ReconcileArgs),
 }
 
 /// Where the cluster is, as kubectl takes it.
@@ -74,10 +77,32 @@ pub struct ClusterArgs {
     pub in_cluster: bool,
 }
 
+/// Where the desired state comes from when it is in git.
+#[derive(Debug, Args, Clone)]
+pub struct SourceArgs {
+    /// Take the spec and templates/ from this git repository (https://, ssh://, git@host:path, git://, file:// or a path); SPEC is then a path inside it.
+    #[arg(long, value_name = "URL")]
+    pub repo: Option<String>,
+    /// Branch, tag or commit SHA (full or short) of --repo.
+    #[arg(long = "ref", value_name = "REF", default_value = "main")]
+    pub git_ref: String,
+    /// known_hosts for SSH host key verification (default $NETBOOT_GIT_CREDENTIALS/known_hosts). Required for SSH.
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Private key for SSH (default $NETBOOT_GIT_CREDENTIALS/ssh-privatekey, then identity).
+    #[arg(long, value_name = "FILE")]
+    pub ssh_key: Option<PathBuf>,
+    /// File with a token for HTTPS (default $NETBOOT_GIT_TOKEN, then $NETBOOT_GIT_CREDENTIALS/token).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
-    /// The cluster's spec, e.g. clusters/prod.yaml.
+    /// The cluster's spec, e.g. clusters/prod.yaml (with --repo: its path in the repository).
     pub spec: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -97,6 +122,59 @@ pub struct ApplyArgs {
     /// Do not validate after changes (a handover is always validated).
     #[arg(long)]
     pub skip_validation: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Spec paths in the repository, e.g. clusters/prod.yaml.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub specs: Vec<String>,
+    /// Every clusters/*.yaml in the repository (a fleet; each spec's cluster.context picks its kubeconfig context).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Time between passes (30s, 5m, 1h), jittered by ±10%; a failing cluster backs off from it exponentially.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// One pass, then exit (0 converged, 1 a validation failed and was rolled back, 2 any error).
+    #[arg(long)]
+    pub once: bool,
+    /// Serve Prometheus metrics (/metrics) on this address; `off` for none.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9891")]
+    pub metrics_addr: String,
+    /// Delete and recreate objects whose immutable fields changed.
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for another netboot holding a cluster's lock.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub lock_timeout: u64,
+    /// Image for the validation probe pods (default ghcr.io/netboot/netboot:<datapath.version>).
+    #[arg(long, value_name = "IMAGE")]
+    pub probe_image: Option<String>,
+    /// Do not validate after changes (a handover is always validated).
+    #[arg(long)]
+    pub skip_validation: bool,
+}
+
+/// `30s`, `5m`, `1h`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 30s, 5m, 1h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("`{s}`: unit must be s, m or h")),
+    };
+    if secs == 0 {
+        return Err("the interval must be at least 1s".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@ pub mod apply;
 pub mod args;
 pub mod check;
 pub mod print;
+pub mod reconcile;
 pub mod render;
 pub mod settings;
 pub mod status;

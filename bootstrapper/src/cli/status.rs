@@ -8,7 +8,7 @@ use super::args::{ApplyArgs, OutputFormat};
 use super::{emit, settings};
 
 pub async fn run(args: &ApplyArgs, output: Option<OutputFormat>) -> anyhow::Result<ExitCode> {
-    let (s, conn) = settings::resolve(args).await?;
+    let (s, conn, _source) = settings::resolve(args).await?;
     let st = status::gather(&conn.client, &s.spec, &conn.server())
         .await
         .map_err(anyhow::Error::msg)?;

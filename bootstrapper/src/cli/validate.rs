@@ -8,7 +8,7 @@ use super::args::{ApplyArgs, OutputFormat};
 use super::{emit, settings};
 
 pub async fn run(args: &ApplyArgs, output: Option<OutputFormat>) -> anyhow::Result<ExitCode> {
-    let (s, conn) = settings::resolve(args).await?;
+    let (s, conn, _source) = settings::resolve(args).await?;
     let ep = endpoint::detect(&conn.client, &s.spec, &conn.server()).await?;
     let opts = converge::validate_options(&conn, &s, &s.spec, &ep);
     let report = validate::validate(&conn.client, &s.spec, &opts).await;

@@ -7,70 +7,21 @@
 //! baseline: a kubeadm-shaped cluster with kube-proxy and no netboot.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use common::{admin_writes_since, audit_len, indent, kube_proxy, scenario, wait_until, Run};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::Client;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use netboot_harness::cluster::{repo_root, SharedCluster};
 use serde_json::{json, Value};
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Runs `body` on the shared cluster from the baseline, one test at a time,
-/// and puts the baseline back afterwards, pass or fail, so other test
-/// binaries find kube-proxy as kubeadm left it.
-fn scenario<F, Fut>(body: F)
-where
-    F: FnOnce(SharedCluster) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let _g = serial();
-    let rt = rt();
-    let c = rt.block_on(SharedCluster::get());
-    rt.block_on(reset(&c));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        rt.block_on(body(c.clone()))
-    }));
-    rt.block_on(reset(&c));
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}):\n{}\n--- stderr\n{}",
-                self.stdout, self.stderr
-            )
-        })
-    }
-}
 
 fn netboot(c: &SharedCluster, args: &[&str]) -> Run {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_netboot"))
@@ -96,178 +47,12 @@ fn netboot(c: &SharedCluster, args: &[&str]) -> Run {
     run
 }
 
-fn indent(s: &str) -> String {
-    s.lines()
-        .map(|l| format!("  | {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// A copy of clusters/local.yaml with `edit` applied, in a temp dir.
 fn spec_file(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
     let text = std::fs::read_to_string(repo_root().join("clusters/local.yaml")).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, edit(text)).unwrap();
     path
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !f().await {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// Back to the baseline: no netboot objects, no BPF on the nodes, no netboot
-/// Node annotations, kube-proxy installed as kubeadm makes it.
-async fn reset(c: &SharedCluster) {
-    let client = &c.client;
-    let ns: Api<Namespace> = Api::all(client.clone());
-    if ns.get_opt("netboot-system").await.unwrap().is_some() {
-        let _ = ns
-            .delete("netboot-system", &DeleteParams::foreground())
-            .await;
-        wait_until(
-            "netboot-system to be deleted",
-            Duration::from_secs(90),
-            || async { ns.get_opt("netboot-system").await.unwrap().is_none() },
-        )
-        .await;
-    }
-    let lp = ListParams::default().labels("app.kubernetes.io/managed-by=netboot");
-    for kind in [
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
-        "Role",
-        "RoleBinding",
-    ] {
-        let (ar, namespaced) = netboot::resources::api_resource(kind).unwrap();
-        let api: Api<kube::api::DynamicObject> = if namespaced {
-            Api::namespaced_with(client.clone(), "kube-system", &ar)
-        } else {
-            Api::all_with(client.clone(), &ar)
-        };
-        let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
-    }
-    // Agents are gone with their namespace; their programs stay attached (by design). Detach them.
-    let nodes: Api<Node> = Api::all(client.clone());
-    for n in nodes.list(&ListParams::default()).await.unwrap().items {
-        let name = n.metadata.name.clone().unwrap();
-        let pins = PathBuf::from(format!("/sys/fs/bpf/netboot-local/{name}"));
-        if pins.exists() {
-            let bin = netboot_harness::cluster::workspace_bin("netboot-datapath");
-            let st = Command::new(bin)
-                .args(["uninstall", "--bpffs"])
-                .arg(&pins)
-                .status()
-                .unwrap();
-            assert!(
-                st.success(),
-                "netboot-datapath uninstall --bpffs {}",
-                pins.display()
-            );
-        }
-        let patch = json!({"metadata": {"annotations": {
-            "netboot.io/kube-proxy-replacement": null, "netboot.io/datapath-version": null, "netboot.io/kube-proxy-rules": null}}});
-        nodes
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
-    }
-    let kubectl = kubectl(c);
-    let st = Command::new(&kubectl)
-        .args(["apply", "--server-side", "--force-conflicts", "-f"])
-        .arg(repo_root().join("tests/cluster/manifests/kubeadm/20-kube-proxy.yaml"))
-        .env("KUBECONFIG", &c.kubeconfig)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "kubectl apply kube-proxy: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
-    let nodes_n = nodes
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .len();
-    wait_until(
-        "kube-proxy pods on every node",
-        Duration::from_secs(60),
-        || async {
-            pods.list(&ListParams::default().labels("k8s-app=kube-proxy"))
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .count()
-                == nodes_n
-        },
-    )
-    .await;
-}
-
-fn kubectl(c: &SharedCluster) -> PathBuf {
-    let env = std::fs::read_to_string(c.state.join("cluster.env")).unwrap();
-    let line = env
-        .lines()
-        .find(|l| l.starts_with("KUBECTL="))
-        .expect("KUBECTL in cluster.env");
-    PathBuf::from(
-        line.trim_start_matches("KUBECTL=")
-            .trim_matches(['\'', '"']),
-    )
-}
-
-/// Write requests (not dry-run) by the admin user — netboot's identity in
-/// these tests — in the audit log since `from` bytes.
-fn admin_writes_since(c: &SharedCluster, from: u64) -> Vec<String> {
-    let log = std::fs::read(c.state.join("logs/audit.log")).unwrap();
-    let tail = &log[usize::try_from(from).unwrap().min(log.len())..];
-    String::from_utf8_lossy(tail)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["user"]["username"] == "kubernetes-admin" && e["stage"] == "ResponseComplete")
-        .map(|e| {
-            format!(
-                "{} {}",
-                e["verb"].as_str().unwrap_or(""),
-                e["requestURI"].as_str().unwrap_or("")
-            )
-        })
-        .filter(|w| !w.contains("dryRun=All"))
-        .collect()
-}
-
-fn audit_len(c: &SharedCluster) -> u64 {
-    std::fs::metadata(c.state.join("logs/audit.log"))
-        .map(|m| m.len())
-        .unwrap_or(0)
-}
-
-async fn kube_proxy(client: &Client) -> (Option<DaemonSet>, Option<ConfigMap>) {
-    let ds = Api::<DaemonSet>::namespaced(client.clone(), "kube-system")
-        .get_opt("kube-proxy")
-        .await
-        .unwrap();
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), "kube-system")
-        .get_opt("kube-proxy")
-        .await
-        .unwrap();
-    (ds, cm)
 }
 
 fn check_results(outcome: &Value) -> Vec<(String, String)> {

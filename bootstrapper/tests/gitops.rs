@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    admin_writes_since, audit_len, kube_proxy, netboot_env, recreate_kube_proxy, reset, rt,
-    serial, Run,
+    admin_writes_since, audit_len, kube_proxy, netboot_env, recreate_kube_proxy, rt, scenario,
+    serial, cluster_lock, Run,
 };
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace};
@@ -339,6 +339,9 @@ fn fetches_over_the_git_protocol() {
     let repo = Repo::new();
     let sha = repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
     let (_daemon, port) = git_daemon(repo.dir.path());
+    // A plan only reads, but not while another test resets the cluster.
+    let _g = serial();
+    let _cross = cluster_lock();
     let c = rt().block_on(SharedCluster::get());
     let cache = tempfile::tempdir().unwrap();
     let url = format!("git://127.0.0.1:{port}/repo.git");
@@ -473,10 +476,7 @@ async fn inventory_revision(c: &SharedCluster) -> String {
 /// revert applies back; the pass after finds nothing to do.
 #[test]
 fn a_new_commit_is_applied_on_the_next_pass_and_a_revert_applies_back() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let repo = Repo::new();
         let first = repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
         let cache = tempfile::tempdir().unwrap();
@@ -520,10 +520,7 @@ fn a_new_commit_is_applied_on_the_next_pass_and_a_revert_applies_back() {
 /// removes it again and reports it as drift.
 #[test]
 fn kube_proxy_recreated_by_hand_is_removed_again_and_reported() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let repo = Repo::new();
         repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
         let cache = tempfile::tempdir().unwrap();
@@ -545,10 +542,7 @@ fn kube_proxy_recreated_by_hand_is_removed_again_and_reported() {
 /// `spec.reconcile.suspend`: a hand edit is reported as drift and left alone; nothing is written.
 #[test]
 fn a_suspended_cluster_reports_drift_and_writes_nothing() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let repo = Repo::new();
         repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
         let cache = tempfile::tempdir().unwrap();
@@ -610,14 +604,13 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 /// ends it with exit 0.
 #[test]
 fn the_loop_corrects_hand_edits_and_reports_them() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         let repo = Repo::new();
         let sha = repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
         let cache = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_netboot"))
+        let mut reconciler = Daemon {
+            what: "netboot reconcile",
+            child: Command::new(env!("CARGO_BIN_EXE_netboot"))
             .args(["reconcile", "-o", "json", "--interval", "2s", "--metrics-addr", "127.0.0.1:0", "--repo", &repo.url(), "--kubeconfig", &kubeconfig(&c), "clusters/local.yaml"])
             .current_dir(repo_root())
             .env_remove("KUBECONFIG")
@@ -625,7 +618,9 @@ fn the_loop_corrects_hand_edits_and_reports_them() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap(),
+        };
+        let child = &mut reconciler.child;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, passes) = mpsc::channel();
         collect(child.stdout.take().unwrap(), Arc::new(Mutex::new(Vec::new())), Some(tx));
@@ -714,10 +709,7 @@ fn the_loop_corrects_hand_edits_and_reports_them() {
 /// alone: the other two finish their passes.
 #[test]
 fn a_fleet_with_a_broken_spec_still_reconciles_the_others() {
-    let _g = serial();
-    rt().block_on(async {
-        let c = SharedCluster::get().await;
-        reset(&c).await;
+    scenario(|c| async move {
         // One kubeconfig, three contexts, one cluster.
         let kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&c.kubeconfig).unwrap()).unwrap();
         let mut kc = serde_json::to_value(kc).unwrap();

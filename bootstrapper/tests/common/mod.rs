@@ -22,6 +22,49 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Runs `body` on the shared cluster from the baseline, one test at a time,
+/// and puts the baseline back afterwards, pass or fail, so other test
+/// binaries find kube-proxy as kubeadm left it.
+pub fn scenario<F, Fut>(body: F)
+where
+    F: FnOnce(SharedCluster) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _g = serial();
+    let _cross = cluster_lock();
+    let rt = rt();
+    let c = rt.block_on(SharedCluster::get());
+    rt.block_on(reset(&c));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(body(c.clone()))
+    }));
+    rt.block_on(reset(&c));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Scenarios of every test binary (and every checkout sharing the cluster's
+/// state dir) take turns: an flock on `<state dir>.scenario.lock`, held
+/// until the returned file is dropped.
+pub fn cluster_lock() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let path = PathBuf::from(format!(
+        "{}.scenario.lock",
+        netboot_harness::cluster::state_dir().display()
+    ));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: flock on a descriptor this function owns.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}: {}", path.display(), std::io::Error::last_os_error());
+    f
+}
+
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

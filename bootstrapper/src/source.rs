@@ -376,9 +376,12 @@ pub fn fetch(opts: &SourceOptions) -> Result<Snapshot, SourceError> {
         git_ref: opts.git_ref.clone(),
         known,
     })?;
-    let dir = tempfile::Builder::new()
-        .prefix("netboot-source-")
+    // $TMPDIR, or beside the cache where the root filesystem is read-only (the CronJob).
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".netboot-source-");
+    let dir = builder
         .tempdir()
+        .or_else(|_| builder.tempdir_in(&opts.cache_dir))
         .map_err(|e| SourceError::Checkout {
             url: shown.clone(),
             message: format!("temporary directory: {e}"),

@@ -1,0 +1,499 @@
+//! Everything the bench creates is registered here and removed on exit: by
+//! the Drop guards on a normal return or an error, by the signal thread on
+//! SIGINT/SIGTERM/SIGHUP, and by [`sweep_stale`] for what an earlier run that
+//! was SIGKILLed left behind.
+//!
+//! The bench owns exactly these names and nothing else: network namespaces
+//! `nbb-<pid>-…`, cgroups `/sys/fs/cgroup/unified/nbb-<pid>/…`, pins
+//! `/sys/fs/bpf/nbb-<pid>/…`, and the child processes it spawned (by pid).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// Prefix of every namespace, cgroup and pin directory the bench creates.
+pub const PREFIX: &str = "nbb-";
+/// cgroup2 mount.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
+/// bpffs mount.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+#[derive(Default)]
+struct Registry {
+    netns: BTreeSet<String>,
+    /// Deepest first when removed (sorted by reverse path length).
+    cgroups: BTreeSet<PathBuf>,
+    pins: BTreeSet<PathBuf>,
+    pids: BTreeSet<u32>,
+    tmpdirs: BTreeSet<PathBuf>,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+fn with_registry(f: impl FnOnce(&mut Registry)) {
+    if let Ok(mut g) = REGISTRY.lock() {
+        f(g.get_or_insert_with(Registry::default));
+    }
+}
+
+/// True once a signal asked the bench to stop.
+pub fn stopping() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// Fails when a signal asked the bench to stop (checked before creating things).
+pub fn check_stop() -> Result<()> {
+    if stopping() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// `nbb-<pid>`: the tag of this run.
+pub fn run_tag() -> String {
+    format!("{PREFIX}{}", std::process::id())
+}
+
+/// Handles SIGINT, SIGTERM and SIGHUP on a dedicated thread: kills the
+/// children this run spawned, removes every registered pin, cgroup and
+/// namespace, and exits (128 + signal).
+pub fn install_signal_handler() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("nbb-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                STOP.store(true, Ordering::Relaxed);
+                eprintln!("\nnetboot-bench: signal {sig}: removing everything this run created");
+                cleanup_all();
+                std::process::exit(128 + sig);
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+/// Removes everything still registered (signal path; Drop guards do the same
+/// piece by piece on the normal path).
+pub fn cleanup_all() {
+    let reg = REGISTRY
+        .lock()
+        .ok()
+        .and_then(|mut g| g.take())
+        .unwrap_or_default();
+    for pid in &reg.pids {
+        kill_pid(*pid, libc::SIGKILL);
+    }
+    for root in &reg.pins {
+        remove_pins(root);
+    }
+    let mut cgs: Vec<&PathBuf> = reg.cgroups.iter().collect();
+    cgs.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for cg in cgs {
+        remove_cgroup(cg);
+    }
+    for d in &reg.tmpdirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    for ns in &reg.netns {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// kill(2) on a pid this run spawned (never a pattern, never a group).
+fn kill_pid(pid: u32, sig: i32) {
+    if let Ok(p) = i32::try_from(pid) {
+        if p > 0 {
+            // SAFETY: kill(2) with a positive pid of a child we spawned; no memory is touched.
+            unsafe {
+                libc::kill(p, sig);
+            }
+        }
+    }
+}
+
+fn remove_pins(root: &Path) {
+    let pins = netboot_datapath::pins::Pins::new(root);
+    let _ = pins.remove_all();
+    let _ = std::fs::remove_dir(root);
+    if let Some(parent) = root.parent() {
+        if parent
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(PREFIX))
+        {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn remove_cgroup(path: &Path) {
+    for _ in 0..100 {
+        if !path.exists() || std::fs::remove_dir(path).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("netboot-bench: could not remove cgroup {}", path.display());
+}
+
+fn assert_ours(name: &str) -> Result<()> {
+    if !name.starts_with(PREFIX) {
+        bail!("refusing to touch {name}: not created by the bench (prefix {PREFIX})");
+    }
+    Ok(())
+}
+
+/// A network namespace `nbb-…`, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    /// Name under /run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates the namespace (deleting a leftover of the same name first) with `lo` up.
+    pub fn new(name: &str) -> Result<Self> {
+        check_stop()?;
+        assert_ours(name)?;
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        with_registry(|r| {
+            r.netns.insert(name.to_string());
+        });
+        let ns = Self {
+            name: name.to_string(),
+        };
+        crate::sys::run_checked(Command::new("ip").args(["netns", "add", name]))?;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS…`: every `ip` change the bench makes goes through here.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        crate::sys::run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// /run/netns/NAME.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+        with_registry(|r| {
+            r.netns.remove(&self.name);
+        });
+    }
+}
+
+/// A cgroup under `/sys/fs/cgroup/unified/nbb-<pid>/`, removed on drop.
+#[derive(Debug)]
+pub struct Cgroup {
+    /// Directory.
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `CGROUP_ROOT/<rel>`; every component must carry the prefix
+    /// at the top (`nbb-<pid>/x`).
+    pub fn new(rel: &str) -> Result<Self> {
+        check_stop()?;
+        assert_ours(rel)?;
+        let path = Path::new(CGROUP_ROOT).join(rel);
+        if let Some(parent) = path.parent() {
+            if parent != Path::new(CGROUP_ROOT) && !parent.exists() {
+                with_registry(|r| {
+                    r.cgroups.insert(parent.to_path_buf());
+                });
+                std::fs::create_dir(parent)
+                    .with_context(|| format!("creating cgroup {}", parent.display()))?;
+            }
+        }
+        with_registry(|r| {
+            r.cgroups.insert(path.clone());
+        });
+        if !path.exists() {
+            std::fs::create_dir(&path)
+                .with_context(|| format!("creating cgroup {}", path.display()))?;
+        }
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        remove_cgroup(&self.path);
+        with_registry(|r| {
+            r.cgroups.remove(&self.path);
+        });
+        // The run's parent cgroup goes with its last child.
+        if let Some(parent) = self.path.parent() {
+            if parent != Path::new(CGROUP_ROOT) && std::fs::remove_dir(parent).is_ok() {
+                with_registry(|r| {
+                    r.cgroups.remove(parent);
+                });
+            }
+        }
+    }
+}
+
+/// A pin root `/sys/fs/bpf/nbb-<pid>/<tag>`, removed on drop (removing the
+/// link pins detaches the programs).
+pub struct PinRoot {
+    /// The datapath's pin layout under this root.
+    pub pins: netboot_datapath::pins::Pins,
+}
+
+impl PinRoot {
+    /// `BPFFS_ROOT/<rel>` (emptied first if a leftover exists).
+    pub fn new(rel: &str) -> Result<Self> {
+        check_stop()?;
+        assert_ours(rel)?;
+        let root = Path::new(BPFFS_ROOT).join(rel);
+        with_registry(|r| {
+            r.pins.insert(root.clone());
+        });
+        let pins = netboot_datapath::pins::Pins::new(root);
+        let _ = pins.remove_all();
+        Ok(Self { pins })
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let root = self.pins.root().to_path_buf();
+        remove_pins(&root);
+        with_registry(|r| {
+            r.pins.remove(&root);
+        });
+    }
+}
+
+/// A child process of the bench: registered by pid, killed and reaped on drop.
+pub struct ChildGuard {
+    child: Option<Child>,
+    pid: u32,
+}
+
+impl ChildGuard {
+    /// Takes ownership of a spawned child.
+    pub fn new(child: Child) -> Self {
+        let pid = child.id();
+        with_registry(|r| {
+            r.pids.insert(pid);
+        });
+        Self {
+            child: Some(child),
+            pid,
+        }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The child, for its pipes.
+    pub fn child_mut(&mut self) -> Option<&mut Child> {
+        self.child.as_mut()
+    }
+
+    /// Waits for a normal exit (the child is deregistered).
+    pub fn wait(mut self) -> Result<std::process::Output> {
+        let child = self.child.take().context("child already reaped")?;
+        let out = child.wait_with_output().context("waiting for a child")?;
+        with_registry(|r| {
+            r.pids.remove(&self.pid);
+        });
+        Ok(out)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; reaps the child.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            kill_pid(self.pid, libc::SIGTERM);
+            let until = std::time::Instant::now() + grace;
+            while std::time::Instant::now() < until {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        self.child = None;
+        with_registry(|r| {
+            r.pids.remove(&self.pid);
+        });
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        with_registry(|r| {
+            r.pids.remove(&self.pid);
+        });
+    }
+}
+
+/// A temporary directory `nbb-<pid>-…` (rule files, agent files), removed
+/// on drop and by the signal path.
+pub struct TmpDir {
+    dir: tempfile::TempDir,
+}
+
+impl TmpDir {
+    /// Creates `$TMPDIR/<tag>-XXXXXX`.
+    pub fn new(tag: &str) -> Result<Self> {
+        check_stop()?;
+        assert_ours(tag)?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{tag}-"))
+            .tempdir()
+            .context("creating a temp dir")?;
+        with_registry(|r| {
+            r.tmpdirs.insert(dir.path().to_path_buf());
+        });
+        Ok(Self { dir })
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let p = self.dir.path().to_path_buf();
+        with_registry(|r| {
+            r.tmpdirs.remove(&p);
+        });
+    }
+}
+
+/// The pid in `nbb-<pid>…`, if the name has one.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// True when `pid` is a live netboot-bench process.
+fn bench_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim() == "netboot-bench")
+        .unwrap_or(false)
+}
+
+/// Removes what an earlier run left when it was SIGKILLed (its namespaces,
+/// pins and empty cgroups, recognised by the `nbb-<pid>` prefix of a pid
+/// that no longer runs the bench). Processes are never touched.
+pub fn sweep_stale() {
+    let stale = |name: &str| owner_pid(name).is_some_and(|p| !bench_alive(p));
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            if stale(name) {
+                eprintln!("netboot-bench: removing leftover netns {name}");
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(BPFFS_ROOT) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if stale(&name) {
+                eprintln!(
+                    "netboot-bench: removing leftover pins {}",
+                    e.path().display()
+                );
+                if let Ok(inner) = std::fs::read_dir(e.path()) {
+                    for i in inner.flatten() {
+                        remove_pins(&i.path());
+                    }
+                }
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if stale(&name) && e.path().is_dir() {
+                eprintln!("netboot-bench: removing leftover {}", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(CGROUP_ROOT) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if stale(&name) && e.path().is_dir() {
+                if let Ok(inner) = std::fs::read_dir(e.path()) {
+                    for i in inner.flatten() {
+                        if i.path().is_dir() {
+                            let _ = std::fs::remove_dir(i.path());
+                        }
+                    }
+                }
+                if std::fs::remove_dir(e.path()).is_ok() {
+                    eprintln!(
+                        "netboot-bench: removed leftover cgroup {}",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_only_bench_names() {
+        assert_eq!(owner_pid("nbb-1234-1000-be"), Some(1234));
+        assert_eq!(owner_pid("nbb-77"), Some(77));
+        assert_eq!(owner_pid("nbt-dp-1-c"), None);
+        assert_eq!(owner_pid("nbb-x"), None);
+    }
+
+    #[test]
+    fn foreign_names_are_refused() {
+        assert!(assert_ours("nbb-1-x").is_ok());
+        assert!(assert_ours("kube-proxy").is_err());
+    }
+}

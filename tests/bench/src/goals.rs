@@ -1,0 +1,360 @@
+//! The issue's goals, checked against a run's numbers. Nothing fails on a
+//! slow machine: each goal is reported met, missed or not measured, with the
+//! numbers behind the verdict.
+
+use serde::Serialize;
+
+use crate::report::{m, num, Report, AGENT};
+use crate::variant::Variant;
+
+/// Verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GoalStatus {
+    /// The numbers meet it.
+    Met,
+    /// They do not.
+    Missed,
+    /// The run did not measure what it needs.
+    NotMeasured,
+}
+
+/// One goal.
+#[derive(Clone, Debug, Serialize)]
+pub struct Goal {
+    /// Short id.
+    pub id: &'static str,
+    /// The goal, as the issue words it.
+    pub text: String,
+    /// Verdict.
+    pub status: GoalStatus,
+    /// The numbers.
+    pub detail: String,
+}
+
+fn goal(id: &'static str, text: &str, status: GoalStatus, detail: String) -> Goal {
+    Goal {
+        id,
+        text: text.into(),
+        status,
+        detail,
+    }
+}
+
+fn met(ok: bool) -> GoalStatus {
+    if ok {
+        GoalStatus::Met
+    } else {
+        GoalStatus::Missed
+    }
+}
+
+/// Percent above the floor.
+fn pct(x: f64, floor: f64) -> f64 {
+    (x / floor - 1.0) * 100.0
+}
+
+/// Evaluates every goal. `scenario` is the (services, endpoints per service)
+/// of the goals' programming scenario (10k × 10 = 100k endpoints).
+pub fn evaluate(r: &Report, scenario: (u32, u32)) -> Vec<Goal> {
+    let b = r.config.endpoints_per_service;
+    let nb = Variant::Netboot.name();
+    let fl = Variant::Floor.name();
+    let ipt = Variant::Iptables.name();
+    let mut out = Vec::new();
+
+    // 1a. netboot at 100k within 5% of the floor.
+    let text = "netboot at 100k services within 5% of the floor (p50 and p99)";
+    match (
+        r.get(100_000, b, nb, m::CONNECT),
+        r.stats(100_000, b, fl, m::CONNECT),
+    ) {
+        (Some(x), Some(f)) => match x.stats.filter(|s| s.n > 0) {
+            Some(s) => {
+                let (d50, d99) = (pct(s.p50, f.p50), pct(s.p99, f.p99));
+                let capped = x.note.contains("capped");
+                let numbers = format!(
+                    "netboot p50 {} µs / p99 {} µs vs floor {} / {} µs ({:+.1}% / {:+.1}%)",
+                    num(s.p50),
+                    num(s.p99),
+                    num(f.p50),
+                    num(f.p99),
+                    d50,
+                    d99
+                );
+                if capped {
+                    out.push(goal(
+                        "latency-100k",
+                        text,
+                        GoalStatus::Missed,
+                        format!(
+                            "netboot cannot hold 100,000 services: service ids are u16, so at most 65,535 frontends (the reconciler fails with \"no free service id\"). Measured with the 65,535 it holds (the last-declared ones): {numbers}{}",
+                            if d50 <= 5.0 && d99 <= 5.0 { ", which is within 5%" } else { "" }
+                        ),
+                    ));
+                } else {
+                    out.push(goal(
+                        "latency-100k",
+                        text,
+                        met(d50 <= 5.0 && d99 <= 5.0),
+                        numbers,
+                    ));
+                }
+            }
+            None => out.push(goal(
+                "latency-100k",
+                text,
+                GoalStatus::Missed,
+                format!("netboot not measured at 100k: {}", x.note),
+            )),
+        },
+        _ => out.push(goal(
+            "latency-100k",
+            text,
+            GoalStatus::NotMeasured,
+            "the run did not include 100,000 services".into(),
+        )),
+    }
+
+    // 1b. added p99 at 10k at least 10x lower than iptables'.
+    let text =
+        "netboot's added p99 latency at 10k services at least 10x lower than iptables mode's";
+    match (
+        r.stats(10_000, b, nb, m::CONNECT),
+        r.stats(10_000, b, ipt, m::CONNECT),
+        r.stats(10_000, b, fl, m::CONNECT),
+    ) {
+        (Some(n), Some(i), Some(f)) => {
+            let (an, ai) = (n.p99 - f.p99, i.p99 - f.p99);
+            let ok = ai > 0.0 && an * 10.0 <= ai;
+            let ratio = if an > 0.0 {
+                format!("{:.1}x lower", ai / an)
+            } else {
+                "netboot adds nothing measurable".into()
+            };
+            out.push(goal(
+                "added-p99-10k",
+                text,
+                met(ok),
+                format!(
+                    "added p99 over the floor ({} µs): netboot {} µs, iptables {} µs ({ratio})",
+                    num(f.p99),
+                    num(an),
+                    num(ai)
+                ),
+            ));
+        }
+        _ => out.push(goal(
+            "added-p99-10k",
+            text,
+            GoalStatus::NotMeasured,
+            "the run did not measure latency at 10,000 services".into(),
+        )),
+    }
+
+    // 2. one endpoint change at 10k / 100k endpoints.
+    let text = "one endpoint change at 10k services / 100k endpoints programmed in under 5 ms p99, at least 100x faster than iptables mode's restore";
+    let (sn, sb) = scenario;
+    let at = if r.stats(sn, sb, nb, m::CHANGE).is_some() {
+        Some((sn, sb, String::new()))
+    } else if r.stats(10_000, b, nb, m::CHANGE).is_some() {
+        Some((
+            10_000,
+            b,
+            format!(" (measured at 10k × {b} endpoints, not 100k: the goal scenario did not run)"),
+        ))
+    } else {
+        None
+    };
+    match at {
+        Some((n, per, caveat)) => {
+            let c = r.stats(n, per, nb, m::CHANGE);
+            let i = r.stats(n, per, ipt, m::CHANGE);
+            match (c, i) {
+                (Some(c), Some(i)) => {
+                    let ratio = i.p50 / c.p99;
+                    out.push(goal(
+                        "endpoint-change-10k",
+                        text,
+                        met(c.p99 < 5.0 && ratio >= 100.0),
+                        format!(
+                            "netboot p99 {} ms (p50 {} ms, {} changes); iptables full restore p50 {} ms: {:.0}x (iptables p50 over netboot p99){caveat}",
+                            num(c.p99),
+                            num(c.p50),
+                            c.n,
+                            num(i.p50),
+                            ratio
+                        ),
+                    ));
+                }
+                (Some(c), None) => out.push(goal(
+                    "endpoint-change-10k",
+                    text,
+                    met(c.p99 < 5.0),
+                    format!(
+                        "netboot p99 {} ms; the iptables restore was not measured{caveat}",
+                        num(c.p99)
+                    ),
+                )),
+                _ => out.push(goal(
+                    "endpoint-change-10k",
+                    text,
+                    GoalStatus::NotMeasured,
+                    "no endpoint-change numbers".into(),
+                )),
+            }
+        }
+        None => out.push(goal(
+            "endpoint-change-10k",
+            text,
+            GoalStatus::NotMeasured,
+            "the run did not include 10,000 services".into(),
+        )),
+    }
+
+    // 3. cold start and RSS at 10k / 100k endpoints.
+    let text = "cold start with 10k services / 100k endpoints fully programmed in under 1 s, agent RSS under 64 MiB";
+    let at = if r.get(sn, sb, AGENT, m::AGENT_RSS).is_some() {
+        Some((sn, sb, String::new()))
+    } else if r.get(10_000, b, AGENT, m::AGENT_RSS).is_some() {
+        Some((
+            10_000,
+            b,
+            format!(" (measured at 10k × {b} endpoints, not 100k: the goal scenario did not run)"),
+        ))
+    } else {
+        None
+    };
+    match at {
+        Some((n, per, caveat)) => {
+            let ready = r.stats(n, per, AGENT, m::AGENT_READY);
+            let rss = r.stats(n, per, AGENT, m::AGENT_RSS);
+            let hwm = r.stats(n, per, AGENT, m::AGENT_HWM);
+            let recon = r.stats(n, per, AGENT, m::AGENT_RECONCILE);
+            let parse = r.stats(n, per, AGENT, m::AGENT_PARSE);
+            let inproc = r.stats(n, per, nb, m::FULL_SYNC);
+            match (ready, rss) {
+                (Some(rd), Some(rs)) => out.push(goal(
+                    "cold-start-10k",
+                    text,
+                    met(rd.p50 < 1000.0 && rs.p50 < 64.0),
+                    format!(
+                        "agent ready {} ms after spawn (of which static-file parse {} ms, first reconcile pass {} ms; the reconciler alone into empty maps p50 {} ms), VmRSS {} MiB (peak {} MiB){caveat}",
+                        num(rd.p50),
+                        parse.map(|s| num(s.p50)).unwrap_or_else(|| "—".into()),
+                        recon.map(|s| num(s.p50)).unwrap_or_else(|| "—".into()),
+                        inproc.map(|s| num(s.p50)).unwrap_or_else(|| "—".into()),
+                        num(rs.p50),
+                        hwm.map(|s| num(s.p50)).unwrap_or_else(|| "—".into()),
+                    ),
+                )),
+                (None, Some(rs)) => out.push(goal(
+                    "cold-start-10k",
+                    text,
+                    GoalStatus::Missed,
+                    format!(
+                        "the agent did not get ready: {}; VmRSS {} MiB{caveat}",
+                        r.get(n, per, AGENT, m::AGENT_RSS)
+                            .map(|x| x.note.clone())
+                            .unwrap_or_default(),
+                        num(rs.p50)
+                    ),
+                )),
+                _ => out.push(goal(
+                    "cold-start-10k",
+                    text,
+                    GoalStatus::NotMeasured,
+                    "the agent was not measured".into(),
+                )),
+            }
+        }
+        None => out.push(goal(
+            "cold-start-10k",
+            text,
+            GoalStatus::NotMeasured,
+            "the run did not start the agent with 10,000 services".into(),
+        )),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube_proxy::IptablesBackend;
+    use crate::machine::Machine;
+    use crate::report::RunConfig;
+    use crate::stats::summarize;
+
+    fn report() -> Report {
+        Report::new(
+            Machine::default(),
+            RunConfig {
+                services: vec![10_000, 100_000],
+                endpoints_per_service: 2,
+                connections: 10,
+                quick: false,
+                iptables_backend: IptablesBackend::Nft,
+                goal_scenario: Some((10_000, 10)),
+            },
+        )
+    }
+
+    fn add(r: &mut Report, n: u32, b: u32, v: &str, metric: &str, xs: &[f64], note: &str) {
+        r.add(n, b, v, metric, "x", Some(summarize(xs)), note);
+    }
+
+    #[test]
+    fn verdicts_follow_the_numbers() {
+        let mut r = report();
+        add(&mut r, 10_000, 2, "floor", m::CONNECT, &[50.0, 60.0], "");
+        add(&mut r, 10_000, 2, "netboot", m::CONNECT, &[51.0, 61.0], "");
+        add(
+            &mut r,
+            10_000,
+            2,
+            "iptables",
+            m::CONNECT,
+            &[150.0, 200.0],
+            "",
+        );
+        add(&mut r, 100_000, 2, "floor", m::CONNECT, &[50.0, 60.0], "");
+        add(
+            &mut r,
+            100_000,
+            2,
+            "netboot",
+            m::CONNECT,
+            &[51.0, 61.0],
+            "capped at 65,535",
+        );
+        add(&mut r, 10_000, 10, "netboot", m::CHANGE, &[0.1, 0.2], "");
+        add(
+            &mut r,
+            10_000,
+            10,
+            "iptables",
+            m::CHANGE,
+            &[900.0, 1000.0],
+            "",
+        );
+        add(&mut r, 10_000, 10, AGENT, m::AGENT_READY, &[1500.0], "");
+        add(&mut r, 10_000, 10, AGENT, m::AGENT_RSS, &[40.0], "");
+        let g = evaluate(&r, (10_000, 10));
+        let by = |id: &str| g.iter().find(|x| x.id == id).map(|x| x.status);
+        assert_eq!(by("latency-100k"), Some(GoalStatus::Missed), "{g:?}");
+        assert_eq!(by("added-p99-10k"), Some(GoalStatus::Met));
+        assert_eq!(by("endpoint-change-10k"), Some(GoalStatus::Met));
+        assert_eq!(by("cold-start-10k"), Some(GoalStatus::Missed));
+    }
+
+    #[test]
+    fn missing_sizes_are_not_measured() {
+        let g = evaluate(&report(), (10_000, 10));
+        assert!(
+            g.iter().all(|x| x.status == GoalStatus::NotMeasured),
+            "{g:?}"
+        );
+        assert_eq!(g.len(), 4);
+    }
+}

@@ -1,0 +1,33 @@
+//! netboot-bench: netboot's socket LB against kube-proxy's iptables and
+//! nftables modes, side by side in one run, inside network namespaces the
+//! bench creates.
+//!
+//! The data flows: [`workload`] (Services, EndpointSlices) → per variant
+//! [`netboot_lb`] (the real reconciler into the real maps), [`iptables_rules`]
+//! and [`nft_rules`] (kube-proxy's rules, loaded by [`kube_proxy`]) →
+//! [`topology`] (namespaces, listeners) → [`latency`] (interleaved [`client`]
+//! batches), programming costs ([`size`]), the real agent ([`agent_run`]) →
+//! [`report`] (JSON, markdown), [`goals`], [`plot`].
+//! [`cleanup`] owns every namespace, cgroup, pin and child the bench creates.
+
+pub mod agent_run;
+pub mod args;
+pub mod cleanup;
+pub mod client;
+pub mod goals;
+pub mod iptables_rules;
+pub mod kube_proxy;
+pub mod latency;
+pub mod machine;
+pub mod netboot_lb;
+pub mod nft_rules;
+pub mod plot;
+pub mod report;
+pub mod run;
+pub mod settings;
+pub mod size;
+pub mod stats;
+pub mod sys;
+pub mod topology;
+pub mod variant;
+pub mod workload;

@@ -1,0 +1,197 @@
+//! Variant (b): netboot's real BPF programs attached to a cgroup the bench
+//! created, their maps pinned under the bench's pin root and programmed by
+//! the agent's real reconciler (in this process, from the desired table the
+//! agent would build from the same Services and EndpointSlices).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use netboot_datapath::config::MapSizes;
+use netboot_datapath::desired::DesiredTable;
+use netboot_datapath::layout::{Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service};
+use netboot_datapath::loader;
+use netboot_datapath::maps::kernel::KernelMaps;
+use netboot_datapath::maps::{LbMaps, MapsDump, MapsError};
+use netboot_datapath::reconcile::{ReconcileError, Reconciler, SyncStats};
+
+use crate::cleanup::{Cgroup, PinRoot};
+
+/// Most frontends netboot can program: service ids (`rev_nat_index`) are
+/// u16 and 0 is never used (`ReconcileError::ServiceIdsExhausted`).
+pub const MAX_FRONTENDS: usize = u16::MAX as usize;
+
+/// Map sizes that fit `frontends` × `per` slots and `endpoints` backends
+/// (never below the agent's defaults).
+pub fn map_sizes(frontends: usize, per: u32, endpoints: u64) -> MapSizes {
+    let d = MapSizes::default();
+    let slots = frontends as u64 * (u64::from(per) + 1) + 1024;
+    MapSizes {
+        services: d.services.max(u32::try_from(slots).unwrap_or(u32::MAX)),
+        backends: d
+            .backends
+            .max(u32::try_from(endpoints + 1024).unwrap_or(u32::MAX)),
+        affinity: d.affinity,
+        reverse_nat: d.reverse_nat,
+    }
+}
+
+/// The kernel maps, with the time spent in map syscalls added up, so a pass
+/// can be split into "deciding what to write" and "writing it".
+pub struct TimedMaps {
+    inner: KernelMaps,
+    spent: Duration,
+}
+
+impl TimedMaps {
+    fn timed<T>(&mut self, f: impl FnOnce(&mut KernelMaps) -> T) -> T {
+        let t = Instant::now();
+        let r = f(&mut self.inner);
+        self.spent += t.elapsed();
+        r
+    }
+}
+
+impl LbMaps for TimedMaps {
+    fn update_service(&mut self, key: Lb4Key, val: Lb4Service) -> Result<(), MapsError> {
+        self.timed(|m| m.update_service(key, val))
+    }
+    fn delete_service(&mut self, key: Lb4Key) -> Result<(), MapsError> {
+        self.timed(|m| m.delete_service(key))
+    }
+    fn update_backend(&mut self, id: u32, val: Lb4Backend) -> Result<(), MapsError> {
+        self.timed(|m| m.update_backend(id, val))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.timed(|m| m.delete_backend(id))
+    }
+    fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError> {
+        self.timed(|m| m.update_revnat(id, val))
+    }
+    fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError> {
+        self.timed(|m| m.delete_revnat(id))
+    }
+    fn update_aff_match(&mut self, key: Lb4AffinityMatch, state: u32) -> Result<(), MapsError> {
+        self.timed(|m| m.update_aff_match(key, state))
+    }
+    fn delete_aff_match(&mut self, key: Lb4AffinityMatch) -> Result<(), MapsError> {
+        self.timed(|m| m.delete_aff_match(key))
+    }
+    fn dump(&self) -> Result<MapsDump, MapsError> {
+        self.inner.dump()
+    }
+}
+
+/// The installed socket LB and its reconciler.
+pub struct NetbootLb {
+    // Drop order: maps closed, pins removed (detaches), then the cgroup.
+    recon: Reconciler<TimedMaps>,
+    _pins: PinRoot,
+    /// Clients of this variant join this cgroup.
+    pub cgroup: Cgroup,
+}
+
+/// Outcome of one reconcile pass.
+pub struct Pass {
+    /// Wall time of the pass.
+    pub took: Duration,
+    /// Of which in map update/delete syscalls.
+    pub in_maps: Duration,
+    /// Writes, or the error that stopped the pass.
+    pub result: std::result::Result<SyncStats, ReconcileError>,
+}
+
+impl NetbootLb {
+    /// Loads the programs, pins the maps under `nbb-<pid>/<tag>` and attaches
+    /// them (replace mode) to a new cgroup `nbb-<pid>/<tag>`.
+    pub fn install(run_tag: &str, tag: &str, sizes: &MapSizes) -> Result<Self> {
+        let cgroup = Cgroup::new(&format!("{run_tag}/{tag}"))?;
+        let pins = PinRoot::new(&format!("{run_tag}/{tag}"))?;
+        loader::install(&pins.pins, &cgroup.path, sizes, true)
+            .context("loading and attaching netboot's socket LB")?;
+        let maps = KernelMaps::open(&pins.pins).context("opening the pinned maps")?;
+        let maps = TimedMaps {
+            inner: maps,
+            spent: Duration::ZERO,
+        };
+        let recon = Reconciler::recover(maps).context("reading the maps back")?;
+        Ok(Self {
+            recon,
+            _pins: pins,
+            cgroup,
+        })
+    }
+
+    /// One reconciler pass towards `desired`, timed.
+    pub fn reconcile(&mut self, desired: &DesiredTable) -> Pass {
+        self.recon.maps_mut().spent = Duration::ZERO;
+        let t = Instant::now();
+        let result = self.recon.reconcile(desired);
+        Pass {
+            took: t.elapsed(),
+            in_maps: self.recon.maps().spent,
+            result,
+        }
+    }
+
+    /// Removes everything (not timed).
+    pub fn clear(&mut self) -> Result<()> {
+        self.recon
+            .reconcile(&DesiredTable::default())
+            .context("clearing the maps")?;
+        Ok(())
+    }
+
+    /// Frontends in the maps.
+    pub fn programmed(&self) -> usize {
+        self.recon.programmed().services
+    }
+
+    /// A BPF outcome counter (e.g. `connect_translated`).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.recon
+            .maps()
+            .inner
+            .counters()
+            .map(|c| c.get(name))
+            .unwrap_or(0)
+    }
+}
+
+/// The last `max` frontends of `t` (by address: the last-declared Services,
+/// whose ClusterIPs are highest).
+pub fn capped(t: &DesiredTable, max: usize) -> DesiredTable {
+    let skip = t.frontends.len().saturating_sub(max);
+    DesiredTable {
+        frontends: t
+            .frontends
+            .iter()
+            .skip(skip)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Workload;
+
+    #[test]
+    fn capped_keeps_the_last_declared_services() {
+        let w = Workload::new(10, 2).expect("size");
+        let t = netboot_datapath::desired::build(&w.services(), &w.slices(false), 10800);
+        let c = capped(&t, 4);
+        assert_eq!(c.frontends.len(), 4);
+        let last = w.target();
+        assert!(c.frontends.keys().any(|k| k.ip == *last.ip()));
+        assert_eq!(capped(&t, 100).frontends.len(), 10);
+    }
+
+    #[test]
+    fn map_sizes_fit_the_workload() {
+        let s = map_sizes(65535, 2, 200_000);
+        assert!(s.services as usize >= 65535 * 3);
+        assert!(s.backends >= 200_000);
+        assert_eq!(map_sizes(10, 2, 20), MapSizes::default());
+    }
+}

@@ -1,0 +1,394 @@
+//! The results of a run (JSON) and their markdown rendering.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::goals::{Goal, GoalStatus};
+use crate::kube_proxy::IptablesBackend;
+use crate::machine::Machine;
+use crate::stats::Summary;
+use crate::variant::Variant;
+
+/// Metric names.
+pub mod m {
+    /// connect() until established, µs.
+    pub const CONNECT: &str = "connect_latency";
+    /// Full sync of all Services from empty, ms.
+    pub const FULL_SYNC: &str = "full_sync";
+    /// One endpoint change, ms.
+    pub const CHANGE: &str = "endpoint_change";
+    /// netboot: the map syscalls inside one endpoint change, ms.
+    pub const CHANGE_MAP_WRITES: &str = "endpoint_change_map_writes";
+    /// iptables: kube-proxy ≥ 1.28's partial restore for one endpoint change, ms.
+    pub const CHANGE_PARTIAL: &str = "endpoint_change_partial_restore";
+    /// nftables: `nft --json list chains ip` (run by kube-proxy every sync), ms.
+    pub const LIST_CHAINS: &str = "list_chains";
+    /// netboot: building the desired table from Services and EndpointSlices, ms.
+    pub const DESIRED_BUILD: &str = "desired_table_build";
+    /// Agent spawn → /readyz 200, ms.
+    pub const AGENT_READY: &str = "agent_cold_start";
+    /// The agent's own first reconcile pass, ms.
+    pub const AGENT_RECONCILE: &str = "agent_reconcile_pass";
+    /// Parsing the agent's static file (the same loader, in the bench), ms.
+    pub const AGENT_PARSE: &str = "agent_static_file_parse";
+    /// Agent VmRSS once ready, MiB.
+    pub const AGENT_RSS: &str = "agent_rss";
+    /// Agent VmHWM (peak RSS), MiB.
+    pub const AGENT_HWM: &str = "agent_rss_peak";
+}
+
+/// Variant name of the agent rows.
+pub const AGENT: &str = "netboot-agent";
+
+/// One measured quantity.
+#[derive(Clone, Debug, Serialize)]
+pub struct Metric {
+    /// Services (N).
+    pub services: u32,
+    /// Endpoints per Service.
+    pub endpoints_per_service: u32,
+    /// floor, netboot, iptables, nftables or netboot-agent.
+    pub variant: String,
+    /// See [`m`].
+    pub metric: String,
+    /// µs, ms, MiB.
+    pub unit: String,
+    /// The sample (None: could not be measured, see `note`).
+    pub stats: Option<Summary>,
+    /// What else a reader must know (failures, caps, counts).
+    pub note: String,
+}
+
+/// How the run was configured.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunConfig {
+    /// N values.
+    pub services: Vec<u32>,
+    /// Endpoints per Service.
+    pub endpoints_per_service: u32,
+    /// Measured connections per variant and N.
+    pub connections: u32,
+    /// Quick mode.
+    pub quick: bool,
+    /// iptables backend of the iptables variant.
+    pub iptables_backend: IptablesBackend,
+    /// Programming-only scenario for the goals (services, endpoints per service).
+    pub goal_scenario: Option<(u32, u32)>,
+}
+
+/// Everything a run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Where.
+    pub machine: Machine,
+    /// How.
+    pub config: RunConfig,
+    /// What.
+    pub metrics: Vec<Metric>,
+    /// Against the issue's goals.
+    pub goals: Vec<Goal>,
+    /// Remarks (IPVS, failed phases).
+    pub notes: Vec<String>,
+    /// Wall time of the run, seconds.
+    pub duration_s: f64,
+}
+
+impl Report {
+    /// Empty report.
+    pub fn new(machine: Machine, config: RunConfig) -> Self {
+        Self {
+            machine,
+            config,
+            metrics: Vec::new(),
+            goals: Vec::new(),
+            notes: Vec::new(),
+            duration_s: 0.0,
+        }
+    }
+
+    /// Adds a metric.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        services: u32,
+        per: u32,
+        variant: &str,
+        metric: &str,
+        unit: &str,
+        stats: Option<Summary>,
+        note: impl Into<String>,
+    ) {
+        self.metrics.push(Metric {
+            services,
+            endpoints_per_service: per,
+            variant: variant.into(),
+            metric: metric.into(),
+            unit: unit.into(),
+            stats,
+            note: note.into(),
+        });
+    }
+
+    /// A metric, if measured.
+    pub fn get(&self, services: u32, per: u32, variant: &str, metric: &str) -> Option<&Metric> {
+        self.metrics.iter().find(|x| {
+            x.services == services
+                && x.endpoints_per_service == per
+                && x.variant == variant
+                && x.metric == metric
+        })
+    }
+
+    /// The sample of a metric, if it has one.
+    pub fn stats(&self, services: u32, per: u32, variant: &str, metric: &str) -> Option<Summary> {
+        self.get(services, per, variant, metric)
+            .and_then(|x| x.stats)
+            .filter(|s| s.n > 0)
+    }
+
+    /// Distinct (services, endpoints per service) in order of appearance.
+    pub fn sizes(&self) -> Vec<(u32, u32)> {
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for x in &self.metrics {
+            let k = (x.services, x.endpoints_per_service);
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        out
+    }
+}
+
+/// Short number: 3 significant digits, no exponent.
+pub fn num(x: f64) -> String {
+    if !x.is_finite() {
+        return "—".into();
+    }
+    let a = x.abs();
+    if a >= 100.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else if a >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+fn signed(x: f64) -> String {
+    if x.is_finite() && x >= 0.0 {
+        format!("+{}", num(x))
+    } else {
+        num(x)
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The markdown tables (latency, programming, agent, goals).
+pub fn markdown(r: &Report) -> String {
+    let mut o = String::new();
+    let mm = &r.machine;
+    let _ = writeln!(o, "# netboot-bench results\n");
+    let _ = writeln!(
+        o,
+        "Machine: {} ({} cores, {} GiB), kernel {}, {} ({} backend), {}. Run {} ({:.0} s{}); load average {} at start, {} at end (the 2 cores are shared with other jobs).\n",
+        mm.cpu_model,
+        mm.cores,
+        mm.memory_gib,
+        mm.kernel,
+        mm.iptables,
+        match r.config.iptables_backend {
+            IptablesBackend::Nft => "nft",
+            IptablesBackend::Legacy => "legacy",
+        },
+        mm.nft,
+        mm.date,
+        r.duration_s,
+        if r.config.quick { ", quick mode" } else { "" },
+        mm.loadavg_start,
+        mm.loadavg_end
+    );
+    let _ = writeln!(o, "IPVS: {}.\n", mm.ipvs);
+
+    let sizes = r.sizes();
+    let _ = writeln!(
+        o,
+        "## New-connection latency\n\nconnect() until established, µs; {} connections per variant and size, the four variants interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).\n",
+        thousands(u64::from(r.config.connections))
+    );
+    let _ = writeln!(
+        o,
+        "| Services | Variant | p50 | p99 | p50 − floor | p99 − floor | Notes |\n|---:|---|---:|---:|---:|---:|---|"
+    );
+    for (n, b) in &sizes {
+        let floor = r.stats(*n, *b, Variant::Floor.name(), m::CONNECT);
+        for v in Variant::ALL {
+            let Some(x) = r.get(*n, *b, v.name(), m::CONNECT) else {
+                continue;
+            };
+            let (p50, p99, d50, d99) = match (x.stats, floor) {
+                (Some(s), Some(f)) if s.n > 0 => (
+                    num(s.p50),
+                    num(s.p99),
+                    if v == Variant::Floor {
+                        "—".into()
+                    } else {
+                        signed(s.p50 - f.p50)
+                    },
+                    if v == Variant::Floor {
+                        "—".into()
+                    } else {
+                        signed(s.p99 - f.p99)
+                    },
+                ),
+                (Some(s), None) if s.n > 0 => (num(s.p50), num(s.p99), "—".into(), "—".into()),
+                _ => ("—".into(), "—".into(), "—".into(), "—".into()),
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {p50} | {p99} | {d50} | {d99} | {} |",
+                thousands(u64::from(*n)),
+                v.name(),
+                x.note
+            );
+        }
+    }
+
+    let _ = writeln!(
+        o,
+        "\n## Programming cost\n\nms, p50 / p99 (samples). Full sync: all N Services from empty (netboot: the reconciler into the pinned maps; iptables: iptables-restore of the whole ruleset; nftables: `nft -f` of kube-proxy's whole transaction). Endpoint change: one endpoint of one Service swapped (netboot: the reconciler pass writing the difference; iptables: a full iptables-restore as kube-proxy's full sync does, and kube-proxy ≥ 1.28's partial restore; nftables: kube-proxy's incremental transaction). Process start of iptables-restore / nft is included, as kube-proxy forks them too.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| Services × endpoints | Variant | Full sync | Endpoint change | Notes |\n|---:|---|---:|---:|---|"
+    );
+    let cell = |s: Option<Summary>| match s {
+        Some(s) if s.n > 0 => format!("{} / {} ({})", num(s.p50), num(s.p99), s.n),
+        _ => "—".into(),
+    };
+    for (n, b) in &sizes {
+        for v in [Variant::Netboot, Variant::Iptables, Variant::Nftables] {
+            let full = r.get(*n, *b, v.name(), m::FULL_SYNC);
+            let change = r.get(*n, *b, v.name(), m::CHANGE);
+            if full.is_none() && change.is_none() {
+                continue;
+            }
+            let mut notes: Vec<String> = Vec::new();
+            for x in [full, change].into_iter().flatten() {
+                if !x.note.is_empty() {
+                    notes.push(x.note.clone());
+                }
+            }
+            if v == Variant::Netboot {
+                if let Some(x) = r.get(*n, *b, v.name(), m::CHANGE_MAP_WRITES) {
+                    notes.push(format!(
+                        "endpoint change spent in map syscalls: {}",
+                        cell(x.stats)
+                    ));
+                }
+            }
+            let extra = match v {
+                Variant::Netboot => r.get(*n, *b, v.name(), m::DESIRED_BUILD),
+                Variant::Iptables => r.get(*n, *b, v.name(), m::CHANGE_PARTIAL),
+                Variant::Nftables => r.get(*n, *b, v.name(), m::LIST_CHAINS),
+                Variant::Floor => None,
+            };
+            if let Some(x) = extra {
+                let label = match v {
+                    Variant::Netboot => "desired-table rebuild per agent pass",
+                    Variant::Iptables => "partial restore (kube-proxy ≥ 1.28)",
+                    _ => "`nft list chains` kube-proxy runs every sync",
+                };
+                notes.push(format!("{label}: {}", cell(x.stats)));
+            }
+            let _ = writeln!(
+                o,
+                "| {} × {} | {} | {} | {} | {} |",
+                thousands(u64::from(*n)),
+                b,
+                v.name(),
+                cell(full.and_then(|x| x.stats)),
+                cell(change.and_then(|x| x.stats)),
+                notes.join("; ")
+            );
+        }
+    }
+
+    let _ = writeln!(
+        o,
+        "\n## Agent\n\nThe real `netboot-datapath agent --static-services FILE` binary (Services and EndpointSlices from a file instead of the API server; its own cgroup and pins): cold start = spawn → `/readyz` 200 (programs loaded and attached, file parsed, first reconcile pass written); file parse = the agent's static-file loader on the same file, timed in the bench process (a watch list replaces this part on a real node); first reconcile pass = the `took` of the agent's first \"maps reconciled\" log line; RSS = VmRSS once ready (peak = VmHWM).\n"
+    );
+    let _ = writeln!(
+        o,
+        "| Services × endpoints | Cold start (ms) | Of which: file parse (ms) | Of which: first reconcile pass (ms) | VmRSS (MiB) | Peak (MiB) | Notes |\n|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for (n, b) in &sizes {
+        let Some(rss) = r.get(*n, *b, AGENT, m::AGENT_RSS) else {
+            continue;
+        };
+        let one = |metric: &str| {
+            r.stats(*n, *b, AGENT, metric)
+                .map(|s| num(s.p50))
+                .unwrap_or_else(|| "—".into())
+        };
+        let _ = writeln!(
+            o,
+            "| {} × {} | {} | {} | {} | {} | {} | {} |",
+            thousands(u64::from(*n)),
+            b,
+            one(m::AGENT_READY),
+            one(m::AGENT_PARSE),
+            one(m::AGENT_RECONCILE),
+            one(m::AGENT_RSS),
+            one(m::AGENT_HWM),
+            rss.note
+        );
+    }
+
+    let _ = writeln!(o, "\n## Goals (issue 6)\n");
+    for g in &r.goals {
+        let word = match g.status {
+            GoalStatus::Met => "MET",
+            GoalStatus::Missed => "MISSED",
+            GoalStatus::NotMeasured => "NOT MEASURED",
+        };
+        let _ = writeln!(o, "- **{word}** — {}: {}", g.text, g.detail);
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(o, "\n## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(o, "- {n}");
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(num(1234.6), "1235");
+        assert_eq!(num(12.345), "12.3");
+        assert_eq!(num(1.2345), "1.23");
+        assert_eq!(num(0.01234), "0.012");
+        assert_eq!(signed(3.0), "+3.00");
+        assert_eq!(signed(-3.0), "-3.00");
+        assert_eq!(thousands(100000), "100,000");
+        assert_eq!(thousands(999), "999");
+    }
+}

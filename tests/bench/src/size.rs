@@ -1,0 +1,731 @@
+//! One benchmark size: generate, set up the four variants, measure full
+//! syncs, latency (interleaved), endpoint changes and the agent, tear down.
+//! A phase that fails is recorded in the report and the run goes on (an
+//! interrupt stops it).
+
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use netboot_datapath::desired::{self, DesiredTable};
+
+use crate::agent_run;
+use crate::cleanup::{self, Cgroup, Netns};
+use crate::client::Client;
+use crate::iptables_rules;
+use crate::kube_proxy::{
+    iptables_restore, iptables_restore_limit, nft_apply, nft_apply_limit, nft_list_chains,
+    RuleFiles,
+};
+use crate::latency::{self, Lane, Plan};
+use crate::netboot_lb::{capped, map_sizes, NetbootLb, MAX_FRONTENDS};
+use crate::nft_rules;
+use crate::report::{m, Report, AGENT};
+use crate::settings::{Repeat, Settings};
+use crate::stats::summarize;
+use crate::sys::Timed;
+use crate::topology::Topology;
+use crate::variant::Variant;
+use crate::workload::{real_backend, Workload, BACKEND_PORT};
+
+/// Shared across sizes.
+pub struct Ctx<'a> {
+    /// Settings.
+    pub s: &'a Settings,
+    /// `nbb-<pid>`.
+    pub run_tag: &'a str,
+    /// cgroup of the floor / iptables / nftables clients (no programs).
+    pub plain: &'a Cgroup,
+    /// The agent binary, if found.
+    pub agent_bin: Option<&'a Path>,
+}
+
+/// What a size measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything.
+    Full,
+    /// Programming and the agent only (the goals' 100k-endpoint scenario).
+    ProgrammingOnly,
+}
+
+/// Repeats `f` (which returns the timed part) per `r`; samples in ms.
+pub fn repeat(r: Repeat, mut f: impl FnMut(usize) -> Result<Duration>) -> Result<Vec<f64>> {
+    repeat_until(r, |i| f(i).map(Some))
+}
+
+/// Whether another sample starts: below `max`, and below `min` or within the
+/// budget; a measurement so slow that twice the budget is gone stops at
+/// whatever it has (at least one sample).
+fn another(r: Repeat, taken: usize, elapsed: Duration) -> bool {
+    taken < r.max && (taken == 0 || (taken < r.min && elapsed < r.budget * 2) || elapsed < r.budget)
+}
+
+/// [`repeat`] where `f` may answer None (the sample hit the time limit):
+/// that ends the repetition.
+pub fn repeat_until(
+    r: Repeat,
+    mut f: impl FnMut(usize) -> Result<Option<Duration>>,
+) -> Result<Vec<f64>> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while another(r, out.len(), start.elapsed()) {
+        cleanup::check_stop()?;
+        match f(out.len())? {
+            Some(d) => out.push(d.as_secs_f64() * 1000.0),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+fn log(w: &Workload, msg: &str) {
+    eprintln!("[{}x{}] {msg}", w.n, w.b);
+}
+
+/// Runs `f`; an error (other than an interrupt) is noted and swallowed.
+fn phase<T>(
+    rep: &mut Report,
+    w: &Workload,
+    what: &str,
+    f: impl FnOnce(&mut Report) -> Result<T>,
+) -> Result<Option<T>> {
+    log(w, what);
+    let t = Instant::now();
+    match f(rep) {
+        Ok(v) => {
+            log(w, &format!("  done in {:.1} s", t.elapsed().as_secs_f64()));
+            Ok(Some(v))
+        }
+        Err(e) if cleanup::stopping() => Err(e),
+        Err(e) => {
+            let msg = format!("{} services x {}: {what} failed: {e:#}", w.n, w.b);
+            eprintln!("  {msg}");
+            rep.notes.push(msg);
+            Ok(None)
+        }
+    }
+}
+
+/// Files of one size.
+struct Files {
+    ipt_empty: PathBuf,
+    ipt_a: PathBuf,
+    ipt_b: PathBuf,
+    ipt_partial_a: PathBuf,
+    ipt_partial_b: PathBuf,
+    nft_delete: PathBuf,
+    nft_full: PathBuf,
+    nft_to_a: PathBuf,
+    nft_to_b: PathBuf,
+    nft_stale_a: PathBuf,
+    nft_stale_b: PathBuf,
+    /// The same table in transactions of [`NFT_CHUNK`] Services (fallback load).
+    nft_chunks: Vec<PathBuf>,
+    _dir: RuleFiles,
+}
+
+/// Services per transaction when the nft table is loaded in pieces.
+pub const NFT_CHUNK: u32 = 5000;
+
+/// netboot's tables: (before, after the change), capped to what it can hold.
+struct Tables {
+    a: DesiredTable,
+    b: DesiredTable,
+    full: usize,
+    build_ms: f64,
+}
+
+fn generate(w: &Workload, tag: &str) -> Result<(Files, Tables)> {
+    let dir = RuleFiles::new(tag)?;
+    let services = w.services();
+    let opts = iptables_rules::options();
+    let slices_a = w.slices(false);
+    let t = Instant::now();
+    let a = desired::build(&services, &slices_a, 10800);
+    let build_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let ipt_a_text = netboot_harness::kubeproxy_rules::render(&services, &slices_a, &opts);
+    drop(slices_a);
+    let slices_b = w.slices(true);
+    let b = desired::build(&services, &slices_b, 10800);
+    let ipt_b_text = netboot_harness::kubeproxy_rules::render(&services, &slices_b, &opts);
+    drop(slices_b);
+    drop(services);
+    let files = Files {
+        ipt_empty: dir.write("ipt-empty.rules", &iptables_rules::empty())?,
+        ipt_partial_a: dir.write(
+            "ipt-partial-a.rules",
+            &iptables_rules::partial(w, &ipt_a_text, false),
+        )?,
+        ipt_partial_b: dir.write(
+            "ipt-partial-b.rules",
+            &iptables_rules::partial(w, &ipt_b_text, true),
+        )?,
+        ipt_a: dir.write("ipt-a.rules", &ipt_a_text)?,
+        ipt_b: dir.write("ipt-b.rules", &ipt_b_text)?,
+        nft_delete: dir.write("nft-delete.nft", &nft_rules::delete_table())?,
+        nft_full: dir.write("nft-full.nft", &nft_rules::full_sync(w, false))?,
+        nft_to_a: dir.write("nft-to-a.nft", &nft_rules::endpoint_change(w, false))?,
+        nft_to_b: dir.write("nft-to-b.nft", &nft_rules::endpoint_change(w, true))?,
+        nft_stale_a: dir.write("nft-stale-a.nft", &nft_rules::stale_chain_delete(w, false))?,
+        nft_stale_b: dir.write("nft-stale-b.nft", &nft_rules::stale_chain_delete(w, true))?,
+        nft_chunks: nft_rules::full_sync_chunks(w, NFT_CHUNK)
+            .iter()
+            .enumerate()
+            .map(|(i, text)| dir.write(&format!("nft-chunk-{i:03}.nft"), text))
+            .collect::<Result<_>>()?,
+        _dir: dir,
+    };
+    let full = a.frontends.len();
+    let (a, b) = if full > MAX_FRONTENDS {
+        (capped(&a, MAX_FRONTENDS), capped(&b, MAX_FRONTENDS))
+    } else {
+        (a, b)
+    };
+    Ok((
+        files,
+        Tables {
+            a,
+            b,
+            full,
+            build_ms,
+        },
+    ))
+}
+
+fn cap_note(t: &Tables) -> String {
+    if t.full > t.a.frontends.len() {
+        format!(
+            "capped at {} of {} services (u16 service ids)",
+            t.a.frontends.len(),
+            t.full
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// Runs one size.
+pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()> {
+    let (n, b) = (w.n, w.b);
+    let tag = format!("{}-{n}x{b}", ctx.run_tag);
+    let Some((files, tables)) = phase(
+        rep,
+        w,
+        "generating Services, EndpointSlices, desired tables and rules",
+        |_| generate(w, &tag),
+    )?
+    else {
+        return Ok(());
+    };
+    let r = ctx.s.repeats;
+    let nb_name = Variant::Netboot.name();
+    let ipt_name = Variant::Iptables.name();
+    let nft_name = Variant::Nftables.name();
+    rep.add(
+        n,
+        b,
+        nb_name,
+        m::DESIRED_BUILD,
+        "ms",
+        Some(summarize(&[tables.build_ms])),
+        "",
+    );
+    {
+        let Some(topo) = phase(rep, w, "creating namespaces and listeners", |_| {
+            Topology::new(&tag, b)
+        })?
+        else {
+            return Ok(());
+        };
+        let sizes = map_sizes(tables.a.frontends.len(), b, w.endpoints());
+        let mut nb = phase(rep, w, "loading netboot's socket LB", |_| {
+            NetbootLb::install(ctx.run_tag, &format!("lb-{n}x{b}"), &sizes)
+        })?;
+        let ipt_ns = topo.client(Variant::Iptables)?;
+        let nft_ns = topo.client(Variant::Nftables)?;
+        let backend = ctx.s.iptables;
+
+        // Full syncs (cold: from empty every time; they end programmed).
+        if let Some(nb) = nb.as_mut() {
+            phase(rep, w, "netboot full sync", |rep| {
+                let mut note = cap_note(&tables);
+                if tables.full > MAX_FRONTENDS {
+                    // Show what happens when all N are asked for.
+                    let whole = desired::build(&w.services(), &w.slices(false), 10800);
+                    let pass = nb.reconcile(&whole);
+                    drop(whole);
+                    if let Err(e) = pass.result {
+                        note = format!(
+                            "all {} services: failed after {:.0} ms with \"{e}\" ({} frontends programmed); numbers are for the last-declared {}",
+                            tables.full,
+                            pass.took.as_secs_f64() * 1000.0,
+                            nb.programmed(),
+                            tables.a.frontends.len()
+                        );
+                    }
+                    nb.clear()?;
+                }
+                let mut writes = 0;
+                let mut in_maps: Vec<f64> = Vec::new();
+                let samples = repeat(r.full_sync, |_| {
+                    if nb.programmed() > 0 {
+                        nb.clear()?;
+                    }
+                    let p = nb.reconcile(&tables.a);
+                    writes = p.result?.writes();
+                    in_maps.push(p.in_maps.as_secs_f64() * 1000.0);
+                    Ok(p.took)
+                })?;
+                let maps = format!(
+                    "{writes} map writes taking {} ms of it",
+                    crate::report::num(summarize(&in_maps).p50)
+                );
+                let note = if note.is_empty() {
+                    maps
+                } else {
+                    format!("{note}; {maps}")
+                };
+                rep.add(
+                    n,
+                    b,
+                    nb_name,
+                    m::FULL_SYNC,
+                    "ms",
+                    Some(summarize(&samples)),
+                    note,
+                );
+                Ok(())
+            })?;
+        }
+        let limit = ctx.s.sync_limit;
+        let over = |what: &str| {
+            format!(
+                "one {what} did not finish within {} s: killed (nothing committed)",
+                limit.as_secs()
+            )
+        };
+        phase(rep, w, "iptables full sync (iptables-restore)", |rep| {
+            let mut killed = false;
+            let samples = repeat_until(r.full_sync, |_| {
+                iptables_restore(ipt_ns, backend, &files.ipt_empty, false)?;
+                match iptables_restore_limit(ipt_ns, backend, &files.ipt_a, limit)? {
+                    Timed::Done(d) => Ok(Some(d)),
+                    Timed::Killed(_) => {
+                        killed = true;
+                        Ok(None)
+                    }
+                }
+            })?;
+            let note = if killed {
+                over("iptables-restore")
+            } else {
+                String::new()
+            };
+            rep.add(
+                n,
+                b,
+                ipt_name,
+                m::FULL_SYNC,
+                "ms",
+                Some(summarize(&samples)),
+                note,
+            );
+            if killed && samples.is_empty() {
+                bail!(
+                    "the iptables ruleset could not be loaded within {} s",
+                    limit.as_secs()
+                );
+            }
+            if killed {
+                iptables_restore(ipt_ns, backend, &files.ipt_a, false)?;
+            }
+            Ok(())
+        })?;
+        let nft_loaded = phase(rep, w, "nftables full sync (nft -f)", |rep| {
+            let mut killed = false;
+            let samples = repeat_until(r.full_sync, |_| {
+                nft_apply(nft_ns, &files.nft_delete)?;
+                match nft_apply_limit(nft_ns, &files.nft_full, limit)? {
+                    Timed::Done(d) => Ok(Some(d)),
+                    Timed::Killed(_) => {
+                        killed = true;
+                        Ok(None)
+                    }
+                }
+            })?;
+            let mut note = String::new();
+            let mut loaded = true;
+            if killed {
+                note = over("nft -f of the whole table");
+                // The latency measurement still needs the table: load the same
+                // commands in smaller transactions (untimed), within a budget.
+                let budget = ctx.s.nft_load_budget;
+                let t = Instant::now();
+                nft_apply(nft_ns, &files.nft_delete)?;
+                for (i, f) in files.nft_chunks.iter().enumerate() {
+                    let left = budget.saturating_sub(t.elapsed());
+                    let ok = !left.is_zero()
+                        && matches!(nft_apply_limit(nft_ns, f, left)?, Timed::Done(_));
+                    if !ok {
+                        loaded = false;
+                        nft_apply(nft_ns, &files.nft_delete)?;
+                        note.push_str(&format!(
+                            "; loading it as transactions of {NFT_CHUNK} Services did not finish within {} s either ({i} of {} loaded; the kernel time of each transaction grows with the sets already in the table): nftables not measured at this size",
+                            budget.as_secs(),
+                            files.nft_chunks.len()
+                        ));
+                        break;
+                    }
+                }
+                if loaded {
+                    note.push_str(&format!(
+                        "; loaded instead as {} transactions of {NFT_CHUNK} Services in {:.1} s",
+                        files.nft_chunks.len(),
+                        t.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+            let stats = (!samples.is_empty()).then(|| summarize(&samples));
+            rep.add(n, b, nft_name, m::FULL_SYNC, "ms", stats, note);
+            Ok(loaded)
+        })?
+        .unwrap_or(false);
+        let mut skip: Vec<(Variant, String)> = Vec::new();
+        if !nft_loaded {
+            skip.push((
+                Variant::Nftables,
+                "not measured: kube-proxy's nftables table could not be loaded in time (see programming cost)".into(),
+            ));
+        }
+
+        // Latency, all four interleaved.
+        if scope == Scope::Full {
+            phase(rep, w, "new-connection latency (interleaved)", |rep| {
+                latency_phase(ctx, w, &topo, nb.as_ref(), &tables, &skip, rep)
+            })?;
+        }
+
+        // Endpoint changes (toggling between the two states).
+        if let Some(nb) = nb.as_mut() {
+            phase(rep, w, "netboot endpoint change", |rep| {
+                let mut writes: Vec<u64> = Vec::new();
+                let mut in_maps: Vec<f64> = Vec::new();
+                let samples = repeat(r.netboot_change, |i| {
+                    let p = nb.reconcile(if i % 2 == 0 { &tables.b } else { &tables.a });
+                    writes.push(p.result?.writes());
+                    in_maps.push(p.in_maps.as_secs_f64() * 1000.0);
+                    Ok(p.took)
+                })?;
+                rep.add(
+                    n,
+                    b,
+                    nb_name,
+                    m::CHANGE_MAP_WRITES,
+                    "ms",
+                    Some(summarize(&in_maps)),
+                    "",
+                );
+                if samples.len() % 2 == 1 {
+                    nb.reconcile(&tables.a).result?;
+                }
+                let (lo, hi) = (
+                    writes.iter().min().copied().unwrap_or(0),
+                    writes.iter().max().copied().unwrap_or(0),
+                );
+                let mut note = format!(
+                    "{lo}-{hi} map writes per change; the pass diffs all {} frontends",
+                    tables.a.frontends.len()
+                );
+                let cap = cap_note(&tables);
+                if !cap.is_empty() {
+                    note = format!("{cap}; {note}");
+                }
+                rep.add(
+                    n,
+                    b,
+                    nb_name,
+                    m::CHANGE,
+                    "ms",
+                    Some(summarize(&samples)),
+                    note,
+                );
+                Ok(())
+            })?;
+        }
+        phase(
+            rep,
+            w,
+            "iptables endpoint change (full iptables-restore)",
+            |rep| {
+                let samples = repeat_until(r.iptables_change, |i| {
+                    let f = if i % 2 == 0 {
+                        &files.ipt_b
+                    } else {
+                        &files.ipt_a
+                    };
+                    match iptables_restore_limit(ipt_ns, backend, f, limit)? {
+                        Timed::Done(d) => Ok(Some(d)),
+                        Timed::Killed(_) => bail!("{}", over("iptables-restore")),
+                    }
+                })?;
+                if samples.len() % 2 == 1 {
+                    iptables_restore(ipt_ns, backend, &files.ipt_a, false)?;
+                }
+                rep.add(
+                    n,
+                    b,
+                    ipt_name,
+                    m::CHANGE,
+                    "ms",
+                    Some(summarize(&samples)),
+                    "",
+                );
+                Ok(())
+            },
+        )?;
+        phase(
+            rep,
+            w,
+            "iptables endpoint change (partial restore, kube-proxy >= 1.28)",
+            |rep| {
+                let samples = repeat(r.iptables_partial, |i| {
+                    let f = if i % 2 == 0 {
+                        &files.ipt_partial_b
+                    } else {
+                        &files.ipt_partial_a
+                    };
+                    iptables_restore(ipt_ns, backend, f, true)
+                })?;
+                if samples.len() % 2 == 1 {
+                    iptables_restore(ipt_ns, backend, &files.ipt_partial_a, true)?;
+                }
+                rep.add(
+                    n,
+                    b,
+                    ipt_name,
+                    m::CHANGE_PARTIAL,
+                    "ms",
+                    Some(summarize(&samples)),
+                    "",
+                );
+                Ok(())
+            },
+        )?;
+        if !nft_loaded {
+            rep.add(
+                n,
+                b,
+                nft_name,
+                m::CHANGE,
+                "ms",
+                None,
+                "not measured: no table",
+            );
+        } else {
+            phase(
+                rep,
+                w,
+                "nftables endpoint change (incremental transaction)",
+                |rep| {
+                    let samples = repeat(r.nft_change, |i| {
+                        let (f, stale) = if i % 2 == 0 {
+                            (&files.nft_to_b, &files.nft_stale_b)
+                        } else {
+                            (&files.nft_to_a, &files.nft_stale_a)
+                        };
+                        let took = nft_apply(nft_ns, f)?;
+                        nft_apply(nft_ns, stale)?;
+                        Ok(took)
+                    })?;
+                    rep.add(
+                        n,
+                        b,
+                        nft_name,
+                        m::CHANGE,
+                        "ms",
+                        Some(summarize(&samples)),
+                        "",
+                    );
+                    let list = repeat(r.nft_list, |_| nft_list_chains(nft_ns))?;
+                    rep.add(
+                        n,
+                        b,
+                        nft_name,
+                        m::LIST_CHAINS,
+                        "ms",
+                        Some(summarize(&list)),
+                        "",
+                    );
+                    Ok(())
+                },
+            )?;
+        }
+        log(w, "tearing down");
+        drop(nb);
+        drop(topo);
+    }
+    drop(files);
+    drop(tables);
+
+    // The real agent binary, alone on the machine's BPF.
+    if let Some(bin) = ctx.agent_bin {
+        phase(rep, w, "agent cold start and RSS (real binary)", |rep| {
+            let rules_ns = Netns::new(&format!("{tag}-agent"))?;
+            let res = agent_run::run(bin, w, ctx.run_tag, &rules_ns, ctx.s.agent_timeout)?;
+            let one = |x: f64| Some(summarize(&[x]));
+            let note = match &res.error {
+                Some(e) => format!("not ready: {e}"),
+                None => format!(
+                    "{} frontends, {} backends programmed",
+                    res.services, res.backends
+                ),
+            };
+            rep.add(
+                n,
+                b,
+                AGENT,
+                m::AGENT_READY,
+                "ms",
+                res.ready_ms.and_then(one),
+                "",
+            );
+            rep.add(
+                n,
+                b,
+                AGENT,
+                m::AGENT_RECONCILE,
+                "ms",
+                res.reconcile_ms.and_then(one),
+                "",
+            );
+            rep.add(n, b, AGENT, m::AGENT_PARSE, "ms", one(res.parse_ms), "");
+            rep.add(n, b, AGENT, m::AGENT_RSS, "MiB", one(res.rss_mib), note);
+            rep.add(n, b, AGENT, m::AGENT_HWM, "MiB", one(res.hwm_mib), "");
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+fn latency_phase(
+    ctx: &Ctx,
+    w: &Workload,
+    topo: &Topology,
+    nb: Option<&NetbootLb>,
+    tables: &Tables,
+    skip: &[(Variant, String)],
+    rep: &mut Report,
+) -> Result<()> {
+    let (n, b) = (w.n, w.b);
+    let mut lanes = Vec::new();
+    for (v, why) in skip {
+        rep.add(n, b, v.name(), m::CONNECT, "µs", None, why.clone());
+    }
+    for v in Variant::ALL {
+        if skip.iter().any(|(s, _)| *s == v) {
+            continue;
+        }
+        let cgroup = match v {
+            Variant::Netboot => match nb {
+                Some(nb) => &nb.cgroup.path,
+                None => continue,
+            },
+            _ => &ctx.plain.path,
+        };
+        let target = match v {
+            Variant::Floor => SocketAddrV4::new(real_backend(1), BACKEND_PORT),
+            _ => w.target(),
+        };
+        lanes.push(Lane {
+            variant: v,
+            client: Client::spawn(cgroup, topo.client(v)?)?,
+            target,
+        });
+    }
+    let before = nb.map(|x| x.counter("connect_translated")).unwrap_or(0);
+    let accepted_before = topo.accepted();
+    let plan = Plan {
+        connections: ctx.s.connections,
+        batch: ctx.s.batch,
+        warmup: ctx.s.warmup,
+    };
+    let res = latency::measure(&mut lanes, plan)?;
+    drop(lanes);
+    let translated = nb.map(|x| x.counter("connect_translated")).unwrap_or(0) - before;
+    let ok_total: u64 = res.values().map(|r| r.ok).sum();
+    let accepted = topo.accepted() - accepted_before;
+    log(
+        w,
+        &format!(
+            "{ok_total} measured connections; listeners accepted {accepted} (warm-up included)"
+        ),
+    );
+    for (v, r) in &res {
+        let mut notes: Vec<String> = Vec::new();
+        if let Some(e) = &r.error {
+            notes.push(e.clone());
+        }
+        if r.failed > 0 {
+            notes.push(format!(
+                "{} failed ({})",
+                r.failed,
+                std::io::Error::from_raw_os_error(r.errno)
+            ));
+        }
+        if *v == Variant::Netboot {
+            let cap = cap_note(tables);
+            if !cap.is_empty() {
+                notes.push(cap);
+            }
+            notes.push(format!("connect4 translated {translated}"));
+            if translated < r.ok {
+                notes.push("fewer translations than connections".into());
+            }
+        }
+        rep.add(
+            n,
+            b,
+            v.name(),
+            m::CONNECT,
+            "µs",
+            Some(r.micros),
+            notes.join("; "),
+        );
+    }
+    if res.values().all(|r| r.error.is_some()) {
+        bail!("no variant could connect");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_respects_min_max_and_budget() {
+        let r = Repeat {
+            min: 3,
+            max: 10,
+            budget: Duration::from_secs(10),
+        };
+        assert!(another(r, 0, Duration::from_secs(100)));
+        assert!(another(r, 2, Duration::from_secs(15)));
+        assert!(
+            !another(r, 2, Duration::from_secs(25)),
+            "slow: stop before min"
+        );
+        assert!(another(r, 5, Duration::from_secs(5)));
+        assert!(!another(r, 5, Duration::from_secs(11)));
+        assert!(!another(r, 10, Duration::ZERO));
+        let mut calls = 0;
+        let v = repeat_until(r, |_| {
+            calls += 1;
+            Ok((calls < 2).then_some(Duration::from_millis(1)))
+        })
+        .expect("repeat");
+        assert_eq!(v.len(), 1);
+    }
+}

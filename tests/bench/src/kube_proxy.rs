@@ -60,10 +60,14 @@ pub fn iptables_restore_limit(
     ns: &Netns,
     backend: IptablesBackend,
     file: &Path,
+    noflush: bool,
     limit: Duration,
 ) -> Result<Timed> {
     let mut cmd = command_in(ns, backend.restore())?;
     cmd.args(["-w", "5"]);
+    if noflush {
+        cmd.arg("--noflush");
+    }
     run_timed_limit(cmd, Some(file), limit)
         .with_context(|| format!("netns {}: {}", ns.name, file.display()))
 }

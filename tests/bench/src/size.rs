@@ -310,7 +310,7 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
             let mut killed = false;
             let samples = repeat_until(r.full_sync, |_| {
                 iptables_restore(ipt_ns, backend, &files.ipt_empty, false)?;
-                match iptables_restore_limit(ipt_ns, backend, &files.ipt_a, limit)? {
+                match iptables_restore_limit(ipt_ns, backend, &files.ipt_a, false, limit)? {
                     Timed::Done(d) => Ok(Some(d)),
                     Timed::Killed(_) => {
                         killed = true;
@@ -465,7 +465,7 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
                     } else {
                         &files.ipt_a
                     };
-                    match iptables_restore_limit(ipt_ns, backend, f, limit)? {
+                    match iptables_restore_limit(ipt_ns, backend, f, false, limit)? {
                         Timed::Done(d) => Ok(Some(d)),
                         Timed::Killed(_) => bail!("{}", over("iptables-restore")),
                     }
@@ -490,26 +490,31 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
             w,
             "iptables endpoint change (partial restore, kube-proxy >= 1.28)",
             |rep| {
-                let samples = repeat(r.iptables_partial, |i| {
+                let mut killed = false;
+                let samples = repeat_until(r.iptables_partial, |i| {
                     let f = if i % 2 == 0 {
                         &files.ipt_partial_b
                     } else {
                         &files.ipt_partial_a
                     };
-                    iptables_restore(ipt_ns, backend, f, true)
+                    match iptables_restore_limit(ipt_ns, backend, f, true, limit)? {
+                        Timed::Done(d) => Ok(Some(d)),
+                        Timed::Killed(_) => {
+                            killed = true;
+                            Ok(None)
+                        }
+                    }
                 })?;
                 if samples.len() % 2 == 1 {
                     iptables_restore(ipt_ns, backend, &files.ipt_partial_a, true)?;
                 }
-                rep.add(
-                    n,
-                    b,
-                    ipt_name,
-                    m::CHANGE_PARTIAL,
-                    "ms",
-                    Some(summarize(&samples)),
-                    "",
-                );
+                let note = if killed {
+                    over("partial iptables-restore")
+                } else {
+                    String::new()
+                };
+                let stats = (!samples.is_empty()).then(|| summarize(&samples));
+                rep.add(n, b, ipt_name, m::CHANGE_PARTIAL, "ms", stats, note);
                 Ok(())
             },
         )?;

@@ -323,11 +323,17 @@ fn the_cronjob_args_match_the_cli() {
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
-    assert_eq!(args, ["apply", "--in-cluster", "--repo", &repo.url(), "--ref", "main", "clusters/local.yaml"]);
+    assert_eq!(
+        args,
+        [
+            "reconcile", "--once", "--metrics-addr", "off", "--in-cluster", "--repo", &repo.url(), "--ref", "main",
+            "clusters/local.yaml"
+        ]
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = netboot_env(&args, cache.path(), &[("KUBERNETES_SERVICE_HOST", ""), ("KUBERNETES_SERVICE_PORT", "")]);
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains(&format!("source: {} main at git:", repo.url())), "{}", run.stderr);
+    assert!(run.stderr.contains(&format!("source {} main at git:", repo.url())), "{}", run.stderr);
     assert!(run.stderr.contains("in-cluster"), "{}", run.stderr);
 }
 

@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
-use kube::api::Api;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 use serde::Serialize;
@@ -573,7 +572,6 @@ impl Events {
             namespace: Some(namespace.into()),
             ..Default::default()
         };
-        let _ = Api::<ConfigMap>::namespaced(client.clone(), namespace);
         Events {
             recorder: Recorder::new(client.clone(), reporter),
             reference,

@@ -470,11 +470,14 @@ async fn reconcile_one(
         r.changes = plan.changes.summary();
         r.result = Verdict::Suspended;
         if !r.drift.is_empty() {
-            tracing::warn!(
-                "{}: drift (suspended, nothing written): {}",
-                spec.name,
-                list(&r.drift)
-            );
+            let objects = list(&r.drift);
+            tracing::warn!("{}: drift (suspended, nothing written): {objects}", spec.name);
+            Events::new(&conn.client, &spec.namespace)
+                .warn(
+                    "DriftDetected",
+                    &format!("suspended, nothing written; revision {}: {objects}", settings.revision),
+                )
+                .await;
         } else if !plan.noop {
             tracing::info!(
                 "{}: suspended; would apply at {}: {}",

@@ -570,6 +570,20 @@ fn a_suspended_cluster_reports_drift_and_writes_nothing() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let writes = admin_writes_since(&c, mark);
         assert!(writes.is_empty(), "a suspended pass wrote: {writes:#?}");
+        let events: Api<Event> = Api::namespaced(c.client.clone(), "netboot-system");
+        let detected: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("DriftDetected"))
+            .filter_map(|e| e.message)
+            .collect();
+        assert!(
+            detected.iter().any(|m| m.contains("DaemonSet/netboot-system/netboot-datapath")),
+            "a DriftDetected event names the drifted DaemonSet: {detected:?}"
+        );
         let ds = dss.get("netboot-datapath").await.unwrap();
         assert_eq!(
             serde_json::to_value(&ds.spec.unwrap().update_strategy).unwrap()["rollingUpdate"]["maxUnavailable"],

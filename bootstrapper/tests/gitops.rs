@@ -1,7 +1,8 @@
 //! GitOps: the spec and templates from git (file://, a git daemon, an sshd
 //! with host key verification), `netboot reconcile` applying new commits and
 //! reverts, correcting drift on the local real cluster, and a fleet with a
-//! broken member.
+//! broken member, and the CronJob's ServiceAccount doing a handover and a
+//! restore with only the RBAC netboot renders for it.
 //!
 //! Servers the tests start (git daemon, sshd) listen on 127.0.0.1 only, on a
 //! free port, and are killed by the PID the test spawned. Tests that change
@@ -776,5 +777,88 @@ fn a_fleet_with_a_broken_spec_still_reconciles_the_others() {
         assert!(shadow["changes"].as_str().unwrap().contains("created"), "shadow's plan: {shadow:#}");
         let ns: Api<Namespace> = Api::all(c.client.clone());
         assert!(ns.get_opt("netboot-shadow").await.unwrap().is_none(), "a suspended spec writes nothing");
+    });
+}
+
+// ---------------------------------------------------------------- the CronJob's RBAC
+
+const RECONCILER: &str = "system:serviceaccount:netboot-system:netboot-reconciler";
+
+/// The admin kubeconfig, acting as the reconciler's ServiceAccount (what the
+/// CronJob's pod is), with the groups a ServiceAccount token carries.
+fn impersonating_kubeconfig(c: &SharedCluster, dir: &Path) -> String {
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&c.kubeconfig).unwrap()).unwrap();
+    for u in kc["users"].as_sequence_mut().unwrap() {
+        let user = u["user"].as_mapping_mut().unwrap();
+        user.insert("as".into(), RECONCILER.into());
+        user.insert(
+            "as-groups".into(),
+            serde_yaml::to_value(["system:serviceaccounts", "system:serviceaccounts:netboot-system", "system:authenticated"]).unwrap(),
+        );
+    }
+    let path = dir.join("reconciler.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Writes made as the reconciler's ServiceAccount since `from` in the audit log.
+fn reconciler_writes_since(c: &SharedCluster, from: u64) -> Vec<String> {
+    let log = std::fs::read(c.state.join("logs/audit.log")).unwrap();
+    let tail = &log[usize::try_from(from).unwrap().min(log.len())..];
+    String::from_utf8_lossy(tail)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["impersonatedUser"]["username"] == RECONCILER && e["stage"] == "ResponseComplete")
+        .filter(|e| !e["requestURI"].as_str().unwrap_or("").contains("dryRun=All"))
+        .map(|e| format!("{} {} {}", e["responseStatus"]["code"], e["verb"].as_str().unwrap_or(""), e["requestURI"].as_str().unwrap_or("")))
+        .collect()
+}
+
+/// The CronJob's ServiceAccount, with exactly the RBAC netboot renders for it,
+/// can do the whole job: hand kube-proxy over (backup, delete, rules cleared,
+/// validation probes and their cleanup) and restore it. The first install is
+/// an admin's (it creates the account); every later pass runs as the account.
+#[test]
+fn the_reconciler_service_account_can_hand_over_and_restore_kube_proxy() {
+    scenario(|c| async move {
+        let repo = Repo::new();
+        let with_reconcile = |spec: String| format!("{spec}  reconcile:\n    repo: {}\n", repo.url());
+        let coexist = with_reconcile(local_spec().replace("kubeProxyReplacement: true", "kubeProxyReplacement: false"));
+        let replace = with_reconcile(local_spec());
+        repo.commit(&[("clusters/local.yaml", &coexist)], "coexist, with a reconciler");
+        let cache = tempfile::tempdir().unwrap();
+        let (run, _) = reconcile_once(&c, &repo, cache.path(), &["clusters/local.yaml"], &[]);
+        assert_eq!(run.code, 0, "the admin's first install: {}", run.stderr);
+
+        let kc = impersonating_kubeconfig(&c, cache.path());
+        let url = repo.url();
+        let as_reconciler = || {
+            let args = ["reconcile", "--once", "-o", "json", "--metrics-addr", "off", "--repo", &url, "--kubeconfig", &kc, "clusters/local.yaml"];
+            let run = netboot_env(&args, cache.path(), &[]);
+            let report = run.json();
+            (run, report)
+        };
+
+        repo.commit(&[("clusters/local.yaml", &replace)], "replace kube-proxy");
+        let mark = audit_len(&c);
+        let (run, report) = as_reconciler();
+        assert_eq!(run.code, 0, "handover as the reconciler: {}", run.stderr);
+        assert_eq!(cluster_result(&report, "local")["result"], "applied", "{report:#}");
+        assert!(kube_proxy(&c.client).await.0.is_none(), "kube-proxy handed over");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let writes = reconciler_writes_since(&c, mark);
+        assert!(
+            writes.iter().any(|w| w.contains("delete /apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy")),
+            "the handover's writes were made as the reconciler: {writes:#?}"
+        );
+        let denied: Vec<&String> = writes.iter().filter(|w| w.starts_with("403")).collect();
+        assert!(denied.is_empty(), "denied: {denied:#?}");
+
+        repo.commit(&[("clusters/local.yaml", &coexist)], "back to coexist");
+        let (run, report) = as_reconciler();
+        assert_eq!(run.code, 0, "restore as the reconciler: {}", run.stderr);
+        assert_eq!(cluster_result(&report, "local")["result"], "applied", "{report:#}");
+        let (ds, cm) = kube_proxy(&c.client).await;
+        assert!(ds.is_some() && cm.is_some(), "kube-proxy restored from the backup");
     });
 }

@@ -19,6 +19,7 @@ use crate::kube_proxy::{self, KubeProxyState, KubeProxyWatch};
 use crate::loader;
 use crate::maps::kernel::KernelMaps;
 use crate::maps::MapsError;
+use crate::pass::{PassKind, Passes};
 use crate::pins::Pins;
 use crate::reconcile::{ReconcileError, Reconciler};
 use crate::status::{now_unix, Counter, LinkStatus, Status, DATAPATH_VERSION};
@@ -281,6 +282,7 @@ async fn reconcile_loop(
     const RESYNC: Duration = Duration::from_secs(300);
     let mut backoff = MIN_BACKOFF;
     let mut last_resync = Instant::now();
+    let mut passes = Passes::default();
     loop {
         if !watched.synced() {
             watched.changed.notified().await;
@@ -293,18 +295,28 @@ async fn reconcile_loop(
             }
             last_resync = Instant::now();
         }
-        let desired = watched.desired(cfg.session_affinity_timeout_seconds);
         let t = Instant::now();
-        match tokio::task::block_in_place(|| recon.reconcile(&desired)) {
-            Ok(st) => {
+        let pass = tokio::task::block_in_place(|| {
+            passes.run(watched, recon, cfg.session_affinity_timeout_seconds)
+        });
+        match pass {
+            Ok(pass) => {
+                let st = pass.stats;
                 let prog = recon.programmed();
                 let took = t.elapsed();
                 if st.writes() > 0 {
+                    let (kind, dirty) = match pass.kind {
+                        PassKind::Full => ("full", 0),
+                        PassKind::Partial(n) => ("partial", n),
+                        PassKind::Idle => ("idle", 0),
+                    };
                     tracing::info!(
                         updates = st.updates,
                         deletes = st.deletes,
                         services = prog.services,
                         backends = prog.backends,
+                        pass = kind,
+                        dirty_services = dirty,
                         ?took,
                         "maps reconciled"
                     );
@@ -315,7 +327,7 @@ async fn reconcile_loop(
                     s.ready = true;
                     s.services = prog.services;
                     s.backends = prog.backends;
-                    s.desired_services = desired.frontends.len();
+                    s.desired_services = pass.desired_frontends;
                     s.syncs += 1;
                     s.map_writes += st.writes();
                     s.last_sync_unix = now_unix();

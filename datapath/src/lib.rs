@@ -3,7 +3,8 @@
 //!
 //! The data flows: [`watch`] (Services, EndpointSlices) → [`desired`] tables →
 //! one [`reconcile::Reconciler`] → [`maps`] (pinned BPF maps, see [`pins`]) →
-//! the programs in `bpf/sock_lb.bpf.c`, attached by [`loader`].
+//! the programs in `bpf/sock_lb.bpf.c`, attached by [`loader`]. A [`pass`]
+//! rebuilds and writes only the Services a watch event marked dirty.
 
 pub mod agent;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod kube_proxy;
 pub mod layout;
 pub mod loader;
 pub mod maps;
+pub mod pass;
 pub mod pins;
 pub mod reconcile;
 pub mod status;

@@ -7,6 +7,16 @@
 //! what is still missing. Service and backend ids come from the maps, so they
 //! are stable across restarts.
 //!
+//! A full pass ([`Reconciler::reconcile`]) diffs every frontend. A partial
+//! pass ([`Reconciler::apply`]) is given only the frontend addresses some
+//! Services' change touched, and what each should now hold: it writes those
+//! frontends and the backends they reference or stopped referencing. For
+//! that the reconciler keeps the desired table it was last given ("target")
+//! and, per backend, how many target frontends want it active or
+//! terminating. A partial pass is valid only on top of a successful full
+//! pass: until one (at start, after [`Reconciler::resync`] or a failed pass)
+//! [`Reconciler::needs_full`] is true.
+//!
 //! Write order keeps the datapath consistent at every instant (after Cilium's
 //! `UpsertService`): backends before the slots that name them; new slots
 //! before the frontend count that exposes them; the frontend count before the
@@ -17,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::desired::{BackendState, DesiredTable};
+use crate::desired::{BackendState, DesiredTable, Frontend, FrontendChanges};
 use crate::layout::{
     addr_be, port_be, L4Addr, Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service,
     SVC_F_AFFINITY,
@@ -42,6 +52,9 @@ pub enum ReconcileError {
     /// No backend id left.
     #[error("{0}: no free backend id")]
     BackendIdsExhausted(L4Addr),
+    /// A partial pass was asked for before a successful full pass.
+    #[error("partial pass refused: the maps need a full pass first")]
+    NeedsFullPass,
 }
 
 /// Counts of one pass.
@@ -72,10 +85,16 @@ struct ProgFrontend {
     revnat: Option<Lb4ReverseNat>,
 }
 
+/// Ids 1..=max. Freed ids are reused first; otherwise the search goes on
+/// upwards from the last id handed out, so a change that frees one id and
+/// takes another costs O(log n), not a scan over every id in use.
 #[derive(Debug, Default)]
 struct IdAlloc {
     used: BTreeSet<u32>,
+    /// Freed since, reused first (lowest first).
+    freed: BTreeSet<u32>,
     max: u32,
+    /// Where the upward search resumes.
     hint: u32,
 }
 
@@ -83,26 +102,37 @@ impl IdAlloc {
     fn new(max: u32) -> Self {
         Self {
             used: BTreeSet::new(),
+            freed: BTreeSet::new(),
             max,
             hint: 1,
         }
     }
     fn mark(&mut self, id: u32) {
         self.used.insert(id);
+        self.freed.remove(&id);
     }
     fn free(&mut self, id: u32) {
-        self.used.remove(&id);
-        self.hint = self.hint.min(id.max(1));
+        if self.used.remove(&id) && id >= 1 && id <= self.max {
+            self.freed.insert(id);
+        }
+    }
+    fn take(&mut self, id: u32) -> u32 {
+        self.used.insert(id);
+        id
     }
     fn alloc(&mut self) -> Option<u32> {
-        let mut id = self.hint.max(1);
-        while id <= self.max {
-            if !self.used.contains(&id) {
-                self.used.insert(id);
-                self.hint = id + 1;
-                return Some(id);
+        if let Some(id) = self.freed.pop_first() {
+            return Some(self.take(id));
+        }
+        // Upwards from the hint, then (ids left free at recovery) from 1.
+        let start = self.hint.max(1);
+        for range in [start..=self.max, 1..=start.saturating_sub(1)] {
+            for id in range {
+                if !self.used.contains(&id) {
+                    self.hint = id.saturating_add(1);
+                    return Some(self.take(id));
+                }
             }
-            id += 1;
         }
         None
     }
@@ -117,9 +147,47 @@ pub struct Programmed {
     pub backends: usize,
 }
 
+/// How many target frontends want one backend, per state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BackendRefs {
+    active: u32,
+    terminating: u32,
+}
+
+impl BackendRefs {
+    fn add(&mut self, s: BackendState) {
+        match s {
+            BackendState::Active => self.active += 1,
+            BackendState::Terminating => self.terminating += 1,
+        }
+    }
+    fn remove(&mut self, s: BackendState) {
+        match s {
+            BackendState::Active => self.active = self.active.saturating_sub(1),
+            BackendState::Terminating => self.terminating = self.terminating.saturating_sub(1),
+        }
+    }
+    /// The backend's state in the map: Active wins if two frontends disagree.
+    fn state(&self) -> Option<BackendState> {
+        if self.active > 0 {
+            Some(BackendState::Active)
+        } else if self.terminating > 0 {
+            Some(BackendState::Terminating)
+        } else {
+            None
+        }
+    }
+}
+
 /// The reconciler, owning the maps.
 pub struct Reconciler<M: LbMaps> {
     maps: M,
+    /// The desired frontends last given (full, then partial changes).
+    target: BTreeMap<L4Addr, Frontend>,
+    /// Per backend, the target frontends that want it.
+    refs: BTreeMap<L4Addr, BackendRefs>,
+    /// No successful full pass since start, resync or a failed pass.
+    needs_full: bool,
     frontends: BTreeMap<L4Addr, ProgFrontend>,
     backends: BTreeMap<L4Addr, (u32, Lb4Backend)>,
     svc_ids: IdAlloc,
@@ -139,6 +207,9 @@ impl<M: LbMaps> Reconciler<M> {
             svc_ids: IdAlloc::new(u32::from(u16::MAX)),
             be_ids: IdAlloc::new(u32::MAX - 1),
             orphans: MapsDump::default(),
+            target: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            needs_full: true,
         };
         r.resync()?;
         Ok(r)
@@ -147,6 +218,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// Re-reads the maps and rebuilds the mirror, so the next pass also
     /// repairs changes made behind the reconciler's back.
     pub fn resync(&mut self) -> Result<(), ReconcileError> {
+        self.needs_full = true;
         let dump = self.maps.dump().map_err(|source| ReconcileError::Map {
             what: "read back maps".into(),
             source,
@@ -243,84 +315,209 @@ impl<M: LbMaps> Reconciler<M> {
         self.frontends.get(fe).map(|p| p.id)
     }
 
-    /// One pass: make the maps equal to `desired`. On error the pass stops;
-    /// call again (with backoff) to finish.
+    /// Whether the next pass must be a full one ([`Reconciler::reconcile`]):
+    /// true at start, after [`Reconciler::resync`] and after a failed pass.
+    pub fn needs_full(&self) -> bool {
+        self.needs_full
+    }
+
+    /// One full pass: make the maps equal to `desired`. On error the pass
+    /// stops; call again (with backoff) to finish.
     pub fn reconcile(&mut self, desired: &DesiredTable) -> Result<SyncStats, ReconcileError> {
+        self.reconcile_owned(desired.clone())
+    }
+
+    /// [`Reconciler::reconcile`], keeping `desired` as the target without a copy.
+    pub fn reconcile_owned(&mut self, desired: DesiredTable) -> Result<SyncStats, ReconcileError> {
+        self.target = desired.frontends;
+        self.refs.clear();
+        for fe in self.target.values() {
+            for (a, s) in &fe.backends {
+                self.refs.entry(*a).or_default().add(*s);
+            }
+        }
+        self.needs_full = true;
         let mut st = SyncStats::default();
-        let r = self.pass(desired, &mut st);
+        let target = std::mem::take(&mut self.target);
+        let r = self.pass(&target, &mut st);
+        self.target = target;
+        self.needs_full = r.is_err();
         r.map(|()| st)
     }
 
-    fn pass(&mut self, desired: &DesiredTable, st: &mut SyncStats) -> Result<(), ReconcileError> {
-        // Global backend states: Active wins if two frontends disagree.
-        let mut want_be: BTreeMap<L4Addr, BackendState> = BTreeMap::new();
-        for fe in desired.frontends.values() {
-            for (a, s) in &fe.backends {
-                let e = want_be.entry(*a).or_insert(*s);
-                if *s < *e {
-                    *e = *s;
+    /// One partial pass: each address in `changes` should now hold the
+    /// given frontend (None: none). Writes only those frontends and the
+    /// backends they reference or stopped referencing; every other frontend
+    /// is left as it is. Only valid on top of a successful full pass (see
+    /// [`Reconciler::needs_full`]: refused otherwise); on error the pass
+    /// stops and the next pass must be a full one.
+    pub fn apply(&mut self, changes: &FrontendChanges) -> Result<SyncStats, ReconcileError> {
+        if self.needs_full {
+            return Err(ReconcileError::NeedsFullPass);
+        }
+        let mut touched: BTreeSet<L4Addr> = BTreeSet::new();
+        for (addr, fe) in changes {
+            if let Some(old) = self.target.remove(addr) {
+                for (a, s) in &old.backends {
+                    if let Some(r) = self.refs.get_mut(a) {
+                        r.remove(*s);
+                    }
+                    touched.insert(*a);
                 }
             }
+            if let Some(fe) = fe {
+                for (a, s) in &fe.backends {
+                    self.refs.entry(*a).or_default().add(*s);
+                    touched.insert(*a);
+                }
+                self.target.insert(*addr, fe.clone());
+            }
         }
+        let mut st = SyncStats::default();
+        let r = self.partial_pass(changes, &touched, &mut st);
+        if r.is_err() {
+            self.needs_full = true;
+        }
+        r.map(|()| st)
+    }
 
-        // A: backends.
-        for (addr, state) in &want_be {
-            let val = Lb4Backend {
-                address: addr_be(addr.ip),
-                port: port_be(addr.port),
-                proto: addr.proto,
-                state: state.as_u8(),
-            };
-            let id = match self.backends.get(addr) {
-                Some((_, cur)) if *cur == val => continue,
-                Some((id, _)) => *id,
-                None => self
-                    .be_ids
-                    .alloc()
-                    .ok_or(ReconcileError::BackendIdsExhausted(*addr))?,
-            };
-            self.maps.update_backend(id, val).map_err(|source| {
-                if !self.backends.contains_key(addr) {
-                    self.be_ids.free(id);
-                }
-                ReconcileError::Map {
-                    what: format!("backend {id} {addr}"),
-                    source,
-                }
+    fn partial_pass(
+        &mut self,
+        changes: &FrontendChanges,
+        touched: &BTreeSet<L4Addr>,
+        st: &mut SyncStats,
+    ) -> Result<(), ReconcileError> {
+        // Same phases as a full pass, restricted to what changed.
+        for addr in touched {
+            if let Some(state) = self.refs.get(addr).and_then(BackendRefs::state) {
+                self.write_backend(*addr, state, st)?;
+            }
+        }
+        for (addr, fe) in changes {
+            if let Some(fe) = fe {
+                self.write_frontend(*addr, fe, st)?;
+            }
+        }
+        for (addr, fe) in changes {
+            if fe.is_none() {
+                self.delete_frontend(*addr, st)?;
+            }
+        }
+        self.delete_orphans(st)?;
+        for addr in touched {
+            if self.refs.get(addr).and_then(BackendRefs::state).is_none() {
+                self.refs.remove(addr);
+                self.delete_backend(*addr, st)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_backend(
+        &mut self,
+        addr: L4Addr,
+        state: BackendState,
+        st: &mut SyncStats,
+    ) -> Result<(), ReconcileError> {
+        let val = Lb4Backend {
+            address: addr_be(addr.ip),
+            port: port_be(addr.port),
+            proto: addr.proto,
+            state: state.as_u8(),
+        };
+        let id = match self.backends.get(&addr) {
+            Some((_, cur)) if *cur == val => return Ok(()),
+            Some((id, _)) => *id,
+            None => self
+                .be_ids
+                .alloc()
+                .ok_or(ReconcileError::BackendIdsExhausted(addr))?,
+        };
+        self.maps.update_backend(id, val).map_err(|source| {
+            if !self.backends.contains_key(&addr) {
+                self.be_ids.free(id);
+            }
+            ReconcileError::Map {
+                what: format!("backend {id} {addr}"),
+                source,
+            }
+        })?;
+        st.updates += 1;
+        self.backends.insert(addr, (id, val));
+        Ok(())
+    }
+
+    fn delete_backend(&mut self, addr: L4Addr, st: &mut SyncStats) -> Result<(), ReconcileError> {
+        let Some((id, _)) = self.backends.get(&addr) else {
+            return Ok(());
+        };
+        let id = *id;
+        self.maps
+            .delete_backend(id)
+            .map_err(|source| ReconcileError::Map {
+                what: format!("delete backend {id} {addr}"),
+                source,
             })?;
-            st.updates += 1;
-            self.backends.insert(*addr, (id, val));
+        st.deletes += 1;
+        self.backends.remove(&addr);
+        self.be_ids.free(id);
+        Ok(())
+    }
+
+    /// Allocates the frontend's id if new, then writes it.
+    fn write_frontend(
+        &mut self,
+        addr: L4Addr,
+        fe: &Frontend,
+        st: &mut SyncStats,
+    ) -> Result<(), ReconcileError> {
+        let id = match self.frontends.get(&addr) {
+            Some(p) => p.id,
+            None => {
+                let id = self
+                    .svc_ids
+                    .alloc()
+                    .ok_or(ReconcileError::ServiceIdsExhausted(addr))?;
+                let id =
+                    u16::try_from(id).map_err(|_| ReconcileError::ServiceIdsExhausted(addr))?;
+                self.frontends.insert(
+                    addr,
+                    ProgFrontend {
+                        id,
+                        ..Default::default()
+                    },
+                );
+                id
+            }
+        };
+        self.upsert_frontend(addr, id, fe, st)
+    }
+
+    fn pass(
+        &mut self,
+        desired: &BTreeMap<L4Addr, Frontend>,
+        st: &mut SyncStats,
+    ) -> Result<(), ReconcileError> {
+        // A: backends (global states from the target's refs).
+        let want_be: Vec<(L4Addr, BackendState)> = self
+            .refs
+            .iter()
+            .filter_map(|(a, r)| r.state().map(|s| (*a, s)))
+            .collect();
+        for (addr, state) in &want_be {
+            self.write_backend(*addr, *state, st)?;
         }
 
         // B: frontends.
-        for (addr, fe) in &desired.frontends {
-            let id = match self.frontends.get(addr) {
-                Some(p) => p.id,
-                None => {
-                    let id = self
-                        .svc_ids
-                        .alloc()
-                        .ok_or(ReconcileError::ServiceIdsExhausted(*addr))?;
-                    let id = u16::try_from(id)
-                        .map_err(|_| ReconcileError::ServiceIdsExhausted(*addr))?;
-                    self.frontends.insert(
-                        *addr,
-                        ProgFrontend {
-                            id,
-                            ..Default::default()
-                        },
-                    );
-                    id
-                }
-            };
-            self.upsert_frontend(*addr, id, fe, st)?;
+        for (addr, fe) in desired {
+            self.write_frontend(*addr, fe, st)?;
         }
 
         // C: frontends no longer desired.
         let gone: Vec<L4Addr> = self
             .frontends
             .keys()
-            .filter(|a| !desired.frontends.contains_key(a))
+            .filter(|a| !desired.contains_key(a))
             .copied()
             .collect();
         for addr in gone {
@@ -331,22 +528,14 @@ impl<M: LbMaps> Reconciler<M> {
         self.delete_orphans(st)?;
 
         // E: backends nobody references any more.
-        let stale: Vec<(L4Addr, u32)> = self
+        let stale: Vec<L4Addr> = self
             .backends
-            .iter()
-            .filter(|(a, _)| !want_be.contains_key(a))
-            .map(|(a, (id, _))| (*a, *id))
+            .keys()
+            .filter(|a| !self.refs.contains_key(a))
+            .copied()
             .collect();
-        for (addr, id) in stale {
-            self.maps
-                .delete_backend(id)
-                .map_err(|source| ReconcileError::Map {
-                    what: format!("delete backend {id} {addr}"),
-                    source,
-                })?;
-            st.deletes += 1;
-            self.backends.remove(&addr);
-            self.be_ids.free(id);
+        for addr in stale {
+            self.delete_backend(addr, st)?;
         }
         Ok(())
     }
@@ -355,7 +544,7 @@ impl<M: LbMaps> Reconciler<M> {
         &mut self,
         addr: L4Addr,
         id: u16,
-        fe: &crate::desired::Frontend,
+        fe: &Frontend,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
         let map_err = |what: String| move |source| ReconcileError::Map { what, source };
@@ -554,4 +743,4 @@ impl<M: LbMaps> Reconciler<M> {
 mod tests;
 
 #[cfg(test)]
-pub(crate) use tests::fixture as tests_fixture;
+pub(crate) use tests::{fixture as tests_fixture, normalized as tests_normalized};

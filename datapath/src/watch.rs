@@ -2,8 +2,14 @@
 //! table is built from. A (re)list is buffered and swapped in only when
 //! complete (`InitDone`); errors are retried with kube-runtime's default
 //! backoff and counted.
+//!
+//! Every change also records what it affects in [`Dirty`]: the Service's
+//! key for a Service event; for an EndpointSlice event the Service its
+//! `kubernetes.io/service-name` label names, and the Service the stored
+//! slice named before (label changed, or slice deleted). A (re)list or a
+//! static load marks everything dirty (a full pass).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +23,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use crate::desired::{self, DesiredTable};
+use crate::desired::{self, DesiredTable, Frontend, ServiceKey, ServiceTable};
 
 /// Errors of the static source.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +51,22 @@ pub enum WatchError {
 
 type Key = (String, String);
 
+/// What changed since the last [`Watched::take_dirty`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    /// Everything (a relist or a static load): a full pass.
+    pub full: bool,
+    /// These Services (namespace, name) and their frontends.
+    pub services: BTreeSet<ServiceKey>,
+}
+
+impl Dirty {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.services.is_empty()
+    }
+}
+
 /// The objects the desired table is built from.
 #[derive(Debug, Default)]
 pub struct Stores {
@@ -52,10 +74,96 @@ pub struct Stores {
     pub services: BTreeMap<Key, Service>,
     /// EndpointSlices by (namespace, name).
     pub slices: BTreeMap<Key, EndpointSlice>,
+    /// Slice keys by the Service their label names.
+    slices_by_service: BTreeMap<ServiceKey, BTreeSet<Key>>,
+    /// What changed since the last pass took it.
+    dirty: Dirty,
     /// The Services list completed at least once.
     pub services_synced: bool,
     /// The EndpointSlices list completed at least once.
     pub slices_synced: bool,
+}
+
+impl Stores {
+    fn apply_service(&mut self, o: Service) {
+        let k = key(&o);
+        self.services.insert(k.clone(), o);
+        self.dirty.services.insert(k);
+    }
+
+    fn delete_service(&mut self, o: &Service) {
+        let k = key(o);
+        self.services.remove(&k);
+        self.dirty.services.insert(k);
+    }
+
+    fn unindex_slice(&mut self, k: &Key) {
+        let Some(old) = self.slices.remove(k) else {
+            return;
+        };
+        if let Some(svc) = desired::slice_service(&old) {
+            if let Some(set) = self.slices_by_service.get_mut(&svc) {
+                set.remove(k);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&svc);
+                }
+            }
+            self.dirty.services.insert(svc);
+        }
+    }
+
+    fn apply_slice(&mut self, o: EndpointSlice) {
+        let k = key(&o);
+        self.unindex_slice(&k);
+        if let Some(svc) = desired::slice_service(&o) {
+            self.slices_by_service
+                .entry(svc.clone())
+                .or_default()
+                .insert(k.clone());
+            self.dirty.services.insert(svc);
+        }
+        self.slices.insert(k, o);
+    }
+
+    fn delete_slice(&mut self, o: &EndpointSlice) {
+        self.unindex_slice(&key(o));
+        if let Some(svc) = desired::slice_service(o) {
+            self.dirty.services.insert(svc);
+        }
+    }
+
+    fn replace_services(&mut self, all: BTreeMap<Key, Service>) {
+        self.services = all;
+        self.dirty.full = true;
+    }
+
+    fn replace_slices(&mut self, all: BTreeMap<Key, EndpointSlice>) {
+        self.slices_by_service.clear();
+        for (k, s) in &all {
+            if let Some(svc) = desired::slice_service(s) {
+                self.slices_by_service
+                    .entry(svc)
+                    .or_default()
+                    .insert(k.clone());
+            }
+        }
+        self.slices = all;
+        self.dirty.full = true;
+    }
+
+    /// The frontends of Service `k` from the stores (none if it is gone).
+    fn frontends_of(&self, k: &ServiceKey, default_affinity_timeout: u32) -> Vec<Frontend> {
+        let Some(svc) = self.services.get(k) else {
+            return Vec::new();
+        };
+        let slices = self
+            .slices_by_service
+            .get(k)
+            .into_iter()
+            .flatten()
+            .filter_map(|sk| self.slices.get(sk));
+        desired::service_frontends(svc, slices, default_affinity_timeout)
+    }
 }
 
 /// Stores shared between watchers and the reconciler loop.
@@ -89,6 +197,77 @@ impl Watched {
             ),
             Err(_) => DesiredTable::default(),
         }
+    }
+
+    /// What changed since the last call (and resets it).
+    pub fn take_dirty(&self) -> Dirty {
+        self.stores
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.dirty))
+            .unwrap_or(Dirty {
+                full: true,
+                services: BTreeSet::new(),
+            })
+    }
+
+    /// The desired frontends of every Service, per Service (a full pass).
+    pub fn service_table(&self, default_affinity_timeout: u32) -> ServiceTable {
+        let mut t = ServiceTable::default();
+        if let Ok(s) = self.stores.lock() {
+            for k in s.services.keys() {
+                t.set(k.clone(), s.frontends_of(k, default_affinity_timeout));
+            }
+        }
+        t
+    }
+
+    /// The desired frontends of each of `keys` (empty for a Service that is
+    /// gone).
+    pub fn frontends_of(
+        &self,
+        keys: &BTreeSet<ServiceKey>,
+        default_affinity_timeout: u32,
+    ) -> Vec<(ServiceKey, Vec<Frontend>)> {
+        match self.stores.lock() {
+            Ok(s) => keys
+                .iter()
+                .map(|k| (k.clone(), s.frontends_of(k, default_affinity_timeout)))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// A Service was added or changed (as a watch event does).
+    pub fn apply_service(&self, o: Service) {
+        self.with(|s| s.apply_service(o));
+    }
+
+    /// A Service was deleted.
+    pub fn delete_service(&self, o: &Service) {
+        self.with(|s| s.delete_service(o));
+    }
+
+    /// An EndpointSlice was added or changed.
+    pub fn apply_slice(&self, o: EndpointSlice) {
+        self.with(|s| s.apply_slice(o));
+    }
+
+    /// An EndpointSlice was deleted.
+    pub fn delete_slice(&self, o: &EndpointSlice) {
+        self.with(|s| s.delete_slice(o));
+    }
+
+    /// Replaces every Service and EndpointSlice (a complete list) and marks
+    /// both synced.
+    pub fn replace_all(&self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
+        let services = services.into_iter().map(|o| (key(&o), o)).collect();
+        let slices = slices.into_iter().map(|o| (key(&o), o)).collect();
+        self.with(|s| {
+            s.replace_services(services);
+            s.replace_slices(slices);
+            s.services_synced = true;
+            s.slices_synced = true;
+        });
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Stores) -> R) -> Option<R> {
@@ -129,8 +308,8 @@ impl Watched {
             }
         }
         self.with(|s| {
-            s.services = services;
-            s.slices = slices;
+            s.replace_services(services);
+            s.replace_slices(slices);
             s.services_synced = true;
             s.slices_synced = true;
         });
@@ -144,24 +323,34 @@ fn key<K: Resource>(o: &K) -> Key {
 
 /// Which store a watcher feeds.
 trait Stored: Resource + Clone + Sized {
-    fn store(s: &mut Stores) -> &mut BTreeMap<Key, Self>;
-    fn mark_synced(s: &mut Stores);
+    fn apply(s: &mut Stores, o: Self);
+    fn delete(s: &mut Stores, o: &Self);
+    /// A complete list: replaces the store and marks it synced.
+    fn replace(s: &mut Stores, all: BTreeMap<Key, Self>);
 }
 
 impl Stored for Service {
-    fn store(s: &mut Stores) -> &mut BTreeMap<Key, Self> {
-        &mut s.services
+    fn apply(s: &mut Stores, o: Self) {
+        s.apply_service(o);
     }
-    fn mark_synced(s: &mut Stores) {
+    fn delete(s: &mut Stores, o: &Self) {
+        s.delete_service(o);
+    }
+    fn replace(s: &mut Stores, all: BTreeMap<Key, Self>) {
+        s.replace_services(all);
         s.services_synced = true;
     }
 }
 
 impl Stored for EndpointSlice {
-    fn store(s: &mut Stores) -> &mut BTreeMap<Key, Self> {
-        &mut s.slices
+    fn apply(s: &mut Stores, o: Self) {
+        s.apply_slice(o);
     }
-    fn mark_synced(s: &mut Stores) {
+    fn delete(s: &mut Stores, o: &Self) {
+        s.delete_slice(o);
+    }
+    fn replace(s: &mut Stores, all: BTreeMap<Key, Self>) {
+        s.replace_slices(all);
         s.slices_synced = true;
     }
 }
@@ -198,16 +387,13 @@ where
             }
             Ok(Event::InitDone) => {
                 let full = buffer.take().unwrap_or_default();
-                shared.with(|s| {
-                    *K::store(s) = full;
-                    K::mark_synced(s);
-                });
+                shared.with(|s| K::replace(s, full));
             }
             Ok(Event::Apply(o)) => {
-                shared.with(|s| K::store(s).insert(key(&o), o));
+                shared.with(|s| K::apply(s, o));
             }
             Ok(Event::Delete(o)) => {
-                shared.with(|s| K::store(s).remove(&key(&o)));
+                shared.with(|s| K::delete(s, &o));
             }
             Err(e) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -302,5 +488,101 @@ mod tests {
         w.load_static(&p).unwrap();
         assert!(w.synced());
         assert_eq!(w.desired(10800).frontends.len(), 6);
+    }
+
+    fn slice(name: &str, svc: Option<&str>, ip: &str) -> EndpointSlice {
+        let labels = svc
+            .map(|s| format!(", labels: {{kubernetes.io/service-name: {s}}}"))
+            .unwrap_or_default();
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: d{labels}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]"
+        ))
+        .unwrap()
+    }
+
+    fn keys(names: &[&str]) -> BTreeSet<ServiceKey> {
+        names
+            .iter()
+            .map(|n| ("d".to_string(), n.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn events_mark_the_services_they_affect_dirty() {
+        let w = Watched::default();
+        w.replace_all(
+            vec![svc("a", "10.96.0.1")],
+            vec![slice("a-1", Some("a"), "10.244.0.1")],
+        );
+        assert!(w.take_dirty().full, "a complete list is a full pass");
+        assert!(w.take_dirty().is_empty(), "taking resets");
+
+        w.apply_service(svc("b", "10.96.0.2"));
+        w.delete_service(&svc("c", "10.96.0.3"));
+        assert_eq!(w.take_dirty().services, keys(&["b", "c"]));
+
+        // A slice: the Service its label names.
+        w.apply_slice(slice("b-1", Some("b"), "10.244.0.2"));
+        assert_eq!(w.take_dirty().services, keys(&["b"]));
+        // Its label moves to another Service: both.
+        w.apply_slice(slice("b-1", Some("c"), "10.244.0.2"));
+        assert_eq!(w.take_dirty().services, keys(&["b", "c"]));
+        // Deleted (the event may carry a stale label): the stored one's Service too.
+        w.delete_slice(&slice("b-1", Some("x"), "10.244.0.2"));
+        assert_eq!(w.take_dirty().services, keys(&["c", "x"]));
+        // Without a label: nothing to rebuild.
+        w.apply_slice(slice("lone", None, "10.244.0.9"));
+        assert!(w.take_dirty().is_empty());
+        // The label removed: the Service it named.
+        w.apply_slice(slice("a-1", None, "10.244.0.1"));
+        assert_eq!(w.take_dirty().services, keys(&["a"]));
+    }
+
+    #[test]
+    fn per_service_frontends_follow_the_slice_index() {
+        let w = Watched::default();
+        w.replace_all(
+            vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+            vec![slice("a-1", Some("a"), "10.244.0.1")],
+        );
+        let backends = |w: &Watched, n: &str| -> usize {
+            w.frontends_of(&keys(&[n]), 10800)
+                .iter()
+                .flat_map(|(_, f)| f.iter().map(|f| f.backends.len()))
+                .sum()
+        };
+        assert_eq!(backends(&w, "a"), 1);
+        w.apply_slice(slice("a-2", Some("a"), "10.244.0.2"));
+        assert_eq!(backends(&w, "a"), 2);
+        w.apply_slice(slice("a-2", Some("b"), "10.244.0.2"));
+        assert_eq!((backends(&w, "a"), backends(&w, "b")), (1, 1));
+        w.delete_slice(&slice("a-1", Some("a"), "10.244.0.1"));
+        assert_eq!(backends(&w, "a"), 0);
+        assert_eq!(w.service_table(10800).table(), w.desired(10800));
+        // A Service that is gone has no frontends.
+        w.delete_service(&svc("b", "10.96.0.2"));
+        assert!(w.frontends_of(&keys(&["b"]), 10800)[0].1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn relist_marks_a_full_pass() {
+        let w = Arc::new(Watched::default());
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Event<Service>, String>>();
+        tx.unbounded_send(ev(Event::Apply(svc("a", "10.96.0.1"))))
+            .unwrap();
+        drop(tx);
+        consume(rx, &w).await;
+        assert_eq!(w.take_dirty().services, keys(&["a"]));
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Event<Service>, String>>();
+        for e in [
+            Event::Init,
+            Event::InitApply(svc("b", "10.96.0.2")),
+            Event::InitDone,
+        ] {
+            tx.unbounded_send(ev(e)).unwrap();
+        }
+        drop(tx);
+        consume(rx, &w).await;
+        assert!(w.take_dirty().full);
     }
 }

@@ -169,3 +169,263 @@ fn terminating_backend_keeps_membership_but_no_slot() {
     let members = s.aff_match.keys().filter(|k| k.rev_nat_id == id).count();
     assert_eq!(members, 3);
 }
+
+/// The maps with ids replaced by what they name (frontend and backend
+/// addresses), so two reconcilers that allocated ids in a different order
+/// compare equal when they program the same thing.
+pub(crate) fn normalized(d: &MapsDump) -> Vec<String> {
+    let fe_of: BTreeMap<u16, L4Addr> = d
+        .services
+        .iter()
+        .filter(|(k, _)| k.backend_slot == 0)
+        .map(|(k, v)| (v.rev_nat_index, k.frontend()))
+        .collect();
+    let fe = |id: u16| {
+        fe_of
+            .get(&id)
+            .map_or_else(|| format!("?svc{id}"), ToString::to_string)
+    };
+    let be = |id: u32| {
+        d.backends
+            .get(&id)
+            .map_or_else(|| format!("?be{id}"), |b| b.l4().to_string())
+    };
+    let mut out: Vec<String> = Vec::new();
+    for (k, v) in &d.services {
+        if k.backend_slot == 0 {
+            out.push(format!(
+                "fe {} count={} aff={} flags={} rn={}",
+                k.frontend(),
+                v.count,
+                v.affinity_timeout,
+                v.flags,
+                fe(v.rev_nat_index)
+            ));
+        } else {
+            out.push(format!(
+                "slot {} #{} -> {} rn={}",
+                k.frontend(),
+                k.backend_slot,
+                be(v.backend_id),
+                fe(v.rev_nat_index)
+            ));
+        }
+    }
+    for b in d.backends.values() {
+        out.push(format!("be {} state={}", b.l4(), b.state));
+    }
+    for (id, v) in &d.revnat {
+        out.push(format!("revnat {} {v:?}", fe(*id)));
+    }
+    for (k, v) in &d.aff_match {
+        out.push(format!("aff {} {} {v}", fe(k.rev_nat_id), be(k.backend_id)));
+    }
+    out.sort();
+    out
+}
+
+fn frontend(addr: L4Addr, name: &str, backends: &[(L4Addr, BackendState)]) -> Frontend {
+    Frontend {
+        addr,
+        name: name.into(),
+        affinity_timeout: None,
+        backends: backends.iter().copied().collect(),
+    }
+}
+
+/// Entries of the dump that belong to frontend `fe` (by its service id).
+fn entries_of(d: &MapsDump, fe: L4Addr, id: u16) -> MapsDump {
+    MapsDump {
+        services: d
+            .services
+            .iter()
+            .filter(|(k, _)| k.frontend() == fe)
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+        backends: BTreeMap::new(),
+        revnat: d
+            .revnat
+            .iter()
+            .filter(|(i, _)| **i == id)
+            .map(|(i, v)| (*i, *v))
+            .collect(),
+        aff_match: d
+            .aff_match
+            .iter()
+            .filter(|(k, _)| k.rev_nat_id == id)
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+    }
+}
+
+#[test]
+fn partial_pass_is_exact_and_leaves_other_frontends_untouched() {
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    assert!(r.needs_full());
+    let full = cluster();
+    r.reconcile(&full).unwrap();
+    assert!(!r.needs_full());
+    let before = r.maps().state.clone();
+    let web = tcp([10, 96, 10, 1], 80);
+    let web_id = r.service_id(&web).unwrap();
+    let others: Vec<(L4Addr, u16)> = full
+        .frontends
+        .keys()
+        .filter(|a| **a != web)
+        .map(|a| (*a, r.service_id(a).unwrap()))
+        .collect();
+
+    // web: one backend swapped for a new one; a new frontend; another removed.
+    let mut new_web = full.frontends[&web].clone();
+    let first = *new_web.backends.keys().next().unwrap();
+    new_web.backends.remove(&first);
+    let fresh = tcp([10, 244, 9, 9], 8080);
+    new_web.backends.insert(fresh, BackendState::Active);
+    let added = frontend(
+        tcp([10, 96, 77, 7], 80),
+        "default/new:",
+        &[(fresh, BackendState::Active)],
+    );
+    let (removed, removed_id) = others[0];
+    let changes: FrontendChanges = [
+        (web, Some(new_web.clone())),
+        (added.addr, Some(added.clone())),
+        (removed, None),
+    ]
+    .into_iter()
+    .collect();
+    let writes_before = r.maps().writes;
+    let st = r.apply(&changes).unwrap();
+    assert_eq!(st.writes(), r.maps().writes - writes_before);
+
+    // Equal to a full pass towards the same table.
+    let mut want_table = full.clone();
+    want_table.insert(new_web);
+    want_table.insert(added);
+    want_table.frontends.remove(&removed);
+    let mut want = Reconciler::recover(MemoryMaps::new()).unwrap();
+    want.reconcile(&want_table).unwrap();
+    assert_eq!(normalized(&r.maps().state), normalized(&want.maps().state));
+    // And a full pass after it finds nothing to do.
+    assert_eq!(r.reconcile(&want_table).unwrap(), SyncStats::default());
+
+    // Frontends that did not change kept their ids and every entry.
+    let after = &r.maps().state;
+    for (a, id) in &others[1..] {
+        assert_eq!(r.service_id(a), Some(*id));
+        assert_eq!(
+            entries_of(after, *a, *id),
+            entries_of(&before, *a, *id),
+            "{a}"
+        );
+    }
+    assert_eq!(r.service_id(&web), Some(web_id));
+    assert!(entries_of(after, removed, removed_id).services.is_empty());
+    // The swapped-out backend is gone; every other one kept its id.
+    let gone_ids: Vec<u32> = before
+        .backends
+        .iter()
+        .filter(|(id, _)| !after.backends.contains_key(id))
+        .map(|(id, _)| *id)
+        .collect();
+    for id in &gone_ids {
+        let b = before.backends[id].l4();
+        assert!(!want_table
+            .frontends
+            .values()
+            .any(|f| f.backends.contains_key(&b)));
+    }
+    for (id, b) in &after.backends {
+        if let Some(old) = before.backends.get(id) {
+            assert_eq!(old.l4(), b.l4());
+        }
+    }
+}
+
+#[test]
+fn partial_pass_keeps_a_backend_another_frontend_still_uses() {
+    // Why: backends are shared between frontends; dropping one user must not delete it.
+    let shared = tcp([10, 244, 1, 1], 8080);
+    let a = frontend(
+        tcp([10, 96, 0, 1], 80),
+        "d/a:",
+        &[(shared, BackendState::Active)],
+    );
+    let b = frontend(
+        tcp([10, 96, 0, 2], 80),
+        "d/b:",
+        &[(shared, BackendState::Terminating)],
+    );
+    let mut t = DesiredTable::default();
+    t.insert(a.clone());
+    t.insert(b.clone());
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    r.reconcile(&t).unwrap();
+    let state_of = |r: &Reconciler<MemoryMaps>| -> Vec<u8> {
+        r.maps().state.backends.values().map(|b| b.state).collect()
+    };
+    assert_eq!(state_of(&r), vec![BackendState::Active.as_u8()]);
+
+    // a goes: the backend stays, now terminating (only b wants it).
+    r.apply(&[(a.addr, None)].into_iter().collect()).unwrap();
+    assert_eq!(state_of(&r), vec![BackendState::Terminating.as_u8()]);
+    // a comes back: active again.
+    r.apply(&[(a.addr, Some(a.clone()))].into_iter().collect())
+        .unwrap();
+    assert_eq!(state_of(&r), vec![BackendState::Active.as_u8()]);
+    // both go: the backend goes.
+    r.apply(&[(a.addr, None), (b.addr, None)].into_iter().collect())
+        .unwrap();
+    assert_eq!(r.maps().state, MapsDump::default());
+}
+
+#[test]
+fn failed_partial_pass_asks_for_a_full_one() {
+    let mut r = Reconciler::recover(FaultyMaps::new(0)).unwrap();
+    r.reconcile(&cluster()).unwrap();
+    assert!(!r.needs_full());
+    r.maps_mut().fail_every = 1;
+    let fe = frontend(
+        tcp([10, 96, 50, 5], 80),
+        "d/x:",
+        &[(tcp([10, 244, 5, 5], 80), BackendState::Active)],
+    );
+    assert!(r
+        .apply(&[(fe.addr, Some(fe))].into_iter().collect())
+        .is_err());
+    assert!(r.needs_full());
+    r.maps_mut().fail_every = 0;
+    let fe = frontend(tcp([10, 96, 50, 6], 80), "d/y:", &[]);
+    let refused = r.apply(&[(fe.addr, Some(fe))].into_iter().collect());
+    assert!(matches!(refused, Err(ReconcileError::NeedsFullPass)));
+    r.reconcile(&cluster()).unwrap();
+    assert!(!r.needs_full());
+    r.resync().unwrap();
+    assert!(r.needs_full());
+}
+
+#[test]
+fn ids_freed_are_reused_and_fresh_ones_continue_upwards() {
+    // Why: an endpoint swap frees one backend id and takes another; going back to the
+    // lowest free id made the next allocation scan every id in use (1.7 ms at 100k backends).
+    let mut a = IdAlloc::new(5);
+    let first: Vec<u32> = (0..3).map(|_| a.alloc().unwrap()).collect();
+    assert_eq!(first, vec![1, 2, 3]);
+    a.free(2);
+    assert_eq!(a.alloc(), Some(2));
+    assert_eq!(a.alloc(), Some(4));
+    a.free(4);
+    a.free(1);
+    assert_eq!(a.alloc(), Some(1));
+    assert_eq!(a.alloc(), Some(4));
+    assert_eq!(a.alloc(), Some(5));
+    assert_eq!(a.alloc(), None);
+
+    // Ids left free at recovery are found too.
+    let mut b = IdAlloc::new(4);
+    b.mark(2);
+    b.mark(4);
+    assert_eq!(b.alloc(), Some(1));
+    assert_eq!(b.alloc(), Some(3));
+    assert_eq!(b.alloc(), None);
+}

@@ -5,14 +5,18 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use netboot_datapath::config::MapSizes;
 use netboot_datapath::desired::DesiredTable;
 use netboot_datapath::layout::{Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service};
 use netboot_datapath::loader;
 use netboot_datapath::maps::kernel::KernelMaps;
 use netboot_datapath::maps::{LbMaps, MapsDump, MapsError};
+use netboot_datapath::pass::{PassKind, Passes};
 use netboot_datapath::reconcile::{ReconcileError, Reconciler, SyncStats};
+use netboot_datapath::watch::Watched;
 
 use crate::cleanup::{Cgroup, PinRoot};
 
@@ -90,6 +94,16 @@ pub struct NetbootLb {
     pub cgroup: Cgroup,
 }
 
+/// The agent's watch path over a [`NetbootLb`]: the stores its watchers
+/// feed and its passes (full, or per dirty Service).
+pub struct AgentPath {
+    watched: Watched,
+    passes: Passes,
+}
+
+/// The default ClientIP affinity timeout the bench's passes use.
+const AFFINITY_TIMEOUT: u32 = 10800;
+
 /// Outcome of one reconcile pass.
 pub struct Pass {
     /// Wall time of the pass.
@@ -131,6 +145,56 @@ impl NetbootLb {
             in_maps: self.recon.maps().spent,
             result,
         }
+    }
+
+    /// Loads `services` and `slices` as the agent's watchers' complete list
+    /// does and runs the agent's first (full) pass; returns the path and the
+    /// writes of that pass (not timed).
+    pub fn agent_path(
+        &mut self,
+        services: Vec<Service>,
+        slices: Vec<EndpointSlice>,
+    ) -> Result<(AgentPath, SyncStats)> {
+        let mut path = AgentPath {
+            watched: Watched::default(),
+            passes: Passes::default(),
+        };
+        path.watched.replace_all(services, slices);
+        let r = path
+            .passes
+            .run(&path.watched, &mut self.recon, AFFINITY_TIMEOUT)
+            .context("the agent's first (full) pass")?;
+        if r.kind != PassKind::Full {
+            bail!("the agent's first pass was {:?}, not full", r.kind);
+        }
+        Ok((path, r.stats))
+    }
+
+    /// One EndpointSlice watch event through the agent's path, timed: the
+    /// slice applied to the stores (its Service marked dirty), then the
+    /// agent's pass (that Service's frontends rebuilt, partial reconcile).
+    /// Fails if the pass was not partial.
+    pub fn slice_event(&mut self, path: &mut AgentPath, slice: EndpointSlice) -> Result<Pass> {
+        self.recon.maps_mut().spent = Duration::ZERO;
+        let t = Instant::now();
+        path.watched.apply_slice(slice);
+        let r = path
+            .passes
+            .run(&path.watched, &mut self.recon, AFFINITY_TIMEOUT);
+        let took = t.elapsed();
+        if let Ok(p) = &r {
+            if !matches!(p.kind, PassKind::Partial(_)) {
+                bail!(
+                    "an EndpointSlice event gave a {:?} pass, not a partial one",
+                    p.kind
+                );
+            }
+        }
+        Ok(Pass {
+            took,
+            in_maps: self.recon.maps().spent,
+            result: r.map(|p| p.stats),
+        })
     }
 
     /// Removes everything (not timed).

@@ -269,7 +269,7 @@ pub fn markdown(r: &Report) -> String {
 
     let _ = writeln!(
         o,
-        "\n## Programming cost\n\nms, p50 / p99 (samples). Full sync: all N Services from empty (netboot: the reconciler into the pinned maps; iptables: iptables-restore of the whole ruleset; nftables: `nft -f` of kube-proxy's whole transaction). Endpoint change: one endpoint of one Service swapped (netboot: the reconciler pass writing the difference; iptables: a full iptables-restore as kube-proxy's full sync does, and kube-proxy ≥ 1.28's partial restore; nftables: kube-proxy's incremental transaction). Process start of iptables-restore / nft is included, as kube-proxy forks them too.\n"
+        "\n## Programming cost\n\nms, p50 / p99 (samples). Full sync: all N Services from empty (netboot: the reconciler into the pinned maps; iptables: iptables-restore of the whole ruleset; nftables: `nft -f` of kube-proxy's whole transaction). Endpoint change: one endpoint of one Service swapped (netboot: the agent's path for one EndpointSlice event: its Service marked dirty, that Service's frontends rebuilt, the reconciler's partial pass writing the difference; iptables: a full iptables-restore as kube-proxy's full sync does, and kube-proxy ≥ 1.28's partial restore; nftables: kube-proxy's incremental transaction). Process start of iptables-restore / nft is included, as kube-proxy forks them too.\n"
     );
     let _ = writeln!(
         o,
@@ -308,7 +308,9 @@ pub fn markdown(r: &Report) -> String {
             };
             if let Some(x) = extra {
                 let label = match v {
-                    Variant::Netboot => "desired-table rebuild per agent pass",
+                    Variant::Netboot => {
+                        "desired-table build of a full pass (start, relist, resync)"
+                    }
                     Variant::Iptables => "partial restore (kube-proxy ≥ 1.28)",
                     _ => "`nft list chains` kube-proxy runs every sync",
                 };

@@ -129,6 +129,23 @@ impl Workload {
             .collect()
     }
 
+    /// Services `first..N` and their EndpointSlices (without the change).
+    pub fn objects_from(&self, first: u32) -> (Vec<Service>, Vec<EndpointSlice>) {
+        (
+            (first..self.n).map(service).collect(),
+            (first..self.n)
+                .map(|i| slice(i, &self.endpoint_ips(i, false)))
+                .collect(),
+        )
+    }
+
+    /// The EndpointSlice of the Service that changes, with or without the
+    /// change (the object a watch event carries).
+    pub fn changed_slice(&self, changed: bool) -> EndpointSlice {
+        let i = self.changed();
+        slice(i, &self.endpoint_ips(i, changed))
+    }
+
     /// Services and slices as the multi-document YAML `--static-services`
     /// reads (each document is the object's JSON, which is YAML).
     pub fn static_yaml(&self) -> Result<String> {
@@ -259,5 +276,32 @@ mod tests {
         assert!(Workload::new(0, 2).is_err());
         assert!(Workload::new(10, 0).is_err());
         assert!(Workload::new(1_000_000, 5).is_err());
+    }
+
+    #[test]
+    fn changed_slice_event_is_one_partial_pass() {
+        use netboot_datapath::maps::memory::MemoryMaps;
+        use netboot_datapath::pass::{PassKind, Passes};
+        use netboot_datapath::reconcile::Reconciler;
+        use netboot_datapath::watch::Watched;
+
+        let w = Workload::new(10, 3).expect("size");
+        let (services, slices) = w.objects_from(0);
+        let watched = Watched::default();
+        watched.replace_all(services, slices);
+        let mut recon = Reconciler::recover(MemoryMaps::new()).expect("recover");
+        let mut passes = Passes::default();
+        let first = passes.run(&watched, &mut recon, 10800).expect("full");
+        assert_eq!(first.kind, PassKind::Full);
+        let full = recon.maps().state.clone();
+        for changed in [true, false] {
+            watched.apply_slice(w.changed_slice(changed));
+            let p = passes.run(&watched, &mut recon, 10800).expect("partial");
+            assert_eq!(p.kind, PassKind::Partial(1));
+            assert!(p.stats.writes() > 0 && p.stats.writes() <= 6, "{p:?}");
+        }
+        assert_eq!(recon.maps().state.services, full.services);
+        let (_, later) = w.objects_from(7);
+        assert_eq!(later.len(), 3);
     }
 }

@@ -1,0 +1,249 @@
+//! One reconcile pass of the agent, from what the watchers marked dirty to
+//! the reconciler (after Cilium's per-Service reconcile):
+//! - full: at start, after a (re)list or a static load, after a resync from
+//!   the maps or a failed pass: every Service's frontends are rebuilt and the
+//!   reconciler diffs them all;
+//! - partial: only the dirty Services' frontends are rebuilt, and the
+//!   reconciler writes only the frontend addresses they had or have now;
+//! - idle: nothing changed, nothing is done.
+
+use serde::Serialize;
+
+use crate::desired::ServiceTable;
+use crate::maps::LbMaps;
+use crate::reconcile::{ReconcileError, Reconciler, SyncStats};
+use crate::watch::Watched;
+
+/// What a pass did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PassKind {
+    /// Every Service.
+    Full,
+    /// Only these many dirty Services.
+    Partial(usize),
+    /// Nothing changed.
+    Idle,
+}
+
+/// Outcome of one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PassReport {
+    /// Full, partial or idle.
+    pub kind: PassKind,
+    /// Writes.
+    pub stats: SyncStats,
+    /// Frontends desired after the pass.
+    pub desired_frontends: usize,
+}
+
+/// The desired frontends per Service, kept between passes.
+#[derive(Debug, Default)]
+pub struct Passes {
+    table: ServiceTable,
+}
+
+impl Passes {
+    /// The desired frontends per Service as of the last pass.
+    pub fn table(&self) -> &ServiceTable {
+        &self.table
+    }
+
+    /// One pass: takes what changed from `watched` and makes the maps match.
+    /// On error call again (with backoff): the next pass is a full one.
+    pub fn run<M: LbMaps>(
+        &mut self,
+        watched: &Watched,
+        recon: &mut Reconciler<M>,
+        default_affinity_timeout: u32,
+    ) -> Result<PassReport, ReconcileError> {
+        let dirty = watched.take_dirty();
+        if dirty.full || recon.needs_full() {
+            self.table = watched.service_table(default_affinity_timeout);
+            let stats = recon.reconcile_owned(self.table.table())?;
+            return Ok(PassReport {
+                kind: PassKind::Full,
+                stats,
+                desired_frontends: self.table.len(),
+            });
+        }
+        if dirty.services.is_empty() {
+            return Ok(PassReport {
+                kind: PassKind::Idle,
+                stats: SyncStats::default(),
+                desired_frontends: self.table.len(),
+            });
+        }
+        let mut touched = std::collections::BTreeSet::new();
+        for (k, fes) in watched.frontends_of(&dirty.services, default_affinity_timeout) {
+            touched.extend(self.table.set(k, fes));
+        }
+        let stats = recon.apply(&self.table.changes(&touched))?;
+        Ok(PassReport {
+            kind: PassKind::Partial(dirty.services.len()),
+            stats,
+            desired_frontends: self.table.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    use super::*;
+    use crate::maps::memory::MemoryMaps;
+    use crate::reconcile::tests_normalized as normalized;
+
+    /// A small deterministic generator (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
+            of[self.below(of.len() as u64) as usize]
+        }
+    }
+
+    const SERVICES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+    const SLICES: [&str; 6] = ["e0", "e1", "e2", "e3", "e4", "e5"];
+
+    /// A Service on a small pool of cluster IPs (so two Services sometimes
+    /// claim one address), sometimes headless or with affinity.
+    fn service(r: &mut Rng, name: &str) -> Service {
+        let ip = r.pick(&["10.96.0.1", "10.96.0.2", "10.96.0.3", "None"]);
+        let ports = r.pick(&[
+            "[{name: http, port: 80}]",
+            "[{name: dns, port: 53, protocol: UDP}]",
+            "[{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]",
+        ]);
+        let aff = r.pick(&["", ", sessionAffinity: ClientIP"]);
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: d}}\nspec: {{clusterIP: {ip}, ports: {ports}{aff}}}"
+        ))
+        .unwrap()
+    }
+
+    /// A slice for a random Service (or none), with endpoints on a small
+    /// pool of IPs (so backends are shared) in random states.
+    fn slice(r: &mut Rng, name: &str) -> EndpointSlice {
+        let owner = r.pick(&["s0", "s1", "s2", "s3", "s4", "-"]);
+        let labels = if owner == "-" {
+            String::new()
+        } else {
+            format!(", labels: {{kubernetes.io/service-name: {owner}}}")
+        };
+        let mut eps = Vec::new();
+        for _ in 0..=r.below(3) {
+            let ip = r.pick(&["10.244.0.1", "10.244.0.2", "10.244.0.3", "10.244.0.4"]);
+            let cond = r.pick(&[
+                "{}",
+                "{ready: true}",
+                "{ready: false, serving: true, terminating: true}",
+                "{ready: false}",
+            ]);
+            eps.push(format!("{{addresses: [{ip}], conditions: {cond}}}"));
+        }
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: d{labels}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: dns, port: 53, protocol: UDP}}]\nendpoints: [{}]",
+            eps.join(", ")
+        ))
+        .unwrap()
+    }
+
+    fn full_state(w: &Watched) -> Vec<String> {
+        let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+        r.reconcile(&w.desired(10800)).unwrap();
+        normalized(&r.maps().state)
+    }
+
+    #[test]
+    fn random_changes_applied_incrementally_match_a_full_reconcile() {
+        for seed in 1..=8u64 {
+            let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let w = Watched::default();
+            let mut recon = Reconciler::recover(MemoryMaps::new()).unwrap();
+            let mut passes = Passes::default();
+            let svcs: Vec<Service> = SERVICES.iter().map(|n| service(&mut r, n)).collect();
+            let slices: Vec<EndpointSlice> = SLICES.iter().map(|n| slice(&mut r, n)).collect();
+            w.replace_all(svcs, slices);
+            let p = passes.run(&w, &mut recon, 10800).unwrap();
+            assert_eq!(p.kind, PassKind::Full);
+            let mut partial = 0;
+            for step in 0..150 {
+                for _ in 0..=r.below(2) {
+                    let (svc, sl) = (r.pick(&SERVICES), r.pick(&SLICES));
+                    match r.below(9) {
+                        0..=2 => w.apply_service(service(&mut r, svc)),
+                        3 => w.delete_service(&service(&mut r, svc)),
+                        4..=6 => w.apply_slice(slice(&mut r, sl)),
+                        _ => w.delete_slice(&slice(&mut r, sl)),
+                    }
+                }
+                let p = passes.run(&w, &mut recon, 10800).unwrap();
+                assert!(
+                    matches!(p.kind, PassKind::Partial(_) | PassKind::Idle),
+                    "{p:?}"
+                );
+                partial += usize::from(matches!(p.kind, PassKind::Partial(_)));
+                let ctx = format!("seed {seed} step {step}");
+                assert_eq!(passes.table().table(), w.desired(10800), "{ctx}");
+                assert_eq!(normalized(&recon.maps().state), full_state(&w), "{ctx}");
+                // A full pass on top finds nothing to do.
+                if step % 25 == 24 {
+                    assert_eq!(
+                        recon.reconcile(&w.desired(10800)).unwrap(),
+                        SyncStats::default(),
+                        "{ctx}"
+                    );
+                }
+            }
+            assert!(partial > 100, "seed {seed}: {partial} partial passes");
+            assert_eq!(
+                passes.run(&w, &mut recon, 10800).unwrap().kind,
+                PassKind::Idle
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_pass_is_followed_by_a_full_one() {
+        let mut r = Rng(7);
+        let w = Watched::default();
+        let mut recon = Reconciler::recover(crate::maps::faulty::FaultyMaps::new(0)).unwrap();
+        let mut passes = Passes::default();
+        w.replace_all(
+            SERVICES.iter().map(|n| service(&mut r, n)).collect(),
+            SLICES.iter().map(|n| slice(&mut r, n)).collect(),
+        );
+        assert_eq!(
+            passes.run(&w, &mut recon, 10800).unwrap().kind,
+            PassKind::Full
+        );
+        recon.maps_mut().fail_every = 2;
+        let mut failed = false;
+        for _ in 0..20 {
+            w.apply_slice(slice(&mut r, "e0"));
+            w.apply_service(service(&mut r, "s1"));
+            failed |= passes.run(&w, &mut recon, 10800).is_err();
+            if failed {
+                break;
+            }
+        }
+        assert!(failed);
+        recon.maps_mut().fail_every = 0;
+        assert_eq!(
+            passes.run(&w, &mut recon, 10800).unwrap().kind,
+            PassKind::Full
+        );
+        assert_eq!(normalized(&recon.maps().inner.state), full_state(&w));
+    }
+}

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    admin_writes_since, audit_len, kube_proxy, netboot_env, recreate_kube_proxy, rt, scenario,
+    admin_writes_since, audit_len, audit_line, audit_writes_since, kube_proxy, netboot_env, recreate_kube_proxy, rt, scenario,
     serial, cluster_lock, Run,
 };
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -803,14 +803,10 @@ fn impersonating_kubeconfig(c: &SharedCluster, dir: &Path) -> String {
 
 /// Writes made as the reconciler's ServiceAccount since `from` in the audit log.
 fn reconciler_writes_since(c: &SharedCluster, from: u64) -> Vec<String> {
-    let log = std::fs::read(c.state.join("logs/audit.log")).unwrap();
-    let tail = &log[usize::try_from(from).unwrap().min(log.len())..];
-    String::from_utf8_lossy(tail)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["impersonatedUser"]["username"] == RECONCILER && e["stage"] == "ResponseComplete")
-        .filter(|e| !e["requestURI"].as_str().unwrap_or("").contains("dryRun=All"))
-        .map(|e| format!("{} {} {}", e["responseStatus"]["code"], e["verb"].as_str().unwrap_or(""), e["requestURI"].as_str().unwrap_or("")))
+    audit_writes_since(c, from)
+        .iter()
+        .filter(|e| e["impersonatedUser"]["username"] == RECONCILER)
+        .map(|e| format!("{} {}", e["responseStatus"]["code"], audit_line(e)))
         .collect()
 }
 

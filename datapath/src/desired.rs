@@ -104,6 +104,17 @@ pub fn slice_service(s: &EndpointSlice) -> Option<ServiceKey> {
     ))
 }
 
+/// Whether slice `s` is labelled as belonging to Service `ns/name` (as
+/// [`slice_service`], without building the key).
+fn slice_belongs_to(s: &EndpointSlice, ns: &str, name: &str) -> bool {
+    s.metadata.namespace.as_deref().unwrap_or_default() == ns
+        && s.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .is_some_and(|v| v == name)
+}
+
 /// The key of a Service, None if it has no name.
 pub fn service_key(svc: &Service) -> Option<ServiceKey> {
     Some((
@@ -184,7 +195,7 @@ pub fn service_frontends<'a>(
     });
     let slices: Vec<&EndpointSlice> = slices
         .into_iter()
-        .filter(|s| s.address_type == "IPv4" && slice_service(s).as_ref() == Some(&key))
+        .filter(|s| s.address_type == "IPv4" && slice_belongs_to(s, ns, name))
         .collect();
     for port in spec.ports.iter().flatten() {
         let Some(proto) = proto_of(port.protocol.as_deref()) else {

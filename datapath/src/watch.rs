@@ -151,6 +151,15 @@ impl Stores {
         self.dirty.full = true;
     }
 
+    /// Every Service and EndpointSlice at once (a complete list or a static
+    /// load): both stores replaced and synced.
+    fn replace_all(&mut self, services: BTreeMap<Key, Service>, slices: BTreeMap<Key, EndpointSlice>) {
+        self.replace_services(services);
+        self.replace_slices(slices);
+        self.services_synced = true;
+        self.slices_synced = true;
+    }
+
     /// The frontends of Service `k` from the stores (none if it is gone).
     fn frontends_of(&self, k: &ServiceKey, default_affinity_timeout: u32) -> Vec<Frontend> {
         let Some(svc) = self.services.get(k) else {
@@ -262,12 +271,7 @@ impl Watched {
     pub fn replace_all(&self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
         let services = services.into_iter().map(|o| (key(&o), o)).collect();
         let slices = slices.into_iter().map(|o| (key(&o), o)).collect();
-        self.with(|s| {
-            s.replace_services(services);
-            s.replace_slices(slices);
-            s.services_synced = true;
-            s.slices_synced = true;
-        });
+        self.with(|s| s.replace_all(services, slices));
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Stores) -> R) -> Option<R> {
@@ -307,12 +311,7 @@ impl Watched {
                 other => return Err(perr(format!("unexpected kind {other:?}"))),
             }
         }
-        self.with(|s| {
-            s.replace_services(services);
-            s.replace_slices(slices);
-            s.services_synced = true;
-            s.slices_synced = true;
-        });
+        self.with(|s| s.replace_all(services, slices));
         Ok(())
     }
 }

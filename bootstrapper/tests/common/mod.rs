@@ -254,21 +254,33 @@ pub fn kubectl(c: &SharedCluster) -> PathBuf {
 
 /// Write requests (not dry-run) by the admin user — netboot's identity in
 /// these tests — in the audit log since `from` bytes.
-pub fn admin_writes_since(c: &SharedCluster, from: u64) -> Vec<String> {
+/// Writes the audit log holds since byte `from` (the policy logs writes
+/// only), dry runs left out.
+pub fn audit_writes_since(c: &SharedCluster, from: u64) -> Vec<Value> {
     let log = std::fs::read(c.state.join("logs/audit.log")).unwrap();
     let tail = &log[usize::try_from(from).unwrap().min(log.len())..];
     String::from_utf8_lossy(tail)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["user"]["username"] == "kubernetes-admin" && e["stage"] == "ResponseComplete")
-        .map(|e| {
-            format!(
-                "{} {}",
-                e["verb"].as_str().unwrap_or(""),
-                e["requestURI"].as_str().unwrap_or("")
-            )
-        })
-        .filter(|w| !w.contains("dryRun=All"))
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter(|e| !e["requestURI"].as_str().unwrap_or("").contains("dryRun=All"))
+        .collect()
+}
+
+/// `verb requestURI` of an audit event.
+pub fn audit_line(e: &Value) -> String {
+    format!(
+        "{} {}",
+        e["verb"].as_str().unwrap_or(""),
+        e["requestURI"].as_str().unwrap_or("")
+    )
+}
+
+pub fn admin_writes_since(c: &SharedCluster, from: u64) -> Vec<String> {
+    audit_writes_since(c, from)
+        .iter()
+        .filter(|e| e["user"]["username"] == "kubernetes-admin")
+        .map(audit_line)
         .collect()
 }
 

@@ -244,6 +244,6 @@ fn is_immutable(e: &kube::Error) -> bool {
 pub fn describe(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
-        other => other.to_string(),
+        other => netboot_contract::errors::chain(other),
     }
 }

@@ -1,7 +1,7 @@
 //! Connecting to the cluster: a kubeconfig (file and context, as kubectl
 //! takes them) or the pod's service account.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
@@ -19,17 +19,29 @@ pub struct Target {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("kubeconfig {path}: {source}")]
+    #[error("kubeconfig {path} ({from})")]
     Kubeconfig {
         path: String,
+        /// Where the path came from: `--kubeconfig`, `$KUBECONFIG` or the default.
+        from: &'static str,
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("in-cluster configuration: {0}")]
+    #[error(
+        "no kubeconfig found: looked at --kubeconfig (not given), $KUBECONFIG (not set), \
+         {default} (does not exist) and in-cluster credentials (--in-cluster not given); \
+         pass --kubeconfig FILE, set KUBECONFIG=FILE, or run in a pod with --in-cluster"
+    )]
+    NotFound { default: String },
+    #[error("in-cluster configuration")]
     InCluster(#[from] kube::config::InClusterError),
-    #[error("kubeconfig: {0}")]
-    Infer(#[from] kube::config::KubeconfigError),
-    #[error("building the client for {server}: {source}")]
+    #[error("API server {server} unreachable")]
+    Unreachable {
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("building the client for {server}")]
     Client {
         server: String,
         #[source]
@@ -50,34 +62,87 @@ impl Connection {
     }
 }
 
+/// Connects as kubectl does: `--kubeconfig`, else `$KUBECONFIG` (a
+/// colon-separated list, merged), else `~/.kube/config`; `--in-cluster` uses
+/// the pod's service account instead.
 pub async fn connect(target: &Target) -> Result<Connection, ConnectError> {
     let config = if target.in_cluster {
         Config::incluster()?
     } else {
-        let options = KubeConfigOptions {
-            context: target.context.clone(),
-            ..Default::default()
-        };
-        let path = target
-            .kubeconfig
-            .clone()
-            .or_else(|| std::env::var_os("KUBECONFIG").map(PathBuf::from));
-        match path {
-            Some(path) => {
-                let name = path.display().to_string();
-                let kc =
-                    Kubeconfig::read_from(&path).map_err(|source| ConnectError::Kubeconfig {
-                        path: name.clone(),
-                        source,
-                    })?;
-                Config::from_custom_kubeconfig(kc, &options)
-                    .await
-                    .map_err(|source| ConnectError::Kubeconfig { path: name, source })?
-            }
-            None => Config::from_kubeconfig(&options).await?,
-        }
+        kubeconfig_config(target).await?
     };
-    client_for(config)
+    let conn = client_for(config)?;
+    // One read before anything else, so an unreachable server is named as
+    // such (kubectl: "the connection to the server … was refused"), not as
+    // the first object some later step happened to read.
+    if let Err(source) = conn.client.apiserver_version().await {
+        return Err(ConnectError::Unreachable {
+            server: conn.server(),
+            source,
+        });
+    }
+    Ok(conn)
+}
+
+async fn kubeconfig_config(target: &Target) -> Result<Config, ConnectError> {
+    let options = KubeConfigOptions {
+        context: target.context.clone(),
+        ..Default::default()
+    };
+    let (kubeconfig, path, from) = read_kubeconfig(target)?;
+    Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|source| ConnectError::Kubeconfig { path, from, source })
+}
+
+/// The kubeconfig kubectl would read, the path(s) it came from and how they were chosen.
+fn read_kubeconfig(target: &Target) -> Result<(Kubeconfig, String, &'static str), ConnectError> {
+    let read = |path: &Path, from: &'static str| {
+        Kubeconfig::read_from(path).map_err(|source| ConnectError::Kubeconfig {
+            path: path.display().to_string(),
+            from,
+            source,
+        })
+    };
+    if let Some(path) = &target.kubeconfig {
+        return Ok((
+            read(path, "--kubeconfig")?,
+            path.display().to_string(),
+            "--kubeconfig",
+        ));
+    }
+    if let Some(list) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        let from = "$KUBECONFIG";
+        let mut merged: Option<Kubeconfig> = None;
+        for path in std::env::split_paths(&list).filter(|p| !p.as_os_str().is_empty()) {
+            let kc = read(&path, from)?;
+            merged = Some(match merged {
+                None => kc,
+                Some(m) => m.merge(kc).map_err(|source| ConnectError::Kubeconfig {
+                    path: path.display().to_string(),
+                    from,
+                    source,
+                })?,
+            });
+        }
+        let shown = list.to_string_lossy().into_owned();
+        if let Some(kc) = merged {
+            return Ok((kc, shown, from));
+        }
+    }
+    let default = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".kube/config"))
+        .unwrap_or_else(|| PathBuf::from("~/.kube/config"));
+    if default.exists() {
+        return Ok((
+            read(&default, "default")?,
+            default.display().to_string(),
+            "default",
+        ));
+    }
+    Err(ConnectError::NotFound {
+        default: default.display().to_string(),
+    })
 }
 
 /// A client for a config (a copy with another server URL, for instance).

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", netboot_contract::errors::chain(e.as_ref()));
             ExitCode::from(2)
         }
     }
@@ -55,7 +55,16 @@ fn init_logging(cli: &Cli) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("NETBOOT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        // kube's client logs each failed request at ERROR; netboot reports the
+        // same failure once, with its object, so that log is for -vv only.
+        .unwrap_or_else(|_| {
+            let kube = if cli.global.verbose >= 2 {
+                ""
+            } else {
+                ",kube_client::client::builder=off"
+            };
+            tracing_subscriber::EnvFilter::new(format!("{level}{kube}"))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -17,6 +17,7 @@
 pub mod drift;
 pub mod metrics;
 
+use netboot_contract::errors::chain;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,7 +131,10 @@ impl Verdict {
     }
 
     fn ok(self) -> bool {
-        matches!(self, Verdict::Unchanged | Verdict::Applied | Verdict::Suspended)
+        matches!(
+            self,
+            Verdict::Unchanged | Verdict::Applied | Verdict::Suspended
+        )
     }
 }
 
@@ -176,7 +180,11 @@ impl PassReport {
             || self.clusters.iter().any(|c| c.result == Verdict::Failed);
         if failed {
             2
-        } else if self.clusters.iter().any(|c| c.result == Verdict::RolledBack) {
+        } else if self
+            .clusters
+            .iter()
+            .any(|c| c.result == Verdict::RolledBack)
+        {
             1
         } else {
             0
@@ -259,15 +267,11 @@ impl Reconciler {
         };
         let snapshot = match fetched {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return self.source_failed(e.to_string()),
+            Ok(Err(e)) => return self.source_failed(chain(&e)),
             Err(e) => return self.source_failed(format!("fetch task: {e}")),
         };
         let revision = snapshot.revision();
-        tracing::info!(
-            "source {} {} at {revision}",
-            snapshot.url,
-            snapshot.git_ref
-        );
+        tracing::info!("source {} {} at {revision}", snapshot.url, snapshot.git_ref);
         self.metrics
             .set_source(&snapshot.url, &snapshot.git_ref, &revision);
         let specs = match &self.opts.targets {
@@ -279,8 +283,7 @@ impl Reconciler {
                 revision: Some(revision),
                 source_error: Some(format!(
                     "{} at {}: no clusters/*.yaml to reconcile",
-                    snapshot.url,
-                    snapshot.git_ref
+                    snapshot.url, snapshot.git_ref
                 )),
                 clusters: vec![],
             };
@@ -339,7 +342,9 @@ impl Reconciler {
         let m = &self.metrics;
         let labels = Metrics::cluster(&r.cluster);
         if r.result != Verdict::Skipped {
-            m.duration.get_or_create(&labels).observe(r.duration_seconds);
+            m.duration
+                .get_or_create(&labels)
+                .observe(r.duration_seconds);
             m.results
                 .get_or_create(&ResultLabels {
                     cluster: r.cluster.clone(),
@@ -418,7 +423,7 @@ async fn reconcile_one(
     }
     let spec = match snapshot.load_spec(path) {
         Ok(s) => s,
-        Err(e) => return fail(r, e.to_string()),
+        Err(e) => return fail(r, chain(&e)),
     };
     r.cluster = spec.name.clone();
     let target = Target {
@@ -432,7 +437,12 @@ async fn reconcile_one(
     };
     let conn = match cluster::connect(&target).await {
         Ok(c) => c,
-        Err(e) => return fail(r, format!("{path}: connecting to cluster {}: {e}", spec.name)),
+        Err(e) => {
+            return fail(
+                r,
+                format!("{path}: connecting to cluster {}: {}", spec.name, chain(&e)),
+            )
+        }
     };
     let suspend = spec.reconcile.as_ref().is_some_and(|rc| rc.suspend);
     let settings = Settings {
@@ -451,7 +461,7 @@ async fn reconcile_one(
     };
     let previous = match inventory::load(&conn.client, &spec.namespace).await {
         Ok(i) => i,
-        Err(e) => return fail(r, e.to_string()),
+        Err(e) => return fail(r, chain(&e)),
     };
     if stopping(shutdown) {
         return skipped(path, "shutting down".into(), None);
@@ -464,18 +474,24 @@ async fn reconcile_one(
         };
         let (plan, ..) = match planned {
             Ok(p) => p,
-            Err(e) => return fail(r, e.to_string()),
+            Err(e) => return fail(r, chain(&e)),
         };
         r.drift = drift::detect(&plan, &spec, previous.as_ref());
         r.changes = plan.changes.summary();
         r.result = Verdict::Suspended;
         if !r.drift.is_empty() {
             let objects = list(&r.drift);
-            tracing::warn!("{}: drift (suspended, nothing written): {objects}", spec.name);
+            tracing::warn!(
+                "{}: drift (suspended, nothing written): {objects}",
+                spec.name
+            );
             Events::new(&conn.client, &spec.namespace)
                 .warn(
                     "DriftDetected",
-                    &format!("suspended, nothing written; revision {}: {objects}", settings.revision),
+                    &format!(
+                        "suspended, nothing written; revision {}: {objects}",
+                        settings.revision
+                    ),
                 )
                 .await;
         } else if !plan.noop {
@@ -491,15 +507,20 @@ async fn reconcile_one(
     }
     let outcome = match converge::apply(&conn, &settings).await {
         Ok(o) => o,
-        Err(e) => return fail(r, e.to_string()),
+        Err(e) => return fail(r, chain(&e)),
     };
     r.changes = if outcome.plan.noop {
-        format!("{} unchanged", outcome.plan.changes.count(Action::Unchanged))
+        format!(
+            "{} unchanged",
+            outcome.plan.changes.count(Action::Unchanged)
+        )
     } else {
         outcome.applied.summary()
     };
     match outcome.plan.handover {
-        HandoverPlan::Replace if outcome.exit_code == 0 => r.changes.push_str("; kube-proxy replaced"),
+        HandoverPlan::Replace if outcome.exit_code == 0 => {
+            r.changes.push_str("; kube-proxy replaced")
+        }
         HandoverPlan::Restore => r.changes.push_str("; kube-proxy restored"),
         _ => {}
     }
@@ -535,7 +556,10 @@ async fn reconcile_one(
     }
     match r.result {
         Verdict::RolledBack => {
-            r.error = Some("validation failed after the handover; kube-proxy was restored from the backup".into());
+            r.error = Some(
+                "validation failed after the handover; kube-proxy was restored from the backup"
+                    .into(),
+            );
             tracing::error!("{}: {}", spec.name, r.error.as_deref().unwrap_or_default());
         }
         Verdict::Failed => {
@@ -555,7 +579,10 @@ async fn reconcile_one(
 }
 
 fn list(d: &[Drift]) -> String {
-    d.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -600,9 +627,18 @@ mod tests {
             source_error: None,
             clusters: rs,
         };
-        assert_eq!(pass(vec![r(Verdict::Applied), r(Verdict::Suspended)]).exit_code(), 0);
-        assert_eq!(pass(vec![r(Verdict::Applied), r(Verdict::RolledBack)]).exit_code(), 1);
-        assert_eq!(pass(vec![r(Verdict::RolledBack), r(Verdict::Failed)]).exit_code(), 2);
+        assert_eq!(
+            pass(vec![r(Verdict::Applied), r(Verdict::Suspended)]).exit_code(),
+            0
+        );
+        assert_eq!(
+            pass(vec![r(Verdict::Applied), r(Verdict::RolledBack)]).exit_code(),
+            1
+        );
+        assert_eq!(
+            pass(vec![r(Verdict::RolledBack), r(Verdict::Failed)]).exit_code(),
+            2
+        );
         let mut p = pass(vec![]);
         p.source_error = Some("unreachable".into());
         assert_eq!(p.exit_code(), 2);

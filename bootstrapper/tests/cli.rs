@@ -1,5 +1,5 @@
 //! The `netboot` binary as an operator runs it: exit codes, messages, formats.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -131,4 +131,134 @@ fn version_is_printed() {
         "{}",
         text(&out.stdout)
     );
+}
+
+/// `netboot ARGS` as on a machine that never had a kubeconfig: HOME is an
+/// empty directory and KUBECONFIG is unset unless `env` sets it.
+fn netboot_newcomer(args: &[&str], home: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_netboot"));
+    cmd.args(args)
+        .current_dir(repo())
+        .env_remove("KUBECONFIG")
+        .env_remove("NETBOOT_TEMPLATES")
+        .env_remove("NETBOOT_LOG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", home)
+        .env("NETBOOT_CACHE", home.join("cache"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run netboot")
+}
+
+/// The `error: …` line, checked to name every cause once: no tail of its
+/// `a: b: c` chain occurs twice (issue 12 printed "No such file or directory
+/// (os error 2)" three times).
+fn error_line(out: &Output) -> String {
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("error: "))
+        .unwrap_or_else(|| panic!("no `error: ` line in:\n{stderr}"))
+        .to_string();
+    let parts: Vec<&str> = line.split(": ").collect();
+    for k in 0..parts.len() {
+        let tail = parts[k..].join(": ");
+        if tail.len() >= 8 {
+            assert_eq!(
+                line.matches(tail.as_str()).count(),
+                1,
+                "cause `{tail}` printed more than once in: {line}"
+            );
+        }
+    }
+    line
+}
+
+#[test]
+fn no_kubeconfig_anywhere_says_where_it_looked_and_what_to_pass() {
+    let home = tempfile::tempdir().unwrap();
+    let out = netboot_newcomer(&["plan", "clusters/local.yaml"], home.path(), &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let line = error_line(&out);
+    let default = home.path().join(".kube/config");
+    for want in [
+        "clusters/local.yaml",
+        "no kubeconfig found",
+        "--kubeconfig",
+        "$KUBECONFIG",
+        &format!("{} (does not exist)", default.display()),
+        "--in-cluster",
+        "set KUBECONFIG=FILE",
+    ] {
+        assert!(line.contains(want), "missing `{want}` in: {line}");
+    }
+}
+
+#[test]
+fn connection_errors_print_each_cause_once() {
+    let home = tempfile::tempdir().unwrap();
+    let missing = home.path().join("nope/kubeconfig");
+    let garbage = home.path().join("garbage");
+    std::fs::write(&garbage, "apiVersion: v1\nkind: Config\nclusters: 7\n").unwrap();
+    // A server nothing listens on (loopback only): the client's error chain is deep.
+    let refused = home.path().join("refused");
+    std::fs::write(
+        &refused,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:1'}\n\
+         users:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n\
+         current-context: x\n",
+    )
+    .unwrap();
+    let missing_s = missing.display().to_string();
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec!["plan", "clusters/local.yaml"],
+            vec![("KUBECONFIG", missing_s.as_str())],
+            "$KUBECONFIG",
+        ),
+        (
+            vec![
+                "plan",
+                "--kubeconfig",
+                missing_s.as_str(),
+                "clusters/local.yaml",
+            ],
+            vec![],
+            "--kubeconfig",
+        ),
+        (
+            vec![
+                "status",
+                "--kubeconfig",
+                garbage.to_str().unwrap(),
+                "clusters/local.yaml",
+            ],
+            vec![],
+            "parse",
+        ),
+        (
+            vec![
+                "status",
+                "--kubeconfig",
+                refused.to_str().unwrap(),
+                "clusters/local.yaml",
+            ],
+            vec![],
+            "127.0.0.1:1",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let out = netboot_newcomer(&args, home.path(), &env);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let line = error_line(&out);
+        assert!(line.contains(want), "{args:?}: missing `{want}` in: {line}");
+    }
 }

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    admin_writes_since, audit_len, audit_line, audit_writes_since, kube_proxy, netboot_env, recreate_kube_proxy, rt, scenario,
-    serial, cluster_lock, Run,
+    admin_writes_since, audit_len, audit_line, audit_writes_since, cluster_lock, kube_proxy,
+    netboot_env, recreate_kube_proxy, rt, scenario, serial, Run,
 };
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace};
@@ -33,8 +33,18 @@ use serde_json::{json, Value};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
-        .args(["-c", "user.name=netboot-test", "-c", "user.email=test@netboot.invalid"])
-        .args(["-c", "init.defaultBranch=main", "-c", "advice.detachedHead=false"])
+        .args([
+            "-c",
+            "user.name=netboot-test",
+            "-c",
+            "user.email=test@netboot.invalid",
+        ])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "advice.detachedHead=false",
+        ])
         .args(args)
         .current_dir(dir)
         .output()
@@ -58,7 +68,10 @@ impl Repo {
         let dir = tempfile::tempdir().unwrap();
         git(dir.path(), &["init", "-q", "--bare", "repo.git"]);
         git(dir.path(), &["init", "-q", "work"]);
-        git(&dir.path().join("work"), &["remote", "add", "origin", "../repo.git"]);
+        git(
+            &dir.path().join("work"),
+            &["remote", "add", "origin", "../repo.git"],
+        );
         Repo { dir }
     }
 
@@ -112,7 +125,10 @@ fn wait_port(port: u16, what: &str, child: &mut Child) {
         if let Ok(Some(st)) = child.try_wait() {
             panic!("{what} exited before listening: {st}");
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "{what} did not listen on 127.0.0.1:{port}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} did not listen on 127.0.0.1:{port}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -231,14 +247,31 @@ fn apply_from_git_with_an_unknown_ref_exits_2_before_touching_a_cluster() {
     repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
     let cache = tempfile::tempdir().unwrap();
     let run = netboot_env(
-        &["apply", "--repo", &repo.url(), "--ref", "nope", "clusters/local.yaml", "--kubeconfig", "/nonexistent/kubeconfig"],
+        &[
+            "apply",
+            "--repo",
+            &repo.url(),
+            "--ref",
+            "nope",
+            "clusters/local.yaml",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
         cache.path(),
         &[],
     );
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains("ref `nope` not found") && run.stderr.contains("branches: main"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("ref `nope` not found") && run.stderr.contains("branches: main"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("nothing was applied"), "{}", run.stderr);
-    assert!(!run.stderr.contains("/nonexistent/kubeconfig"), "the cluster must not be contacted: {}", run.stderr);
+    assert!(
+        !run.stderr.contains("/nonexistent/kubeconfig"),
+        "the cluster must not be contacted: {}",
+        run.stderr
+    );
 }
 
 /// A spec that does not check at the new commit: its errors by position, nothing applied.
@@ -249,7 +282,14 @@ fn apply_from_git_with_a_broken_spec_exits_2_naming_the_position() {
     let sha = repo.commit(&[("clusters/local.yaml", &broken)], "typo");
     let cache = tempfile::tempdir().unwrap();
     let run = netboot_env(
-        &["plan", "--repo", &repo.url(), "clusters/local.yaml", "--kubeconfig", "/nonexistent/kubeconfig"],
+        &[
+            "plan",
+            "--repo",
+            &repo.url(),
+            "clusters/local.yaml",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
         cache.path(),
         &[],
     );
@@ -259,7 +299,12 @@ fn apply_from_git_with_a_broken_spec_exits_2_naming_the_position() {
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains(&format!("the spec at git:{sha}; nothing was applied")), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("the spec at git:{sha}; nothing was applied")),
+        "{}",
+        run.stderr
+    );
 }
 
 /// Nothing listens: a clear error naming the repository, exit 2.
@@ -267,9 +312,25 @@ fn apply_from_git_with_a_broken_spec_exits_2_naming_the_position() {
 fn an_unreachable_git_server_exits_2() {
     let cache = tempfile::tempdir().unwrap();
     let url = format!("git://127.0.0.1:{}/repo.git", free_port());
-    let run = netboot_env(&["reconcile", "--once", "--metrics-addr", "off", "--repo", &url, "clusters/local.yaml"], cache.path(), &[]);
+    let run = netboot_env(
+        &[
+            "reconcile",
+            "--once",
+            "--metrics-addr",
+            "off",
+            "--repo",
+            &url,
+            "clusters/local.yaml",
+        ],
+        cache.path(),
+        &[],
+    );
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains(&format!("git {url}: fetch failed")), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!("git {url}: fetch failed")),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("nothing was applied"), "{}", run.stderr);
 }
 
@@ -290,10 +351,18 @@ fn credentials_never_appear_in_output() {
         let run = netboot_env(&args, cache.path(), &env);
         assert_eq!(run.code, 2);
         let all = format!("{}{}", run.stdout, run.stderr);
-        for secret in ["pa55w0rd-xyz", "deploy:", "tok-FILE-123456", "tok-ENV-654321"] {
+        for secret in [
+            "pa55w0rd-xyz",
+            "deploy:",
+            "tok-FILE-123456",
+            "tok-ENV-654321",
+        ] {
             assert!(!all.contains(secret), "{secret} leaked: {all}");
         }
-        assert!(all.contains(&format!("https://***@127.0.0.1:{port}/org/repo.git")), "{all}");
+        assert!(
+            all.contains(&format!("https://***@127.0.0.1:{port}/org/repo.git")),
+            "{all}"
+        );
     }
 }
 
@@ -311,14 +380,25 @@ fn the_cronjob_args_match_the_cli() {
     let cache = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("local.yaml"), &spec).unwrap();
-    let out = netboot_env(&["render", "-o", "json", dir.path().join("local.yaml").to_str().unwrap()], cache.path(), &[]).json();
+    let out = netboot_env(
+        &[
+            "render",
+            "-o",
+            "json",
+            dir.path().join("local.yaml").to_str().unwrap(),
+        ],
+        cache.path(),
+        &[],
+    )
+    .json();
     let cronjob = out["items"]
         .as_array()
         .unwrap()
         .iter()
         .find(|o| o["kind"] == "CronJob")
         .expect("a CronJob");
-    let args: Vec<String> = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    let args: Vec<String> = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
         .as_array()
         .unwrap()
         .iter()
@@ -327,14 +407,34 @@ fn the_cronjob_args_match_the_cli() {
     assert_eq!(
         args,
         [
-            "reconcile", "--once", "--metrics-addr", "off", "--in-cluster", "--repo", &repo.url(), "--ref", "main",
+            "reconcile",
+            "--once",
+            "--metrics-addr",
+            "off",
+            "--in-cluster",
+            "--repo",
+            &repo.url(),
+            "--ref",
+            "main",
             "clusters/local.yaml"
         ]
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = netboot_env(&args, cache.path(), &[("KUBERNETES_SERVICE_HOST", ""), ("KUBERNETES_SERVICE_PORT", "")]);
+    let run = netboot_env(
+        &args,
+        cache.path(),
+        &[
+            ("KUBERNETES_SERVICE_HOST", ""),
+            ("KUBERNETES_SERVICE_PORT", ""),
+        ],
+    );
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains(&format!("source {} main at git:", repo.url())), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("source {} main at git:", repo.url())),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("in-cluster"), "{}", run.stderr);
 }
 
@@ -352,14 +452,47 @@ fn fetches_over_the_git_protocol() {
     let c = rt().block_on(SharedCluster::get());
     let cache = tempfile::tempdir().unwrap();
     let url = format!("git://127.0.0.1:{port}/repo.git");
-    let run = netboot_env(&["plan", "-o", "json", "--repo", &url, "clusters/local.yaml", "--kubeconfig", c.kubeconfig.to_str().unwrap()], cache.path(), &[]);
+    let run = netboot_env(
+        &[
+            "plan",
+            "-o",
+            "json",
+            "--repo",
+            &url,
+            "clusters/local.yaml",
+            "--kubeconfig",
+            c.kubeconfig.to_str().unwrap(),
+        ],
+        cache.path(),
+        &[],
+    );
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.json()["revision"], format!("git:{sha}"));
     // The next fetch reuses the cache (one repository for the URL).
     let next = repo.commit(&[("README.md", "fleet\n")], "readme");
-    let run = netboot_env(&["plan", "-o", "json", "--repo", &url, "clusters/local.yaml", "--kubeconfig", c.kubeconfig.to_str().unwrap()], cache.path(), &[]);
+    let run = netboot_env(
+        &[
+            "plan",
+            "-o",
+            "json",
+            "--repo",
+            &url,
+            "clusters/local.yaml",
+            "--kubeconfig",
+            c.kubeconfig.to_str().unwrap(),
+        ],
+        cache.path(),
+        &[],
+    );
     assert_eq!(run.json()["revision"], format!("git:{next}"));
-    assert_eq!(std::fs::read_dir(cache.path().join("git")).unwrap().flatten().filter(|e| e.path().is_dir()).count(), 1);
+    assert_eq!(
+        std::fs::read_dir(cache.path().join("git"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count(),
+        1
+    );
 }
 
 /// SSH: a host key listed in known_hosts lets the fetch through; an unknown
@@ -371,19 +504,41 @@ fn ssh_verifies_the_host_key_against_known_hosts() {
     let sha = repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
     let dir = tempfile::tempdir().unwrap();
     let server = sshd(dir.path());
-    let url = format!("ssh://{}@127.0.0.1:{}{}", user(), server.port, repo.bare().display());
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        user(),
+        server.port,
+        repo.bare().display()
+    );
     let host = format!("[127.0.0.1]:{}", server.port);
     let host_key: Vec<&str> = server.host_pub.split_whitespace().collect();
     let fingerprint = {
-        let out = Command::new("ssh-keygen").args(["-l", "-E", "sha256", "-f"]).arg(dir.path().join("host_key.pub")).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
+        let out = Command::new("ssh-keygen")
+            .args(["-l", "-E", "sha256", "-f"])
+            .arg(dir.path().join("host_key.pub"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
     };
     let known = dir.path().join("known_hosts");
     let key = server.client_key.to_str().unwrap().to_string();
     // `--kubeconfig` that does not exist: the run fails right after the fetch, which is what is tested.
     let fetch = |known_hosts: Option<&Path>| {
         let cache = tempfile::tempdir().unwrap();
-        let mut args = vec!["plan".to_string(), "--repo".into(), url.clone(), "clusters/local.yaml".into(), "--ssh-key".into(), key.clone(), "--kubeconfig".into(), "/nonexistent/kubeconfig".into()];
+        let mut args = vec![
+            "plan".to_string(),
+            "--repo".into(),
+            url.clone(),
+            "clusters/local.yaml".into(),
+            "--ssh-key".into(),
+            key.clone(),
+            "--kubeconfig".into(),
+            "/nonexistent/kubeconfig".into(),
+        ];
         if let Some(k) = known_hosts {
             args.extend(["--known-hosts".into(), k.display().to_string()]);
         }
@@ -392,22 +547,57 @@ fn ssh_verifies_the_host_key_against_known_hosts() {
     };
 
     // Hit.
-    std::fs::write(&known, format!("# test\n{host} {} {}\n", host_key[0], host_key[1])).unwrap();
+    std::fs::write(
+        &known,
+        format!("# test\n{host} {} {}\n", host_key[0], host_key[1]),
+    )
+    .unwrap();
     let run = fetch(Some(&known));
-    assert!(run.stderr.contains(&format!("source: {url} main at git:{sha}")), "the fetch must succeed: {}\n--- sshd log\n{}", run.stderr, std::fs::read_to_string(dir.path().join("sshd.log")).unwrap_or_default());
+    assert!(
+        run.stderr
+            .contains(&format!("source: {url} main at git:{sha}")),
+        "the fetch must succeed: {}\n--- sshd log\n{}",
+        run.stderr,
+        std::fs::read_to_string(dir.path().join("sshd.log")).unwrap_or_default()
+    );
     // The same through $NETBOOT_GIT_CREDENTIALS (the CronJob's mounted Secret).
     let creds = tempfile::tempdir().unwrap();
     std::fs::copy(&known, creds.path().join("known_hosts")).unwrap();
     std::fs::copy(&server.client_key, creds.path().join("ssh-privatekey")).unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let run = netboot_env(&["plan", "--repo", &url, "clusters/local.yaml", "--kubeconfig", "/nonexistent/kubeconfig"], cache.path(), &[("NETBOOT_GIT_CREDENTIALS", creds.path().to_str().unwrap())]);
-    assert!(run.stderr.contains(&format!("at git:{sha}")), "{}", run.stderr);
+    let run = netboot_env(
+        &[
+            "plan",
+            "--repo",
+            &url,
+            "clusters/local.yaml",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
+        cache.path(),
+        &[("NETBOOT_GIT_CREDENTIALS", creds.path().to_str().unwrap())],
+    );
+    assert!(
+        run.stderr.contains(&format!("at git:{sha}")),
+        "{}",
+        run.stderr
+    );
 
     // Miss: the host is not listed.
-    std::fs::write(&known, format!("other.example {} {}\n", host_key[0], host_key[1])).unwrap();
+    std::fs::write(
+        &known,
+        format!("other.example {} {}\n", host_key[0], host_key[1]),
+    )
+    .unwrap();
     let run = fetch(Some(&known));
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains(&format!("host key of {host} is unknown")) && run.stderr.contains(&fingerprint), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("host key of {host} is unknown"))
+            && run.stderr.contains(&fingerprint),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("source:"), "{}", run.stderr);
 
     // Changed: the host is listed with another key.
@@ -416,12 +606,24 @@ fn ssh_verifies_the_host_key_against_known_hosts() {
     std::fs::write(&known, format!("{host} {} {}\n", other[0], other[1])).unwrap();
     let run = fetch(Some(&known));
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains(&format!("host key of {host} has CHANGED")) && run.stderr.contains(&format!("{}:1", known.display())) && run.stderr.contains(&fingerprint), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("host key of {host} has CHANGED"))
+            && run.stderr.contains(&format!("{}:1", known.display()))
+            && run.stderr.contains(&fingerprint),
+        "{}",
+        run.stderr
+    );
 
     // No known_hosts: refused before connecting.
     let run = fetch(None);
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains(&format!("no known_hosts file to verify {host}'s host key")), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("no known_hosts file to verify {host}'s host key")),
+        "{}",
+        run.stderr
+    );
 }
 
 // ---------------------------------------------------------------- reconcile on the local cluster
@@ -430,10 +632,27 @@ fn kubeconfig(c: &SharedCluster) -> String {
     c.kubeconfig.to_str().unwrap().to_string()
 }
 
-fn reconcile_once(c: &SharedCluster, repo: &Repo, cache: &Path, specs: &[&str], extra: &[&str]) -> (Run, Value) {
+fn reconcile_once(
+    c: &SharedCluster,
+    repo: &Repo,
+    cache: &Path,
+    specs: &[&str],
+    extra: &[&str],
+) -> (Run, Value) {
     let url = repo.url();
     let kc = kubeconfig(c);
-    let mut args = vec!["reconcile", "--once", "-o", "json", "--metrics-addr", "off", "--repo", &url, "--kubeconfig", &kc];
+    let mut args = vec![
+        "reconcile",
+        "--once",
+        "-o",
+        "json",
+        "--metrics-addr",
+        "off",
+        "--repo",
+        &url,
+        "--kubeconfig",
+        &kc,
+    ];
     args.extend(extra);
     args.extend(specs);
     let run = netboot_env(&args, cache, &[]);
@@ -496,21 +715,34 @@ fn a_new_commit_is_applied_on_the_next_pass_and_a_revert_applies_back() {
         let (ds, _) = kube_proxy(&c.client).await;
         assert!(ds.is_none(), "replace mode: kube-proxy handed over");
 
-        let changed = repo.commit(&[("clusters/local.yaml", &local_spec().replace("sessionAffinityTimeoutSeconds: 10800", "sessionAffinityTimeoutSeconds: 3600"))], "shorter affinity");
+        let changed = repo.commit(
+            &[(
+                "clusters/local.yaml",
+                &local_spec().replace(
+                    "sessionAffinityTimeoutSeconds: 10800",
+                    "sessionAffinityTimeoutSeconds: 3600",
+                ),
+            )],
+            "shorter affinity",
+        );
         let (run, report) = reconcile_once(&c, &repo, cache.path(), &["clusters/local.yaml"], &[]);
         assert_eq!(run.code, 0, "{}", run.stderr);
         let r = cluster_result(&report, "local");
         assert_eq!(r["result"], "applied");
         assert_eq!(r["changes"], "2 configured, 8 unchanged", "{r:#}");
         assert!(drifted(r).is_empty(), "a commit is not drift: {r:#}");
-        assert!(agent_config(&c).await.contains("sessionAffinityTimeoutSeconds: 3600"));
+        assert!(agent_config(&c)
+            .await
+            .contains("sessionAffinityTimeoutSeconds: 3600"));
         assert_eq!(inventory_revision(&c).await, format!("git:{changed}"));
 
         let reverted = repo.revert_last();
         let (run, report) = reconcile_once(&c, &repo, cache.path(), &["clusters/local.yaml"], &[]);
         assert_eq!(run.code, 0, "{}", run.stderr);
         assert_eq!(cluster_result(&report, "local")["result"], "applied");
-        assert!(agent_config(&c).await.contains("sessionAffinityTimeoutSeconds: 10800"));
+        assert!(agent_config(&c)
+            .await
+            .contains("sessionAffinityTimeoutSeconds: 10800"));
         assert_eq!(inventory_revision(&c).await, format!("git:{reverted}"));
 
         // Nothing new: unchanged, and not one write.
@@ -539,10 +771,19 @@ fn kube_proxy_recreated_by_hand_is_removed_again_and_reported() {
         assert_eq!(run.code, 0, "{}", run.stderr);
         let r = cluster_result(&report, "local");
         assert_eq!(r["result"], "applied");
-        assert_eq!(drifted(r), ["DaemonSet/kube-system/kube-proxy", "ConfigMap/kube-system/kube-proxy"]);
+        assert_eq!(
+            drifted(r),
+            [
+                "DaemonSet/kube-system/kube-proxy",
+                "ConfigMap/kube-system/kube-proxy"
+            ]
+        );
         assert!(run.stderr.contains("local: drift corrected at git:") && run.stderr.contains("DaemonSet/kube-system/kube-proxy (re-created by hand; the spec replaces kube-proxy)"), "{}", run.stderr);
         let (ds, cm) = kube_proxy(&c.client).await;
-        assert!(ds.is_none() && cm.is_none(), "kube-proxy must be gone again");
+        assert!(
+            ds.is_none() && cm.is_none(),
+            "kube-proxy must be gone again"
+        );
     });
 }
 
@@ -555,11 +796,21 @@ fn a_suspended_cluster_reports_drift_and_writes_nothing() {
         let cache = tempfile::tempdir().unwrap();
         let (run, _) = reconcile_once(&c, &repo, cache.path(), &["clusters/local.yaml"], &[]);
         assert_eq!(run.code, 0, "{}", run.stderr);
-        let suspended = format!("{}  reconcile:\n    repo: {}\n    suspend: true\n", local_spec(), repo.url());
+        let suspended = format!(
+            "{}  reconcile:\n    repo: {}\n    suspend: true\n",
+            local_spec(),
+            repo.url()
+        );
         repo.commit(&[("clusters/local.yaml", &suspended)], "suspend");
         let dss: Api<DaemonSet> = Api::namespaced(c.client.clone(), "netboot-system");
         let edit = json!({"spec": {"updateStrategy": {"rollingUpdate": {"maxUnavailable": 2}}}});
-        dss.patch("netboot-datapath", &PatchParams::default(), &Patch::Merge(&edit)).await.unwrap();
+        dss.patch(
+            "netboot-datapath",
+            &PatchParams::default(),
+            &Patch::Merge(&edit),
+        )
+        .await
+        .unwrap();
 
         let mark = audit_len(&c);
         let (run, report) = reconcile_once(&c, &repo, cache.path(), &["clusters/local.yaml"], &[]);
@@ -582,12 +833,15 @@ fn a_suspended_cluster_reports_drift_and_writes_nothing() {
             .filter_map(|e| e.message)
             .collect();
         assert!(
-            detected.iter().any(|m| m.contains("DaemonSet/netboot-system/netboot-datapath")),
+            detected
+                .iter()
+                .any(|m| m.contains("DaemonSet/netboot-system/netboot-datapath")),
             "a DriftDetected event names the drifted DaemonSet: {detected:?}"
         );
         let ds = dss.get("netboot-datapath").await.unwrap();
         assert_eq!(
-            serde_json::to_value(&ds.spec.unwrap().update_strategy).unwrap()["rollingUpdate"]["maxUnavailable"],
+            serde_json::to_value(&ds.spec.unwrap().update_strategy).unwrap()["rollingUpdate"]
+                ["maxUnavailable"],
             2,
             "the hand edit stays while suspended"
         );
@@ -595,9 +849,16 @@ fn a_suspended_cluster_reports_drift_and_writes_nothing() {
 }
 
 /// Reads a child's output lines into a shared buffer (and echoes them).
-fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>, tx: Option<mpsc::Sender<String>>) {
+fn collect(
+    stream: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+    tx: Option<mpsc::Sender<String>>,
+) {
     std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(std::result::Result::ok) {
+        for line in BufReader::new(stream)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
             eprintln!("  | {line}");
             into.lock().unwrap().push(line.clone());
             if let Some(tx) = &tx {
@@ -609,7 +870,8 @@ fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>, tx
 
 fn scrape(port: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -632,44 +894,97 @@ fn the_loop_corrects_hand_edits_and_reports_them() {
         let mut reconciler = Daemon {
             what: "netboot reconcile",
             child: Command::new(env!("CARGO_BIN_EXE_netboot"))
-            .args(["reconcile", "-o", "json", "--interval", "2s", "--metrics-addr", "127.0.0.1:0", "--repo", &repo.url(), "--kubeconfig", &kubeconfig(&c), "clusters/local.yaml"])
-            .current_dir(repo_root())
-            .env_remove("KUBECONFIG")
-            .env("NETBOOT_CACHE", cache.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+                .args([
+                    "reconcile",
+                    "-o",
+                    "json",
+                    "--interval",
+                    "2s",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                    "--repo",
+                    &repo.url(),
+                    "--kubeconfig",
+                    &kubeconfig(&c),
+                    "clusters/local.yaml",
+                ])
+                .current_dir(repo_root())
+                .env_remove("KUBECONFIG")
+                .env("NETBOOT_CACHE", cache.path())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
         };
         let child = &mut reconciler.child;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, passes) = mpsc::channel();
-        collect(child.stdout.take().unwrap(), Arc::new(Mutex::new(Vec::new())), Some(tx));
+        collect(
+            child.stdout.take().unwrap(),
+            Arc::new(Mutex::new(Vec::new())),
+            Some(tx),
+        );
         collect(child.stderr.take().unwrap(), log.clone(), None);
         let next_pass = |what: &str| -> Value {
-            let line = passes.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|e| panic!("no pass ({what}): {e}"));
+            let line = passes
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|e| panic!("no pass ({what}): {e}"));
             serde_json::from_str(&line).unwrap()
         };
         let first = next_pass("first");
-        assert_eq!(cluster_result(&first, "local")["result"], "applied", "{first:#}");
+        assert_eq!(
+            cluster_result(&first, "local")["result"],
+            "applied",
+            "{first:#}"
+        );
         let port: u16 = {
-            let found = || log.lock().unwrap().iter().find(|l| l.contains("metrics on http://")).cloned();
+            let found = || {
+                log.lock()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l.contains("metrics on http://"))
+                    .cloned()
+            };
             let start = Instant::now();
             while found().is_none() && start.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let l = found().expect("the metrics address in the log");
-            l.split("127.0.0.1:").nth(1).unwrap().split('/').next().unwrap().parse().unwrap()
+            l.split("127.0.0.1:")
+                .nth(1)
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
         };
 
         // Hand edits: the rollout budget of the agents and their configuration.
         let dss: Api<DaemonSet> = Api::namespaced(c.client.clone(), "netboot-system");
         let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "netboot-system");
-        dss.patch("netboot-datapath", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"updateStrategy": {"rollingUpdate": {"maxUnavailable": 3}}}}))).await.unwrap();
+        dss.patch(
+            "netboot-datapath",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"spec": {"updateStrategy": {"rollingUpdate": {"maxUnavailable": 3}}}}),
+            ),
+        )
+        .await
+        .unwrap();
         let config = agent_config(&c).await;
-        let edited = config.replace("sessionAffinityTimeoutSeconds: 10800", "sessionAffinityTimeoutSeconds: 1");
+        let edited = config.replace(
+            "sessionAffinityTimeoutSeconds: 10800",
+            "sessionAffinityTimeoutSeconds: 1",
+        );
         assert_ne!(config, edited);
-        cms.patch("netboot-datapath-config", &PatchParams::default(), &Patch::Merge(&json!({"data": {"config.yaml": edited}}))).await.unwrap();
+        cms.patch(
+            "netboot-datapath-config",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"data": {"config.yaml": edited}})),
+        )
+        .await
+        .unwrap();
 
         let start = Instant::now();
         let corrected = loop {
@@ -678,28 +993,91 @@ fn the_loop_corrects_hand_edits_and_reports_them() {
             if !drifted(&r).is_empty() {
                 break r;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "no drift correction within 60s");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no drift correction within 60s"
+            );
         };
         assert_eq!(corrected["result"], "applied");
-        assert_eq!(drifted(&corrected), ["ConfigMap/netboot-system/netboot-datapath-config", "DaemonSet/netboot-system/netboot-datapath"]);
+        assert_eq!(
+            drifted(&corrected),
+            [
+                "ConfigMap/netboot-system/netboot-datapath-config",
+                "DaemonSet/netboot-system/netboot-datapath"
+            ]
+        );
         assert_eq!(agent_config(&c).await, config, "the configuration is back");
         let ds = dss.get("netboot-datapath").await.unwrap();
-        assert_eq!(serde_json::to_value(&ds.spec.unwrap().update_strategy).unwrap()["rollingUpdate"]["maxUnavailable"], 1);
+        assert_eq!(
+            serde_json::to_value(&ds.spec.unwrap().update_strategy).unwrap()["rollingUpdate"]
+                ["maxUnavailable"],
+            1
+        );
 
         let text = scrape(port);
         eprintln!("--- /metrics\n{text}");
-        assert_eq!(metric(&text, "netboot_drift_corrections_total{cluster=\"local\"}"), Some(2.0), "{text}");
-        assert!(metric(&text, "netboot_reconcile_results_total{cluster=\"local\",outcome=\"applied\"}").unwrap() >= 2.0, "{text}");
-        assert!(metric(&text, "netboot_last_success_timestamp_seconds{cluster=\"local\"}").unwrap() > 1.7e9, "{text}");
-        assert!(text.contains(&format!("netboot_source{{repo=\"{}\",ref=\"main\",revision=\"git:{sha}\"}} 1", repo.url())), "{text}");
-        assert!(text.contains("netboot_reconcile_duration_seconds_count{cluster=\"local\"}"), "{text}");
+        assert_eq!(
+            metric(&text, "netboot_drift_corrections_total{cluster=\"local\"}"),
+            Some(2.0),
+            "{text}"
+        );
+        assert!(
+            metric(
+                &text,
+                "netboot_reconcile_results_total{cluster=\"local\",outcome=\"applied\"}"
+            )
+            .unwrap()
+                >= 2.0,
+            "{text}"
+        );
+        assert!(
+            metric(
+                &text,
+                "netboot_last_success_timestamp_seconds{cluster=\"local\"}"
+            )
+            .unwrap()
+                > 1.7e9,
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "netboot_source{{repo=\"{}\",ref=\"main\",revision=\"git:{sha}\"}} 1",
+                repo.url()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("netboot_reconcile_duration_seconds_count{cluster=\"local\"}"),
+            "{text}"
+        );
         {
             let lines = log.lock().unwrap();
-            assert!(lines.iter().any(|l| l.contains("local: drift corrected at git:") && l.contains("DaemonSet/netboot-system/netboot-datapath (changed by hand)")), "{lines:#?}");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("local: drift corrected at git:")
+                        && l.contains(
+                            "DaemonSet/netboot-system/netboot-datapath (changed by hand)"
+                        )),
+                "{lines:#?}"
+            );
         }
         let events: Api<Event> = Api::namespaced(c.client.clone(), "netboot-system");
-        let drift_events: Vec<String> = events.list(&ListParams::default()).await.unwrap().items.into_iter().filter(|e| e.reason.as_deref() == Some("DriftCorrected")).filter_map(|e| e.message).collect();
-        assert!(drift_events.iter().any(|m| m.contains("ConfigMap/netboot-system/netboot-datapath-config")), "{drift_events:?}");
+        let drift_events: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("DriftCorrected"))
+            .filter_map(|e| e.message)
+            .collect();
+        assert!(
+            drift_events
+                .iter()
+                .any(|m| m.contains("ConfigMap/netboot-system/netboot-datapath-config")),
+            "{drift_events:?}"
+        );
 
         // SIGTERM: the loop ends cleanly.
         // SAFETY: kill(2) on the PID of the child this test spawned.
@@ -717,7 +1095,11 @@ fn the_loop_corrects_hand_edits_and_reports_them() {
             std::thread::sleep(Duration::from_millis(100));
         };
         assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
-        assert!(log.lock().unwrap().iter().any(|l| l.contains("shutting down")));
+        assert!(log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("shutting down")));
     });
 }
 
@@ -732,40 +1114,93 @@ fn the_loop_corrects_hand_edits_and_reports_them() {
 fn a_fleet_with_a_broken_spec_still_reconciles_the_others() {
     scenario(|c| async move {
         // One kubeconfig, three contexts, one cluster.
-        let kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&c.kubeconfig).unwrap()).unwrap();
+        let kc: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&c.kubeconfig).unwrap()).unwrap();
         let mut kc = serde_json::to_value(kc).unwrap();
         let ctx = kc["contexts"][0]["context"].clone();
-        kc["contexts"] = json!(["fleet-local", "fleet-shadow", "fleet-broken"].iter().map(|n| json!({"name": n, "context": ctx})).collect::<Vec<_>>());
+        kc["contexts"] = json!(["fleet-local", "fleet-shadow", "fleet-broken"]
+            .iter()
+            .map(|n| json!({"name": n, "context": ctx}))
+            .collect::<Vec<_>>());
         kc["current-context"] = json!("fleet-local");
         let dir = tempfile::tempdir().unwrap();
         let fleet_kc = dir.path().join("kubeconfig");
         std::fs::write(&fleet_kc, serde_yaml::to_string(&kc).unwrap()).unwrap();
 
         let repo = Repo::new();
-        let with_context = |spec: String, ctx: &str| spec.replace("  cluster:\n", &format!("  cluster:\n    context: {ctx}\n"));
+        let with_context = |spec: String, ctx: &str| {
+            spec.replace("  cluster:\n", &format!("  cluster:\n    context: {ctx}\n"))
+        };
         let local = with_context(local_spec(), "fleet-local");
         let shadow = format!(
             "{}  reconcile:\n    repo: {}\n    suspend: true\n",
-            with_context(local_spec(), "fleet-shadow").replace("name: local", "name: shadow").replace("spec:\n", "spec:\n  namespace: netboot-shadow\n"),
+            with_context(local_spec(), "fleet-shadow")
+                .replace("name: local", "name: shadow")
+                .replace("spec:\n", "spec:\n  namespace: netboot-shadow\n"),
             repo.url()
         );
-        let broken = with_context(local_spec(), "fleet-broken").replace("name: local", "name: broken").replace("podCIDR: 10.244.0.0/16", "podCIDR: 10.96.0.0/12");
-        let sha = repo.commit(&[("clusters/local.yaml", &local), ("clusters/shadow.yaml", &shadow), ("clusters/broken.yaml", &broken)], "fleet");
+        let broken = with_context(local_spec(), "fleet-broken")
+            .replace("name: local", "name: broken")
+            .replace("podCIDR: 10.244.0.0/16", "podCIDR: 10.96.0.0/12");
+        let sha = repo.commit(
+            &[
+                ("clusters/local.yaml", &local),
+                ("clusters/shadow.yaml", &shadow),
+                ("clusters/broken.yaml", &broken),
+            ],
+            "fleet",
+        );
 
         let cache = tempfile::tempdir().unwrap();
         let url = repo.url();
-        let run = netboot_env(&["reconcile", "--once", "--all", "-o", "json", "--metrics-addr", "off", "--repo", &url, "--kubeconfig", fleet_kc.to_str().unwrap()], cache.path(), &[]);
+        let run = netboot_env(
+            &[
+                "reconcile",
+                "--once",
+                "--all",
+                "-o",
+                "json",
+                "--metrics-addr",
+                "off",
+                "--repo",
+                &url,
+                "--kubeconfig",
+                fleet_kc.to_str().unwrap(),
+            ],
+            cache.path(),
+            &[],
+        );
         assert_eq!(run.code, 2, "a failed member makes the pass fail");
         let report = run.json();
         assert_eq!(report["revision"], format!("git:{sha}"));
-        let specs: Vec<&str> = report["clusters"].as_array().unwrap().iter().map(|c| c["spec"].as_str().unwrap()).collect();
-        assert_eq!(specs, ["clusters/broken.yaml", "clusters/local.yaml", "clusters/shadow.yaml"]);
+        let specs: Vec<&str> = report["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["spec"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            specs,
+            [
+                "clusters/broken.yaml",
+                "clusters/local.yaml",
+                "clusters/shadow.yaml"
+            ]
+        );
 
         let broken = cluster_result(&report, "broken");
         assert_eq!(broken["result"], "failed");
         let error = broken["error"].as_str().unwrap();
-        assert!(error.starts_with("clusters/broken.yaml:") && error.contains("spec.cluster.podCIDR") && error.contains("overlaps serviceCIDR"), "{error}");
-        assert!(broken["retryInSeconds"].as_u64().is_some(), "a failed cluster backs off: {broken:#}");
+        assert!(
+            error.starts_with("clusters/broken.yaml:")
+                && error.contains("spec.cluster.podCIDR")
+                && error.contains("overlaps serviceCIDR"),
+            "{error}"
+        );
+        assert!(
+            broken["retryInSeconds"].as_u64().is_some(),
+            "a failed cluster backs off: {broken:#}"
+        );
 
         let local = cluster_result(&report, "local");
         assert_eq!(local["result"], "applied", "{local:#}");
@@ -774,9 +1209,15 @@ fn a_fleet_with_a_broken_spec_still_reconciles_the_others() {
 
         let shadow = cluster_result(&report, "shadow");
         assert_eq!(shadow["result"], "suspended", "{shadow:#}");
-        assert!(shadow["changes"].as_str().unwrap().contains("created"), "shadow's plan: {shadow:#}");
+        assert!(
+            shadow["changes"].as_str().unwrap().contains("created"),
+            "shadow's plan: {shadow:#}"
+        );
         let ns: Api<Namespace> = Api::all(c.client.clone());
-        assert!(ns.get_opt("netboot-shadow").await.unwrap().is_none(), "a suspended spec writes nothing");
+        assert!(
+            ns.get_opt("netboot-shadow").await.unwrap().is_none(),
+            "a suspended spec writes nothing"
+        );
     });
 }
 
@@ -787,13 +1228,19 @@ const RECONCILER: &str = "system:serviceaccount:netboot-system:netboot-reconcile
 /// The admin kubeconfig, acting as the reconciler's ServiceAccount (what the
 /// CronJob's pod is), with the groups a ServiceAccount token carries.
 fn impersonating_kubeconfig(c: &SharedCluster, dir: &Path) -> String {
-    let mut kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&c.kubeconfig).unwrap()).unwrap();
+    let mut kc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&c.kubeconfig).unwrap()).unwrap();
     for u in kc["users"].as_sequence_mut().unwrap() {
         let user = u["user"].as_mapping_mut().unwrap();
         user.insert("as".into(), RECONCILER.into());
         user.insert(
             "as-groups".into(),
-            serde_yaml::to_value(["system:serviceaccounts", "system:serviceaccounts:netboot-system", "system:authenticated"]).unwrap(),
+            serde_yaml::to_value([
+                "system:serviceaccounts",
+                "system:serviceaccounts:netboot-system",
+                "system:authenticated",
+            ])
+            .unwrap(),
         );
     }
     let path = dir.join("reconciler.kubeconfig");
@@ -818,10 +1265,16 @@ fn reconciler_writes_since(c: &SharedCluster, from: u64) -> Vec<String> {
 fn the_reconciler_service_account_can_hand_over_and_restore_kube_proxy() {
     scenario(|c| async move {
         let repo = Repo::new();
-        let with_reconcile = |spec: String| format!("{spec}  reconcile:\n    repo: {}\n", repo.url());
-        let coexist = with_reconcile(local_spec().replace("kubeProxyReplacement: true", "kubeProxyReplacement: false"));
+        let with_reconcile =
+            |spec: String| format!("{spec}  reconcile:\n    repo: {}\n", repo.url());
+        let coexist = with_reconcile(
+            local_spec().replace("kubeProxyReplacement: true", "kubeProxyReplacement: false"),
+        );
         let replace = with_reconcile(local_spec());
-        repo.commit(&[("clusters/local.yaml", &coexist)], "coexist, with a reconciler");
+        repo.commit(
+            &[("clusters/local.yaml", &coexist)],
+            "coexist, with a reconciler",
+        );
         let cache = tempfile::tempdir().unwrap();
         let (run, _) = reconcile_once(&c, &repo, cache.path(), &["clusters/local.yaml"], &[]);
         assert_eq!(run.code, 0, "the admin's first install: {}", run.stderr);
@@ -829,7 +1282,19 @@ fn the_reconciler_service_account_can_hand_over_and_restore_kube_proxy() {
         let kc = impersonating_kubeconfig(&c, cache.path());
         let url = repo.url();
         let as_reconciler = || {
-            let args = ["reconcile", "--once", "-o", "json", "--metrics-addr", "off", "--repo", &url, "--kubeconfig", &kc, "clusters/local.yaml"];
+            let args = [
+                "reconcile",
+                "--once",
+                "-o",
+                "json",
+                "--metrics-addr",
+                "off",
+                "--repo",
+                &url,
+                "--kubeconfig",
+                &kc,
+                "clusters/local.yaml",
+            ];
             let run = netboot_env(&args, cache.path(), &[]);
             let report = run.json();
             (run, report)
@@ -839,12 +1304,22 @@ fn the_reconciler_service_account_can_hand_over_and_restore_kube_proxy() {
         let mark = audit_len(&c);
         let (run, report) = as_reconciler();
         assert_eq!(run.code, 0, "handover as the reconciler: {}", run.stderr);
-        assert_eq!(cluster_result(&report, "local")["result"], "applied", "{report:#}");
-        assert!(kube_proxy(&c.client).await.0.is_none(), "kube-proxy handed over");
+        assert_eq!(
+            cluster_result(&report, "local")["result"],
+            "applied",
+            "{report:#}"
+        );
+        assert!(
+            kube_proxy(&c.client).await.0.is_none(),
+            "kube-proxy handed over"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         let writes = reconciler_writes_since(&c, mark);
         assert!(
-            writes.iter().any(|w| w.contains("delete /apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy")),
+            writes
+                .iter()
+                .any(|w| w
+                    .contains("delete /apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy")),
             "the handover's writes were made as the reconciler: {writes:#?}"
         );
         let denied: Vec<&String> = writes.iter().filter(|w| w.starts_with("403")).collect();
@@ -853,8 +1328,15 @@ fn the_reconciler_service_account_can_hand_over_and_restore_kube_proxy() {
         repo.commit(&[("clusters/local.yaml", &coexist)], "back to coexist");
         let (run, report) = as_reconciler();
         assert_eq!(run.code, 0, "restore as the reconciler: {}", run.stderr);
-        assert_eq!(cluster_result(&report, "local")["result"], "applied", "{report:#}");
+        assert_eq!(
+            cluster_result(&report, "local")["result"],
+            "applied",
+            "{report:#}"
+        );
         let (ds, cm) = kube_proxy(&c.client).await;
-        assert!(ds.is_some() && cm.is_some(), "kube-proxy restored from the backup");
+        assert!(
+            ds.is_some() && cm.is_some(),
+            "kube-proxy restored from the backup"
+        );
     });
 }

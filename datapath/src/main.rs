@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -15,5 +15,12 @@ async fn main() -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     let cli = cli::args::Cli::parse();
-    Ok(cli::run(cli).await?)
+    match cli::run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            // Each cause once, outermost first (netboot prints errors the same way).
+            eprintln!("error: {}", netboot_contract::errors::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -153,7 +153,11 @@ impl Stores {
 
     /// Every Service and EndpointSlice at once (a complete list or a static
     /// load): both stores replaced and synced.
-    fn replace_all(&mut self, services: BTreeMap<Key, Service>, slices: BTreeMap<Key, EndpointSlice>) {
+    fn replace_all(
+        &mut self,
+        services: BTreeMap<Key, Service>,
+        slices: BTreeMap<Key, EndpointSlice>,
+    ) {
         self.replace_services(services);
         self.replace_slices(slices);
         self.services_synced = true;

@@ -91,7 +91,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("netboot-probe: {err:#}");
+            eprintln!(
+                "netboot-probe: {}",
+                netboot_contract::errors::chain(err.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -215,7 +218,10 @@ fn connect(args: ConnectArgs) -> Result<()> {
             Ok(name) => println!("{name}"),
             Err(err) => {
                 failures += 1;
-                eprintln!("netboot-probe: {addr}: {err:#}");
+                eprintln!(
+                    "netboot-probe: {addr}: {}",
+                    netboot_contract::errors::chain(err.as_ref())
+                );
             }
         }
     }

@@ -62,7 +62,9 @@ async fn signals(tx: watch::Sender<bool>) {
         }
         seen += 1;
         if seen == 1 {
-            tracing::info!("signal received: finishing the running step, then exiting (again to exit now)");
+            tracing::info!(
+                "signal received: finishing the running step, then exiting (again to exit now)"
+            );
             let _ = tx.send(true);
         } else {
             eprintln!("second signal: exiting now");
@@ -93,8 +95,18 @@ fn format(r: &PassReport) -> String {
     }
     let rev = r.revision.as_deref().unwrap_or("-");
     let _ = writeln!(out, "pass at {rev}");
-    let w = r.clusters.iter().map(|c| c.cluster.len()).max().unwrap_or(7).max(7);
-    let _ = writeln!(out, "{:<w$}  {:<11}  {:>8}  DETAIL", "CLUSTER", "RESULT", "SECONDS");
+    let w = r
+        .clusters
+        .iter()
+        .map(|c| c.cluster.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    let _ = writeln!(
+        out,
+        "{:<w$}  {:<11}  {:>8}  DETAIL",
+        "CLUSTER", "RESULT", "SECONDS"
+    );
     for c in &r.clusters {
         let mut detail = c.changes.clone();
         if !c.drift.is_empty() {

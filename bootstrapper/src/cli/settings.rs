@@ -125,7 +125,10 @@ pub async fn resolve(args: &ApplyArgs) -> anyhow::Result<(Settings, Connection, 
 
 fn file_revision(path: &Path, file: &str) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("{file}: read"))?;
-    Ok(format!("file:sha256:{}", &hex(&Sha256::digest(&bytes))[..12]))
+    Ok(format!(
+        "file:sha256:{}",
+        &hex(&Sha256::digest(&bytes))[..12]
+    ))
 }
 
 /// `netboot reconcile`'s options.

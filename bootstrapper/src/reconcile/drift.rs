@@ -165,10 +165,25 @@ mod tests {
         let p = plan(
             vec![
                 // Same hash as recorded: someone edited it.
-                change("DaemonSet", "netboot-datapath", Action::Configured, "sha256:ds"),
+                change(
+                    "DaemonSet",
+                    "netboot-datapath",
+                    Action::Configured,
+                    "sha256:ds",
+                ),
                 // New hash: the spec changed it.
-                change("ConfigMap", "netboot-datapath-config", Action::Configured, "sha256:new"),
-                change("ServiceAccount", "netboot-datapath", Action::Unchanged, "sha256:sa"),
+                change(
+                    "ConfigMap",
+                    "netboot-datapath-config",
+                    Action::Configured,
+                    "sha256:new",
+                ),
+                change(
+                    "ServiceAccount",
+                    "netboot-datapath",
+                    Action::Unchanged,
+                    "sha256:sa",
+                ),
             ],
             HandoverPlan::None,
             KubeProxyState::default(),
@@ -181,7 +196,10 @@ mod tests {
                 how: "changed by hand".into()
             }]
         );
-        assert!(detect(&p, &spec(), None).is_empty(), "never applied: no drift");
+        assert!(
+            detect(&p, &spec(), None).is_empty(),
+            "never applied: no drift"
+        );
     }
 
     #[test]
@@ -196,7 +214,10 @@ mod tests {
         let objects: Vec<&str> = d.iter().map(|d| d.object.as_str()).collect();
         assert_eq!(
             objects,
-            ["DaemonSet/kube-system/kube-proxy", "ConfigMap/kube-system/kube-proxy"]
+            [
+                "DaemonSet/kube-system/kube-proxy",
+                "ConfigMap/kube-system/kube-proxy"
+            ]
         );
         // The first handover (or one whose gate stopped it) is not drift.
         assert!(detect(&p, &spec(), Some(&inventory("replace", false))).is_empty());
@@ -207,6 +228,9 @@ mod tests {
             result: "failed".into(),
             message: String::new(),
         };
-        assert!(detect(&p, &spec(), Some(&stopped)).is_empty(), "a retried handover is not drift");
+        assert!(
+            detect(&p, &spec(), Some(&stopped)).is_empty(),
+            "a retried handover is not drift"
+        );
     }
 }

@@ -182,7 +182,10 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
     }
     let text = String::from_utf8_lossy(&buf);
     let mut words = text.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+    let (method, path) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
     let path = path.split('?').next().unwrap_or_default();
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => (
@@ -192,7 +195,11 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
         ),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -216,9 +223,15 @@ mod tests {
                 outcome: "applied".into(),
             })
             .inc();
-        m.drift_corrections.get_or_create(&Metrics::cluster("local")).inc_by(2);
-        m.duration.get_or_create(&Metrics::cluster("local")).observe(1.5);
-        m.last_success.get_or_create(&Metrics::cluster("local")).set(1.7e9);
+        m.drift_corrections
+            .get_or_create(&Metrics::cluster("local"))
+            .inc_by(2);
+        m.duration
+            .get_or_create(&Metrics::cluster("local"))
+            .observe(1.5);
+        m.last_success
+            .get_or_create(&Metrics::cluster("local"))
+            .set(1.7e9);
         m.set_source("file:///r", "main", "git:abc");
         m.set_source("file:///r", "main", "git:def");
         let text = m.encode();
@@ -251,7 +264,10 @@ mod tests {
             out
         };
         let r = get("/metrics").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK") && r.contains("# EOF"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK") && r.contains("# EOF"),
+            "{r}"
+        );
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
         server.abort();
     }

@@ -61,7 +61,13 @@ pub fn cluster_lock() -> std::fs::File {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     // SAFETY: flock on a descriptor this function owns.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "flock {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     f
 }
 
@@ -263,7 +269,12 @@ pub fn audit_writes_since(c: &SharedCluster, from: u64) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|e| e["stage"] == "ResponseComplete")
-        .filter(|e| !e["requestURI"].as_str().unwrap_or("").contains("dryRun=All"))
+        .filter(|e| {
+            !e["requestURI"]
+                .as_str()
+                .unwrap_or("")
+                .contains("dryRun=All")
+        })
         .collect()
 }
 

@@ -2,9 +2,13 @@
 //! validate → (rollback) → inventory and events. `netboot plan` stops after
 //! the first step; `netboot apply` runs them all.
 //!
-//! The plan is made with dry-run requests only, and when it finds nothing to
-//! do the run ends there: an unchanged cluster sees no write at all (not even
-//! the lock).
+//! The plan gathers facts (endpoint, inventory, kube-proxy, the backup and its
+//! handover journal) with reads and dry-run requests only, and the handover
+//! step is a pure function of them ([`journal::decide`]): an interrupted
+//! handover is resumed to validation or rolled back, never taken for done.
+//! When the plan finds nothing to do the run ends there: an unchanged cluster
+//! sees no write at all (not even the lock). Progress lines go through
+//! [`Settings::progress`]; the library prints nothing itself.
 
 use std::time::Duration;
 
@@ -18,6 +22,8 @@ use crate::cluster::Connection;
 use crate::endpoint::{self, Detected};
 use crate::handover::{self, HandoverOptions, KubeProxyState};
 use crate::inventory::{self, Inventory, StepRecord};
+pub use crate::journal::HandoverPlan;
+use crate::journal::{self, Facts, Journal, Phase};
 use crate::lock;
 use crate::manifest::Manifest;
 use crate::prune;
@@ -45,21 +51,30 @@ pub struct Settings {
     pub retry: bool,
     /// Skip validation after changes (never skipped after a handover).
     pub skip_validation: bool,
+    /// Where progress lines go (the CLI: stderr; the reconciler: its log).
+    pub progress: Progress,
 }
 
-/// What the handover will do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HandoverPlan {
-    /// Nothing: kube-proxy is where the spec wants it.
-    None,
-    /// Replace mode with kube-proxy present: the gated handover.
-    Replace,
-    /// Coexist mode with kube-proxy gone and a backup present: restore it.
-    Restore,
-    /// The handover failed validation and was rolled back at this revision;
-    /// agents stay in coexist mode until a new revision or `--retry`.
-    HeldAfterRollback,
+/// A sink for progress lines; `Default` logs them at info level.
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(&str) + Send + Sync>);
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress(std::sync::Arc::new(|line: &str| tracing::info!("{line}")))
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+impl Progress {
+    pub fn say(&self, line: &str) {
+        (self.0)(line)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +87,9 @@ pub struct Plan {
     pub handover: HandoverPlan,
     pub handover_steps: Vec<String>,
     pub kube_proxy: KubeProxyState,
+    /// The last handover's journal, as found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<Journal>,
     /// Nothing to write.
     pub noop: bool,
 }
@@ -103,12 +121,20 @@ pub enum ConvergeError {
     Lock(#[from] lock::LockError),
     #[error("prune: {0}")]
     Prune(String),
-    #[error("handover stopped, kube-proxy stays: {0}")]
-    Gate(handover::HandoverError),
+    #[error("handover stopped before anything was deleted, kube-proxy stays")]
+    Gate(#[source] handover::HandoverError),
     #[error(transparent)]
     Handover(handover::HandoverError),
     #[error(transparent)]
     Wait(#[from] wait::WaitError),
+    #[error("handover stopped after kube-proxy's deletion began, and the rollback failed too ({rollback}); the journal in ConfigMap/{namespace}/{backup} says where it stopped: the next run resumes it or restores kube-proxy")]
+    RollbackFailed {
+        namespace: String,
+        backup: &'static str,
+        rollback: String,
+        #[source]
+        cause: handover::HandoverError,
+    },
 }
 
 /// The spec as this run should apply it: after a rollback at the same
@@ -162,36 +188,45 @@ pub async fn plan(
     let kp = handover::kube_proxy_state(client, &spec.kube_proxy)
         .await
         .map_err(ConvergeError::Handover)?;
-    let handover = if held {
-        HandoverPlan::HeldAfterRollback
-    } else if spec.kube_proxy.remove && kp.present() {
-        HandoverPlan::Replace
-    } else if !spec.kube_proxy.remove
-        && !kp.present()
-        && handover::load_backup(client, &spec.namespace)
-            .await
-            .map_err(ConvergeError::Handover)?
-            .is_some()
-    {
-        HandoverPlan::Restore
-    } else {
-        HandoverPlan::None
+    let backup = handover::load_backup(client, &spec.namespace)
+        .await
+        .map_err(ConvergeError::Handover)?;
+    let journal = backup.as_ref().and_then(|b| b.journal.clone());
+    let handover = journal::decide(&Facts {
+        wants_removal: spec.kube_proxy.remove,
+        held,
+        kube_proxy: kp.clone(),
+        backup: backup.is_some(),
+        journal: journal.clone(),
+    });
+    let resume_note = |p: Phase| {
+        format!("resume: the handover of revision {} stopped at `{p}`; it is taken on from there (the backup is kept as taken)", journal.as_ref().map(|j| j.revision.as_str()).unwrap_or("?"))
+    };
+    let replace_steps = || {
+        handover::STEPS
+            .iter()
+            .map(|(n, d)| format!("{n}: {d}"))
+            .chain([
+                "validation: checks run; on failure kube-proxy is restored from the backup"
+                    .to_string(),
+            ])
     };
     let handover_steps = match handover {
-        HandoverPlan::Replace => handover::STEPS.iter().map(|(n, d)| format!("{n}: {d}")).chain(["validation: checks run; on failure kube-proxy is restored from the backup".to_string()]).collect(),
-        HandoverPlan::Restore => vec!["restore-kube-proxy: recreate the kube-proxy DaemonSet and ConfigMap from the backup".into()],
+        HandoverPlan::Replace => replace_steps().collect(),
+        HandoverPlan::Resume(p) => std::iter::once(resume_note(p)).chain(replace_steps()).collect(),
+        HandoverPlan::Validate => vec![
+            resume_note(Phase::Validating),
+            "validation: checks run; on failure kube-proxy is restored from the backup".into(),
+        ],
+        HandoverPlan::Restore => vec!["restore-kube-proxy: recreate the kube-proxy DaemonSet and ConfigMap from the backup, wait until they serve on every node, then switch the agents to coexist".into()],
+        HandoverPlan::Abandon => vec!["abandon: the handover stopped before anything was deleted and the spec no longer asks for it; kube-proxy is intact".into()],
         HandoverPlan::HeldAfterRollback => vec![format!("held: the handover was rolled back at revision {}; agents stay in coexist mode (commit a fix or pass --retry)", s.revision)],
         HandoverPlan::None => vec![],
     };
     let revision_changed = inv
         .as_ref()
         .is_none_or(|i| i.revision != s.revision || i.mode != mode_word(&spec, held));
-    let noop = changes.changed() == 0
-        && matches!(
-            handover,
-            HandoverPlan::None | HandoverPlan::HeldAfterRollback
-        )
-        && !revision_changed;
+    let noop = changes.changed() == 0 && handover.is_quiet() && !revision_changed;
     let plan = Plan {
         cluster: spec.name.clone(),
         revision: s.revision.clone(),
@@ -200,6 +235,7 @@ pub async fn plan(
         handover,
         handover_steps,
         kube_proxy: kp,
+        journal,
         noop,
     };
     Ok((plan, desired, spec, inv))
@@ -225,20 +261,18 @@ fn stale_objects(inv: Option<&Inventory>, desired: &[Manifest]) -> Vec<crate::ma
 
 /// Runs the whole job.
 pub async fn apply(conn: &Connection, s: &Settings) -> Result<Outcome, ConvergeError> {
-    let (first, desired, spec, _) = plan(conn, s).await?;
+    let (first, ..) = plan(conn, s).await?;
     if first.noop {
         return Ok(noop(first));
     }
     let client = &conn.client;
-    // The namespace first: the lock lives in it.
-    if let Some(ns) = desired.iter().find(|m| m.id().kind == "Namespace") {
-        apply::apply(client, std::slice::from_ref(ns), &ApplyOptions::default()).await?;
-    }
-    let lock = lock::acquire(client, &spec.namespace, s.lock_wait).await?;
+    let lock = lock::acquire(client, s.lock_wait).await?;
     // Plan again under the lock: another netboot may have changed the cluster while we waited.
     let result = match plan(conn, s).await {
         Ok((again, _, _, _)) if again.noop => Ok(noop(again)),
-        Ok((again, desired, spec, inv)) => apply_locked(conn, s, &spec, again, &desired, inv).await,
+        Ok((again, desired, spec, inv)) => {
+            apply_locked(conn, s, &spec, again, &desired, inv, &lock).await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = lock.release().await {
@@ -258,6 +292,7 @@ fn noop(plan: Plan) -> Outcome {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn apply_locked(
     conn: &Connection,
     s: &Settings,
@@ -265,10 +300,30 @@ async fn apply_locked(
     plan: Plan,
     desired: &[Manifest],
     previous: Option<Inventory>,
+    lock: &lock::Lock,
 ) -> Result<Outcome, ConvergeError> {
     let client = &conn.client;
     let events = Events::new(client, &spec.namespace);
     let held = plan.handover == HandoverPlan::HeldAfterRollback;
+    let rollout = Duration::from_secs(u64::from(spec.validation.rollout_timeout_seconds));
+    let mut records = Vec::new();
+    let mut inv = previous.clone().unwrap_or_default();
+    inv.cluster = spec.name.clone();
+
+    // kube-proxy comes back BEFORE the agents leave replace mode: restore it,
+    // wait until it serves on every node, then apply (which switches the agents).
+    if plan.handover == HandoverPlan::Restore {
+        let restored = restore_and_wait(conn, s, spec, plan.journal.clone(), lock).await?;
+        records.push(StepRecord {
+            name: "restore-kube-proxy".into(),
+            result: "done".into(),
+            message: format!("{}; serving on every node", list_or_none(&restored)),
+        });
+        events
+            .normal("KubeProxyRestored", &list_or_none(&restored))
+            .await;
+    }
+
     let mut applied = match apply::apply(
         client,
         desired,
@@ -289,8 +344,6 @@ async fn apply_locked(
     prune::prune(client, &spec.name, &stale, false, &mut applied)
         .await
         .map_err(ConvergeError::Prune)?;
-    let mut inv = previous.clone().unwrap_or_default();
-    inv.cluster = spec.name.clone();
     inv.revision = s.revision.clone();
     inv.mode = mode_word(spec, held).into();
     inv.record(&applied);
@@ -304,82 +357,75 @@ async fn apply_locked(
             .await;
     }
 
-    let rollout = Duration::from_secs(u64::from(spec.validation.rollout_timeout_seconds));
-    eprintln!("waiting for the agents to roll out …");
+    s.progress.say("waiting for the agents to roll out …");
     if let Err(e) = wait::agents_rolled_out(client, &spec.namespace, rollout).await {
         events.warn("RolloutFailed", &e.to_string()).await;
         return Err(e.into());
     }
 
-    let mut records = Vec::new();
-    let mut handed_over = false;
+    // The journal of the handover this run takes on to validation, if any.
+    let mut handing_over: Option<Journal> = None;
     match plan.handover {
-        HandoverPlan::Replace => {
-            eprintln!("kube-proxy handover:");
+        HandoverPlan::Replace | HandoverPlan::Resume(_) => {
+            s.progress.say("kube-proxy handover:");
             let opts = HandoverOptions {
                 namespace: spec.namespace.clone(),
                 cluster: spec.name.clone(),
+                revision: s.revision.clone(),
                 rollout_timeout: rollout,
                 gate_timeout: rollout,
-                dry_run: false,
             };
-            let r =
-                handover::replace_kube_proxy(client, &spec.kube_proxy, &opts, &mut records).await;
-            if let Err(e) = r {
-                let deleted = records.iter().any(|r| r.name == "delete-kube-proxy");
-                let step = match &e {
-                    handover::HandoverError::Gate { step, .. } => step.clone(),
-                    handover::HandoverError::Api { .. } => "api".into(),
-                };
-                records.push(StepRecord {
-                    name: step,
-                    result: "failed".into(),
-                    message: e.to_string(),
-                });
-                inv.handover = records.clone();
-                inventory::save(client, &spec.namespace, &inv, None).await?;
-                events.warn("HandoverStopped", &e.to_string()).await;
-                if !deleted {
-                    return Err(ConvergeError::Gate(e));
+            let say = |line: &str| s.progress.say(line);
+            let r = handover::replace_kube_proxy(
+                client,
+                &spec.kube_proxy,
+                &opts,
+                lock,
+                &say,
+                &mut records,
+            )
+            .await;
+            match r {
+                Ok(j) => {
+                    handing_over = Some(j);
+                    events
+                        .normal(
+                            "HandoverComplete",
+                            "kube-proxy removed; every node reports KubeProxyReplacement=true and its KUBE-* rules cleared",
+                        )
+                        .await;
                 }
-                // kube-proxy is already gone: treat like failed validation.
-                let rolled_back = spec.validation.rollback_on_failure
-                    && rollback(conn, s, spec, &mut inv, &events).await.is_ok();
-                return Ok(Outcome {
-                    plan,
-                    applied,
-                    handover: records,
-                    validation: None,
-                    rolled_back,
-                    exit_code: 1,
+                Err(e) => {
+                    return handover_failed(
+                        conn, s, spec, plan, applied, records, inv, lock, &events, e,
+                    )
+                    .await;
+                }
+            }
+        }
+        HandoverPlan::Validate => {
+            handing_over = plan.journal.clone();
+        }
+        HandoverPlan::Abandon => {
+            if let Some(mut j) = plan.journal.clone() {
+                handover::set_phase(client, &spec.namespace, &mut j, Phase::Abandoned)
+                    .await
+                    .map_err(ConvergeError::Handover)?;
+                records.push(StepRecord {
+                    name: "abandon".into(),
+                    result: "done".into(),
+                    message: "the handover stopped before any delete; kube-proxy is intact".into(),
                 });
             }
-            handed_over = true;
-            events
-                .normal(
-                    "HandoverComplete",
-                    "kube-proxy removed; every node reports KubeProxyReplacement=true and its KUBE-* rules cleared",
-                )
-                .await;
         }
-        HandoverPlan::Restore => {
-            let restored = restore_kube_proxy(client, &spec.namespace).await?;
-            records.push(StepRecord {
-                name: "restore-kube-proxy".into(),
-                result: "done".into(),
-                message: restored.join(", "),
-            });
-            events
-                .normal("KubeProxyRestored", &restored.join(", "))
-                .await;
-        }
-        HandoverPlan::None | HandoverPlan::HeldAfterRollback => {}
+        HandoverPlan::Restore | HandoverPlan::None | HandoverPlan::HeldAfterRollback => {}
     }
 
-    let validation = if s.skip_validation && !handed_over {
+    let validation = if s.skip_validation && handing_over.is_none() {
         None
     } else {
-        eprintln!("validating …");
+        crate::fault::point("before-validation").await;
+        s.progress.say("validating …");
         let report = validate::validate(
             client,
             spec,
@@ -407,9 +453,11 @@ async fn apply_locked(
             result: "failed".into(),
             message: names.join(", "),
         });
-        if handed_over && spec.validation.rollback_on_failure {
-            rollback(conn, s, spec, &mut inv, &events).await?;
-            rolled_back = true;
+        if let Some(j) = handing_over.take() {
+            if spec.validation.rollback_on_failure {
+                rollback(conn, s, spec, &mut inv, &events, Some(j), lock).await?;
+                rolled_back = true;
+            }
         }
     } else if validation.is_some() {
         records.push(StepRecord {
@@ -417,6 +465,11 @@ async fn apply_locked(
             result: "done".into(),
             message: String::new(),
         });
+        if let Some(mut j) = handing_over.take() {
+            handover::set_phase(client, &spec.namespace, &mut j, Phase::Complete)
+                .await
+                .map_err(ConvergeError::Handover)?;
+        }
     }
     if !records.is_empty() {
         inv.handover = records.clone();
@@ -430,6 +483,98 @@ async fn apply_locked(
         rolled_back,
         exit_code: u8::from(failed),
     })
+}
+
+fn list_or_none(objects: &[String]) -> String {
+    if objects.is_empty() {
+        "kube-proxy's objects were already there".into()
+    } else {
+        format!("restored {}", objects.join(", "))
+    }
+}
+
+/// A handover that stopped. Before any delete, kube-proxy stays and the
+/// journal says `abandoned`; after deletes began, the cluster is treated like
+/// failed validation: rolled back when configured, and a failed rollback is
+/// reported with both causes, never swallowed.
+#[allow(clippy::too_many_arguments)]
+async fn handover_failed(
+    conn: &Connection,
+    s: &Settings,
+    spec: &ClusterNetwork,
+    plan: Plan,
+    applied: ChangeSet,
+    mut records: Vec<StepRecord>,
+    mut inv: Inventory,
+    lock: &lock::Lock,
+    events: &Events,
+    e: handover::HandoverError,
+) -> Result<Outcome, ConvergeError> {
+    let client = &conn.client;
+    let step = match &e {
+        handover::HandoverError::Gate { step, .. } => step.clone(),
+        handover::HandoverError::Lock(_) => "lock".into(),
+        handover::HandoverError::Api { .. } => "api".into(),
+    };
+    records.push(StepRecord {
+        name: step,
+        result: "failed".into(),
+        message: netboot_contract::errors::chain(&e),
+    });
+    events
+        .warn("HandoverStopped", &netboot_contract::errors::chain(&e))
+        .await;
+    // Where did it stop? The journal says; if it cannot be read, assume the worst.
+    let journal = handover::load_backup(client, &spec.namespace)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|b| b.journal);
+    let past_delete = match &journal {
+        Some(j) => j.phase.past_delete(),
+        None => records.iter().any(|r| r.name == "delete-kube-proxy"),
+    };
+    inv.handover = records.clone();
+    if let Err(save) = inventory::save(client, &spec.namespace, &inv, None).await {
+        tracing::warn!(
+            "recording the stopped handover: {}",
+            netboot_contract::errors::chain(&save)
+        );
+    }
+    if !past_delete {
+        if let Some(mut j) = journal.filter(|j| j.phase == Phase::BackedUp) {
+            if let Err(w) =
+                handover::set_phase(client, &spec.namespace, &mut j, Phase::Abandoned).await
+            {
+                tracing::warn!(
+                    "recording the abandoned handover: {}",
+                    netboot_contract::errors::chain(&w)
+                );
+            }
+        }
+        return Err(ConvergeError::Gate(e));
+    }
+    if matches!(e, handover::HandoverError::Lock(_)) || !spec.validation.rollback_on_failure {
+        // Another netboot holds the cluster now (or rollback is off): the journal
+        // tells the next run where this one stopped.
+        return Err(ConvergeError::Handover(e));
+    }
+    match rollback(conn, s, spec, &mut inv, events, journal, lock).await {
+        Ok(()) => Ok(Outcome {
+            plan,
+            applied,
+            handover: inv.handover.clone(),
+            validation: None,
+            rolled_back: true,
+            exit_code: 1,
+        }),
+        Err(r) => Err(ConvergeError::RollbackFailed {
+            namespace: spec.namespace.clone(),
+            backup: handover::BACKUP_NAME,
+            rollback: netboot_contract::errors::chain(&r),
+            cause: e,
+        }),
+    }
 }
 
 pub fn validate_options(
@@ -452,26 +597,58 @@ pub fn validate_options(
     }
 }
 
-async fn restore_kube_proxy(
-    client: &Client,
-    namespace: &str,
+/// Brings kube-proxy back from the backup and waits until it serves on every
+/// node; the journal goes to `rolling-back` first, so an interruption here is
+/// finished by the next run.
+async fn restore_and_wait(
+    conn: &Connection,
+    s: &Settings,
+    spec: &ClusterNetwork,
+    journal: Option<Journal>,
+    lock: &lock::Lock,
 ) -> Result<Vec<String>, ConvergeError> {
-    let backup = handover::load_backup(client, namespace)
+    let client = &conn.client;
+    let ns = &spec.namespace;
+    let backup = handover::load_backup(client, ns)
         .await
         .map_err(ConvergeError::Handover)?
         .ok_or_else(|| {
             ConvergeError::Handover(handover::HandoverError::Api {
-                object: format!("ConfigMap/{namespace}/{}", handover::BACKUP_NAME),
+                object: format!("ConfigMap/{ns}/{}", handover::BACKUP_NAME),
                 message: "no backup of kube-proxy to restore".into(),
             })
         })?;
-    handover::restore(client, &backup)
+    let mut journal = journal.or(backup.journal.clone());
+    lock.ensure_held()
         .await
-        .map_err(ConvergeError::Handover)
+        .map_err(|e| ConvergeError::Handover(handover::HandoverError::Lock(Box::new(e))))?;
+    if let Some(j) = journal.as_mut().filter(|j| j.phase != Phase::RollingBack) {
+        handover::set_phase(client, ns, j, Phase::RollingBack)
+            .await
+            .map_err(ConvergeError::Handover)?;
+    }
+    crate::fault::point("after-journal-rolling-back").await;
+    s.progress.say("restoring kube-proxy from the backup …");
+    let restored = handover::restore(client, &backup, &spec.kube_proxy)
+        .await
+        .map_err(ConvergeError::Handover)?;
+    crate::fault::point("after-restore").await;
+    s.progress
+        .say("waiting for the restored kube-proxy to serve on every node …");
+    let rollout = Duration::from_secs(u64::from(spec.validation.rollout_timeout_seconds));
+    handover::wait_kube_proxy_serving(client, &spec.kube_proxy, rollout)
+        .await
+        .map_err(ConvergeError::Handover)?;
+    if let Some(j) = journal.as_mut() {
+        handover::set_phase(client, ns, j, Phase::RolledBack)
+            .await
+            .map_err(ConvergeError::Handover)?;
+    }
+    Ok(restored)
 }
 
-/// Back to coexist: kube-proxy restored from the backup first (so Services
-/// keep working), then the agents switched to coexist mode and rolled out.
+/// Back to coexist: kube-proxy restored from the backup and serving on every
+/// node first, then the agents switched to coexist mode and rolled out.
 /// Recorded as `rolled-back` at this revision so the next run does not loop.
 async fn rollback(
     conn: &Connection,
@@ -479,10 +656,13 @@ async fn rollback(
     spec: &ClusterNetwork,
     inv: &mut Inventory,
     events: &Events,
+    journal: Option<Journal>,
+    lock: &lock::Lock,
 ) -> Result<(), ConvergeError> {
     let client = &conn.client;
-    eprintln!("rolling back: restoring kube-proxy and switching agents to coexist …");
-    let restored = restore_kube_proxy(client, &spec.namespace).await?;
+    s.progress
+        .say("rolling back: restoring kube-proxy, then switching agents to coexist …");
+    let restored = restore_and_wait(conn, s, spec, journal, lock).await?;
     let mut coexist = spec.clone();
     coexist.datapath.kube_proxy_replacement = false;
     coexist.kube_proxy.remove = false;
@@ -508,15 +688,15 @@ async fn rollback(
     inv.handover.push(StepRecord {
         name: "rollback".into(),
         result: "done".into(),
-        message: format!("restored {}; agents in coexist mode", restored.join(", ")),
+        message: format!("{}; agents in coexist mode", list_or_none(&restored)),
     });
     inventory::save(client, &spec.namespace, inv, None).await?;
     events
         .warn(
             "RolledBack",
             &format!(
-                "restored {}; agents switched to coexist mode",
-                restored.join(", ")
+                "{}; agents switched to coexist mode",
+                list_or_none(&restored)
             ),
         )
         .await;
@@ -525,23 +705,35 @@ async fn rollback(
 
 /// `netboot rollback`: replace → coexist now, whatever the spec says.
 pub async fn rollback_now(conn: &Connection, s: &Settings) -> Result<Outcome, ConvergeError> {
-    let (plan, desired, spec, _) = plan(conn, s).await?;
+    let (mut plan, desired, spec, _) = plan(conn, s).await?;
     let client = &conn.client;
     if let Some(ns) = desired.iter().find(|m| m.id().kind == "Namespace") {
         apply::apply(client, std::slice::from_ref(ns), &ApplyOptions::default()).await?;
     }
-    let lock = lock::acquire(client, &spec.namespace, s.lock_wait).await?;
+    let lock = lock::acquire(client, s.lock_wait).await?;
     let events = Events::new(client, &spec.namespace);
     let mut inv = inventory::load(client, &spec.namespace)
         .await?
         .unwrap_or_default();
     inv.cluster = spec.name.clone();
     inv.revision = s.revision.clone();
-    let r = rollback(conn, s, &spec, &mut inv, &events).await;
+    let r = rollback(
+        conn,
+        s,
+        &spec,
+        &mut inv,
+        &events,
+        plan.journal.clone(),
+        &lock,
+    )
+    .await;
     if let Err(e) = lock.release().await {
         tracing::warn!("releasing the lock: {e}");
     }
     r?;
+    // What this command did, not what an apply would have done.
+    plan.noop = false;
+    plan.handover = HandoverPlan::Restore;
     Ok(Outcome {
         plan,
         applied: ChangeSet::default(),

@@ -21,11 +21,15 @@ use serde_json::Value;
 
 use crate::apply::{describe, FIELD_MANAGER};
 use crate::inventory::StepRecord;
+use crate::journal::{Captured, Journal, KubeProxyRef, Phase};
+use crate::lock::{Lock, LockError};
 use crate::manifest::{CLUSTER_LABEL, MANAGED_BY};
 use crate::spec::KubeProxy;
 use crate::wait::{self, NodeProblem, WaitError};
 
 pub const BACKUP_NAME: &str = "netboot-kube-proxy-backup";
+/// The backup ConfigMap's key holding the handover journal.
+pub const JOURNAL_KEY: &str = "journal.json";
 const KUBE_PROXY_POD_SELECTOR: &str = "k8s-app=kube-proxy";
 
 /// The handover's steps, in order; `netboot plan` lists them.
@@ -55,6 +59,8 @@ pub const STEPS: &[(&str, &str)] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
+    #[error("the lock was lost; stopped before the next destructive step")]
+    Lock(#[source] Box<LockError>),
     #[error("gate `{step}` failed: {message}{}", nodes_list(.nodes))]
     Gate {
         step: String,
@@ -168,23 +174,64 @@ pub fn strip_server_fields(mut v: Value) -> Value {
     v
 }
 
-/// The stored copy of kube-proxy.
+/// The stored copy of kube-proxy, with the journal of the handover that took it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Backup {
     pub daemon_set: Option<Value>,
     pub config_map: Option<Value>,
     pub taken: String,
+    /// `None` for a backup written before the journal existed.
+    pub journal: Option<Journal>,
 }
 
-/// Stores kube-proxy's DaemonSet and ConfigMap, whole, in a ConfigMap in
-/// netboot's namespace. Refuses to overwrite a backup with nothing.
+impl Backup {
+    fn journal_or_err(&self, namespace: &str) -> Result<&Journal, HandoverError> {
+        self.journal.as_ref().ok_or_else(|| HandoverError::Api {
+            object: format!("ConfigMap/{namespace}/{BACKUP_NAME}"),
+            message: "the backup has no journal.json".into(),
+        })
+    }
+}
+
+fn kp_ref(kp: &KubeProxy) -> KubeProxyRef {
+    KubeProxyRef {
+        namespace: kp.namespace.clone(),
+        daemon_set: kp.daemon_set.clone(),
+        config_map: kp.config_map.clone(),
+    }
+}
+
+fn captured(v: &Option<Value>) -> Captured {
+    if v.is_some() {
+        Captured::Object
+    } else {
+        Captured::Absent
+    }
+}
+
+/// Backs kube-proxy's DaemonSet and ConfigMap up, whole, into a ConfigMap in
+/// netboot's namespace, with the journal at [`Phase::BackedUp`].
+///
+/// Write-once per handover: a backup whose journal says a handover is in
+/// progress is returned as it is, never taken again (kube-proxy may be half
+/// deleted by then). Otherwise the new copy replaces the old one object by
+/// object, and an object the cluster no longer has keeps its old copy: a
+/// backup is never overwritten by an emptier one.
 pub async fn backup(
     client: &Client,
     namespace: &str,
     kp: &KubeProxy,
     cluster: &str,
+    revision: &str,
+    by: &str,
 ) -> Result<Backup, HandoverError> {
+    let old = load_backup(client, namespace).await?;
+    if let Some(old) = &old {
+        if old.journal.as_ref().is_some_and(|j| j.phase.in_progress()) {
+            return Ok(old.clone());
+        }
+    }
     let get = |kind: &'static str, name: String| async move {
         let (ar, _) = crate::resources::api_resource(kind).ok_or_else(|| HandoverError::Api {
             object: kind.into(),
@@ -202,24 +249,50 @@ pub async fn backup(
                 message: e.to_string(),
             })
     };
-    let daemon_set = get("DaemonSet", kp.daemon_set.clone()).await?;
-    let config_map = get("ConfigMap", kp.config_map.clone()).await?;
+    let mut daemon_set = get("DaemonSet", kp.daemon_set.clone()).await?;
+    let mut config_map = get("ConfigMap", kp.config_map.clone()).await?;
     if daemon_set.is_none() && config_map.is_none() {
         return Err(HandoverError::Api {
             object: format!("DaemonSet/{}/{}", kp.namespace, kp.daemon_set),
             message: "nothing to back up: kube-proxy is not installed".into(),
         });
     }
+    // Never emptier: keep an old copy of an object the cluster lacks now,
+    // when it is the same object.
+    if let Some(old) = old.filter(|o| {
+        o.journal
+            .as_ref()
+            .is_none_or(|j| j.kube_proxy == kp_ref(kp))
+    }) {
+        daemon_set = daemon_set.or(old.daemon_set);
+        config_map = config_map.or(old.config_map);
+    }
+    let now = jiff::Timestamp::now().to_string();
+    let journal = Journal {
+        phase: Phase::BackedUp,
+        revision: revision.into(),
+        started: now.clone(),
+        updated: now.clone(),
+        kube_proxy: kp_ref(kp),
+        daemon_set: captured(&daemon_set),
+        config_map: captured(&config_map),
+        by: by.into(),
+    };
     let b = Backup {
         daemon_set,
         config_map,
-        taken: jiff::Timestamp::now().to_string(),
+        taken: now,
+        journal: Some(journal),
     };
     let mut data = BTreeMap::new();
     let json = |v: &Option<Value>| serde_json::to_string_pretty(v).unwrap_or_default();
     data.insert("daemonset.json".to_string(), json(&b.daemon_set));
     data.insert("configmap.json".to_string(), json(&b.config_map));
     data.insert("taken".to_string(), b.taken.clone());
+    data.insert(
+        JOURNAL_KEY.to_string(),
+        serde_json::to_string_pretty(&b.journal).unwrap_or_default(),
+    );
     let cm = ConfigMap {
         metadata: ObjectMeta {
             name: Some(BACKUP_NAME.into()),
@@ -247,6 +320,36 @@ pub async fn backup(
     Ok(b)
 }
 
+/// Records a new phase in the journal (a merge patch of `journal.json` only:
+/// the backed-up objects beside it are never rewritten).
+pub async fn set_phase(
+    client: &Client,
+    namespace: &str,
+    journal: &mut Journal,
+    phase: Phase,
+) -> Result<(), HandoverError> {
+    let mut next = journal.clone();
+    next.phase = phase;
+    next.updated = jiff::Timestamp::now().to_string();
+    let text = serde_json::to_string_pretty(&next).map_err(|e| HandoverError::Api {
+        object: format!("ConfigMap/{namespace}/{BACKUP_NAME}"),
+        message: e.to_string(),
+    })?;
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(
+            BACKUP_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "data": { JOURNAL_KEY: text } })),
+        )
+        .await
+        .map_err(|e| HandoverError::Api {
+            object: format!("ConfigMap/{namespace}/{BACKUP_NAME}"),
+            message: format!("recording phase {phase}: {}", describe(&e)),
+        })?;
+    *journal = next;
+    Ok(())
+}
+
 pub async fn load_backup(
     client: &Client,
     namespace: &str,
@@ -270,18 +373,34 @@ pub async fn load_backup(
             }),
         }
     };
+    let journal = match data.get(JOURNAL_KEY) {
+        None => None,
+        Some(s) => serde_json::from_str(s).map_err(|e| HandoverError::Api {
+            object: object.clone(),
+            message: format!("{JOURNAL_KEY}: {e}"),
+        })?,
+    };
     Ok(Some(Backup {
         daemon_set: parse("daemonset.json")?,
         config_map: parse("configmap.json")?,
         taken: data.get("taken").cloned().unwrap_or_default(),
+        journal,
     }))
 }
 
 /// Creates kube-proxy's objects from the backup (ConfigMap first); objects
-/// that exist already are left as they are.
-pub async fn restore(client: &Client, b: &Backup) -> Result<Vec<String>, HandoverError> {
+/// that exist already are left as they are. Only the objects the spec names
+/// are restored: a backup that holds anything else is refused.
+pub async fn restore(
+    client: &Client,
+    b: &Backup,
+    kp: &KubeProxy,
+) -> Result<Vec<String>, HandoverError> {
     let mut restored = Vec::new();
-    for (kind, obj) in [("ConfigMap", &b.config_map), ("DaemonSet", &b.daemon_set)] {
+    for (kind, obj, want) in [
+        ("ConfigMap", &b.config_map, &kp.config_map),
+        ("DaemonSet", &b.daemon_set, &kp.daemon_set),
+    ] {
         let Some(obj) = obj else { continue };
         let (ar, _) = crate::resources::api_resource(kind).ok_or_else(|| HandoverError::Api {
             object: kind.into(),
@@ -290,12 +409,22 @@ pub async fn restore(client: &Client, b: &Backup) -> Result<Vec<String>, Handove
         let ns = obj
             .pointer("/metadata/namespace")
             .and_then(Value::as_str)
-            .unwrap_or("kube-system");
+            .unwrap_or_default();
         let name = obj
             .pointer("/metadata/name")
             .and_then(Value::as_str)
             .unwrap_or_default();
         let object = format!("{kind}/{ns}/{name}");
+        let kind_ok = obj.pointer("/kind").and_then(Value::as_str) == Some(kind);
+        if ns != kp.namespace || name != want || !kind_ok {
+            return Err(HandoverError::Api {
+                object: format!("ConfigMap/{}/{BACKUP_NAME}", b.journal.as_ref().map(|j| j.kube_proxy.namespace.as_str()).unwrap_or("?")),
+                message: format!(
+                    "the backup holds {object}, but the spec's kube-proxy is {kind}/{}/{want}: refusing to restore it",
+                    kp.namespace
+                ),
+            });
+        }
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
         let dynamic: DynamicObject =
             serde_json::from_value(obj.clone()).map_err(|e| HandoverError::Api {
@@ -316,38 +445,93 @@ pub async fn restore(client: &Client, b: &Backup) -> Result<Vec<String>, Handove
     Ok(restored)
 }
 
+/// Waits until the restored kube-proxy serves: its DaemonSet rolled out and
+/// every node's agent reporting kube-proxy's rules present.
+pub async fn wait_kube_proxy_serving(
+    client: &Client,
+    kp: &KubeProxy,
+    timeout: Duration,
+) -> Result<(), HandoverError> {
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), &kp.namespace);
+    let what = format!(
+        "DaemonSet/{}/{} to serve again",
+        kp.namespace, kp.daemon_set
+    );
+    wait::until(&what, timeout, || async {
+        let d = ds
+            .get_opt(&kp.daemon_set)
+            .await
+            .map_err(|e| WaitError::Api {
+                what: what.clone(),
+                message: describe(&e),
+            })?;
+        let Some(d) = d else {
+            return Ok(("the DaemonSet does not exist".into(), vec![]));
+        };
+        if let Some(reason) = wait::rollout_pending(&d) {
+            return Ok((reason, vec![]));
+        }
+        let p = wait::nodes_rules_not(client, "present").await?;
+        Ok((
+            if p.is_empty() {
+                String::new()
+            } else {
+                "kube-proxy's rules are not on every node yet".into()
+            },
+            p,
+        ))
+    })
+    .await
+    .map_err(|e| HandoverError::gate("kube-proxy-serving", e))
+}
+
 /// Settings for [`replace_kube_proxy`].
 #[derive(Debug, Clone)]
 pub struct HandoverOptions {
     pub namespace: String,
     pub cluster: String,
+    /// The revision that asks for the handover (recorded in the journal).
+    pub revision: String,
     pub rollout_timeout: Duration,
     /// For the gates after deletion (pods gone, rules cleared).
     pub gate_timeout: Duration,
-    pub dry_run: bool,
 }
 
-/// Runs the gated handover; every step is appended to `records` as it ends.
+/// Progress lines for the operator; the caller decides where they go.
+pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+/// Runs the gated handover — from the start, or resuming an interrupted one
+/// (every step is idempotent; the backup is taken once) — up to
+/// [`Phase::Validating`]. Every step is appended to `records` as it ends; the
+/// journal is written before each destructive step, and the lock is checked
+/// before it too, so a run that lost its lock stops there.
 pub async fn replace_kube_proxy(
     client: &Client,
     kp: &KubeProxy,
     opts: &HandoverOptions,
+    lock: &Lock,
+    progress: Progress<'_>,
     records: &mut Vec<StepRecord>,
-) -> Result<(), HandoverError> {
+) -> Result<Journal, HandoverError> {
     let mut done = |name: &str, message: String| {
-        eprintln!(
+        progress(&format!(
             "  ✓ {name}{}",
             if message.is_empty() {
                 String::new()
             } else {
                 format!(": {message}")
             }
-        );
+        ));
         records.push(StepRecord {
             name: name.into(),
             result: "done".into(),
             message,
         });
+    };
+    let held = || async {
+        lock.ensure_held()
+            .await
+            .map_err(|e| HandoverError::Lock(Box::new(e)))
     };
     wait::agents_rolled_out(client, &opts.namespace, opts.rollout_timeout)
         .await
@@ -375,14 +559,34 @@ pub async fn replace_kube_proxy(
         .map_err(|e| HandoverError::gate("nodes-report-replacement", e))?
         .len();
     done("nodes-report-replacement", format!("{n} of {n} nodes"));
-    let b = backup(client, &opts.namespace, kp, &opts.cluster).await?;
+    crate::fault::point("before-backup").await;
+    held().await?;
+    let b = backup(
+        client,
+        &opts.namespace,
+        kp,
+        &opts.cluster,
+        &opts.revision,
+        lock.holder(),
+    )
+    .await?;
+    let mut journal = b.journal_or_err(&opts.namespace)?.clone();
     done(
         "backup-kube-proxy",
         format!(
-            "ConfigMap/{}/{BACKUP_NAME} (taken {})",
-            opts.namespace, b.taken
+            "ConfigMap/{}/{BACKUP_NAME} (taken {}; DaemonSet {}, ConfigMap {})",
+            opts.namespace,
+            b.taken,
+            journal.daemon_set.as_str(),
+            journal.config_map.as_str(),
         ),
     );
+    crate::fault::point("after-backup").await;
+    held().await?;
+    if !journal.phase.past_delete() {
+        set_phase(client, &opts.namespace, &mut journal, Phase::Deleting).await?;
+    }
+    crate::fault::point("after-journal-deleting").await;
     let ds: Api<DaemonSet> = Api::namespaced(client.clone(), &kp.namespace);
     let cm: Api<ConfigMap> = Api::namespaced(client.clone(), &kp.namespace);
     let gone_ok = |r: Result<_, kube::Error>, object: String| match r {
@@ -399,12 +603,16 @@ pub async fn replace_kube_proxy(
             .map(|_| ()),
         format!("DaemonSet/{}/{}", kp.namespace, kp.daemon_set),
     )?;
+    crate::fault::point("between-deletes").await;
     gone_ok(
         cm.delete(&kp.config_map, &DeleteParams::default())
             .await
             .map(|_| ()),
         format!("ConfigMap/{}/{}", kp.namespace, kp.config_map),
     )?;
+    if journal.phase == Phase::Deleting {
+        set_phase(client, &opts.namespace, &mut journal, Phase::Deleted).await?;
+    }
     done(
         "delete-kube-proxy",
         format!(
@@ -412,6 +620,7 @@ pub async fn replace_kube_proxy(
             kp.namespace, kp.daemon_set, kp.config_map
         ),
     );
+    crate::fault::point("after-deletes").await;
     wait::until("kube-proxy to be gone", opts.gate_timeout, || async {
         let s = kube_proxy_state(client, kp)
             .await
@@ -449,7 +658,11 @@ pub async fn replace_kube_proxy(
     .await
     .map_err(|e| HandoverError::gate("rules-cleared", e))?;
     done("rules-cleared", format!("{n} of {n} nodes"));
-    Ok(())
+    if journal.phase == Phase::Deleted {
+        set_phase(client, &opts.namespace, &mut journal, Phase::Validating).await?;
+    }
+    crate::fault::point("after-gates").await;
+    Ok(journal)
 }
 
 #[cfg(test)]

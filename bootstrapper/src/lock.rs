@@ -1,5 +1,7 @@
-//! One netboot at a time per cluster: a coordination.k8s.io Lease in netboot's
-//! namespace. A second apply or reconciler waits (bounded) and then exits with
+//! One netboot at a time per cluster: a coordination.k8s.io Lease at a fixed
+//! place, `kube-system/netboot-lock`, whatever `spec.namespace` says (a lock in
+//! the spec's namespace would let a run with another namespace start beside
+//! one in progress). A second apply or reconciler waits (bounded) and then exits with
 //! a message naming the holder. The holder renews in the background; a
 //! crashed holder's lease expires after its duration.
 
@@ -14,6 +16,8 @@ use tokio::task::JoinHandle;
 use crate::apply::describe;
 
 pub const LEASE_NAME: &str = "netboot-lock";
+/// Where the lock lives, for every spec.
+pub const LEASE_NAMESPACE: &str = "kube-system";
 pub const LEASE_SECONDS: i32 = 60;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,8 @@ pub enum LockError {
     },
     #[error("Lease/{namespace}/{LEASE_NAME}: {message}")]
     Api { namespace: String, message: String },
+    #[error("Lease/{namespace}/{LEASE_NAME}: no longer ours ({now}); another netboot may be working on this cluster")]
+    Lost { namespace: String, now: String },
 }
 
 /// A held lock; call [`Lock::release`] when done (dropping it stops renewal
@@ -55,7 +61,8 @@ fn now() -> MicroTime {
 }
 
 /// Acquires the lease, waiting up to `wait` for another holder to finish.
-pub async fn acquire(client: &Client, namespace: &str, wait: Duration) -> Result<Lock, LockError> {
+pub async fn acquire(client: &Client, wait: Duration) -> Result<Lock, LockError> {
+    let namespace = LEASE_NAMESPACE;
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let holder = identity();
     let started = std::time::Instant::now();
@@ -174,6 +181,46 @@ async fn renew(api: Api<Lease>, holder: String) {
 impl Lock {
     pub fn holder(&self) -> &str {
         &self.holder
+    }
+
+    /// Checks, with a fresh read, that the lease is still ours and not
+    /// expired; called before every destructive step, so a run that lost its
+    /// lock (renewals failed, another netboot took it over) stops there.
+    pub async fn ensure_held(&self) -> Result<(), LockError> {
+        let lease = self
+            .api
+            .get_opt(LEASE_NAME)
+            .await
+            .map_err(|e| LockError::Api {
+                namespace: self.namespace.clone(),
+                message: describe(&e),
+            })?;
+        let lost = |now: String| LockError::Lost {
+            namespace: self.namespace.clone(),
+            now,
+        };
+        let Some(spec) = lease.and_then(|l| l.spec) else {
+            return Err(lost("the Lease is gone".into()));
+        };
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        if holder != self.holder {
+            return Err(lost(format!(
+                "held by {}",
+                if holder.is_empty() { "nobody" } else { &holder }
+            )));
+        }
+        let renewed = spec
+            .renew_time
+            .as_ref()
+            .or(spec.acquire_time.as_ref())
+            .map(|t| t.0);
+        let age = renewed
+            .map(|t| jiff::Timestamp::now().duration_since(t).as_secs())
+            .unwrap_or(i64::MAX);
+        if age > i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS)) {
+            return Err(lost(format!("expired: last renewed {age}s ago")));
+        }
+        Ok(())
     }
 
     /// Gives the lease up so the next netboot need not wait for it to expire.

@@ -458,6 +458,12 @@ async fn reconcile_one(
         probe_image: opts.probe_image.clone(),
         retry: false,
         skip_validation: opts.skip_validation,
+        progress: {
+            let cluster = spec.name.clone();
+            converge::Progress(std::sync::Arc::new(move |line: &str| {
+                tracing::info!("{cluster}: {}", line.trim())
+            }))
+        },
     };
     let previous = match inventory::load(&conn.client, &spec.namespace).await {
         Ok(i) => i,

@@ -90,6 +90,28 @@ pub struct RenderOptions {
     pub api_server: Option<ApiServer>,
 }
 
+/// How long the reconciler's lock wait (`--lock-timeout`'s default).
+pub const RECONCILE_LOCK_WAIT_SECONDS: u64 = 120;
+
+/// The reconciler Job's deadline: the worst case of one pass with margin —
+/// the lock wait, the agents' rollout, the handover's three node gates,
+/// validation, and a rollback (kube-proxy serving again, agents rolled out
+/// to coexist), plus ten minutes. A Job killed by its deadline mid-handover
+/// is resumed by the next one (the journal), but should not happen by design.
+pub fn reconcile_deadline_seconds(spec: &ClusterNetwork) -> u64 {
+    let rollout = u64::from(spec.validation.rollout_timeout_seconds);
+    let validation = u64::from(spec.validation.timeout_seconds);
+    RECONCILE_LOCK_WAIT_SECONDS + 6 * rollout + validation + 600
+}
+
+/// The reconciler pod's termination grace: long enough to finish the longest
+/// single handover step (a gate or validation) after SIGTERM, plus a minute.
+pub fn reconcile_grace_seconds(spec: &ClusterNetwork) -> u64 {
+    let rollout = u64::from(spec.validation.rollout_timeout_seconds);
+    let validation = u64::from(spec.validation.timeout_seconds);
+    rollout.max(validation) + 60
+}
+
 /// The template set: embedded ones plus overrides, sorted by name with the
 /// embedded order kept for embedded names.
 pub fn load_templates(dir: Option<&Path>) -> Result<Vec<(String, String)>, RenderError> {
@@ -146,6 +168,8 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
             "suspend": r.suspend,
             "image": r.image,
             "secretName": r.secret_name.clone().unwrap_or_else(|| "netboot-git".into()),
+            "activeDeadlineSeconds": reconcile_deadline_seconds(spec),
+            "terminationGracePeriodSeconds": reconcile_grace_seconds(spec),
         })
     });
     json!({
@@ -360,3 +384,29 @@ pub fn to_yaml(manifests: &[Manifest]) -> Result<String, serde_yaml::Error> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    /// Issue 16: the CronJob's 3600 s deadline was below the sum of prod's
+    /// timeouts, so a slow handover was killed halfway by its own Job.
+    #[test]
+    fn the_reconciler_deadline_covers_every_timeout_of_a_pass() {
+        for file in ["prod", "staging", "local", "kind"] {
+            let path = format!("{}/../clusters/{file}.yaml", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let spec = crate::spec::parse(&path, &text).unwrap();
+            let v = &spec.validation;
+            let worst = RECONCILE_LOCK_WAIT_SECONDS
+                + 6 * u64::from(v.rollout_timeout_seconds)
+                + u64::from(v.timeout_seconds);
+            assert!(reconcile_deadline_seconds(&spec) > worst, "{file}");
+            assert!(
+                reconcile_grace_seconds(&spec)
+                    > u64::from(v.rollout_timeout_seconds.max(v.timeout_seconds)),
+                "{file}"
+            );
+        }
+    }
+}

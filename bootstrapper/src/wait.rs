@@ -189,6 +189,29 @@ pub async fn nodes_not_reporting(
         .collect())
 }
 
+/// Nodes whose agent does not report kube-proxy's rules as `want`
+/// (`present` or `absent`).
+pub async fn nodes_rules_not(client: &Client, want: &str) -> Result<Vec<NodeProblem>, WaitError> {
+    Ok(list_nodes(client)
+        .await?
+        .into_iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let ann = n.metadata.annotations.unwrap_or_default();
+            match ann.get(RULES_ANNOTATION).map(String::as_str) {
+                Some(v) if v == want => None,
+                v => Some(NodeProblem {
+                    node: name,
+                    reason: format!(
+                        "kube-proxy rules {} on the node, want {want}",
+                        v.unwrap_or("unreported")
+                    ),
+                }),
+            }
+        })
+        .collect())
+}
+
 /// Polls `check` until it returns no problems or `timeout` passes, showing
 /// progress (a spinner on a terminal, a log line every 10 s otherwise).
 pub async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<(), WaitError>

@@ -13,15 +13,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{admin_writes_since, audit_len, indent, kube_proxy, scenario, wait_until, Run};
+use common::{
+    admin_writes_since, audit_len, indent, kube_proxy, scenario, wait_until, ApiServerProcess, Run,
+};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use netboot_harness::cluster::{repo_root, SharedCluster};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn netboot(c: &SharedCluster, args: &[&str]) -> Run {
     let out: Output = Command::new(env!("CARGO_BIN_EXE_netboot"))
@@ -381,11 +383,8 @@ fn coexist_leaves_kube_proxy_alone() {
 #[test]
 fn a_held_lock_makes_the_second_apply_wait_then_fail() {
     scenario(|c| async move {
-        let ns: Api<Namespace> = Api::all(c.client.clone());
-        let nsobj: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": "netboot-system"}})).unwrap();
-        ns.create(&PostParams::default(), &nsobj).await.unwrap();
-        let leases: Api<Lease> = Api::namespaced(c.client.clone(), "netboot-system");
+        // One fixed lock per cluster, whatever spec.namespace says (issue 16).
+        let leases: Api<Lease> = Api::namespaced(c.client.clone(), "kube-system");
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some("netboot-lock".into()),
@@ -402,10 +401,13 @@ fn a_held_lock_makes_the_second_apply_wait_then_fail() {
         leases.create(&PostParams::default(), &lease).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let spec = spec_file(dir.path(), "local.yaml", |s| s);
+        let other_ns = spec_file(dir.path(), "other-ns.yaml", |s| {
+            s.replace("spec:\n", "spec:\n  namespace: netboot-other\n")
+        });
         let started = Instant::now();
         let run = netboot(
             &c,
-            &["apply", "--lock-timeout", "3", spec.to_str().unwrap()],
+            &["apply", "--lock-timeout", "3", other_ns.to_str().unwrap()],
         );
         assert_eq!(run.code, 2);
         assert!(
@@ -414,7 +416,7 @@ fn a_held_lock_makes_the_second_apply_wait_then_fail() {
         );
         assert!(
             run.stderr.contains(
-                "waiting for Lease/netboot-system/netboot-lock, held by other-host/pid-1/test"
+                "waiting for Lease/kube-system/netboot-lock, held by other-host/pid-1/test"
             ),
             "{}",
             run.stderr
@@ -540,74 +542,4 @@ fn api_server_killed_mid_apply_then_rerun_converges() {
             "the backup must be kube-proxy as it was installed"
         );
     });
-}
-
-/// The local cluster's kube-apiserver, as tests/cluster/up started and
-/// recorded it (pids/kube-apiserver.pid: pid, binary, start time).
-struct ApiServerProcess {
-    pid: i32,
-    argv: Vec<String>,
-}
-
-impl ApiServerProcess {
-    fn read(state: &Path) -> Self {
-        let rec = std::fs::read_to_string(state.join("pids/kube-apiserver.pid")).unwrap();
-        let pid: i32 = rec.lines().next().unwrap().trim().parse().unwrap();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-        let argv: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        assert!(
-            argv[0].ends_with("kube-apiserver"),
-            "pid {pid} is {argv:?}, not the recorded kube-apiserver"
-        );
-        ApiServerProcess { pid, argv }
-    }
-
-    fn kill(&self) {
-        // SAFETY: signalling the process the cluster scripts started and recorded.
-        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGKILL) }, 0);
-        let start = Instant::now();
-        while Path::new(&format!("/proc/{}/cmdline", self.pid)).exists()
-            && std::fs::read(format!("/proc/{}/cmdline", self.pid))
-                .map(|c| !c.is_empty())
-                .unwrap_or(false)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "kube-apiserver did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Same binary, same flags, same log; the pid file is rewritten so
-    /// tests/cluster/down stops the new process.
-    // A daemon like the other components: tests/cluster/down stops it by the recorded PID.
-    #[allow(clippy::zombie_processes)]
-    fn start_again(&self, state: &Path) {
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(state.join("logs/kube-apiserver.log"))
-            .unwrap();
-        let child = Command::new("setsid")
-            .args(&self.argv)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        std::thread::sleep(Duration::from_millis(200));
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let after = stat.rsplit_once(") ").unwrap().1;
-        let start_time = after.split(' ').nth(19).unwrap();
-        std::fs::write(
-            state.join("pids/kube-apiserver.pid"),
-            format!("{pid}\n{}\n{start_time}\n", self.argv[0]),
-        )
-        .unwrap();
-    }
 }

@@ -119,6 +119,7 @@ mod tests {
             handover,
             handover_steps: vec![],
             kube_proxy: kp,
+            journal: None,
             noop: false,
         }
     }

@@ -3,7 +3,7 @@
 //! its baseline (kube-proxy as kubeadm installs it, no netboot).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -164,6 +164,12 @@ pub async fn reset(c: &SharedCluster) {
         )
         .await;
     }
+    // A killed netboot leaves its lock held until the lease expires.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kube-system");
+    let _ = leases
+        .delete("netboot-lock", &DeleteParams::default())
+        .await;
     let lp = ListParams::default().labels("app.kubernetes.io/managed-by=netboot");
     for kind in [
         "ClusterRole",
@@ -311,4 +317,74 @@ pub async fn kube_proxy(client: &Client) -> (Option<DaemonSet>, Option<ConfigMap
         .await
         .unwrap();
     (ds, cm)
+}
+
+/// The local cluster's kube-apiserver, as tests/cluster/up started and
+/// recorded it (pids/kube-apiserver.pid: pid, binary, start time).
+pub struct ApiServerProcess {
+    pid: i32,
+    argv: Vec<String>,
+}
+
+impl ApiServerProcess {
+    pub fn read(state: &Path) -> Self {
+        let rec = std::fs::read_to_string(state.join("pids/kube-apiserver.pid")).unwrap();
+        let pid: i32 = rec.lines().next().unwrap().trim().parse().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(
+            argv[0].ends_with("kube-apiserver"),
+            "pid {pid} is {argv:?}, not the recorded kube-apiserver"
+        );
+        ApiServerProcess { pid, argv }
+    }
+
+    pub fn kill(&self) {
+        // SAFETY: signalling the process the cluster scripts started and recorded.
+        assert_eq!(unsafe { libc::kill(self.pid, libc::SIGKILL) }, 0);
+        let start = Instant::now();
+        while Path::new(&format!("/proc/{}/cmdline", self.pid)).exists()
+            && std::fs::read(format!("/proc/{}/cmdline", self.pid))
+                .map(|c| !c.is_empty())
+                .unwrap_or(false)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "kube-apiserver did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Same binary, same flags, same log; the pid file is rewritten so
+    /// tests/cluster/down stops the new process.
+    // A daemon like the other components: tests/cluster/down stops it by the recorded PID.
+    #[allow(clippy::zombie_processes)]
+    pub fn start_again(&self, state: &Path) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(state.join("logs/kube-apiserver.log"))
+            .unwrap();
+        let child = Command::new("setsid")
+            .args(&self.argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(200));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = stat.rsplit_once(") ").unwrap().1;
+        let start_time = after.split(' ').nth(19).unwrap();
+        std::fs::write(
+            state.join("pids/kube-apiserver.pid"),
+            format!("{pid}\n{}\n{start_time}\n", self.argv[0]),
+        )
+        .unwrap();
+    }
 }

@@ -71,7 +71,9 @@ pub struct Auth {
     pub known_hosts: Option<PathBuf>,
     /// Private key for SSH (unencrypted).
     pub ssh_key: Option<PathBuf>,
-    /// Token for HTTPS, sent as the password (user `x-access-token` unless the URL names one).
+    /// Token for HTTPS, sent as the password of user `x-access-token` (a URL
+    /// may not carry a user or token: [`url::check`]). Offered, like the SSH
+    /// key, only to the configured URL's host and port.
     pub token: Option<Token>,
 }
 
@@ -135,6 +137,7 @@ pub struct SourceOptions {
     pub git_ref: String,
     /// The cache: one bare repository per URL under it. Default [`default_cache_dir`].
     pub cache_dir: PathBuf,
+    /// Credentials and known_hosts. Default none.
     pub auth: Auth,
     /// Fetch over plain `http://`. Default false: refused.
     pub allow_insecure_http: bool,

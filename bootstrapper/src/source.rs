@@ -8,26 +8,34 @@
 //! revision (`git:<sha>`).
 //!
 //! SSH always verifies the server's host key against a known_hosts file (no
-//! file, no SSH); HTTPS takes a token; `file://` and local paths need nothing.
-//! No credential reaches a message: URLs are shown with their userinfo
-//! redacted and every git error is scrubbed of the token before it leaves.
+//! file, no SSH, whatever the scheme's case); HTTPS takes a token; `file://`
+//! and local paths need nothing. Before anything connects, [`url::check`]
+//! refuses credentials inside the URL and `http://` (unless allowed).
+//! Credentials are only offered to the configured host and port, never to a
+//! server a redirect leads to. A fetch is bounded in bytes, objects and wall
+//! time ([`FetchLimits`]). No credential reaches a message: URLs are shown
+//! with their userinfo redacted and every git error is scrubbed of the token
+//! before it leaves.
 
 pub mod known_hosts;
+pub mod url;
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Once;
+use std::time::{Duration, Instant};
 
 use git2::{
     AutotagOption, CertificateCheckStatus, Cred, CredentialType, ErrorClass, ErrorCode,
-    FetchOptions, FetchPrune, ObjectType, Oid, RemoteCallbacks, Repository, Tree,
+    FetchOptions, FetchPrune, ObjectType, Oid, RemoteCallbacks, RemoteRedirect, Repository, Tree,
 };
 use sha2::{Digest, Sha256};
 
 use crate::render::hex;
 use crate::spec::{self, ClusterNetwork, LoadError};
 use known_hosts::{HostKey, Verdict};
+use url::{RepoUrl, Scheme, UrlError};
 
 /// A secret string: never printed (`Debug` shows `***`).
 #[derive(Clone, PartialEq, Eq)]
@@ -63,20 +71,78 @@ pub struct Auth {
     pub known_hosts: Option<PathBuf>,
     /// Private key for SSH (unencrypted).
     pub ssh_key: Option<PathBuf>,
-    /// Token for HTTPS, sent as the password (user `x-access-token` unless the URL names one).
+    /// Token for HTTPS, sent as the password of user `x-access-token` (a URL
+    /// may not carry a user or token: [`url::check`]). Offered, like the SSH
+    /// key, only to the configured URL's host and port.
     pub token: Option<Token>,
+}
+
+/// Bounds on one fetch, enforced as data arrives (libgit2's progress
+/// callbacks): the fetch is stopped as soon as one is exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchLimits {
+    /// Bytes received (the pack). Default 512 MiB.
+    pub max_bytes: u64,
+    /// Objects in the pack, known from its header before it is downloaded. Default 1,000,000.
+    pub max_objects: usize,
+    /// Wall time from the start of the fetch. Checked whenever the server
+    /// sends something; a server that sends nothing is cut off by the
+    /// transport's own read timeout (2 minutes) instead. Default 5 minutes.
+    pub timeout: Duration,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        FetchLimits {
+            max_bytes: 512 << 20,
+            max_objects: 1_000_000,
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl FetchLimits {
+    /// Which limit `received` bytes and `objects` after `elapsed` exceed, if any.
+    fn exceeded(&self, received: u64, objects: usize, elapsed: Duration) -> Option<String> {
+        if received > self.max_bytes {
+            Some(format!(
+                "fetch stopped: {received} bytes received, over the limit of {} bytes (--fetch-max-bytes)",
+                self.max_bytes
+            ))
+        } else if objects > self.max_objects {
+            Some(format!(
+                "fetch stopped: the pack has {objects} objects, over the limit of {} (--fetch-max-objects)",
+                self.max_objects
+            ))
+        } else if elapsed >= self.timeout {
+            Some(format!(
+                "fetch stopped: still running after {:.1}s, over the limit of {}s (--fetch-timeout)",
+                elapsed.as_secs_f64(),
+                self.timeout.as_secs_f64()
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 /// Options for [`fetch`].
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
-    /// `https://`, `http://`, `ssh://`, `git@host:path`, `git://`, `file://` or a local path.
+    /// `https://`, `ssh://`, `git@host:path`, `git://`, `file://`, a local path,
+    /// or `http://` when `allow_insecure_http`. Schemes in any case.
     pub url: String,
     /// Branch, tag, or full or short (≥ 4 hex digits) commit SHA. Default `main`.
+    /// 40 hex digits are always a commit, never a branch or tag of that name.
     pub git_ref: String,
     /// The cache: one bare repository per URL under it. Default [`default_cache_dir`].
     pub cache_dir: PathBuf,
+    /// Credentials and known_hosts. Default none.
     pub auth: Auth,
+    /// Fetch over plain `http://`. Default false: refused.
+    pub allow_insecure_http: bool,
+    /// Bounds on the fetch. Default [`FetchLimits::default`].
+    pub limits: FetchLimits,
 }
 
 impl Default for SourceOptions {
@@ -86,6 +152,8 @@ impl Default for SourceOptions {
             git_ref: "main".into(),
             cache_dir: default_cache_dir(),
             auth: Auth::default(),
+            allow_insecure_http: false,
+            limits: FetchLimits::default(),
         }
     }
 }
@@ -104,8 +172,16 @@ pub fn default_cache_dir() -> PathBuf {
 pub enum SourceError {
     #[error("{path}: git cache: {message}")]
     Cache { path: String, message: String },
+    #[error("git {url}: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: UrlError,
+    },
     #[error("git {url}: {message}")]
     Fetch { url: String, message: String },
+    #[error("git {url}: {message}")]
+    Limit { url: String, message: String },
     #[error("git {url}: authentication failed: {message}")]
     Auth { url: String, message: String },
     #[error("git {url}: {message}")]
@@ -237,58 +313,6 @@ fn repo_path(path: &str) -> Result<PathBuf, SourceError> {
     }
 }
 
-/// How the URL is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Transport {
-    Ssh { host: String, port: u16 },
-    Http,
-    Other,
-}
-
-fn transport(url: &str) -> Transport {
-    let ssh = ["ssh://", "git+ssh://", "ssh+git://"]
-        .iter()
-        .find_map(|p| url.strip_prefix(p));
-    if let Some(rest) = ssh {
-        let authority = rest.split('/').next().unwrap_or_default();
-        let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let (host, port) = split_port(hostport);
-        return Transport::Ssh { host, port };
-    }
-    if url.starts_with("https://") || url.starts_with("http://") {
-        return Transport::Http;
-    }
-    if !url.contains("://") && !url.starts_with('/') {
-        // scp-like `[user@]host:path`.
-        if let Some((left, _)) = url.split_once(':') {
-            if !left.contains('/') {
-                let host = left.rsplit_once('@').map_or(left, |(_, h)| h);
-                return Transport::Ssh {
-                    host: host.trim_matches(['[', ']']).to_string(),
-                    port: 22,
-                };
-            }
-        }
-    }
-    Transport::Other
-}
-
-fn split_port(hostport: &str) -> (String, u16) {
-    if let Some(rest) = hostport.strip_prefix('[') {
-        // [v6]:port
-        let (host, after) = rest.split_once(']').unwrap_or((rest, ""));
-        let port = after
-            .strip_prefix(':')
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(22);
-        return (host.to_string(), port);
-    }
-    match hostport.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse().unwrap_or(22)),
-        _ => (hostport.to_string(), 22),
-    }
-}
-
 /// The URL as messages show it: the userinfo of http(s) URLs replaced by
 /// `***`, an SSH URL's password too (its user name stays).
 pub fn redact_url(url: &str) -> String {
@@ -302,7 +326,7 @@ pub fn redact_url(url: &str) -> String {
     let Some((userinfo, host)) = authority.rsplit_once('@') else {
         return url.to_string();
     };
-    let shown = if scheme.contains("ssh") {
+    let shown = if scheme.to_ascii_lowercase().contains("ssh") {
         match userinfo.split_once(':') {
             Some((user, _)) => format!("{user}:***"),
             None => userinfo.to_string(),
@@ -325,7 +349,8 @@ fn userinfo(url: &str) -> Option<&str> {
 fn scrub(message: &str, url: &str, token: Option<&Secret>) -> String {
     let mut m = message.replace(url, &redact_url(url));
     if let Some(info) = userinfo(url).filter(|u| !u.is_empty()) {
-        if matches!(transport(url), Transport::Http) {
+        let web = url::parse(url).is_ok_and(|u| matches!(u.scheme, Scheme::Https | Scheme::Http));
+        if web {
             m = m.replace(info, "***");
         }
         if let Some((_, password)) = info.split_once(':').filter(|(_, p)| !p.is_empty()) {
@@ -356,9 +381,14 @@ fn set_timeouts() {
 /// `tokio::task::spawn_blocking` in async code.
 pub fn fetch(opts: &SourceOptions) -> Result<Snapshot, SourceError> {
     set_timeouts();
-    let shown = redact_url(&opts.url);
+    let url = url::normalize(&opts.url);
+    let shown = redact_url(&url);
+    let parsed = url::check(&url, opts.allow_insecure_http).map_err(|source| SourceError::Url {
+        url: shown.clone(),
+        source,
+    })?;
     let token = read_token(&opts.auth, &shown)?;
-    let key = hex(&Sha256::digest(opts.url.as_bytes()));
+    let key = hex(&Sha256::digest(url.as_bytes()));
     let path = opts.cache_dir.join(&key);
     let cache_err = |message: String| SourceError::Cache {
         path: path.display().to_string(),
@@ -370,7 +400,7 @@ pub fn fetch(opts: &SourceOptions) -> Result<Snapshot, SourceError> {
         .map_err(|e| cache_err(format!("lock: {e}")))?;
     lock.lock().map_err(|e| cache_err(format!("lock: {e}")))?;
     let repo = open_cache(&path).map_err(|e| cache_err(e.message().to_string()))?;
-    fetch_into(&repo, opts, &shown, token.as_ref())?;
+    fetch_into(&repo, opts, &url, &parsed, &shown, token.as_ref())?;
     let commit = resolve(&repo, &opts.git_ref).map_err(|known| SourceError::UnknownRef {
         url: shown.clone(),
         git_ref: opts.git_ref.clone(),
@@ -444,23 +474,26 @@ const REFSPECS: &[&str] = &[
 fn fetch_into(
     repo: &Repository,
     opts: &SourceOptions,
+    url: &str,
+    parsed: &RepoUrl,
     shown: &str,
     token: Option<&Secret>,
 ) -> Result<(), SourceError> {
-    let transport = transport(&opts.url);
-    if let Transport::Ssh { host, port } = &transport {
+    let ssh = parsed.scheme == Scheme::Ssh;
+    if ssh {
+        let (host, port) = (&parsed.host, parsed.port);
         if opts.auth.known_hosts.is_none() {
             return Err(SourceError::HostKey {
                 url: shown.into(),
                 message: format!(
                     "no known_hosts file to verify {}'s host key: pass --known-hosts FILE or put known_hosts in $NETBOOT_GIT_CREDENTIALS",
-                    known_hosts::host_name(host, *port)
+                    known_hosts::host_name(host, port)
                 ),
             });
         }
     }
     let known_hosts_text = match &opts.auth.known_hosts {
-        Some(p) if matches!(transport, Transport::Ssh { .. }) => Some(
+        Some(p) if ssh => Some(
             std::fs::read_to_string(p).map_err(|e| SourceError::HostKey {
                 url: shown.into(),
                 message: format!("known_hosts {}: {e}", p.display()),
@@ -472,12 +505,39 @@ fn fetch_into(
     let refused: RefCell<Option<SourceError>> = RefCell::new(None);
     let mut attempts = 0u32;
     let mut cb = RemoteCallbacks::new();
+    let started = Instant::now();
+    // Records and reports a limit the fetch has gone over.
+    let over_limit = |received: u64, objects: usize| -> bool {
+        match opts.limits.exceeded(received, objects, started.elapsed()) {
+            Some(message) => {
+                let mut r = refused.borrow_mut();
+                if r.is_none() {
+                    *r = Some(SourceError::Limit {
+                        url: shown.into(),
+                        message,
+                    });
+                }
+                true
+            }
+            None => false,
+        }
+    };
+    let port = parsed.port;
     cb.certificate_check(|cert, hostname| {
-        let (Transport::Ssh { port, .. }, Some(hk), Some(text)) =
-            (&transport, cert.as_hostkey(), known_hosts_text.as_deref())
-        else {
+        let Some(hk) = cert.as_hostkey() else {
             // TLS: libgit2's own certificate verification decides.
             return Ok(CertificateCheckStatus::CertificatePassthrough);
+        };
+        let Some(text) = known_hosts_text.as_deref().filter(|_| ssh) else {
+            // An SSH host key where no SSH was expected: fail closed.
+            let e = format!(
+                "{hostname}: an SSH host key was offered but the URL was not recognised as SSH, so there is no known_hosts to verify it; refusing to connect"
+            );
+            *refused.borrow_mut() = Some(SourceError::HostKey {
+                url: shown.into(),
+                message: e.clone(),
+            });
+            return Err(git2::Error::from_str(&e));
         };
         let Some(blob) = hk.hostkey() else {
             let e = format!("{hostname}: the SSH server's host key is not available to verify");
@@ -488,14 +548,14 @@ fn fetch_into(
             return Err(git2::Error::from_str(&e));
         };
         let key = HostKey::from_blob(blob);
-        let name = known_hosts::host_name(hostname, *port);
+        let name = known_hosts::host_name(hostname, port);
         let file = opts
             .auth
             .known_hosts
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        let message = match known_hosts::verify(text, hostname, *port, &key) {
+        let message = match known_hosts::verify(text, hostname, port, &key) {
             Verdict::Match => return Ok(CertificateCheckStatus::CertificateOk),
             Verdict::Unknown { other_types } if other_types.is_empty() => format!(
                 "host key of {name} is unknown: {key} is not in known_hosts {file}; refusing to connect (verify the fingerprint out of band and add the key)"
@@ -517,7 +577,20 @@ fn fetch_into(
         });
         Err(git2::Error::from_str(&message))
     });
-    cb.credentials(|_url, username, allowed| {
+    cb.credentials(|asked, username, allowed| {
+        if !url::same_server(parsed, asked) {
+            // A redirect (or anything else) led elsewhere: that server gets nothing.
+            let other = url::parse(asked).map(|u| u.host).unwrap_or_default();
+            let m = format!(
+                "the server `{other}` asked for credentials, but they are only given to `{}` (port {}), the repository's server; none were sent",
+                parsed.host, parsed.port
+            );
+            *refused.borrow_mut() = Some(SourceError::Auth {
+                url: shown.into(),
+                message: m.clone(),
+            });
+            return Err(git2::Error::from_str(&m));
+        }
         attempts += 1;
         if attempts > 1 {
             let m = "the server refused the credentials".to_string();
@@ -554,12 +627,20 @@ fn fetch_into(
         }
         Err(git2::Error::from_str("no supported credential type"))
     });
+    cb.transfer_progress(|p| {
+        let objects = p.total_objects().max(p.received_objects());
+        !over_limit(p.received_bytes() as u64, objects)
+    });
+    cb.sideband_progress(|_| !over_limit(0, 0));
     let mut fo = FetchOptions::new();
     fo.remote_callbacks(cb)
         .prune(FetchPrune::On)
-        .download_tags(AutotagOption::None);
+        .download_tags(AutotagOption::None)
+        // A redirect of the first request only (e.g. to add `.git`); credentials
+        // still go only to the configured server (the credentials callback).
+        .follow_redirects(RemoteRedirect::Initial);
     let result = repo
-        .remote_anonymous(&opts.url)
+        .remote_anonymous(url)
         .and_then(|mut remote| remote.fetch(REFSPECS, Some(&mut fo), None));
     drop(fo);
     match result {
@@ -568,7 +649,7 @@ fn fetch_into(
             if let Some(r) = refused.into_inner() {
                 return Err(r);
             }
-            let message = scrub(e.message(), &opts.url, token);
+            let message = scrub(e.message(), url, token);
             if e.code() == ErrorCode::Auth
                 || e.class() == ErrorClass::Ssh && message.contains("auth")
             {
@@ -591,9 +672,22 @@ fn fetch_into(
     }
 }
 
-/// The commit a ref names: a branch, a tag (peeled), or a commit SHA (full,
-/// or a unique prefix of at least 4 hex digits). Err: what refs there are.
+/// The commit a ref names: a full commit SHA (always a commit, whatever
+/// branches or tags are called), a branch, a tag (peeled), or a unique SHA
+/// prefix of at least 4 hex digits (after branches and tags). Err: what refs
+/// there are.
 fn resolve(repo: &Repository, git_ref: &str) -> Result<Oid, String> {
+    if git_ref.len() == 40 && git_ref.chars().all(|c| c.is_ascii_hexdigit()) {
+        // A full SHA is a commit, never a branch or tag that is named like one.
+        return Oid::from_str(git_ref)
+            .and_then(|oid| repo.find_object(oid, None))
+            .and_then(|o| o.peel_to_commit())
+            .map(|c| c.id())
+            .map_err(|_| {
+                "a full commit SHA, but no commit with it is on any branch or tag of the repository"
+                    .to_string()
+            });
+    }
     let name = git_ref
         .strip_prefix("refs/heads/")
         .or_else(|| git_ref.strip_prefix("origin/"))
@@ -609,7 +703,7 @@ fn resolve(repo: &Repository, git_ref: &str) -> Result<Oid, String> {
             }
         }
     }
-    if git_ref.len() >= 4 && git_ref.len() <= 40 && git_ref.chars().all(|c| c.is_ascii_hexdigit()) {
+    if git_ref.len() >= 4 && git_ref.len() < 40 && git_ref.chars().all(|c| c.is_ascii_hexdigit()) {
         if let Ok(obj) = repo.revparse_single(git_ref) {
             if let Ok(c) = obj.peel_to_commit() {
                 return Ok(c.id());

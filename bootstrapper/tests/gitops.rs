@@ -334,36 +334,223 @@ fn an_unreachable_git_server_exits_2() {
     assert!(run.stderr.contains("nothing was applied"), "{}", run.stderr);
 }
 
-/// Tokens and passwords never reach stderr or stdout, whatever fails.
+/// Tokens and passwords never reach stderr or stdout, whatever fails: a URL
+/// that carries credentials is refused (pointing at --token-file) without
+/// echoing them; a token from a file or the environment is scrubbed from a
+/// failed connection's error.
 #[test]
 fn credentials_never_appear_in_output() {
     let cache = tempfile::tempdir().unwrap();
     let port = free_port();
-    let url = format!("https://deploy:pa55w0rd-xyz@127.0.0.1:{port}/org/repo.git");
+    let with_creds = format!("https://deploy:pa55w0rd-xyz@127.0.0.1:{port}/org/repo.git");
+    let clean = format!("https://127.0.0.1:{port}/org/repo.git");
     let token = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(token.path(), "tok-FILE-123456\n").unwrap();
-    for (extra, env) in [
-        (vec!["--token-file", token.path().to_str().unwrap()], vec![]),
-        (vec![], vec![("NETBOOT_GIT_TOKEN", "tok-ENV-654321")]),
-    ] {
-        let mut args = vec!["apply", "--repo", &url, "clusters/local.yaml", "-o", "json"];
-        args.extend(extra);
-        let run = netboot_env(&args, cache.path(), &env);
-        assert_eq!(run.code, 2);
-        let all = format!("{}{}", run.stdout, run.stderr);
-        for secret in [
-            "pa55w0rd-xyz",
-            "deploy:",
-            "tok-FILE-123456",
-            "tok-ENV-654321",
+    for url in [&with_creds, &clean] {
+        for (extra, env) in [
+            (vec!["--token-file", token.path().to_str().unwrap()], vec![]),
+            (vec![], vec![("NETBOOT_GIT_TOKEN", "tok-ENV-654321")]),
         ] {
-            assert!(!all.contains(secret), "{secret} leaked: {all}");
+            let mut args = vec!["apply", "--repo", url, "clusters/local.yaml", "-o", "json"];
+            args.extend(extra);
+            let run = netboot_env(&args, cache.path(), &env);
+            assert_eq!(run.code, 2);
+            let all = format!("{}{}", run.stdout, run.stderr);
+            for secret in [
+                "pa55w0rd-xyz",
+                "deploy:",
+                "tok-FILE-123456",
+                "tok-ENV-654321",
+            ] {
+                assert!(!all.contains(secret), "{secret} leaked: {all}");
+            }
+            if url == &with_creds {
+                assert!(
+                    all.contains(&format!(
+                        "git https://***@127.0.0.1:{port}/org/repo.git: credentials in the URL are refused"
+                    )) && all.contains("--token-file"),
+                    "{all}"
+                );
+            } else {
+                assert!(all.contains(&format!("git {clean}: fetch failed")), "{all}");
+            }
         }
-        assert!(
-            all.contains(&format!("https://***@127.0.0.1:{port}/org/repo.git")),
-            "{all}"
-        );
     }
+}
+
+/// `http://` is refused before anything connects unless
+/// --allow-insecure-http, and the message says why.
+#[test]
+fn plain_http_is_refused_without_the_flag_before_connecting() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cache = tempfile::tempdir().unwrap();
+    let url = format!("HTTP://127.0.0.1:{port}/repo.git");
+    let run = netboot_env(
+        &[
+            "plan",
+            "--repo",
+            &url,
+            "clusters/local.yaml",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
+        cache.path(),
+        &[],
+    );
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains(&format!(
+            "git http://127.0.0.1:{port}/repo.git: http:// is refused"
+        )) && run.stderr.contains("unencrypted")
+            && run.stderr.contains("--allow-insecure-http"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing may connect"
+    );
+}
+
+/// The limits' flags reach the fetch, and the error names the limit and the flag.
+#[test]
+fn a_fetch_over_its_size_limit_exits_2_naming_the_flag() {
+    let repo = Repo::new();
+    repo.commit(&[("clusters/local.yaml", &local_spec())], "local");
+    let cache = tempfile::tempdir().unwrap();
+    let run = netboot_env(
+        &[
+            "plan",
+            "--repo",
+            &repo.url(),
+            "--fetch-max-bytes",
+            "100",
+            "clusters/local.yaml",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
+        cache.path(),
+        &[],
+    );
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("fetch stopped")
+            && run
+                .stderr
+                .contains("over the limit of 100 bytes (--fetch-max-bytes)")
+            && run.stderr.contains("nothing was applied"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A tiny HTTP server on 127.0.0.1: answers every request with `respond`
+/// (given the request head) and records the heads. The thread ends with the
+/// test process.
+fn http_server(
+    respond: impl Fn(&str) -> String + Send + 'static,
+) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            while let Ok(n) = reader.read_line(&mut head) {
+                if n == 0 || head.ends_with("\r\n\r\n") {
+                    break;
+                }
+            }
+            let reply = respond(&head);
+            log.lock().unwrap().push(head);
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    (port, seen)
+}
+
+fn has_authorization(heads: &[String]) -> bool {
+    heads
+        .iter()
+        .any(|h| h.to_ascii_lowercase().contains("\nauthorization:"))
+}
+
+/// Credentials go only to the repository's own server: one that asks gets
+/// the token; a redirect to another host (`localhost` instead of
+/// `127.0.0.1`, both this machine) that asks gets nothing, and the error says so.
+#[test]
+fn a_redirect_to_another_host_gets_no_credentials() {
+    const UNAUTHORIZED: &str = "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "tok-REDIRECT-777\n").unwrap();
+    let fetch = |url: &str| {
+        let cache = tempfile::tempdir().unwrap();
+        netboot_env(
+            &[
+                "plan",
+                "--repo",
+                url,
+                "--allow-insecure-http",
+                "--token-file",
+                token.path().to_str().unwrap(),
+                "clusters/local.yaml",
+                "--kubeconfig",
+                "/nonexistent/kubeconfig",
+            ],
+            cache.path(),
+            &[],
+        )
+    };
+
+    // The repository's own server asks: it gets the token (and refuses it).
+    let (own, own_seen) = http_server(|_| UNAUTHORIZED.to_string());
+    let run = fetch(&format!("http://127.0.0.1:{own}/repo.git"));
+    assert_eq!(run.code, 2);
+    assert!(
+        has_authorization(&own_seen.lock().unwrap()),
+        "the repository's server must be offered the token: {:?}",
+        own_seen.lock().unwrap()
+    );
+    assert!(
+        run.stderr.contains("the server refused the credentials"),
+        "{}",
+        run.stderr
+    );
+
+    // A redirect to another host that asks: nothing is sent.
+    let (other, other_seen) = http_server(|_| UNAUTHORIZED.to_string());
+    let (origin, origin_seen) = http_server(move |head| {
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        format!(
+            "HTTP/1.1 302 Found\r\nLocation: http://localhost:{other}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    });
+    let run = fetch(&format!("http://127.0.0.1:{origin}/repo.git"));
+    assert_eq!(run.code, 2);
+    assert!(
+        !other_seen.lock().unwrap().is_empty(),
+        "the redirect must have been followed: {}",
+        run.stderr
+    );
+    assert!(
+        !has_authorization(&other_seen.lock().unwrap()),
+        "{:?}",
+        other_seen.lock().unwrap()
+    );
+    assert!(!has_authorization(&origin_seen.lock().unwrap()));
+    assert!(
+        run.stderr.contains(&format!(
+            "the server `localhost` asked for credentials, but they are only given to `127.0.0.1` (port {origin})"
+        )) && run.stderr.contains("none were sent"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("tok-REDIRECT-777"), "{}", run.stderr);
 }
 
 /// The CronJob's arguments, as rendered, parse and fetch: they only fail at
@@ -589,6 +776,32 @@ fn ssh_verifies_the_host_key_against_known_hosts() {
         format!("other.example {} {}\n", host_key[0], host_key[1]),
     )
     .unwrap();
+    // An uppercase scheme is SSH too: verified, and refused here.
+    let cache = tempfile::tempdir().unwrap();
+    let upper = url.replacen("ssh://", "SSH://", 1);
+    let run = netboot_env(
+        &[
+            "plan",
+            "--repo",
+            &upper,
+            "clusters/local.yaml",
+            "--ssh-key",
+            &key,
+            "--known-hosts",
+            known.to_str().unwrap(),
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ],
+        cache.path(),
+        &[],
+    );
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr
+            .contains(&format!("host key of {host} is unknown")),
+        "{}",
+        run.stderr
+    );
     let run = fetch(Some(&known));
     assert_eq!(run.code, 2);
     assert!(

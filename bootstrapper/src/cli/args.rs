@@ -80,7 +80,7 @@ pub struct ClusterArgs {
 /// Where the desired state comes from when it is in git.
 #[derive(Debug, Args, Clone)]
 pub struct SourceArgs {
-    /// Take the spec and templates/ from this git repository (https://, ssh://, git@host:path, git://, file:// or a path); SPEC is then a path inside it.
+    /// Take the spec and templates/ from this git repository (https://, ssh://, git@host:path, git://, file:// or a path); SPEC is then a path inside it. No credentials in the URL: use --token-file.
     #[arg(long, value_name = "URL")]
     pub repo: Option<String>,
     /// Branch, tag or commit SHA (full or short) of --repo.
@@ -95,6 +95,18 @@ pub struct SourceArgs {
     /// File with a token for HTTPS (default $NETBOOT_GIT_TOKEN, then $NETBOOT_GIT_CREDENTIALS/token).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Allow a plain http:// --repo (unencrypted and unauthenticated: only on a network you trust).
+    #[arg(long)]
+    pub allow_insecure_http: bool,
+    /// Stop a fetch that receives more than this (512MiB, 64KiB, 1GiB or bytes).
+    #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
+    pub fetch_max_bytes: u64,
+    /// Stop a fetch whose pack has more objects than this.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub fetch_max_objects: usize,
+    /// Stop a fetch still running after this long (30s, 5m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub fetch_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -172,9 +184,49 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("`{s}`: unit must be s, m or h")),
     };
     if secs == 0 {
-        return Err("the interval must be at least 1s".into());
+        return Err(format!("`{s}`: must be at least 1s"));
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// `512MiB`, `64KiB`, `1GiB` (also `K`, `M`, `G`, `KB`, `MB`, `GB`, all
+/// powers of 1024), or plain bytes; at least 1.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 512MiB, 64KiB, 1GiB)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{s}`: unit must be KiB, MiB or GiB")),
+    };
+    match n.checked_mul(1 << shift) {
+        Some(0) => Err(format!("`{s}`: must be at least 1 byte")),
+        Some(v) => Ok(v),
+        None => Err(format!("`{s}` is too large")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5TiB").unwrap_err().contains("unit"));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("0s").unwrap_err().contains("at least 1s"));
+    }
 }
 
 #[derive(Debug, Args)]

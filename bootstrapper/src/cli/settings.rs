@@ -8,7 +8,7 @@ use netboot::cluster::{self, Connection, Target};
 use netboot::converge::Settings;
 use netboot::reconcile::{ReconcileOptions, Targets};
 use netboot::render::{hex, RenderOptions};
-use netboot::source::{self, Auth, Secret, Snapshot, SourceOptions, Token};
+use netboot::source::{self, Auth, FetchLimits, Secret, Snapshot, SourceOptions, Token};
 use netboot::spec;
 use sha2::{Digest, Sha256};
 
@@ -49,6 +49,12 @@ pub fn source_options(args: &SourceArgs) -> Option<SourceOptions> {
                 .clone()
                 .or_else(|| in_creds(&["ssh-privatekey", "identity"])),
             token,
+        },
+        allow_insecure_http: args.allow_insecure_http,
+        limits: FetchLimits {
+            max_bytes: args.fetch_max_bytes,
+            max_objects: args.fetch_max_objects,
+            timeout: args.fetch_timeout,
         },
     })
 }

@@ -58,7 +58,7 @@ fn opts(url: String, git_ref: &str, cache: &Path) -> SourceOptions {
         url,
         git_ref: git_ref.into(),
         cache_dir: cache.to_path_buf(),
-        auth: Auth::default(),
+        ..SourceOptions::default()
     }
 }
 
@@ -229,31 +229,179 @@ fn credentials_never_appear_in_messages() {
     assert_eq!(format!("{:?}", Secret::new("tok-123")), "***");
 }
 
+/// A branch or tag named like a commit's full SHA must not redirect a
+/// pinned ref to another commit: 40 hex digits are always the commit.
 #[test]
-fn transports() {
-    assert_eq!(
-        transport("ssh://git@h:2222/r.git"),
-        Transport::Ssh {
-            host: "h".into(),
-            port: 2222
-        }
+fn a_full_sha_is_the_commit_even_when_a_branch_or_tag_is_named_like_it() {
+    let up = Upstream::new();
+    let pinned = up.commit(&[("clusters/a.yaml", Some(SPEC))], "pinned");
+    let other = up.commit(
+        &[(
+            "clusters/a.yaml",
+            Some(&SPEC.replace("name: a", "name: evil")),
+        )],
+        "other",
     );
-    assert_eq!(
-        transport("ssh://[::1]:2222/r.git"),
-        Transport::Ssh {
-            host: "::1".into(),
-            port: 2222
-        }
+    let other_commit = up.repo.find_commit(other).unwrap();
+    up.repo
+        .branch(&pinned.to_string(), &other_commit, false)
+        .unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let snap = fetch(&opts(up.url(), &pinned.to_string(), cache.path())).unwrap();
+    assert_eq!(snap.commit, pinned.to_string());
+    assert_eq!(snap.load_spec("clusters/a.yaml").unwrap().name, "a");
+    // The same with a tag of that name (and the branch gone).
+    up.repo
+        .find_branch(&pinned.to_string(), git2::BranchType::Local)
+        .unwrap()
+        .delete()
+        .unwrap();
+    up.repo
+        .tag_lightweight(&pinned.to_string(), other_commit.as_object(), false)
+        .unwrap();
+    let snap = fetch(&opts(up.url(), &pinned.to_string(), cache.path())).unwrap();
+    assert_eq!(snap.commit, pinned.to_string());
+    // The branch is still reachable by its full ref name.
+    up.repo
+        .branch(&pinned.to_string(), &other_commit, false)
+        .unwrap();
+    let snap = fetch(&opts(
+        up.url(),
+        &format!("refs/heads/{pinned}"),
+        cache.path(),
+    ))
+    .unwrap();
+    assert_eq!(snap.commit, other.to_string());
+    // A full SHA that is no commit of the repository is unknown, whatever the branches are named.
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    up.repo.branch(missing, &other_commit, false).unwrap();
+    let e = fetch(&opts(up.url(), missing, cache.path())).unwrap_err();
+    assert!(
+        matches!(e, SourceError::UnknownRef { .. }) && e.to_string().contains("a full commit SHA"),
+        "{e}"
     );
-    assert_eq!(
-        transport("git@github.example:o/r.git"),
-        Transport::Ssh {
-            host: "github.example".into(),
-            port: 22
-        }
+}
+
+#[test]
+fn ssh_in_any_case_and_scp_like_urls_need_known_hosts() {
+    let cache = tempfile::tempdir().unwrap();
+    // Refused before anything connects (port 9 on loopback: nothing is contacted anyway).
+    for url in [
+        "SSH://git@127.0.0.1:9/repo.git",
+        "Git+Ssh://git@127.0.0.1:9/repo.git",
+        "git@127.0.0.1:repo.git",
+    ] {
+        let e = fetch(&opts(url.into(), "main", cache.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no known_hosts file to verify"), "{url}: {e}");
+    }
+}
+
+#[test]
+fn plain_http_and_credentials_in_the_url_are_refused_before_connecting() {
+    let cache = tempfile::tempdir().unwrap();
+    let e = fetch(&opts(
+        "HTTP://127.0.0.1:9/repo.git".into(),
+        "main",
+        cache.path(),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("git http://127.0.0.1:9/repo.git: http:// is refused")
+            && e.contains("--allow-insecure-http"),
+        "{e}"
     );
-    assert_eq!(transport("https://h/r.git"), Transport::Http);
-    assert_eq!(transport("/srv/r.git"), Transport::Other);
-    assert_eq!(transport("file:///srv/r.git"), Transport::Other);
-    assert_eq!(transport("git://127.0.0.1:9418/r.git"), Transport::Other);
+    for url in [
+        "https://deploy:s3cr3t@127.0.0.1:9/repo.git",
+        "https://ghp_s3cr3t@127.0.0.1:9/repo.git",
+    ] {
+        let mut o = opts(url.into(), "main", cache.path());
+        o.allow_insecure_http = true;
+        let e = fetch(&o).unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, SourceError::Url { .. }), "{m}");
+        assert!(
+            m.contains("credentials in the URL are refused") && m.contains("--token-file"),
+            "{m}"
+        );
+        assert!(!m.contains("s3cr3t"), "{m}");
+    }
+}
+
+/// Each limit stops a fetch (file://, where the pack is built locally) with
+/// a message naming the limit and its flag; nothing is left resolvable.
+#[test]
+fn a_fetch_over_a_limit_is_stopped_naming_the_limit_and_its_flag() {
+    let up = Upstream::new();
+    // 64 KiB that do not compress (a pack of it is well over 1 KiB).
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let big: String = (0..(64 << 10) / 16)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{x:016x}")
+        })
+        .collect();
+    up.commit(
+        &[("clusters/a.yaml", Some(SPEC)), ("big.txt", Some(&big))],
+        "one",
+    );
+    let cases = [
+        (
+            FetchLimits {
+                max_bytes: 1024,
+                ..FetchLimits::default()
+            },
+            "over the limit of 1024 bytes (--fetch-max-bytes)",
+        ),
+        (
+            FetchLimits {
+                max_objects: 2,
+                ..FetchLimits::default()
+            },
+            "over the limit of 2 (--fetch-max-objects)",
+        ),
+        (
+            FetchLimits {
+                timeout: Duration::ZERO,
+                ..FetchLimits::default()
+            },
+            "over the limit of 0s (--fetch-timeout)",
+        ),
+    ];
+    for (limits, want) in cases {
+        let cache = tempfile::tempdir().unwrap();
+        let mut o = opts(up.url(), "main", cache.path());
+        o.limits = limits;
+        let e = fetch(&o).unwrap_err();
+        assert!(
+            matches!(e, SourceError::Limit { .. }) && e.to_string().contains(want),
+            "{want}: {e}"
+        );
+        o.limits = FetchLimits::default();
+        fetch(&o).unwrap();
+    }
+}
+
+#[test]
+fn limits_are_checked_in_order() {
+    let l = FetchLimits {
+        max_bytes: 100,
+        max_objects: 10,
+        timeout: Duration::from_secs(60),
+    };
+    let s = Duration::from_secs;
+    assert_eq!(l.exceeded(100, 10, s(59)), None);
+    assert!(l
+        .exceeded(101, 10, s(1))
+        .unwrap()
+        .contains("101 bytes received"));
+    assert!(l
+        .exceeded(0, 11, s(1))
+        .unwrap()
+        .contains("the pack has 11 objects"));
+    assert!(l.exceeded(0, 0, s(60)).unwrap().contains("--fetch-timeout"));
 }

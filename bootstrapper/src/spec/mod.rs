@@ -820,15 +820,8 @@ fn decode_reconcile(c: &mut Checker, n: &Node, path: &str, name: &str) -> Option
     let repo_node = c.require(&s, "repo");
     let repo = repo_node.and_then(|n| {
         let url = c.nonempty(n, &s.child("repo"))?;
-        let known = ["https://", "http://", "ssh://", "file://", "git@"];
-        if !known.iter().any(|p| url.starts_with(p)) && !url.starts_with('/') {
-            c.error(
-                n.pos,
-                &s.child("repo"),
-                format!(
-                    "`{url}` is not a git URL (expected https://, ssh://, git@host:path, file:// or an absolute path)"
-                ),
-            );
+        if let Some(problem) = reconcile_repo_problem(&url) {
+            c.error(n.pos, &s.child("repo"), problem);
             return None;
         }
         Some(url)
@@ -854,6 +847,30 @@ fn decode_reconcile(c: &mut Checker, n: &Node, path: &str, name: &str) -> Option
         image,
         secret_name,
     })
+}
+
+/// Why the reconciler could not fetch from `url` (schemes in any case): a
+/// scheme other than https://, ssh:// (or `[user@]host:path`) and file://, or an
+/// absolute path; credentials in the URL (they would be in the CronJob's
+/// arguments); plain http:// (the in-cluster reconciler never allows it).
+fn reconcile_repo_problem(url: &str) -> Option<String> {
+    use crate::source::url::{self, Scheme, UrlError};
+    let expected = "(expected https://, ssh://, git@host:path, file:// or an absolute path)";
+    match url::check(url, false) {
+        Ok(u) => match u.scheme {
+            Scheme::Https | Scheme::Ssh | Scheme::File => None,
+            Scheme::Local if url.starts_with('/') => None,
+            _ => Some(format!("`{url}` is not a git URL {expected}")),
+        },
+        Err(UrlError::Unsupported | UrlError::Invalid(_)) => {
+            Some(format!("`{url}` is not a git URL {expected}"))
+        }
+        Err(UrlError::InsecureHttp) => Some(
+            "http:// is refused: the token and the spec would cross the network unencrypted and unauthenticated; use https:// or ssh://"
+                .into(),
+        ),
+        Err(e @ UrlError::Credentials) => Some(e.to_string()),
+    }
 }
 
 /// `5m`, `1h`, `30m`: whole minutes dividing an hour or whole hours dividing a

@@ -166,6 +166,21 @@ fn malformed_specs_point_at_the_right_line() {
             "t.yaml:13:11: spec.reconcile.repo: `x/y` is not a git URL",
         ),
         (
+            "token in the repo URL",
+            format!("{GOOD}  reconcile:\n    repo: https://ghp_s3cr3t@git.example/o/r.git\n"),
+            "t.yaml:13:11: spec.reconcile.repo: credentials in the URL are refused",
+        ),
+        (
+            "user and password in the repo URL",
+            format!("{GOOD}  reconcile:\n    repo: HTTPS://deploy:s3cr3t@git.example/o/r.git\n"),
+            "t.yaml:13:11: spec.reconcile.repo: credentials in the URL are refused",
+        ),
+        (
+            "plain http repo",
+            format!("{GOOD}  reconcile:\n    repo: Http://git.example/o/r.git\n"),
+            "t.yaml:13:11: spec.reconcile.repo: http:// is refused",
+        ),
+        (
             "map size too small",
             format!("{GOOD}  datapath:\n    mapSizes:\n      services: 10\n"),
             "t.yaml:14:17: spec.datapath.mapSizes.services: 10 is out of range",
@@ -252,4 +267,29 @@ fn shipped_specs_are_valid() {
         }
     }
     assert!(n >= 4, "expected prod, staging, local and kind; found {n}");
+}
+
+/// The reconciler's repository: schemes in any case, scp-like URLs; a token
+/// in the URL is refused without being echoed (it would be in the CronJob).
+#[test]
+fn reconcile_repo_urls() {
+    for repo in [
+        "SSH://git@git.example/o/r.git",
+        "deploy@git.example:o/r.git",
+        "Https://git.example/o/r.git",
+        "file:///srv/r.git",
+        "/srv/r.git",
+    ] {
+        let s = parse("t.yaml", &format!("{GOOD}  reconcile:\n    repo: {repo}\n"));
+        assert!(s.is_ok(), "{repo}: {s:?}");
+    }
+    let e = errors(&format!(
+        "{GOOD}  reconcile:\n    repo: https://x-access-token:s3cr3t@git.example/o/r.git\n"
+    ));
+    assert!(e.iter().all(|m| !m.contains("s3cr3t")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|m| m.contains("--token-file") && m.contains("`token` key")),
+        "{e:?}"
+    );
 }

@@ -122,7 +122,7 @@ pub async fn acquire(client: &Client, wait: Duration) -> Result<Lock, LockError>
                     });
                 }
                 if !announced {
-                    eprintln!(
+                    tracing::info!(
                         "waiting for Lease/{namespace}/{LEASE_NAME}, held by {current} (up to {}s)",
                         wait.as_secs()
                     );

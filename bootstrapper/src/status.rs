@@ -38,6 +38,8 @@ pub struct ClusterStatus {
     pub agent_image: Option<String>,
     pub kube_proxy: KubeProxyState,
     pub backup_taken: Option<String>,
+    /// The last handover's journal (its phase says whether one is in progress).
+    pub handover_journal: Option<crate::journal::Journal>,
     pub inventory: Option<Inventory>,
     pub nodes: Vec<NodeStatus>,
 }
@@ -112,10 +114,11 @@ pub async fn gather(
     let kube_proxy = handover::kube_proxy_state(client, &spec.kube_proxy)
         .await
         .map_err(|e| e.to_string())?;
-    let backup_taken = handover::load_backup(client, ns)
+    let backup = handover::load_backup(client, ns)
         .await
-        .map_err(|e| e.to_string())?
-        .map(|b| b.taken);
+        .map_err(|e| e.to_string())?;
+    let backup_taken = backup.as_ref().map(|b| b.taken.clone());
+    let handover_journal = backup.and_then(|b| b.journal);
     let inventory = inventory::load(client, ns)
         .await
         .map_err(|e| e.to_string())?;
@@ -126,6 +129,7 @@ pub async fn gather(
         agent_image,
         kube_proxy,
         backup_taken,
+        handover_journal,
         inventory,
         nodes,
     })
@@ -180,6 +184,24 @@ pub fn format(s: &ClusterStatus) -> String {
             .map(|t| format!("taken {t}"))
             .unwrap_or_else(|| "none".into()),
     );
+    if let Some(j) = &s.handover_journal {
+        line(
+            &mut out,
+            "Handover journal:",
+            format!(
+                "{}{} (revision {}, since {}, by {})",
+                j.phase,
+                if j.phase.in_progress() {
+                    " — IN PROGRESS: the next apply or reconcile pass takes it on"
+                } else {
+                    ""
+                },
+                j.revision,
+                j.updated,
+                if j.by.is_empty() { "?" } else { &j.by }
+            ),
+        );
+    }
     match &s.inventory {
         Some(i) => {
             line(

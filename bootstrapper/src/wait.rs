@@ -242,8 +242,9 @@ where
         match &bar {
             Some(b) => b.set_message(format!("{line} [{}s]", start.elapsed().as_secs())),
             None if last_log.elapsed() >= Duration::from_secs(10) => {
-                tracing::info!("{line}");
-                eprintln!("  … {line} [{}s]", start.elapsed().as_secs());
+                // The CLI shows netboot::wait at info level (main.rs): progress on
+                // long waits, as JSON under --log-format json.
+                tracing::info!("… {line} [{}s]", start.elapsed().as_secs());
                 last_log = Instant::now();
             }
             None => {}

@@ -29,8 +29,75 @@ use crate::watch::{self, WatchError, Watched};
 pub const ANN_KPR: &str = "netboot.io/kube-proxy-replacement";
 /// Node annotation: datapath version.
 pub const ANN_VERSION: &str = "netboot.io/datapath-version";
-/// Node annotation: kube-proxy rules present/absent in the rules netns.
+/// Node annotation: kube-proxy rules `present`/`absent` in the rules netns,
+/// `unknown` when they cannot be checked.
 pub const ANN_RULES: &str = "netboot.io/kube-proxy-rules";
+/// Node annotation: why the rules are `unknown` (or why kube-proxy chains
+/// are kept); removed when there is nothing to say.
+pub const ANN_RULES_REASON: &str = "netboot.io/kube-proxy-rules-reason";
+
+/// What one rules pass found: kube-proxy's rules present or not (and why
+/// some are kept), or the error that stopped the check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RulesCheck {
+    /// The check ran.
+    Checked {
+        /// Anything of kube-proxy's left.
+        present: bool,
+        /// kube-proxy chains kept because other rules use them.
+        retained: Vec<String>,
+    },
+    /// It could not run.
+    Failed {
+        /// [`handover::HandoverError::is_capability`]: it cannot run on this node at all.
+        capability: bool,
+        /// The error, with its causes.
+        error: String,
+    },
+}
+
+/// What the agent reports on its Node after a rules pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeReport {
+    /// `netboot.io/kube-proxy-replacement`.
+    pub kpr: bool,
+    /// `netboot.io/kube-proxy-rules`: present, absent or unknown.
+    pub rules: &'static str,
+    /// `netboot.io/kube-proxy-rules-reason` (None = removed).
+    pub reason: Option<String>,
+    /// The cleanup this node needs cannot run: KubeProxyReplacement is held
+    /// at false so the handover never starts (kube-proxy is never touched).
+    pub blocked: bool,
+}
+
+/// The Node report: KubeProxyReplacement=true only in replace mode once
+/// ready, and — when this agent is to clean kube-proxy's rules — only while
+/// the cleanup can run here (capabilities, programs, trustworthy output), so
+/// the bootstrapper's first gate stays shut before kube-proxy is touched.
+pub fn node_report(replace: bool, ready: bool, cleanup: bool, check: &RulesCheck) -> NodeReport {
+    match check {
+        RulesCheck::Checked { present, retained } => NodeReport {
+            kpr: replace && ready,
+            rules: if *present { "present" } else { "absent" },
+            reason: (!retained.is_empty()).then(|| {
+                format!(
+                    "kube-proxy chains kept, other rules use them: {}",
+                    retained.join("; ")
+                )
+            }),
+            blocked: false,
+        },
+        RulesCheck::Failed { capability, error } => {
+            let blocked = replace && cleanup && *capability;
+            NodeReport {
+                kpr: replace && ready && !blocked,
+                rules: "unknown",
+                reason: Some(error.clone()),
+                blocked,
+            }
+        }
+    }
+}
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -373,7 +440,7 @@ async fn reconcile_loop(
 /// kube-proxy's DaemonSet is known to be gone (see [`kube_proxy::decide`]).
 async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOptions) {
     let replace = opts.config.kube_proxy_replacement;
-    let mut applied: Option<(bool, String)> = None;
+    let mut applied: Option<NodeReport> = None;
     let mut last_decision = None;
     loop {
         let ready = state.get().ready;
@@ -391,52 +458,61 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
         let clean = decision.cleans();
         let ns = RulesNetns::new(opts.rules_netns.as_deref());
         let rules = tokio::task::spawn_blocking(
-            move || -> Result<(usize, bool), handover::HandoverError> {
+            move || -> Result<(handover::Report, handover::Report), handover::HandoverError> {
                 let removed = if clean {
-                    handover::cleanup(&ns)?.items()
+                    handover::cleanup(&ns)?
                 } else {
-                    0
+                    handover::Report::default()
                 };
-                Ok((removed, handover::detect(&ns)?.present()))
+                Ok((removed, handover::detect(&ns)?))
             },
         )
         .await;
-        let rules_word = match rules {
-            Ok(Ok((removed, present))) => {
-                if removed > 0 {
+        let check = match rules {
+            Ok(Ok((removed, found))) => {
+                let n = removed.items();
+                if n > 0 || removed.route_localnet_reset {
                     tracing::info!(
-                        removed,
-                        "removed kube-proxy rules (KUBE-* chains, jumps, nft tables)"
+                        removed = n,
+                        route_localnet_reset = removed.route_localnet_reset,
+                        "removed kube-proxy's rules (its chains, jumps and nft tables)"
                     );
                 }
-                let w = if present { "present" } else { "absent" };
-                state.update(|s| {
-                    s.kube_proxy_rules = w.into();
-                    s.kube_proxy_rules_removed += removed;
-                });
-                w.to_string()
+                state.update(|s| s.kube_proxy_rules_removed += n);
+                RulesCheck::Checked {
+                    present: found.present(),
+                    retained: found.retained(),
+                }
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "kube-proxy rules check failed");
-                state.update(|s| {
-                    s.kube_proxy_rules = "unknown".into();
-                    s.last_error = e.to_string();
-                });
-                "unknown".to_string()
+                let error = netboot_contract::errors::chain(&e);
+                tracing::warn!(error = %error, capability = e.is_capability(), "kube-proxy rules check failed");
+                state.update(|s| s.last_error = error.clone());
+                RulesCheck::Failed {
+                    capability: e.is_capability(),
+                    error,
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "kube-proxy rules task failed");
-                "unknown".to_string()
+                RulesCheck::Failed {
+                    capability: false,
+                    error: format!("kube-proxy rules task: {e}"),
+                }
             }
         };
+        let report = node_report(replace, state.get().ready, state.cleanup, &check);
+        state.update(|s| {
+            s.kube_proxy_rules = report.rules.into();
+            s.kube_proxy_rules_reason = report.reason.clone().unwrap_or_default();
+            s.kube_proxy_cleanup_blocked = report.blocked;
+        });
         if let Some(c) = &client {
-            let kpr = replace && ready;
-            let want = (kpr, rules_word.clone());
-            if applied.as_ref() != Some(&want) {
-                match annotate(c, &opts.node_name, kpr, &rules_word).await {
+            if applied.as_ref() != Some(&report) {
+                match annotate(c, &opts.node_name, &report).await {
                     Ok(()) => {
-                        tracing::info!(node = %opts.node_name, kpr, rules = %rules_word, "node annotated");
-                        applied = Some(want);
+                        tracing::info!(node = %opts.node_name, kpr = report.kpr, rules = report.rules, reason = ?report.reason, "node annotated");
+                        applied = Some(report);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, node = %opts.node_name, "annotating node failed, will retry");
@@ -468,22 +544,85 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
 }
 
 /// Writes the contract annotations on the Node.
-pub async fn annotate(
-    client: &Client,
-    node: &str,
-    kpr: bool,
-    rules: &str,
-) -> Result<(), kube::Error> {
+pub async fn annotate(client: &Client, node: &str, report: &NodeReport) -> Result<(), kube::Error> {
     let nodes: Api<Node> = Api::all(client.clone());
+    // A merge patch with null removes the reason once there is none.
     let patch = serde_json::json!({
         "metadata": {"annotations": {
-            ANN_KPR: if kpr { "true" } else { "false" },
+            ANN_KPR: if report.kpr { "true" } else { "false" },
             ANN_VERSION: DATAPATH_VERSION,
-            ANN_RULES: rules,
+            ANN_RULES: report.rules,
+            ANN_RULES_REASON: report.reason,
         }}
     });
     nodes
         .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(present: bool) -> RulesCheck {
+        RulesCheck::Checked {
+            present,
+            retained: vec![],
+        }
+    }
+
+    fn failed(capability: bool) -> RulesCheck {
+        RulesCheck::Failed {
+            capability,
+            error: "iptables-legacy-save: not installed".into(),
+        }
+    }
+
+    #[test]
+    fn a_node_that_cannot_clean_never_reports_replacement() {
+        // Replace mode, ready, cleanup on, capability missing: the first
+        // handover gate (KubeProxyReplacement=true) stays shut.
+        let r = node_report(true, true, true, &failed(true));
+        assert_eq!(
+            r,
+            NodeReport {
+                kpr: false,
+                rules: "unknown",
+                reason: Some("iptables-legacy-save: not installed".into()),
+                blocked: true,
+            }
+        );
+        // A passing failure (e.g. the xtables lock) reports unknown, keeps KPR.
+        let r = node_report(true, true, true, &failed(false));
+        assert!(r.kpr && !r.blocked && r.rules == "unknown");
+        // Cleanup disabled or coexist: the agent cleans nothing, KPR unaffected.
+        assert!(node_report(true, true, false, &failed(true)).kpr);
+        assert!(!node_report(false, true, true, &failed(true)).blocked);
+    }
+
+    #[test]
+    fn checked_rules_report_present_or_absent() {
+        for (replace, ready) in [(true, true), (true, false), (false, true)] {
+            let r = node_report(replace, ready, true, &checked(true));
+            assert_eq!(
+                (r.kpr, r.rules, r.reason, r.blocked),
+                (replace && ready, "present", None, false)
+            );
+            assert_eq!(
+                node_report(replace, ready, true, &checked(false)).rules,
+                "absent"
+            );
+        }
+        let kept = RulesCheck::Checked {
+            present: true,
+            retained: vec![
+                "iptables-nft-save nat: KUBE-MARK-MASQ (referenced by: -A X -j KUBE-MARK-MASQ)"
+                    .into(),
+            ],
+        };
+        let r = node_report(true, true, true, &kept);
+        assert_eq!(r.rules, "present");
+        assert!(r.reason.is_some_and(|m| m.contains("KUBE-MARK-MASQ")));
+    }
 }

@@ -1,12 +1,28 @@
-//! Node handover from kube-proxy: find and remove kube-proxy's leftovers in
-//! the rules network namespace, touching no other rule.
+//! The node rules cleanup after kube-proxy: find and remove exactly
+//! kube-proxy's leftovers in the rules network namespace, touching no other
+//! component's rule, and close what kube-proxy opened (`route_localnet`).
 //!
-//! Removed: every `KUBE-*` chain (flushed, then deleted) and every rule in
-//! another chain that jumps or goes to a `KUBE-*` chain, in the nat, filter
-//! and mangle tables of both iptables backends (legacy and nft) for IPv4 and
-//! IPv6; and kube-proxy's nftables tables `ip kube-proxy` / `ip6 kube-proxy`.
-//! Each table is changed with one `iptables-restore --noflush` transaction.
+//! - What is kube-proxy's is decided from `iptables-save` text by a pure
+//!   function ([`plan::plan_from_save`], ownership as kube-proxy v1.36 has it),
+//!   in the nat/filter/mangle tables of both iptables backends (legacy and
+//!   nft) for IPv4 and IPv6; each table is changed with one
+//!   `iptables-restore -w --noflush` transaction. kube-proxy's nftables tables
+//!   `ip kube-proxy` / `ip6 kube-proxy` are deleted whole.
+//! - `net.ipv4.conf.all.route_localnet`: kube-proxy's iptables mode sets it to
+//!   1 for NodePorts on 127.0.0.0/8; the datapath (socket LB at connect(), no
+//!   NodePorts) never needs it. When kube-proxy's rules show it served
+//!   localhost NodePorts, it is set back to 0 in the same pass, before the
+//!   rules go (so a crash in between cannot lose the evidence). kubelet's
+//!   KUBE-FIREWALL guard is never touched.
+//! - Capabilities first ([`preflight`]): without CAP_NET_ADMIN, CAP_NET_RAW
+//!   (and CAP_SYS_ADMIN to enter another namespace), without one of the
+//!   programs, or with output iptables calls incompatible or that does not
+//!   parse, every call fails with an error that [`HandoverError::is_capability`]
+//!   recognises — never "absent".
+//!
 //! Commands run inside the namespace through `nsenter --net=PATH`.
+
+pub mod plan;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -15,9 +31,25 @@ use std::process::{Command, Stdio};
 
 use serde::Serialize;
 
-/// Errors of the handover.
+pub use plan::{plan_from_save, SaveError, TablePlan, TABLES};
+
+/// Errors of the node rules cleanup.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
+    /// The agent lacks capabilities the cleanup needs.
+    #[error("missing capabilities {}: needed to {}", .missing.join(", "), .why)]
+    Capabilities {
+        /// e.g. `CAP_NET_ADMIN`.
+        missing: Vec<&'static str>,
+        /// What they are needed for.
+        why: &'static str,
+    },
+    /// A program the cleanup runs is not installed.
+    #[error("{prog}: not installed (the cleanup needs iptables legacy and nft, ip6tables, nft and nsenter)")]
+    Missing {
+        /// The program.
+        prog: String,
+    },
     /// A command could not run.
     #[error("{cmd}: {source}")]
     Spawn {
@@ -37,6 +69,40 @@ pub enum HandoverError {
         /// Its stderr.
         stderr: String,
     },
+    /// `iptables-save` printed something that cannot be trusted.
+    #[error("{cmd}: {source}")]
+    Save {
+        /// The command line.
+        cmd: String,
+        /// What was wrong.
+        #[source]
+        source: SaveError,
+    },
+    /// Reading or writing a sysctl in the rules netns failed.
+    #[error("sysctl {name}: {source}")]
+    Sysctl {
+        /// e.g. `net.ipv4.conf.all.route_localnet`.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl HandoverError {
+    /// Whether the error means the agent cannot do the cleanup at all on this
+    /// node (missing capability or program, output it cannot trust), as
+    /// opposed to a command that may succeed when tried again.
+    pub fn is_capability(&self) -> bool {
+        match self {
+            Self::Capabilities { .. } | Self::Missing { .. } | Self::Save { .. } => true,
+            Self::Failed { stderr, .. } => {
+                stderr.contains("Permission denied") || stderr.contains("Operation not permitted")
+            }
+            Self::Sysctl { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+            Self::Spawn { source, .. } => source.kind() == std::io::ErrorKind::PermissionDenied,
+        }
+    }
 }
 
 /// The iptables front ends to inspect: (save, restore) per backend and family.
@@ -47,11 +113,40 @@ pub const BACKENDS: [(&str, &str); 4] = [
     ("ip6tables-nft-save", "ip6tables-nft-restore"),
 ];
 
-/// Tables kube-proxy writes to.
-pub const TABLES: [&str; 3] = ["nat", "filter", "mangle"];
-
 /// kube-proxy's nftables tables.
 pub const NFT_TABLES: [(&str, &str); 2] = [("ip", "kube-proxy"), ("ip6", "kube-proxy")];
+
+/// The sysctl kube-proxy's iptables mode sets for localhost NodePorts.
+pub const ROUTE_LOCALNET: &str = "net.ipv4.conf.all.route_localnet";
+const ROUTE_LOCALNET_PATH: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
+
+/// Capability bits (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Capabilities the cleanup needs that `cap_eff` (the `CapEff:` mask of
+/// /proc/self/status) lacks: NET_ADMIN (iptables, nft, sysctl), NET_RAW
+/// (iptables-legacy's socket), SYS_ADMIN when it enters another netns.
+pub fn missing_capabilities(cap_eff: u64, enters_netns: bool) -> Vec<&'static str> {
+    let mut need = vec![
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_NET_RAW, "CAP_NET_RAW"),
+    ];
+    if enters_netns {
+        need.push((CAP_SYS_ADMIN, "CAP_SYS_ADMIN"));
+    }
+    need.into_iter()
+        .filter(|(bit, _)| cap_eff & (1u64 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// The `CapEff:` mask in /proc/PID/status text.
+pub fn cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
 
 /// Where the rules live.
 #[derive(Clone, Debug, Default)]
@@ -79,14 +174,10 @@ impl RulesNetns {
         }
     }
 
-    /// Runs `prog args` (with `stdin`), returning stdout; None if `prog` is not installed.
-    fn run(
-        &self,
-        prog: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<Option<String>, HandoverError> {
-        let cmd_line = format!("{prog} {}", args.join(" "));
+    /// Runs `prog args` (with `stdin`), returning stdout. A program that is
+    /// not installed is an error ([`HandoverError::Missing`]).
+    fn run(&self, prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, HandoverError> {
+        let cmd_line = format!("{prog} {}", args.join(" ")).trim_end().to_string();
         let mut c = self.command(prog);
         c.args(args).stdin(if stdin.is_some() {
             Stdio::piped()
@@ -96,7 +187,11 @@ impl RulesNetns {
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = match c.spawn() {
             Ok(ch) => ch,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HandoverError::Missing {
+                    prog: if self.path.is_some() { "nsenter" } else { prog }.to_string(),
+                })
+            }
             Err(source) => {
                 return Err(HandoverError::Spawn {
                     cmd: cmd_line,
@@ -123,7 +218,9 @@ impl RulesNetns {
             && matches!(out.status.code(), Some(126 | 127))
             && stderr.contains(prog)
         {
-            return Ok(None);
+            return Err(HandoverError::Missing {
+                prog: prog.to_string(),
+            });
         }
         if !out.status.success() {
             return Err(HandoverError::Failed {
@@ -132,111 +229,95 @@ impl RulesNetns {
                 stderr,
             });
         }
-        Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-}
 
-/// kube-proxy state of one iptables table.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct TablePlan {
-    /// `iptables-legacy-save` etc.
-    pub backend: String,
-    /// Table name.
-    pub table: String,
-    /// KUBE-* chains found.
-    pub chains: Vec<String>,
-    /// Rules (in other chains) that jump to KUBE-* chains, as `-A …` lines.
-    pub jumps: Vec<String>,
-}
-
-impl TablePlan {
-    /// The `iptables-restore --noflush` input that removes exactly this.
-    pub fn restore_input(&self) -> String {
-        let mut s = format!("*{}\n", self.table);
-        for j in &self.jumps {
-            if let Some(rest) = j.strip_prefix("-A ") {
-                s.push_str("-D ");
-                s.push_str(rest);
-                s.push('\n');
-            }
-        }
-        for c in &self.chains {
-            s.push_str(&format!("-F {c}\n"));
-        }
-        for c in &self.chains {
-            s.push_str(&format!("-X {c}\n"));
-        }
-        s.push_str("COMMIT\n");
-        s
-    }
-}
-
-fn is_kube(chain: &str) -> bool {
-    chain.starts_with("KUBE-")
-}
-
-/// Parses `iptables-save` output into per-table plans (only tables with something to remove).
-pub fn plan_from_save(backend: &str, save: &str) -> Vec<TablePlan> {
-    let mut out = Vec::new();
-    let mut cur: Option<TablePlan> = None;
-    for line in save.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            cur = Some(TablePlan {
-                backend: backend.into(),
-                table: t.trim().into(),
-                ..Default::default()
-            });
-            continue;
-        }
-        let Some(p) = cur.as_mut() else { continue };
-        if line == "COMMIT" {
-            if let Some(p) = cur.take() {
-                if TABLES.contains(&p.table.as_str())
-                    && (!p.chains.is_empty() || !p.jumps.is_empty())
-                {
-                    out.push(p);
+    /// Runs `f` with the calling thread in this namespace: on a thread of its
+    /// own, so no other work ever runs in the wrong namespace.
+    fn in_netns<T: Send>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send,
+    ) -> std::io::Result<T> {
+        let Some(path) = &self.path else {
+            return f();
+        };
+        let file = std::fs::File::open(path)?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a valid namespace fd affects only this
+                // thread, which ends when `f` returns.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-            }
-            continue;
-        }
-        if let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split_whitespace().next().unwrap_or("");
-            if is_kube(name) {
-                p.chains.push(name.to_string());
-            }
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("-A ") {
-            let chain = rest.split_whitespace().next().unwrap_or("");
-            if is_kube(chain) {
-                continue; // goes with the chain
-            }
-            let toks: Vec<&str> = rest.split_whitespace().collect();
-            let targets_kube = toks.windows(2).any(|w| {
-                (w[0] == "-j" || w[0] == "-g" || w[0] == "--jump" || w[0] == "--goto")
-                    && is_kube(w[1])
-            });
-            if targets_kube {
-                p.jumps.push(line.to_string());
-            }
-        }
+                f()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+        })
     }
-    out
+
+    /// `net.ipv4.conf.all.route_localnet` in this namespace.
+    pub fn route_localnet(&self) -> Result<u8, HandoverError> {
+        self.in_netns(|| std::fs::read_to_string(ROUTE_LOCALNET_PATH))
+            .and_then(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            })
+            .map_err(|source| HandoverError::Sysctl {
+                name: ROUTE_LOCALNET,
+                source,
+            })
+    }
+
+    /// Sets `net.ipv4.conf.all.route_localnet` in this namespace.
+    pub fn set_route_localnet(&self, value: u8) -> Result<(), HandoverError> {
+        self.in_netns(|| std::fs::write(ROUTE_LOCALNET_PATH, format!("{value}\n")))
+            .map_err(|source| HandoverError::Sysctl {
+                name: ROUTE_LOCALNET,
+                source,
+            })
+    }
+}
+
+/// Checks, before anything is read or changed, that this process has the
+/// capabilities the cleanup needs.
+pub fn preflight(ns: &RulesNetns) -> Result<(), HandoverError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| HandoverError::Sysctl {
+            name: "/proc/self/status",
+            source,
+        })?;
+    // Unreadable mask: assume nothing, so the problem is reported.
+    let eff = cap_eff(&status).unwrap_or(0);
+    let missing = missing_capabilities(eff, ns.path.is_some());
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(HandoverError::Capabilities {
+            missing,
+            why: "read and remove kube-proxy's iptables rules in the rules netns",
+        })
+    }
 }
 
 /// What exists, or what was removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Report {
-    /// iptables tables with KUBE-* state.
+    /// iptables tables holding kube-proxy state.
     pub tables: Vec<TablePlan>,
     /// kube-proxy nft tables (`ip kube-proxy`, …).
     pub nft_tables: Vec<String>,
+    /// `route_localnet` was set back to 0 (cleanup only).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub route_localnet_reset: bool,
 }
 
 impl Report {
-    /// Anything of kube-proxy's present.
+    /// Anything of kube-proxy's present (retained chains included).
     pub fn present(&self) -> bool {
-        !self.tables.is_empty() || !self.nft_tables.is_empty()
+        self.tables.iter().any(TablePlan::present) || !self.nft_tables.is_empty()
     }
 
     /// Chains + jumps + nft tables counted.
@@ -247,31 +328,64 @@ impl Report {
             .sum::<usize>()
             + self.nft_tables.len()
     }
+
+    /// kube-proxy chains kept because other rules use them, with who.
+    pub fn retained(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .flat_map(|t| {
+                t.retained
+                    .iter()
+                    .map(move |r| format!("{} {}: {r}", t.backend, t.table))
+            })
+            .collect()
+    }
+
+    /// kube-proxy (IPv4 iptables mode) served NodePorts on 127.0.0.0/8, so it
+    /// set `route_localnet=1`.
+    pub fn localhost_node_ports(&self) -> bool {
+        self.tables
+            .iter()
+            .any(|t| t.localhost_node_ports && !t.backend.starts_with("ip6"))
+    }
 }
 
 /// Finds kube-proxy's rules in `ns` without changing anything.
 pub fn detect(ns: &RulesNetns) -> Result<Report, HandoverError> {
+    preflight(ns)?;
     let mut rep = Report::default();
     for (save, _) in BACKENDS {
-        if let Some(text) = ns.run(save, &[], None)? {
-            rep.tables.extend(plan_from_save(save, &text));
-        }
+        let text = ns.run(save, &[], None)?;
+        rep.tables.extend(
+            plan_from_save(save, &text).map_err(|source| HandoverError::Save {
+                cmd: save.to_string(),
+                source,
+            })?,
+        );
     }
-    if let Some(list) = ns.run("nft", &["list", "tables"], None)? {
-        let have: BTreeSet<String> = list.lines().map(|l| l.trim().to_string()).collect();
-        for (fam, name) in NFT_TABLES {
-            if have.contains(&format!("table {fam} {name}")) {
-                rep.nft_tables.push(format!("{fam} {name}"));
-            }
+    let list = ns.run("nft", &["list", "tables"], None)?;
+    let have: BTreeSet<String> = list.lines().map(|l| l.trim().to_string()).collect();
+    for (fam, name) in NFT_TABLES {
+        if have.contains(&format!("table {fam} {name}")) {
+            rep.nft_tables.push(format!("{fam} {name}"));
         }
     }
     Ok(rep)
 }
 
-/// Removes kube-proxy's rules from `ns`; returns what was removed.
+/// Removes kube-proxy's rules from `ns` (and resets `route_localnet` when
+/// kube-proxy had set it); returns what was removed. Kept chains
+/// ([`TablePlan::retained`]) stay and are reported.
 pub fn cleanup(ns: &RulesNetns) -> Result<Report, HandoverError> {
-    let rep = detect(ns)?;
+    let mut rep = detect(ns)?;
+    if rep.localhost_node_ports() && ns.route_localnet()? != 0 {
+        ns.set_route_localnet(0)?;
+        rep.route_localnet_reset = true;
+    }
     for t in &rep.tables {
+        if t.chains.is_empty() && t.jumps.is_empty() {
+            continue; // only retained chains: nothing to do
+        }
         let restore = BACKENDS
             .iter()
             .find(|(s, _)| *s == t.backend)
@@ -291,32 +405,46 @@ pub fn cleanup(ns: &RulesNetns) -> Result<Report, HandoverError> {
 mod tests {
     use super::*;
 
-    const SAVE: &str = "# Generated by iptables-save
-*nat
-:PREROUTING ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:KUBE-SERVICES - [0:0]
-:KUBE-POSTROUTING - [0:0]
-:MY-CHAIN - [0:0]
--A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
--A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE
--A MY-CHAIN -j RETURN
--A KUBE-POSTROUTING -j RETURN
-COMMIT
-*raw
-:PREROUTING ACCEPT [0:0]
-COMMIT
-";
+    #[test]
+    fn capabilities_are_read_from_cap_eff() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(cap_eff(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(
+            missing_capabilities(0x1ff_ffff_ffff, true),
+            Vec::<&str>::new()
+        );
+        let no_net_admin = 0x1ff_ffff_ffff & !(1 << CAP_NET_ADMIN);
+        assert_eq!(missing_capabilities(no_net_admin, false), ["CAP_NET_ADMIN"]);
+        let only_net = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW);
+        assert_eq!(missing_capabilities(only_net, false), Vec::<&str>::new());
+        assert_eq!(missing_capabilities(only_net, true), ["CAP_SYS_ADMIN"]);
+        assert_eq!(
+            missing_capabilities(0, false),
+            ["CAP_NET_ADMIN", "CAP_NET_RAW"]
+        );
+        assert_eq!(cap_eff("Name:\tx\n"), None);
+    }
 
     #[test]
-    fn plan_removes_only_kube_chains_and_jumps() {
-        let p = plan_from_save("iptables-nft-save", SAVE);
-        assert_eq!(p.len(), 1);
-        assert_eq!(p[0].chains, vec!["KUBE-SERVICES", "KUBE-POSTROUTING"]);
-        assert_eq!(p[0].jumps.len(), 3);
-        insta::assert_snapshot!(p[0].restore_input());
+    fn capability_errors_are_told_apart_from_passing_failures() {
+        let failed = |stderr: &str| HandoverError::Failed {
+            cmd: "iptables-legacy-save".into(),
+            code: 1,
+            stderr: stderr.into(),
+        };
+        assert!(failed("iptables-legacy-save v1.8.9 (legacy): Cannot initialize: Permission denied (you must be root)").is_capability());
+        assert!(
+            failed("Could not fetch rule set generation id: Operation not permitted")
+                .is_capability()
+        );
+        assert!(!failed("Another app is currently holding the xtables lock").is_capability());
+        assert!(HandoverError::Missing { prog: "nft".into() }.is_capability());
+        assert!(HandoverError::Save {
+            cmd: "iptables-nft-save".into(),
+            source: SaveError::Truncated {
+                table: "nat".into()
+            }
+        }
+        .is_capability());
     }
 }

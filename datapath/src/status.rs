@@ -77,6 +77,15 @@ pub struct Status {
     pub kube_proxy_rules: String,
     /// KUBE-* chains and nft tables removed by the handover.
     pub kube_proxy_rules_removed: usize,
+    /// Why the rules are "unknown" (the cleanup cannot run: a missing
+    /// capability or program, iptables output it cannot trust) or why
+    /// kube-proxy chains are kept; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kube_proxy_rules_reason: String,
+    /// The cleanup cannot run on this node, so the agent does not report
+    /// KubeProxyReplacement=true (the handover never starts).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kube_proxy_cleanup_blocked: bool,
     /// Whether kube-proxy's DaemonSet exists: "installed", "absent" or "unknown".
     #[serde(default)]
     pub kube_proxy: KubeProxyState,
@@ -190,11 +199,16 @@ impl Status {
         let _ = writeln!(s, "KubeProxy:              {}", self.kube_proxy_line());
         let _ = writeln!(
             s,
-            "KubeProxy rules:        {}",
+            "KubeProxy rules:        {}{}",
             if self.kube_proxy_rules.is_empty() {
                 "unknown"
             } else {
                 &self.kube_proxy_rules
+            },
+            if self.kube_proxy_rules_reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", self.kube_proxy_rules_reason)
             }
         );
         if verbose {

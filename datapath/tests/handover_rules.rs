@@ -1,23 +1,34 @@
-//! Privileged: kube-proxy's leftovers are removed from a rules netns and
-//! nothing else is touched — for the legacy and nft iptables backends (each in
-//! its own test namespace: backends must not be mixed) and kube-proxy's
-//! nftables table. Needs root, iptables (legacy + nft) and nft; never touches
-//! the root namespace.
+//! Privileged: the node rules cleanup on a real kernel, each case in its own
+//! `nbcl-*` network namespace (removed on drop, pass or fail; no routes, no
+//! links to the root namespace).
 //!
-//! Also the agent's side: with kube-proxy installed (`--kube-proxy-present`)
-//! it leaves the rules in its rules netns and reports them `present`; without
-//! it removes them.
+//! A namespace gets what a node holds (tests/fixtures/*.rules, IPv4 and
+//! IPv6): kubelet's chains (KUBE-FIREWALL, canaries, hint), kube-router's /
+//! k3s's network policy chains (KUBE-ROUTER-*, KUBE-NWPLCY-*, KUBE-POD-FW-*),
+//! flannel's, and kube-proxy v1.36's iptables rules with its jump comments,
+//! plus kube-proxy's nft tables and a foreign nft table. After the cleanup
+//! its `iptables-save` must equal, line for line, that of a namespace that
+//! only ever had the other components; a second cleanup changes nothing.
+//! Both iptables backends (one per namespace: backends must not be mixed).
 //!
-//! Run: `sudo cargo test -p netboot-datapath --test handover_rules`
+//! Also: route_localnet, capabilities first (missing programs, no
+//! CAP_NET_ADMIN, an "incompatible" table), and the real agent (with
+//! kube-proxy present it leaves the rules and reports them; without, it
+//! removes exactly kube-proxy's; unable to clean, it blocks and touches
+//! nothing).
+//!
+//! Needs root, iptables 1.8.9 (legacy + nft), nft, nsenter, setpriv. Run:
+//! `sudo cargo test -p netboot-datapath --test handover_rules`
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
 
 mod support;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netboot_datapath::handover::{self, RulesNetns};
+use netboot_datapath::handover::{self, HandoverError, RulesNetns, SaveError};
 use support::*;
 
 #[test]
@@ -25,76 +36,138 @@ fn helper() {
     support::helper_main();
 }
 
-fn check_backend(tag: &str, save: &str, restore: &str, with_nft_table: bool) {
-    require_privileges();
-    let ns = Netns::new(&format!("nbt-dp-ho-{tag}"));
-    in_ns(&ns, restore, &[], Some(RULES));
-    if with_nft_table {
-        in_ns(&ns, "nft", &["add", "table", "ip", "kube-proxy"], None);
+const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
+
+const KUBELET_V4: &str = include_str!("fixtures/kubelet-v4.rules");
+const KUBELET_V6: &str = include_str!("fixtures/kubelet-v6.rules");
+const KUBE_ROUTER_V4: &str = include_str!("fixtures/kube-router-v4.rules");
+const KUBE_ROUTER_V6: &str = include_str!("fixtures/kube-router-v6.rules");
+const KUBE_PROXY_V4: &str = include_str!("fixtures/kube-proxy-v4.rules");
+const KUBE_PROXY_V6: &str = include_str!("fixtures/kube-proxy-v6.rules");
+const KUBE_PROXY_V6_LEAVES: &str = include_str!("fixtures/kube-proxy-v6-leaves.rules");
+
+/// An iptables backend: `legacy` or `nft`.
+#[derive(Clone, Copy)]
+struct Backend(&'static str);
+
+impl Backend {
+    fn restore(self, ns: &Netns, family: &str, rules: &str) {
         in_ns(
-            &ns,
-            "nft",
-            &["add", "chain", "ip", "kube-proxy", "services"],
-            None,
-        );
-        in_ns(&ns, "nft", &["add", "table", "ip6", "kube-proxy"], None);
-        in_ns(&ns, "nft", &["add", "table", "inet", "foreign"], None);
-        in_ns(
-            &ns,
-            "nft",
-            &[
-                "add",
-                "chain",
-                "inet",
-                "foreign",
-                "input",
-                "{ type filter hook input priority 10; }",
-            ],
-            None,
+            ns,
+            &format!("{family}-{}-restore", self.0),
+            &["-w", "--noflush"],
+            Some(rules),
         );
     }
-    let before = rules_only(&in_ns(&ns, save, &[], None));
-    let rules = RulesNetns::new(Some(&ns.path()));
 
-    let found = handover::detect(&rules).expect("detect");
-    assert!(found.present());
-    let removed = handover::cleanup(&rules).expect("cleanup");
-    assert_eq!(removed.tables.len(), 3, "{removed:?}");
+    /// `iptables-save` and `ip6tables-save` of this backend, normalised:
+    /// no comment lines, no chain counters.
+    fn save(self, ns: &Netns) -> Vec<String> {
+        ["iptables", "ip6tables"]
+            .iter()
+            .flat_map(|fam| {
+                let text = in_ns(ns, &format!("{fam}-{}-save", self.0), &[], None);
+                normalised(&text)
+            })
+            .collect()
+    }
+}
 
-    let after = rules_only(&in_ns(&ns, save, &[], None));
-    assert!(
-        after.iter().all(|l| !l.contains("KUBE-")),
-        "KUBE-* left: {after:#?}"
+fn normalised(save: &str) -> Vec<String> {
+    save.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| match l.strip_prefix(':') {
+            Some(_) => l.split(" [").next().unwrap_or(l).to_string(),
+            None => l.to_string(),
+        })
+        .collect()
+}
+
+fn nft(ns: &Netns, args: &[&str]) -> String {
+    in_ns(ns, "nft", args, None)
+}
+
+fn route_localnet(ns: &Netns) -> String {
+    in_ns(
+        ns,
+        "cat",
+        &["/proc/sys/net/ipv4/conf/all/route_localnet"],
+        None,
+    )
+    .trim()
+    .to_string()
+}
+
+fn set_route_localnet(ns: &Netns, v: &str) {
+    in_ns(
+        ns,
+        "sh",
+        &[
+            "-c",
+            &format!("echo {v} > /proc/sys/net/ipv4/conf/all/route_localnet"),
+        ],
+        None,
     );
-    // Exactly kube-proxy's lines are gone; every other line is still there.
-    let expected: Vec<String> = before
-        .iter()
-        .filter(|l| !l.contains("KUBE-"))
-        .cloned()
-        .collect();
-    assert_eq!(after, expected);
-    for keep in [
-        "-A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE",
-        "-A FOREIGN-NAT -p tcp -m tcp --dport 2222 -j RETURN",
-        "-A INPUT -p tcp -m tcp --dport 2222 -j ACCEPT",
-    ] {
-        assert!(
-            after.iter().any(|l| l == keep),
-            "foreign rule lost: {keep}\n{after:#?}"
-        );
-    }
-    let tables = in_ns(&ns, "nft", &["list", "tables"], None);
-    assert!(!tables.contains("kube-proxy"), "{tables}");
-    if with_nft_table {
-        assert!(
-            tables.contains("table inet foreign"),
-            "foreign nft table lost: {tables}"
-        );
-    }
-    assert!(!handover::detect(&rules).expect("detect").present());
+}
 
-    // The CLI sees nothing left either.
-    let out = Command::new(env!("CARGO_BIN_EXE_netboot-datapath"))
+/// The other components of a node: kubelet, kube-router (and k3s's flannel)
+/// and a foreign nft table.
+fn others(ns: &Netns, b: Backend) {
+    b.restore(ns, "iptables", KUBELET_V4);
+    b.restore(ns, "ip6tables", KUBELET_V6);
+    b.restore(ns, "iptables", KUBE_ROUTER_V4);
+    b.restore(ns, "ip6tables", KUBE_ROUTER_V6);
+    nft(ns, &["add", "table", "inet", "foreign"]);
+    nft(
+        ns,
+        &[
+            "add",
+            "chain",
+            "inet",
+            "foreign",
+            "input",
+            "{ type filter hook input priority 10; }",
+        ],
+    );
+    nft(
+        ns,
+        &[
+            "add", "rule", "inet", "foreign", "input", "tcp", "dport", "2222", "accept",
+        ],
+    );
+}
+
+/// kube-proxy's tables in nftables mode (a node that ran both modes over time).
+fn kube_proxy_nft_tables(ns: &Netns) {
+    for fam in ["ip", "ip6"] {
+        nft(ns, &["add", "table", fam, "kube-proxy"]);
+        nft(ns, &["add", "chain", fam, "kube-proxy", "services"]);
+    }
+}
+
+/// A node: the others, then kube-proxy (iptables mode, `kube_proxy_v4` for
+/// IPv4) with its nft tables, and route_localnet=1 as kube-proxy sets it.
+fn node(tag: &str, b: Backend, kube_proxy_v4: &str) -> Netns {
+    let ns = Netns::new(&format!("nbcl-{tag}"));
+    others(&ns, b);
+    b.restore(&ns, "iptables", kube_proxy_v4);
+    b.restore(&ns, "ip6tables", KUBE_PROXY_V6);
+    kube_proxy_nft_tables(&ns);
+    set_route_localnet(&ns, "1");
+    ns
+}
+
+/// What the cleanup must leave: the same node that never ran kube-proxy,
+/// except kube-proxy's IPv6 copy of kubelet's KUBE-FIREWALL chain and jumps.
+fn reference(tag: &str, b: Backend) -> Vec<String> {
+    let ns = Netns::new(&format!("nbcl-{tag}-ref"));
+    others(&ns, b);
+    b.restore(&ns, "ip6tables", KUBE_PROXY_V6_LEAVES);
+    b.save(&ns)
+}
+
+fn cli_dry_run(ns: &Netns) -> serde_json::Value {
+    let out = Command::new(BIN)
         .args([
             "cleanup-kube-proxy",
             "--dry-run",
@@ -105,32 +178,215 @@ fn check_backend(tag: &str, save: &str, restore: &str, with_nft_table: bool) {
         .arg(ns.path())
         .output()
         .expect("cli");
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(v["tables"].as_array().map(Vec::len), Some(0));
-}
-
-#[test]
-fn cleanup_removes_exactly_kube_proxy_rules_legacy() {
-    check_backend(
-        "legacy",
-        "iptables-legacy-save",
-        "iptables-legacy-restore",
-        false,
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Regression: the cleanup deleted every `KUBE-*` chain, wiping kubelet's
+/// KUBE-FIREWALL (the route_localnet guard) and kube-router's policy chains.
+fn cleanup_keeps_other_components_kube_chains(tag: &str, b: Backend) {
+    require_privileges();
+    let ns = node(tag, b, KUBE_PROXY_V4);
+    let want = reference(tag, b);
+    let before = b.save(&ns);
+    assert_ne!(before, want);
+    let rules = RulesNetns::new(Some(&ns.path()));
+
+    let found = handover::detect(&rules).expect("detect");
+    assert!(
+        found.present() && found.localhost_node_ports(),
+        "{found:#?}"
+    );
+    assert_eq!(found.retained(), Vec::<String>::new());
+    // Nothing changes on detect.
+    assert_eq!(b.save(&ns), before);
+
+    let removed = handover::cleanup(&rules).expect("cleanup");
+    assert_eq!(
+        removed.tables.len(),
+        6,
+        "mangle, filter, nat × v4, v6: {removed:#?}"
+    );
+    assert!(removed.route_localnet_reset);
+    let after = b.save(&ns);
+    assert_eq!(after, want, "the node without kube-proxy, line for line");
+    for keep in [
+        "-A INPUT -j KUBE-FIREWALL",
+        ":KUBE-KUBELET-CANARY -",
+        ":KUBE-IPTABLES-HINT -",
+        "-A KUBE-POD-FW-ZQHKHXKIVR3YQS5E -d 10.244.1.5/32 -m comment --comment \"run through nw policy allow-web\" -j KUBE-NWPLCY-C5AZDUAD3FIJEMXT",
+        "-A INPUT -m comment --comment \"kube-router netpol - 4IA2OSFRMVNDXBVV\" -j KUBE-ROUTER-INPUT",
+    ] {
+        assert!(after.iter().any(|l| l == keep), "lost: {keep}\n{after:#?}");
+    }
+    assert!(after
+        .iter()
+        .any(|l| l.contains("block incoming localnet connections")));
+    let tables = nft(&ns, &["list", "tables"]);
+    assert!(!tables.contains("kube-proxy"), "{tables}");
+    assert!(tables.contains("table inet foreign"), "{tables}");
+    assert_eq!(route_localnet(&ns), "0");
+
+    // The agent runs this every 30 s: the second pass finds and changes nothing.
+    let again = handover::cleanup(&rules).expect("second cleanup");
+    assert_eq!(again, handover::Report::default(), "{again:#?}");
+    assert_eq!(b.save(&ns), want);
+    assert!(nft(&ns, &["list", "tables"]).contains("table inet foreign"));
+    assert!(!handover::detect(&rules).expect("detect").present());
+    let v = cli_dry_run(&ns);
+    assert_eq!(v["tables"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["nft_tables"].as_array().map(Vec::len), Some(0), "{v}");
 }
 
 #[test]
-fn cleanup_removes_exactly_kube_proxy_rules_nft_and_nft_table() {
-    check_backend("nft", "iptables-nft-save", "iptables-nft-restore", true);
+fn regression_cleanup_wiped_kubelet_and_kube_router_kube_chains_legacy() {
+    cleanup_keeps_other_components_kube_chains("legacy", Backend("legacy"));
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
+#[test]
+fn regression_cleanup_wiped_kubelet_and_kube_router_kube_chains_nft() {
+    cleanup_keeps_other_components_kube_chains("nft", Backend("nft"));
+}
+
+/// route_localnet=1 that kube-proxy did not set (its NodePorts exclude
+/// 127.0.0.0/8) belongs to someone else and stays.
+#[test]
+fn route_localnet_stays_when_kube_proxy_did_not_serve_localhost_node_ports() {
+    require_privileges();
+    let b = Backend("nft");
+    let no_localhost = KUBE_PROXY_V4.replace(
+        "-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS",
+        "-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS",
+    );
+    assert_ne!(no_localhost, KUBE_PROXY_V4);
+    let ns = node("rln", b, &no_localhost);
+    let rules = RulesNetns::new(Some(&ns.path()));
+    let removed = handover::cleanup(&rules).expect("cleanup");
+    assert!(!removed.localhost_node_ports() && !removed.route_localnet_reset);
+    assert_eq!(route_localnet(&ns), "1");
+    assert_eq!(b.save(&ns), reference("rln", b));
+}
+
+/// Runs the CLI cleanup with `wrap` (e.g. setpriv) and `path` as PATH;
+/// returns (success, stderr).
+fn cli_cleanup(ns: &Netns, wrap: &[&str], path: Option<&Path>) -> (bool, String) {
+    let mut c = match wrap.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg("--").arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    c.args(["cleanup-kube-proxy", "--rules-netns"])
+        .arg(ns.path());
+    if let Some(p) = path {
+        c.env("PATH", p);
+    }
+    let out = c.stdin(Stdio::null()).output().expect("cli");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cleanup_without_the_iptables_programs_fails_and_touches_nothing() {
+    require_privileges();
+    let b = Backend("nft");
+    let ns = node("noipt", b, KUBE_PROXY_V4);
+    let before = b.save(&ns);
+    // A PATH with nsenter and nft but no iptables.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for prog in ["nsenter", "nft"] {
+        let real = which(prog);
+        std::os::unix::fs::symlink(&real, dir.path().join(prog)).expect("symlink");
+    }
+    let (ok, stderr) = cli_cleanup(&ns, &[], Some(dir.path()));
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("iptables-legacy-save: not installed"),
+        "{stderr}"
+    );
+    assert_eq!(b.save(&ns), before);
+    assert!(nft(&ns, &["list", "tables"]).contains("table ip kube-proxy"));
+    assert_eq!(route_localnet(&ns), "1");
+}
+
+#[test]
+fn cleanup_without_net_admin_fails_and_touches_nothing() {
+    require_privileges();
+    let b = Backend("nft");
+    let ns = node("nocap", b, KUBE_PROXY_V4);
+    let before = b.save(&ns);
+    let (ok, stderr) = cli_cleanup(
+        &ns,
+        &[
+            "setpriv",
+            "--inh-caps=-net_admin",
+            "--bounding-set=-net_admin",
+        ],
+        None,
+    );
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("missing capabilities CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+    assert_eq!(b.save(&ns), before);
+    assert_eq!(route_localnet(&ns), "1");
+}
+
+/// iptables-nft that calls a table incompatible: an error, never "absent".
+#[test]
+fn an_incompatible_nft_table_is_an_error_never_absent() {
+    require_privileges();
+    let ns = Netns::new("nbcl-incompat");
+    nft(&ns, &["add", "table", "ip", "filter"]);
+    nft(
+        &ns,
+        &[
+            "add",
+            "chain",
+            "ip",
+            "filter",
+            "weird",
+            "{ type filter hook input priority 5; }",
+        ],
+    );
+    let rules = RulesNetns::new(Some(&ns.path()));
+    let err = handover::detect(&rules).expect_err("incompatible must not read as absent");
+    assert!(
+        matches!(
+            &err,
+            HandoverError::Save {
+                source: SaveError::Incompatible { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_capability());
+    assert!(handover::cleanup(&rules).is_err());
+}
+
+fn which(prog: &str) -> std::path::PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {prog}")])
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{prog} not installed");
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
 
 /// A real agent (static Services, replace mode, cleanup on, 1 s node
 /// interval) whose rules netns is `ns`.
 fn start_agent(
-    dir: &std::path::Path,
+    dir: &Path,
     ns: &Netns,
     cg: &TestCgroup,
     pins: &TestPins,
@@ -175,46 +431,47 @@ fn status(listen: &str) -> serde_json::Value {
     serde_json::from_str(&body).expect("status json")
 }
 
-fn log(dir: &std::path::Path) -> String {
+fn log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
 }
 
-/// A netns holding kube-proxy's rules (nft backend) and its nft table, plus
-/// foreign rules; returns it with its `iptables-nft-save` lines.
-fn kube_proxy_netns(tag: &str) -> (Netns, Vec<String>) {
-    let ns = Netns::new(&format!("nbt-dp-hoa-{tag}"));
-    in_ns(&ns, "iptables-nft-restore", &[], Some(RULES));
-    in_ns(&ns, "nft", &["add", "table", "ip", "kube-proxy"], None);
-    let before = rules_only(&in_ns(&ns, "iptables-nft-save", &[], None));
-    (ns, before)
+fn wait_status(listen: &str, dir: &Path, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let t = Instant::now();
+    while !f(&status(listen)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{what}: {}\n{}",
+            status(listen),
+            log(dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
 fn agent_leaves_rules_while_kube_proxy_is_present() {
     require_privileges();
-    let (ns, before) = kube_proxy_netns("present");
+    let b = Backend("nft");
+    let ns = node("agent-present", b, KUBE_PROXY_V4);
+    let before = b.save(&ns);
     let cg = TestCgroup::new("hoa-present");
     let pins = TestPins::new("hoa-present");
     let dir = tempfile::tempdir().expect("tempdir");
     let listen = format!("127.0.0.1:{}", free_port());
     let _agent = start_agent(dir.path(), &ns, &cg, &pins, &listen, true);
     wait_ready(&listen, Duration::from_secs(30));
-    let t = Instant::now();
-    while status(&listen)["kubeProxyRules"] != "present" {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "rules never reported present: {}\n{}",
-            status(&listen),
-            log(dir.path())
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_status(&listen, dir.path(), "rules reported present", |s| {
+        s["kubeProxyRules"] == "present"
+    });
     // Several node intervals (1 s) pass: nothing is removed.
     std::thread::sleep(Duration::from_millis(3500));
-    let after = rules_only(&in_ns(&ns, "iptables-nft-save", &[], None));
-    assert_eq!(after, before, "rules changed while kube-proxy is present");
-    let tables = in_ns(&ns, "nft", &["list", "tables"], None);
-    assert!(tables.contains("table ip kube-proxy"), "{tables}");
+    assert_eq!(
+        b.save(&ns),
+        before,
+        "rules changed while kube-proxy is present"
+    );
+    assert!(nft(&ns, &["list", "tables"]).contains("table ip kube-proxy"));
+    assert_eq!(route_localnet(&ns), "1");
     let st = status(&listen);
     assert_eq!(st["kubeProxy"], "installed", "{st}");
     assert_eq!(st["kubeProxyCleanup"], "held-back", "{st}");
@@ -240,46 +497,88 @@ fn agent_leaves_rules_while_kube_proxy_is_present() {
 }
 
 #[test]
-fn agent_removes_rules_when_kube_proxy_is_absent() {
+fn agent_removes_exactly_kube_proxys_rules_when_it_is_absent() {
     require_privileges();
-    let (ns, before) = kube_proxy_netns("absent");
+    let b = Backend("nft");
+    let ns = node("agent-absent", b, KUBE_PROXY_V4);
+    let want = reference("agent-absent", b);
     let cg = TestCgroup::new("hoa-absent");
     let pins = TestPins::new("hoa-absent");
     let dir = tempfile::tempdir().expect("tempdir");
     let listen = format!("127.0.0.1:{}", free_port());
     let _agent = start_agent(dir.path(), &ns, &cg, &pins, &listen, false);
     wait_ready(&listen, Duration::from_secs(30));
-    let rules = RulesNetns::new(Some(&ns.path()));
-    let t = Instant::now();
-    while handover::detect(&rules).expect("detect").present() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "kube-proxy rules not removed: {}\n{}",
-            status(&listen),
-            log(dir.path())
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let after = rules_only(&in_ns(&ns, "iptables-nft-save", &[], None));
-    let expected: Vec<String> = before
-        .iter()
-        .filter(|l| !l.contains("KUBE-"))
-        .cloned()
-        .collect();
-    assert_eq!(after, expected, "only kube-proxy's lines may go");
-    let t = Instant::now();
-    while status(&listen)["kubeProxyRules"] != "absent" {
-        assert!(t.elapsed() < Duration::from_secs(10), "{}", status(&listen));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_status(&listen, dir.path(), "rules reported absent", |s| {
+        s["kubeProxyRules"] == "absent"
+    });
+    assert_eq!(b.save(&ns), want, "only kube-proxy's lines may go");
+    assert!(!nft(&ns, &["list", "tables"]).contains("kube-proxy"));
+    assert_eq!(route_localnet(&ns), "0");
     let st = status(&listen);
     assert_eq!(st["kubeProxy"], "absent", "{st}");
     assert_eq!(st["kubeProxyCleanup"], "active", "{st}");
-    assert!(st["kubeProxyRulesRemoved"].as_u64() > Some(0), "{st}");
+    let removed = st["kubeProxyRulesRemoved"].as_u64().expect("removed");
+    assert!(removed > 0, "{st}");
+    // Further passes (1 s interval) find nothing more to remove.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        status(&listen)["kubeProxyRulesRemoved"].as_u64(),
+        Some(removed)
+    );
+    assert_eq!(b.save(&ns), want);
     let (_, metrics) = http_get(&listen, "/metrics").expect("metrics");
     assert!(
         metrics.contains("\nnetboot_kube_proxy_installed 0\n")
             && metrics.contains("\nnetboot_datapath_kube_proxy_cleanup_held_back 0\n"),
         "{metrics}"
+    );
+}
+
+/// Capabilities first: an agent that cannot trust what iptables shows
+/// reports `unknown` with the reason, holds KubeProxyReplacement back and
+/// touches nothing, even with kube-proxy gone.
+#[test]
+fn agent_that_cannot_clean_blocks_and_touches_nothing() {
+    require_privileges();
+    let b = Backend("nft");
+    let ns = node("agent-blocked", b, KUBE_PROXY_V4);
+    nft(
+        &ns,
+        &[
+            "add",
+            "chain",
+            "ip",
+            "filter",
+            "weird",
+            "{ type filter hook input priority 5; }",
+        ],
+    );
+    let before = b.save(&ns);
+    let cg = TestCgroup::new("hoa-blocked");
+    let pins = TestPins::new("hoa-blocked");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = start_agent(dir.path(), &ns, &cg, &pins, &listen, false);
+    wait_ready(&listen, Duration::from_secs(30));
+    wait_status(&listen, dir.path(), "cleanup reported blocked", |s| {
+        s["kubeProxyCleanupBlocked"] == true
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = status(&listen);
+    assert_eq!(st["kubeProxyRules"], "unknown", "{st}");
+    let reason = st["kubeProxyRulesReason"].as_str().unwrap_or_default();
+    assert!(reason.contains("incompatible"), "{st}");
+    assert_eq!(st["kubeProxyRulesRemoved"], 0, "{st}");
+    assert_eq!(b.save(&ns), before, "nothing may change");
+    assert!(nft(&ns, &["list", "tables"]).contains("table ip kube-proxy"));
+    assert_eq!(route_localnet(&ns), "1");
+    let out = Command::new(BIN)
+        .args(["status", "--agent", &listen])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("KubeProxy rules:        unknown (iptables-nft-save"),
+        "{text}"
     );
 }

@@ -21,7 +21,7 @@ pub fn run(a: CleanupArgs) -> Result<ExitCode, CliError> {
             let verb = if a.dry_run { "would remove" } else { "removed" };
             for t in &rep.tables {
                 println!(
-                    "{} {}: {verb} {} KUBE-* chains, {} jumps",
+                    "{} {}: {verb} {} kube-proxy chains, {} jumps",
                     t.backend,
                     t.table,
                     t.chains.len(),
@@ -30,6 +30,15 @@ pub fn run(a: CleanupArgs) -> Result<ExitCode, CliError> {
             }
             for n in &rep.nft_tables {
                 println!("nft: {verb} table {n}");
+            }
+            if rep.route_localnet_reset {
+                println!(
+                    "{}=0 (kube-proxy had set it for localhost NodePorts)",
+                    handover::ROUTE_LOCALNET
+                );
+            }
+            for r in rep.retained() {
+                println!("kept (other rules use it): {r}");
             }
             if !rep.present() {
                 println!("no kube-proxy rules found");

@@ -63,7 +63,8 @@ fn run(cmd: &str, args: &[&str]) {
     );
 }
 
-/// A network namespace `nbt-dp-…`, deleted on drop.
+/// A network namespace `nbt-dp-…` (`nbcl-…` for the node rules cleanup
+/// tests), deleted on drop.
 pub struct Netns {
     pub name: String,
 }
@@ -71,8 +72,8 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Self {
         assert!(
-            name.starts_with("nbt-dp-"),
-            "test netns must be prefixed nbt-dp-: {name}"
+            name.starts_with("nbt-dp-") || name.starts_with("nbcl-"),
+            "test netns must be prefixed nbt-dp- or nbcl-: {name}"
         );
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run("ip", &["netns", "add", name]);

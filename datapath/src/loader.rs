@@ -326,3 +326,48 @@ pub fn uninstall(pins: &Pins) -> Result<(), LoaderError> {
     pins.remove_all()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netboot_contract::memory as mem;
+
+    /// A kernel `htab_elem`: 48 bytes, then key and value, each 8-byte rounded.
+    fn elem(name: &str) -> u64 {
+        let (k, v) = expected_sizes(name).unwrap();
+        48 + u64::from(k.next_multiple_of(8)) + u64::from(v.next_multiple_of(8))
+    }
+
+    #[test]
+    fn memory_formula_fits_the_map_layouts() {
+        // Why: the DaemonSet's memory limit is computed from these constants
+        // (netboot_contract::memory); a layout change must update them.
+        for name in [
+            names::SERVICES,
+            names::BACKENDS,
+            names::AFF_MATCH,
+            names::REVNAT,
+        ] {
+            // + the 8-byte free-list node of BPF_F_NO_PREALLOC maps.
+            assert!(elem(name) + 8 <= mem::HASH_ENTRY, "{name}: {}", elem(name));
+        }
+        assert_eq!(elem(names::REV_SK), mem::REV_SK_ENTRY);
+        assert_eq!(elem(names::AFFINITY), mem::AFFINITY_ENTRY);
+        // Every map the formula sizes from mapSizes, and no other.
+        let sized: Vec<&str> = names::ALL
+            .into_iter()
+            .filter(|n| wanted_entries(n, &MapSizes::default()).is_some())
+            .collect();
+        assert_eq!(
+            sized,
+            [
+                names::SERVICES,
+                names::BACKENDS,
+                names::REVNAT,
+                names::REV_SK,
+                names::AFFINITY,
+                names::AFF_MATCH
+            ]
+        );
+    }
+}

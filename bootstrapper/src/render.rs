@@ -159,6 +159,14 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
         "sha256:{}",
         hex(&Sha256::digest(config.to_string().as_bytes()))
     );
+    let m = d.map_sizes;
+    let memory =
+        netboot_contract::memory::AgentMemory::for_sizes(netboot_contract::memory::MapSizes {
+            services: m.services,
+            backends: m.backends,
+            affinity: m.affinity,
+            reverse_nat: m.reverse_nat,
+        });
     let reconcile = spec.reconcile.as_ref().map(|r| {
         json!({
             "repo": r.repo,
@@ -184,6 +192,10 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
             "sessionAffinityTimeoutSeconds": d.session_affinity_timeout_seconds,
             "mapSizes": d.map_sizes,
             "healthPort": d.health_port,
+            "metricsPort": d.metrics_port,
+            // Sized from mapSizes: netboot_contract::memory (docs/contracts.md).
+            "memoryRequest": format!("{}Mi", memory.request_mib()),
+            "memoryLimit": format!("{}Mi", memory.limit_mib()),
         },
         "kubeProxy": {
             "remove": spec.kube_proxy.remove,

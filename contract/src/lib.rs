@@ -1,7 +1,9 @@
 //! What `netboot` and `netboot-datapath` agree on. Both binaries depend on
 //! this crate and on nothing else of each other (docs/contracts.md).
 //!
+//! - [`memory`]: the agent's memory request and limit, from `mapSizes`.
 //! - [`errors`]: how an error and its causes are printed — each cause once,
 //!   outermost first (`a: b: c`), with control and bidi characters escaped.
 
 pub mod errors;
+pub mod memory;

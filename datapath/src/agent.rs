@@ -140,8 +140,10 @@ pub struct AgentOptions {
     pub rules_netns: Option<PathBuf>,
     /// Credentials (None: in-cluster).
     pub kubeconfig: Option<PathBuf>,
-    /// HTTP listen address.
+    /// Health listener (`/healthz`, `/readyz`, `/metrics`, `/v1/status`); loopback by default.
     pub listen: String,
+    /// Metrics listener (`/metrics` only), for Prometheus; None: none.
+    pub metrics_listen: Option<String>,
     /// Serve these objects instead of watching the API (tests, API-less nodes).
     pub static_services: Option<PathBuf>,
     /// How often node handover/annotation is re-checked.
@@ -212,6 +214,8 @@ impl StatusSource for AgentState {
                         .collect();
             }
         }
+        let s = s.with_conditions();
+        let mut s = s;
         s.links = loader::attach_state(&self.pins)
             .links
             .into_iter()
@@ -232,8 +236,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let cfg = opts.config.clone();
     let replace = cfg.kube_proxy_replacement;
     let report = loader::install(&opts.pins, &opts.cgroup, &cfg.map_sizes, replace)?;
-    for w in &report.size_warnings {
-        tracing::warn!("{w}");
+    for c in &report.size_changes {
+        tracing::error!(
+            map = %c.map,
+            pinned = c.pinned,
+            configured = c.configured,
+            "mapSizes change refused: {c}; the pinned map keeps its size and contents (uninstall the datapath to resize)"
+        );
     }
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
@@ -272,6 +281,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 cfg.kube_proxy.to_string()
             },
             maps_reused: report.maps_reused,
+            map_size_changes: report.size_changes.clone(),
             ..Default::default()
         }),
         maps: Mutex::new(KernelMaps::open(&opts.pins).ok()),
@@ -287,7 +297,22 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let (listener, addr) = http::bind(&opts.listen).await?;
     tracing::info!(%addr, "serving /healthz /readyz /metrics /v1/status");
-    let server = tokio::spawn(http::serve(listener, state.clone()));
+    let mut servers = vec![tokio::spawn(http::serve(
+        listener,
+        state.clone(),
+        http::Routes::All,
+        http::Limits::default(),
+    ))];
+    if let Some(m) = opts.metrics_listen.as_deref().filter(|m| !m.is_empty()) {
+        let (listener, addr) = http::bind(m).await?;
+        tracing::info!(%addr, "serving /metrics");
+        servers.push(tokio::spawn(http::serve(
+            listener,
+            state.clone(),
+            http::Routes::MetricsOnly,
+            http::Limits::default(),
+        )));
+    }
 
     let watched = Arc::new(Watched::default());
     let mut tasks = Vec::new();
@@ -316,10 +341,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             Ok(())
         }
     };
-    for t in tasks {
+    for t in tasks.into_iter().chain(servers) {
         t.abort();
     }
-    server.abort();
     result
 }
 
@@ -350,6 +374,7 @@ async fn reconcile_loop(
     let mut backoff = MIN_BACKOFF;
     let mut last_resync = Instant::now();
     let mut passes = Passes::default();
+    let mut last_pressure: Vec<String> = Vec::new();
     loop {
         if !watched.synced() {
             watched.changed.notified().await;
@@ -388,10 +413,33 @@ async fn reconcile_loop(
                         "maps reconciled"
                     );
                 }
+                let pressure = recon.pressure();
+                let (unfit_fe, unfit_be) = (pressure.frontends.len(), pressure.backends.len());
+                let summary = pressure.summary();
+                if summary != last_pressure {
+                    if summary.is_empty() {
+                        tracing::info!("map pressure gone: every desired entry is programmed");
+                    } else {
+                        tracing::warn!(
+                            frontends = unfit_fe,
+                            backends = unfit_be,
+                            reasons = %summary.join("; "),
+                            "MapFull: desired entries not programmed; the rest is, retrying"
+                        );
+                    }
+                    last_pressure = summary.clone();
+                }
+                let mut ready_changed = false;
                 let mut became_ready = false;
                 state.update(|s| {
-                    became_ready = !s.ready;
-                    s.ready = true;
+                    let ready = unfit_fe + unfit_be == 0;
+                    ready_changed = s.ready != ready;
+                    became_ready = !s.synced;
+                    s.synced = true;
+                    s.ready = ready;
+                    s.unprogrammed_frontends = unfit_fe;
+                    s.unprogrammed_backends = unfit_be;
+                    s.map_pressure = summary;
                     s.services = prog.services;
                     s.backends = prog.backends;
                     s.desired_services = pass.desired_frontends;
@@ -402,8 +450,19 @@ async fn reconcile_loop(
                     s.watch_errors = watched.errors.load(Ordering::Relaxed);
                 });
                 if became_ready {
-                    tracing::info!("initial sync complete: ready");
+                    tracing::info!("initial sync complete");
+                }
+                if ready_changed {
                     state.ready_changed.notify_one();
+                }
+                if unfit_fe + unfit_be > 0 {
+                    // Retry (a full pass) with backoff, or at once on a change.
+                    tokio::select! {
+                        _ = watched.changed.notified() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
                 }
                 backoff = MIN_BACKOFF;
             }

@@ -1,17 +1,28 @@
 //! The agent's HTTP endpoints: `/healthz`, `/readyz`, `/metrics`,
 //! `/v1/status`; and the small client `status --agent` uses.
+//!
+//! Two listeners share one server loop ([`serve`]): the health listener
+//! (`--listen`, loopback by default: every route) and the optional metrics
+//! listener (`--metrics-listen`: `/metrics` only). Each has its own
+//! [`Limits`], so a flood of one cannot starve the other: a connection cap
+//! (excess connections wait in the kernel's accept queue and cost the agent
+//! no memory), a header read timeout (slow-loris), a whole-connection
+//! timeout, a header size and count limit, one request per connection, and
+//! request bodies are never read.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::status::Status;
 
@@ -79,20 +90,85 @@ fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-fn route(path: &str, src: &dyn StatusSource) -> Response<Full<Bytes>> {
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    /// `/healthz`, `/readyz`, `/metrics`, `/v1/status` (the loopback listener).
+    All,
+    /// `/metrics` only (the listener Prometheus scrapes).
+    MetricsOnly,
+}
+
+/// Limits of one listener. `Default` is what the agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Time allowed for the request line and headers (slow-loris).
+    pub header_read_timeout: Duration,
+    /// Time allowed for a whole connection (one request and its response).
+    pub request_timeout: Duration,
+    /// Request line plus headers, in bytes (larger: 431 and close).
+    pub max_header_bytes: usize,
+    /// Number of request headers (more: 431 and close).
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 32,
+            header_read_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            max_header_bytes: 8192,
+            max_headers: 32,
+        }
+    }
+}
+
+/// The answer to `/readyz` (see datapath/README.md, "Readiness").
+pub fn readyz(st: &Status) -> (StatusCode, String) {
+    if st.ready {
+        (StatusCode::OK, "ready\n".into())
+    } else if !st.synced {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "initial sync not complete\n".into(),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "maps full: {} frontends and {} backends not programmed ({})\n",
+                st.unprogrammed_frontends,
+                st.unprogrammed_backends,
+                st.map_pressure.join("; ")
+            ),
+        )
+    }
+}
+
+fn route(
+    method: &hyper::Method,
+    path: &str,
+    routes: Routes,
+    src: &dyn StatusSource,
+) -> Response<Full<Bytes>> {
+    if method != hyper::Method::GET && method != hyper::Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+    }
+    if routes == Routes::MetricsOnly && path != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into());
+    }
     match path {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let st = src.status();
-            if st.ready {
-                reply(StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "initial sync not complete\n".into(),
-                )
-            }
+            let (code, body) = readyz(&src.status());
+            reply(code, "text/plain", body)
         }
         "/metrics" => reply(
             StatusCode::OK,
@@ -126,21 +202,50 @@ pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), HttpError> {
     Ok((l, local))
 }
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, src: Arc<dyn StatusSource>) {
+/// Serves `routes` on `listener` within `limits` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    src: Arc<dyn StatusSource>,
+    routes: Routes,
+    limits: Limits,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(false)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    let builder = Arc::new(builder);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        // A slot first: while all are taken, connections wait in the
+        // kernel's accept queue instead of in the agent's memory.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and the like: do not spin.
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let src = src.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let src = src.clone();
-                async move { Ok::<_, Infallible>(route(req.uri().path(), src.as_ref())) }
+                async move {
+                    Ok::<_, Infallible>(route(req.method(), req.uri().path(), routes, src.as_ref()))
+                }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(limits.request_timeout, conn).await;
         });
     }
 }

@@ -26,6 +26,7 @@ use crate::layout::{names, NbConfig, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE}
 use crate::maps::kernel::KernelMaps;
 use crate::maps::MapsError;
 use crate::pins::{PinError, Pins};
+use crate::status::MapSizeChange;
 use crate::sys;
 
 /// The compiled `bpf/sock_lb.bpf.c`.
@@ -115,8 +116,9 @@ pub struct InstallReport {
     pub maps_reused: bool,
     /// Per attach point.
     pub links: Vec<(String, LinkAction)>,
-    /// Map size mismatches that were kept as pinned (resize needs re-pinning).
-    pub size_warnings: Vec<String>,
+    /// `mapSizes` changes refused: the pinned maps keep their size (resizing
+    /// means building new maps beside the old ones, not done yet).
+    pub size_changes: Vec<MapSizeChange>,
 }
 
 /// Expected (key, value) sizes per map.
@@ -149,7 +151,7 @@ fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
 }
 
 /// Checks pinned maps against this build's layouts before reusing them.
-fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<String>, LoaderError> {
+fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<MapSizeChange>, LoaderError> {
     let mut warnings = Vec::new();
     for name in names::ALL {
         let path = pins.map(name);
@@ -171,10 +173,11 @@ fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<String>, LoaderErro
         }
         if let Some(want) = wanted_entries(name, sizes) {
             if info.max_entries() != want {
-                warnings.push(format!(
-                    "{name}: pinned with {} entries, config asks {want}; keeping the pinned map",
-                    info.max_entries()
-                ));
+                warnings.push(MapSizeChange {
+                    map: name.to_string(),
+                    pinned: info.max_entries(),
+                    configured: want,
+                });
             }
         }
     }
@@ -182,7 +185,10 @@ fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<String>, LoaderErro
 }
 
 /// Loads the object with its maps pinned under `pins` (reusing existing pins).
-pub fn load(pins: &Pins, sizes: &MapSizes) -> Result<(Ebpf, Vec<String>, bool), LoaderError> {
+pub fn load(
+    pins: &Pins,
+    sizes: &MapSizes,
+) -> Result<(Ebpf, Vec<MapSizeChange>, bool), LoaderError> {
     pins.prepare()?;
     let reused = pins.maps_exist();
     let warnings = check_pinned(pins, sizes)?;
@@ -214,7 +220,7 @@ pub fn install(
     sizes: &MapSizes,
     replace: bool,
 ) -> Result<InstallReport, LoaderError> {
-    let (mut ebpf, size_warnings, maps_reused) = load(pins, sizes)?;
+    let (mut ebpf, size_changes, maps_reused) = load(pins, sizes)?;
     let cg_id = sys::cgroup_id(cgroup).map_err(|source| LoaderError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
@@ -290,7 +296,7 @@ pub fn install(
     Ok(InstallReport {
         maps_reused,
         links,
-        size_warnings,
+        size_changes,
     })
 }
 
@@ -319,4 +325,49 @@ pub fn attach_state(pins: &Pins) -> AttachState {
 pub fn uninstall(pins: &Pins) -> Result<(), LoaderError> {
     pins.remove_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netboot_contract::memory as mem;
+
+    /// A kernel `htab_elem`: 48 bytes, then key and value, each 8-byte rounded.
+    fn elem(name: &str) -> u64 {
+        let (k, v) = expected_sizes(name).unwrap();
+        48 + u64::from(k.next_multiple_of(8)) + u64::from(v.next_multiple_of(8))
+    }
+
+    #[test]
+    fn memory_formula_fits_the_map_layouts() {
+        // Why: the DaemonSet's memory limit is computed from these constants
+        // (netboot_contract::memory); a layout change must update them.
+        for name in [
+            names::SERVICES,
+            names::BACKENDS,
+            names::AFF_MATCH,
+            names::REVNAT,
+        ] {
+            // + the 8-byte free-list node of BPF_F_NO_PREALLOC maps.
+            assert!(elem(name) + 8 <= mem::HASH_ENTRY, "{name}: {}", elem(name));
+        }
+        assert_eq!(elem(names::REV_SK), mem::REV_SK_ENTRY);
+        assert_eq!(elem(names::AFFINITY), mem::AFFINITY_ENTRY);
+        // Every map the formula sizes from mapSizes, and no other.
+        let sized: Vec<&str> = names::ALL
+            .into_iter()
+            .filter(|n| wanted_entries(n, &MapSizes::default()).is_some())
+            .collect();
+        assert_eq!(
+            sized,
+            [
+                names::SERVICES,
+                names::BACKENDS,
+                names::REVNAT,
+                names::REV_SK,
+                names::AFFINITY,
+                names::AFF_MATCH
+            ]
+        );
+    }
 }

@@ -21,7 +21,17 @@
 //! `UpsertService`): backends before the slots that name them; new slots
 //! before the frontend count that exposes them; the frontend count before the
 //! slots it stops exposing are deleted; a removed frontend's slot 0 first;
-//! unreferenced backends last.
+//! a backend is deleted only once no programmed slot or membership names it.
+//!
+//! Map pressure: every delete that frees room and needs no insert first —
+//! frontends no longer desired, orphans, backends nothing names any more,
+//! memberships a frontend no longer has — runs before the inserts. An insert
+//! that finds its map full (E2BIG/ENOMEM/ENOSPC) or no free id does not stop
+//! the pass: that backend or frontend is recorded in [`Pressure`] and the
+//! pass goes on with the rest; if deletes later in the pass freed room, the
+//! inserts are tried once more. A pass with pressure still succeeds (what
+//! fits is programmed); [`Reconciler::needs_full`] stays true so the caller
+//! retries with a full pass. Any other map error stops the pass as before.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -55,6 +65,72 @@ pub enum ReconcileError {
     /// A partial pass was asked for before a successful full pass.
     #[error("partial pass refused: the maps need a full pass first")]
     NeedsFullPass,
+}
+
+/// Why a desired entry is not in the maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Unfit {
+    /// The named map had no room for a new entry.
+    MapFull(&'static str),
+    /// All 65535 service ids are in use.
+    ServiceIdsExhausted,
+    /// No backend id left.
+    BackendIdsExhausted,
+}
+
+impl std::fmt::Display for Unfit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfit::MapFull(m) => write!(f, "map {m} full"),
+            Unfit::ServiceIdsExhausted => f.write_str("no free service id"),
+            Unfit::BackendIdsExhausted => f.write_str("no free backend id"),
+        }
+    }
+}
+
+/// What the last pass could not program for lack of room.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Pressure {
+    /// Desired frontends not (completely) programmed, and why.
+    pub frontends: BTreeMap<L4Addr, Unfit>,
+    /// Desired backends not in `nb_lb4_be`, and why (frontends are
+    /// programmed without them).
+    pub backends: BTreeMap<L4Addr, Unfit>,
+}
+
+impl Pressure {
+    /// Nothing is missing.
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.backends.is_empty()
+    }
+
+    /// One line per reason: `map nb_lb4_be full: 3 backends not programmed (first 10.244.1.7:8080/TCP)`.
+    pub fn summary(&self) -> Vec<String> {
+        let mut by: BTreeMap<(Unfit, &str), (usize, L4Addr)> = BTreeMap::new();
+        for (kind, m) in [("frontends", &self.frontends), ("backends", &self.backends)] {
+            for (a, u) in m {
+                by.entry((*u, kind)).or_insert((0, *a)).0 += 1;
+            }
+        }
+        by.into_iter()
+            .map(|((u, kind), (n, first))| {
+                format!("{u}: {n} {kind} not programmed (first {first})")
+            })
+            .collect()
+    }
+}
+
+impl ReconcileError {
+    /// Why an insert did not fit, if that is what failed.
+    pub fn unfit(&self) -> Option<Unfit> {
+        match self {
+            ReconcileError::Map { source, .. } => source.full_map().map(Unfit::MapFull),
+            ReconcileError::ServiceIdsExhausted(_) => Some(Unfit::ServiceIdsExhausted),
+            ReconcileError::BackendIdsExhausted(_) => Some(Unfit::BackendIdsExhausted),
+            ReconcileError::NeedsFullPass => None,
+        }
+    }
 }
 
 /// Counts of one pass.
@@ -194,6 +270,8 @@ pub struct Reconciler<M: LbMaps> {
     be_ids: IdAlloc,
     /// Entries found at recovery that belong to nothing consistent.
     orphans: MapsDump,
+    /// What the last pass could not program.
+    pressure: Pressure,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -210,6 +288,7 @@ impl<M: LbMaps> Reconciler<M> {
             target: BTreeMap::new(),
             refs: BTreeMap::new(),
             needs_full: true,
+            pressure: Pressure::default(),
         };
         r.resync()?;
         Ok(r)
@@ -302,12 +381,21 @@ impl<M: LbMaps> Reconciler<M> {
         &mut self.maps
     }
 
-    /// Sizes of the programmed state.
+    /// Sizes of the programmed state (frontends with their slot 0 written).
     pub fn programmed(&self) -> Programmed {
         Programmed {
-            services: self.frontends.len(),
+            services: self
+                .frontends
+                .values()
+                .filter(|p| p.value.is_some())
+                .count(),
             backends: self.backends.len(),
         }
+    }
+
+    /// What the last pass could not program for lack of room (empty: everything fits).
+    pub fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     /// Service id of a programmed frontend.
@@ -316,7 +404,8 @@ impl<M: LbMaps> Reconciler<M> {
     }
 
     /// Whether the next pass must be a full one ([`Reconciler::reconcile`]):
-    /// true at start, after [`Reconciler::resync`] and after a failed pass.
+    /// true at start, after [`Reconciler::resync`], after a failed pass and
+    /// after a pass that left [`Reconciler::pressure`].
     pub fn needs_full(&self) -> bool {
         self.needs_full
     }
@@ -341,7 +430,7 @@ impl<M: LbMaps> Reconciler<M> {
         let target = std::mem::take(&mut self.target);
         let r = self.pass(&target, &mut st);
         self.target = target;
-        self.needs_full = r.is_err();
+        self.needs_full = r.is_err() || !self.pressure.is_empty();
         r.map(|()| st)
     }
 
@@ -375,7 +464,7 @@ impl<M: LbMaps> Reconciler<M> {
         }
         let mut st = SyncStats::default();
         let r = self.partial_pass(changes, &touched, &mut st);
-        if r.is_err() {
+        if r.is_err() || !self.pressure.is_empty() {
             self.needs_full = true;
         }
         r.map(|()| st)
@@ -387,28 +476,122 @@ impl<M: LbMaps> Reconciler<M> {
         touched: &BTreeSet<L4Addr>,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
-        // Same phases as a full pass, restricted to what changed.
-        for addr in touched {
-            if let Some(state) = self.refs.get(addr).and_then(BackendRefs::state) {
-                self.write_backend(*addr, state, st)?;
-            }
-        }
-        for (addr, fe) in changes {
-            if let Some(fe) = fe {
-                self.write_frontend(*addr, fe, st)?;
-            }
-        }
+        // Same phases as a full pass, restricted to what changed. Only the
+        // changed frontends can name a backend the target no longer wants:
+        // every other one matches the target (no pressure before a partial pass).
+        self.pressure = Pressure::default();
         for (addr, fe) in changes {
             if fe.is_none() {
                 self.delete_frontend(*addr, st)?;
             }
         }
         self.delete_orphans(st)?;
-        for addr in touched {
-            if self.refs.get(addr).and_then(BackendRefs::state).is_none() {
-                self.refs.remove(addr);
-                self.delete_backend(*addr, st)?;
+        let changed: Vec<L4Addr> = changes.keys().copied().collect();
+        self.delete_unwanted_backends(touched.iter().copied(), &changed, st)?;
+        for _round in 0..2 {
+            let deletes = st.deletes;
+            self.pressure = Pressure::default();
+            for addr in touched {
+                if let Some(state) = self.refs.get(addr).and_then(BackendRefs::state) {
+                    let r = self.write_backend(*addr, state, st);
+                    self.tolerate_backend(*addr, r)?;
+                }
             }
+            for (addr, fe) in changes {
+                if let Some(fe) = fe {
+                    let r = self.write_frontend(*addr, fe, st);
+                    self.tolerate_frontend(*addr, r)?;
+                }
+            }
+            let named: Vec<L4Addr> = self.pressure.frontends.keys().copied().collect();
+            self.delete_unwanted_backends(touched.iter().copied(), &named, st)?;
+            if self.pressure.is_empty() || st.deletes == deletes {
+                break;
+            }
+        }
+        for addr in touched {
+            if self.refs.get(addr).and_then(BackendRefs::state).is_none()
+                && !self.backends.contains_key(addr)
+            {
+                self.refs.remove(addr);
+            }
+        }
+        Ok(())
+    }
+
+    /// A write that did not fit is recorded; any other error stops the pass.
+    fn tolerate_backend(
+        &mut self,
+        addr: L4Addr,
+        r: Result<(), ReconcileError>,
+    ) -> Result<(), ReconcileError> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => match e.unfit() {
+                Some(u) => {
+                    self.pressure.backends.insert(addr, u);
+                    Ok(())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// As [`Self::tolerate_backend`]; a new frontend nothing was written for
+    /// gives its id back.
+    fn tolerate_frontend(
+        &mut self,
+        addr: L4Addr,
+        r: Result<(), ReconcileError>,
+    ) -> Result<(), ReconcileError> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => match e.unfit() {
+                Some(u) => {
+                    self.pressure.frontends.insert(addr, u);
+                    if let Some(p) = self.frontends.get(&addr) {
+                        if p.value.is_none()
+                            && p.revnat.is_none()
+                            && p.slots.is_empty()
+                            && p.members.is_empty()
+                        {
+                            let id = p.id;
+                            self.frontends.remove(&addr);
+                            self.svc_ids.free(u32::from(id));
+                        }
+                    }
+                    Ok(())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Deletes those of `candidates` that no target frontend wants and no
+    /// slot or membership of the programmed frontends `named_by` names.
+    fn delete_unwanted_backends(
+        &mut self,
+        candidates: impl Iterator<Item = L4Addr>,
+        named_by: &[L4Addr],
+        st: &mut SyncStats,
+    ) -> Result<(), ReconcileError> {
+        let mut in_use: BTreeSet<u32> = BTreeSet::new();
+        for fe in named_by {
+            if let Some(p) = self.frontends.get(fe) {
+                in_use.extend(p.slots.iter().copied());
+                in_use.extend(p.members.keys().copied());
+            }
+        }
+        let unwanted: Vec<L4Addr> = candidates
+            .filter(|a| self.refs.get(a).and_then(BackendRefs::state).is_none())
+            .filter(|a| {
+                self.backends
+                    .get(a)
+                    .is_some_and(|(id, _)| !in_use.contains(id))
+            })
+            .collect();
+        for addr in unwanted {
+            self.delete_backend(addr, st)?;
         }
         Ok(())
     }
@@ -498,22 +681,8 @@ impl<M: LbMaps> Reconciler<M> {
         desired: &BTreeMap<L4Addr, Frontend>,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
-        // A: backends (global states from the target's refs).
-        let want_be: Vec<(L4Addr, BackendState)> = self
-            .refs
-            .iter()
-            .filter_map(|(a, r)| r.state().map(|s| (*a, s)))
-            .collect();
-        for (addr, state) in &want_be {
-            self.write_backend(*addr, *state, st)?;
-        }
-
-        // B: frontends.
-        for (addr, fe) in desired {
-            self.write_frontend(*addr, fe, st)?;
-        }
-
-        // C: frontends no longer desired.
+        self.pressure = Pressure::default();
+        // 1: deletes that need no insert first, so they make room.
         let gone: Vec<L4Addr> = self
             .frontends
             .keys()
@@ -523,19 +692,36 @@ impl<M: LbMaps> Reconciler<M> {
         for addr in gone {
             self.delete_frontend(addr, st)?;
         }
-
-        // D: orphans found at recovery.
         self.delete_orphans(st)?;
+        let all: Vec<L4Addr> = self.frontends.keys().copied().collect();
+        let stale: Vec<L4Addr> = self.backends.keys().copied().collect();
+        self.delete_unwanted_backends(stale.into_iter(), &all, st)?;
 
-        // E: backends nobody references any more.
-        let stale: Vec<L4Addr> = self
-            .backends
-            .keys()
-            .filter(|a| !self.refs.contains_key(a))
-            .copied()
-            .collect();
-        for addr in stale {
-            self.delete_backend(addr, st)?;
+        // 2: inserts and updates; what does not fit is recorded and skipped.
+        // Once more if the deletes of this round made room.
+        for _round in 0..2 {
+            let deletes = st.deletes;
+            self.pressure = Pressure::default();
+            let want_be: Vec<(L4Addr, BackendState)> = self
+                .refs
+                .iter()
+                .filter_map(|(a, r)| r.state().map(|s| (*a, s)))
+                .collect();
+            for (addr, state) in &want_be {
+                let r = self.write_backend(*addr, *state, st);
+                self.tolerate_backend(*addr, r)?;
+            }
+            for (addr, fe) in desired {
+                let r = self.write_frontend(*addr, fe, st);
+                self.tolerate_frontend(*addr, r)?;
+            }
+            // Backends the updated frontends stopped naming.
+            let named: Vec<L4Addr> = self.pressure.frontends.keys().copied().collect();
+            let stale: Vec<L4Addr> = self.backends.keys().copied().collect();
+            self.delete_unwanted_backends(stale.into_iter(), &named, st)?;
+            if self.pressure.is_empty() || st.deletes == deletes {
+                break;
+            }
         }
         Ok(())
     }
@@ -563,6 +749,27 @@ impl<M: LbMaps> Reconciler<M> {
         let Some(p) = self.frontends.get_mut(&addr) else {
             return Ok(());
         };
+
+        // Memberships of backends the frontend no longer has go first: a
+        // backend leaving needs no room, and its entry makes room for a new one.
+        let extra: Vec<u32> = p
+            .members
+            .keys()
+            .filter(|b| !members.contains_key(b))
+            .copied()
+            .collect();
+        for bid in extra {
+            let k = Lb4AffinityMatch {
+                backend_id: bid,
+                rev_nat_id: id,
+                pad: 0,
+            };
+            self.maps
+                .delete_aff_match(k)
+                .map_err(map_err(format!("{} delete affmatch {bid}", fe.name)))?;
+            st.deletes += 1;
+            p.members.remove(&bid);
+        }
 
         let rn = Lb4ReverseNat {
             address: addr_be(addr.ip),
@@ -637,24 +844,6 @@ impl<M: LbMaps> Reconciler<M> {
                 .map_err(map_err(format!("{} delete slot {slot}", fe.name)))?;
             st.deletes += 1;
             p.slots.pop();
-        }
-        let extra: Vec<u32> = p
-            .members
-            .keys()
-            .filter(|b| !members.contains_key(b))
-            .copied()
-            .collect();
-        for bid in extra {
-            let k = Lb4AffinityMatch {
-                backend_id: bid,
-                rev_nat_id: id,
-                pad: 0,
-            };
-            self.maps
-                .delete_aff_match(k)
-                .map_err(map_err(format!("{} delete affmatch {bid}", fe.name)))?;
-            st.deletes += 1;
-            p.members.remove(&bid);
         }
         Ok(())
     }

@@ -33,6 +33,42 @@ pub struct LinkStatus {
     pub cgroup_id: u64,
 }
 
+/// A configured map size that differs from the pinned map's (the change is
+/// refused: the pinned map keeps its size and contents).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapSizeChange {
+    /// Map name.
+    pub map: String,
+    /// `max_entries` of the pinned map (in use).
+    pub pinned: u32,
+    /// `max_entries` config.yaml's `mapSizes` asks for.
+    pub configured: u32,
+}
+
+impl std::fmt::Display for MapSizeChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: pinned with {} entries, mapSizes asks {}",
+            self.map, self.pinned, self.configured
+        )
+    }
+}
+
+/// A condition in Kubernetes' style: `MapFull`, `MapSizeChangeRefused`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    /// Condition type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True" or "False".
+    pub status: String,
+    /// Why, when True.
+    #[serde(default)]
+    pub message: String,
+}
+
 /// Everything status and metrics report.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -51,8 +87,27 @@ pub struct Status {
     pub api_endpoint: String,
     /// Attached links.
     pub links: Vec<LinkStatus>,
-    /// Maps hold a complete initial list (what /readyz reports).
+    /// What /readyz reports: the initial sync is complete AND every desired
+    /// frontend and backend is programmed (no map pressure).
     pub ready: bool,
+    /// The initial sync is complete (a complete list reached the maps).
+    #[serde(default)]
+    pub synced: bool,
+    /// Desired frontends the last pass could not program (map full / no id).
+    #[serde(default)]
+    pub unprogrammed_frontends: usize,
+    /// Desired backends the last pass could not program.
+    #[serde(default)]
+    pub unprogrammed_backends: usize,
+    /// Why, one line per reason (empty: everything fits).
+    #[serde(default)]
+    pub map_pressure: Vec<String>,
+    /// `mapSizes` changes refused for pinned maps (they keep their size).
+    #[serde(default)]
+    pub map_size_changes: Vec<MapSizeChange>,
+    /// `MapFull` and `MapSizeChangeRefused`, derived from the fields above.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
     /// Frontends programmed in the maps.
     pub services: usize,
     /// Backends programmed in the maps.
@@ -142,7 +197,49 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
+fn condition(type_: &str, on: bool, message: String) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if on { "True" } else { "False" }.into(),
+        message: if on { message } else { String::new() },
+    }
+}
+
 impl Status {
+    /// Whether the last pass left desired entries out of the maps.
+    pub fn map_full(&self) -> bool {
+        self.unprogrammed_frontends + self.unprogrammed_backends > 0
+    }
+
+    /// Fills `conditions` from the fields they summarise.
+    pub fn with_conditions(mut self) -> Self {
+        self.conditions = vec![
+            condition(
+                "MapFull",
+                self.map_full(),
+                format!(
+                    "{} frontends and {} backends not programmed: {}",
+                    self.unprogrammed_frontends,
+                    self.unprogrammed_backends,
+                    self.map_pressure.join("; ")
+                ),
+            ),
+            condition(
+                "MapSizeChangeRefused",
+                !self.map_size_changes.is_empty(),
+                format!(
+                    "{}; pinned maps keep their size (uninstall the datapath to resize)",
+                    self.map_size_changes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            ),
+        ];
+        self
+    }
+
     /// `status` text output.
     pub fn render(&self, verbose: bool, now: u64) -> String {
         let mut s = String::new();
@@ -177,6 +274,22 @@ impl Status {
             "Services:               {} frontends, {} backends programmed",
             self.services, self.backends
         );
+        if self.map_full() {
+            let _ = writeln!(
+                s,
+                "Map pressure:           MapFull: {} frontends, {} backends not programmed",
+                self.unprogrammed_frontends, self.unprogrammed_backends
+            );
+            for l in &self.map_pressure {
+                let _ = writeln!(s, "                        {l}");
+            }
+        }
+        for c in &self.map_size_changes {
+            let _ = writeln!(
+                s,
+                "Map size change:        refused: {c} (the pinned map keeps its size)"
+            );
+        }
         let last = if self.last_sync_unix == 0 {
             "never".to_string()
         } else {
@@ -369,6 +482,22 @@ impl Status {
             "gauge",
             u8::from(self.kube_proxy_cleanup == Cleanup::HeldBack).to_string(),
         );
+        gauge(
+            "netboot_datapath_map_full",
+            "1 while the last pass left desired frontends or backends out of a full map (or without an id)",
+            "gauge",
+            u8::from(self.map_full()).to_string(),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_unprogrammed Desired entries the last pass could not program (map full or no id)\n# TYPE netboot_datapath_unprogrammed gauge\nnetboot_datapath_unprogrammed{{kind=\"frontend\"}} {}\nnetboot_datapath_unprogrammed{{kind=\"backend\"}} {}",
+            self.unprogrammed_frontends, self.unprogrammed_backends
+        );
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_map_size_change_refused Maps whose pinned size differs from mapSizes (change refused)\n# TYPE netboot_datapath_map_size_change_refused gauge\nnetboot_datapath_map_size_change_refused {}",
+            self.map_size_changes.len()
+        );
         let _ = writeln!(s, "# HELP netboot_datapath_bpf_outcomes_total Socket LB decisions by outcome (per-CPU counters summed)");
         let _ = writeln!(s, "# TYPE netboot_datapath_bpf_outcomes_total counter");
         for c in &self.counters {
@@ -463,6 +592,51 @@ mod tests {
         let js = serde_json::to_value(sample()).unwrap();
         assert_eq!(js["kubeProxy"], "absent");
         assert_eq!(js["kubeProxyCleanup"], "active");
+    }
+
+    #[test]
+    fn map_pressure_and_refused_sizes_are_shown_everywhere() {
+        let mut st = sample();
+        st.synced = true;
+        st.ready = false;
+        st.unprogrammed_frontends = 2;
+        st.map_pressure =
+            vec!["map nb_lb4_svc full: 2 frontends not programmed (first 10.96.0.9:80/TCP)".into()];
+        st.map_size_changes = vec![MapSizeChange {
+            map: "nb_lb4_svc".into(),
+            pinned: 4096,
+            configured: 8192,
+        }];
+        let st = st.with_conditions();
+        let text = st.render(false, 1_800_000_003);
+        assert!(text.contains("Map pressure:           MapFull: 2 frontends, 0 backends not programmed\n                        map nb_lb4_svc full: 2 frontends"), "{text}");
+        assert!(text.contains("Map size change:        refused: nb_lb4_svc: pinned with 4096 entries, mapSizes asks 8192"), "{text}");
+        let m = st.metrics();
+        assert!(m.contains("\nnetboot_datapath_map_full 1\n"), "{m}");
+        assert!(
+            m.contains("\nnetboot_datapath_unprogrammed{kind=\"frontend\"} 2\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("\nnetboot_datapath_map_size_change_refused 1\n"),
+            "{m}"
+        );
+        let js = serde_json::to_value(&st).unwrap();
+        assert_eq!(js["conditions"][0]["type"], "MapFull");
+        assert_eq!(js["conditions"][0]["status"], "True");
+        assert_eq!(js["conditions"][1]["type"], "MapSizeChangeRefused");
+        assert_eq!(js["conditions"][1]["status"], "True");
+        let (code, body) = crate::http::readyz(&st);
+        assert_eq!(code, 503);
+        assert!(
+            body.starts_with("maps full: 2 frontends and 0 backends not programmed"),
+            "{body}"
+        );
+        let (code, body) = crate::http::readyz(&Status::default());
+        assert_eq!(
+            (code.as_u16(), body.as_str()),
+            (503, "initial sync not complete\n")
+        );
     }
 
     #[test]

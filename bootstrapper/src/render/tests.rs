@@ -214,3 +214,85 @@ fn an_override_rendering_bad_objects_is_refused() {
         "{err}"
     );
 }
+
+/// `NNNMi` / `NNNGi` in bytes.
+fn quantity(q: &str) -> u64 {
+    let (n, unit) = q.split_at(q.len() - 2);
+    let mul = match unit {
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => panic!("unit {other} in {q}"),
+    };
+    n.parse::<u64>().unwrap() * mul
+}
+
+fn agent_memory(spec: &ClusterNetwork) -> (u64, u64) {
+    let ms = render(spec, "prod", &RenderOptions::default()).unwrap();
+    let ds = ms.iter().find(|m| m.id().kind == "DaemonSet").unwrap();
+    let res = &ds.object["spec"]["template"]["spec"]["containers"][0]["resources"];
+    (
+        quantity(res["requests"]["memory"].as_str().unwrap()),
+        quantity(res["limits"]["memory"].as_str().unwrap()),
+    )
+}
+
+#[test]
+fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
+    // Why: BPF map memory is charged to the agent's cgroup; 256Mi did not fit the
+    // allowed mapSizes, so a large cluster got the agent OOM-killed.
+    // The formula of docs/contracts.md, written out: per map
+    // 16 B × pow2(max) buckets; 96 B per entry of the four NO_PREALLOC maps in
+    // use; 72 / 80 B per preallocated rev_sk / affinity element; userspace
+    // 12 KiB per frontend (≤ 65535, ≤ reverseNat) + 1 KiB per backend; 64 MiB base.
+    let formula = |m: spec::MapSizes| -> (u64, u64) {
+        let (s, b, a, r) = (
+            u64::from(m.services),
+            u64::from(m.backends),
+            u64::from(m.affinity),
+            u64::from(m.reverse_nat),
+        );
+        let bk = |n: u64| 16 * n.next_power_of_two();
+        let empty = bk(s) + 3 * bk(b) + bk(r) + bk(a) + 72 * b + 80 * a;
+        let full = empty + 96 * (s + 2 * b + r.min(65535));
+        let user = 12 * 1024 * s.min(r).min(65535) + 1024 * b;
+        (64 * (1 << 20) + empty, 64 * (1 << 20) + full + user)
+    };
+    let max = 16_777_216;
+    for sizes in [
+        spec::MapSizes::default(),
+        spec::MapSizes {
+            services: max,
+            backends: max,
+            affinity: max,
+            reverse_nat: max,
+        },
+        spec::MapSizes {
+            services: 1024,
+            backends: 1024,
+            affinity: 1024,
+            reverse_nat: 1024,
+        },
+    ] {
+        let mut spec = shipped("prod");
+        spec.datapath.map_sizes = sizes;
+        let (request, limit) = agent_memory(&spec);
+        let (want_request, want_limit) = formula(sizes);
+        assert!(
+            limit >= want_limit,
+            "{sizes:?}: limit {limit} < {want_limit}"
+        );
+        assert!(
+            request >= want_request,
+            "{sizes:?}: request {request} < {want_request}"
+        );
+        assert!(
+            limit - want_limit < 1 << 20,
+            "{sizes:?}: rounded up by less than 1 MiB"
+        );
+        println!(
+            "NUMBERS {sizes:?}: request {} MiB, limit {} MiB",
+            request >> 20,
+            limit >> 20
+        );
+    }
+}

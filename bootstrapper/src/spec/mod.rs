@@ -100,8 +100,12 @@ pub struct Datapath {
     /// `sessionAffinityTimeoutSeconds`: ClientIP affinity timeout when a Service sets none. Default 10800.
     pub session_affinity_timeout_seconds: u32,
     pub map_sizes: MapSizes,
-    /// `healthPort`: the agent's /healthz, /readyz, /metrics port (host network). Default 9890.
+    /// `healthPort`: the agent's /healthz, /readyz, /metrics, /v1/status port,
+    /// on 127.0.0.1 only (host network; the probes use it). Default 9890.
     pub health_port: u16,
+    /// `metricsPort`: the agent's /metrics-only port on every address of the
+    /// node, for Prometheus. Default 9891; must differ from `healthPort`.
+    pub metrics_port: u16,
 }
 
 /// `spec.datapath.mapSizes`: BPF map capacities.
@@ -584,6 +588,7 @@ impl Datapath {
             session_affinity_timeout_seconds: 10800,
             map_sizes: MapSizes::default(),
             health_port: 9890,
+            metrics_port: 9891,
         }
     }
 }
@@ -600,6 +605,7 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
             "sessionAffinityTimeoutSeconds",
             "mapSizes",
             "healthPort",
+            "metricsPort",
         ],
     )?;
     let mut d = Datapath::defaults();
@@ -662,6 +668,19 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
     }
     if let Some(v) = opt(c, &s, "healthPort", |c, n, p| c.integer(n, p, 1, 65535)) {
         d.health_port = u16::try_from(v).ok()?;
+    }
+    if let Some(v) = opt(c, &s, "metricsPort", |c, n, p| c.integer(n, p, 1, 65535)) {
+        d.metrics_port = u16::try_from(v).ok()?;
+    }
+    if d.metrics_port == d.health_port {
+        if let Some(n) = s.get("metricsPort").or_else(|| s.get("healthPort")) {
+            c.error(
+                n.pos,
+                &s.child("metricsPort"),
+                format!("must differ from healthPort ({})", d.health_port),
+            );
+            ok = false;
+        }
     }
     if let Some(m) = s.get("mapSizes") {
         let ms = c.section(

@@ -293,3 +293,19 @@ fn reconcile_repo_urls() {
         "{e:?}"
     );
 }
+
+#[test]
+fn metrics_port_defaults_and_must_differ_from_health_port() {
+    let s = parse("t.yaml", GOOD).unwrap();
+    assert_eq!(
+        (s.datapath.health_port, s.datapath.metrics_port),
+        (9890, 9891)
+    );
+    let e = errors(&format!(
+        "{GOOD}  datapath:\n    healthPort: 9000\n    metricsPort: 9000\n"
+    ));
+    assert_eq!(
+        e,
+        vec!["t.yaml:14:18: spec.datapath.metricsPort: must differ from healthPort (9000)"]
+    );
+}

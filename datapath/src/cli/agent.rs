@@ -25,6 +25,7 @@ pub async fn run(a: AgentArgs) -> Result<ExitCode, CliError> {
         rules_netns: a.rules_netns,
         kubeconfig: a.kubeconfig,
         listen: a.listen,
+        metrics_listen: a.metrics_listen,
         static_services: a.static_services,
         node_interval: Duration::from_secs(a.node_interval.max(1)),
         kube_proxy_present: a.kube_proxy_present,

@@ -63,9 +63,12 @@ pub struct AgentArgs {
     /// Credentials; the server address is always replaced by apiServer from the config.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Address of /healthz, /readyz, /metrics, /v1/status.
-    #[arg(long, env = "NETBOOT_LISTEN", default_value = "0.0.0.0:9890")]
+    /// Address of /healthz, /readyz, /metrics, /v1/status (keep it on loopback: the pod is hostNetwork).
+    #[arg(long, env = "NETBOOT_LISTEN", default_value = "127.0.0.1:9890")]
     pub listen: String,
+    /// Address of a second listener serving only /metrics (Prometheus) [default: none].
+    #[arg(long, env = "NETBOOT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Serve the Services/EndpointSlices in this YAML file instead of watching the API.
     #[arg(long, env = "NETBOOT_STATIC_SERVICES", hide = true)]
     pub static_services: Option<PathBuf>,

@@ -1,7 +1,22 @@
 //! In-memory map backend for unit tests.
 
+use std::collections::BTreeMap;
+
 use super::{LbMaps, MapsDump, MapsError};
-use crate::layout::{Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service};
+use crate::layout::{names, Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service};
+
+/// Capacities, like a kernel map's `max_entries` (None: unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapLimits {
+    /// `nb_lb4_svc`.
+    pub services: Option<usize>,
+    /// `nb_lb4_be`.
+    pub backends: Option<usize>,
+    /// `nb_lb4_revnat`.
+    pub revnat: Option<usize>,
+    /// `nb_lb4_affmatch`.
+    pub aff_match: Option<usize>,
+}
 
 /// Maps held in `BTreeMap`s; counts writes so tests can assert "no writes".
 #[derive(Clone, Debug, Default)]
@@ -10,6 +25,9 @@ pub struct MemoryMaps {
     pub state: MapsDump,
     /// Number of update/delete calls so far.
     pub writes: u64,
+    /// Capacities: inserting a new key into a map at its limit fails with
+    /// [`MapsError::Full`] (replacing an existing key never does), as in the kernel.
+    pub limits: MapLimits,
 }
 
 impl MemoryMaps {
@@ -17,11 +35,41 @@ impl MemoryMaps {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Empty maps with capacities.
+    pub fn with_limits(limits: MapLimits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+}
+
+/// Fails like a full kernel hash map: only a new key needs room.
+fn room<K: Ord, V>(
+    m: &BTreeMap<K, V>,
+    key: &K,
+    limit: Option<usize>,
+    map: &'static str,
+) -> Result<(), MapsError> {
+    match limit {
+        Some(max) if m.len() >= max && !m.contains_key(key) => Err(MapsError::Full {
+            map,
+            max_entries: max,
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl LbMaps for MemoryMaps {
     fn update_service(&mut self, key: Lb4Key, val: Lb4Service) -> Result<(), MapsError> {
         self.writes += 1;
+        room(
+            &self.state.services,
+            &key,
+            self.limits.services,
+            names::SERVICES,
+        )?;
         self.state.services.insert(key, val);
         Ok(())
     }
@@ -32,6 +80,12 @@ impl LbMaps for MemoryMaps {
     }
     fn update_backend(&mut self, id: u32, val: Lb4Backend) -> Result<(), MapsError> {
         self.writes += 1;
+        room(
+            &self.state.backends,
+            &id,
+            self.limits.backends,
+            names::BACKENDS,
+        )?;
         self.state.backends.insert(id, val);
         Ok(())
     }
@@ -42,6 +96,7 @@ impl LbMaps for MemoryMaps {
     }
     fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError> {
         self.writes += 1;
+        room(&self.state.revnat, &id, self.limits.revnat, names::REVNAT)?;
         self.state.revnat.insert(id, val);
         Ok(())
     }
@@ -52,6 +107,12 @@ impl LbMaps for MemoryMaps {
     }
     fn update_aff_match(&mut self, key: Lb4AffinityMatch, state: u32) -> Result<(), MapsError> {
         self.writes += 1;
+        room(
+            &self.state.aff_match,
+            &key,
+            self.limits.aff_match,
+            names::AFF_MATCH,
+        )?;
         self.state.aff_match.insert(key, state);
         Ok(())
     }

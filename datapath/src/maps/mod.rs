@@ -38,6 +38,15 @@ pub enum MapsError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    /// The map holds `max_entries` already (the in-memory backend's limit;
+    /// the kernel reports E2BIG, see [`MapsError::is_full`]).
+    #[error("map {map}: full ({max_entries} entries)")]
+    Full {
+        /// Map name.
+        map: &'static str,
+        /// Its capacity.
+        max_entries: usize,
+    },
     /// The faulty backend failed this write on purpose.
     #[error("injected fault on {op} #{n}")]
     Injected {
@@ -46,6 +55,30 @@ pub enum MapsError {
         /// Sequence number of the write.
         n: u64,
     },
+}
+
+impl MapsError {
+    /// The name of the map that had no room for a new entry, when that is
+    /// what failed: E2BIG (hash map at `max_entries`), ENOMEM or ENOSPC
+    /// from the kernel, or [`MapsError::Full`]. Any other error is not about
+    /// capacity.
+    pub fn full_map(&self) -> Option<&'static str> {
+        match self {
+            MapsError::Full { map, .. } => Some(map),
+            MapsError::Kernel { map, source, .. } => match source.as_ref() {
+                aya::maps::MapError::SyscallError(e)
+                    if matches!(
+                        e.io_error.raw_os_error(),
+                        Some(libc::E2BIG | libc::ENOMEM | libc::ENOSPC)
+                    ) =>
+                {
+                    Some(map)
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// Everything the reconciler writes, as read back from the maps.

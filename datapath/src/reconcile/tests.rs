@@ -335,9 +335,10 @@ fn partial_pass_is_exact_and_leaves_other_frontends_untouched() {
             .values()
             .any(|f| f.backends.contains_key(&b)));
     }
+    // (A freed id may serve a new backend: deletes run first to make room.)
     for (id, b) in &after.backends {
-        if let Some(old) = before.backends.get(id) {
-            assert_eq!(old.l4(), b.l4());
+        if let Some((old_id, _)) = before.backends.iter().find(|(_, o)| o.l4() == b.l4()) {
+            assert_eq!(old_id, id, "{}", b.l4());
         }
     }
 }
@@ -428,4 +429,156 @@ fn ids_freed_are_reused_and_fresh_ones_continue_upwards() {
     assert_eq!(b.alloc(), Some(1));
     assert_eq!(b.alloc(), Some(3));
     assert_eq!(b.alloc(), None);
+}
+
+fn table(fes: &[Frontend]) -> DesiredTable {
+    let mut d = DesiredTable::default();
+    for fe in fes {
+        d.insert(fe.clone());
+    }
+    d
+}
+
+fn one_backend(vip: u8, be: u8) -> Frontend {
+    frontend(
+        tcp([10, 96, 60, vip], 80),
+        &format!("d/s{vip}:"),
+        &[(tcp([10, 244, 6, be], 8080), BackendState::Active)],
+    )
+}
+
+#[test]
+fn full_backend_map_swaps_backends_in_one_pass() {
+    // Why: insert-before-delete wedged a full map: a rolling update (new pod in,
+    // old pod out) failed on the insert at every retry, forever.
+    let limits = crate::maps::memory::MapLimits {
+        backends: Some(2),
+        ..Default::default()
+    };
+    let mut r = Reconciler::recover(MemoryMaps::with_limits(limits)).unwrap();
+    let fe = |bes: &[u8]| {
+        let list: Vec<(L4Addr, BackendState)> = bes
+            .iter()
+            .map(|b| (tcp([10, 244, 6, *b], 8080), BackendState::Active))
+            .collect();
+        frontend(tcp([10, 96, 60, 1], 80), "d/web:", &list)
+    };
+    r.reconcile(&table(&[fe(&[1, 2])])).unwrap();
+    assert!(r.pressure().is_empty());
+    // Both backends replaced while the map is full: one pass, nothing left out.
+    r.reconcile(&table(&[fe(&[3, 4])])).unwrap();
+    assert!(r.pressure().is_empty(), "{:?}", r.pressure());
+    assert!(!r.needs_full());
+    let mut want = Reconciler::recover(MemoryMaps::new()).unwrap();
+    want.reconcile(&table(&[fe(&[3, 4])])).unwrap();
+    assert_eq!(normalized(&r.maps().state), normalized(&want.maps().state));
+    // Rolling one at a time (keep 3, swap 4 for 5) works too.
+    r.reconcile(&table(&[fe(&[3, 5])])).unwrap();
+    assert!(r.pressure().is_empty(), "{:?}", r.pressure());
+    assert_eq!(r.maps().state.backends.len(), 2);
+}
+
+#[test]
+fn full_service_map_programs_what_fits_reports_the_rest_and_recovers() {
+    // Why: one frontend that did not fit stopped the pass, so nothing after it was programmed.
+    let limits = crate::maps::memory::MapLimits {
+        services: Some(5), // slot 0 + one slot per frontend: two fit, the third does not
+        ..Default::default()
+    };
+    let mut r = Reconciler::recover(MemoryMaps::with_limits(limits)).unwrap();
+    let fes: Vec<Frontend> = (1..=3).map(|i| one_backend(i, i)).collect();
+    let st = r.reconcile(&table(&fes)).unwrap();
+    assert!(st.updates > 0);
+    let p = r.pressure().clone();
+    assert_eq!(p.frontends.len(), 1, "{p:?}");
+    assert_eq!(
+        p.frontends.values().next(),
+        Some(&Unfit::MapFull(crate::layout::names::SERVICES))
+    );
+    assert_eq!(r.programmed().services, 2);
+    assert!(r.needs_full(), "a pass with pressure asks for a full retry");
+    assert_eq!(
+        p.summary(),
+        vec![format!(
+            "map nb_lb4_svc full: 1 frontends not programmed (first {})",
+            p.frontends.keys().next().unwrap()
+        )]
+    );
+    // The retry is refused the same way, but keeps everything else programmed.
+    r.reconcile(&table(&fes)).unwrap();
+    assert_eq!(r.pressure().frontends.len(), 1);
+    assert_eq!(r.programmed().services, 2);
+    // One Service goes away: its room is freed before the insert, all fit.
+    let fewer = vec![fes[0].clone(), fes[2].clone()];
+    r.reconcile(&table(&fewer)).unwrap();
+    assert!(r.pressure().is_empty(), "{:?}", r.pressure());
+    assert!(!r.needs_full());
+    let mut want = Reconciler::recover(MemoryMaps::new()).unwrap();
+    want.reconcile(&table(&fewer)).unwrap();
+    assert_eq!(normalized(&r.maps().state), normalized(&want.maps().state));
+}
+
+#[test]
+fn unfit_new_frontend_gives_its_service_id_back() {
+    // Why: a frontend nothing was written for must not hold an id (65535 in all).
+    let limits = crate::maps::memory::MapLimits {
+        revnat: Some(2),
+        ..Default::default()
+    };
+    let mut r = Reconciler::recover(MemoryMaps::with_limits(limits)).unwrap();
+    let fes: Vec<Frontend> = (1..=3).map(|i| one_backend(i, 1)).collect();
+    r.reconcile(&table(&fes)).unwrap();
+    let unfit: Vec<L4Addr> = r.pressure().frontends.keys().copied().collect();
+    assert_eq!(unfit.len(), 1);
+    assert_eq!(r.service_id(&unfit[0]), None);
+    assert_eq!(r.svc_ids.used.len(), 2);
+    // The shared backend is programmed once and stays.
+    assert_eq!(r.maps().state.backends.len(), 1);
+}
+
+#[test]
+fn exhausted_service_ids_skip_the_frontend_not_the_pass() {
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    r.svc_ids = IdAlloc::new(2);
+    let fes: Vec<Frontend> = (1..=3).map(|i| one_backend(i, i)).collect();
+    r.reconcile(&table(&fes)).unwrap();
+    assert_eq!(
+        r.pressure().frontends.values().collect::<Vec<_>>(),
+        vec![&Unfit::ServiceIdsExhausted]
+    );
+    assert_eq!(r.programmed().services, 2);
+    // Its backend was written (phase A) but nothing names it: a later pass that
+    // drops the Service removes it.
+    r.reconcile(&table(&fes[..2])).unwrap();
+    assert!(r.pressure().is_empty());
+    assert_eq!(r.maps().state.backends.len(), 2);
+}
+
+#[test]
+fn partial_pass_under_pressure_succeeds_and_asks_for_a_full_one() {
+    let limits = crate::maps::memory::MapLimits {
+        backends: Some(1),
+        ..Default::default()
+    };
+    let mut r = Reconciler::recover(MemoryMaps::with_limits(limits)).unwrap();
+    r.reconcile(&table(&[one_backend(1, 1)])).unwrap();
+    assert!(!r.needs_full());
+    let fe = one_backend(2, 2);
+    r.apply(&[(fe.addr, Some(fe.clone()))].into_iter().collect())
+        .unwrap();
+    assert_eq!(r.pressure().backends.len(), 1);
+    assert!(r.needs_full());
+    // The frontend is programmed without its backend: it refuses connections
+    // (count 0) instead of being absent.
+    let slot0 = r
+        .maps()
+        .state
+        .services
+        .get(&Lb4Key::new(fe.addr, 0))
+        .copied();
+    assert_eq!(slot0.map(|v| v.count), Some(0));
+    // Dropping the first Service makes room; the full retry programs the backend.
+    r.reconcile(&table(&[fe])).unwrap();
+    assert!(r.pressure().is_empty());
+    assert_eq!(r.maps().state.backends.len(), 1);
 }

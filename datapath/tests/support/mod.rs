@@ -72,8 +72,8 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Self {
         assert!(
-            name.starts_with("nbt-dp-") || name.starts_with("nbcl-"),
-            "test netns must be prefixed nbt-dp- or nbcl-: {name}"
+            name.starts_with("nbt-dp-") || name.starts_with("nbcl-") || name.starts_with("nbag-"),
+            "test netns must be prefixed nbt-dp-, nbcl- or nbag-: {name}"
         );
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run("ip", &["netns", "add", name]);
@@ -174,8 +174,13 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(tag: &str, backends: u8) -> Self {
-        let client = Netns::new(&format!("nbt-dp-{tag}-c"));
-        let server = Netns::new(&format!("nbt-dp-{tag}-s"));
+        let base = if tag.starts_with("nbag-") {
+            tag.to_string()
+        } else {
+            format!("nbt-dp-{tag}")
+        };
+        let client = Netns::new(&format!("{base}-c"));
+        let server = Netns::new(&format!("{base}-s"));
         client.ip(&[
             "link",
             "add",

@@ -225,6 +225,10 @@ fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
         env.kubeconfig.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
+        // The DaemonSet's NETBOOT_METRICS_LISTEN (0.0.0.0:9891) is one port
+        // per host; here every node's agent shares the root netns.
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
     ];
     let mut vars = a.env.clone();
     vars.push(("NETBOOT_NODE_NAME".into(), a.node.clone()));

@@ -1,0 +1,140 @@
+//! The agent's memory, sized from `mapSizes` (docs/contracts.md, "Agent
+//! memory"). `netboot render` puts [`AgentMemory::request_mib`] and
+//! [`AgentMemory::limit_mib`] on the DaemonSet; the datapath's tests check the
+//! per-entry constants against the map layouts of `datapath/bpf/lb.h`.
+//!
+//! Why the maps count: BPF map memory is charged to the memory cgroup of the
+//! process that created the map (the first agent pod), also for entries
+//! added later, so a limit that does not fit full maps gets the agent
+//! OOM-killed exactly when the cluster is largest.
+//!
+//! Kernel side (per map, measured on 6.18 with `bpftool map show` memlock,
+//! then rounded up to the kmalloc size class an entry really takes):
+//! - every hash map has `16 × roundup_pow_of_two(max_entries)` bytes of buckets;
+//! - the `BPF_F_NO_PREALLOC` hash maps (`nb_lb4_svc`, `nb_lb4_be`,
+//!   `nb_lb4_affmatch`, `nb_lb4_revnat`) allocate one element per entry in
+//!   use: a 48-byte `htab_elem` + key + value (8-byte rounded) + an 8-byte
+//!   free-list node = 88 bytes at most (memlock: 88 for `nb_lb4_svc`, 72 for the
+//!   others), which kmalloc serves from its 96-byte class: [`HASH_ENTRY`];
+//! - the LRU maps are preallocated in full: 72 bytes per `nb_lb4_rev_sk` entry
+//!   and 80 per `nb_lb4_aff` entry (measured: 88 and 96 with the buckets).
+//!
+//! Userspace side (measured with `--static-services`, RSS of a debug build
+//! above an agent with one Service: 2000 Services × 10 endpoints +21 MiB,
+//! 10000 × 1 +64 MiB, 4000 × 10 +43 MiB; solved: 6.2 KB per Service frontend
+//! and 465 bytes per endpoint), doubled because objects from the API carry
+//! more than the static YAML (managedFields, labels, annotations):
+//! [`USER_PER_FRONTEND`], [`USER_PER_BACKEND`]. Frontends are bounded by the
+//! service-id space (65535) and `reverseNat`.
+//!
+//! Base: [`BASE`], twice the startup peak measured (33 MiB high-water mark).
+//!
+//! `limit = BASE + kernel(full maps) + userspace(full maps)`;
+//! `request = BASE + kernel(what is allocated with empty maps: buckets, LRU maps)`.
+
+/// Bytes of one bucket of a BPF hash map.
+pub const BUCKET: u64 = 16;
+/// Bytes of one entry of a `BPF_F_NO_PREALLOC` hash map (kmalloc-96).
+pub const HASH_ENTRY: u64 = 96;
+/// Bytes of one preallocated `nb_lb4_rev_sk` element (LRU).
+pub const REV_SK_ENTRY: u64 = 72;
+/// Bytes of one preallocated `nb_lb4_aff` element (LRU).
+pub const AFFINITY_ENTRY: u64 = 80;
+/// Agent userspace bytes per Service frontend (watch cache, tables, mirror).
+pub const USER_PER_FRONTEND: u64 = 12 * 1024;
+/// Agent userspace bytes per backend (endpoint).
+pub const USER_PER_BACKEND: u64 = 1024;
+/// Agent baseline: binary, runtime, API client, HTTP.
+pub const BASE: u64 = 64 * MIB;
+/// Service ids are u16: at most this many frontends.
+pub const MAX_FRONTENDS: u64 = 65535;
+
+const MIB: u64 = 1024 * 1024;
+
+/// `mapSizes`, as in config.yaml.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `services`: frontends plus backend slots (`nb_lb4_svc`).
+    pub services: u32,
+    /// `backends`: `nb_lb4_be`, `nb_lb4_affmatch`, `nb_lb4_rev_sk`.
+    pub backends: u32,
+    /// `affinity`: `nb_lb4_aff`.
+    pub affinity: u32,
+    /// `reverseNat`: `nb_lb4_revnat`.
+    pub reverse_nat: u32,
+}
+
+/// The agent's memory request and limit, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentMemory {
+    /// Kernel memory of empty maps (buckets, preallocated LRU maps).
+    pub kernel_empty: u64,
+    /// Kernel memory of full maps.
+    pub kernel_full: u64,
+    /// Userspace memory with full maps.
+    pub userspace_full: u64,
+    /// `BASE + kernel_empty`.
+    pub request: u64,
+    /// `BASE + kernel_full + userspace_full`.
+    pub limit: u64,
+}
+
+fn buckets(max: u32) -> u64 {
+    BUCKET * u64::from(max).next_power_of_two()
+}
+
+impl AgentMemory {
+    /// The formula of the module documentation.
+    pub fn for_sizes(m: MapSizes) -> Self {
+        let (svc, be, aff, rn) = (
+            u64::from(m.services),
+            u64::from(m.backends),
+            u64::from(m.affinity),
+            u64::from(m.reverse_nat),
+        );
+        let kernel_empty = buckets(m.services)
+            + 2 * buckets(m.backends) // nb_lb4_be, nb_lb4_affmatch
+            + buckets(m.reverse_nat)
+            + buckets(m.backends) + REV_SK_ENTRY * be
+            + buckets(m.affinity) + AFFINITY_ENTRY * aff;
+        let kernel_full = kernel_empty + HASH_ENTRY * (svc + 2 * be + rn.min(MAX_FRONTENDS));
+        let frontends = svc.min(rn).min(MAX_FRONTENDS);
+        let userspace_full = USER_PER_FRONTEND * frontends + USER_PER_BACKEND * be;
+        Self {
+            kernel_empty,
+            kernel_full,
+            userspace_full,
+            request: BASE + kernel_empty,
+            limit: BASE + kernel_full + userspace_full,
+        }
+    }
+
+    /// The request in MiB, rounded up.
+    pub fn request_mib(&self) -> u64 {
+        self.request.div_ceil(MIB)
+    }
+
+    /// The limit in MiB, rounded up.
+    pub fn limit_mib(&self) -> u64 {
+        self.limit.div_ceil(MIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_sizes() {
+        let m = AgentMemory::for_sizes(MapSizes {
+            services: 65536,
+            backends: 262144,
+            affinity: 65536,
+            reverse_nat: 65536,
+        });
+        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6 MiB.
+        assert_eq!(m.kernel_empty.div_ceil(MIB), 38);
+        assert_eq!(m.request_mib(), 102);
+        assert_eq!(m.limit_mib(), 1186);
+    }
+}

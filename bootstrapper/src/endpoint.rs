@@ -2,7 +2,10 @@
 //! otherwise the kubeconfig's server, unless it is a local port-forward (as
 //! on kind) — then the `default/kubernetes` EndpointSlice — then kubeadm's
 //! `controlPlaneEndpoint`. An address inside the Service CIDR is refused: it
-//! is a ClusterIP, unreachable once kube-proxy is gone.
+//! is a ClusterIP, unreachable once kube-proxy is gone. A detected host
+//! goes into the agents' configuration, so it must be an IP address or a
+//! DNS-1123 subdomain like a spec's (an EndpointSlice or kubeadm-config says
+//! whatever whoever wrote it said).
 
 use std::net::IpAddr;
 
@@ -13,6 +16,7 @@ use kube::Client;
 use serde::Serialize;
 
 use crate::apply::describe;
+use crate::spec::grammar::{self, GrammarError};
 use crate::spec::{ApiServer, ClusterNetwork};
 
 /// The chosen endpoint and where it came from.
@@ -31,6 +35,12 @@ pub enum EndpointError {
         source_name: String,
         cidr: String,
     },
+    #[error("API server endpoint from {source_name}: {source}; set spec.apiServer to the API server's real address")]
+    InvalidHost {
+        source_name: String,
+        #[source]
+        source: GrammarError,
+    },
     #[error("could not detect the API server endpoint ({tried}); set spec.apiServer in the spec")]
     NotFound { tried: String },
 }
@@ -41,22 +51,7 @@ pub async fn detect(
     spec: &ClusterNetwork,
     server: &str,
 ) -> Result<Detected, EndpointError> {
-    let check = |endpoint: ApiServer, source: &str| -> Result<Detected, EndpointError> {
-        if let Ok(ip) = endpoint.host.parse::<IpAddr>() {
-            if spec.cluster.service_cidr.contains(&ip) {
-                return Err(EndpointError::InServiceCidr {
-                    host: endpoint.host,
-                    port: endpoint.port,
-                    source_name: source.into(),
-                    cidr: spec.cluster.service_cidr.to_string(),
-                });
-            }
-        }
-        Ok(Detected {
-            endpoint,
-            source: source.into(),
-        })
-    };
+    let check = |endpoint: ApiServer, source: &str| accept(spec, endpoint, source);
     if let Some(a) = &spec.api_server {
         return check(a.clone(), "spec.apiServer");
     }
@@ -81,6 +76,41 @@ pub async fn detect(
     }
     Err(EndpointError::NotFound {
         tried: tried.join("; "),
+    })
+}
+
+/// Accepts an endpoint from `source` if its host is in the grammar (an IP
+/// address or a DNS-1123 subdomain, compared lowercase) and not a ClusterIP.
+pub(crate) fn accept(
+    spec: &ClusterNetwork,
+    mut endpoint: ApiServer,
+    source: &str,
+) -> Result<Detected, EndpointError> {
+    let lower = endpoint.host.to_ascii_lowercase();
+    let ip = match grammar::host(&lower) {
+        Ok(ip) => ip,
+        // The message quotes the host as it was found.
+        Err(lowered) => {
+            return Err(EndpointError::InvalidHost {
+                source_name: source.into(),
+                source: grammar::host(&endpoint.host).err().unwrap_or(lowered),
+            })
+        }
+    };
+    endpoint.host = lower;
+    if let Some(ip) = ip {
+        if spec.cluster.service_cidr.contains(&ip) {
+            return Err(EndpointError::InServiceCidr {
+                host: endpoint.host,
+                port: endpoint.port,
+                source_name: source.into(),
+                cidr: spec.cluster.service_cidr.to_string(),
+            });
+        }
+    }
+    Ok(Detected {
+        endpoint,
+        source: source.into(),
     })
 }
 
@@ -156,6 +186,51 @@ async fn from_kubeadm(client: &Client) -> Result<Option<ApiServer>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: a detected host went into config.yaml unchecked.
+    #[test]
+    fn detected_hosts_are_checked_by_their_grammar() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../clusters/kind.yaml");
+        let spec = crate::spec::load(std::path::Path::new(path)).unwrap();
+        let ep = |host: &str| ApiServer {
+            host: host.into(),
+            port: 6443,
+        };
+        let ok = accept(&spec, ep("API.Example.com"), "kubeconfig server").unwrap();
+        assert_eq!(ok.endpoint.host, "api.example.com");
+        assert!(accept(&spec, ep("fd00::2"), "default/kubernetes EndpointSlice").is_ok());
+        let err = accept(
+            &spec,
+            ep("172.18.0.2\u{2028}  hostPID: true"),
+            "default/kubernetes EndpointSlice",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("API server endpoint from default/kubernetes EndpointSlice: `172.18.0.2\\u{2028}  hostPID: true` contains ':'"),
+            "{err}"
+        );
+        for bad in ["a b", "\"x\"", "x\ny", "a.b#c", "{{x}}", ""] {
+            assert!(
+                matches!(
+                    accept(&spec, ep(bad), "kubeadm-config controlPlaneEndpoint"),
+                    Err(EndpointError::InvalidHost { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let cluster_ip = spec
+            .cluster
+            .service_cidr
+            .hosts()
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(matches!(
+            accept(&spec, ep(&cluster_ip), "kubeconfig server"),
+            Err(EndpointError::InServiceCidr { .. })
+        ));
+    }
 
     #[test]
     fn parses_servers() {

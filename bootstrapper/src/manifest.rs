@@ -1,5 +1,10 @@
 //! A rendered Kubernetes object: checked, labelled, hashed, and ordered by
 //! kind rank for apply (deletes go in reverse).
+//!
+//! Parsing is strict: a key that occurs twice in one mapping is an error (a
+//! plain YAML load keeps the last and silently drops the first), and so is
+//! any field the kind's schema (the k8s-openapi type) does not know, which a
+//! typed load would silently ignore and apply would drop.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -8,6 +13,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::render::hex;
+use crate::spec::yaml::{self, Pos};
 
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "netboot");
 pub const CLUSTER_LABEL: &str = "netboot.io/cluster";
@@ -48,6 +54,14 @@ fn namespaced(kind: &str) -> bool {
 pub enum ManifestError {
     #[error("not valid YAML: {0}")]
     Yaml(#[from] serde_yaml::Error),
+    #[error("duplicate key `{path}` at line {}, column {} (first at line {}, column {})", .pos.line, .pos.column, .first.line, .first.column)]
+    DuplicateKey { path: String, pos: Pos, first: Pos },
+    #[error("{id}: unknown field{} {} (not in the {kind} schema)", if fields.len() == 1 { "" } else { "s" }, fields.join(", "))]
+    UnknownFields {
+        id: String,
+        kind: String,
+        fields: Vec<String>,
+    },
     #[error("not a Kubernetes object: {0}")]
     Shape(String),
     #[error("{id}: {message}")]
@@ -128,7 +142,7 @@ impl Manifest {
         template: &str,
         cluster: &str,
     ) -> Result<Manifest, ManifestError> {
-        let mut object: Value = serde_yaml::from_str(doc)?;
+        let mut object = strict::from_yaml(doc).map_err(|e| located(doc, e))?;
         let id = identify(&object)?;
         check_typed(&id, &object)?;
         let meta = object
@@ -166,6 +180,22 @@ impl Manifest {
             template: template.to_string(),
             id,
         })
+    }
+}
+
+/// A strict-load error with the duplicate key's positions when the spec's
+/// position-keeping parser finds one (serde_yaml does not say where).
+fn located(doc: &str, e: serde_yaml::Error) -> ManifestError {
+    match yaml::parse_documents(doc).map(|d| d.duplicates) {
+        Ok(dups) if !dups.is_empty() => {
+            let d = &dups[0];
+            ManifestError::DuplicateKey {
+                path: crate::spec::grammar::one_line(&d.path),
+                pos: d.pos,
+                first: d.first,
+            }
+        }
+        _ => ManifestError::Yaml(e),
     }
 }
 
@@ -269,12 +299,22 @@ fn check_typed(id: &ObjectId, object: &Value) -> Result<(), ManifestError> {
                 ),
             });
         }
-        serde_json::from_value::<T>(v.clone())
-            .map(|_| ())
-            .map_err(|e| ManifestError::Invalid {
-                id: id.to_string(),
-                message: e.to_string(),
-            })
+        let mut unknown = Vec::new();
+        serde_ignored::deserialize::<_, _, T>(v, |path| {
+            unknown.push(format!("`{}`", field_path(&path)));
+        })
+        .map_err(|e| ManifestError::Invalid {
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(ManifestError::UnknownFields {
+            id: id.to_string(),
+            kind: id.kind.clone(),
+            fields: unknown,
+        })
     }
     match id.kind.as_str() {
         "Namespace" => typed::<core::Namespace>(id, object),
@@ -298,9 +338,178 @@ fn check_typed(id: &ObjectId, object: &Value) -> Result<(), ManifestError> {
     }
 }
 
+/// `spec.containers[0].name`: the path serde_ignored reports, as a field path.
+fn field_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => {
+            let parent = field_path(parent);
+            let key = crate::spec::grammar::one_line(key);
+            if parent.is_empty() {
+                key
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+/// YAML to JSON values, refusing what a plain load would quietly lose.
+mod strict {
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+
+    /// One YAML document as a JSON value: keys are strings, each key occurs
+    /// once per mapping, numbers are finite. serde_yaml's error says where.
+    pub fn from_yaml(doc: &str) -> Result<Value, serde_yaml::Error> {
+        StrictValue.deserialize(serde_yaml::Deserializer::from_str(doc))
+    }
+
+    struct StrictValue;
+
+    impl<'de> DeserializeSeed<'de> for StrictValue {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for StrictValue {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a YAML value")
+        }
+        fn visit_bool<E: Error>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<Value, E> {
+            Number::from_f64(v)
+                .map(Value::Number)
+                .ok_or_else(|| E::custom(format!("{v} is not a finite number")))
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_string()))
+        }
+        fn visit_string<E: Error>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E: Error>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E: Error>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(v) = seq.next_element_seed(StrictValue)? {
+                items.push(v);
+            }
+            Ok(Value::Array(items))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    return Err(A::Error::custom(format!(
+                        "duplicate key `{}`",
+                        netboot_contract::errors::escape(&key)
+                    )));
+                }
+                let value = map.next_value_seed(StrictValue)?;
+                out.insert(key, value);
+            }
+            Ok(Value::Object(out))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: a value that broke out of a block scalar re-declared `kind`,
+    /// `metadata` and `spec`; the last won and the ConfigMap became a DaemonSet.
+    #[test]
+    fn duplicate_keys_are_errors() {
+        for doc in [
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n}\nkind: Secret\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n, name: x}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n}\ndata: {a: '1', \"a\": '2'}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n}\ndata: {1: x, '1': y}\n",
+        ] {
+            let err = Manifest::from_rendered(doc, "t", "c").unwrap_err().to_string();
+            assert!(err.starts_with("duplicate key `"), "{doc}: {err}");
+            assert!(err.contains("(first at line"), "names where: {err}");
+        }
+    }
+
+    #[test]
+    fn a_duplicate_key_names_both_positions() {
+        let err = Manifest::from_rendered(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: w\n  namespace: n\nkind: DaemonSet\n",
+            "t",
+            "c",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "duplicate key `kind` at line 6, column 1 (first at line 2, column 1)"
+        );
+    }
+
+    #[test]
+    fn fields_unknown_to_the_schema_are_errors() {
+        let err = Manifest::from_rendered(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n, nmae: x}\ndata: {}\nspec: {hostPID: true}\n",
+            "t",
+            "c",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "ConfigMap/n/w: unknown fields `metadata.nmae`, `spec` (not in the ConfigMap schema)"
+        );
+        let err = Manifest::from_rendered(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: w, namespace: n}\nspec:\n  selector: {}\n  template:\n    spec:\n      hostPID: true\n      containers: [{name: a, image: b, privileged: true}]\n",
+            "t",
+            "c",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.ends_with("unknown field `spec.template.spec.containers[0].privileged` (not in the DaemonSet schema)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_string_keys_and_odd_numbers_are_refused() {
+        for doc in [
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n}\ndata: {[a]: b}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: w, namespace: n}\nx: .nan\n",
+        ] {
+            assert!(Manifest::from_rendered(doc, "t", "c").is_err(), "{doc}");
+        }
+    }
 
     #[test]
     fn orders_by_kind_rank_then_namespace_then_name() {

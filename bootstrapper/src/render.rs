@@ -3,20 +3,27 @@
 //! Templates are embedded in the binary (templates/ at the repository root) and
 //! can be overridden file by file with a directory. Handlebars runs in strict
 //! mode, so a missing variable is an error naming the template and line. Every
-//! value reaches the YAML through a quoting helper (`q`, `qs`) or the escape
-//! function, which JSON-quotes, so no value can inject YAML. Each rendered
-//! document is parsed back, checked as a Kubernetes object, labelled and
-//! hashed before it leaves.
+//! value reaches the YAML through a quoting helper (`q`, `qs`), `concat` or
+//! the escape function, which all write [`quote`]: a double-quoted string on
+//! one line in which every YAML line break (including U+0085, U+2028 and
+//! U+2029) and every control character is a `\uXXXX` escape, so no value can
+//! end a line, a block scalar or a document. Each rendered document is parsed
+//! back strictly (a duplicate key or a field unknown to the kind's schema is
+//! an error), checked as a Kubernetes object, labelled and hashed before it
+//! leaves.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use handlebars::{
-    Context, Handlebars, Helper, HelperResult, Output, RenderContext, RenderErrorReason,
+    Context, Handlebars, Helper, HelperDef, HelperResult, Output, RenderContext, RenderErrorReason,
+    ScopedJson,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Manifest, ManifestError};
+use crate::spec::grammar::{self, GrammarError};
 use crate::spec::{ApiServer, ClusterNetwork};
 
 /// The embedded templates, in rendering order.
@@ -65,6 +72,12 @@ pub enum RenderError {
         "{spec}: spec.apiServer is empty; netboot detects it at apply time — pass --api-server HOST:PORT to render offline"
     )]
     NoApiServer { spec: String },
+    #[error("{spec}: API server host: {source}")]
+    ApiServerHost {
+        spec: String,
+        #[source]
+        source: GrammarError,
+    },
     #[error("{template}: document {index}: {source}")]
     Manifest {
         template: String,
@@ -221,6 +234,11 @@ pub fn render(
         .ok_or_else(|| RenderError::NoApiServer {
             spec: spec_file.to_string(),
         })?;
+    // The endpoint may come from a flag or the cluster rather than a checked spec.
+    grammar::host(&api.host).map_err(|source| RenderError::ApiServerHost {
+        spec: spec_file.to_string(),
+        source,
+    })?;
     let templates = load_templates(opts.templates.as_deref())?;
     let hb = engine(&templates)?;
     let data = template_data(spec, &api);
@@ -255,11 +273,11 @@ fn engine(templates: &[(String, String)]) -> Result<Handlebars<'static>, RenderE
     let mut hb = Handlebars::new();
     hb.set_strict_mode(true);
     hb.set_dev_mode(false);
-    // A bare `{{value}}` is JSON-quoted too: nothing reaches the YAML unquoted.
-    hb.register_escape_fn(|s| serde_json::Value::String(s.to_string()).to_string());
+    // A bare `{{value}}` is quoted too: nothing reaches the YAML unquoted.
+    hb.register_escape_fn(quote);
     hb.register_helper("q", Box::new(quote_helper));
     hb.register_helper("qs", Box::new(quote_string_helper));
-    hb.register_helper("concat", Box::new(concat_helper));
+    hb.register_helper("concat", Box::new(Concat));
     for (name, text) in templates {
         hb.register_template_string(name, text)
             .map_err(|e| RenderError::Template {
@@ -301,6 +319,47 @@ fn param(h: &Helper, helper: &'static str) -> Result<Value, RenderErrorReason> {
     Ok(p.value().clone())
 }
 
+/// `s` as a double-quoted string that JSON and YAML read back byte for byte,
+/// on one line whatever it holds: `"` and `\` are escaped, and so, as
+/// `\uXXXX`, is every character a YAML parser treats as a line break (LF, CR,
+/// NEL U+0085, U+2028, U+2029) or refuses in a stream (C0 and C1 controls,
+/// DEL, U+FEFF, U+FFFE, U+FFFF). Everything else is written as it is.
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if needs_unicode_escape(c) => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Characters [`quote`] writes as `\uXXXX` (all in the Basic Multilingual
+/// Plane, so one escape each).
+fn needs_unicode_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+        )
+}
+
+/// A scalar as a template writes it: strings [`quote`]d, numbers and booleans
+/// as JSON has them.
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => quote(s),
+        other => other.to_string(),
+    }
+}
+
 /// `{{q value}}`: the value as a JSON scalar (strings quoted, numbers and
 /// booleans as they are). JSON is YAML, and a quoted string cannot break out.
 fn quote_helper(
@@ -315,7 +374,7 @@ fn quote_helper(
         Value::Array(_) | Value::Object(_) => {
             Err(RenderErrorReason::InvalidParamType("a scalar for q").into())
         }
-        other => Ok(out.write(&other.to_string())?),
+        other => Ok(out.write(&scalar(&other))?),
     }
 }
 
@@ -335,27 +394,36 @@ fn quote_string_helper(
         }
         other => other.to_string(),
     };
-    Ok(out.write(&Value::String(s).to_string())?)
+    Ok(out.write(&quote(&s))?)
 }
 
-/// `(concat a b …)`: the parameters joined as one string (a subexpression; quote the result).
-fn concat_helper(
-    h: &Helper,
-    _: &Handlebars,
-    _: &Context,
-    _: &mut RenderContext,
-    out: &mut dyn Output,
-) -> HelperResult {
-    let mut s = String::new();
-    for p in h.params() {
-        match p.value() {
-            Value::String(v) => s.push_str(v),
-            Value::Number(n) => s.push_str(&n.to_string()),
-            Value::Bool(b) => s.push_str(&b.to_string()),
-            _ => return Err(RenderErrorReason::InvalidParamType("scalars for concat").into()),
+/// `(concat a b …)`: the parameters joined as one string value. Used alone
+/// (`{{concat a b}}`) it goes through the escape function, so it is quoted
+/// like any other value.
+struct Concat;
+
+impl HelperDef for Concat {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let mut s = String::new();
+        for p in h.params() {
+            if p.is_value_missing() {
+                return Err(RenderErrorReason::MissingVariable(p.relative_path().cloned()).into());
+            }
+            match p.value() {
+                Value::String(v) => s.push_str(v),
+                Value::Number(n) => s.push_str(&n.to_string()),
+                Value::Bool(b) => s.push_str(&b.to_string()),
+                _ => return Err(RenderErrorReason::InvalidParamType("scalars for concat").into()),
+            }
         }
+        Ok(ScopedJson::Derived(Value::String(s)))
     }
-    Ok(out.write(&s)?)
 }
 
 /// Splits rendered text at `---` lines, dropping documents that hold only

@@ -88,6 +88,144 @@ fn check_missing_file_is_an_error_not_a_panic() {
     assert!(!text(&out.stderr).contains("panicked"));
 }
 
+/// Characters that can make a terminal show something else than was printed.
+const TERMINAL_TRICKS: &[char] = &[
+    '\r', '\u{1b}', '\u{7}', '\u{8}', '\u{85}', '\u{9b}', '\u{2028}', '\u{2029}', '\u{202e}',
+    '\u{2066}',
+];
+
+/// Issue 17: values echoed by `check` went to the terminal raw; a carriage
+/// return and ANSI codes could overwrite the error with a fake "ok".
+#[test]
+fn check_escapes_what_it_echoes_so_a_crafted_spec_cannot_print_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("crafted.yaml");
+    let good = std::fs::read_to_string(repo().join("clusters/local.yaml")).unwrap();
+    let fake_ok = "\\r\\e[2K\\e[32mclusters/local.yaml: ok (local)\\e[0m\\n";
+    let text_spec = good
+        .replace("name: local", &format!("name: \"x{fake_ok}\""))
+        .replace(
+            "spec:\n",
+            &format!("spec:\n  \"ok\\u202e\\L{fake_ok}\": 1\n  kubeProxy:\n    daemonSet: \"kube-proxy\\u2028{fake_ok}\"\n"),
+        );
+    std::fs::write(&bad, &text_spec).unwrap();
+    let out = netboot(&["check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains(TERMINAL_TRICKS), "{stdout:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "three errors and the summary, each on its own line: {stdout}"
+    );
+    let b = bad.display();
+    for (line, want) in lines.iter().zip([
+        format!("{b}:6:9: metadata.name: `x\\u{{000d}}\\u{{001b}}[2K"),
+        format!("{b}:8:3: spec.ok\\u{{202e}}\\u{{2028}}\\u{{000d}}"),
+        format!("{b}:10:16: spec.kubeProxy.daemonSet: `kube-proxy\\u{{2028}}\\u{{000d}}"),
+        "1 of 1 files have errors".to_string(),
+    ]) {
+        assert!(line.starts_with(&want), "want {want:?}\n got {line:?}");
+    }
+    assert!(
+        !lines.iter().any(|l| l.starts_with("clusters/")),
+        "{stdout}"
+    );
+
+    let out = netboot(&["check", "-o", "json", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let raw = text(&out.stdout);
+    assert!(!raw.contains(TERMINAL_TRICKS), "{raw:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["files"][0]["ok"], false);
+    for e in v["files"][0]["errors"].as_array().unwrap() {
+        for key in ["file", "field", "message"] {
+            let s = e[key].as_str().unwrap();
+            assert!(
+                !s.contains(TERMINAL_TRICKS) && !s.contains('\n'),
+                "{key}: {s:?}"
+            );
+        }
+    }
+}
+
+/// Issue 17's reproduction: a line separator in kubeProxy.daemonSet made
+/// `check` say ok and `render` emit a privileged DaemonSet in kube-system.
+#[test]
+fn a_line_separator_in_a_name_is_refused_by_check_and_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("inject.yaml");
+    let good = std::fs::read_to_string(repo().join("clusters/local.yaml")).unwrap();
+    let payload = "kube-proxy\\L---\\Lkind: DaemonSet\\LapiVersion: apps/v1\\Lmetadata: {name: evil, namespace: kube-system}\\Lspec: {template: {spec: {hostPID: true}}}";
+    std::fs::write(
+        &bad,
+        good.replace(
+            "spec:\n",
+            &format!("spec:\n  kubeProxy:\n    daemonSet: \"{payload}\"\n"),
+        ),
+    )
+    .unwrap();
+    let out = netboot(&["check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("spec.kubeProxy.daemonSet: `kube-proxy\\u{2028}---"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = netboot(&["render", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    assert!(
+        !text(&out.stderr).contains("hostPID: true\n"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn endpoint_and_image_flags_are_checked_by_their_grammar() {
+    let out = netboot(&[
+        "render",
+        "--api-server",
+        "172.18.0.2\u{2028}  hostPID: true:6443",
+        "clusters/kind.yaml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("is neither an IP address nor a valid DNS name")
+            || stderr.contains("contains ':'"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{2028}') && out.stdout.is_empty(),
+        "{stderr}"
+    );
+    let ok = netboot(&[
+        "render",
+        "--api-server",
+        "[fd00::2]:6443",
+        "clusters/kind.yaml",
+    ]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    // Refused by the argument parser, before any cluster is contacted.
+    let out = netboot(&[
+        "plan",
+        "--kubeconfig",
+        "/nonexistent",
+        "--probe-image",
+        "ghcr.io/x/probe:1\nhostPID: true",
+        "clusters/local.yaml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("is not a valid image tag"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn render_is_deterministic_and_parses_back() {
     let a = netboot(&["render", "clusters/prod.yaml"]);

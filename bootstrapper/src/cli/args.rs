@@ -126,7 +126,7 @@ pub struct ApplyArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub lock_timeout: u64,
     /// Image for the validation probe pods (default ghcr.io/netboot/netboot:<datapath.version>).
-    #[arg(long, value_name = "IMAGE")]
+    #[arg(long, value_name = "IMAGE", value_parser = parse_image)]
     pub probe_image: Option<String>,
     /// Try the handover again although it was rolled back at this revision.
     #[arg(long)]
@@ -164,11 +164,18 @@ pub struct ReconcileArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 120)]
     pub lock_timeout: u64,
     /// Image for the validation probe pods (default ghcr.io/netboot/netboot:<datapath.version>).
-    #[arg(long, value_name = "IMAGE")]
+    #[arg(long, value_name = "IMAGE", value_parser = parse_image)]
     pub probe_image: Option<String>,
     /// Do not validate after changes (a handover is always validated).
     #[arg(long)]
     pub skip_validation: bool,
+}
+
+/// An image reference (`[registry/]path[:tag][@sha256:…]`), as a spec's.
+fn parse_image(s: &str) -> Result<String, String> {
+    netboot::spec::grammar::image_reference(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// `30s`, `5m`, `1h`, or plain seconds.

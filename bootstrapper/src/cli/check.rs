@@ -1,9 +1,14 @@
 //! `netboot check SPEC...`: every problem in every file, exit 1 if any.
+//!
+//! Everything echoed from a file or the command line (names, values, keys,
+//! file names) is escaped and kept on one line (`spec::grammar::one_line`), so
+//! a crafted spec cannot make a terminal show `ok` while the command exits 1.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use netboot::spec;
+use netboot::spec::grammar::one_line;
 use serde_json::json;
 
 use super::args::{CheckArgs, OutputFormat};
@@ -14,8 +19,18 @@ pub fn run(args: &CheckArgs, output: Option<OutputFormat>) -> anyhow::Result<Exi
         .iter()
         .map(|path| {
             (
-                path.display().to_string(),
-                spec::load(path).map(|s| s.name).map_err(|e| e.errors()),
+                // A file name is echoed too: escaped like the values in messages.
+                one_line(&path.display().to_string()),
+                spec::load(path).map(|s| s.name).map_err(|e| {
+                    e.errors()
+                        .into_iter()
+                        .map(|mut e| {
+                            e.file = one_line(&e.file);
+                            e.message = one_line(&e.message);
+                            e
+                        })
+                        .collect()
+                }),
             )
         })
         .collect();

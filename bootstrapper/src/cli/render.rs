@@ -45,6 +45,12 @@ pub fn parse_endpoint(s: &str) -> anyhow::Result<ApiServer> {
         !host.is_empty() && !host.contains("://"),
         "--api-server {s}: expected HOST:PORT, not a URL"
     );
+    // An IPv6 address may come bracketed: [fd00::1]:6443.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    netboot::spec::grammar::host(host).with_context(|| format!("--api-server {s}"))?;
     Ok(ApiServer {
         host: host.to_string(),
         port,

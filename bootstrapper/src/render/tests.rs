@@ -86,16 +86,73 @@ fn reconciler_only_when_spec_has_reconcile() {
     assert!(!kinds("local").iter().any(|k| k.starts_with("CronJob")));
 }
 
-/// A value with a newline and YAML of its own stays one quoted string.
+/// Strings that end lines, blocks or documents in some YAML parser, or that
+/// quoting could get wrong.
+const NASTY: &[&str] = &[
+    "",
+    "plain",
+    "a\nb",
+    "a\r\nb",
+    "a\u{85}b",
+    "a\u{2028}b",
+    "a\u{2029}b",
+    "\u{0}\u{1}\u{7}\u{8}\u{b}\u{c}\u{1b}[2K\u{7f}\u{80}\u{9f}",
+    "\u{feff}bom\u{fffe}\u{ffff}",
+    "\"quoted\" and 'single' and \\backslash\\",
+    ": - ? [ ] { } # & * ! | > ' \" % @ `",
+    "{{cluster}}",
+    "\n---\nkind: DaemonSet\n",
+    "x\u{2028}---\u{2028}kind: DaemonSet",
+    "\u{202e}bidi\u{2066}",
+    "emoji 🦀 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+];
+
 #[test]
-fn values_cannot_inject_yaml() {
-    let mut spec = shipped("local");
-    spec.datapath.version = "1.0\nhostNetwork: false".into();
-    spec.api_server = Some(ApiServer {
-        host: "evil\n    hostNetwork: false".into(),
-        port: 6443,
-    });
-    let manifests = render(&spec, "local", &RenderOptions::default()).unwrap();
+fn quote_reads_back_byte_for_byte_in_json_yaml_and_a_block_scalar() {
+    let long = "\u{2028}x".repeat(50_000);
+    for s in NASTY.iter().copied().chain([long.as_str()]) {
+        let q = quote(s);
+        assert!(
+            !q.contains(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}']),
+            "{s:?} quoted with a raw line break: {q:?}"
+        );
+        assert_eq!(serde_json::from_str::<String>(&q).unwrap(), s, "json {q}");
+        assert_eq!(serde_yaml::from_str::<String>(&q).unwrap(), s, "yaml {q}");
+        let doc = format!("data:\n  config.yaml: |\n    a:\n      b: {q}\n    c: 1\nafter: 2\n");
+        let outer: serde_yaml::Value = serde_yaml::from_str(&doc).unwrap();
+        assert_eq!(outer["after"].as_u64(), Some(2));
+        let inner: serde_yaml::Value =
+            serde_yaml::from_str(outer["data"]["config.yaml"].as_str().unwrap()).unwrap();
+        assert_eq!(inner["a"]["b"].as_str(), Some(s));
+        assert_eq!(inner["c"].as_u64(), Some(1));
+    }
+}
+
+/// Issue 17: a spec value with U+2028 ended the `config.yaml: |` block, and the
+/// lines after it re-declared the ConfigMap as a privileged DaemonSet. Even
+/// past the spec checker (this spec is built by hand), quoting keeps every
+/// value inside its string.
+#[test]
+fn a_line_separator_in_a_value_cannot_add_objects_or_fields() {
+    let benign = render(&shipped("prod"), "prod", &RenderOptions::default()).unwrap();
+    let attack = "kube-proxy\u{2028}kind: DaemonSet\u{2028}apiVersion: apps/v1\u{2028}metadata: {name: x, namespace: kube-system}\u{2028}spec: {template: {spec: {hostPID: true}}}";
+    let mut spec = shipped("prod");
+    spec.kube_proxy.daemon_set = attack.into();
+    spec.datapath.version = format!("1.0\u{85}hostNetwork: false\n{attack}");
+    let r = spec.reconcile.as_mut().unwrap();
+    r.repo = format!("https://x/y.git\u{2029}- --all\n{attack}");
+    r.git_ref = "\"}, {\"hostPID\": true".into();
+    r.path = "{{namespace}}\u{0}".into();
+    let manifests = render(&spec, "prod", &RenderOptions::default()).unwrap();
+    let ids = |ms: &[Manifest]| ms.iter().map(|m| m.id().to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(&manifests), ids(&benign));
+    let cm = manifests
+        .iter()
+        .find(|m| m.id().kind == "ConfigMap")
+        .unwrap();
+    let config: serde_yaml::Value =
+        serde_yaml::from_str(cm.object["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(config["kubeProxy"]["daemonSet"].as_str(), Some(attack));
     let ds = manifests
         .iter()
         .find(|m| m.id().kind == "DaemonSet")
@@ -103,19 +160,76 @@ fn values_cannot_inject_yaml() {
     assert_eq!(ds.object["spec"]["template"]["spec"]["hostNetwork"], true);
     assert_eq!(
         ds.object["spec"]["template"]["spec"]["containers"][0]["image"],
-        "ghcr.io/netboot/netboot-datapath:1.0\nhostNetwork: false"
+        format!("ghcr.io/netboot/netboot-datapath:{}", spec.datapath.version)
     );
-    let cm = manifests
+    let cron = manifests.iter().find(|m| m.id().kind == "CronJob").unwrap();
+    let args =
+        &cron.object["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"];
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap()
         .iter()
-        .find(|m| m.id().kind == "ConfigMap")
-        .unwrap();
-    let config: serde_yaml::Value =
-        serde_yaml::from_str(cm.object["data"]["config.yaml"].as_str().unwrap()).unwrap();
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let r = spec.reconcile.as_ref().unwrap();
     assert_eq!(
-        config["apiServer"]["host"].as_str(),
-        Some("evil\n    hostNetwork: false")
+        args[6..],
+        [
+            r.repo.as_str(),
+            "--ref",
+            r.git_ref.as_str(),
+            r.path.as_str()
+        ]
     );
-    assert!(config.get("hostNetwork").is_none());
+}
+
+/// The endpoint can come from `--api-server` or the cluster, not only from a
+/// checked spec: render checks its grammar itself.
+#[test]
+fn an_api_host_outside_its_grammar_is_refused() {
+    let mut spec = shipped("local");
+    spec.api_server = Some(ApiServer {
+        host: "evil\u{2028}    - x".into(),
+        port: 6443,
+    });
+    let err = render(&spec, "clusters/local.yaml", &RenderOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("clusters/local.yaml: API server host: `evil\\u{2028}    - x` is neither an IP address nor a valid DNS name"),
+        "{err}"
+    );
+}
+
+/// No embedded template bypasses the quoting (`{{{raw}}}` or `{{&raw}}`).
+#[test]
+fn embedded_templates_never_write_raw_values() {
+    for (name, text) in EMBEDDED {
+        for raw in ["{{{", "{{~{", "{{&", "{{~&"] {
+            assert!(!text.contains(raw), "{name} uses {raw}");
+        }
+    }
+}
+
+#[test]
+fn concat_alone_is_quoted_too() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("extra.yaml.hbs"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: extra\n  namespace: {{q namespace}}\ndata:\n  a: {{concat \"x\\n\" cluster}}\n  b: {{cluster}}\n",
+    )
+    .unwrap();
+    let mut spec = shipped("local");
+    spec.name = "c\u{2028}d: e".into();
+    let opts = RenderOptions {
+        templates: Some(dir.path().into()),
+        api_server: None,
+    };
+    let manifests = render(&spec, "local", &opts).unwrap();
+    let extra = manifests.iter().find(|m| m.id().name == "extra").unwrap();
+    assert_eq!(extra.object["data"]["a"], "x\nc\u{2028}d: e");
+    assert_eq!(extra.object["data"]["b"], "c\u{2028}d: e");
+    assert!(extra.object["data"].get("d").is_none());
 }
 
 #[test]

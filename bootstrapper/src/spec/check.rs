@@ -7,6 +7,7 @@
 
 use std::fmt;
 
+use super::grammar::one_line;
 use super::yaml::{Node, Pos, Value};
 
 /// One problem in a spec file.
@@ -68,18 +69,21 @@ pub fn join(path: &str, key: &str) -> String {
 impl Checker {
     pub fn new(file: impl Into<String>) -> Self {
         Checker {
-            file: file.into(),
+            file: one_line(&file.into()),
             errors: Vec::new(),
         }
     }
 
+    /// Records a problem. The field path (keys come from the file) and the
+    /// message (it quotes values) are kept on one line with control, line-break
+    /// and bidi characters escaped, so a crafted spec cannot forge output lines.
     pub fn error(&mut self, pos: Pos, field: &str, message: impl Into<String>) {
         self.errors.push(SpecError {
             file: self.file.clone(),
             line: pos.line,
             column: pos.column,
-            field: field.to_string(),
-            message: message.into(),
+            field: one_line(field),
+            message: one_line(&message.into()),
         });
     }
 

@@ -6,9 +6,9 @@
 //! reference repeats them.
 
 pub mod check;
+pub mod grammar;
 pub mod yaml;
 
-use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
@@ -16,6 +16,7 @@ use serde::Serialize;
 
 pub use check::SpecError;
 use check::{Checker, Section};
+use grammar::GrammarError;
 use yaml::{Node, Pos};
 
 pub const API_VERSION: &str = "netboot.io/v1alpha1";
@@ -278,8 +279,9 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterNetwork, LoadError> {
             "file contains NUL bytes (is it a binary file?)",
         ));
     }
-    let docs = yaml::parse_documents(text)
+    let parsed = yaml::parse_documents(text)
         .map_err(|e| invalid(file, e.pos, format!("not valid YAML: {}", e.message)))?;
+    let docs = parsed.docs;
     let root = match docs.as_slice() {
         [] => {
             return Err(invalid(
@@ -301,6 +303,16 @@ pub fn parse(file: &str, text: &str) -> Result<ClusterNetwork, LoadError> {
         }
     };
     let mut c = Checker::new(file);
+    for d in parsed.duplicates.iter().filter(|d| d.document == 0) {
+        c.error(
+            d.pos,
+            &d.path,
+            format!(
+                "duplicate field (first at line {}, column {}); a key may occur once",
+                d.first.line, d.first.column
+            ),
+        );
+    }
     let spec = decode(&mut c, root);
     match spec {
         Some(spec) if !c.has_errors() => Ok(spec),
@@ -335,15 +347,7 @@ fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
     let name = c.require(&top, "metadata").and_then(|n| {
         let meta = c.section(n, "metadata", &["name", "labels", "annotations"])?;
         let node = c.require(&meta, "name")?;
-        let name = c.nonempty(node, "metadata.name")?;
-        if !is_dns_label(&name) {
-            c.error(
-                node.pos,
-                "metadata.name",
-                format!("`{name}` is not a valid name: use lowercase letters, digits and '-', at most 63 characters"),
-            );
-        }
-        Some(name)
+        grammar_field(c, node, "metadata.name", |v| grammar::dns_label(v, "name"))
     });
     let spec = c.require(&top, "spec").and_then(|n| {
         c.section(
@@ -362,11 +366,7 @@ fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
     })?;
 
     let namespace = opt(c, &spec, "namespace", |c, n, p| {
-        let v = c.nonempty(n, p)?;
-        if !is_dns_label(&v) {
-            c.error(n.pos, p, format!("`{v}` is not a valid namespace name"));
-        }
-        Some(v)
+        grammar_field(c, n, p, |v| grammar::dns_label(v, "namespace name"))
     })
     .unwrap_or_else(|| "netboot-system".to_string());
     let cluster = c
@@ -404,6 +404,23 @@ fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
     })
 }
 
+/// A string field checked by its grammar; a violation is reported at the value.
+fn grammar_field(
+    c: &mut Checker,
+    n: &Node,
+    path: &str,
+    check: impl FnOnce(&str) -> Result<(), GrammarError>,
+) -> Option<String> {
+    let v = c.string(n, path)?;
+    match check(&v) {
+        Ok(()) => Some(v),
+        Err(e) => {
+            c.error(n.pos, path, e.to_string());
+            None
+        }
+    }
+}
+
 /// Decodes an optional field with `f` when present.
 fn opt<T>(
     c: &mut Checker,
@@ -427,7 +444,10 @@ fn decode_cluster(c: &mut Checker, n: &Node, path: &str) -> Option<Cluster> {
             "dnsDomain",
         ],
     )?;
-    let context = opt(c, &s, "context", Checker::nonempty);
+    let context = opt(c, &s, "context", |c, n, p| {
+        let v = c.nonempty(n, p)?;
+        grammar_field(c, n, p, grammar::no_controls).map(|_| v)
+    });
     let in_cluster = opt(c, &s, "inCluster", Checker::boolean).unwrap_or(false);
     if in_cluster && context.is_some() {
         c.error(
@@ -451,8 +471,10 @@ fn decode_cluster(c: &mut Checker, n: &Node, path: &str) -> Option<Cluster> {
             );
         }
     }
-    let dns_domain =
-        opt(c, &s, "dnsDomain", Checker::nonempty).unwrap_or_else(|| "cluster.local".into());
+    let dns_domain = opt(c, &s, "dnsDomain", |c, n, p| {
+        grammar_field(c, n, p, |v| grammar::dns_subdomain(v, "DNS domain"))
+    })
+    .unwrap_or_else(|| "cluster.local".into());
     Some(Cluster {
         context,
         in_cluster,
@@ -503,7 +525,7 @@ fn decode_api_server(
     };
     let host_path = s.child("host");
     let host = c.require(&s, "host").and_then(|n| {
-        let host = c.nonempty(n, &host_path)?;
+        let host = c.string(n, &host_path)?;
         check_host(c, n, &host_path, &host, cluster)?;
         Some(host)
     });
@@ -513,8 +535,9 @@ fn decode_api_server(
     })
 }
 
-/// Refuses URLs, ports in the host, malformed names, and the kube-proxy trap:
-/// an address inside the Service CIDR.
+/// Refuses what is not an IP address or a DNS-1123 subdomain (URLs, ports,
+/// quotes, line breaks), and the kube-proxy trap: an address inside the
+/// Service CIDR.
 pub(crate) fn check_host(
     c: &mut Checker,
     n: &Node,
@@ -522,58 +545,28 @@ pub(crate) fn check_host(
     host: &str,
     cluster: Option<&Cluster>,
 ) -> Option<()> {
-    if host.contains("://") {
-        c.error(
-            n.pos,
-            path,
-            format!("`{host}` is a URL; give only the host name or IP (the port goes in `port`)"),
-        );
-        return None;
-    }
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        if let Some(cluster) = cluster {
-            if cluster.service_cidr.contains(&ip) {
-                c.error(
-                    n.pos,
-                    path,
-                    format!(
-                        "{ip} is inside the cluster's Service CIDR {}: it is a ClusterIP (the `kubernetes` Service), \
-                     reachable only through kube-proxy or the datapath itself — once kube-proxy is removed the \
-                     agent could not reach the API server and could not start. Use the API server's real address \
-                     (a node IP, a load balancer or a stable DNS name)",
-                        cluster.service_cidr
-                    ),
-                );
-                return None;
-            }
+    let ip = match grammar::host(host) {
+        Ok(ip) => ip,
+        Err(e) => {
+            c.error(n.pos, path, e.to_string());
+            return None;
         }
-        return Some(());
-    }
-    if host.contains(':') {
-        c.error(
-            n.pos,
-            path,
-            format!("`{host}` contains ':'; give the port in `port`"),
-        );
-        return None;
-    }
-    let valid = host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if !valid {
-        c.error(
-            n.pos,
-            path,
-            format!("`{host}` is neither an IP address nor a valid DNS name"),
-        );
-        return None;
+    };
+    if let (Some(ip), Some(cluster)) = (ip, cluster) {
+        if cluster.service_cidr.contains(&ip) {
+            c.error(
+                n.pos,
+                path,
+                format!(
+                    "{ip} is inside the cluster's Service CIDR {}: it is a ClusterIP (the `kubernetes` Service), \
+                 reachable only through kube-proxy or the datapath itself — once kube-proxy is removed the \
+                 agent could not reach the API server and could not start. Use the API server's real address \
+                 (a node IP, a load balancer or a stable DNS name)",
+                    cluster.service_cidr
+                ),
+            );
+            return None;
+        }
     }
     Some(())
 }
@@ -625,38 +618,17 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
             None => ok = false,
         }
     }
-    if let Some(v) = opt(c, &s, "image", Checker::nonempty) {
-        if v.contains(char::is_whitespace)
-            || v.contains('@')
-            || v.rsplit('/').next().is_some_and(|last| last.contains(':'))
-        {
-            if let Some(node) = s.get("image") {
-                c.error(
-                    node.pos,
-                    &s.child("image"),
-                    format!("`{v}` must be an image repository without tag or digest (the tag goes in `version`)"),
-                );
-            }
-            ok = false;
+    if let Some(n) = s.get("image") {
+        match grammar_field(c, n, &s.child("image"), grammar::image_repository) {
+            Some(v) => d.image = v,
+            None => ok = false,
         }
-        d.image = v;
     }
-    if let Some(v) = opt(c, &s, "version", Checker::nonempty) {
-        if !v
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '_'))
-            || v.len() > 128
-        {
-            if let Some(node) = s.get("version") {
-                c.error(
-                    node.pos,
-                    &s.child("version"),
-                    format!("`{v}` is not a valid image tag"),
-                );
-            }
-            ok = false;
+    if let Some(n) = s.get("version") {
+        match grammar_field(c, n, &s.child("version"), grammar::image_tag) {
+            Some(v) => d.version = v,
+            None => ok = false,
         }
-        d.version = v;
     }
     if let Some(v) = opt(c, &s, "kubeProxyReplacement", Checker::boolean) {
         d.kube_proxy_replacement = v;
@@ -765,16 +737,28 @@ fn decode_kube_proxy(c: &mut Checker, n: &Node, path: &str, replace: bool) -> Op
     if let Some(v) = opt(c, &s, "cleanupRules", Checker::boolean) {
         k.cleanup_rules = v;
     }
-    for (key, slot) in [
-        ("namespace", &mut k.namespace),
-        ("daemonSet", &mut k.daemon_set),
-        ("configMap", &mut k.config_map),
+    let mut ok = true;
+    for (key, slot, check) in [
+        (
+            "namespace",
+            &mut k.namespace,
+            (|v| grammar::dns_label(v, "namespace name")) as fn(&str) -> Result<(), GrammarError>,
+        ),
+        ("daemonSet", &mut k.daemon_set, |v| {
+            grammar::dns_subdomain(v, "DaemonSet name")
+        }),
+        ("configMap", &mut k.config_map, |v| {
+            grammar::dns_subdomain(v, "ConfigMap name")
+        }),
     ] {
-        if let Some(v) = opt(c, &s, key, Checker::nonempty) {
-            *slot = v;
+        if let Some(n) = s.get(key) {
+            match grammar_field(c, n, &s.child(key), check) {
+                Some(v) => *slot = v,
+                None => ok = false,
+            }
         }
     }
-    Some(k)
+    ok.then_some(k)
 }
 
 impl Default for Validation {
@@ -839,23 +823,33 @@ fn decode_reconcile(c: &mut Checker, n: &Node, path: &str, name: &str) -> Option
     let repo_node = c.require(&s, "repo");
     let repo = repo_node.and_then(|n| {
         let url = c.nonempty(n, &s.child("repo"))?;
+        grammar_field(c, n, &s.child("repo"), grammar::no_controls)?;
         if let Some(problem) = reconcile_repo_problem(&url) {
             c.error(n.pos, &s.child("repo"), problem);
             return None;
         }
         Some(url)
     });
-    let git_ref = opt(c, &s, "ref", Checker::nonempty).unwrap_or_else(|| "main".into());
-    let spec_path =
-        opt(c, &s, "path", Checker::nonempty).unwrap_or_else(|| format!("clusters/{name}.yaml"));
+    let git_ref = opt(c, &s, "ref", |c, n, p| {
+        grammar_field(c, n, p, grammar::git_ref)
+    })
+    .unwrap_or_else(|| "main".into());
+    let spec_path = opt(c, &s, "path", |c, n, p| {
+        grammar_field(c, n, p, grammar::repo_path)
+    })
+    .unwrap_or_else(|| format!("clusters/{name}.yaml"));
     let (interval_seconds, schedule) = match s.get("interval") {
         Some(n) => interval(c, n, &s.child("interval"))?,
         None => (300, "*/5 * * * *".to_string()),
     };
     let suspend = opt(c, &s, "suspend", Checker::boolean).unwrap_or(false);
-    let image = opt(c, &s, "image", Checker::nonempty)
-        .unwrap_or_else(|| format!("ghcr.io/netboot/netboot:{}", env!("CARGO_PKG_VERSION")));
-    let secret_name = opt(c, &s, "secretName", Checker::nonempty);
+    let image = opt(c, &s, "image", |c, n, p| {
+        grammar_field(c, n, p, |v| grammar::image_reference(v).map(|_| ()))
+    })
+    .unwrap_or_else(|| format!("ghcr.io/netboot/netboot:{}", env!("CARGO_PKG_VERSION")));
+    let secret_name = opt(c, &s, "secretName", |c, n, p| {
+        grammar_field(c, n, p, |v| grammar::dns_subdomain(v, "Secret name"))
+    });
     Some(Reconcile {
         repo: repo?,
         git_ref,
@@ -917,15 +911,6 @@ fn interval(c: &mut Checker, n: &Node, path: &str) -> Option<(u64, String)> {
         );
     }
     result
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 #[cfg(test)]

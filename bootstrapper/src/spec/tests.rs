@@ -195,6 +195,81 @@ fn malformed_specs_point_at_the_right_line() {
             format!("{GOOD}  datapath:\n    image: ghcr.io/x/agent:1.0\n"),
             "t.yaml:13:12: spec.datapath.image: `ghcr.io/x/agent:1.0` must be an image repository without tag",
         ),
+        (
+            "issue 17: a line separator in kubeProxy.daemonSet",
+            format!("{GOOD}  kubeProxy:\n    daemonSet: \"kube-proxy\\u2028hostPID: true\"\n"),
+            "t.yaml:13:16: spec.kubeProxy.daemonSet: `kube-proxy\\u{2028}hostPID: true` is not a valid DaemonSet name",
+        ),
+        (
+            "issue 17: NEL in kubeProxy.namespace",
+            format!("{GOOD}  kubeProxy:\n    namespace: \"kube-system\\N- x\"\n"),
+            "t.yaml:13:16: spec.kubeProxy.namespace: `kube-system\\u{0085}- x` is not a valid namespace name",
+        ),
+        (
+            "configMap name with a quote",
+            format!("{GOOD}  kubeProxy:\n    configMap: \"kube-proxy'\"\n"),
+            "t.yaml:13:16: spec.kubeProxy.configMap: `kube-proxy'` is not a valid ConfigMap name",
+        ),
+        (
+            "duplicate daemonSet",
+            format!("{GOOD}  kubeProxy:\n    daemonSet: a\n    daemonSet: b\n"),
+            "t.yaml:14:5: spec.kubeProxy.daemonSet: duplicate field (first at line 13, column 5)",
+        ),
+        (
+            "duplicate label key (a map the checker does not walk)",
+            GOOD.replace("  name: t\n", "  name: t\n  labels: {a: x, a: y}\n"),
+            "t.yaml:5:18: metadata.labels.a: duplicate field",
+        ),
+        (
+            "upper-case host",
+            GOOD.replace("172.18.0.2", "API.example.com"),
+            "t.yaml:10:11: spec.apiServer.host: `API.example.com` is neither an IP address nor a valid DNS name",
+        ),
+        (
+            "host with a line separator",
+            GOOD.replace("172.18.0.2", "\"a.b\\u2029  - x\""),
+            "t.yaml:10:11: spec.apiServer.host: `a.b\\u{2029}  - x` is neither",
+        ),
+        (
+            "version with a newline",
+            format!("{GOOD}  datapath:\n    version: \"1.0\\nx: y\"\n"),
+            "t.yaml:13:14: spec.datapath.version: `1.0\\nx: y` is not a valid image tag",
+        ),
+        (
+            "image with digest",
+            format!("{GOOD}  datapath:\n    image: ghcr.io/x/agent@sha256:{}\n", "0".repeat(64)),
+            "t.yaml:13:12: spec.datapath.image: `ghcr.io/x/agent@sha256:",
+        ),
+        (
+            "reconcile image with a short digest",
+            format!("{GOOD}  reconcile:\n    repo: https://x/y.git\n    image: ghcr.io/x/n:1@sha256:abc\n"),
+            "t.yaml:14:12: spec.reconcile.image: `ghcr.io/x/n:1@sha256:abc` is not a valid image digest",
+        ),
+        (
+            "secretName with a colon",
+            format!("{GOOD}  reconcile:\n    repo: https://x/y.git\n    secretName: \"a: b\"\n"),
+            "t.yaml:14:17: spec.reconcile.secretName: `a: b` is not a valid Secret name",
+        ),
+        (
+            "path that is a flag",
+            format!("{GOOD}  reconcile:\n    repo: https://x/y.git\n    path: --all\n"),
+            "t.yaml:14:11: spec.reconcile.path: `--all` is not a valid path in the repository",
+        ),
+        (
+            "ref with a space",
+            format!("{GOOD}  reconcile:\n    repo: https://x/y.git\n    ref: \"a b\"\n"),
+            "t.yaml:14:10: spec.reconcile.ref: `a b` is not a valid git ref",
+        ),
+        (
+            "repo with a line separator",
+            format!("{GOOD}  reconcile:\n    repo: \"https://x/y.git\\L\"\n"),
+            "t.yaml:13:11: spec.reconcile.repo: `https://x/y.git\\u{2028}` contains a control or line-break character (U+2028)",
+        ),
+        (
+            "dnsDomain not a domain",
+            GOOD.replace("    podCIDR: 10.244.0.0/16\n", "    podCIDR: 10.244.0.0/16\n    dnsDomain: cluster_local\n"),
+            "t.yaml:9:16: spec.cluster.dnsDomain: `cluster_local` is not a valid DNS domain",
+        ),
     ];
     assert!(table.len() >= 15);
     let mut failures = Vec::new();

@@ -4,6 +4,9 @@
 //! `Value`; the spec checker needs every error at once, each with its line and
 //! column. So the spec is parsed into this marked tree first (yaml-rust2's event
 //! parser), checked field by field, and only then turned into typed settings.
+//! A key that occurs twice in one mapping is never silently overwritten: the
+//! later entry is dropped and reported as a [`DuplicateKey`] with both
+//! positions.
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
@@ -91,16 +94,38 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// A key that occurs a second time in the same mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateKey {
+    /// Which document (0-based) it is in.
+    pub document: usize,
+    /// The dotted path of the key, e.g. `spec.apiServer.port` (`[i]` for list items).
+    pub path: String,
+    /// Where it occurs again, and where it occurred first.
+    pub pos: Pos,
+    pub first: Pos,
+}
+
+/// The documents of a file and the duplicate keys found in them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Documents {
+    pub docs: Vec<Node>,
+    pub duplicates: Vec<DuplicateKey>,
+}
+
 /// Parses every document in `src`. Each document's root comes with the
 /// position of its first token.
-pub fn parse_documents(src: &str) -> Result<Vec<Node>, SyntaxError> {
+pub fn parse_documents(src: &str) -> Result<Documents, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(src);
     parser.load(&mut builder, true).map_err(|e| SyntaxError {
         pos: Pos::from(*e.marker()),
         message: e.info().to_string(),
     })?;
-    Ok(builder.docs)
+    Ok(Documents {
+        docs: builder.docs,
+        duplicates: builder.duplicates,
+    })
 }
 
 #[derive(Default)]
@@ -108,10 +133,72 @@ struct Builder {
     docs: Vec<Node>,
     /// Open collections; a map holds a pending key until its value arrives.
     stack: Vec<(Node, Option<Node>)>,
+    duplicates: Vec<DuplicateKey>,
 }
 
 impl Builder {
+    /// The dotted path of the open collections down to the top one's `key`.
+    fn path_to(&self, key: &str) -> String {
+        let mut path = String::new();
+        for (i, (node, pending)) in self.stack.iter().enumerate() {
+            if i + 1 == self.stack.len() {
+                break;
+            }
+            match (&node.value, pending) {
+                (
+                    Value::Map(_),
+                    Some(Node {
+                        value: Value::Scalar { text, .. },
+                        ..
+                    }),
+                ) => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(text);
+                }
+                (Value::Seq(items), _) => path.push_str(&format!("[{}]", items.len())),
+                _ => path.push_str(".?"),
+            }
+        }
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
+        path
+    }
+
     fn push_value(&mut self, node: Node) {
+        // A second occurrence of a scalar key in the same mapping.
+        let duplicate = match self.stack.last() {
+            Some((
+                Node {
+                    value: Value::Map(entries),
+                    ..
+                },
+                Some(Node {
+                    value: Value::Scalar { text, .. },
+                    pos,
+                }),
+            )) => entries
+                .iter()
+                .find(|(k, _)| matches!(&k.value, Value::Scalar { text: t, .. } if t == text))
+                .map(|(k, _)| (text.clone(), *pos, k.pos)),
+            _ => None,
+        };
+        if let Some((key, pos, first)) = duplicate {
+            let path = self.path_to(&key);
+            self.duplicates.push(DuplicateKey {
+                document: self.docs.len(),
+                path,
+                pos,
+                first,
+            });
+            if let Some((_, pending)) = self.stack.last_mut() {
+                *pending = None;
+            }
+            return;
+        }
         let Some((parent, pending_key)) = self.stack.last_mut() else {
             self.docs.push(node);
             return;
@@ -198,7 +285,7 @@ mod tests {
 
     #[test]
     fn positions_are_one_based() {
-        let docs = parse_documents("a: 1\nb:\n  c: x\n").unwrap();
+        let docs = parse_documents("a: 1\nb:\n  c: x\n").unwrap().docs;
         let Value::Map(entries) = &docs[0].value else {
             panic!("not a map")
         };
@@ -211,18 +298,51 @@ mod tests {
 
     #[test]
     fn counts_documents() {
-        assert_eq!(parse_documents("a: 1\n---\nb: 2\n").unwrap().len(), 2);
-        assert_eq!(parse_documents("").unwrap().len(), 0);
+        assert_eq!(parse_documents("a: 1\n---\nb: 2\n").unwrap().docs.len(), 2);
+        assert_eq!(parse_documents("").unwrap().docs.len(), 0);
     }
 
     #[test]
     fn quoted_scalars_are_strings() {
-        let docs = parse_documents("a: \"true\"\nb: true\n").unwrap();
+        let docs = parse_documents("a: \"true\"\nb: true\n").unwrap().docs;
         let Value::Map(e) = &docs[0].value else {
             panic!()
         };
         assert_eq!(e[0].1.type_name(), "string");
         assert_eq!(e[1].1.type_name(), "boolean");
+    }
+
+    /// Issue 17: a second `daemonSet:` silently replaced the first.
+    #[test]
+    fn duplicate_keys_are_reported_with_both_positions_and_dropped() {
+        let src = "a: 1\nb:\n  - c: x\n    \"c\": y\nd: {e: 1, e: 2}\na: 3\n";
+        let parsed = parse_documents(src).unwrap();
+        let found: Vec<(String, Pos, Pos)> = parsed
+            .duplicates
+            .iter()
+            .map(|d| (d.path.clone(), d.pos, d.first))
+            .collect();
+        let p = |line, column| Pos { line, column };
+        assert_eq!(
+            found,
+            [
+                ("b[0].c".to_string(), p(4, 5), p(3, 5)),
+                ("d.e".to_string(), p(5, 11), p(5, 5)),
+                ("a".to_string(), p(6, 1), p(1, 1)),
+            ]
+        );
+        let Value::Map(top) = &parsed.docs[0].value else {
+            panic!("not a map")
+        };
+        assert_eq!(top.len(), 3, "the second `a` is dropped");
+        assert_eq!(
+            top[0].1.value,
+            Value::Scalar {
+                text: "1".into(),
+                quoted: false
+            },
+            "the first `a` wins"
+        );
     }
 
     #[test]

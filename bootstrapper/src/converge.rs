@@ -133,7 +133,7 @@ pub enum ConvergeError {
         backup: &'static str,
         rollback: String,
         #[source]
-        cause: handover::HandoverError,
+        cause: Box<handover::HandoverError>,
     },
 }
 
@@ -572,7 +572,7 @@ async fn handover_failed(
             namespace: spec.namespace.clone(),
             backup: handover::BACKUP_NAME,
             rollback: netboot_contract::errors::chain(&r),
-            cause: e,
+            cause: Box::new(e),
         }),
     }
 }

@@ -63,7 +63,14 @@ fn init_logging(cli: &Cli) {
             } else {
                 ",kube_client::client::builder=off"
             };
-            tracing_subscriber::EnvFilter::new(format!("{level}{kube}"))
+            // Progress on long waits and on waiting for the lock is info from
+            // the library (it prints nothing itself); shown unless -q.
+            let progress = if cli.global.quiet {
+                ""
+            } else {
+                ",netboot::wait=info,netboot::lock=info"
+            };
+            tracing_subscriber::EnvFilter::new(format!("{level}{kube}{progress}"))
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -126,9 +126,17 @@ pub fn outcome(o: &Outcome) -> String {
         out.push_str(&validate::format_table(v));
     }
     if o.rolled_back {
+        // `netboot rollback` exits 0; a rollback after a failed handover exits 1.
+        let why = if o.exit_code == 0 {
+            "rolled back on request"
+        } else if o.validation.is_some() {
+            "validation failed"
+        } else {
+            "the handover failed after kube-proxy's deletion began"
+        };
         let _ = writeln!(
             out,
-            "\nvalidation failed: kube-proxy was restored from the backup and the agents are in coexist mode"
+            "\n{why}: kube-proxy was restored from the backup, serves on every node, and the agents are in coexist mode"
         );
     }
     out

@@ -239,17 +239,46 @@ pub async fn reset(c: &SharedCluster) {
 
 /// kube-proxy as kubeadm installs it (what an operator re-creating it by hand does).
 pub fn recreate_kube_proxy(c: &SharedCluster) {
-    let st = Command::new(kubectl(c))
-        .args(["apply", "--server-side", "--force-conflicts", "-f"])
-        .arg(repo_root().join("tests/cluster/manifests/kubeadm/20-kube-proxy.yaml"))
+    let manifest = std::fs::read_to_string(
+        repo_root().join("tests/cluster/manifests/kubeadm/20-kube-proxy.yaml"),
+    )
+    .unwrap();
+    // In the mode the cluster was brought up with (KUBE_PROXY_MODE in cluster.env).
+    let mode = cluster_env(c, "KUBE_PROXY_MODE").unwrap_or_else(|| "iptables".into());
+    let manifest = manifest.replace("\n    mode: iptables\n", &format!("\n    mode: {mode}\n"));
+    let mut child = Command::new(kubectl(c))
+        .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
         .env("KUBECONFIG", &c.kubeconfig)
-        .output()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
+    }
+    let st = child.wait_with_output().unwrap();
     assert!(
         st.status.success(),
         "kubectl apply kube-proxy: {}",
         String::from_utf8_lossy(&st.stderr)
     );
+}
+
+/// A variable of the cluster's cluster.env, unquoted.
+pub fn cluster_env(c: &SharedCluster, name: &str) -> Option<String> {
+    let env = std::fs::read_to_string(c.state.join("cluster.env")).ok()?;
+    let prefix = format!("{name}=");
+    env.lines()
+        .map(|l| l.trim_start_matches("export "))
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim_matches(['\'', '"']).to_string())
 }
 
 pub fn kubectl(c: &SharedCluster) -> PathBuf {

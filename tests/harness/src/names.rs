@@ -38,9 +38,9 @@ pub mod labels {
     pub const PODNET: (&str, &str) = ("netboot.io/podnet", "true");
     /// `app.kubernetes.io/name: netboot-datapath`: podnet runs the real agent.
     pub const AGENT: (&str, &str) = ("app.kubernetes.io/name", "netboot-datapath");
-    /// `k8s-app: kube-proxy`: podnet writes kube-proxy's rules into the node netns.
+    /// `k8s-app: kube-proxy`: podnet runs the real kube-proxy in the node netns.
     pub const KUBE_PROXY: (&str, &str) = ("k8s-app", "kube-proxy");
-    /// `k8s-app: kube-dns`: podnet answers DNS in that pod's netns.
+    /// `k8s-app: kube-dns`: podnet runs the real CoreDNS in that pod's netns.
     pub const KUBE_DNS: (&str, &str) = ("k8s-app", "kube-dns");
 }
 

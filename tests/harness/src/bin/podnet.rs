@@ -24,6 +24,14 @@ struct Args {
     /// Directory with the workspace-built netboot-probe and netboot-datapath.
     #[arg(long)]
     bin_dir: PathBuf,
+    /// The real kube-proxy binary, run for kube-proxy pods in their node's
+    /// netns; without it, podnet writes emulated kube-proxy rules instead.
+    #[arg(long)]
+    kube_proxy: Option<std::path::PathBuf>,
+    /// The real CoreDNS binary, run for coredns pods in their netns; without
+    /// it, podnet answers cluster DNS itself.
+    #[arg(long)]
+    coredns: Option<std::path::PathBuf>,
     /// iptables-restore used for kube-proxy's rules (nft backend by default).
     #[arg(long, default_value = "iptables-nft-restore")]
     iptables_restore: String,
@@ -59,6 +67,8 @@ async fn main() -> Result<()> {
         bpffs_root: args.bpffs_root,
     };
     opts.namespace = args.namespace;
+    opts.kube_proxy = args.kube_proxy;
+    opts.coredns = args.coredns;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {

@@ -5,16 +5,21 @@
 //!   (172.18.0.2:6443 inside the pod world → 127.0.0.1:6443);
 //! - for `netboot.io/podnet: "true"` pods with a podIP: a netns, a cgroup and
 //!   the container's command, supervised like a kubelet would;
-//! - for coredns pods (`k8s-app: kube-dns`, also podnet-labelled): cluster DNS
-//!   served from podnet itself inside the pod's netns;
+//! - for coredns pods (`k8s-app: kube-dns`, also podnet-labelled): the real
+//!   CoreDNS in the pod's netns ([`coredns`]) when podnet is given its binary;
+//!   otherwise cluster DNS served from podnet itself ([`crate::dns`]);
 //! - for agent pods (`app.kubernetes.io/name: netboot-datapath`): the real agent;
-//! - for kube-proxy pods (`k8s-app: kube-proxy`): kube-proxy's iptables rules in
-//!   the node netns ([`crate::kubeproxy_rules`], applied with `iptables-nft-restore`).
+//! - for kube-proxy pods (`k8s-app: kube-proxy`): the real kube-proxy in the
+//!   node netns ([`kube_proxy`]) when podnet is given its binary (tests/cluster/up
+//!   does); otherwise kube-proxy's iptables rules from the emulation
+//!   ([`crate::kubeproxy_rules`], applied with `iptables-nft-restore`).
 //!
 //! Node netns are created lazily, for nodes that host a realized pod or an agent.
 //! On shutdown (and at start, for leftovers of a crash) everything is removed.
 
 pub mod agent;
+pub mod coredns;
+pub mod kube_proxy;
 pub mod kubelet;
 pub mod status;
 
@@ -64,6 +69,10 @@ pub struct Options {
     /// Only handle pods of this namespace (tests run a second podnet with
     /// their own [`Layout`]); `None` = every namespace.
     pub namespace: Option<String>,
+    /// The real kube-proxy binary; `None` = the rule emulation.
+    pub kube_proxy: Option<PathBuf>,
+    /// The real CoreDNS binary; `None` = podnet's own DNS responder.
+    pub coredns: Option<PathBuf>,
 }
 
 impl Options {
@@ -78,6 +87,8 @@ impl Options {
             cluster_cidr: names::POD_CIDR.into(),
             api_upstream: format!("127.0.0.1:{}", names::API_PORT),
             namespace: None,
+            kube_proxy: None,
+            coredns: None,
         }
     }
 
@@ -219,6 +230,8 @@ struct Controller {
     nodes: BTreeMap<String, RealNode>,
     pods: HashMap<String, RealPod>,
     agents: HashMap<String, AgentEntry>,
+    /// Real kube-proxies, by pod uid.
+    proxies: HashMap<String, AgentEntry>,
     teardowns: Vec<JoinHandle<()>>,
     /// Pods that could not be realized, and when: retried after [`RETRY_AFTER`].
     failed: HashMap<String, std::time::Instant>,
@@ -479,7 +492,30 @@ impl Controller {
             runner: None,
             dns: Vec::new(),
         };
-        if has_label(pod, labels::KUBE_DNS) {
+        if let (true, Some(binary)) = (has_label(pod, labels::KUBE_DNS), self.opts.coredns.clone())
+        {
+            let dir = self.pod_dir(pod);
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                what: format!("create {}", dir.display()),
+                source,
+            })?;
+            match coredns::CorednsPod::from_pod(pod, &netns, &cg, &dir) {
+                Ok(c) => {
+                    let env = coredns::CorednsEnv {
+                        binary,
+                        ca: self.opts.state_dir.join("pki/ca.crt"),
+                    };
+                    info!("coredns for {key} starting in netns {netns} ({ip}:53)");
+                    real.runner = Some(coredns::spawn(
+                        c,
+                        env,
+                        self.client.clone(),
+                        self.pids.clone(),
+                    ));
+                }
+                Err(e) => warn!(error = %e, "no coredns started"),
+            }
+        } else if has_label(pod, labels::KUBE_DNS) {
             let zone = self.zone.clone();
             let sockets = netns::in_netns(&netns, || {
                 let udp = std::net::UdpSocket::bind("0.0.0.0:53")?;
@@ -752,6 +788,10 @@ impl Controller {
                 },
             );
         }
+        if self.opts.kube_proxy.is_some() {
+            self.sync_kube_proxies(pods).await;
+            return;
+        }
         // Nodes with a live kube-proxy pod whose netns exists get the rules,
         // rewritten like kube-proxy does: on change, when a new kube-proxy pod
         // starts, and every sync period. A deleted kube-proxy leaves them.
@@ -800,6 +840,71 @@ impl Controller {
         }
     }
 
+    /// The real kube-proxy for each live kube-proxy pod on a node podnet
+    /// realized (whose netns exists), stopped when its pod goes away.
+    async fn sync_kube_proxies(&mut self, pods: &[Arc<Pod>]) {
+        let Some(binary) = self.opts.kube_proxy.clone() else {
+            return;
+        };
+        let want: HashMap<String, Arc<Pod>> = pods
+            .iter()
+            .filter(|p| has_label(p, labels::KUBE_PROXY) && !deleting(p))
+            .filter(|p| node_of(p).is_some_and(|n| self.nodes.contains_key(n)))
+            .filter_map(|p| Some((p.metadata.uid.clone()?, p.clone())))
+            .collect();
+        for (uid, e) in self.proxies.iter_mut() {
+            if !want.contains_key(uid) && !e.stopping {
+                info!("kube-proxy for {} stopping (pod deleted)", e.pod);
+                e.runner.signal_stop();
+                e.stopping = true;
+            }
+        }
+        self.proxies
+            .retain(|_, e| !(e.stopping && e.runner.finished()));
+        let env = kube_proxy::ProxyEnv {
+            binary,
+            ca: self.opts.state_dir.join("pki/ca.crt"),
+            dir: self.opts.dir().join("kube-proxy"),
+            layout: self.opts.layout.clone(),
+        };
+        for (uid, pod) in want {
+            if self.proxies.contains_key(&uid)
+                || self
+                    .failed
+                    .get(&uid)
+                    .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+            {
+                continue;
+            }
+            let Some(node) = node_of(&pod).map(str::to_string) else {
+                continue;
+            };
+            match kube_proxy::ProxyPod::from_pod(&pod, &node) {
+                Ok(p) => {
+                    info!(
+                        "kube-proxy for {} starting in netns {}",
+                        pod_key(&pod),
+                        self.opts.layout.node_netns(&node)
+                    );
+                    let r =
+                        kube_proxy::spawn(p, env.clone(), self.client.clone(), self.pids.clone());
+                    self.proxies.insert(
+                        uid,
+                        AgentEntry {
+                            pod: pod_key(&pod),
+                            runner: r,
+                            stopping: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    warn!(error = %e, "kube-proxy not started");
+                    self.failed.insert(uid, std::time::Instant::now());
+                }
+            }
+        }
+    }
+
     async fn reconcile(&mut self) {
         if let Err(e) = self.ensure_world().await {
             warn!(error = %e, "fabric / API proxy");
@@ -824,7 +929,7 @@ impl Controller {
             self.agents.len()
         );
         let mut stops = Vec::new();
-        for (_, a) in self.agents.drain() {
+        for (_, a) in self.agents.drain().chain(self.proxies.drain()) {
             a.runner.signal_stop();
             stops.push(a.runner);
         }
@@ -933,6 +1038,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         nodes: BTreeMap::new(),
         pods: HashMap::new(),
         agents: HashMap::new(),
+        proxies: HashMap::new(),
         teardowns: Vec::new(),
         failed: HashMap::new(),
         zone: SharedZone::default(),

@@ -242,6 +242,13 @@ impl Watched {
         });
     }
 
+    /// The Node could not be read: the first pass goes ahead without a zone
+    /// (hints then fall back to all endpoints, as kube-proxy does for a Node
+    /// without the label); a zone read later triggers a full pass.
+    pub fn node_read_failed(&self) {
+        self.with(|s| s.node_pending = false);
+    }
+
     /// The zone as last read.
     pub fn zone(&self) -> Option<String> {
         self.stores.lock().ok().and_then(|s| s.zone.clone())
@@ -516,6 +523,7 @@ pub fn spawn_node(
                 Ok(Event::InitDone) if !listed => shared.set_zone(None),
                 Ok(Event::Delete(_) | Event::InitDone) => {}
                 Err(e) => {
+                    shared.node_read_failed();
                     shared.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, %node, "watch Node error, retrying with backoff");
                     if let Ok(mut l) = shared.last_error.lock() {
@@ -618,6 +626,28 @@ mod tests {
             .iter()
             .map(|n| ("d".to_string(), n.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_first_pass_waits_for_the_nodes_zone_and_a_zone_change_is_a_full_pass() {
+        let w = Watched::default();
+        w.replace_all(vec![svc("a", "10.96.0.1")], vec![]);
+        w.set_node("node-a", true);
+        assert!(!w.synced(), "waits for the Node's zone");
+        w.set_zone(Some("zone-a".into()));
+        assert!(w.synced());
+        w.take_dirty();
+        w.set_zone(Some("zone-a".into()));
+        assert!(w.take_dirty().is_empty(), "same zone: nothing to do");
+        w.set_zone(Some("zone-b".into()));
+        assert!(w.take_dirty().full);
+        assert_eq!(w.zone().as_deref(), Some("zone-b"));
+        // A Node that cannot be read does not hold the agent back.
+        let w = Watched::default();
+        w.replace_all(vec![], vec![]);
+        w.set_node("node-a", true);
+        w.node_read_failed();
+        assert!(w.synced());
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::manifest::Manifest;
 use crate::prune;
 use crate::render::{self, RenderOptions};
 use crate::spec::ClusterNetwork;
+use crate::unserved::{self, UnservedReport};
 use crate::validate::{self, ValidateOptions, ValidationReport};
 use crate::wait;
 
@@ -90,6 +91,10 @@ pub struct Plan {
     /// The last handover's journal, as found.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<Journal>,
+    /// The "nothing unserved" gate as it would decide now (only when the
+    /// handover would run it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unserved: Option<UnservedReport>,
     /// Nothing to write.
     pub noop: bool,
 }
@@ -223,6 +228,26 @@ pub async fn plan(
         HandoverPlan::HeldAfterRollback => vec![format!("held: the handover was rolled back at revision {}; agents stay in coexist mode (commit a fix or pass --retry)", s.revision)],
         HandoverPlan::None => vec![],
     };
+    let gate_ahead = match handover {
+        HandoverPlan::Replace => true,
+        HandoverPlan::Resume(p) => !p.past_delete(),
+        _ => false,
+    };
+    let unserved = if gate_ahead {
+        Some(
+            unserved::check(client, &spec.kube_proxy.allow_unserved)
+                .await
+                .map_err(|e| {
+                    ConvergeError::Handover(handover::HandoverError::Gate {
+                        step: "nothing-unserved".into(),
+                        message: e.to_string(),
+                        nodes: vec![],
+                    })
+                })?,
+        )
+    } else {
+        None
+    };
     let revision_changed = inv
         .as_ref()
         .is_none_or(|i| i.revision != s.revision || i.mode != mode_word(&spec, held));
@@ -236,6 +261,7 @@ pub async fn plan(
         handover_steps,
         kube_proxy: kp,
         journal,
+        unserved,
         noop,
     };
     Ok((plan, desired, spec, inv))
@@ -346,6 +372,7 @@ async fn apply_locked(
         .map_err(ConvergeError::Prune)?;
     inv.revision = s.revision.clone();
     inv.mode = mode_word(spec, held).into();
+    inv.allow_unserved = spec.kube_proxy.allow_unserved.clone();
     inv.record(&applied);
     inventory::save(client, &spec.namespace, &inv, previous.as_ref()).await?;
     if applied.changed() > 0 {
@@ -376,6 +403,7 @@ async fn apply_locked(
                 gate_timeout: rollout,
             };
             let say = |line: &str| s.progress.say(line);
+            let mut gate = None;
             let r = handover::replace_kube_proxy(
                 client,
                 &spec.kube_proxy,
@@ -383,8 +411,12 @@ async fn apply_locked(
                 lock,
                 &say,
                 &mut records,
+                &mut gate,
             )
             .await;
+            if let Some(g) = gate {
+                inv.unserved_allowed = g.allowed.iter().map(ToString::to_string).collect();
+            }
             match r {
                 Ok(j) => {
                     handing_over = Some(j);

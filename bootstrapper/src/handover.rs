@@ -1,6 +1,7 @@
 //! The kube-proxy handover, step by step, each behind a gate:
 //!
-//! agents rolled out → every node reports KubeProxyReplacement=true → back up
+//! agents rolled out → every node reports KubeProxyReplacement=true → every
+//! Service needs only what every agent serves ([`crate::unserved`]) → back up
 //! the kube-proxy DaemonSet and ConfigMap (whole objects, minus server-set
 //! fields) → delete both → confirm they and their pods are gone and every
 //! node's KUBE-* rules are cleared. Validation and rollback follow (see
@@ -25,6 +26,7 @@ use crate::journal::{Captured, Journal, KubeProxyRef, Phase};
 use crate::lock::{Lock, LockError};
 use crate::manifest::{CLUSTER_LABEL, MANAGED_BY};
 use crate::spec::KubeProxy;
+use crate::unserved::{self, UnservedReport};
 use crate::wait::{self, NodeProblem, WaitError};
 
 pub const BACKUP_NAME: &str = "netboot-kube-proxy-backup";
@@ -41,6 +43,10 @@ pub const STEPS: &[(&str, &str)] = &[
     (
         "nodes-report-replacement",
         "every node's agent reports KubeProxyReplacement=true",
+    ),
+    (
+        "nothing-unserved",
+        "every Service needs only what every agent serves (or what spec.kubeProxy.allowUnserved accepts)",
     ),
     (
         "backup-kube-proxy",
@@ -497,6 +503,39 @@ pub struct HandoverOptions {
     pub gate_timeout: Duration,
 }
 
+/// The "nothing unserved" gate: skipped when a handover that already began
+/// deleting is resumed (stopping then would leave the cluster with neither
+/// kube-proxy nor a finished handover); otherwise every Service must need
+/// only what every agent serves, or what `allowUnserved` accepts.
+async fn nothing_unserved(
+    client: &Client,
+    namespace: &str,
+    kp: &KubeProxy,
+) -> Result<Option<UnservedReport>, HandoverError> {
+    let resuming = load_backup(client, namespace)
+        .await?
+        .and_then(|b| b.journal)
+        .is_some_and(|j| j.phase.past_delete());
+    if resuming {
+        return Ok(None);
+    }
+    let report = unserved::check(client, &kp.allow_unserved)
+        .await
+        .map_err(|e| HandoverError::Gate {
+            step: "nothing-unserved".into(),
+            message: e.to_string(),
+            nodes: vec![],
+        })?;
+    if !report.ok() {
+        return Err(HandoverError::Gate {
+            step: "nothing-unserved".into(),
+            message: report.refusal(),
+            nodes: vec![],
+        });
+    }
+    Ok(Some(report))
+}
+
 /// Progress lines for the operator; the caller decides where they go.
 pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
 
@@ -504,7 +543,8 @@ pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
 /// (every step is idempotent; the backup is taken once) — up to
 /// [`Phase::Validating`]. Every step is appended to `records` as it ends; the
 /// journal is written before each destructive step, and the lock is checked
-/// before it too, so a run that lost its lock stops there.
+/// before it too, so a run that lost its lock stops there. What the
+/// "nothing unserved" gate found (when it ran) goes to `gate`.
 pub async fn replace_kube_proxy(
     client: &Client,
     kp: &KubeProxy,
@@ -512,6 +552,7 @@ pub async fn replace_kube_proxy(
     lock: &Lock,
     progress: Progress<'_>,
     records: &mut Vec<StepRecord>,
+    gate: &mut Option<UnservedReport>,
 ) -> Result<Journal, HandoverError> {
     let mut done = |name: &str, message: String| {
         progress(&format!(
@@ -559,6 +600,29 @@ pub async fn replace_kube_proxy(
         .map_err(|e| HandoverError::gate("nodes-report-replacement", e))?
         .len();
     done("nodes-report-replacement", format!("{n} of {n} nodes"));
+    match nothing_unserved(client, &opts.namespace, kp).await? {
+        None => done(
+            "nothing-unserved",
+            "skipped: resuming a handover whose deletes began".into(),
+        ),
+        Some(r) => {
+            let message = if r.allowed.is_empty() {
+                format!("agents serve {}", r.served.join(","))
+            } else {
+                format!(
+                    "agents serve {}; accepted by allowUnserved: {}",
+                    r.served.join(","),
+                    r.allowed
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            };
+            *gate = Some(r);
+            done("nothing-unserved", message);
+        }
+    }
     crate::fault::point("before-backup").await;
     held().await?;
     let b = backup(

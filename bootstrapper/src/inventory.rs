@@ -45,6 +45,20 @@ pub struct Inventory {
     /// The last handover's steps.
     #[serde(default)]
     pub handover: Vec<StepRecord>,
+    /// `spec.kubeProxy.allowUnserved` as last applied: gaps accepted by name.
+    #[serde(
+        default,
+        rename = "allowUnserved",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub allow_unserved: Vec<String>,
+    /// The Services whose gaps it accepted at the last "nothing unserved" gate.
+    #[serde(
+        default,
+        rename = "unservedAllowed",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub unserved_allowed: Vec<String>,
     /// When the content last changed (RFC 3339).
     #[serde(default)]
     pub updated: String,
@@ -129,12 +143,21 @@ pub async fn load(client: &Client, namespace: &str) -> Result<Option<Inventory>,
             key: "handover".into(),
             source,
         })?;
+    let strings = |k: &str| -> Result<Vec<String>, InventoryError> {
+        serde_json::from_value(decode(k)?).map_err(|source| InventoryError::Corrupt {
+            namespace: namespace.into(),
+            key: k.into(),
+            source,
+        })
+    };
     Ok(Some(Inventory {
         cluster: get("cluster"),
         revision: get("revision"),
         objects,
         mode: get("mode"),
         handover,
+        allow_unserved: strings("allowUnserved")?,
+        unserved_allowed: strings("unservedAllowed")?,
         updated: get("updated"),
     }))
 }
@@ -163,6 +186,14 @@ pub async fn save(
     data.insert("mode".to_string(), inv.mode.clone());
     data.insert("objects".to_string(), to_json(&inv.objects));
     data.insert("handover".to_string(), to_json(&inv.handover));
+    for (k, v) in [
+        ("allowUnserved", &inv.allow_unserved),
+        ("unservedAllowed", &inv.unserved_allowed),
+    ] {
+        if !v.is_empty() {
+            data.insert(k.to_string(), to_json(v));
+        }
+    }
     data.insert("updated".to_string(), jiff::Timestamp::now().to_string());
     let cm = ConfigMap {
         metadata: ObjectMeta {

@@ -24,5 +24,6 @@ pub mod resources;
 pub mod source;
 pub mod spec;
 pub mod status;
+pub mod unserved;
 pub mod validate;
 pub mod wait;

@@ -17,6 +17,7 @@ use crate::spec::ClusterNetwork;
 use crate::wait::{
     self, AGENT_DAEMONSET, AGENT_SELECTOR, KPR_ANNOTATION, RULES_ANNOTATION, VERSION_ANNOTATION,
 };
+use netboot_contract::features::{self, FEATURES_ANNOTATION};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -27,6 +28,8 @@ pub struct NodeStatus {
     pub kube_proxy_replacement: Option<String>,
     pub kube_proxy_rules: Option<String>,
     pub datapath_version: Option<String>,
+    /// What the agent publishes it serves (`netboot.io/datapath-features`).
+    pub datapath_features: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -107,6 +110,7 @@ pub async fn gather(
                 kube_proxy_replacement: ann.get(KPR_ANNOTATION).cloned(),
                 kube_proxy_rules: ann.get(RULES_ANNOTATION).cloned(),
                 datapath_version: ann.get(VERSION_ANNOTATION).cloned(),
+                datapath_features: ann.get(FEATURES_ANNOTATION).cloned(),
                 node: name,
             }
         })
@@ -202,6 +206,7 @@ pub fn format(s: &ClusterStatus) -> String {
             ),
         );
     }
+    line(&mut out, "Datapath features:", served_line(s));
     match &s.inventory {
         Some(i) => {
             line(
@@ -215,6 +220,24 @@ pub fn format(s: &ClusterStatus) -> String {
                     i.objects.len()
                 ),
             );
+            if !i.allow_unserved.is_empty() {
+                line(
+                    &mut out,
+                    "Allowed unserved:",
+                    format!(
+                        "{} (spec.kubeProxy.allowUnserved){}",
+                        i.allow_unserved.join(","),
+                        if i.unserved_allowed.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                "; accepted at the last handover: {}",
+                                i.unserved_allowed.join("; ")
+                            )
+                        }
+                    ),
+                );
+            }
             if !i.handover.is_empty() {
                 line(
                     &mut out,
@@ -259,6 +282,34 @@ pub fn format(s: &ClusterStatus) -> String {
         ));
     }
     out
+}
+
+/// What every agent serves (the intersection of the Nodes' annotations).
+fn served_line(s: &ClusterStatus) -> String {
+    let mut all: Option<std::collections::BTreeSet<features::Feature>> = None;
+    let mut silent = 0;
+    for n in &s.nodes {
+        let f = match &n.datapath_features {
+            Some(v) => features::parse(v),
+            None => {
+                silent += 1;
+                Default::default()
+            }
+        };
+        all = Some(match all {
+            None => f,
+            Some(a) => a.intersection(&f).copied().collect(),
+        });
+    }
+    let served = all.map(|a| features::format(&a)).unwrap_or_default();
+    match (served.is_empty(), silent) {
+        (true, 0) => "none published".into(),
+        (_, 0) => format!("{served} (on every node)"),
+        (_, n) => format!(
+            "{} ({n} nodes publish none)",
+            if served.is_empty() { "none" } else { &served }
+        ),
+    }
 }
 
 fn yes(b: bool) -> &'static str {

@@ -19,7 +19,7 @@ use common::{
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use netboot_harness::cluster::{repo_root, SharedCluster};
@@ -102,6 +102,7 @@ fn replace_then_noop_then_change_then_prune_then_coexist() {
             [
                 "agents-rolled-out",
                 "nodes-report-replacement",
+                "nothing-unserved",
                 "backup-kube-proxy",
                 "delete-kube-proxy",
                 "kube-proxy-gone",
@@ -294,6 +295,79 @@ fn agent_never_ready_keeps_kube_proxy() {
                 .is_none(),
             "no backup: the handover never started"
         );
+    });
+}
+
+/// Services the agents cannot serve (SCTP, NodePort) stop the handover
+/// before kube-proxy is touched (exit 2, each named with what it needs);
+/// `netboot plan` lists them too; `allowUnserved` accepts them by name, and
+/// the inventory and `netboot status` record it.
+#[test]
+fn an_unserved_service_keeps_kube_proxy_until_allowed() {
+    scenario(|c| async move {
+        let svcs: Api<Service> = Api::namespaced(c.client.clone(), "default");
+        let names = ["nb-unserved-sctp", "nb-unserved-np"];
+        let remove = || async {
+            for n in names {
+                let _ = svcs.delete(n, &DeleteParams::default()).await;
+            }
+        };
+        remove().await;
+        for y in [
+            "metadata: {name: nb-unserved-sctp}\nspec: {ports: [{port: 80}, {name: s, port: 9, protocol: SCTP}]}",
+            "metadata: {name: nb-unserved-np}\nspec: {type: NodePort, ports: [{port: 80}]}",
+        ] {
+            let svc: Service = serde_yaml::from_str(y).unwrap();
+            svcs.create(&PostParams::default(), &svc).await.unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_file(dir.path(), "local.yaml", |s| s);
+        let spec = spec.to_str().unwrap();
+
+        let plan = netboot(&c, &["plan", "-o", "json", spec]).json();
+        let refused = plan["unserved"]["refused"].to_string();
+        assert!(refused.contains("default/nb-unserved-sctp"), "{plan:#}");
+        assert!(refused.contains("default/nb-unserved-np"), "{plan:#}");
+
+        let run = netboot(&c, &["apply", spec]);
+        assert_eq!(run.code, 2, "a shut gate is an error");
+        for needle in [
+            "gate `nothing-unserved` failed",
+            "Service/default/nb-unserved-sctp: needs sctp",
+            "Service/default/nb-unserved-np: needs nodeport",
+        ] {
+            assert!(run.stderr.contains(needle), "{needle}: {}", run.stderr);
+        }
+        let (ds, cm) = kube_proxy(&c.client).await;
+        assert!(ds.is_some() && cm.is_some(), "kube-proxy must stay");
+        let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "netboot-system");
+        assert!(
+            cms.get_opt("netboot-kube-proxy-backup")
+                .await
+                .unwrap()
+                .is_none(),
+            "no backup: the gate comes first"
+        );
+
+        let allowed = spec_file(dir.path(), "allowed.yaml", |s| {
+            s + "  kubeProxy:\n    allowUnserved: [sctp, nodeport]\n"
+        });
+        let allowed = allowed.to_str().unwrap();
+        let run = netboot(&c, &["apply", "-o", "json", allowed]);
+        assert_eq!(run.code, 0, "allowed gaps let the handover through");
+        let status = netboot(&c, &["status", "-o", "json", allowed]).json();
+        assert_eq!(
+            status["inventory"]["allowUnserved"],
+            serde_json::json!(["sctp", "nodeport"])
+        );
+        let accepted = status["inventory"]["unservedAllowed"].to_string();
+        assert!(
+            accepted.contains("default/nb-unserved-sctp: needs sctp"),
+            "{status:#}"
+        );
+        let text = netboot(&c, &["status", allowed]).stdout;
+        assert!(text.contains("Allowed unserved:"), "{text}");
+        remove().await;
     });
 }
 

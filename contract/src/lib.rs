@@ -4,6 +4,9 @@
 //! - [`memory`]: the agent's memory request and limit, from `mapSizes`.
 //! - [`errors`]: how an error and its causes are printed — each cause once,
 //!   outermost first (`a: b: c`), with control and bidi characters escaped.
+//! - [`features`]: what an agent serves (its Node annotation) and what a
+//!   Service needs, for the handover's "nothing unserved" gate.
 
 pub mod errors;
+pub mod features;
 pub mod memory;

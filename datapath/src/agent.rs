@@ -13,6 +13,7 @@ use kube::{Api, Client};
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::desired;
 use crate::handover::{self, RulesNetns};
 use crate::http::{self, StatusSource};
 use crate::kube_proxy::{self, KubeProxyState, KubeProxyWatch};
@@ -22,7 +23,9 @@ use crate::maps::MapsError;
 use crate::pass::{PassKind, Passes};
 use crate::pins::Pins;
 use crate::reconcile::{ReconcileError, Reconciler};
-use crate::status::{now_unix, Counter, LinkStatus, Status, DATAPATH_VERSION};
+use crate::status::{
+    now_unix, Counter, LinkStatus, Status, UnservedService, DATAPATH_VERSION, UNSERVED_LISTED,
+};
 use crate::watch::{self, WatchError, Watched};
 
 /// Node annotation: replace mode and ready.
@@ -32,6 +35,9 @@ pub const ANN_VERSION: &str = "netboot.io/datapath-version";
 /// Node annotation: kube-proxy rules `present`/`absent` in the rules netns,
 /// `unknown` when they cannot be checked.
 pub const ANN_RULES: &str = "netboot.io/kube-proxy-rules";
+/// Node annotation: the features this agent serves (`clusterip,ipv4,tcp,…`),
+/// read by `netboot apply`'s "nothing unserved" gate.
+pub use netboot_contract::features::FEATURES_ANNOTATION as ANN_FEATURES;
 /// Node annotation: why the rules are `unknown` (or why kube-proxy chains
 /// are kept); removed when there is nothing to say.
 pub const ANN_RULES_REASON: &str = "netboot.io/kube-proxy-rules-reason";
@@ -282,6 +288,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             },
             maps_reused: report.maps_reused,
             map_size_changes: report.size_changes.clone(),
+            features: desired::SERVED
+                .iter()
+                .map(|f| f.name().to_string())
+                .collect(),
             ..Default::default()
         }),
         maps: Mutex::new(KernelMaps::open(&opts.pins).ok()),
@@ -316,6 +326,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let watched = Arc::new(Watched::default());
     let mut tasks = Vec::new();
+    // Watching: the first pass waits for the Node's zone (zone hints).
+    watched.set_node(&opts.node_name, opts.static_services.is_none());
     let client = match &opts.static_services {
         Some(p) => {
             watched.load_static(p)?;
@@ -324,6 +336,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         None => {
             let c = crate::client::build(opts.kubeconfig.as_deref(), &cfg.api_url()).await?;
             tasks.extend(watch::spawn(c.clone(), watched.clone()));
+            tasks.push(watch::spawn_node(
+                c.clone(),
+                watched.clone(),
+                opts.node_name.clone(),
+            ));
             tasks.push(kube_proxy::spawn(
                 c.clone(),
                 state.kube_proxy.clone(),
@@ -375,6 +392,7 @@ async fn reconcile_loop(
     let mut last_resync = Instant::now();
     let mut passes = Passes::default();
     let mut last_pressure: Vec<String> = Vec::new();
+    let mut last_unserved = 0;
     loop {
         if !watched.synced() {
             watched.changed.notified().await;
@@ -429,9 +447,37 @@ async fn reconcile_loop(
                     }
                     last_pressure = summary.clone();
                 }
+                let unserved = passes.unserved();
+                if unserved.len() != last_unserved {
+                    if !unserved.is_empty() {
+                        tracing::warn!(
+                            services = unserved.len(),
+                            first = %unserved
+                                .iter()
+                                .take(5)
+                                .map(|((ns, n), m)| format!("{ns}/{n}: {}", names(m)))
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                            "Services need features this agent does not serve"
+                        );
+                    }
+                    last_unserved = unserved.len();
+                }
+                let unserved_services: Vec<UnservedService> = unserved
+                    .iter()
+                    .take(UNSERVED_LISTED)
+                    .map(|((ns, n), m)| UnservedService {
+                        service: format!("{ns}/{n}"),
+                        needs: m.iter().map(|f| f.name().to_string()).collect(),
+                    })
+                    .collect();
+                let zone = watched.zone().unwrap_or_default();
                 let mut ready_changed = false;
                 let mut became_ready = false;
                 state.update(|s| {
+                    s.unserved = unserved.len();
+                    s.unserved_services = unserved_services;
+                    s.zone = zone;
                     let ready = unfit_fe + unfit_be == 0;
                     ready_changed = s.ready != ready;
                     became_ready = !s.synced;
@@ -491,6 +537,14 @@ async fn reconcile_loop(
             }
         }
     }
+}
+
+fn names(features: &[netboot_contract::features::Feature]) -> String {
+    features
+        .iter()
+        .map(|f| f.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Handover and Node annotations, re-checked periodically (and at once when
@@ -610,6 +664,7 @@ pub async fn annotate(client: &Client, node: &str, report: &NodeReport) -> Resul
         "metadata": {"annotations": {
             ANN_KPR: if report.kpr { "true" } else { "false" },
             ANN_VERSION: DATAPATH_VERSION,
+            ANN_FEATURES: netboot_contract::features::format(&desired::served()),
             ANN_RULES: report.rules,
             ANN_RULES_REASON: report.reason,
         }}

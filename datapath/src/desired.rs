@@ -1,15 +1,34 @@
 //! Desired-state tables: what the maps should hold, derived from Services and
 //! EndpointSlices (pure functions, no I/O).
 //!
-//! Rules (kube-proxy's, for ClusterIP):
-//! - ExternalName and headless (`clusterIP: None`) Services are ignored, and so
-//!   are IPv6 cluster IPs and SCTP ports (socket LB here is IPv4 TCP/UDP).
+//! Rules (kube-proxy's, for ClusterIP; pkg/proxy/topology.go
+//! `CategorizeEndpoints`):
+//! - Services kube-proxy skips are skipped ([`netboot_contract::features`]):
+//!   labelled `service.kubernetes.io/service-proxy-name` (any value) or
+//!   `service.kubernetes.io/headless`, ExternalName, headless
+//!   (`clusterIP: None`). IPv6 cluster IPs and SCTP ports are not translated
+//!   (socket LB here is IPv4 TCP/UDP); such Services are counted as unserved
+//!   ([`unserved`]).
 //! - One frontend per (cluster IP, port, protocol); its backends come from the
 //!   EndpointSlices labelled `kubernetes.io/service-name`, matching the
 //!   Service port by name (named/multi-port Services) and protocol.
-//! - An endpoint with `ready` (nil = true) is active: it takes new connections.
-//!   One that is `terminating` and still `serving` is kept as terminating: it
-//!   stays reachable only through existing ClientIP affinity. Others are dropped.
+//! - Endpoint conditions (KEP-1669): `ready` (nil = true) endpoints take new
+//!   connections. With none usable, the `serving` and `terminating` ones
+//!   do. While ready ones exist, serving-terminating endpoints are kept as
+//!   [`BackendState::Terminating`]: reachable only through existing ClientIP
+//!   affinity, never picked for a new connection. Others are dropped.
+//! - `internalTrafficPolicy: Local`: only endpoints whose `nodeName` is this
+//!   agent's node (ready ones, else serving-terminating ones). With none, the
+//!   frontend has no backend: connections are refused at once. kube-proxy
+//!   DROPs that traffic instead (the client times out); neither falls back to
+//!   other nodes.
+//! - Topology (`trafficDistribution: PreferClose`/`PreferSameZone`, the
+//!   topology-mode annotation, `PreferSameNode`): the EndpointSlice hints
+//!   decide, as in kube-proxy. If every ready endpoint has node hints and one
+//!   names this node, only endpoints hinted for this node; else if every
+//!   ready endpoint has zone hints and one names this node's zone
+//!   (`topology.kubernetes.io/zone`), only those; else all. Not applied with
+//!   `internalTrafficPolicy: Local`.
 //! - `sessionAffinity: ClientIP` → affinity with the Service's timeout, or the
 //!   configured default.
 
@@ -17,7 +36,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use netboot_contract::features::{self, Feature, ServiceShape};
 use serde::Serialize;
 
 use crate::layout::{L4Addr, BE_ACTIVE, BE_TERMINATING, PROTO_TCP, PROTO_UDP};
@@ -80,6 +100,87 @@ impl DesiredTable {
     }
 }
 
+/// What the rules need besides the objects: the affinity default and where
+/// this agent runs. A bare timeout (`10800.into()`) is the rules of no
+/// particular node: no endpoint is local, no zone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rules<'r> {
+    /// ClientIP affinity timeout for Services that set none.
+    pub default_affinity_timeout: u32,
+    /// This agent's Node (`internalTrafficPolicy: Local`, node hints).
+    pub node: &'r str,
+    /// Its `topology.kubernetes.io/zone` label (zone hints).
+    pub zone: Option<&'r str>,
+}
+
+impl From<u32> for Rules<'static> {
+    fn from(default_affinity_timeout: u32) -> Self {
+        Rules {
+            default_affinity_timeout,
+            node: "",
+            zone: None,
+        }
+    }
+}
+
+/// The features this agent serves (published on its Node as
+/// `netboot.io/datapath-features`). A Service needing anything else is
+/// reported as unserved.
+pub const SERVED: [Feature; 7] = [
+    Feature::ClusterIp,
+    Feature::Ipv4,
+    Feature::Tcp,
+    Feature::Udp,
+    Feature::InternalTrafficLocal,
+    Feature::SessionAffinity,
+    Feature::TopologyHints,
+];
+
+/// [`SERVED`] as a set.
+pub fn served() -> BTreeSet<Feature> {
+    SERVED.into_iter().collect()
+}
+
+/// What [`features::needs`] looks at, borrowed from a Service.
+pub fn shape(svc: &Service) -> ServiceShape<'_> {
+    let spec = svc.spec.as_ref();
+    let mut cluster_ips: Vec<&str> = spec
+        .and_then(|s| s.cluster_ips.as_ref())
+        .map(|v| v.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    if cluster_ips.is_empty() {
+        cluster_ips.extend(spec.and_then(|s| s.cluster_ip.as_deref()));
+    }
+    ServiceShape {
+        labels: svc.metadata.labels.as_ref(),
+        annotations: svc.metadata.annotations.as_ref(),
+        type_: spec.and_then(|s| s.type_.as_deref()),
+        cluster_ips,
+        protocols: spec
+            .and_then(|s| s.ports.as_ref())
+            .map(|ps| ps.iter().map(|p| p.protocol.as_deref()).collect())
+            .unwrap_or_default(),
+        external_ips: spec
+            .and_then(|s| s.external_ips.as_ref())
+            .is_some_and(|v| !v.is_empty()),
+        allocate_load_balancer_node_ports: spec.and_then(|s| s.allocate_load_balancer_node_ports),
+        internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.as_deref()),
+        external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.as_deref()),
+        session_affinity: spec.and_then(|s| s.session_affinity.as_deref()),
+        traffic_distribution: spec.and_then(|s| s.traffic_distribution.as_deref()),
+    }
+}
+
+/// What of a Service this agent cannot serve: None when it serves all of it
+/// (or the Service is not for a proxy at all), else the missing features.
+/// Such a Service is still translated as far as it can be (its IPv4
+/// TCP/UDP ClusterIP ports).
+pub fn unserved(svc: &Service) -> Option<Vec<Feature>> {
+    let needs = features::needs(&shape(svc))?;
+    let missing = features::missing(&needs, &served());
+    (!missing.is_empty()).then_some(missing)
+}
+
 /// The EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -126,11 +227,12 @@ pub fn service_key(svc: &Service) -> Option<ServiceKey> {
 /// Builds the desired table from every Service and EndpointSlice: the union
 /// of [`service_frontends`] over the Services, in order (a later Service
 /// wins a frontend address two of them claim).
-pub fn build<'a>(
+pub fn build<'a, 'r>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    default_affinity_timeout: u32,
+    rules: impl Into<Rules<'r>>,
 ) -> DesiredTable {
+    let rules = rules.into();
     // Slices by (namespace, service name).
     let mut by_svc: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
@@ -144,7 +246,7 @@ pub fn build<'a>(
             .and_then(|k| by_svc.get(&k))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        for fe in service_frontends(svc, slices.iter().copied(), default_affinity_timeout) {
+        for fe in service_frontends(svc, slices.iter().copied(), rules) {
             table.insert(fe);
         }
     }
@@ -154,11 +256,12 @@ pub fn build<'a>(
 /// The frontends of one Service, from the Service and its EndpointSlices
 /// (slices whose `kubernetes.io/service-name` is not this Service, or that
 /// are not IPv4, are skipped). The one place the rules above live.
-pub fn service_frontends<'a>(
+pub fn service_frontends<'a, 'r>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
-    default_affinity_timeout: u32,
+    rules: impl Into<Rules<'r>>,
 ) -> Vec<Frontend> {
+    let rules = rules.into();
     let mut out = Vec::new();
     let Some(key) = service_key(svc) else {
         return out;
@@ -167,23 +270,19 @@ pub fn service_frontends<'a>(
     let Some(spec) = svc.spec.as_ref() else {
         return out;
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let shape = shape(svc);
+    if shape.skipped().is_some() {
         return out;
     }
-    let mut ips: Vec<&str> = spec
+    let ips: Vec<Ipv4Addr> = shape
         .cluster_ips
-        .as_ref()
-        .map(|v| v.iter().map(String::as_str).collect())
-        .unwrap_or_default();
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
     if ips.is_empty() {
-        if let Some(ip) = spec.cluster_ip.as_deref() {
-            ips.push(ip);
-        }
+        return out; // unallocated or IPv6-only
     }
-    let ips: Vec<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
-    if ips.is_empty() {
-        return out; // headless ("None"), unallocated or IPv6-only
-    }
+    let local_only = shape.internal_traffic_policy == Some("Local");
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -191,7 +290,7 @@ pub fn service_frontends<'a>(
             .and_then(|c| c.timeout_seconds)
             .and_then(|t| u32::try_from(t).ok())
             .filter(|t| *t > 0)
-            .unwrap_or(default_affinity_timeout)
+            .unwrap_or(rules.default_affinity_timeout)
     });
     let slices: Vec<&EndpointSlice> = slices
         .into_iter()
@@ -205,7 +304,7 @@ pub fn service_frontends<'a>(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let backends = backends_for(&slices, &port_name, proto);
+        let backends = categorize(&candidates(&slices, &port_name, proto), local_only, &rules);
         for ip in &ips {
             let addr = L4Addr {
                 ip: *ip,
@@ -308,12 +407,54 @@ impl ServiceTable {
     }
 }
 
-fn backends_for(
+/// One endpoint of one Service port, its conditions merged over the slices
+/// listing it (an endpoint ready in any slice is ready).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Candidate {
+    /// Ready (and not terminating): takes new connections.
+    ready: bool,
+    /// Serving and terminating.
+    serving_terminating: bool,
+    /// `nodeName`.
+    node: Option<String>,
+    /// Zone hints.
+    zones: BTreeSet<String>,
+    /// Node hints.
+    nodes: BTreeSet<String>,
+}
+
+impl Candidate {
+    fn merge(&mut self, ep: &Endpoint) {
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        // The API never says ready while terminating; a bad object is not ready.
+        self.ready |= ready && !terminating;
+        self.serving_terminating |= serving && terminating;
+        if self.node.is_none() {
+            self.node.clone_from(&ep.node_name);
+        }
+        if let Some(h) = &ep.hints {
+            self.zones
+                .extend(h.for_zones.iter().flatten().map(|z| z.name.clone()));
+            self.nodes
+                .extend(h.for_nodes.iter().flatten().map(|n| n.name.clone()));
+        }
+    }
+
+    fn local(&self, node: &str) -> bool {
+        !node.is_empty() && self.node.as_deref() == Some(node)
+    }
+}
+
+/// Every endpoint of the Service port `port_name`/`proto`, by backend address.
+fn candidates(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
-) -> BTreeMap<L4Addr, BackendState> {
-    let mut out: BTreeMap<L4Addr, BackendState> = BTreeMap::new();
+) -> BTreeMap<L4Addr, Candidate> {
+    let mut out: BTreeMap<L4Addr, Candidate> = BTreeMap::new();
     for s in slices {
         for p in s.ports.iter().flatten() {
             if p.name.as_deref().unwrap_or("") != port_name
@@ -332,26 +473,80 @@ fn backends_for(
                 else {
                     continue;
                 };
-                let c = ep.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let state = if ready && !terminating {
-                    BackendState::Active
-                } else if terminating && serving {
-                    BackendState::Terminating
-                } else {
-                    continue;
-                };
-                let addr = L4Addr { ip, port, proto };
-                let e = out.entry(addr).or_insert(state);
-                if state < *e {
-                    *e = state; // Active wins over Terminating across slices.
-                }
+                out.entry(L4Addr { ip, port, proto }).or_default().merge(ep);
             }
         }
     }
     out
+}
+
+/// Which topology filter applies, from the ready endpoints' hints (kube-proxy's
+/// `topologyModeFromHints`): node hints if every ready endpoint has some and
+/// one names this node, else zone hints likewise, else none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'r> {
+    All,
+    Node(&'r str),
+    Zone(&'r str),
+}
+
+fn topology<'r>(cands: &BTreeMap<L4Addr, Candidate>, rules: &Rules<'r>) -> Topology<'r> {
+    let ready: Vec<&Candidate> = cands.values().filter(|c| c.ready).collect();
+    if ready.is_empty() {
+        return Topology::All;
+    }
+    let node = rules.node;
+    if !node.is_empty()
+        && ready.iter().all(|c| !c.nodes.is_empty())
+        && ready.iter().any(|c| c.nodes.contains(node))
+    {
+        return Topology::Node(node);
+    }
+    if let Some(zone) = rules.zone.filter(|z| !z.is_empty()) {
+        if ready.iter().all(|c| !c.zones.is_empty()) && ready.iter().any(|c| c.zones.contains(zone))
+        {
+            return Topology::Zone(zone);
+        }
+    }
+    Topology::All
+}
+
+/// The backends of one Service port (kube-proxy's `CategorizeEndpoints` for
+/// internal traffic): the endpoints new connections go to are
+/// [`BackendState::Active`]; serving-terminating ones otherwise eligible are
+/// [`BackendState::Terminating`] (existing affinity only).
+fn categorize(
+    cands: &BTreeMap<L4Addr, Candidate>,
+    local_only: bool,
+    rules: &Rules,
+) -> BTreeMap<L4Addr, BackendState> {
+    let eligible: Box<dyn Fn(&Candidate) -> bool> = if local_only {
+        Box::new(|c: &Candidate| c.local(rules.node))
+    } else {
+        match topology(cands, rules) {
+            Topology::All => Box::new(|_: &Candidate| true),
+            // Topology filters the ready endpoints only; the serving-terminating
+            // fallback below is taken from all of them, as in kube-proxy.
+            Topology::Node(n) => Box::new(move |c: &Candidate| !c.ready || c.nodes.contains(n)),
+            Topology::Zone(z) => Box::new(move |c: &Candidate| !c.ready || c.zones.contains(z)),
+        }
+    };
+    let any_ready = cands.values().any(|c| c.ready && eligible(c));
+    cands
+        .iter()
+        .filter(|(_, c)| eligible(c))
+        .filter_map(|(a, c)| {
+            // With no ready endpoint, serving-terminating ones take new connections.
+            let state = if c.ready || (c.serving_terminating && !any_ready) {
+                BackendState::Active
+            } else if c.serving_terminating {
+                BackendState::Terminating
+            } else {
+                return None;
+            };
+            Some((*a, state))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -454,5 +649,208 @@ endpoints:
         assert_eq!(ch.values().filter(|c| c.is_none()).count(), 1);
         assert_eq!(t.table(), build([&a], [], 10800));
         assert_eq!(t.service(&ka).len(), 1);
+    }
+    /// The backends of the one frontend of `svc` as (ip, state), built for node
+    /// `node-a` in zone `zone-a`.
+    fn picked(s: &Service, slices: &[EndpointSlice]) -> Vec<(String, BackendState)> {
+        let rules = Rules {
+            default_affinity_timeout: 10800,
+            node: "node-a",
+            zone: Some("zone-a"),
+        };
+        let fes = service_frontends(s, slices, rules);
+        assert_eq!(fes.len(), 1, "{fes:?}");
+        fes[0]
+            .backends
+            .iter()
+            .map(|(a, st)| (a.ip.to_string(), *st))
+            .collect()
+    }
+
+    fn web(extra: &str) -> Service {
+        svc(&format!(
+            "metadata: {{name: w, namespace: d}}\nspec: {{clusterIP: 10.96.0.5, ports: [{{port: 80}}]{extra}}}"
+        ))
+    }
+
+    /// A slice of `w` with one endpoint per line of `eps` (flow-style endpoint fields).
+    fn eps(eps: &[&str]) -> EndpointSlice {
+        let list: Vec<String> = eps.iter().map(|e| format!("- {{{e}}}")).collect();
+        slice(&format!(
+            "metadata: {{name: w-1, namespace: d, labels: {{kubernetes.io/service-name: w}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{}\n",
+            list.join("\n")
+        ))
+    }
+
+    const TERMINATING: &str = "conditions: {ready: false, serving: true, terminating: true}";
+
+    fn active(ips: &[&str]) -> Vec<(String, BackendState)> {
+        ips.iter()
+            .map(|ip| (ip.to_string(), BackendState::Active))
+            .collect()
+    }
+
+    #[test]
+    fn services_kube_proxy_skips_are_not_translated() {
+        // kube-proxy's selector: !service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless
+        let sl = eps(&["addresses: [10.244.0.1]"]);
+        for labels in [
+            "{service.kubernetes.io/service-proxy-name: other-proxy}",
+            "{service.kubernetes.io/service-proxy-name: ''}",
+            "{service.kubernetes.io/headless: ''}",
+        ] {
+            let s = svc(&format!("metadata: {{name: w, namespace: d, labels: {labels}}}\nspec: {{clusterIP: 10.96.0.5, ports: [{{port: 80}}]}}"));
+            assert!(build([&s], [&sl], 10800).frontends.is_empty(), "{labels}");
+            assert_eq!(unserved(&s), None, "not ours to serve: {labels}");
+        }
+        let other = svc("metadata: {name: w, namespace: d, labels: {app: web}}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}");
+        assert_eq!(build([&other], [&sl], 10800).frontends.len(), 1);
+    }
+
+    #[test]
+    fn no_ready_endpoint_lets_serving_terminating_ones_take_new_connections() {
+        let s = web("");
+        // Ready ones exist: terminating ones keep existing affinity only.
+        let both = eps(&[
+            "addresses: [10.244.0.1]",
+            &format!("addresses: [10.244.0.2], {TERMINATING}"),
+        ]);
+        assert_eq!(
+            picked(&s, &[both]),
+            vec![
+                ("10.244.0.1".into(), BackendState::Active),
+                ("10.244.0.2".into(), BackendState::Terminating)
+            ]
+        );
+        // None ready: serving-terminating ones serve; not serving ones never do.
+        let none_ready = eps(&[
+            "addresses: [10.244.0.1], conditions: {ready: false}",
+            &format!("addresses: [10.244.0.2], {TERMINATING}"),
+            "addresses: [10.244.0.3], conditions: {ready: false, serving: false, terminating: true}",
+        ]);
+        assert_eq!(picked(&s, &[none_ready]), active(&["10.244.0.2"]));
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_only_this_nodes_endpoints_and_never_falls_back() {
+        let s = web(", internalTrafficPolicy: Local");
+        let mixed = eps(&[
+            "addresses: [10.244.0.1], nodeName: node-a",
+            "addresses: [10.244.0.2], nodeName: node-b",
+            &format!("addresses: [10.244.0.3], nodeName: node-a, {TERMINATING}"),
+        ]);
+        assert_eq!(
+            picked(&s, &[mixed]),
+            vec![
+                ("10.244.0.1".into(), BackendState::Active),
+                ("10.244.0.3".into(), BackendState::Terminating)
+            ]
+        );
+        // Only the local one terminating: it serves (remote ready ones do not).
+        let local_terminating = eps(&[
+            "addresses: [10.244.0.2], nodeName: node-b",
+            &format!("addresses: [10.244.0.3], nodeName: node-a, {TERMINATING}"),
+        ]);
+        assert_eq!(picked(&s, &[local_terminating]), active(&["10.244.0.3"]));
+        // Nothing local: a frontend without backends (connections refused), no fallback.
+        let remote = eps(&[
+            "addresses: [10.244.0.2], nodeName: node-b",
+            "addresses: [10.244.0.4]",
+        ]);
+        assert_eq!(picked(&s, std::slice::from_ref(&remote)), vec![]);
+        // Without the policy the same slice serves from everywhere.
+        assert_eq!(
+            picked(&web(""), &[remote]),
+            active(&["10.244.0.2", "10.244.0.4"])
+        );
+        // An agent that does not know its node has no local endpoint.
+        let t = build(
+            [&s],
+            [&eps(&["addresses: [10.244.0.1], nodeName: node-a"])],
+            10800,
+        );
+        assert!(t.frontends.values().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn zone_hints_are_used_only_when_every_ready_endpoint_has_them_and_one_names_our_zone() {
+        let s = web(", trafficDistribution: PreferClose");
+        let hinted = |z1: &str, z2: &str| {
+            eps(&[
+                &format!("addresses: [10.244.0.1], hints: {{forZones: [{{name: {z1}}}]}}"),
+                &format!("addresses: [10.244.0.2], hints: {{forZones: [{{name: {z2}}}]}}"),
+                &format!("addresses: [10.244.0.9], {TERMINATING}"),
+            ])
+        };
+        let with_terminating = |ips: &[&str]| {
+            let mut v = active(ips);
+            v.push(("10.244.0.9".into(), BackendState::Terminating));
+            v
+        };
+        // Our zone hinted: only those (terminating ones stay for affinity, unhinted as they are).
+        assert_eq!(
+            picked(&s, &[hinted("zone-a", "zone-b")]),
+            with_terminating(&["10.244.0.1"])
+        );
+        // No endpoint for our zone: all.
+        assert_eq!(
+            picked(&s, &[hinted("zone-b", "zone-c")]),
+            with_terminating(&["10.244.0.1", "10.244.0.2"])
+        );
+        // One ready endpoint without hints: all.
+        let partial = eps(&[
+            "addresses: [10.244.0.1], hints: {forZones: [{name: zone-a}]}",
+            "addresses: [10.244.0.2]",
+        ]);
+        assert_eq!(
+            picked(&s, &[partial]),
+            active(&["10.244.0.1", "10.244.0.2"])
+        );
+        // A node without a zone label: all.
+        let t = build(
+            [&s],
+            [&hinted("zone-a", "zone-b")],
+            Rules {
+                default_affinity_timeout: 1,
+                node: "node-a",
+                zone: None,
+            },
+        );
+        assert_eq!(t.frontends.values().next().unwrap().backends.len(), 3);
+        // Node hints (PreferSameNode) win over zone hints when every ready endpoint has them.
+        let nodes = eps(&[
+            "addresses: [10.244.0.1], hints: {forZones: [{name: zone-a}], forNodes: [{name: node-b}]}",
+            "addresses: [10.244.0.2], hints: {forZones: [{name: zone-a}], forNodes: [{name: node-a}]}",
+        ]);
+        assert_eq!(picked(&s, &[nodes]), active(&["10.244.0.2"]));
+        // internalTrafficPolicy: Local ignores hints.
+        let local = web(", internalTrafficPolicy: Local");
+        let l = eps(&[
+            "addresses: [10.244.0.1], nodeName: node-a, hints: {forZones: [{name: zone-b}]}",
+            "addresses: [10.244.0.2], nodeName: node-b, hints: {forZones: [{name: zone-a}]}",
+        ]);
+        assert_eq!(picked(&local, &[l]), active(&["10.244.0.1"]));
+    }
+
+    #[test]
+    fn what_the_agent_cannot_serve_is_named() {
+        let names = |s: &Service| -> Option<Vec<&str>> {
+            unserved(s).map(|m| m.iter().map(|f| f.name()).collect())
+        };
+        assert_eq!(names(&web("")), None);
+        assert_eq!(
+            names(&web(
+                ", internalTrafficPolicy: Local, sessionAffinity: ClientIP"
+            )),
+            None
+        );
+        let sctp = svc("metadata: {name: s, namespace: d}\nspec: {clusterIP: 10.96.0.6, ports: [{port: 80}, {port: 9, protocol: SCTP}]}");
+        assert_eq!(names(&sctp), Some(vec!["sctp"]));
+        // The TCP port is still translated.
+        assert_eq!(build([&sctp], [], 10800).frontends.len(), 1);
+        let dual = svc("metadata: {name: v, namespace: d}\nspec: {type: NodePort, clusterIP: 10.96.0.7, clusterIPs: [10.96.0.7, 'fd00::7'], ports: [{port: 80}]}");
+        assert_eq!(names(&dual), Some(vec!["nodeport", "ipv6"]));
+        let headless = svc("metadata: {name: h, namespace: d}\nspec: {clusterIP: None, ports: [{port: 9, protocol: SCTP}]}");
+        assert_eq!(names(&headless), None);
     }
 }

@@ -7,9 +7,12 @@
 //!   reconciler writes only the frontend addresses they had or have now;
 //! - idle: nothing changed, nothing is done.
 
+use std::collections::BTreeMap;
+
+use netboot_contract::features::Feature;
 use serde::Serialize;
 
-use crate::desired::ServiceTable;
+use crate::desired::{ServiceKey, ServiceTable};
 use crate::maps::LbMaps;
 use crate::reconcile::{ReconcileError, Reconciler, SyncStats};
 use crate::watch::Watched;
@@ -36,16 +39,24 @@ pub struct PassReport {
     pub desired_frontends: usize,
 }
 
-/// The desired frontends per Service, kept between passes.
+/// The desired frontends per Service, kept between passes, and the Services
+/// this agent cannot fully serve (kept the same way: all of them on a full
+/// pass, the dirty ones on a partial one).
 #[derive(Debug, Default)]
 pub struct Passes {
     table: ServiceTable,
+    unserved: BTreeMap<ServiceKey, Vec<Feature>>,
 }
 
 impl Passes {
     /// The desired frontends per Service as of the last pass.
     pub fn table(&self) -> &ServiceTable {
         &self.table
+    }
+
+    /// The Services needing something this agent does not serve, with what.
+    pub fn unserved(&self) -> &BTreeMap<ServiceKey, Vec<Feature>> {
+        &self.unserved
     }
 
     /// One pass: takes what changed from `watched` and makes the maps match.
@@ -59,6 +70,7 @@ impl Passes {
         let dirty = watched.take_dirty();
         if dirty.full || recon.needs_full() {
             self.table = watched.service_table(default_affinity_timeout);
+            self.unserved = watched.unserved();
             let stats = recon.reconcile_owned(self.table.table())?;
             return Ok(PassReport {
                 kind: PassKind::Full,
@@ -72,6 +84,12 @@ impl Passes {
                 stats: SyncStats::default(),
                 desired_frontends: self.table.len(),
             });
+        }
+        for (k, missing) in watched.unserved_of(&dirty.services) {
+            match missing {
+                Some(m) => self.unserved.insert(k, m),
+                None => self.unserved.remove(&k),
+            };
         }
         let mut touched = std::collections::BTreeSet::new();
         for (k, fes) in watched.frontends_of(&dirty.services, default_affinity_timeout) {
@@ -119,9 +137,10 @@ mod tests {
     /// A Service on a small pool of cluster IPs (so two Services sometimes
     /// claim one address), sometimes headless or with affinity.
     fn service(r: &mut Rng, name: &str) -> Service {
-        let ip = r.pick(&["10.96.0.1", "10.96.0.2", "10.96.0.3", "None"]);
+        let ip = r.pick(&["10.96.0.1", "10.96.0.2", "10.96.0.3", "None", "fd00::1"]);
         let ports = r.pick(&[
             "[{name: http, port: 80}]",
+            "[{name: http, port: 80}, {name: s, port: 9, protocol: SCTP}]",
             "[{name: dns, port: 53, protocol: UDP}]",
             "[{name: http, port: 80}, {name: dns, port: 53, protocol: UDP}]",
         ]);
@@ -196,6 +215,7 @@ mod tests {
                 partial += usize::from(matches!(p.kind, PassKind::Partial(_)));
                 let ctx = format!("seed {seed} step {step}");
                 assert_eq!(passes.table().table(), w.desired(10800), "{ctx}");
+                assert_eq!(passes.unserved(), &w.unserved(), "{ctx}");
                 assert_eq!(normalized(&recon.maps().state), full_state(&w), "{ctx}");
                 // A full pass on top finds nothing to do.
                 if step % 25 == 24 {

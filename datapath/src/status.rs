@@ -56,6 +56,18 @@ impl std::fmt::Display for MapSizeChange {
     }
 }
 
+/// A Service the agent cannot fully serve, and what it lacks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnservedService {
+    /// `namespace/name`.
+    pub service: String,
+    /// Feature names (`netboot_contract::features`) it needs and the agent lacks.
+    pub needs: Vec<String>,
+}
+
+/// At most this many unserved Services are listed in status (all are counted).
+pub const UNSERVED_LISTED: usize = 50;
+
 /// A condition in Kubernetes' style: `MapFull`, `MapSizeChangeRefused`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Condition {
@@ -152,6 +164,19 @@ pub struct Status {
     /// "disabled" (coexist or cleanupKubeProxyRules false) or "unknown".
     #[serde(default)]
     pub kube_proxy_cleanup: Cleanup,
+    /// The features this agent serves (as published in the Node annotation
+    /// `netboot.io/datapath-features`).
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// The Node's `topology.kubernetes.io/zone` (zone hints), empty if none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    /// Services needing something this agent does not serve (counted in full).
+    #[serde(default)]
+    pub unserved: usize,
+    /// The first [`UNSERVED_LISTED`] of them, by namespace/name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unserved_services: Vec<UnservedService>,
     /// Map reuse at start: true when the agent restarted on existing pins.
     pub maps_reused: bool,
     /// Per-outcome BPF counters.
@@ -290,6 +315,28 @@ impl Status {
                 "Map size change:        refused: {c} (the pinned map keeps its size)"
             );
         }
+        if self.unserved > 0 {
+            let _ = writeln!(
+                s,
+                "Unserved:               {} Services need what this agent does not serve (translated only in part or not at all)",
+                self.unserved
+            );
+            for u in &self.unserved_services {
+                let _ = writeln!(
+                    s,
+                    "                        {}: {}",
+                    u.service,
+                    u.needs.join(", ")
+                );
+            }
+            if self.unserved > self.unserved_services.len() {
+                let _ = writeln!(
+                    s,
+                    "                        … and {} more",
+                    self.unserved - self.unserved_services.len()
+                );
+            }
+        }
         let last = if self.last_sync_unix == 0 {
             "never".to_string()
         } else {
@@ -359,9 +406,13 @@ impl Status {
             );
             let _ = writeln!(
                 s,
-                "  Graceful Termination: Enabled (terminating backends keep existing affinity)"
+                "  Graceful Termination: Enabled (terminating backends keep existing affinity; serve when no backend is ready)"
             );
+            let _ = writeln!(s, "  Features served:      {}", self.features.join(","));
             let _ = writeln!(s, "  Node:                 {}", self.node);
+            if !self.zone.is_empty() {
+                let _ = writeln!(s, "  Zone:                 {}", self.zone);
+            }
             let _ = writeln!(s, "  Maps reused at start: {}", yes(self.maps_reused));
             let _ = writeln!(s, "  Map writes:           {}", self.map_writes);
             if !self.last_error.is_empty() {
@@ -498,6 +549,11 @@ impl Status {
             "# HELP netboot_datapath_map_size_change_refused Maps whose pinned size differs from mapSizes (change refused)\n# TYPE netboot_datapath_map_size_change_refused gauge\nnetboot_datapath_map_size_change_refused {}",
             self.map_size_changes.len()
         );
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_unserved_services Services needing a feature this agent does not serve (SCTP, IPv6, NodePort, ...)\n# TYPE netboot_datapath_unserved_services gauge\nnetboot_datapath_unserved_services {}",
+            self.unserved
+        );
         let _ = writeln!(s, "# HELP netboot_datapath_bpf_outcomes_total Socket LB decisions by outcome (per-CPU counters summed)");
         let _ = writeln!(s, "# TYPE netboot_datapath_bpf_outcomes_total counter");
         for c in &self.counters {
@@ -540,6 +596,12 @@ mod tests {
             kube_proxy: KubeProxyState::Absent,
             kube_proxy_daemon_set: "kube-system/kube-proxy".into(),
             kube_proxy_cleanup: Cleanup::Active,
+            features: vec![
+                "clusterip".into(),
+                "ipv4".into(),
+                "tcp".into(),
+                "udp".into(),
+            ],
             counters: vec![Counter {
                 name: "connect_translated".into(),
                 value: 5,
@@ -637,6 +699,38 @@ mod tests {
             (code.as_u16(), body.as_str()),
             (503, "initial sync not complete\n")
         );
+    }
+
+    #[test]
+    fn unserved_services_are_counted_listed_and_exported() {
+        let mut st = sample();
+        st.unserved = 3;
+        st.unserved_services = vec![
+            UnservedService {
+                service: "d/sctp".into(),
+                needs: vec!["sctp".into()],
+            },
+            UnservedService {
+                service: "d/web".into(),
+                needs: vec!["nodeport".into(), "ipv6".into()],
+            },
+        ];
+        let text = st.render(false, 1_800_000_003);
+        assert!(
+            text.contains("Unserved:               3 Services need what this agent does not serve"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n                        d/web: nodeport, ipv6\n"),
+            "{text}"
+        );
+        assert!(text.contains("… and 1 more"), "{text}");
+        assert!(st
+            .metrics()
+            .contains("\nnetboot_datapath_unserved_services 3\n"));
+        assert!(!sample().render(false, 0).contains("Unserved"));
+        let js = serde_json::to_value(&st).unwrap();
+        assert_eq!(js["unservedServices"][1]["needs"][0], "nodeport");
     }
 
     #[test]

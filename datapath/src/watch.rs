@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -23,7 +23,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use crate::desired::{self, DesiredTable, Frontend, ServiceKey, ServiceTable};
+use crate::desired::{self, DesiredTable, Frontend, Rules, ServiceKey, ServiceTable};
+use netboot_contract::features::Feature;
+
+/// The Node label the zone comes from (zone hints).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Errors of the static source.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,12 @@ pub struct Stores {
     pub services_synced: bool,
     /// The EndpointSlices list completed at least once.
     pub slices_synced: bool,
+    /// This agent's Node name (`internalTrafficPolicy: Local`, node hints).
+    node: String,
+    /// Its zone label (zone hints).
+    zone: Option<String>,
+    /// Waiting for the first read of the Node (its zone) before the first pass.
+    node_pending: bool,
 }
 
 impl Stores {
@@ -164,6 +174,14 @@ impl Stores {
         self.slices_synced = true;
     }
 
+    fn rules(&self, default_affinity_timeout: u32) -> Rules<'_> {
+        Rules {
+            default_affinity_timeout,
+            node: &self.node,
+            zone: self.zone.as_deref(),
+        }
+    }
+
     /// The frontends of Service `k` from the stores (none if it is gone).
     fn frontends_of(&self, k: &ServiceKey, default_affinity_timeout: u32) -> Vec<Frontend> {
         let Some(svc) = self.services.get(k) else {
@@ -175,7 +193,7 @@ impl Stores {
             .into_iter()
             .flatten()
             .filter_map(|sk| self.slices.get(sk));
-        desired::service_frontends(svc, slices, default_affinity_timeout)
+        desired::service_frontends(svc, slices, self.rules(default_affinity_timeout))
     }
 }
 
@@ -196,8 +214,71 @@ impl Watched {
     pub fn synced(&self) -> bool {
         self.stores
             .lock()
-            .map(|s| s.services_synced && s.slices_synced)
+            .map(|s| s.services_synced && s.slices_synced && !s.node_pending)
             .unwrap_or(false)
+    }
+
+    /// The Node this agent serves; with `wait_for_zone`, the first pass waits
+    /// until [`Watched::set_zone`] is called once (the Node was read).
+    pub fn set_node(&self, node: &str, wait_for_zone: bool) {
+        self.with(|s| {
+            if s.node != node {
+                s.node = node.to_string();
+                s.dirty.full = true;
+            }
+            s.node_pending = wait_for_zone;
+        });
+    }
+
+    /// The Node's zone label, as read (None: no label). A change rebuilds
+    /// everything (zone hints).
+    pub fn set_zone(&self, zone: Option<String>) {
+        self.with(|s| {
+            if s.zone != zone {
+                s.zone = zone;
+                s.dirty.full = true;
+            }
+            s.node_pending = false;
+        });
+    }
+
+    /// The Node could not be read: the first pass goes ahead without a zone
+    /// (hints then fall back to all endpoints, as kube-proxy does for a Node
+    /// without the label); a zone read later triggers a full pass.
+    pub fn node_read_failed(&self) {
+        self.with(|s| s.node_pending = false);
+    }
+
+    /// The zone as last read.
+    pub fn zone(&self) -> Option<String> {
+        self.stores.lock().ok().and_then(|s| s.zone.clone())
+    }
+
+    /// What each of `keys` needs that this agent does not serve (None: served,
+    /// not for a proxy, or gone).
+    pub fn unserved_of<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k ServiceKey>,
+    ) -> Vec<(ServiceKey, Option<Vec<Feature>>)> {
+        match self.stores.lock() {
+            Ok(s) => keys
+                .into_iter()
+                .map(|k| (k.clone(), s.services.get(k).and_then(desired::unserved)))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Every Service this agent cannot fully serve, with what it lacks.
+    pub fn unserved(&self) -> BTreeMap<ServiceKey, Vec<Feature>> {
+        match self.stores.lock() {
+            Ok(s) => s
+                .services
+                .iter()
+                .filter_map(|(k, svc)| desired::unserved(svc).map(|m| (k.clone(), m)))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        }
     }
 
     /// Builds the desired table from the current stores.
@@ -206,7 +287,7 @@ impl Watched {
             Ok(s) => desired::build(
                 s.services.values(),
                 s.slices.values(),
-                default_affinity_timeout,
+                s.rules(default_affinity_timeout),
             ),
             Err(_) => DesiredTable::default(),
         }
@@ -417,6 +498,43 @@ pub fn spawn(client: Client, shared: Arc<Watched>) -> Vec<tokio::task::JoinHandl
     ]
 }
 
+/// Watches this agent's own Node (field selector on its name) for its zone
+/// label; a change triggers a full pass. Errors are counted and retried
+/// with backoff like the other watchers.
+pub fn spawn_node(
+    client: Client,
+    shared: Arc<Watched>,
+    node: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let api: Api<Node> = Api::all(client);
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+        let stream = watcher::watcher(api, cfg).default_backoff();
+        futures::pin_mut!(stream);
+        let mut listed = false;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(Event::Apply(n) | Event::InitApply(n)) => {
+                    listed = true;
+                    shared.set_zone(n.labels().get(ZONE_LABEL).cloned());
+                }
+                Ok(Event::Init) => listed = false,
+                // No such Node: no zone, and the first pass need not wait.
+                Ok(Event::InitDone) if !listed => shared.set_zone(None),
+                Ok(Event::Delete(_) | Event::InitDone) => {}
+                Err(e) => {
+                    shared.node_read_failed();
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, %node, "watch Node error, retrying with backoff");
+                    if let Ok(mut l) = shared.last_error.lock() {
+                        *l = format!("watch Node/{node}: {e}");
+                    }
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,6 +626,28 @@ mod tests {
             .iter()
             .map(|n| ("d".to_string(), n.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_first_pass_waits_for_the_nodes_zone_and_a_zone_change_is_a_full_pass() {
+        let w = Watched::default();
+        w.replace_all(vec![svc("a", "10.96.0.1")], vec![]);
+        w.set_node("node-a", true);
+        assert!(!w.synced(), "waits for the Node's zone");
+        w.set_zone(Some("zone-a".into()));
+        assert!(w.synced());
+        w.take_dirty();
+        w.set_zone(Some("zone-a".into()));
+        assert!(w.take_dirty().is_empty(), "same zone: nothing to do");
+        w.set_zone(Some("zone-b".into()));
+        assert!(w.take_dirty().full);
+        assert_eq!(w.zone().as_deref(), Some("zone-b"));
+        // A Node that cannot be read does not hold the agent back.
+        let w = Watched::default();
+        w.replace_all(vec![], vec![]);
+        w.set_node("node-a", true);
+        w.node_read_failed();
+        assert!(w.synced());
     }
 
     #[test]

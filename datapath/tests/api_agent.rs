@@ -348,6 +348,11 @@ fn agent_against_a_real_api_server() {
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(ann("netboot.io/kube-proxy-rules"), "absent");
+    // What it serves, in the contract's vocabulary (the handover's gate reads it).
+    assert_eq!(
+        netboot_contract::features::parse(&ann("netboot.io/datapath-features")),
+        netboot_datapath::desired::served()
+    );
 
     // Endpoints removed in the API → connect refused fast.
     let t = Instant::now();

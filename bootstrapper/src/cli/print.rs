@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use netboot::apply::{Action, ChangeSet};
 use netboot::converge::{HandoverPlan, Outcome, Plan};
+use netboot::unserved::UnservedReport;
 use netboot::validate;
 
 pub fn changeset(c: &ChangeSet, planned: bool, show_diff: bool) -> String {
@@ -86,8 +87,35 @@ pub fn plan(p: &Plan) -> String {
             }
         }
     }
+    if let Some(u) = &p.unserved {
+        out.push_str(&unserved(u));
+    }
     if p.noop {
         let _ = writeln!(out, "nothing to do: the cluster matches the spec");
+    }
+    out
+}
+
+/// The "nothing unserved" gate as the plan sees it.
+pub fn unserved(u: &UnservedReport) -> String {
+    let mut out = String::new();
+    if u.ok() {
+        let _ = writeln!(
+            out,
+            "nothing-unserved: open (agents serve {})",
+            u.served.join(",")
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "nothing-unserved: SHUT, the handover would stop here with kube-proxy untouched (as the agents publish now; agents not rolled out yet publish nothing):"
+        );
+        for line in u.refusal().lines().skip(1) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    for a in &u.allowed {
+        let _ = writeln!(out, "  accepted by allowUnserved: {a}");
     }
     out
 }

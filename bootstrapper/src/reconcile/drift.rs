@@ -120,6 +120,7 @@ mod tests {
             handover_steps: vec![],
             kube_proxy: kp,
             journal: None,
+            unserved: None,
             noop: false,
         }
     }
@@ -147,6 +148,8 @@ mod tests {
                 },
             ],
             mode: mode.into(),
+            allow_unserved: vec![],
+            unserved_allowed: vec![],
             // A later run without a handover records only its validation.
             handover: if handed_over {
                 vec![StepRecord {

@@ -149,6 +149,11 @@ pub struct KubeProxy {
     /// `daemonSet` / `configMap`: their names. Default `kube-proxy` for both.
     pub daemon_set: String,
     pub config_map: String,
+    /// `allowUnserved`: features (`netboot_contract::features::Feature` names)
+    /// Services may need although the agents do not serve them; the
+    /// "nothing unserved" gate lets those gaps through. Default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_unserved: Vec<String>,
 }
 
 /// `spec.validation`: the checks after apply.
@@ -688,6 +693,7 @@ impl KubeProxy {
             namespace: "kube-system".into(),
             daemon_set: "kube-proxy".into(),
             config_map: "kube-proxy".into(),
+            allow_unserved: Vec::new(),
         }
     }
 }
@@ -703,9 +709,21 @@ fn decode_kube_proxy(c: &mut Checker, n: &Node, path: &str, replace: bool) -> Op
             "namespace",
             "daemonSet",
             "configMap",
+            "allowUnserved",
         ],
     )?;
     let mut k = KubeProxy::defaults(replace);
+    if let Some(list) = s.get("allowUnserved") {
+        let p = s.child("allowUnserved");
+        let names = netboot_contract::features::Feature::names();
+        for (i, item) in c.list(list, &p)?.iter().enumerate() {
+            if let Some(name) = c.one_of(item, &format!("{p}[{i}]"), &names) {
+                if !k.allow_unserved.contains(&name) {
+                    k.allow_unserved.push(name);
+                }
+            }
+        }
+    }
     if let Some(v) = opt(c, &s, "remove", Checker::boolean) {
         if v && !replace {
             if let Some(node) = s.get("remove") {

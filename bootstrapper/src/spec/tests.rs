@@ -22,6 +22,21 @@ fn errors(text: &str) -> Vec<String> {
 }
 
 #[test]
+fn allow_unserved_names_features_once_each() {
+    let s = parse(
+        "t.yaml",
+        &format!("{GOOD}  kubeProxy:\n    allowUnserved: [sctp, nodeport, sctp]\n"),
+    )
+    .unwrap();
+    assert_eq!(s.kube_proxy.allow_unserved, vec!["sctp", "nodeport"]);
+    assert!(parse("t.yaml", GOOD)
+        .unwrap()
+        .kube_proxy
+        .allow_unserved
+        .is_empty());
+}
+
+#[test]
 fn good_spec_gets_defaults() {
     let s = parse("t.yaml", GOOD).unwrap();
     assert_eq!(s.name, "t");
@@ -144,6 +159,11 @@ fn malformed_specs_point_at_the_right_line() {
             "unknown check",
             format!("{GOOD}  validation:\n    skip: [dnss]\n"),
             "t.yaml:13:12: spec.validation.skip[0]: `dnss` is not one of: kube-proxy, agents",
+        ),
+        (
+            "unknown unserved feature",
+            format!("{GOOD}  kubeProxy:\n    allowUnserved: [sctp, nodeprt]\n"),
+            "t.yaml:13:27: spec.kubeProxy.allowUnserved[1]: `nodeprt` is not one of: clusterip, nodeport, loadbalancer, externalips, ipv4, ipv6, tcp, udp, sctp, internal-traffic-local, external-traffic-local, session-affinity, topology-hints; did you mean `nodeport`?",
         ),
         (
             "remove in coexist",

@@ -1,0 +1,342 @@
+//! The "nothing unserved" gate: before kube-proxy is touched, every Service
+//! in the cluster must need only what every agent serves.
+//!
+//! Each agent publishes the features it serves on its Node
+//! (`netboot.io/datapath-features`, [`netboot_contract::features`]); what a
+//! Service needs comes from the same contract function the agent uses
+//! ([`features::needs`]). A Service needing a feature some agent lacks — a
+//! protocol (SCTP), a type (NodePort, LoadBalancer, externalIPs), a traffic
+//! policy, an IP family — would stop working once kube-proxy is gone, so the
+//! handover stops, naming each Service and what it needs, unless
+//! `spec.kubeProxy.allowUnserved` accepts that gap by name.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::api::{Api, ListParams};
+use kube::Client;
+use netboot_contract::features::{self, Feature, ServiceShape, FEATURES_ANNOTATION};
+use serde::Serialize;
+
+use crate::apply::describe;
+
+/// A Service needing features the agents do not serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unserved {
+    /// `namespace/name`.
+    pub service: String,
+    /// What it needs and not every agent serves, by feature name.
+    pub needs: Vec<String>,
+}
+
+impl std::fmt::Display for Unserved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Service/{}: needs {}",
+            self.service,
+            self.needs.join(", ")
+        )
+    }
+}
+
+/// What the gate found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnservedReport {
+    /// What every agent serves (the intersection over the Nodes).
+    pub served: Vec<String>,
+    /// Nodes whose agent publishes no features (it serves nothing we can count on).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes_without_features: Vec<String>,
+    /// Services needing something not served and not allowed: the gate stays shut.
+    pub refused: Vec<Unserved>,
+    /// Services whose gaps `spec.kubeProxy.allowUnserved` accepts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed: Vec<Unserved>,
+}
+
+impl UnservedReport {
+    /// The gate opens.
+    pub fn ok(&self) -> bool {
+        self.refused.is_empty()
+    }
+
+    /// One line per refused Service, for the gate's error.
+    pub fn refusal(&self) -> String {
+        let mut s = format!(
+            "{} Service(s) need what the agents do not serve (they serve {}); kube-proxy stays. \
+             Accept a gap by name in spec.kubeProxy.allowUnserved:",
+            self.refused.len(),
+            if self.served.is_empty() {
+                "nothing".to_string()
+            } else {
+                self.served.join(",")
+            }
+        );
+        for u in &self.refused {
+            s.push_str(&format!("\n  {u}"));
+        }
+        for n in &self.nodes_without_features {
+            s.push_str(&format!(
+                "\n  Node/{n}: publishes no {FEATURES_ANNOTATION} (an older agent?)"
+            ));
+        }
+        s
+    }
+}
+
+/// What [`features::needs`] looks at, borrowed from a Service.
+pub fn shape(svc: &Service) -> ServiceShape<'_> {
+    let spec = svc.spec.as_ref();
+    let mut cluster_ips: Vec<&str> = spec
+        .and_then(|s| s.cluster_ips.as_ref())
+        .map(|v| v.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    if cluster_ips.is_empty() {
+        cluster_ips.extend(spec.and_then(|s| s.cluster_ip.as_deref()));
+    }
+    ServiceShape {
+        labels: svc.metadata.labels.as_ref(),
+        annotations: svc.metadata.annotations.as_ref(),
+        type_: spec.and_then(|s| s.type_.as_deref()),
+        cluster_ips,
+        protocols: spec
+            .and_then(|s| s.ports.as_ref())
+            .map(|ps| ps.iter().map(|p| p.protocol.as_deref()).collect())
+            .unwrap_or_default(),
+        external_ips: spec
+            .and_then(|s| s.external_ips.as_ref())
+            .is_some_and(|v| !v.is_empty()),
+        allocate_load_balancer_node_ports: spec.and_then(|s| s.allocate_load_balancer_node_ports),
+        internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.as_deref()),
+        external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.as_deref()),
+        session_affinity: spec.and_then(|s| s.session_affinity.as_deref()),
+        traffic_distribution: spec.and_then(|s| s.traffic_distribution.as_deref()),
+    }
+}
+
+/// Every Service needing something outside `served`, with what (sorted by
+/// namespace/name). Services no proxy serves (ExternalName, headless, another
+/// proxy's) need nothing.
+pub fn unserved(services: &[Service], served: &BTreeSet<Feature>) -> Vec<(String, Vec<Feature>)> {
+    let mut out: BTreeMap<String, Vec<Feature>> = BTreeMap::new();
+    for svc in services {
+        let Some(needs) = features::needs(&shape(svc)) else {
+            continue;
+        };
+        let missing = features::missing(&needs, served);
+        if !missing.is_empty() {
+            let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
+            let name = svc.metadata.name.as_deref().unwrap_or_default();
+            out.insert(format!("{ns}/{name}"), missing);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// What every agent serves: the intersection of the Nodes' annotations, and
+/// the Nodes without one (they count as serving nothing).
+pub fn served_by(nodes: &[Node]) -> (BTreeSet<Feature>, Vec<String>) {
+    let mut served: Option<BTreeSet<Feature>> = None;
+    let mut without = Vec::new();
+    for n in nodes {
+        let value = n
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FEATURES_ANNOTATION));
+        let f = match value {
+            Some(v) => features::parse(v),
+            None => {
+                without.push(n.metadata.name.clone().unwrap_or_default());
+                BTreeSet::new()
+            }
+        };
+        served = Some(match served {
+            None => f,
+            Some(s) => s.intersection(&f).copied().collect(),
+        });
+    }
+    (served.unwrap_or_default(), without)
+}
+
+/// The gate's decision, a pure function of what was listed.
+pub fn decide(services: &[Service], nodes: &[Node], allow: &[String]) -> UnservedReport {
+    let (served, without) = served_by(nodes);
+    let allow: BTreeSet<Feature> = allow.iter().filter_map(|a| Feature::parse(a)).collect();
+    let names = |fs: &[Feature]| fs.iter().map(|f| f.name().to_string()).collect();
+    let mut report = UnservedReport {
+        served: served.iter().map(|f| f.name().to_string()).collect(),
+        nodes_without_features: without,
+        ..Default::default()
+    };
+    for (service, missing) in unserved(services, &served) {
+        let refused: Vec<Feature> = missing
+            .iter()
+            .copied()
+            .filter(|f| !allow.contains(f))
+            .collect();
+        let u = Unserved {
+            service,
+            needs: names(&missing),
+        };
+        if refused.is_empty() {
+            report.allowed.push(u);
+        } else {
+            report.refused.push(Unserved {
+                needs: names(&refused),
+                ..u
+            });
+        }
+    }
+    report
+}
+
+/// Errors listing what the gate needs.
+#[derive(Debug, thiserror::Error)]
+pub enum UnservedError {
+    #[error("{what}: {message}")]
+    Api { what: String, message: String },
+}
+
+/// Lists every Service and Node and decides.
+pub async fn check(client: &Client, allow: &[String]) -> Result<UnservedReport, UnservedError> {
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| UnservedError::Api {
+            what: "Services in all namespaces".into(),
+            message: describe(&e),
+        })?
+        .items;
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| UnservedError::Api {
+            what: "nodes".into(),
+            message: describe(&e),
+        })?
+        .items;
+    Ok(decide(&services, &nodes, allow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn node(name: &str, features: Option<&str>) -> Node {
+        let ann = features
+            .map(|f| format!(", annotations: {{{FEATURES_ANNOTATION}: '{f}'}}"))
+            .unwrap_or_default();
+        serde_yaml::from_str(&format!("metadata: {{name: {name}{ann}}}")).unwrap()
+    }
+
+    const AGENT: &str =
+        "clusterip,ipv4,tcp,udp,internal-traffic-local,session-affinity,topology-hints";
+
+    fn cluster() -> Vec<Service> {
+        [
+            "metadata: {name: web, namespace: d}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}], sessionAffinity: ClientIP}",
+            "metadata: {name: sctp, namespace: d}\nspec: {clusterIP: 10.96.0.6, ports: [{port: 80}, {port: 9, protocol: SCTP}]}",
+            "metadata: {name: np, namespace: d}\nspec: {type: NodePort, clusterIP: 10.96.0.7, ports: [{port: 80}], externalTrafficPolicy: Local}",
+            "metadata: {name: lb, namespace: e}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.8, clusterIPs: [10.96.0.8, 'fd00::8'], ipFamilies: [IPv4, IPv6], ports: [{port: 80}]}",
+            "metadata: {name: ext, namespace: e}\nspec: {clusterIP: 10.96.0.9, externalIPs: [192.0.2.9], ports: [{port: 80}]}",
+            // Nobody's to serve: ExternalName, headless, another proxy's, kube-proxy's headless label.
+            "metadata: {name: en, namespace: d}\nspec: {type: ExternalName, externalName: x.example, ports: [{port: 9, protocol: SCTP}]}",
+            "metadata: {name: hl, namespace: d}\nspec: {clusterIP: None, ports: [{port: 9, protocol: SCTP}]}",
+            "metadata: {name: other, namespace: d, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {type: NodePort, clusterIP: 10.96.0.10, ports: [{port: 80}]}",
+            "metadata: {name: hlabel, namespace: d, labels: {service.kubernetes.io/headless: ''}}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 9, protocol: SCTP}]}",
+        ]
+        .iter()
+        .map(|y| svc(y))
+        .collect()
+    }
+
+    fn lines(us: &[Unserved]) -> Vec<String> {
+        us.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn every_service_needing_what_the_agents_lack_is_named() {
+        let r = decide(
+            &cluster(),
+            &[node("a", Some(AGENT)), node("b", Some(AGENT))],
+            &[],
+        );
+        assert!(!r.ok());
+        assert_eq!(
+            lines(&r.refused),
+            vec![
+                "Service/d/np: needs nodeport, external-traffic-local",
+                "Service/d/sctp: needs sctp",
+                "Service/e/ext: needs externalips",
+                "Service/e/lb: needs nodeport, loadbalancer, ipv6",
+            ]
+        );
+        assert!(r.allowed.is_empty());
+        let msg = r.refusal();
+        assert!(msg.starts_with("4 Service(s) need what the agents do not serve (they serve clusterip,ipv4,tcp,udp,"), "{msg}");
+        assert!(msg.contains("\n  Service/d/sctp: needs sctp"), "{msg}");
+    }
+
+    #[test]
+    fn allowed_gaps_let_the_gate_open_and_are_kept_for_the_record() {
+        let allow: Vec<String> = [
+            "sctp",
+            "nodeport",
+            "loadbalancer",
+            "externalips",
+            "ipv6",
+            "external-traffic-local",
+        ]
+        .map(String::from)
+        .to_vec();
+        let r = decide(&cluster(), &[node("a", Some(AGENT))], &allow);
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.allowed.len(), 4);
+        // Allowing part of a Service's gaps names only the rest.
+        let r = decide(&cluster(), &[node("a", Some(AGENT))], &["nodeport".into()]);
+        assert!(lines(&r.refused).contains(&"Service/e/lb: needs loadbalancer, ipv6".into()));
+        assert!(lines(&r.allowed).is_empty());
+    }
+
+    #[test]
+    fn what_every_agent_serves_is_the_intersection_and_a_silent_agent_serves_nothing() {
+        let only_web = vec![cluster().remove(0)];
+        let r = decide(
+            &only_web,
+            &[
+                node("a", Some(AGENT)),
+                node("b", Some("clusterip,ipv4,tcp")),
+            ],
+            &[],
+        );
+        assert_eq!(
+            lines(&r.refused),
+            vec!["Service/d/web: needs session-affinity"]
+        );
+        assert_eq!(r.served, vec!["clusterip", "ipv4", "tcp"]);
+        let r = decide(&only_web, &[node("a", Some(AGENT)), node("old", None)], &[]);
+        assert_eq!(r.nodes_without_features, vec!["old"]);
+        assert!(!r.ok());
+        assert!(r
+            .refusal()
+            .contains("Node/old: publishes no netboot.io/datapath-features"));
+        // A newer agent's unknown feature names are ignored; all served: open.
+        let r = decide(&only_web, &[node("a", Some(&format!("{AGENT},warp")))], &[]);
+        assert!(r.ok() && r.refused.is_empty());
+    }
+
+    #[test]
+    fn the_agent_publishes_what_the_gate_reads() {
+        // The two sides share the vocabulary: the contract formats, the gate parses.
+        let all: BTreeSet<Feature> = Feature::ALL.into_iter().collect();
+        let n = node("a", Some(&features::format(&all)));
+        assert_eq!(served_by(&[n]).0, all);
+    }
+}

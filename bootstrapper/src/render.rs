@@ -85,6 +85,13 @@ pub enum RenderError {
         #[source]
         source: ManifestError,
     },
+    #[error("{template}: {object}: the agent would refuse this config: {source}")]
+    AgentConfig {
+        template: String,
+        object: String,
+        #[source]
+        source: netboot_contract::config::ConfigError,
+    },
     #[error("{first} and {second} both render {object}")]
     Duplicate {
         object: String,
@@ -172,14 +179,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
         "sha256:{}",
         hex(&Sha256::digest(config.to_string().as_bytes()))
     );
-    let m = d.map_sizes;
-    let memory =
-        netboot_contract::memory::AgentMemory::for_sizes(netboot_contract::memory::MapSizes {
-            services: m.services,
-            backends: m.backends,
-            affinity: m.affinity,
-            reverse_nat: m.reverse_nat,
-        });
+    let memory = netboot_contract::memory::AgentMemory::for_sizes(d.map_sizes);
     let reconcile = spec.reconcile.as_ref().map(|r| {
         json!({
             "repo": r.repo,
@@ -266,7 +266,41 @@ pub fn render(
         }
     }
     manifests.sort_by(|a, b| a.id().cmp(b.id()));
+    check_agent_config(&manifests, &spec.namespace)?;
     Ok(manifests)
+}
+
+/// The agent's `config.yaml` as rendered, read by the agent's own parser
+/// (the contract's [`Config::parse`](netboot_contract::config::Config::parse)):
+/// a template that writes a key the agent does not know, or a value it
+/// refuses, fails here rather than in a crash-looping DaemonSet.
+pub fn agent_config(
+    manifests: &[Manifest],
+    namespace: &str,
+) -> Option<Result<netboot_contract::config::Config, RenderError>> {
+    use netboot_contract::{agent, config::Config};
+    let m = manifests.iter().find(|m| {
+        let id = m.id();
+        id.kind == "ConfigMap"
+            && id.name == agent::CONFIG_MAP
+            && id.namespace.as_deref() == Some(namespace)
+    })?;
+    let text = m.object["data"][agent::CONFIG_KEY]
+        .as_str()
+        .unwrap_or_default();
+    Some(
+        Config::parse(text, Path::new(agent::CONFIG_KEY)).map_err(|source| {
+            RenderError::AgentConfig {
+                template: m.template.clone(),
+                object: m.id().to_string(),
+                source,
+            }
+        }),
+    )
+}
+
+fn check_agent_config(manifests: &[Manifest], namespace: &str) -> Result<(), RenderError> {
+    agent_config(manifests, namespace).transpose().map(|_| ())
 }
 
 fn engine(templates: &[(String, String)]) -> Result<Handlebars<'static>, RenderError> {

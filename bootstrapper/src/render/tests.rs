@@ -410,3 +410,155 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
         );
     }
 }
+
+/// Every shipped spec (clusters/*.yaml).
+fn every_shipped() -> Vec<(String, ClusterNetwork)> {
+    let dir = format!("{}/../clusters", env!("CARGO_MANIFEST_DIR"));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter_map(|f| f.strip_suffix(".yaml").map(str::to_string))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    names
+        .into_iter()
+        .map(|n| (n.clone(), shipped(&n)))
+        .collect()
+}
+
+/// Issue 16 (review §1.4): config.yaml was written by a template and read by
+/// the agent, and no test fed one into the other. Every shipped spec's
+/// rendered config.yaml is parsed by the agent's parser (the contract's
+/// `Config::parse`, which `netboot_datapath::config` re-exports) and says
+/// what the spec says.
+#[test]
+fn every_shipped_specs_config_yaml_is_what_the_agent_parses() {
+    use netboot_contract::config::KubeProxyRef;
+    for (name, spec) in every_shipped() {
+        let manifests = render(&spec, &name, &opts_for(&name)).unwrap();
+        let cfg = agent_config(&manifests, &spec.namespace)
+            .unwrap_or_else(|| panic!("{name}: no agent ConfigMap"))
+            .unwrap();
+        let api = spec
+            .api_server
+            .clone()
+            .or(opts_for(&name).api_server)
+            .unwrap();
+        assert_eq!(cfg.api_server.host, api.host, "{name}");
+        assert_eq!(cfg.api_server.port, api.port, "{name}");
+        let d = &spec.datapath;
+        assert_eq!(
+            cfg.kube_proxy_replacement, d.kube_proxy_replacement,
+            "{name}"
+        );
+        assert_eq!(
+            cfg.session_affinity_timeout_seconds, d.session_affinity_timeout_seconds,
+            "{name}"
+        );
+        assert_eq!(cfg.map_sizes, d.map_sizes, "{name}");
+        assert_eq!(
+            cfg.cleanup_kube_proxy_rules, spec.kube_proxy.cleanup_rules,
+            "{name}"
+        );
+        assert_eq!(
+            cfg.kube_proxy,
+            KubeProxyRef {
+                namespace: spec.kube_proxy.namespace.clone(),
+                daemon_set: spec.kube_proxy.daemon_set.clone(),
+            },
+            "{name}"
+        );
+    }
+}
+
+/// A template override the agent could not read fails the render, naming
+/// the template, not a crash-looping DaemonSet later.
+#[test]
+fn a_config_yaml_the_agent_would_refuse_fails_the_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, text) = EMBEDDED
+        .iter()
+        .find(|(n, _)| *n == "agent-configmap.yaml.hbs")
+        .unwrap();
+    let broken = text.replace("reverseNat:", "reverseNAT:");
+    assert_ne!(&broken, text);
+    std::fs::write(dir.path().join("agent-configmap.yaml.hbs"), broken).unwrap();
+    let opts = RenderOptions {
+        templates: Some(dir.path().into()),
+        api_server: None,
+    };
+    let e = render(&shipped("prod"), "prod", &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("agent-configmap.yaml.hbs: ConfigMap/")
+            && e.contains("config.yaml:")
+            && e.contains("reverseNAT"),
+        "{e}"
+    );
+}
+
+/// The objects the bootstrapper waits for and reads (rollout, status) and
+/// the agent's defaults are the contract's names.
+#[test]
+fn the_agents_objects_have_the_contracts_names() {
+    use netboot_contract::agent;
+    for (name, spec) in every_shipped() {
+        let manifests = render(&spec, &name, &opts_for(&name)).unwrap();
+        let find = |kind: &str, n: &str| {
+            manifests
+                .iter()
+                .find(|m| {
+                    m.id().kind == kind
+                        && m.id().name == n
+                        && m.id().namespace.as_deref() == Some(spec.namespace.as_str())
+                })
+                .unwrap_or_else(|| panic!("{name}: no {kind} {n}"))
+        };
+        let ds = &find("DaemonSet", agent::DAEMONSET).object["spec"];
+        assert_eq!(
+            ds["selector"]["matchLabels"][agent::NAME_LABEL],
+            agent::NAME
+        );
+        let pod = &ds["template"];
+        assert_eq!(pod["metadata"]["labels"][agent::NAME_LABEL], agent::NAME);
+        assert_eq!(pod["spec"]["serviceAccountName"], agent::SERVICE_ACCOUNT);
+        find("ServiceAccount", agent::SERVICE_ACCOUNT);
+        let c = pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .unwrap();
+        let env = |k: &str| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == k)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(env("NETBOOT_CONFIG").unwrap(), agent::CONFIG_PATH);
+        let vol = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["configMap"]["name"] == agent::CONFIG_MAP)
+            .unwrap_or_else(|| panic!("{name}: the config volume"));
+        let mount = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == vol["name"])
+            .unwrap();
+        assert_eq!(
+            format!(
+                "{}/{}",
+                mount["mountPath"].as_str().unwrap(),
+                agent::CONFIG_KEY
+            ),
+            agent::CONFIG_PATH
+        );
+    }
+}

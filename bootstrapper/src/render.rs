@@ -215,6 +215,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
             "cleanupRules": spec.kube_proxy.cleanup_rules,
             "namespace": spec.kube_proxy.namespace,
             "daemonSet": spec.kube_proxy.daemon_set,
+            "configMap": spec.kube_proxy.config_map,
         },
         "configHash": config_hash,
         "reconcile": reconcile,
@@ -312,6 +313,7 @@ fn engine(templates: &[(String, String)]) -> Result<Handlebars<'static>, RenderE
     hb.register_helper("q", Box::new(quote_helper));
     hb.register_helper("qs", Box::new(quote_string_helper));
     hb.register_helper("concat", Box::new(Concat));
+    hb.register_helper("cel", Box::new(Cel));
     for (name, text) in templates {
         hb.register_template_string(name, text)
             .map_err(|e| RenderError::Template {
@@ -457,6 +459,48 @@ impl HelperDef for Concat {
             }
         }
         Ok(ScopedJson::Derived(Value::String(s)))
+    }
+}
+
+/// `(cel value)`: the value as a CEL string literal (`'…'`, with `\\`, `'`
+/// and every character [`quote`] escapes written as CEL escapes), for
+/// admission policy expressions: `{{q (concat "x == " (cel namespace))}}`.
+/// A value cannot end the literal and change the expression around it.
+struct Cel;
+
+/// `s` as a single-quoted CEL string literal.
+pub fn cel_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            c if needs_unicode_escape(c) => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+impl HelperDef for Cel {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let s = match param(h, "cel")? {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => return Err(RenderErrorReason::InvalidParamType("a scalar for cel").into()),
+        };
+        Ok(ScopedJson::Derived(Value::String(cel_string(&s))))
     }
 }
 

@@ -562,3 +562,97 @@ fn the_agents_objects_have_the_contracts_names() {
         );
     }
 }
+
+/// Issue 17: the reconciler's ClusterRole was cluster-admin in all but name.
+/// In every shipped spec: no `escalate` and no wildcard anywhere; `bind`,
+/// and every cluster-wide write, only on named objects (the Node patch
+/// excepted: held only to grant it to the agent, and denied to the
+/// reconciler by its admission policy); unnamed writes otherwise only of
+/// pods (probe pods have generated names) and events in netboot's namespace.
+#[test]
+fn rbac_names_what_it_may_write_and_never_escalates() {
+    for (name, spec) in every_shipped() {
+        for m in render(&spec, &name, &opts_for(&name)).unwrap() {
+            let id = m.id().clone();
+            if id.kind != "ClusterRole" && id.kind != "Role" {
+                continue;
+            }
+            for rule in m.object["rules"].as_array().unwrap() {
+                let strs = |k: &str| -> Vec<String> {
+                    rule[k]
+                        .as_array()
+                        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+                        .unwrap_or_default()
+                };
+                let (verbs, resources, names) =
+                    (strs("verbs"), strs("resources"), strs("resourceNames"));
+                let ctx = format!("{name}: {id}: {rule}");
+                assert!(!verbs.iter().any(|v| v == "*" || v == "escalate"), "{ctx}");
+                assert!(!resources.iter().any(|r| r == "*"), "{ctx}");
+                assert!(!strs("apiGroups").iter().any(|g| g == "*"), "{ctx}");
+                let writes = |v: &String| {
+                    matches!(
+                        v.as_str(),
+                        "update" | "patch" | "delete" | "deletecollection" | "bind"
+                    )
+                };
+                if names.is_empty() && verbs.iter().any(writes) {
+                    let own_ns = id.kind == "Role"
+                        && id.namespace.as_deref() == Some(spec.namespace.as_str());
+                    let probe_pods = own_ns && resources == ["pods"];
+                    let events = own_ns && resources == ["events"];
+                    let node_patch = id.kind == "ClusterRole"
+                        && resources == ["nodes"]
+                        && verbs.iter().filter(|v| writes(v)).all(|v| v == "patch");
+                    assert!(probe_pods || events || node_patch, "unnamed write: {ctx}");
+                }
+                if names.is_empty() && verbs.iter().any(|v| v == "create") {
+                    assert_eq!(id.kind, "Role", "cluster-wide unnamed create: {ctx}");
+                }
+                assert!(
+                    !resources.iter().any(|r| r == "secrets"),
+                    "netboot never reads Secrets: {ctx}"
+                );
+            }
+        }
+    }
+}
+
+/// Issue 17: every container netboot renders runs under the runtime's
+/// default seccomp profile on a read-only root filesystem and drops every
+/// capability it does not name.
+#[test]
+fn every_rendered_container_is_confined() {
+    for (name, spec) in every_shipped() {
+        for m in render(&spec, &name, &opts_for(&name)).unwrap() {
+            let pod = match m.id().kind.as_str() {
+                "DaemonSet" => &m.object["spec"]["template"]["spec"],
+                "CronJob" => &m.object["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+                _ => continue,
+            };
+            let containers = ["initContainers", "containers"]
+                .iter()
+                .flat_map(|k| pod[*k].as_array().cloned().unwrap_or_default());
+            for c in containers {
+                let sc = &c["securityContext"];
+                let ctx = format!("{name}: {}: {}", m.id(), c["name"]);
+                assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{ctx}");
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{ctx}");
+                assert_eq!(
+                    sc["capabilities"]["drop"],
+                    serde_json::json!(["ALL"]),
+                    "{ctx}"
+                );
+            }
+        }
+    }
+}
+
+/// A value in an admission policy expression stays one CEL string literal.
+#[test]
+fn cel_literals_cannot_end_early() {
+    assert_eq!(cel_string("kube-proxy"), "'kube-proxy'");
+    assert_eq!(cel_string("a' || true || 'b"), r"'a\' || true || \'b'");
+    assert_eq!(cel_string("\\'"), r"'\\\''");
+    assert_eq!(cel_string("x\u{2028}y\n"), r"'x\u2028y\u000a'");
+}

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::Client;
 use serde::Serialize;
 use serde_json::Value;
@@ -196,15 +196,12 @@ async fn apply_one(client: &Client, m: &Manifest, opts: &ApplyOptions) -> Result
                     .await
                     .map_err(|e| describe(&e))?;
                 wait_gone(&api, &id.name).await?;
-                api.create(
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &desired,
-                )
-                .await
-                .map_err(|e| describe(&e))?;
+                // Recreated by the same server-side apply, not a POST: an
+                // apply that creates is authorized as `create` of this name,
+                // so the reconciler's RBAC can name what it may create.
+                api.patch(&id.name, &params, &Patch::Apply(&desired))
+                    .await
+                    .map_err(|e| describe(&e))?;
             }
             return Ok(change(Action::Recreated, diff));
         }

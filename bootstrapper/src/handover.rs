@@ -477,7 +477,7 @@ pub async fn wait_kube_proxy_serving(
         if let Some(reason) = wait::rollout_pending(&d) {
             return Ok((reason, vec![]));
         }
-        let p = wait::nodes_rules_not(client, "present").await?;
+        let p = wait::nodes_rules_not(client, wait::KubeProxyRules::Present).await?;
         Ok((
             if p.is_empty() {
                 String::new()

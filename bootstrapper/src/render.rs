@@ -85,6 +85,13 @@ pub enum RenderError {
         #[source]
         source: ManifestError,
     },
+    #[error("{template}: {object}: the agent would refuse this config: {source}")]
+    AgentConfig {
+        template: String,
+        object: String,
+        #[source]
+        source: netboot_contract::config::ConfigError,
+    },
     #[error("{first} and {second} both render {object}")]
     Duplicate {
         object: String,
@@ -172,14 +179,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
         "sha256:{}",
         hex(&Sha256::digest(config.to_string().as_bytes()))
     );
-    let m = d.map_sizes;
-    let memory =
-        netboot_contract::memory::AgentMemory::for_sizes(netboot_contract::memory::MapSizes {
-            services: m.services,
-            backends: m.backends,
-            affinity: m.affinity,
-            reverse_nat: m.reverse_nat,
-        });
+    let memory = netboot_contract::memory::AgentMemory::for_sizes(d.map_sizes);
     let reconcile = spec.reconcile.as_ref().map(|r| {
         json!({
             "repo": r.repo,
@@ -215,6 +215,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
             "cleanupRules": spec.kube_proxy.cleanup_rules,
             "namespace": spec.kube_proxy.namespace,
             "daemonSet": spec.kube_proxy.daemon_set,
+            "configMap": spec.kube_proxy.config_map,
         },
         "configHash": config_hash,
         "reconcile": reconcile,
@@ -266,7 +267,41 @@ pub fn render(
         }
     }
     manifests.sort_by(|a, b| a.id().cmp(b.id()));
+    check_agent_config(&manifests, &spec.namespace)?;
     Ok(manifests)
+}
+
+/// The agent's `config.yaml` as rendered, read by the agent's own parser
+/// (the contract's [`Config::parse`](netboot_contract::config::Config::parse)):
+/// a template that writes a key the agent does not know, or a value it
+/// refuses, fails here rather than in a crash-looping DaemonSet.
+pub fn agent_config(
+    manifests: &[Manifest],
+    namespace: &str,
+) -> Option<Result<netboot_contract::config::Config, RenderError>> {
+    use netboot_contract::{agent, config::Config};
+    let m = manifests.iter().find(|m| {
+        let id = m.id();
+        id.kind == "ConfigMap"
+            && id.name == agent::CONFIG_MAP
+            && id.namespace.as_deref() == Some(namespace)
+    })?;
+    let text = m.object["data"][agent::CONFIG_KEY]
+        .as_str()
+        .unwrap_or_default();
+    Some(
+        Config::parse(text, Path::new(agent::CONFIG_KEY)).map_err(|source| {
+            RenderError::AgentConfig {
+                template: m.template.clone(),
+                object: m.id().to_string(),
+                source,
+            }
+        }),
+    )
+}
+
+fn check_agent_config(manifests: &[Manifest], namespace: &str) -> Result<(), RenderError> {
+    agent_config(manifests, namespace).transpose().map(|_| ())
 }
 
 fn engine(templates: &[(String, String)]) -> Result<Handlebars<'static>, RenderError> {
@@ -278,6 +313,7 @@ fn engine(templates: &[(String, String)]) -> Result<Handlebars<'static>, RenderE
     hb.register_helper("q", Box::new(quote_helper));
     hb.register_helper("qs", Box::new(quote_string_helper));
     hb.register_helper("concat", Box::new(Concat));
+    hb.register_helper("cel", Box::new(Cel));
     for (name, text) in templates {
         hb.register_template_string(name, text)
             .map_err(|e| RenderError::Template {
@@ -423,6 +459,48 @@ impl HelperDef for Concat {
             }
         }
         Ok(ScopedJson::Derived(Value::String(s)))
+    }
+}
+
+/// `(cel value)`: the value as a CEL string literal (`'…'`, with `\\`, `'`
+/// and every character [`quote`] escapes written as CEL escapes), for
+/// admission policy expressions: `{{q (concat "x == " (cel namespace))}}`.
+/// A value cannot end the literal and change the expression around it.
+struct Cel;
+
+/// `s` as a single-quoted CEL string literal.
+pub fn cel_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("\\'"),
+            '\\' => out.push_str("\\\\"),
+            c if needs_unicode_escape(c) => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+impl HelperDef for Cel {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let s = match param(h, "cel")? {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => return Err(RenderErrorReason::InvalidParamType("a scalar for cel").into()),
+        };
+        Ok(ScopedJson::Derived(Value::String(cel_string(&s))))
     }
 }
 

@@ -14,8 +14,10 @@ use crate::apply::describe;
 use crate::handover::{self, KubeProxyState};
 use crate::inventory::{self, Inventory};
 use crate::spec::ClusterNetwork;
-use crate::wait::{
-    self, AGENT_DAEMONSET, AGENT_SELECTOR, KPR_ANNOTATION, RULES_ANNOTATION, VERSION_ANNOTATION,
+use crate::wait;
+use netboot_contract::agent::{DAEMONSET as AGENT_DAEMONSET, SELECTOR as AGENT_SELECTOR};
+use netboot_contract::node::{
+    parse_kpr, DATAPATH_VERSION, KUBE_PROXY_REPLACEMENT, KUBE_PROXY_RULES, KUBE_PROXY_RULES_REASON,
 };
 use netboot_contract::features::{self, FEATURES_ANNOTATION};
 
@@ -27,6 +29,9 @@ pub struct NodeStatus {
     pub agent_ready: bool,
     pub kube_proxy_replacement: Option<String>,
     pub kube_proxy_rules: Option<String>,
+    /// Why the rules are `unknown`, or which kube-proxy chains are kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_proxy_rules_reason: Option<String>,
     pub datapath_version: Option<String>,
     /// What the agent publishes it serves (`netboot.io/datapath-features`).
     pub datapath_features: Option<String>,
@@ -51,7 +56,7 @@ impl ClusterStatus {
     pub fn replacement_nodes(&self) -> usize {
         self.nodes
             .iter()
-            .filter(|n| n.kube_proxy_replacement.as_deref() == Some("true"))
+            .filter(|n| n.kube_proxy_replacement.as_deref().and_then(parse_kpr) == Some(true))
             .count()
     }
 }
@@ -107,9 +112,10 @@ pub async fn gather(
             NodeStatus {
                 agent_pod: pod.and_then(|p| p.metadata.name.clone()),
                 agent_ready: pod.is_some_and(|p| wait::pod_not_ready(p).is_none()),
-                kube_proxy_replacement: ann.get(KPR_ANNOTATION).cloned(),
-                kube_proxy_rules: ann.get(RULES_ANNOTATION).cloned(),
-                datapath_version: ann.get(VERSION_ANNOTATION).cloned(),
+                kube_proxy_replacement: ann.get(KUBE_PROXY_REPLACEMENT).cloned(),
+                kube_proxy_rules: ann.get(KUBE_PROXY_RULES).cloned(),
+                kube_proxy_rules_reason: ann.get(KUBE_PROXY_RULES_REASON).cloned(),
+                datapath_version: ann.get(DATAPATH_VERSION).cloned(),
                 datapath_features: ann.get(FEATURES_ANNOTATION).cloned(),
                 node: name,
             }
@@ -164,7 +170,7 @@ pub fn format(s: &ClusterStatus) -> String {
         &mut out,
         "Agents:",
         match (&s.agents, &s.agent_image) {
-            (Some(a), Some(img)) => format!("{a}   [DaemonSet netboot-datapath, {img}]"),
+            (Some(a), Some(img)) => format!("{a}   [DaemonSet {AGENT_DAEMONSET}, {img}]"),
             (Some(a), None) => a.clone(),
             _ => "not installed".into(),
         },

@@ -349,6 +349,21 @@ async fn api_endpoint(opts: &ValidateOptions) -> Result<String, String> {
     Ok(format!("{url} answers: Kubernetes {}", v.git_version))
 }
 
+/// Every probe container: an unprivileged user, no capabilities, the
+/// runtime's default seccomp profile, a read-only root filesystem (the probe
+/// writes only its termination log, which the kubelet mounts). The pods get
+/// no ServiceAccount token: the pod→API check is a TCP handshake.
+static PROBE_SECURITY: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(|| {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+});
+
 /// The probe workload: server Deployment, plain and sticky Services.
 fn probe_objects(namespace: &str, image: &str, replicas: i32) -> Vec<serde_json::Value> {
     let labels = json!({"app.kubernetes.io/name": PROBE, "app.kubernetes.io/managed-by": "netboot", "netboot.io/probe": "true", "netboot.io/podnet": "true"});
@@ -377,6 +392,7 @@ fn probe_objects(namespace: &str, image: &str, replicas: i32) -> Vec<serde_json:
                 "template": {
                     "metadata": {"labels": labels},
                     "spec": {
+                        "automountServiceAccountToken": false,
                         "terminationGracePeriodSeconds": 1,
                         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector}}],
                         "containers": [{
@@ -385,7 +401,7 @@ fn probe_objects(namespace: &str, image: &str, replicas: i32) -> Vec<serde_json:
                             "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                             "ports": [{"containerPort": TCP_PORT, "protocol": "TCP"}, {"containerPort": UDP_PORT, "protocol": "UDP"}],
                             "readinessProbe": {"tcpSocket": {"port": TCP_PORT}, "periodSeconds": 2},
-                            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                            "securityContext": PROBE_SECURITY.clone(),
                         }],
                     },
                 },
@@ -602,12 +618,13 @@ async fn run_client(
         "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "netboot-probe-client", "app.kubernetes.io/managed-by": "netboot", "netboot.io/probe": "true", "netboot.io/podnet": "true"}},
         "spec": {
             "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "client", "image": image,
                 "command": ["netboot-probe", "check", "--plan", plan_json],
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                "securityContext": PROBE_SECURITY.clone(),
             }],
         },
     }))

@@ -13,11 +13,13 @@ use serde::Serialize;
 
 use crate::apply::describe;
 
-pub const AGENT_DAEMONSET: &str = "netboot-datapath";
-pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=netboot-datapath";
-pub const KPR_ANNOTATION: &str = "netboot.io/kube-proxy-replacement";
-pub const VERSION_ANNOTATION: &str = "netboot.io/datapath-version";
-pub const RULES_ANNOTATION: &str = "netboot.io/kube-proxy-rules";
+// The agent's objects and Node annotations: the contract's (docs/contracts.md).
+pub use netboot_contract::agent::{DAEMONSET as AGENT_DAEMONSET, SELECTOR as AGENT_SELECTOR};
+use netboot_contract::node::{kpr_value, parse_kpr};
+pub use netboot_contract::node::{
+    KubeProxyRules, DATAPATH_VERSION as VERSION_ANNOTATION,
+    KUBE_PROXY_REPLACEMENT as KPR_ANNOTATION, KUBE_PROXY_RULES as RULES_ANNOTATION,
+};
 
 /// Why a DaemonSet's rollout is not complete, or `None` when it is.
 pub fn rollout_pending(ds: &DaemonSet) -> Option<String> {
@@ -149,65 +151,67 @@ pub async fn node_names(client: &Client) -> Result<Vec<String>, WaitError> {
         .collect())
 }
 
-/// Nodes whose agent does not report what `want` expects: the replacement
-/// mode (`true` = replace) and, when given, kube-proxy's rules state.
+/// Nodes whose agent does not report what the gate wants: the replacement
+/// mode `want_kpr` (`true` = replace) and, when `want_rules_absent`,
+/// kube-proxy's rules [`KubeProxyRules::Absent`].
 pub async fn nodes_not_reporting(
     client: &Client,
     want_kpr: bool,
     want_rules_absent: bool,
 ) -> Result<Vec<NodeProblem>, WaitError> {
     let nodes = list_nodes(client).await?;
-    let want = if want_kpr { "true" } else { "false" };
     Ok(nodes
         .into_iter()
         .filter_map(|n| {
             let name = n.metadata.name.clone().unwrap_or_default();
             let ann = n.metadata.annotations.unwrap_or_default();
-            let kpr = ann.get(KPR_ANNOTATION).map(String::as_str);
-            let reason = match kpr {
-                None => Some(format!(
-                    "no {KPR_ANNOTATION} annotation: the agent has not reported"
-                )),
-                Some(v) if v != want => {
-                    Some(format!("reports KubeProxyReplacement={v}, want {want}"))
-                }
-                Some(_)
-                    if want_rules_absent
-                        && ann.get(RULES_ANNOTATION).map(String::as_str) != Some("absent") =>
-                {
-                    Some(format!(
-                        "kube-proxy rules still {} on the node",
-                        ann.get(RULES_ANNOTATION)
-                            .map(String::as_str)
-                            .unwrap_or("unreported")
-                    ))
-                }
-                Some(_) => None,
-            };
+            let reason = kpr_problem(&ann, want_kpr).or_else(|| {
+                want_rules_absent
+                    .then(|| rules_problem(&ann, KubeProxyRules::Absent))
+                    .flatten()
+            });
             reason.map(|reason| NodeProblem { node: name, reason })
         })
         .collect())
 }
 
-/// Nodes whose agent does not report kube-proxy's rules as `want`
-/// (`present` or `absent`).
-pub async fn nodes_rules_not(client: &Client, want: &str) -> Result<Vec<NodeProblem>, WaitError> {
+/// Why a Node's annotations do not say KubeProxyReplacement=`want`.
+fn kpr_problem(ann: &BTreeMap<String, String>, want: bool) -> Option<String> {
+    match ann.get(KPR_ANNOTATION).map(String::as_str) {
+        None => Some(format!(
+            "no {KPR_ANNOTATION} annotation: the agent has not reported"
+        )),
+        Some(v) if parse_kpr(v) != Some(want) => Some(format!(
+            "reports KubeProxyReplacement={v}, want {}",
+            kpr_value(want)
+        )),
+        Some(_) => None,
+    }
+}
+
+/// Why a Node's annotations do not say kube-proxy's rules are `want`.
+fn rules_problem(ann: &BTreeMap<String, String>, want: KubeProxyRules) -> Option<String> {
+    match ann.get(RULES_ANNOTATION).map(String::as_str) {
+        Some(v) if KubeProxyRules::parse(v) == Some(want) => None,
+        v => Some(format!(
+            "kube-proxy rules {} on the node, want {want}",
+            v.unwrap_or("unreported")
+        )),
+    }
+}
+
+/// Nodes whose agent does not report kube-proxy's rules as `want`.
+pub async fn nodes_rules_not(
+    client: &Client,
+    want: KubeProxyRules,
+) -> Result<Vec<NodeProblem>, WaitError> {
     Ok(list_nodes(client)
         .await?
         .into_iter()
         .filter_map(|n| {
             let name = n.metadata.name.clone().unwrap_or_default();
             let ann = n.metadata.annotations.unwrap_or_default();
-            match ann.get(RULES_ANNOTATION).map(String::as_str) {
-                Some(v) if v == want => None,
-                v => Some(NodeProblem {
-                    node: name,
-                    reason: format!(
-                        "kube-proxy rules {} on the node, want {want}",
-                        v.unwrap_or("unreported")
-                    ),
-                }),
-            }
+            rules_problem(&ann, want).map(|reason| NodeProblem { node: name, reason })
         })
         .collect())
 }
@@ -326,5 +330,39 @@ mod tests {
             "1 of 3 agents available"
         );
         assert!(rollout_pending(&DaemonSet::default()).is_some());
+    }
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
+    /// The gates read the annotations through the contract's types: only the
+    /// exact values the agent writes open them.
+    #[test]
+    fn gates_open_only_on_the_contract_values() {
+        let kpr = |v| ann(&[(KPR_ANNOTATION, v)]);
+        assert_eq!(kpr_problem(&kpr("true"), true), None);
+        assert_eq!(kpr_problem(&kpr("false"), false), None);
+        assert!(kpr_problem(&kpr("True"), true).is_some());
+        assert!(kpr_problem(&kpr("true"), false).is_some());
+        assert!(kpr_problem(&ann(&[]), true)
+            .unwrap()
+            .contains("has not reported"));
+        let rules = |v| ann(&[(RULES_ANNOTATION, v)]);
+        assert_eq!(
+            rules_problem(&rules("absent"), KubeProxyRules::Absent),
+            None
+        );
+        assert_eq!(
+            rules_problem(&rules("unknown"), KubeProxyRules::Absent).unwrap(),
+            "kube-proxy rules unknown on the node, want absent"
+        );
+        assert!(rules_problem(&rules("Absent"), KubeProxyRules::Absent).is_some());
+        assert!(rules_problem(&ann(&[]), KubeProxyRules::Present)
+            .unwrap()
+            .contains("unreported"));
     }
 }

@@ -88,6 +88,14 @@ fn obj<'a>(ms: &'a [Manifest], kind: &str) -> &'a Value {
     &ms.iter().find(|m| m.id().kind == kind).unwrap().object
 }
 
+/// The agent's Role in kube-proxy's namespace (the reconciler has Roles too).
+fn agent_role(ms: &[Manifest]) -> &Value {
+    &ms.iter()
+        .find(|m| m.id().kind == "Role" && m.id().name.starts_with("netboot-datapath-"))
+        .unwrap()
+        .object
+}
+
 fn s(v: &Value) -> String {
     v.as_str()
         .unwrap_or_else(|| panic!("not a string: {v}"))
@@ -197,7 +205,7 @@ const FIELDS: &[Field] = &[
             vec![
                 spec.kube_proxy.namespace.clone(),
                 s(&agent_config(ms)["kubeProxy"]["namespace"]),
-                s(&obj(ms, "Role")["metadata"]["namespace"]),
+                s(&agent_role(ms)["metadata"]["namespace"]),
             ]
         },
     },

@@ -52,17 +52,7 @@ pub const MAX_FRONTENDS: u64 = 65535;
 const MIB: u64 = 1024 * 1024;
 
 /// `mapSizes`, as in config.yaml.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MapSizes {
-    /// `services`: frontends plus backend slots (`nb_lb4_svc`).
-    pub services: u32,
-    /// `backends`: `nb_lb4_be`, `nb_lb4_affmatch`, `nb_lb4_rev_sk`.
-    pub backends: u32,
-    /// `affinity`: `nb_lb4_aff`.
-    pub affinity: u32,
-    /// `reverseNat`: `nb_lb4_revnat`.
-    pub reverse_nat: u32,
-}
+pub use crate::config::MapSizes;
 
 /// The agent's memory request and limit, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,12 +116,7 @@ mod tests {
 
     #[test]
     fn default_sizes() {
-        let m = AgentMemory::for_sizes(MapSizes {
-            services: 65536,
-            backends: 262144,
-            affinity: 65536,
-            reverse_nat: 65536,
-        });
+        let m = AgentMemory::for_sizes(MapSizes::DEFAULT);
         // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6 MiB.
         assert_eq!(m.kernel_empty.div_ceil(MIB), 38);
         assert_eq!(m.request_mib(), 102);

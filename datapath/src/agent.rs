@@ -28,19 +28,19 @@ use crate::status::{
 };
 use crate::watch::{self, WatchError, Watched};
 
-/// Node annotation: replace mode and ready.
-pub const ANN_KPR: &str = "netboot.io/kube-proxy-replacement";
+pub use netboot_contract::node::KubeProxyRules;
 /// Node annotation: datapath version.
-pub const ANN_VERSION: &str = "netboot.io/datapath-version";
-/// Node annotation: kube-proxy rules `present`/`absent` in the rules netns,
-/// `unknown` when they cannot be checked.
-pub const ANN_RULES: &str = "netboot.io/kube-proxy-rules";
+pub use netboot_contract::node::DATAPATH_VERSION as ANN_VERSION;
+/// Node annotation: replace mode and ready (the contract's).
+pub use netboot_contract::node::KUBE_PROXY_REPLACEMENT as ANN_KPR;
+/// Node annotation: kube-proxy rules [`KubeProxyRules`] in the rules netns.
+pub use netboot_contract::node::KUBE_PROXY_RULES as ANN_RULES;
 /// Node annotation: the features this agent serves (`clusterip,ipv4,tcp,…`),
 /// read by `netboot apply`'s "nothing unserved" gate.
 pub use netboot_contract::features::FEATURES_ANNOTATION as ANN_FEATURES;
 /// Node annotation: why the rules are `unknown` (or why kube-proxy chains
 /// are kept); removed when there is nothing to say.
-pub const ANN_RULES_REASON: &str = "netboot.io/kube-proxy-rules-reason";
+pub use netboot_contract::node::KUBE_PROXY_RULES_REASON as ANN_RULES_REASON;
 
 /// What one rules pass found: kube-proxy's rules present or not (and why
 /// some are kept), or the error that stopped the check.
@@ -67,8 +67,8 @@ pub enum RulesCheck {
 pub struct NodeReport {
     /// `netboot.io/kube-proxy-replacement`.
     pub kpr: bool,
-    /// `netboot.io/kube-proxy-rules`: present, absent or unknown.
-    pub rules: &'static str,
+    /// `netboot.io/kube-proxy-rules`.
+    pub rules: KubeProxyRules,
     /// `netboot.io/kube-proxy-rules-reason` (None = removed).
     pub reason: Option<String>,
     /// The cleanup this node needs cannot run: KubeProxyReplacement is held
@@ -84,7 +84,11 @@ pub fn node_report(replace: bool, ready: bool, cleanup: bool, check: &RulesCheck
     match check {
         RulesCheck::Checked { present, retained } => NodeReport {
             kpr: replace && ready,
-            rules: if *present { "present" } else { "absent" },
+            rules: if *present {
+                KubeProxyRules::Present
+            } else {
+                KubeProxyRules::Absent
+            },
             reason: (!retained.is_empty()).then(|| {
                 format!(
                     "kube-proxy chains kept, other rules use them: {}",
@@ -97,7 +101,7 @@ pub fn node_report(replace: bool, ready: bool, cleanup: bool, check: &RulesCheck
             let blocked = replace && cleanup && *capability;
             NodeReport {
                 kpr: replace && ready && !blocked,
-                rules: "unknown",
+                rules: KubeProxyRules::Unknown,
                 reason: Some(error.clone()),
                 blocked,
             }
@@ -280,7 +284,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             },
             services: prog.services,
             backends: prog.backends,
-            kube_proxy_rules: "unknown".into(),
+            kube_proxy_rules: KubeProxyRules::Unknown.to_string(),
             kube_proxy_daemon_set: if opts.static_services.is_some() {
                 String::new() // nothing watched: --kube-proxy-present decides
             } else {
@@ -616,7 +620,7 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
         };
         let report = node_report(replace, state.get().ready, state.cleanup, &check);
         state.update(|s| {
-            s.kube_proxy_rules = report.rules.into();
+            s.kube_proxy_rules = report.rules.to_string();
             s.kube_proxy_rules_reason = report.reason.clone().unwrap_or_default();
             s.kube_proxy_cleanup_blocked = report.blocked;
         });
@@ -624,7 +628,7 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
             if applied.as_ref() != Some(&report) {
                 match annotate(c, &opts.node_name, &report).await {
                     Ok(()) => {
-                        tracing::info!(node = %opts.node_name, kpr = report.kpr, rules = report.rules, reason = ?report.reason, "node annotated");
+                        tracing::info!(node = %opts.node_name, kpr = report.kpr, rules = %report.rules, reason = ?report.reason, "node annotated");
                         applied = Some(report);
                     }
                     Err(e) => {
@@ -662,10 +666,10 @@ pub async fn annotate(client: &Client, node: &str, report: &NodeReport) -> Resul
     // A merge patch with null removes the reason once there is none.
     let patch = serde_json::json!({
         "metadata": {"annotations": {
-            ANN_KPR: if report.kpr { "true" } else { "false" },
+            ANN_KPR: netboot_contract::node::kpr_value(report.kpr),
             ANN_VERSION: DATAPATH_VERSION,
             ANN_FEATURES: netboot_contract::features::format(&desired::served()),
-            ANN_RULES: report.rules,
+            ANN_RULES: report.rules.as_str(),
             ANN_RULES_REASON: report.reason,
         }}
     });
@@ -702,14 +706,14 @@ mod tests {
             r,
             NodeReport {
                 kpr: false,
-                rules: "unknown",
+                rules: KubeProxyRules::Unknown,
                 reason: Some("iptables-legacy-save: not installed".into()),
                 blocked: true,
             }
         );
         // A passing failure (e.g. the xtables lock) reports unknown, keeps KPR.
         let r = node_report(true, true, true, &failed(false));
-        assert!(r.kpr && !r.blocked && r.rules == "unknown");
+        assert!(r.kpr && !r.blocked && r.rules == KubeProxyRules::Unknown);
         // Cleanup disabled or coexist: the agent cleans nothing, KPR unaffected.
         assert!(node_report(true, true, false, &failed(true)).kpr);
         assert!(!node_report(false, true, true, &failed(true)).blocked);
@@ -721,11 +725,11 @@ mod tests {
             let r = node_report(replace, ready, true, &checked(true));
             assert_eq!(
                 (r.kpr, r.rules, r.reason, r.blocked),
-                (replace && ready, "present", None, false)
+                (replace && ready, KubeProxyRules::Present, None, false)
             );
             assert_eq!(
                 node_report(replace, ready, true, &checked(false)).rules,
-                "absent"
+                KubeProxyRules::Absent
             );
         }
         let kept = RulesCheck::Checked {
@@ -736,7 +740,7 @@ mod tests {
             ],
         };
         let r = node_report(true, true, true, &kept);
-        assert_eq!(r.rules, "present");
+        assert_eq!(r.rules, KubeProxyRules::Present);
         assert!(r.reason.is_some_and(|m| m.contains("KUBE-MARK-MASQ")));
     }
 }

@@ -410,3 +410,249 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
         );
     }
 }
+
+/// Every shipped spec (clusters/*.yaml).
+fn every_shipped() -> Vec<(String, ClusterNetwork)> {
+    let dir = format!("{}/../clusters", env!("CARGO_MANIFEST_DIR"));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter_map(|f| f.strip_suffix(".yaml").map(str::to_string))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    names
+        .into_iter()
+        .map(|n| (n.clone(), shipped(&n)))
+        .collect()
+}
+
+/// Issue 16 (review §1.4): config.yaml was written by a template and read by
+/// the agent, and no test fed one into the other. Every shipped spec's
+/// rendered config.yaml is parsed by the agent's parser (the contract's
+/// `Config::parse`, which `netboot_datapath::config` re-exports) and says
+/// what the spec says.
+#[test]
+fn every_shipped_specs_config_yaml_is_what_the_agent_parses() {
+    use netboot_contract::config::KubeProxyRef;
+    for (name, spec) in every_shipped() {
+        let manifests = render(&spec, &name, &opts_for(&name)).unwrap();
+        let cfg = agent_config(&manifests, &spec.namespace)
+            .unwrap_or_else(|| panic!("{name}: no agent ConfigMap"))
+            .unwrap();
+        let api = spec
+            .api_server
+            .clone()
+            .or(opts_for(&name).api_server)
+            .unwrap();
+        assert_eq!(cfg.api_server.host, api.host, "{name}");
+        assert_eq!(cfg.api_server.port, api.port, "{name}");
+        let d = &spec.datapath;
+        assert_eq!(
+            cfg.kube_proxy_replacement, d.kube_proxy_replacement,
+            "{name}"
+        );
+        assert_eq!(
+            cfg.session_affinity_timeout_seconds, d.session_affinity_timeout_seconds,
+            "{name}"
+        );
+        assert_eq!(cfg.map_sizes, d.map_sizes, "{name}");
+        assert_eq!(
+            cfg.cleanup_kube_proxy_rules, spec.kube_proxy.cleanup_rules,
+            "{name}"
+        );
+        assert_eq!(
+            cfg.kube_proxy,
+            KubeProxyRef {
+                namespace: spec.kube_proxy.namespace.clone(),
+                daemon_set: spec.kube_proxy.daemon_set.clone(),
+            },
+            "{name}"
+        );
+    }
+}
+
+/// A template override the agent could not read fails the render, naming
+/// the template, not a crash-looping DaemonSet later.
+#[test]
+fn a_config_yaml_the_agent_would_refuse_fails_the_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, text) = EMBEDDED
+        .iter()
+        .find(|(n, _)| *n == "agent-configmap.yaml.hbs")
+        .unwrap();
+    let broken = text.replace("reverseNat:", "reverseNAT:");
+    assert_ne!(&broken, text);
+    std::fs::write(dir.path().join("agent-configmap.yaml.hbs"), broken).unwrap();
+    let opts = RenderOptions {
+        templates: Some(dir.path().into()),
+        api_server: None,
+    };
+    let e = render(&shipped("prod"), "prod", &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("agent-configmap.yaml.hbs: ConfigMap/")
+            && e.contains("config.yaml:")
+            && e.contains("reverseNAT"),
+        "{e}"
+    );
+}
+
+/// The objects the bootstrapper waits for and reads (rollout, status) and
+/// the agent's defaults are the contract's names.
+#[test]
+fn the_agents_objects_have_the_contracts_names() {
+    use netboot_contract::agent;
+    for (name, spec) in every_shipped() {
+        let manifests = render(&spec, &name, &opts_for(&name)).unwrap();
+        let find = |kind: &str, n: &str| {
+            manifests
+                .iter()
+                .find(|m| {
+                    m.id().kind == kind
+                        && m.id().name == n
+                        && m.id().namespace.as_deref() == Some(spec.namespace.as_str())
+                })
+                .unwrap_or_else(|| panic!("{name}: no {kind} {n}"))
+        };
+        let ds = &find("DaemonSet", agent::DAEMONSET).object["spec"];
+        assert_eq!(
+            ds["selector"]["matchLabels"][agent::NAME_LABEL],
+            agent::NAME
+        );
+        let pod = &ds["template"];
+        assert_eq!(pod["metadata"]["labels"][agent::NAME_LABEL], agent::NAME);
+        assert_eq!(pod["spec"]["serviceAccountName"], agent::SERVICE_ACCOUNT);
+        find("ServiceAccount", agent::SERVICE_ACCOUNT);
+        let c = pod["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "agent")
+            .unwrap();
+        let env = |k: &str| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == k)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(env("NETBOOT_CONFIG").unwrap(), agent::CONFIG_PATH);
+        let vol = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["configMap"]["name"] == agent::CONFIG_MAP)
+            .unwrap_or_else(|| panic!("{name}: the config volume"));
+        let mount = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == vol["name"])
+            .unwrap();
+        assert_eq!(
+            format!(
+                "{}/{}",
+                mount["mountPath"].as_str().unwrap(),
+                agent::CONFIG_KEY
+            ),
+            agent::CONFIG_PATH
+        );
+    }
+}
+
+/// Issue 17: the reconciler's ClusterRole was cluster-admin in all but name.
+/// In every shipped spec: no `escalate` and no wildcard anywhere; `bind`,
+/// and every cluster-wide write, only on named objects (the Node patch
+/// excepted: held only to grant it to the agent, and denied to the
+/// reconciler by its admission policy); unnamed writes otherwise only of
+/// pods (probe pods have generated names) and events in netboot's namespace.
+#[test]
+fn rbac_names_what_it_may_write_and_never_escalates() {
+    for (name, spec) in every_shipped() {
+        for m in render(&spec, &name, &opts_for(&name)).unwrap() {
+            let id = m.id().clone();
+            if id.kind != "ClusterRole" && id.kind != "Role" {
+                continue;
+            }
+            for rule in m.object["rules"].as_array().unwrap() {
+                let strs = |k: &str| -> Vec<String> {
+                    rule[k]
+                        .as_array()
+                        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+                        .unwrap_or_default()
+                };
+                let (verbs, resources, names) =
+                    (strs("verbs"), strs("resources"), strs("resourceNames"));
+                let ctx = format!("{name}: {id}: {rule}");
+                assert!(!verbs.iter().any(|v| v == "*" || v == "escalate"), "{ctx}");
+                assert!(!resources.iter().any(|r| r == "*"), "{ctx}");
+                assert!(!strs("apiGroups").iter().any(|g| g == "*"), "{ctx}");
+                let writes = |v: &String| {
+                    matches!(
+                        v.as_str(),
+                        "update" | "patch" | "delete" | "deletecollection" | "bind"
+                    )
+                };
+                if names.is_empty() && verbs.iter().any(writes) {
+                    let own_ns = id.kind == "Role"
+                        && id.namespace.as_deref() == Some(spec.namespace.as_str());
+                    let probe_pods = own_ns && resources == ["pods"];
+                    let events = own_ns && resources == ["events"];
+                    let node_patch = id.kind == "ClusterRole"
+                        && resources == ["nodes"]
+                        && verbs.iter().filter(|v| writes(v)).all(|v| v == "patch");
+                    assert!(probe_pods || events || node_patch, "unnamed write: {ctx}");
+                }
+                if names.is_empty() && verbs.iter().any(|v| v == "create") {
+                    assert_eq!(id.kind, "Role", "cluster-wide unnamed create: {ctx}");
+                }
+                assert!(
+                    !resources.iter().any(|r| r == "secrets"),
+                    "netboot never reads Secrets: {ctx}"
+                );
+            }
+        }
+    }
+}
+
+/// Issue 17: every container netboot renders runs under the runtime's
+/// default seccomp profile on a read-only root filesystem and drops every
+/// capability it does not name.
+#[test]
+fn every_rendered_container_is_confined() {
+    for (name, spec) in every_shipped() {
+        for m in render(&spec, &name, &opts_for(&name)).unwrap() {
+            let pod = match m.id().kind.as_str() {
+                "DaemonSet" => &m.object["spec"]["template"]["spec"],
+                "CronJob" => &m.object["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+                _ => continue,
+            };
+            let containers = ["initContainers", "containers"]
+                .iter()
+                .flat_map(|k| pod[*k].as_array().cloned().unwrap_or_default());
+            for c in containers {
+                let sc = &c["securityContext"];
+                let ctx = format!("{name}: {}: {}", m.id(), c["name"]);
+                assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{ctx}");
+                assert_eq!(sc["readOnlyRootFilesystem"], true, "{ctx}");
+                assert_eq!(
+                    sc["capabilities"]["drop"],
+                    serde_json::json!(["ALL"]),
+                    "{ctx}"
+                );
+            }
+        }
+    }
+}
+
+/// A value in an admission policy expression stays one CEL string literal.
+#[test]
+fn cel_literals_cannot_end_early() {
+    assert_eq!(cel_string("kube-proxy"), "'kube-proxy'");
+    assert_eq!(cel_string("a' || true || 'b"), r"'a\' || true || \'b'");
+    assert_eq!(cel_string("\\'"), r"'\\\''");
+    assert_eq!(cel_string("x\u{2028}y\n"), r"'x\u2028y\u000a'");
+}

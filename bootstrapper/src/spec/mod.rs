@@ -109,30 +109,9 @@ pub struct Datapath {
     pub metrics_port: u16,
 }
 
-/// `spec.datapath.mapSizes`: BPF map capacities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MapSizes {
-    /// Service frontends plus backend slots. Default 65536.
-    pub services: u32,
-    /// Default 262144.
-    pub backends: u32,
-    /// ClientIP affinity entries (LRU). Default 65536.
-    pub affinity: u32,
-    /// Reverse-NAT entries. Default 65536.
-    pub reverse_nat: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        MapSizes {
-            services: 65536,
-            backends: 262144,
-            affinity: 65536,
-            reverse_nat: 65536,
-        }
-    }
-}
+/// `spec.datapath.mapSizes`: BPF map capacities — the agent's `mapSizes`
+/// (one type and one set of defaults, [`MapSizes::DEFAULT`], in the contract).
+pub use netboot_contract::config::MapSizes;
 
 /// `spec.kubeProxy`: what happens to kube-proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -583,8 +562,9 @@ impl Datapath {
             image: "ghcr.io/netboot/netboot-datapath".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             kube_proxy_replacement: true,
-            session_affinity_timeout_seconds: 10800,
-            map_sizes: MapSizes::default(),
+            session_affinity_timeout_seconds:
+                netboot_contract::config::DEFAULT_SESSION_AFFINITY_TIMEOUT_SECONDS,
+            map_sizes: MapSizes::DEFAULT,
             health_port: 9890,
             metrics_port: 9891,
         }
@@ -673,7 +653,7 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
                 None => Some(default),
             }
         };
-        let def = MapSizes::default();
+        let def = MapSizes::DEFAULT;
         d.map_sizes = MapSizes {
             services: size(c, "services", def.services)?,
             backends: size(c, "backends", def.backends)?,

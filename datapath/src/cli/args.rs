@@ -45,7 +45,7 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "NETBOOT_CONFIG",
-        default_value = "/etc/netboot/config.yaml"
+        default_value = netboot_contract::agent::CONFIG_PATH
     )]
     pub config: PathBuf,
     /// The Node this agent serves.

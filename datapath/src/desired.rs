@@ -3,7 +3,10 @@
 //!
 //! Rules (kube-proxy's, for ClusterIP):
 //! - ExternalName and headless (`clusterIP: None`) Services are ignored, and so
-//!   are IPv6 cluster IPs and SCTP ports (socket LB here is IPv4 TCP/UDP).
+//!   are SCTP ports (socket LB here is TCP/UDP).
+//! - Every cluster IP of `spec.clusterIPs` (IPv4 and IPv6: dual-stack) is a
+//!   frontend; an IPv4 one takes its backends from the `addressType: IPv4`
+//!   slices, an IPv6 one from the `IPv6` slices.
 //! - One frontend per (cluster IP, port, protocol); its backends come from the
 //!   EndpointSlices labelled `kubernetes.io/service-name`, matching the
 //!   Service port by name (named/multi-port Services) and protocol.
@@ -14,7 +17,7 @@
 //!   configured default.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -180,9 +183,9 @@ pub fn service_frontends<'a>(
             ips.push(ip);
         }
     }
-    let ips: Vec<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+    let ips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
     if ips.is_empty() {
-        return out; // headless ("None"), unallocated or IPv6-only
+        return out; // headless ("None") or unallocated
     }
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
@@ -193,10 +196,12 @@ pub fn service_frontends<'a>(
             .filter(|t| *t > 0)
             .unwrap_or(default_affinity_timeout)
     });
-    let slices: Vec<&EndpointSlice> = slices
+    let (slices4, slices6): (Vec<&EndpointSlice>, Vec<&EndpointSlice>) = slices
         .into_iter()
-        .filter(|s| s.address_type == "IPv4" && slice_belongs_to(s, ns, name))
-        .collect();
+        .filter(|s| {
+            (s.address_type == "IPv4" || s.address_type == "IPv6") && slice_belongs_to(s, ns, name)
+        })
+        .partition(|s| s.address_type == "IPv4");
     for port in spec.ports.iter().flatten() {
         let Some(proto) = proto_of(port.protocol.as_deref()) else {
             continue;
@@ -205,8 +210,10 @@ pub fn service_frontends<'a>(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let backends = backends_for(&slices, &port_name, proto);
+        let backends4 = backends_for(&slices4, &port_name, proto, false);
+        let backends6 = backends_for(&slices6, &port_name, proto, true);
         for ip in &ips {
+            let backends = if ip.is_ipv6() { &backends6 } else { &backends4 };
             let addr = L4Addr {
                 ip: *ip,
                 port: vport,
@@ -308,10 +315,12 @@ impl ServiceTable {
     }
 }
 
+/// Backends of one port from slices of one family (`v6`: IPv6 addresses).
 fn backends_for(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
+    v6: bool,
 ) -> BTreeMap<L4Addr, BackendState> {
     let mut out: BTreeMap<L4Addr, BackendState> = BTreeMap::new();
     for s in slices {
@@ -328,7 +337,8 @@ fn backends_for(
                 let Some(ip) = ep
                     .addresses
                     .first()
-                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                    .filter(|a| a.is_ipv6() == v6)
                 else {
                     continue;
                 };

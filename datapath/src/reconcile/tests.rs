@@ -1,7 +1,7 @@
 //! Reconciler unit tests against the in-memory and faulty map backends, with
 //! golden map dumps (insta snapshots under `snapshots/`).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -9,9 +9,10 @@ use serde::Deserialize;
 
 use super::*;
 use crate::desired::{build, Frontend};
-use crate::layout::{Lb4Key, PROTO_TCP};
+use crate::layout::{Lb4Key, Lb4ReverseNat, PROTO_TCP};
 use crate::maps::faulty::FaultyMaps;
 use crate::maps::memory::MemoryMaps;
+use crate::maps::MapsDump;
 
 /// Services and slices of a multi-document YAML fixture.
 pub(crate) fn fixture(text: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
@@ -35,7 +36,7 @@ fn cluster() -> DesiredTable {
 
 fn tcp(ip: [u8; 4], port: u16) -> L4Addr {
     L4Addr {
-        ip: Ipv4Addr::from(ip),
+        ip: IpAddr::V4(Ipv4Addr::from(ip)),
         port,
         proto: PROTO_TCP,
     }
@@ -255,6 +256,7 @@ fn entries_of(d: &MapsDump, fe: L4Addr, id: u16) -> MapsDump {
             .filter(|(k, _)| k.rev_nat_id == id)
             .map(|(k, v)| (*k, *v))
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -108,7 +108,7 @@ int nb_sock_term_udp(struct bpf_iter__udp *ctx)
 	rec.address[3] = key.address[3];
 	rec.port = key.port;
 	rec.family = family;
-	rec.result = (__s32)nb_sock_destroy(ctx->udp_sk);
+	rec.result = (__s32)nb_sock_destroy(sk); /* the NULL-checked pointer */
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
 	return 0;
 }

@@ -22,6 +22,7 @@ use crate::maps::MapsError;
 use crate::pass::{PassKind, Passes};
 use crate::pins::Pins;
 use crate::reconcile::{ReconcileError, Reconciler};
+use crate::sock_term::{self, SockTerm};
 use crate::status::{now_unix, Counter, LinkStatus, Status, DATAPATH_VERSION};
 use crate::watch::{self, WatchError, Watched};
 
@@ -246,6 +247,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
+    let (mut term, term_status) = match SockTerm::load() {
+        Ok(t) => (Some(t), "available".to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "socket termination unavailable: connected UDP sockets of removed backends are not destroyed");
+            (None, e.to_string())
+        }
+    };
     let prog = recon.programmed();
     tracing::info!(
         services = prog.services,
@@ -282,6 +290,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             },
             maps_reused: report.maps_reused,
             map_size_changes: report.size_changes.clone(),
+            socket_termination: term_status,
             ..Default::default()
         }),
         maps: Mutex::new(KernelMaps::open(&opts.pins).ok()),
@@ -335,7 +344,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     tasks.push(tokio::spawn(node_loop(client, state.clone(), opts.clone())));
 
     let result = tokio::select! {
-        r = reconcile_loop(&mut recon, &watched, &state, &cfg) => r,
+        r = reconcile_loop(&mut recon, &mut term, &watched, &state, &cfg) => r,
         _ = shutdown_signal() => {
             tracing::info!("signal received: exiting, datapath stays pinned");
             Ok(())
@@ -362,8 +371,43 @@ async fn shutdown_signal() {
     }
 }
 
+/// Destroys the connected UDP sockets of the backends the last pass removed
+/// (every network namespace on the node), and counts them in status.
+fn terminate_removed(
+    recon: &mut Reconciler<KernelMaps>,
+    term: &mut Option<SockTerm>,
+    state: &AgentState,
+) {
+    let removed = recon.take_removed_backends();
+    let Some(term) = term.as_mut() else {
+        return;
+    };
+    if !removed.iter().any(|b| b.proto == crate::layout::PROTO_UDP) {
+        return;
+    }
+    match tokio::task::block_in_place(|| term.destroy(&removed, &sock_term::all_netns())) {
+        Ok(r) => {
+            let n = r.destroyed.len() as u64;
+            tracing::info!(
+                backends = r.backends,
+                netns = r.netns,
+                destroyed = n,
+                failed_netns = r.failed_netns.len(),
+                took = ?r.elapsed,
+                "connected UDP sockets of removed backends destroyed"
+            );
+            for f in &r.failed_netns {
+                tracing::debug!(netns = %f, "socket termination skipped a namespace");
+            }
+            state.update(|s| s.sockets_destroyed += n);
+        }
+        Err(e) => tracing::warn!(error = %e, "socket termination failed"),
+    }
+}
+
 async fn reconcile_loop(
     recon: &mut Reconciler<KernelMaps>,
+    term: &mut Option<SockTerm>,
     watched: &Watched,
     state: &AgentState,
     cfg: &Config,
@@ -393,6 +437,7 @@ async fn reconcile_loop(
         });
         match pass {
             Ok(pass) => {
+                terminate_removed(recon, term, state);
                 let st = pass.stats;
                 let prog = recon.programmed();
                 let took = t.elapsed();

@@ -20,7 +20,7 @@ fn main() {
     let bpf_dir = manifest.join("bpf");
     let clang = env::var("NETBOOT_CLANG").unwrap_or_else(|_| "clang-19".into());
 
-    for f in ["lb.h", "sock_lb.bpf.c"] {
+    for f in ["lb.h", "sock_lb.bpf.c", "sock_term.bpf.c"] {
         println!("cargo:rerun-if-changed={}", bpf_dir.join(f).display());
     }
     println!("cargo:rerun-if-env-changed=NETBOOT_CLANG");
@@ -40,21 +40,24 @@ fn main() {
         ));
     }
 
-    let obj = out.join("sock_lb.bpf.o");
-    let status = Command::new(&clang)
-        .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
-        .arg(format!("-I{}", arch_inc.display()))
-        .arg(format!("-I{}", bpf_dir.display()))
-        .arg("-c")
-        .arg(bpf_dir.join("sock_lb.bpf.c"))
-        .arg("-o")
-        .arg(&obj)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => fail(&format!("{clang} failed ({s}) compiling bpf/sock_lb.bpf.c")),
-        Err(e) => fail(&format!(
-            "cannot run {clang} ({e}): apt-get install clang-19 libbpf-dev (or set NETBOOT_CLANG)"
-        )),
+    for prog in ["sock_lb", "sock_term"] {
+        let src = bpf_dir.join(format!("{prog}.bpf.c"));
+        let obj = out.join(format!("{prog}.bpf.o"));
+        let status = Command::new(&clang)
+            .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror"])
+            .arg(format!("-I{}", arch_inc.display()))
+            .arg(format!("-I{}", bpf_dir.display()))
+            .arg("-c")
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => fail(&format!("{clang} failed ({s}) compiling bpf/{prog}.bpf.c")),
+            Err(e) => fail(&format!(
+                "cannot run {clang} ({e}): apt-get install clang-19 libbpf-dev (or set NETBOOT_CLANG)"
+            )),
+        }
     }
 }

@@ -16,10 +16,10 @@ use crate::inventory::{self, Inventory};
 use crate::spec::ClusterNetwork;
 use crate::wait;
 use netboot_contract::agent::{DAEMONSET as AGENT_DAEMONSET, SELECTOR as AGENT_SELECTOR};
+use netboot_contract::features::{self, FEATURES_ANNOTATION};
 use netboot_contract::node::{
     parse_kpr, DATAPATH_VERSION, KUBE_PROXY_REPLACEMENT, KUBE_PROXY_RULES, KUBE_PROXY_RULES_REASON,
 };
-use netboot_contract::features::{self, FEATURES_ANNOTATION};
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -18,6 +18,28 @@
  *   nb_counters     per-CPU u64 per outcome (enum nb_counter)
  *   nb_config       single entry: datapath mode (replace or observe)
  *
+ * IPv6 (after Cilium's lb6 maps): separate maps with 16-byte addresses, the
+ * values that hold no address are shared with lb4:
+ *   nb_lb6_svc      (vip6, dport, proto, slot) -> struct nb_lb4_service
+ *   nb_lb6_be       backend id -> (ip6, port, proto, state)
+ *   nb_lb6_revnat   rev-nat id -> (vip6, port)
+ *   nb_lb6_rev_sk   (socket cookie, backend ip6, port) -> (vip6, port, rev-nat id)  LRU
+ * Service ids (rev-nat ids) and backend ids are ONE id space over both
+ * families (the reconciler allocates them), so nb_lb4_aff and
+ * nb_lb4_affmatch, keyed by ids and the client's netns cookie, serve IPv6
+ * frontends too: a backend id is either in nb_lb4_be or in nb_lb6_be.
+ * Affinity is keyed by the client's netns cookie for both families (the
+ * socket LB acts before a source address is chosen; a pod is its netns).
+ *
+ * IPv4-mapped destinations (::ffff:a.b.c.d) on AF_INET6 sockets are served
+ * by the v4 maps: connect6/sendmsg6/recvmsg6/getpeername6 translate them
+ * exactly like connect4 & co and write a v4-mapped backend address back.
+ *
+ *   nb_sock_term    (backend ip as 16 bytes, port, proto) -> 0: backends just
+ *                   removed; the iter/udp program (sock_term.bpf.c) destroys
+ *                   the connected UDP sockets whose peer is one of them.
+ *                   IPv4 backends are stored v4-mapped (::ffff:a.b.c.d).
+ *
  * Byte order: addresses and ports are network order (__be32/__be16), exactly as
  * they appear in struct bpf_sock_addr; everything else is host order.
  */
@@ -35,6 +57,11 @@
 #define NB_MAP_AFF_MATCH  nb_lb4_affmatch
 #define NB_MAP_COUNTERS   nb_counters
 #define NB_MAP_CONFIG     nb_config
+#define NB_MAP_SERVICES6  nb_lb6_svc
+#define NB_MAP_BACKENDS6  nb_lb6_be
+#define NB_MAP_REVNAT6    nb_lb6_revnat
+#define NB_MAP_REV_SK6    nb_lb6_rev_sk
+#define NB_MAP_SOCK_TERM  nb_sock_term
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -129,6 +156,67 @@ struct nb_config {
 	__u32 mode;      /* NB_MODE_* */
 	__u32 version;   /* datapath layout version the maps were written with */
 };
+
+/* Key of nb_lb6_svc (value: struct nb_lb4_service). 24 bytes. */
+struct nb_lb6_key {
+	__be32 address[4];   /* service VIP (IPv6 ClusterIP), as in bpf_sock_addr.user_ip6 */
+	__be16 dport;        /* service port */
+	__u16 backend_slot;  /* 0 = frontend entry, 1..count = backend slots */
+	__u8 proto;          /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[3];         /* always zero */
+};
+
+/* Value of nb_lb6_be (key: __u32 backend id, never also in nb_lb4_be). 20 bytes. */
+struct nb_lb6_backend {
+	__be32 address[4];  /* backend (pod) IPv6 address */
+	__be16 port;        /* backend target port */
+	__u8 proto;         /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 state;         /* NB_BE_* */
+};
+
+/* Value of nb_lb6_revnat (key: __u16 rev-nat id). 20 bytes. */
+struct nb_lb6_reverse_nat {
+	__be32 address[4];  /* service VIP */
+	__be16 port;        /* service port */
+	__u16 pad;          /* always zero */
+};
+
+/* Key of nb_lb6_rev_sk: which backend a socket was sent to. 32 bytes. */
+struct nb_lb6_rev_sk_key {
+	__u64 cookie;        /* socket cookie (bpf_get_socket_cookie) */
+	__be32 address[4];   /* backend address the socket was translated to */
+	__be16 port;         /* backend port */
+	__u16 pad;           /* always zero */
+	__u32 pad2;          /* always zero */
+};
+
+/* Value of nb_lb6_rev_sk: what the socket asked for. 20 bytes. */
+struct nb_lb6_rev_sk_val {
+	__be32 address[4];    /* service VIP */
+	__be16 port;          /* service port */
+	__u16 rev_nat_index;  /* service id, to check the service still exists */
+};
+
+/* Key of nb_sock_term (value: __u32, unused). 20 bytes. */
+struct nb_sock_term_key {
+	__be32 address[4];  /* removed backend; IPv4 as ::ffff:a.b.c.d */
+	__be16 port;        /* its port */
+	__u8 proto;         /* IPPROTO_UDP (the only protocol terminated) */
+	__u8 pad;           /* always zero */
+};
+
+/* One record the iterator writes per destroyed socket. 24 bytes. */
+struct nb_sock_term_rec {
+	__be32 address[4];  /* the socket's peer (a removed backend), v4-mapped for IPv4 */
+	__be16 port;        /* peer port */
+	__u16 family;       /* AF_INET or AF_INET6: the socket's family */
+	__s32 result;       /* bpf_sock_destroy() return: 0 or -errno */
+};
+
+/* bpf_sock_destroy() is a kfunc; aya 0.14 cannot relocate kfunc calls, so
+ * sock_term.bpf.c calls this placeholder helper id and the loader
+ * (src/sock_term.rs) rewrites that call into a kfunc call before loading. */
+#define NB_KFUNC_SOCK_DESTROY_MARKER 0x7e57d0
 
 /* Layout version: bump when any struct above changes incompatibly. */
 #define NB_LAYOUT_VERSION 1

@@ -1,21 +1,23 @@
 // SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
 /*
- * netboot socket load balancer (IPv4): ClusterIP translation at the socket
- * layer, after Cilium's bpf_sock.c.
+ * netboot socket load balancer: ClusterIP translation at the socket layer,
+ * after Cilium's bpf_sock.c.
  *
- *   connect4     TCP and connected UDP: VIP:port -> backend:port
- *   sendmsg4     unconnected UDP:       VIP:port -> backend:port
- *   recvmsg4     UDP replies:           backend:port -> VIP:port (source seen by the app)
- *   getpeername4 any translated socket: backend:port -> VIP:port
+ *   connect4/6     TCP and connected UDP: VIP:port -> backend:port
+ *   sendmsg4/6     unconnected UDP:       VIP:port -> backend:port
+ *   recvmsg4/6     UDP replies:           backend:port -> VIP:port (source seen by the app)
+ *   getpeername4/6 any translated socket: backend:port -> VIP:port
+ *
+ * The *6 hooks serve two kinds of destination on AF_INET6 sockets:
+ * IPv4-mapped (::ffff:a.b.c.d, what the JVM and many runtimes use for IPv4)
+ * with exactly the v4 logic against the v4 maps, the backend written back
+ * v4-mapped; and IPv6 ClusterIPs against the lb6 maps (see lb.h).
  *
  * Entry points are thin: each calls one __nb_* helper that returns an outcome
  * (enum nb_counter), counts it, and decides the verdict. Only a service with
  * no usable backend (or a full reverse map) rejects the syscall, with
  * ECONNREFUSED (ENOMEM) set through bpf_set_retval, the way Cilium's socket LB
  * rejects with SYS_REJECT + try_set_retval(). Everything else proceeds.
- *
- * IPv6 is not implemented: connect6/sendmsg6/... are not attached, so IPv6
- * sockets are never translated (single-stack IPv4 Service CIDR).
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -86,6 +88,37 @@ struct {
 	__type(key, __u32);
 	__type(value, struct nb_config);
 } nb_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NB_DEFAULT_SERVICES);
+	__type(key, struct nb_lb6_key);
+	__type(value, struct nb_lb4_service);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_lb6_svc SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NB_DEFAULT_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct nb_lb6_backend);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_lb6_be SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NB_DEFAULT_REVNAT);
+	__type(key, __u16);
+	__type(value, struct nb_lb6_reverse_nat);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_lb6_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NB_DEFAULT_REV_SK);
+	__type(key, struct nb_lb6_rev_sk_key);
+	__type(value, struct nb_lb6_rev_sk_val);
+} nb_lb6_rev_sk SEC(".maps");
 
 static __always_inline void nb_count(__u32 idx)
 {
@@ -174,6 +207,12 @@ nb_affinity_update(__u64 client, __u16 rev_nat_id, __u32 backend_id)
 	bpf_map_update_elem(&nb_lb4_aff, &akey, &aval, BPF_ANY);
 }
 
+/* An IPv4 address and port, as the v4 core sees them. */
+struct nb_l4_v4 {
+	__be32 addr;
+	__be16 port;
+};
+
 static __always_inline int
 nb_rev_sk_update(struct bpf_sock_addr *ctx, const struct nb_lb4_backend *be,
 		 __be32 vip, __be16 vport, __u16 rev_nat_id)
@@ -197,17 +236,49 @@ nb_rev_sk_update(struct bpf_sock_addr *ctx, const struct nb_lb4_backend *be,
 	return bpf_map_update_elem(&nb_lb4_rev_sk, &key, &val, BPF_ANY);
 }
 
-static __always_inline struct nb_fwd __nb_xlate_fwd(struct bpf_sock_addr *ctx)
+/* Replace mode? Sets the outcome when not (observe, no config). */
+static __always_inline int nb_replace_mode(struct nb_fwd *res)
+{
+	const __u32 zero = 0;
+	struct nb_config *cfg = bpf_map_lookup_elem(&nb_config, &zero);
+
+	if (!cfg) {
+		res->outcome = NB_CTR_NO_CONFIG;
+		return 0;
+	}
+	if (cfg->mode != NB_MODE_REPLACE) {
+		res->outcome = NB_CTR_OBSERVED;
+		return 0;
+	}
+	return 1;
+}
+
+/* Slot to use for a new selection: TCP random; UDP per socket, so a socket
+ * keeps its backend. */
+static __always_inline __u16 nb_pick_slot(struct bpf_sock_addr *ctx, __u32 proto,
+					  __u16 count)
+{
+	__u32 sel;
+
+	if (proto == IPPROTO_TCP)
+		sel = bpf_get_prandom_u32();
+	else
+		sel = (__u32)bpf_get_socket_cookie(ctx);
+	return (__u16)((sel % count) + 1);
+}
+
+/*
+ * The v4 core: vip:vport (proto) -> backend, into *out. Shared by connect4 /
+ * sendmsg4 (ctx->user_ip4) and the *6 hooks for IPv4-mapped destinations.
+ */
+static __always_inline struct nb_fwd
+__nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto,
+		struct nb_l4_v4 *out)
 {
 	struct nb_fwd res = { .outcome = NB_CTR_NOT_SERVICE, .reject_errno = 0 };
-	const __u32 zero = 0;
-	struct nb_config *cfg;
 	struct nb_lb4_key key;
 	struct nb_lb4_service *svc, *slot;
 	struct nb_lb4_backend *be = 0;
-	__u32 proto = ctx->protocol;
-	__be32 vip = ctx->user_ip4;
-	__be16 vport = ctx_dport(ctx);
 	__u32 backend_id = 0;
 	__u64 client = 0;
 	__u16 rev_nat_id;
@@ -222,16 +293,8 @@ static __always_inline struct nb_fwd __nb_xlate_fwd(struct bpf_sock_addr *ctx)
 	svc = bpf_map_lookup_elem(&nb_lb4_svc, &key);
 	if (!svc)
 		return res;
-
-	cfg = bpf_map_lookup_elem(&nb_config, &zero);
-	if (!cfg) {
-		res.outcome = NB_CTR_NO_CONFIG;
+	if (!nb_replace_mode(&res))
 		return res;
-	}
-	if (cfg->mode != NB_MODE_REPLACE) {
-		res.outcome = NB_CTR_OBSERVED;
-		return res;
-	}
 
 	rev_nat_id = svc->rev_nat_index;
 	affinity = svc->flags & NB_SVC_F_AFFINITY;
@@ -249,19 +312,12 @@ static __always_inline struct nb_fwd __nb_xlate_fwd(struct bpf_sock_addr *ctx)
 	}
 
 	if (!backend_id) {
-		__u32 sel;
-
 		if (svc->count == 0) {
 			res.outcome = NB_CTR_NO_BACKEND;
 			res.reject_errno = ECONNREFUSED;
 			return res;
 		}
-		/* TCP: random; UDP: per socket, so a socket keeps its backend. */
-		if (proto == IPPROTO_TCP)
-			sel = bpf_get_prandom_u32();
-		else
-			sel = (__u32)bpf_get_socket_cookie(ctx);
-		key.backend_slot = (__u16)((sel % svc->count) + 1);
+		key.backend_slot = nb_pick_slot(ctx, proto, svc->count);
 		slot = bpf_map_lookup_elem(&nb_lb4_svc, &key);
 		if (!slot) {
 			res.outcome = NB_CTR_NO_BACKEND_SLOT;
@@ -289,9 +345,22 @@ static __always_inline struct nb_fwd __nb_xlate_fwd(struct bpf_sock_addr *ctx)
 		return res;
 	}
 
-	ctx->user_ip4 = be->address;
-	ctx->user_port = (__u32)be->port;
+	out->addr = be->address;
+	out->port = be->port;
 	res.outcome = NB_CTR_CONNECT_XLATED;
+	return res;
+}
+
+static __always_inline struct nb_fwd __nb_xlate_fwd(struct bpf_sock_addr *ctx)
+{
+	struct nb_l4_v4 be;
+	struct nb_fwd res;
+
+	res = __nb_xlate_fwd4(ctx, ctx->user_ip4, ctx_dport(ctx), ctx->protocol, &be);
+	if (res.outcome == NB_CTR_CONNECT_XLATED) {
+		ctx->user_ip4 = be.addr;
+		ctx->user_port = (__u32)be.port;
+	}
 	return res;
 }
 
@@ -319,9 +388,13 @@ int nb_sock4_sendmsg(struct bpf_sock_addr *ctx)
 	return nb_fwd_verdict(__nb_xlate_fwd(ctx), NB_CTR_SENDMSG_XLATED);
 }
 
-/* Reverse translation: backend -> VIP for the app's view. Returns outcome. */
-static __always_inline __u32 __nb_xlate_rev(struct bpf_sock_addr *ctx,
-					    __u32 xlated, __u32 no_entry)
+/*
+ * The v4 reverse core: (socket, backend addr:port) -> VIP:port into *io.
+ * Returns the outcome.
+ */
+static __always_inline __u32 __nb_xlate_rev4(struct bpf_sock_addr *ctx, __u32 proto,
+					     struct nb_l4_v4 *io, __u32 xlated,
+					     __u32 no_entry)
 {
 	struct nb_lb4_rev_sk_key key;
 	struct nb_lb4_rev_sk_val *val;
@@ -330,23 +403,37 @@ static __always_inline __u32 __nb_xlate_rev(struct bpf_sock_addr *ctx,
 
 	__builtin_memset(&key, 0, sizeof(key));
 	key.cookie = bpf_get_socket_cookie(ctx);
-	key.address = ctx->user_ip4;
-	key.port = ctx_dport(ctx);
+	key.address = io->addr;
+	key.port = io->port;
 
 	val = bpf_map_lookup_elem(&nb_lb4_rev_sk, &key);
 	if (!val)
 		return no_entry;
 
-	nb_set_key(&skey, val->address, val->port, (__u8)ctx->protocol, 0);
+	nb_set_key(&skey, val->address, val->port, (__u8)proto, 0);
 	svc = bpf_map_lookup_elem(&nb_lb4_svc, &skey);
 	if (!svc || svc->rev_nat_index != val->rev_nat_index) {
 		bpf_map_delete_elem(&nb_lb4_rev_sk, &key);
 		return NB_CTR_REV_STALE;
 	}
 
-	ctx->user_ip4 = val->address;
-	ctx->user_port = (__u32)val->port;
+	io->addr = val->address;
+	io->port = val->port;
 	return xlated;
+}
+
+/* Reverse translation: backend -> VIP for the app's view. Returns outcome. */
+static __always_inline __u32 __nb_xlate_rev(struct bpf_sock_addr *ctx,
+					    __u32 xlated, __u32 no_entry)
+{
+	struct nb_l4_v4 io = { .addr = ctx->user_ip4, .port = ctx_dport(ctx) };
+	__u32 outcome = __nb_xlate_rev4(ctx, ctx->protocol, &io, xlated, no_entry);
+
+	if (outcome == xlated) {
+		ctx->user_ip4 = io.addr;
+		ctx->user_port = (__u32)io.port;
+	}
+	return outcome;
 }
 
 SEC("cgroup/recvmsg4")
@@ -360,6 +447,277 @@ SEC("cgroup/getpeername4")
 int nb_sock4_getpeername(struct bpf_sock_addr *ctx)
 {
 	nb_count(__nb_xlate_rev(ctx, NB_CTR_PEER_XLATED, NB_CTR_PEER_NO_ENTRY));
+	return SYS_PROCEED;
+}
+
+/* ---- AF_INET6 sockets ---------------------------------------------------- */
+
+/* An IPv6 address and port (network order), as in bpf_sock_addr.user_ip6. */
+struct nb_l4_v6 {
+	__be32 addr[4];
+	__be16 port;
+};
+
+/* ctx->user_ip6 and the port. Each word is read on its own (ctx rule). */
+static __always_inline void nb_read6(const struct bpf_sock_addr *ctx, struct nb_l4_v6 *a)
+{
+	a->addr[0] = ctx->user_ip6[0];
+	a->addr[1] = ctx->user_ip6[1];
+	a->addr[2] = ctx->user_ip6[2];
+	a->addr[3] = ctx->user_ip6[3];
+	a->port = ctx_dport(ctx);
+}
+
+static __always_inline void nb_write6(struct bpf_sock_addr *ctx, const __be32 *addr,
+				      __be16 port)
+{
+	ctx->user_ip6[0] = addr[0];
+	ctx->user_ip6[1] = addr[1];
+	ctx->user_ip6[2] = addr[2];
+	ctx->user_ip6[3] = addr[3];
+	ctx->user_port = (__u32)port;
+}
+
+/* ::ffff:a.b.c.d ? */
+static __always_inline int nb_is_v4_mapped(const struct nb_l4_v6 *a)
+{
+	return a->addr[0] == 0 && a->addr[1] == 0 &&
+	       a->addr[2] == __builtin_bswap32(0x0000ffff);
+}
+
+static __always_inline void nb_write6_mapped(struct bpf_sock_addr *ctx, __be32 addr,
+					     __be16 port)
+{
+	__be32 mapped[4] = { 0, 0, __builtin_bswap32(0x0000ffff), addr };
+
+	nb_write6(ctx, mapped, port);
+}
+
+static __always_inline void nb_set_key6(struct nb_lb6_key *key, const __be32 *addr,
+					__be16 port, __u8 proto, __u16 slot)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	key->address[0] = addr[0];
+	key->address[1] = addr[1];
+	key->address[2] = addr[2];
+	key->address[3] = addr[3];
+	key->dport = port;
+	key->proto = proto;
+	key->backend_slot = slot;
+}
+
+static __always_inline int nb_addr6_eq(const __be32 *a, const __be32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int
+nb_rev_sk6_update(struct bpf_sock_addr *ctx, const struct nb_lb6_backend *be,
+		  const struct nb_l4_v6 *vip, __u16 rev_nat_id)
+{
+	struct nb_lb6_rev_sk_key key;
+	struct nb_lb6_rev_sk_val val, *cur;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	__builtin_memset(&val, 0, sizeof(val));
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.address[0] = be->address[0];
+	key.address[1] = be->address[1];
+	key.address[2] = be->address[2];
+	key.address[3] = be->address[3];
+	key.port = be->port;
+	val.address[0] = vip->addr[0];
+	val.address[1] = vip->addr[1];
+	val.address[2] = vip->addr[2];
+	val.address[3] = vip->addr[3];
+	val.port = vip->port;
+	val.rev_nat_index = rev_nat_id;
+
+	cur = bpf_map_lookup_elem(&nb_lb6_rev_sk, &key);
+	if (cur && nb_addr6_eq(cur->address, val.address) && cur->port == val.port &&
+	    cur->rev_nat_index == val.rev_nat_index)
+		return 0;
+	return bpf_map_update_elem(&nb_lb6_rev_sk, &key, &val, BPF_ANY);
+}
+
+/* The v6 core: IPv6 VIP -> backend, the same steps as the v4 core. */
+static __always_inline struct nb_fwd
+__nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 proto,
+		struct nb_l4_v6 *out)
+{
+	struct nb_fwd res = { .outcome = NB_CTR_NOT_SERVICE, .reject_errno = 0 };
+	struct nb_lb6_key key;
+	struct nb_lb4_service *svc, *slot;
+	struct nb_lb6_backend *be = 0;
+	__u32 backend_id = 0;
+	__u64 client = 0;
+	__u16 rev_nat_id;
+	int affinity;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+		res.outcome = NB_CTR_PROTO_UNSUPPORTED;
+		return res;
+	}
+
+	nb_set_key6(&key, vip->addr, vip->port, (__u8)proto, 0);
+	svc = bpf_map_lookup_elem(&nb_lb6_svc, &key);
+	if (!svc)
+		return res;
+	if (!nb_replace_mode(&res))
+		return res;
+
+	rev_nat_id = svc->rev_nat_index;
+	affinity = svc->flags & NB_SVC_F_AFFINITY;
+
+	if (affinity) {
+		client = bpf_get_netns_cookie(ctx);
+		backend_id = nb_affinity_lookup(svc, client, rev_nat_id);
+		if (backend_id) {
+			be = bpf_map_lookup_elem(&nb_lb6_be, &backend_id);
+			if (be)
+				nb_count(NB_CTR_AFFINITY_HIT);
+			else
+				backend_id = 0;
+		}
+	}
+
+	if (!backend_id) {
+		if (svc->count == 0) {
+			res.outcome = NB_CTR_NO_BACKEND;
+			res.reject_errno = ECONNREFUSED;
+			return res;
+		}
+		key.backend_slot = nb_pick_slot(ctx, proto, svc->count);
+		slot = bpf_map_lookup_elem(&nb_lb6_svc, &key);
+		if (!slot) {
+			res.outcome = NB_CTR_NO_BACKEND_SLOT;
+			res.reject_errno = ECONNREFUSED;
+			return res;
+		}
+		backend_id = slot->backend_id;
+		be = bpf_map_lookup_elem(&nb_lb6_be, &backend_id);
+		if (!be) {
+			res.outcome = NB_CTR_BACKEND_MISSING;
+			res.reject_errno = ECONNREFUSED;
+			return res;
+		}
+		if (affinity) {
+			nb_affinity_update(client, rev_nat_id, backend_id);
+			nb_count(NB_CTR_AFFINITY_NEW);
+		}
+	}
+	if (!be)
+		return res;
+
+	if (nb_rev_sk6_update(ctx, be, vip, rev_nat_id) < 0) {
+		res.outcome = NB_CTR_REV_SK_UPDATE_FAIL;
+		res.reject_errno = ENOMEM;
+		return res;
+	}
+
+	out->addr[0] = be->address[0];
+	out->addr[1] = be->address[1];
+	out->addr[2] = be->address[2];
+	out->addr[3] = be->address[3];
+	out->port = be->port;
+	res.outcome = NB_CTR_CONNECT_XLATED;
+	return res;
+}
+
+static __always_inline struct nb_fwd __nb_xlate_fwd_sk6(struct bpf_sock_addr *ctx)
+{
+	struct nb_l4_v6 dst, be6;
+	struct nb_fwd res;
+
+	nb_read6(ctx, &dst);
+	if (nb_is_v4_mapped(&dst)) {
+		struct nb_l4_v4 be4;
+
+		res = __nb_xlate_fwd4(ctx, dst.addr[3], dst.port, ctx->protocol, &be4);
+		if (res.outcome == NB_CTR_CONNECT_XLATED)
+			nb_write6_mapped(ctx, be4.addr, be4.port);
+		return res;
+	}
+	res = __nb_xlate_fwd6(ctx, &dst, ctx->protocol, &be6);
+	if (res.outcome == NB_CTR_CONNECT_XLATED)
+		nb_write6(ctx, be6.addr, be6.port);
+	return res;
+}
+
+SEC("cgroup/connect6")
+int nb_sock6_connect(struct bpf_sock_addr *ctx)
+{
+	return nb_fwd_verdict(__nb_xlate_fwd_sk6(ctx), NB_CTR_CONNECT_XLATED);
+}
+
+/* A v4-mapped sendmsg on an AF_INET6 socket reaches sendmsg4 (the kernel
+ * hands it to udp_sendmsg); handled here too, for older kernels' paths. */
+SEC("cgroup/sendmsg6")
+int nb_sock6_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return nb_fwd_verdict(__nb_xlate_fwd_sk6(ctx), NB_CTR_SENDMSG_XLATED);
+}
+
+static __always_inline __u32 __nb_xlate_rev6(struct bpf_sock_addr *ctx,
+					     const struct nb_l4_v6 *src, __u32 xlated,
+					     __u32 no_entry)
+{
+	struct nb_lb6_rev_sk_key key;
+	struct nb_lb6_rev_sk_val *val;
+	struct nb_lb6_key skey;
+	struct nb_lb4_service *svc;
+
+	__builtin_memset(&key, 0, sizeof(key));
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.address[0] = src->addr[0];
+	key.address[1] = src->addr[1];
+	key.address[2] = src->addr[2];
+	key.address[3] = src->addr[3];
+	key.port = src->port;
+
+	val = bpf_map_lookup_elem(&nb_lb6_rev_sk, &key);
+	if (!val)
+		return no_entry;
+
+	nb_set_key6(&skey, val->address, val->port, (__u8)ctx->protocol, 0);
+	svc = bpf_map_lookup_elem(&nb_lb6_svc, &skey);
+	if (!svc || svc->rev_nat_index != val->rev_nat_index) {
+		bpf_map_delete_elem(&nb_lb6_rev_sk, &key);
+		return NB_CTR_REV_STALE;
+	}
+
+	nb_write6(ctx, val->address, val->port);
+	return xlated;
+}
+
+static __always_inline __u32 __nb_xlate_rev_sk6(struct bpf_sock_addr *ctx,
+						__u32 xlated, __u32 no_entry)
+{
+	struct nb_l4_v6 src;
+
+	nb_read6(ctx, &src);
+	if (nb_is_v4_mapped(&src)) {
+		struct nb_l4_v4 io = { .addr = src.addr[3], .port = src.port };
+		__u32 outcome = __nb_xlate_rev4(ctx, ctx->protocol, &io, xlated, no_entry);
+
+		if (outcome == xlated)
+			nb_write6_mapped(ctx, io.addr, io.port);
+		return outcome;
+	}
+	return __nb_xlate_rev6(ctx, &src, xlated, no_entry);
+}
+
+SEC("cgroup/recvmsg6")
+int nb_sock6_recvmsg(struct bpf_sock_addr *ctx)
+{
+	nb_count(__nb_xlate_rev_sk6(ctx, NB_CTR_RECVMSG_XLATED, NB_CTR_RECVMSG_NO_ENTRY));
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/getpeername6")
+int nb_sock6_getpeername(struct bpf_sock_addr *ctx)
+{
+	nb_count(__nb_xlate_rev_sk6(ctx, NB_CTR_PEER_XLATED, NB_CTR_PEER_NO_ENTRY));
 	return SYS_PROCEED;
 }
 

@@ -23,11 +23,15 @@ use crate::maps::MapsError;
 use crate::pass::{PassKind, Passes};
 use crate::pins::Pins;
 use crate::reconcile::{ReconcileError, Reconciler};
+use crate::sock_term::{self, SockTerm};
 use crate::status::{
     now_unix, Counter, LinkStatus, Status, UnservedService, DATAPATH_VERSION, UNSERVED_LISTED,
 };
 use crate::watch::{self, WatchError, Watched};
 
+/// Node annotation: the features this agent serves (`clusterip,ipv4,tcp,…`),
+/// read by `netboot apply`'s "nothing unserved" gate.
+pub use netboot_contract::features::FEATURES_ANNOTATION as ANN_FEATURES;
 pub use netboot_contract::node::KubeProxyRules;
 /// Node annotation: datapath version.
 pub use netboot_contract::node::DATAPATH_VERSION as ANN_VERSION;
@@ -35,9 +39,6 @@ pub use netboot_contract::node::DATAPATH_VERSION as ANN_VERSION;
 pub use netboot_contract::node::KUBE_PROXY_REPLACEMENT as ANN_KPR;
 /// Node annotation: kube-proxy rules [`KubeProxyRules`] in the rules netns.
 pub use netboot_contract::node::KUBE_PROXY_RULES as ANN_RULES;
-/// Node annotation: the features this agent serves (`clusterip,ipv4,tcp,…`),
-/// read by `netboot apply`'s "nothing unserved" gate.
-pub use netboot_contract::features::FEATURES_ANNOTATION as ANN_FEATURES;
 /// Node annotation: why the rules are `unknown` (or why kube-proxy chains
 /// are kept); removed when there is nothing to say.
 pub use netboot_contract::node::KUBE_PROXY_RULES_REASON as ANN_RULES_REASON;
@@ -256,6 +257,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
+    let (mut term, term_status) = match SockTerm::load() {
+        Ok(t) => (Some(t), "available".to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "socket termination unavailable: connected UDP sockets of removed backends are not destroyed");
+            (None, e.to_string())
+        }
+    };
     let prog = recon.programmed();
     tracing::info!(
         services = prog.services,
@@ -296,6 +304,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 .iter()
                 .map(|f| f.name().to_string())
                 .collect(),
+            socket_termination: term_status,
             ..Default::default()
         }),
         maps: Mutex::new(KernelMaps::open(&opts.pins).ok()),
@@ -356,7 +365,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     tasks.push(tokio::spawn(node_loop(client, state.clone(), opts.clone())));
 
     let result = tokio::select! {
-        r = reconcile_loop(&mut recon, &watched, &state, &cfg) => r,
+        r = reconcile_loop(&mut recon, &mut term, &watched, &state, &cfg) => r,
         _ = shutdown_signal() => {
             tracing::info!("signal received: exiting, datapath stays pinned");
             Ok(())
@@ -383,8 +392,43 @@ async fn shutdown_signal() {
     }
 }
 
+/// Destroys the connected UDP sockets of the backends the last pass removed
+/// (every network namespace on the node), and counts them in status.
+fn terminate_removed(
+    recon: &mut Reconciler<KernelMaps>,
+    term: &mut Option<SockTerm>,
+    state: &AgentState,
+) {
+    let removed = recon.take_removed_backends();
+    let Some(term) = term.as_mut() else {
+        return;
+    };
+    if !removed.iter().any(|b| b.proto == crate::layout::PROTO_UDP) {
+        return;
+    }
+    match tokio::task::block_in_place(|| term.destroy(&removed, &sock_term::all_netns())) {
+        Ok(r) => {
+            let n = r.destroyed.len() as u64;
+            tracing::info!(
+                backends = r.backends,
+                netns = r.netns,
+                destroyed = n,
+                failed_netns = r.failed_netns.len(),
+                took = ?r.elapsed,
+                "connected UDP sockets of removed backends destroyed"
+            );
+            for f in &r.failed_netns {
+                tracing::debug!(netns = %f, "socket termination skipped a namespace");
+            }
+            state.update(|s| s.sockets_destroyed += n);
+        }
+        Err(e) => tracing::warn!(error = %e, "socket termination failed"),
+    }
+}
+
 async fn reconcile_loop(
     recon: &mut Reconciler<KernelMaps>,
+    term: &mut Option<SockTerm>,
     watched: &Watched,
     state: &AgentState,
     cfg: &Config,
@@ -415,6 +459,7 @@ async fn reconcile_loop(
         });
         match pass {
             Ok(pass) => {
+                terminate_removed(recon, term, state);
                 let st = pass.stats;
                 let prog = recon.programmed();
                 let took = t.elapsed();

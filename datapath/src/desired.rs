@@ -6,9 +6,11 @@
 //! - Services kube-proxy skips are skipped ([`netboot_contract::features`]):
 //!   labelled `service.kubernetes.io/service-proxy-name` (any value) or
 //!   `service.kubernetes.io/headless`, ExternalName, headless
-//!   (`clusterIP: None`). IPv6 cluster IPs and SCTP ports are not translated
-//!   (socket LB here is IPv4 TCP/UDP); such Services are counted as unserved
-//!   ([`unserved`]).
+//!   (`clusterIP: None`). SCTP ports are not translated (socket LB here is
+//!   TCP/UDP); such Services are counted as unserved ([`unserved`]).
+//! - Every cluster IP of `spec.clusterIPs` (IPv4 and IPv6: dual-stack) is a
+//!   frontend; an IPv4 one takes its backends from the `addressType: IPv4`
+//!   slices, an IPv6 one from the `IPv6` slices.
 //! - One frontend per (cluster IP, port, protocol); its backends come from the
 //!   EndpointSlices labelled `kubernetes.io/service-name`, matching the
 //!   Service port by name (named/multi-port Services) and protocol.
@@ -33,7 +35,7 @@
 //!   configured default.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -126,9 +128,10 @@ impl From<u32> for Rules<'static> {
 /// The features this agent serves (published on its Node as
 /// `netboot.io/datapath-features`). A Service needing anything else is
 /// reported as unserved.
-pub const SERVED: [Feature; 7] = [
+pub const SERVED: [Feature; 8] = [
     Feature::ClusterIp,
     Feature::Ipv4,
+    Feature::Ipv6,
     Feature::Tcp,
     Feature::Udp,
     Feature::InternalTrafficLocal,
@@ -274,13 +277,13 @@ pub fn service_frontends<'a, 'r>(
     if shape.skipped().is_some() {
         return out;
     }
-    let ips: Vec<Ipv4Addr> = shape
+    let ips: Vec<IpAddr> = shape
         .cluster_ips
         .iter()
         .filter_map(|ip| ip.parse().ok())
         .collect();
     if ips.is_empty() {
-        return out; // unallocated or IPv6-only
+        return out; // unallocated
     }
     let local_only = shape.internal_traffic_policy == Some("Local");
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -292,10 +295,14 @@ pub fn service_frontends<'a, 'r>(
             .filter(|t| *t > 0)
             .unwrap_or(rules.default_affinity_timeout)
     });
-    let slices: Vec<&EndpointSlice> = slices
+    // Dual-stack: an IPv4 cluster IP takes its backends from the IPv4 slices,
+    // an IPv6 one from the IPv6 slices.
+    let (slices4, slices6): (Vec<&EndpointSlice>, Vec<&EndpointSlice>) = slices
         .into_iter()
-        .filter(|s| s.address_type == "IPv4" && slice_belongs_to(s, ns, name))
-        .collect();
+        .filter(|s| {
+            (s.address_type == "IPv4" || s.address_type == "IPv6") && slice_belongs_to(s, ns, name)
+        })
+        .partition(|s| s.address_type == "IPv4");
     for port in spec.ports.iter().flatten() {
         let Some(proto) = proto_of(port.protocol.as_deref()) else {
             continue;
@@ -304,8 +311,18 @@ pub fn service_frontends<'a, 'r>(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let backends = categorize(&candidates(&slices, &port_name, proto), local_only, &rules);
+        let backends4 = categorize(
+            &candidates(&slices4, &port_name, proto, false),
+            local_only,
+            &rules,
+        );
+        let backends6 = categorize(
+            &candidates(&slices6, &port_name, proto, true),
+            local_only,
+            &rules,
+        );
         for ip in &ips {
+            let backends = if ip.is_ipv6() { &backends6 } else { &backends4 };
             let addr = L4Addr {
                 ip: *ip,
                 port: vport,
@@ -453,6 +470,7 @@ fn candidates(
     slices: &[&EndpointSlice],
     port_name: &str,
     proto: u8,
+    v6: bool,
 ) -> BTreeMap<L4Addr, Candidate> {
     let mut out: BTreeMap<L4Addr, Candidate> = BTreeMap::new();
     for s in slices {
@@ -469,7 +487,8 @@ fn candidates(
                 let Some(ip) = ep
                     .addresses
                     .first()
-                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                    .filter(|a| a.is_ipv6() == v6)
                 else {
                     continue;
                 };
@@ -849,7 +868,8 @@ endpoints:
         // The TCP port is still translated.
         assert_eq!(build([&sctp], [], 10800).frontends.len(), 1);
         let dual = svc("metadata: {name: v, namespace: d}\nspec: {type: NodePort, clusterIP: 10.96.0.7, clusterIPs: [10.96.0.7, 'fd00::7'], ports: [{port: 80}]}");
-        assert_eq!(names(&dual), Some(vec!["nodeport", "ipv6"]));
+        // IPv6 is served (lb6 maps); NodePort is not yet.
+        assert_eq!(names(&dual), Some(vec!["nodeport"]));
         let headless = svc("metadata: {name: h, namespace: d}\nspec: {clusterIP: None, ports: [{port: 9, protocol: SCTP}]}");
         assert_eq!(names(&headless), None);
     }

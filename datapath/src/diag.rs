@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::layout::{
-    addr_from_be, port_from_be, L4Addr, BE_TERMINATING, MODE_REPLACE, SVC_F_AFFINITY,
-};
+use std::net::IpAddr;
+
+use crate::layout::{L4Addr, BE_TERMINATING, MODE_REPLACE, SVC_F_AFFINITY};
 use crate::loader;
 use crate::maps::kernel::KernelMaps;
 use crate::maps::{LbMaps, MapsDump, MapsError};
@@ -47,20 +47,16 @@ pub struct ServiceRow {
 /// Builds `service list` rows from a dump.
 pub fn service_rows(d: &MapsDump) -> Vec<ServiceRow> {
     let mut fronts: BTreeMap<L4Addr, ServiceRow> = BTreeMap::new();
-    for (k, v) in &d.services {
-        if k.backend_slot != 0 {
+    for (fe, slot, v) in d.service_entries() {
+        if slot != 0 {
             continue;
         }
-        let fe = k.frontend();
         let mut backends = Vec::new();
         for slot in 1..=v.count {
-            let mut key = *k;
-            key.backend_slot = slot;
-            if let Some(s) = d.services.get(&key) {
+            if let Some(s) = d.service(fe, slot) {
                 let addr = d
-                    .backends
-                    .get(&s.backend_id)
-                    .map(|b| b.l4().to_string())
+                    .backend_addr(s.backend_id)
+                    .map(|b| b.to_string())
                     .unwrap_or_else(|| "?".into());
                 backends.push(BackendRow {
                     id: s.backend_id,
@@ -74,9 +70,8 @@ pub fn service_rows(d: &MapsDump) -> Vec<ServiceRow> {
             if m.rev_nat_id == v.rev_nat_index && u8::try_from(*state).ok() == Some(BE_TERMINATING)
             {
                 let addr = d
-                    .backends
-                    .get(&m.backend_id)
-                    .map(|b| b.l4().to_string())
+                    .backend_addr(m.backend_id)
+                    .map(|b| b.to_string())
                     .unwrap_or_else(|| "?".into());
                 backends.push(BackendRow {
                     id: m.backend_id,
@@ -152,21 +147,12 @@ pub struct LbRow {
 
 /// Builds `bpf lb list` rows (raw map view).
 pub fn lb_rows(d: &MapsDump) -> Vec<LbRow> {
-    let mut entries: Vec<_> = d.services.iter().collect();
-    entries.sort_by_key(|(k, _)| {
-        (
-            k.frontend(),
-            if k.backend_slot == 0 {
-                u16::MAX
-            } else {
-                k.backend_slot
-            },
-        )
-    });
+    let mut entries = d.service_entries();
+    entries.sort_by_key(|(fe, slot, _)| (*fe, if *slot == 0 { u16::MAX } else { *slot }));
     entries
         .into_iter()
-        .map(|(k, v)| {
-            let (backend, flags) = if k.backend_slot == 0 {
+        .map(|(fe, slot, v)| {
+            let (backend, flags) = if slot == 0 {
                 let mut f = vec!["ClusterIP".to_string()];
                 if v.flags & SVC_F_AFFINITY != 0 {
                     f.push(format!("sessionAffinity {}s", v.affinity_timeout));
@@ -174,20 +160,20 @@ pub fn lb_rows(d: &MapsDump) -> Vec<LbRow> {
                 if v.count == 0 {
                     f.push("no backends: ECONNREFUSED".into());
                 }
-                ("0.0.0.0:0".to_string(), format!("[{}]", f.join(", ")))
+                let none = if fe.is_v6() { "[::]:0" } else { "0.0.0.0:0" };
+                (none.to_string(), format!("[{}]", f.join(", ")))
             } else {
                 let b = d
-                    .backends
-                    .get(&v.backend_id)
-                    .map(|b| b.l4().to_string())
+                    .backend_addr(v.backend_id)
+                    .map(|b| b.to_string())
                     .unwrap_or_else(|| format!("<missing backend {}>", v.backend_id));
                 (b, String::new())
             };
             LbRow {
-                service: k.frontend().to_string(),
+                service: fe.to_string(),
                 backend,
                 revnat_id: v.rev_nat_index,
-                slot: k.backend_slot,
+                slot,
                 flags,
             }
         })
@@ -226,13 +212,11 @@ pub fn render_lb_list(rows: &[LbRow]) -> String {
 
 /// Reverse-NAT entries for display.
 pub fn revnat_rows(d: &MapsDump) -> Vec<(u16, String)> {
-    d.revnat
-        .iter()
-        .map(|(id, r)| {
-            (
-                *id,
-                format!("{}:{}", addr_from_be(r.address), port_from_be(r.port)),
-            )
+    d.revnat_entries()
+        .into_iter()
+        .map(|(id, ip, port)| match ip {
+            IpAddr::V4(ip) => (id, format!("{ip}:{port}")),
+            IpAddr::V6(ip) => (id, format!("[{ip}]:{port}")),
         })
         .collect()
 }
@@ -286,7 +270,7 @@ pub fn status_from_pins(pins: &Pins) -> Result<Status, MapsError> {
         bpffs: pins.root().display().to_string(),
         links,
         services: dump.frontend_count(),
-        backends: dump.backends.len(),
+        backends: dump.backend_count(),
         counters: counters
             .0
             .iter()
@@ -296,6 +280,10 @@ pub fn status_from_pins(pins: &Pins) -> Result<Status, MapsError> {
             })
             .collect(),
         kube_proxy_rules: "unknown".into(),
+        socket_termination: match crate::sock_term::SockTerm::load() {
+            Ok(_) => "available".into(),
+            Err(e) => e.to_string(),
+        },
         ..Default::default()
     })
 }

@@ -5,7 +5,7 @@
 //! Addresses and ports are kept in network byte order, as in the kernel.
 
 use std::mem::{offset_of, size_of};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
@@ -27,9 +27,21 @@ pub mod names {
     pub const COUNTERS: &str = "nb_counters";
     /// Single-entry datapath configuration.
     pub const CONFIG: &str = "nb_config";
+    /// `(vip6, port, proto, slot)` → frontend / backend slot.
+    pub const SERVICES6: &str = "nb_lb6_svc";
+    /// backend id → IPv6 backend (ids shared with `nb_lb4_be`).
+    pub const BACKENDS6: &str = "nb_lb6_be";
+    /// rev-nat id → (vip6, port).
+    pub const REVNAT6: &str = "nb_lb6_revnat";
+    /// (socket cookie, IPv6 backend) → (vip6, port), LRU.
+    pub const REV_SK6: &str = "nb_lb6_rev_sk";
+    /// Removed backends whose connected UDP sockets are destroyed
+    /// (`sock_term.bpf.c`; not pinned: the agent's own).
+    pub const SOCK_TERM: &str = "nb_sock_term";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 8] = [
-        SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG,
+    pub const ALL: [&str; 12] = [
+        SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
+        BACKENDS6, REVNAT6, REV_SK6,
     ];
 }
 
@@ -172,6 +184,107 @@ pub struct Lb4AffinityMatch {
     pub pad: u16,
 }
 
+/// `struct nb_lb6_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb6Key {
+    /// Service VIP, network order (4 words as in `user_ip6`).
+    pub address: [u32; 4],
+    /// Service port, network order.
+    pub dport: u16,
+    /// 0 = frontend, 1..=count = backend slots.
+    pub backend_slot: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct nb_lb6_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb6Backend {
+    /// Backend address, network order.
+    pub address: [u32; 4],
+    /// Backend port, network order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `BE_*`.
+    pub state: u8,
+}
+
+/// `struct nb_lb6_reverse_nat`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb6ReverseNat {
+    /// Service VIP, network order.
+    pub address: [u32; 4],
+    /// Service port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// `struct nb_lb6_rev_sk_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb6RevSkKey {
+    /// Socket cookie.
+    pub cookie: u64,
+    /// Backend address, network order.
+    pub address: [u32; 4],
+    /// Backend port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+    /// Zero.
+    pub pad2: u32,
+}
+
+/// `struct nb_lb6_rev_sk_val`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb6RevSkVal {
+    /// Service VIP, network order.
+    pub address: [u32; 4],
+    /// Service port, network order.
+    pub port: u16,
+    /// Service id.
+    pub rev_nat_index: u16,
+}
+
+/// `struct nb_sock_term_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockTermKey {
+    /// Removed backend, network order; IPv4 as `::ffff:a.b.c.d`.
+    pub address: [u32; 4],
+    /// Its port, network order.
+    pub port: u16,
+    /// `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// `struct nb_sock_term_rec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTermRec {
+    /// The socket's peer, network order, v4-mapped for IPv4.
+    pub address: [u32; 4],
+    /// Peer port, network order.
+    pub port: u16,
+    /// The socket's family (`AF_INET` or `AF_INET6`).
+    pub family: u16,
+    /// `bpf_sock_destroy()` result: 0 or -errno.
+    pub result: i32,
+}
+
+/// `NB_KFUNC_SOCK_DESTROY_MARKER`.
+pub const KFUNC_SOCK_DESTROY_MARKER: i32 = 0x7e_57d0;
+
 /// `struct nb_config`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -194,6 +307,12 @@ unsafe impl aya::Pod for Lb4AffinityKey {}
 unsafe impl aya::Pod for Lb4AffinityVal {}
 unsafe impl aya::Pod for Lb4AffinityMatch {}
 unsafe impl aya::Pod for NbConfig {}
+unsafe impl aya::Pod for Lb6Key {}
+unsafe impl aya::Pod for Lb6Backend {}
+unsafe impl aya::Pod for Lb6ReverseNat {}
+unsafe impl aya::Pod for Lb6RevSkKey {}
+unsafe impl aya::Pod for Lb6RevSkVal {}
+unsafe impl aya::Pod for SockTermKey {}
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
@@ -233,6 +352,36 @@ const _: () = {
     assert!(offset_of!(Lb4AffinityMatch, rev_nat_id) == 4);
 
     assert!(size_of::<NbConfig>() == 8);
+
+    assert!(size_of::<Lb6Key>() == 24);
+    assert!(offset_of!(Lb6Key, dport) == 16);
+    assert!(offset_of!(Lb6Key, backend_slot) == 18);
+    assert!(offset_of!(Lb6Key, proto) == 20);
+    assert!(offset_of!(Lb6Key, pad) == 21);
+
+    assert!(size_of::<Lb6Backend>() == 20);
+    assert!(offset_of!(Lb6Backend, port) == 16);
+    assert!(offset_of!(Lb6Backend, proto) == 18);
+    assert!(offset_of!(Lb6Backend, state) == 19);
+
+    assert!(size_of::<Lb6ReverseNat>() == 20);
+    assert!(offset_of!(Lb6ReverseNat, port) == 16);
+
+    assert!(size_of::<Lb6RevSkKey>() == 32);
+    assert!(offset_of!(Lb6RevSkKey, address) == 8);
+    assert!(offset_of!(Lb6RevSkKey, port) == 24);
+    assert!(offset_of!(Lb6RevSkKey, pad2) == 28);
+    assert!(size_of::<Lb6RevSkVal>() == 20);
+    assert!(offset_of!(Lb6RevSkVal, port) == 16);
+    assert!(offset_of!(Lb6RevSkVal, rev_nat_index) == 18);
+
+    assert!(size_of::<SockTermKey>() == 20);
+    assert!(offset_of!(SockTermKey, port) == 16);
+    assert!(offset_of!(SockTermKey, proto) == 18);
+    assert!(size_of::<SockTermRec>() == 24);
+    assert!(offset_of!(SockTermRec, port) == 16);
+    assert!(offset_of!(SockTermRec, family) == 18);
+    assert!(offset_of!(SockTermRec, result) == 20);
 };
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
@@ -271,6 +420,30 @@ pub fn addr_from_be(v: u32) -> Ipv4Addr {
     Ipv4Addr::from(v.to_ne_bytes())
 }
 
+/// An IPv6 address as kept in the maps (four network-order words).
+pub fn addr6_be(ip: Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// Back from the map form.
+pub fn addr6_from_be(v: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in v.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+/// Any address in the 16-byte form of `nb_sock_term` (IPv4 v4-mapped).
+pub fn addr_any16_be(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => addr6_be(v4.to_ipv6_mapped()),
+        IpAddr::V6(v6) => addr6_be(v6),
+    }
+}
+
 /// A port as kept in the maps (network order u16).
 pub fn port_be(p: u16) -> u16 {
     p.to_be()
@@ -293,8 +466,8 @@ pub fn proto_name(p: u8) -> &'static str {
 /// A frontend address as a value type (host order), for tables and display.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct L4Addr {
-    /// IPv4 address.
-    pub ip: Ipv4Addr,
+    /// IPv4 or IPv6 address.
+    pub ip: IpAddr,
     /// Port, host order.
     pub port: u16,
     /// IP protocol number.
@@ -303,15 +476,29 @@ pub struct L4Addr {
 
 impl std::fmt::Display for L4Addr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, proto_name(self.proto))
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, proto_name(self.proto)),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, proto_name(self.proto)),
+        }
+    }
+}
+
+impl L4Addr {
+    /// An IPv6 address (lb6 maps)?
+    pub fn is_v6(&self) -> bool {
+        self.ip.is_ipv6()
     }
 }
 
 impl Lb4Key {
-    /// The key of a frontend or slot.
+    /// The key of a frontend or slot (`fe` IPv4; see [`Lb6Key::new`]).
     pub fn new(fe: L4Addr, slot: u16) -> Self {
+        let ip = match fe.ip {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        };
         Self {
-            address: addr_be(fe.ip),
+            address: addr_be(ip),
             dport: port_be(fe.port),
             backend_slot: slot,
             proto: fe.proto,
@@ -322,7 +509,33 @@ impl Lb4Key {
     /// The frontend this key belongs to.
     pub fn frontend(&self) -> L4Addr {
         L4Addr {
-            ip: addr_from_be(self.address),
+            ip: IpAddr::V4(addr_from_be(self.address)),
+            port: port_from_be(self.dport),
+            proto: self.proto,
+        }
+    }
+}
+
+impl Lb6Key {
+    /// The key of a frontend or slot (`fe` IPv6; see [`Lb4Key::new`]).
+    pub fn new(fe: L4Addr, slot: u16) -> Self {
+        let ip = match fe.ip {
+            IpAddr::V6(ip) => ip,
+            IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+        };
+        Self {
+            address: addr6_be(ip),
+            dport: port_be(fe.port),
+            backend_slot: slot,
+            proto: fe.proto,
+            pad: [0; 3],
+        }
+    }
+
+    /// The frontend this key belongs to.
+    pub fn frontend(&self) -> L4Addr {
+        L4Addr {
+            ip: IpAddr::V6(addr6_from_be(self.address)),
             port: port_from_be(self.dport),
             proto: self.proto,
         }
@@ -333,10 +546,42 @@ impl Lb4Backend {
     /// The backend's address.
     pub fn l4(&self) -> L4Addr {
         L4Addr {
-            ip: addr_from_be(self.address),
+            ip: IpAddr::V4(addr_from_be(self.address)),
             port: port_from_be(self.port),
             proto: self.proto,
         }
+    }
+}
+
+impl Lb6Backend {
+    /// The backend's address.
+    pub fn l4(&self) -> L4Addr {
+        L4Addr {
+            ip: IpAddr::V6(addr6_from_be(self.address)),
+            port: port_from_be(self.port),
+            proto: self.proto,
+        }
+    }
+}
+
+impl SockTermKey {
+    /// The key of a removed backend.
+    pub fn new(be: L4Addr) -> Self {
+        Self {
+            address: addr_any16_be(be.ip),
+            port: port_be(be.port),
+            proto: be.proto,
+            pad: 0,
+        }
+    }
+}
+
+impl SockTermRec {
+    /// The peer, IPv4 when v4-mapped.
+    pub fn peer(&self) -> (IpAddr, u16) {
+        let ip = addr6_from_be(self.address);
+        let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+        (ip, port_from_be(self.port))
     }
 }
 
@@ -362,7 +607,7 @@ mod tests {
     #[test]
     fn network_order_round_trip() {
         let fe = L4Addr {
-            ip: Ipv4Addr::new(10, 96, 0, 10),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
             port: 53,
             proto: PROTO_UDP,
         };
@@ -370,5 +615,27 @@ mod tests {
         assert_eq!(k.address.to_ne_bytes(), [10, 96, 0, 10]);
         assert_eq!(k.dport.to_ne_bytes(), [0, 53]);
         assert_eq!(k.frontend(), fe);
+    }
+
+    #[test]
+    fn ipv6_network_order_round_trip() {
+        let fe = L4Addr {
+            ip: "fd00:96::a".parse().unwrap(),
+            port: 53,
+            proto: PROTO_UDP,
+        };
+        let k = Lb6Key::new(fe, 0);
+        assert_eq!(k.address[0].to_ne_bytes(), [0xfd, 0, 0, 0x96]);
+        assert_eq!(k.address[3].to_ne_bytes(), [0, 0, 0, 0x0a]);
+        assert_eq!(k.frontend(), fe);
+        assert_eq!(fe.to_string(), "[fd00:96::a]:53/UDP");
+        let v4 = L4Addr {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 7)),
+            port: 8080,
+            proto: PROTO_UDP,
+        };
+        let t = SockTermKey::new(v4);
+        assert_eq!(t.address[2].to_ne_bytes(), [0, 0, 0xff, 0xff]);
+        assert_eq!(t.address[3].to_ne_bytes(), [10, 244, 0, 7]);
     }
 }

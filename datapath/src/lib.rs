@@ -20,6 +20,7 @@ pub mod maps;
 pub mod pass;
 pub mod pins;
 pub mod reconcile;
+pub mod sock_term;
 pub mod status;
 pub mod sys;
 pub mod watch;

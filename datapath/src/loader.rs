@@ -33,12 +33,17 @@ use crate::sys;
 pub static BPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.bpf.o"));
 
-/// The attach points: (link pin name, program name in the object).
-pub const ATTACH_POINTS: [(&str, &str); 4] = [
+/// The attach points: (link pin name, program name in the object). The *6
+/// ones serve AF_INET6 sockets: IPv4-mapped and IPv6 destinations.
+pub const ATTACH_POINTS: [(&str, &str); 8] = [
     ("connect4", "nb_sock4_connect"),
     ("sendmsg4", "nb_sock4_sendmsg"),
     ("recvmsg4", "nb_sock4_recvmsg"),
     ("getpeername4", "nb_sock4_getpeername"),
+    ("connect6", "nb_sock6_connect"),
+    ("sendmsg6", "nb_sock6_sendmsg"),
+    ("recvmsg6", "nb_sock6_recvmsg"),
+    ("getpeername6", "nb_sock6_getpeername"),
 ];
 
 /// Errors of loading and attaching.
@@ -135,17 +140,21 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::AFF_MATCH => s(size_of::<Lb4AffinityMatch>(), 4),
         names::COUNTERS => s(4, 8),
         names::CONFIG => s(4, size_of::<NbConfig>()),
+        names::SERVICES6 => s(size_of::<Lb6Key>(), size_of::<Lb4Service>()),
+        names::BACKENDS6 => s(4, size_of::<Lb6Backend>()),
+        names::REVNAT6 => s(2, size_of::<Lb6ReverseNat>()),
+        names::REV_SK6 => s(size_of::<Lb6RevSkKey>(), size_of::<Lb6RevSkVal>()),
         _ => None,
     }
 }
 
 fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
     match name {
-        names::SERVICES => Some(sizes.services),
-        names::BACKENDS | names::AFF_MATCH => Some(sizes.backends),
-        names::REVNAT => Some(sizes.reverse_nat),
+        names::SERVICES | names::SERVICES6 => Some(sizes.services),
+        names::BACKENDS | names::AFF_MATCH | names::BACKENDS6 => Some(sizes.backends),
+        names::REVNAT | names::REVNAT6 => Some(sizes.reverse_nat),
         names::AFFINITY => Some(sizes.affinity),
-        names::REV_SK => Some(sizes.backends),
+        names::REV_SK | names::REV_SK6 => Some(sizes.backends),
         _ => None,
     }
 }
@@ -347,12 +356,18 @@ mod tests {
             names::BACKENDS,
             names::AFF_MATCH,
             names::REVNAT,
+            names::SERVICES6,
+            names::BACKENDS6,
+            names::REVNAT6,
         ] {
             // + the 8-byte free-list node of BPF_F_NO_PREALLOC maps.
             assert!(elem(name) + 8 <= mem::HASH_ENTRY, "{name}: {}", elem(name));
         }
         assert_eq!(elem(names::REV_SK), mem::REV_SK_ENTRY);
         assert_eq!(elem(names::AFFINITY), mem::AFFINITY_ENTRY);
+        // The lb6 maps (issue 13) are not in netboot_contract::memory yet:
+        // nb_lb6_rev_sk is a preallocated LRU of this many bytes per entry.
+        assert_eq!(elem(names::REV_SK6), 104);
         // Every map the formula sizes from mapSizes, and no other.
         let sized: Vec<&str> = names::ALL
             .into_iter()
@@ -366,7 +381,11 @@ mod tests {
                 names::REVNAT,
                 names::REV_SK,
                 names::AFFINITY,
-                names::AFF_MATCH
+                names::AFF_MATCH,
+                names::SERVICES6,
+                names::BACKENDS6,
+                names::REVNAT6,
+                names::REV_SK6
             ]
         );
     }

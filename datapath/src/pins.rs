@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <root>/maps/<map name>          nb_lb4_svc, nb_lb4_be, ... (see layout::names)
-//! <root>/links/<attach point>     connect4, sendmsg4, recvmsg4, getpeername4
+//! <root>/links/<attach point>     connect4, sendmsg4, recvmsg4, getpeername4,
+//!                                 connect6, sendmsg6, recvmsg6, getpeername6
 //! ```
 //!
 //! Maps and links outlive the agent: a restarted agent opens them again, so the

@@ -34,15 +34,13 @@
 //! retries with a full pass. Any other map error stops the pass as before.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use serde::Serialize;
 
 use crate::desired::{BackendState, DesiredTable, Frontend, FrontendChanges};
-use crate::layout::{
-    addr_be, port_be, L4Addr, Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service,
-    SVC_F_AFFINITY,
-};
-use crate::maps::{LbMaps, MapsDump, MapsError};
+use crate::layout::{L4Addr, Lb4AffinityMatch, Lb4Service, SVC_F_AFFINITY};
+use crate::maps::{LbMaps, MapsError};
 
 /// Errors of reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +156,19 @@ struct ProgFrontend {
     slots: Vec<u32>,
     /// Backend id → state, as in nb_lb4_affmatch.
     members: BTreeMap<u32, u32>,
-    revnat: Option<Lb4ReverseNat>,
+    /// The reverse-NAT entry as written: (VIP, port).
+    revnat: Option<(IpAddr, u16)>,
+}
+
+/// Entries found at recovery that belong to nothing consistent.
+#[derive(Clone, Debug, Default)]
+struct Orphans {
+    /// (frontend, slot) in nb_lb4_svc / nb_lb6_svc.
+    services: BTreeSet<(L4Addr, u16)>,
+    /// Rev-nat id → in nb_lb6_revnat (true) or nb_lb4_revnat.
+    revnat: BTreeMap<u16, bool>,
+    /// nb_lb4_affmatch keys.
+    aff_match: BTreeMap<Lb4AffinityMatch, u32>,
 }
 
 /// Ids 1..=max. Freed ids are reused first; otherwise the search goes on
@@ -265,13 +275,18 @@ pub struct Reconciler<M: LbMaps> {
     /// No successful full pass since start, resync or a failed pass.
     needs_full: bool,
     frontends: BTreeMap<L4Addr, ProgFrontend>,
-    backends: BTreeMap<L4Addr, (u32, Lb4Backend)>,
+    /// Backend address → (id, `BE_*` state) as written. Ids are one space
+    /// over nb_lb4_be and nb_lb6_be.
+    backends: BTreeMap<L4Addr, (u32, u8)>,
     svc_ids: IdAlloc,
     be_ids: IdAlloc,
     /// Entries found at recovery that belong to nothing consistent.
-    orphans: MapsDump,
+    orphans: Orphans,
     /// What the last pass could not program.
     pressure: Pressure,
+    /// Backends deleted from the maps since the last
+    /// [`Reconciler::take_removed_backends`] (socket termination).
+    removed: Vec<L4Addr>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -284,11 +299,12 @@ impl<M: LbMaps> Reconciler<M> {
             backends: BTreeMap::new(),
             svc_ids: IdAlloc::new(u32::from(u16::MAX)),
             be_ids: IdAlloc::new(u32::MAX - 1),
-            orphans: MapsDump::default(),
+            orphans: Orphans::default(),
             target: BTreeMap::new(),
             refs: BTreeMap::new(),
             needs_full: true,
             pressure: Pressure::default(),
+            removed: Vec::new(),
         };
         r.resync()?;
         Ok(r)
@@ -306,16 +322,22 @@ impl<M: LbMaps> Reconciler<M> {
         self.backends.clear();
         self.svc_ids = IdAlloc::new(u32::from(u16::MAX));
         self.be_ids = IdAlloc::new(u32::MAX - 1);
-        self.orphans = MapsDump::default();
+        self.orphans = Orphans::default();
         let r = self;
+        let entries = dump.service_entries();
         let mut by_id: BTreeMap<u16, L4Addr> = BTreeMap::new();
-        for (k, v) in &dump.services {
-            if k.backend_slot == 0 {
-                let fe = k.frontend();
+        for (fe, slot, v) in &entries {
+            if *slot == 0 {
+                // Ids are one space over both families: a second frontend
+                // with the same id is an orphan.
+                if by_id.contains_key(&v.rev_nat_index) {
+                    r.orphans.services.insert((*fe, 0));
+                    continue;
+                }
                 r.svc_ids.mark(u32::from(v.rev_nat_index));
-                by_id.insert(v.rev_nat_index, fe);
+                by_id.insert(v.rev_nat_index, *fe);
                 r.frontends.insert(
-                    fe,
+                    *fe,
                     ProgFrontend {
                         id: v.rev_nat_index,
                         value: Some(*v),
@@ -324,30 +346,30 @@ impl<M: LbMaps> Reconciler<M> {
                 );
             }
         }
-        for (k, v) in &dump.services {
-            if k.backend_slot == 0 {
+        for (fe, slot, v) in &entries {
+            if *slot == 0 {
                 continue;
             }
-            let fe = k.frontend();
-            match r.frontends.get_mut(&fe) {
+            match r.frontends.get_mut(fe) {
                 Some(p) if p.id == v.rev_nat_index => {
-                    let i = usize::from(k.backend_slot) - 1;
+                    let i = usize::from(*slot) - 1;
                     if p.slots.len() <= i {
                         p.slots.resize(i + 1, 0);
                     }
                     p.slots[i] = v.backend_id;
                 }
                 _ => {
-                    r.orphans.services.insert(*k, *v);
+                    r.orphans.services.insert((*fe, *slot));
                 }
             }
         }
         // A hole in the slots (0) is repaired by the next pass: it differs from desired.
-        for (id, v) in &dump.revnat {
-            match by_id.get(id).and_then(|fe| r.frontends.get_mut(fe)) {
-                Some(p) => p.revnat = Some(*v),
-                None => {
-                    r.orphans.revnat.insert(*id, *v);
+        for (id, ip, port) in dump.revnat_entries() {
+            let fe = by_id.get(&id).filter(|fe| fe.is_v6() == ip.is_ipv6());
+            match fe.and_then(|fe| r.frontends.get_mut(fe)) {
+                Some(p) => p.revnat = Some((ip, port)),
+                _ => {
+                    r.orphans.revnat.insert(id, ip.is_ipv6());
                 }
             }
         }
@@ -364,11 +386,17 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
         }
-        for (id, b) in &dump.backends {
-            r.be_ids.mark(*id);
-            r.backends.insert(b.l4(), (*id, *b));
+        for (id, (addr, state)) in dump.backend_entries() {
+            r.be_ids.mark(id);
+            r.backends.insert(addr, (id, state));
         }
         Ok(())
+    }
+
+    /// Backends deleted from the maps since the last call: their connected
+    /// UDP sockets are to be destroyed (`sock_term`).
+    pub fn take_removed_backends(&mut self) -> Vec<L4Addr> {
+        std::mem::take(&mut self.removed)
     }
 
     /// The maps (for tests and status).
@@ -602,12 +630,7 @@ impl<M: LbMaps> Reconciler<M> {
         state: BackendState,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
-        let val = Lb4Backend {
-            address: addr_be(addr.ip),
-            port: port_be(addr.port),
-            proto: addr.proto,
-            state: state.as_u8(),
-        };
+        let val = state.as_u8();
         let id = match self.backends.get(&addr) {
             Some((_, cur)) if *cur == val => return Ok(()),
             Some((id, _)) => *id,
@@ -616,7 +639,7 @@ impl<M: LbMaps> Reconciler<M> {
                 .alloc()
                 .ok_or(ReconcileError::BackendIdsExhausted(addr))?,
         };
-        self.maps.update_backend(id, val).map_err(|source| {
+        self.maps.put_backend(id, addr, val).map_err(|source| {
             if !self.backends.contains_key(&addr) {
                 self.be_ids.free(id);
             }
@@ -636,7 +659,7 @@ impl<M: LbMaps> Reconciler<M> {
         };
         let id = *id;
         self.maps
-            .delete_backend(id)
+            .del_backend(id, addr)
             .map_err(|source| ReconcileError::Map {
                 what: format!("delete backend {id} {addr}"),
                 source,
@@ -644,6 +667,7 @@ impl<M: LbMaps> Reconciler<M> {
         st.deletes += 1;
         self.backends.remove(&addr);
         self.be_ids.free(id);
+        self.removed.push(addr);
         Ok(())
     }
 
@@ -771,14 +795,10 @@ impl<M: LbMaps> Reconciler<M> {
             p.members.remove(&bid);
         }
 
-        let rn = Lb4ReverseNat {
-            address: addr_be(addr.ip),
-            port: port_be(addr.port),
-            pad: 0,
-        };
+        let rn = (addr.ip, addr.port);
         if p.revnat != Some(rn) {
             self.maps
-                .update_revnat(id, rn)
+                .put_revnat(id, addr)
                 .map_err(map_err(format!("{} revnat {id}", fe.name)))?;
             st.updates += 1;
             p.revnat = Some(rn);
@@ -802,14 +822,13 @@ impl<M: LbMaps> Reconciler<M> {
                 continue;
             }
             let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
-            let k = Lb4Key::new(addr, slot);
             let v = Lb4Service {
                 backend_id: *bid,
                 rev_nat_index: id,
                 ..Default::default()
             };
             self.maps
-                .update_service(k, v)
+                .put_service(addr, slot, v)
                 .map_err(map_err(format!("{} slot {slot}", fe.name)))?;
             st.updates += 1;
             if p.slots.len() <= i {
@@ -832,7 +851,7 @@ impl<M: LbMaps> Reconciler<M> {
         };
         if p.value != Some(front) {
             self.maps
-                .update_service(Lb4Key::new(addr, 0), front)
+                .put_service(addr, 0, front)
                 .map_err(map_err(format!("{} frontend", fe.name)))?;
             st.updates += 1;
             p.value = Some(front);
@@ -840,7 +859,7 @@ impl<M: LbMaps> Reconciler<M> {
         while p.slots.len() > active.len() {
             let slot = u16::try_from(p.slots.len()).unwrap_or(u16::MAX);
             self.maps
-                .delete_service(Lb4Key::new(addr, slot))
+                .del_service(addr, slot)
                 .map_err(map_err(format!("{} delete slot {slot}", fe.name)))?;
             st.deletes += 1;
             p.slots.pop();
@@ -856,7 +875,7 @@ impl<M: LbMaps> Reconciler<M> {
         let map_err = |what: String| move |source| ReconcileError::Map { what, source };
         if p.value.is_some() {
             self.maps
-                .delete_service(Lb4Key::new(addr, 0))
+                .del_service(addr, 0)
                 .map_err(map_err(format!("{addr} delete frontend")))?;
             st.deletes += 1;
             p.value = None;
@@ -864,7 +883,7 @@ impl<M: LbMaps> Reconciler<M> {
         while !p.slots.is_empty() {
             let slot = u16::try_from(p.slots.len()).unwrap_or(u16::MAX);
             self.maps
-                .delete_service(Lb4Key::new(addr, slot))
+                .del_service(addr, slot)
                 .map_err(map_err(format!("{addr} delete slot {slot}")))?;
             st.deletes += 1;
             p.slots.pop();
@@ -884,7 +903,7 @@ impl<M: LbMaps> Reconciler<M> {
         }
         if p.revnat.is_some() {
             self.maps
-                .delete_revnat(id)
+                .del_revnat(id, addr.is_v6())
                 .map_err(map_err(format!("{addr} delete revnat {id}")))?;
             st.deletes += 1;
             p.revnat = None;
@@ -896,19 +915,15 @@ impl<M: LbMaps> Reconciler<M> {
 
     fn delete_orphans(&mut self, st: &mut SyncStats) -> Result<(), ReconcileError> {
         let map_err = |what: String| move |source| ReconcileError::Map { what, source };
-        while let Some((k, _)) = self.orphans.services.pop_first() {
-            if let Err(e) = self.maps.delete_service(k) {
-                self.orphans.services.insert(k, Lb4Service::default());
-                return Err(map_err(format!(
-                    "{} delete orphan slot {}",
-                    k.frontend(),
-                    k.backend_slot
-                ))(e));
+        while let Some((fe, slot)) = self.orphans.services.pop_first() {
+            if let Err(e) = self.maps.del_service(fe, slot) {
+                self.orphans.services.insert((fe, slot));
+                return Err(map_err(format!("{fe} delete orphan slot {slot}"))(e));
             }
             st.deletes += 1;
         }
         while let Some((id, v)) = self.orphans.revnat.pop_first() {
-            if let Err(e) = self.maps.delete_revnat(id) {
+            if let Err(e) = self.maps.del_revnat(id, v) {
                 self.orphans.revnat.insert(id, v);
                 return Err(map_err(format!("delete orphan revnat {id}"))(e));
             }

@@ -117,6 +117,13 @@ pub struct Status {
     /// `mapSizes` changes refused for pinned maps (they keep their size).
     #[serde(default)]
     pub map_size_changes: Vec<MapSizeChange>,
+    /// Connected-UDP socket termination (iter/udp + bpf_sock_destroy):
+    /// `available`, or `unavailable: <reason>`; empty when not checked.
+    #[serde(default)]
+    pub socket_termination: String,
+    /// Connected UDP sockets destroyed since start (their backend was removed).
+    #[serde(default)]
+    pub sockets_destroyed: u64,
     /// `MapFull` and `MapSizeChangeRefused`, derived from the fields above.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -336,6 +343,19 @@ impl Status {
                     self.unserved - self.unserved_services.len()
                 );
             }
+        }
+        if self.socket_termination == "available" {
+            let _ = writeln!(
+                s,
+                "Socket termination:     available (connected UDP), {} sockets destroyed",
+                self.sockets_destroyed
+            );
+        } else if !self.socket_termination.is_empty() {
+            let _ = writeln!(
+                s,
+                "Socket termination:     {} (connected UDP sockets of removed backends are NOT destroyed)",
+                self.socket_termination
+            );
         }
         let last = if self.last_sync_unix == 0 {
             "never".to_string()
@@ -654,6 +674,25 @@ mod tests {
         let js = serde_json::to_value(sample()).unwrap();
         assert_eq!(js["kubeProxy"], "absent");
         assert_eq!(js["kubeProxyCleanup"], "active");
+    }
+
+    #[test]
+    fn socket_termination_unavailable_is_said_plainly() {
+        // Why: a kernel without bpf_sock_destroy must not fail silently.
+        let mut st = Status {
+            socket_termination:
+                "unavailable: kernel has no bpf_sock_destroy kfunc (needs Linux >= 6.5)".into(),
+            ..Default::default()
+        };
+        let text = st.render(false, 0);
+        assert!(text.contains("Socket termination:     unavailable: kernel has no bpf_sock_destroy kfunc (needs Linux >= 6.5) (connected UDP sockets of removed backends are NOT destroyed)"), "{text}");
+        st.socket_termination = "available".into();
+        st.sockets_destroyed = 3;
+        let text = st.render(false, 0);
+        assert!(
+            text.contains("Socket termination:     available (connected UDP), 3 sockets destroyed"),
+            "{text}"
+        );
     }
 
     #[test]

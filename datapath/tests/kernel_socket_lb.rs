@@ -92,7 +92,11 @@ fn frontend(
     affinity: Option<u32>,
 ) -> Frontend {
     Frontend {
-        addr: L4Addr { ip, port, proto },
+        addr: L4Addr {
+            ip: ip.into(),
+            port,
+            proto,
+        },
         name: format!("test/{ip}:{port}"),
         affinity_timeout: affinity,
         backends: backends
@@ -100,7 +104,7 @@ fn frontend(
             .map(|(i, s)| {
                 (
                     L4Addr {
-                        ip: backend_ip(*i),
+                        ip: backend_ip(*i).into(),
                         port: BE_PORT,
                         proto,
                     },
@@ -402,7 +406,7 @@ fn reinstall_updates_links_in_place_without_failures() {
     )];
     env.recon.reconcile(&table(fe.clone())).expect("reconcile");
     let before = loader::attach_state(&env.pins.pins);
-    assert_eq!(before.links.len(), 4);
+    assert_eq!(before.links.len(), 8);
 
     let loop_client = spawn_client(
         &env.cg.path,
@@ -466,7 +470,7 @@ fn program_10k_services_through_the_reconciler() {
             let b = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + 2 * i + j);
             backends.insert(
                 L4Addr {
-                    ip: b,
+                    ip: b.into(),
                     port: 8080,
                     proto: PROTO_TCP,
                 },
@@ -475,7 +479,7 @@ fn program_10k_services_through_the_reconciler() {
         }
         t.insert(Frontend {
             addr: L4Addr {
-                ip,
+                ip: ip.into(),
                 port: 80,
                 proto: PROTO_TCP,
             },

@@ -2,7 +2,10 @@
 //! retries and converges.
 
 use super::{memory::MemoryMaps, LbMaps, MapsDump, MapsError};
-use crate::layout::{Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service};
+use crate::layout::{
+    Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, Lb6Backend, Lb6Key,
+    Lb6ReverseNat,
+};
 
 /// Wraps [`MemoryMaps`]; every `fail_every`-th write fails (before applying).
 #[derive(Clone, Debug)]
@@ -73,6 +76,30 @@ impl LbMaps for FaultyMaps {
     fn delete_aff_match(&mut self, key: Lb4AffinityMatch) -> Result<(), MapsError> {
         self.gate("delete_aff_match")?;
         self.inner.delete_aff_match(key)
+    }
+    fn update_service6(&mut self, key: Lb6Key, val: Lb4Service) -> Result<(), MapsError> {
+        self.gate("update_service6")?;
+        self.inner.update_service6(key, val)
+    }
+    fn delete_service6(&mut self, key: Lb6Key) -> Result<(), MapsError> {
+        self.gate("delete_service6")?;
+        self.inner.delete_service6(key)
+    }
+    fn update_backend6(&mut self, id: u32, val: Lb6Backend) -> Result<(), MapsError> {
+        self.gate("update_backend6")?;
+        self.inner.update_backend6(id, val)
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError> {
+        self.gate("delete_backend6")?;
+        self.inner.delete_backend6(id)
+    }
+    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+        self.gate("update_revnat6")?;
+        self.inner.update_revnat6(id, val)
+    }
+    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+        self.gate("delete_revnat6")?;
+        self.inner.delete_revnat6(id)
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         self.inner.dump()

@@ -5,7 +5,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use super::{LbMaps, MapsDump, MapsError};
 use crate::layout::{
     names, Lb4AffinityKey, Lb4AffinityMatch, Lb4AffinityVal, Lb4Backend, Lb4Key, Lb4RevSkKey,
-    Lb4RevSkVal, Lb4ReverseNat, Lb4Service, NbConfig, COUNTER_MAX, COUNTER_NAMES,
+    Lb4RevSkVal, Lb4ReverseNat, Lb4Service, Lb6Backend, Lb6Key, Lb6RevSkKey, Lb6RevSkVal,
+    Lb6ReverseNat, NbConfig, COUNTER_MAX, COUNTER_NAMES,
 };
 use crate::pins::Pins;
 
@@ -19,6 +20,10 @@ pub struct KernelMaps {
     rev_sk: HashMap<MapData, Lb4RevSkKey, Lb4RevSkVal>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, NbConfig>,
+    services6: HashMap<MapData, Lb6Key, Lb4Service>,
+    backends6: HashMap<MapData, u32, Lb6Backend>,
+    revnat6: HashMap<MapData, u16, Lb6ReverseNat>,
+    rev_sk6: HashMap<MapData, Lb6RevSkKey, Lb6RevSkVal>,
 }
 
 fn open(pins: &Pins, name: &'static str) -> Result<Map, MapsError> {
@@ -96,6 +101,10 @@ impl KernelMaps {
             rev_sk: typed(pins, names::REV_SK)?,
             counters: typed(pins, names::COUNTERS)?,
             config: typed(pins, names::CONFIG)?,
+            services6: typed(pins, names::SERVICES6)?,
+            backends6: typed(pins, names::BACKENDS6)?,
+            revnat6: typed(pins, names::REVNAT6)?,
+            rev_sk6: typed(pins, names::REV_SK6)?,
         })
     }
 
@@ -139,6 +148,10 @@ impl KernelMaps {
             k.map_err(kerr(names::REV_SK, "keys"))?;
             n += 1;
         }
+        for k in self.rev_sk6.keys() {
+            k.map_err(kerr(names::REV_SK6, "keys"))?;
+            n += 1;
+        }
         Ok(n)
     }
 }
@@ -176,6 +189,30 @@ impl LbMaps for KernelMaps {
     fn delete_aff_match(&mut self, key: Lb4AffinityMatch) -> Result<(), MapsError> {
         absent_ok(self.aff_match.remove(&key)).map_err(kerr(names::AFF_MATCH, "delete"))
     }
+    fn update_service6(&mut self, key: Lb6Key, val: Lb4Service) -> Result<(), MapsError> {
+        self.services6
+            .insert(key, val, 0)
+            .map_err(kerr(names::SERVICES6, "update"))
+    }
+    fn delete_service6(&mut self, key: Lb6Key) -> Result<(), MapsError> {
+        absent_ok(self.services6.remove(&key)).map_err(kerr(names::SERVICES6, "delete"))
+    }
+    fn update_backend6(&mut self, id: u32, val: Lb6Backend) -> Result<(), MapsError> {
+        self.backends6
+            .insert(id, val, 0)
+            .map_err(kerr(names::BACKENDS6, "update"))
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError> {
+        absent_ok(self.backends6.remove(&id)).map_err(kerr(names::BACKENDS6, "delete"))
+    }
+    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+        self.revnat6
+            .insert(id, val, 0)
+            .map_err(kerr(names::REVNAT6, "update"))
+    }
+    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+        absent_ok(self.revnat6.remove(&id)).map_err(kerr(names::REVNAT6, "delete"))
+    }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         Ok(MapsDump {
             services: self
@@ -198,6 +235,21 @@ impl LbMaps for KernelMaps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(kerr(names::AFF_MATCH, "iter"))?,
+            services6: self
+                .services6
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(kerr(names::SERVICES6, "iter"))?,
+            backends6: self
+                .backends6
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(kerr(names::BACKENDS6, "iter"))?,
+            revnat6: self
+                .revnat6
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(kerr(names::REVNAT6, "iter"))?,
         })
     }
 }

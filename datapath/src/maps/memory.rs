@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use super::{LbMaps, MapsDump, MapsError};
-use crate::layout::{names, Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service};
+use crate::layout::{
+    names, Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, Lb6Backend, Lb6Key,
+    Lb6ReverseNat,
+};
 
 /// Capacities, like a kernel map's `max_entries` (None: unlimited).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -16,6 +19,12 @@ pub struct MapLimits {
     pub revnat: Option<usize>,
     /// `nb_lb4_affmatch`.
     pub aff_match: Option<usize>,
+    /// `nb_lb6_svc`.
+    pub services6: Option<usize>,
+    /// `nb_lb6_be`.
+    pub backends6: Option<usize>,
+    /// `nb_lb6_revnat`.
+    pub revnat6: Option<usize>,
 }
 
 /// Maps held in `BTreeMap`s; counts writes so tests can assert "no writes".
@@ -119,6 +128,54 @@ impl LbMaps for MemoryMaps {
     fn delete_aff_match(&mut self, key: Lb4AffinityMatch) -> Result<(), MapsError> {
         self.writes += 1;
         self.state.aff_match.remove(&key);
+        Ok(())
+    }
+    fn update_service6(&mut self, key: Lb6Key, val: Lb4Service) -> Result<(), MapsError> {
+        self.writes += 1;
+        room(
+            &self.state.services6,
+            &key,
+            self.limits.services6,
+            names::SERVICES6,
+        )?;
+        self.state.services6.insert(key, val);
+        Ok(())
+    }
+    fn delete_service6(&mut self, key: Lb6Key) -> Result<(), MapsError> {
+        self.writes += 1;
+        self.state.services6.remove(&key);
+        Ok(())
+    }
+    fn update_backend6(&mut self, id: u32, val: Lb6Backend) -> Result<(), MapsError> {
+        self.writes += 1;
+        room(
+            &self.state.backends6,
+            &id,
+            self.limits.backends6,
+            names::BACKENDS6,
+        )?;
+        self.state.backends6.insert(id, val);
+        Ok(())
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError> {
+        self.writes += 1;
+        self.state.backends6.remove(&id);
+        Ok(())
+    }
+    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+        self.writes += 1;
+        room(
+            &self.state.revnat6,
+            &id,
+            self.limits.revnat6,
+            names::REVNAT6,
+        )?;
+        self.state.revnat6.insert(id, val);
+        Ok(())
+    }
+    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+        self.writes += 1;
+        self.state.revnat6.remove(&id);
         Ok(())
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {

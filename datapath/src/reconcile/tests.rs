@@ -1,7 +1,7 @@
 //! Reconciler unit tests against the in-memory and faulty map backends, with
 //! golden map dumps (insta snapshots under `snapshots/`).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -9,9 +9,10 @@ use serde::Deserialize;
 
 use super::*;
 use crate::desired::{build, Frontend};
-use crate::layout::{Lb4Key, PROTO_TCP};
+use crate::layout::{Lb4Key, Lb4ReverseNat, PROTO_TCP};
 use crate::maps::faulty::FaultyMaps;
 use crate::maps::memory::MemoryMaps;
+use crate::maps::MapsDump;
 
 /// Services and slices of a multi-document YAML fixture.
 pub(crate) fn fixture(text: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
@@ -35,7 +36,7 @@ fn cluster() -> DesiredTable {
 
 fn tcp(ip: [u8; 4], port: u16) -> L4Addr {
     L4Addr {
-        ip: Ipv4Addr::from(ip),
+        ip: IpAddr::V4(Ipv4Addr::from(ip)),
         port,
         proto: PROTO_TCP,
     }
@@ -255,6 +256,7 @@ fn entries_of(d: &MapsDump, fe: L4Addr, id: u16) -> MapsDump {
             .filter(|(k, _)| k.rev_nat_id == id)
             .map(|(k, v)| (*k, *v))
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -581,4 +583,63 @@ fn partial_pass_under_pressure_succeeds_and_asks_for_a_full_one() {
     r.reconcile(&table(&[fe])).unwrap();
     assert!(r.pressure().is_empty());
     assert_eq!(r.maps().state.backends.len(), 1);
+}
+
+#[test]
+fn dual_stack_service_programs_v4_and_v6_frontends_from_their_own_slices() {
+    // Why (issue 13): IPv6 ClusterIPs and addressType IPv6 slices were ignored.
+    let (s, e) = fixture(
+        "kind: Service
+metadata: {name: web, namespace: d}
+spec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.5, 'fd00:96::5'], ipFamilies: [IPv4, IPv6], ports: [{port: 80, targetPort: 8080}]}
+---
+kind: EndpointSlice
+metadata: {name: web-4, namespace: d, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.1]}]
+---
+kind: EndpointSlice
+metadata: {name: web-6, namespace: d, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ['fd00:244::1']}, {addresses: ['fd00:244::2'], conditions: {ready: false}}]
+",
+    );
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    r.reconcile(&build(&s, &e, 10800)).unwrap();
+    assert_eq!(
+        r.maps().state.render(),
+        "svc 10.96.0.5:80/TCP slot=0 count=1 revnat=1 flags=0x0 affinity_timeout=0
+svc 10.96.0.5:80/TCP slot=1 backend=1 revnat=1
+svc [fd00:96::5]:80/TCP slot=0 count=1 revnat=2 flags=0x0 affinity_timeout=0
+svc [fd00:96::5]:80/TCP slot=1 backend=2 revnat=2
+backend 1 10.244.0.1:8080/TCP active
+backend 2 [fd00:244::1]:8080/TCP active
+revnat 1 10.96.0.5:80
+revnat 2 [fd00:96::5]:80
+affmatch backend=1 revnat=1 state=0
+affmatch backend=2 revnat=2 state=0
+"
+    );
+    // A restart reads both families back and writes nothing.
+    let mut again = Reconciler::recover(r.maps().clone()).unwrap();
+    assert_eq!(again.reconcile(&build(&s, &e, 10800)).unwrap().writes(), 0);
+    // The v6 backend goes: it is reported for socket termination.
+    let gone: Vec<_> = e
+        .iter()
+        .filter(|s| s.address_type == "IPv4")
+        .cloned()
+        .collect();
+    again.take_removed_backends();
+    again.reconcile(&build(&s, &gone, 10800)).unwrap();
+    let removed = again.take_removed_backends();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].to_string(), "[fd00:244::1]:8080/TCP");
+    assert!(again
+        .maps()
+        .state
+        .services6
+        .keys()
+        .all(|k| k.backend_slot == 0));
 }

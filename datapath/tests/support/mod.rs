@@ -12,7 +12,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -72,8 +72,11 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Self {
         assert!(
-            name.starts_with("nbt-dp-") || name.starts_with("nbcl-") || name.starts_with("nbag-"),
-            "test netns must be prefixed nbt-dp-, nbcl- or nbag-: {name}"
+            name.starts_with("nbt-dp-")
+                || name.starts_with("nbcl-")
+                || name.starts_with("nbag-")
+                || name.starts_with("nbv6-"),
+            "test netns must be prefixed nbt-dp-, nbcl-, nbag- or nbv6-: {name}"
         );
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run("ip", &["netns", "add", name]);
@@ -166,7 +169,8 @@ impl Drop for TestPins {
 }
 
 /// Client netns + server netns joined by a veth pair.
-/// Client: 10.244.0.100/16. Server: 10.244.1.1..=N/16 (the backends).
+/// Client: 10.244.0.100/16 and fd00:244::100/64. Server: 10.244.1.1..=N/16
+/// and fd00:244::1:1..=N/64 (the backends). No default route either side.
 pub struct Topology {
     pub client: Netns,
     pub server: Netns,
@@ -174,7 +178,7 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(tag: &str, backends: u8) -> Self {
-        let base = if tag.starts_with("nbag-") {
+        let base = if tag.starts_with("nbag-") || tag.starts_with("nbv6-") {
             tag.to_string()
         } else {
             format!("nbt-dp-{tag}")
@@ -194,9 +198,27 @@ impl Topology {
             &server.name,
         ]);
         client.ip(&["addr", "add", "10.244.0.100/16", "dev", "veth0"]);
+        client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:244::100/64",
+            "dev",
+            "veth0",
+            "nodad",
+        ]);
         client.ip(&["link", "set", "veth0", "up"]);
         for i in 1..=backends {
             server.ip(&["addr", "add", &format!("10.244.1.{i}/16"), "dev", "veth1"]);
+            server.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", backend_ip6(i)),
+                "dev",
+                "veth1",
+                "nodad",
+            ]);
         }
         server.ip(&["link", "set", "veth1", "up"]);
         Self { client, server }
@@ -205,6 +227,22 @@ impl Topology {
 
 pub fn backend_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 1, i)
+}
+
+/// The IPv6 address of backend `i` (ULA, inside the test namespaces only).
+pub fn backend_ip6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 1, u16::from(i))
+}
+
+/// CLOCK_MONOTONIC in ns: comparable across processes of this machine.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Enters the network namespace at `path` on the calling thread.
@@ -230,6 +268,15 @@ pub struct Servers {
 impl Servers {
     /// One TCP and one UDP server per `(name, ip, port)`.
     pub fn start(ns: &Netns, backends: &[(&str, Ipv4Addr, u16)]) -> Self {
+        let any: Vec<(&str, IpAddr, u16)> = backends
+            .iter()
+            .map(|(n, ip, p)| (*n, IpAddr::V4(*ip), *p))
+            .collect();
+        Self::start_any(ns, &any)
+    }
+
+    /// As [`Servers::start`], IPv4 or IPv6.
+    pub fn start_any(ns: &Netns, backends: &[(&str, IpAddr, u16)]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (name, ip, port) in backends {
@@ -240,7 +287,7 @@ impl Servers {
             let (path2, stop3, name2, tx2) = (path.clone(), stop.clone(), name.clone(), tx.clone());
             threads.push(std::thread::spawn(move || {
                 setns_thread(&path);
-                let tcp = TcpListener::bind(SocketAddrV4::new(ip, port)).expect("bind tcp");
+                let tcp = TcpListener::bind(SocketAddr::new(ip, port)).expect("bind tcp");
                 tcp.set_nonblocking(true).expect("nonblocking");
                 tx.send(()).expect("ready");
                 while !stop2.load(Ordering::Relaxed) {
@@ -255,7 +302,7 @@ impl Servers {
             }));
             threads.push(std::thread::spawn(move || {
                 setns_thread(&path2);
-                let udp = UdpSocket::bind(SocketAddrV4::new(ip, port)).expect("bind udp");
+                let udp = UdpSocket::bind(SocketAddr::new(ip, port)).expect("bind udp");
                 udp.set_read_timeout(Some(Duration::from_millis(20)))
                     .expect("timeout");
                 tx2.send(()).expect("ready");
@@ -299,6 +346,17 @@ pub enum ClientOp {
         duration_ms: u64,
         interval_ms: u64,
     },
+    /// As `Tcp`, any family: a `::ffff:a.b.c.d` address uses an AF_INET6 socket.
+    TcpAny { addr: SocketAddr, count: u32 },
+    /// As `Udp` (one unconnected socket), any family; an IPv6 or v4-mapped
+    /// destination uses an AF_INET6 socket bound to `[::]:0`.
+    UdpAny { addr: SocketAddr, count: u32 },
+    /// Socket termination: a connected UDP socket and an unconnected one
+    /// each get a reply; prints `NBT-READY <backend>` and waits for the
+    /// connected one to fail. Results: [connected first reply, connected
+    /// failure (errno, `mono_ns` when seen), unconnected after the failure,
+    /// reconnect, unconnected before].
+    UdpTerm { addr: SocketAddr },
 }
 
 /// One attempt.
@@ -309,13 +367,16 @@ pub struct Attempt {
     pub peer: String,
     pub errno: i32,
     pub micros: u64,
+    /// CLOCK_MONOTONIC ns at the end of the attempt (UdpTerm only).
+    #[serde(default)]
+    pub mono_ns: u64,
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)
 }
 
-fn tcp_once(addr: SocketAddrV4) -> Attempt {
+fn tcp_once(addr: impl Into<SocketAddr>) -> Attempt {
     let t = Instant::now();
     match std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)) {
         Ok(mut s) => {
@@ -339,6 +400,7 @@ fn tcp_once(addr: SocketAddrV4) -> Attempt {
                             peer,
                             errno: errno_of(&e),
                             micros: t.elapsed().as_micros() as u64,
+                            mono_ns: 0,
                         };
                     }
                 }
@@ -350,6 +412,7 @@ fn tcp_once(addr: SocketAddrV4) -> Attempt {
                 peer,
                 errno: 0,
                 micros: t.elapsed().as_micros() as u64,
+                mono_ns: 0,
             }
         }
         Err(e) => Attempt {
@@ -358,11 +421,13 @@ fn tcp_once(addr: SocketAddrV4) -> Attempt {
             peer: String::new(),
             errno: errno_of(&e),
             micros: t.elapsed().as_micros() as u64,
+            mono_ns: 0,
         },
     }
 }
 
-fn udp_once(sock: &UdpSocket, addr: SocketAddrV4) -> Attempt {
+fn udp_once(sock: &UdpSocket, addr: impl Into<SocketAddr>) -> Attempt {
+    let addr: SocketAddr = addr.into();
     let t = Instant::now();
     let mut b = [0u8; 256];
     if let Err(e) = sock.send_to(b"hi", addr) {
@@ -372,6 +437,7 @@ fn udp_once(sock: &UdpSocket, addr: SocketAddrV4) -> Attempt {
             peer: String::new(),
             errno: errno_of(&e),
             micros: t.elapsed().as_micros() as u64,
+            mono_ns: 0,
         };
     }
     match sock.recv_from(&mut b) {
@@ -381,6 +447,7 @@ fn udp_once(sock: &UdpSocket, addr: SocketAddrV4) -> Attempt {
             peer: from.to_string(),
             errno: 0,
             micros: t.elapsed().as_micros() as u64,
+            mono_ns: 0,
         },
         Err(e) => Attempt {
             ok: false,
@@ -388,6 +455,7 @@ fn udp_once(sock: &UdpSocket, addr: SocketAddrV4) -> Attempt {
             peer: String::new(),
             errno: errno_of(&e),
             micros: t.elapsed().as_micros() as u64,
+            mono_ns: 0,
         },
     }
 }
@@ -399,6 +467,73 @@ fn udp_sock() -> UdpSocket {
     s
 }
 
+/// An unconnected UDP socket of the family `addr` needs.
+fn udp_sock_for(addr: SocketAddr) -> UdpSocket {
+    let s = match addr {
+        SocketAddr::V4(_) => UdpSocket::bind("0.0.0.0:0"),
+        SocketAddr::V6(_) => UdpSocket::bind("[::]:0"),
+    }
+    .expect("udp bind");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    s
+}
+
+fn failed(errno: i32) -> Attempt {
+    Attempt {
+        ok: false,
+        name: String::new(),
+        peer: String::new(),
+        errno,
+        micros: 0,
+        mono_ns: monotonic_ns(),
+    }
+}
+
+/// One request/reply on a connected UDP socket.
+fn udp_connected_once(s: &UdpSocket) -> Attempt {
+    let mut b = [0u8; 256];
+    if let Err(e) = s.send(b"hi") {
+        return failed(errno_of(&e));
+    }
+    match s.recv(&mut b) {
+        Ok(n) => Attempt {
+            ok: true,
+            name: String::from_utf8_lossy(&b[..n]).to_string(),
+            peer: s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            errno: 0,
+            micros: 0,
+            mono_ns: monotonic_ns(),
+        },
+        Err(e) => failed(errno_of(&e)),
+    }
+}
+
+fn udp_term(addr: SocketAddr) -> Vec<Attempt> {
+    let conn = udp_sock_for(addr);
+    conn.connect(addr).expect("udp connect");
+    let first = udp_connected_once(&conn);
+    let unconn = udp_sock_for(addr);
+    let before = udp_once(&unconn, addr);
+    println!("NBT-READY {}", first.name);
+    let _ = std::io::stdout().flush();
+    // Blocks until the socket is destroyed (sk_err wakes the reader) or 5 s.
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut b = [0u8; 64];
+    let err = match conn.recv(&mut b) {
+        Ok(_) => failed(0),
+        Err(e) => failed(errno_of(&e)),
+    };
+    let again = udp_once(&unconn, addr);
+    let conn2 = udp_sock_for(addr);
+    let re = match conn2.connect(addr) {
+        Ok(()) => udp_connected_once(&conn2),
+        Err(e) => failed(errno_of(&e)),
+    };
+    vec![first, err, again, re, before]
+}
+
 /// Runs in the child (see [`helper_main`]).
 fn client_main(op: ClientOp) -> Vec<Attempt> {
     match op {
@@ -407,6 +542,12 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
             let s = udp_sock();
             (0..count).map(|_| udp_once(&s, addr)).collect()
         }
+        ClientOp::TcpAny { addr, count } => (0..count).map(|_| tcp_once(addr)).collect(),
+        ClientOp::UdpAny { addr, count } => {
+            let s = udp_sock_for(addr);
+            (0..count).map(|_| udp_once(&s, addr)).collect()
+        }
+        ClientOp::UdpTerm { addr } => udp_term(addr),
         ClientOp::UdpNewSocket { addr, count } => {
             (0..count).map(|_| udp_once(&udp_sock(), addr)).collect()
         }
@@ -461,7 +602,11 @@ pub fn spawn_client(cgroup: &Path, ns: &Netns, op: &ClientOp) -> ChildGuard {
     cmd.args(["--exact", "helper", "--nocapture", "--test-threads=1"])
         .env(HELPER_ENV, serde_json::to_string(op).expect("json"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(if std::env::var_os("NBT_CLIENT_STDERR").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
     // SAFETY: only async-signal-safe calls (open, write, close, setns) in the child.
     unsafe {
         cmd.pre_exec(move || {

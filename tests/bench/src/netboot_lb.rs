@@ -10,7 +10,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use netboot_datapath::config::MapSizes;
 use netboot_datapath::desired::DesiredTable;
-use netboot_datapath::layout::{Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service};
+use netboot_datapath::layout::{
+    Lb4AffinityMatch, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, Lb6Backend, Lb6Key,
+    Lb6ReverseNat,
+};
 use netboot_datapath::loader;
 use netboot_datapath::maps::kernel::KernelMaps;
 use netboot_datapath::maps::{LbMaps, MapsDump, MapsError};
@@ -73,6 +76,24 @@ impl LbMaps for TimedMaps {
     }
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError> {
         self.timed(|m| m.delete_revnat(id))
+    }
+    fn update_service6(&mut self, key: Lb6Key, val: Lb4Service) -> Result<(), MapsError> {
+        self.timed(|m| m.update_service6(key, val))
+    }
+    fn delete_service6(&mut self, key: Lb6Key) -> Result<(), MapsError> {
+        self.timed(|m| m.delete_service6(key))
+    }
+    fn update_backend6(&mut self, id: u32, val: Lb6Backend) -> Result<(), MapsError> {
+        self.timed(|m| m.update_backend6(id, val))
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError> {
+        self.timed(|m| m.delete_backend6(id))
+    }
+    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+        self.timed(|m| m.update_revnat6(id, val))
+    }
+    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+        self.timed(|m| m.delete_revnat6(id))
     }
     fn update_aff_match(&mut self, key: Lb4AffinityMatch, state: u32) -> Result<(), MapsError> {
         self.timed(|m| m.update_aff_match(key, state))

@@ -314,7 +314,7 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
         };
         remove().await;
         for y in [
-            "metadata: {name: nb-unserved-sctp}\nspec: {ports: [{port: 80}, {name: s, port: 9, protocol: SCTP}]}",
+            "metadata: {name: nb-unserved-sctp}\nspec: {ports: [{name: http, port: 80}, {name: s, port: 9, protocol: SCTP}]}",
             "metadata: {name: nb-unserved-np}\nspec: {type: NodePort, ports: [{port: 80}]}",
         ] {
             let svc: Service = serde_yaml::from_str(y).unwrap();

@@ -261,6 +261,9 @@ fn the_reconciler_is_refused_everything_outside_its_job() {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let mut privileged = probe_pod(&ns, "rbac-test-privileged");
         privileged["spec"]["containers"][0]["securityContext"]["privileged"] = json!(true);
+        // A valid pod (privileged with escalation allowed), so only the policy can refuse it.
+        privileged["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] =
+            json!(true);
         v.denied(
             "create a privileged pod in <ns>",
             pods.create(&post(), &obj(privileged)).await,
@@ -319,11 +322,14 @@ fn the_reconciler_is_refused_everything_outside_its_job() {
             "create Lease kube-system/netboot-lock",
             leases.create(&post(), &lease("netboot-lock")).await,
         );
+        // An update is a compare-and-swap on the live object (as lock.rs does).
+        let mut live = lease("netboot-lock");
+        if let Ok(Some(l)) = leases.get_opt("netboot-lock").await {
+            live.metadata.resource_version = l.metadata.resource_version;
+        }
         v.allowed(
             "update Lease kube-system/netboot-lock",
-            leases
-                .replace("netboot-lock", &post(), &lease("netboot-lock"))
-                .await,
+            leases.replace("netboot-lock", &post(), &live).await,
         );
         let kp_cm: Api<ConfigMap> = Api::namespaced(client.clone(), &kp.namespace);
         v.allowed(

@@ -20,7 +20,7 @@ use crate::kube_proxy::{self, KubeProxyState, KubeProxyWatch};
 use crate::loader;
 use crate::maps::kernel::KernelMaps;
 use crate::maps::MapsError;
-use crate::pass::{PassKind, Passes};
+use crate::pass::{PassKind, PassReport, Passes};
 use crate::pins::Pins;
 use crate::reconcile::{ReconcileError, Reconciler};
 use crate::sock_term::{self, SockTerm};
@@ -457,6 +457,22 @@ async fn reconcile_loop(
         let pass = tokio::task::block_in_place(|| {
             passes.run(watched, recon, cfg.session_affinity_timeout_seconds)
         });
+        let pass_took = t.elapsed();
+        if !matches!(
+            pass,
+            Ok(PassReport {
+                kind: PassKind::Idle,
+                ..
+            })
+        ) {
+            state.update(|s| {
+                s.sync_duration.observe(pass_took);
+                if let Ok(p) = &pass {
+                    s.network_programming
+                        .observe(&p.programmed.changes, p.programmed.at);
+                }
+            });
+        }
         match pass {
             Ok(pass) => {
                 terminate_removed(recon, term, state);

@@ -14,6 +14,7 @@ pub mod diag;
 pub mod handover;
 pub mod http;
 pub mod kube_proxy;
+pub mod latency;
 pub mod layout;
 pub mod loader;
 pub mod maps;

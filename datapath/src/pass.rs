@@ -6,13 +6,19 @@
 //! - partial: only the dirty Services' frontends are rebuilt, and the
 //!   reconciler writes only the frontend addresses they had or have now;
 //! - idle: nothing changed, nothing is done.
+//!
+//! The trigger times of the changes a pass takes are kept until a pass
+//! succeeds (a failed one is retried as a full pass) and then reported with
+//! the moment its map writes completed ([`PassReport::programmed`]).
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use netboot_contract::features::Feature;
 use serde::Serialize;
 
 use crate::desired::{ServiceKey, ServiceTable};
+use crate::latency::Triggered;
 use crate::maps::LbMaps;
 use crate::reconcile::{ReconcileError, Reconciler, SyncStats};
 use crate::watch::Watched;
@@ -29,7 +35,7 @@ pub enum PassKind {
 }
 
 /// Outcome of one pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PassReport {
     /// Full, partial or idle.
     pub kind: PassKind,
@@ -37,18 +43,62 @@ pub struct PassReport {
     pub stats: SyncStats,
     /// Frontends desired after the pass.
     pub desired_frontends: usize,
+    /// The changes this pass programmed that have a trigger time after the
+    /// passes began (older ones, e.g. of the initial list, are not measured,
+    /// as in kube-proxy), and when their map writes completed.
+    #[serde(skip)]
+    pub programmed: Programmed,
+}
+
+/// Changes whose map writes completed, and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Programmed {
+    /// The changes.
+    pub changes: Vec<Triggered>,
+    /// When the pass's last map write returned.
+    pub at: SystemTime,
 }
 
 /// The desired frontends per Service, kept between passes, and the Services
 /// this agent cannot fully serve (kept the same way: all of them on a full
 /// pass, the dirty ones on a partial one).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Passes {
     table: ServiceTable,
     unserved: BTreeMap<ServiceKey, Vec<Feature>>,
+    /// Changes before this are not measured (kube-proxy's trackerStartTime).
+    since: SystemTime,
+    /// Taken, not yet programmed (a failed pass keeps them).
+    pending: Vec<Triggered>,
+    /// The clock (tests give a fake one).
+    clock: fn() -> SystemTime,
+}
+
+impl Default for Passes {
+    fn default() -> Self {
+        Passes::with_clock(SystemTime::now)
+    }
 }
 
 impl Passes {
+    /// Passes measuring changes with `clock` from its current time on.
+    pub fn with_clock(clock: fn() -> SystemTime) -> Self {
+        Passes {
+            table: ServiceTable::default(),
+            unserved: BTreeMap::new(),
+            since: clock(),
+            pending: Vec::new(),
+            clock,
+        }
+    }
+
+    fn programmed(&mut self) -> Programmed {
+        Programmed {
+            changes: std::mem::take(&mut self.pending),
+            at: (self.clock)(),
+        }
+    }
+
     /// The desired frontends per Service as of the last pass.
     pub fn table(&self) -> &ServiceTable {
         &self.table
@@ -68,6 +118,14 @@ impl Passes {
         default_affinity_timeout: u32,
     ) -> Result<PassReport, ReconcileError> {
         let dirty = watched.take_dirty();
+        let since = self.since;
+        self.pending.extend(
+            dirty
+                .triggers
+                .into_values()
+                .flatten()
+                .filter(|t| t.at > since),
+        );
         if dirty.full || recon.needs_full() {
             self.table = watched.service_table(default_affinity_timeout);
             self.unserved = watched.unserved();
@@ -76,6 +134,7 @@ impl Passes {
                 kind: PassKind::Full,
                 stats,
                 desired_frontends: self.table.len(),
+                programmed: self.programmed(),
             });
         }
         if dirty.services.is_empty() {
@@ -83,6 +142,7 @@ impl Passes {
                 kind: PassKind::Idle,
                 stats: SyncStats::default(),
                 desired_frontends: self.table.len(),
+                programmed: self.programmed(),
             });
         }
         for (k, missing) in watched.unserved_of(&dirty.services) {
@@ -100,6 +160,7 @@ impl Passes {
             kind: PassKind::Partial(dirty.services.len()),
             stats,
             desired_frontends: self.table.len(),
+            programmed: self.programmed(),
         })
     }
 }
@@ -232,6 +293,114 @@ mod tests {
                 PassKind::Idle
             );
         }
+    }
+
+    thread_local! {
+        static NOW: std::cell::Cell<SystemTime> = const { std::cell::Cell::new(SystemTime::UNIX_EPOCH) };
+    }
+
+    fn fake_now() -> SystemTime {
+        NOW.with(|n| n.get())
+    }
+
+    fn set_now(secs: f64) {
+        NOW.with(|n| n.set(at(secs)));
+    }
+
+    fn at(secs: f64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs_f64(secs)
+    }
+
+    /// A slice of Service `a` with one endpoint and a trigger time (seconds).
+    fn timed_slice(name: &str, ip: &str, trigger: f64) -> EndpointSlice {
+        let t = k8s_openapi::jiff::Timestamp::try_from(at(trigger)).unwrap();
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: d, labels: {{kubernetes.io/service-name: a}}, annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{t}'}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]"
+        ))
+        .unwrap()
+    }
+
+    fn svc_a() -> Service {
+        serde_yaml::from_str(
+            "metadata: {name: a, namespace: d}\nspec: {clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}",
+        )
+        .unwrap()
+    }
+
+    fn triggers(p: &PassReport) -> Vec<f64> {
+        p.programmed
+            .changes
+            .iter()
+            .map(|t| {
+                t.at.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs_f64()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_change_is_measured_from_its_trigger_time_to_the_end_of_its_pass() {
+        set_now(100.0);
+        let w = Watched::default();
+        let mut recon = Reconciler::recover(crate::maps::faulty::FaultyMaps::new(0)).unwrap();
+        let mut passes = Passes::with_clock(fake_now);
+        // The initial list: triggered before the agent started, not measured.
+        w.replace_all(vec![svc_a()], vec![timed_slice("a-1", "10.244.0.1", 50.0)]);
+        let p = passes.run(&w, &mut recon, 10800).unwrap();
+        assert_eq!((p.kind, triggers(&p)), (PassKind::Full, vec![]));
+
+        // An endpoint added at 199.5, written by the pass ending at 200.
+        w.apply_slice(timed_slice("a-1", "10.244.0.2", 199.5));
+        set_now(200.0);
+        let p = passes.run(&w, &mut recon, 10800).unwrap();
+        assert_eq!(p.kind, PassKind::Partial(1));
+        assert_eq!((triggers(&p), p.programmed.at), (vec![199.5], at(200.0)));
+
+        // A failed pass keeps the change; the full pass that writes it reports it.
+        w.apply_slice(timed_slice("a-1", "10.244.0.3", 300.0));
+        recon.maps_mut().fail_every = 1;
+        assert!(passes.run(&w, &mut recon, 10800).is_err());
+        recon.maps_mut().fail_every = 0;
+        set_now(302.0);
+        let p = passes.run(&w, &mut recon, 10800).unwrap();
+        assert_eq!((p.kind, triggers(&p)), (PassKind::Full, vec![300.0]));
+        assert_eq!(p.programmed.at, at(302.0));
+
+        // Two updates in one pass: both; a deleted slice drops its Service's
+        // pending ones (its annotation is not this change's time).
+        w.apply_slice(timed_slice("a-2", "10.244.0.4", 400.0));
+        w.apply_slice(timed_slice("a-2", "10.244.0.5", 401.0));
+        let p = passes.run(&w, &mut recon, 10800).unwrap();
+        assert_eq!(triggers(&p), vec![400.0, 401.0]);
+        w.apply_slice(timed_slice("a-2", "10.244.0.6", 500.0));
+        w.delete_slice(&timed_slice("a-2", "10.244.0.6", 500.0));
+        let p = passes.run(&w, &mut recon, 10800).unwrap();
+        assert_eq!((p.kind, triggers(&p)), (PassKind::Partial(1), vec![]));
+        // Nothing pending afterwards.
+        let p = passes.run(&w, &mut recon, 10800).unwrap();
+        assert_eq!((p.kind, triggers(&p)), (PassKind::Idle, vec![]));
+
+        // A relist reports the objects it changed or added, not the others.
+        let mut same = timed_slice("a-1", "10.244.0.3", 300.0);
+        same.metadata.resource_version = Some("7".into());
+        w.replace_all(vec![svc_a()], vec![same.clone()]);
+        passes.run(&w, &mut recon, 10800).unwrap();
+        let mut newer = timed_slice("a-1", "10.244.0.7", 600.0);
+        newer.metadata.resource_version = Some("8".into());
+        w.replace_all(
+            vec![svc_a()],
+            vec![same.clone(), timed_slice("a-3", "10.244.0.8", 601.0)],
+        );
+        assert_eq!(
+            triggers(&passes.run(&w, &mut recon, 10800).unwrap()),
+            vec![601.0]
+        );
+        w.replace_all(vec![svc_a()], vec![newer]);
+        assert_eq!(
+            triggers(&passes.run(&w, &mut recon, 10800).unwrap()),
+            vec![600.0]
+        );
     }
 
     #[test]

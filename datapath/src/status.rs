@@ -143,6 +143,12 @@ pub struct Status {
     pub last_sync_unix: u64,
     /// Duration of the last successful pass in milliseconds.
     pub last_sync_millis: u64,
+    /// Network programming latency per trigger (/metrics only).
+    #[serde(skip)]
+    pub network_programming: crate::latency::Programming,
+    /// Durations of the full and partial passes (/metrics only).
+    #[serde(skip)]
+    pub sync_duration: crate::latency::Histogram<crate::latency::SyncBuckets>,
     /// Last reconcile or watch error.
     pub last_error: String,
     /// Watch stream errors (each retried with backoff).
@@ -583,6 +589,7 @@ impl Status {
                 c.name, c.value
             );
         }
+        crate::latency::write_metrics(&mut s, &self.network_programming, &self.sync_duration);
         s
     }
 }

@@ -8,6 +8,11 @@
 //! `kubernetes.io/service-name` label names, and the Service the stored
 //! slice named before (label changed, or slice deleted). A (re)list or a
 //! static load marks everything dirty (a full pass).
+//!
+//! With a change goes its trigger time ([`crate::latency`]) when it has one:
+//! an EndpointSlice's `last-change-trigger-time`, a Service's last write.
+//! Deletions carry none and drop the Service's pending ones (as kube-proxy
+//! does); a relist carries those of the objects it changed or added.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -24,6 +29,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::desired::{self, DesiredTable, Frontend, Rules, ServiceKey, ServiceTable};
+use crate::latency::{self, Triggered};
 use netboot_contract::features::Feature;
 
 /// The Node label the zone comes from (zone hints).
@@ -62,6 +68,8 @@ pub struct Dirty {
     pub full: bool,
     /// These Services (namespace, name) and their frontends.
     pub services: BTreeSet<ServiceKey>,
+    /// The trigger times of the changes, per Service they affect.
+    pub triggers: BTreeMap<ServiceKey, Vec<Triggered>>,
 }
 
 impl Dirty {
@@ -95,8 +103,15 @@ pub struct Stores {
 }
 
 impl Stores {
+    fn triggered(&mut self, svc: &ServiceKey, t: Option<Triggered>) {
+        if let Some(t) = t {
+            self.dirty.triggers.entry(svc.clone()).or_default().push(t);
+        }
+    }
+
     fn apply_service(&mut self, o: Service) {
         let k = key(&o);
+        self.triggered(&k, latency::service_trigger(&o));
         self.services.insert(k.clone(), o);
         self.dirty.services.insert(k);
     }
@@ -104,6 +119,7 @@ impl Stores {
     fn delete_service(&mut self, o: &Service) {
         let k = key(o);
         self.services.remove(&k);
+        self.dirty.triggers.remove(&k);
         self.dirty.services.insert(k);
     }
 
@@ -126,6 +142,7 @@ impl Stores {
         let k = key(&o);
         self.unindex_slice(&k);
         if let Some(svc) = desired::slice_service(&o) {
+            self.triggered(&svc, latency::slice_trigger(&o));
             self.slices_by_service
                 .entry(svc.clone())
                 .or_default()
@@ -138,11 +155,19 @@ impl Stores {
     fn delete_slice(&mut self, o: &EndpointSlice) {
         self.unindex_slice(&key(o));
         if let Some(svc) = desired::slice_service(o) {
+            // The annotation of a deleted slice is its last update's time,
+            // not this change's (kube-proxy drops the Service's too).
+            self.dirty.triggers.remove(&svc);
             self.dirty.services.insert(svc);
         }
     }
 
     fn replace_services(&mut self, all: BTreeMap<Key, Service>) {
+        for (k, o) in &all {
+            if changed(self.services.get(k), o) {
+                self.triggered(k, latency::service_trigger(o));
+            }
+        }
         self.services = all;
         self.dirty.full = true;
     }
@@ -151,6 +176,9 @@ impl Stores {
         self.slices_by_service.clear();
         for (k, s) in &all {
             if let Some(svc) = desired::slice_service(s) {
+                if changed(self.slices.get(k), s) {
+                    self.triggered(&svc, latency::slice_trigger(s));
+                }
                 self.slices_by_service
                     .entry(svc)
                     .or_default()
@@ -300,7 +328,7 @@ impl Watched {
             .map(|mut s| std::mem::take(&mut s.dirty))
             .unwrap_or(Dirty {
                 full: true,
-                services: BTreeSet::new(),
+                ..Dirty::default()
             })
     }
 
@@ -403,6 +431,15 @@ impl Watched {
 
 fn key<K: Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// A relisted object is new, or not the version stored (no resourceVersion:
+/// a static load, always new).
+fn changed<K: Resource>(old: Option<&K>, new: &K) -> bool {
+    match (old, new.resource_version()) {
+        (Some(old), Some(v)) => old.resource_version().as_deref() != Some(v.as_str()),
+        _ => true,
+    }
 }
 
 /// Which store a watcher feeds.

@@ -6,15 +6,15 @@
 //! Network safety: every address lives inside namespaces created here, joined
 //! by a veth pair whose both ends are in test namespaces; no namespace has a
 //! default route; nothing is added to the root namespace.
+//!
+//! The plumbing itself (netns, cgroup, joining them from a child, HTTP
+//! polling) is netboot-harness's; this file keeps what is the datapath's.
 
 #![allow(dead_code)]
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use netboot_harness::{cgroup, netns, process::Confine};
 use serde::{Deserialize, Serialize};
 
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified";
@@ -51,22 +52,11 @@ pub fn require_privileges() {
     assert!(ok, "privileged datapath test: `ip` (iproute2) is required");
 }
 
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A network namespace `nbt-dp-…` (`nbcl-…` for the node rules cleanup
-/// tests), deleted on drop.
+/// tests), deleted on drop (harness's [`netns::Scoped`], panicking).
 pub struct Netns {
     pub name: String,
+    inner: netns::Scoped,
 }
 
 impl Netns {
@@ -78,20 +68,23 @@ impl Netns {
                 || name.starts_with("nbv6-"),
             "test netns must be prefixed nbt-dp-, nbcl-, nbag- or nbv6-: {name}"
         );
-        let _ = Command::new("ip").args(["netns", "del", name]).output();
-        run("ip", &["netns", "add", name]);
-        let ns = Self {
+        let inner = netns::Scoped::create(name).unwrap_or_else(|e| panic!("{e}"));
+        Self {
             name: name.to_string(),
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+            inner,
+        }
     }
 
     /// `ip -n NAME ARGS…`
     pub fn ip(&self, args: &[&str]) {
-        let mut a = vec!["-n", &self.name];
-        a.extend_from_slice(args);
-        run("ip", &a);
+        self.inner.ip(args).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A veth pair, `local` here and `peer` in `other`.
+    pub fn veth_to(&self, local: &str, other: &Netns, peer: &str) {
+        self.inner
+            .veth_to(local, &other.inner, peer)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs a command inside the namespace (`ip netns exec`), returning output.
@@ -104,15 +97,7 @@ impl Netns {
     }
 
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        self.inner.path()
     }
 }
 
@@ -135,12 +120,7 @@ impl TestCgroup {
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Children have exited (ChildGuard); retry briefly while the kernel reaps them.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        cgroup::remove_retrying(&self.path, 50, Duration::from_millis(20));
         let _ = std::fs::remove_dir(Path::new(CGROUP_ROOT).join("netboot-test"));
     }
 }
@@ -185,18 +165,7 @@ impl Topology {
         };
         let client = Netns::new(&format!("{base}-c"));
         let server = Netns::new(&format!("{base}-s"));
-        client.ip(&[
-            "link",
-            "add",
-            "veth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "veth1",
-            "netns",
-            &server.name,
-        ]);
+        client.veth_to("veth0", &server, "veth1");
         client.ip(&["addr", "add", "10.244.0.100/16", "dev", "veth0"]);
         client.ip(&[
             "-6",
@@ -248,15 +217,7 @@ pub fn monotonic_ns() -> u64 {
 /// Enters the network namespace at `path` on the calling thread.
 fn setns_thread(path: &Path) {
     let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+    netns::enter_thread(&f).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
 }
 
 /// TCP and UDP servers answering with their name, as threads in a namespace.
@@ -594,10 +555,6 @@ impl Drop for ChildGuard {
 /// Spawns this test binary as a client inside `cgroup` and `ns`.
 pub fn spawn_client(cgroup: &Path, ns: &Netns, op: &ClientOp) -> ChildGuard {
     let exe = std::env::current_exe().expect("current exe");
-    let procs =
-        CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes()).expect("path");
-    let nsfile = File::open(ns.path()).expect("netns file");
-    let nsfd = nsfile.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(["--exact", "helper", "--nocapture", "--test-threads=1"])
         .env(HELPER_ENV, serde_json::to_string(op).expect("json"))
@@ -607,26 +564,14 @@ pub fn spawn_client(cgroup: &Path, ns: &Netns, op: &ClientOp) -> ChildGuard {
         } else {
             Stdio::null()
         });
-    // SAFETY: only async-signal-safe calls (open, write, close, setns) in the child.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let w = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if w != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    Confine {
+        cgroup: Some(cgroup.to_path_buf()),
+        netns: Some(ns.path()),
+        ..Confine::default()
     }
+    .apply(&mut cmd)
+    .expect("confine client");
     let child = cmd.spawn().expect("spawn client");
-    drop(nsfile);
     ChildGuard(Some(child))
 }
 
@@ -655,19 +600,12 @@ pub fn free_port() -> u16 {
 
 /// Plain HTTP/1.0 GET against 127.0.0.1; returns (status, body).
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
-            .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
+    netboot_harness::http::get(
+        addr.parse().ok()?,
+        path,
+        Duration::from_millis(500),
+        Duration::from_secs(2),
+    )
 }
 
 /// Polls `/readyz` until 200 or the deadline.

@@ -8,8 +8,6 @@
 //! file parsed, the first reconcile pass written). RSS = VmRSS from
 //! /proc/PID/status once ready (and VmHWM, the peak).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,17 +98,12 @@ fn free_port() -> Result<u16> {
 /// HTTP/1.0 GET on 127.0.0.1; (status, body).
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
+    netboot_harness::http::get(
+        addr,
+        path,
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+    )
 }
 
 /// (VmRSS, VmHWM) of a process, MiB.

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use netboot_harness::netns::Scoped;
 
 /// Prefix of every namespace, cgroup and pin directory the bench creates.
 pub const PREFIX: &str = "nbb-";
@@ -139,13 +140,9 @@ fn remove_pins(root: &Path) {
 }
 
 fn remove_cgroup(path: &Path) {
-    for _ in 0..100 {
-        if !path.exists() || std::fs::remove_dir(path).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !netboot_harness::cgroup::remove_retrying(path, 100, Duration::from_millis(20)) {
+        eprintln!("netboot-bench: could not remove cgroup {}", path.display());
     }
-    eprintln!("netboot-bench: could not remove cgroup {}", path.display());
 }
 
 fn assert_ours(name: &str) -> Result<()> {
@@ -155,11 +152,14 @@ fn assert_ours(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A network namespace `nbb-…`, deleted on drop.
+/// A network namespace `nbb-…` (harness's [`Scoped`], registered for the
+/// signal-time cleanup), deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
     /// Name under /run/netns.
     pub name: String,
+    /// Taken on drop, before the registry forgets the name.
+    inner: Option<Scoped>,
 }
 
 impl Netns {
@@ -167,38 +167,38 @@ impl Netns {
     pub fn new(name: &str) -> Result<Self> {
         check_stop()?;
         assert_ours(name)?;
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
         with_registry(|r| {
             r.netns.insert(name.to_string());
         });
-        let ns = Self {
+        Ok(Self {
             name: name.to_string(),
-        };
-        crate::sys::run_checked(Command::new("ip").args(["netns", "add", name]))?;
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+            inner: Some(Scoped::create(name)?),
+        })
     }
 
     /// `ip -n NAME ARGS…`: every `ip` change the bench makes goes through here.
     pub fn ip(&self, args: &[&str]) -> Result<()> {
-        crate::sys::run_checked(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        Ok(self.scoped()?.ip(args)?)
+    }
+
+    /// A veth pair, `local` here and `peer` moved straight into `other`.
+    pub fn veth_to(&self, local: &str, other: &Netns, peer: &str) -> Result<()> {
+        Ok(self.scoped()?.veth_to(local, other.scoped()?, peer)?)
     }
 
     /// /run/netns/NAME.
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+        netboot_harness::names::netns_path(&self.name)
+    }
+
+    fn scoped(&self) -> Result<&Scoped> {
+        self.inner.as_ref().context("namespace already removed")
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        drop(self.inner.take());
         with_registry(|r| {
             r.netns.remove(&self.name);
         });

@@ -10,11 +10,8 @@
 //! returns once the handshake completed (SYN-ACK received, ACK sent) — then
 //! close with SO_LINGER 0 (RST: no TIME_WAIT, so ports never run out).
 
-use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddrV4;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -111,32 +108,18 @@ impl Client {
     pub fn spawn(cgroup: &Path, ns: &Netns) -> Result<Self> {
         crate::cleanup::check_stop()?;
         let exe = std::env::current_exe().context("locating the bench binary")?;
-        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
-            .context("cgroup path")?;
-        let nsfd = crate::sys::open_netns(ns)?;
         let mut cmd = Command::new(exe);
         cmd.arg("__client")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // SAFETY: only async-signal-safe calls (open, write, close, setns) in the child.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let w = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if w != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::setns(nsfd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        netboot_harness::process::Confine {
+            cgroup: Some(cgroup.to_path_buf()),
+            netns: Some(ns.path()),
+            ..Default::default()
         }
+        .apply(&mut cmd)
+        .with_context(|| format!("confining a client to {}", ns.name))?;
         let child = cmd.spawn().context("spawning a client")?;
         let mut guard = ChildGuard::new(child);
         let c = guard.child_mut().context("client child")?;

@@ -2,8 +2,6 @@
 //! `ip netns exec` remount in the timed path), timed, registered for cleanup.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,20 +27,8 @@ pub fn run_checked(cmd: &mut Command) -> Result<()> {
 }
 
 /// The namespace file, opened (keeps the namespace reachable while held).
-pub fn open_netns(ns: &Netns) -> Result<OwnedFd> {
-    let f = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
-    Ok(OwnedFd::from(f))
-}
-
-/// Moves the calling thread into the namespace (threads only: a thread's
-/// network namespace is its own).
-pub fn setns_thread(fd: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: a valid open fd; CLONE_NEWNET only changes this thread's namespace.
-    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+pub fn open_netns(ns: &Netns) -> Result<File> {
+    File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))
 }
 
 /// A command that runs inside `ns` (the child calls setns(2) before exec).
@@ -55,18 +41,13 @@ pub fn command_in(ns: &Netns, program: &str) -> Result<Command> {
             ns.name
         );
     }
-    let fd = open_netns(ns)?;
     let mut cmd = Command::new(program);
-    // SAFETY: setns(2) is async-signal-safe; the fd is owned by the closure,
-    // so it stays open until the Command is dropped.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    netboot_harness::process::Confine {
+        netns: Some(ns.path()),
+        ..Default::default()
     }
+    .apply(&mut cmd)
+    .with_context(|| format!("entering {} for {program}", ns.name))?;
     Ok(cmd)
 }
 

@@ -59,18 +59,7 @@ impl Topology {
         for v in Variant::ALL {
             let ns = Netns::new(&format!("{tag}-{}", v.short()))?;
             let peer = format!("vb{}", v.index());
-            ns.ip(&[
-                "link",
-                "add",
-                "veth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &peer,
-                "netns",
-                &backend.name,
-            ])?;
+            ns.veth_to("veth0", &backend, &peer)?;
             let ip = client_ip(v);
             ns.ip(&["addr", "add", &format!("{ip}/16"), "dev", "veth0"])?;
             ns.ip(&["link", "set", "veth0", "up"])?;
@@ -130,7 +119,7 @@ impl Servers {
                 std::thread::Builder::new()
                     .name(format!("nbb-listen-{addr}"))
                     .spawn(move || {
-                        let listener = crate::sys::setns_thread(&fd)
+                        let listener = netboot_harness::netns::enter_thread(&fd)
                             .map_err(|e| format!("setns: {e}"))
                             .and_then(|()| listen(addr).map_err(|e| format!("listen {addr}: {e}")));
                         match listener {

@@ -64,6 +64,18 @@ pub fn kill(path: &Path) {
     }
 }
 
+/// Removes an empty cgroup, retrying `tries` times `pause` apart while its
+/// last processes are reaped (blocking). True once it is gone.
+pub fn remove_retrying(path: &Path, tries: u32, pause: Duration) -> bool {
+    for _ in 0..tries {
+        if !path.exists() || std::fs::remove_dir(path).is_ok() {
+            return true;
+        }
+        std::thread::sleep(pause);
+    }
+    !path.exists()
+}
+
 /// Removes the cgroup and its descendants, leaves first. A cgroup that still
 /// has processes cannot be removed: the caller stops its own processes first.
 /// Missing is fine.

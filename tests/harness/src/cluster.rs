@@ -450,6 +450,7 @@ pub fn exec_in_pod_with(layout: &Layout, pod: &Pod, argv: &[&str]) -> Command {
         cgroup: Some(layout.pod_cgroup(node, uid)),
         log: None,
         supervised: false,
+        caps: None,
     };
     launch.command().unwrap_or_else(|e| {
         panic!(

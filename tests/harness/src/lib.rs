@@ -6,10 +6,17 @@
 //!   processes), runs datapath agents, emulates kube-proxy and cluster DNS.
 //! - [`kubeproxy_rules`]: kube-proxy's iptables ruleset as a pure function.
 //! - [`names`], [`netns`], [`cgroup`], [`process`], [`dns`]: the plumbing.
+//! - [`caps`]: the capabilities a container's securityContext grants.
+//! - [`http`]: a blocking HTTP/1.0 GET for polling agents.
+//!
+//! The test toolkit (netns, cgroup, process, http) is also what the
+//! datapath's kernel tests and the bench use: it lives here only.
 
+pub mod caps;
 pub mod cgroup;
 pub mod cluster;
 pub mod dns;
+pub mod http;
 pub mod kubeproxy_rules;
 pub mod names;
 pub mod netns;

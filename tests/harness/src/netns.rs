@@ -190,11 +190,7 @@ where
     };
     let file = std::fs::File::open(&path).map_err(|e| io(format!("open {}", path.display()), e))?;
     let handle = std::thread::spawn(move || -> std::io::Result<T> {
-        // SAFETY: setns on this short-lived thread only; the fd is valid for the call.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        enter_thread(&file)?;
         f()
     });
     match handle.join() {
@@ -203,6 +199,94 @@ where
             "run in netns".to_string(),
             std::io::Error::other("thread panicked"),
         )),
+    }
+}
+
+/// Moves the calling thread into the network namespace open as `file`
+/// (a thread's network namespace is its own: use a dedicated thread).
+pub fn enter_thread(file: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: a valid open fd; CLONE_NEWNET changes only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn run_sync(netns: &str, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NetError::Io {
+            netns: netns.to_string(),
+            what: format!("start `ip {}`", args.join(" ")),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Command {
+            netns: netns.to_string(),
+            command: format!("ip {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// A network namespace a test made (blocking calls), deleted on drop.
+#[derive(Debug)]
+pub struct Scoped {
+    /// Name under /run/netns.
+    pub name: String,
+}
+
+impl Scoped {
+    /// Creates the namespace with `lo` up, deleting a leftover of the same
+    /// name first.
+    pub fn create(name: &str) -> Result<Self> {
+        let _ = run_sync(name, &["netns", "del", name]);
+        run_sync(name, &["netns", "add", name])?;
+        let ns = Self {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS…`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        run_sync(&self.name, &a)
+    }
+
+    /// A veth pair made in here, `local` here and `peer` moved straight into
+    /// `other` (no device ever appears in the root namespace); both down.
+    pub fn veth_to(&self, local: &str, other: &Scoped, peer: &str) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            local,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &other.name,
+        ])
+    }
+
+    /// /run/netns/NAME.
+    pub fn path(&self) -> std::path::PathBuf {
+        names::netns_path(&self.name)
+    }
+}
+
+impl Drop for Scoped {
+    fn drop(&mut self) {
+        let _ = run_sync(&self.name, &["netns", "del", &self.name]);
     }
 }
 

@@ -182,3 +182,41 @@ async fn pods_on_two_nodes_reach_each_other_and_teardown_leaves_nothing() {
     assert!(!layout.cgroup_root.exists());
     assert!(!names::netns_etc(&layout.pod_netns(uid_a)).exists());
 }
+
+/// An agent launch keeps exactly the capabilities it is given: podnet runs
+/// agents as root with only what their securityContext grants.
+#[test]
+fn a_launch_with_capabilities_execs_with_exactly_those() {
+    require_root("the capability test");
+    use netboot_harness::caps::{self, CapSet};
+    let want = CapSet::from_names(&["NET_ADMIN", "BPF", "SYS_ADMIN"]).unwrap();
+    let keep = caps::grant(want, caps::bounding_set().unwrap()).keep;
+    let launch = Launch {
+        program: "sh".into(),
+        args: vec!["-c".into(), "grep ^Cap /proc/self/status".into()],
+        caps: Some(keep),
+        ..Default::default()
+    };
+    let out = launch.command().unwrap().output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap_or_else(|| panic!("no {k} in {text}"))
+    };
+    assert_eq!(field("CapEff:"), keep.0, "{text}");
+    assert_eq!(field("CapPrm:"), keep.0, "{text}");
+    assert_eq!(field("CapBnd:"), keep.0, "{text}");
+    assert_eq!((field("CapInh:"), field("CapAmb:")), (0, 0), "{text}");
+    // `ip netns exec` needs CAP_SYS_ADMIN itself: refused, not half-applied.
+    let in_netns = Launch {
+        netns: Some("nbsl-none".into()),
+        ..launch
+    };
+    assert_eq!(
+        in_netns.command().err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::InvalidInput)
+    );
+}

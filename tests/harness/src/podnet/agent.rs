@@ -2,6 +2,11 @@
 //! root netns (so it reaches the API at 127.0.0.1:6443), in the node's cgroup,
 //! with the node's bpffs pin dir and rules netns; readiness from its /readyz
 //! polled every second and written to the pod's status.
+//!
+//! The agent runs as root with only the capabilities its container's
+//! `securityContext` grants ([`crate::caps`]); one this machine's bounding
+//! set lacks (CAP_SYS_RESOURCE on ours) is left out with a warning at every
+//! start. Read-only root and the seccomp profile are not applied.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,12 +14,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::kubelet::{run_once, until_stopped, PidBook, PodRef, RunEnd, Runner};
 use super::status::{self, AgentState};
+use crate::caps::{self, Grant};
 use crate::names::{self, Layout};
 use crate::process::Launch;
 
@@ -93,6 +98,9 @@ pub struct AgentPod {
     pub grace: Duration,
     /// When podnet first saw the pod (status.startTime).
     pub start_time: String,
+    /// The capabilities the container's securityContext grants, as far as
+    /// this machine's bounding set allows, and what it lacks.
+    pub caps: Grant,
 }
 
 impl AgentPod {
@@ -118,6 +126,18 @@ impl AgentPod {
             .flatten()
             .find_map(|v| v.config_map.as_ref().map(|c| c.name.clone()))
             .ok_or_else(|| spec_err("mounts no ConfigMap (the agent's config.yaml)"))?;
+        let granted = caps::granted(c.security_context.as_ref()).map_err(|unknown| {
+            spec_err(&format!(
+                "container {}: unknown capabilities {}",
+                c.name,
+                unknown.join(", ")
+            ))
+        })?;
+        let bounding = caps::bounding_set().map_err(|source| AgentError::Io {
+            pod: pref.to_string(),
+            what: "read the bounding set".into(),
+            source,
+        })?;
         let env = c
             .env
             .iter()
@@ -154,6 +174,7 @@ impl AgentPod {
                 .unwrap_or(30),
             ),
             start_time,
+            caps: caps::grant(granted, bounding),
         })
     }
 }
@@ -240,26 +261,19 @@ fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
         cgroup: Some(l.node_cgroup(&a.node)),
         log: Some(env.dir.join(&a.node).join(format!("{}.log", a.pod.name))),
         supervised: true,
+        caps: Some(a.caps.keep),
     }
 }
 
 /// GET /readyz on the agent; true on HTTP 200.
 pub async fn readyz(port: u16) -> bool {
-    let probe = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await
-            .ok()?;
-        let mut buf = [0u8; 32];
-        let n = s.read(&mut buf).await.ok()?;
-        let head = std::str::from_utf8(&buf[..n]).ok()?;
-        Some(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"))
-    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let limit = Duration::from_millis(800);
+    let probe =
+        tokio::task::spawn_blocking(move || crate::http::get(addr, "/readyz", limit, limit));
     matches!(
-        tokio::time::timeout(Duration::from_millis(800), probe).await,
-        Ok(Some(true))
+        tokio::time::timeout(limit, probe).await,
+        Ok(Ok(Some((200, _))))
     )
 }
 
@@ -320,6 +334,15 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                     continue;
                 }
             };
+            if !a.caps.missing.is_empty() {
+                warn!(
+                    pod = %a.pod,
+                    node = %a.node,
+                    missing = %a.caps.missing.names().join(","),
+                    keeps = %a.caps.keep.names().join(","),
+                    "AGENT RUNS WITHOUT CAPABILITIES ITS securityContext GRANTS: not in this machine's bounding set"
+                );
+            }
             let l = launch(&env, &a, &config, port);
             state.running = true;
             state.ready = false;

@@ -200,6 +200,7 @@ pub fn spawn(c: CorednsPod, env: CorednsEnv, client: Client, pids: PidBook) -> R
                 cgroup: Some(c.cgroup.clone()),
                 log: Some(c.dir.join("coredns.log")),
                 supervised: true,
+                caps: None,
             };
             let t0 = Instant::now();
             match run_once(&l, &what, &pids, &mut rx, Duration::from_secs(5)).await {

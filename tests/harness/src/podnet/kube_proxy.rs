@@ -315,6 +315,7 @@ pub fn spawn(p: ProxyPod, env: ProxyEnv, client: Client, pids: PidBook) -> Runne
                 cgroup: None,
                 log: Some(root.join(format!("{}.log", p.pod.name))),
                 supervised: true,
+                caps: None,
             };
             let t0 = Instant::now();
             match run_once(&l, &what, &pids, &mut rx, p.grace).await {

@@ -201,6 +201,7 @@ pub fn container_run(
             cgroup: Some(cgroup),
             log: Some(pod_dir.join(format!("{}.log", c.name))),
             supervised: true,
+            caps: None,
         },
         restart: Restart::of(pod),
         termination_log,

@@ -84,6 +84,20 @@ pub struct Frontend {
     pub affinity_timeout: Option<u32>,
     /// Backends and their state.
     pub backends: BTreeMap<L4Addr, BackendState>,
+    /// A NodePort, externalIP or LB IP frontend: served to traffic from
+    /// outside the node by the per-packet path too. None: a ClusterIP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
+}
+
+/// What the per-packet path needs of an external frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct External {
+    /// `externalTrafficPolicy: Local`: traffic from outside goes only to
+    /// [`External::local`], with the client's address; none: dropped.
+    pub local_only: bool,
+    /// The active backends whose endpoint is on this node (`nodeName`).
+    pub local: BTreeSet<L4Addr>,
 }
 
 /// All frontends the maps should hold.
@@ -476,6 +490,27 @@ pub fn service_frontends<'a, 'r>(
         } else {
             (backends4.clone(), backends6.clone())
         };
+        let ext_local = shape.external_traffic_policy == Some("Local");
+        let local_of = |v6: bool, cluster: &BTreeMap<L4Addr, BackendState>| {
+            let local = categorize(
+                &candidates(if v6 { &slices6 } else { &slices4 }, &port_name, proto, v6),
+                true,
+                &rules,
+            );
+            External {
+                local_only: ext_local,
+                local: local
+                    .keys()
+                    .filter(|b| cluster.get(b) == Some(&BackendState::Active))
+                    .copied()
+                    .collect(),
+            }
+        };
+        let (ext4, ext6) = if external {
+            (local_of(false, &cluster4), local_of(true, &cluster6))
+        } else {
+            (External::default(), External::default())
+        };
         for (addr, ext) in addrs {
             let backends = match (addr.is_v6(), ext) {
                 (false, false) => &backends4,
@@ -483,6 +518,7 @@ pub fn service_frontends<'a, 'r>(
                 (false, true) => &cluster4,
                 (true, true) => &cluster6,
             };
+            let external = ext.then(|| if addr.is_v6() { &ext6 } else { &ext4 }.clone());
             // A later port with the same (ip, port, proto) wins, as in a table.
             out.retain(|f: &Frontend| f.addr != addr);
             out.push(Frontend {
@@ -490,6 +526,7 @@ pub fn service_frontends<'a, 'r>(
                 name: format!("{ns}/{name}:{port_name}"),
                 affinity_timeout,
                 backends: backends.clone(),
+                external,
             });
         }
     }

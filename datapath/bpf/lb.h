@@ -62,6 +62,8 @@
 #define NB_MAP_REVNAT6    nb_lb6_revnat
 #define NB_MAP_REV_SK6    nb_lb6_rev_sk
 #define NB_MAP_SOCK_TERM  nb_sock_term
+#define NB_MAP_CT4        nb_ct4
+#define NB_MAP_NP_DEV     nb_np_dev
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -69,9 +71,14 @@
 #define NB_DEFAULT_REVNAT    65536
 #define NB_DEFAULT_AFFINITY  65536
 #define NB_DEFAULT_REV_SK    262144
+#define NB_DEFAULT_CT4       65536   /* nb_ct4: 2 entries per north-south flow */
+#define NB_DEFAULT_NP_DEV    64      /* nb_np_dev: external interfaces */
 
 /* Frontend flags (struct nb_lb4_service.flags, slot 0 only). */
 #define NB_SVC_F_AFFINITY  0x01 /* ClientIP session affinity */
+#define NB_SVC_F_EXTERNAL  0x02 /* NodePort / externalIP / LB IP: the tc path serves it */
+#define NB_SVC_F_EXT_LOCAL 0x04 /* externalTrafficPolicy: Local: the tc path uses
+                                   slots 1..local_count only, never SNATs */
 
 /* Backend states (struct nb_lb4_backend.state). */
 #define NB_BE_ACTIVE       0 /* ready: may be chosen for new connections */
@@ -97,7 +104,9 @@ struct nb_lb4_service {
 	__u16 count;             /* slot 0: number of backend slots (ready backends) */
 	__u16 rev_nat_index;     /* service id (frontend id), key of nb_lb4_revnat */
 	__u8 flags;              /* slot 0: NB_SVC_F_* */
-	__u8 pad[3];             /* always zero */
+	__u8 pad;                /* always zero */
+	__u16 local_count;       /* slot 0, NB_SVC_F_EXTERNAL: slots 1..local_count hold
+	                            the backends on this node (local ones come first) */
 };
 
 /* Value of nb_lb4_be (key: __u32 backend id, 0 is never used). 8 bytes. */
@@ -213,6 +222,44 @@ struct nb_sock_term_rec {
 	__s32 result;       /* bpf_sock_destroy() return: 0 or -errno */
 };
 
+/*
+ * Per-packet path for traffic from outside the node (nodeport.bpf.c section
+ * of sock_lb.bpf.c): a connection-tracking table of address rewrites, two
+ * entries per flow, each keyed by the tuple as it appears on the wire:
+ *   forward  (client -> frontend)           => (client or node IP -> backend)
+ *   reply    (backend -> client or node IP) => (frontend -> client)
+ */
+
+/* Key of nb_ct4. 16 bytes. */
+struct nb_ct4_key {
+	__be32 saddr;   /* source address on the wire */
+	__be32 daddr;   /* destination address on the wire */
+	__be16 sport;   /* source port */
+	__be16 dport;   /* destination port */
+	__u8 proto;     /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[3];    /* always zero */
+};
+
+/* Value of nb_ct4: the tuple to write. 16 bytes. */
+struct nb_ct4_val {
+	__be32 saddr;          /* new source address */
+	__be32 daddr;          /* new destination address */
+	__be16 sport;          /* new source port */
+	__be16 dport;          /* new destination port */
+	__u16 rev_nat_index;   /* service id of the flow (forward entry: still programmed?) */
+	__u8 flags;            /* NB_CT_F_* */
+	__u8 pad;              /* always zero */
+};
+
+#define NB_CT_F_REPLY  0x01 /* reply direction entry */
+#define NB_CT_F_SNAT   0x02 /* the flow is source-NATed to the node's address */
+
+/* Value of nb_np_dev (key: __u32 ifindex of an external interface). 8 bytes. */
+struct nb_np_dev {
+	__be32 snat_addr;  /* the node's IPv4 address remote backends see (SNAT) */
+	__u32 pad;         /* always zero */
+};
+
 /* bpf_sock_destroy() is a kfunc; aya 0.14 cannot relocate kfunc calls, so
  * sock_term.bpf.c calls this placeholder helper id and the loader
  * (src/sock_term.rs) rewrites that call into a kfunc call before loading. */
@@ -242,6 +289,14 @@ enum nb_counter {
 	NB_CTR_REV_STALE,             /* recvmsg4/getpeername4: service is gone, entry dropped */
 	NB_CTR_OBSERVED,              /* observe mode: a service was hit but not translated */
 	NB_CTR_NO_CONFIG,             /* nb_config unreadable: nothing done */
+	NB_CTR_NP_LOCAL,              /* tc: new external flow DNATed to a local backend */
+	NB_CTR_NP_SNAT,               /* tc: new external flow DNATed + SNATed to a remote backend */
+	NB_CTR_NP_CT_HIT,             /* tc: packet of a tracked flow rewritten (either direction) */
+	NB_CTR_NP_NO_BACKEND,         /* tc: external frontend without backend: dropped */
+	NB_CTR_NP_NO_LOCAL_BACKEND,   /* tc: externalTrafficPolicy Local, none here: dropped */
+	NB_CTR_NP_NO_SNAT_ADDR,       /* tc: interface not in nb_np_dev: dropped */
+	NB_CTR_NP_CT_FULL,            /* tc: no free SNAT port / CT update failed: dropped */
+	NB_CTR_NP_NOT_SERVICE,        /* tc: not an external frontend: passed */
 	NB_CTR_MAX                    /* number of counters (array size) */
 };
 

@@ -22,7 +22,13 @@
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <linux/errno.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 #include "lb.h"
 
@@ -719,6 +725,312 @@ int nb_sock6_getpeername(struct bpf_sock_addr *ctx)
 {
 	nb_count(__nb_xlate_rev_sk6(ctx, NB_CTR_PEER_XLATED, NB_CTR_PEER_NO_ENTRY));
 	return SYS_PROCEED;
+}
+
+/* ---- Per-packet path for traffic from outside the node (tc / TCX) -------
+ *
+ * nb_np_ingress on the external interface's ingress, nb_np_egress on its
+ * egress. A new flow to an external frontend (NB_SVC_F_EXTERNAL: NodePort on
+ * a node address, externalIP, LB IP) picks a backend; the flow's two
+ * nb_ct4 entries then rewrite every packet of it in both directions:
+ *   externalTrafficPolicy Cluster, remote backend: DNAT + SNAT to the node's
+ *     address (nb_np_dev), the reply comes back through this interface;
+ *   local backend (either policy): DNAT only, the client address is kept, the
+ *     reply leaves through this interface's egress and is rewritten there;
+ *   externalTrafficPolicy Local: only slots 1..local_count (backends on this
+ *     node); none: dropped, as kube-proxy drops.
+ * Packets that are not for an external frontend pass untouched.
+ */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NB_DEFAULT_CT4);
+	__type(key, struct nb_ct4_key);
+	__type(value, struct nb_ct4_val);
+} nb_ct4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NB_DEFAULT_NP_DEV);
+	__type(key, __u32);
+	__type(value, struct nb_np_dev);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_np_dev SEC(".maps");
+
+#define NB_IP_CSUM_OFF   (ETH_HLEN + __builtin_offsetof(struct iphdr, check))
+#define NB_IP_SRC_OFF    (ETH_HLEN + __builtin_offsetof(struct iphdr, saddr))
+#define NB_IP_DST_OFF    (ETH_HLEN + __builtin_offsetof(struct iphdr, daddr))
+#define NB_SNAT_PORT_MIN 32768
+#define NB_SNAT_PORT_N   28232 /* 32768..60999, Linux's ephemeral range */
+
+/* The packet's tuple and where its L4 header starts; 0 if not IPv4 TCP/UDP
+ * (or a non-first fragment). */
+static __always_inline int nb_np_parse(struct __sk_buff *skb, struct nb_ct4_key *k,
+				       __u32 *l4_off)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__u16 *ports;
+	__u32 off;
+
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return 0;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl < 5)
+		return 0;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return 0;
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0;
+	off = ETH_HLEN + ip->ihl * 4;
+	ports = data + off;
+	if ((void *)(ports + 2) > end)
+		return 0;
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = ip->saddr;
+	k->daddr = ip->daddr;
+	k->sport = ports[0];
+	k->dport = ports[1];
+	k->proto = ip->protocol;
+	*l4_off = off;
+	return 1;
+}
+
+/* Rewrites one address (src or dst) and its checksums. */
+static __always_inline int nb_np_set_addr(struct __sk_buff *skb, __u32 l4_off, __u8 proto,
+					  __u32 ip_off, __be32 from, __be32 to)
+{
+	__u32 csum_off = l4_off + (proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
+							 : __builtin_offsetof(struct udphdr, check));
+	__u64 flags = BPF_F_PSEUDO_HDR | sizeof(to);
+
+	if (from == to)
+		return 0;
+	if (proto == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, csum_off, from, to, flags) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, NB_IP_CSUM_OFF, from, to, sizeof(to)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ip_off, &to, sizeof(to), 0);
+}
+
+/* Rewrites one port (src: which 0, dst: which 1) and the L4 checksum. */
+static __always_inline int nb_np_set_port(struct __sk_buff *skb, __u32 l4_off, __u8 proto,
+					  int which, __be16 from, __be16 to)
+{
+	__u32 csum_off = l4_off + (proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
+							 : __builtin_offsetof(struct udphdr, check));
+	__u64 flags = sizeof(to);
+
+	if (from == to)
+		return 0;
+	if (proto == IPPROTO_UDP)
+		flags |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, csum_off, from, to, flags) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, l4_off + which * sizeof(__be16), &to, sizeof(to), 0);
+}
+
+/* Applies a tracked rewrite to the packet whose tuple is *k. */
+static __always_inline int nb_np_rewrite(struct __sk_buff *skb, __u32 l4_off,
+					 const struct nb_ct4_key *k,
+					 const struct nb_ct4_val *v)
+{
+	if (nb_np_set_addr(skb, l4_off, k->proto, NB_IP_SRC_OFF, k->saddr, v->saddr) < 0 ||
+	    nb_np_set_addr(skb, l4_off, k->proto, NB_IP_DST_OFF, k->daddr, v->daddr) < 0 ||
+	    nb_np_set_port(skb, l4_off, k->proto, 0, k->sport, v->sport) < 0 ||
+	    nb_np_set_port(skb, l4_off, k->proto, 1, k->dport, v->dport) < 0)
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+/*
+ * A SNATed flow's packets carry one of the node's own addresses as source
+ * after the rewrite (the SNAT address forward, the frontend's reply), which
+ * the input route refuses (martian source): they go straight out of the
+ * interface the FIB names through bpf_redirect_neigh (neighbour resolution
+ * included), like Cilium's nodeport path.
+ */
+static __always_inline int nb_np_redirect(struct __sk_buff *skb, const struct nb_ct4_val *v,
+					  __u8 proto)
+{
+	struct bpf_fib_lookup fib;
+	long rc;
+
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = 2; /* AF_INET */
+	fib.l4_protocol = proto;
+	fib.ipv4_src = v->saddr;
+	fib.ipv4_dst = v->daddr;
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK;
+	/* The neighbour subsystem fills in the Ethernet header (and resolves
+	 * the next hop when it has no entry yet). */
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
+/* A tracked flow's entry for this packet, if any (counts a hit). */
+static __always_inline struct nb_ct4_val *nb_np_tracked(const struct nb_ct4_key *k)
+{
+	struct nb_ct4_val *v = bpf_map_lookup_elem(&nb_ct4, k);
+
+	if (v)
+		nb_count(NB_CTR_NP_CT_HIT);
+	return v;
+}
+
+/* Both entries of a new flow: forward (k => fwd) and its reply. With SNAT
+ * the node-side port is the client's when free, else a random one. */
+static __always_inline int nb_np_track(const struct nb_ct4_key *k, struct nb_ct4_val *fwd)
+{
+	struct nb_ct4_key rk;
+	struct nb_ct4_val rv;
+	int i;
+
+	__builtin_memset(&rk, 0, sizeof(rk));
+	__builtin_memset(&rv, 0, sizeof(rv));
+	rk.saddr = fwd->daddr;
+	rk.sport = fwd->dport;
+	rk.daddr = fwd->saddr;
+	rk.proto = k->proto;
+	rv.saddr = k->daddr;
+	rv.sport = k->dport;
+	rv.daddr = k->saddr;
+	rv.dport = k->sport;
+	rv.rev_nat_index = fwd->rev_nat_index;
+	rv.flags = fwd->flags | NB_CT_F_REPLY;
+	for (i = 0; i < 8; i++) {
+		rk.dport = fwd->sport;
+		if (bpf_map_update_elem(&nb_ct4, &rk, &rv, BPF_NOEXIST) == 0)
+			break;
+		if (!(fwd->flags & NB_CT_F_SNAT))
+			return -1; /* DNAT only: the reply tuple is the client's own */
+		fwd->sport = bpf_htons(NB_SNAT_PORT_MIN +
+				       bpf_get_prandom_u32() % NB_SNAT_PORT_N);
+	}
+	if (i == 8)
+		return -1;
+	if (bpf_map_update_elem(&nb_ct4, k, fwd, BPF_ANY) < 0) {
+		bpf_map_delete_elem(&nb_ct4, &rk);
+		return -1;
+	}
+	return 0;
+}
+
+/* A new flow to an external frontend: choose, track, rewrite. */
+static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
+				       const struct nb_ct4_key *k)
+{
+	struct nb_lb4_key key;
+	struct nb_lb4_service *svc, *slot;
+	struct nb_lb4_backend *be;
+	struct nb_np_dev *dev;
+	struct nb_ct4_val fwd;
+	struct nb_fwd res;
+	__u32 ifindex = skb->ingress_ifindex, backend_id, n, pick;
+	int local_only;
+
+	nb_set_key(&key, k->daddr, k->dport, k->proto, 0);
+	svc = bpf_map_lookup_elem(&nb_lb4_svc, &key);
+	if (!svc || !(svc->flags & NB_SVC_F_EXTERNAL)) {
+		nb_count(NB_CTR_NP_NOT_SERVICE);
+		return TC_ACT_OK;
+	}
+	if (!nb_replace_mode(&res)) {
+		nb_count(res.outcome);
+		return TC_ACT_OK;
+	}
+	local_only = svc->flags & NB_SVC_F_EXT_LOCAL;
+	n = local_only ? svc->local_count : svc->count;
+	if (n > svc->count)
+		n = svc->count;
+	if (n == 0) {
+		nb_count(local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
+						  : NB_CTR_NP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	pick = bpf_get_prandom_u32() % n;
+	key.backend_slot = (__u16)(pick + 1);
+	slot = bpf_map_lookup_elem(&nb_lb4_svc, &key);
+	if (!slot) {
+		nb_count(NB_CTR_NO_BACKEND_SLOT);
+		return TC_ACT_SHOT;
+	}
+	backend_id = slot->backend_id;
+	be = bpf_map_lookup_elem(&nb_lb4_be, &backend_id);
+	if (!be) {
+		nb_count(NB_CTR_BACKEND_MISSING);
+		return TC_ACT_SHOT;
+	}
+
+	__builtin_memset(&fwd, 0, sizeof(fwd));
+	fwd.saddr = k->saddr;
+	fwd.sport = k->sport;
+	fwd.daddr = be->address;
+	fwd.dport = be->port;
+	fwd.rev_nat_index = svc->rev_nat_index;
+	/* Remote backend (slot beyond the local ones) under policy Cluster: SNAT. */
+	if (!local_only && pick >= svc->local_count) {
+		dev = bpf_map_lookup_elem(&nb_np_dev, &ifindex);
+		if (!dev || !dev->snat_addr) {
+			nb_count(NB_CTR_NP_NO_SNAT_ADDR);
+			return TC_ACT_SHOT;
+		}
+		fwd.saddr = dev->snat_addr;
+		fwd.flags = NB_CT_F_SNAT;
+	}
+	if (nb_np_track(k, &fwd) < 0) {
+		nb_count(NB_CTR_NP_CT_FULL);
+		return TC_ACT_SHOT;
+	}
+	nb_count(fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
+	if (nb_np_rewrite(skb, l4_off, k, &fwd) != TC_ACT_OK)
+		return TC_ACT_SHOT;
+	return fwd.flags & NB_CT_F_SNAT ? nb_np_redirect(skb, &fwd, k->proto) : TC_ACT_OK;
+}
+
+SEC("classifier")
+int nb_np_ingress(struct __sk_buff *skb)
+{
+	struct nb_ct4_key k;
+	struct nb_ct4_val *v;
+	__u32 l4_off;
+
+	if (!nb_np_parse(skb, &k, &l4_off))
+		return TC_ACT_OK;
+	v = nb_np_tracked(&k);
+	if (v) {
+		struct nb_ct4_val copy = *v;
+
+		if (nb_np_rewrite(skb, l4_off, &k, &copy) != TC_ACT_OK)
+			return TC_ACT_SHOT;
+		return copy.flags & NB_CT_F_SNAT ? nb_np_redirect(skb, &copy, k.proto) : TC_ACT_OK;
+	}
+	return __nb_np_new(skb, l4_off, &k);
+}
+
+/* Replies of local backends leave here: back to the frontend's address. */
+SEC("classifier")
+int nb_np_egress(struct __sk_buff *skb)
+{
+	struct nb_ct4_key k;
+	struct nb_ct4_val *v;
+	__u32 l4_off;
+
+	if (!nb_np_parse(skb, &k, &l4_off))
+		return TC_ACT_OK;
+	v = nb_np_tracked(&k);
+	if (v && (v->flags & NB_CT_F_REPLY)) {
+		struct nb_ct4_val copy = *v;
+
+		return nb_np_rewrite(skb, l4_off, &k, &copy);
+	}
+	return TC_ACT_OK;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -33,6 +33,16 @@
 //!   `internalTrafficPolicy: Local`.
 //! - `sessionAffinity: ClientIP` → affinity with the Service's timeout, or the
 //!   configured default.
+//! - North–south addresses, per family the Service has a cluster IP of:
+//!   each port's `nodePort` on every node address (`status.addresses`
+//!   InternalIP/ExternalIP, [`node_addresses`]) and on 127.0.0.1 (IPv4, as
+//!   kube-proxy's iptables `localhostNodePorts`); `spec.externalIPs` and
+//!   `status.loadBalancer.ingress[].ip` with `ipMode` unset or `VIP` on the
+//!   Service port. Each is a frontend of its own, keyed by that address. A
+//!   local socket is in-cluster traffic: kube-proxy short-circuits it to the
+//!   cluster endpoints whatever `externalTrafficPolicy` says, and
+//!   `internalTrafficPolicy` does not apply to external addresses, so these
+//!   frontends hold the cluster endpoints (topology applied).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -74,6 +84,20 @@ pub struct Frontend {
     pub affinity_timeout: Option<u32>,
     /// Backends and their state.
     pub backends: BTreeMap<L4Addr, BackendState>,
+    /// A NodePort, externalIP or LB IP frontend: served to traffic from
+    /// outside the node by the per-packet path too. None: a ClusterIP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
+}
+
+/// What the per-packet path needs of an external frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct External {
+    /// `externalTrafficPolicy: Local`: traffic from outside goes only to
+    /// [`External::local`], with the client's address; none: dropped.
+    pub local_only: bool,
+    /// The active backends whose endpoint is on this node (`nodeName`).
+    pub local: BTreeSet<L4Addr>,
 }
 
 /// All frontends the maps should hold.
@@ -104,7 +128,8 @@ impl DesiredTable {
 
 /// What the rules need besides the objects: the affinity default and where
 /// this agent runs. A bare timeout (`10800.into()`) is the rules of no
-/// particular node: no endpoint is local, no zone.
+/// particular node: no endpoint is local, no zone, no node address (so no
+/// NodePort frontend).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rules<'r> {
     /// ClientIP affinity timeout for Services that set none.
@@ -113,6 +138,10 @@ pub struct Rules<'r> {
     pub node: &'r str,
     /// Its `topology.kubernetes.io/zone` label (zone hints).
     pub zone: Option<&'r str>,
+    /// Its addresses (`status.addresses` of type InternalIP and ExternalIP,
+    /// [`node_addresses`]): where NodePorts are served, with
+    /// [`LOCALHOST_NODEPORT`].
+    pub node_ips: &'r [IpAddr],
 }
 
 impl From<u32> for Rules<'static> {
@@ -121,8 +150,95 @@ impl From<u32> for Rules<'static> {
             default_affinity_timeout,
             node: "",
             zone: None,
+            node_ips: &[],
         }
     }
+}
+
+/// NodePorts are also served on this address when the node has an IPv4
+/// address, as kube-proxy's iptables mode does (`localhostNodePorts`, on by
+/// default; IPv4 only). Only `127.0.0.1`, not the rest of 127.0.0.0/8.
+pub const LOCALHOST_NODEPORT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// The Node address types NodePorts are served on.
+pub const NODE_ADDRESS_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
+
+/// A Node's addresses NodePorts are served on: every parseable
+/// `status.addresses` entry of a type in [`NODE_ADDRESS_TYPES`], in order,
+/// without duplicates.
+pub fn node_addresses(node: &k8s_openapi::api::core::v1::Node) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    let addrs = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for a in addrs.into_iter().flatten() {
+        if !NODE_ADDRESS_TYPES.contains(&a.type_.as_str()) {
+            continue;
+        }
+        if let Ok(ip) = a.address.parse::<IpAddr>() {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out
+}
+
+/// What kind of Service address a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum AddressKind {
+    /// A `spec.clusterIPs` address.
+    ClusterIp,
+    /// A node address (or [`LOCALHOST_NODEPORT`]) with the port's `nodePort`.
+    NodePort,
+    /// A `spec.externalIPs` address.
+    ExternalIp,
+    /// A `status.loadBalancer.ingress[].ip` with `ipMode` unset or `VIP`.
+    LoadBalancer,
+}
+
+/// The external addresses of a Service of one family (`v6`), with their
+/// kind: node addresses for NodePorts (the caller pairs them with
+/// `nodePort`), `spec.externalIPs`, and the load balancer's ingress IPs whose
+/// `ipMode` is unset or `VIP` (with `Proxy` the load balancer delivers to the
+/// node itself, so kube-proxy does not capture the IP; hostname-only entries
+/// have no IP).
+fn external_addresses(svc: &Service, rules: &Rules, v6: bool) -> Vec<(AddressKind, IpAddr)> {
+    let mut out = Vec::new();
+    let fam = |ip: &IpAddr| ip.is_ipv6() == v6;
+    for ip in rules.node_ips.iter().filter(|ip| fam(ip)) {
+        out.push((AddressKind::NodePort, *ip));
+    }
+    if !v6 && rules.node_ips.iter().any(|ip| ip.is_ipv4()) {
+        out.push((AddressKind::NodePort, LOCALHOST_NODEPORT));
+    }
+    let spec = svc.spec.as_ref();
+    for ip in spec
+        .and_then(|s| s.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .filter(|ip| fam(ip))
+    {
+        out.push((AddressKind::ExternalIp, ip));
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    for ing in ingress.into_iter().flatten() {
+        if !matches!(ing.ip_mode.as_deref(), None | Some("VIP")) {
+            continue;
+        }
+        if let Some(ip) = ing
+            .ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
+            .filter(|ip| fam(ip))
+        {
+            out.push((AddressKind::LoadBalancer, ip));
+        }
+    }
+    out
 }
 
 /// The features this agent serves (published on its Node as
@@ -321,13 +437,88 @@ pub fn service_frontends<'a, 'r>(
             local_only,
             &rules,
         );
+        let node_port = port
+            .node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0);
+        let mut addrs: Vec<(L4Addr, bool)> = Vec::new();
         for ip in &ips {
-            let backends = if ip.is_ipv6() { &backends6 } else { &backends4 };
-            let addr = L4Addr {
-                ip: *ip,
-                port: vport,
-                proto,
+            addrs.push((
+                L4Addr {
+                    ip: *ip,
+                    port: vport,
+                    proto,
+                },
+                false,
+            ));
+        }
+        // External addresses, for each family the Service has (kube-proxy
+        // runs one proxier per family and filters them by family).
+        for v6 in [false, true] {
+            if !ips.iter().any(|ip| ip.is_ipv6() == v6) {
+                continue;
+            }
+            for (kind, ip) in external_addresses(svc, &rules, v6) {
+                let port = match kind {
+                    AddressKind::NodePort => match node_port {
+                        Some(p) => p,
+                        None => continue,
+                    },
+                    _ => vport,
+                };
+                addrs.push((L4Addr { ip, port, proto }, true));
+            }
+        }
+        // A local socket reaching an external address is in-cluster traffic:
+        // kube-proxy short-circuits it to the cluster endpoints whatever
+        // externalTrafficPolicy says, and internalTrafficPolicy does not
+        // apply (its `UsesClusterEndpoints`).
+        let external = addrs.iter().any(|(_, ext)| *ext);
+        let (cluster4, cluster6) = if external && local_only {
+            (
+                categorize(
+                    &candidates(&slices4, &port_name, proto, false),
+                    false,
+                    &rules,
+                ),
+                categorize(
+                    &candidates(&slices6, &port_name, proto, true),
+                    false,
+                    &rules,
+                ),
+            )
+        } else {
+            (backends4.clone(), backends6.clone())
+        };
+        let ext_local = shape.external_traffic_policy == Some("Local");
+        let local_of = |v6: bool, cluster: &BTreeMap<L4Addr, BackendState>| {
+            let local = categorize(
+                &candidates(if v6 { &slices6 } else { &slices4 }, &port_name, proto, v6),
+                true,
+                &rules,
+            );
+            External {
+                local_only: ext_local,
+                local: local
+                    .keys()
+                    .filter(|b| cluster.get(b) == Some(&BackendState::Active))
+                    .copied()
+                    .collect(),
+            }
+        };
+        let (ext4, ext6) = if external {
+            (local_of(false, &cluster4), local_of(true, &cluster6))
+        } else {
+            (External::default(), External::default())
+        };
+        for (addr, ext) in addrs {
+            let backends = match (addr.is_v6(), ext) {
+                (false, false) => &backends4,
+                (true, false) => &backends6,
+                (false, true) => &cluster4,
+                (true, true) => &cluster6,
             };
+            let external = ext.then(|| if addr.is_v6() { &ext6 } else { &ext4 }.clone());
             // A later port with the same (ip, port, proto) wins, as in a table.
             out.retain(|f: &Frontend| f.addr != addr);
             out.push(Frontend {
@@ -335,6 +526,7 @@ pub fn service_frontends<'a, 'r>(
                 name: format!("{ns}/{name}:{port_name}"),
                 affinity_timeout,
                 backends: backends.clone(),
+                external,
             });
         }
     }
@@ -676,6 +868,7 @@ endpoints:
             default_affinity_timeout: 10800,
             node: "node-a",
             zone: Some("zone-a"),
+            node_ips: &[],
         };
         let fes = service_frontends(s, slices, rules);
         assert_eq!(fes.len(), 1, "{fes:?}");
@@ -833,6 +1026,7 @@ endpoints:
                 default_affinity_timeout: 1,
                 node: "node-a",
                 zone: None,
+                node_ips: &[],
             },
         );
         assert_eq!(t.frontends.values().next().unwrap().backends.len(), 3);
@@ -872,5 +1066,170 @@ endpoints:
         assert_eq!(names(&dual), Some(vec!["nodeport"]));
         let headless = svc("metadata: {name: h, namespace: d}\nspec: {clusterIP: None, ports: [{port: 9, protocol: SCTP}]}");
         assert_eq!(names(&headless), None);
+    }
+
+    /// The frontends of `s` for node `node-a` with `node_ips`, as
+    /// "addr -> sorted backend ips".
+    fn north_south(s: &Service, slices: &[EndpointSlice], node_ips: &[IpAddr]) -> Vec<String> {
+        let rules = Rules {
+            default_affinity_timeout: 10800,
+            node: "node-a",
+            zone: None,
+            node_ips,
+        };
+        let mut v: Vec<String> = service_frontends(s, slices, rules)
+            .iter()
+            .map(|f| {
+                let bes: Vec<String> = f.backends.keys().map(|b| b.ip.to_string()).collect();
+                format!("{} -> {}", f.addr, bes.join(","))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn node_ports_external_ips_and_load_balancer_ips_are_frontends_of_their_family() {
+        let s = svc("metadata: {name: w, namespace: d}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.5
+  clusterIPs: [10.96.0.5, 'fd00::5']
+  externalIPs: [203.0.113.7, '2001:db8::7', not-an-ip]
+  ports: [{name: http, port: 80, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 198.51.100.1}
+    - {ip: 198.51.100.2, ipMode: VIP}
+    - {ip: 198.51.100.3, ipMode: Proxy}
+    - {hostname: lb.example}
+    - {ip: '2001:db8::1'}
+");
+        let v4 = slice(
+            "metadata: {name: w-4, namespace: d, labels: {kubernetes.io/service-name: w}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.244.0.1]}]
+",
+        );
+        let v6 = slice(
+            "metadata: {name: w-6, namespace: d, labels: {kubernetes.io/service-name: w}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ['fd00:244::1']}]
+",
+        );
+        let node = ips(&["192.168.1.10", "10.0.0.10", "fd00:1::10"]);
+        let got = north_south(&s, &[v4, v6], &node);
+        let mut want = vec![
+            "10.96.0.5:80/TCP -> 10.244.0.1",
+            "10.96.0.5:53/UDP -> 10.244.0.1",
+            "[fd00::5]:80/TCP -> fd00:244::1",
+            "[fd00::5]:53/UDP -> ",
+            // NodePorts: every node address of the family, and 127.0.0.1 (IPv4).
+            "192.168.1.10:30080/TCP -> 10.244.0.1",
+            "10.0.0.10:30080/TCP -> 10.244.0.1",
+            "127.0.0.1:30080/TCP -> 10.244.0.1",
+            "[fd00:1::10]:30080/TCP -> fd00:244::1",
+            "192.168.1.10:30053/UDP -> 10.244.0.1",
+            "10.0.0.10:30053/UDP -> 10.244.0.1",
+            "127.0.0.1:30053/UDP -> 10.244.0.1",
+            "[fd00:1::10]:30053/UDP -> ",
+            // externalIPs and VIP-mode load balancer IPs, with the Service port.
+            "203.0.113.7:80/TCP -> 10.244.0.1",
+            "203.0.113.7:53/UDP -> 10.244.0.1",
+            "[2001:db8::7]:80/TCP -> fd00:244::1",
+            "[2001:db8::7]:53/UDP -> ",
+            "198.51.100.1:80/TCP -> 10.244.0.1",
+            "198.51.100.1:53/UDP -> 10.244.0.1",
+            "198.51.100.2:80/TCP -> 10.244.0.1",
+            "198.51.100.2:53/UDP -> 10.244.0.1",
+            "[2001:db8::1]:80/TCP -> fd00:244::1",
+            "[2001:db8::1]:53/UDP -> ",
+        ];
+        want.sort();
+        assert_eq!(got, want);
+        // An IPv4-only Service on a dual-stack node: no IPv6 address at all.
+        let single = svc("metadata: {name: w, namespace: d}
+spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: ['2001:db8::7'], ports: [{port: 80, nodePort: 30080}]}
+");
+        let got = north_south(&single, &[], &node);
+        assert_eq!(
+            got,
+            vec![
+                "10.0.0.10:30080/TCP -> ",
+                "10.96.0.5:80/TCP -> ",
+                "127.0.0.1:30080/TCP -> ",
+                "192.168.1.10:30080/TCP -> ",
+            ]
+        );
+        // An IPv6-only node: no localhost NodePort (kube-proxy's is IPv4 only).
+        assert_eq!(
+            north_south(&single, &[], &ips(&["fd00:1::10"])),
+            vec!["10.96.0.5:80/TCP -> "]
+        );
+        // Rules of no node: no NodePort frontend.
+        assert_eq!(build([&single], [], 10800).frontends.len(), 1);
+    }
+
+    #[test]
+    fn local_sockets_reach_external_addresses_through_the_cluster_endpoints() {
+        // kube-proxy short-circuits in-cluster traffic to external addresses
+        // to the cluster endpoints: externalTrafficPolicy: Local only limits
+        // traffic from outside the node, and internalTrafficPolicy does not
+        // apply to external addresses.
+        let s = svc("metadata: {name: w, namespace: d}
+spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [203.0.113.7], externalTrafficPolicy: Local, internalTrafficPolicy: Local, sessionAffinity: ClientIP, ports: [{port: 80, nodePort: 30080}]}
+");
+        let sl = eps(&[
+            "addresses: [10.244.0.1], nodeName: node-a",
+            "addresses: [10.244.0.2], nodeName: node-b",
+        ]);
+        let got = north_south(&s, std::slice::from_ref(&sl), &ips(&["192.168.1.10"]));
+        assert_eq!(
+            got,
+            vec![
+                "10.96.0.5:80/TCP -> 10.244.0.1",
+                "127.0.0.1:30080/TCP -> 10.244.0.1,10.244.0.2",
+                "192.168.1.10:30080/TCP -> 10.244.0.1,10.244.0.2",
+                "203.0.113.7:80/TCP -> 10.244.0.1,10.244.0.2",
+            ]
+        );
+        // Affinity applies to every address of the Service.
+        let rules = Rules {
+            default_affinity_timeout: 7,
+            node: "node-a",
+            zone: None,
+            node_ips: &ips(&["192.168.1.10"]),
+        };
+        assert!(service_frontends(&s, [&sl], rules)
+            .iter()
+            .all(|f| f.affinity_timeout == Some(7)));
+    }
+
+    #[test]
+    fn node_addresses_are_the_internal_and_external_ips() {
+        let n: k8s_openapi::api::core::v1::Node = serde_yaml::from_str(
+            "metadata: {name: node-a}
+status:
+  addresses:
+  - {type: Hostname, address: node-a}
+  - {type: InternalIP, address: 192.168.1.10}
+  - {type: ExternalIP, address: 203.0.113.10}
+  - {type: InternalDNS, address: node-a.internal}
+  - {type: InternalIP, address: 'fd00:1::10'}
+  - {type: ExternalIP, address: 192.168.1.10}
+",
+        )
+        .unwrap();
+        assert_eq!(
+            node_addresses(&n),
+            ips(&["192.168.1.10", "203.0.113.10", "fd00:1::10"])
+        );
     }
 }

@@ -38,15 +38,27 @@ pub mod names {
     /// Removed backends whose connected UDP sockets are destroyed
     /// (`sock_term.bpf.c`; not pinned: the agent's own).
     pub const SOCK_TERM: &str = "nb_sock_term";
+    /// Connection tracking of the per-packet (tc) path, LRU.
+    pub const CT4: &str = "nb_ct4";
+    /// ifindex → SNAT address of an external interface (tc path).
+    pub const NP_DEV: &str = "nb_np_dev";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
-        BACKENDS6, REVNAT6, REV_SK6,
+        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV,
     ];
 }
 
 /// `NB_SVC_F_AFFINITY`.
 pub const SVC_F_AFFINITY: u8 = 0x01;
+/// `NB_SVC_F_EXTERNAL`: the tc path serves this frontend.
+pub const SVC_F_EXTERNAL: u8 = 0x02;
+/// `NB_SVC_F_EXT_LOCAL`: externalTrafficPolicy Local on the tc path.
+pub const SVC_F_EXT_LOCAL: u8 = 0x04;
+/// `NB_CT_F_REPLY`.
+pub const CT_F_REPLY: u8 = 0x01;
+/// `NB_CT_F_SNAT`.
+pub const CT_F_SNAT: u8 = 0x02;
 /// `NB_BE_ACTIVE`.
 pub const BE_ACTIVE: u8 = 0;
 /// `NB_BE_TERMINATING`.
@@ -93,7 +105,10 @@ pub struct Lb4Service {
     /// Slot 0: `SVC_F_*`.
     pub flags: u8,
     /// Zero.
-    pub pad: [u8; 3],
+    pub pad: u8,
+    /// Slot 0 of an external frontend: slots `1..=local_count` hold the
+    /// backends on this node.
+    pub local_count: u16,
 }
 
 /// `struct nb_lb4_backend`.
@@ -285,6 +300,54 @@ pub struct SockTermRec {
 /// `NB_KFUNC_SOCK_DESTROY_MARKER`.
 pub const KFUNC_SOCK_DESTROY_MARKER: i32 = 0x7e_57d0;
 
+/// `struct nb_ct4_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct4Key {
+    /// Source address on the wire, network order.
+    pub saddr: u32,
+    /// Destination address, network order.
+    pub daddr: u32,
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct nb_ct4_val`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Val {
+    /// New source address, network order.
+    pub saddr: u32,
+    /// New destination address, network order.
+    pub daddr: u32,
+    /// New source port, network order.
+    pub sport: u16,
+    /// New destination port, network order.
+    pub dport: u16,
+    /// Service id of the flow.
+    pub rev_nat_index: u16,
+    /// `CT_F_*`.
+    pub flags: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// `struct nb_np_dev`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NpDev {
+    /// The node's IPv4 address remote backends see, network order.
+    pub snat_addr: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
 /// `struct nb_config`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -313,6 +376,9 @@ unsafe impl aya::Pod for Lb6ReverseNat {}
 unsafe impl aya::Pod for Lb6RevSkKey {}
 unsafe impl aya::Pod for Lb6RevSkVal {}
 unsafe impl aya::Pod for SockTermKey {}
+unsafe impl aya::Pod for Ct4Key {}
+unsafe impl aya::Pod for Ct4Val {}
+unsafe impl aya::Pod for NpDev {}
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
@@ -328,6 +394,18 @@ const _: () = {
     assert!(offset_of!(Lb4Service, count) == 8);
     assert!(offset_of!(Lb4Service, rev_nat_index) == 10);
     assert!(offset_of!(Lb4Service, flags) == 12);
+    assert!(offset_of!(Lb4Service, local_count) == 14);
+
+    assert!(size_of::<Ct4Key>() == 16);
+    assert!(offset_of!(Ct4Key, daddr) == 4);
+    assert!(offset_of!(Ct4Key, sport) == 8);
+    assert!(offset_of!(Ct4Key, dport) == 10);
+    assert!(offset_of!(Ct4Key, proto) == 12);
+    assert!(size_of::<Ct4Val>() == 16);
+    assert!(offset_of!(Ct4Val, sport) == 8);
+    assert!(offset_of!(Ct4Val, rev_nat_index) == 12);
+    assert!(offset_of!(Ct4Val, flags) == 14);
+    assert!(size_of::<NpDev>() == 8);
 
     assert!(size_of::<Lb4Backend>() == 8);
     assert!(offset_of!(Lb4Backend, port) == 4);
@@ -385,7 +463,7 @@ const _: () = {
 };
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
-pub const COUNTER_NAMES: [&str; 19] = [
+pub const COUNTER_NAMES: [&str; 27] = [
     "connect_translated",
     "sendmsg_translated",
     "not_service",
@@ -405,6 +483,14 @@ pub const COUNTER_NAMES: [&str; 19] = [
     "rev_stale",
     "observed",
     "no_config",
+    "nodeport_local",
+    "nodeport_snat",
+    "nodeport_ct_hit",
+    "nodeport_no_backend",
+    "nodeport_no_local_backend",
+    "nodeport_no_snat_addr",
+    "nodeport_ct_full",
+    "nodeport_not_service",
 ];
 
 /// `NB_CTR_MAX`.

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
 use crate::config::MapSizes;
-use crate::layout::{names, NbConfig, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE};
+use crate::layout::{names, NbConfig, NpDev, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE};
 use crate::maps::kernel::KernelMaps;
 use crate::maps::MapsError;
 use crate::pins::{PinError, Pins};
@@ -144,6 +144,8 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::BACKENDS6 => s(4, size_of::<Lb6Backend>()),
         names::REVNAT6 => s(2, size_of::<Lb6ReverseNat>()),
         names::REV_SK6 => s(size_of::<Lb6RevSkKey>(), size_of::<Lb6RevSkVal>()),
+        names::CT4 => s(size_of::<Ct4Key>(), size_of::<Ct4Val>()),
+        names::NP_DEV => s(4, size_of::<NpDev>()),
         _ => None,
     }
 }
@@ -307,6 +309,114 @@ pub fn install(
         links,
         size_changes,
     })
+}
+
+/// The per-packet path's programs: (link pin prefix, program, direction).
+pub const NODEPORT_POINTS: [(&str, &str, TcAttachType); 2] = [
+    ("np-in-", "nb_np_ingress", TcAttachType::Ingress),
+    ("np-out-", "nb_np_egress", TcAttachType::Egress),
+];
+
+/// One external interface of the per-packet path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePortDevice {
+    /// Interface name (in the caller's network namespace).
+    pub ifname: String,
+    /// The node's IPv4 address remote backends see for SNATed flows.
+    pub snat: std::net::Ipv4Addr,
+}
+
+/// Attaches the per-packet path (`nb_np_ingress`/`nb_np_egress`, tc via
+/// TCX) to each device and records its SNAT address in `nb_np_dev`. Call
+/// after [`install`] (the maps are the pinned ones). Links are pinned as
+/// `np-in-<ifname>` / `np-out-<ifname>`; an existing pinned link gets the new
+/// program with `BPF_LINK_UPDATE`, like the cgroup links. Interfaces are
+/// resolved in the calling thread's network namespace.
+pub fn install_nodeport(
+    pins: &Pins,
+    sizes: &MapSizes,
+    devices: &[NodePortDevice],
+) -> Result<Vec<(String, LinkAction)>, LoaderError> {
+    let (mut ebpf, _, _) = load(pins, sizes)?;
+    let mut out = Vec::new();
+    for dev in devices {
+        let ifindex = sys::ifindex(&dev.ifname)
+            .map_err(|e| link_err(Path::new(&dev.ifname), "ifindex", e))?;
+        {
+            let map = ebpf
+                .map_mut(names::NP_DEV)
+                .ok_or(LoaderError::MissingProgram("nb_np_dev"))?;
+            let mut m: aya::maps::HashMap<_, u32, NpDev> = aya::maps::HashMap::try_from(map)
+                .map_err(|e| {
+                    LoaderError::Maps(MapsError::Kernel {
+                        map: names::NP_DEV,
+                        op: "open",
+                        source: Box::new(e),
+                    })
+                })?;
+            let v = NpDev {
+                snat_addr: crate::layout::addr_be(dev.snat),
+                pad: 0,
+            };
+            m.insert(ifindex, v, 0).map_err(|e| {
+                LoaderError::Maps(MapsError::Kernel {
+                    map: names::NP_DEV,
+                    op: "update",
+                    source: Box::new(e),
+                })
+            })?;
+        }
+        for (prefix, prog_name, dir) in NODEPORT_POINTS {
+            let point = format!("{prefix}{}", dev.ifname);
+            let pin = pins.link(&point);
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(prog_name)
+                .ok_or(LoaderError::MissingProgram(prog_name))?
+                .try_into()
+                .map_err(|e| LoaderError::Program {
+                    name: prog_name,
+                    op: "type",
+                    source: Box::new(e),
+                })?;
+            if prog.fd().is_err() {
+                prog.load().map_err(|e| LoaderError::Program {
+                    name: prog_name,
+                    op: "load",
+                    source: Box::new(e),
+                })?;
+            }
+            if pin.exists() {
+                let link_fd = sys::obj_get(&pin).map_err(|e| link_err(&pin, "open", e))?;
+                let prog_fd = prog.fd().map_err(|e| LoaderError::Program {
+                    name: prog_name,
+                    op: "fd",
+                    source: Box::new(e),
+                })?;
+                if sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).is_ok() {
+                    out.push((point, LinkAction::Updated));
+                    continue;
+                }
+                // The interface went away (and its link with it): attach anew.
+                std::fs::remove_file(&pin).map_err(|e| link_err(&pin, "remove stale", e))?;
+            }
+            let id = prog
+                .attach(&dev.ifname, dir)
+                .map_err(|e| LoaderError::Program {
+                    name: prog_name,
+                    op: "attach",
+                    source: Box::new(e),
+                })?;
+            let link = prog.take_link(id).map_err(|e| LoaderError::Program {
+                name: prog_name,
+                op: "take link",
+                source: Box::new(e),
+            })?;
+            let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin, "convert", e))?;
+            fd_link.pin(&pin).map_err(|e| link_err(&pin, "pin", e))?;
+            out.push((point, LinkAction::Attached));
+        }
+    }
+    Ok(out)
 }
 
 /// Where the socket LB is attached, read back from the link pins.

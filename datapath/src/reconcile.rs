@@ -39,7 +39,9 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::desired::{BackendState, DesiredTable, Frontend, FrontendChanges};
-use crate::layout::{L4Addr, Lb4AffinityMatch, Lb4Service, SVC_F_AFFINITY};
+use crate::layout::{
+    L4Addr, Lb4AffinityMatch, Lb4Service, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_EXT_LOCAL,
+};
 use crate::maps::{LbMaps, MapsError};
 
 /// Errors of reconciliation.
@@ -263,6 +265,21 @@ impl BackendRefs {
             None
         }
     }
+}
+
+/// The `SVC_F_*` flags of a frontend.
+fn frontend_flags(fe: &Frontend) -> u8 {
+    let mut f = 0;
+    if fe.affinity_timeout.is_some() {
+        f |= SVC_F_AFFINITY;
+    }
+    if let Some(e) = &fe.external {
+        f |= SVC_F_EXTERNAL;
+        if e.local_only {
+            f |= SVC_F_EXT_LOCAL;
+        }
+    }
+    f
 }
 
 /// The reconciler, owning the maps.
@@ -760,6 +777,9 @@ impl<M: LbMaps> Reconciler<M> {
         let map_err = |what: String| move |source| ReconcileError::Map { what, source };
         let mut members: BTreeMap<u32, u32> = BTreeMap::new();
         let mut active: Vec<u32> = Vec::new();
+        // External frontends: the backends on this node take the first slots.
+        let mut remote: Vec<u32> = Vec::new();
+        let is_local = |b: &L4Addr| fe.external.as_ref().is_some_and(|e| e.local.contains(b));
         for (b, s) in &fe.backends {
             // Phase A wrote every desired backend, so the id exists.
             let Some((bid, _)) = self.backends.get(b) else {
@@ -767,9 +787,15 @@ impl<M: LbMaps> Reconciler<M> {
             };
             members.insert(*bid, u32::from(s.as_u8()));
             if *s == BackendState::Active {
-                active.push(*bid);
+                if is_local(b) {
+                    active.push(*bid);
+                } else {
+                    remote.push(*bid);
+                }
             }
         }
+        let local_count = u16::try_from(active.len()).unwrap_or(u16::MAX);
+        active.extend(remote);
         let Some(p) = self.frontends.get_mut(&addr) else {
             return Ok(());
         };
@@ -842,12 +868,9 @@ impl<M: LbMaps> Reconciler<M> {
             affinity_timeout: fe.affinity_timeout.unwrap_or(0),
             count,
             rev_nat_index: id,
-            flags: if fe.affinity_timeout.is_some() {
-                SVC_F_AFFINITY
-            } else {
-                0
-            },
-            pad: [0; 3],
+            flags: frontend_flags(fe),
+            pad: 0,
+            local_count,
         };
         if p.value != Some(front) {
             self.maps

@@ -15,6 +15,7 @@
 //! does); a relist carries those of the objects it changed or added.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,6 +99,8 @@ pub struct Stores {
     node: String,
     /// Its zone label (zone hints).
     zone: Option<String>,
+    /// Its addresses NodePorts are served on ([`desired::node_addresses`]).
+    node_ips: Vec<IpAddr>,
     /// Waiting for the first read of the Node (its zone) before the first pass.
     node_pending: bool,
 }
@@ -207,6 +210,7 @@ impl Stores {
             default_affinity_timeout,
             node: &self.node,
             zone: self.zone.as_deref(),
+            node_ips: &self.node_ips,
         }
     }
 
@@ -268,6 +272,25 @@ impl Watched {
             }
             s.node_pending = false;
         });
+    }
+
+    /// The Node's addresses NodePorts are served on, as read. A change
+    /// rebuilds everything.
+    pub fn set_node_addresses(&self, ips: Vec<IpAddr>) {
+        self.with(|s| {
+            if s.node_ips != ips {
+                s.node_ips = ips;
+                s.dirty.full = true;
+            }
+        });
+    }
+
+    /// The node addresses as last read.
+    pub fn node_addresses(&self) -> Vec<IpAddr> {
+        self.stores
+            .lock()
+            .map(|s| s.node_ips.clone())
+            .unwrap_or_default()
     }
 
     /// The Node could not be read: the first pass goes ahead without a zone
@@ -395,6 +418,8 @@ impl Watched {
 
     /// Loads a fixed set of objects (multi-document YAML of Services and
     /// EndpointSlices) instead of watching: tests and API-less operation.
+    /// A `Node` document named like this agent's Node gives its zone and
+    /// addresses (NodePorts); other Nodes are ignored.
     pub fn load_static(&self, path: &Path) -> Result<(), WatchError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| WatchError::Read {
@@ -403,6 +428,7 @@ impl Watched {
         })?;
         let mut services = BTreeMap::new();
         let mut slices = BTreeMap::new();
+        let mut nodes: Vec<Node> = Vec::new();
         for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let perr = |message: String| WatchError::Parse {
                 path: p.clone(),
@@ -420,11 +446,21 @@ impl Watched {
                         serde_yaml::from_value(v).map_err(|e| perr(e.to_string()))?;
                     slices.insert(key(&s), s);
                 }
+                Some("Node") => {
+                    let n: Node = serde_yaml::from_value(v).map_err(|e| perr(e.to_string()))?;
+                    nodes.push(n);
+                }
                 None if v.is_null() => {}
                 other => return Err(perr(format!("unexpected kind {other:?}"))),
             }
         }
-        self.with(|s| s.replace_all(services, slices));
+        self.with(|s| {
+            if let Some(n) = nodes.iter().find(|n| n.name_any() == s.node) {
+                s.zone = n.labels().get(ZONE_LABEL).cloned();
+                s.node_ips = desired::node_addresses(n);
+            }
+            s.replace_all(services, slices);
+        });
         Ok(())
     }
 }
@@ -553,6 +589,7 @@ pub fn spawn_node(
             match ev {
                 Ok(Event::Apply(n) | Event::InitApply(n)) => {
                     listed = true;
+                    shared.set_node_addresses(desired::node_addresses(&n));
                     shared.set_zone(n.labels().get(ZONE_LABEL).cloned());
                 }
                 Ok(Event::Init) => listed = false,
@@ -685,6 +722,42 @@ mod tests {
         w.set_node("node-a", true);
         w.node_read_failed();
         assert!(w.synced());
+    }
+
+    #[test]
+    fn node_addresses_come_from_the_node_and_a_change_is_a_full_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.yaml");
+        std::fs::write(
+            &p,
+            "kind: Node
+metadata: {name: other, labels: {topology.kubernetes.io/zone: z-other}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.99}]}
+---
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: z-a}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.10}]}
+---
+kind: Service
+metadata: {name: np, namespace: d}
+spec: {type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80, nodePort: 30080}]}
+",
+        )
+        .unwrap();
+        let w = Watched::default();
+        w.set_node("node-a", false);
+        w.load_static(&p).unwrap();
+        let ip: IpAddr = "192.168.1.10".parse().unwrap();
+        assert_eq!(w.node_addresses(), vec![ip]);
+        assert_eq!(w.zone().as_deref(), Some("z-a"));
+        // ClusterIP, the node address and 127.0.0.1.
+        assert_eq!(w.desired(10800).frontends.len(), 3);
+        w.take_dirty();
+        w.set_node_addresses(vec![ip]);
+        assert!(w.take_dirty().is_empty(), "same addresses: nothing to do");
+        w.set_node_addresses(vec![]);
+        assert!(w.take_dirty().full);
+        assert_eq!(w.desired(10800).frontends.len(), 1);
     }
 
     #[test]

@@ -112,6 +112,7 @@ fn frontend(
                 )
             })
             .collect(),
+        external: None,
     }
 }
 
@@ -486,6 +487,7 @@ fn program_10k_services_through_the_reconciler() {
             name: format!("s{i}"),
             affinity_timeout: None,
             backends,
+            external: None,
         });
     }
     let start = Instant::now();

@@ -144,6 +144,7 @@ fn frontend(
                 )
             })
             .collect(),
+        external: None,
     }
 }
 

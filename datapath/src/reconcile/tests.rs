@@ -82,6 +82,7 @@ fn restart_recovers_ids_and_writes_nothing() {
         name: "default/new:".into(),
         affinity_timeout: None,
         backends,
+        external: None,
     });
     r2.reconcile(&d).unwrap();
     let id = r2.service_id(&fe).unwrap();
@@ -231,6 +232,7 @@ fn frontend(addr: L4Addr, name: &str, backends: &[(L4Addr, BackendState)]) -> Fr
         name: name.into(),
         affinity_timeout: None,
         backends: backends.iter().copied().collect(),
+        external: None,
     }
 }
 

@@ -65,8 +65,9 @@ impl Netns {
             name.starts_with("nbt-dp-")
                 || name.starts_with("nbcl-")
                 || name.starts_with("nbag-")
-                || name.starts_with("nbv6-"),
-            "test netns must be prefixed nbt-dp-, nbcl-, nbag- or nbv6-: {name}"
+                || name.starts_with("nbv6-")
+                || name.starts_with("nbns-"),
+            "test netns must be prefixed nbt-dp-, nbcl-, nbag-, nbv6- or nbns-: {name}"
         );
         let inner = netns::Scoped::create(name).unwrap_or_else(|e| panic!("{e}"));
         Self {
@@ -158,11 +159,12 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(tag: &str, backends: u8) -> Self {
-        let base = if tag.starts_with("nbag-") || tag.starts_with("nbv6-") {
-            tag.to_string()
-        } else {
-            format!("nbt-dp-{tag}")
-        };
+        let base =
+            if tag.starts_with("nbag-") || tag.starts_with("nbv6-") || tag.starts_with("nbns-") {
+                tag.to_string()
+            } else {
+                format!("nbt-dp-{tag}")
+            };
         let client = Netns::new(&format!("{base}-c"));
         let server = Netns::new(&format!("{base}-s"));
         client.veth_to("veth0", &server, "veth1");

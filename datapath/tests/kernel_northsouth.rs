@@ -1,0 +1,489 @@
+//! Privileged: north–south Service addresses through the real agent
+//! (static Services and a static Node): NodePorts on the node's addresses and
+//! 127.0.0.1, `spec.externalIPs` and VIP-mode load balancer IPs, reached by
+//! local sockets through the socket LB.
+//!
+//! Namespaces `nbns-*` only (no default route, no veth end in the root
+//! namespace); the node's addresses exist only inside them.
+//!
+//! Run: `sudo cargo test -p netboot-datapath --test kernel_northsouth`
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+#[test]
+fn helper() {
+    support::helper_main();
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
+
+/// The node is the client namespace (10.244.0.100); backend 1 is on this
+/// node, backend 2 on another. externalTrafficPolicy: Local, yet local
+/// sockets use every endpoint (kube-proxy's short circuit).
+const STATIC: &str = "
+kind: Node
+metadata: {name: test-node}
+status:
+  addresses:
+  - {type: Hostname, address: test-node}
+  - {type: InternalIP, address: 10.244.0.100}
+  - {type: ExternalIP, address: 192.0.2.10}
+---
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.80
+  externalIPs: [198.51.100.7]
+  externalTrafficPolicy: Local
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 203.0.113.1, ipMode: VIP}
+    - {ip: 203.0.113.2, ipMode: Proxy}
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: [10.244.1.1], nodeName: test-node}
+- {addresses: [10.244.1.2], nodeName: other-node}
+";
+
+fn start_agent(
+    dir: &std::path::Path,
+    cg: &std::path::Path,
+    pins: &std::path::Path,
+    listen: &str,
+) -> ChildGuard {
+    let child = Command::new(BIN)
+        .args(["agent", "--node-name", "test-node"])
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .arg("--cgroup")
+        .arg(cg)
+        .arg("--bpffs")
+        .arg(pins)
+        .args(["--listen", listen])
+        .arg("--static-services")
+        .arg(dir.join("static.yaml"))
+        .arg("--kube-proxy-present")
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("agent.log")).expect("log"),
+        ))
+        .spawn()
+        .expect("spawn agent");
+    ChildGuard(Some(child))
+}
+
+fn v4(a: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(a), port)
+}
+
+#[test]
+fn local_sockets_reach_node_ports_external_ips_and_load_balancer_ips() {
+    require_privileges();
+    let topo = Topology::new("nbns-sock", 2);
+    let _servers = Servers::start(
+        &topo.server,
+        &[("be1", backend_ip(1), 8080), ("be2", backend_ip(2), 8080)],
+    );
+    let cg = TestCgroup::new("nbns-sock");
+    let pins = TestPins::new("nbns-sock");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "apiServer: {host: 127.0.0.1, port: 6443}\nkubeProxyReplacement: true\nmapSizes: {services: 4096, backends: 4096, affinity: 4096, reverseNat: 4096}\n",
+    )
+    .expect("config");
+    std::fs::write(dir.path().join("static.yaml"), STATIC).expect("static");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = start_agent(dir.path(), &cg.path, pins.pins.root(), &listen);
+    wait_ready(&listen, Duration::from_secs(20));
+
+    let (_, js) = http_get(&listen, "/v1/status").expect("status");
+    let st: serde_json::Value = serde_json::from_str(&js).expect("status json");
+    // Per port: ClusterIP, 2 node addresses, 127.0.0.1, 1 external IP, 1 LB IP.
+    assert_eq!(st["services"], 12, "{js}");
+
+    // TCP to every address of the Service: both endpoints are used (local
+    // sockets are in-cluster traffic), getpeername shows the address asked.
+    for addr in [
+        v4([10, 244, 0, 100], 30080), // InternalIP:nodePort
+        v4([192, 0, 2, 10], 30080),   // ExternalIP:nodePort
+        v4([127, 0, 0, 1], 30080),    // localhost NodePort
+        v4([198, 51, 100, 7], 80),    // externalIPs
+        v4([203, 0, 113, 1], 80),     // LB ingress, ipMode VIP
+        v4([10, 96, 0, 80], 80),      // ClusterIP
+    ] {
+        let res = client(&cg.path, &topo.client, ClientOp::Tcp { addr, count: 40 });
+        assert!(res.iter().all(|a| a.ok), "{addr}: {res:?}");
+        assert!(
+            res.iter().all(|a| a.peer == addr.to_string()),
+            "{addr}: getpeername must be the address asked: {res:?}"
+        );
+        let be2 = res.iter().filter(|a| a.name == "be2").count();
+        assert!(
+            be2 > 0 && be2 < res.len(),
+            "{addr}: both endpoints: {res:?}"
+        );
+    }
+
+    // UDP to the NodePort: the reply comes from the address asked.
+    let addr = v4([10, 244, 0, 100], 30053);
+    let res = client(&cg.path, &topo.client, ClientOp::Udp { addr, count: 3 });
+    assert!(
+        res.iter().all(|a| a.ok && a.peer == addr.to_string()),
+        "{res:?}"
+    );
+
+    // A Proxy-mode LB IP is left to the load balancer: not translated (no route here).
+    let res = client(
+        &cg.path,
+        &topo.client,
+        ClientOp::Tcp {
+            addr: v4([203, 0, 113, 2], 80),
+            count: 1,
+        },
+    );
+    assert!(!res[0].ok && res[0].errno == libc::ENETUNREACH, "{res:?}");
+    // The Service port on the node address is no NodePort: untouched (nothing listens).
+    let res = client(
+        &cg.path,
+        &topo.client,
+        ClientOp::TcpAny {
+            addr: SocketAddr::V4(v4([10, 244, 0, 100], 80)),
+            count: 1,
+        },
+    );
+    assert!(!res[0].ok && res[0].errno == libc::ECONNREFUSED, "{res:?}");
+}
+
+// ---- Per-packet path (tc / TCX) for traffic from outside the node --------
+
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use netboot_datapath::config::MapSizes;
+use netboot_datapath::desired::{self, Rules};
+use netboot_datapath::loader::{self, NodePortDevice};
+use netboot_datapath::maps::kernel::KernelMaps;
+use netboot_datapath::reconcile::Reconciler;
+
+/// A TCP server in `ns` answering `<name> <client address it sees>`.
+struct PeerServer {
+    stop: Arc<AtomicBool>,
+    t: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerServer {
+    fn start(ns: &Netns, name: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, name, path) = (stop.clone(), name.to_string(), ns.path());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let f = std::fs::File::open(path).expect("netns");
+            // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let l = std::net::TcpListener::bind("0.0.0.0:8080").expect("bind");
+            l.set_nonblocking(true).expect("nonblocking");
+            tx.send(()).expect("ready");
+            while !stop2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(300)),
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("server");
+        Self { stop, t: Some(t) }
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.t.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An "external client", two "nodes" and a pod on each, on a bridge that
+/// lives in a namespace of its own: nothing in the root namespace, no
+/// default route anywhere.
+///   client 192.168.50.100 ── br ── node-a eth0 192.168.50.1 ── pod-a 10.200.1.10
+///                              └── node-b eth0 192.168.50.2 ── pod-b 10.200.2.10
+struct Cluster {
+    client: Netns,
+    node_a: Netns,
+    _node_b: Netns,
+    pod_a: Netns,
+    pod_b: Netns,
+    _br: Netns,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let br = Netns::new("nbns-np-br");
+        let client = Netns::new("nbns-np-cl");
+        let node_a = Netns::new("nbns-np-a");
+        let node_b = Netns::new("nbns-np-b");
+        let pod_a = Netns::new("nbns-np-pa");
+        let pod_b = Netns::new("nbns-np-pb");
+        br.ip(&["link", "add", "br0", "type", "bridge"]);
+        br.ip(&["link", "set", "br0", "up"]);
+        for (ns, port, addr) in [
+            (&client, "p-cl", "192.168.50.100/24"),
+            (&node_a, "p-a", "192.168.50.1/24"),
+            (&node_b, "p-b", "192.168.50.2/24"),
+        ] {
+            br.ip(&[
+                "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ]);
+            br.ip(&["link", "set", port, "master", "br0", "up"]);
+            ns.ip(&["addr", "add", addr, "dev", "eth0"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+        }
+        for (node, pod, net, other_net, other_node) in [
+            (&node_a, &pod_a, 1, 2, "192.168.50.2"),
+            (&node_b, &pod_b, 2, 1, "192.168.50.1"),
+        ] {
+            node.ip(&[
+                "link", "add", "pod0", "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+            ]);
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("10.200.{net}.254/24"),
+                "dev",
+                "pod0",
+            ]);
+            node.ip(&["link", "set", "pod0", "up"]);
+            pod.ip(&["addr", "add", &format!("10.200.{net}.10/24"), "dev", "eth0"]);
+            pod.ip(&["link", "set", "eth0", "up"]);
+            let gw = format!("10.200.{net}.254");
+            pod.ip(&["route", "add", "192.168.50.0/24", "via", &gw]);
+            pod.ip(&["route", "add", "10.200.0.0/16", "via", &gw]);
+            node.ip(&[
+                "route",
+                "add",
+                &format!("10.200.{other_net}.0/24"),
+                "via",
+                other_node,
+            ]);
+            let out = node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+            assert!(out.status.success(), "{out:?}");
+        }
+        // The client reaches the externalIP through node-a.
+        client.ip(&["route", "add", "198.51.100.7/32", "via", "192.168.50.1"]);
+        Self {
+            client,
+            node_a,
+            _node_b: node_b,
+            pod_a,
+            pod_b,
+            _br: br,
+        }
+    }
+}
+
+const NP_SERVICES: &str = "
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  externalIPs: [198.51.100.7]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+kind: Service
+metadata: {name: loc, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.81
+  externalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+---
+kind: Service
+metadata: {name: far, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.82
+  externalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30082}]
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+- {addresses: [10.200.2.10], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: loc-1, namespace: default, labels: {kubernetes.io/service-name: loc}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+- {addresses: [10.200.2.10], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: far-1, namespace: default, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.2.10], nodeName: node-b}
+";
+
+/// (backend name, source address it saw) of each attempt; panics on a failure.
+fn seen(res: &[Attempt]) -> Vec<(String, String)> {
+    res.iter()
+        .map(|a| {
+            assert!(a.ok, "{res:?}");
+            let (n, src) = a.name.split_once(' ').expect("name and source");
+            (n.to_string(), src.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own_address_under_local_policy(
+) {
+    require_privileges();
+    let c = Cluster::new();
+    let _pa = PeerServer::start(&c.pod_a, "pod-a");
+    let _pb = PeerServer::start(&c.pod_b, "pod-b");
+    // node-a's datapath: maps from the desired model, tc on its eth0.
+    let agent_cg = TestCgroup::new("nbns-np-agent");
+    let client_cg = TestCgroup::new("nbns-np-client");
+    let pins = TestPins::new("nbns-np");
+    let sizes = MapSizes {
+        services: 1024,
+        backends: 1024,
+        affinity: 1024,
+        reverse_nat: 1024,
+    };
+    loader::install(&pins.pins, &agent_cg.path, &sizes, true).expect("install");
+    let (mut svcs, mut slices) = (Vec::new(), Vec::new());
+    for doc in NP_SERVICES.split("\n---\n") {
+        if doc.contains("kind: Service\n") {
+            svcs.push(serde_yaml::from_str::<k8s_openapi::api::core::v1::Service>(doc).unwrap());
+        } else {
+            slices.push(
+                serde_yaml::from_str::<k8s_openapi::api::discovery::v1::EndpointSlice>(doc)
+                    .unwrap(),
+            );
+        }
+    }
+    let node_ips = ["192.168.50.1".parse().unwrap()];
+    let rules = Rules {
+        default_affinity_timeout: 10800,
+        node: "node-a",
+        zone: None,
+        node_ips: &node_ips,
+    };
+    let table = desired::build(&svcs, &slices, rules);
+    let mut recon =
+        Reconciler::recover(KernelMaps::open(&pins.pins).expect("maps")).expect("recover");
+    recon.reconcile(&table).expect("reconcile");
+    let (pins2, sizes2, path) = (pins.pins.clone(), sizes, c.node_a.path());
+    let links = std::thread::spawn(move || {
+        let f = std::fs::File::open(path).expect("netns");
+        // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        loader::install_nodeport(
+            &pins2,
+            &sizes2,
+            &[NodePortDevice {
+                ifname: "eth0".into(),
+                snat: "192.168.50.1".parse().unwrap(),
+            }],
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("install_nodeport");
+    assert_eq!(links.len(), 2, "{links:?}");
+
+    let tcp = |addr: SocketAddrV4, count: u32| {
+        client(&client_cg.path, &c.client, ClientOp::Tcp { addr, count })
+    };
+
+    // externalTrafficPolicy: Cluster. The local backend sees the client; the
+    // remote one sees node-a (SNAT), and its reply finds its way back.
+    let res = tcp(v4([192, 168, 50, 1], 30080), 40);
+    let s = seen(&res);
+    assert!(
+        res.iter().all(|a| a.peer == "192.168.50.1:30080"),
+        "{res:?}"
+    );
+    let a: Vec<_> = s.iter().filter(|(n, _)| n == "pod-a").collect();
+    let b: Vec<_> = s.iter().filter(|(n, _)| n == "pod-b").collect();
+    assert!(!a.is_empty() && !b.is_empty(), "both backends: {s:?}");
+    assert!(a.iter().all(|(_, src)| src == "192.168.50.100"), "{s:?}");
+    assert!(b.iter().all(|(_, src)| src == "192.168.50.1"), "{s:?}");
+    println!(
+        "NUMBERS nodeport cluster policy: {} connections, {} local (client IP kept), {} remote (SNAT), worst {} us",
+        res.len(),
+        a.len(),
+        b.len(),
+        res.iter().map(|a| a.micros).max().unwrap_or(0)
+    );
+    // The externalIP, same Service.
+    let s = seen(&tcp(v4([198, 51, 100, 7], 80), 20));
+    assert!(
+        s.iter()
+            .all(|(n, src)| (n == "pod-a" && src == "192.168.50.100")
+                || (n == "pod-b" && src == "192.168.50.1")),
+        "{s:?}"
+    );
+
+    // externalTrafficPolicy: Local: only the local backend, client IP kept.
+    let s = seen(&tcp(v4([192, 168, 50, 1], 30081), 20));
+    assert!(
+        s.iter()
+            .all(|(n, src)| n == "pod-a" && src == "192.168.50.100"),
+        "{s:?}"
+    );
+
+    // Local policy and no endpoint on node-a: dropped (the client times out).
+    let res = tcp(v4([192, 168, 50, 1], 30082), 1);
+    assert!(!res[0].ok, "{res:?}");
+
+    let ctr = recon.maps().counters().expect("counters");
+    let get = |n: &str| {
+        ctr.0
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    };
+    assert!(
+        get("nodeport_snat") > 0 && get("nodeport_local") > 0,
+        "{ctr:?}"
+    );
+    assert!(get("nodeport_no_local_backend") > 0, "{ctr:?}");
+    assert!(get("nodeport_ct_hit") > 0, "{ctr:?}");
+}

@@ -128,6 +128,10 @@ pub struct Outcome {
     /// `detail` says why. Counts as ok.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// [`Check::UdpReplace`]: the outage it measured (last answer of the old
+    /// backend → first answer of the new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outage_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,6 +161,7 @@ pub fn run(plan: &Plan) -> Report {
             Outcome {
                 name: check.name().to_string(),
                 ok,
+                outage_ms: outage_of(&detail),
                 detail,
                 millis: millis(start.elapsed()),
                 skipped,
@@ -165,6 +170,14 @@ pub fn run(plan: &Plan) -> Report {
         .collect();
     Report { outcomes }
 }
+
+/// The outage a [`Check::UdpReplace`] detail states (`… an outage of N ms …`).
+fn outage_of(detail: &str) -> Option<u64> {
+    let (_, rest) = detail.split_once(OUTAGE)?;
+    rest.split_once(" ms")?.0.parse().ok()
+}
+
+const OUTAGE: &str = "after an outage of ";
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -443,7 +456,7 @@ fn replace_verdict(
     };
     let outage = at.saturating_duration_since(last_old);
     let detail = format!(
-        "answered by `{old}`, then by `{new}` after an outage of {} ms (bound {} ms): {abort}; {} datagrams unanswered",
+        "answered by `{old}`, then by `{new}` {OUTAGE}{} ms (bound {} ms): {abort}; {} datagrams unanswered",
         millis(outage),
         millis(bound),
         log.timeouts
@@ -781,6 +794,7 @@ mod tests {
         );
         assert!(d.contains("the socket failed ("), "{d}");
         assert!(d.contains("was connected again"), "{d}");
+        assert!(r.outcomes[0].outage_ms.is_some_and(|o| o >= 300), "{r:?}");
     }
 
     #[test]

@@ -633,6 +633,26 @@ fn every_rendered_container_is_confined() {
             let containers = ["initContainers", "containers"]
                 .iter()
                 .flat_map(|k| pod[*k].as_array().cloned().unwrap_or_default());
+            // No host PID or IPC namespace: the agent reaches pods' network
+            // namespaces through the read-only /var/run/netns mount instead.
+            for k in ["hostPID", "hostIPC"] {
+                assert!(
+                    pod[k].is_null() || pod[k] == false,
+                    "{name}: {}: {k}",
+                    m.id()
+                );
+            }
+            let host_paths: Vec<(String, String)> = pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| {
+                    Some((
+                        v["name"].as_str()?.to_string(),
+                        v["hostPath"]["path"].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
             for c in containers {
                 let sc = &c["securityContext"];
                 let ctx = format!("{name}: {}: {}", m.id(), c["name"]);
@@ -643,6 +663,35 @@ fn every_rendered_container_is_confined() {
                     serde_json::json!(["ALL"]),
                     "{ctx}"
                 );
+                // Host paths are read-only but for the two the agent writes:
+                // its bpffs pins and the xtables lock.
+                for vm in c["volumeMounts"].as_array().into_iter().flatten() {
+                    let Some((_, path)) = host_paths.iter().find(|(n, _)| vm["name"] == n.as_str())
+                    else {
+                        continue;
+                    };
+                    if !["/sys/fs/bpf", "/run/xtables.lock"].contains(&path.as_str()) {
+                        assert_eq!(vm["readOnly"], true, "{ctx}: hostPath {path}");
+                    }
+                }
+                if c["name"] == "agent" {
+                    // Socket termination reaches pod network namespaces, and
+                    // those of pods started later (HostToContainer).
+                    let netns = c["volumeMounts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|vm| vm["mountPath"] == "/run/netns")
+                        .unwrap_or_else(|| panic!("{ctx}: no /run/netns mount"));
+                    assert_eq!(netns["readOnly"], true, "{ctx}");
+                    assert_eq!(netns["mountPropagation"], "HostToContainer", "{ctx}");
+                    assert!(
+                        host_paths
+                            .iter()
+                            .any(|(n, p)| netns["name"] == n.as_str() && p == "/var/run/netns"),
+                        "{ctx}: /run/netns must be the host's /var/run/netns"
+                    );
+                }
             }
         }
     }

@@ -285,8 +285,45 @@ fn stale_objects(inv: Option<&Inventory>, desired: &[Manifest]) -> Vec<crate::ma
     .unwrap_or_default()
 }
 
-/// Runs the whole job.
+/// Runs the whole job; then, with kube-proxy gone, warns on every Service
+/// the agents cannot serve (a Warning Event on it, once per gap).
 pub async fn apply(conn: &Connection, s: &Settings) -> Result<Outcome, ConvergeError> {
+    let outcome = apply_run(conn, s).await?;
+    if s.spec.datapath.kube_proxy_replacement && !outcome.rolled_back {
+        warn_unserved(conn, s).await;
+    }
+    Ok(outcome)
+}
+
+/// After a handover a new Service may need what the agents do not serve
+/// (the gate checked only the Services there were): each gets a Warning
+/// Event ([`unserved::record_warnings`]) and a progress line. Only reads
+/// when there is nothing new to say; never fails the run.
+async fn warn_unserved(conn: &Connection, s: &Settings) {
+    let client = &conn.client;
+    match handover::kube_proxy_state(client, &s.spec.kube_proxy).await {
+        Ok(kp) if !kp.present() => {}
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!("unserved Services: {e}");
+            return;
+        }
+    }
+    match unserved::record_warnings(client, &s.spec.kube_proxy.allow_unserved).await {
+        Ok((report, recorded)) => {
+            for u in report.refused.iter().chain(&report.allowed) {
+                s.progress
+                    .say(&format!("warning: {u}, which the agents do not serve"));
+            }
+            if recorded > 0 {
+                tracing::info!("recorded {recorded} {} Event(s)", unserved::WARNING_REASON);
+            }
+        }
+        Err(e) => tracing::warn!("unserved Services: {e}"),
+    }
+}
+
+async fn apply_run(conn: &Connection, s: &Settings) -> Result<Outcome, ConvergeError> {
     let (first, ..) = plan(conn, s).await?;
     if first.noop {
         return Ok(noop(first));

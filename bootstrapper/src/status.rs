@@ -50,6 +50,9 @@ pub struct ClusterStatus {
     pub handover_journal: Option<crate::journal::Journal>,
     pub inventory: Option<Inventory>,
     pub nodes: Vec<NodeStatus>,
+    /// Services needing what not every agent serves (refused: not accepted
+    /// by `spec.kubeProxy.allowUnserved`).
+    pub unserved: crate::unserved::UnservedReport,
 }
 
 impl ClusterStatus {
@@ -132,7 +135,11 @@ pub async fn gather(
     let inventory = inventory::load(client, ns)
         .await
         .map_err(|e| e.to_string())?;
+    let unserved = crate::unserved::check(client, &spec.kube_proxy.allow_unserved)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(ClusterStatus {
+        unserved,
         cluster: spec.name.clone(),
         server: server.into(),
         agents,
@@ -143,6 +150,38 @@ pub async fn gather(
         inventory,
         nodes,
     })
+}
+
+/// The Services the agents cannot serve, and what that means now: with
+/// kube-proxy present it serves them; without, that part of them is broken
+/// (each has a Warning Event `UnservedByDatapath`).
+fn unserved_line(s: &ClusterStatus) -> Option<String> {
+    let u = &s.unserved;
+    let all: Vec<String> = u
+        .refused
+        .iter()
+        .map(ToString::to_string)
+        .chain(u.allowed.iter().map(|a| format!("{a} (allowed)")))
+        .collect();
+    if all.is_empty() {
+        return None;
+    }
+    let shown: Vec<&str> = all.iter().take(5).map(String::as_str).collect();
+    Some(format!(
+        "{} Service(s) need what the agents do not serve, {}: {}{}",
+        all.len(),
+        if s.kube_proxy.present() {
+            "kube-proxy still serves them"
+        } else {
+            "NOT SERVED since kube-proxy is gone (Warning Events UnservedByDatapath)"
+        },
+        shown.join("; "),
+        if all.len() > shown.len() {
+            format!("; … {} more (-o json)", all.len() - shown.len())
+        } else {
+            String::new()
+        }
+    ))
 }
 
 /// Like `cilium status`: a summary block, then a row per node.
@@ -213,6 +252,9 @@ pub fn format(s: &ClusterStatus) -> String {
         );
     }
     line(&mut out, "Datapath features:", served_line(s));
+    if let Some(u) = unserved_line(s) {
+        line(&mut out, "Unserved:", u);
+    }
     match &s.inventory {
         Some(i) => {
             line(
@@ -323,5 +365,50 @@ fn yes(b: bool) -> &'static str {
         "yes"
     } else {
         "no"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unserved::{Unserved, UnservedReport};
+
+    fn status(kube_proxy: bool, unserved: UnservedReport) -> ClusterStatus {
+        ClusterStatus {
+            cluster: "c".into(),
+            server: "https://api:6443".into(),
+            agents: None,
+            agent_image: None,
+            kube_proxy: KubeProxyState {
+                daemon_set: kube_proxy,
+                config_map: kube_proxy,
+                pods: 0,
+            },
+            backup_taken: None,
+            handover_journal: None,
+            inventory: None,
+            nodes: vec![],
+            unserved,
+        }
+    }
+
+    #[test]
+    fn status_names_the_services_the_agents_cannot_serve() {
+        let u = |s: &str, n: &str| Unserved {
+            service: s.into(),
+            needs: vec![n.into()],
+        };
+        let report = UnservedReport {
+            refused: vec![u("d/np", "nodeport")],
+            allowed: vec![u("e/sctp", "sctp")],
+            ..Default::default()
+        };
+        let gone = format(&status(false, report.clone()));
+        assert!(
+            gone.contains("Unserved:             2 Service(s) need what the agents do not serve, NOT SERVED since kube-proxy is gone (Warning Events UnservedByDatapath): Service/d/np: needs nodeport; Service/e/sctp: needs sctp (allowed)\n"),
+            "{gone}"
+        );
+        assert!(format(&status(true, report)).contains("kube-proxy still serves them"));
+        assert!(!format(&status(false, UnservedReport::default())).contains("Unserved:"));
     }
 }

@@ -12,8 +12,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, ObjectReference, Service};
 use kube::api::{Api, ListParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
 use netboot_contract::features::{self, Feature, ServiceShape, FEATURES_ANNOTATION};
 use serde::Serialize;
@@ -221,6 +222,138 @@ pub async fn check(client: &Client, allow: &[String]) -> Result<UnservedReport, 
     Ok(decide(&services, &nodes, allow))
 }
 
+/// The reason of the Warning Event on a Service the agents cannot serve.
+pub const WARNING_REASON: &str = "UnservedByDatapath";
+
+/// A Warning Event to record on a Service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warning {
+    pub service: ObjectReference,
+    pub note: String,
+}
+
+/// The Warning Events to record once kube-proxy is gone: one per Service
+/// the report names (refused or allowed: either way that part of it no
+/// longer works), unless an Event with [`WARNING_REASON`] and the same note
+/// is already on that Service (by UID) — so each gap is recorded once, again
+/// only after the API server expired the Event (`--event-ttl`, 1 h by
+/// default) or when the gap changes.
+pub fn warnings(
+    report: &UnservedReport,
+    services: &[Service],
+    existing: &[CoreEvent],
+) -> Vec<Warning> {
+    let allowed = report.allowed.iter().map(|u| (u, true));
+    let refused = report.refused.iter().map(|u| (u, false));
+    let mut out = Vec::new();
+    for (u, accepted) in refused.chain(allowed) {
+        let Some(svc) = services.iter().find(|s| {
+            format!(
+                "{}/{}",
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                s.metadata.name.as_deref().unwrap_or_default()
+            ) == u.service
+        }) else {
+            continue;
+        };
+        let note = format!(
+            "needs {}, which the netboot datapath agents do not serve (they serve {}); kube-proxy is gone, so that part of this Service does not work{}",
+            u.needs.join(", "),
+            if report.served.is_empty() {
+                "nothing".to_string()
+            } else {
+                report.served.join(",")
+            },
+            if accepted {
+                " (accepted by spec.kubeProxy.allowUnserved)"
+            } else {
+                ""
+            }
+        );
+        let uid = svc.metadata.uid.clone();
+        let seen = existing.iter().any(|e| {
+            e.reason.as_deref() == Some(WARNING_REASON)
+                && e.involved_object.uid == uid
+                && e.message.as_deref() == Some(note.as_str())
+        });
+        if !seen {
+            out.push(Warning {
+                service: ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Service".into()),
+                    name: svc.metadata.name.clone(),
+                    namespace: svc.metadata.namespace.clone(),
+                    uid,
+                    ..Default::default()
+                },
+                note,
+            });
+        }
+    }
+    out
+}
+
+/// After a handover: lists Services, Nodes and the Events already recorded,
+/// records a Warning Event on each unserved Service that has none for its
+/// gap yet (see [`warnings`]) and returns the report. Events are best
+/// effort: one that cannot be written is logged.
+pub async fn record_warnings(
+    client: &Client,
+    allow: &[String],
+) -> Result<(UnservedReport, usize), UnservedError> {
+    let api = |what: &str, e: kube::Error| UnservedError::Api {
+        what: what.into(),
+        message: describe(&e),
+    };
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| api("Services in all namespaces", e))?
+        .items;
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| api("nodes", e))?
+        .items;
+    let report = decide(&services, &nodes, allow);
+    if report.refused.is_empty() && report.allowed.is_empty() {
+        return Ok((report, 0));
+    }
+    let existing = Api::<CoreEvent>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("reason={WARNING_REASON}")))
+        .await
+        .map_err(|e| api("Events in all namespaces", e))?
+        .items;
+    let todo = warnings(&report, &services, &existing);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "netboot".into(),
+            instance: Some(crate::lock::identity()),
+        },
+    );
+    let mut recorded = 0;
+    for w in &todo {
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: WARNING_REASON.into(),
+            note: Some(w.note.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match recorder.publish(&ev, &w.service).await {
+            Ok(()) => recorded += 1,
+            Err(e) => tracing::warn!(
+                "event {WARNING_REASON} on Service/{}/{}: {}",
+                w.service.namespace.as_deref().unwrap_or_default(),
+                w.service.name.as_deref().unwrap_or_default(),
+                describe(&e)
+            ),
+        }
+    }
+    Ok((report, recorded))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +471,104 @@ mod tests {
         let all: BTreeSet<Feature> = Feature::ALL.into_iter().collect();
         let n = node("a", Some(&features::format(&all)));
         assert_eq!(served_by(&[n]).0, all);
+    }
+}
+
+#[cfg(test)]
+mod warning_tests {
+    use super::*;
+
+    fn svc(ns: &str, name: &str, uid: &str, spec: &str) -> Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: {name}, namespace: {ns}, uid: {uid}}}\nspec: {spec}"
+        ))
+        .unwrap()
+    }
+
+    fn node() -> Node {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: n, annotations: {{{FEATURES_ANNOTATION}: 'clusterip,ipv4,tcp,udp'}}}}"
+        ))
+        .unwrap()
+    }
+
+    fn event(uid: &str, message: &str) -> CoreEvent {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: e, namespace: d}}\nreason: {WARNING_REASON}\ninvolvedObject: {{kind: Service, uid: {uid}}}\nmessage: '{message}'"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_unserved_service_is_warned_once_per_gap() {
+        let services = vec![
+            svc(
+                "d",
+                "web",
+                "u1",
+                "{clusterIP: 10.96.0.5, ports: [{port: 80}]}",
+            ),
+            svc(
+                "d",
+                "np",
+                "u2",
+                "{type: NodePort, clusterIP: 10.96.0.7, ports: [{port: 80}]}",
+            ),
+            svc(
+                "e",
+                "sctp",
+                "u3",
+                "{clusterIP: 10.96.0.8, ports: [{port: 9, protocol: SCTP}]}",
+            ),
+        ];
+        let report = decide(&services, &[node()], &["sctp".into()]);
+        let first = warnings(&report, &services, &[]);
+        let named: Vec<(String, &str)> = first
+            .iter()
+            .map(|w| {
+                (
+                    format!(
+                        "{}/{}",
+                        w.service.namespace.as_deref().unwrap(),
+                        w.service.name.as_deref().unwrap()
+                    ),
+                    w.service.uid.as_deref().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            named,
+            [("d/np".to_string(), "u2"), ("e/sctp".to_string(), "u3")]
+        );
+        assert!(first[0].note.starts_with("needs nodeport, which the netboot datapath agents do not serve (they serve clusterip,ipv4,tcp,udp)"), "{first:?}");
+        assert!(
+            first[1]
+                .note
+                .ends_with("(accepted by spec.kubeProxy.allowUnserved)"),
+            "{first:?}"
+        );
+        // Recorded already: nothing again. A re-created Service (new UID) or a changed gap: again.
+        let existing: Vec<CoreEvent> = first
+            .iter()
+            .map(|w| event(w.service.uid.as_deref().unwrap(), &w.note))
+            .collect();
+        assert!(warnings(&report, &services, &existing).is_empty());
+        let recreated = vec![
+            services[0].clone(),
+            svc(
+                "d",
+                "np",
+                "u9",
+                "{type: NodePort, clusterIP: 10.96.0.7, ports: [{port: 80}]}",
+            ),
+            services[2].clone(),
+        ];
+        let again = warnings(
+            &decide(&recreated, &[node()], &["sctp".into()]),
+            &recreated,
+            &existing,
+        );
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].service.uid.as_deref(), Some("u9"));
     }
 }

@@ -7,11 +7,12 @@
 //! Results collect into a [`ValidationReport`] that a separate function
 //! formats as a table; `-o json` prints the struct.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
@@ -27,53 +28,173 @@ use crate::wait;
 
 pub const PROBE: &str = "netboot-probe";
 pub const PROBE_STICKY: &str = "netboot-probe-sticky";
-const PROBE_LABEL: &str = "app.kubernetes.io/name=netboot-probe";
+/// The `internalTrafficPolicy: Local` Service over the probe pods.
+pub const PROBE_LOCAL: &str = "netboot-probe-local";
+/// The one-pod Deployment and its Service (`udp-backend-replaced`).
+pub const PROBE_SINGLE: &str = "netboot-probe-single";
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 8081;
 
-/// The checks, in order: name, what it needs, what it shows.
-pub const TABLE: &[(&str, &[&str], &str)] = &[
-    (
-        "kube-proxy",
-        &[],
-        "kube-proxy is absent (replace) or present (coexist)",
-    ),
-    (
-        "agents",
-        &[],
-        "every node's agent is ready and reports the configured mode",
-    ),
-    (
-        "api-endpoint",
-        &[],
-        "the API server answers at the endpoint agents use",
-    ),
-    (
-        "pod-to-pod",
-        &["probe workload"],
-        "a client pod reaches every probe pod by pod IP (TCP)",
-    ),
-    (
-        "pod-to-service",
-        &["probe workload"],
-        "a client pod reaches the probe Service's ClusterIP over TCP and UDP",
-    ),
-    (
-        "session-affinity",
-        &["probe workload"],
-        "ClientIP affinity: every connection to the sticky Service lands on one pod",
-    ),
-    (
-        "pod-to-api",
-        &["probe workload"],
-        "a client pod reaches kubernetes.default's ClusterIP",
-    ),
-    (
-        "dns",
-        &["probe workload", "cluster DNS"],
-        "a client pod resolves the probe Service's name to its ClusterIP",
-    ),
+/// One check of the table: what it needs, what it shows, when it is skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckSpec {
+    pub name: &'static str,
+    /// What it runs against.
+    pub needs: &'static [&'static str],
+    /// What passing shows.
+    pub shows: &'static str,
+    /// When it says `skipped` (besides `spec.validation.skip`).
+    pub skipped_when: &'static str,
+}
+
+const PROBES: &[&str] = &["probe workload"];
+
+/// The checks, in the order they run (`spec::CHECKS` names them for
+/// `spec.validation.skip`; a test keeps the two equal).
+pub const TABLE: &[CheckSpec] = &[
+    CheckSpec {
+        name: "kube-proxy",
+        needs: &[],
+        shows: "kube-proxy is absent (replace) or present (coexist)",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "agents",
+        needs: &[],
+        shows: "every node's agent is ready and reports the configured mode",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "api-endpoint",
+        needs: &[],
+        shows: "the API server answers at the endpoint agents use",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "pod-to-pod",
+        needs: PROBES,
+        shows: "a client pod reaches every probe pod by pod IP (TCP)",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "pod-to-service",
+        needs: PROBES,
+        shows: "a client pod reaches the probe Service's ClusterIP over TCP and UDP",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "session-affinity",
+        needs: PROBES,
+        shows: "ClientIP affinity: every connection to the sticky Service lands on one pod",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "internal-traffic-local",
+        needs: &["probe workload", "two schedulable nodes"],
+        shows: "internalTrafficPolicy: Local — from a node with probe endpoints every TCP connection and UDP datagram lands on that node's endpoints; from a node with none, none is answered (refused or dropped, as kube-proxy drops)",
+        skipped_when: "fewer than two schedulable nodes",
+    },
+    CheckSpec {
+        name: "udp-backend-replaced",
+        needs: &["probe workload (one-pod Deployment)"],
+        shows: "a connected UDP socket survives its only backend's replacement: the socket fails (ECONNABORTED), is connected again and answered by the new pod within 5 s of its readiness (and 30 s of the old one's last answer)",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "ipv4-mapped",
+        needs: PROBES,
+        shows: "an AF_INET6 socket reaches the probe Service at ::ffff:<IPv4 ClusterIP> over TCP and UDP",
+        skipped_when: "the probe Service has no IPv4 ClusterIP; the client pod has no IPv6 sockets",
+    },
+    CheckSpec {
+        name: "ipv6",
+        needs: &["probe workload", "dual-stack Services and pods"],
+        shows: "the probe Service (ipFamilyPolicy: PreferDualStack) answers at its IPv6 ClusterIP over TCP and UDP",
+        skipped_when: "the API server has no IPv6 service range (no IPv6 ClusterIP); the probe pods have no IPv6 address",
+    },
+    CheckSpec {
+        name: "pod-to-api",
+        needs: PROBES,
+        shows: "a client pod reaches kubernetes.default's ClusterIP",
+        skipped_when: "",
+    },
+    CheckSpec {
+        name: "dns",
+        needs: &["probe workload", "cluster DNS"],
+        shows: "a client pod resolves the probe Service's name to its ClusterIP",
+        skipped_when: "",
+    },
 ];
+
+/// The checks run by probe pods, in table order.
+const POD_CHECKS: &[&str] = &[
+    "pod-to-pod",
+    "pod-to-service",
+    "session-affinity",
+    "internal-traffic-local",
+    "udp-backend-replaced",
+    "ipv4-mapped",
+    "ipv6",
+    "pod-to-api",
+    "dns",
+];
+
+/// What decides whether a check applies to this cluster. Fields that are
+/// learnt only once the probe Service exists are `None` before that.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// `spec.validation.skip`.
+    pub skip: Vec<String>,
+    /// Nodes a probe pod can be scheduled on (not cordoned, no
+    /// NoSchedule/NoExecute taint).
+    pub schedulable_nodes: usize,
+    /// The probe Service's ClusterIPs by family.
+    pub cluster_ipv4: Option<bool>,
+    pub cluster_ipv6: Option<bool>,
+    /// Every probe pod has an IPv6 address.
+    pub pods_ipv6: Option<bool>,
+}
+
+/// Why `check` does not apply, or `None` when it runs.
+pub fn skip_reason(check: &str, f: &Facts) -> Option<String> {
+    if f.skip.iter().any(|s| s == check) {
+        return Some("skipped by spec.validation.skip".into());
+    }
+    match check {
+        "internal-traffic-local" if f.schedulable_nodes < 2 => Some(format!(
+            "the cluster has {} schedulable node(s): no node without a probe endpoint to test from",
+            f.schedulable_nodes
+        )),
+        "ipv4-mapped" if f.cluster_ipv4 == Some(false) => {
+            Some("the probe Service has no IPv4 ClusterIP (an IPv6-only cluster)".into())
+        }
+        "ipv6" if f.cluster_ipv6 == Some(false) => Some(
+            "the API server gave the PreferDualStack probe Service no IPv6 ClusterIP: it has no IPv6 service range (--service-cluster-ip-range)".into(),
+        ),
+        "ipv6" if f.pods_ipv6 == Some(false) => Some(
+            "the probe pods have no IPv6 address: the pod network is single-stack".into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Nodes a probe pod can land on, sorted: not cordoned, no NoSchedule or
+/// NoExecute taint (the probe pods tolerate none).
+pub fn schedulable(nodes: &[Node]) -> Vec<String> {
+    let mut out: Vec<String> = nodes
+        .iter()
+        .filter(|n| {
+            let spec = n.spec.as_ref();
+            !spec.and_then(|s| s.unschedulable).unwrap_or(false)
+                && !spec
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|ts| ts.iter().any(|t| t.effect != "PreferNoSchedule"))
+        })
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    out.sort();
+    out
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -268,59 +389,79 @@ pub async fn validate(
         report.push_result("api-endpoint", api_endpoint(opts).await, t);
     }
 
-    let pod_checks = [
-        "pod-to-pod",
-        "pod-to-service",
-        "session-affinity",
-        "pod-to-api",
-        "dns",
-    ];
-    let wanted: Vec<&str> = pod_checks.iter().copied().filter(|c| !skip(c)).collect();
-    for c in pod_checks.iter().filter(|c| skip(c)) {
-        report.push(
-            c,
-            Verdict::Skipped,
-            "skipped by spec.validation.skip",
-            Instant::now(),
-        );
-    }
-    if !wanted.is_empty() {
-        let t = Instant::now();
-        match pod_checks_run(client, spec, opts, &wanted, deadline).await {
-            Ok(outcomes) => {
-                for name in &wanted {
-                    let mine: Vec<&probe::Outcome> = outcomes
-                        .iter()
-                        .filter(|o| o.name == *name || o.name.starts_with(&format!("{name}/")))
-                        .collect();
-                    let ok = !mine.is_empty() && mine.iter().all(|o| o.ok);
-                    let detail = mine
-                        .iter()
-                        .map(|o| o.detail.clone())
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    let millis = mine.iter().map(|o| o.millis).sum();
-                    report.checks.push(CheckResult {
-                        name: (*name).into(),
-                        result: if ok { Verdict::Passed } else { Verdict::Failed },
-                        detail,
-                        millis,
-                    });
-                }
-            }
-            Err(e) => {
-                for name in &wanted {
-                    report.push(name, Verdict::Failed, format!("probe workload: {e}"), t);
-                }
-            }
+    let t = Instant::now();
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|e| format!("nodes: {}", describe(&e)));
+    let facts = Facts {
+        skip: spec.validation.skip.clone(),
+        schedulable_nodes: nodes.as_ref().map(|n| schedulable(n).len()).unwrap_or(0),
+        ..Default::default()
+    };
+    let skipped: BTreeMap<&str, String> = POD_CHECKS
+        .iter()
+        .filter_map(|c| skip_reason(c, &facts).map(|r| (*c, r)))
+        .collect();
+    let wanted: Vec<&str> = POD_CHECKS
+        .iter()
+        .copied()
+        .filter(|c| !skipped.contains_key(c))
+        .collect();
+    let outcomes = match (&nodes, wanted.is_empty()) {
+        (_, true) => Ok(vec![]),
+        (Ok(nodes), false) => pod_checks_run(client, spec, opts, &wanted, nodes, deadline).await,
+        (Err(e), false) => Err(e.clone()),
+    };
+    for name in POD_CHECKS {
+        if let Some(reason) = skipped.get(name) {
+            report.push(name, Verdict::Skipped, reason.clone(), t);
+            continue;
         }
-        if !opts.keep_probes {
-            if let Err(e) = remove_probes(client, &spec.namespace).await {
-                tracing::warn!("removing the probe workload: {e}");
-            }
+        match &outcomes {
+            Ok(o) => report.checks.push(merge(name, o)),
+            Err(e) => report.push(name, Verdict::Failed, format!("probe workload: {e}"), t),
+        }
+    }
+    if !wanted.is_empty() && !opts.keep_probes {
+        if let Err(e) = remove_probes(client, &spec.namespace).await {
+            tracing::warn!("removing the probe workload: {e}");
         }
     }
     report
+}
+
+/// One check's result from the probe outcomes named `name` or `name/…`:
+/// passed when all passed, skipped when all were skipped (with why).
+pub fn merge(name: &str, outcomes: &[probe::Outcome]) -> CheckResult {
+    let mine: Vec<&probe::Outcome> = outcomes
+        .iter()
+        .filter(|o| o.name == name || o.name.starts_with(&format!("{name}/")))
+        .collect();
+    let millis = mine.iter().map(|o| o.millis).sum();
+    let join = |os: &[&probe::Outcome]| {
+        os.iter()
+            .map(|o| o.detail.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let (result, detail) = if mine.is_empty() {
+        (Verdict::Failed, "no probe reported it".to_string())
+    } else if mine.iter().all(|o| o.skipped) {
+        (Verdict::Skipped, join(&mine[..1]))
+    } else if mine.iter().all(|o| o.ok) {
+        (Verdict::Passed, join(&mine))
+    } else {
+        let failed: Vec<&probe::Outcome> = mine.iter().copied().filter(|o| !o.ok).collect();
+        (Verdict::Failed, join(&failed))
+    };
+    CheckResult {
+        name: name.into(),
+        result,
+        detail,
+        millis,
+    }
 }
 
 impl ValidationReport {
@@ -364,52 +505,204 @@ static PROBE_SECURITY: std::sync::LazyLock<serde_json::Value> = std::sync::LazyL
     })
 });
 
-/// The probe workload: server Deployment, plain and sticky Services.
-fn probe_objects(namespace: &str, image: &str, replicas: i32) -> Vec<serde_json::Value> {
-    let labels = json!({"app.kubernetes.io/name": PROBE, "app.kubernetes.io/managed-by": "netboot", "netboot.io/probe": "true", "netboot.io/podnet": "true"});
-    let selector = json!({"app.kubernetes.io/name": PROBE});
-    let service = |name: &str, affinity: bool| {
+/// What the probe workload is made of for one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// Probe pods of the main Deployment.
+    pub replicas: i32,
+    /// A node the main Deployment keeps off (the `internal-traffic-local`
+    /// check's node without a local endpoint).
+    pub keep_off: Option<String>,
+    /// The `internalTrafficPolicy: Local` Service.
+    pub local: bool,
+    /// The one-pod Deployment and its Service (`udp-backend-replaced`).
+    pub single: bool,
+}
+
+/// The probe workload: the server Deployment behind the plain
+/// (PreferDualStack), sticky and `internalTrafficPolicy: Local` Services;
+/// the one-pod Deployment and its Service.
+pub fn probe_objects(namespace: &str, image: &str, w: &Workload) -> Vec<serde_json::Value> {
+    let labels = |name: &str| json!({"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "netboot", "netboot.io/probe": "true", "netboot.io/podnet": "true"});
+    let selector = |name: &str| json!({"app.kubernetes.io/name": name});
+    let service = |name: &str, app: &str, extra: serde_json::Value| {
         let mut spec = json!({
-            "selector": selector,
+            "selector": selector(app),
             "ports": [
                 {"name": "tcp", "protocol": "TCP", "port": 80, "targetPort": TCP_PORT},
                 {"name": "udp", "protocol": "UDP", "port": 53, "targetPort": UDP_PORT},
             ],
         });
-        if affinity {
-            spec["sessionAffinity"] = json!("ClientIP");
-            spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 300}});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
         }
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace, "labels": labels}, "spec": spec})
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace, "labels": labels(PROBE)}, "spec": spec})
     };
-    vec![
+    let deployment = |name: &str, replicas: i32, keep_off: Option<&str>| {
+        let mut pod = json!({
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 1,
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector(name)}}],
+            "containers": [{
+                "name": "probe", "image": image,
+                "command": ["netboot-probe", "serve", "--tcp-port", TCP_PORT.to_string(), "--udp-port", UDP_PORT.to_string()],
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "ports": [{"containerPort": TCP_PORT, "protocol": "TCP"}, {"containerPort": UDP_PORT, "protocol": "UDP"}],
+                "readinessProbe": {"tcpSocket": {"port": TCP_PORT}, "periodSeconds": 2},
+                "securityContext": PROBE_SECURITY.clone(),
+            }],
+        });
+        if let Some(node) = keep_off {
+            pod["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": [node]}]}]}}});
+        }
         json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": PROBE, "namespace": namespace, "labels": labels},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels(name)},
             "spec": {
                 "replicas": replicas,
-                "selector": {"matchLabels": selector},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "automountServiceAccountToken": false,
-                        "terminationGracePeriodSeconds": 1,
-                        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": selector}}],
-                        "containers": [{
-                            "name": "probe", "image": image,
-                            "command": ["netboot-probe", "serve", "--tcp-port", TCP_PORT.to_string(), "--udp-port", UDP_PORT.to_string()],
-                            "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                            "ports": [{"containerPort": TCP_PORT, "protocol": "TCP"}, {"containerPort": UDP_PORT, "protocol": "UDP"}],
-                            "readinessProbe": {"tcpSocket": {"port": TCP_PORT}, "periodSeconds": 2},
-                            "securityContext": PROBE_SECURITY.clone(),
-                        }],
-                    },
-                },
+                "selector": {"matchLabels": selector(name)},
+                "template": {"metadata": {"labels": labels(name)}, "spec": pod},
             },
-        }),
-        service(PROBE, false),
-        service(PROBE_STICKY, true),
-    ]
+        })
+    };
+    let mut out = vec![
+        deployment(PROBE, w.replicas, w.keep_off.as_deref()),
+        service(PROBE, PROBE, json!({"ipFamilyPolicy": "PreferDualStack"})),
+        service(
+            PROBE_STICKY,
+            PROBE,
+            json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 300}}}),
+        ),
+    ];
+    if w.local {
+        out.push(service(
+            PROBE_LOCAL,
+            PROBE,
+            json!({"internalTrafficPolicy": "Local"}),
+        ));
+    }
+    if w.single {
+        out.push(deployment(PROBE_SINGLE, 1, None));
+        out.push(service(PROBE_SINGLE, PROBE_SINGLE, json!({})));
+    }
+    out
+}
+
+/// A probe server pod, ready.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProbePod {
+    pub name: String,
+    /// Its primary IP.
+    pub ip: IpAddr,
+    /// Every IP (`status.podIPs`).
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+}
+
+/// The probe Service's ClusterIPs.
+async fn cluster_ips(client: &Client, ns: &str, name: &str) -> Result<Vec<IpAddr>, String> {
+    let s = Api::<Service>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(|e| format!("Service/{ns}/{name}: {}", describe(&e)))?;
+    let spec = s.spec.unwrap_or_default();
+    let mut ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .unwrap_or_default()
+        .iter()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    ips.dedup();
+    if ips.is_empty() {
+        return Err(format!("Service/{ns}/{name} has no ClusterIP"));
+    }
+    Ok(ips)
+}
+
+/// The client pod runs of the `internal-traffic-local` check: from up to
+/// two nodes with probe pods (every answer from that node's pods) and from
+/// `empty` (no answer).
+pub fn local_runs(pods: &[ProbePod], local_ip: IpAddr, empty: &str) -> Vec<(String, probe::Plan)> {
+    let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for p in pods {
+        by_node.entry(&p.node).or_default().push(p.name.clone());
+    }
+    let name = |node: &str, proto: &str| format!("internal-traffic-local/{node}/{proto}");
+    let mut runs: Vec<(String, probe::Plan)> = by_node
+        .into_iter()
+        .filter(|(node, _)| *node != empty)
+        .take(2)
+        .map(|(node, names)| {
+            let checks = vec![
+                Check::Tcp {
+                    name: name(node, "tcp"),
+                    targets: vec![SocketAddr::new(local_ip, 80)],
+                    attempts: 8,
+                    names: names.clone(),
+                    same: false,
+                },
+                Check::Udp {
+                    name: name(node, "udp"),
+                    targets: vec![SocketAddr::new(local_ip, 53)],
+                    attempts: 6,
+                    names,
+                },
+            ];
+            (
+                node.to_string(),
+                probe::Plan {
+                    checks,
+                    timeout_ms: 2000,
+                },
+            )
+        })
+        .collect();
+    let none = |proto| Check::NoAnswer {
+        name: name(
+            empty,
+            match proto {
+                probe::Proto::Tcp => "tcp",
+                probe::Proto::Udp => "udp",
+            },
+        ),
+        targets: vec![SocketAddr::new(
+            local_ip,
+            match proto {
+                probe::Proto::Tcp => 80,
+                probe::Proto::Udp => 53,
+            },
+        )],
+        proto,
+        attempts: 3,
+    };
+    runs.push((
+        empty.to_string(),
+        probe::Plan {
+            checks: vec![none(probe::Proto::Tcp), none(probe::Proto::Udp)],
+            timeout_ms: 1000,
+        },
+    ));
+    runs
+}
+
+/// `[::ffff:a.b.c.d]:port` for an IPv4 address.
+fn mapped(ip: IpAddr, port: u16) -> Option<SocketAddr> {
+    match ip {
+        IpAddr::V4(v4) => Some(SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), port)),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn skipped_outcome(name: &str, reason: String) -> probe::Outcome {
+    probe::Outcome {
+        name: name.into(),
+        ok: true,
+        detail: reason,
+        millis: 0,
+        skipped: true,
+        outage_ms: None,
+    }
 }
 
 async fn pod_checks_run(
@@ -417,86 +710,107 @@ async fn pod_checks_run(
     spec: &ClusterNetwork,
     opts: &ValidateOptions,
     wanted: &[&str],
+    nodes: &[Node],
     deadline: Instant,
 ) -> Result<Vec<probe::Outcome>, String> {
     let ns = &spec.namespace;
-    let nodes = wait::node_names(client)
-        .await
-        .map_err(|e| e.to_string())?
-        .len();
-    let replicas = i32::try_from(nodes.clamp(2, 3)).unwrap_or(2);
-    for obj in probe_objects(ns, &opts.probe_image, replicas) {
-        let id = format!(
-            "{}/{}",
-            obj["kind"].as_str().unwrap_or_default(),
-            obj["metadata"]["name"].as_str().unwrap_or_default()
-        );
+    let want = |c: &str| wanted.contains(&c);
+    let eligible = schedulable(nodes);
+    let workload = Workload {
+        replicas: i32::try_from(nodes.len().clamp(2, 3)).unwrap_or(2),
+        // The last schedulable node by name, so that a re-run changes nothing.
+        keep_off: want("internal-traffic-local")
+            .then(|| eligible.last().cloned())
+            .flatten(),
+        local: want("internal-traffic-local"),
+        single: want("udp-backend-replaced"),
+    };
+    for obj in probe_objects(ns, &opts.probe_image, &workload) {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let id = format!("{}/{name}", obj["kind"].as_str().unwrap_or_default());
         let patch = PatchParams::apply(FIELD_MANAGER).force();
         let r = match obj["kind"].as_str() {
             Some("Deployment") => Api::<Deployment>::namespaced(client.clone(), ns)
-                .patch(PROBE, &patch, &Patch::Apply(&obj))
+                .patch(&name, &patch, &Patch::Apply(&obj))
                 .await
                 .map(|_| ()),
-            _ => {
-                let name = obj["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                Api::<Service>::namespaced(client.clone(), ns)
-                    .patch(&name, &patch, &Patch::Apply(&obj))
-                    .await
-                    .map(|_| ())
-            }
+            _ => Api::<Service>::namespaced(client.clone(), ns)
+                .patch(&name, &patch, &Patch::Apply(&obj))
+                .await
+                .map(|_| ()),
         };
         r.map_err(|e| format!("{id}: {}", describe(&e)))?;
     }
-    // Wait for the probe pods to be ready and listed in both Services' EndpointSlices.
-    let (pods, names) = loop {
-        let pods = ready_probe_pods(client, ns).await?;
-        let in_slices = ready_endpoints(client, ns, PROBE).await? >= pods.len()
-            && ready_endpoints(client, ns, PROBE_STICKY).await? >= pods.len();
-        if pods.len() == usize::try_from(replicas).unwrap_or(0) && in_slices {
-            let names: Vec<String> = pods.iter().map(|(n, _)| n.clone()).collect();
-            break (pods, names);
+    let probe_ips = cluster_ips(client, ns, PROBE).await?;
+    let probe_v6 = probe_ips.iter().copied().find(IpAddr::is_ipv6);
+    // Wait for the probe pods to be ready and listed in their Services' EndpointSlices.
+    let mut services = vec![PROBE, PROBE_STICKY];
+    if workload.local {
+        services.push(PROBE_LOCAL);
+    }
+    let (pods, single) = loop {
+        let pods = ready_probe_pods(client, ns, PROBE).await?;
+        let mut listed = true;
+        for svc in &services {
+            listed &= ready_endpoints(client, ns, svc, None).await? >= pods.len();
+        }
+        // The IPv6 slice too, when the pods have IPv6 addresses to be in it.
+        if probe_v6.is_some() && pods.iter().all(|p| p.ips.iter().any(IpAddr::is_ipv6)) {
+            listed &= ready_endpoints(client, ns, PROBE, Some("IPv6")).await? >= pods.len();
+        }
+        let single = if workload.single {
+            let s = ready_probe_pods(client, ns, PROBE_SINGLE).await?;
+            listed &= s.len() == 1 && ready_endpoints(client, ns, PROBE_SINGLE, None).await? >= 1;
+            s.into_iter().next()
+        } else {
+            None
+        };
+        if pods.len() == usize::try_from(workload.replicas).unwrap_or(0) && listed {
+            break (pods, single);
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "{} of {replicas} probe pods ready after the validation timeout",
-                pods.len()
+                "{} of {} probe pods ready{} after the validation timeout",
+                pods.len(),
+                workload.replicas,
+                if workload.single && single.is_none() {
+                    format!(", {PROBE_SINGLE} not ready")
+                } else {
+                    String::new()
+                }
             ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let svc_ip = |name: &'static str| async move {
-        let s = Api::<Service>::namespaced(client.clone(), ns)
-            .get(name)
-            .await
-            .map_err(|e| format!("Service/{ns}/{name}: {}", describe(&e)))?;
-        s.spec
-            .and_then(|s| s.cluster_ip)
-            .and_then(|ip| ip.parse::<IpAddr>().ok())
-            .ok_or_else(|| format!("Service/{ns}/{name} has no ClusterIP"))
+    let names: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+    let facts = Facts {
+        skip: spec.validation.skip.clone(),
+        schedulable_nodes: eligible.len(),
+        cluster_ipv4: Some(probe_ips.iter().any(IpAddr::is_ipv4)),
+        cluster_ipv6: Some(probe_v6.is_some()),
+        pods_ipv6: Some(pods.iter().all(|p| p.ips.iter().any(IpAddr::is_ipv6))),
     };
-    let probe_ip = svc_ip(PROBE).await?;
-    let sticky_ip = svc_ip(PROBE_STICKY).await?;
-    let api_svc = Api::<Service>::namespaced(client.clone(), "default")
-        .get("kubernetes")
-        .await
-        .map_err(|e| format!("Service/default/kubernetes: {}", describe(&e)))?;
-    let api_ip: IpAddr = api_svc
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .and_then(|ip| ip.parse().ok())
-        .ok_or("Service/default/kubernetes has no ClusterIP")?;
+    let probe_ip = probe_ips[0];
+    let probe_v4 = probe_ips.iter().copied().find(IpAddr::is_ipv4);
+    let sticky_ip = cluster_ips(client, ns, PROBE_STICKY).await?[0];
+    let api_ip = cluster_ips(client, "default", "kubernetes").await?[0];
 
+    let mut outcomes = Vec::new();
     let mut checks = Vec::new();
     for w in wanted {
+        if let Some(reason) = skip_reason(w, &facts) {
+            outcomes.push(skipped_outcome(w, reason));
+            continue;
+        }
         match *w {
             "pod-to-pod" => checks.push(Check::Tcp {
                 name: "pod-to-pod".into(),
                 targets: pods
                     .iter()
-                    .map(|(_, ip)| SocketAddr::new(*ip, TCP_PORT))
+                    .map(|p| SocketAddr::new(p.ip, TCP_PORT))
                     .collect(),
                 attempts: 1,
                 names: names.clone(),
@@ -524,6 +838,28 @@ async fn pod_checks_run(
                 names: names.clone(),
                 same: true,
             }),
+            "ipv4-mapped" | "ipv6" => {
+                let ip = if *w == "ipv6" { probe_v6 } else { probe_v4 };
+                let target = |port| match ip {
+                    Some(IpAddr::V4(_)) => ip.and_then(|ip| mapped(ip, port)),
+                    other => other.map(|ip| SocketAddr::new(ip, port)),
+                };
+                if let (Some(tcp), Some(udp)) = (target(80), target(53)) {
+                    checks.push(Check::Tcp {
+                        name: format!("{w}/tcp"),
+                        targets: vec![tcp],
+                        attempts: 6,
+                        names: names.clone(),
+                        same: false,
+                    });
+                    checks.push(Check::Udp {
+                        name: format!("{w}/udp"),
+                        targets: vec![udp],
+                        attempts: 4,
+                        names: names.clone(),
+                    });
+                }
+            }
             "pod-to-api" => checks.push(Check::Connect {
                 name: "pod-to-api".into(),
                 targets: vec![SocketAddr::new(api_ip, 443)],
@@ -536,23 +872,70 @@ async fn pod_checks_run(
             _ => {}
         }
     }
-    let plan = probe::Plan {
-        checks,
-        timeout_ms: 2000,
+    let image = &opts.probe_image;
+    let mut runs: Vec<(Option<String>, probe::Plan)> = Vec::new();
+    if !checks.is_empty() {
+        runs.push((
+            None,
+            probe::Plan {
+                checks,
+                timeout_ms: 2000,
+            },
+        ));
+    }
+    if workload.local {
+        if let Some(empty) = &workload.keep_off {
+            let local_ip = cluster_ips(client, ns, PROBE_LOCAL).await?[0];
+            for (node, plan) in local_runs(&pods, local_ip, empty) {
+                runs.push((Some(node), plan));
+            }
+        }
+    }
+    let clients = futures::future::join_all(
+        runs.iter()
+            .map(|(node, plan)| run_until_ok(client, ns, image, plan, node.as_deref(), deadline)),
+    );
+    let replaced = async {
+        match (&single, want("udp-backend-replaced")) {
+            (Some(old), true) => Some(udp_backend_replaced(client, ns, image, old, deadline).await),
+            _ => None,
+        }
     };
-    // The datapath programs new Services within moments; retry a failing run until the deadline.
+    let (reports, replaced) = tokio::join!(clients, replaced);
+    for r in reports {
+        outcomes.extend(r?);
+    }
+    if let Some(r) = replaced {
+        outcomes.push(r);
+    }
+    Ok(outcomes)
+}
+
+/// Runs `plan` in a client pod (on `node`, or where the scheduler puts it)
+/// until it passes or the deadline is near: the datapath programs new
+/// Services within moments.
+async fn run_until_ok(
+    client: &Client,
+    ns: &str,
+    image: &str,
+    plan: &probe::Plan,
+    node: Option<&str>,
+    deadline: Instant,
+) -> Result<Vec<probe::Outcome>, String> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let report = run_client(client, ns, &opts.probe_image, &plan, deadline).await?;
+        let pod = start_client(client, ns, image, plan, node).await?;
+        let report = client_report(client, ns, &pod, deadline).await?;
         if report.ok() || Instant::now() + Duration::from_secs(3) >= deadline {
             if !report.ok() {
-                tracing::info!(attempt, "probe checks still failing at the deadline");
+                tracing::info!(attempt, ?node, "probe checks still failing at the deadline");
             }
             return Ok(report.outcomes);
         }
         tracing::info!(
             attempt,
+            ?node,
             "probe checks failed; retrying: {:?}",
             report
                 .outcomes
@@ -565,76 +948,267 @@ async fn pod_checks_run(
     }
 }
 
-async fn ready_probe_pods(client: &Client, ns: &str) -> Result<Vec<(String, IpAddr)>, String> {
+/// How long after the replacement pod is ready and listed the reconnected
+/// socket must be answered by it.
+const UDP_REPLACE_LAG: Duration = Duration::from_secs(5);
+/// The longest outage (last answer of the old pod → first of the new one).
+const UDP_REPLACE_BOUND: Duration = Duration::from_secs(30);
+
+/// `udp-backend-replaced`: a client keeps one connected UDP socket to the
+/// one-pod Service; its pod is deleted; the client must be answered by the
+/// replacement (see [`Check::UdpReplace`]).
+async fn udp_backend_replaced(
+    client: &Client,
+    ns: &str,
+    image: &str,
+    old: &ProbePod,
+    deadline: Instant,
+) -> probe::Outcome {
+    let name = "udp-backend-replaced";
+    let started = Instant::now();
+    let r = async {
+        let window = deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(Duration::from_secs(10))
+            .min(Duration::from_secs(90));
+        if window < Duration::from_secs(20) {
+            return Err(format!(
+                "{} s left before the validation timeout: too little to replace a pod",
+                window.as_secs()
+            ));
+        }
+        let svc = cluster_ips(client, ns, PROBE_SINGLE).await?[0];
+        let plan = probe::Plan {
+            checks: vec![Check::UdpReplace {
+                name: name.into(),
+                target: SocketAddr::new(svc, 53),
+                old: old.name.clone(),
+                window_ms: u64::try_from(window.as_millis()).unwrap_or(u64::MAX),
+                bound_ms: u64::try_from(UDP_REPLACE_BOUND.as_millis()).unwrap_or(u64::MAX),
+                interval_ms: 100,
+            }],
+            timeout_ms: 500,
+        };
+        let pod = start_client(client, ns, image, &plan, None).await?;
+        // Let the client connect and hear the old pod before it goes.
+        wait_running(client, ns, &pod, deadline).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let deleted = Instant::now();
+        pods.delete(&old.name, &DeleteParams::default())
+            .await
+            .map_err(|e| format!("Pod/{ns}/{}: {}", old.name, describe(&e)))?;
+        let (new, ready) = loop {
+            let fresh: Vec<ProbePod> = ready_probe_pods(client, ns, PROBE_SINGLE)
+                .await?
+                .into_iter()
+                .filter(|p| p.name != old.name)
+                .collect();
+            if let Some(p) = fresh.into_iter().next() {
+                if ready_endpoints_of(client, ns, PROBE_SINGLE, &p.name).await? {
+                    break (p.name, deleted.elapsed());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "`{}` deleted; no replacement ready before the validation timeout",
+                    old.name
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let report = client_report(client, ns, &pod, deadline).await?;
+        let mut o = report
+            .outcomes
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("Pod/{ns}/{pod} reported nothing"))?;
+        o.detail = format!(
+            "{}; replacement `{new}` ready and listed {} ms after the delete",
+            o.detail,
+            ready.as_millis()
+        );
+        if o.ok && !o.detail.contains(&format!("then by `{new}`")) {
+            o.ok = false;
+            o.detail = format!("the new answer is not from the replacement `{new}`: {}", o.detail);
+        }
+        if let Some(outage) = o.outage_ms {
+            let limit = ready + UDP_REPLACE_LAG;
+            if o.ok && Duration::from_millis(outage) > limit {
+                o.ok = false;
+                o.detail = format!(
+                    "answered {} ms after the delete, more than {} s after the replacement was ready: {}",
+                    outage,
+                    UDP_REPLACE_LAG.as_secs(),
+                    o.detail
+                );
+            }
+        }
+        Ok(o)
+    }
+    .await;
+    r.unwrap_or_else(|detail| probe::Outcome {
+        name: name.into(),
+        ok: false,
+        detail,
+        millis: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        skipped: false,
+        outage_ms: None,
+    })
+}
+
+async fn ready_probe_pods(client: &Client, ns: &str, app: &str) -> Result<Vec<ProbePod>, String> {
     let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(PROBE_LABEL))
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/name={app}")))
         .await
         .map_err(|e| format!("probe pods: {}", describe(&e)))?;
-    let mut out: Vec<(String, IpAddr)> = pods
+    let mut out: Vec<ProbePod> = pods
         .items
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none() && wait::pod_not_ready(p).is_none())
         .filter_map(|p| {
-            Some((
-                p.metadata.name.clone()?,
-                p.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?,
-            ))
+            let st = p.status.as_ref()?;
+            let ip: IpAddr = st.pod_ip.as_ref()?.parse().ok()?;
+            let mut ips: Vec<IpAddr> = st
+                .pod_ips
+                .iter()
+                .flatten()
+                .filter_map(|i| i.ip.parse().ok())
+                .collect();
+            if ips.is_empty() {
+                ips.push(ip);
+            }
+            Some(ProbePod {
+                name: p.metadata.name.clone()?,
+                ip,
+                ips,
+                node: p.spec.as_ref()?.node_name.clone().unwrap_or_default(),
+            })
         })
         .collect();
     out.sort();
     Ok(out)
 }
 
-async fn ready_endpoints(client: &Client, ns: &str, service: &str) -> Result<usize, String> {
-    let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
+async fn slices(client: &Client, ns: &str, service: &str) -> Result<Vec<EndpointSlice>, String> {
+    Ok(Api::<EndpointSlice>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
         .await
-        .map_err(|e| format!("EndpointSlices of {service}: {}", describe(&e)))?;
-    Ok(slices
-        .items
+        .map_err(|e| format!("EndpointSlices of {service}: {}", describe(&e)))?
+        .items)
+}
+
+/// Ready endpoints of `service` (in slices of `family` only, if given).
+async fn ready_endpoints(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    family: Option<&str>,
+) -> Result<usize, String> {
+    Ok(slices(client, ns, service)
+        .await?
         .iter()
+        .filter(|s| family.is_none_or(|f| s.address_type == f))
         .flat_map(|s| s.endpoints.iter().flatten())
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false))
         .count())
 }
 
-/// Runs the plan in a fresh client pod and reads the report from its
-/// termination message.
-async fn run_client(
+/// `pod` is a ready endpoint of `service`.
+async fn ready_endpoints_of(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    pod: &str,
+) -> Result<bool, String> {
+    Ok(slices(client, ns, service)
+        .await?
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .any(|e| {
+            e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false)
+                && e.target_ref.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+        }))
+}
+
+/// Starts a client pod running `plan` (on `node` if given) and returns its name.
+async fn start_client(
     client: &Client,
     ns: &str,
     image: &str,
     plan: &probe::Plan,
-    deadline: Instant,
-) -> Result<probe::Report, String> {
+    node: Option<&str>,
+) -> Result<String, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let name = format!(
         "netboot-probe-client-{:05x}",
         rand::random::<u32>() & 0xfffff
     );
     let plan_json = serde_json::to_string(plan).map_err(|e| e.to_string())?;
+    let mut spec = json!({
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": false,
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{
+            "name": "client", "image": image,
+            "command": ["netboot-probe", "check", "--plan", plan_json],
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "securityContext": PROBE_SECURITY.clone(),
+        }],
+    });
+    if let Some(node) = node {
+        spec["nodeName"] = json!(node);
+    }
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "netboot-probe-client", "app.kubernetes.io/managed-by": "netboot", "netboot.io/probe": "true", "netboot.io/podnet": "true"}},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": false,
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "client", "image": image,
-                "command": ["netboot-probe", "check", "--plan", plan_json],
-                "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": PROBE_SECURITY.clone(),
-            }],
-        },
+        "spec": spec,
     }))
     .map_err(|e| e.to_string())?;
     pods.create(&PostParams::default(), &pod)
         .await
         .map_err(|e| format!("Pod/{ns}/{name}: {}", describe(&e)))?;
+    Ok(name)
+}
+
+/// Waits until the client pod runs (or has already finished).
+async fn wait_running(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    deadline: Instant,
+) -> Result<(), String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    loop {
+        let p = pods
+            .get(name)
+            .await
+            .map_err(|e| format!("Pod/{ns}/{name}: {}", describe(&e)))?;
+        let phase = p.status.and_then(|s| s.phase).unwrap_or_default();
+        if phase != "Pending" && !phase.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "Pod/{ns}/{name} did not start before the validation timeout (phase {phase})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Reads the report from the client pod's termination message, then
+/// deletes the pod.
+async fn client_report(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    deadline: Instant,
+) -> Result<probe::Report, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let result = loop {
         let p = pods
-            .get(&name)
+            .get(name)
             .await
             .map_err(|e| format!("Pod/{ns}/{name}: {}", describe(&e)))?;
         let terminated = p
@@ -662,7 +1236,7 @@ async fn run_client(
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     let _ = pods
-        .delete(&name, &DeleteParams::background().grace_period(0))
+        .delete(name, &DeleteParams::background().grace_period(0))
         .await;
     result
 }
@@ -675,13 +1249,15 @@ pub async fn remove_probes(client: &Client, ns: &str) -> Result<(), String> {
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         other => other.map_err(|e| describe(&e)),
     };
-    ignore404(
-        Api::<Deployment>::namespaced(client.clone(), ns)
-            .delete(PROBE, &dp)
-            .await
-            .map(|_| ()),
-    )?;
-    for s in [PROBE, PROBE_STICKY] {
+    for d in [PROBE, PROBE_SINGLE] {
+        ignore404(
+            Api::<Deployment>::namespaced(client.clone(), ns)
+                .delete(d, &dp)
+                .await
+                .map(|_| ()),
+        )?;
+    }
+    for s in [PROBE, PROBE_STICKY, PROBE_LOCAL, PROBE_SINGLE] {
         ignore404(
             Api::<Service>::namespaced(client.clone(), ns)
                 .delete(s, &dp)
@@ -696,4 +1272,246 @@ pub async fn remove_probes(client: &Client, ns: &str) -> Result<(), String> {
             .map(|_| ()),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(yaml: &str) -> Node {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn outcome(name: &str, ok: bool, skipped: bool, detail: &str) -> probe::Outcome {
+        probe::Outcome {
+            name: name.into(),
+            ok,
+            detail: detail.into(),
+            millis: 5,
+            skipped,
+            outage_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_table_and_the_spec_name_the_same_checks_in_order() {
+        let names: Vec<&str> = TABLE.iter().map(|c| c.name).collect();
+        assert_eq!(names, crate::spec::CHECKS);
+        let pods: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| POD_CHECKS.contains(n))
+            .collect();
+        assert_eq!(pods, POD_CHECKS, "pod checks in table order");
+    }
+
+    #[test]
+    fn skip_reasons_say_why_a_check_cannot_apply() {
+        let f = Facts {
+            skip: vec!["dns".into()],
+            schedulable_nodes: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            skip_reason("dns", &f).unwrap(),
+            "skipped by spec.validation.skip"
+        );
+        assert!(skip_reason("internal-traffic-local", &f)
+            .unwrap()
+            .starts_with("the cluster has 1 schedulable node(s)"));
+        // Unknown before the probe Service exists: not skipped yet.
+        assert_eq!(skip_reason("ipv6", &f), None);
+        assert_eq!(skip_reason("ipv4-mapped", &f), None);
+        assert_eq!(skip_reason("udp-backend-replaced", &f), None);
+        let single_stack = Facts {
+            schedulable_nodes: 3,
+            cluster_ipv4: Some(true),
+            cluster_ipv6: Some(false),
+            pods_ipv6: Some(false),
+            ..Default::default()
+        };
+        assert_eq!(skip_reason("internal-traffic-local", &single_stack), None);
+        assert_eq!(skip_reason("ipv4-mapped", &single_stack), None);
+        assert!(skip_reason("ipv6", &single_stack)
+            .unwrap()
+            .contains("no IPv6 service range"));
+        let v6_services_v4_pods = Facts {
+            cluster_ipv6: Some(true),
+            ..single_stack.clone()
+        };
+        assert!(skip_reason("ipv6", &v6_services_v4_pods)
+            .unwrap()
+            .contains("the probe pods have no IPv6 address"));
+        let dual = Facts {
+            pods_ipv6: Some(true),
+            ..v6_services_v4_pods
+        };
+        assert_eq!(skip_reason("ipv6", &dual), None);
+        let v6_only = Facts {
+            cluster_ipv4: Some(false),
+            ..dual
+        };
+        assert!(skip_reason("ipv4-mapped", &v6_only)
+            .unwrap()
+            .contains("no IPv4 ClusterIP"));
+        // The spec's skip wins over every other reason.
+        let both = Facts {
+            skip: vec!["ipv6".into()],
+            ..single_stack
+        };
+        assert_eq!(
+            skip_reason("ipv6", &both).unwrap(),
+            "skipped by spec.validation.skip"
+        );
+    }
+
+    #[test]
+    fn only_untainted_uncordoned_nodes_take_probe_pods() {
+        let nodes = [
+            node("metadata: {name: c}"),
+            node("metadata: {name: a}\nspec: {taints: [{key: x, effect: PreferNoSchedule}]}"),
+            node("metadata: {name: cp}\nspec: {taints: [{key: node-role.kubernetes.io/control-plane, effect: NoSchedule}]}"),
+            node("metadata: {name: gone}\nspec: {taints: [{key: x, effect: NoExecute}]}"),
+            node("metadata: {name: cordoned}\nspec: {unschedulable: true}"),
+        ];
+        assert_eq!(schedulable(&nodes), vec!["a", "c"]);
+    }
+
+    #[test]
+    fn outcomes_merge_into_one_result_per_check() {
+        let os = [
+            outcome("ipv6/tcp", true, true, "no IPv6 in this pod"),
+            outcome("ipv6/udp", true, true, "no IPv6 in this pod"),
+            outcome(
+                "internal-traffic-local/n1/tcp",
+                true,
+                false,
+                "8 connections",
+            ),
+            outcome(
+                "internal-traffic-local/n3/udp",
+                false,
+                false,
+                "answered by `p`",
+            ),
+            outcome("dns", true, false, "ok"),
+            outcome("dnsx", false, false, "not mine"),
+        ];
+        let r = merge("ipv6", &os);
+        assert_eq!(
+            (r.result, r.detail.as_str()),
+            (Verdict::Skipped, "no IPv6 in this pod")
+        );
+        let r = merge("internal-traffic-local", &os);
+        assert_eq!(
+            (r.result, r.detail.as_str()),
+            (Verdict::Failed, "answered by `p`")
+        );
+        let r = merge("dns", &os);
+        assert_eq!((r.result, r.millis), (Verdict::Passed, 5));
+        assert_eq!(merge("pod-to-pod", &os).result, Verdict::Failed);
+    }
+
+    fn pod(name: &str, node: &str) -> ProbePod {
+        ProbePod {
+            name: name.into(),
+            ip: "10.244.0.1".parse().unwrap(),
+            ips: vec![],
+            node: node.into(),
+        }
+    }
+
+    #[test]
+    fn internal_traffic_local_runs_from_nodes_with_and_without_endpoints() {
+        let pods = [
+            pod("p1", "n1"),
+            pod("p2", "n2"),
+            pod("p3", "n1"),
+            pod("p4", "n4"),
+        ];
+        let ip: IpAddr = "10.96.0.20".parse().unwrap();
+        let runs = local_runs(&pods, ip, "n3");
+        let nodes: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            nodes,
+            ["n1", "n2", "n3"],
+            "two nodes with endpoints, then the empty one"
+        );
+        let Check::Tcp { names, .. } = &runs[0].1.checks[0] else {
+            panic!("{runs:?}")
+        };
+        assert_eq!(names, &["p1", "p3"], "only the node's own pods may answer");
+        let Check::NoAnswer { name, targets, .. } = &runs[2].1.checks[1] else {
+            panic!("{runs:?}")
+        };
+        assert_eq!(name, "internal-traffic-local/n3/udp");
+        assert_eq!(targets, &[SocketAddr::new(ip, 53)]);
+    }
+
+    #[test]
+    fn the_probe_workload_has_what_the_wanted_checks_need() {
+        let plain = probe_objects(
+            "ns",
+            "img",
+            &Workload {
+                replicas: 2,
+                ..Default::default()
+            },
+        );
+        let names: Vec<&str> = plain
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [PROBE, PROBE, PROBE_STICKY]);
+        assert_eq!(plain[1]["spec"]["ipFamilyPolicy"], "PreferDualStack");
+        assert!(plain[0]["spec"]["template"]["spec"]["affinity"].is_null());
+        let all = probe_objects(
+            "ns",
+            "img",
+            &Workload {
+                replicas: 3,
+                keep_off: Some("n3".into()),
+                local: true,
+                single: true,
+            },
+        );
+        let id = |o: &serde_json::Value| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        };
+        assert_eq!(
+            all.iter().map(id).collect::<Vec<_>>(),
+            [
+                "Deployment/netboot-probe",
+                "Service/netboot-probe",
+                "Service/netboot-probe-sticky",
+                "Service/netboot-probe-local",
+                "Deployment/netboot-probe-single",
+                "Service/netboot-probe-single",
+            ]
+        );
+        assert_eq!(
+            all[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+                ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+                ["matchFields"][0]["values"],
+            json!(["n3"])
+        );
+        assert_eq!(all[3]["spec"]["internalTrafficPolicy"], "Local");
+        assert_eq!(
+            all[3]["spec"]["selector"],
+            json!({"app.kubernetes.io/name": PROBE})
+        );
+        assert_eq!(all[4]["spec"]["replicas"], 1);
+        assert_eq!(
+            all[5]["spec"]["selector"],
+            json!({"app.kubernetes.io/name": PROBE_SINGLE})
+        );
+        // Every probe object is labelled for remove_probes and the admission policy.
+        assert!(all
+            .iter()
+            .all(|o| o["metadata"]["labels"]["netboot.io/probe"] == "true"));
+    }
 }

@@ -77,7 +77,7 @@ fn spec_files(dir: &Path) -> (PathBuf, PathBuf) {
         &probe,
         text.replace(
             "  validation:\n",
-            "  validation:\n    skip: [kube-proxy, agents, api-endpoint, pod-to-pod, session-affinity]\n",
+            "  validation:\n    skip: [kube-proxy, agents, api-endpoint, pod-to-pod, session-affinity, internal-traffic-local, udp-backend-replaced, ipv4-mapped, ipv6]\n",
         ),
     )
     .unwrap();
@@ -237,7 +237,13 @@ async fn interrupt_and_rerun(c: &SharedCluster, point: &str, api_down: bool) -> 
         .cloned()
         .unwrap_or_default();
     assert!(!checks.is_empty(), "after {point} the rerun must validate");
-    assert!(checks.iter().all(|c| c["result"] == "passed"), "{checks:?}");
+    // The local cluster is IPv4-only: `ipv6` says skipped, every other check passes.
+    assert!(
+        checks
+            .iter()
+            .all(|c| c["result"] == "passed" || (c["name"] == "ipv6" && c["result"] == "skipped")),
+        "{checks:?}"
+    );
     assert_eq!(
         journal_phase(c).await.as_deref(),
         Some("complete"),

@@ -9,7 +9,9 @@
 //! must stay small. New subcommands are new variants of [`Command`].
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
+};
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
@@ -56,9 +58,11 @@ struct ServeArgs {
     /// UDP port (0 disables UDP).
     #[arg(long, default_value_t = 8081)]
     udp_port: u16,
-    /// Address to bind.
-    #[arg(long, default_value = "0.0.0.0")]
-    bind: std::net::IpAddr,
+    /// Address to bind. Default: every IPv6 and IPv4 address (`::`, and
+    /// `0.0.0.0` where `::` does not take IPv4 too; `0.0.0.0` alone where the
+    /// pod has no IPv6), so IPv6 ClusterIPs and IPv4-mapped clients reach it.
+    #[arg(long)]
+    bind: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -130,18 +134,24 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     let mut handles = Vec::new();
     if args.tcp_port != 0 {
-        let addr = SocketAddr::new(args.bind, args.tcp_port);
-        let listener = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
-        let name = args.name.clone();
-        eprintln!("netboot-probe: {name} serving tcp on {addr}");
-        handles.push(thread::spawn(move || serve_tcp(listener, name)));
+        for listener in bind_all(args.bind, args.tcp_port, TcpListener::bind, "tcp")? {
+            let name = args.name.clone();
+            eprintln!(
+                "netboot-probe: {name} serving tcp on {}",
+                listener.local_addr()?
+            );
+            handles.push(thread::spawn(move || serve_tcp(listener, name)));
+        }
     }
     if args.udp_port != 0 {
-        let addr = SocketAddr::new(args.bind, args.udp_port);
-        let socket = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
-        let name = args.name.clone();
-        eprintln!("netboot-probe: {name} serving udp on {addr}");
-        handles.push(thread::spawn(move || serve_udp(socket, name)));
+        for socket in bind_all(args.bind, args.udp_port, UdpSocket::bind, "udp")? {
+            let name = args.name.clone();
+            eprintln!(
+                "netboot-probe: {name} serving udp on {}",
+                socket.local_addr()?
+            );
+            handles.push(thread::spawn(move || serve_udp(socket, name)));
+        }
     }
     for handle in handles {
         match handle.join() {
@@ -150,6 +160,37 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The sockets to serve `port` on: `bind` alone if given; else `[::]` (which
+/// takes IPv4 too unless the node's `net.ipv6.bindv6only` says otherwise:
+/// then `0.0.0.0` binds beside it) or, without IPv6, `0.0.0.0`.
+fn bind_all<S>(
+    bind: Option<IpAddr>,
+    port: u16,
+    open: impl Fn(SocketAddr) -> std::io::Result<S>,
+    proto: &str,
+) -> Result<Vec<S>> {
+    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    if let Some(ip) = bind {
+        let addr = SocketAddr::new(ip, port);
+        return Ok(vec![
+            open(addr).with_context(|| format!("bind {proto} {addr}"))?
+        ]);
+    }
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    match open(v6) {
+        Ok(s6) => match open(v4) {
+            Ok(s4) => Ok(vec![s6, s4]),
+            // [::] already takes IPv4: dual-stack.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Ok(vec![s6]),
+            Err(e) => Err(e).with_context(|| format!("bind {proto} {v4}")),
+        },
+        Err(e) => {
+            eprintln!("netboot-probe: bind {proto} {v6}: {e}; IPv4 only");
+            Ok(vec![open(v4).with_context(|| format!("bind {proto} {v4}"))?])
+        }
+    }
 }
 
 fn serve_tcp(listener: TcpListener, name: String) -> Result<()> {
@@ -269,4 +310,45 @@ fn udp_name(addr: SocketAddr, timeout: Duration) -> Result<String> {
     let mut buf = [0u8; 2048];
     let n = socket.recv(&mut buf).context("udp receive")?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn serve_binds_every_family_by_default() {
+        // Why: IPv6 ClusterIPs reach the pod's IPv6 address; IPv4 and v4-mapped clients its IPv4 one.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listeners = bind_all(None, port, TcpListener::bind, "tcp").unwrap();
+        let mut targets = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))];
+        if listeners
+            .iter()
+            .any(|l| l.local_addr().is_ok_and(|a| a.is_ipv6()))
+        {
+            targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+            targets.push(SocketAddr::from((
+                Ipv4Addr::LOCALHOST.to_ipv6_mapped(),
+                port,
+            )));
+        }
+        for t in targets {
+            TcpStream::connect_timeout(&t, Duration::from_secs(1))
+                .unwrap_or_else(|e| panic!("{t}: {e}"));
+        }
+        // An explicit --bind binds that address alone.
+        let only = bind_all(
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            0,
+            UdpSocket::bind,
+            "udp",
+        )
+        .unwrap();
+        assert_eq!(only.len(), 1);
+    }
 }

@@ -568,7 +568,14 @@ fn the_agents_objects_have_the_contracts_names() {
 /// and every cluster-wide write, only on named objects (the Node patch
 /// excepted: held only to grant it to the agent, and denied to the
 /// reconciler by its admission policy); unnamed writes otherwise only of
-/// pods (probe pods have generated names) and events in netboot's namespace.
+/// pods (probe pods have generated names) and events in netboot's namespace,
+/// and of events anywhere (the Warning on a Service the agents cannot serve
+/// must be in the Service's namespace; an Event changes nothing else).
+/// Events, created or patched (a series) anywhere: nothing else.
+fn cluster_events(resources: &[String], verbs: &[String]) -> bool {
+    resources == ["events"] && verbs.iter().all(|v| v == "create" || v == "patch")
+}
+
 #[test]
 fn rbac_names_what_it_may_write_and_never_escalates() {
     for (name, spec) in every_shipped() {
@@ -604,10 +611,16 @@ fn rbac_names_what_it_may_write_and_never_escalates() {
                     let node_patch = id.kind == "ClusterRole"
                         && resources == ["nodes"]
                         && verbs.iter().filter(|v| writes(v)).all(|v| v == "patch");
-                    assert!(probe_pods || events || node_patch, "unnamed write: {ctx}");
+                    assert!(
+                        probe_pods || events || node_patch || cluster_events(&resources, &verbs),
+                        "unnamed write: {ctx}"
+                    );
                 }
                 if names.is_empty() && verbs.iter().any(|v| v == "create") {
-                    assert_eq!(id.kind, "Role", "cluster-wide unnamed create: {ctx}");
+                    assert!(
+                        id.kind == "Role" || cluster_events(&resources, &verbs),
+                        "cluster-wide unnamed create: {ctx}"
+                    );
                 }
                 assert!(
                     !resources.iter().any(|r| r == "secrets"),
@@ -633,6 +646,26 @@ fn every_rendered_container_is_confined() {
             let containers = ["initContainers", "containers"]
                 .iter()
                 .flat_map(|k| pod[*k].as_array().cloned().unwrap_or_default());
+            // No host PID or IPC namespace: the agent reaches pods' network
+            // namespaces through the read-only /var/run/netns mount instead.
+            for k in ["hostPID", "hostIPC"] {
+                assert!(
+                    pod[k].is_null() || pod[k] == false,
+                    "{name}: {}: {k}",
+                    m.id()
+                );
+            }
+            let host_paths: Vec<(String, String)> = pod["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| {
+                    Some((
+                        v["name"].as_str()?.to_string(),
+                        v["hostPath"]["path"].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
             for c in containers {
                 let sc = &c["securityContext"];
                 let ctx = format!("{name}: {}: {}", m.id(), c["name"]);
@@ -643,6 +676,35 @@ fn every_rendered_container_is_confined() {
                     serde_json::json!(["ALL"]),
                     "{ctx}"
                 );
+                // Host paths are read-only but for the two the agent writes:
+                // its bpffs pins and the xtables lock.
+                for vm in c["volumeMounts"].as_array().into_iter().flatten() {
+                    let Some((_, path)) = host_paths.iter().find(|(n, _)| vm["name"] == n.as_str())
+                    else {
+                        continue;
+                    };
+                    if !["/sys/fs/bpf", "/run/xtables.lock"].contains(&path.as_str()) {
+                        assert_eq!(vm["readOnly"], true, "{ctx}: hostPath {path}");
+                    }
+                }
+                if c["name"] == "agent" {
+                    // Socket termination reaches pod network namespaces, and
+                    // those of pods started later (HostToContainer).
+                    let netns = c["volumeMounts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|vm| vm["mountPath"] == "/run/netns")
+                        .unwrap_or_else(|| panic!("{ctx}: no /run/netns mount"));
+                    assert_eq!(netns["readOnly"], true, "{ctx}");
+                    assert_eq!(netns["mountPropagation"], "HostToContainer", "{ctx}");
+                    assert!(
+                        host_paths
+                            .iter()
+                            .any(|(n, p)| netns["name"] == n.as_str() && p == "/var/run/netns"),
+                        "{ctx}: /run/netns must be the host's /var/run/netns"
+                    );
+                }
             }
         }
     }

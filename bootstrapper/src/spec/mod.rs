@@ -32,6 +32,10 @@ pub const CHECKS: &[&str] = &[
     "pod-to-pod",
     "pod-to-service",
     "session-affinity",
+    "internal-traffic-local",
+    "udp-backend-replaced",
+    "ipv4-mapped",
+    "ipv6",
     "pod-to-api",
     "dns",
 ];

@@ -134,7 +134,8 @@ fn agent_kill9_and_restart_drop_no_connection() {
     assert_eq!(st["ready"], true);
     assert_eq!(st["services"], 2);
     assert_eq!(st["backends"], 3);
-    assert_eq!(st["links"].as_array().map(Vec::len), Some(4));
+    // connect, sendmsg, recvmsg, getpeername for AF_INET and AF_INET6.
+    assert_eq!(st["links"].as_array().map(Vec::len), Some(8));
     let link_ids: Vec<u64> = st["links"]
         .as_array()
         .expect("links")

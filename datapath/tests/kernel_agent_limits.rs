@@ -403,8 +403,10 @@ fn tiny_maps_report_map_full_program_the_rest_and_refuse_a_resize() {
     assert_eq!(st["conditions"][1]["status"], "True");
     assert_eq!(st["services"], 8, "{st}");
     let (_, m) = http_get(&health, "/metrics").expect("metrics");
+    // `mapSizes.services` sizes both service maps: lb4 and lb6 each refuse.
+    assert_eq!(st["mapSizeChanges"][1]["map"], "nb_lb6_svc", "{st}");
     assert!(
-        m.contains("\nnetboot_datapath_map_size_change_refused 1\n"),
+        m.contains("\nnetboot_datapath_map_size_change_refused 2\n"),
         "{m}"
     );
     drop(agent);

@@ -244,13 +244,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new() -> Self {
-        let br = Netns::new("nbns-np-br");
-        let client = Netns::new("nbns-np-cl");
-        let node_a = Netns::new("nbns-np-a");
-        let node_b = Netns::new("nbns-np-b");
-        let pod_a = Netns::new("nbns-np-pa");
-        let pod_b = Netns::new("nbns-np-pb");
+    /// Namespaces `nbns-<tag>-*` (tests running at once use different tags).
+    fn new(tag: &str) -> Self {
+        let ns = |n: &str| Netns::new(&format!("nbns-{tag}-{n}"));
+        let br = ns("br");
+        let client = ns("cl");
+        let node_a = ns("a");
+        let node_b = ns("b");
+        let pod_a = ns("pa");
+        let pod_b = ns("pb");
         br.ip(&["link", "add", "br0", "type", "bridge"]);
         br.ip(&["link", "set", "br0", "up"]);
         for (ns, port, addr) in [
@@ -372,7 +374,7 @@ fn seen(res: &[Attempt]) -> Vec<(String, String)> {
 fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own_address_under_local_policy(
 ) {
     require_privileges();
-    let c = Cluster::new();
+    let c = Cluster::new("np");
     let _pa = PeerServer::start(&c.pod_a, "pod-a");
     let _pb = PeerServer::start(&c.pod_b, "pod-b");
     // node-a's datapath: maps from the desired model, tc on its eth0.
@@ -486,4 +488,279 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     );
     assert!(get("nodeport_no_local_backend") > 0, "{ctr:?}");
     assert!(get("nodeport_ct_hit") > 0, "{ctr:?}");
+}
+
+// ---- The agent attaches the per-packet path itself ----------------------
+
+/// node-a's view: its Node (InternalIP on eth0), a Cluster-policy NodePort
+/// Service and two LoadBalancer Services with externalTrafficPolicy Local
+/// and a healthCheckNodePort: `loc` has an endpoint on node-a, `far` none.
+const AGENT_STATIC: &str = "
+kind: Node
+metadata: {name: node-a}
+status:
+  addresses:
+  - {type: Hostname, address: node-a}
+  - {type: InternalIP, address: 192.168.50.1}
+---
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+kind: Service
+metadata: {name: loc, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.81
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+---
+kind: Service
+metadata: {name: far, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.82
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32002
+  ports: [{port: 80, targetPort: 8080, nodePort: 30082}]
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+- {addresses: [10.200.2.10], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: loc-1, namespace: default, labels: {kubernetes.io/service-name: loc}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+- {addresses: [10.200.2.10], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: far-1, namespace: default, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.2.10], nodeName: node-b}
+";
+
+/// Runs `f` on a thread inside `ns`.
+fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns");
+        netboot_harness::netns::enter_thread(&file).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
+/// GET `path` from `addr` from inside `ns`.
+fn get_in(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    in_ns(ns, move || http_get(&addr, &path))
+}
+
+/// The real agent inside node-a's namespace (its own `--listen` there).
+fn start_agent_in(
+    ns: &Netns,
+    dir: &std::path::Path,
+    cg: &std::path::Path,
+    pins: &std::path::Path,
+) -> ChildGuard {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["agent", "--node-name", "node-a"])
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .arg("--cgroup")
+        .arg(cg)
+        .arg("--bpffs")
+        .arg(pins)
+        .args(["--listen", "127.0.0.1:9890"])
+        .arg("--static-services")
+        .arg(dir.join("static.yaml"))
+        .arg("--kube-proxy-present")
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .env_remove("NETBOOT_NODEPORT_DEVICES")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("agent.log"))
+                .expect("log"),
+        ));
+    netboot_harness::process::Confine {
+        parent_death: true,
+        netns: Some(ns.path()),
+        ..Default::default()
+    }
+    .apply(&mut cmd)
+    .expect("confine agent");
+    ChildGuard(Some(cmd.spawn().expect("spawn agent")))
+}
+
+fn wait_ready_in(ns: &Netns, dir: &std::path::Path) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if let Some((200, _)) = get_in(ns, "127.0.0.1:9890", "/readyz") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "agent not ready: {}",
+        std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+    );
+}
+
+#[test]
+fn the_agent_attaches_the_per_packet_path_to_the_node_address_interface_and_answers_health_check_node_ports(
+) {
+    require_privileges();
+    let c = Cluster::new("ag");
+    let _pa = PeerServer::start(&c.pod_a, "pod-a");
+    let _pb = PeerServer::start(&c.pod_b, "pod-b");
+    let agent_cg = TestCgroup::new("nbns-ag-agent");
+    let client_cg = TestCgroup::new("nbns-ag-client");
+    let pins = TestPins::new("nbns-ag");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "apiServer: {host: 127.0.0.1, port: 6443}\nkubeProxyReplacement: true\nmapSizes: {services: 1024, backends: 1024, affinity: 1024, reverseNat: 1024}\n",
+    )
+    .expect("config");
+    std::fs::write(dir.path().join("static.yaml"), AGENT_STATIC).expect("static");
+    let mut agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    wait_ready_in(&c.node_a, dir.path());
+
+    let (_, js) = get_in(&c.node_a, "127.0.0.1:9890", "/v1/status").expect("status");
+    let st: serde_json::Value = serde_json::from_str(&js).expect("json");
+    assert_eq!(st["nodeportDevices"], "eth0 (SNAT 192.168.50.1)", "{js}");
+    assert_eq!(st["healthCheckPorts"], 2, "{js}");
+    let features: Vec<&str> = st["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    for f in [
+        "nodeport",
+        "loadbalancer",
+        "externalips",
+        "external-traffic-local",
+    ] {
+        assert!(features.contains(&f), "{f} published: {js}");
+    }
+    assert_eq!(st["unserved"], 0, "{js}");
+    assert_eq!(loader::nodeport_attached(&pins.pins), ["eth0"]);
+
+    let tcp = |addr: SocketAddrV4, count: u32| {
+        client(&client_cg.path, &c.client, ClientOp::Tcp { addr, count })
+    };
+    let cluster_policy = |what: &str| {
+        let s = seen(&tcp(v4([192, 168, 50, 1], 30080), 30));
+        assert!(
+            s.iter().any(|(n, _)| n == "pod-a") && s.iter().any(|(n, _)| n == "pod-b"),
+            "{what}: both backends: {s:?}"
+        );
+        assert!(
+            s.iter()
+                .all(|(n, src)| (n == "pod-a" && src == "192.168.50.100")
+                    || (n == "pod-b" && src == "192.168.50.1")),
+            "{what}: {s:?}"
+        );
+    };
+    // NodePort from outside, through the programs the agent attached.
+    cluster_policy("agent running");
+    let s = seen(&tcp(v4([192, 168, 50, 1], 30081), 10));
+    assert!(
+        s.iter()
+            .all(|(n, src)| n == "pod-a" && src == "192.168.50.100"),
+        "{s:?}"
+    );
+
+    // healthCheckNodePort, asked from the external client like a cloud LB.
+    let (code, body) = get_in(&c.client, "192.168.50.1:32001", "/healthz").expect("hc loc");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("hc json");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(v["service"]["namespace"], "default");
+    assert_eq!(v["service"]["name"], "loc");
+    assert_eq!(v["localEndpoints"], 1);
+    assert_eq!(v["serviceProxyHealthy"], true);
+    let (code, body) = get_in(&c.client, "192.168.50.1:32002", "/").expect("hc far");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("hc json");
+    assert_eq!(
+        (code, v["localEndpoints"].as_u64()),
+        (503, Some(0)),
+        "{body}"
+    );
+
+    // The links are pinned: no agent, still served; a new agent updates them.
+    drop(agent);
+    cluster_policy("no agent running");
+    agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    wait_ready_in(&c.node_a, dir.path());
+    cluster_policy("restarted agent");
+    drop(agent);
+
+    // uninstall detaches everything: nothing answers the NodePort any more.
+    let out = Command::new(BIN)
+        .args(["uninstall", "--bpffs"])
+        .arg(pins.pins.root())
+        .output()
+        .expect("uninstall");
+    assert!(out.status.success(), "{out:?}");
+    assert!(loader::nodeport_attached(&pins.pins).is_empty());
+    let res = tcp(v4([192, 168, 50, 1], 30080), 1);
+    assert!(!res[0].ok, "{res:?}");
+}
+
+#[test]
+fn an_agent_without_an_interface_carrying_a_node_address_says_so_and_does_not_publish_nodeport() {
+    require_privileges();
+    let c = Cluster::new("nd");
+    let agent_cg = TestCgroup::new("nbns-nd-agent");
+    let pins = TestPins::new("nbns-nd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "apiServer: {host: 127.0.0.1, port: 6443}\nmapSizes: {services: 1024, backends: 1024, affinity: 1024, reverseNat: 1024}\n",
+    )
+    .expect("config");
+    // The Node says 192.0.2.99, which no interface of node-a carries.
+    std::fs::write(
+        dir.path().join("static.yaml"),
+        AGENT_STATIC.replace("192.168.50.1}", "192.0.2.99}"),
+    )
+    .expect("static");
+    let _agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    wait_ready_in(&c.node_a, dir.path());
+    let (_, js) = get_in(&c.node_a, "127.0.0.1:9890", "/v1/status").expect("status");
+    let st: serde_json::Value = serde_json::from_str(&js).expect("json");
+    assert_eq!(
+        st["nodeportDevices"], "none: no interface carries the Node's address 192.0.2.99",
+        "{js}"
+    );
+    assert!(
+        !st["features"]
+            .as_array()
+            .expect("features")
+            .iter()
+            .any(|f| f == "nodeport"),
+        "{js}"
+    );
+    // web, loc and far all need nodeport.
+    assert_eq!(st["unserved"], 3, "{js}");
+    assert!(loader::nodeport_attached(&pins.pins).is_empty());
 }

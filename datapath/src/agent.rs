@@ -170,6 +170,14 @@ pub struct AgentOptions {
     pub nodeport_devices: Option<Vec<String>>,
 }
 
+/// What the agent keeps for traffic from outside the node: the per-packet
+/// path's devices, the healthCheckNodePort listeners, the Maglev tables.
+struct NorthSouth {
+    np: NodePortCtl,
+    hc: HealthServers,
+    mg: Option<crate::maglev::Tables>,
+}
+
 /// Attaches the per-packet path to the interfaces [`devices::choose`]
 /// picks, again whenever the choice changes (the Node's addresses or the
 /// interfaces), and says what the agent serves accordingly.
@@ -429,7 +437,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     tasks.push(tokio::spawn(node_loop(client, state.clone(), opts.clone())));
 
-    let mut np = NodePortCtl {
+    let np = NodePortCtl {
         pins: opts.pins.clone(),
         sizes: cfg.map_sizes,
         configured: opts
@@ -438,10 +446,23 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             .or_else(|| cfg.node_port_devices.clone()),
         applied: None,
     };
+    let lb = cfg.load_balancing;
+    let mg = match crate::maglev::Tables::open(
+        &opts.pins,
+        lb.maglev_table_size,
+        lb.algorithm == crate::config::Algorithm::Maglev,
+    ) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "Maglev tables unavailable: the per-packet path picks random backends");
+            None
+        }
+    };
     let st = state.clone();
-    let mut hc = HealthServers::new(Arc::new(move || st.get().ready));
+    let hc = HealthServers::new(Arc::new(move || st.get().ready));
+    let mut ns = NorthSouth { np, hc, mg };
     let result = tokio::select! {
-        r = reconcile_loop(&mut recon, &mut term, &watched, &state, &cfg, &mut np, &mut hc) => r,
+        r = reconcile_loop(&mut recon, &mut term, &watched, &state, &cfg, &mut ns) => r,
         _ = shutdown_signal() => {
             tracing::info!("signal received: exiting, datapath stays pinned");
             Ok(())
@@ -508,9 +529,9 @@ async fn reconcile_loop(
     watched: &Watched,
     state: &AgentState,
     cfg: &Config,
-    np: &mut NodePortCtl,
-    hc: &mut HealthServers,
+    ns: &mut NorthSouth,
 ) -> Result<(), AgentError> {
+    let NorthSouth { np, hc, mg } = ns;
     const MIN_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(10);
     const RESYNC: Duration = Duration::from_secs(300);
@@ -556,6 +577,29 @@ async fn reconcile_loop(
         match pass {
             Ok(pass) => {
                 terminate_removed(recon, term, state);
+                if let Some(t) = mg.as_mut() {
+                    let slots = recon.external_slots();
+                    match tokio::task::block_in_place(|| t.sync(&slots)) {
+                        Ok(n) if n > 0 => {
+                            tracing::info!(written = n, tables = t.len(), "Maglev tables written")
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "writing Maglev tables failed, retrying after the next pass");
+                            state.update(|s| s.last_error = e.to_string());
+                        }
+                    }
+                    let desc = if cfg.load_balancing.algorithm == crate::config::Algorithm::Maglev {
+                        format!(
+                            "maglev ({} entries), {} tables",
+                            cfg.load_balancing.maglev_table_size,
+                            t.len()
+                        )
+                    } else {
+                        "random".to_string()
+                    };
+                    state.update(|s| s.load_balancing = desc);
+                }
                 let wanted = healthcheck::wanted(&watched.health_check_services(), passes.table());
                 for (port, error) in hc.sync(&wanted).await {
                     tracing::warn!(port, error = %error, "healthCheckNodePort cannot listen, retrying after the next pass");

@@ -19,6 +19,7 @@ pub mod kube_proxy;
 pub mod latency;
 pub mod layout;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod pass;
 pub mod pins;

@@ -146,6 +146,7 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::REV_SK6 => s(size_of::<Lb6RevSkKey>(), size_of::<Lb6RevSkVal>()),
         names::CT4 => s(size_of::<Ct4Key>(), size_of::<Ct4Val>()),
         names::NP_DEV => s(4, size_of::<NpDev>()),
+        names::MAGLEV => s(4, size_of::<Maglev>()),
         _ => None,
     }
 }

@@ -128,6 +128,10 @@ pub struct Status {
     /// `eth0 (SNAT 192.168.50.1)`, or `none: <why>`); empty when not chosen yet.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub nodeport_devices: String,
+    /// The per-packet path's backend selection: `random`, or
+    /// `maglev (<M> entries), <n> tables`; empty when not known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub load_balancing: String,
     /// `healthCheckNodePort`s served (externalTrafficPolicy Local Services).
     #[serde(default)]
     pub health_check_ports: usize,
@@ -380,6 +384,13 @@ impl Status {
                 s,
                 "NodePort devices:       {}, {} healthCheckNodePorts",
                 self.nodeport_devices, self.health_check_ports
+            );
+        }
+        if !self.load_balancing.is_empty() {
+            let _ = writeln!(
+                s,
+                "Load balancing:         {} (traffic from outside the node)",
+                self.load_balancing
             );
         }
         let last = if self.last_sync_unix == 0 {

@@ -209,7 +209,12 @@ impl PeerServer {
                 match l.accept() {
                     Ok((mut s, peer)) => {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
+                        // "*": answer with the address the client reached.
+                        let me = match (name.as_str(), s.local_addr()) {
+                            ("*", Ok(a)) => a.ip().to_string(),
+                            _ => name.clone(),
+                        };
+                        let _ = s.write_all(format!("{me} {}\n", peer.ip()).as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_micros(300)),
                 }
@@ -763,4 +768,187 @@ fn an_agent_without_an_interface_carrying_a_node_address_says_so_and_does_not_pu
     // web, loc and far all need nodeport.
     assert_eq!(st["unserved"], 3, "{js}");
     assert!(loader::nodeport_attached(&pins.pins).is_empty());
+}
+
+// ---- Maglev on the per-packet path ----------------------------------------
+
+const MG_SERVICE: &str = "
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+";
+
+fn mg_slice(backends: &[&str]) -> String {
+    let mut s = String::from(
+        "kind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n",
+    );
+    for b in backends {
+        let node = if b.starts_with("10.200.1.") {
+            "node-a"
+        } else {
+            "node-b"
+        };
+        s.push_str(&format!("- {{addresses: [{b}], nodeName: {node}}}\n"));
+    }
+    s
+}
+
+#[test]
+fn maglev_sends_each_flow_to_the_table_backend_and_removing_one_of_n_moves_only_its_flows() {
+    require_privileges();
+    let c = Cluster::new("mg");
+    for (pod, net) in [(&c.pod_a, 1), (&c.pod_b, 2)] {
+        for i in [11, 12] {
+            pod.ip(&[
+                "addr",
+                "add",
+                &format!("10.200.{net}.{i}/24"),
+                "dev",
+                "eth0",
+            ]);
+        }
+    }
+    let _pa = PeerServer::start(&c.pod_a, "*");
+    let _pb = PeerServer::start(&c.pod_b, "*");
+    let agent_cg = TestCgroup::new("nbns-mg-agent");
+    let client_cg = TestCgroup::new("nbns-mg-client");
+    let pins = TestPins::new("nbns-mg");
+    let sizes = MapSizes {
+        services: 1024,
+        backends: 1024,
+        affinity: 1024,
+        reverse_nat: 1024,
+    };
+    loader::install(&pins.pins, &agent_cg.path, &sizes, true).expect("install");
+    let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(MG_SERVICE).unwrap();
+    let node_ips = ["192.168.50.1".parse().unwrap()];
+    let rules = Rules {
+        default_affinity_timeout: 10800,
+        node: "node-a",
+        zone: None,
+        node_ips: &node_ips,
+    };
+    let all = [
+        "10.200.1.10",
+        "10.200.1.11",
+        "10.200.1.12",
+        "10.200.2.10",
+        "10.200.2.11",
+        "10.200.2.12",
+    ];
+    let mut recon =
+        Reconciler::recover(KernelMaps::open(&pins.pins).expect("maps")).expect("recover");
+    const M: u32 = 16381;
+    let mut tables = netboot_datapath::maglev::Tables::open(&pins.pins, M, true).expect("maglev");
+    let mut program = |backends: &[&str]| {
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_yaml::from_str(&mg_slice(backends)).unwrap();
+        recon
+            .reconcile(&desired::build([&svc], [&slice], rules))
+            .expect("reconcile");
+        tables.sync(&recon.external_slots()).expect("tables");
+        let fe = netboot_datapath::layout::L4Addr {
+            ip: "192.168.50.1".parse().unwrap(),
+            port: 30080,
+            proto: netboot_datapath::layout::PROTO_TCP,
+        };
+        let id = recon.service_id(&fe).expect("frontend");
+        let slots = recon
+            .external_slots()
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .expect("slots")
+            .1;
+        // What each source port should reach: entry flow_hash % M of the table.
+        move |sport: u16| {
+            let t = netboot_datapath::maglev::slot_table(&slots, M);
+            let h = netboot_datapath::maglev::flow_hash(
+                "192.168.50.100".parse().unwrap(),
+                sport,
+                30080,
+                6,
+            );
+            slots[usize::from(t[(h % M) as usize]) - 1].ip.to_string()
+        }
+    };
+    let predict = program(&all);
+    let (pins2, path) = (pins.pins.clone(), c.node_a.path());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(path).expect("netns");
+        netboot_harness::netns::enter_thread(&f).expect("setns");
+        loader::install_nodeport(
+            &pins2,
+            &sizes,
+            &[NodePortDevice {
+                ifname: "eth0".into(),
+                snat: "192.168.50.1".parse().unwrap(),
+            }],
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("install_nodeport");
+
+    let ports: Vec<u16> = (41000..41060).collect();
+    let ct = pins.pins.map("nb_ct4");
+    let run = |ports: &[u16]| -> Vec<String> {
+        // Forget the tracked flows: every connection is a new flow.
+        let data = aya::maps::MapData::from_pin(&ct).expect("ct");
+        let mut m: aya::maps::HashMap<
+            _,
+            netboot_datapath::layout::Ct4Key,
+            netboot_datapath::layout::Ct4Val,
+        > = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("ct map");
+        let keys: Vec<_> = m.keys().flatten().collect();
+        for k in keys {
+            let _ = m.remove(&k);
+        }
+        let res = client(
+            &client_cg.path,
+            &c.client,
+            ClientOp::TcpFromPorts {
+                addr: v4([192, 168, 50, 1], 30080),
+                ports: ports.to_vec(),
+            },
+        );
+        seen(&res).into_iter().map(|(backend, _)| backend).collect()
+    };
+    let first = run(&ports);
+    let expected: Vec<String> = ports.iter().map(|p| predict(*p)).collect();
+    assert_eq!(
+        first, expected,
+        "each flow reaches its table entry's backend"
+    );
+    let distinct: std::collections::BTreeSet<&String> = first.iter().collect();
+    assert!(distinct.len() >= 4, "spread over the backends: {first:?}");
+    assert_eq!(run(&ports), first, "the same flows, the same backends");
+
+    // One of six backends goes: only its flows move (plus Maglev's few).
+    let removed = "10.200.2.11";
+    let rest: Vec<&str> = all.iter().copied().filter(|b| *b != removed).collect();
+    let predict = program(&rest);
+    let after = run(&ports);
+    let expected: Vec<String> = ports.iter().map(|p| predict(*p)).collect();
+    assert_eq!(after, expected);
+    let on_removed = first.iter().filter(|b| *b == removed).count();
+    let moved = first.iter().zip(&after).filter(|(a, b)| a != b).count();
+    println!(
+        "NUMBERS maglev kernel: {} flows over 6 backends, {on_removed} on the removed one, {moved} changed backend after its removal",
+        ports.len()
+    );
+    assert!(!after.iter().any(|b| b == removed));
+    assert!(
+        moved >= on_removed && moved <= on_removed + 3,
+        "{first:?} -> {after:?}"
+    );
+    let ctr = recon.maps().counters().expect("counters");
+    assert!(
+        ctr.0
+            .iter()
+            .any(|(k, v)| *k == "nodeport_maglev" && *v >= 180),
+        "{ctr:?}"
+    );
 }

@@ -116,6 +116,77 @@ impl std::fmt::Display for KubeProxyRef {
     }
 }
 
+/// How the per-packet path (traffic from outside the node) picks a backend
+/// for a new flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// A random slot per new flow.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the flow's source (address, port,
+    /// protocol, destination port): every node picks the same backend for
+    /// the same flow, and removing one of N backends moves about 1/N of
+    /// the flows.
+    Maglev,
+}
+
+impl Algorithm {
+    /// Its name in config.yaml and the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Random => "random",
+            Algorithm::Maglev => "maglev",
+        }
+    }
+}
+
+/// Maglev lookup table size when left out (Cilium's default): a prime.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16381;
+/// The largest table the BPF layout holds (`NB_MAGLEV_MAX` in lb.h).
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 16381;
+/// The smallest table accepted.
+pub const MIN_MAGLEV_TABLE_SIZE: u32 = 251;
+/// The seed of the backends' Maglev permutations: one constant, so every
+/// node builds the same table from the same backends.
+pub const MAGLEV_SEED: u64 = 0x6e62_6d61_676c_6576; // "nbmaglev"
+
+/// Whether `n` is prime (trial division; table sizes are small).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// `loadBalancing`: the per-packet path's backend selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct LoadBalancing {
+    /// `random` (default) or `maglev`.
+    pub algorithm: Algorithm,
+    /// Entries of each Maglev lookup table: a prime in
+    /// [`MIN_MAGLEV_TABLE_SIZE`]..=[`MAX_MAGLEV_TABLE_SIZE`], at least 100×
+    /// the largest backend count for good balance.
+    pub maglev_table_size: u32,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::Random,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+        }
+    }
+}
+
 /// `sessionAffinityTimeoutSeconds` when left out: kube-proxy's default for
 /// ClientIP affinity (3 hours).
 pub const DEFAULT_SESSION_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
@@ -149,6 +220,15 @@ pub struct Config {
     /// kube-proxy's DaemonSet, watched to hold the cleanup back while it exists.
     #[serde(default)]
     pub kube_proxy: KubeProxyRef,
+    /// Interfaces the per-packet path (NodePorts, externalIPs, LB IPs from
+    /// outside the node) attaches to. None: every interface carrying one of
+    /// the Node's InternalIP/ExternalIP addresses. The agent's
+    /// `--nodeport-devices` flag overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port_devices: Option<Vec<String>>,
+    /// Backend selection of the per-packet path.
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
 }
 
 impl Config {
@@ -182,6 +262,26 @@ impl Config {
         }
         if cfg.kube_proxy.daemon_set.is_empty() {
             return Err(invalid("kubeProxy.daemonSet", "must not be empty"));
+        }
+        if cfg
+            .node_port_devices
+            .iter()
+            .flatten()
+            .any(|d| d.is_empty() || d.len() > 15 || d.contains(['/', ' ', ',']))
+        {
+            return Err(invalid(
+                "nodePortDevices",
+                "interface names are 1-15 characters without '/', ',' or spaces",
+            ));
+        }
+        let t = cfg.load_balancing.maglev_table_size;
+        if !(MIN_MAGLEV_TABLE_SIZE..=MAX_MAGLEV_TABLE_SIZE).contains(&t) || !is_prime(t) {
+            return Err(invalid(
+                "loadBalancing.maglevTableSize",
+                &format!(
+                    "{t} must be a prime between {MIN_MAGLEV_TABLE_SIZE} and {MAX_MAGLEV_TABLE_SIZE}"
+                ),
+            ));
         }
         let m = cfg.map_sizes;
         let min = MapSizes::MIN;
@@ -311,6 +411,49 @@ cleanupKubeProxyRules: true                  # replace mode: remove KUBE-* rules
                 ..MapSizes::DEFAULT
             }
         );
+    }
+
+    #[test]
+    fn load_balancing_and_nodeport_devices_parse_and_are_checked() {
+        let c = Config::parse("apiServer: {host: a, port: 1}\n", Path::new("c")).unwrap();
+        assert_eq!(c.load_balancing, LoadBalancing::default());
+        assert_eq!(c.load_balancing.maglev_table_size, 16381);
+        assert_eq!(c.node_port_devices, None);
+        let c = Config::parse(
+            "apiServer: {host: a, port: 1}\nloadBalancing: {algorithm: maglev, maglevTableSize: 251}\nnodePortDevices: [eth0, bond0.100]\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.load_balancing.algorithm, Algorithm::Maglev);
+        assert_eq!(c.load_balancing.maglev_table_size, 251);
+        assert_eq!(c.node_port_devices.unwrap(), ["eth0", "bond0.100"]);
+        for (bad, field) in [
+            (
+                "loadBalancing: {maglevTableSize: 16380}",
+                "loadBalancing.maglevTableSize",
+            ),
+            (
+                "loadBalancing: {maglevTableSize: 65521}",
+                "loadBalancing.maglevTableSize",
+            ),
+            ("nodePortDevices: ['']", "nodePortDevices"),
+        ] {
+            let e = Config::parse(
+                &format!("apiServer: {{host: a, port: 1}}\n{bad}\n"),
+                Path::new("c.yaml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with(&format!("c.yaml: {field}: ")), "{e}");
+        }
+        let e = Config::parse(
+            "apiServer: {host: a, port: 1}\nloadBalancing: {algorithm: hash}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("c.yaml:2:"), "{e}");
+        assert!(is_prime(16381) && is_prime(251) && !is_prime(16383) && !is_prime(1));
     }
 
     #[test]

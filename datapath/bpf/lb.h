@@ -64,6 +64,7 @@
 #define NB_MAP_SOCK_TERM  nb_sock_term
 #define NB_MAP_CT4        nb_ct4
 #define NB_MAP_NP_DEV     nb_np_dev
+#define NB_MAP_MAGLEV     nb_lb4_maglev
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -73,6 +74,8 @@
 #define NB_DEFAULT_REV_SK    262144
 #define NB_DEFAULT_CT4       65536   /* nb_ct4: 2 entries per north-south flow */
 #define NB_DEFAULT_NP_DEV    64      /* nb_np_dev: external interfaces */
+#define NB_DEFAULT_MAGLEV    4096    /* nb_lb4_maglev: external frontends with a table */
+#define NB_MAGLEV_MAX        16381   /* largest Maglev table (entries), a prime */
 
 /* Frontend flags (struct nb_lb4_service.flags, slot 0 only). */
 #define NB_SVC_F_AFFINITY  0x01 /* ClientIP session affinity */
@@ -260,6 +263,18 @@ struct nb_np_dev {
 	__u32 pad;         /* always zero */
 };
 
+/* Value of nb_lb4_maglev (key: __u32 rev-nat id of an external frontend).
+ * 32768 bytes. Built in userspace (src/maglev.rs) when loadBalancing is
+ * maglev: a new flow of the per-packet path takes
+ * slot[hash(saddr, sport, dport, proto) % size], a backend slot 1..n of
+ * the frontend (n = local_count under externalTrafficPolicy Local, else
+ * count). No entry, or a slot out of range: a random slot as without. */
+struct nb_maglev {
+	__u32 size;                  /* entries used, a prime <= NB_MAGLEV_MAX; 0 = none */
+	__u16 slot[NB_MAGLEV_MAX];   /* backend slot numbers (1-based) */
+	__u16 pad;                   /* always zero */
+};
+
 /* bpf_sock_destroy() is a kfunc; aya 0.14 cannot relocate kfunc calls, so
  * sock_term.bpf.c calls this placeholder helper id and the loader
  * (src/sock_term.rs) rewrites that call into a kfunc call before loading. */
@@ -297,6 +312,7 @@ enum nb_counter {
 	NB_CTR_NP_NO_SNAT_ADDR,       /* tc: interface not in nb_np_dev: dropped */
 	NB_CTR_NP_CT_FULL,            /* tc: no free SNAT port / CT update failed: dropped */
 	NB_CTR_NP_NOT_SERVICE,        /* tc: not an external frontend: passed */
+	NB_CTR_NP_MAGLEV,             /* tc: new flow's slot taken from the Maglev table */
 	NB_CTR_MAX                    /* number of counters (array size) */
 };
 

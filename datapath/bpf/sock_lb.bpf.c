@@ -757,6 +757,32 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_np_dev SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NB_DEFAULT_MAGLEV);
+	__type(key, __u32);
+	__type(value, struct nb_maglev);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_lb4_maglev SEC(".maps");
+
+/* The flow's Maglev hash: its source (address, port), destination port and
+ * protocol, not the destination address, so a flow reaching any node's
+ * address (or an LB IP) hashes alike; splitmix64's finalizer. Must equal
+ * maglev::flow_hash in src/maglev.rs. */
+static __always_inline __u32 nb_flow_hash(const struct nb_ct4_key *k)
+{
+	__u64 h = ((__u64)bpf_ntohl(k->saddr) << 32) |
+		  ((__u64)bpf_ntohs(k->sport) << 16) | bpf_ntohs(k->dport);
+
+	h ^= (__u64)k->proto << 56;
+	h ^= h >> 30;
+	h *= 0xbf58476d1ce4e5b9ULL;
+	h ^= h >> 27;
+	h *= 0x94d049bb133111ebULL;
+	h ^= h >> 31;
+	return (__u32)h;
+}
+
 #define NB_IP_CSUM_OFF   (ETH_HLEN + __builtin_offsetof(struct iphdr, check))
 #define NB_IP_SRC_OFF    (ETH_HLEN + __builtin_offsetof(struct iphdr, saddr))
 #define NB_IP_DST_OFF    (ETH_HLEN + __builtin_offsetof(struct iphdr, daddr))
@@ -955,6 +981,26 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 		return TC_ACT_SHOT;
 	}
 	pick = bpf_get_prandom_u32() % n;
+	{
+		__u32 rid = svc->rev_nat_index;
+		struct nb_maglev *mg = bpf_map_lookup_elem(&nb_lb4_maglev, &rid);
+
+		if (mg && mg->size > 0 && mg->size <= NB_MAGLEV_MAX) {
+			__u32 idx = nb_flow_hash(k) % mg->size;
+
+			/* The verifier does not bound a modulo: keep the
+			 * compiler from dropping the explicit check. */
+			asm volatile("" : "+r"(idx));
+			if (idx < NB_MAGLEV_MAX) {
+				__u16 s = mg->slot[idx];
+
+				if (s >= 1 && s <= n) {
+					pick = s - 1;
+					nb_count(NB_CTR_NP_MAGLEV);
+				}
+			}
+		}
+	}
 	key.backend_slot = (__u16)(pick + 1);
 	slot = bpf_map_lookup_elem(&nb_lb4_svc, &key);
 	if (!slot) {

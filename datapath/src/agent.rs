@@ -14,7 +14,9 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::desired;
+use crate::devices;
 use crate::handover::{self, RulesNetns};
+use crate::healthcheck::{self, HealthServers};
 use crate::http::{self, StatusSource};
 use crate::kube_proxy::{self, KubeProxyState, KubeProxyWatch};
 use crate::loader;
@@ -162,6 +164,77 @@ pub struct AgentOptions {
     /// With `static_services` (no API to watch): treat kube-proxy as
     /// installed, so its rules are never removed. Ignored when watching.
     pub kube_proxy_present: bool,
+    /// `--nodeport-devices`: the per-packet path's interfaces, overriding
+    /// config.yaml's `nodePortDevices` (None: the config's, else the
+    /// interfaces carrying the Node's addresses).
+    pub nodeport_devices: Option<Vec<String>>,
+}
+
+/// What the agent keeps for traffic from outside the node: the per-packet
+/// path's devices, the healthCheckNodePort listeners, the Maglev tables.
+struct NorthSouth {
+    np: NodePortCtl,
+    hc: HealthServers,
+    mg: Option<crate::maglev::Tables>,
+}
+
+/// Attaches the per-packet path to the interfaces [`devices::choose`]
+/// picks, again whenever the choice changes (the Node's addresses or the
+/// interfaces), and says what the agent serves accordingly.
+struct NodePortCtl {
+    pins: Pins,
+    sizes: crate::config::MapSizes,
+    configured: Option<Vec<String>>,
+    applied: Option<devices::Choice>,
+}
+
+impl NodePortCtl {
+    fn sync(&mut self, watched: &Watched, state: &AgentState) {
+        let ifaddrs = match devices::interfaces() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the interfaces' addresses failed");
+                return;
+            }
+        };
+        let choice = devices::choose(
+            &ifaddrs,
+            &watched.node_addresses(),
+            self.configured.as_deref(),
+        );
+        if self.applied.as_ref() == Some(&choice) {
+            return;
+        }
+        let res = tokio::task::block_in_place(|| {
+            loader::install_nodeport(&self.pins, &self.sizes, &choice.devices)
+        });
+        let (summary, attached) = match res {
+            Ok(links) => {
+                if choice.devices.is_empty() {
+                    tracing::warn!(reason = %choice.problems.join("; "), "per-packet path attached nowhere: NodePorts, externalIPs and LB IPs are NOT served to traffic from outside the node");
+                } else {
+                    tracing::info!(devices = %choice.summary(), ?links, "per-packet path attached");
+                }
+                self.applied = Some(choice.clone());
+                (choice.summary(), !choice.devices.is_empty())
+            }
+            Err(e) => {
+                let error = netboot_contract::errors::chain(&e);
+                tracing::warn!(error = %error, devices = %choice.summary(), "attaching the per-packet path failed, retrying after the next pass");
+                state.update(|s| s.last_error = error.clone());
+                self.applied = None;
+                (format!("none: attach failed: {error}"), false)
+            }
+        };
+        let served = desired::served_with(attached);
+        watched.set_served(served.clone());
+        state.update(|s| {
+            s.nodeport_devices = summary;
+            s.features = served.iter().map(|f| f.name().to_string()).collect();
+        });
+        // The Node's features annotation follows.
+        state.ready_changed.notify_one();
+    }
 }
 
 /// First cgroup2 mount point in `/proc/self/mountinfo`.
@@ -364,8 +437,32 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     tasks.push(tokio::spawn(node_loop(client, state.clone(), opts.clone())));
 
+    let np = NodePortCtl {
+        pins: opts.pins.clone(),
+        sizes: cfg.map_sizes,
+        configured: opts
+            .nodeport_devices
+            .clone()
+            .or_else(|| cfg.node_port_devices.clone()),
+        applied: None,
+    };
+    let lb = cfg.load_balancing;
+    let mg = match crate::maglev::Tables::open(
+        &opts.pins,
+        lb.maglev_table_size,
+        lb.algorithm == crate::config::Algorithm::Maglev,
+    ) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "Maglev tables unavailable: the per-packet path picks random backends");
+            None
+        }
+    };
+    let st = state.clone();
+    let hc = HealthServers::new(Arc::new(move || st.get().ready));
+    let mut ns = NorthSouth { np, hc, mg };
     let result = tokio::select! {
-        r = reconcile_loop(&mut recon, &mut term, &watched, &state, &cfg) => r,
+        r = reconcile_loop(&mut recon, &mut term, &watched, &state, &cfg, &mut ns) => r,
         _ = shutdown_signal() => {
             tracing::info!("signal received: exiting, datapath stays pinned");
             Ok(())
@@ -432,7 +529,9 @@ async fn reconcile_loop(
     watched: &Watched,
     state: &AgentState,
     cfg: &Config,
+    ns: &mut NorthSouth,
 ) -> Result<(), AgentError> {
+    let NorthSouth { np, hc, mg } = ns;
     const MIN_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(10);
     const RESYNC: Duration = Duration::from_secs(300);
@@ -453,6 +552,8 @@ async fn reconcile_loop(
             }
             last_resync = Instant::now();
         }
+        // Devices first: what is served decides the pass's unserved Services.
+        np.sync(watched, state);
         let t = Instant::now();
         let pass = tokio::task::block_in_place(|| {
             passes.run(watched, recon, cfg.session_affinity_timeout_seconds)
@@ -476,6 +577,34 @@ async fn reconcile_loop(
         match pass {
             Ok(pass) => {
                 terminate_removed(recon, term, state);
+                if let Some(t) = mg.as_mut() {
+                    let slots = recon.external_slots();
+                    match tokio::task::block_in_place(|| t.sync(&slots)) {
+                        Ok(n) if n > 0 => {
+                            tracing::info!(written = n, tables = t.len(), "Maglev tables written")
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "writing Maglev tables failed, retrying after the next pass");
+                            state.update(|s| s.last_error = e.to_string());
+                        }
+                    }
+                    let desc = if cfg.load_balancing.algorithm == crate::config::Algorithm::Maglev {
+                        format!(
+                            "maglev ({} entries), {} tables",
+                            cfg.load_balancing.maglev_table_size,
+                            t.len()
+                        )
+                    } else {
+                        "random".to_string()
+                    };
+                    state.update(|s| s.load_balancing = desc);
+                }
+                let wanted = healthcheck::wanted(&watched.health_check_services(), passes.table());
+                for (port, error) in hc.sync(&wanted).await {
+                    tracing::warn!(port, error = %error, "healthCheckNodePort cannot listen, retrying after the next pass");
+                }
+                state.update(|s| s.health_check_ports = hc.ports().len());
                 let st = pass.stats;
                 let prog = recon.programmed();
                 let took = t.elapsed();
@@ -618,7 +747,7 @@ fn names(features: &[netboot_contract::features::Feature]) -> String {
 /// kube-proxy's DaemonSet is known to be gone (see [`kube_proxy::decide`]).
 async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOptions) {
     let replace = opts.config.kube_proxy_replacement;
-    let mut applied: Option<NodeReport> = None;
+    let mut applied: Option<(NodeReport, String)> = None;
     let mut last_decision = None;
     loop {
         let ready = state.get().ready;
@@ -685,12 +814,14 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
             s.kube_proxy_rules_reason = report.reason.clone().unwrap_or_default();
             s.kube_proxy_cleanup_blocked = report.blocked;
         });
+        let features = state.get().features.join(",");
         if let Some(c) = &client {
-            if applied.as_ref() != Some(&report) {
-                match annotate(c, &opts.node_name, &report).await {
+            let now = (report.clone(), features.clone());
+            if applied.as_ref() != Some(&now) {
+                match annotate(c, &opts.node_name, &report, &features).await {
                     Ok(()) => {
-                        tracing::info!(node = %opts.node_name, kpr = report.kpr, rules = %report.rules, reason = ?report.reason, "node annotated");
-                        applied = Some(report);
+                        tracing::info!(node = %opts.node_name, kpr = report.kpr, rules = %report.rules, reason = ?report.reason, features = %features, "node annotated");
+                        applied = Some(now);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, node = %opts.node_name, "annotating node failed, will retry");
@@ -721,15 +852,21 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
     }
 }
 
-/// Writes the contract annotations on the Node.
-pub async fn annotate(client: &Client, node: &str, report: &NodeReport) -> Result<(), kube::Error> {
+/// Writes the contract annotations on the Node; `features` is what the
+/// agent serves now (`netboot_contract::features::format`).
+pub async fn annotate(
+    client: &Client,
+    node: &str,
+    report: &NodeReport,
+    features: &str,
+) -> Result<(), kube::Error> {
     let nodes: Api<Node> = Api::all(client.clone());
     // A merge patch with null removes the reason once there is none.
     let patch = serde_json::json!({
         "metadata": {"annotations": {
             ANN_KPR: netboot_contract::node::kpr_value(report.kpr),
             ANN_VERSION: DATAPATH_VERSION,
-            ANN_FEATURES: netboot_contract::features::format(&desired::served()),
+            ANN_FEATURES: features,
             ANN_RULES: report.rules.as_str(),
             ANN_RULES_REASON: report.reason,
         }}

@@ -255,9 +255,30 @@ pub const SERVED: [Feature; 8] = [
     Feature::TopologyHints,
 ];
 
-/// [`SERVED`] as a set.
+/// Served once the per-packet path is attached to at least one interface
+/// (the agent's `nodePortDevices`): traffic from outside the node to
+/// NodePorts, externalIPs and LB IPs, with externalTrafficPolicy Local
+/// (local backends only, client IP kept, `healthCheckNodePort` answered).
+pub const SERVED_WITH_NODEPORT_DEVICE: [Feature; 4] = [
+    Feature::NodePort,
+    Feature::LoadBalancer,
+    Feature::ExternalIps,
+    Feature::ExternalTrafficLocal,
+];
+
+/// [`SERVED`] as a set: what an agent serves without the per-packet path.
 pub fn served() -> BTreeSet<Feature> {
     SERVED.into_iter().collect()
+}
+
+/// What an agent serves: [`SERVED`], plus [`SERVED_WITH_NODEPORT_DEVICE`]
+/// when the per-packet path is attached somewhere.
+pub fn served_with(nodeport_devices: bool) -> BTreeSet<Feature> {
+    let mut s = served();
+    if nodeport_devices {
+        s.extend(SERVED_WITH_NODEPORT_DEVICE);
+    }
+    s
 }
 
 /// What [`features::needs`] looks at, borrowed from a Service.
@@ -295,8 +316,13 @@ pub fn shape(svc: &Service) -> ServiceShape<'_> {
 /// Such a Service is still translated as far as it can be (its IPv4
 /// TCP/UDP ClusterIP ports).
 pub fn unserved(svc: &Service) -> Option<Vec<Feature>> {
+    unserved_with(svc, &served())
+}
+
+/// As [`unserved`], against what the agent serves now (`served`).
+pub fn unserved_with(svc: &Service, served: &BTreeSet<Feature>) -> Option<Vec<Feature>> {
     let needs = features::needs(&shape(svc))?;
-    let missing = features::missing(&needs, &served());
+    let missing = features::missing(&needs, served);
     (!missing.is_empty()).then_some(missing)
 }
 

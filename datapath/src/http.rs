@@ -81,7 +81,8 @@ pub trait StatusSource: Send + Sync + 'static {
     fn status(&self) -> Status;
 }
 
-fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
+/// A response with a body and its content type.
+pub fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = code;
     if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
@@ -209,6 +210,17 @@ pub async fn serve(
     routes: Routes,
     limits: Limits,
 ) {
+    let handler: Arc<Handler> =
+        Arc::new(move |m: &hyper::Method, path: &str| route(m, path, routes, src.as_ref()));
+    serve_fn(listener, handler, limits).await
+}
+
+/// Answers one request from its method and path (bodies are never read).
+pub type Handler = dyn Fn(&hyper::Method, &str) -> Response<Full<Bytes>> + Send + Sync;
+
+/// Serves `handler` on `listener` within `limits` until the task is dropped
+/// (the loop of every agent listener: connection cap, timeouts, header limits).
+pub async fn serve_fn(listener: TcpListener, handler: Arc<Handler>, limits: Limits) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut builder = http1::Builder::new();
     builder
@@ -234,15 +246,13 @@ pub async fn serve(
                 continue;
             }
         };
-        let src = src.clone();
+        let handler = handler.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
-                let src = src.clone();
-                async move {
-                    Ok::<_, Infallible>(route(req.method(), req.uri().path(), routes, src.as_ref()))
-                }
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req.method(), req.uri().path())) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(limits.request_timeout, conn).await;

@@ -42,10 +42,12 @@ pub mod names {
     pub const CT4: &str = "nb_ct4";
     /// ifindex → SNAT address of an external interface (tc path).
     pub const NP_DEV: &str = "nb_np_dev";
+    /// rev-nat id of an external frontend → its Maglev table (tc path).
+    pub const MAGLEV: &str = "nb_lb4_maglev";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
-        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV,
+        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV,
     ];
 }
 
@@ -348,6 +350,21 @@ pub struct NpDev {
     pub pad: u32,
 }
 
+/// `NB_MAGLEV_MAX`: entries of the largest Maglev table.
+pub const MAGLEV_MAX: usize = 16381;
+
+/// `struct nb_maglev`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Maglev {
+    /// Entries used (a prime ≤ [`MAGLEV_MAX`]); 0 = none.
+    pub size: u32,
+    /// Backend slot numbers (1-based).
+    pub slot: [u16; MAGLEV_MAX],
+    /// Zero.
+    pub pad: u16,
+}
+
 /// `struct nb_config`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -379,6 +396,7 @@ unsafe impl aya::Pod for SockTermKey {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Val {}
 unsafe impl aya::Pod for NpDev {}
+unsafe impl aya::Pod for Maglev {}
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
@@ -406,6 +424,8 @@ const _: () = {
     assert!(offset_of!(Ct4Val, rev_nat_index) == 12);
     assert!(offset_of!(Ct4Val, flags) == 14);
     assert!(size_of::<NpDev>() == 8);
+    assert!(size_of::<Maglev>() == 32768);
+    assert!(offset_of!(Maglev, slot) == 4);
 
     assert!(size_of::<Lb4Backend>() == 8);
     assert!(offset_of!(Lb4Backend, port) == 4);
@@ -463,7 +483,7 @@ const _: () = {
 };
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
-pub const COUNTER_NAMES: [&str; 27] = [
+pub const COUNTER_NAMES: [&str; 28] = [
     "connect_translated",
     "sendmsg_translated",
     "not_service",
@@ -491,6 +511,7 @@ pub const COUNTER_NAMES: [&str; 27] = [
     "nodeport_no_snat_addr",
     "nodeport_ct_full",
     "nodeport_not_service",
+    "nodeport_maglev",
 ];
 
 /// `NB_CTR_MAX`.

@@ -146,6 +146,7 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::REV_SK6 => s(size_of::<Lb6RevSkKey>(), size_of::<Lb6RevSkVal>()),
         names::CT4 => s(size_of::<Ct4Key>(), size_of::<Ct4Val>()),
         names::NP_DEV => s(4, size_of::<NpDev>()),
+        names::MAGLEV => s(4, size_of::<Maglev>()),
         _ => None,
     }
 }
@@ -318,7 +319,7 @@ pub const NODEPORT_POINTS: [(&str, &str, TcAttachType); 2] = [
 ];
 
 /// One external interface of the per-packet path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NodePortDevice {
     /// Interface name (in the caller's network namespace).
     pub ifname: String,
@@ -331,17 +332,27 @@ pub struct NodePortDevice {
 /// after [`install`] (the maps are the pinned ones). Links are pinned as
 /// `np-in-<ifname>` / `np-out-<ifname>`; an existing pinned link gets the new
 /// program with `BPF_LINK_UPDATE`, like the cgroup links. Interfaces are
-/// resolved in the calling thread's network namespace.
+/// resolved in the calling thread's network namespace. Devices attached
+/// before and not listed now are detached (their link pins removed, their
+/// `nb_np_dev` entries deleted): the list is the whole set.
 pub fn install_nodeport(
     pins: &Pins,
     sizes: &MapSizes,
     devices: &[NodePortDevice],
 ) -> Result<Vec<(String, LinkAction)>, LoaderError> {
+    let keep: Vec<&str> = devices.iter().map(|d| d.ifname.as_str()).collect();
+    detach_nodeport_except(pins, &keep)?;
+    if devices.is_empty() {
+        clear_np_dev_except(pins, &[])?;
+        return Ok(Vec::new());
+    }
     let (mut ebpf, _, _) = load(pins, sizes)?;
     let mut out = Vec::new();
+    let mut ifindexes = Vec::new();
     for dev in devices {
         let ifindex = sys::ifindex(&dev.ifname)
             .map_err(|e| link_err(Path::new(&dev.ifname), "ifindex", e))?;
+        ifindexes.push(ifindex);
         {
             let map = ebpf
                 .map_mut(names::NP_DEV)
@@ -416,7 +427,67 @@ pub fn install_nodeport(
             out.push((point, LinkAction::Attached));
         }
     }
+    clear_np_dev_except(pins, &ifindexes)?;
     Ok(out)
+}
+
+/// The interfaces with a pinned per-packet link (`np-in-<ifname>`).
+pub fn nodeport_attached(pins: &Pins) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(pins.links_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(NODEPORT_POINTS[0].0).map(str::to_string)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Removes the per-packet link pins of every interface not in `keep` (that
+/// detaches the programs from it).
+fn detach_nodeport_except(pins: &Pins, keep: &[&str]) -> Result<(), LoaderError> {
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ifname = NODEPORT_POINTS
+            .iter()
+            .find_map(|(prefix, _, _)| name.strip_prefix(prefix));
+        if let Some(ifname) = ifname {
+            if !keep.contains(&ifname) {
+                let p = e.path();
+                std::fs::remove_file(&p).map_err(|e| link_err(&p, "detach", e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the `nb_np_dev` entries of interfaces not in `keep` (ifindexes).
+fn clear_np_dev_except(pins: &Pins, keep: &[u32]) -> Result<(), LoaderError> {
+    let path = pins.map(names::NP_DEV);
+    if !path.exists() {
+        return Ok(());
+    }
+    let kerr = |op: &'static str, e: aya::maps::MapError| {
+        LoaderError::Maps(MapsError::Kernel {
+            map: names::NP_DEV,
+            op,
+            source: Box::new(e),
+        })
+    };
+    let data = aya::maps::MapData::from_pin(&path).map_err(|e| kerr("open", e))?;
+    let mut m: aya::maps::HashMap<_, u32, NpDev> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|e| kerr("open", e))?;
+    let stale: Vec<u32> = m.keys().flatten().filter(|k| !keep.contains(k)).collect();
+    for k in stale {
+        m.remove(&k).map_err(|e| kerr("delete", e))?;
+    }
+    Ok(())
 }
 
 /// Where the socket LB is attached, read back from the link pins.

@@ -5,7 +5,8 @@
 //! ```text
 //! <root>/maps/<map name>          nb_lb4_svc, nb_lb4_be, ... (see layout::names)
 //! <root>/links/<attach point>     connect4, sendmsg4, recvmsg4, getpeername4,
-//!                                 connect6, sendmsg6, recvmsg6, getpeername6
+//!                                 connect6, sendmsg6, recvmsg6, getpeername6,
+//!                                 np-in-<ifname>, np-out-<ifname> (tc path)
 //! ```
 //!
 //! Maps and links outlive the agent: a restarted agent opens them again, so the

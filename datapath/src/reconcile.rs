@@ -443,6 +443,36 @@ impl<M: LbMaps> Reconciler<M> {
         &self.pressure
     }
 
+    /// Every programmed IPv4 external frontend the per-packet path can see
+    /// (not 127.0.0.1): its service id and the backends of the slots it
+    /// chooses from (`1..local_count` under externalTrafficPolicy Local,
+    /// else `1..count`), in slot order. What the Maglev tables are built from.
+    pub fn external_slots(&self) -> Vec<(u16, Vec<L4Addr>)> {
+        let by_id: BTreeMap<u32, L4Addr> =
+            self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
+        let mut out = Vec::new();
+        for (addr, p) in &self.frontends {
+            let Some(v) = p.value else { continue };
+            if addr.is_v6() || addr.ip.is_loopback() || v.flags & crate::layout::SVC_F_EXTERNAL == 0
+            {
+                continue;
+            }
+            let n = if v.flags & crate::layout::SVC_F_EXT_LOCAL != 0 {
+                v.local_count.min(v.count)
+            } else {
+                v.count
+            };
+            let backends = p
+                .slots
+                .iter()
+                .take(usize::from(n))
+                .filter_map(|id| by_id.get(id).copied())
+                .collect();
+            out.push((p.id, backends));
+        }
+        out
+    }
+
     /// Service id of a programmed frontend.
     pub fn service_id(&self, fe: &L4Addr) -> Option<u16> {
         self.frontends.get(fe).map(|p| p.id)

@@ -124,6 +124,17 @@ pub struct Status {
     /// Connected UDP sockets destroyed since start (their backend was removed).
     #[serde(default)]
     pub sockets_destroyed: u64,
+    /// The per-packet path's interfaces (`devices::Choice::summary`:
+    /// `eth0 (SNAT 192.168.50.1)`, or `none: <why>`); empty when not chosen yet.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nodeport_devices: String,
+    /// The per-packet path's backend selection: `random`, or
+    /// `maglev (<M> entries), <n> tables`; empty when not known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub load_balancing: String,
+    /// `healthCheckNodePort`s served (externalTrafficPolicy Local Services).
+    #[serde(default)]
+    pub health_check_ports: usize,
     /// `MapFull` and `MapSizeChangeRefused`, derived from the fields above.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -361,6 +372,25 @@ impl Status {
                 s,
                 "Socket termination:     {} (connected UDP sockets of removed backends are NOT destroyed)",
                 self.socket_termination
+            );
+        }
+        if let Some(none) = self.nodeport_devices.strip_prefix("none: ") {
+            let _ = writeln!(
+                s,
+                "NodePort devices:       none ({none}): NodePorts, externalIPs and LB IPs are NOT served to traffic from outside the node"
+            );
+        } else if !self.nodeport_devices.is_empty() {
+            let _ = writeln!(
+                s,
+                "NodePort devices:       {}, {} healthCheckNodePorts",
+                self.nodeport_devices, self.health_check_ports
+            );
+        }
+        if !self.load_balancing.is_empty() {
+            let _ = writeln!(
+                s,
+                "Load balancing:         {} (traffic from outside the node)",
+                self.load_balancing
             );
         }
         let last = if self.last_sync_unix == 0 {
@@ -698,6 +728,26 @@ mod tests {
         let text = st.render(false, 0);
         assert!(
             text.contains("Socket termination:     available (connected UDP), 3 sockets destroyed"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn nodeport_devices_or_their_absence_are_said_plainly() {
+        // Why: an agent that serves no traffic from outside must say so.
+        let mut st = Status {
+            nodeport_devices: "none: no interface carries the Node's address 192.0.2.99".into(),
+            ..Default::default()
+        };
+        let text = st.render(false, 0);
+        assert!(text.contains("NodePort devices:       none (no interface carries the Node's address 192.0.2.99): NodePorts, externalIPs and LB IPs are NOT served to traffic from outside the node"), "{text}");
+        st.nodeport_devices = "eth0 (SNAT 192.168.50.1)".into();
+        st.health_check_ports = 2;
+        let text = st.render(false, 0);
+        assert!(
+            text.contains(
+                "NodePort devices:       eth0 (SNAT 192.168.50.1), 2 healthCheckNodePorts"
+            ),
             "{text}"
         );
     }

@@ -103,6 +103,9 @@ pub struct Stores {
     node_ips: Vec<IpAddr>,
     /// Waiting for the first read of the Node (its zone) before the first pass.
     node_pending: bool,
+    /// What this agent serves now (None: [`desired::served`]); the
+    /// north–south features depend on the per-packet path being attached.
+    served: Option<BTreeSet<Feature>>,
 }
 
 impl Stores {
@@ -285,6 +288,46 @@ impl Watched {
         });
     }
 
+    /// What this agent serves now ([`desired::served_with`]). A change
+    /// recomputes the unserved Services (a full pass).
+    pub fn set_served(&self, served: BTreeSet<Feature>) {
+        self.with(|s| {
+            if s.served.as_ref() != Some(&served) {
+                s.served = Some(served);
+                s.dirty.full = true;
+            }
+        });
+    }
+
+    /// (`spec.healthCheckNodePort`, Service) of every Service a proxy serves
+    /// with `externalTrafficPolicy: Local` and a health check port.
+    pub fn health_check_services(&self) -> Vec<(u16, ServiceKey)> {
+        let Ok(s) = self.stores.lock() else {
+            return Vec::new();
+        };
+        s.services
+            .iter()
+            .filter(|(_, svc)| desired::shape(svc).skipped().is_none())
+            .filter_map(|(k, svc)| {
+                let spec = svc.spec.as_ref()?;
+                if spec.external_traffic_policy.as_deref() != Some("Local") {
+                    return None;
+                }
+                let port = u16::try_from(spec.health_check_node_port?).ok()?;
+                (port > 0).then(|| (port, k.clone()))
+            })
+            .collect()
+    }
+
+    /// What this agent serves now.
+    pub fn served(&self) -> BTreeSet<Feature> {
+        self.stores
+            .lock()
+            .ok()
+            .and_then(|s| s.served.clone())
+            .unwrap_or_else(desired::served)
+    }
+
     /// The node addresses as last read.
     pub fn node_addresses(&self) -> Vec<IpAddr> {
         self.stores
@@ -314,7 +357,15 @@ impl Watched {
         match self.stores.lock() {
             Ok(s) => keys
                 .into_iter()
-                .map(|k| (k.clone(), s.services.get(k).and_then(desired::unserved)))
+                .map(|k| {
+                    let served = s.served.clone().unwrap_or_else(desired::served);
+                    (
+                        k.clone(),
+                        s.services
+                            .get(k)
+                            .and_then(|svc| desired::unserved_with(svc, &served)),
+                    )
+                })
                 .collect(),
             Err(_) => Vec::new(),
         }
@@ -323,11 +374,15 @@ impl Watched {
     /// Every Service this agent cannot fully serve, with what it lacks.
     pub fn unserved(&self) -> BTreeMap<ServiceKey, Vec<Feature>> {
         match self.stores.lock() {
-            Ok(s) => s
-                .services
-                .iter()
-                .filter_map(|(k, svc)| desired::unserved(svc).map(|m| (k.clone(), m)))
-                .collect(),
+            Ok(s) => {
+                let served = s.served.clone().unwrap_or_else(desired::served);
+                s.services
+                    .iter()
+                    .filter_map(|(k, svc)| {
+                        desired::unserved_with(svc, &served).map(|m| (k.clone(), m))
+                    })
+                    .collect()
+            }
             Err(_) => BTreeMap::new(),
         }
     }

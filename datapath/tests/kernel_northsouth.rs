@@ -209,7 +209,12 @@ impl PeerServer {
                 match l.accept() {
                     Ok((mut s, peer)) => {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
+                        // "*": answer with the address the client reached.
+                        let me = match (name.as_str(), s.local_addr()) {
+                            ("*", Ok(a)) => a.ip().to_string(),
+                            _ => name.clone(),
+                        };
+                        let _ = s.write_all(format!("{me} {}\n", peer.ip()).as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_micros(300)),
                 }
@@ -244,13 +249,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new() -> Self {
-        let br = Netns::new("nbns-np-br");
-        let client = Netns::new("nbns-np-cl");
-        let node_a = Netns::new("nbns-np-a");
-        let node_b = Netns::new("nbns-np-b");
-        let pod_a = Netns::new("nbns-np-pa");
-        let pod_b = Netns::new("nbns-np-pb");
+    /// Namespaces `nbns-<tag>-*` (tests running at once use different tags).
+    fn new(tag: &str) -> Self {
+        let ns = |n: &str| Netns::new(&format!("nbns-{tag}-{n}"));
+        let br = ns("br");
+        let client = ns("cl");
+        let node_a = ns("a");
+        let node_b = ns("b");
+        let pod_a = ns("pa");
+        let pod_b = ns("pb");
         br.ip(&["link", "add", "br0", "type", "bridge"]);
         br.ip(&["link", "set", "br0", "up"]);
         for (ns, port, addr) in [
@@ -372,7 +379,7 @@ fn seen(res: &[Attempt]) -> Vec<(String, String)> {
 fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own_address_under_local_policy(
 ) {
     require_privileges();
-    let c = Cluster::new();
+    let c = Cluster::new("np");
     let _pa = PeerServer::start(&c.pod_a, "pod-a");
     let _pb = PeerServer::start(&c.pod_b, "pod-b");
     // node-a's datapath: maps from the desired model, tc on its eth0.
@@ -486,4 +493,462 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     );
     assert!(get("nodeport_no_local_backend") > 0, "{ctr:?}");
     assert!(get("nodeport_ct_hit") > 0, "{ctr:?}");
+}
+
+// ---- The agent attaches the per-packet path itself ----------------------
+
+/// node-a's view: its Node (InternalIP on eth0), a Cluster-policy NodePort
+/// Service and two LoadBalancer Services with externalTrafficPolicy Local
+/// and a healthCheckNodePort: `loc` has an endpoint on node-a, `far` none.
+const AGENT_STATIC: &str = "
+kind: Node
+metadata: {name: node-a}
+status:
+  addresses:
+  - {type: Hostname, address: node-a}
+  - {type: InternalIP, address: 192.168.50.1}
+---
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+kind: Service
+metadata: {name: loc, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.81
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+---
+kind: Service
+metadata: {name: far, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.82
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32002
+  ports: [{port: 80, targetPort: 8080, nodePort: 30082}]
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+- {addresses: [10.200.2.10], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: loc-1, namespace: default, labels: {kubernetes.io/service-name: loc}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+- {addresses: [10.200.2.10], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: far-1, namespace: default, labels: {kubernetes.io/service-name: far}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.2.10], nodeName: node-b}
+";
+
+/// Runs `f` on a thread inside `ns`.
+fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns");
+        netboot_harness::netns::enter_thread(&file).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
+/// GET `path` from `addr` from inside `ns`.
+fn get_in(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    in_ns(ns, move || http_get(&addr, &path))
+}
+
+/// The real agent inside node-a's namespace (its own `--listen` there).
+fn start_agent_in(
+    ns: &Netns,
+    dir: &std::path::Path,
+    cg: &std::path::Path,
+    pins: &std::path::Path,
+) -> ChildGuard {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["agent", "--node-name", "node-a"])
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .arg("--cgroup")
+        .arg(cg)
+        .arg("--bpffs")
+        .arg(pins)
+        .args(["--listen", "127.0.0.1:9890"])
+        .arg("--static-services")
+        .arg(dir.join("static.yaml"))
+        .arg("--kube-proxy-present")
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .env_remove("NETBOOT_NODEPORT_DEVICES")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("agent.log"))
+                .expect("log"),
+        ));
+    netboot_harness::process::Confine {
+        parent_death: true,
+        netns: Some(ns.path()),
+        ..Default::default()
+    }
+    .apply(&mut cmd)
+    .expect("confine agent");
+    ChildGuard(Some(cmd.spawn().expect("spawn agent")))
+}
+
+fn wait_ready_in(ns: &Netns, dir: &std::path::Path) {
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        if let Some((200, _)) = get_in(ns, "127.0.0.1:9890", "/readyz") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "agent not ready: {}",
+        std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+    );
+}
+
+#[test]
+fn the_agent_attaches_the_per_packet_path_to_the_node_address_interface_and_answers_health_check_node_ports(
+) {
+    require_privileges();
+    let c = Cluster::new("ag");
+    let _pa = PeerServer::start(&c.pod_a, "pod-a");
+    let _pb = PeerServer::start(&c.pod_b, "pod-b");
+    let agent_cg = TestCgroup::new("nbns-ag-agent");
+    let client_cg = TestCgroup::new("nbns-ag-client");
+    let pins = TestPins::new("nbns-ag");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "apiServer: {host: 127.0.0.1, port: 6443}\nkubeProxyReplacement: true\nmapSizes: {services: 1024, backends: 1024, affinity: 1024, reverseNat: 1024}\n",
+    )
+    .expect("config");
+    std::fs::write(dir.path().join("static.yaml"), AGENT_STATIC).expect("static");
+    let mut agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    wait_ready_in(&c.node_a, dir.path());
+
+    let (_, js) = get_in(&c.node_a, "127.0.0.1:9890", "/v1/status").expect("status");
+    let st: serde_json::Value = serde_json::from_str(&js).expect("json");
+    assert_eq!(st["nodeportDevices"], "eth0 (SNAT 192.168.50.1)", "{js}");
+    assert_eq!(st["healthCheckPorts"], 2, "{js}");
+    let features: Vec<&str> = st["features"]
+        .as_array()
+        .expect("features")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    for f in [
+        "nodeport",
+        "loadbalancer",
+        "externalips",
+        "external-traffic-local",
+    ] {
+        assert!(features.contains(&f), "{f} published: {js}");
+    }
+    assert_eq!(st["unserved"], 0, "{js}");
+    assert_eq!(loader::nodeport_attached(&pins.pins), ["eth0"]);
+
+    let tcp = |addr: SocketAddrV4, count: u32| {
+        client(&client_cg.path, &c.client, ClientOp::Tcp { addr, count })
+    };
+    let cluster_policy = |what: &str| {
+        let s = seen(&tcp(v4([192, 168, 50, 1], 30080), 30));
+        assert!(
+            s.iter().any(|(n, _)| n == "pod-a") && s.iter().any(|(n, _)| n == "pod-b"),
+            "{what}: both backends: {s:?}"
+        );
+        assert!(
+            s.iter()
+                .all(|(n, src)| (n == "pod-a" && src == "192.168.50.100")
+                    || (n == "pod-b" && src == "192.168.50.1")),
+            "{what}: {s:?}"
+        );
+    };
+    // NodePort from outside, through the programs the agent attached.
+    cluster_policy("agent running");
+    let s = seen(&tcp(v4([192, 168, 50, 1], 30081), 10));
+    assert!(
+        s.iter()
+            .all(|(n, src)| n == "pod-a" && src == "192.168.50.100"),
+        "{s:?}"
+    );
+
+    // healthCheckNodePort, asked from the external client like a cloud LB.
+    let (code, body) = get_in(&c.client, "192.168.50.1:32001", "/healthz").expect("hc loc");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("hc json");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(v["service"]["namespace"], "default");
+    assert_eq!(v["service"]["name"], "loc");
+    assert_eq!(v["localEndpoints"], 1);
+    assert_eq!(v["serviceProxyHealthy"], true);
+    let (code, body) = get_in(&c.client, "192.168.50.1:32002", "/").expect("hc far");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("hc json");
+    assert_eq!(
+        (code, v["localEndpoints"].as_u64()),
+        (503, Some(0)),
+        "{body}"
+    );
+
+    // The links are pinned: no agent, still served; a new agent updates them.
+    drop(agent);
+    cluster_policy("no agent running");
+    agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    wait_ready_in(&c.node_a, dir.path());
+    cluster_policy("restarted agent");
+    drop(agent);
+
+    // uninstall detaches everything: nothing answers the NodePort any more.
+    let out = Command::new(BIN)
+        .args(["uninstall", "--bpffs"])
+        .arg(pins.pins.root())
+        .output()
+        .expect("uninstall");
+    assert!(out.status.success(), "{out:?}");
+    assert!(loader::nodeport_attached(&pins.pins).is_empty());
+    let res = tcp(v4([192, 168, 50, 1], 30080), 1);
+    assert!(!res[0].ok, "{res:?}");
+}
+
+#[test]
+fn an_agent_without_an_interface_carrying_a_node_address_says_so_and_does_not_publish_nodeport() {
+    require_privileges();
+    let c = Cluster::new("nd");
+    let agent_cg = TestCgroup::new("nbns-nd-agent");
+    let pins = TestPins::new("nbns-nd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "apiServer: {host: 127.0.0.1, port: 6443}\nmapSizes: {services: 1024, backends: 1024, affinity: 1024, reverseNat: 1024}\n",
+    )
+    .expect("config");
+    // The Node says 192.0.2.99, which no interface of node-a carries.
+    std::fs::write(
+        dir.path().join("static.yaml"),
+        AGENT_STATIC.replace("192.168.50.1}", "192.0.2.99}"),
+    )
+    .expect("static");
+    let _agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    wait_ready_in(&c.node_a, dir.path());
+    let (_, js) = get_in(&c.node_a, "127.0.0.1:9890", "/v1/status").expect("status");
+    let st: serde_json::Value = serde_json::from_str(&js).expect("json");
+    assert_eq!(
+        st["nodeportDevices"], "none: no interface carries the Node's address 192.0.2.99",
+        "{js}"
+    );
+    assert!(
+        !st["features"]
+            .as_array()
+            .expect("features")
+            .iter()
+            .any(|f| f == "nodeport"),
+        "{js}"
+    );
+    // web, loc and far all need nodeport.
+    assert_eq!(st["unserved"], 3, "{js}");
+    assert!(loader::nodeport_attached(&pins.pins).is_empty());
+}
+
+// ---- Maglev on the per-packet path ----------------------------------------
+
+const MG_SERVICE: &str = "
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+";
+
+fn mg_slice(backends: &[&str]) -> String {
+    let mut s = String::from(
+        "kind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints:\n",
+    );
+    for b in backends {
+        let node = if b.starts_with("10.200.1.") {
+            "node-a"
+        } else {
+            "node-b"
+        };
+        s.push_str(&format!("- {{addresses: [{b}], nodeName: {node}}}\n"));
+    }
+    s
+}
+
+#[test]
+fn maglev_sends_each_flow_to_the_table_backend_and_removing_one_of_n_moves_only_its_flows() {
+    require_privileges();
+    let c = Cluster::new("mg");
+    for (pod, net) in [(&c.pod_a, 1), (&c.pod_b, 2)] {
+        for i in [11, 12] {
+            pod.ip(&[
+                "addr",
+                "add",
+                &format!("10.200.{net}.{i}/24"),
+                "dev",
+                "eth0",
+            ]);
+        }
+    }
+    let _pa = PeerServer::start(&c.pod_a, "*");
+    let _pb = PeerServer::start(&c.pod_b, "*");
+    let agent_cg = TestCgroup::new("nbns-mg-agent");
+    let client_cg = TestCgroup::new("nbns-mg-client");
+    let pins = TestPins::new("nbns-mg");
+    let sizes = MapSizes {
+        services: 1024,
+        backends: 1024,
+        affinity: 1024,
+        reverse_nat: 1024,
+    };
+    loader::install(&pins.pins, &agent_cg.path, &sizes, true).expect("install");
+    let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(MG_SERVICE).unwrap();
+    let node_ips = ["192.168.50.1".parse().unwrap()];
+    let rules = Rules {
+        default_affinity_timeout: 10800,
+        node: "node-a",
+        zone: None,
+        node_ips: &node_ips,
+    };
+    let all = [
+        "10.200.1.10",
+        "10.200.1.11",
+        "10.200.1.12",
+        "10.200.2.10",
+        "10.200.2.11",
+        "10.200.2.12",
+    ];
+    let mut recon =
+        Reconciler::recover(KernelMaps::open(&pins.pins).expect("maps")).expect("recover");
+    const M: u32 = 16381;
+    let mut tables = netboot_datapath::maglev::Tables::open(&pins.pins, M, true).expect("maglev");
+    let mut program = |backends: &[&str]| {
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_yaml::from_str(&mg_slice(backends)).unwrap();
+        recon
+            .reconcile(&desired::build([&svc], [&slice], rules))
+            .expect("reconcile");
+        tables.sync(&recon.external_slots()).expect("tables");
+        let fe = netboot_datapath::layout::L4Addr {
+            ip: "192.168.50.1".parse().unwrap(),
+            port: 30080,
+            proto: netboot_datapath::layout::PROTO_TCP,
+        };
+        let id = recon.service_id(&fe).expect("frontend");
+        let slots = recon
+            .external_slots()
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .expect("slots")
+            .1;
+        // What each source port should reach: entry flow_hash % M of the table.
+        move |sport: u16| {
+            let t = netboot_datapath::maglev::slot_table(&slots, M);
+            let h = netboot_datapath::maglev::flow_hash(
+                "192.168.50.100".parse().unwrap(),
+                sport,
+                30080,
+                6,
+            );
+            slots[usize::from(t[(h % M) as usize]) - 1].ip.to_string()
+        }
+    };
+    let predict = program(&all);
+    let (pins2, path) = (pins.pins.clone(), c.node_a.path());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(path).expect("netns");
+        netboot_harness::netns::enter_thread(&f).expect("setns");
+        loader::install_nodeport(
+            &pins2,
+            &sizes,
+            &[NodePortDevice {
+                ifname: "eth0".into(),
+                snat: "192.168.50.1".parse().unwrap(),
+            }],
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("install_nodeport");
+
+    let ports: Vec<u16> = (41000..41060).collect();
+    let ct = pins.pins.map("nb_ct4");
+    let run = |ports: &[u16]| -> Vec<String> {
+        // Forget the tracked flows: every connection is a new flow.
+        let data = aya::maps::MapData::from_pin(&ct).expect("ct");
+        let mut m: aya::maps::HashMap<
+            _,
+            netboot_datapath::layout::Ct4Key,
+            netboot_datapath::layout::Ct4Val,
+        > = aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("ct map");
+        let keys: Vec<_> = m.keys().flatten().collect();
+        for k in keys {
+            let _ = m.remove(&k);
+        }
+        let res = client(
+            &client_cg.path,
+            &c.client,
+            ClientOp::TcpFromPorts {
+                addr: v4([192, 168, 50, 1], 30080),
+                ports: ports.to_vec(),
+            },
+        );
+        seen(&res).into_iter().map(|(backend, _)| backend).collect()
+    };
+    let first = run(&ports);
+    let expected: Vec<String> = ports.iter().map(|p| predict(*p)).collect();
+    assert_eq!(
+        first, expected,
+        "each flow reaches its table entry's backend"
+    );
+    let distinct: std::collections::BTreeSet<&String> = first.iter().collect();
+    assert!(distinct.len() >= 4, "spread over the backends: {first:?}");
+    assert_eq!(run(&ports), first, "the same flows, the same backends");
+
+    // One of six backends goes: only its flows move (plus Maglev's few).
+    let removed = "10.200.2.11";
+    let rest: Vec<&str> = all.iter().copied().filter(|b| *b != removed).collect();
+    let predict = program(&rest);
+    let after = run(&ports);
+    let expected: Vec<String> = ports.iter().map(|p| predict(*p)).collect();
+    assert_eq!(after, expected);
+    let on_removed = first.iter().filter(|b| *b == removed).count();
+    let moved = first.iter().zip(&after).filter(|(a, b)| a != b).count();
+    println!(
+        "NUMBERS maglev kernel: {} flows over 6 backends, {on_removed} on the removed one, {moved} changed backend after its removal",
+        ports.len()
+    );
+    assert!(!after.iter().any(|b| b == removed));
+    assert!(
+        moved >= on_removed && moved <= on_removed + 3,
+        "{first:?} -> {after:?}"
+    );
+    let ctr = recon.maps().counters().expect("counters");
+    assert!(
+        ctr.0
+            .iter()
+            .any(|(k, v)| *k == "nodeport_maglev" && *v >= 180),
+        "{ctr:?}"
+    );
 }

@@ -111,7 +111,13 @@ pub struct Datapath {
     /// `metricsPort`: the agent's /metrics-only port on every address of the
     /// node, for Prometheus. Default 9891; must differ from `healthPort`.
     pub metrics_port: u16,
+    /// `loadBalancing`: `{algorithm: random|maglev, maglevTableSize: <prime>}`,
+    /// the per-packet path's backend selection (the agent's `loadBalancing`).
+    pub load_balancing: LoadBalancing,
 }
+
+/// `spec.datapath.loadBalancing`: the contract's type and defaults.
+pub use netboot_contract::config::LoadBalancing;
 
 /// `spec.datapath.mapSizes`: BPF map capacities — the agent's `mapSizes`
 /// (one type and one set of defaults, [`MapSizes::DEFAULT`], in the contract).
@@ -571,6 +577,7 @@ impl Datapath {
             map_sizes: MapSizes::DEFAULT,
             health_port: 9890,
             metrics_port: 9891,
+            load_balancing: LoadBalancing::default(),
         }
     }
 }
@@ -588,6 +595,7 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
             "mapSizes",
             "healthPort",
             "metricsPort",
+            "loadBalancing",
         ],
     )?;
     let mut d = Datapath::defaults();
@@ -641,6 +649,51 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
                 format!("must differ from healthPort ({})", d.health_port),
             );
             ok = false;
+        }
+    }
+    if let Some(lb) = s.get("loadBalancing") {
+        let ls = c.section(
+            lb,
+            &s.child("loadBalancing"),
+            &["algorithm", "maglevTableSize"],
+        )?;
+        if let Some(a) = ls.get("algorithm") {
+            match c
+                .one_of(a, &ls.child("algorithm"), &["random", "maglev"])
+                .as_deref()
+            {
+                Some("maglev") => {
+                    d.load_balancing.algorithm = netboot_contract::config::Algorithm::Maglev
+                }
+                Some(_) => d.load_balancing.algorithm = netboot_contract::config::Algorithm::Random,
+                None => ok = false,
+            }
+        }
+        if let Some(n) = ls.get("maglevTableSize") {
+            use netboot_contract::config::{
+                is_prime, MAX_MAGLEV_TABLE_SIZE, MIN_MAGLEV_TABLE_SIZE,
+            };
+            let p = ls.child("maglevTableSize");
+            match c
+                .integer(
+                    n,
+                    &p,
+                    MIN_MAGLEV_TABLE_SIZE.into(),
+                    MAX_MAGLEV_TABLE_SIZE.into(),
+                )
+                .and_then(|v| u32::try_from(v).ok())
+            {
+                Some(v) if is_prime(v) => d.load_balancing.maglev_table_size = v,
+                Some(v) => {
+                    c.error(
+                        n.pos,
+                        &p,
+                        format!("{v} is not a prime (e.g. 251, 1021, 4093, 16381)"),
+                    );
+                    ok = false;
+                }
+                None => ok = false,
+            }
         }
     }
     if let Some(m) = s.get("mapSizes") {

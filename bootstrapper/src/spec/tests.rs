@@ -206,6 +206,16 @@ fn malformed_specs_point_at_the_right_line() {
             "t.yaml:14:17: spec.datapath.mapSizes.services: 10 is out of range",
         ),
         (
+            "maglev table size not a prime",
+            format!("{GOOD}  datapath:\n    loadBalancing:\n      algorithm: maglev\n      maglevTableSize: 16380\n"),
+            "t.yaml:15:24: spec.datapath.loadBalancing.maglevTableSize: 16380 is not a prime (e.g. 251, 1021, 4093, 16381)",
+        ),
+        (
+            "unknown load balancing algorithm",
+            format!("{GOOD}  datapath:\n    loadBalancing:\n      algorithm: hash\n"),
+            "t.yaml:14:18: spec.datapath.loadBalancing.algorithm: `hash` is not one of: random, maglev",
+        ),
+        (
             "duplicate field",
             GOOD.replace("    port: 6443", "    port: 6443\n    port: 6444"),
             "t.yaml:12:5: spec.apiServer.port: duplicate field",

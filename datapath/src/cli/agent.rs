@@ -29,6 +29,7 @@ pub async fn run(a: AgentArgs) -> Result<ExitCode, CliError> {
         static_services: a.static_services,
         node_interval: Duration::from_secs(a.node_interval.max(1)),
         kube_proxy_present: a.kube_proxy_present,
+        nodeport_devices: a.nodeport_devices,
     };
     agent::run(opts).await?;
     Ok(ExitCode::SUCCESS)

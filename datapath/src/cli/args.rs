@@ -83,6 +83,9 @@ pub struct AgentArgs {
         requires = "static_services"
     )]
     pub kube_proxy_present: bool,
+    /// Interfaces for NodePorts/externalIPs/LB IPs from outside the node, comma-separated [default: config's nodePortDevices, else those carrying the Node's InternalIP/ExternalIP].
+    #[arg(long, env = "NETBOOT_NODEPORT_DEVICES", value_delimiter = ',')]
+    pub nodeport_devices: Option<Vec<String>>,
 }
 
 /// Output format.

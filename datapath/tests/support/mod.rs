@@ -301,6 +301,9 @@ pub enum ClientOp {
     Tcp { addr: SocketAddrV4, count: u32 },
     /// `count` datagrams from ONE unconnected socket; record reply name + source.
     Udp { addr: SocketAddrV4, count: u32 },
+    /// One TCP connect per source port (SO_REUSEADDR, bound to
+    /// `0.0.0.0:port`), reading the server's line: fixed flow tuples.
+    TcpFromPorts { addr: SocketAddrV4, ports: Vec<u16> },
     /// `count` datagrams, each from a new unconnected socket.
     UdpNewSocket { addr: SocketAddrV4, count: u32 },
     /// TCP connects every `interval_ms` for `duration_ms`.
@@ -497,6 +500,88 @@ fn udp_term(addr: SocketAddr) -> Vec<Attempt> {
     vec![first, err, again, re, before]
 }
 
+/// A TCP connection from source port `sport` (SO_REUSEADDR), reading one line.
+fn tcp_from_port(addr: SocketAddrV4, sport: u16) -> Attempt {
+    use std::os::fd::FromRawFd;
+    let t = Instant::now();
+    let fail = |errno: i32| Attempt {
+        ok: false,
+        name: String::new(),
+        peer: String::new(),
+        errno,
+        micros: t.elapsed().as_micros() as u64,
+        mono_ns: 0,
+    };
+    let sin = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on an fd we own; the sockaddr structs live
+    // across each call; the fd is handed to TcpStream (which closes it).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return fail(errno_of(&std::io::Error::last_os_error()));
+        }
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let tv = libc::timeval {
+            tv_sec: 3,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let local = sin(Ipv4Addr::UNSPECIFIED, sport);
+        if libc::bind(
+            fd,
+            &local as *const libc::sockaddr_in as *const libc::sockaddr,
+            len,
+        ) != 0
+        {
+            return fail(errno_of(&std::io::Error::last_os_error()));
+        }
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+        let remote = sin(*addr.ip(), addr.port());
+        if libc::connect(
+            fd,
+            &remote as *const libc::sockaddr_in as *const libc::sockaddr,
+            len,
+        ) != 0
+        {
+            return fail(errno_of(&std::io::Error::last_os_error()));
+        }
+        let mut s = stream;
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        let name = buf.trim().to_string();
+        Attempt {
+            ok: !name.is_empty(),
+            name,
+            peer: String::new(),
+            errno: 0,
+            micros: t.elapsed().as_micros() as u64,
+            mono_ns: 0,
+        }
+    }
+}
+
 /// Runs in the child (see [`helper_main`]).
 fn client_main(op: ClientOp) -> Vec<Attempt> {
     match op {
@@ -511,6 +596,9 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
             (0..count).map(|_| udp_once(&s, addr)).collect()
         }
         ClientOp::UdpTerm { addr } => udp_term(addr),
+        ClientOp::TcpFromPorts { addr, ports } => {
+            ports.iter().map(|p| tcp_from_port(addr, *p)).collect()
+        }
         ClientOp::UdpNewSocket { addr, count } => {
             (0..count).map(|_| udp_once(&udp_sock(), addr)).collect()
         }

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, ObjectReference, Serv
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Client;
-use netboot_contract::features::{self, Feature, ServiceShape, FEATURES_ANNOTATION};
+use netboot_contract::features::{self, Feature, FEATURES_ANNOTATION};
 use serde::Serialize;
 
 use crate::apply::describe;
@@ -87,35 +87,7 @@ impl UnservedReport {
     }
 }
 
-/// What [`features::needs`] looks at, borrowed from a Service.
-pub fn shape(svc: &Service) -> ServiceShape<'_> {
-    let spec = svc.spec.as_ref();
-    let mut cluster_ips: Vec<&str> = spec
-        .and_then(|s| s.cluster_ips.as_ref())
-        .map(|v| v.iter().map(String::as_str).collect())
-        .unwrap_or_default();
-    if cluster_ips.is_empty() {
-        cluster_ips.extend(spec.and_then(|s| s.cluster_ip.as_deref()));
-    }
-    ServiceShape {
-        labels: svc.metadata.labels.as_ref(),
-        annotations: svc.metadata.annotations.as_ref(),
-        type_: spec.and_then(|s| s.type_.as_deref()),
-        cluster_ips,
-        protocols: spec
-            .and_then(|s| s.ports.as_ref())
-            .map(|ps| ps.iter().map(|p| p.protocol.as_deref()).collect())
-            .unwrap_or_default(),
-        external_ips: spec
-            .and_then(|s| s.external_ips.as_ref())
-            .is_some_and(|v| !v.is_empty()),
-        allocate_load_balancer_node_ports: spec.and_then(|s| s.allocate_load_balancer_node_ports),
-        internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.as_deref()),
-        external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.as_deref()),
-        session_affinity: spec.and_then(|s| s.session_affinity.as_deref()),
-        traffic_distribution: spec.and_then(|s| s.traffic_distribution.as_deref()),
-    }
-}
+pub use netboot_contract::features::shape;
 
 /// Every Service needing something outside `served`, with what (sorted by
 /// namespace/name). Services no proxy serves (ExternalName, headless, another

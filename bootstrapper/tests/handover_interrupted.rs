@@ -189,7 +189,17 @@ async fn interrupt_and_rerun(c: &SharedCluster, point: &str, api_down: bool) -> 
             || async { client.apiserver_version().await.is_ok() },
         )
         .await;
-        services_work(c, &probe)
+        // The API server just came back; CoreDNS and the probes reconnect:
+        // Services must work again within 30 s (the datapath itself never left).
+        let mut ok = services_work(c, &probe);
+        for _ in 0..6 {
+            if ok {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            ok = services_work(c, &probe);
+        }
+        ok
     } else {
         let run = netboot(c, &["apply", spec_s], &[("NETBOOT_FAULT_AT", point)]);
         assert_eq!(

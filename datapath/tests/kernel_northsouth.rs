@@ -727,7 +727,15 @@ fn the_agent_attaches_the_per_packet_path_to_the_node_address_interface_and_answ
         .expect("uninstall");
     assert!(out.status.success(), "{out:?}");
     assert!(loader::nodeport_attached(&pins.pins).is_empty());
-    let res = tcp(v4([192, 168, 50, 1], 30080), 1);
+    // The stopped agent's process may hold its link a moment longer: bounded wait.
+    let mut res = tcp(v4([192, 168, 50, 1], 30080), 1);
+    for _ in 0..30 {
+        if !res[0].ok {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        res = tcp(v4([192, 168, 50, 1], 30080), 1);
+    }
     assert!(!res[0].ok, "{res:?}");
 }
 

@@ -489,6 +489,38 @@ fn the_agent_is_refused_everything_outside_its_job() {
                 .await,
         );
 
+        let event = |ns: &str, node: &str| -> k8s_openapi::api::events::v1::Event {
+            obj(json!({
+                "metadata": {"name": "rbac-test", "namespace": ns},
+                "eventTime": "2026-12-02T00:00:00.000000Z",
+                "reportingController": "netboot-datapath",
+                "reportingInstance": "netboot-datapath-node-0",
+                "action": "Reconcile",
+                "reason": "MapFull",
+                "type": "Warning",
+                "regarding": {"apiVersion": "v1", "kind": "Node", "name": node},
+            }))
+        };
+        let events =
+            |ns: &str| Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
+        v.denied(
+            "post an Event regarding another Node (node-1)",
+            events("default")
+                .create(&post(), &event("default", "node-1"))
+                .await,
+        );
+        v.denied(
+            "post an Event in kube-system",
+            events("kube-system")
+                .create(&post(), &event("kube-system", "node-0"))
+                .await,
+        );
+        v.allowed(
+            "post an Event regarding its own Node (MapFull)",
+            events("default")
+                .create(&post(), &event("default", "node-0"))
+                .await,
+        );
         v.allowed(
             "annotate its own Node",
             nodes.patch("node-0", &merge(), &annotate("absent")).await,

@@ -749,6 +749,11 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
     let replace = opts.config.kube_proxy_replacement;
     let mut applied: Option<(NodeReport, String)> = None;
     let mut last_decision = None;
+    let events = client
+        .as_ref()
+        .map(|c| crate::events::NodeEvents::new(c, &opts.node_name));
+    // The map pressure last posted as an Event.
+    let mut posted_pressure: Vec<String> = Vec::new();
     loop {
         let ready = state.get().ready;
         let kp = state.kube_proxy.get().0;
@@ -828,6 +833,21 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
                         state.update(|s| {
                             s.last_error = format!("annotate Node/{}: {e}", opts.node_name)
                         });
+                    }
+                }
+            }
+        }
+        if let Some(ev) = &events {
+            let st = state.get();
+            if let Some((type_, reason, note)) = crate::events::map_pressure_event(
+                &posted_pressure,
+                &st.map_pressure,
+                (st.unprogrammed_frontends, st.unprogrammed_backends),
+            ) {
+                match ev.publish(type_, reason, &note).await {
+                    Ok(()) => posted_pressure = st.map_pressure.clone(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, reason, "posting the Node event failed, will retry")
                     }
                 }
             }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod desired;
 pub mod devices;
 pub mod diag;
+pub mod events;
 pub mod handover;
 pub mod healthcheck;
 pub mod http;

@@ -556,6 +556,96 @@ fn agent_against_a_real_api_server() {
         "NUMBERS api: kube-proxy DaemonSet deleted → rules removed in {gone:?} (1 s interval), {woken:?} (30 s interval)"
     );
     drop(agent);
+
+    // Map pressure reaches the operator as Events on the Node (issue 17): a
+    // `MapFull` Warning when Services do not fit, `MapPressureResolved` once
+    // they do again. Tiny maps need fresh pins (a pinned map keeps its size).
+    let pins_mf = TestPins::new("apisrv-mf");
+    std::fs::write(
+        d.join("config-mf.yaml"),
+        format!("apiServer: {{host: 127.0.0.1, port: {ap}}}\nmapSizes: {{services: 16, backends: 16, affinity: 16, reverseNat: 16}}\n"),
+    )
+    .expect("config");
+    let _agent = ChildGuard(Some(
+        Command::new(BIN)
+            .args(["agent", "--node-name", "nbt-dp-node", "--listen", &listen])
+            .args(["--node-interval", "1", "--config"])
+            .arg(d.join("config-mf.yaml"))
+            .arg("--kubeconfig")
+            .arg(&agent_kc)
+            .arg("--cgroup")
+            .arg(&cg.path)
+            .arg("--bpffs")
+            .arg(pins_mf.pins.root())
+            .arg("--rules-netns")
+            .arg(topo.client.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(d.join("agent-mapfull.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("agent"),
+    ));
+    // default/kubernetes takes 1 entry of 16; each of these 2 (slot 0 + its
+    // endpoint): 7 fit, the 8th does not.
+    let extra: Vec<String> = (1..=8)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: mf{i}, namespace: default}}\nspec:\n  clusterIP: 10.96.0.9{i}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: mf{i}-1, namespace: default, labels: {{kubernetes.io/service-name: mf{i}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [10.244.1.1], conditions: {{ready: true}}}}\n"
+            )
+        })
+        .collect();
+    kubectl.ok(&["apply", "-f", "-"], Some(&extra.join("---\n")));
+    let events = |reason: &str| -> Vec<serde_json::Value> {
+        let out = kubectl.ok(
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                "default",
+                "--field-selector",
+                &format!("reason={reason}"),
+                "-o",
+                "json",
+            ],
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("events json");
+        v["items"].as_array().cloned().unwrap_or_default()
+    };
+    let t = Instant::now();
+    while events("MapFull").is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no MapFull Event within 20 s; agent log:\n{}",
+            agent_log("agent-mapfull.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let full = events("MapFull");
+    let e = &full[0];
+    assert_eq!(e["type"], "Warning", "{e}");
+    assert_eq!(e["regarding"]["kind"], "Node", "{e}");
+    assert_eq!(e["regarding"]["name"], "nbt-dp-node", "{e}");
+    assert_eq!(e["reportingController"], "netboot-datapath", "{e}");
+    let note = e["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("not programmed") && note.contains("nb_lb4_svc"),
+        "{note}"
+    );
+    println!(
+        "NUMBERS api: MapFull Event posted {:?} after the Services were created",
+        t.elapsed()
+    );
+    assert!(events("MapPressureResolved").is_empty());
+    kubectl.ok(&["delete", "service", "-n", "default", "mf8"], None);
+    wait_for(
+        "a MapPressureResolved Event once everything fits",
+        Duration::from_secs(20),
+        || !events("MapPressureResolved").is_empty(),
+    );
+    assert_eq!(events("MapPressureResolved")[0]["type"], "Normal");
 }
 
 fn daemon_set(namespace: &str, name: &str) -> String {

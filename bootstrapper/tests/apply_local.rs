@@ -392,13 +392,145 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
     });
 }
 
+/// A client pod connecting to a Service over and over (a fresh TCP
+/// connection every ~100 ms, 500 ms timeout), recording when each attempt
+/// started and whether the Service answered.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Duration, bool)>>,
+}
+
+impl Prober {
+    fn start(client: &k8s_openapi::api::core::v1::Pod, target: String) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, pod) = (stop.clone(), client.clone());
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut seen = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = t0.elapsed();
+                let ok = netboot_harness::cluster::exec_in_pod(
+                    &pod,
+                    &["netboot-probe", "connect", "tcp", &target, "--timeout-ms", "500"],
+                )
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+                seen.push((at, ok));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen
+        });
+        Prober { stop, thread }
+    }
+
+    /// (attempts, failures, the longest time the Service did not answer:
+    /// from the first failed attempt of a run to the next answered one).
+    fn finish(self) -> (usize, usize, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = self.thread.join().unwrap();
+        let failures = seen.iter().filter(|(_, ok)| !ok).count();
+        let (mut longest, mut since) = (Duration::ZERO, None);
+        for (at, ok) in &seen {
+            match (ok, since) {
+                (false, None) => since = Some(*at),
+                (true, Some(from)) => {
+                    longest = longest.max(*at - from);
+                    since = None;
+                }
+                _ => {}
+            }
+        }
+        if let (Some(from), Some((last, _))) = (since, seen.last()) {
+            longest = longest.max(*last - from + Duration::from_millis(500));
+        }
+        (seen.len(), failures, longest)
+    }
+}
+
+/// How long the restored kube-proxy took to start: the longest time from a
+/// kube-proxy pod's creation to its Ready condition, over its pods (1 s
+/// resolution, the API's).
+async fn kube_proxy_start(c: &SharedCluster) -> Duration {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(c.client.clone(), "kube-system");
+    let list = pods
+        .list(&kube::api::ListParams::default().labels("k8s-app=kube-proxy"))
+        .await
+        .unwrap();
+    list.items
+        .iter()
+        .filter_map(|p| {
+            let created = p.metadata.creation_timestamp.as_ref()?.0;
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready" && c.status == "True")?
+                .last_transition_time
+                .as_ref()?
+                .0;
+            let secs = ready.duration_since(created).as_secs_f64().max(0.0);
+            Some(Duration::from_secs_f64(secs))
+        })
+        .max()
+        .unwrap_or_default()
+}
+
 /// Validation failing after kube-proxy was removed → kube-proxy restored
 /// identical to its backup, agents in coexist, exit 1; the next apply of the
-/// same revision does not loop into another handover.
+/// same revision does not loop into another handover. A client pod keeps
+/// connecting to a Service through the handover and the rollback: the
+/// Service never stops answering for longer than kube-proxy's own start
+/// (issue 16; the agents leave replace mode only once the restored
+/// kube-proxy serves on every node).
 #[test]
 fn failed_validation_rolls_back() {
     scenario(|c| async move {
         let (ds0, cm0) = kube_proxy(&c.client).await;
+        let ns = netboot_harness::cluster::TestNamespace::new(&c, "rollback-gap").await;
+        let deploys: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(c.client.clone(), &ns.name);
+        for (name, replicas) in [("gap-server", 2), ("gap-client", 1)] {
+            deploys
+                .create(
+                    &PostParams::default(),
+                    &netboot_harness::cluster::probe_deployment(name, replicas),
+                )
+                .await
+                .unwrap();
+        }
+        let svcs: Api<Service> = Api::namespaced(c.client.clone(), &ns.name);
+        let svc = svcs
+            .create(
+                &PostParams::default(),
+                &netboot_harness::cluster::probe_service("gap", "gap-server"),
+            )
+            .await
+            .unwrap();
+        let vip = svc.spec.unwrap().cluster_ip.unwrap();
+        let wait = Duration::from_secs(120);
+        netboot_harness::cluster::wait_deployment_realized(&c.client, &ns.name, "gap-server", wait)
+            .await;
+        let client_pod =
+            netboot_harness::cluster::wait_deployment_realized(&c.client, &ns.name, "gap-client", wait)
+                .await
+                .remove(0);
+        let target = format!("{vip}:80");
+        wait_until("the Service to answer before the handover", wait, || {
+            let ok = netboot_harness::cluster::exec_in_pod(
+                &client_pod,
+                &["netboot-probe", "connect", "tcp", &target, "--timeout-ms", "500"],
+            )
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+            async move { ok }
+        })
+        .await;
+        let prober = Prober::start(&client_pod, target);
         let dir = tempfile::tempdir().unwrap();
         // A DNS domain nobody serves: the dns check fails after the handover.
         let spec = spec_file(dir.path(), "baddns.yaml", |s| {
@@ -414,9 +546,22 @@ fn failed_validation_rolls_back() {
             )
         });
         let run = netboot(&c, &["apply", "-o", "json", spec.to_str().unwrap()]);
+        let (attempts, failures, gap) = prober.finish();
+        let kp_start = kube_proxy_start(&c).await;
+        eprintln!(
+            "NUMBERS rollback: {attempts} connections to Service {}/gap through the handover and the rollback, \
+             {failures} failed, longest time unanswered {gap:?}; the restored kube-proxy's own start {kp_start:?}",
+            ns.name
+        );
         assert_eq!(run.code, 1, "validation failure exits 1");
         let out = run.json();
         assert_eq!(out["rolledBack"], true);
+        assert!(attempts > 20, "the prober ran {attempts} times only");
+        assert!(
+            gap <= kp_start,
+            "the Service went unanswered for {gap:?} ({failures} of {attempts} connections failed), \
+             longer than kube-proxy's own start ({kp_start:?})"
+        );
         let failed: Vec<String> = check_results(&out)
             .into_iter()
             .filter(|(_, r)| r == "failed")

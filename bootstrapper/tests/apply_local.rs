@@ -411,7 +411,14 @@ impl Prober {
                 let at = t0.elapsed();
                 let ok = netboot_harness::cluster::exec_in_pod(
                     &pod,
-                    &["netboot-probe", "connect", "tcp", &target, "--timeout-ms", "500"],
+                    &[
+                        "netboot-probe",
+                        "connect",
+                        "tcp",
+                        &target,
+                        "--timeout-ms",
+                        "500",
+                    ],
                 )
                 .output()
                 .map(|o| o.status.success())
@@ -514,15 +521,26 @@ fn failed_validation_rolls_back() {
         let wait = Duration::from_secs(120);
         netboot_harness::cluster::wait_deployment_realized(&c.client, &ns.name, "gap-server", wait)
             .await;
-        let client_pod =
-            netboot_harness::cluster::wait_deployment_realized(&c.client, &ns.name, "gap-client", wait)
-                .await
-                .remove(0);
+        let client_pod = netboot_harness::cluster::wait_deployment_realized(
+            &c.client,
+            &ns.name,
+            "gap-client",
+            wait,
+        )
+        .await
+        .remove(0);
         let target = format!("{vip}:80");
         wait_until("the Service to answer before the handover", wait, || {
             let ok = netboot_harness::cluster::exec_in_pod(
                 &client_pod,
-                &["netboot-probe", "connect", "tcp", &target, "--timeout-ms", "500"],
+                &[
+                    "netboot-probe",
+                    "connect",
+                    "tcp",
+                    &target,
+                    "--timeout-ms",
+                    "500",
+                ],
             )
             .output()
             .map(|o| o.status.success())
@@ -768,7 +786,7 @@ fn api_server_killed_mid_apply_then_rerun_converges() {
         let status = netboot(&c, &["status", "-o", "json", spec.to_str().unwrap()]).json();
         assert_eq!(
             status["inventory"]["objects"].as_array().unwrap().len(),
-            10,
+            14,
             "{status:#}"
         );
         assert_eq!(status["kubeProxy"]["daemonSet"], false);

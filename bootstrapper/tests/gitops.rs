@@ -942,7 +942,7 @@ fn a_new_commit_is_applied_on_the_next_pass_and_a_revert_applies_back() {
         assert_eq!(run.code, 0, "{}", run.stderr);
         let r = cluster_result(&report, "local");
         assert_eq!(r["result"], "applied");
-        assert_eq!(r["changes"], "2 configured, 8 unchanged", "{r:#}");
+        assert_eq!(r["changes"], "2 configured, 12 unchanged", "{r:#}");
         assert!(drifted(r).is_empty(), "a commit is not drift: {r:#}");
         assert!(agent_config(&c)
             .await

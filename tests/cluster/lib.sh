@@ -22,6 +22,13 @@ API_PORT=6443
 API_ADVERTISE=172.18.0.2
 SERVICE_CIDR=10.96.0.0/16
 POD_CIDR=10.244.0.0/16
+# IPv6 halves of a dual-stack cluster (NETBOOT_IP_FAMILY=dual): ULA ranges that
+# exist only inside podnet's namespaces.
+SERVICE_CIDR6=fd00:10:96::/112
+POD_CIDR6=fd00:10:244::/56
+NODE_CIDR_MASK6=64
+# What kubeadm printed for the add-ons (tests put kube-proxy back from it).
+ADDONS="$STATE/addons"
 
 # Ports every component listens on (all on 127.0.0.1); down and the
 # leaves-nothing-behind test check they are free again.
@@ -112,4 +119,12 @@ kubectl_() { "$KUBECTL" --kubeconfig "$STATE/kubeconfig" "$@"; }
 node_ip() {
   local i="$1"
   printf '172.18.%d.%d\n' $((1 + i / 254)) $((1 + i % 254))
+}
+
+# node_ip6 I: the IPv6 InternalIP of node-I in a dual-stack cluster: node_ip's
+# last two bytes under fd00:172:18::/64 (172.18.1.1 -> fd00:172:18::1:1), as
+# netboot_harness::names::node_ip6 derives it.
+node_ip6() {
+  local i="$1"
+  printf 'fd00:172:18::%d:%d\n' $((1 + i / 254)) $((1 + i % 254))
 }

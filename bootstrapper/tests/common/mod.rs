@@ -237,15 +237,19 @@ pub async fn reset(c: &SharedCluster) {
     .await;
 }
 
-/// kube-proxy as kubeadm installs it (what an operator re-creating it by hand does).
+/// kube-proxy as kubeadm installs it (what an operator re-creating it by hand
+/// does): the objects the cluster's own kubeadm printed at `tests/cluster/up`
+/// (`$ADDONS/kube-proxy.yaml`: its mode and IP families).
 pub fn recreate_kube_proxy(c: &SharedCluster) {
-    let manifest = std::fs::read_to_string(
-        repo_root().join("tests/cluster/manifests/kubeadm/20-kube-proxy.yaml"),
-    )
-    .unwrap();
-    // In the mode the cluster was brought up with (KUBE_PROXY_MODE in cluster.env).
-    let mode = cluster_env(c, "KUBE_PROXY_MODE").unwrap_or_else(|| "iptables".into());
-    let manifest = manifest.replace("\n    mode: iptables\n", &format!("\n    mode: {mode}\n"));
+    let addons = cluster_env(c, "ADDONS").unwrap_or_else(|| {
+        panic!(
+            "{}: no ADDONS (a cluster started before kubeadm made the add-ons: tests/cluster/down, then up)",
+            c.state.join("cluster.env").display()
+        )
+    });
+    let path = std::path::Path::new(&addons).join("kube-proxy.yaml");
+    let manifest =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut child = Command::new(kubectl(c))
         .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
         .env("KUBECONFIG", &c.kubeconfig)

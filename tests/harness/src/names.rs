@@ -23,6 +23,22 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const DNS_IP: &str = "10.96.0.10";
 /// Link-local address of the node side of every pod veth (the pods' gateway).
 pub const POD_GATEWAY: &str = "169.254.1.1";
+/// Dual-stack (`NETBOOT_IP_FAMILY=dual`): the IPv6 node network (node i =
+/// fd00:172:18::<a>:<b> for 172.18.a.b, see [`node_ip6`]).
+pub const NODE_CIDR6: &str = "fd00:172:18::/64";
+/// Dual-stack: the cluster-wide IPv6 pod network.
+pub const POD_CIDR6: &str = "fd00:10:244::/56";
+/// Dual-stack: the IPv6 Service network.
+pub const SERVICE_CIDR6: &str = "fd00:10:96::/112";
+/// Dual-stack: the IPv6 link-local address of the node side of every pod veth.
+pub const POD_GATEWAY6: &str = "fe80::1";
+
+/// A node's IPv6 address in a dual-stack local cluster, from its IPv4 one
+/// (tests/cluster/lib.sh `node_ip6`): 172.18.a.b → fd00:172:18::a:b.
+pub fn node_ip6(ip: std::net::Ipv4Addr) -> std::net::Ipv6Addr {
+    let [_, _, a, b] = ip.octets();
+    std::net::Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, u16::from(a), u16::from(b))
+}
 /// Root of podnet's cgroups.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/netboot-local";
 /// Root of the agents' bpffs pins.

@@ -8,7 +8,7 @@
 //! root namespace is touched. No namespace gets a default route.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::process::Stdio;
 
@@ -157,6 +157,14 @@ pub async fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
         None,
     )
     .await
+}
+
+/// Turns IPv6 duplicate address detection off in a netns the test made, for
+/// addresses added later: they are usable at once (each is unique by
+/// construction).
+async fn no_dad(netns: &str) -> Result<()> {
+    sysctl(netns, "net/ipv6/conf/all/accept_dad", "0").await?;
+    sysctl(netns, "net/ipv6/conf/default/accept_dad", "0").await
 }
 
 /// Writes `/etc/netns/<netns>/resolv.conf` so `ip netns exec` gives the pod cluster DNS.
@@ -383,13 +391,30 @@ impl Plumber {
         sysctl(&ns, "net/ipv4/ip_forward", "1").await
     }
 
+    /// Dual-stack: gives a node's netns its IPv6 address on the fabric
+    /// (`ip6`/64, no duplicate address detection) and IPv6 forwarding.
+    pub async fn add_node_ip6(&self, node: &str, ip6: Ipv6Addr) -> Result<()> {
+        let ns = self.layout.node_netns(node);
+        no_dad(&ns).await?;
+        sysctl(&ns, "net/ipv6/conf/all/forwarding", "1").await?;
+        ip_batch(
+            &ns,
+            &[format!(
+                "addr replace {ip6}/64 dev {} nodad",
+                names::INNER_IF
+            )],
+        )
+        .await
+    }
+
     /// Makes the routes of netns `netns` to other nodes' pod CIDRs equal
-    /// `want` (cidr → via), given what was programmed before (`have`).
-    pub async fn sync_routes(
+    /// `want` (cidr → via), given what was programmed before (`have`). One
+    /// family per call (IPv4 or IPv6 addresses).
+    pub async fn sync_routes<A: std::fmt::Display + PartialEq>(
         &self,
         netns: &str,
-        have: &BTreeMap<String, Ipv4Addr>,
-        want: &BTreeMap<String, Ipv4Addr>,
+        have: &BTreeMap<String, A>,
+        want: &BTreeMap<String, A>,
     ) -> Result<()> {
         let mut lines = Vec::new();
         for (cidr, via) in want {
@@ -453,6 +478,46 @@ impl Plumber {
         )
         .await?;
         Ok(pod_ns)
+    }
+
+    /// Dual-stack: gives a pod wired by [`Plumber::add_pod`] its IPv6 address
+    /// (`pod_ip6`/128) with routes to the IPv6 pod, Service and node networks
+    /// via the node side ([`names::POD_GATEWAY6`], link-local), and on the
+    /// node side a /128 route to the pod. No default route.
+    pub async fn add_pod_ip6(&self, node: &str, uid: &str, pod_ip6: Ipv6Addr) -> Result<()> {
+        let node_ns = self.layout.node_netns(node);
+        let pod_ns = self.layout.pod_netns(uid);
+        let veth = names::pod_node_veth(uid);
+        let gw = names::POD_GATEWAY6;
+        let dev = names::INNER_IF;
+        no_dad(&pod_ns).await?;
+        ip_batch(
+            &node_ns,
+            &[
+                format!("addr replace {gw}/64 dev {veth} nodad"),
+                format!("route replace {pod_ip6}/128 dev {veth}"),
+            ],
+        )
+        .await?;
+        ip_batch(
+            &pod_ns,
+            &[
+                format!("addr add {pod_ip6}/128 dev {dev} nodad"),
+                format!(
+                    "route add {} via {gw} dev {dev} src {pod_ip6}",
+                    names::POD_CIDR6
+                ),
+                format!(
+                    "route add {} via {gw} dev {dev} src {pod_ip6}",
+                    names::SERVICE_CIDR6
+                ),
+                format!(
+                    "route add {} via {gw} dev {dev} src {pod_ip6}",
+                    names::NODE_CIDR6
+                ),
+            ],
+        )
+        .await
     }
 
     /// Removes a pod's netns (its veth pair goes with it).

@@ -25,7 +25,7 @@ pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -209,6 +209,10 @@ struct RealNode {
     ip: Ipv4Addr,
     pod_cidr: Option<String>,
     routes: BTreeMap<String, Ipv4Addr>,
+    /// Dual-stack: the node's IPv6 InternalIP, IPv6 podCIDR and routes.
+    ip6: Option<Ipv6Addr>,
+    pod_cidr6: Option<String>,
+    routes6: BTreeMap<String, Ipv6Addr>,
 }
 
 struct Stores {
@@ -273,8 +277,30 @@ fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
         .addresses
         .as_ref()?
         .iter()
-        .find(|a| a.type_ == "InternalIP")
-        .and_then(|a| a.address.parse().ok())
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
+}
+
+/// A dual-stack node's IPv6 InternalIP.
+fn internal_ip6(node: &Node) -> Option<Ipv6Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse().ok())
+}
+
+/// A node's IPv6 podCIDR (`spec.podCIDRs`), if it has one.
+fn pod_cidr6(node: &Node) -> Option<String> {
+    node.spec
+        .as_ref()?
+        .pod_cidrs
+        .as_ref()?
+        .iter()
+        .find(|c| c.contains(':'))
+        .cloned()
 }
 
 /// Where cgroup2 is mounted on these machines.
@@ -398,7 +424,11 @@ impl Controller {
             return Ok(false);
         };
         let pod_cidr = obj.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+        let ip6 = internal_ip6(&obj);
         self.plumber.ensure_node(node, ip).await?;
+        if let Some(ip6) = ip6 {
+            self.plumber.add_node_ip6(node, ip6).await?;
+        }
         cgroup::ensure(&self.opts.layout.node_cgroup(node))?;
         info!(
             "netns {} created for node {node} ({ip}, podCIDR {})",
@@ -411,6 +441,9 @@ impl Controller {
                 ip,
                 pod_cidr,
                 routes: BTreeMap::new(),
+                ip6,
+                pod_cidr6: pod_cidr6(&obj),
+                routes6: BTreeMap::new(),
             },
         );
         Ok(true)
@@ -426,6 +459,41 @@ impl Controller {
                     .nodes
                     .get(&reflector::ObjectRef::new(name))
                     .and_then(|o| o.spec.as_ref().and_then(|s| s.pod_cidr.clone()));
+            }
+            if n.ip6.is_some() && n.pod_cidr6.is_none() {
+                n.pod_cidr6 = self
+                    .stores
+                    .nodes
+                    .get(&reflector::ObjectRef::new(name))
+                    .and_then(|o| pod_cidr6(&o));
+            }
+        }
+        // Dual-stack: the same for the IPv6 pod CIDRs, via the nodes' IPv6 addresses.
+        let all6: BTreeMap<String, (String, Ipv6Addr)> = self
+            .nodes
+            .iter()
+            .filter_map(|(k, n)| Some((k.clone(), (n.pod_cidr6.clone()?, n.ip6?))))
+            .collect();
+        let names6: Vec<String> = all6.keys().cloned().collect();
+        for name in names6 {
+            let want: BTreeMap<String, Ipv6Addr> = all6
+                .iter()
+                .filter(|(k, _)| **k != name)
+                .map(|(_, (c, ip))| (c.clone(), *ip))
+                .collect();
+            let Some(n) = self.nodes.get_mut(&name) else {
+                continue;
+            };
+            if n.routes6 == want {
+                continue;
+            }
+            let ns = self.opts.layout.node_netns(&name);
+            match self.plumber.sync_routes(&ns, &n.routes6, &want).await {
+                Ok(()) => {
+                    info!(netns = %ns, "IPv6 routes to {} other nodes' pod CIDRs", want.len());
+                    n.routes6 = want;
+                }
+                Err(e) => warn!(error = %e, "IPv6 routes"),
             }
         }
         let all: BTreeMap<String, (String, Ipv4Addr)> = self
@@ -466,7 +534,13 @@ impl Controller {
         }
     }
 
-    async fn realize_pod(&mut self, pod: &Pod, node: &str, ip: Ipv4Addr) -> Result<(), Error> {
+    async fn realize_pod(
+        &mut self,
+        pod: &Pod,
+        node: &str,
+        ip: Ipv4Addr,
+        ip6: Option<Ipv6Addr>,
+    ) -> Result<(), Error> {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let key = pod_key(pod);
         let host_network = pod
@@ -478,6 +552,9 @@ impl Controller {
             self.opts.layout.node_netns(node)
         } else {
             let ns = self.plumber.add_pod(node, &uid, ip).await?;
+            if let Some(ip6) = ip6 {
+                self.plumber.add_pod_ip6(node, &uid, ip6).await?;
+            }
             netns::write_resolv_conf(&ns, pod.metadata.namespace.as_deref().unwrap_or("default"))?;
             ns
         };
@@ -593,7 +670,9 @@ impl Controller {
     async fn sync_pods(&mut self, pods: &[Arc<Pod>]) {
         let mut want: HashMap<String, (Arc<Pod>, String, Ipv4Addr)> = HashMap::new();
         for pod in pods {
-            if !has_label(pod, labels::PODNET) || deleting(pod) {
+            // kubeadm's CoreDNS pods carry no podnet label: they are realized by theirs.
+            let ours = has_label(pod, labels::PODNET) || has_label(pod, labels::KUBE_DNS);
+            if !ours || deleting(pod) {
                 continue;
             }
             // Ended pods are not run again (e.g. after a podnet restart).
@@ -640,7 +719,13 @@ impl Controller {
                     continue;
                 }
             }
-            if let Err(e) = self.realize_pod(&pod, &node, ip).await {
+            // Dual-stack: the pod's IPv6 address (kwok gives one per podCIDR).
+            let ip6 = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ips.as_ref())
+                .and_then(|ips| ips.iter().find_map(|p| p.ip.parse::<Ipv6Addr>().ok()));
+            if let Err(e) = self.realize_pod(&pod, &node, ip, ip6).await {
                 warn!(error = %e, "Pod/{}: not realized", pod_key(&pod));
                 // Undo what was made, and do not retry in a tight loop.
                 let _ = self.plumber.remove_pod(&uid).await;

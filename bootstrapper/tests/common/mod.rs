@@ -180,12 +180,18 @@ pub async fn reset(c: &SharedCluster) {
         "RoleBinding",
     ] {
         let (ar, namespaced) = netboot::resources::api_resource(kind).unwrap();
-        let api: Api<kube::api::DynamicObject> = if namespaced {
-            Api::namespaced_with(client.clone(), "kube-system", &ar)
+        // Namespaced: kube-proxy's namespace and `default` (the agent's Events Role).
+        let apis: Vec<Api<kube::api::DynamicObject>> = if namespaced {
+            ["kube-system", "default"]
+                .iter()
+                .map(|ns| Api::namespaced_with(client.clone(), ns, &ar))
+                .collect()
         } else {
-            Api::all_with(client.clone(), &ar)
+            vec![Api::all_with(client.clone(), &ar)]
         };
-        let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
+        for api in apis {
+            let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
+        }
     }
     // Agents are gone with their namespace; their programs stay attached (by design). Detach them.
     let nodes: Api<Node> = Api::all(client.clone());

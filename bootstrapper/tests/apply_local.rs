@@ -73,8 +73,9 @@ fn check_results(outcome: &Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Every check passed, but `ipv6`: the local cluster is IPv4-only (no IPv6
-/// service range), so that one says skipped, with why.
+/// Every check passed, but `ipv6`: the cargo tests' local cluster is IPv4-only
+/// (no IPv6 service range), so that one says skipped, with why (the dual-stack
+/// cluster, `NETBOOT_IP_FAMILY=dual`, is the e2e's: there it must pass).
 fn validated(checks: &[(String, String)]) -> bool {
     checks
         .iter()

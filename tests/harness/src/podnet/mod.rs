@@ -25,7 +25,7 @@ pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -208,11 +208,11 @@ pub const KUBE_PROXY_SYNC_PERIOD: Duration = Duration::from_secs(30);
 struct RealNode {
     ip: Ipv4Addr,
     pod_cidr: Option<String>,
-    routes: BTreeMap<String, Ipv4Addr>,
-    /// Dual-stack: the node's IPv6 InternalIP, IPv6 podCIDR and routes.
+    /// Routes to the other nodes' pod CIDRs (both families).
+    routes: BTreeMap<String, IpAddr>,
+    /// Dual-stack: the node's IPv6 InternalIP and IPv6 podCIDR.
     ip6: Option<Ipv6Addr>,
     pod_cidr6: Option<String>,
-    routes6: BTreeMap<String, Ipv6Addr>,
 }
 
 struct Stores {
@@ -230,7 +230,7 @@ struct Controller {
     plumber: Plumber,
     pids: PidBook,
     stores: Stores,
-    cp_routes: BTreeMap<String, Ipv4Addr>,
+    cp_routes: BTreeMap<String, IpAddr>,
     nodes: BTreeMap<String, RealNode>,
     pods: HashMap<String, RealPod>,
     agents: HashMap<String, AgentEntry>,
@@ -443,7 +443,6 @@ impl Controller {
                 routes: BTreeMap::new(),
                 ip6,
                 pod_cidr6: pod_cidr6(&obj),
-                routes6: BTreeMap::new(),
             },
         );
         Ok(true)
@@ -468,45 +467,23 @@ impl Controller {
                     .and_then(|o| pod_cidr6(&o));
             }
         }
-        // Dual-stack: the same for the IPv6 pod CIDRs, via the nodes' IPv6 addresses.
-        let all6: BTreeMap<String, (String, Ipv6Addr)> = self
+        // Each node's pod CIDRs (one per family) via its address of that family.
+        let all: Vec<(String, String, IpAddr)> = self
             .nodes
             .iter()
-            .filter_map(|(k, n)| Some((k.clone(), (n.pod_cidr6.clone()?, n.ip6?))))
-            .collect();
-        let names6: Vec<String> = all6.keys().cloned().collect();
-        for name in names6 {
-            let want: BTreeMap<String, Ipv6Addr> = all6
-                .iter()
-                .filter(|(k, _)| **k != name)
-                .map(|(_, (c, ip))| (c.clone(), *ip))
-                .collect();
-            let Some(n) = self.nodes.get_mut(&name) else {
-                continue;
-            };
-            if n.routes6 == want {
-                continue;
-            }
-            let ns = self.opts.layout.node_netns(&name);
-            match self.plumber.sync_routes(&ns, &n.routes6, &want).await {
-                Ok(()) => {
-                    info!(netns = %ns, "IPv6 routes to {} other nodes' pod CIDRs", want.len());
-                    n.routes6 = want;
-                }
-                Err(e) => warn!(error = %e, "IPv6 routes"),
-            }
-        }
-        let all: BTreeMap<String, (String, Ipv4Addr)> = self
-            .nodes
-            .iter()
-            .filter_map(|(k, n)| n.pod_cidr.clone().map(|c| (k.clone(), (c, n.ip))))
+            .flat_map(|(k, n)| {
+                let v4 = n.pod_cidr.clone().map(|c| (k.clone(), c, IpAddr::V4(n.ip)));
+                let v6 =
+                    (n.pod_cidr6.clone().zip(n.ip6)).map(|(c, ip)| (k.clone(), c, IpAddr::V6(ip)));
+                v4.into_iter().chain(v6)
+            })
             .collect();
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for name in names {
-            let want: BTreeMap<String, Ipv4Addr> = all
+            let want: BTreeMap<String, IpAddr> = all
                 .iter()
-                .filter(|(k, _)| **k != name)
-                .map(|(_, (c, ip))| (c.clone(), *ip))
+                .filter(|(k, _, _)| *k != name)
+                .map(|(_, c, ip)| (c.clone(), *ip))
                 .collect();
             let Some(n) = self.nodes.get_mut(&name) else {
                 continue;
@@ -523,8 +500,12 @@ impl Controller {
                 Err(e) => warn!(error = %e, "routes"),
             }
         }
-        let want: BTreeMap<String, Ipv4Addr> =
-            all.values().map(|(c, ip)| (c.clone(), *ip)).collect();
+        // The control-plane netns: IPv4 only (the API proxy).
+        let want: BTreeMap<String, IpAddr> = all
+            .iter()
+            .filter(|(_, _, ip)| ip.is_ipv4())
+            .map(|(_, c, ip)| (c.clone(), *ip))
+            .collect();
         if self.cp_routes != want {
             let ns = self.opts.layout.cp_netns();
             match self.plumber.sync_routes(&ns, &self.cp_routes, &want).await {

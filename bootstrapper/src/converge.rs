@@ -538,6 +538,15 @@ async fn apply_locked(
             handover::set_phase(client, &spec.namespace, &mut j, Phase::Complete)
                 .await
                 .map_err(ConvergeError::Handover)?;
+            if let Some(w) = crate::kubeadm::check(client).await {
+                s.progress.say(&format!("warning: {w}"));
+                events.warn("KubeadmReinstallsKubeProxy", &w).await;
+                records.push(StepRecord {
+                    name: "kubeadm-upgrade".into(),
+                    result: "warning".into(),
+                    message: w,
+                });
+            }
         }
     }
     if !records.is_empty() {

@@ -27,7 +27,7 @@ pub struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub name: String,
-    /// `done`, `failed`, `skipped`.
+    /// `done`, `failed`, `skipped`, `warning` (done, with something to act on).
     pub result: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,

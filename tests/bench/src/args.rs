@@ -48,6 +48,16 @@ pub struct Cli {
     /// Skip the goals' programming scenario (10k Services x 10 endpoints).
     #[arg(long)]
     pub no_goal_scenario: bool,
+    /// Only the IPv4 latency rows: no IPv6 and IPv4-mapped rows, no IPv6
+    /// frontends in netboot's maps.
+    #[arg(long)]
+    pub no_ipv6: bool,
+    /// During the latency phase the listener threads do not accept (no
+    /// thread is woken while a client is in connect()); the bench accepts
+    /// each batch's connections after it. Off: the listeners accept as they
+    /// come, as in issue 6's runs.
+    #[arg(long)]
+    pub drain_listeners: bool,
 }
 
 /// Hidden subcommands.

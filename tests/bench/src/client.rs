@@ -9,9 +9,11 @@
 //! One attempt: socket(), then the timed part — a blocking connect() that
 //! returns once the handshake completed (SYN-ACK received, ACK sent) — then
 //! close with SO_LINGER 0 (RST: no TIME_WAIT, so ports never run out).
+//! The socket's family follows the address: AF_INET for IPv4, AF_INET6 for
+//! IPv6 and for IPv4-mapped (`::ffff:a.b.c.d`, with IPV6_V6ONLY off).
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,9 +34,14 @@ pub struct Batch {
     pub errno: i32,
 }
 
-fn attempt(addr: SocketAddrV4) -> std::result::Result<u64, i32> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+fn attempt(addr: SocketAddr) -> std::result::Result<u64, i32> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    if addr.is_ipv6() {
+        // IPv4-mapped destinations need a dual-stack socket.
+        s.set_only_v6(false)
+            .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
+    }
     // connect() of a blocking socket gives up after SO_SNDTIMEO.
     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
     let _ = s.set_linger(Some(Duration::ZERO));
@@ -49,7 +56,7 @@ fn attempt(addr: SocketAddrV4) -> std::result::Result<u64, i32> {
 }
 
 /// Runs `count` attempts against `addr`.
-pub fn run_batch(addr: SocketAddrV4, count: u32) -> Batch {
+pub fn run_batch(addr: SocketAddr, count: u32) -> Batch {
     let mut b = Batch {
         ns: Vec::with_capacity(count as usize),
         ..Default::default()
@@ -78,7 +85,7 @@ pub fn child_main() -> Result<()> {
                 let ip = it.next().context("ip")?;
                 let port = it.next().context("port")?;
                 let count: u32 = it.next().context("count")?.parse()?;
-                let addr: SocketAddrV4 = format!("{ip}:{port}").parse()?;
+                let addr = SocketAddr::new(ip.parse::<IpAddr>()?, port.parse()?);
                 let b = run_batch(addr, count);
                 let mut reply = format!("R {} {} {}", b.ns.len(), b.failed, b.errno);
                 for ns in &b.ns {
@@ -133,7 +140,7 @@ impl Client {
     }
 
     /// One batch of `count` connections to `addr`.
-    pub fn batch(&mut self, addr: SocketAddrV4, count: u32) -> Result<Batch> {
+    pub fn batch(&mut self, addr: SocketAddr, count: u32) -> Result<Batch> {
         crate::cleanup::check_stop()?;
         writeln!(self.stdin, "C {} {} {count}", addr.ip(), addr.port())?;
         self.stdin.flush()?;
@@ -183,12 +190,15 @@ mod tests {
     #[test]
     fn batch_against_a_loopback_listener() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = match l.local_addr().expect("addr") {
-            std::net::SocketAddr::V4(a) => a,
-            std::net::SocketAddr::V6(_) => unreachable!("bound v4"),
-        };
+        let addr = l.local_addr().expect("addr");
         let b = run_batch(addr, 5);
         assert_eq!(b.ns.len(), 5, "{b:?}");
         assert!(b.ns.iter().all(|ns| *ns > 0));
+        let SocketAddr::V4(v4) = addr else {
+            panic!("bound 127.0.0.1, got {addr}");
+        };
+        // The same listener through an AF_INET6 socket, IPv4-mapped.
+        let b = run_batch(crate::workload::mapped(v4), 5);
+        assert_eq!(b.ns.len(), 5, "{b:?}");
     }
 }

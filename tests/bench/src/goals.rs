@@ -5,7 +5,8 @@
 use serde::Serialize;
 
 use crate::report::{m, num, Report, AGENT};
-use crate::variant::Variant;
+use crate::stats::Summary;
+use crate::variant::{Family, Row, Variant};
 
 /// Verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -275,7 +276,106 @@ pub fn evaluate(r: &Report, scenario: (u32, u32)) -> Vec<Goal> {
             "the run did not start the agent with 10,000 services".into(),
         )),
     }
+    out.push(ipv6_goal(r, b));
     out
+}
+
+/// Sizes of the IPv6 goal.
+const IPV6_SIZES: [u32; 2] = [1_000, 10_000];
+/// The tolerance: 5%.
+const IPV6_TOLERANCE: f64 = 0.05;
+
+/// Issue 13: netboot's added latency (over the floor of the same family)
+/// over IPv6 and IPv4-mapped against IPv4's, at 1k and 10k Services, p50
+/// and p99. Met when, for every size measured, family and percentile, the
+/// added latency exceeds IPv4's by at most 5% of netboot's IPv4 latency
+/// (`added_x − added_v4 ≤ 0.05 · netboot_v4`): the added latencies
+/// themselves are about a microsecond, and 5% of that (50 ns) is far below
+/// what two shared cores resolve. Their plain ratio is in the detail too.
+fn ipv6_goal(r: &Report, b: u32) -> Goal {
+    let text = "IPv6 and IPv4-mapped added latency within 5% of IPv4's (netboot, over the floor of the same family, 1k and 10k services, p50 and p99)";
+    let get = |n: u32, row: Row| r.stats(n, b, row.name(), m::CONNECT);
+    let nb = |f: Family| Row {
+        variant: Variant::Netboot,
+        family: f,
+    };
+    let mut parts: Vec<String> = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
+    let mut ok = true;
+    let mut measured = 0;
+    for n in IPV6_SIZES {
+        let (Some(n4), Some(f4)) = (
+            get(n, Row::v4(Variant::Netboot)),
+            get(n, Row::v4(Variant::Floor)),
+        ) else {
+            continue;
+        };
+        for fam in [Family::Ipv6, Family::Ipv4Mapped] {
+            let row = nb(fam);
+            let (Some(nx), Some(fx)) = (get(n, row), get(n, row.floor())) else {
+                let why = r
+                    .get(n, b, row.name(), m::CONNECT)
+                    .map(|x| x.note.clone())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| "not measured".into());
+                missing.push(format!("{} at {n}: {why}", row.label()));
+                continue;
+            };
+            measured += 1;
+            let mut cells: Vec<String> = Vec::new();
+            for (p, pick) in [
+                ("p50", (|s: Summary| s.p50) as fn(Summary) -> f64),
+                ("p99", |s: Summary| s.p99),
+            ] {
+                let (a4, ax) = (pick(n4) - pick(f4), pick(nx) - pick(fx));
+                let allowed = IPV6_TOLERANCE * pick(n4);
+                let within = ax - a4 <= allowed;
+                ok &= within;
+                cells.push(
+                    format!(
+                        "{p} +{} vs +{} µs ({}{}; allowed +{} µs)",
+                        num(ax),
+                        num(a4),
+                        if a4 > 0.0 {
+                            format!("{:.2}x", ax / a4)
+                        } else {
+                            "IPv4 adds nothing measurable".into()
+                        },
+                        if within { "" } else { ", over" },
+                        num(allowed),
+                    )
+                    .replace("+-", "-"),
+                );
+            }
+            parts.push(format!("{} at {n}: {}", row.label(), cells.join(", ")));
+        }
+    }
+    let mut detail = parts.join("; ");
+    if !missing.is_empty() {
+        if !detail.is_empty() {
+            detail.push_str("; ");
+        }
+        detail.push_str(&missing.join("; "));
+    }
+    if measured == 0 {
+        return goal(
+            "ipv6-added-latency",
+            text,
+            GoalStatus::NotMeasured,
+            if detail.is_empty() {
+                "the run measured no IPv6 or IPv4-mapped rows at 1,000 or 10,000 services".into()
+            } else {
+                detail
+            },
+        );
+    }
+    detail.push_str(". Criterion: the added latency (over the floor of the same family) exceeds IPv4's by at most 5% of netboot's IPv4 latency");
+    goal(
+        "ipv6-added-latency",
+        text,
+        met(ok && missing.is_empty()),
+        detail,
+    )
 }
 
 #[cfg(test)]
@@ -294,6 +394,8 @@ mod tests {
                 endpoints_per_service: 2,
                 connections: 10,
                 quick: false,
+                ipv6: true,
+                drain_listeners: false,
                 iptables_backend: IptablesBackend::Nft,
                 goal_scenario: Some((10_000, 10)),
             },
@@ -346,6 +448,102 @@ mod tests {
         assert_eq!(by("added-p99-10k"), Some(GoalStatus::Met));
         assert_eq!(by("endpoint-change-10k"), Some(GoalStatus::Met));
         assert_eq!(by("cold-start-10k"), Some(GoalStatus::Missed));
+        assert_eq!(by("ipv6-added-latency"), Some(GoalStatus::NotMeasured));
+    }
+
+    #[test]
+    fn ipv6_goal_compares_added_latencies() {
+        let mut r = report();
+        for (v, xs) in [
+            ("floor", [20.0, 60.0]),
+            ("netboot", [21.0, 61.0]),
+            ("floor-ipv6", [22.0, 62.0]),
+            ("netboot-ipv6", [23.5, 63.0]),
+            ("floor-ipv4-mapped", [21.0, 61.0]),
+            ("netboot-ipv4-mapped", [22.0, 62.0]),
+        ] {
+            add(&mut r, 10_000, 2, v, m::CONNECT, &xs, "");
+        }
+        let g = ipv6_goal(&r, 2);
+        // IPv6 adds +1.5 (p50) against IPv4's +1.0: 0.5 ≤ 5% of 21.
+        assert_eq!(g.status, GoalStatus::Met, "{g:?}");
+        assert!(g.detail.contains("netboot IPv6 at 10000"), "{}", g.detail);
+        add(&mut r, 1_000, 2, "floor", m::CONNECT, &[20.0, 60.0], "");
+        add(&mut r, 1_000, 2, "netboot", m::CONNECT, &[21.0, 61.0], "");
+        add(
+            &mut r,
+            1_000,
+            2,
+            "floor-ipv6",
+            m::CONNECT,
+            &[20.0, 60.0],
+            "",
+        );
+        add(
+            &mut r,
+            1_000,
+            2,
+            "netboot-ipv6",
+            m::CONNECT,
+            &[24.0, 61.0],
+            "",
+        );
+        add(
+            &mut r,
+            1_000,
+            2,
+            "floor-ipv4-mapped",
+            m::CONNECT,
+            &[20.0, 60.0],
+            "",
+        );
+        add(
+            &mut r,
+            1_000,
+            2,
+            "netboot-ipv4-mapped",
+            m::CONNECT,
+            &[21.0, 61.0],
+            "",
+        );
+        // IPv6 at 1k adds +4 against +1: 3 > 5% of 21.
+        let g = ipv6_goal(&r, 2);
+        assert_eq!(g.status, GoalStatus::Missed, "{g:?}");
+        assert!(g.detail.contains(", over"), "{}", g.detail);
+        // A row that could not be measured is a miss, with its reason.
+        let mut r = report();
+        add(&mut r, 1_000, 2, "floor", m::CONNECT, &[20.0, 60.0], "");
+        add(&mut r, 1_000, 2, "netboot", m::CONNECT, &[21.0, 61.0], "");
+        r.add(
+            1_000,
+            2,
+            "netboot-ipv6",
+            m::CONNECT,
+            "µs",
+            None,
+            "not measured: no ids",
+        );
+        add(
+            &mut r,
+            1_000,
+            2,
+            "floor-ipv4-mapped",
+            m::CONNECT,
+            &[20.0, 60.0],
+            "",
+        );
+        add(
+            &mut r,
+            1_000,
+            2,
+            "netboot-ipv4-mapped",
+            m::CONNECT,
+            &[21.0, 61.0],
+            "",
+        );
+        let g = ipv6_goal(&r, 2);
+        assert_eq!(g.status, GoalStatus::Missed, "{g:?}");
+        assert!(g.detail.contains("no ids"), "{}", g.detail);
     }
 
     #[test]
@@ -355,6 +553,6 @@ mod tests {
             g.iter().all(|x| x.status == GoalStatus::NotMeasured),
             "{g:?}"
         );
-        assert_eq!(g.len(), 4);
+        assert_eq!(g.len(), 5);
     }
 }

@@ -1,16 +1,21 @@
-//! New-connection latency of the four variants, measured in the same run and
-//! interleaved: one long-lived client per variant, batches taken in turn and
+//! New-connection latency of every row (the four variants over IPv4, netboot
+//! and the floor over IPv6 and IPv4-mapped), measured in the same run and
+//! interleaved: one long-lived client per row, batches taken in turn and
 //! the order rotated every round, so drifts of the machine (other jobs on the
-//! two shared cores) hit every variant alike.
+//! two shared cores) hit every row alike.
+//!
+//! netboot's translation counter is shared by connect4 and connect6 (and
+//! per-CPU, summed): it is read before and after every batch, so each
+//! row's translations are counted on their own.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use anyhow::Result;
 
 use crate::client::Client;
 use crate::stats::{summarize, Summary};
-use crate::variant::Variant;
+use crate::variant::Row;
 
 /// How many connections, in what batches.
 #[derive(Clone, Copy, Debug)]
@@ -23,19 +28,22 @@ pub struct Plan {
     pub warmup: u32,
 }
 
-/// One variant's client and target.
+/// One row's client and target.
 pub struct Lane {
-    /// Which variant.
-    pub variant: Variant,
+    /// Which row.
+    pub row: Row,
     /// Its client process.
     pub client: Client,
     /// Where it connects.
-    pub target: SocketAddrV4,
+    pub target: SocketAddr,
 }
 
-/// Outcome per variant.
+/// Outcome per row.
 #[derive(Clone, Debug)]
 pub struct LaneResult {
+    /// Translations netboot counted during this row's batches (probe and
+    /// warm-up included).
+    pub translated: u64,
     /// connect() times in microseconds.
     pub micros: Summary,
     /// Successful connections measured.
@@ -48,19 +56,38 @@ pub struct LaneResult {
     pub error: Option<String>,
 }
 
-/// Runs the plan. A variant whose first connection fails is reported with the
-/// error and left out of the rounds (the others are still measured).
-pub fn measure(lanes: &mut [Lane], plan: Plan) -> Result<BTreeMap<Variant, LaneResult>> {
-    let mut samples: BTreeMap<Variant, Vec<f64>> = BTreeMap::new();
-    let mut out: BTreeMap<Variant, LaneResult> = BTreeMap::new();
+/// Runs the plan; `counter` reads netboot's translation counter (between
+/// batches, never while a client connects). A row whose first connection
+/// fails is reported with the error and left out of the rounds (the others
+/// are still measured).
+/// `between` runs after every batch, before the counter is read (the
+/// listeners' drain with `--drain-listeners`).
+pub fn measure(
+    lanes: &mut [Lane],
+    plan: Plan,
+    counter: &dyn Fn() -> u64,
+    between: &dyn Fn(),
+) -> Result<BTreeMap<Row, LaneResult>> {
+    let mut samples: BTreeMap<Row, Vec<f64>> = BTreeMap::new();
+    let mut out: BTreeMap<Row, LaneResult> = BTreeMap::new();
     let mut active: Vec<usize> = Vec::new();
+    let mut last = counter();
+    let mut counted = |out: &mut BTreeMap<Row, LaneResult>, row: Row| {
+        between();
+        let now = counter();
+        if let Some(res) = out.get_mut(&row) {
+            res.translated += now.saturating_sub(last);
+        }
+        last = now;
+    };
     for (i, lane) in lanes.iter_mut().enumerate() {
         let probe = lane.client.batch(lane.target, 1)?;
         if probe.ns.is_empty() {
             let e = std::io::Error::from_raw_os_error(probe.errno);
             out.insert(
-                lane.variant,
+                lane.row,
                 LaneResult {
+                    translated: 0,
                     micros: Summary::default(),
                     ok: 0,
                     failed: probe.failed,
@@ -68,14 +95,16 @@ pub fn measure(lanes: &mut [Lane], plan: Plan) -> Result<BTreeMap<Variant, LaneR
                     error: Some(format!("first connection to {} failed: {e}", lane.target)),
                 },
             );
+            counted(&mut out, lane.row);
             continue;
         }
         lane.client.batch(lane.target, plan.warmup)?;
         active.push(i);
-        samples.insert(lane.variant, Vec::with_capacity(plan.connections as usize));
+        samples.insert(lane.row, Vec::with_capacity(plan.connections as usize));
         out.insert(
-            lane.variant,
+            lane.row,
             LaneResult {
+                translated: 0,
                 micros: Summary::default(),
                 ok: 0,
                 failed: 0,
@@ -83,6 +112,7 @@ pub fn measure(lanes: &mut [Lane], plan: Plan) -> Result<BTreeMap<Variant, LaneR
                 error: None,
             },
         );
+        counted(&mut out, lane.row);
     }
     let batch = plan.batch.max(1);
     let rounds = plan.connections.div_ceil(batch);
@@ -92,10 +122,11 @@ pub fn measure(lanes: &mut [Lane], plan: Plan) -> Result<BTreeMap<Variant, LaneR
             let i = active[(k + r as usize) % active.len()];
             let lane = &mut lanes[i];
             let b = lane.client.batch(lane.target, count)?;
-            if let Some(s) = samples.get_mut(&lane.variant) {
+            counted(&mut out, lane.row);
+            if let Some(s) = samples.get_mut(&lane.row) {
                 s.extend(b.ns.iter().map(|ns| *ns as f64 / 1000.0));
             }
-            if let Some(res) = out.get_mut(&lane.variant) {
+            if let Some(res) = out.get_mut(&lane.row) {
                 res.ok += b.ns.len() as u64;
                 res.failed += b.failed;
                 if b.failed > 0 {

@@ -1,5 +1,6 @@
 //! The plot: new-connection latency p50 (solid) and p99 (dashed) against the
-//! number of Services, both axes logarithmic, one colour per variant (SVG).
+//! number of Services, both axes logarithmic, one colour per row (the four
+//! variants over IPv4; netboot and the floor over IPv6 and IPv4-mapped) (SVG).
 
 use std::path::Path;
 
@@ -7,24 +8,28 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
 use crate::report::{m, Report};
-use crate::variant::Variant;
+use crate::variant::{Family, Row, Variant};
 
-fn colour(v: Variant) -> RGBColor {
-    match v {
-        Variant::Floor => RGBColor(90, 90, 90),
-        Variant::Netboot => RGBColor(0, 114, 178),
-        Variant::Iptables => RGBColor(213, 94, 0),
-        Variant::Nftables => RGBColor(0, 158, 115),
+fn colour(r: Row) -> RGBColor {
+    match (r.variant, r.family) {
+        (Variant::Floor, Family::Ipv4) => RGBColor(90, 90, 90),
+        (Variant::Netboot, Family::Ipv4) => RGBColor(0, 114, 178),
+        (Variant::Iptables, _) => RGBColor(213, 94, 0),
+        (Variant::Nftables, _) => RGBColor(0, 158, 115),
+        (Variant::Floor, Family::Ipv6) => RGBColor(170, 170, 170),
+        (Variant::Netboot, Family::Ipv6) => RGBColor(86, 180, 233),
+        (Variant::Floor, Family::Ipv4Mapped) => RGBColor(140, 110, 60),
+        (Variant::Netboot, Family::Ipv4Mapped) => RGBColor(204, 121, 167),
     }
 }
 
 /// (N, p50 µs, p99 µs).
 pub type Point = (f64, f64, f64);
 
-/// The points of every variant, N ascending.
-pub fn series(r: &Report) -> Vec<(Variant, Vec<Point>)> {
+/// The points of every row, N ascending.
+pub fn series(r: &Report) -> Vec<(Row, Vec<Point>)> {
     let b = r.config.endpoints_per_service;
-    Variant::ALL
+    Row::ALL
         .iter()
         .map(|v| {
             let mut pts: Vec<Point> = r
@@ -99,7 +104,7 @@ pub fn write_svg(r: &Report, path: &Path) -> Result<()> {
                 c.stroke_width(2),
             ))
             .map_err(|e| anyhow!("plot: {e:?}"))?
-            .label(format!("{} p50 / p99", v.name()))
+            .label(format!("{} p50 / p99", v.label()))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         chart
             .draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 4, c.filled())))

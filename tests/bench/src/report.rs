@@ -8,7 +8,7 @@ use crate::goals::{Goal, GoalStatus};
 use crate::kube_proxy::IptablesBackend;
 use crate::machine::Machine;
 use crate::stats::Summary;
-use crate::variant::Variant;
+use crate::variant::{Row, Variant};
 
 /// Metric names.
 pub mod m {
@@ -48,7 +48,9 @@ pub struct Metric {
     pub services: u32,
     /// Endpoints per Service.
     pub endpoints_per_service: u32,
-    /// floor, netboot, iptables, nftables or netboot-agent.
+    /// floor, netboot, iptables, nftables or netboot-agent; latency rows
+    /// over another family: floor-ipv6, netboot-ipv6, floor-ipv4-mapped,
+    /// netboot-ipv4-mapped.
     pub variant: String,
     /// See [`m`].
     pub metric: String,
@@ -71,6 +73,10 @@ pub struct RunConfig {
     pub connections: u32,
     /// Quick mode.
     pub quick: bool,
+    /// The IPv6 and IPv4-mapped latency rows were measured.
+    pub ipv6: bool,
+    /// `--drain-listeners`: listeners accepted between batches only.
+    pub drain_listeners: bool,
     /// iptables backend of the iptables variant.
     pub iptables_backend: IptablesBackend,
     /// Programming-only scenario for the goals (services, endpoints per service).
@@ -226,29 +232,40 @@ pub fn markdown(r: &Report) -> String {
     let sizes = r.sizes();
     let _ = writeln!(
         o,
-        "## New-connection latency\n\nconnect() until established, µs; {} connections per variant and size, the four variants interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).\n",
-        thousands(u64::from(r.config.connections))
+        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}\n",
+        thousands(u64::from(r.config.connections)),
+        if r.config.ipv6 {
+            " The IPv6 rows use an AF_INET6 socket and IPv6 addresses (netboot: the Service's IPv6 ClusterIP, its maps holding the IPv6 frontends of all N dual-stack Services); the IPv4-mapped rows an AF_INET6 socket to `::ffff:<IPv4>` (netboot: the IPv4 ClusterIP, served by connect6 from the IPv4 maps). Each row's − floor columns are against the floor of its own family."
+        } else {
+            ""
+        },
+        if r.config.drain_listeners {
+            " Listeners drained (`--drain-listeners`): no listener thread accepts while a client is in connect(); each batch's connections are accepted after it."
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         o,
         "| Services | Variant | p50 | p99 | p50 − floor | p99 − floor | Notes |\n|---:|---|---:|---:|---:|---:|---|"
     );
     for (n, b) in &sizes {
-        let floor = r.stats(*n, *b, Variant::Floor.name(), m::CONNECT);
-        for v in Variant::ALL {
-            let Some(x) = r.get(*n, *b, v.name(), m::CONNECT) else {
+        for row in Row::ALL {
+            let Some(x) = r.get(*n, *b, row.name(), m::CONNECT) else {
                 continue;
             };
+            let floor = r.stats(*n, *b, row.floor().name(), m::CONNECT);
+            let is_floor = row.variant == Variant::Floor;
             let (p50, p99, d50, d99) = match (x.stats, floor) {
                 (Some(s), Some(f)) if s.n > 0 => (
                     num(s.p50),
                     num(s.p99),
-                    if v == Variant::Floor {
+                    if is_floor {
                         "—".into()
                     } else {
                         signed(s.p50 - f.p50)
                     },
-                    if v == Variant::Floor {
+                    if is_floor {
                         "—".into()
                     } else {
                         signed(s.p99 - f.p99)
@@ -261,7 +278,7 @@ pub fn markdown(r: &Report) -> String {
                 o,
                 "| {} | {} | {p50} | {p99} | {d50} | {d99} | {} |",
                 thousands(u64::from(*n)),
-                v.name(),
+                row.label(),
                 x.note
             );
         }
@@ -360,7 +377,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
 
-    let _ = writeln!(o, "\n## Goals (issue 6)\n");
+    let _ = writeln!(o, "\n## Goals (issues 6 and 13)\n");
     for g in &r.goals {
         let word = match g.status {
             GoalStatus::Met => "MET",

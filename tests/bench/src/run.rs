@@ -62,6 +62,8 @@ pub fn run(s: &Settings) -> Result<Report> {
             endpoints_per_service: s.backends,
             connections: s.connections,
             quick: s.quick,
+            ipv6: s.ipv6,
+            drain_listeners: s.drain_listeners,
             iptables_backend: s.iptables,
             goal_scenario: s.goal_scenario,
         },
@@ -135,7 +137,7 @@ pub fn write(rep: &Report, out: &Path) -> Result<Written> {
 
 /// The goals, one line each, for the terminal.
 pub fn print_goals(rep: &Report) {
-    println!("\nGoals (issue 6):");
+    println!("\nGoals (issues 6 and 13):");
     for g in &rep.goals {
         let word = match g.status {
             GoalStatus::Met => "MET         ",

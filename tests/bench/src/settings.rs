@@ -60,6 +60,12 @@ pub struct Settings {
     pub warmup: u32,
     /// Quick mode.
     pub quick: bool,
+    /// The IPv6 and IPv4-mapped latency rows (netboot's maps also hold the
+    /// IPv6 frontends of the dual-stack Services while latency is measured).
+    pub ipv6: bool,
+    /// Listener threads stay asleep during the latency phase; the bench
+    /// accepts the connections between batches.
+    pub drain_listeners: bool,
     /// Results folder.
     pub out: PathBuf,
     /// iptables backend.
@@ -129,6 +135,8 @@ impl Settings {
             batch: if quick { 50 } else { 250 },
             warmup: if quick { 20 } else { 200 },
             quick,
+            ipv6: !cli.no_ipv6,
+            drain_listeners: cli.drain_listeners,
             out,
             iptables: cli.iptables,
             agent_bin: cli.agent_bin.clone(),

@@ -3,11 +3,11 @@
 //! A phase that fails is recorded in the report and the run goes on (an
 //! interrupt stops it).
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use netboot_datapath::desired::{self, DesiredTable};
 
 use crate::agent_run;
@@ -26,8 +26,8 @@ use crate::settings::{Repeat, Settings};
 use crate::stats::summarize;
 use crate::sys::Timed;
 use crate::topology::Topology;
-use crate::variant::Variant;
-use crate::workload::{real_backend, Workload, BACKEND_PORT};
+use crate::variant::{Family, Row, Variant};
+use crate::workload::{mapped, real_backend, real_backend6, Workload, BACKEND_PORT};
 
 /// Shared across sizes.
 pub struct Ctx<'a> {
@@ -390,10 +390,10 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
             ));
         }
 
-        // Latency, all four interleaved.
+        // Latency, every row interleaved.
         if scope == Scope::Full {
             phase(rep, w, "new-connection latency (interleaved)", |rep| {
-                latency_phase(ctx, w, &topo, nb.as_ref(), &tables, &skip, rep)
+                latency_phase(ctx, w, &topo, nb.as_mut(), &tables, &skip, rep)
             })?;
         }
 
@@ -619,51 +619,153 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
     Ok(())
 }
 
+/// netboot's maps during the latency phase: the IPv4 table plus the IPv6
+/// frontends of the dual-stack Services (issue 13), when they fit the u16
+/// service ids; put back to the IPv4 table afterwards.
+fn program_dual_stack(w: &Workload, nb: &mut NetbootLb, tables: &Tables) -> Result<(), String> {
+    let needed = tables.a.frontends.len() + w.n as usize;
+    if needed > MAX_FRONTENDS {
+        return Err(format!(
+            "not measured: the {} IPv6 frontends do not fit next to the {} IPv4 ones (service ids are u16: at most {MAX_FRONTENDS} frontends over both families)",
+            w.n,
+            tables.a.frontends.len()
+        ));
+    }
+    let (services, slices) = w.dual_stack();
+    let dual = desired::build(&services, &slices, 10800);
+    if dual.frontends.len() != needed {
+        return Err(format!(
+            "not measured: the dual-stack table has {} frontends, expected {needed}",
+            dual.frontends.len()
+        ));
+    }
+    let pass = nb.reconcile(&dual);
+    if let Err(e) = pass.result {
+        return Err(format!(
+            "not measured: programming the IPv6 frontends failed: {e}"
+        ));
+    }
+    if nb.programmed() != needed {
+        return Err(format!(
+            "not measured: {} frontends programmed, expected {needed}",
+            nb.programmed()
+        ));
+    }
+    Ok(())
+}
+
+/// The target of a row: the floor connects straight to the first listener,
+/// the others to the last-declared Service; over IPv6 or IPv4-mapped.
+fn target(w: &Workload, row: Row) -> SocketAddr {
+    let v4 = match row.variant {
+        Variant::Floor => SocketAddrV4::new(real_backend(1), BACKEND_PORT),
+        _ => w.target(),
+    };
+    match row.family {
+        Family::Ipv4 => SocketAddr::V4(v4),
+        Family::Ipv4Mapped => mapped(v4),
+        Family::Ipv6 => match row.variant {
+            Variant::Floor => SocketAddr::new(real_backend6(1).into(), BACKEND_PORT),
+            _ => w.target6(),
+        },
+    }
+}
+
 fn latency_phase(
+    ctx: &Ctx,
+    w: &Workload,
+    topo: &Topology,
+    mut nb: Option<&mut NetbootLb>,
+    tables: &Tables,
+    skip: &[(Variant, String)],
+    rep: &mut Report,
+) -> Result<()> {
+    // IPv6 rows: the floor's need nothing; netboot's need its IPv6 frontends.
+    let mut skip_rows: Vec<(Row, String)> = skip
+        .iter()
+        .map(|(v, why)| (Row::v4(*v), why.clone()))
+        .collect();
+    let mut dual = false;
+    if ctx.s.ipv6 {
+        if let Some(nb) = nb.as_deref_mut() {
+            match program_dual_stack(w, nb, tables) {
+                Ok(()) => dual = true,
+                Err(why) => skip_rows.push((
+                    Row {
+                        variant: Variant::Netboot,
+                        family: Family::Ipv6,
+                    },
+                    why,
+                )),
+            }
+        }
+    }
+    let res = measure_rows(ctx, w, topo, nb.as_deref(), tables, &skip_rows, rep);
+    if dual {
+        if let Some(nb) = nb {
+            // Back to the IPv4 table the programming measurements use.
+            nb.reconcile(&tables.a)
+                .result
+                .context("removing the IPv6 frontends again")?;
+        }
+    }
+    res
+}
+
+fn measure_rows(
     ctx: &Ctx,
     w: &Workload,
     topo: &Topology,
     nb: Option<&NetbootLb>,
     tables: &Tables,
-    skip: &[(Variant, String)],
+    skip: &[(Row, String)],
     rep: &mut Report,
 ) -> Result<()> {
     let (n, b) = (w.n, w.b);
     let mut lanes = Vec::new();
-    for (v, why) in skip {
-        rep.add(n, b, v.name(), m::CONNECT, "µs", None, why.clone());
+    for (row, why) in skip {
+        rep.add(n, b, row.name(), m::CONNECT, "µs", None, why.clone());
     }
-    for v in Variant::ALL {
-        if skip.iter().any(|(s, _)| *s == v) {
+    for row in Row::ALL {
+        if skip.iter().any(|(s, _)| *s == row) {
             continue;
         }
-        let cgroup = match v {
+        if row.family != Family::Ipv4 && !ctx.s.ipv6 {
+            continue;
+        }
+        let cgroup = match row.variant {
             Variant::Netboot => match nb {
                 Some(nb) => &nb.cgroup.path,
                 None => continue,
             },
             _ => &ctx.plain.path,
         };
-        let target = match v {
-            Variant::Floor => SocketAddrV4::new(real_backend(1), BACKEND_PORT),
-            _ => w.target(),
-        };
         lanes.push(Lane {
-            variant: v,
-            client: Client::spawn(cgroup, topo.client(v)?)?,
-            target,
+            row,
+            client: Client::spawn(cgroup, topo.client(row.variant)?)?,
+            target: target(w, row),
         });
     }
-    let before = nb.map(|x| x.counter("connect_translated")).unwrap_or(0);
+    let counter = || nb.map(|x| x.counter("connect_translated")).unwrap_or(0);
     let accepted_before = topo.accepted();
     let plan = Plan {
         connections: ctx.s.connections,
         batch: ctx.s.batch,
         warmup: ctx.s.warmup,
     };
-    let res = latency::measure(&mut lanes, plan)?;
+    let drain = ctx.s.drain_listeners;
+    if drain {
+        topo.quiet(true);
+    }
+    let between = || {
+        if drain {
+            topo.drain();
+        }
+    };
+    let res = latency::measure(&mut lanes, plan, &counter, &between);
+    topo.quiet(false);
+    let res = res?;
     drop(lanes);
-    let translated = nb.map(|x| x.counter("connect_translated")).unwrap_or(0) - before;
     let ok_total: u64 = res.values().map(|r| r.ok).sum();
     let accepted = topo.accepted() - accepted_before;
     log(
@@ -672,7 +774,7 @@ fn latency_phase(
             "{ok_total} measured connections; listeners accepted {accepted} (warm-up included)"
         ),
     );
-    for (v, r) in &res {
+    for (row, r) in &res {
         let mut notes: Vec<String> = Vec::new();
         if let Some(e) = &r.error {
             notes.push(e.clone());
@@ -684,20 +786,32 @@ fn latency_phase(
                 std::io::Error::from_raw_os_error(r.errno)
             ));
         }
-        if *v == Variant::Netboot {
-            let cap = cap_note(tables);
-            if !cap.is_empty() {
-                notes.push(cap);
+        if row.variant == Variant::Netboot {
+            if row.family == Family::Ipv4 {
+                let cap = cap_note(tables);
+                if !cap.is_empty() {
+                    notes.push(cap);
+                }
             }
-            notes.push(format!("connect4 translated {translated}"));
-            if translated < r.ok {
+            let hook = match row.family {
+                Family::Ipv4 => "connect4",
+                Family::Ipv6 => "connect6",
+                Family::Ipv4Mapped => "connect6 (v4-mapped, lb4 maps)",
+            };
+            notes.push(format!("{hook} translated {}", r.translated));
+            if r.translated < r.ok {
                 notes.push("fewer translations than connections".into());
             }
+        } else if r.translated > 0 {
+            notes.push(format!(
+                "netboot's counter moved by {} during these batches",
+                r.translated
+            ));
         }
         rep.add(
             n,
             b,
-            v.name(),
+            row.name(),
             m::CONNECT,
             "µs",
             Some(r.micros),

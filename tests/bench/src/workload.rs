@@ -11,10 +11,16 @@
 //!   connects to) has the real listeners 10.244.1.1..=B:8080 as endpoints.
 //! - The endpoint change: Service N/2 swaps its last endpoint for
 //!   10.200.0.1 (and back), the smallest change a rollout makes.
+//! - The IPv6 family (issue 13; only the latency phase programs it): the
+//!   same Services dual-stack (`ipFamilies: [IPv4, IPv6]`, ClusterIPs
+//!   10.96.0.0 + 1 + i and fd00:10:96:: + 1 + i, inside fd00:10:96::/108),
+//!   each with a second EndpointSlice (`addressType: IPv6`) of B endpoints
+//!   fd00:10:128:: + 1 + i·B + j; the last-declared Service's are the real
+//!   listeners fd00:10:244:1::1..=B.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use anyhow::{bail, Result};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -39,14 +45,38 @@ pub const MAX_SERVICES: u32 = 1_000_000;
 /// Most endpoints (distinct endpoint IPs stay inside 10.128.0.0/10).
 pub const MAX_ENDPOINTS: u64 = 4_000_000;
 
+/// IPv6 Service CIDR (the IPv6 ClusterIPs; room for [`MAX_SERVICES`]).
+pub const SERVICE_CIDR6: &str = "fd00:10:96::/108";
+
 /// ClusterIP of Service `i`.
 pub fn vip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 1 + i)
 }
 
+/// IPv6 ClusterIP of Service `i`: fd00:10:96:: + 1 + i.
+pub fn vip6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0)) + 1 + u128::from(i))
+}
+
 /// A real listener: 10.244.1.j (j = 1..=B), on the backend namespace's `lo`.
 pub fn real_backend(j: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 1, 0)) + j)
+}
+
+/// A real IPv6 listener: fd00:10:244:1::j (j = 1..=B), on the backend
+/// namespace's `lo`.
+pub fn real_backend6(j: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0)) + u128::from(j))
+}
+
+/// `addr` as an IPv4-mapped IPv6 socket address (`[::ffff:a.b.c.d]:port`).
+pub fn mapped(addr: SocketAddrV4) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(
+        addr.ip().to_ipv6_mapped(),
+        addr.port(),
+        0,
+        0,
+    ))
 }
 
 /// Name of Service `i`.
@@ -91,6 +121,39 @@ impl Workload {
     /// VIP:port clients connect to.
     pub fn target(&self) -> SocketAddrV4 {
         SocketAddrV4::new(vip(self.last()), SERVICE_PORT)
+    }
+
+    /// IPv6 VIP:port clients connect to (the last-declared Service's IPv6
+    /// ClusterIP).
+    pub fn target6(&self) -> SocketAddr {
+        SocketAddr::V6(SocketAddrV6::new(vip6(self.last()), SERVICE_PORT, 0, 0))
+    }
+
+    /// IPv6 endpoint IPs of Service `i`.
+    pub fn endpoint_ips6(&self, i: u32) -> Vec<Ipv6Addr> {
+        let base = u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x128, 0, 0, 0, 0, 0));
+        (0..self.b)
+            .map(|j| {
+                if i == self.last() {
+                    real_backend6(j + 1)
+                } else {
+                    Ipv6Addr::from(base + 1 + u128::from(i) * u128::from(self.b) + u128::from(j))
+                }
+            })
+            .collect()
+    }
+
+    /// The Services dual-stack (IPv4 and IPv6 ClusterIPs) and both slices
+    /// of each (IPv4 without the change, IPv6): what netboot's maps hold
+    /// during the latency phase.
+    pub fn dual_stack(&self) -> (Vec<Service>, Vec<EndpointSlice>) {
+        let services = (0..self.n).map(service_dual_stack).collect();
+        let mut slices = self.slices(false);
+        slices.extend((0..self.n).map(|i| {
+            let ips: Vec<IpAddr> = self.endpoint_ips6(i).into_iter().map(IpAddr::V6).collect();
+            slice_of(i, "bench6", "IPv6", &ips)
+        }));
+        (services, slices)
     }
 
     /// Total endpoints.
@@ -186,11 +249,26 @@ fn service(i: u32) -> Service {
     }
 }
 
+fn service_dual_stack(i: u32) -> Service {
+    let mut s = service(i);
+    if let Some(spec) = s.spec.as_mut() {
+        spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+        spec.ip_family_policy = Some("RequireDualStack".into());
+        spec.cluster_ips = Some(vec![vip(i).to_string(), vip6(i).to_string()]);
+    }
+    s
+}
+
 fn slice(i: u32, ips: &[Ipv4Addr]) -> EndpointSlice {
+    let ips: Vec<IpAddr> = ips.iter().copied().map(IpAddr::V4).collect();
+    slice_of(i, "bench", "IPv4", &ips)
+}
+
+fn slice_of(i: u32, suffix: &str, address_type: &str, ips: &[IpAddr]) -> EndpointSlice {
     let name = service_name(i);
     EndpointSlice {
         metadata: ObjectMeta {
-            name: Some(format!("{name}-bench")),
+            name: Some(format!("{name}-{suffix}")),
             namespace: Some(NAMESPACE.into()),
             labels: Some(BTreeMap::from([(
                 "kubernetes.io/service-name".to_string(),
@@ -198,7 +276,7 @@ fn slice(i: u32, ips: &[Ipv4Addr]) -> EndpointSlice {
             )])),
             ..Default::default()
         },
-        address_type: "IPv4".into(),
+        address_type: address_type.into(),
         endpoints: Some(
             ips.iter()
                 .map(|ip| Endpoint {
@@ -269,6 +347,48 @@ mod tests {
         watched.load_static(&p).expect("load");
         assert!(watched.synced());
         assert_eq!(watched.desired(10800).frontends.len(), 3);
+    }
+
+    #[test]
+    fn dual_stack_adds_one_ipv6_frontend_per_service() {
+        let w = Workload::new(10, 3).expect("size");
+        assert_eq!(w.target6(), "[fd00:10:96::a]:80".parse().expect("addr"));
+        assert_eq!(
+            w.endpoint_ips6(9),
+            vec![
+                "fd00:10:244:1::1".parse::<Ipv6Addr>().expect("ip"),
+                "fd00:10:244:1::2".parse().expect("ip"),
+                "fd00:10:244:1::3".parse().expect("ip"),
+            ]
+        );
+        assert_eq!(
+            w.endpoint_ips6(1)[0],
+            "fd00:10:128::4".parse::<Ipv6Addr>().expect("ip")
+        );
+        let (services, slices) = w.dual_stack();
+        let t = netboot_datapath::desired::build(&services, &slices, 10800);
+        assert_eq!(t.frontends.len(), 20);
+        assert_eq!(t.backend_count(), 60);
+        let v4 = netboot_datapath::desired::build(&w.services(), &w.slices(false), 10800);
+        for (k, fe) in &v4.frontends {
+            assert_eq!(t.frontends.get(k), Some(fe), "IPv4 frontends unchanged");
+        }
+        let target = w.target6();
+        let fe = t
+            .frontends
+            .values()
+            .find(|f| f.addr.ip == target.ip() && f.addr.port == target.port())
+            .expect("the IPv6 target is a frontend");
+        let backends: Vec<IpAddr> = fe.backends.keys().map(|b| b.ip).collect();
+        let want: Vec<IpAddr> = w.endpoint_ips6(9).into_iter().map(IpAddr::V6).collect();
+        assert_eq!(backends, want);
+        assert!(w.target6().ip().is_ipv6());
+        assert_eq!(
+            mapped(w.target()),
+            "[::ffff:10.96.0.10]:80"
+                .parse::<SocketAddr>()
+                .expect("addr")
+        );
     }
 
     #[test]

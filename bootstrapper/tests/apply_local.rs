@@ -129,8 +129,20 @@ fn replace_then_noop_then_change_then_prune_then_coexist() {
                 "delete-kube-proxy",
                 "kube-proxy-gone",
                 "rules-cleared",
-                "validation"
+                "validation",
+                "kubeadm-upgrade"
             ]
+        );
+        // The local cluster is kubeadm's, without `proxy: {disabled: true}`:
+        // kubeadm's next upgrade would re-install kube-proxy, and netboot says so.
+        let kubeadm = &out["handover"][8];
+        assert_eq!(kubeadm["result"], "warning", "{kubeadm}");
+        assert!(
+            kubeadm["message"]
+                .as_str()
+                .unwrap()
+                .contains("proxy: {disabled: true}"),
+            "{kubeadm}"
         );
         let (ds, cm) = kube_proxy(&c.client).await;
         assert!(
@@ -790,105 +802,6 @@ fn api_server_killed_mid_apply_then_rerun_converges() {
         assert_eq!(
             backup_ds["spec"], ds0["spec"],
             "the backup must be kube-proxy as it was installed"
-        );
-    });
-}
-
-/// `kubeadm upgrade apply phase addon kube-proxy` (the pinned kubeadm) against
-/// the cluster: the reason the handover deletes kube-proxy's ConfigMap too.
-/// kubeadm upgrades kube-proxy only while its ConfigMap exists: with only the
-/// DaemonSet deleted, the next `kubeadm upgrade` brings kube-proxy back beside
-/// the datapath; after netboot's handover (both deleted) kube-proxy stays gone.
-fn kubeadm_upgrade_kube_proxy(c: &SharedCluster, dir: &Path) -> Run {
-    let bin = common::cluster_env(c, "K8S_BIN").expect("K8S_BIN in cluster.env");
-    let version = common::cluster_env(c, "K8S_VERSION").expect("K8S_VERSION in cluster.env");
-    let cfg = dir.join("upgrade.yaml");
-    std::fs::write(
-        &cfg,
-        format!("apiVersion: kubeadm.k8s.io/v1beta4\nkind: UpgradeConfiguration\napply:\n  kubernetesVersion: {version}\n"),
-    )
-    .unwrap();
-    let out = Command::new(Path::new(&bin).join("kubeadm"))
-        .args([
-            "upgrade",
-            "apply",
-            "phase",
-            "addon",
-            "kube-proxy",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg("--kubeconfig")
-        .arg(&c.kubeconfig)
-        .output()
-        .unwrap();
-    let run = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    };
-    eprintln!(
-        "$ kubeadm upgrade apply phase addon kube-proxy\n  exit {}\n{}\n{}",
-        run.code,
-        indent(&run.stdout),
-        indent(&run.stderr)
-    );
-    run
-}
-
-#[test]
-fn kubeadm_upgrade_brings_kube_proxy_back_unless_its_configmap_is_gone() {
-    scenario(|c| async move {
-        let dir = tempfile::tempdir().unwrap();
-        let ds: Api<DaemonSet> = Api::namespaced(c.client.clone(), "kube-system");
-        // Only the DaemonSet deleted (what a handover that kept the ConfigMap leaves).
-        ds.delete("kube-proxy", &DeleteParams::background())
-            .await
-            .unwrap();
-        wait_until(
-            "kube-proxy's DaemonSet to go",
-            Duration::from_secs(30),
-            || {
-                let ds = ds.clone();
-                async move { ds.get_opt("kube-proxy").await.unwrap().is_none() }
-            },
-        )
-        .await;
-        let run = kubeadm_upgrade_kube_proxy(&c, dir.path());
-        assert_eq!(
-            run.code, 0,
-            "kubeadm upgrade (ConfigMap kept): {}",
-            run.stderr
-        );
-        assert!(
-            ds.get_opt("kube-proxy").await.unwrap().is_some(),
-            "kubeadm upgrade with kube-proxy's ConfigMap present must re-create its DaemonSet (that is why the handover deletes the ConfigMap)"
-        );
-        // Back to kubeadm's kube-proxy, then netboot's handover deletes both.
-        common::recreate_kube_proxy(&c);
-        let spec = spec_file(dir.path(), "local.yaml", |s| s);
-        let run = netboot(&c, &["apply", "-o", "json", spec.to_str().unwrap()]);
-        assert_eq!(run.code, 0, "the handover: {}", run.stderr);
-        let (ds_after, cm_after) = kube_proxy(&c.client).await;
-        assert!(ds_after.is_none() && cm_after.is_none());
-        let run = kubeadm_upgrade_kube_proxy(&c, dir.path());
-        assert_eq!(
-            run.code, 0,
-            "kubeadm upgrade after the handover: {}",
-            run.stderr
-        );
-        let (ds_after, cm_after) = kube_proxy(&c.client).await;
-        assert!(
-            ds_after.is_none() && cm_after.is_none(),
-            "kubeadm upgrade brought kube-proxy back after the handover"
-        );
-        eprintln!(
-            "kubeadm upgrade after the handover left kube-proxy gone: {}",
-            run.stdout
-                .lines()
-                .chain(run.stderr.lines())
-                .find(|l| l.contains("kube-proxy"))
-                .unwrap_or("(no line about kube-proxy)")
         );
     });
 }

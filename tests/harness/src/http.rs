@@ -36,9 +36,19 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
-            let mut req = [0u8; 256];
-            let n = c.read(&mut req).unwrap();
-            assert!(String::from_utf8_lossy(&req[..n]).starts_with("GET /readyz HTTP/1.0\r\n"));
+            // The request may arrive in pieces: read up to its blank line.
+            let mut req = Vec::new();
+            let mut buf = [0u8; 256];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(
+                    n > 0,
+                    "request ended early: {:?}",
+                    String::from_utf8_lossy(&req)
+                );
+                req.extend_from_slice(&buf[..n]);
+            }
+            assert!(String::from_utf8_lossy(&req).starts_with("GET /readyz HTTP/1.0\r\n"));
             c.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 3\r\n\r\nno\n")
                 .unwrap();
         });

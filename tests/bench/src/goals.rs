@@ -453,6 +453,27 @@ mod tests {
 
     #[test]
     fn ipv6_goal_compares_added_latencies() {
+        // The IPv4-mapped pair, adding +1 µs as IPv4 does.
+        let add_mapped = |r: &mut Report| {
+            add(
+                r,
+                1_000,
+                2,
+                "floor-ipv4-mapped",
+                m::CONNECT,
+                &[20.0, 60.0],
+                "",
+            );
+            add(
+                r,
+                1_000,
+                2,
+                "netboot-ipv4-mapped",
+                m::CONNECT,
+                &[21.0, 61.0],
+                "",
+            );
+        };
         let mut r = report();
         for (v, xs) in [
             ("floor", [20.0, 60.0]),
@@ -488,24 +509,7 @@ mod tests {
             &[24.0, 61.0],
             "",
         );
-        add(
-            &mut r,
-            1_000,
-            2,
-            "floor-ipv4-mapped",
-            m::CONNECT,
-            &[20.0, 60.0],
-            "",
-        );
-        add(
-            &mut r,
-            1_000,
-            2,
-            "netboot-ipv4-mapped",
-            m::CONNECT,
-            &[21.0, 61.0],
-            "",
-        );
+        add_mapped(&mut r);
         // IPv6 at 1k adds +4 against +1: 3 > 5% of 21.
         let g = ipv6_goal(&r, 2);
         assert_eq!(g.status, GoalStatus::Missed, "{g:?}");
@@ -523,24 +527,7 @@ mod tests {
             None,
             "not measured: no ids",
         );
-        add(
-            &mut r,
-            1_000,
-            2,
-            "floor-ipv4-mapped",
-            m::CONNECT,
-            &[20.0, 60.0],
-            "",
-        );
-        add(
-            &mut r,
-            1_000,
-            2,
-            "netboot-ipv4-mapped",
-            m::CONNECT,
-            &[21.0, 61.0],
-            "",
-        );
+        add_mapped(&mut r);
         let g = ipv6_goal(&r, 2);
         assert_eq!(g.status, GoalStatus::Missed, "{g:?}");
         assert!(g.detail.contains("no ids"), "{}", g.detail);

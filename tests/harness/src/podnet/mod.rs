@@ -271,18 +271,9 @@ fn deleting(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
-fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse().ok())
-}
-
-/// A dual-stack node's IPv6 InternalIP.
-fn internal_ip6(node: &Node) -> Option<Ipv6Addr> {
+/// A node's InternalIP of one family (`A`: `Ipv4Addr` or `Ipv6Addr`; a
+/// dual-stack node has one of each).
+fn internal_ip<A: std::str::FromStr>(node: &Node) -> Option<A> {
     node.status
         .as_ref()?
         .addresses
@@ -424,7 +415,7 @@ impl Controller {
             return Ok(false);
         };
         let pod_cidr = obj.spec.as_ref().and_then(|s| s.pod_cidr.clone());
-        let ip6 = internal_ip6(&obj);
+        let ip6 = internal_ip::<Ipv6Addr>(&obj);
         self.plumber.ensure_node(node, ip).await?;
         if let Some(ip6) = ip6 {
             self.plumber.add_node_ip6(node, ip6).await?;

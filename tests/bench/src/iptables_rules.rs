@@ -20,11 +20,15 @@ use netboot_harness::kubeproxy_rules::{self, RuleOptions};
 
 use crate::workload::{Workload, POD_CIDR};
 
-/// kube-proxy's options for the bench (pod CIDR, default masquerade bit).
+/// kube-proxy's options for the bench: pod CIDR, kube-proxy's defaults
+/// otherwise (masquerade bit 14, localhost NodePorts, the nfacct counter).
 pub fn options() -> RuleOptions {
     RuleOptions {
         cluster_cidr: Some(POD_CIDR.to_string()),
         masquerade_bit: 14,
+        localhost_nodeports: true,
+        // The bench creates the counter in its namespace (size.rs).
+        nfacct: true,
     }
 }
 

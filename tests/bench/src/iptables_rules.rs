@@ -5,7 +5,8 @@
 //! - [`full`]: the whole ruleset (a full sync, and what kube-proxy before
 //!   1.28 restored on every change).
 //! - [`partial`]: kube-proxy ≥ 1.28's partial sync (MinimizeIPTablesRestore)
-//!   after one endpoint change: `--noflush`, the whole filter table, and in
+//!   after one endpoint change: `--noflush`, the filter table's KUBE-* chains
+//!   (whole), and in
 //!   nat only KUBE-SERVICES (always rewritten, all N jumps) plus the changed
 //!   Service's KUBE-SVC chain and its KUBE-SEP chains, with the stale
 //!   KUBE-SEP chain flushed (chain line) and deleted (`-X` after the rules).
@@ -20,11 +21,15 @@ use netboot_harness::kubeproxy_rules::{self, RuleOptions};
 
 use crate::workload::{Workload, POD_CIDR};
 
-/// kube-proxy's options for the bench (pod CIDR, default masquerade bit).
+/// kube-proxy's options for the bench: pod CIDR, kube-proxy's defaults
+/// otherwise (masquerade bit 14, localhost NodePorts, the nfacct counter).
 pub fn options() -> RuleOptions {
     RuleOptions {
         cluster_cidr: Some(POD_CIDR.to_string()),
         masquerade_bit: 14,
+        localhost_nodeports: true,
+        // The bench creates the counter in its namespace (size.rs).
+        nfacct: true,
     }
 }
 
@@ -104,9 +109,20 @@ pub fn partial(w: &Workload, after: &str, to_changed: bool) -> String {
             continue;
         }
         match table {
+            // kube-proxy's KUBE-* filter chains, whole; not the built-in
+            // chains' jumps (kube-proxy ensures those with `iptables -C/-I`
+            // outside the restore: under --noflush they would be appended
+            // again on every sync).
             "filter" => {
-                out.push_str(line);
-                out.push('\n');
+                let builtin = line
+                    .strip_prefix(':')
+                    .or_else(|| line.strip_prefix("-A "))
+                    .and_then(|r| r.split_whitespace().next())
+                    .is_some_and(|c| ["INPUT", "FORWARD", "OUTPUT"].contains(&c));
+                if !builtin {
+                    out.push_str(line);
+                    out.push('\n');
+                }
             }
             "nat" => {
                 if line == "COMMIT" {
@@ -160,6 +176,8 @@ mod tests {
         let after = full(&w, true);
         let p = partial(&w, &after, true);
         assert!(p.starts_with("*filter\n"));
+        assert!(!p.contains("-A INPUT") && !p.contains(":INPUT"), "{p}");
+        assert!(p.contains("-A KUBE-FORWARD "));
         assert_eq!(p.matches("-A KUBE-SERVICES -d 10.96.").count(), 5);
         assert_eq!(p.matches("-j DNAT").count(), 2, "{p}");
         assert!(p.contains("--to-destination 10.200.0.1:8080"));

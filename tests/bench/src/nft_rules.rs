@@ -1,25 +1,29 @@
-//! kube-proxy's nftables mode (pkg/proxy/nftables/proxier.go) for the bench
-//! workload, as the `nft -f` transactions kube-proxy sends (knftables writes
-//! one `add`/`flush` command per line).
+//! kube-proxy's nftables mode (pkg/proxy/nftables/proxier.go, v1.36) for the
+//! bench workload, as the `nft -f` transactions kube-proxy sends (knftables
+//! writes one `add`/`flush` command per line).
 //!
-//! Structure: table `ip kube-proxy`; base chains `filter-*` / `nat-*`;
-//! `services` looks up `ip daddr . meta l4proto . th dport vmap @service-ips`
-//! → `service-<hash>-ns/name/tcp/port` (masquerade mark for traffic from
-//! outside the pod CIDR, then `numgen random mod n vmap { i : goto
-//! endpoint-… }`) → `endpoint-<hash>-…__ip/port` (hairpin mark, `dnat to`).
-//! Chain names use kube-proxy's `hashAndTruncate`: the first 8 characters of
+//! Structure (checked against the real kube-proxy v1.36.3 by
+//! tests/generators_match_kube_proxy.rs): table `ip kube-proxy`; base chains
+//! `filter-*` / `nat-*`; `services` marks traffic to a ClusterIP from outside
+//! the pod CIDR for masquerade (one rule on the `cluster-ips` set), then looks
+//! up `ip daddr . meta l4proto . th dport vmap @service-ips` →
+//! `service-<hash>-ns/name/tcp/port`, one rule: `dnat ip addr . port to
+//! numgen random mod n map { i : ip . port }` (no per-endpoint chains any
+//! more; hairpin traffic is masqueraded through the `hairpin-connections`
+//! set, which only holds endpoints on this node: none in the bench). Chain
+//! names use kube-proxy's `hashAndTruncate`: the first 8 characters of
 //! base32(sha256(name)), a dash, the name.
 //!
-//! - [`full_sync`]: the first sync after start (setupNFTables + every chain,
-//!   rule and element).
+//! - [`full_sync`]: the first sync after start (setupNFTables, which on the
+//!   first sync also deletes and re-creates the base chains, then every
+//!   chain, rule and element, Service by Service).
 //! - [`endpoint_change`]: a partial sync after one EndpointSlice changed: the
-//!   Service's chain and its endpoint chains are re-added and flushed and
-//!   written again, the endpoint chain no longer used is flushed (kube-proxy
-//!   deletes it in a later transaction: [`stale_chain_delete`]). Map elements
-//!   of unchanged Services are not touched.
+//!   Service's chain re-added, flushed and written again. Map elements of
+//!   unchanged Services are not touched.
 //!
 //! Not emulated: NodePorts, externalIPs, LoadBalancer IPs and firewall
-//! chains, session affinity sets, traffic policy Local (the bench has none).
+//! chains, session affinity sets, traffic policy Local, local endpoints'
+//! hairpin elements (the bench has none).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -50,33 +54,27 @@ pub fn service_chain(i: u32) -> String {
     )
 }
 
-/// `endpoint-<hash>-bench/svc-NNNNNN/tcp/http__IP/PORT`.
-pub fn endpoint_chain(i: u32, ip: Ipv4Addr) -> String {
-    format!(
-        "endpoint-{}",
-        hash_and_truncate(&format!(
-            "{NAMESPACE}/{}/tcp/http__{ip}/{BACKEND_PORT}",
-            workload::service_name(i)
-        ))
-    )
-}
-
-/// setupNFTables: table, base chains, jump chains, maps and sets, flushed.
+/// setupNFTables on kube-proxy's first sync: table, base chains (deleted
+/// and re-created), jump chains, sets and maps.
 fn setup(out: &mut String) {
     let _ = writeln!(
         out,
         "add table {T} {{ comment \"rules for kube-proxy\" ; }}"
     );
     let base = [
-        ("filter-prerouting", "filter", "prerouting", "-110"),
-        ("filter-input", "filter", "input", "-110"),
-        ("filter-forward", "filter", "forward", "-110"),
-        ("filter-output", "filter", "output", "-110"),
-        ("filter-output-post-dnat", "filter", "output", "-90"),
+        ("filter-prerouting-pre-dnat", "filter", "prerouting", "-110"),
+        ("filter-output-pre-dnat", "filter", "output", "-110"),
+        ("filter-input", "filter", "input", "0"),
+        ("filter-forward", "filter", "forward", "0"),
+        ("filter-output", "filter", "output", "0"),
         ("nat-prerouting", "nat", "prerouting", "-100"),
         ("nat-output", "nat", "output", "-100"),
         ("nat-postrouting", "nat", "postrouting", "100"),
     ];
+    for (name, ..) in base {
+        let _ = writeln!(out, "add chain {T} {name}");
+        let _ = writeln!(out, "delete chain {T} {name}");
+    }
     for (name, ty, hook, prio) in base {
         let _ = writeln!(
             out,
@@ -89,17 +87,17 @@ fn setup(out: &mut String) {
         ("service-endpoints-check", "filter-input", "ct state new "),
         ("service-endpoints-check", "filter-forward", "ct state new "),
         ("service-endpoints-check", "filter-output", "ct state new "),
-        ("firewall-check", "filter-prerouting", "ct state new "),
-        ("firewall-check", "filter-output", "ct state new "),
+        (
+            "firewall-check",
+            "filter-prerouting-pre-dnat",
+            "ct state new ",
+        ),
+        ("firewall-check", "filter-output-pre-dnat", "ct state new "),
         ("services", "nat-output", ""),
         ("services", "nat-prerouting", ""),
         ("masquerading", "nat-postrouting", ""),
         ("cluster-ips-check", "filter-forward", "ct state new "),
-        (
-            "cluster-ips-check",
-            "filter-output-post-dnat",
-            "ct state new ",
-        ),
+        ("cluster-ips-check", "filter-output", "ct state new "),
     ];
     let mut created: Vec<&str> = Vec::new();
     for (dst, src, extra) in jumps {
@@ -110,21 +108,18 @@ fn setup(out: &mut String) {
         }
         let _ = writeln!(out, "add rule {T} {src} {extra}jump {dst}");
     }
-    let _ = writeln!(out, "add chain {T} mark-for-masquerade");
-    let _ = writeln!(out, "flush chain {T} mark-for-masquerade");
     let _ = writeln!(
         out,
-        "add rule {T} mark-for-masquerade mark set mark or {MASQ_MARK}"
+        "add set {T} hairpin-connections {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service ; comment \"service hairpin connections\" ; }}"
     );
     let _ = writeln!(
         out,
-        "add rule {T} masquerading mark and {MASQ_MARK} == 0 return"
+        "add rule {T} masquerading mark and {MASQ_MARK} != 0 mark set mark xor {MASQ_MARK} masquerade fully-random"
     );
     let _ = writeln!(
         out,
-        "add rule {T} masquerading mark set mark xor {MASQ_MARK}"
+        "add rule {T} masquerading ct status dnat ip saddr . ip daddr . meta l4proto . th dport @hairpin-connections masquerade fully-random"
     );
-    let _ = writeln!(out, "add rule {T} masquerading masquerade fully-random");
     let _ = writeln!(
         out,
         "add set {T} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
@@ -182,65 +177,48 @@ fn setup(out: &mut String) {
     );
     let _ = writeln!(
         out,
+        "add rule {T} services ip daddr @cluster-ips ip saddr != {POD_CIDR} mark set mark or {MASQ_MARK} comment \"masquerade clusterIP traffic from outside cluster\""
+    );
+    let _ = writeln!(
+        out,
         "add rule {T} services ip daddr . meta l4proto . th dport vmap @service-ips"
     );
     let _ = writeln!(
         out,
         "add rule {T} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
     );
-    for (kind, name) in [
-        ("set", "cluster-ips"),
-        ("map", "service-ips"),
-        ("map", "firewall-ips"),
-        ("map", "no-endpoint-services"),
-        ("map", "no-endpoint-nodeports"),
-        ("map", "service-nodeports"),
-    ] {
-        let _ = writeln!(out, "flush {kind} {T} {name}");
-    }
 }
 
-/// The chains and rules of Service `i` with endpoints `ips` (ensureChain =
-/// add + flush, then the rules), as kube-proxy writes them for a changed or
-/// new Service.
-fn service_rules(out: &mut String, i: u32, ips: &[Ipv4Addr]) {
+/// The chain of Service `i` (ensureChain = add + flush).
+fn service_chain_head(out: &mut String, i: u32) {
     let svc = service_chain(i);
-    let eps: Vec<String> = ips.iter().map(|ip| endpoint_chain(i, *ip)).collect();
-    for ep in &eps {
-        let _ = writeln!(out, "add chain {T} {ep}");
-        let _ = writeln!(out, "flush chain {T} {ep}");
-    }
     let _ = writeln!(out, "add chain {T} {svc}");
     let _ = writeln!(out, "flush chain {T} {svc}");
-    let vip = workload::vip(i);
-    let _ = writeln!(
-        out,
-        "add rule {T} {svc} ip daddr {vip} tcp dport {SERVICE_PORT} ip saddr != {POD_CIDR} jump mark-for-masquerade"
-    );
-    let arms: Vec<String> = eps
+}
+
+/// The one rule of Service `i`'s chain: DNAT to `numgen random mod n`, the
+/// endpoints in kube-proxy's order (sorted as text, like its endpoint map).
+fn service_rule(out: &mut String, i: u32, ips: &[Ipv4Addr]) {
+    let mut sorted: Vec<String> = ips.iter().map(Ipv4Addr::to_string).collect();
+    sorted.sort();
+    let arms: Vec<String> = sorted
         .iter()
         .enumerate()
-        .map(|(k, ep)| format!("{k} : goto {ep}"))
+        .map(|(k, ip)| format!("{k} : {ip} . {BACKEND_PORT}"))
         .collect();
     let _ = writeln!(
         out,
-        "add rule {T} {svc} numgen random mod {} vmap {{ {} }}",
-        eps.len(),
+        "add rule {T} {} meta l4proto tcp dnat ip addr . port to numgen random mod {} map {{ {} }}",
+        service_chain(i),
+        ips.len(),
         arms.join(" , ")
     );
-    for (ep, ip) in eps.iter().zip(ips) {
-        let _ = writeln!(
-            out,
-            "add rule {T} {ep} ip saddr {ip} jump mark-for-masquerade"
-        );
-        let _ = writeln!(
-            out,
-            "add rule {T} {ep} meta l4proto tcp dnat to {ip}:{BACKEND_PORT}"
-        );
-    }
 }
 
-fn service_elements(out: &mut String, i: u32) {
+/// Service `i` as kube-proxy's sync writes it: chain, the ClusterIP's set
+/// and map elements, the rule.
+fn service_rules(out: &mut String, i: u32, ips: &[Ipv4Addr]) {
+    service_chain_head(out, i);
     let vip = workload::vip(i);
     let _ = writeln!(out, "add element {T} cluster-ips {{ {vip} }}");
     let _ = writeln!(
@@ -248,6 +226,7 @@ fn service_elements(out: &mut String, i: u32) {
         "add element {T} service-ips {{ {vip} . tcp . {SERVICE_PORT} : goto {} }}",
         service_chain(i)
     );
+    service_rule(out, i, ips);
 }
 
 /// The first (full) sync of `w` (with or without the endpoint change).
@@ -256,7 +235,6 @@ pub fn full_sync(w: &Workload, changed: bool) -> String {
     setup(&mut out);
     for i in 0..w.n {
         service_rules(&mut out, i, &w.endpoint_ips(i, changed));
-        service_elements(&mut out, i);
     }
     out
 }
@@ -278,7 +256,6 @@ pub fn full_sync_chunks(w: &Workload, per: u32) -> Vec<String> {
         }
         for i in start..end {
             service_rules(&mut s, i, &w.endpoint_ips(i, false));
-            service_elements(&mut s, i);
         }
         out.push(s);
         start = end;
@@ -287,30 +264,13 @@ pub fn full_sync_chunks(w: &Workload, per: u32) -> Vec<String> {
 }
 
 /// The partial sync after the changed Service's EndpointSlice went from
-/// `changed = !to_changed` to `to_changed`.
+/// `changed = !to_changed` to `to_changed`: its chain re-added, flushed and
+/// its one rule written again.
 pub fn endpoint_change(w: &Workload, to_changed: bool) -> String {
     let i = w.changed();
-    let before = w.endpoint_ips(i, !to_changed);
-    let after = w.endpoint_ips(i, to_changed);
     let mut out = String::new();
-    service_rules(&mut out, i, &after);
-    for ip in before.iter().filter(|ip| !after.contains(ip)) {
-        // Stale: flushed now, deleted by a later transaction.
-        let _ = writeln!(out, "flush chain {T} {}", endpoint_chain(i, *ip));
-    }
-    out
-}
-
-/// kube-proxy's later transaction deleting the endpoint chain that the last
-/// change left unused (not timed by the bench).
-pub fn stale_chain_delete(w: &Workload, to_changed: bool) -> String {
-    let i = w.changed();
-    let before = w.endpoint_ips(i, !to_changed);
-    let after = w.endpoint_ips(i, to_changed);
-    let mut out = String::new();
-    for ip in before.iter().filter(|ip| !after.contains(ip)) {
-        let _ = writeln!(out, "delete chain {T} {}", endpoint_chain(i, *ip));
-    }
+    service_chain_head(&mut out, i);
+    service_rule(&mut out, i, &w.endpoint_ips(i, to_changed));
     out
 }
 
@@ -332,12 +292,7 @@ mod tests {
             c.len(),
             "service-".len() + 8 + "-bench/svc-000000/tcp/http".len()
         );
-        let e = endpoint_chain(0, Ipv4Addr::new(10, 128, 0, 1));
-        assert!(
-            e.ends_with("-bench/svc-000000/tcp/http__10.128.0.1/8080"),
-            "{e}"
-        );
-        assert_ne!(&c[8..16], &e[9..17], "different names hash differently");
+        assert_ne!(&service_chain(0)[8..16], &service_chain(1)[8..16]);
     }
 
     #[test]
@@ -348,13 +303,13 @@ mod tests {
         assert!(t.contains(
             "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips"
         ));
-        assert_eq!(t.matches("numgen random mod 2 vmap").count(), 3);
-        assert_eq!(t.matches("dnat to").count(), 6);
+        assert_eq!(t.matches("numgen random mod 2 map").count(), 3);
+        assert!(!t.contains("add chain ip kube-proxy endpoint-"));
         assert!(t.contains(&format!(
             "add element ip kube-proxy service-ips {{ 10.96.0.3 . tcp . 80 : goto {} }}",
             service_chain(2)
         )));
-        assert!(t.contains("dnat to 10.244.1.2:8080"));
+        assert!(t.contains("0 : 10.244.1.1 . 8080 , 1 : 10.244.1.2 . 8080"));
     }
 
     #[test]
@@ -363,7 +318,7 @@ mod tests {
         let chunks = full_sync_chunks(&w, 3);
         assert_eq!(chunks.len(), 3);
         assert!(chunks[0].starts_with("add table"));
-        assert!(chunks[1].starts_with("add chain ip kube-proxy endpoint-"));
+        assert!(chunks[1].starts_with("add chain ip kube-proxy service-"));
         assert_eq!(chunks.concat(), full_sync(&w, false));
     }
 
@@ -373,14 +328,10 @@ mod tests {
         let t = endpoint_change(&w, true);
         let svc = service_chain(2);
         assert!(t.contains(&format!("flush chain ip kube-proxy {svc}")));
-        assert!(t.contains("dnat to 10.200.0.1:8080"));
+        assert!(t.contains("1 : 10.200.0.1 . 8080"));
         assert!(!t.contains("add element"));
-        assert!(t.contains(&format!(
-            "flush chain ip kube-proxy {}",
-            endpoint_chain(2, Ipv4Addr::new(10, 128, 0, 6))
-        )));
+        assert_eq!(t.lines().count(), 3);
         let back = endpoint_change(&w, false);
-        assert!(back.contains("dnat to 10.128.0.6:8080"));
-        assert!(stale_chain_delete(&w, true).starts_with("delete chain"));
+        assert!(back.contains("1 : 10.128.0.6 . 8080"));
     }
 }

@@ -119,8 +119,6 @@ struct Files {
     nft_full: PathBuf,
     nft_to_a: PathBuf,
     nft_to_b: PathBuf,
-    nft_stale_a: PathBuf,
-    nft_stale_b: PathBuf,
     /// The same table in transactions of [`NFT_CHUNK`] Services (fallback load).
     nft_chunks: Vec<PathBuf>,
     _dir: RuleFiles,
@@ -166,8 +164,6 @@ fn generate(w: &Workload, tag: &str) -> Result<(Files, Tables)> {
         nft_full: dir.write("nft-full.nft", &nft_rules::full_sync(w, false))?,
         nft_to_a: dir.write("nft-to-a.nft", &nft_rules::endpoint_change(w, false))?,
         nft_to_b: dir.write("nft-to-b.nft", &nft_rules::endpoint_change(w, true))?,
-        nft_stale_a: dir.write("nft-stale-a.nft", &nft_rules::stale_chain_delete(w, false))?,
-        nft_stale_b: dir.write("nft-stale-b.nft", &nft_rules::stale_chain_delete(w, true))?,
         nft_chunks: nft_rules::full_sync_chunks(w, NFT_CHUNK)
             .iter()
             .enumerate()
@@ -236,6 +232,13 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
         let ipt_ns = topo.client(Variant::Iptables)?;
         let nft_ns = topo.client(Variant::Nftables)?;
         let backend = ctx.s.iptables;
+        // kube-proxy creates the nfacct counter its KUBE-FORWARD rule counts in.
+        netboot_harness::netns::in_netns(&ipt_ns.name, || {
+            netboot_harness::kubeproxy_rules::ensure_nfacct_counter(
+                netboot_harness::kubeproxy_rules::INVALID_DROPPED_NFACCT,
+            )
+        })
+        .context("kube-proxy's nfacct counter")?;
 
         // Full syncs (cold: from empty every time; they end programmed).
         if let Some(nb) = nb.as_mut() {
@@ -540,14 +543,12 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
                 "nftables endpoint change (incremental transaction)",
                 |rep| {
                     let samples = repeat(r.nft_change, |i| {
-                        let (f, stale) = if i % 2 == 0 {
-                            (&files.nft_to_b, &files.nft_stale_b)
+                        let f = if i % 2 == 0 {
+                            &files.nft_to_b
                         } else {
-                            (&files.nft_to_a, &files.nft_stale_a)
+                            &files.nft_to_a
                         };
-                        let took = nft_apply(nft_ns, f)?;
-                        nft_apply(nft_ns, stale)?;
-                        Ok(took)
+                        nft_apply(nft_ns, f)
                     })?;
                     rep.add(
                         n,

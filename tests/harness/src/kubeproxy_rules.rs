@@ -18,6 +18,12 @@
 //! included): podnet applies it without `--noflush` in a node's network
 //! namespace, which only ever holds these rules.
 //!
+//! Large cluster mode (more than [`LARGE_CLUSTER_ENDPOINTS`] endpoints: no
+//! comments on the per-endpoint rules), the localhost-NodePort guard
+//! (`KUBE-FIREWALL`) and the nfacct-counted INVALID drop are kube-proxy
+//! v1.36's. The output equals the real kube-proxy's for the bench's workload
+//! at 1k and 10k Services (tests/bench/tests/generators_match_kube_proxy.rs).
+//!
 //! Not emulated: LoadBalancer ingress IPs and externalIPs, traffic policy
 //! `Local` (treated as `Cluster`), terminating-endpoint fallback, IPv6.
 
@@ -36,6 +42,17 @@ pub struct RuleOptions {
     pub cluster_cidr: Option<String>,
     /// `iptables.masqueradeBit`: the fwmark bit for KUBE-MARK-MASQ (kube-proxy default 14).
     pub masquerade_bit: u8,
+    /// `iptables.localhostNodePorts` (default true) with `nodePortAddresses`
+    /// unset: kube-proxy sets `route_localnet` and guards it with the filter
+    /// `KUBE-FIREWALL` chain ("block incoming localnet connections") jumped
+    /// to first from INPUT and OUTPUT.
+    pub localhost_nodeports: bool,
+    /// Count dropped INVALID packets in the nfacct object
+    /// [`INVALID_DROPPED_NFACCT`] (`-m nfacct` in KUBE-FORWARD's DROP rule), as
+    /// kube-proxy ≥ 1.29 does where the kernel has nfacct. The object must
+    /// exist in the namespace before the rules are restored
+    /// ([`ensure_nfacct_counter`]), so it is off by default.
+    pub nfacct: bool,
 }
 
 impl Default for RuleOptions {
@@ -43,9 +60,19 @@ impl Default for RuleOptions {
         Self {
             cluster_cidr: Some("10.244.0.0/16".to_string()),
             masquerade_bit: 14,
+            localhost_nodeports: true,
+            nfacct: false,
         }
     }
 }
+
+/// kube-proxy's `largeClusterEndpointsThreshold`: above this many endpoints
+/// in total it leaves the comments out of the KUBE-SVC → KUBE-SEP jumps and
+/// the KUBE-SEP rules.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// The nfacct object kube-proxy counts dropped INVALID packets in.
+pub const INVALID_DROPPED_NFACCT: &str = "ct_state_invalid_dropped_pkts";
 
 /// One endpoint (`ip:port`) of a service port.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,6 +99,80 @@ struct ServicePort {
     node_port: Option<i32>,
     affinity_seconds: Option<i32>,
     endpoints: Vec<Endpoint>,
+}
+
+/// Creates the nfacct (extended accounting) object `name` in the calling
+/// thread's network namespace, as kube-proxy does at start; an existing one
+/// is fine. Run it on a thread that entered the namespace
+/// ([`crate::netns::in_netns`]).
+pub fn ensure_nfacct_counter(name: &str) -> std::io::Result<()> {
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    const NFNL_SUBSYS_ACCT: u16 = 7;
+    const NFNL_MSG_ACCT_NEW: u16 = 0;
+    const NFACCT_NAME: u16 = 1;
+    let flags =
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+    let mut attr = name.as_bytes().to_vec();
+    attr.push(0);
+    let attr_len = 4 + attr.len();
+    let padded = attr_len.div_ceil(4) * 4;
+    let total = 16 + 4 + padded;
+    let mut msg = Vec::with_capacity(total);
+    msg.extend_from_slice(&(total as u32).to_ne_bytes());
+    msg.extend_from_slice(&((NFNL_SUBSYS_ACCT << 8) | NFNL_MSG_ACCT_NEW).to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel's
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]); // nfgenmsg, NFNETLINK_V0
+    msg.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+    msg.extend_from_slice(&NFACCT_NAME.to_ne_bytes());
+    msg.extend_from_slice(&attr);
+    msg.resize(total, 0);
+
+    // SAFETY: plain socket syscalls on a descriptor this function owns;
+    // the buffers outlive the calls and their lengths are passed.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let result = (|| {
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as u16;
+            let sent = libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            );
+            if sent < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut buf = [0u8; 512];
+            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // nlmsghdr (16) then nlmsgerr's error (i32): 0 = ack.
+            if n < 20 || u16::from_ne_bytes([buf[4], buf[5]]) != libc::NLMSG_ERROR as u16 {
+                return Err(std::io::Error::other("nfacct: no netlink ack"));
+            }
+            let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            if err == 0 || err == -libc::EEXIST {
+                Ok(())
+            } else {
+                Err(std::io::Error::from_raw_os_error(-err))
+            }
+        })();
+        libc::close(fd);
+        result
+    }
 }
 
 /// kube-proxy's `portProtoHash`: base32(sha256(s)), first 16 characters.
@@ -246,6 +347,17 @@ fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServiceP
 /// program for these objects, as one `iptables-restore` input.
 pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions) -> String {
     let ports = service_ports(services, slices);
+    let large = ports.iter().map(|p| p.endpoints.len()).sum::<usize>() > LARGE_CLUSTER_ENDPOINTS;
+    // `-m comment --comment X ` unless kube-proxy is in large cluster mode.
+    let ep_comment = |text: &str| {
+        if large {
+            String::new()
+        } else if text.contains(' ') {
+            format!("-m comment --comment \"{text}\" ")
+        } else {
+            format!("-m comment --comment {text} ")
+        }
+    };
     let mark = format!("{0:#x}/{0:#x}", 1u32 << opts.masquerade_bit);
     let unmark = format!("{:#x}/0x0", 1u32 << opts.masquerade_bit);
 
@@ -312,9 +424,8 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
             for (sep, ep) in &seps {
                 let _ = writeln!(
                     chain_rules,
-                    "-A {svc_chain} -m comment --comment \"{} -> {}\" -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
-                    sp.name,
-                    ep.addr()
+                    "-A {svc_chain} {}-m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
+                    ep_comment(&format!("{} -> {}", sp.name, ep.addr()))
                 );
             }
         }
@@ -324,17 +435,15 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
             if remaining > 1 {
                 let _ = writeln!(
                     chain_rules,
-                    "-A {svc_chain} -m comment --comment \"{} -> {}\" -m statistic --mode random --probability {} -j {sep}",
-                    sp.name,
-                    ep.addr(),
+                    "-A {svc_chain} {}-m statistic --mode random --probability {} -j {sep}",
+                    ep_comment(&format!("{} -> {}", sp.name, ep.addr())),
                     probability(remaining)
                 );
             } else {
                 let _ = writeln!(
                     chain_rules,
-                    "-A {svc_chain} -m comment --comment \"{} -> {}\" -j {sep}",
-                    sp.name,
-                    ep.addr()
+                    "-A {svc_chain} {}-j {sep}",
+                    ep_comment(&format!("{} -> {}", sp.name, ep.addr()))
                 );
             }
         }
@@ -342,18 +451,19 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
             nat_chains.insert(sep.clone());
             let _ = writeln!(
                 chain_rules,
-                "-A {sep} -s {}/32 -m comment --comment {} -j KUBE-MARK-MASQ",
-                ep.ip, sp.name
+                "-A {sep} -s {}/32 {}-j KUBE-MARK-MASQ",
+                ep.ip,
+                ep_comment(&sp.name)
             );
             let recent = if sp.affinity_seconds.is_some() {
-                format!(" -m recent --name {sep} --set")
+                format!("-m recent --name {sep} --set ")
             } else {
                 String::new()
             };
             let _ = writeln!(
                 chain_rules,
-                "-A {sep} -p {proto} -m comment --comment {}{recent} -m {proto} -j DNAT --to-destination {}",
-                sp.name,
+                "-A {sep} -p {proto} {}{recent}-m {proto} -j DNAT --to-destination {}",
+                ep_comment(&sp.name),
                 ep.addr()
             );
         }
@@ -367,15 +477,22 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
     out.push_str("*mangle\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-PROXY-CANARY - [0:0]\nCOMMIT\n");
 
     out.push_str("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
-    for chain in [
+    let mut filter_chains = vec![
         "KUBE-EXTERNAL-SERVICES",
         "KUBE-FORWARD",
         "KUBE-NODEPORTS",
         "KUBE-PROXY-CANARY",
         "KUBE-PROXY-FIREWALL",
         "KUBE-SERVICES",
-    ] {
+    ];
+    if opts.localhost_nodeports {
+        filter_chains.push("KUBE-FIREWALL");
+    }
+    for chain in filter_chains {
         let _ = writeln!(out, ":{chain} - [0:0]");
+    }
+    if opts.localhost_nodeports {
+        out.push_str("-A INPUT -j KUBE-FIREWALL\n");
     }
     out.push_str("-A INPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n");
     out.push_str("-A INPUT -m comment --comment \"kubernetes health check service ports\" -j KUBE-NODEPORTS\n");
@@ -388,11 +505,24 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
         "-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
     );
     out.push_str("-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES\n");
+    if opts.localhost_nodeports {
+        out.push_str("-A OUTPUT -j KUBE-FIREWALL\n");
+    }
     out.push_str("-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n");
     out.push_str(
         "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
     );
-    out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
+    if opts.localhost_nodeports {
+        out.push_str("-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n");
+    }
+    if opts.nfacct {
+        let _ = writeln!(
+            out,
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name {INVALID_DROPPED_NFACCT} -j DROP"
+        );
+    } else {
+        out.push_str("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n");
+    }
     let _ = writeln!(
         out,
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark} -j ACCEPT"
@@ -639,6 +769,58 @@ mod tests {
         insta::assert_snapshot!(render(&services, &slices, &RuleOptions::default()));
     }
 
+    /// Above 1000 endpoints kube-proxy drops the per-endpoint comments
+    /// (large cluster mode); the Service's own rules keep theirs.
+    #[test]
+    fn large_clusters_have_no_endpoint_comments() {
+        let eps: Vec<String> = (0..1001)
+            .map(|i| format!("10.244.{}.{}", i / 250, i % 250 + 1))
+            .collect();
+        let ep_refs: Vec<(&str, bool)> = eps.iter().map(|e| (e.as_str(), true)).collect();
+        let services = vec![svc(
+            "t",
+            "big",
+            "10.96.5.5",
+            "ClusterIP",
+            &[("", "TCP", 80, None)],
+        )];
+        let slices = vec![slice("t", "big", &[("", "TCP", 8080)], &ep_refs)];
+        let out = render(&services, &slices, &RuleOptions::default());
+        assert!(!out.contains(" -> "), "endpoint comments left");
+        assert!(out.contains("--comment \"t/big cluster IP\""));
+        assert!(out.contains("-m statistic --mode random --probability 0.0009990010 -j KUBE-SEP-"));
+        let small = render(&services, &slices[..0], &RuleOptions::default());
+        assert!(small.contains("t/big has no endpoints"));
+        let fewer = vec![slice("t", "big", &[("", "TCP", 8080)], &ep_refs[..1000])];
+        assert!(
+            render(&services, &fewer, &RuleOptions::default()).contains("t/big -> 10.244.0.1:8080")
+        );
+    }
+
+    #[test]
+    fn nfacct_and_localhost_nodeports_follow_the_options() {
+        let on = render(
+            &[],
+            &[],
+            &RuleOptions {
+                nfacct: true,
+                ..RuleOptions::default()
+            },
+        );
+        assert!(on.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP"));
+        assert!(on.contains("-A INPUT -j KUBE-FIREWALL\n"));
+        let off = render(
+            &[],
+            &[],
+            &RuleOptions {
+                localhost_nodeports: false,
+                ..RuleOptions::default()
+            },
+        );
+        assert!(!off.contains("KUBE-FIREWALL"));
+        assert!(off.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"));
+    }
+
     #[test]
     fn no_services_still_has_the_base_chains() {
         let out = render(
@@ -646,7 +828,7 @@ mod tests {
             &[],
             &RuleOptions {
                 cluster_cidr: None,
-                masquerade_bit: 14,
+                ..RuleOptions::default()
             },
         );
         assert!(out.contains(

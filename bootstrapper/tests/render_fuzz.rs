@@ -89,9 +89,15 @@ fn obj<'a>(ms: &'a [Manifest], kind: &str) -> &'a Value {
 }
 
 /// The agent's Role in kube-proxy's namespace (the reconciler has Roles too).
+/// The agent's Role in kube-proxy's namespace (not its Events Role in `default`).
 fn agent_role(ms: &[Manifest]) -> &Value {
     &ms.iter()
-        .find(|m| m.id().kind == "Role" && m.id().name.starts_with("netboot-datapath-"))
+        .find(|m| {
+            let id = m.id();
+            id.kind == "Role"
+                && id.name.starts_with("netboot-datapath-")
+                && !id.name.starts_with("netboot-datapath-events-")
+        })
         .unwrap()
         .object
 }

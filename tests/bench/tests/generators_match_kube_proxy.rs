@@ -151,6 +151,24 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// `elements = { a, b, … }` (joined onto one line) as sorted `element a`,
+/// `element b`, … lines: nft prints set elements in no stable order.
+fn element_lines(all: &str) -> Vec<String> {
+    let inner = all
+        .trim()
+        .strip_prefix("elements = {")
+        .and_then(|s| s.strip_suffix('}'))
+        .expect("elements = { … }");
+    let mut items: Vec<String> = inner
+        .split(',')
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty())
+        .map(|i| format!("element {i}"))
+        .collect();
+    items.sort();
+    items
+}
+
 fn sh(script: &str, dir: &Path) {
     let out = Command::new("bash")
         .arg("-ec")
@@ -708,21 +726,10 @@ fn normalize_nft(dump: &str) -> String {
             acc.push_str(line);
             if line.ends_with('}') {
                 let all = elements.take().expect("elements");
-                let inner = all
-                    .trim()
-                    .strip_prefix("elements = {")
-                    .and_then(|s| s.strip_suffix('}'))
-                    .expect("elements = { … }");
-                let mut items: Vec<String> = inner
-                    .split(',')
-                    .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                items.sort();
                 let b = blocks
                     .get_mut(current.as_deref().expect("block"))
                     .expect("block");
-                b.extend(items.into_iter().map(|i| format!("element {i}")));
+                b.extend(element_lines(&all));
             }
             continue;
         }
@@ -748,20 +755,10 @@ fn normalize_nft(dump: &str) -> String {
                         // single line: handled by the accumulator on the next
                         // iteration otherwise; finish it now.
                         let all = elements.take().expect("elements");
-                        let inner = all
-                            .strip_prefix("elements = {")
-                            .and_then(|s| s.strip_suffix('}'))
-                            .expect("elements");
-                        let mut items: Vec<String> = inner
-                            .split(',')
-                            .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
-                            .filter(|s| !s.is_empty())
-                            .collect();
-                        items.sort();
                         blocks
                             .get_mut(block)
                             .expect("block")
-                            .extend(items.into_iter().map(|i| format!("element {i}")));
+                            .extend(element_lines(&all));
                     }
                 } else {
                     let b = block.to_string();

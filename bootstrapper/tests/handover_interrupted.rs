@@ -102,10 +102,90 @@ fn services_work(c: &SharedCluster, probe: &Path) -> bool {
         })
         .unwrap_or_default();
     eprintln!("services: {checks:?}");
-    run.code == 0
+    let ok = run.code == 0
         && ["pod-to-service", "pod-to-api", "dns"]
             .iter()
-            .all(|n| checks.iter().any(|(name, r)| name == n && r == "passed"))
+            .all(|n| checks.iter().any(|(name, r)| name == n && r == "passed"));
+    if !ok {
+        diagnose(c);
+    }
+    ok
+}
+
+/// When Services are not served: what CoreDNS, kube-dns's endpoints and the
+/// agents said, so a failure explains itself.
+fn diagnose(c: &SharedCluster) {
+    let kubectl = |args: &[&str]| {
+        let out = Command::new(common::kubectl(c))
+            .args(args)
+            .env("KUBECONFIG", &c.kubeconfig)
+            .output();
+        match out {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("kubectl: {e}"),
+        }
+    };
+    eprintln!("--- diagnosis: kube-dns endpoints, CoreDNS and agent pods");
+    eprintln!(
+        "{}",
+        indent(&kubectl(&[
+            "-n", "kube-system", "get", "endpointslices", "-l",
+            "kubernetes.io/service-name=kube-dns", "-o",
+            "jsonpath={range .items[*].endpoints[*]}{.addresses[0]} ready={.conditions.ready} pod={.targetRef.name}{\"\\n\"}{end}",
+        ]))
+    );
+    eprintln!(
+        "{}",
+        indent(&kubectl(&[
+            "get", "nodes", "-o",
+            "jsonpath={range .items[*]}{.metadata.name} Ready={.status.conditions[?(@.type==\"Ready\")].status} ({.status.conditions[?(@.type==\"Ready\")].reason}){\"\\n\"}{end}",
+        ]))
+    );
+    for selector in [
+        "k8s-app=kube-dns",
+        "app.kubernetes.io/name=netboot-datapath",
+    ] {
+        eprintln!(
+            "{}",
+            indent(&kubectl(&[
+                "get", "pods", "-A", "-o", "wide", "-l", selector
+            ]))
+        );
+    }
+    let tail = |path: &Path, n: usize| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    let pods = c.state.join("podnet/pods");
+    for e in std::fs::read_dir(&pods).into_iter().flatten().flatten() {
+        let log = e.path().join("coredns.log");
+        if log.exists() {
+            eprintln!("--- {}\n{}", log.display(), indent(&tail(&log, 15)));
+        }
+    }
+    let agents = c.state.join("podnet/agents");
+    for node in std::fs::read_dir(&agents).into_iter().flatten().flatten() {
+        let newest = std::fs::read_dir(node.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|f| f.path().extension().is_some_and(|x| x == "log"))
+            .max_by_key(|f| f.metadata().and_then(|m| m.modified()).ok());
+        if let Some(f) = newest {
+            eprintln!(
+                "--- {}\n{}",
+                f.path().display(),
+                indent(&tail(&f.path(), 15))
+            );
+        }
+    }
+    let podnet = c.state.join("logs/podnet.log");
+    eprintln!("--- {}\n{}", podnet.display(), indent(&tail(&podnet, 25)));
 }
 
 async fn journal_phase(c: &SharedCluster) -> Option<String> {

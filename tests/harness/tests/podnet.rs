@@ -259,3 +259,56 @@ async fn crashing_container_is_restarted_with_backoff() {
         "back-off gaps {gap1:.2}s, {gap2:.2}s"
     );
 }
+
+/// As a kubelet's status manager: a running pod that the node lifecycle
+/// controller marked not ready (its node missed heartbeats, e.g. while a test
+/// had the API server down) is ready again within a status sync (kwok's
+/// pod-ready-again stage, tests/cluster/manifests/kwok). Without it CoreDNS
+/// stayed not ready for good after such a moment and kube-dns lost every
+/// endpoint (a handover_interrupted failure on 2026-12-02).
+#[tokio::test]
+async fn a_pod_marked_not_ready_by_the_node_controller_is_ready_again() {
+    let cluster = SharedCluster::get().await;
+    let ns = TestNamespace::new(&cluster, "reready").await;
+    let probes = create_probe(&cluster, &ns.name, "again", 1).await;
+    let pod = name(&probes[0]);
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+    // What nodeutil.MarkPodsNotReady writes: the Ready condition only.
+    pods.patch_status(
+        &pod,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Strategic(json!({"status": {"conditions": [
+            {"type": "Ready", "status": "False", "reason": "NodeNotReady"}
+        ]}})),
+    )
+    .await
+    .unwrap();
+    let ready = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.clone())
+    };
+    assert_eq!(
+        ready(&pods.get(&pod).await.unwrap()).as_deref(),
+        Some("False"),
+        "the patch took"
+    );
+    let t0 = std::time::Instant::now();
+    wait_for(
+        "the pod to be Ready again",
+        Duration::from_secs(30),
+        || async {
+            let p = pods.get(&pod).await.map_err(|e| e.to_string())?;
+            match ready(&p).as_deref() {
+                Some("True") => Ok(()),
+                other => Err(format!("Ready={other:?}")),
+            }
+        },
+    )
+    .await;
+    eprintln!("ready again after {:?}", t0.elapsed());
+    let p = pods.get(&pod).await.unwrap();
+    assert!(realized(&p), "still realized, podIP kept: {:?}", p.status);
+}

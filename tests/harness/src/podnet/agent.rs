@@ -301,6 +301,22 @@ async fn patch(client: &Client, a: &AgentPod, s: &AgentState) -> bool {
     }
 }
 
+/// Whether the pod's Ready condition in the API says `ready` (true when it
+/// cannot be read: nothing to correct then).
+async fn status_says(client: &Client, a: &AgentPod, ready: bool) -> bool {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &a.pod.namespace);
+    let Ok(Some(pod)) = api.get_opt(&a.pod.name).await else {
+        return true;
+    };
+    let want = if ready { "True" } else { "False" };
+    pod.status
+        .and_then(|s| s.conditions)
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.status == want)
+}
+
 /// Runs and supervises one agent until stopped.
 pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runner {
     let (tx, mut rx) = watch::channel(false);
@@ -358,12 +374,24 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                 let mut synced = patched;
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    let mut ticks: u64 = 0;
                     loop {
                         tokio::select! {
                             _ = tick.tick() => {}
                             _ = until_stopped(&mut poll_stop_rx) => return,
                         }
+                        ticks += 1;
                         let ready = readyz(port).await;
+                        // Every 10 s, as a kubelet's status manager does: if
+                        // the pod's Ready condition is not what was written
+                        // (the node lifecycle controller marks pods not ready
+                        // when their node misses heartbeats), write it again.
+                        if synced
+                            && ticks.is_multiple_of(10)
+                            && !status_says(&client, &a, st.ready).await
+                        {
+                            synced = false;
+                        }
                         if ready != st.ready || !synced {
                             st.ready = ready;
                             synced = patch(&client, &a, &st).await;

@@ -52,12 +52,18 @@ pub struct Cli {
     /// frontends in netboot's maps.
     #[arg(long)]
     pub no_ipv6: bool,
-    /// During the latency phase the listener threads do not accept (no
-    /// thread is woken while a client is in connect()); the bench accepts
-    /// each batch's connections after it. Off: the listeners accept as they
-    /// come, as in issue 6's runs.
+    /// The listener threads accept as connections come during the latency
+    /// phase, as in issue 6's runs. By default they do not (no thread is
+    /// woken while a client is in connect(); the bench accepts each batch's
+    /// connections after it), which removes the two ~5 µs-apart p50 modes
+    /// the wake-ups cause on two shared cores (README, "Listener wake-ups").
     #[arg(long)]
-    pub drain_listeners: bool,
+    pub listeners_accept: bool,
+    /// Run the latency clients as SCHED_FIFO (priority 1): no ordinary task
+    /// on the shared cores preempts a client inside connect(), which is
+    /// most of a p99's noise here. Every row gets it alike.
+    #[arg(long)]
+    pub realtime_clients: bool,
 }
 
 /// Hidden subcommands.

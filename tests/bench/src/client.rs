@@ -4,7 +4,8 @@
 //!
 //! Protocol, one line each way:
 //! `C <ip> <port> <count>` → `R <ok> <failed> <last errno> <ns> <ns> …`
-//! (the connect() time of every successful attempt), `Q` → exit.
+//! (the connect() time of every successful attempt), `F` → `F <errno>`
+//! (switch to SCHED_FIFO priority 1, `--realtime-clients`), `Q` → exit.
 //!
 //! One attempt: socket(), then the timed part — a blocking connect() that
 //! returns once the handshake completed (SYN-ACK received, ACK sent) — then
@@ -95,6 +96,21 @@ pub fn child_main() -> Result<()> {
                 writeln!(out, "{reply}")?;
                 out.flush()?;
             }
+            Some("F") => {
+                // SCHED_FIFO, lowest real-time priority: no ordinary task
+                // preempts the client in connect() (the kernel's RT
+                // throttling still leaves others 5% of each second).
+                let param = libc::sched_param { sched_priority: 1 };
+                // SAFETY: sets this process's own policy; `param` outlives the call.
+                let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+                let errno = if rc == 0 {
+                    0
+                } else {
+                    std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+                };
+                writeln!(out, "F {errno}")?;
+                out.flush()?;
+            }
             Some("Q") | None => break,
             Some(other) => bail!("unknown client command {other}"),
         }
@@ -137,6 +153,22 @@ impl Client {
             stdout,
             guard,
         })
+    }
+
+    /// Switches the client to SCHED_FIFO priority 1 (`--realtime-clients`).
+    pub fn realtime(&mut self) -> Result<()> {
+        writeln!(self.stdin, "F")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        match line.trim().strip_prefix("F ").map(str::parse::<i32>) {
+            Some(Ok(0)) => Ok(()),
+            Some(Ok(e)) => bail!(
+                "sched_setscheduler(SCHED_FIFO): {}",
+                std::io::Error::from_raw_os_error(e)
+            ),
+            _ => bail!("client pid {} replied {:?}", self.guard.pid(), line.trim()),
+        }
     }
 
     /// One batch of `count` connections to `addr`.

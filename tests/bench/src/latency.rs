@@ -46,6 +46,9 @@ pub struct LaneResult {
     pub translated: u64,
     /// connect() times in microseconds.
     pub micros: Summary,
+    /// The same times batch by batch (index = round of the interleaving),
+    /// for compare.rs's round-block bootstrap.
+    pub rounds: Vec<Vec<f64>>,
     /// Successful connections measured.
     pub ok: u64,
     /// Failed connections.
@@ -89,6 +92,7 @@ pub fn measure(
                 LaneResult {
                     translated: 0,
                     micros: Summary::default(),
+                    rounds: Vec::new(),
                     ok: 0,
                     failed: probe.failed,
                     errno: probe.errno,
@@ -106,6 +110,7 @@ pub fn measure(
             LaneResult {
                 translated: 0,
                 micros: Summary::default(),
+                rounds: Vec::with_capacity(plan.connections.div_ceil(plan.batch.max(1)) as usize),
                 ok: 0,
                 failed: 0,
                 errno: 0,
@@ -123,10 +128,12 @@ pub fn measure(
             let lane = &mut lanes[i];
             let b = lane.client.batch(lane.target, count)?;
             counted(&mut out, lane.row);
+            let micros: Vec<f64> = b.ns.iter().map(|ns| *ns as f64 / 1000.0).collect();
             if let Some(s) = samples.get_mut(&lane.row) {
-                s.extend(b.ns.iter().map(|ns| *ns as f64 / 1000.0));
+                s.extend_from_slice(&micros);
             }
             if let Some(res) = out.get_mut(&lane.row) {
+                res.rounds.push(micros);
                 res.ok += b.ns.len() as u64;
                 res.failed += b.failed;
                 if b.failed > 0 {

@@ -6,7 +6,7 @@
 //! [`netboot_lb`] (the real reconciler into the real maps), [`iptables_rules`]
 //! and [`nft_rules`] (kube-proxy's rules, loaded by [`kube_proxy`]) →
 //! [`topology`] (namespaces, listeners) → [`latency`] (interleaved [`client`]
-//! batches), programming costs ([`size`]), the real agent ([`agent_run`]) →
+//! batches; [`compare`]'s intervals), programming costs ([`size`]), the real agent ([`agent_run`]) →
 //! [`report`] (JSON, markdown), [`goals`], [`plot`].
 //! [`cleanup`] owns every namespace, cgroup, pin and child the bench creates.
 
@@ -14,6 +14,7 @@ pub mod agent_run;
 pub mod args;
 pub mod cleanup;
 pub mod client;
+pub mod compare;
 pub mod goals;
 pub mod iptables_rules;
 pub mod kube_proxy;

@@ -75,8 +75,11 @@ pub struct RunConfig {
     pub quick: bool,
     /// The IPv6 and IPv4-mapped latency rows were measured.
     pub ipv6: bool,
-    /// `--drain-listeners`: listeners accepted between batches only.
+    /// Listeners accepted between batches only (default; off with `--listeners-accept`).
     pub drain_listeners: bool,
+    /// `--realtime-clients`: the latency clients ran under SCHED_FIFO.
+    #[serde(default)]
+    pub realtime_clients: bool,
     /// iptables backend of the iptables variant.
     pub iptables_backend: IptablesBackend,
     /// Programming-only scenario for the goals (services, endpoints per service).
@@ -92,6 +95,9 @@ pub struct Report {
     pub config: RunConfig,
     /// What.
     pub metrics: Vec<Metric>,
+    /// Issue 13's IPv6 / IPv4-mapped against IPv4 comparisons, with their
+    /// 95% intervals (compare.rs).
+    pub comparisons: Vec<crate::compare::FamilyComparison>,
     /// Against the issue's goals.
     pub goals: Vec<Goal>,
     /// Remarks (IPVS, failed phases).
@@ -107,6 +113,7 @@ impl Report {
             machine,
             config,
             metrics: Vec::new(),
+            comparisons: Vec::new(),
             goals: Vec::new(),
             notes: Vec::new(),
             duration_s: 0.0,
@@ -232,17 +239,22 @@ pub fn markdown(r: &Report) -> String {
     let sizes = r.sizes();
     let _ = writeln!(
         o,
-        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}\n",
+        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}{}\n",
         thousands(u64::from(r.config.connections)),
         if r.config.ipv6 {
             " The IPv6 rows use an AF_INET6 socket and IPv6 addresses (netboot: the Service's IPv6 ClusterIP, its maps holding the IPv6 frontends of all N dual-stack Services); the IPv4-mapped rows an AF_INET6 socket to `::ffff:<IPv4>` (netboot: the IPv4 ClusterIP, served by connect6 from the IPv4 maps). Each row's − floor columns are against the floor of its own family."
         } else {
             ""
         },
-        if r.config.drain_listeners {
-            " Listeners drained (`--drain-listeners`): no listener thread accepts while a client is in connect(); each batch's connections are accepted after it."
+        if r.config.realtime_clients {
+            " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect()."
         } else {
             ""
+        },
+        if r.config.drain_listeners {
+            " Listeners drained (the default; `--listeners-accept` turns it off): no listener thread accepts while a client is in connect(); each batch's connections are accepted after it."
+        } else {
+            " Listeners accept as connections come (`--listeners-accept`, issue 6's method): p50 can settle in one of two modes ~5 µs apart (tests/bench/README.md, \"Listener wake-ups\")."
         }
     );
     let _ = writeln!(
@@ -280,6 +292,27 @@ pub fn markdown(r: &Report) -> String {
                 thousands(u64::from(*n)),
                 row.label(),
                 x.note
+            );
+        }
+    }
+    if !r.comparisons.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nIPv6 and IPv4-mapped against IPv4 (issue 13): netboot's added latency over the floor of the same family, minus IPv4's, with a 95% interval from a bootstrap over whole rounds of the interleaving (a burst of other work hits one round's batches together, so rounds are resampled, not single connections).\n\n| Services | Family | Percentile | added (other) | added (IPv4) | difference | 95% interval | rounds |\n|---:|---|---:|---:|---:|---:|---|---:|"
+        );
+        for c in &r.comparisons {
+            let _ = writeln!(
+                o,
+                "| {} | {} | p{} | {} | {} | {} | [{}, {}] | {} |",
+                thousands(u64::from(c.services)),
+                c.family,
+                c.percentile,
+                num(c.added_other),
+                num(c.added_ipv4),
+                num(c.difference.point),
+                num(c.difference.lo),
+                num(c.difference.hi),
+                c.rounds
             );
         }
     }

@@ -64,6 +64,7 @@ pub fn run(s: &Settings) -> Result<Report> {
             quick: s.quick,
             ipv6: s.ipv6,
             drain_listeners: s.drain_listeners,
+            realtime_clients: s.realtime_clients,
             iptables_backend: s.iptables,
             goal_scenario: s.goal_scenario,
         },

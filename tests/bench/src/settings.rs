@@ -66,6 +66,8 @@ pub struct Settings {
     /// Listener threads stay asleep during the latency phase; the bench
     /// accepts the connections between batches.
     pub drain_listeners: bool,
+    /// `--realtime-clients`: latency clients under SCHED_FIFO.
+    pub realtime_clients: bool,
     /// Results folder.
     pub out: PathBuf,
     /// iptables backend.
@@ -136,7 +138,8 @@ impl Settings {
             warmup: if quick { 20 } else { 200 },
             quick,
             ipv6: !cli.no_ipv6,
-            drain_listeners: cli.drain_listeners,
+            drain_listeners: !cli.listeners_accept,
+            realtime_clients: cli.realtime_clients,
             out,
             iptables: cli.iptables,
             agent_bin: cli.agent_bin.clone(),

@@ -741,9 +741,15 @@ fn measure_rows(
             },
             _ => &ctx.plain.path,
         };
+        let mut client = Client::spawn(cgroup, topo.client(row.variant)?)?;
+        if ctx.s.realtime_clients {
+            client
+                .realtime()
+                .with_context(|| format!("--realtime-clients for {}", row.label()))?;
+        }
         lanes.push(Lane {
             row,
-            client: Client::spawn(cgroup, topo.client(row.variant)?)?,
+            client,
             target: target(w, row),
         });
     }
@@ -822,7 +828,45 @@ fn measure_rows(
     if res.values().all(|r| r.error.is_some()) {
         bail!("no variant could connect");
     }
+    let resamples = if ctx.s.quick { 200 } else { 1000 };
+    rep.comparisons
+        .extend(family_comparisons(n, &res, resamples));
     Ok(())
+}
+
+/// Issue 13's comparisons (compare.rs) of the rows just measured: IPv6 and
+/// IPv4-mapped against IPv4, p50 and p99.
+fn family_comparisons(
+    n: u32,
+    res: &std::collections::BTreeMap<Row, latency::LaneResult>,
+    resamples: u32,
+) -> Vec<crate::compare::FamilyComparison> {
+    let rounds = |v: Variant, f: Family| {
+        res.get(&Row {
+            variant: v,
+            family: f,
+        })
+        .filter(|r| r.error.is_none())
+        .map(|r| r.rounds.as_slice())
+    };
+    let mut out = Vec::new();
+    let (Some(nb4), Some(fl4)) = (
+        rounds(Variant::Netboot, Family::Ipv4),
+        rounds(Variant::Floor, Family::Ipv4),
+    ) else {
+        return out;
+    };
+    for (fam, name) in [(Family::Ipv6, "ipv6"), (Family::Ipv4Mapped, "ipv4-mapped")] {
+        let (Some(nbx), Some(flx)) = (rounds(Variant::Netboot, fam), rounds(Variant::Floor, fam))
+        else {
+            continue;
+        };
+        let quad = crate::compare::Quad { nb4, fl4, nbx, flx };
+        for q in [50.0, 99.0] {
+            out.extend(crate::compare::compare(n, name, &quad, q, resamples));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,258 @@
+//! How sure a run is of a difference between latency rows: a round-block
+//! bootstrap over the interleaved batches.
+//!
+//! The rows of the latency phase are measured in rounds (every row one batch
+//! per round, order rotated), so a burst of other work on the shared cores
+//! lands on the batches of one round. Resampling whole rounds (with
+//! replacement, every row's batch of a round together) keeps that pairing
+//! and that correlation, which resampling single connections would break and
+//! so understate the spread. The statistic compared is the issue-13 one:
+//! netboot's added latency (over the floor of the same family) for another
+//! family minus IPv4's, at a percentile.
+
+use serde::Serialize;
+
+/// One row's connect() times in µs, batch by batch (index = round).
+pub type Rounds = [Vec<f64>];
+
+/// The four rows of one comparison.
+pub struct Quad<'a> {
+    /// netboot IPv4.
+    pub nb4: &'a Rounds,
+    /// floor IPv4.
+    pub fl4: &'a Rounds,
+    /// netboot over the other family.
+    pub nbx: &'a Rounds,
+    /// floor over the other family.
+    pub flx: &'a Rounds,
+}
+
+/// A point estimate with its 95% interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Interval {
+    /// From all rounds.
+    pub point: f64,
+    /// 2.5th percentile of the bootstrap distribution.
+    pub lo: f64,
+    /// 97.5th percentile.
+    pub hi: f64,
+    /// Resamples drawn.
+    pub resamples: u32,
+}
+
+/// The issue-13 comparison of one family at one size and percentile.
+#[derive(Clone, Debug, Serialize)]
+pub struct FamilyComparison {
+    /// Services (N).
+    pub services: u32,
+    /// `ipv6` or `ipv4-mapped`.
+    pub family: String,
+    /// 50 or 99.
+    pub percentile: f64,
+    /// netboot's added latency over IPv4 (µs, all rounds).
+    pub added_ipv4: f64,
+    /// netboot's added latency over the other family (µs, all rounds).
+    pub added_other: f64,
+    /// `added_other − added_ipv4`, with its interval.
+    pub difference: Interval,
+    /// Rounds the rows had in common.
+    pub rounds: usize,
+}
+
+/// `q`-th percentile (nearest rank, as stats.rs) of `v`, reordering it.
+fn percentile_in_place(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q / 100.0) * v.len() as f64).ceil() as usize;
+    let k = rank.clamp(1, v.len()) - 1;
+    let (_, x, _) = v.select_nth_unstable_by(k, f64::total_cmp);
+    *x
+}
+
+/// Percentile of the batches `pick` selects (with repetition).
+fn percentile_of(rows: &Rounds, pick: &[usize], q: f64, buf: &mut Vec<f64>) -> f64 {
+    buf.clear();
+    for &i in pick {
+        buf.extend_from_slice(&rows[i]);
+    }
+    percentile_in_place(buf, q)
+}
+
+/// xorshift64*: deterministic, so a report can be recomputed exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n.max(1)
+    }
+}
+
+/// `(added_x, added_4)` at `q` over the rounds `pick`.
+fn added(quad: &Quad<'_>, pick: &[usize], q: f64, buf: &mut Vec<f64>) -> (f64, f64) {
+    let nb4 = percentile_of(quad.nb4, pick, q, buf);
+    let fl4 = percentile_of(quad.fl4, pick, q, buf);
+    let nbx = percentile_of(quad.nbx, pick, q, buf);
+    let flx = percentile_of(quad.flx, pick, q, buf);
+    (nbx - flx, nb4 - fl4)
+}
+
+/// The comparison at percentile `q` with `resamples` bootstrap draws;
+/// None when the rows share no round.
+pub fn compare(
+    services: u32,
+    family: &str,
+    quad: &Quad<'_>,
+    q: f64,
+    resamples: u32,
+) -> Option<FamilyComparison> {
+    let rounds = [quad.nb4, quad.fl4, quad.nbx, quad.flx]
+        .iter()
+        .map(|r| r.len())
+        .min()
+        .unwrap_or(0);
+    if rounds == 0 {
+        return None;
+    }
+    let all: Vec<usize> = (0..rounds).collect();
+    let mut buf = Vec::new();
+    let (ax, a4) = added(quad, &all, q, &mut buf);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(services) ^ (q as u64) << 40);
+    let mut pick = vec![0usize; rounds];
+    let mut diffs: Vec<f64> = Vec::with_capacity(resamples as usize);
+    for _ in 0..resamples {
+        for p in pick.iter_mut() {
+            *p = rng.below(rounds);
+        }
+        let (x, f) = added(quad, &pick, q, &mut buf);
+        diffs.push(x - f);
+    }
+    let (lo, hi) = if diffs.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (
+            percentile_in_place(&mut diffs, 2.5),
+            percentile_in_place(&mut diffs, 97.5),
+        )
+    };
+    Some(FamilyComparison {
+        services,
+        family: family.to_string(),
+        percentile: q,
+        added_ipv4: a4,
+        added_other: ax,
+        difference: Interval {
+            point: ax - a4,
+            lo,
+            hi,
+            resamples,
+        },
+        rounds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(rounds: usize, per: usize, base: f64, jitter: f64, seed: u64) -> Vec<Vec<f64>> {
+        let mut rng = Rng(seed);
+        (0..rounds)
+            .map(|_| {
+                (0..per)
+                    .map(|_| base + jitter * rng.below(1000) as f64 / 1000.0)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_real_difference_is_outside_the_interval_of_zero() {
+        let fl = rows(40, 100, 10.0, 2.0, 1);
+        let nb4 = rows(40, 100, 11.0, 2.0, 2);
+        let nbx = rows(40, 100, 14.0, 2.0, 3);
+        let q = Quad {
+            nb4: &nb4,
+            fl4: &fl,
+            nbx: &nbx,
+            flx: &fl,
+        };
+        let c = compare(1000, "ipv6", &q, 50.0, 300).expect("rounds");
+        assert!((c.difference.point - 3.0).abs() < 0.3, "{c:?}");
+        assert!(c.difference.lo > 2.0 && c.difference.hi < 4.0, "{c:?}");
+        assert_eq!(c.rounds, 40);
+    }
+
+    #[test]
+    fn no_difference_gives_an_interval_around_zero() {
+        let fl = rows(40, 100, 10.0, 2.0, 4);
+        let nb4 = rows(40, 100, 11.0, 2.0, 5);
+        let nbx = rows(40, 100, 11.0, 2.0, 6);
+        let q = Quad {
+            nb4: &nb4,
+            fl4: &fl,
+            nbx: &nbx,
+            flx: &fl,
+        };
+        let c = compare(1000, "ipv6", &q, 99.0, 300).expect("rounds");
+        assert!(c.difference.lo <= 0.0 && c.difference.hi >= 0.0, "{c:?}");
+    }
+
+    #[test]
+    fn one_slow_round_widens_the_interval() {
+        let fl = rows(40, 100, 10.0, 2.0, 7);
+        let nb4 = rows(40, 100, 11.0, 2.0, 8);
+        let mut nbx = rows(40, 100, 11.0, 2.0, 9);
+        let calm = compare(
+            1000,
+            "ipv6",
+            &Quad {
+                nb4: &nb4,
+                fl4: &fl,
+                nbx: &nbx,
+                flx: &fl,
+            },
+            99.0,
+            300,
+        )
+        .expect("rounds");
+        // A burst of other work during one batch of one row.
+        for x in nbx[7].iter_mut().take(60) {
+            *x += 50.0;
+        }
+        let burst = compare(
+            1000,
+            "ipv6",
+            &Quad {
+                nb4: &nb4,
+                fl4: &fl,
+                nbx: &nbx,
+                flx: &fl,
+            },
+            99.0,
+            300,
+        )
+        .expect("rounds");
+        assert!(
+            burst.difference.hi - burst.difference.lo > calm.difference.hi - calm.difference.lo,
+            "{calm:?} {burst:?}"
+        );
+        assert!(burst.difference.lo <= 1.0, "{burst:?}");
+    }
+
+    #[test]
+    fn no_rounds_no_comparison() {
+        let empty: Vec<Vec<f64>> = Vec::new();
+        let some = rows(3, 10, 1.0, 1.0, 10);
+        let q = Quad {
+            nb4: &some,
+            fl4: &some,
+            nbx: &empty,
+            flx: &some,
+        };
+        assert!(compare(1000, "ipv6", &q, 50.0, 10).is_none());
+    }
+}

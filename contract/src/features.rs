@@ -63,11 +63,14 @@ pub enum Feature {
     SessionAffinity,
     /// `trafficDistribution` or a topology annotation: EndpointSlice hints.
     TopologyHints,
+    /// `type: LoadBalancer` with `spec.loadBalancerSourceRanges`: traffic to
+    /// its LB IPs only from those sources (kube-proxy's firewall chains).
+    LoadBalancerSourceRanges,
 }
 
 impl Feature {
     /// Every feature, in annotation order.
-    pub const ALL: [Feature; 13] = [
+    pub const ALL: [Feature; 14] = [
         Feature::ClusterIp,
         Feature::NodePort,
         Feature::LoadBalancer,
@@ -81,6 +84,7 @@ impl Feature {
         Feature::ExternalTrafficLocal,
         Feature::SessionAffinity,
         Feature::TopologyHints,
+        Feature::LoadBalancerSourceRanges,
     ];
 
     /// Its name in the annotation and in `spec.kubeProxy.allowUnserved`.
@@ -99,6 +103,7 @@ impl Feature {
             Feature::ExternalTrafficLocal => "external-traffic-local",
             Feature::SessionAffinity => "session-affinity",
             Feature::TopologyHints => "topology-hints",
+            Feature::LoadBalancerSourceRanges => "lb-source-ranges",
         }
     }
 
@@ -159,6 +164,9 @@ pub fn shape(svc: &k8s_openapi::api::core::v1::Service) -> ServiceShape<'_> {
         external_ips: spec
             .and_then(|s| s.external_ips.as_ref())
             .is_some_and(|v| !v.is_empty()),
+        load_balancer_source_ranges: spec
+            .and_then(|s| s.load_balancer_source_ranges.as_ref())
+            .is_some_and(|v| !v.is_empty()),
         allocate_load_balancer_node_ports: spec.and_then(|s| s.allocate_load_balancer_node_ports),
         internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.as_deref()),
         external_traffic_policy: spec.and_then(|s| s.external_traffic_policy.as_deref()),
@@ -183,6 +191,8 @@ pub struct ServiceShape<'a> {
     pub protocols: Vec<Option<&'a str>>,
     /// `spec.externalIPs` is not empty.
     pub external_ips: bool,
+    /// `spec.loadBalancerSourceRanges` is not empty.
+    pub load_balancer_source_ranges: bool,
     /// `spec.allocateLoadBalancerNodePorts` (None = true).
     pub allocate_load_balancer_node_ports: Option<bool>,
     /// `spec.internalTrafficPolicy`.
@@ -257,6 +267,9 @@ pub fn needs(s: &ServiceShape) -> Option<BTreeSet<Feature>> {
         }
         Some("LoadBalancer") => {
             n.insert(Feature::LoadBalancer);
+            if s.load_balancer_source_ranges {
+                n.insert(Feature::LoadBalancerSourceRanges);
+            }
             if s.allocate_load_balancer_node_ports != Some(false) {
                 n.insert(Feature::NodePort);
             }
@@ -346,8 +359,16 @@ mod tests {
         s.session_affinity = Some("ClientIP");
         s.traffic_distribution = Some("PreferClose");
         s.external_ips = true;
+        s.load_balancer_source_ranges = true;
         let all: BTreeSet<Feature> = Feature::ALL.into_iter().collect();
         assert_eq!(needs(&s), Some(all));
+        // Source ranges matter only to a LoadBalancer (kube-proxy ignores them otherwise).
+        let mut np = shape(&["10.96.0.5"]);
+        np.type_ = Some("NodePort");
+        np.load_balancer_source_ranges = true;
+        assert!(!needs(&np)
+            .unwrap()
+            .contains(&Feature::LoadBalancerSourceRanges));
         s.allocate_load_balancer_node_ports = Some(false);
         assert!(!needs(&s).unwrap().contains(&Feature::NodePort));
         let plain = needs(&shape(&["10.96.0.5"])).unwrap();

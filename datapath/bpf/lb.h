@@ -65,6 +65,7 @@
 #define NB_MAP_CT4        nb_ct4
 #define NB_MAP_NP_DEV     nb_np_dev
 #define NB_MAP_MAGLEV     nb_lb4_maglev
+#define NB_MAP_SRC_RANGE  nb_lb4_src_range
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -76,12 +77,16 @@
 #define NB_DEFAULT_NP_DEV    64      /* nb_np_dev: external interfaces */
 #define NB_DEFAULT_MAGLEV    4096    /* nb_lb4_maglev: external frontends with a table */
 #define NB_MAGLEV_MAX        16381   /* largest Maglev table (entries), a prime */
+#define NB_DEFAULT_SRC_RANGE 16384   /* nb_lb4_src_range: (LB frontend, CIDR) pairs */
 
 /* Frontend flags (struct nb_lb4_service.flags, slot 0 only). */
 #define NB_SVC_F_AFFINITY  0x01 /* ClientIP session affinity */
 #define NB_SVC_F_EXTERNAL  0x02 /* NodePort / externalIP / LB IP: the tc path serves it */
 #define NB_SVC_F_EXT_LOCAL 0x04 /* externalTrafficPolicy: Local: the tc path uses
                                    slots 1..local_count only, never SNATs */
+#define NB_SVC_F_SRC_RANGE 0x08 /* an LB IP of a Service with loadBalancerSourceRanges:
+                                   the tc path admits new flows only from a source in
+                                   nb_lb4_src_range; socket LB leaves it untranslated */
 
 /* Backend states (struct nb_lb4_backend.state). */
 #define NB_BE_ACTIVE       0 /* ready: may be chosen for new connections */
@@ -275,6 +280,15 @@ struct nb_maglev {
 	__u16 pad;                   /* always zero */
 };
 
+/* Key of nb_lb4_src_range (LPM trie): an allowed source CIDR of one LB IP
+ * frontend. prefixlen counts the bits after it: 32 (the frontend's
+ * rev_nat_index, matched whole) + the CIDR's mask length. 12 bytes. */
+struct nb_src_range_key {
+	__u32 prefixlen;
+	__u32 rev_nat_index;   /* host order, as in nb_lb4_service */
+	__be32 addr;           /* network order */
+};
+
 /* bpf_sock_destroy() is a kfunc; aya 0.14 cannot relocate kfunc calls, so
  * sock_term.bpf.c calls this placeholder helper id and the loader
  * (src/sock_term.rs) rewrites that call into a kfunc call before loading. */
@@ -313,6 +327,8 @@ enum nb_counter {
 	NB_CTR_NP_CT_FULL,            /* tc: no free SNAT port / CT update failed: dropped */
 	NB_CTR_NP_NOT_SERVICE,        /* tc: not an external frontend: passed */
 	NB_CTR_NP_MAGLEV,             /* tc: new flow's slot taken from the Maglev table */
+	NB_CTR_NP_SRC_RANGE_DENIED,   /* tc: LB IP flow from outside its source ranges: dropped */
+	NB_CTR_SRC_RANGE_PASSED,      /* socket LB: LB IP with source ranges: not translated */
 	NB_CTR_MAX                    /* number of counters (array size) */
 };
 

@@ -301,6 +301,13 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 		return res;
 	if (!nb_replace_mode(&res))
 		return res;
+	if (svc->flags & NB_SVC_F_SRC_RANGE) {
+		/* The socket's source is not known at connect(): an LB IP with
+		 * source ranges is left to the per-packet path and the load
+		 * balancer, which see it. */
+		res.outcome = NB_CTR_SRC_RANGE_PASSED;
+		return res;
+	}
 
 	rev_nat_id = svc->rev_nat_index;
 	affinity = svc->flags & NB_SVC_F_AFFINITY;
@@ -765,6 +772,14 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_lb4_maglev SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, NB_DEFAULT_SRC_RANGE);
+	__type(key, struct nb_src_range_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_lb4_src_range SEC(".maps");
+
 /* The flow's Maglev hash: its source (address, port), destination port and
  * protocol, not the destination address, so a flow reaching any node's
  * address (or an LB IP) hashes alike; splitmix64's finalizer. Must equal
@@ -970,6 +985,20 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 	if (!nb_replace_mode(&res)) {
 		nb_count(res.outcome);
 		return TC_ACT_OK;
+	}
+	if (svc->flags & NB_SVC_F_SRC_RANGE) {
+		/* loadBalancerSourceRanges: a source outside them is dropped, as
+		 * kube-proxy's firewall chain drops it. */
+		struct nb_src_range_key sk = {
+			.prefixlen = 64,
+			.rev_nat_index = svc->rev_nat_index,
+			.addr = k->saddr,
+		};
+
+		if (!bpf_map_lookup_elem(&nb_lb4_src_range, &sk)) {
+			nb_count(NB_CTR_NP_SRC_RANGE_DENIED);
+			return TC_ACT_SHOT;
+		}
 	}
 	local_only = svc->flags & NB_SVC_F_EXT_LOCAL;
 	n = local_only ? svc->local_count : svc->count;

@@ -176,6 +176,8 @@ struct NorthSouth {
     np: NodePortCtl,
     hc: HealthServers,
     mg: Option<crate::maglev::Tables>,
+    /// `loadBalancerSourceRanges` of the LB IP frontends (`nb_lb4_src_range`).
+    sr: Option<crate::srcrange::SourceRanges>,
 }
 
 /// Attaches the per-packet path to the interfaces [`devices::choose`]
@@ -458,9 +460,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             None
         }
     };
+    let sr = match crate::srcrange::SourceRanges::open(&opts.pins) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "loadBalancerSourceRanges unavailable: LB IPs with source ranges drop every flow from outside");
+            None
+        }
+    };
     let st = state.clone();
     let hc = HealthServers::new(Arc::new(move || st.get().ready));
-    let mut ns = NorthSouth { np, hc, mg };
+    let mut ns = NorthSouth { np, hc, mg, sr };
     let result = tokio::select! {
         r = reconcile_loop(&mut recon, &mut term, &watched, &state, &cfg, &mut ns) => r,
         _ = shutdown_signal() => {
@@ -531,7 +540,7 @@ async fn reconcile_loop(
     cfg: &Config,
     ns: &mut NorthSouth,
 ) -> Result<(), AgentError> {
-    let NorthSouth { np, hc, mg } = ns;
+    let NorthSouth { np, hc, mg, sr } = ns;
     const MIN_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(10);
     const RESYNC: Duration = Duration::from_secs(300);
@@ -599,6 +608,21 @@ async fn reconcile_loop(
                         "random".to_string()
                     };
                     state.update(|s| s.load_balancing = desc);
+                }
+                if let Some(t) = sr.as_mut() {
+                    let ranges = recon.source_ranges();
+                    match tokio::task::block_in_place(|| t.sync(&ranges)) {
+                        Ok(n) if n > 0 => tracing::info!(
+                            written = n,
+                            entries = t.len(),
+                            "loadBalancerSourceRanges written"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "writing loadBalancerSourceRanges failed (those LB IPs drop new flows from outside), retrying after the next pass");
+                            state.update(|s| s.last_error = e.to_string());
+                        }
+                    }
                 }
                 let wanted = healthcheck::wanted(&watched.health_check_services(), passes.table());
                 for (port, error) in hc.sync(&wanted).await {

@@ -58,6 +58,7 @@ const _: () = {
     // The largest Maglev table the layout holds is the contract's.
     assert!(define(LB_H, "NB_MAGLEV_MAX") == MAX_MAGLEV_TABLE_SIZE as u64);
     assert!(define(LB_H, "NB_MAGLEV_MAX") == crate::layout::MAGLEV_MAX as u64);
+    assert!(define(LB_H, "NB_DEFAULT_SRC_RANGE") == crate::layout::SRC_RANGE_ENTRIES as u64);
     // nb_lb4_rev_sk is sized like the backends (loader.rs).
     assert!(define(LB_H, "NB_DEFAULT_REV_SK") == d.backends as u64);
 };

@@ -98,6 +98,73 @@ pub struct External {
     pub local_only: bool,
     /// The active backends whose endpoint is on this node (`nodeName`).
     pub local: BTreeSet<L4Addr>,
+    /// An LB IP of a `LoadBalancer` Service with
+    /// `spec.loadBalancerSourceRanges`: the IPv4 CIDRs (address with its
+    /// host bits cleared, mask length) new flows from outside must come
+    /// from (kube-proxy's firewall chain), plus, as kube-proxy allows, the
+    /// LB IPs themselves when a range holds one of the node's addresses.
+    /// Empty: no restriction.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
+}
+
+/// `spec.loadBalancerSourceRanges` as IPv4 CIDRs (IPv6 ones and ones that
+/// do not parse are left out: an IPv4 LB IP never sees those sources; the
+/// API server validates the field, so a bad entry is not expected), host
+/// bits cleared; plus the Service's IPv4 LB IPs as /32 when a range holds
+/// one of `node_ips` (a node's own request to a VIP bound locally comes
+/// back with the VIP as its source: kube-proxy's `allowFromNode`).
+pub fn source_ranges(svc: &Service, node_ips: &[IpAddr]) -> Vec<(std::net::Ipv4Addr, u8)> {
+    let spec = svc.spec.as_ref();
+    if spec.and_then(|s| s.type_.as_deref()) != Some("LoadBalancer") {
+        return Vec::new();
+    }
+    let mut out: Vec<(std::net::Ipv4Addr, u8)> = Vec::new();
+    let mut holds_node = false;
+    for r in spec
+        .and_then(|s| s.load_balancer_source_ranges.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        let (a, len) = r.trim().split_once('/').unwrap_or((r.trim(), "32"));
+        let (Ok(a), Ok(len)) = (a.parse::<std::net::Ipv4Addr>(), len.parse::<u8>()) else {
+            continue;
+        };
+        if len > 32 {
+            continue;
+        }
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        let net = std::net::Ipv4Addr::from(u32::from(a) & mask);
+        holds_node |= node_ips.iter().any(|ip| match ip {
+            IpAddr::V4(n) => u32::from(*n) & mask == u32::from(net),
+            IpAddr::V6(_) => false,
+        });
+        out.push((net, len));
+    }
+    if out.is_empty() {
+        return out;
+    }
+    if holds_node {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for ip in ingress
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref()?.parse::<std::net::Ipv4Addr>().ok())
+        {
+            out.push((ip, 32));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// All frontends the maps should hold.
@@ -258,12 +325,14 @@ pub const SERVED: [Feature; 8] = [
 /// Served once the per-packet path is attached to at least one interface
 /// (the agent's `nodePortDevices`): traffic from outside the node to
 /// NodePorts, externalIPs and LB IPs, with externalTrafficPolicy Local
-/// (local backends only, client IP kept, `healthCheckNodePort` answered).
-pub const SERVED_WITH_NODEPORT_DEVICE: [Feature; 4] = [
+/// (local backends only, client IP kept, `healthCheckNodePort` answered) and
+/// `loadBalancerSourceRanges` (new flows to an LB IP from other sources dropped).
+pub const SERVED_WITH_NODEPORT_DEVICE: [Feature; 5] = [
     Feature::NodePort,
     Feature::LoadBalancer,
     Feature::ExternalIps,
     Feature::ExternalTrafficLocal,
+    Feature::LoadBalancerSourceRanges,
 ];
 
 /// [`SERVED`] as a set: what an agent serves without the per-packet path.
@@ -452,6 +521,7 @@ pub fn service_frontends<'a, 'r>(
                 false,
             ));
         }
+        let mut lb_addrs: BTreeSet<L4Addr> = BTreeSet::new();
         // External addresses, for each family the Service has (kube-proxy
         // runs one proxier per family and filters them by family).
         for v6 in [false, true] {
@@ -467,6 +537,9 @@ pub fn service_frontends<'a, 'r>(
                     _ => vport,
                 };
                 addrs.push((L4Addr { ip, port, proto }, true));
+                if kind == AddressKind::LoadBalancer {
+                    lb_addrs.insert(L4Addr { ip, port, proto });
+                }
             }
         }
         // A local socket reaching an external address is in-cluster traffic:
@@ -491,6 +564,11 @@ pub fn service_frontends<'a, 'r>(
             (backends4.clone(), backends6.clone())
         };
         let ext_local = shape.external_traffic_policy == Some("Local");
+        let ranges = if lb_addrs.is_empty() {
+            Vec::new()
+        } else {
+            source_ranges(svc, rules.node_ips)
+        };
         let local_of = |v6: bool, cluster: &BTreeMap<L4Addr, BackendState>| {
             let local = categorize(
                 &candidates(if v6 { &slices6 } else { &slices4 }, &port_name, proto, v6),
@@ -498,6 +576,7 @@ pub fn service_frontends<'a, 'r>(
                 &rules,
             );
             External {
+                source_ranges: Vec::new(),
                 local_only: ext_local,
                 local: local
                     .keys()
@@ -518,7 +597,13 @@ pub fn service_frontends<'a, 'r>(
                 (false, true) => &cluster4,
                 (true, true) => &cluster6,
             };
-            let external = ext.then(|| if addr.is_v6() { &ext6 } else { &ext4 }.clone());
+            let external = ext.then(|| {
+                let mut e = if addr.is_v6() { &ext6 } else { &ext4 }.clone();
+                if lb_addrs.contains(&addr) && !addr.is_v6() {
+                    e.source_ranges = ranges.clone();
+                }
+                e
+            });
             // A later port with the same (ip, port, proto) wins, as in a table.
             out.retain(|f: &Frontend| f.addr != addr);
             out.push(Frontend {
@@ -1210,6 +1295,44 @@ spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [203.0.113.7], externa
         assert!(service_frontends(&s, [&sl], rules)
             .iter()
             .all(|f| f.affinity_timeout == Some(7)));
+    }
+
+    #[test]
+    fn source_ranges_are_ipv4_networks_of_load_balancers_plus_their_ips_when_a_range_holds_the_node(
+    ) {
+        let svc = |type_: &str, ranges: &str| -> Service {
+            serde_yaml::from_str(&format!(
+                "metadata: {{name: s, namespace: d}}\nspec: {{type: {type_}, loadBalancerSourceRanges: {ranges}}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.10}}, {{ip: '2001:db8::1'}}, {{hostname: lb.example}}]}}}}"
+            ))
+            .unwrap()
+        };
+        let node: Vec<IpAddr> = vec!["192.168.50.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        // Host bits cleared; IPv6 and malformed entries left out; no node
+        // address inside: no LB IP added.
+        assert_eq!(
+            source_ranges(
+                &svc(
+                    "LoadBalancer",
+                    "['10.1.2.3/8', '2001:db8::/32', 'bogus', '198.51.100.7']"
+                ),
+                &node
+            ),
+            vec![
+                ("10.0.0.0".parse().unwrap(), 8),
+                ("198.51.100.7".parse().unwrap(), 32)
+            ]
+        );
+        // A range holding the node's address: the IPv4 LB IP too.
+        assert_eq!(
+            source_ranges(&svc("LoadBalancer", "['192.168.0.0/16']"), &node),
+            vec![
+                ("192.168.0.0".parse().unwrap(), 16),
+                ("203.0.113.10".parse().unwrap(), 32)
+            ]
+        );
+        // Not a LoadBalancer, or no ranges: no restriction.
+        assert!(source_ranges(&svc("NodePort", "['10.0.0.0/8']"), &node).is_empty());
+        assert!(source_ranges(&svc("LoadBalancer", "[]"), &node).is_empty());
     }
 
     #[test]

@@ -220,6 +220,7 @@ mod tests {
             external: Some(External {
                 local_only,
                 local: local.iter().copied().collect(),
+                source_ranges: Vec::new(),
             }),
         };
         let mut t = ServiceTable::default();

@@ -44,10 +44,13 @@ pub mod names {
     pub const NP_DEV: &str = "nb_np_dev";
     /// rev-nat id of an external frontend → its Maglev table (tc path).
     pub const MAGLEV: &str = "nb_lb4_maglev";
+    /// (rev-nat id of an LB IP frontend, source CIDR) → allowed (LPM trie,
+    /// `loadBalancerSourceRanges`, tc path).
+    pub const SRC_RANGE: &str = "nb_lb4_src_range";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
-        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV,
+        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE,
     ];
 }
 
@@ -57,6 +60,11 @@ pub const SVC_F_AFFINITY: u8 = 0x01;
 pub const SVC_F_EXTERNAL: u8 = 0x02;
 /// `NB_SVC_F_EXT_LOCAL`: externalTrafficPolicy Local on the tc path.
 pub const SVC_F_EXT_LOCAL: u8 = 0x04;
+/// `NB_SVC_F_SRC_RANGE`: an LB IP with `loadBalancerSourceRanges` (tc path
+/// admits sources in `nb_lb4_src_range` only; socket LB leaves it alone).
+pub const SVC_F_SRC_RANGE: u8 = 0x08;
+/// `NB_DEFAULT_SRC_RANGE`: entries of `nb_lb4_src_range`.
+pub const SRC_RANGE_ENTRIES: u32 = 16384;
 /// `NB_CT_F_REPLY`.
 pub const CT_F_REPLY: u8 = 0x01;
 /// `NB_CT_F_SNAT`.
@@ -365,6 +373,17 @@ pub struct Maglev {
     pub pad: u16,
 }
 
+/// `struct nb_src_range_key` without its prefixlen (aya's LPM trie key
+/// carries that): the frontend's rev-nat id and the source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// The LB IP frontend's service id (host order).
+    pub rev_nat_index: u32,
+    /// The CIDR's address, network order (host bits zero).
+    pub addr: u32,
+}
+
 /// `struct nb_config`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -378,6 +397,7 @@ pub struct NbConfig {
 // SAFETY: all of these are repr(C) plain data made of integers with explicit
 // padding fields, so every bit pattern is valid and there is no implicit padding.
 unsafe impl aya::Pod for Lb4Key {}
+unsafe impl aya::Pod for SrcRangeKey {}
 unsafe impl aya::Pod for Lb4Service {}
 unsafe impl aya::Pod for Lb4Backend {}
 unsafe impl aya::Pod for Lb4ReverseNat {}
@@ -483,7 +503,7 @@ const _: () = {
 };
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
-pub const COUNTER_NAMES: [&str; 28] = [
+pub const COUNTER_NAMES: [&str; 30] = [
     "connect_translated",
     "sendmsg_translated",
     "not_service",
@@ -512,6 +532,8 @@ pub const COUNTER_NAMES: [&str; 28] = [
     "nodeport_ct_full",
     "nodeport_not_service",
     "nodeport_maglev",
+    "nodeport_src_range_denied",
+    "src_range_passed",
 ];
 
 /// `NB_CTR_MAX`.

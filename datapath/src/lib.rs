@@ -26,6 +26,7 @@ pub mod pass;
 pub mod pins;
 pub mod reconcile;
 pub mod sock_term;
+pub mod srcrange;
 pub mod status;
 pub mod sys;
 pub mod watch;

@@ -147,6 +147,7 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::CT4 => s(size_of::<Ct4Key>(), size_of::<Ct4Val>()),
         names::NP_DEV => s(4, size_of::<NpDev>()),
         names::MAGLEV => s(4, size_of::<Maglev>()),
+        names::SRC_RANGE => s(4 + size_of::<SrcRangeKey>(), 4),
         _ => None,
     }
 }

@@ -41,6 +41,7 @@ use serde::Serialize;
 use crate::desired::{BackendState, DesiredTable, Frontend, FrontendChanges};
 use crate::layout::{
     L4Addr, Lb4AffinityMatch, Lb4Service, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_EXT_LOCAL,
+    SVC_F_SRC_RANGE,
 };
 use crate::maps::{LbMaps, MapsError};
 
@@ -278,6 +279,9 @@ fn frontend_flags(fe: &Frontend) -> u8 {
         if e.local_only {
             f |= SVC_F_EXT_LOCAL;
         }
+        if !e.source_ranges.is_empty() {
+            f |= SVC_F_SRC_RANGE;
+        }
     }
     f
 }
@@ -469,6 +473,27 @@ impl<M: LbMaps> Reconciler<M> {
                 .filter_map(|id| by_id.get(id).copied())
                 .collect();
             out.push((p.id, backends));
+        }
+        out
+    }
+
+    /// The allowed source CIDRs of each programmed LB IP frontend with
+    /// `loadBalancerSourceRanges` (by service id), for
+    /// [`crate::srcrange::SourceRanges::sync`].
+    pub fn source_ranges(&self) -> Vec<(u16, Vec<(std::net::Ipv4Addr, u8)>)> {
+        let mut out = Vec::new();
+        for (addr, p) in &self.frontends {
+            let Some(v) = p.value else { continue };
+            if v.flags & SVC_F_SRC_RANGE == 0 {
+                continue;
+            }
+            let ranges = self
+                .target
+                .get(addr)
+                .and_then(|f| f.external.as_ref())
+                .map(|e| e.source_ranges.clone())
+                .unwrap_or_default();
+            out.push((p.id, ranges));
         }
         out
     }

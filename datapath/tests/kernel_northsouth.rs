@@ -960,3 +960,176 @@ fn maglev_sends_each_flow_to_the_table_backend_and_removing_one_of_n_moves_only_
         "{ctr:?}"
     );
 }
+
+// ---- loadBalancerSourceRanges --------------------------------------------
+
+/// A LoadBalancer Service whose LB IP (203.0.113.10, VIP mode) admits only
+/// the sources in `ranges`.
+fn sr_services(
+    ranges: &str,
+) -> (
+    Vec<k8s_openapi::api::core::v1::Service>,
+    Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+) {
+    let text = format!(
+        "
+kind: Service
+metadata: {{name: guarded, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.90
+  loadBalancerSourceRanges: {ranges}
+  ports: [{{port: 80, targetPort: 8080, nodePort: 30090}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: 203.0.113.10, ipMode: VIP}}]
+---
+kind: EndpointSlice
+metadata: {{name: guarded-1, namespace: default, labels: {{kubernetes.io/service-name: guarded}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- {{addresses: [10.200.1.10], nodeName: node-a}}
+"
+    );
+    let (mut svcs, mut slices) = (Vec::new(), Vec::new());
+    for doc in text.split("\n---\n") {
+        if doc.contains("kind: Service\n") {
+            svcs.push(serde_yaml::from_str(doc).unwrap());
+        } else {
+            slices.push(serde_yaml::from_str(doc).unwrap());
+        }
+    }
+    (svcs, slices)
+}
+
+/// kube-proxy drops a new flow to an LB IP from outside
+/// `loadBalancerSourceRanges` (its firewall chain); so does the tc path,
+/// while the same Service's NodePort stays open to everyone (the ranges
+/// guard the LB IP only), and a change of the ranges applies to new flows.
+#[test]
+fn load_balancer_source_ranges_admit_only_their_sources_on_the_lb_ip() {
+    require_privileges();
+    let c = Cluster::new("sr");
+    c.client
+        .ip(&["route", "add", "203.0.113.10/32", "via", "192.168.50.1"]);
+    let _pa = PeerServer::start(&c.pod_a, "pod-a");
+    let agent_cg = TestCgroup::new("nbns-sr-agent");
+    let client_cg = TestCgroup::new("nbns-sr-client");
+    let pins = TestPins::new("nbns-sr");
+    let sizes = MapSizes {
+        services: 1024,
+        backends: 1024,
+        affinity: 1024,
+        reverse_nat: 1024,
+    };
+    loader::install(&pins.pins, &agent_cg.path, &sizes, true).expect("install");
+    let node_ips = ["192.168.50.1".parse().unwrap()];
+    let rules = Rules {
+        default_affinity_timeout: 10800,
+        node: "node-a",
+        zone: None,
+        node_ips: &node_ips,
+    };
+    let mut recon =
+        Reconciler::recover(KernelMaps::open(&pins.pins).expect("maps")).expect("recover");
+    let mut sr = netboot_datapath::srcrange::SourceRanges::open(&pins.pins).expect("trie");
+    let mut program = |ranges: &str| {
+        let (svcs, slices) = sr_services(ranges);
+        recon
+            .reconcile(&desired::build(&svcs, &slices, rules))
+            .expect("reconcile");
+        sr.sync(&recon.source_ranges()).expect("source ranges");
+        recon.source_ranges()
+    };
+    // The client (192.168.50.100) is inside the first ranges.
+    let written = program("[192.168.50.0/24, 10.0.0.0/8]");
+    assert_eq!(written.len(), 1, "one guarded LB IP frontend: {written:?}");
+    // The two ranges, and the LB IP itself: 192.168.50.0/24 holds the node's
+    // address, so a node's own request coming back from the VIP is allowed
+    // (kube-proxy's allowFromNode).
+    assert_eq!(
+        written[0].1,
+        vec![
+            (Ipv4Addr::new(10, 0, 0, 0), 8),
+            (Ipv4Addr::new(192, 168, 50, 0), 24),
+            (Ipv4Addr::new(203, 0, 113, 10), 32)
+        ],
+        "{written:?}"
+    );
+    let (pins2, sizes2, path) = (pins.pins.clone(), sizes, c.node_a.path());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(path).expect("netns");
+        // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        loader::install_nodeport(
+            &pins2,
+            &sizes2,
+            &[NodePortDevice {
+                ifname: "eth0".into(),
+                snat: "192.168.50.1".parse().unwrap(),
+            }],
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("install_nodeport");
+    let tcp = |addr: SocketAddrV4, count: u32| {
+        client(&client_cg.path, &c.client, ClientOp::Tcp { addr, count })
+    };
+    let s = seen(&tcp(v4([203, 0, 113, 10], 80), 10));
+    assert!(
+        s.iter()
+            .all(|(n, src)| n == "pod-a" && src == "192.168.50.100"),
+        "inside the ranges: served, client IP kept: {s:?}"
+    );
+
+    // Ranges that leave the client out: its new flows to the LB IP are dropped.
+    let written = program("[10.0.0.0/8]");
+    assert_eq!(written[0].1, vec![(Ipv4Addr::new(10, 0, 0, 0), 8)]);
+    let res = tcp(v4([203, 0, 113, 10], 80), 1);
+    assert!(!res[0].ok, "outside the ranges: dropped: {res:?}");
+    // The NodePort of the same Service is not guarded (kube-proxy's ranges
+    // apply to the LB IP only).
+    let s = seen(&tcp(v4([192, 168, 50, 1], 30090), 5));
+    assert!(s.iter().all(|(n, _)| n == "pod-a"), "{s:?}");
+
+    // A local socket (in the hooked cgroup, on node-a) to the guarded LB IP:
+    // socket LB cannot know its source at connect(), so it leaves the address
+    // alone (here node-a has no route to it: the connect fails, untranslated).
+    let res = client(
+        &agent_cg.path,
+        &c.node_a,
+        ClientOp::Tcp {
+            addr: v4([203, 0, 113, 10], 80),
+            count: 1,
+        },
+    );
+    assert!(!res[0].ok, "not translated by socket LB: {res:?}");
+
+    let ctr = recon.maps().counters().expect("counters");
+    let get = |n: &str| {
+        ctr.0
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    };
+    assert!(get("nodeport_src_range_denied") > 0, "{ctr:?}");
+    assert!(get("src_range_passed") > 0, "{ctr:?}");
+
+    // Ranges removed: the LB IP is open again, and the trie is emptied.
+    let (svcs, slices) = sr_services("[]");
+    recon
+        .reconcile(&desired::build(&svcs, &slices, rules))
+        .expect("reconcile");
+    assert!(recon.source_ranges().is_empty());
+    sr.sync(&recon.source_ranges()).expect("source ranges");
+    assert!(sr.is_empty());
+    let s = seen(&tcp(v4([203, 0, 113, 10], 80), 5));
+    assert!(s.iter().all(|(n, _)| n == "pod-a"), "{s:?}");
+    println!(
+        "NUMBERS lb source ranges: inside served 10/10, outside dropped, denied counter {}",
+        get("nodeport_src_range_denied")
+    );
+}

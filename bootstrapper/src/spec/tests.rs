@@ -163,7 +163,7 @@ fn malformed_specs_point_at_the_right_line() {
         (
             "unknown unserved feature",
             format!("{GOOD}  kubeProxy:\n    allowUnserved: [sctp, nodeprt]\n"),
-            "t.yaml:13:27: spec.kubeProxy.allowUnserved[1]: `nodeprt` is not one of: clusterip, nodeport, loadbalancer, externalips, ipv4, ipv6, tcp, udp, sctp, internal-traffic-local, external-traffic-local, session-affinity, topology-hints; did you mean `nodeport`?",
+            "t.yaml:13:27: spec.kubeProxy.allowUnserved[1]: `nodeprt` is not one of: clusterip, nodeport, loadbalancer, externalips, ipv4, ipv6, tcp, udp, sctp, internal-traffic-local, external-traffic-local, session-affinity, topology-hints, lb-source-ranges; did you mean `nodeport`?",
         ),
         (
             "remove in coexist",

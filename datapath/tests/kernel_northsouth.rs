@@ -533,6 +533,28 @@ spec:
   healthCheckNodePort: 32002
   ports: [{port: 80, targetPort: 8080, nodePort: 30082}]
 ---
+kind: Service
+metadata: {name: shut, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.83
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30083}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.20}]
+---
+kind: Service
+metadata: {name: open, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.84
+  loadBalancerSourceRanges: [192.168.50.100/32]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30084}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.21}]
+---
 kind: EndpointSlice
 metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
 addressType: IPv4
@@ -555,6 +577,20 @@ addressType: IPv4
 ports: [{port: 8080}]
 endpoints:
 - {addresses: [10.200.2.10], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: shut-1, namespace: default, labels: {kubernetes.io/service-name: shut}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+---
+kind: EndpointSlice
+metadata: {name: open-1, namespace: default, labels: {kubernetes.io/service-name: open}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
 ";
 
 /// Runs `f` on a thread inside `ns`.
@@ -664,6 +700,7 @@ fn the_agent_attaches_the_per_packet_path_to_the_node_address_interface_and_answ
         "loadbalancer",
         "externalips",
         "external-traffic-local",
+        "lb-source-ranges",
     ] {
         assert!(features.contains(&f), "{f} published: {js}");
     }
@@ -693,6 +730,20 @@ fn the_agent_attaches_the_per_packet_path_to_the_node_address_interface_and_answ
         s.iter()
             .all(|(n, src)| n == "pod-a" && src == "192.168.50.100"),
         "{s:?}"
+    );
+
+    // loadBalancerSourceRanges, written by the agent: the client
+    // (192.168.50.100) is outside `shut`'s ranges and inside `open`'s.
+    for lb in ["203.0.113.20/32", "203.0.113.21/32"] {
+        c.client.ip(&["route", "add", lb, "via", "192.168.50.1"]);
+    }
+    let res = tcp(v4([203, 0, 113, 20], 80), 1);
+    assert!(!res[0].ok, "outside the ranges: dropped: {res:?}");
+    let s = seen(&tcp(v4([203, 0, 113, 21], 80), 5));
+    assert!(
+        s.iter()
+            .all(|(n, src)| n == "pod-a" && src == "192.168.50.100"),
+        "inside the ranges: {s:?}"
     );
 
     // healthCheckNodePort, asked from the external client like a cloud LB.
@@ -773,8 +824,8 @@ fn an_agent_without_an_interface_carrying_a_node_address_says_so_and_does_not_pu
             .any(|f| f == "nodeport"),
         "{js}"
     );
-    // web, loc and far all need nodeport.
-    assert_eq!(st["unserved"], 3, "{js}");
+    // web, loc, far, shut and open all need nodeport.
+    assert_eq!(st["unserved"], 5, "{js}");
     assert!(loader::nodeport_attached(&pins.pins).is_empty());
 }
 

@@ -28,10 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeStatus};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use netboot_harness::controlplane::{
     self, create_all, kube_proxy_command, proxy_config, spawn_logged, ControlPlane, ProxyMode,
     ProxySettings, Relay,
@@ -63,7 +62,7 @@ const METRICS_PORT: u16 = 10249;
 /// Wait after each rate's churn before the second scrape.
 const SETTLE: Duration = Duration::from_secs(5);
 /// Longest an outside-check probe waits.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a proxy may take to program all Services.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -529,38 +528,24 @@ fn start_agent(
         2 * u64::from(max_services) * u64::from(ENDPOINTS),
     );
     let cfg = dir.join("agent.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "apiServer: {{host: 127.0.0.1, port: {}}}\nkubeProxyReplacement: true\nsessionAffinityTimeoutSeconds: 10800\nmapSizes: {{services: {}, backends: {}, affinity: {}, reverseNat: {}}}\ncleanupKubeProxyRules: false\n",
-            relay.port, sizes.services, sizes.backends, sizes.affinity, sizes.reverse_nat
-        ),
-    )
-    .with_context(|| format!("writing {}", cfg.display()))?;
+    std::fs::write(&cfg, crate::agent_run::agent_config(relay.port, &sizes))
+        .with_context(|| format!("writing {}", cfg.display()))?;
     let cg = Cgroup::new(&format!("{tag}/pl-agent"))?;
     let pins = PinRoot::new(&format!("{tag}/pl-agent"))?;
     let log = dir.join("agent.log");
     let file =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut cmd = std::process::Command::new(bin);
-    cmd.args(["agent", "--node-name", &node_name(p.node())])
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--cgroup")
-        .arg(&cg.path)
-        .arg("--bpffs")
-        .arg(pins.pins.root())
-        .args(["--listen", &Running::metrics_addr().to_string()])
-        .arg("--kubeconfig")
+    let mut cmd = crate::agent_run::agent_command(&crate::agent_run::AgentCommand {
+        bin,
+        node: &node_name(p.node()),
+        config: &cfg,
+        cgroup: &cg.path,
+        pins: pins.pins.root(),
+        listen: Running::metrics_addr(),
+        rules_netns: &ns.path(),
+    });
+    cmd.arg("--kubeconfig")
         .arg(&cp.admin)
-        .arg("--rules-netns")
-        .arg(ns.path())
-        .args(["--node-interval", "3600"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("KUBECONFIG")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(file));
     // In the namespace by setns (no /sys remount: the cgroup and bpffs
     // paths stay valid); SIGTERM if the bench dies.
@@ -592,34 +577,9 @@ fn start_agent(
 
 /// The API's objects: the namespace, the Nodes, the probe Service.
 async fn prepare(cp: &ControlPlane) -> Result<()> {
-    let ns: Api<Namespace> = Api::all(cp.client.clone());
-    ns.create(
-        &PostParams::default(),
-        &Namespace {
-            metadata: ObjectMeta {
-                name: Some(NAMESPACE.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await
-    .context("creating Namespace bench")?;
+    cp.create_namespace(NAMESPACE).await?;
     let nodes: Vec<Node> = (0..NODES)
-        .map(|i| Node {
-            metadata: ObjectMeta {
-                name: Some(node_name(i)),
-                ..Default::default()
-            },
-            status: Some(NodeStatus {
-                addresses: Some(vec![NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: node_ip(i).to_string(),
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .map(|i| controlplane::node(&node_name(i), &node_ip(i).to_string()))
         .collect();
     create_all(&Api::<Node>::all(cp.client.clone()), nodes, IN_FLIGHT).await?;
     let first = Workload::new(1, ENDPOINTS)?.services().remove(0);
@@ -788,6 +748,7 @@ fn measure_rate(
     // The outside check, spread over the window.
     let mut outside: Vec<Vec<f64>> = vec![Vec::new(); running.len()];
     let mut timeouts = vec![0u32; running.len()];
+    let mut skipped = 0u32;
     let backends = probe_backends();
     let target = SocketAddr::from((workload::vip(PROBE_SERVICE), SERVICE_PORT));
     for k in 0..o.samples {
@@ -798,6 +759,11 @@ fn measure_rate(
             std::thread::sleep(wait);
         }
         crate::cleanup::check_stop()?;
+        if t0.elapsed() >= o.window {
+            // The earlier samples took the whole window: no sample after the churn.
+            skipped += 1;
+            continue;
+        }
         let next = (*probe_current + 1) % backends.len();
         let want = IpAddr::V4(backends[next]);
         let probes: Vec<Probe> = running
@@ -833,6 +799,7 @@ fn measure_rate(
         first_error: churned.first_error.clone(),
         max_late_ms: churned.max_late_ms,
         measured_s: elapsed_min * 60.0,
+        samples_skipped: skipped,
         proxies: Vec::new(),
     };
     for (idx, r) in running.iter().enumerate() {

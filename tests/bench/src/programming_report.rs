@@ -30,7 +30,7 @@ pub struct ProxyRow {
     pub outside_p50_ms: Option<f64>,
     /// Their maximum, ms.
     pub outside_max_ms: Option<f64>,
-    /// Samples whose new backend never answered within 30 s.
+    /// Samples whose new backend never answered within 60 s.
     pub outside_timeouts: u32,
     /// CPU seconds (its process and its waited-for children) per minute of
     /// the measured window.
@@ -52,8 +52,11 @@ pub struct RateRows {
     pub first_error: Option<String>,
     /// Latest start of a write behind its schedule, ms.
     pub max_late_ms: f64,
-    /// Length of the measured window (churn + settle), s.
+    /// Length of the measured window (churn + settle, longer when an
+    /// outside-check sample outlasted the churn), s.
     pub measured_s: f64,
+    /// Outside-check samples not taken: the earlier ones outlasted the churn.
+    pub samples_skipped: u32,
     /// One row per proxy.
     pub proxies: Vec<ProxyRow>,
 }
@@ -270,6 +273,13 @@ pub fn markdown(rep: &Report) -> String {
         }
         out.push('\n');
         for r in &s.rates {
+            if r.samples_skipped > 0 {
+                let _ = writeln!(
+                    out,
+                    "- {} changes/s: {} of {} outside-check samples not taken (the earlier ones outlasted the churn; measured window {:.0} s)",
+                    r.rate, r.samples_skipped, rep.samples, r.measured_s
+                );
+            }
             if r.writes_failed > 0 || r.max_late_ms > 1000.0 {
                 let _ = writeln!(
                     out,

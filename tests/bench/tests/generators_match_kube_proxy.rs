@@ -49,9 +49,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeStatus, Service};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use netboot_bench::workload::{self, Workload, NAMESPACE, POD_CIDR, SERVICE_CIDR};
 use netboot_bench::{iptables_rules, nft_rules};
@@ -495,39 +494,11 @@ fn diff(generated: &str, real: &str, max_lines: usize) -> String {
 /// The namespace, the Node, and `bench/svc-000000` in `default/kubernetes`'
 /// place (10.96.0.1, as in the bench).
 async fn prepare(cp: &ControlPlane) {
-    let ns: Api<Namespace> = Api::all(cp.client.clone());
-    ns.create(
-        &PostParams::default(),
-        &Namespace {
-            metadata: ObjectMeta {
-                name: Some(NAMESPACE.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("namespace");
-    let nodes: Api<Node> = Api::all(cp.client.clone());
-    nodes
-        .create(
-            &PostParams::default(),
-            &Node {
-                metadata: ObjectMeta {
-                    name: Some(NODE.into()),
-                    ..Default::default()
-                },
-                // kube-proxy waits 30 s for the node's IPs otherwise.
-                status: Some(NodeStatus {
-                    addresses: Some(vec![NodeAddress {
-                        type_: "InternalIP".into(),
-                        address: NODE_IP.into(),
-                    }]),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        )
+    cp.create_namespace(NAMESPACE)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    Api::<Node>::all(cp.client.clone())
+        .create(&PostParams::default(), &controlplane::node(NODE, NODE_IP))
         .await
         .expect("node");
     let first = Workload::new(1, B).expect("size").services().remove(0);

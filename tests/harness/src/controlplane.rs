@@ -30,7 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeStatus, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 
 use crate::netns::in_netns;
@@ -581,6 +582,24 @@ impl ControlPlane {
         })
     }
 
+    /// Creates Namespace `name`.
+    pub async fn create_namespace(&self, name: &str) -> Result<()> {
+        let ns: Api<Namespace> = Api::all(self.client.clone());
+        ns.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(kube_err(format!("Namespace/{name}: create")))?;
+        Ok(())
+    }
+
     /// Creates `first` after deleting `default/kubernetes` (the API server
     /// re-creates it every few seconds; once `first` holds its ClusterIP,
     /// the first of the range, it cannot), retrying for 60 s.
@@ -602,6 +621,25 @@ impl ControlPlane {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
+    }
+}
+
+/// A Node object with only an InternalIP (kube-proxy waits 30 s for its
+/// Node's IPs otherwise).
+pub fn node(name: &str, internal_ip: &str) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: internal_ip.into(),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

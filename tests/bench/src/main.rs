@@ -71,10 +71,15 @@ fn programming_section(a: &ProgrammingArgs) -> anyhow::Result<()> {
     cleanup::install_signal_handler()?;
     cleanup::sweep_stale();
     let o = programming::Options::new(a.quick, a.samples, agent);
-    let rep = programming::run(&o)?;
+    let rep = programming::run(&o, &mut |r| {
+        programming_report::write(r, &a.out).map(|_| ())
+    })?;
     let written = programming_report::write(&rep, &a.out)?;
     println!("{}", programming_report::markdown(&rep));
     println!("wrote {}", written.markdown.display());
     println!("wrote {}", written.json.display());
+    if let Some(e) = &rep.error {
+        anyhow::bail!("stopped early: {e}");
+    }
     Ok(())
 }

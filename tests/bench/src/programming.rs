@@ -61,6 +61,8 @@ const IN_FLIGHT: usize = 48;
 const METRICS_PORT: u16 = 10249;
 /// Wait after each rate's churn before the second scrape.
 const SETTLE: Duration = Duration::from_secs(5);
+/// Longest wait, after SETTLE, for the proxies to catch up.
+const SETTLE_MAX: Duration = Duration::from_secs(60);
 /// Longest an outside-check probe waits.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a proxy may take to program all Services.
@@ -245,6 +247,8 @@ struct Churned {
     first_error: Option<String>,
     /// Latest start of a write behind its schedule, ms.
     max_late_ms: f64,
+    /// Start → last write answered.
+    elapsed: Duration,
 }
 
 /// Rewrites one EndpointSlice per change (one endpoint's address replaced),
@@ -300,6 +304,7 @@ async fn churn(
     while let Some(done) = tasks.join_next().await {
         tally(&mut res, done);
     }
+    res.elapsed = start.elapsed();
     res
 }
 
@@ -417,9 +422,10 @@ impl Running {
         }
     }
 
-    /// Waits until all `n` Services are programmed; seconds taken.
-    fn wait_synced(&mut self, n: u32) -> Result<f64> {
-        let t = Instant::now();
+    /// Waits until all `n` Services are programmed; seconds since `since`
+    /// (at most a poll interval late: dumping 100k rules takes seconds, so
+    /// the pause between polls is three times the last poll).
+    fn wait_synced(&mut self, n: u32, since: Instant) -> Result<f64> {
         loop {
             crate::cleanup::check_stop()?;
             if let Some(st) = self.exited() {
@@ -429,18 +435,19 @@ impl Running {
                     self.log.display()
                 );
             }
+            let poll = Instant::now();
             let got = self.programmed()?;
             if got >= n as usize {
-                return Ok(t.elapsed().as_secs_f64());
+                return Ok(since.elapsed().as_secs_f64());
             }
-            if t.elapsed() > SYNC_TIMEOUT {
+            if since.elapsed() > SYNC_TIMEOUT {
                 bail!(
                     "{}: {got} of {n} Services programmed after {SYNC_TIMEOUT:?}; see {}",
                     self.proxy.name(),
                     self.log.display()
                 );
             }
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep((poll.elapsed() * 3).max(Duration::from_millis(500)));
         }
     }
 }
@@ -630,8 +637,10 @@ async fn grow(cp: &ControlPlane, state: &State, from: u32, n: u32) -> Result<()>
     Ok(())
 }
 
-/// Runs the whole section.
-pub fn run(o: &Options) -> Result<Report> {
+/// Runs the whole section; `save` gets the report after each size. A
+/// failure inside a size ends the run with [`Report::error`] set (the sizes
+/// before it are kept).
+pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
     let started = Instant::now();
     let mut machine = crate::machine::probe(crate::kube_proxy::IptablesBackend::Nft);
     let tag = crate::cleanup::run_tag();
@@ -656,52 +665,64 @@ pub fn run(o: &Options) -> Result<Report> {
     let mut running: Vec<Running> = Vec::new();
     let mut probe_current = 0usize;
     for &n in &o.sizes {
-        let t = Instant::now();
-        rt.block_on(grow(&cp, &state, created, n))?;
-        created = n;
-        eprintln!(
-            "programming: {n} Services x {ENDPOINTS} endpoints in the API in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        if running.is_empty() {
-            running.push(start_agent(
-                &cp,
-                dir.path(),
-                &tag,
-                &o.agent_bin,
-                max_services,
-            )?);
-            for p in [Proxy::Iptables, Proxy::Nftables] {
-                running.push(start_kube_proxy(&cp, dir.path(), &tag, p)?);
-            }
-        }
         let mut size = SizeResult {
             services: n,
             ..Default::default()
         };
-        for r in running.iter_mut() {
-            let s = r.wait_synced(n)?;
+        let r = (|| -> Result<()> {
+            let t = Instant::now();
+            rt.block_on(grow(&cp, &state, created, n))?;
+            created = n;
             eprintln!(
-                "programming: {} has all {n} Services ({s:.1} s)",
-                r.proxy.name()
+                "programming: {n} Services x {ENDPOINTS} endpoints in the API in {:.1} s",
+                t.elapsed().as_secs_f64()
             );
-            size.synced_s.push((r.proxy.name().to_string(), s));
-        }
-        for &rate in &o.rates {
-            let rows = measure_rate(
-                &rt,
-                o,
-                &running,
-                &slices,
-                &state,
-                &counter,
-                n,
-                rate,
-                &mut probe_current,
-            )?;
-            size.rates.push(rows);
-        }
+            let since = Instant::now();
+            if running.is_empty() {
+                running.push(start_agent(
+                    &cp,
+                    dir.path(),
+                    &tag,
+                    &o.agent_bin,
+                    max_services,
+                )?);
+                for p in [Proxy::Iptables, Proxy::Nftables] {
+                    running.push(start_kube_proxy(&cp, dir.path(), &tag, p)?);
+                }
+            }
+            for r in running.iter_mut() {
+                let s = r.wait_synced(n, since)?;
+                eprintln!(
+                    "programming: {} has all {n} Services ({s:.1} s)",
+                    r.proxy.name()
+                );
+                size.synced_s.push((r.proxy.name().to_string(), s));
+            }
+            for &rate in &o.rates {
+                let rows = measure_rate(
+                    &rt,
+                    o,
+                    &running,
+                    &slices,
+                    &state,
+                    &counter,
+                    n,
+                    rate,
+                    &mut probe_current,
+                )?;
+                size.rates.push(rows);
+            }
+            Ok(())
+        })();
         report.sizes.push(size);
+        if let Err(e) = r {
+            report.error = Some(format!("{n} Services: {e:#}"));
+            break;
+        }
+        report.duration_s = started.elapsed().as_secs_f64();
+        report.finish();
+        // Whatever comes next, this size's numbers are on disk.
+        save(&report)?;
     }
     drop(running);
     drop(cp);
@@ -789,11 +810,28 @@ fn measure_rate(
         }
     }
     let churned = rt.block_on(handle).context("the churn task panicked")?;
+    // Settle: at least SETTLE, then until no proxy's histogram grows
+    // between two scrapes 2 s apart (a proxy behind the churn catches up),
+    // at most SETTLE_MAX.
     std::thread::sleep(SETTLE);
+    let settle = Instant::now();
+    let mut last: Vec<f64> = Vec::new();
+    loop {
+        let now: Vec<f64> = running
+            .iter()
+            .map(|r| r.histogram().map(|h| h.total()))
+            .collect::<Result<_>>()?;
+        if now == last || settle.elapsed() > SETTLE_MAX {
+            break;
+        }
+        last = now;
+        crate::cleanup::check_stop()?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let elapsed_min = t0.elapsed().as_secs_f64() / 60.0;
     let mut rows = RateRows {
         rate,
-        achieved: churned.ok as f64 / o.window.as_secs_f64(),
+        achieved: churned.ok as f64 / churned.elapsed.max(o.window).as_secs_f64(),
         writes_ok: churned.ok,
         writes_failed: churned.failed,
         first_error: churned.first_error.clone(),

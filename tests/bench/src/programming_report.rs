@@ -101,6 +101,8 @@ pub struct Report {
     pub goal: Goal,
     /// What the numbers are and are not.
     pub notes: Vec<String>,
+    /// What stopped the run early (the sizes before it are complete).
+    pub error: Option<String>,
     /// The machine.
     pub machine: Machine,
     /// Run time, s.
@@ -120,11 +122,11 @@ impl Report {
             window_s: o.window.as_secs_f64(),
             samples: o.samples,
             notes: vec![
-                "Own metric: each proxy's programming-latency histogram (kube-proxy: kubeproxy_network_programming_duration_seconds; netboot: netboot_datapath_network_programming_duration_seconds{trigger=\"endpointslice\"}), the difference of a scrape before and after the rate; p50/p99 interpolated linearly inside the bucket as Prometheus' histogram_quantile does.".into(),
-                "kube-proxy's buckets start at 0.25 s (then 0.5, 1, 2, …): its quantiles below 250 ms are bucket-limited (interpolated between 0 and 0.25 s), not measured. netboot's start at 1 ms.".into(),
+                "Own metric: each proxy's programming-latency histogram (kube-proxy: kubeproxy_network_programming_duration_seconds; netboot: netboot_datapath_network_programming_duration_seconds{trigger=\"endpointslice\"}), the difference of a scrape before and after the rate (after the settle: a proxy behind the churn catches up first); 'observed' counts its observations (kube-proxy records one per Service per sync, so several changes of one slice between two syncs count once); p50/p99 interpolated linearly inside the bucket as Prometheus' histogram_quantile does.".into(),
+                "kube-proxy's buckets start at 0.25 s (0.25, 0.5, 1, then 1 s steps: 2, 3, 4, …): its quantiles below 250 ms are bucket-limited (interpolated between 0 and 0.25 s), not measured. netboot's start at 1 ms.".into(),
                 "Outside check: the probe Service (svc-000000, one endpoint, never churned) is moved to another real listener on lo inside each proxy's namespace; a client there (netboot: inside the agent's cgroup) connects to the VIP every ~1 ms; the time is API write → first answer from the new backend, over the samples of that rate.".into(),
-                "Churn: one EndpointSlice merge patch per change (one endpoint's address replaced, endpoints.kubernetes.io/last-change-trigger-time = the write time, RFC 3339 with ns), Services in turn on an absolute schedule; 'achieved' = successful writes / window.".into(),
-                "CPU: utime+stime+cutime+cstime of the proxy's process (/proc/PID/stat; kube-proxy's iptables-restore/nft children count once waited for) over the rate's window plus 5 s settle, per minute. Each proxy stands for one node.".into(),
+                "Churn: one EndpointSlice merge patch per change (one endpoint's address replaced, endpoints.kubernetes.io/last-change-trigger-time = the write time, RFC 3339 with ns), Services in turn on an absolute schedule; 'achieved' = successful writes / (window, or longer when the last write was answered later).".into(),
+                "CPU: utime+stime+cutime+cstime of the proxy's process (/proc/PID/stat; kube-proxy's iptables-restore/nft children count once waited for) over the rate's window plus the settle (5 s, then until no histogram grows between two scrapes 2 s apart, at most 60 s more), per minute. Each proxy stands for one node.".into(),
                 "All three proxies watch the same API server at the same time on a shared 2-core machine: they compete for CPU with each other, etcd, the API server and the churn writer.".into(),
             ],
             ..Default::default()
@@ -249,6 +251,9 @@ pub fn markdown(rep: &Report) -> String {
         "**Goal**: {}.  \n**Measured**: {}.\n",
         rep.goal.goal, rep.goal.verdict
     );
+    if let Some(e) = &rep.error {
+        let _ = writeln!(out, "**The run stopped early**: {e}\n");
+    }
     for s in &rep.sizes {
         let _ = writeln!(out, "## {} Services\n", s.services);
         let synced: Vec<String> = s

@@ -424,8 +424,9 @@ impl Running {
 
     /// Waits until all `n` Services are programmed; seconds since `since`
     /// (at most a poll interval late: dumping 100k rules takes seconds, so
-    /// the pause between polls is three times the last poll).
-    fn wait_synced(&mut self, n: u32, since: Instant) -> Result<f64> {
+    /// the pause between polls is three times the last poll). None: not
+    /// within [`SYNC_TIMEOUT`].
+    fn wait_synced(&mut self, n: u32, since: Instant) -> Result<Option<f64>> {
         loop {
             crate::cleanup::check_stop()?;
             if let Some(st) = self.exited() {
@@ -438,14 +439,15 @@ impl Running {
             let poll = Instant::now();
             let got = self.programmed()?;
             if got >= n as usize {
-                return Ok(since.elapsed().as_secs_f64());
+                return Ok(Some(since.elapsed().as_secs_f64()));
             }
             if since.elapsed() > SYNC_TIMEOUT {
-                bail!(
-                    "{}: {got} of {n} Services programmed after {SYNC_TIMEOUT:?}; see {}",
+                eprintln!(
+                    "programming: {}: {got} of {n} Services programmed after {SYNC_TIMEOUT:?}; left out of this size (see {})",
                     self.proxy.name(),
                     self.log.display()
                 );
+                return Ok(None);
             }
             std::thread::sleep((poll.elapsed() * 3).max(Duration::from_millis(500)));
         }
@@ -690,19 +692,31 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
                     running.push(start_kube_proxy(&cp, dir.path(), &tag, p)?);
                 }
             }
+            let mut synced = Vec::new();
             for r in running.iter_mut() {
-                let s = r.wait_synced(n, since)?;
-                eprintln!(
-                    "programming: {} has all {n} Services ({s:.1} s)",
-                    r.proxy.name()
-                );
-                size.synced_s.push((r.proxy.name().to_string(), s));
+                match r.wait_synced(n, since)? {
+                    Some(s) => {
+                        eprintln!(
+                            "programming: {} has all {n} Services ({s:.1} s)",
+                            r.proxy.name()
+                        );
+                        size.synced_s.push((r.proxy.name().to_string(), s));
+                        synced.push(r.proxy);
+                    }
+                    None => size.not_synced.push(r.proxy.name().to_string()),
+                }
             }
+            // A proxy that never caught up keeps running (it is part of the
+            // load) but is not measured at this size.
+            let measured: Vec<&Running> = running
+                .iter()
+                .filter(|r| synced.contains(&r.proxy))
+                .collect();
             for &rate in &o.rates {
                 let rows = measure_rate(
                     &rt,
                     o,
-                    &running,
+                    &measured,
                     &slices,
                     &state,
                     &counter,
@@ -737,7 +751,7 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
 fn measure_rate(
     rt: &tokio::runtime::Runtime,
     o: &Options,
-    running: &[Running],
+    running: &[&Running],
     slices: &Api<EndpointSlice>,
     state: &State,
     counter: &Arc<Mutex<u64>>,
@@ -751,7 +765,7 @@ fn measure_rate(
     );
     let before: Vec<Histogram> = running
         .iter()
-        .map(Running::histogram)
+        .map(|r| r.histogram())
         .collect::<Result<_>>()?;
     let cpu0: Vec<f64> = running
         .iter()

@@ -69,6 +69,9 @@ pub struct SizeResult {
     /// Per proxy: seconds from start (or from the API growing) until all
     /// Services were programmed.
     pub synced_s: Vec<(String, f64)>,
+    /// Proxies that had not programmed all Services after 15 min: left out
+    /// of this size's rates (still running, catching up, during them).
+    pub not_synced: Vec<String>,
     /// Per rate.
     pub rates: Vec<RateRows>,
 }
@@ -169,6 +172,13 @@ impl Report {
                 let _ = write!(v, ": goal {}", if met { "MET" } else { "NOT MET" });
             }
         }
+        if ipt.is_none()
+            && self.sizes.iter().any(|s| {
+                s.services == size && s.not_synced.iter().any(|p| p == "kube-proxy iptables")
+            })
+        {
+            v.push_str(" (kube-proxy iptables had not programmed all Services after 15 min, so it has no row)");
+        }
         if !judged {
             v.push_str(" — quick mode: the goal is judged in full mode (10k Services)");
         }
@@ -266,6 +276,13 @@ pub fn markdown(rep: &Report) -> String {
             "All Services programmed after: {}.\n",
             synced.join(", ")
         );
+        if !s.not_synced.is_empty() {
+            let _ = writeln!(
+                out,
+                "Not all Services programmed after 15 min (left out of this size's rows; they kept running and catching up during the churn): {}.\n",
+                s.not_synced.join(", ")
+            );
+        }
         let _ = writeln!(
             out,
             "| rate/s | achieved/s | proxy | p50 (own metric) | p99 (own metric) | observed | outside p50 / max | CPU s/min |"
@@ -338,6 +355,7 @@ mod tests {
         r.sizes.push(SizeResult {
             services: size,
             synced_s: vec![("netboot".into(), 1.0)],
+            not_synced: Vec::new(),
             rates: vec![RateRows {
                 rate: 100,
                 achieved: 99.5,

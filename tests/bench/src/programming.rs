@@ -663,6 +663,7 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
     let max_services = o.sizes.iter().copied().max().unwrap_or(1_000);
 
     let mut report = Report::new(o);
+    report.machine = machine.clone();
     let mut created = 0;
     let mut running: Vec<Running> = Vec::new();
     let mut probe_current = 0usize;
@@ -734,6 +735,7 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
             break;
         }
         report.duration_s = started.elapsed().as_secs_f64();
+        report.machine.loadavg_end = crate::machine::loadavg();
         report.finish();
         // Whatever comes next, this size's numbers are on disk.
         save(&report)?;

@@ -150,7 +150,11 @@ impl Report {
 
     /// Fills in the goal verdict.
     pub fn finish(&mut self) {
-        let (size, judged) = if self.sizes.iter().any(|s| s.services == 10_000) {
+        let (size, judged) = if self
+            .sizes
+            .iter()
+            .any(|s| s.services == 10_000 && !s.rates.is_empty())
+        {
             (10_000, true)
         } else {
             (1_000, false)

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cleanup::{Cgroup, ChildGuard, Netns, PinRoot};
+use netboot_datapath::config::MapSizes;
+
 use crate::netboot_lb::{map_sizes, MAX_FRONTENDS};
 use crate::workload::Workload;
 
@@ -120,6 +122,57 @@ fn rss_mib(pid: u32) -> (f64, f64) {
     (get("VmRSS:"), get("VmHWM:"))
 }
 
+/// The agent's config.yaml: API server 127.0.0.1:`api_port`, replace mode,
+/// the map sizes, kube-proxy rule cleanup off.
+pub fn agent_config(api_port: u16, sizes: &MapSizes) -> String {
+    format!(
+        "apiServer: {{host: 127.0.0.1, port: {api_port}}}\nkubeProxyReplacement: true\nsessionAffinityTimeoutSeconds: 10800\nmapSizes: {{services: {}, backends: {}, affinity: {}, reverseNat: {}}}\ncleanupKubeProxyRules: false\n",
+        sizes.services, sizes.backends, sizes.affinity, sizes.reverse_nat
+    )
+}
+
+/// What an agent the bench starts gets.
+pub struct AgentCommand<'a> {
+    /// The netboot-datapath binary.
+    pub bin: &'a Path,
+    /// `--node-name`.
+    pub node: &'a str,
+    /// `--config` ([`agent_config`]).
+    pub config: &'a Path,
+    /// `--cgroup`: where its socket LB attaches (one of the bench's).
+    pub cgroup: &'a Path,
+    /// `--bpffs`: its pin root (one of the bench's).
+    pub pins: &'a Path,
+    /// `--listen`: /healthz, /readyz, /metrics, /v1/status.
+    pub listen: std::net::SocketAddr,
+    /// `--rules-netns`: a bench namespace (never the root one's rules).
+    pub rules_netns: &'a Path,
+}
+
+/// `netboot-datapath agent …` with `a`, Node checks hourly, info logs, no
+/// KUBECONFIG from the environment, stdin/stdout null (the caller adds the
+/// source of Services and stderr).
+pub fn agent_command(a: &AgentCommand) -> Command {
+    let mut c = Command::new(a.bin);
+    c.args(["agent", "--node-name", a.node])
+        .arg("--config")
+        .arg(a.config)
+        .arg("--cgroup")
+        .arg(a.cgroup)
+        .arg("--bpffs")
+        .arg(a.pins)
+        .args(["--listen", &a.listen.to_string()])
+        .arg("--rules-netns")
+        .arg(a.rules_netns)
+        .args(["--node-interval", "3600"])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    c
+}
+
 /// Starts the agent on `w`, waits for ready (or `timeout`, or a failed
 /// reconcile pass), reads its RSS and status, stops it and removes its pins.
 pub fn run(
@@ -131,10 +184,7 @@ pub fn run(
 ) -> Result<AgentResult> {
     let dir = crate::cleanup::TmpDir::new(&format!("{run_tag}-agent"))?;
     let sizes = map_sizes((w.n as usize).min(MAX_FRONTENDS), w.b, w.endpoints());
-    let config = format!(
-        "apiServer: {{host: 127.0.0.1, port: 6443}}\nkubeProxyReplacement: true\nsessionAffinityTimeoutSeconds: 10800\nmapSizes: {{services: {}, backends: {}, affinity: {}, reverseNat: {}}}\ncleanupKubeProxyRules: false\n",
-        sizes.services, sizes.backends, sizes.affinity, sizes.reverse_nat
-    );
+    let config = agent_config(6443, &sizes);
     let cfg_path = dir.path().join("config.yaml");
     std::fs::write(&cfg_path, config)?;
     let static_path = dir.path().join("static.yaml");
@@ -155,28 +205,20 @@ pub fn run(
 
     crate::cleanup::check_stop()?;
     let t0 = Instant::now();
-    let child = Command::new(bin)
-        .args(["agent", "--node-name", "netboot-bench"])
-        .arg("--config")
-        .arg(&cfg_path)
-        .arg("--cgroup")
-        .arg(&cg.path)
-        .arg("--bpffs")
-        .arg(pins.pins.root())
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--static-services")
-        .arg(&static_path)
-        .arg("--rules-netns")
-        .arg(rules_ns.path())
-        .args(["--node-interval", "3600"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove("KUBECONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
+    let child = agent_command(&AgentCommand {
+        bin,
+        node: "netboot-bench",
+        config: &cfg_path,
+        cgroup: &cg.path,
+        pins: pins.pins.root(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        rules_netns: &rules_ns.path(),
+    })
+    .arg("--static-services")
+    .arg(&static_path)
+    .stderr(Stdio::from(log))
+    .spawn()
+    .with_context(|| format!("starting {}", bin.display()))?;
     let mut guard = ChildGuard::new(child);
     let pid = guard.pid();
 

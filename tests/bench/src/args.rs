@@ -66,10 +66,48 @@ pub struct Cli {
     pub realtime_clients: bool,
 }
 
-/// Hidden subcommands.
+/// Subcommands (without one: the socket-LB benchmark).
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
+    /// Network programming latency against the REAL kube-proxy (iptables
+    /// and nftables) and the real netboot agent, side by side on a private
+    /// API server under EndpointSlice churn (issue 15, point 7).
+    Programming(ProgrammingArgs),
     /// The client process (spawned by the bench inside a cgroup and namespace).
     #[command(name = "__client", hide = true)]
     Client,
+    /// The outside check's probe (spawned inside a proxy's namespace).
+    #[command(name = "__probe", hide = true)]
+    Probe(ProbeArgs),
+}
+
+/// `programming` flags.
+#[derive(Debug, clap::Args)]
+pub struct ProgrammingArgs {
+    /// 1k Services, 20 s per rate (full: 1k and 10k Services, 60 s per rate).
+    #[arg(long)]
+    pub quick: bool,
+    /// Results folder (programming.json, programming.md).
+    #[arg(long, default_value = DEFAULT_OUT)]
+    pub out: PathBuf,
+    /// Outside-check samples per rate.
+    #[arg(long, default_value_t = 5)]
+    pub samples: u32,
+    /// The netboot-datapath binary [default: built next to this one].
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+}
+
+/// `__probe` flags.
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// VIP:port to connect to.
+    #[arg(long)]
+    pub target: std::net::SocketAddr,
+    /// The backend address to wait for.
+    #[arg(long)]
+    pub want: std::net::IpAddr,
+    /// Give up after this long.
+    #[arg(long)]
+    pub timeout_ms: u64,
 }

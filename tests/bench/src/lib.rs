@@ -8,6 +8,10 @@
 //! [`topology`] (namespaces, listeners) → [`latency`] (interleaved [`client`]
 //! batches; [`compare`]'s intervals), programming costs ([`size`]), the real agent ([`agent_run`]) →
 //! [`report`] (JSON, markdown), [`goals`], [`plot`].
+//! `netboot-bench programming` ([`programming`]): the real kube-proxy and
+//! the real agent on a private API server under EndpointSlice churn, each
+//! proxy's own latency [`histogram`], an outside [`probe`], and
+//! [`programming_report`].
 //! [`cleanup`] owns every namespace, cgroup, pin and child the bench creates.
 
 pub mod agent_run;
@@ -16,6 +20,7 @@ pub mod cleanup;
 pub mod client;
 pub mod compare;
 pub mod goals;
+pub mod histogram;
 pub mod iptables_rules;
 pub mod kube_proxy;
 pub mod latency;
@@ -23,6 +28,9 @@ pub mod machine;
 pub mod netboot_lb;
 pub mod nft_rules;
 pub mod plot;
+pub mod probe;
+pub mod programming;
+pub mod programming_report;
 pub mod report;
 pub mod run;
 pub mod settings;

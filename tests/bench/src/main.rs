@@ -3,19 +3,39 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use netboot_bench::args::{Cli, Cmd};
-use netboot_bench::{cleanup, client, report, run, settings::Settings};
+use netboot_bench::args::{Cli, Cmd, ProgrammingArgs};
+use netboot_bench::{cleanup, client, probe, programming, programming_report};
+use netboot_bench::{report, run, settings::Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::Client) = cli.cmd {
-        return match client::child_main() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("netboot-bench client: {e:#}");
-                ExitCode::FAILURE
+    let exit = |what: &str, r: anyhow::Result<()>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netboot-bench {what}: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    match &cli.cmd {
+        Some(Cmd::Client) => return exit("client", client::child_main()),
+        Some(Cmd::Probe(a)) => {
+            return exit(
+                "probe",
+                probe::child_main(
+                    a.target,
+                    a.want,
+                    std::time::Duration::from_millis(a.timeout_ms),
+                ),
+            )
+        }
+        Some(Cmd::Programming(a)) => {
+            let r = programming_section(a);
+            if r.is_err() {
+                cleanup::cleanup_all();
             }
-        };
+            return exit("programming", r);
+        }
+        None => {}
     }
     match bench(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,5 +62,24 @@ fn bench(cli: &Cli) -> anyhow::Result<()> {
         println!("wrote {}", svg.display());
     }
     println!("took {:.0} s", rep.duration_s);
+    Ok(())
+}
+
+fn programming_section(a: &ProgrammingArgs) -> anyhow::Result<()> {
+    run::preflight()?;
+    let agent = netboot_bench::agent_run::locate_binary(a.agent_bin.as_deref())?;
+    cleanup::install_signal_handler()?;
+    cleanup::sweep_stale();
+    let o = programming::Options::new(a.quick, a.samples, agent);
+    let rep = programming::run(&o, &mut |r| {
+        programming_report::write(r, &a.out).map(|_| ())
+    })?;
+    let written = programming_report::write(&rep, &a.out)?;
+    println!("{}", programming_report::markdown(&rep));
+    println!("wrote {}", written.markdown.display());
+    println!("wrote {}", written.json.display());
+    if let Some(e) = &rep.error {
+        anyhow::bail!("stopped early: {e}");
+    }
     Ok(())
 }

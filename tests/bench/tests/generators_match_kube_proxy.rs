@@ -45,22 +45,19 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeAddress, NodeStatus, Service};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, PostParams};
 use netboot_bench::workload::{self, Workload, NAMESPACE, POD_CIDR, SERVICE_CIDR};
 use netboot_bench::{iptables_rules, nft_rules};
+use netboot_harness::controlplane::{
+    self, create_all, first_sync_elapsed, kube_proxy_command, kubeconfig, proxy_config,
+    spawn_logged, sweep_leftovers, ControlPlane, ProxyMode as Mode, ProxySettings, Relay,
+};
 use netboot_harness::kubeproxy_rules;
 use netboot_harness::netns::{in_netns, Scoped};
 
@@ -74,81 +71,16 @@ const NODE_IP: &str = "10.244.0.12";
 const IN_FLIGHT: usize = 48;
 
 // ---------------------------------------------------------------------------
-// Processes, namespaces, relay
+// The harness's control plane and kube-proxy, failing loudly
 
-fn cached(kind: &str, name: &str) -> PathBuf {
-    let cache = std::env::var("NETBOOT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/netboot")
-        });
-    let dir = cache.join(kind);
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| {
-            panic!(
-                "generators_match_kube_proxy needs {name} from the tests/cluster/build cache: \
-                 {}: {e} (run tests/cluster/build first; NETBOOT_CACHE overrides ~/.cache/netboot)",
-                dir.display()
-            )
-        })
-        .flatten()
-        .map(|e| e.path().join("bin").join(name))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found.pop().unwrap_or_else(|| {
-        panic!(
-            "generators_match_kube_proxy needs {name} from the tests/cluster/build cache: not \
-             found under {}/*/bin (run tests/cluster/build first; NETBOOT_CACHE overrides \
-             ~/.cache/netboot)",
-            dir.display()
-        )
-    })
+/// `ip netns exec NS PROGRAM ARGS…`, stdout as text; panics on failure.
+fn in_ns(ns: &str, program: &str, args: &[&str], stdin: Option<&Path>) -> String {
+    controlplane::in_ns(ns, program, args, stdin).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A child killed (by its pid) and reaped on drop, pass or fail.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_logged(mut cmd: Command, log: &Path) -> ChildGuard {
-    use std::os::unix::process::CommandExt;
-    let file = std::fs::File::create(log).expect("log file");
-    // SAFETY: prctl is async-signal-safe. The child dies with the test
-    // process even if that is killed and cannot run its guards.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(file));
-    ChildGuard(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let mut held = Vec::new();
-    while held.len() < n {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        if [6443, 2379, 2380].contains(&port) || (10248..=10260).contains(&port) {
-            continue;
-        }
-        held.push(l);
-    }
-    held.iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+/// The rules in `ns` as the mode's tool prints them; panics on failure.
+fn dump(mode: Mode, ns: &str) -> String {
+    mode.dump(ns).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `elements = { a, b, … }` (joined onto one line) as sorted `element a`,
@@ -169,232 +101,13 @@ fn element_lines(all: &str) -> Vec<String> {
     items
 }
 
-fn sh(script: &str, dir: &Path) {
-    let out = Command::new("bash")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("bash");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// What the comparison needs of a mode beyond the harness's.
+trait Compare {
+    fn normalize(self, dump: &str) -> String;
+    fn chain_names(self, dump: &str) -> BTreeSet<String>;
 }
 
-/// CA, API server serving cert (127.0.0.1), admin client cert, SA keys.
-fn pki(dir: &Path) {
-    sh(
-        r#"
-k() { openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null; }
-k ca.key
-openssl req -x509 -new -key ca.key -subj /CN=nbkq-ca -days 2 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign -out ca.crt 2>/dev/null
-sign() { k "$1.key"; openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
-  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -sha256 -out "$1.crt" -extfile <(printf '%s\n' "$3") 2>/dev/null; }
-sign apiserver /CN=kube-apiserver "basicConstraints=critical,CA:FALSE
-extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:kubernetes"
-sign admin "/O=system:masters/CN=nbkq-admin" "basicConstraints=critical,CA:FALSE
-extendedKeyUsage=clientAuth"
-k sa.key; openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
-"#,
-        dir,
-    );
-}
-
-fn kubeconfig(dir: &Path, name: &str, server: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{server}', certificate-authority: {d}/ca.crt}}}}]\nusers: [{{name: u, user: {{client-certificate: {d}/admin.crt, client-key: {d}/admin.key}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
-            d = dir.display()
-        ),
-    )
-    .expect("kubeconfig");
-    p
-}
-
-/// Forwards connections to 127.0.0.1:PORT inside a test namespace to
-/// `upstream` (127.0.0.1 in the root namespace): the listener was bound by a
-/// thread that entered the namespace; the upstream connections are made by
-/// threads that never left the root namespace. Stopped (and every relayed
-/// connection shut down) on drop.
-struct Relay {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Relay {
-    fn start(netns: &str, upstream: SocketAddr) -> Self {
-        let listener = in_netns(netns, || {
-            let l = TcpListener::bind("127.0.0.1:0")?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .expect("relay listener inside the namespace");
-        let port = listener.local_addr().expect("relay addr").port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (s, c) = (stop.clone(), conns.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((down, _)) => {
-                        let _ = down.set_nonblocking(false);
-                        let Ok(up) = TcpStream::connect(upstream) else {
-                            continue;
-                        };
-                        let pair = [
-                            down.try_clone().expect("clone"),
-                            up.try_clone().expect("clone"),
-                        ];
-                        c.lock().expect("lock").extend(pair);
-                        pipe(
-                            down.try_clone().expect("clone"),
-                            up.try_clone().expect("clone"),
-                        );
-                        pipe(up, down);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Self {
-            port,
-            stop,
-            conns,
-            thread: Some(thread),
-        }
-    }
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = to.shutdown(Shutdown::Write);
-    });
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        for c in self.conns.lock().expect("lock").iter() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// Deletes the namespaces `nbkq-<pid>-…` of a run that was killed (its pid
-/// no longer runs): processes die with the test (PR_SET_PDEATHSIG), the
-/// namespaces do not.
-fn sweep_leftovers() {
-    for name in netboot_harness::netns::list("nbkq-") {
-        let Some(pid) = name
-            .strip_prefix("nbkq-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-            println!("removed the leftover namespace {name}");
-        }
-    }
-}
-
-/// `ip netns exec NS PROGRAM ARGS…`, stdout as text; panics on failure.
-fn in_ns(ns: &str, program: &str, args: &[&str], stdin: Option<&Path>) -> String {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, program]).args(args);
-    if let Some(p) = stdin {
-        c.stdin(std::fs::File::open(p).expect("stdin file"));
-    }
-    let out = c.output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "netns {ns}: {program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
-// ---------------------------------------------------------------------------
-// The two modes
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Iptables,
-    Nftables,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Iptables => "iptables",
-            Self::Nftables => "nftables",
-        }
-    }
-
-    /// The rules as the namespace holds them, printed by the mode's tool.
-    fn dump(self, ns: &str) -> String {
-        match self {
-            // Without the "# Generated … on <date>" lines.
-            Self::Iptables => in_ns(ns, "iptables-nft-save", &[], None)
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| format!("{l}\n"))
-                .collect(),
-            Self::Nftables => {
-                let mut c = Command::new("ip");
-                c.args([
-                    "netns",
-                    "exec",
-                    ns,
-                    "nft",
-                    "list",
-                    "table",
-                    "ip",
-                    "kube-proxy",
-                ]);
-                let out = c.output().expect("nft");
-                // No table yet: kube-proxy has not synced.
-                String::from_utf8(out.stdout).expect("utf-8")
-            }
-        }
-    }
-
-    /// How many Services the dump sends somewhere.
-    fn services_in(self, dump: &str) -> usize {
-        match self {
-            Self::Iptables => dump
-                .lines()
-                .filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains("-j KUBE-SVC-"))
-                .count(),
-            Self::Nftables => dump.matches(": goto service-").count(),
-        }
-    }
-
+impl Compare for Mode {
     fn normalize(self, dump: &str) -> String {
         match self {
             Self::Iptables => normalize_iptables(dump),
@@ -418,36 +131,6 @@ impl Mode {
                 .collect(),
         }
     }
-}
-
-/// kubeadm's kube-proxy config.conf (tests/cluster/manifests/kubeadm/
-/// 20-kube-proxy.yaml) with the bench's pod CIDR, the mode, podnet's one
-/// change (`conntrack.maxPerCore: 0`: the global conntrack table size is the
-/// initial namespace's) and the test's kubeconfig.
-fn proxy_config(mode: Mode, kubeconfig: &Path) -> String {
-    format!(
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-bindAddress: 0.0.0.0
-bindAddressHardFail: false
-clientConnection:
-  kubeconfig: {kc}
-clusterCIDR: {POD_CIDR}
-conntrack:
-  maxPerCore: 0
-  min: null
-  tcpBeLiberal: false
-  udpStreamTimeout: 0s
-  udpTimeout: 0s
-healthzBindAddress: \"\"
-metricsBindAddress: \"\"
-mode: {mode}
-nodePortAddresses: null
-hostnameOverride: {NODE}
-",
-        kc = kubeconfig.display(),
-        mode = mode.name()
-    )
 }
 
 // ---------------------------------------------------------------------------
@@ -806,203 +489,58 @@ fn diff(generated: &str, real: &str, max_lines: usize) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// The API server and the workload
+// The workload in the API
 
-struct ControlPlane {
-    _etcd: ChildGuard,
-    _api: ChildGuard,
-    api_port: u16,
-    client: kube::Client,
-    bin_proxy: PathBuf,
-    /// Services already created (the workload grows from one size to the next).
-    created: u32,
+/// The namespace, the Node, and `bench/svc-000000` in `default/kubernetes`'
+/// place (10.96.0.1, as in the bench).
+async fn prepare(cp: &ControlPlane) {
+    cp.create_namespace(NAMESPACE)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    Api::<Node>::all(cp.client.clone())
+        .create(&PostParams::default(), &controlplane::node(NODE, NODE_IP))
+        .await
+        .expect("node");
+    let first = Workload::new(1, B).expect("size").services().remove(0);
+    cp.displace_default_kubernetes(&first)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
-async fn start_control_plane(dir: &Path) -> ControlPlane {
-    let etcd = cached("etcd", "etcd");
-    let apiserver = cached("k8s", "kube-apiserver");
-    let bin_proxy = cached("k8s", "kube-proxy");
-    pki(dir);
-    let ports = free_ports(3);
-    let (ec, ep, ap) = (ports[0], ports[1], ports[2]);
-    let mut c = Command::new(&etcd);
-    c.args(["--name", "nbkq", "--data-dir"])
-        .arg(dir.join("etcd"))
-        .arg(format!("--listen-client-urls=http://127.0.0.1:{ec}"))
-        .arg(format!("--advertise-client-urls=http://127.0.0.1:{ec}"))
-        .arg(format!("--listen-peer-urls=http://127.0.0.1:{ep}"))
-        .arg(format!(
-            "--initial-advertise-peer-urls=http://127.0.0.1:{ep}"
-        ))
-        .arg(format!("--initial-cluster=nbkq=http://127.0.0.1:{ep}"))
-        .arg("--unsafe-no-fsync")
-        .arg("--quota-backend-bytes=8589934592");
-    let etcd = spawn_logged(c, &dir.join("etcd.log"));
-    let mut c = Command::new(&apiserver);
-    c.arg(format!("--etcd-servers=http://127.0.0.1:{ec}"))
-        .args(["--bind-address=127.0.0.1", "--advertise-address=192.0.2.10"])
-        .arg(format!("--secure-port={ap}"))
-        .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-        .args([
-            "--authorization-mode=RBAC",
-            "--endpoint-reconciler-type=none",
-            "--max-requests-inflight=800",
-            "--max-mutating-requests-inflight=400",
-        ])
-        .arg(format!("--client-ca-file={}/ca.crt", dir.display()))
-        .arg(format!("--tls-cert-file={}/apiserver.crt", dir.display()))
-        .arg(format!(
-            "--tls-private-key-file={}/apiserver.key",
-            dir.display()
-        ))
-        .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-        .arg(format!(
-            "--service-account-key-file={}/sa.pub",
-            dir.display()
-        ))
-        .arg(format!(
-            "--service-account-signing-key-file={}/sa.key",
-            dir.display()
-        ));
-    let api = spawn_logged(c, &dir.join("apiserver.log"));
-    let admin = kubeconfig(dir, "admin.conf", &format!("https://127.0.0.1:{ap}"));
-    let kc = kube::config::Kubeconfig::read_from(&admin).expect("kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-        .await
-        .expect("client config");
-    let client = kube::Client::try_from(cfg).expect("client");
+/// Brings the API's objects to workload `w` (Services `created..n`
+/// created; the slice of a Service whose endpoints differ in `w`, i.e.
+/// the previously last one, replaced). Returns the time taken.
+async fn apply(cp: &ControlPlane, created: &mut u32, w: &Workload) -> Duration {
     let t = Instant::now();
-    loop {
-        let ok = client
-            .request_text(
-                http::Request::get("/readyz")
-                    .body(Vec::new())
-                    .expect("request"),
-            )
-            .await
-            .is_ok();
-        if ok {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "kube-apiserver not ready after 120 s: see {}/apiserver.log",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    println!("control plane ready in {:?}", t.elapsed());
-    ControlPlane {
-        _etcd: etcd,
-        _api: api,
-        api_port: ap,
-        client,
-        bin_proxy,
-        created: 0,
-    }
-}
-
-impl ControlPlane {
-    /// The namespace, the Node, and `default/kubernetes` out of 10.96.0.1's
-    /// way (the API server re-creates it every few seconds; once
-    /// `bench/svc-000000` holds 10.96.0.1 it cannot).
-    async fn prepare(&self) {
-        let ns: Api<Namespace> = Api::all(self.client.clone());
-        ns.create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(NAMESPACE.into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
+    let svcs: Api<Service> = Api::namespaced(cp.client.clone(), NAMESPACE);
+    let slices: Api<EndpointSlice> = Api::namespaced(cp.client.clone(), NAMESPACE);
+    let services = w.services();
+    let all_slices = w.slices(false);
+    // svc-000000 exists since prepare().
+    let from = (*created).max(1) as usize;
+    create_all(&svcs, services.into_iter().skip(from).collect(), IN_FLIGHT)
         .await
-        .expect("namespace");
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        nodes
-            .create(
-                &PostParams::default(),
-                &Node {
-                    metadata: ObjectMeta {
-                        name: Some(NODE.into()),
-                        ..Default::default()
-                    },
-                    // kube-proxy waits 30 s for the node's IPs otherwise.
-                    status: Some(NodeStatus {
-                        addresses: Some(vec![NodeAddress {
-                            type_: "InternalIP".into(),
-                            address: NODE_IP.into(),
-                        }]),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-            )
+        .unwrap_or_else(|e| panic!("{e}"));
+    if *created > 0 {
+        let i = *created - 1;
+        let name = format!("{}-bench", workload::service_name(i));
+        let mut s = all_slices[i as usize].clone();
+        let old = slices.get(&name).await.expect("slice");
+        s.metadata.resource_version = old.metadata.resource_version;
+        slices
+            .replace(&name, &PostParams::default(), &s)
             .await
-            .expect("node");
-        let svcs: Api<Service> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let default: Api<Service> = Api::namespaced(self.client.clone(), "default");
-        let w = Workload::new(1, B).expect("size");
-        let first = w.services().remove(0);
-        let t = Instant::now();
-        loop {
-            let _ = default.delete("kubernetes", &DeleteParams::default()).await;
-            match svcs.create(&PostParams::default(), &first).await {
-                Ok(_) => break,
-                Err(e) => assert!(
-                    t.elapsed() < Duration::from_secs(60),
-                    "bench/svc-000000 could not get 10.96.0.1 in 60 s: {e}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            .expect("replace slice");
     }
-
-    /// Brings the API's objects to workload `w` (Services `created..n`
-    /// created; the slice of a Service whose endpoints differ in `w`, i.e.
-    /// the previously last one, replaced). Returns the time taken.
-    async fn apply(&mut self, w: &Workload) -> Duration {
-        let t = Instant::now();
-        let svcs: Api<Service> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let services = w.services();
-        let all_slices = w.slices(false);
-        // svc-000000 exists since prepare().
-        let from = self.created.max(1) as usize;
-        futures::stream::iter(services.into_iter().skip(from))
-            .map(|s| {
-                let svcs = svcs.clone();
-                async move { svcs.create(&PostParams::default(), &s).await }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .try_collect::<Vec<_>>()
-            .await
-            .expect("create Services");
-        if self.created > 0 {
-            let i = self.created - 1;
-            let name = format!("{}-bench", workload::service_name(i));
-            let mut s = all_slices[i as usize].clone();
-            let old = slices.get(&name).await.expect("slice");
-            s.metadata.resource_version = old.metadata.resource_version;
-            slices
-                .replace(&name, &PostParams::default(), &s)
-                .await
-                .expect("replace slice");
-        }
-        futures::stream::iter(all_slices.into_iter().skip(self.created as usize))
-            .map(|s| {
-                let slices = slices.clone();
-                async move { slices.create(&PostParams::default(), &s).await }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .try_collect::<Vec<_>>()
-            .await
-            .expect("create EndpointSlices");
-        self.created = w.n;
-        t.elapsed()
-    }
+    create_all(
+        &slices,
+        all_slices.into_iter().skip(*created as usize).collect(),
+        IN_FLIGHT,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    *created = w.n;
+    t.elapsed()
 }
 
 // ---------------------------------------------------------------------------
@@ -1020,16 +558,6 @@ struct Outcome {
     notes: Vec<String>,
 }
 
-/// The `elapsed` of kube-proxy's first IPv4 "SyncProxyRules complete" line.
-fn first_sync_elapsed(log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let line = text
-        .lines()
-        .find(|l| l.contains("\"SyncProxyRules complete\"") && l.contains("ipFamily=\"IPv4\""))?;
-    let v = line.split_once("elapsed=\"")?.1;
-    Some(v.split('"').next()?.to_string())
-}
-
 fn run_kube_proxy(
     cp: &ControlPlane,
     dir: &Path,
@@ -1037,23 +565,32 @@ fn run_kube_proxy(
     w: &Workload,
 ) -> (String, Duration, Option<String>) {
     let ns = Scoped::create(&format!("nbkq-{}-kp", std::process::id())).expect("netns");
-    let relay = Relay::start(&ns.name, SocketAddr::from(([127, 0, 0, 1], cp.api_port)));
+    let relay = Relay::start(&ns.name, SocketAddr::from(([127, 0, 0, 1], cp.api_port)))
+        .unwrap_or_else(|e| panic!("{e}"));
     let kc = kubeconfig(
         dir,
         &format!("kube-proxy-{}.conf", mode.name()),
         &format!("https://127.0.0.1:{}", relay.port),
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let cfg = dir.join(format!("kube-proxy-{}-{}.yaml", mode.name(), w.n));
-    std::fs::write(&cfg, proxy_config(mode, &kc)).expect("config");
+    let settings = ProxySettings {
+        mode,
+        kubeconfig: kc,
+        cluster_cidr: POD_CIDR.into(),
+        node: NODE.into(),
+        metrics: None,
+    };
+    std::fs::write(&cfg, proxy_config(&settings)).expect("config");
     let log = dir.join(format!("kube-proxy-{}-{}.log", mode.name(), w.n));
-    let mut c = Command::new("ip");
+    let mut c = kube_proxy_command(&cp.bin_proxy, &ns.name, &cfg);
     if std::env::var_os("NBKQ_TRACE").is_some() {
         // Debugging aid: wrappers in front of PATH record every nft /
         // iptables-restore input kube-proxy sends (trace-*.txt in the kept dir).
         let bin = dir.join("trace-bin");
         std::fs::create_dir_all(&bin).expect("trace dir");
         for tool in ["nft", "iptables-restore", "iptables-nft-restore"] {
-            let real = Command::new("sh")
+            let real = std::process::Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
                 .output()
                 .expect("which");
@@ -1076,23 +613,19 @@ fn run_kube_proxy(
             ),
         );
     }
-    c.args(["netns", "exec", &ns.name])
-        .arg(&cp.bin_proxy)
-        .arg(format!("--config={}", cfg.display()))
-        .arg("--v=2");
     let t = Instant::now();
-    let mut proxy = spawn_logged(c, &log);
+    let mut proxy = spawn_logged(c, &log).unwrap_or_else(|e| panic!("{e}"));
     let limit = Duration::from_secs(600);
     let mut last = String::new();
     let synced = loop {
-        if let Some(status) = proxy.0.try_wait().expect("wait") {
+        if let Some(status) = proxy.exited() {
             panic!(
                 "kube-proxy ({}) exited with {status}: see {}",
                 mode.name(),
                 log.display()
             );
         }
-        let dump = mode.dump(&ns.name);
+        let dump = dump(mode, &ns.name);
         if mode.services_in(&dump) == w.n as usize {
             if dump == last {
                 break dump;
@@ -1150,7 +683,7 @@ fn load_generated(
         }
     }
     let took = t.elapsed();
-    let dump = mode.dump(&ns.name);
+    let dump = dump(mode, &ns.name);
     (ns, dump, took)
 }
 
@@ -1191,7 +724,10 @@ fn check_incremental(
     let (fresh_ns, fresh, _) = load_generated(dir, mode, w, true, "gen2");
     drop(fresh_ns);
     apply_change(dir, ns, mode, w, true);
-    let (a, b) = (mode.normalize(&mode.dump(&ns.name)), mode.normalize(&fresh));
+    let (a, b) = (
+        mode.normalize(&dump(mode, &ns.name)),
+        mode.normalize(&fresh),
+    );
     if a != b {
         problems.push(format!(
             "the bench's endpoint change applied to the full ruleset is not the full ruleset with the change:\n{}",
@@ -1200,7 +736,7 @@ fn check_incremental(
     }
     apply_change(dir, ns, mode, w, false);
     let (a, b) = (
-        mode.normalize(&mode.dump(&ns.name)),
+        mode.normalize(&dump(mode, &ns.name)),
         mode.normalize(original),
     );
     if a != b {
@@ -1293,19 +829,24 @@ fn generators_match_the_real_kube_proxy() {
              NETBOOT_FULL=1 runs it too !!!\n"
         );
     }
-    sweep_leftovers();
+    for name in sweep_leftovers("nbkq-") {
+        println!("removed the leftover namespace {name}");
+    }
     let dir = tempfile::Builder::new()
         .prefix("nbkq-")
         .tempdir()
         .expect("tempdir");
     let keep = std::env::var_os("NBKQ_KEEP").is_some();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut cp = rt.block_on(start_control_plane(dir.path()));
-    rt.block_on(cp.prepare());
+    let cp = rt
+        .block_on(ControlPlane::start(dir.path(), SERVICE_CIDR))
+        .unwrap_or_else(|e| panic!("generators_match_kube_proxy: {e}"));
+    rt.block_on(prepare(&cp));
+    let mut created = 0;
     let mut outcomes = Vec::new();
     for n in sizes {
         let w = Workload::new(n, B).expect("size");
-        let took = rt.block_on(cp.apply(&w));
+        let took = rt.block_on(apply(&cp, &mut created, &w));
         println!(
             "N = {n}: {} Services + {} EndpointSlices in the API in {took:?}",
             n, n

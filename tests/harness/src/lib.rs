@@ -4,6 +4,8 @@
 //!   namespaces and helpers to wait for, and run commands in, podnet pods.
 //! - [`podnet`]: the controller that makes selected pods real (netns, cgroup,
 //!   processes), runs datapath agents, emulates kube-proxy and cluster DNS.
+//! - [`controlplane`]: a private etcd + kube-apiserver and the real
+//!   kube-proxy in a namespace (relay, config, rule dumps).
 //! - [`kubeproxy_rules`]: kube-proxy's iptables ruleset as a pure function.
 //! - [`names`], [`netns`], [`cgroup`], [`process`], [`dns`]: the plumbing.
 //! - [`caps`]: the capabilities a container's securityContext grants.
@@ -15,6 +17,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod cluster;
+pub mod controlplane;
 pub mod dns;
 pub mod http;
 pub mod kubeproxy_rules;

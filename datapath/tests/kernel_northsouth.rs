@@ -315,6 +315,57 @@ impl Cluster {
     }
 }
 
+/// Small maps for the per-packet tests.
+const NP_SIZES: MapSizes = MapSizes {
+    services: 1024,
+    backends: 1024,
+    affinity: 1024,
+    reverse_nat: 1024,
+};
+
+/// The Services and EndpointSlices of a multi-document YAML.
+fn parse_objects(
+    text: &str,
+) -> (
+    Vec<k8s_openapi::api::core::v1::Service>,
+    Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+) {
+    let (mut svcs, mut slices) = (Vec::new(), Vec::new());
+    for doc in text.split("\n---\n") {
+        if doc.contains("kind: Service\n") {
+            svcs.push(serde_yaml::from_str(doc).unwrap());
+        } else {
+            slices.push(serde_yaml::from_str(doc).unwrap());
+        }
+    }
+    (svcs, slices)
+}
+
+/// Attaches the per-packet path to node-a's eth0 (SNAT 192.168.50.1), from
+/// a thread inside node-a's namespace; returns the links made.
+fn attach_node_a(c: &Cluster, pins: &TestPins) -> Vec<String> {
+    let (pins2, path) = (pins.pins.clone(), c.node_a.path());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(path).expect("netns");
+        // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        loader::install_nodeport(
+            &pins2,
+            &NP_SIZES,
+            &[NodePortDevice {
+                ifname: "eth0".into(),
+                snat: "192.168.50.1".parse().unwrap(),
+            }],
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("install_nodeport")
+    .into_iter()
+    .map(|l| format!("{l:?}"))
+    .collect()
+}
+
 const NP_SERVICES: &str = "
 kind: Service
 metadata: {name: web, namespace: default}
@@ -386,24 +437,8 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     let agent_cg = TestCgroup::new("nbns-np-agent");
     let client_cg = TestCgroup::new("nbns-np-client");
     let pins = TestPins::new("nbns-np");
-    let sizes = MapSizes {
-        services: 1024,
-        backends: 1024,
-        affinity: 1024,
-        reverse_nat: 1024,
-    };
-    loader::install(&pins.pins, &agent_cg.path, &sizes, true).expect("install");
-    let (mut svcs, mut slices) = (Vec::new(), Vec::new());
-    for doc in NP_SERVICES.split("\n---\n") {
-        if doc.contains("kind: Service\n") {
-            svcs.push(serde_yaml::from_str::<k8s_openapi::api::core::v1::Service>(doc).unwrap());
-        } else {
-            slices.push(
-                serde_yaml::from_str::<k8s_openapi::api::discovery::v1::EndpointSlice>(doc)
-                    .unwrap(),
-            );
-        }
-    }
+    loader::install(&pins.pins, &agent_cg.path, &NP_SIZES, true).expect("install");
+    let (svcs, slices) = parse_objects(NP_SERVICES);
     let node_ips = ["192.168.50.1".parse().unwrap()];
     let rules = Rules {
         default_affinity_timeout: 10800,
@@ -415,23 +450,7 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     let mut recon =
         Reconciler::recover(KernelMaps::open(&pins.pins).expect("maps")).expect("recover");
     recon.reconcile(&table).expect("reconcile");
-    let (pins2, sizes2, path) = (pins.pins.clone(), sizes, c.node_a.path());
-    let links = std::thread::spawn(move || {
-        let f = std::fs::File::open(path).expect("netns");
-        // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        loader::install_nodeport(
-            &pins2,
-            &sizes2,
-            &[NodePortDevice {
-                ifname: "eth0".into(),
-                snat: "192.168.50.1".parse().unwrap(),
-            }],
-        )
-    })
-    .join()
-    .expect("thread")
-    .expect("install_nodeport");
+    let links = attach_node_a(&c, &pins);
     assert_eq!(links.len(), 2, "{links:?}");
 
     let tcp = |addr: SocketAddrV4, count: u32| {
@@ -1043,15 +1062,7 @@ endpoints:
 - {{addresses: [10.200.1.10], nodeName: node-a}}
 "
     );
-    let (mut svcs, mut slices) = (Vec::new(), Vec::new());
-    for doc in text.split("\n---\n") {
-        if doc.contains("kind: Service\n") {
-            svcs.push(serde_yaml::from_str(doc).unwrap());
-        } else {
-            slices.push(serde_yaml::from_str(doc).unwrap());
-        }
-    }
-    (svcs, slices)
+    parse_objects(&text)
 }
 
 /// kube-proxy drops a new flow to an LB IP from outside
@@ -1068,13 +1079,7 @@ fn load_balancer_source_ranges_admit_only_their_sources_on_the_lb_ip() {
     let agent_cg = TestCgroup::new("nbns-sr-agent");
     let client_cg = TestCgroup::new("nbns-sr-client");
     let pins = TestPins::new("nbns-sr");
-    let sizes = MapSizes {
-        services: 1024,
-        backends: 1024,
-        affinity: 1024,
-        reverse_nat: 1024,
-    };
-    loader::install(&pins.pins, &agent_cg.path, &sizes, true).expect("install");
+    loader::install(&pins.pins, &agent_cg.path, &NP_SIZES, true).expect("install");
     let node_ips = ["192.168.50.1".parse().unwrap()];
     let rules = Rules {
         default_affinity_timeout: 10800,
@@ -1108,23 +1113,7 @@ fn load_balancer_source_ranges_admit_only_their_sources_on_the_lb_ip() {
         ],
         "{written:?}"
     );
-    let (pins2, sizes2, path) = (pins.pins.clone(), sizes, c.node_a.path());
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(path).expect("netns");
-        // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        loader::install_nodeport(
-            &pins2,
-            &sizes2,
-            &[NodePortDevice {
-                ifname: "eth0".into(),
-                snat: "192.168.50.1".parse().unwrap(),
-            }],
-        )
-    })
-    .join()
-    .expect("thread")
-    .expect("install_nodeport");
+    attach_node_a(&c, &pins);
     let tcp = |addr: SocketAddrV4, count: u32| {
         client(&client_cg.path, &c.client, ClientOp::Tcp { addr, count })
     };

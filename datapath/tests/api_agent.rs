@@ -21,11 +21,12 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use netboot_datapath::handover::{self, RulesNetns};
+use netboot_harness::controlplane;
 use support::*;
 
 #[test]
@@ -34,85 +35,6 @@ fn helper() {
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
-
-fn cached(kind: &str, name: &str) -> PathBuf {
-    let cache = std::env::var("NETBOOT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/netboot")
-        });
-    let dir = cache.join(kind);
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| {
-            panic!(
-                "api_agent needs {name} from the tests/cluster/build cache: {}: {e} \
-                 (run tests/cluster/build first; NETBOOT_CACHE overrides ~/.cache/netboot)",
-                dir.display()
-            )
-        })
-        .flatten()
-        .map(|e| e.path().join("bin").join(name))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found.pop().unwrap_or_else(|| {
-        panic!(
-            "api_agent needs {name} from the tests/cluster/build cache: not found under {}/*/bin \
-             (run tests/cluster/build first; NETBOOT_CACHE overrides ~/.cache/netboot)",
-            dir.display()
-        )
-    })
-}
-
-fn sh(script: &str, dir: &Path) {
-    let out = Command::new("bash")
-        .arg("-ec")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("bash");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn pki(dir: &Path) {
-    sh(
-        r#"
-k() { openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1" 2>/dev/null; }
-k ca.key
-openssl req -x509 -new -key ca.key -subj /CN=nbt-dp-ca -days 2 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign -out ca.crt 2>/dev/null
-sign() { k "$1.key"; openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
-  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -sha256 -out "$1.crt" -extfile <(printf '%s\n' "$3") 2>/dev/null; }
-sign apiserver /CN=kube-apiserver "basicConstraints=critical,CA:FALSE
-extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes"
-sign admin "/O=system:masters/CN=nbt-dp-admin" "basicConstraints=critical,CA:FALSE
-extendedKeyUsage=clientAuth"
-k sa.key; openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
-"#,
-        dir,
-    );
-}
-
-fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
-    let p = dir.join(format!(
-        "kubeconfig-{}",
-        server.replace([':', '/', '.'], "_")
-    ));
-    std::fs::write(
-        &p,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{server}', certificate-authority: {d}/ca.crt}}}}]\nusers: [{{name: u, user: {{client-certificate: {d}/admin.crt, client-key: {d}/admin.key}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
-            d = dir.display()
-        ),
-    )
-    .expect("kubeconfig");
-    p
-}
 
 struct Kubectl {
     bin: PathBuf,
@@ -187,70 +109,22 @@ endpoints:
 
 #[test]
 fn agent_against_a_real_api_server() {
-    let etcd = cached("etcd", "etcd");
-    let apiserver = cached("k8s", "kube-apiserver");
-    let kubectl_bin = cached("k8s", "kubectl");
     require_privileges();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    pki(d);
-
-    let ports = free_ports(4);
-    let (ec, ep, ap, lp) = (ports[0], ports[1], ports[2], ports[3]);
-    let _etcd = ChildGuard(Some(
-        Command::new(&etcd)
-            .args(["--name", "nbt-dp", "--data-dir"])
-            .arg(d.join("etcd"))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{ec}"))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{ec}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{ep}"))
-            .arg(format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{ep}"
-            ))
-            .arg(format!("--initial-cluster=nbt-dp=http://127.0.0.1:{ep}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(d.join("etcd.log")).expect("log"),
-            ))
-            .spawn()
-            .expect("etcd"),
-    ));
-    let _api = ChildGuard(Some(
-        Command::new(&apiserver)
-            .arg(format!("--etcd-servers=http://127.0.0.1:{ec}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=192.0.2.10"])
-            .arg(format!("--secure-port={ap}"))
-            .args([
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--authorization-mode=RBAC",
-                "--endpoint-reconciler-type=none",
-            ])
-            .arg(format!("--client-ca-file={}/ca.crt", d.display()))
-            .arg(format!("--tls-cert-file={}/apiserver.crt", d.display()))
-            .arg(format!(
-                "--tls-private-key-file={}/apiserver.key",
-                d.display()
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!("--service-account-key-file={}/sa.pub", d.display()))
-            .arg(format!(
-                "--service-account-signing-key-file={}/sa.key",
-                d.display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(d.join("apiserver.log")).expect("log"),
-            ))
-            .spawn()
-            .expect("kube-apiserver"),
-    ));
+    // The private etcd and kube-apiserver (tests/harness/src/controlplane.rs).
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cp = rt
+        .block_on(controlplane::ControlPlane::start(d, "10.96.0.0/16"))
+        .unwrap_or_else(|e| {
+            panic!("api_agent: {e} (tests/cluster/build fills the cache; NETBOOT_CACHE overrides ~/.cache/netboot)")
+        });
+    let ap = cp.api_port;
+    let lp = free_ports(1)[0];
     let kubectl = Kubectl {
-        bin: kubectl_bin,
-        kubeconfig: kubeconfig(d, &format!("https://127.0.0.1:{ap}")),
+        bin: controlplane::cached("k8s", "kubectl").unwrap_or_else(|e| panic!("api_agent: {e}")),
+        kubeconfig: cp.admin.clone(),
     };
-    wait_for("kube-apiserver /readyz", Duration::from_secs(90), || {
-        kubectl.run(&["get", "--raw", "/readyz"], None).0
-    });
     kubectl.ok(&["apply", "-f", "-"], Some(OBJECTS));
 
     let topo = Topology::new("apisrv", 2);
@@ -266,7 +140,8 @@ fn agent_against_a_real_api_server() {
     )
     .expect("config");
     // The credentials' server is the kubernetes ClusterIP: the agent must not use it.
-    let agent_kc = kubeconfig(d, "https://10.96.0.1:443");
+    let agent_kc = controlplane::kubeconfig(d, "agent.conf", "https://10.96.0.1:443")
+        .expect("agent kubeconfig");
     let listen = format!("127.0.0.1:{lp}");
     let start_agent = |node_interval: &str, log: &str| {
         Command::new(BIN)

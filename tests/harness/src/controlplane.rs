@@ -194,7 +194,7 @@ sign() { k "$1.key"; openssl req -new -key "$1.key" -subj "$2" -out "$1.csr" 2>/
   openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -sha256 -out "$1.crt" -extfile <(printf '%s\n' "$3") 2>/dev/null; }
 sign apiserver /CN=kube-apiserver "basicConstraints=critical,CA:FALSE
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:kubernetes"
+subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes"
 sign admin "/O=system:masters/CN=netboot-test-admin" "basicConstraints=critical,CA:FALSE
 extendedKeyUsage=clientAuth"
 k sa.key; openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null

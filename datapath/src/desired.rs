@@ -126,24 +126,19 @@ pub fn source_ranges(svc: &Service, node_ips: &[IpAddr]) -> Vec<(std::net::Ipv4A
         .into_iter()
         .flatten()
     {
-        let (a, len) = r.trim().split_once('/').unwrap_or((r.trim(), "32"));
-        let (Ok(a), Ok(len)) = (a.parse::<std::net::Ipv4Addr>(), len.parse::<u8>()) else {
+        let r = r.trim();
+        let Ok(net) = r
+            .parse::<ipnet::Ipv4Net>()
+            .or_else(|_| r.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from))
+            .map(|n| n.trunc())
+        else {
             continue;
         };
-        if len > 32 {
-            continue;
-        }
-        let mask = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        };
-        let net = std::net::Ipv4Addr::from(u32::from(a) & mask);
         holds_node |= node_ips.iter().any(|ip| match ip {
-            IpAddr::V4(n) => u32::from(*n) & mask == u32::from(net),
+            IpAddr::V4(n) => net.contains(n),
             IpAddr::V6(_) => false,
         });
-        out.push((net, len));
+        out.push((net.network(), net.prefix_len()));
     }
     if out.is_empty() {
         return out;

@@ -126,11 +126,7 @@ pub struct Tables {
 }
 
 fn kerr(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
-    move |e| MapsError::Kernel {
-        map: names::MAGLEV,
-        op,
-        source: Box::new(e),
-    }
+    crate::maps::kernel::kerr(names::MAGLEV, op)
 }
 
 impl Tables {

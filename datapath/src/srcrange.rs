@@ -10,7 +10,7 @@
 //! deletes the entries of frontends that are gone; a restarted agent
 //! rewrites them all once and deletes what an earlier run left.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -33,11 +33,7 @@ pub struct SourceRanges {
 }
 
 fn kerr(op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapsError {
-    move |e| MapsError::Kernel {
-        map: names::SRC_RANGE,
-        op,
-        source: Box::new(e),
-    }
+    crate::maps::kernel::kerr(names::SRC_RANGE, op)
 }
 
 fn key((id, addr, len): Entry) -> Key<SrcRangeKey> {
@@ -125,15 +121,6 @@ impl SourceRanges {
             writes += 1;
         }
         Ok(writes)
-    }
-
-    /// Service id → its allowed CIDRs, as written (diagnostics).
-    pub fn by_service(&self) -> BTreeMap<u16, Vec<String>> {
-        let mut out: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-        for (id, a, l) in &self.written {
-            out.entry(*id).or_default().push(format!("{a}/{l}"));
-        }
-        out
     }
 }
 

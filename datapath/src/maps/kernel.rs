@@ -49,7 +49,8 @@ where
     })
 }
 
-fn kerr(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
+/// A failed map operation `op` on `map`, as a [`MapsError::Kernel`].
+pub(crate) fn kerr(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> MapsError {
     move |e| MapsError::Kernel {
         map,
         op,

@@ -169,18 +169,24 @@ mod tests {
             .collect()
     }
 
+    /// The comparison at `q` of IPv4 rows `nb4` and another family's
+    /// `nbx`, both over the same floor `fl`.
+    fn against_floor(fl: &Rounds, nb4: &Rounds, nbx: &Rounds, q: f64) -> FamilyComparison {
+        let quad = Quad {
+            nb4,
+            fl4: fl,
+            nbx,
+            flx: fl,
+        };
+        compare(1000, "ipv6", &quad, q, 300).expect("rounds")
+    }
+
     #[test]
     fn a_real_difference_is_outside_the_interval_of_zero() {
         let fl = rows(40, 100, 10.0, 2.0, 1);
         let nb4 = rows(40, 100, 11.0, 2.0, 2);
         let nbx = rows(40, 100, 14.0, 2.0, 3);
-        let q = Quad {
-            nb4: &nb4,
-            fl4: &fl,
-            nbx: &nbx,
-            flx: &fl,
-        };
-        let c = compare(1000, "ipv6", &q, 50.0, 300).expect("rounds");
+        let c = against_floor(&fl, &nb4, &nbx, 50.0);
         assert!((c.difference.point - 3.0).abs() < 0.3, "{c:?}");
         assert!(c.difference.lo > 2.0 && c.difference.hi < 4.0, "{c:?}");
         assert_eq!(c.rounds, 40);
@@ -191,13 +197,7 @@ mod tests {
         let fl = rows(40, 100, 10.0, 2.0, 4);
         let nb4 = rows(40, 100, 11.0, 2.0, 5);
         let nbx = rows(40, 100, 11.0, 2.0, 6);
-        let q = Quad {
-            nb4: &nb4,
-            fl4: &fl,
-            nbx: &nbx,
-            flx: &fl,
-        };
-        let c = compare(1000, "ipv6", &q, 99.0, 300).expect("rounds");
+        let c = against_floor(&fl, &nb4, &nbx, 99.0);
         assert!(c.difference.lo <= 0.0 && c.difference.hi >= 0.0, "{c:?}");
     }
 
@@ -206,36 +206,12 @@ mod tests {
         let fl = rows(40, 100, 10.0, 2.0, 7);
         let nb4 = rows(40, 100, 11.0, 2.0, 8);
         let mut nbx = rows(40, 100, 11.0, 2.0, 9);
-        let calm = compare(
-            1000,
-            "ipv6",
-            &Quad {
-                nb4: &nb4,
-                fl4: &fl,
-                nbx: &nbx,
-                flx: &fl,
-            },
-            99.0,
-            300,
-        )
-        .expect("rounds");
+        let calm = against_floor(&fl, &nb4, &nbx, 99.0);
         // A burst of other work during one batch of one row.
         for x in nbx[7].iter_mut().take(60) {
             *x += 50.0;
         }
-        let burst = compare(
-            1000,
-            "ipv6",
-            &Quad {
-                nb4: &nb4,
-                fl4: &fl,
-                nbx: &nbx,
-                flx: &fl,
-            },
-            99.0,
-            300,
-        )
-        .expect("rounds");
+        let burst = against_floor(&fl, &nb4, &nbx, 99.0);
         assert!(
             burst.difference.hi - burst.difference.lo > calm.difference.hi - calm.difference.lo,
             "{calm:?} {burst:?}"

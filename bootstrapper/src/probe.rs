@@ -12,8 +12,8 @@
 //! such a check with the reason instead of failing it.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -89,7 +89,31 @@ pub enum Check {
         #[serde(default = "default_interval")]
         interval_ms: u64,
     },
+    /// As `Tcp`, and each answering pod must have seen this socket's own
+    /// address as the connection's source: nothing on the way replaced it
+    /// (`externalTrafficPolicy: Local` keeps the client's IP).
+    Source {
+        name: String,
+        targets: Vec<SocketAddr>,
+        attempts: u32,
+        names: Vec<String>,
+    },
+    /// An HTTP GET of `/` at `target`, a Service's `healthCheckNodePort` on
+    /// one node, as a cloud load balancer asks it: the status must be
+    /// `status` (200 with local endpoints, 503 without) and the JSON body's
+    /// `localEndpoints` must be `localEndpoints` (kube-proxy's answer).
+    HealthCheck {
+        name: String,
+        target: SocketAddr,
+        status: u16,
+        local_endpoints: u64,
+    },
 }
+
+/// What a client sends on a probe server's TCP connection (after the
+/// greeting) to learn the source address the server sees; the server
+/// answers `peer IP\n` (any other bytes are echoed).
+pub const PEER_QUERY: &[u8] = b"netboot-probe peer?\n";
 
 fn default_interval() -> u64 {
     100
@@ -111,7 +135,9 @@ impl Check {
             | Check::Connect { name, .. }
             | Check::Dns { name, .. }
             | Check::NoAnswer { name, .. }
-            | Check::UdpReplace { name, .. } => name,
+            | Check::UdpReplace { name, .. }
+            | Check::Source { name, .. }
+            | Check::HealthCheck { name, .. } => name,
         }
     }
 }
@@ -306,6 +332,53 @@ fn run_check(check: &Check, timeout: Duration) -> Result<String, Failure> {
                 join(&why)
             ))
         }
+        Check::Source {
+            targets,
+            attempts,
+            names,
+            ..
+        } => {
+            let mut sources = BTreeSet::new();
+            let seen = exchange(targets, *attempts, names, |t| {
+                let (name, mine, seen) = tcp_source(*t, timeout)?;
+                if seen != mine {
+                    return Err(format!(
+                        "`{name}` saw the connection from {seen}, not from this pod's {mine}: the source address was replaced on the way"
+                    ));
+                }
+                sources.insert(seen.to_string());
+                Ok(name)
+            })?;
+            Ok(format!(
+                "{} connections to {} answered by {}, each seeing the client's own address ({})",
+                attempts * u32::try_from(targets.len()).unwrap_or(u32::MAX),
+                join_addrs(targets),
+                join(&seen),
+                join(&sources)
+            ))
+        }
+        Check::HealthCheck {
+            target,
+            status,
+            local_endpoints,
+            ..
+        } => {
+            let (got, body) = http_get(*target, timeout)?;
+            let local = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["localEndpoints"].as_u64());
+            if got != *status || local != Some(*local_endpoints) {
+                return Err(format!(
+                    "{target} answered {got} with localEndpoints {}; expected {status} with localEndpoints {local_endpoints} (body: {})",
+                    local.map_or_else(|| "missing".to_string(), |n| n.to_string()),
+                    body.chars().take(160).collect::<String>()
+                )
+                .into());
+            }
+            Ok(format!(
+                "{target} answered {got}, localEndpoints {local_endpoints}"
+            ))
+        }
         Check::UdpReplace {
             target,
             old,
@@ -329,8 +402,9 @@ fn check_targets(check: &Check) -> Vec<SocketAddr> {
         Check::Tcp { targets, .. }
         | Check::Udp { targets, .. }
         | Check::Connect { targets, .. }
-        | Check::NoAnswer { targets, .. } => targets.clone(),
-        Check::UdpReplace { target, .. } => vec![*target],
+        | Check::NoAnswer { targets, .. }
+        | Check::Source { targets, .. } => targets.clone(),
+        Check::UdpReplace { target, .. } | Check::HealthCheck { target, .. } => vec![*target],
         Check::Dns { .. } => vec![],
     }
 }
@@ -472,7 +546,7 @@ fn exchange(
     targets: &[SocketAddr],
     attempts: u32,
     names: &[String],
-    ask: impl Fn(&SocketAddr) -> Result<String, String>,
+    mut ask: impl FnMut(&SocketAddr) -> Result<String, String>,
 ) -> Result<BTreeSet<String>, String> {
     let mut seen = BTreeSet::new();
     for t in targets {
@@ -504,6 +578,77 @@ fn tcp_name(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
         return Err("connection closed without an answer".into());
     }
     Ok(name)
+}
+
+/// Connects, reads the greeting, asks the server which source address it
+/// sees ([`PEER_QUERY`]): (name, this socket's address, the one seen), both
+/// addresses without IPv4 mapping.
+fn tcp_source(addr: SocketAddr, timeout: Duration) -> Result<(String, IpAddr, IpAddr), String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mine = stream
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?
+        .ip()
+        .to_canonical();
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    let name = line.trim().to_string();
+    if name.is_empty() {
+        return Err("connection closed without an answer".into());
+    }
+    stream
+        .write_all(PEER_QUERY)
+        .map_err(|e| format!("write: {e}"))?;
+    line.clear();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    let seen = line
+        .trim()
+        .strip_prefix("peer ")
+        .and_then(|ip| ip.parse::<IpAddr>().ok())
+        .ok_or_else(|| {
+            format!("`{name}` did not say the source it sees (answered {line:?}): an older probe server?")
+        })?
+        .to_canonical();
+    Ok((name, mine, seen))
+}
+
+/// `GET /` over HTTP/1.1 with `Connection: close`: (status, body).
+fn http_get(addr: SocketAddr, timeout: Duration) -> Result<(u16, String), String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(
+            format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .map_err(|e| format!("write to {addr}: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(&raw) {
+        Ok(httparse::Status::Complete(n)) => Ok((
+            resp.code.unwrap_or_default(),
+            String::from_utf8_lossy(&raw[n..]).into_owned(),
+        )),
+        Ok(httparse::Status::Partial) => {
+            Err(format!("{addr}: the HTTP answer ended inside its headers"))
+        }
+        Err(e) => Err(format!("{addr}: not an HTTP answer ({e})")),
+    }
 }
 
 fn udp_name(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
@@ -547,6 +692,102 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A probe server that answers [`PEER_QUERY`] with `claim` (None: the
+    /// peer it really sees).
+    fn peer_server(name: &'static str, claim: Option<&'static str>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut s = s;
+                let peer = s.peer_addr().unwrap().ip().to_string();
+                let _ = writeln!(s, "{name}");
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).unwrap_or(0);
+                if &buf[..n] == PEER_QUERY {
+                    let _ = writeln!(s, "peer {}", claim.unwrap_or(&peer));
+                }
+            }
+        });
+        addr
+    }
+
+    fn http_server(answer: &'static str) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut s = s;
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(answer.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn source_check_fails_when_the_server_saw_another_address() {
+        let run = |addr| {
+            run(&Plan {
+                checks: vec![Check::Source {
+                    name: "src".into(),
+                    targets: vec![addr],
+                    attempts: 2,
+                    names: vec!["p".into()],
+                }],
+                timeout_ms: 2000,
+            })
+        };
+        let r = run(peer_server("p", None));
+        assert!(r.ok(), "{r:?}");
+        assert!(r.outcomes[0].detail.contains("(127.0.0.1)"), "{r:?}");
+        let r = run(peer_server("p", Some("172.18.0.2")));
+        assert!(!r.ok());
+        assert!(
+            r.outcomes[0]
+                .detail
+                .contains("saw the connection from 172.18.0.2"),
+            "{r:?}"
+        );
+        // A server that only echoes (an older probe image) is a clear failure.
+        let r = run(server("p"));
+        assert!(!r.ok());
+    }
+
+    #[test]
+    fn health_check_compares_status_and_local_endpoints() {
+        let body = r#"{"service":{"namespace":"n","name":"s"},"localEndpoints":2,"serviceProxyHealthy":true}"#;
+        let ok: &'static str = Box::leak(
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                .into_boxed_str(),
+        );
+        let check = |target, status, local_endpoints| {
+            run(&Plan {
+                checks: vec![Check::HealthCheck {
+                    name: "h".into(),
+                    target,
+                    status,
+                    local_endpoints,
+                }],
+                timeout_ms: 2000,
+            })
+        };
+        let a = http_server(ok);
+        assert!(check(a, 200, 2).ok());
+        let r = check(a, 200, 1);
+        assert!(!r.ok());
+        assert!(
+            r.outcomes[0]
+                .detail
+                .contains("answered 200 with localEndpoints 2; expected 200 with localEndpoints 1"),
+            "{r:?}"
+        );
+        assert!(!check(a, 503, 0).ok());
+        let r = check(http_server("garbage\r\n\r\n"), 200, 2);
+        assert!(r.outcomes[0].detail.contains("not an HTTP answer"), "{r:?}");
     }
 
     #[test]

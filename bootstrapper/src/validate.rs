@@ -32,6 +32,17 @@ pub const PROBE_STICKY: &str = "netboot-probe-sticky";
 pub const PROBE_LOCAL: &str = "netboot-probe-local";
 /// The one-pod Deployment and its Service (`udp-backend-replaced`).
 pub const PROBE_SINGLE: &str = "netboot-probe-single";
+/// The NodePort Service over the probe pods (`node-port`).
+pub const PROBE_NODE_PORT: &str = "netboot-probe-node-port";
+/// The `externalTrafficPolicy: Local` LoadBalancer Service over the probe
+/// pods (`external-traffic-local`): only a LoadBalancer Service gets a
+/// `healthCheckNodePort`.
+pub const PROBE_EXT_LOCAL: &str = "netboot-probe-ext-local";
+/// The `loadBalancerClass` of [`PROBE_EXT_LOCAL`]: one no controller
+/// implements, so validating never provisions a cloud load balancer (the
+/// default controllers ignore Services with a class; the API server still
+/// allocates the node ports).
+pub const NO_LOAD_BALANCER_CLASS: &str = "netboot.io/validation-no-load-balancer";
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 8081;
 
@@ -95,6 +106,18 @@ pub const TABLE: &[CheckSpec] = &[
         skipped_when: "fewer than two schedulable nodes",
     },
     CheckSpec {
+        name: "node-port",
+        needs: &["probe workload", "nodes with an InternalIP"],
+        shows: "a NodePort Service answers over TCP and UDP at every schedulable node's InternalIP, from a client pod and from a client on a node's host network",
+        skipped_when: "no schedulable node has an InternalIP of the probe Service's family",
+    },
+    CheckSpec {
+        name: "external-traffic-local",
+        needs: &["probe workload", "two schedulable nodes"],
+        shows: "externalTrafficPolicy: Local — each node's healthCheckNodePort answers as kube-proxy does (200 with the node's number of local endpoints, 503 on a node with none) and a connection to a node port reaches a probe pod with the client's own source address",
+        skipped_when: "fewer than two schedulable nodes",
+    },
+    CheckSpec {
         name: "udp-backend-replaced",
         needs: &["probe workload (one-pod Deployment)"],
         shows: "a connected UDP socket survives its only backend's replacement: the socket fails (ECONNABORTED), is connected again and answered by the new pod within 5 s of its readiness (and 30 s of the old one's last answer)",
@@ -132,6 +155,8 @@ const POD_CHECKS: &[&str] = &[
     "pod-to-service",
     "session-affinity",
     "internal-traffic-local",
+    "node-port",
+    "external-traffic-local",
     "udp-backend-replaced",
     "ipv4-mapped",
     "ipv6",
@@ -161,7 +186,7 @@ pub fn skip_reason(check: &str, f: &Facts) -> Option<String> {
         return Some("skipped by spec.validation.skip".into());
     }
     match check {
-        "internal-traffic-local" if f.schedulable_nodes < 2 => Some(format!(
+        "internal-traffic-local" | "external-traffic-local" if f.schedulable_nodes < 2 => Some(format!(
             "the cluster has {} schedulable node(s): no node without a probe endpoint to test from",
             f.schedulable_nodes
         )),
@@ -517,6 +542,11 @@ pub struct Workload {
     pub local: bool,
     /// The one-pod Deployment and its Service (`udp-backend-replaced`).
     pub single: bool,
+    /// The NodePort Service (`node-port`).
+    pub node_port: bool,
+    /// The `externalTrafficPolicy: Local` LoadBalancer Service
+    /// (`external-traffic-local`).
+    pub ext_local: bool,
 }
 
 /// The probe workload: the server Deployment behind the plain
@@ -579,6 +609,16 @@ pub fn probe_objects(namespace: &str, image: &str, w: &Workload) -> Vec<serde_js
             PROBE_LOCAL,
             PROBE,
             json!({"internalTrafficPolicy": "Local"}),
+        ));
+    }
+    if w.node_port {
+        out.push(service(PROBE_NODE_PORT, PROBE, json!({"type": "NodePort"})));
+    }
+    if w.ext_local {
+        out.push(service(
+            PROBE_EXT_LOCAL,
+            PROBE,
+            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "loadBalancerClass": NO_LOAD_BALANCER_CLASS}),
         ));
     }
     if w.single {
@@ -686,6 +726,190 @@ pub fn local_runs(pods: &[ProbePod], local_ip: IpAddr, empty: &str) -> Vec<(Stri
     runs
 }
 
+/// Where a client pod runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// On this node (None: where the scheduler puts it).
+    pub node: Option<String>,
+    /// In the node's network namespace (`hostNetwork: true`).
+    pub host_network: bool,
+}
+
+impl Placement {
+    fn on(node: &str) -> Self {
+        Placement {
+            node: Some(node.to_string()),
+            host_network: false,
+        }
+    }
+}
+
+/// The InternalIPs of one family (IPv4 or not) of each node in `eligible`
+/// that has one.
+pub fn node_addresses(
+    nodes: &[Node],
+    eligible: &[String],
+    v4: bool,
+) -> BTreeMap<String, Vec<IpAddr>> {
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.clone()?;
+            if !eligible.contains(&name) {
+                return None;
+            }
+            let ips: Vec<IpAddr> = n
+                .status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse::<IpAddr>().ok())
+                .filter(|ip| ip.is_ipv4() == v4)
+                .collect();
+            (!ips.is_empty()).then_some((name, ips))
+        })
+        .collect()
+}
+
+/// The client runs of the `node-port` check: one client pod and one client
+/// on the host network of a node with probe pods, each reaching the
+/// NodePort Service (`tcp`, `udp` node ports) at every node's addresses.
+/// None when no node has an address.
+pub fn node_port_runs(
+    pods: &[ProbePod],
+    addresses: &BTreeMap<String, Vec<IpAddr>>,
+    (tcp, udp): (u16, u16),
+) -> Option<Vec<(Placement, probe::Plan)>> {
+    let all: Vec<IpAddr> = addresses.values().flatten().copied().collect();
+    if all.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+    let plan = |from: &str| probe::Plan {
+        checks: vec![
+            Check::Tcp {
+                name: format!("node-port/{from}/tcp"),
+                targets: all.iter().map(|ip| SocketAddr::new(*ip, tcp)).collect(),
+                attempts: 2,
+                names: names.clone(),
+                same: false,
+            },
+            Check::Udp {
+                name: format!("node-port/{from}/udp"),
+                targets: all.iter().map(|ip| SocketAddr::new(*ip, udp)).collect(),
+                attempts: 2,
+                names: names.clone(),
+            },
+        ],
+        timeout_ms: 2000,
+    };
+    let host = Placement {
+        node: pods.first().map(|p| p.node.clone()),
+        host_network: true,
+    };
+    Some(vec![
+        (Placement::default(), plan("pod")),
+        (host, plan("host")),
+    ])
+}
+
+/// The client run of the `external-traffic-local` check, on the first node
+/// with probe pods: every node's `healthCheckNodePort` answers 200 with its
+/// number of probe pods, or 503 with 0 (`empty` and any node without one);
+/// and a connection to the client's own node's IP:`tcp` node port reaches
+/// a probe pod that sees the client pod's own address as the source.
+/// None when no node with probe pods has an address.
+pub fn ext_local_run(
+    pods: &[ProbePod],
+    addresses: &BTreeMap<String, Vec<IpAddr>>,
+    empty: &str,
+    tcp: u16,
+    health: u16,
+) -> Option<(Placement, probe::Plan)> {
+    let mut local: BTreeMap<&str, u64> = BTreeMap::new();
+    for p in pods {
+        *local.entry(p.node.as_str()).or_default() += 1;
+    }
+    let (home, home_ip) = local
+        .keys()
+        .find_map(|n| Some((*n, *addresses.get(*n)?.first()?)))?;
+    let mut checks: Vec<Check> = addresses
+        .iter()
+        .filter_map(|(node, ips)| Some((node, *ips.first()?)))
+        .map(|(node, ip)| {
+            let n = if node == empty {
+                0
+            } else {
+                local.get(node.as_str()).copied().unwrap_or(0)
+            };
+            Check::HealthCheck {
+                name: format!("external-traffic-local/{node}/health"),
+                target: SocketAddr::new(ip, health),
+                status: if n > 0 { 200 } else { 503 },
+                local_endpoints: n,
+            }
+        })
+        .collect();
+    checks.push(Check::Source {
+        name: "external-traffic-local/source".into(),
+        targets: vec![SocketAddr::new(home_ip, tcp)],
+        attempts: 4,
+        names: pods.iter().map(|p| p.name.clone()).collect(),
+    });
+    Some((
+        Placement::on(home),
+        probe::Plan {
+            checks,
+            timeout_ms: 2000,
+        },
+    ))
+}
+
+/// The `tcp` and `udp` node ports of Service `name`.
+async fn node_ports(client: &Client, ns: &str, name: &str) -> Result<(u16, u16), String> {
+    Ok(service_ports(client, ns, name).await?.0)
+}
+
+/// The `tcp` node port and the `healthCheckNodePort` of Service `name`.
+async fn ext_local_ports(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<((u16, u16), u16), String> {
+    let (ports, health) = service_ports(client, ns, name).await?;
+    let health = health.ok_or_else(|| {
+        format!("Service/{ns}/{name} has no healthCheckNodePort (a LoadBalancer Service with externalTrafficPolicy: Local gets one from the API server)")
+    })?;
+    Ok((ports, health))
+}
+
+async fn service_ports(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<((u16, u16), Option<u16>), String> {
+    let s = Api::<Service>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(|e| format!("Service/{ns}/{name}: {}", describe(&e)))?;
+    let spec = s.spec.unwrap_or_default();
+    let port = |want: &str| {
+        spec.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(want))
+            .and_then(|p| p.node_port)
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| format!("Service/{ns}/{name}: port `{want}` has no nodePort"))
+    };
+    let health = spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok());
+    Ok(((port("tcp")?, port("udp")?), health))
+}
+
 /// `[::ffff:a.b.c.d]:port` for an IPv4 address.
 fn mapped(ip: IpAddr, port: u16) -> Option<SocketAddr> {
     match ip {
@@ -719,11 +943,13 @@ async fn pod_checks_run(
     let workload = Workload {
         replicas: i32::try_from(nodes.len().clamp(2, 3)).unwrap_or(2),
         // The last schedulable node by name, so that a re-run changes nothing.
-        keep_off: want("internal-traffic-local")
+        keep_off: (want("internal-traffic-local") || want("external-traffic-local"))
             .then(|| eligible.last().cloned())
             .flatten(),
         local: want("internal-traffic-local"),
         single: want("udp-backend-replaced"),
+        node_port: want("node-port"),
+        ext_local: want("external-traffic-local"),
     };
     for obj in probe_objects(ns, &opts.probe_image, &workload) {
         let name = obj["metadata"]["name"]
@@ -750,6 +976,12 @@ async fn pod_checks_run(
     let mut services = vec![PROBE, PROBE_STICKY];
     if workload.local {
         services.push(PROBE_LOCAL);
+    }
+    if workload.node_port {
+        services.push(PROBE_NODE_PORT);
+    }
+    if workload.ext_local {
+        services.push(PROBE_EXT_LOCAL);
     }
     let (pods, single) = loop {
         let pods = ready_probe_pods(client, ns, PROBE).await?;
@@ -873,10 +1105,10 @@ async fn pod_checks_run(
         }
     }
     let image = &opts.probe_image;
-    let mut runs: Vec<(Option<String>, probe::Plan)> = Vec::new();
+    let mut runs: Vec<(Placement, probe::Plan)> = Vec::new();
     if !checks.is_empty() {
         runs.push((
-            None,
+            Placement::default(),
             probe::Plan {
                 checks,
                 timeout_ms: 2000,
@@ -887,13 +1119,38 @@ async fn pod_checks_run(
         if let Some(empty) = &workload.keep_off {
             let local_ip = cluster_ips(client, ns, PROBE_LOCAL).await?[0];
             for (node, plan) in local_runs(&pods, local_ip, empty) {
-                runs.push((Some(node), plan));
+                runs.push((Placement::on(&node), plan));
             }
+        }
+    }
+    let family_v4 = probe_ip.is_ipv4();
+    let addresses = node_addresses(nodes, &eligible, family_v4);
+    if workload.node_port {
+        let ports = node_ports(client, ns, PROBE_NODE_PORT).await?;
+        match node_port_runs(&pods, &addresses, ports) {
+            Some(r) => runs.extend(r),
+            None => outcomes.push(skipped_outcome(
+                "node-port",
+                format!(
+                    "no schedulable node has an IPv{} InternalIP",
+                    if family_v4 { 4 } else { 6 }
+                ),
+            )),
+        }
+    }
+    if let (true, Some(empty)) = (workload.ext_local, &workload.keep_off) {
+        let (ports, health) = ext_local_ports(client, ns, PROBE_EXT_LOCAL).await?;
+        match ext_local_run(&pods, &addresses, empty, ports.0, health) {
+            Some(r) => runs.push(r),
+            None => outcomes.push(skipped_outcome(
+                "external-traffic-local",
+                "no node with probe pods has an InternalIP of the probe Service's family".into(),
+            )),
         }
     }
     let clients = futures::future::join_all(
         runs.iter()
-            .map(|(node, plan)| run_until_ok(client, ns, image, plan, node.as_deref(), deadline)),
+            .map(|(place, plan)| run_until_ok(client, ns, image, plan, place, deadline)),
     );
     let replaced = async {
         match (&single, want("udp-backend-replaced")) {
@@ -919,13 +1176,14 @@ async fn run_until_ok(
     ns: &str,
     image: &str,
     plan: &probe::Plan,
-    node: Option<&str>,
+    place: &Placement,
     deadline: Instant,
 ) -> Result<Vec<probe::Outcome>, String> {
+    let node = place.node.as_deref();
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let pod = start_client(client, ns, image, plan, node).await?;
+        let pod = start_client(client, ns, image, plan, place).await?;
         let report = client_report(client, ns, &pod, deadline).await?;
         if report.ok() || Instant::now() + Duration::from_secs(3) >= deadline {
             if !report.ok() {
@@ -989,7 +1247,7 @@ async fn udp_backend_replaced(
             }],
             timeout_ms: 500,
         };
-        let pod = start_client(client, ns, image, &plan, None).await?;
+        let pod = start_client(client, ns, image, &plan, &Placement::default()).await?;
         // Let the client connect and hear the old pod before it goes.
         wait_running(client, ns, &pod, deadline).await?;
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1137,7 +1395,7 @@ async fn start_client(
     ns: &str,
     image: &str,
     plan: &probe::Plan,
-    node: Option<&str>,
+    place: &Placement,
 ) -> Result<String, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let name = format!(
@@ -1156,8 +1414,11 @@ async fn start_client(
             "securityContext": PROBE_SECURITY.clone(),
         }],
     });
-    if let Some(node) = node {
+    if let Some(node) = &place.node {
         spec["nodeName"] = json!(node);
+    }
+    if place.host_network {
+        spec["hostNetwork"] = json!(true);
     }
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -1448,6 +1709,123 @@ mod tests {
         assert_eq!(targets, &[SocketAddr::new(ip, 53)]);
     }
 
+    fn addresses(v: &[(&str, &str)]) -> BTreeMap<String, Vec<IpAddr>> {
+        v.iter()
+            .map(|(n, ip)| (n.to_string(), vec![ip.parse().unwrap()]))
+            .collect()
+    }
+
+    #[test]
+    fn node_addresses_are_the_internal_ips_of_one_family_of_schedulable_nodes() {
+        let n =
+            |name: &str, addrs: &str, taint: bool| {
+                node(&format!(
+                "metadata: {{name: {name}}}\nspec: {{taints: {}}}\nstatus: {{addresses: {addrs}}}",
+                if taint { "[{key: k, effect: NoSchedule}]" } else { "[]" }
+            ))
+            };
+        let nodes = [
+            n("a", "[{type: InternalIP, address: 172.18.0.2}, {type: InternalIP, address: 'fd00::2'}, {type: Hostname, address: a}]", false),
+            n("b", "[{type: ExternalIP, address: 203.0.113.9}]", false),
+            n("c", "[{type: InternalIP, address: 172.18.0.4}]", true),
+        ];
+        let eligible = schedulable(&nodes);
+        assert_eq!(
+            node_addresses(&nodes, &eligible, true),
+            addresses(&[("a", "172.18.0.2")]),
+            "b has no InternalIP, c is tainted"
+        );
+        assert_eq!(
+            node_addresses(&nodes, &eligible, false),
+            addresses(&[("a", "fd00::2")])
+        );
+    }
+
+    #[test]
+    fn node_port_runs_reach_every_node_from_a_pod_and_from_a_host() {
+        let pods = [pod("p1", "n1"), pod("p2", "n2")];
+        let addrs = addresses(&[
+            ("n1", "172.18.0.2"),
+            ("n2", "172.18.0.3"),
+            ("n3", "172.18.0.4"),
+        ]);
+        let runs = node_port_runs(&pods, &addrs, (30080, 30053)).unwrap();
+        assert_eq!(
+            runs.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+            [
+                Placement::default(),
+                Placement {
+                    node: Some("n1".into()),
+                    host_network: true
+                }
+            ]
+        );
+        let Check::Udp { name, targets, .. } = &runs[1].1.checks[1] else {
+            panic!("{runs:?}")
+        };
+        assert_eq!(name, "node-port/host/udp");
+        assert_eq!(targets.len(), 3);
+        assert!(targets.iter().all(|t| t.port() == 30053));
+        assert!(node_port_runs(&pods, &BTreeMap::new(), (1, 2)).is_none());
+    }
+
+    #[test]
+    fn external_traffic_local_expects_kube_proxys_health_answers() {
+        let pods = [pod("p1", "n1"), pod("p2", "n2"), pod("p3", "n1")];
+        let addrs = addresses(&[
+            ("n1", "172.18.0.2"),
+            ("n2", "172.18.0.3"),
+            ("n3", "172.18.0.4"),
+        ]);
+        let (place, plan) = ext_local_run(&pods, &addrs, "n3", 30080, 32000).unwrap();
+        assert_eq!(place, Placement::on("n1"));
+        let health: Vec<(String, SocketAddr, u16, u64)> = plan
+            .checks
+            .iter()
+            .filter_map(|c| match c {
+                Check::HealthCheck {
+                    name,
+                    target,
+                    status,
+                    local_endpoints,
+                } => Some((name.clone(), *target, *status, *local_endpoints)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            health,
+            [
+                (
+                    "external-traffic-local/n1/health".into(),
+                    "172.18.0.2:32000".parse().unwrap(),
+                    200,
+                    2
+                ),
+                (
+                    "external-traffic-local/n2/health".into(),
+                    "172.18.0.3:32000".parse().unwrap(),
+                    200,
+                    1
+                ),
+                (
+                    "external-traffic-local/n3/health".into(),
+                    "172.18.0.4:32000".parse().unwrap(),
+                    503,
+                    0
+                ),
+            ]
+        );
+        let Some(Check::Source { targets, names, .. }) = plan.checks.last() else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(
+            targets,
+            &["172.18.0.2:30080".parse::<SocketAddr>().unwrap()],
+            "its own node"
+        );
+        assert_eq!(names.len(), 3);
+    }
+
     #[test]
     fn the_probe_workload_has_what_the_wanted_checks_need() {
         let plain = probe_objects(
@@ -1473,6 +1851,8 @@ mod tests {
                 keep_off: Some("n3".into()),
                 local: true,
                 single: true,
+                node_port: true,
+                ext_local: true,
             },
         );
         let id = |o: &serde_json::Value| {
@@ -1489,9 +1869,25 @@ mod tests {
                 "Service/netboot-probe",
                 "Service/netboot-probe-sticky",
                 "Service/netboot-probe-local",
+                "Service/netboot-probe-node-port",
+                "Service/netboot-probe-ext-local",
                 "Deployment/netboot-probe-single",
                 "Service/netboot-probe-single",
             ]
+        );
+        assert_eq!(all[4]["spec"]["type"], "NodePort");
+        assert_eq!(
+            (
+                &all[5]["spec"]["type"],
+                &all[5]["spec"]["externalTrafficPolicy"],
+                &all[5]["spec"]["loadBalancerClass"],
+            ),
+            (
+                &json!("LoadBalancer"),
+                &json!("Local"),
+                &json!(NO_LOAD_BALANCER_CLASS)
+            ),
+            "no cloud load balancer is provisioned for validation"
         );
         assert_eq!(
             all[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
@@ -1504,9 +1900,9 @@ mod tests {
             all[3]["spec"]["selector"],
             json!({"app.kubernetes.io/name": PROBE})
         );
-        assert_eq!(all[4]["spec"]["replicas"], 1);
+        assert_eq!(all[6]["spec"]["replicas"], 1);
         assert_eq!(
-            all[5]["spec"]["selector"],
+            all[7]["spec"]["selector"],
             json!({"app.kubernetes.io/name": PROBE_SINGLE})
         );
         // Every probe object is labelled for remove_probes and the admission policy.

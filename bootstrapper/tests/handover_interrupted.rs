@@ -77,7 +77,7 @@ fn spec_files(dir: &Path) -> (PathBuf, PathBuf) {
         &probe,
         text.replace(
             "  validation:\n",
-            "  validation:\n    skip: [kube-proxy, agents, api-endpoint, pod-to-pod, session-affinity, internal-traffic-local, udp-backend-replaced, ipv4-mapped, ipv6]\n",
+            "  validation:\n    skip: [kube-proxy, agents, api-endpoint, pod-to-pod, session-affinity, internal-traffic-local, node-port, external-traffic-local, udp-backend-replaced, ipv4-mapped, ipv6]\n",
         ),
     )
     .unwrap();

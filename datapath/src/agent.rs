@@ -544,7 +544,12 @@ async fn reconcile_loop(
     const MIN_BACKOFF: Duration = Duration::from_millis(100);
     const MAX_BACKOFF: Duration = Duration::from_secs(10);
     const RESYNC: Duration = Duration::from_secs(300);
+    // Passes start at least this far apart: a change after a quiet spell is
+    // programmed at once, and a burst's events gather while a pass runs or
+    // waits (kube-proxy's minSyncPeriod, default 1 s, at map-write scale).
+    const MIN_INTERVAL: Duration = Duration::from_millis(10);
     let mut backoff = MIN_BACKOFF;
+    let mut pass_started: Instant;
     let mut last_resync = Instant::now();
     let mut passes = Passes::default();
     let mut last_pressure: Vec<String> = Vec::new();
@@ -564,6 +569,7 @@ async fn reconcile_loop(
         // Devices first: what is served decides the pass's unserved Services.
         np.sync(watched, state);
         let t = Instant::now();
+        pass_started = t;
         let pass = tokio::task::block_in_place(|| {
             passes.run(watched, recon, cfg.session_affinity_timeout_seconds)
         });
@@ -743,8 +749,10 @@ async fn reconcile_loop(
         }
         tokio::select! {
             _ = watched.changed.notified() => {
-                // Coalesce bursts of events into one pass.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let wait = MIN_INTERVAL.saturating_sub(pass_started.elapsed());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
             }
             _ = tokio::time::sleep(RESYNC) => {}
         }

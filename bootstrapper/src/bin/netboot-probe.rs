@@ -195,7 +195,7 @@ fn bind_all<S>(
 
 fn serve_tcp(listener: TcpListener, name: String) -> Result<()> {
     loop {
-        let (stream, _peer) = match listener.accept() {
+        let (stream, peer) = match listener.accept() {
             Ok(conn) => conn,
             Err(err) => {
                 // Transient (EMFILE, ECONNABORTED): keep serving.
@@ -207,12 +207,14 @@ fn serve_tcp(listener: TcpListener, name: String) -> Result<()> {
         let name = name.clone();
         thread::spawn(move || {
             // A client that goes away mid-echo is not an error worth reporting.
-            let _ = greet_and_echo(stream, &name);
+            let _ = greet_and_echo(stream, &name, peer);
         });
     }
 }
 
-fn greet_and_echo(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+/// Greets with the name, then echoes; a read that is exactly
+/// [`netboot::probe::PEER_QUERY`] is answered with the source address seen instead.
+fn greet_and_echo(mut stream: TcpStream, name: &str, peer: SocketAddr) -> std::io::Result<()> {
     stream.write_all(format!("{name}\n").as_bytes())?;
     let mut buf = [0u8; 4096];
     loop {
@@ -220,7 +222,11 @@ fn greet_and_echo(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
         if n == 0 {
             return Ok(());
         }
-        stream.write_all(&buf[..n])?;
+        if &buf[..n] == netboot::probe::PEER_QUERY {
+            stream.write_all(format!("peer {}\n", peer.ip().to_canonical()).as_bytes())?;
+        } else {
+            stream.write_all(&buf[..n])?;
+        }
     }
 }
 

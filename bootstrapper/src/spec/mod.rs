@@ -33,6 +33,8 @@ pub const CHECKS: &[&str] = &[
     "pod-to-service",
     "session-affinity",
     "internal-traffic-local",
+    "node-port",
+    "external-traffic-local",
     "udp-backend-replaced",
     "ipv4-mapped",
     "ipv6",

@@ -127,6 +127,14 @@ impl Proxy {
         }
     }
 
+    /// Report order of the proxy named `name` (unknown names last).
+    pub fn order(name: &str) -> usize {
+        Self::ALL
+            .iter()
+            .position(|p| p.name() == name)
+            .unwrap_or(Self::ALL.len())
+    }
+
     fn short(self) -> &'static str {
         match self {
             Self::Iptables => "ipt",
@@ -665,7 +673,6 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
     let mut report = Report::new(o);
     report.machine = machine.clone();
     let mut created = 0;
-    let mut running: Vec<Running> = Vec::new();
     let mut probe_current = 0usize;
     for &n in &o.sizes {
         let mut size = SizeResult {
@@ -680,53 +687,46 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
                 "programming: {n} Services x {ENDPOINTS} endpoints in the API in {:.1} s",
                 t.elapsed().as_secs_f64()
             );
-            let since = Instant::now();
-            if running.is_empty() {
-                running.push(start_agent(
-                    &cp,
-                    dir.path(),
-                    &tag,
-                    &o.agent_bin,
-                    max_services,
-                )?);
-                for p in [Proxy::Iptables, Proxy::Nftables] {
-                    running.push(start_kube_proxy(&cp, dir.path(), &tag, p)?);
-                }
-            }
-            let mut synced = Vec::new();
-            for r in running.iter_mut() {
+            // One proxy at a time, as on a node: each has the machine to
+            // itself (with etcd, the API server and the churn writer), and
+            // sees the same API state and the same churn as the others.
+            for p in Proxy::ALL {
+                let since = Instant::now();
+                let mut r = match p {
+                    Proxy::Netboot => {
+                        start_agent(&cp, dir.path(), &tag, &o.agent_bin, max_services)?
+                    }
+                    _ => start_kube_proxy(&cp, dir.path(), &tag, p)?,
+                };
                 match r.wait_synced(n, since)? {
                     Some(s) => {
-                        eprintln!(
-                            "programming: {} has all {n} Services ({s:.1} s)",
-                            r.proxy.name()
-                        );
-                        size.synced_s.push((r.proxy.name().to_string(), s));
-                        synced.push(r.proxy);
+                        eprintln!("programming: {} has all {n} Services ({s:.1} s)", p.name());
+                        size.synced_s.push((p.name().to_string(), s));
                     }
-                    None => size.not_synced.push(r.proxy.name().to_string()),
+                    None => {
+                        size.not_synced.push(p.name().to_string());
+                        continue;
+                    }
                 }
+                for &rate in &o.rates {
+                    let rows = measure_rate(
+                        &rt,
+                        o,
+                        &r,
+                        &slices,
+                        &state,
+                        &counter,
+                        n,
+                        rate,
+                        &mut probe_current,
+                    )?;
+                    size.rates.push(rows);
+                }
+                // Stopped, its namespace and rules gone, before the next.
+                drop(r);
             }
-            // A proxy that never caught up keeps running (it is part of the
-            // load) but is not measured at this size.
-            let measured: Vec<&Running> = running
-                .iter()
-                .filter(|r| synced.contains(&r.proxy))
-                .collect();
-            for &rate in &o.rates {
-                let rows = measure_rate(
-                    &rt,
-                    o,
-                    &measured,
-                    &slices,
-                    &state,
-                    &counter,
-                    n,
-                    rate,
-                    &mut probe_current,
-                )?;
-                size.rates.push(rows);
-            }
+            size.rates
+                .sort_by_key(|r| (r.rate, r.proxies.first().map(|p| Proxy::order(&p.proxy))));
             Ok(())
         })();
         report.sizes.push(size);
@@ -740,7 +740,6 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
         // Whatever comes next, this size's numbers are on disk.
         save(&report)?;
     }
-    drop(running);
     drop(cp);
     machine.loadavg_end = crate::machine::loadavg();
     report.machine = machine;
@@ -753,7 +752,7 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
 fn measure_rate(
     rt: &tokio::runtime::Runtime,
     o: &Options,
-    running: &[&Running],
+    proxy: &Running,
     slices: &Api<EndpointSlice>,
     state: &State,
     counter: &Arc<Mutex<u64>>,
@@ -762,9 +761,11 @@ fn measure_rate(
     probe_current: &mut usize,
 ) -> Result<RateRows> {
     eprintln!(
-        "programming: {n} Services, {rate} changes/s for {} s",
+        "programming: {}: {n} Services, {rate} changes/s for {} s",
+        proxy.proxy.name(),
         o.window.as_secs()
     );
+    let running = [proxy];
     let before: Vec<Histogram> = running
         .iter()
         .map(|r| r.histogram())

@@ -592,7 +592,8 @@ async fn reconcile_loop(
         match pass {
             Ok(pass) => {
                 terminate_removed(recon, term, state);
-                if let Some(t) = mg.as_mut() {
+                let external = recon.take_external_dirty();
+                if let Some(t) = mg.as_mut().filter(|_| external) {
                     let slots = recon.external_slots();
                     match tokio::task::block_in_place(|| t.sync(&slots)) {
                         Ok(n) if n > 0 => {
@@ -602,6 +603,7 @@ async fn reconcile_loop(
                         Err(e) => {
                             tracing::warn!(error = %e, "writing Maglev tables failed, retrying after the next pass");
                             state.update(|s| s.last_error = e.to_string());
+                            recon.mark_external_dirty();
                         }
                     }
                     let desc = if cfg.load_balancing.algorithm == crate::config::Algorithm::Maglev {
@@ -615,7 +617,7 @@ async fn reconcile_loop(
                     };
                     state.update(|s| s.load_balancing = desc);
                 }
-                if let Some(t) = sr.as_mut() {
+                if let Some(t) = sr.as_mut().filter(|_| external) {
                     let ranges = recon.source_ranges();
                     match tokio::task::block_in_place(|| t.sync(&ranges)) {
                         Ok(n) if n > 0 => tracing::info!(
@@ -627,6 +629,7 @@ async fn reconcile_loop(
                         Err(e) => {
                             tracing::warn!(error = %e, "writing loadBalancerSourceRanges failed (those LB IPs drop new flows from outside), retrying after the next pass");
                             state.update(|s| s.last_error = e.to_string());
+                            recon.mark_external_dirty();
                         }
                     }
                 }

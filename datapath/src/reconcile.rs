@@ -295,6 +295,9 @@ pub struct Reconciler<M: LbMaps> {
     refs: BTreeMap<L4Addr, BackendRefs>,
     /// No successful full pass since start, resync or a failed pass.
     needs_full: bool,
+    /// An external frontend (what the Maglev tables and source ranges are
+    /// built from) may have changed since [`Reconciler::take_external_dirty`].
+    external_dirty: bool,
     frontends: BTreeMap<L4Addr, ProgFrontend>,
     /// Backend address → (id, `BE_*` state) as written. Ids are one space
     /// over nb_lb4_be and nb_lb6_be.
@@ -324,6 +327,7 @@ impl<M: LbMaps> Reconciler<M> {
             target: BTreeMap::new(),
             refs: BTreeMap::new(),
             needs_full: true,
+            external_dirty: true,
             pressure: Pressure::default(),
             removed: Vec::new(),
         };
@@ -510,6 +514,21 @@ impl<M: LbMaps> Reconciler<M> {
         self.needs_full
     }
 
+    /// Whether an external frontend may have changed since the last call
+    /// (always after a full pass); resets it. What is built from all external
+    /// frontends ([`Reconciler::external_slots`], [`Reconciler::source_ranges`],
+    /// each O(frontends + backends)) is rebuilt only then, not on every pass
+    /// of a ClusterIP churn.
+    pub fn take_external_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.external_dirty)
+    }
+
+    /// Asks for the next [`Reconciler::take_external_dirty`] to say true (a
+    /// sync built from the external frontends failed and must be retried).
+    pub fn mark_external_dirty(&mut self) {
+        self.external_dirty = true;
+    }
+
     /// One full pass: make the maps equal to `desired`. On error the pass
     /// stops; call again (with backoff) to finish.
     pub fn reconcile(&mut self, desired: &DesiredTable) -> Result<SyncStats, ReconcileError> {
@@ -526,6 +545,7 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         self.needs_full = true;
+        self.external_dirty = true;
         let mut st = SyncStats::default();
         let target = std::mem::take(&mut self.target);
         let r = self.pass(&target, &mut st);
@@ -543,6 +563,13 @@ impl<M: LbMaps> Reconciler<M> {
     pub fn apply(&mut self, changes: &FrontendChanges) -> Result<SyncStats, ReconcileError> {
         if self.needs_full {
             return Err(ReconcileError::NeedsFullPass);
+        }
+        let external = |fe: Option<&Frontend>| fe.is_some_and(|f| f.external.is_some());
+        if changes
+            .iter()
+            .any(|(addr, fe)| external(fe.as_ref()) || external(self.target.get(addr)))
+        {
+            self.external_dirty = true;
         }
         let mut touched: BTreeSet<L4Addr> = BTreeSet::new();
         for (addr, fe) in changes {

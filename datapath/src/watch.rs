@@ -305,16 +305,16 @@ impl Watched {
         let Ok(s) = self.stores.lock() else {
             return Vec::new();
         };
+        // Called after every pass: the cheap field tests first.
         s.services
             .iter()
-            .filter(|(_, svc)| desired::shape(svc).skipped().is_none())
             .filter_map(|(k, svc)| {
                 let spec = svc.spec.as_ref()?;
                 if spec.external_traffic_policy.as_deref() != Some("Local") {
                     return None;
                 }
                 let port = u16::try_from(spec.health_check_node_port?).ok()?;
-                (port > 0).then(|| (port, k.clone()))
+                (port > 0 && desired::shape(svc).skipped().is_none()).then(|| (port, k.clone()))
             })
             .collect()
     }

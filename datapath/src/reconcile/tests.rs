@@ -8,7 +8,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 
 use super::*;
-use crate::desired::{build, Frontend};
+use crate::desired::{build, External, Frontend};
 use crate::layout::{Lb4Key, Lb4ReverseNat, PROTO_TCP};
 use crate::maps::faulty::FaultyMaps;
 use crate::maps::memory::MemoryMaps;
@@ -644,4 +644,31 @@ affmatch backend=2 revnat=2 state=0
         .services6
         .keys()
         .all(|k| k.backend_slot == 0));
+}
+
+#[test]
+fn external_frontends_are_flagged_dirty_only_when_one_changes() {
+    let mut r = Reconciler::recover(MemoryMaps::default()).unwrap();
+    let mut np = one_backend(1, 1);
+    np.addr = tcp([172, 18, 0, 2], 30080);
+    np.external = Some(External::default());
+    r.reconcile(&table(&[one_backend(2, 2), np.clone()])).unwrap();
+    assert!(r.take_external_dirty(), "a full pass rebuilds them");
+    assert!(!r.take_external_dirty(), "taken");
+    // ClusterIP churn: nothing built from the external frontends moves.
+    let ci = one_backend(2, 3);
+    r.apply(&[(ci.addr, Some(ci))].into_iter().collect()).unwrap();
+    assert!(!r.take_external_dirty());
+    // The NodePort's backends change, then it goes away: dirty each time.
+    let mut moved = np.clone();
+    moved.backends = [(tcp([10, 244, 6, 9], 8080), BackendState::Active)]
+        .into_iter()
+        .collect();
+    r.apply(&[(moved.addr, Some(moved))].into_iter().collect())
+        .unwrap();
+    assert!(r.take_external_dirty());
+    r.apply(&[(np.addr, None)].into_iter().collect()).unwrap();
+    assert!(r.take_external_dirty(), "a removed external frontend");
+    r.mark_external_dirty();
+    assert!(r.take_external_dirty(), "a failed sync asks again");
 }

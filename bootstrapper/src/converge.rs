@@ -24,6 +24,7 @@ use crate::handover::{self, HandoverOptions, KubeProxyState};
 use crate::inventory::{self, Inventory, StepRecord};
 pub use crate::journal::HandoverPlan;
 use crate::journal::{self, Facts, Journal, Phase};
+use crate::kube_proxy_mode::{self, NodeMode};
 use crate::lock;
 use crate::manifest::Manifest;
 use crate::prune;
@@ -88,6 +89,14 @@ pub struct Plan {
     pub handover: HandoverPlan,
     pub handover_steps: Vec<String>,
     pub kube_proxy: KubeProxyState,
+    /// kube-proxy's mode each node's agent reports
+    /// (`netboot.io/kube-proxy-mode`); listed while kube-proxy is present or
+    /// a handover step is planned, else empty.
+    pub node_modes: Vec<NodeMode>,
+    /// The handover removes kube-proxy, which runs (or ran) in IPVS mode:
+    /// the agents then also clear its IPVS virtual servers, kube-ipvs0 and
+    /// ipsets.
+    pub ipvs_cleanup: bool,
     /// The last handover's journal, as found.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal: Option<Journal>,
@@ -126,6 +135,8 @@ pub enum ConvergeError {
     Lock(#[from] lock::LockError),
     #[error("prune: {0}")]
     Prune(String),
+    #[error("Nodes: listing them for kube-proxy's mode per node: {0}")]
+    Nodes(String),
     #[error("handover stopped before anything was deleted, kube-proxy stays")]
     Gate(#[source] handover::HandoverError),
     #[error(transparent)]
@@ -228,6 +239,20 @@ pub async fn plan(
         HandoverPlan::HeldAfterRollback => vec![format!("held: the handover was rolled back at revision {}; agents stay in coexist mode (commit a fix or pass --retry)", s.revision)],
         HandoverPlan::None => vec![],
     };
+    let node_modes = if kp.present() || handover != HandoverPlan::None {
+        kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+            .list_metadata(&kube::api::ListParams::default())
+            .await
+            .map_err(|e| ConvergeError::Nodes(apply::describe(&e)))?
+            .items
+            .iter()
+            .map(|n| NodeMode::of(&n.metadata))
+            .collect()
+    } else {
+        vec![]
+    };
+    let ipvs_cleanup = matches!(handover, HandoverPlan::Replace | HandoverPlan::Resume(_))
+        && kube_proxy_mode::ipvs_in_use(kp.configured_mode.as_ref(), &node_modes);
     let gate_ahead = match handover {
         HandoverPlan::Replace => true,
         HandoverPlan::Resume(p) => !p.past_delete(),
@@ -260,6 +285,8 @@ pub async fn plan(
         handover,
         handover_steps,
         kube_proxy: kp,
+        node_modes,
+        ipvs_cleanup,
         journal,
         unserved,
         noop,

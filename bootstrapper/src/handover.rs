@@ -23,6 +23,7 @@ use serde_json::Value;
 use crate::apply::{describe, FIELD_MANAGER};
 use crate::inventory::StepRecord;
 use crate::journal::{Captured, Journal, KubeProxyRef, Phase};
+use crate::kube_proxy_mode::{self, ConfiguredMode};
 use crate::lock::{Lock, LockError};
 use crate::manifest::{CLUSTER_LABEL, MANAGED_BY};
 use crate::spec::KubeProxy;
@@ -113,6 +114,12 @@ pub struct KubeProxyState {
     pub daemon_set: bool,
     pub config_map: bool,
     pub pods: usize,
+    /// The mode its ConfigMap configures (`config.conf`'s `mode`); `None`
+    /// when the ConfigMap is absent or its mode unreadable (then
+    /// `configuredModeError` says why).
+    pub configured_mode: Option<ConfiguredMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configured_mode_error: Option<String>,
 }
 
 impl KubeProxyState {
@@ -137,17 +144,29 @@ pub async fn kube_proxy_state(
             message: describe(&e),
         }
     };
+    let daemon_set = ds
+        .get_opt(&kp.daemon_set)
+        .await
+        .map_err(err(format!("DaemonSet/{}/{}", kp.namespace, kp.daemon_set)))?
+        .is_some();
+    let cm_object = format!("ConfigMap/{}/{}", kp.namespace, kp.config_map);
+    let config_map = cm
+        .get_opt(&kp.config_map)
+        .await
+        .map_err(err(cm_object.clone()))?;
+    // An unreadable mode is shown, never a reason to stop.
+    let (configured_mode, configured_mode_error) = match &config_map {
+        None => (None, None),
+        Some(c) => match kube_proxy_mode::from_data(&cm_object, c.data.as_ref()) {
+            Ok(m) => (Some(m), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+    };
     Ok(KubeProxyState {
-        daemon_set: ds
-            .get_opt(&kp.daemon_set)
-            .await
-            .map_err(err(format!("DaemonSet/{}/{}", kp.namespace, kp.daemon_set)))?
-            .is_some(),
-        config_map: cm
-            .get_opt(&kp.config_map)
-            .await
-            .map_err(err(format!("ConfigMap/{}/{}", kp.namespace, kp.config_map)))?
-            .is_some(),
+        configured_mode,
+        configured_mode_error,
+        daemon_set,
+        config_map: config_map.is_some(),
         pods: pods
             .list(&ListParams::default().labels(KUBE_PROXY_POD_SELECTOR))
             .await

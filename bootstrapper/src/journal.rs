@@ -251,6 +251,7 @@ mod tests {
             daemon_set: ds,
             config_map: cm,
             pods,
+            ..Default::default()
         }
     }
 

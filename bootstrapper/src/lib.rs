@@ -14,6 +14,7 @@ pub mod fault;
 pub mod handover;
 pub mod inventory;
 pub mod journal;
+pub mod kube_proxy_mode;
 pub mod kubeadm;
 pub mod lock;
 pub mod manifest;

@@ -13,12 +13,14 @@ use serde::Serialize;
 use crate::apply::describe;
 use crate::handover::{self, KubeProxyState};
 use crate::inventory::{self, Inventory};
+use crate::kube_proxy_mode;
 use crate::spec::ClusterNetwork;
 use crate::wait;
 use netboot_contract::agent::{DAEMONSET as AGENT_DAEMONSET, SELECTOR as AGENT_SELECTOR};
 use netboot_contract::features::{self, FEATURES_ANNOTATION};
 use netboot_contract::node::{
-    parse_kpr, DATAPATH_VERSION, KUBE_PROXY_REPLACEMENT, KUBE_PROXY_RULES, KUBE_PROXY_RULES_REASON,
+    parse_kpr, DATAPATH_VERSION, KUBE_PROXY_MODE, KUBE_PROXY_REPLACEMENT, KUBE_PROXY_RULES,
+    KUBE_PROXY_RULES_REASON,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +35,10 @@ pub struct NodeStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kube_proxy_rules_reason: Option<String>,
     pub datapath_version: Option<String>,
+    /// kube-proxy's mode(s) whose state the agent finds on the node
+    /// (`netboot.io/kube-proxy-mode`: `iptables`, `iptables+ipvs`, `none`,
+    /// `unknown`, …).
+    pub kube_proxy_mode: Option<String>,
     /// What the agent publishes it serves (`netboot.io/datapath-features`).
     pub datapath_features: Option<String>,
 }
@@ -119,6 +125,7 @@ pub async fn gather(
                 kube_proxy_rules: ann.get(KUBE_PROXY_RULES).cloned(),
                 kube_proxy_rules_reason: ann.get(KUBE_PROXY_RULES_REASON).cloned(),
                 datapath_version: ann.get(DATAPATH_VERSION).cloned(),
+                kube_proxy_mode: ann.get(KUBE_PROXY_MODE).cloned(),
                 datapath_features: ann.get(FEATURES_ANNOTATION).cloned(),
                 node: name,
             }
@@ -227,6 +234,17 @@ pub fn format(s: &ClusterStatus) -> String {
     line(&mut out, "KubeProxy:", kp);
     line(
         &mut out,
+        "KubeProxy mode:",
+        format!(
+            "{}   [as found on each node: KUBE-PROXY MODE]",
+            kube_proxy_mode::configured_text(
+                s.kube_proxy.configured_mode.as_ref(),
+                s.kube_proxy.configured_mode_error.as_deref(),
+            )
+        ),
+    );
+    line(
+        &mut out,
         "KubeProxy backup:",
         s.backup_taken
             .clone()
@@ -308,13 +326,20 @@ pub fn format(s: &ClusterStatus) -> String {
         .max()
         .unwrap_or(4)
         .max(4);
+    let m = s
+        .nodes
+        .iter()
+        .filter_map(|n| n.kube_proxy_mode.as_ref().map(String::len))
+        .max()
+        .unwrap_or(0)
+        .max("KUBE-PROXY MODE".len());
     out.push_str(&format!(
-        "{:<w$}  {:<8}  {:<6}  {:<8}  {:<8}  AGENT POD\n",
-        "NODE", "AGENT", "KPR", "RULES", "VERSION"
+        "{:<w$}  {:<8}  {:<6}  {:<8}  {:<m$}  {:<8}  AGENT POD\n",
+        "NODE", "AGENT", "KPR", "RULES", "KUBE-PROXY MODE", "VERSION"
     ));
     for n in &s.nodes {
         out.push_str(&format!(
-            "{:<w$}  {:<8}  {:<6}  {:<8}  {:<8}  {}\n",
+            "{:<w$}  {:<8}  {:<6}  {:<8}  {:<m$}  {:<8}  {}\n",
             n.node,
             if n.agent_pod.is_none() {
                 "missing"
@@ -325,6 +350,7 @@ pub fn format(s: &ClusterStatus) -> String {
             },
             n.kube_proxy_replacement.as_deref().unwrap_or("-"),
             n.kube_proxy_rules.as_deref().unwrap_or("-"),
+            n.kube_proxy_mode.as_deref().unwrap_or("-"),
             n.datapath_version.as_deref().unwrap_or("-"),
             n.agent_pod.as_deref().unwrap_or("-"),
         ));
@@ -383,6 +409,7 @@ mod tests {
                 daemon_set: kube_proxy,
                 config_map: kube_proxy,
                 pods: 0,
+                ..Default::default()
             },
             backup_taken: None,
             handover_journal: None,
@@ -390,6 +417,71 @@ mod tests {
             nodes: vec![],
             unserved,
         }
+    }
+
+    fn node(name: &str, mode: Option<&str>) -> NodeStatus {
+        NodeStatus {
+            node: name.into(),
+            agent_pod: Some(format!("netboot-datapath-{name}")),
+            agent_ready: true,
+            kube_proxy_replacement: Some("true".into()),
+            kube_proxy_rules: Some("present".into()),
+            kube_proxy_rules_reason: None,
+            datapath_version: Some("0.1.0".into()),
+            kube_proxy_mode: mode.map(String::from),
+            datapath_features: None,
+        }
+    }
+
+    /// The IPVS cluster before its handover: the configured mode on the
+    /// summary, what each agent finds in the nodes table.
+    #[test]
+    fn status_shows_kube_proxys_mode_configured_and_per_node() {
+        use crate::kube_proxy_mode::{ConfiguredMode, ProxyMode};
+        use netboot_contract::node::KubeProxyMode;
+        let mut s = status(true, UnservedReport::default());
+        s.kube_proxy.configured_mode = Some(ConfiguredMode {
+            mode: ProxyMode::Linux(KubeProxyMode::Ipvs),
+            default: false,
+        });
+        s.nodes = vec![
+            node("node-0", Some("ipvs")),
+            node("node-1", Some("iptables+ipvs")),
+            node("node-2", Some("unknown")),
+            node("node-3", None),
+        ];
+        insta::assert_snapshot!(format(&s));
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["nodes"][1]["kubeProxyMode"], "iptables+ipvs");
+        assert_eq!(json["nodes"][3]["kubeProxyMode"], serde_json::Value::Null);
+        assert_eq!(
+            json["kubeProxy"]["configuredMode"],
+            serde_json::json!({"mode": "ipvs", "default": false})
+        );
+        assert!(json["kubeProxy"].get("configuredModeError").is_none());
+        // The fields that were there before stay.
+        for f in ["daemonSet", "configMap", "pods"] {
+            assert!(json["kubeProxy"].get(f).is_some(), "{f}: {json:#}");
+        }
+
+        s.kube_proxy.configured_mode = None;
+        s.kube_proxy.configured_mode_error =
+            Some("ConfigMap/kube-system/kube-proxy: config.conf: not YAML: x".into());
+        assert!(format(&s).contains(
+            "KubeProxy mode:       unknown (ConfigMap/kube-system/kube-proxy: config.conf: not YAML: x)"
+        ));
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["kubeProxy"]["configuredMode"], serde_json::Value::Null);
+        assert!(json["kubeProxy"]["configuredModeError"]
+            .as_str()
+            .unwrap()
+            .starts_with("ConfigMap/kube-system/kube-proxy: config.conf"));
+
+        let gone = format(&status(false, UnservedReport::default()));
+        assert!(
+            gone.contains("KubeProxy mode:       ConfigMap absent   ["),
+            "{gone}"
+        );
     }
 
     #[test]

@@ -14,14 +14,15 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::{
-    admin_writes_since, audit_len, indent, kube_proxy, scenario, wait_until, ApiServerProcess, Run,
+    admin_writes_since, audit_len, cluster_env, indent, kube_proxy, scenario, wait_until,
+    ApiServerProcess, Run,
 };
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use netboot_harness::cluster::{repo_root, SharedCluster};
 use serde_json::Value;
 
@@ -358,10 +359,73 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
         let spec = spec_file(dir.path(), "local.yaml", |s| s);
         let spec = spec.to_str().unwrap();
 
+        // node-0 as its agent reports IPVS state left by an earlier mode
+        // (no agent runs yet to write it; reset() removes it).
+        let nodes: Api<Node> = Api::all(c.client.clone());
+        let mode = |v: Value| serde_json::json!({"metadata": {"annotations": {"netboot.io/kube-proxy-mode": v}}});
+        nodes
+            .patch(
+                "node-0",
+                &PatchParams::default(),
+                &Patch::Merge(&mode("iptables+ipvs".into())),
+            )
+            .await
+            .unwrap();
+
         let plan = netboot(&c, &["plan", "-o", "json", spec]).json();
         let refused = plan["unserved"]["refused"].to_string();
         assert!(refused.contains("default/nb-unserved-sctp"), "{plan:#}");
         assert!(refused.contains("default/nb-unserved-np"), "{plan:#}");
+        // kube-proxy's mode: its ConfigMap's (tests/cluster/up renders
+        // `mode: $KUBE_PROXY_MODE`) and node-0's; IPVS there → the agents clear it.
+        let configured = cluster_env(&c, "KUBE_PROXY_MODE").unwrap_or_else(|| "iptables".into());
+        assert_eq!(
+            plan["kubeProxy"]["configuredMode"],
+            serde_json::json!({"mode": configured, "default": false}),
+            "{plan:#}"
+        );
+        let node0 = plan["nodeModes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "node-0")
+            .cloned();
+        assert_eq!(
+            node0,
+            Some(serde_json::json!({"node": "node-0", "mode": "iptables+ipvs"})),
+            "{plan:#}"
+        );
+        assert_eq!(plan["ipvsCleanup"], true, "{plan:#}");
+        let text = netboot(&c, &["plan", spec]).stdout;
+        assert!(text.contains("clears its IPVS virtual servers"), "{text}");
+        let status = netboot(&c, &["status", "-o", "json", spec]).json();
+        let modes: Vec<(&str, &Value)> = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["node"].as_str().unwrap(), &n["kubeProxyMode"]))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("node-0", &Value::from("iptables+ipvs")),
+                ("node-1", &Value::Null),
+                ("node-2", &Value::Null)
+            ],
+            "{status:#}"
+        );
+        assert_eq!(
+            status["kubeProxy"]["configuredMode"]["mode"],
+            configured.as_str()
+        );
+        nodes
+            .patch(
+                "node-0",
+                &PatchParams::default(),
+                &Patch::Merge(&mode(Value::Null)),
+            )
+            .await
+            .unwrap();
 
         let run = netboot(&c, &["apply", spec]);
         assert_eq!(run.code, 2, "a shut gate is an error");

@@ -34,9 +34,12 @@ use crate::watch::{self, WatchError, Watched};
 /// Node annotation: the features this agent serves (`clusterip,ipv4,tcp,…`),
 /// read by `netboot apply`'s "nothing unserved" gate.
 pub use netboot_contract::features::FEATURES_ANNOTATION as ANN_FEATURES;
+use netboot_contract::node::KubeProxyMode;
 pub use netboot_contract::node::KubeProxyRules;
 /// Node annotation: datapath version.
 pub use netboot_contract::node::DATAPATH_VERSION as ANN_VERSION;
+/// Node annotation: kube-proxy's mode(s) found on the node.
+pub use netboot_contract::node::KUBE_PROXY_MODE as ANN_MODE;
 /// Node annotation: replace mode and ready (the contract's).
 pub use netboot_contract::node::KUBE_PROXY_REPLACEMENT as ANN_KPR;
 /// Node annotation: kube-proxy rules [`KubeProxyRules`] in the rules netns.
@@ -44,6 +47,7 @@ pub use netboot_contract::node::KUBE_PROXY_RULES as ANN_RULES;
 /// Node annotation: why the rules are `unknown` (or why kube-proxy chains
 /// are kept); removed when there is nothing to say.
 pub use netboot_contract::node::KUBE_PROXY_RULES_REASON as ANN_RULES_REASON;
+use std::collections::BTreeSet;
 
 /// What one rules pass found: kube-proxy's rules present or not (and why
 /// some are kept), or the error that stopped the check.
@@ -55,6 +59,8 @@ pub enum RulesCheck {
         present: bool,
         /// kube-proxy chains kept because other rules use them.
         retained: Vec<String>,
+        /// kube-proxy's modes whose state is on the node.
+        modes: BTreeSet<KubeProxyMode>,
     },
     /// It could not run.
     Failed {
@@ -74,6 +80,8 @@ pub struct NodeReport {
     pub rules: KubeProxyRules,
     /// `netboot.io/kube-proxy-rules-reason` (None = removed).
     pub reason: Option<String>,
+    /// `netboot.io/kube-proxy-mode`: what the rules pass found (None: unknown).
+    pub modes: Option<BTreeSet<KubeProxyMode>>,
     /// The cleanup this node needs cannot run: KubeProxyReplacement is held
     /// at false so the handover never starts (kube-proxy is never touched).
     pub blocked: bool,
@@ -85,7 +93,11 @@ pub struct NodeReport {
 /// the bootstrapper's first gate stays shut before kube-proxy is touched.
 pub fn node_report(replace: bool, ready: bool, cleanup: bool, check: &RulesCheck) -> NodeReport {
     match check {
-        RulesCheck::Checked { present, retained } => NodeReport {
+        RulesCheck::Checked {
+            present,
+            retained,
+            modes,
+        } => NodeReport {
             kpr: replace && ready,
             rules: if *present {
                 KubeProxyRules::Present
@@ -98,6 +110,7 @@ pub fn node_report(replace: bool, ready: bool, cleanup: bool, check: &RulesCheck
                     retained.join("; ")
                 )
             }),
+            modes: Some(modes.clone()),
             blocked: false,
         },
         RulesCheck::Failed { capability, error } => {
@@ -106,6 +119,7 @@ pub fn node_report(replace: bool, ready: bool, cleanup: bool, check: &RulesCheck
                 kpr: replace && ready && !blocked,
                 rules: KubeProxyRules::Unknown,
                 reason: Some(error.clone()),
+                modes: None,
                 blocked,
             }
         }
@@ -437,7 +451,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             Some(c)
         }
     };
-    tasks.push(tokio::spawn(node_loop(client, state.clone(), opts.clone())));
+    tasks.push(tokio::spawn(node_loop(
+        client,
+        state.clone(),
+        watched.clone(),
+        opts.clone(),
+    )));
 
     let np = NodePortCtl {
         pins: opts.pins.clone(),
@@ -780,7 +799,12 @@ fn names(features: &[netboot_contract::features::Feature]) -> String {
 /// readiness or kube-proxy's presence changes). kube-proxy's rules are removed
 /// only in replace mode with cleanup enabled, once the maps are programmed and
 /// kube-proxy's DaemonSet is known to be gone (see [`kube_proxy::decide`]).
-async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOptions) {
+async fn node_loop(
+    client: Option<Client>,
+    state: Arc<AgentState>,
+    watched: Arc<Watched>,
+    opts: AgentOptions,
+) {
     let replace = opts.config.kube_proxy_replacement;
     let mut applied: Option<(NodeReport, String)> = None;
     let mut last_decision = None;
@@ -804,14 +828,19 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
         }
         let clean = decision.cleans();
         let ns = RulesNetns::new(opts.rules_netns.as_deref());
+        // IPVS virtual servers of these addresses are kube-proxy's.
+        let own = handover::IpvsOwnership {
+            service_ips: watched.service_addresses(),
+            ..Default::default()
+        };
         let rules = tokio::task::spawn_blocking(
             move || -> Result<(handover::Report, handover::Report), handover::HandoverError> {
                 let removed = if clean {
-                    handover::cleanup(&ns)?
+                    handover::cleanup(&ns, &own)?
                 } else {
                     handover::Report::default()
                 };
-                Ok((removed, handover::detect(&ns)?))
+                Ok((removed, handover::detect(&ns, &own)?))
             },
         )
         .await;
@@ -822,13 +851,20 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
                     tracing::info!(
                         removed = n,
                         route_localnet_reset = removed.route_localnet_reset,
-                        "removed kube-proxy's rules (its chains, jumps and nft tables)"
+                        ipvs = removed.ipvs.len(),
+                        ipsets = removed.ipsets.len(),
+                        links = removed.links.len(),
+                        "removed kube-proxy's state (its chains, jumps, nft tables, IPVS virtual servers, kube-ipvs0, ipsets)"
                     );
                 }
                 state.update(|s| s.kube_proxy_rules_removed += n);
+                if !found.ipvs_others.is_empty() || !found.links_others.is_empty() {
+                    tracing::debug!(ipvs = ?found.ipvs_others, links = ?found.links_others, "IPVS state that is not kube-proxy's, left alone");
+                }
                 RulesCheck::Checked {
                     present: found.present(),
                     retained: found.retained(),
+                    modes: found.modes.clone(),
                 }
             }
             Ok(Err(e)) => {
@@ -852,6 +888,7 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
         state.update(|s| {
             s.kube_proxy_rules = report.rules.to_string();
             s.kube_proxy_rules_reason = report.reason.clone().unwrap_or_default();
+            s.kube_proxy_mode = mode_value(&report);
             s.kube_proxy_cleanup_blocked = report.blocked;
         });
         let features = state.get().features.join(",");
@@ -907,6 +944,15 @@ async fn node_loop(client: Option<Client>, state: Arc<AgentState>, opts: AgentOp
     }
 }
 
+/// The [`ANN_MODE`] value: the modes found, or `unknown`.
+pub fn mode_value(report: &NodeReport) -> String {
+    report
+        .modes
+        .as_ref()
+        .map(netboot_contract::node::format_modes)
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Writes the contract annotations on the Node; `features` is what the
 /// agent serves now (`netboot_contract::features::format`).
 pub async fn annotate(
@@ -924,6 +970,7 @@ pub async fn annotate(
             ANN_FEATURES: features,
             ANN_RULES: report.rules.as_str(),
             ANN_RULES_REASON: report.reason,
+            ANN_MODE: mode_value(report),
         }}
     });
     nodes
@@ -940,6 +987,11 @@ mod tests {
         RulesCheck::Checked {
             present,
             retained: vec![],
+            modes: if present {
+                BTreeSet::from([KubeProxyMode::Ipvs])
+            } else {
+                BTreeSet::new()
+            },
         }
     }
 
@@ -961,9 +1013,11 @@ mod tests {
                 kpr: false,
                 rules: KubeProxyRules::Unknown,
                 reason: Some("iptables-legacy-save: not installed".into()),
+                modes: None,
                 blocked: true,
             }
         );
+        assert_eq!(mode_value(&r), "unknown");
         // A passing failure (e.g. the xtables lock) reports unknown, keeps KPR.
         let r = node_report(true, true, true, &failed(false));
         assert!(r.kpr && !r.blocked && r.rules == KubeProxyRules::Unknown);
@@ -980,9 +1034,12 @@ mod tests {
                 (r.kpr, r.rules, r.reason, r.blocked),
                 (replace && ready, KubeProxyRules::Present, None, false)
             );
+            let absent = node_report(replace, ready, true, &checked(false));
+            assert_eq!(absent.rules, KubeProxyRules::Absent);
+            assert_eq!(mode_value(&absent), "none");
             assert_eq!(
-                node_report(replace, ready, true, &checked(false)).rules,
-                KubeProxyRules::Absent
+                mode_value(&node_report(replace, ready, true, &checked(true))),
+                "ipvs"
             );
         }
         let kept = RulesCheck::Checked {
@@ -991,6 +1048,7 @@ mod tests {
                 "iptables-nft-save nat: KUBE-MARK-MASQ (referenced by: -A X -j KUBE-MARK-MASQ)"
                     .into(),
             ],
+            modes: BTreeSet::from([KubeProxyMode::Iptables]),
         };
         let r = node_report(true, true, true, &kept);
         assert_eq!(r.rules, KubeProxyRules::Present);

@@ -20,17 +20,32 @@
 //!   parse, every call fails with an error that [`HandoverError::is_capability`]
 //!   recognises — never "absent".
 //!
+//! - IPVS mode ([`ipvs`], [`ipset`]): kube-proxy's IPVS virtual servers
+//!   (`ipvsadm`), its dummy interface `kube-ipvs0` (`ip link`) and its ipsets
+//!   (`ipset`), as `kube-proxy --cleanup` removes them but scoped to what is
+//!   kube-proxy's. Order: virtual servers, `kube-ipvs0`, iptables rules, nft
+//!   tables, then the ipsets (a set cannot go while a rule matches it).
+//!   Without the `ip_vs` module in the kernel there are no virtual servers
+//!   and `ipvsadm` is not needed; without `ip_set` loaded, no sets and no
+//!   `ipset`.
+//! - The mode ([`modes`]): which of kube-proxy's modes left state here.
+//!
 //! Commands run inside the namespace through `nsenter --net=PATH`.
 
+pub mod ipset;
+pub mod ipvs;
 pub mod plan;
 
 use std::collections::BTreeSet;
+
+use netboot_contract::node::KubeProxyMode;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::Serialize;
 
+pub use ipvs::IpvsOwnership;
 pub use plan::{plan_from_save, SaveError, TablePlan, TABLES};
 
 /// Errors of the node rules cleanup.
@@ -45,7 +60,7 @@ pub enum HandoverError {
         why: &'static str,
     },
     /// A program the cleanup runs is not installed.
-    #[error("{prog}: not installed (the cleanup needs iptables legacy and nft, ip6tables, nft and nsenter)")]
+    #[error("{prog}: not installed (the cleanup needs iptables legacy and nft, ip6tables, nft, nsenter, ip, and ipvsadm / ipset where the kernel has IPVS / ipsets)")]
     Missing {
         /// The program.
         prog: String,
@@ -78,6 +93,15 @@ pub enum HandoverError {
         #[source]
         source: SaveError,
     },
+    /// `ipvsadm`, `ipset` or `ip` printed something that cannot be trusted.
+    #[error("{cmd}: {source}")]
+    Parse {
+        /// The command line.
+        cmd: String,
+        /// What was wrong.
+        #[source]
+        source: ipvs::ParseError,
+    },
     /// Reading or writing a sysctl in the rules netns failed.
     #[error("sysctl {name}: {source}")]
     Sysctl {
@@ -95,7 +119,10 @@ impl HandoverError {
     /// opposed to a command that may succeed when tried again.
     pub fn is_capability(&self) -> bool {
         match self {
-            Self::Capabilities { .. } | Self::Missing { .. } | Self::Save { .. } => true,
+            Self::Capabilities { .. }
+            | Self::Missing { .. }
+            | Self::Save { .. }
+            | Self::Parse { .. } => true,
             Self::Failed { stderr, .. } => {
                 stderr.contains("Permission denied") || stderr.contains("Operation not permitted")
             }
@@ -271,6 +298,17 @@ impl RulesNetns {
             })
     }
 
+    /// Whether `/proc/net/<name>` exists in this namespace (`ip_vs`: the
+    /// IPVS module is loaded).
+    pub fn proc_net_exists(&self, name: &str) -> Result<bool, HandoverError> {
+        let path = format!("/proc/thread-self/net/{name}");
+        self.in_netns(|| Ok(Path::new(&path).exists()))
+            .map_err(|source| HandoverError::Sysctl {
+                name: "/proc/thread-self/net",
+                source,
+            })
+    }
+
     /// Sets `net.ipv4.conf.all.route_localnet` in this namespace.
     pub fn set_route_localnet(&self, value: u8) -> Result<(), HandoverError> {
         self.in_netns(|| std::fs::write(ROUTE_LOCALNET_PATH, format!("{value}\n")))
@@ -312,24 +350,119 @@ pub struct Report {
     /// `route_localnet` was set back to 0 (cleanup only).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub route_localnet_reset: bool,
+    /// kube-proxy's IPVS virtual servers (`TCP 10.96.0.1:443 (why)`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ipvs: Vec<String>,
+    /// IPVS virtual servers that are not kube-proxy's: left alone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ipvs_others: Vec<String>,
+    /// `kube-ipvs0` (a dummy link).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<String>,
+    /// A `kube-ipvs0` that is not a dummy link: left alone, reported.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links_others: Vec<String>,
+    /// kube-proxy's ipsets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ipsets: Vec<String>,
+    /// kube-proxy's ipsets kept because a staying rule matches them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ipsets_retained: Vec<String>,
+    /// The modes whose state this is ([`modes`]).
+    #[serde(serialize_with = "ser_modes")]
+    pub modes: BTreeSet<KubeProxyMode>,
+}
+
+fn ser_modes<S: serde::Serializer>(m: &BTreeSet<KubeProxyMode>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&netboot_contract::node::format_modes(m))
+}
+
+/// Chains only kube-proxy's IPVS mode writes, and only its iptables mode.
+fn chain_mode(table: &str, chain: &str) -> Option<KubeProxyMode> {
+    if plan::IPVS_CHAINS
+        .iter()
+        .any(|(t, cs)| *t == table && cs.contains(&chain))
+    {
+        return Some(KubeProxyMode::Ipvs);
+    }
+    let iptables_only = [
+        "KUBE-NODEPORTS",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-PROXY-CANARY",
+    ];
+    if iptables_only.contains(&chain)
+        || (table == "nat"
+            && plan::SERVICE_CHAIN_PREFIXES
+                .iter()
+                .any(|p| chain.starts_with(p)))
+    {
+        return Some(KubeProxyMode::Iptables);
+    }
+    None
+}
+
+/// Which of kube-proxy's modes left the state in `rep`: IPVS for virtual
+/// servers, `kube-ipvs0`, ipsets or IPVS-only chains; nftables for its nft
+/// tables; iptables for iptables-only chains, or for chains both iptables
+/// modes share when nothing says IPVS. Empty: nothing of kube-proxy's.
+pub fn modes(rep: &Report) -> BTreeSet<KubeProxyMode> {
+    let mut out = BTreeSet::new();
+    let mut shared = false;
+    for t in &rep.tables {
+        let retained = t
+            .retained
+            .iter()
+            .filter_map(|r| r.split_whitespace().next());
+        for c in t.chains.iter().map(String::as_str).chain(retained) {
+            match chain_mode(&t.table, c) {
+                Some(m) => {
+                    out.insert(m);
+                }
+                None => shared = true,
+            }
+        }
+        shared |= !t.jumps.is_empty();
+    }
+    if !rep.ipvs.is_empty()
+        || !rep.links.is_empty()
+        || !rep.ipsets.is_empty()
+        || !rep.ipsets_retained.is_empty()
+    {
+        out.insert(KubeProxyMode::Ipvs);
+    }
+    if shared && !out.contains(&KubeProxyMode::Ipvs) {
+        out.insert(KubeProxyMode::Iptables);
+    }
+    if !rep.nft_tables.is_empty() {
+        out.insert(KubeProxyMode::Nftables);
+    }
+    out
 }
 
 impl Report {
     /// Anything of kube-proxy's present (retained chains included).
     pub fn present(&self) -> bool {
-        self.tables.iter().any(TablePlan::present) || !self.nft_tables.is_empty()
+        self.tables.iter().any(TablePlan::present)
+            || !self.nft_tables.is_empty()
+            || !self.ipvs.is_empty()
+            || !self.links.is_empty()
+            || !self.ipsets.is_empty()
+            || !self.ipsets_retained.is_empty()
     }
 
-    /// Chains + jumps + nft tables counted.
+    /// Chains + jumps + nft tables + virtual servers + links + ipsets counted.
     pub fn items(&self) -> usize {
         self.tables
             .iter()
             .map(|t| t.chains.len() + t.jumps.len())
             .sum::<usize>()
             + self.nft_tables.len()
+            + self.ipvs.len()
+            + self.links.len()
+            + self.ipsets.len()
     }
 
-    /// kube-proxy chains kept because other rules use them, with who.
+    /// kube-proxy chains and ipsets kept because other rules use them, with who.
     pub fn retained(&self) -> Vec<String> {
         self.tables
             .iter()
@@ -338,6 +471,7 @@ impl Report {
                     .iter()
                     .map(move |r| format!("{} {}: {r}", t.backend, t.table))
             })
+            .chain(self.ipsets_retained.iter().map(|r| format!("ipset {r}")))
             .collect()
     }
 
@@ -350,18 +484,45 @@ impl Report {
     }
 }
 
-/// Finds kube-proxy's rules in `ns` without changing anything.
-pub fn detect(ns: &RulesNetns) -> Result<Report, HandoverError> {
+/// What [`detect`] found, with what [`cleanup`] needs to remove it.
+#[derive(Debug, Default)]
+struct Found {
+    report: Report,
+    servers: Vec<ipvs::VirtualServer>,
+    destroy_sets: Vec<String>,
+}
+
+/// Finds kube-proxy's state in `ns` without changing anything; `own` says
+/// which IPVS virtual servers are kube-proxy's.
+pub fn detect(ns: &RulesNetns, own: &IpvsOwnership) -> Result<Report, HandoverError> {
+    find(ns, own).map(|f| f.report)
+}
+
+fn parse_err(cmd: &str) -> impl FnOnce(ipvs::ParseError) -> HandoverError + '_ {
+    move |source| HandoverError::Parse {
+        cmd: cmd.to_string(),
+        source,
+    }
+}
+
+fn find(ns: &RulesNetns, own: &IpvsOwnership) -> Result<Found, HandoverError> {
     preflight(ns)?;
     let mut rep = Report::default();
+    let mut staying = Vec::new();
     for (save, _) in BACKENDS {
         let text = ns.run(save, &[], None)?;
-        rep.tables.extend(
-            plan_from_save(save, &text).map_err(|source| HandoverError::Save {
-                cmd: save.to_string(),
-                source,
-            })?,
-        );
+        let save_err = |source| HandoverError::Save {
+            cmd: save.to_string(),
+            source,
+        };
+        let tables = plan::parse_save(&text).map_err(save_err)?;
+        let plans: Vec<TablePlan> = tables
+            .iter()
+            .filter_map(|t| plan::plan_table(save, t))
+            .filter(TablePlan::present)
+            .collect();
+        staying.extend(plan::staying_set_rules(save, &tables, &plans));
+        rep.tables.extend(plans);
     }
     let list = ns.run("nft", &["list", "tables"], None)?;
     let have: BTreeSet<String> = list.lines().map(|l| l.trim().to_string()).collect();
@@ -370,17 +531,71 @@ pub fn detect(ns: &RulesNetns) -> Result<Report, HandoverError> {
             rep.nft_tables.push(format!("{fam} {name}"));
         }
     }
-    Ok(rep)
+    // IPVS: virtual servers only when the kernel has IPVS here.
+    let servers = if ns.proc_net_exists("ip_vs")? {
+        let cmd = "ipvsadm -S -n";
+        ipvs::parse_ipvsadm_save(&ns.run("ipvsadm", &["-S", "-n"], None)?)
+            .map_err(parse_err(cmd))?
+    } else {
+        Vec::new()
+    };
+    let links = ipvs::parse_ip_link(&ns.run("ip", &["-o", "-d", "link", "show"], None)?)
+        .map_err(parse_err("ip -o -d link show"))?;
+    let addrs = ipvs::parse_ip_addr(&ns.run("ip", &["-o", "addr", "show"], None)?)
+        .map_err(parse_err("ip -o addr show"))?;
+    let iplan = ipvs::plan_ipvs(&servers, &addrs, &links, own);
+    rep.ipvs = iplan
+        .delete
+        .iter()
+        .map(|(v, why)| format!("{v} ({why})"))
+        .collect();
+    rep.ipvs_others = iplan.kept.iter().map(ToString::to_string).collect();
+    if iplan.delete_link {
+        rep.links.push(ipvs::DUMMY_DEVICE.to_string());
+    }
+    if iplan.foreign_link {
+        rep.links_others.push(format!(
+            "{} (not a dummy link: not kube-proxy's)",
+            ipvs::DUMMY_DEVICE
+        ));
+    }
+    // ipsets: only when the kernel has them (the module is global).
+    let set_names = if Path::new("/sys/module/ip_set").exists() {
+        ipset::parse_list_names(&ns.run("ipset", &["list", "-n"], None)?)
+            .map_err(parse_err("ipset list -n"))?
+    } else {
+        Vec::new()
+    };
+    let splan = ipset::plan_ipsets(&set_names, &staying);
+    rep.ipsets = splan.destroy.clone();
+    rep.ipsets_retained = splan.retained;
+    rep.modes = modes(&rep);
+    Ok(Found {
+        report: rep,
+        servers: iplan.delete.into_iter().map(|(v, _)| v).collect(),
+        destroy_sets: splan.destroy,
+    })
 }
 
-/// Removes kube-proxy's rules from `ns` (and resets `route_localnet` when
-/// kube-proxy had set it); returns what was removed. Kept chains
-/// ([`TablePlan::retained`]) stay and are reported.
-pub fn cleanup(ns: &RulesNetns) -> Result<Report, HandoverError> {
-    let mut rep = detect(ns)?;
+/// Removes kube-proxy's state from `ns` (and resets `route_localnet` when
+/// kube-proxy had set it); returns what was removed. Kept chains and sets
+/// ([`TablePlan::retained`], [`Report::ipsets_retained`]) and other
+/// components' virtual servers stay and are reported.
+pub fn cleanup(ns: &RulesNetns, own: &IpvsOwnership) -> Result<Report, HandoverError> {
+    let found = find(ns, own)?;
+    let mut rep = found.report;
     if rep.localhost_node_ports() && ns.route_localnet()? != 0 {
         ns.set_route_localnet(0)?;
         rep.route_localnet_reset = true;
+    }
+    for vs in &found.servers {
+        let mut args = vec!["-D".to_string()];
+        args.extend(vs.args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ns.run("ipvsadm", &args, None)?;
+    }
+    for l in &rep.links {
+        ns.run("ip", &["link", "delete", l.as_str()], None)?;
     }
     for t in &rep.tables {
         if t.chains.is_empty() && t.jumps.is_empty() {
@@ -397,6 +612,10 @@ pub fn cleanup(ns: &RulesNetns) -> Result<Report, HandoverError> {
         let mut args = vec!["delete", "table"];
         args.extend(spec.split_whitespace());
         ns.run("nft", &args, None)?;
+    }
+    // Last: a set cannot be destroyed while a rule matches it.
+    for set in &found.destroy_sets {
+        ns.run("ipset", &["destroy", set.as_str()], None)?;
     }
     Ok(rep)
 }
@@ -423,6 +642,73 @@ mod tests {
             ["CAP_NET_ADMIN", "CAP_NET_RAW"]
         );
         assert_eq!(cap_eff("Name:\tx\n"), None);
+    }
+
+    fn table(table: &str, chains: &[&str], jumps: usize) -> TablePlan {
+        TablePlan {
+            backend: "iptables-nft-save".into(),
+            table: table.into(),
+            chains: chains.iter().map(|c| c.to_string()).collect(),
+            jumps: vec!["-A X".into(); jumps],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_mode_follows_what_is_present() {
+        use KubeProxyMode::{Iptables, Ipvs, Nftables};
+        let m = |rep: &Report| modes(rep).into_iter().collect::<Vec<_>>();
+        assert_eq!(m(&Report::default()), []);
+        let iptables = Report {
+            tables: vec![table("nat", &["KUBE-SERVICES", "KUBE-SVC-X"], 2)],
+            ..Default::default()
+        };
+        assert_eq!(m(&iptables), [Iptables]);
+        // Chains both modes share, and IPVS evidence: IPVS only.
+        let ipvs = Report {
+            tables: vec![table("nat", &["KUBE-SERVICES", "KUBE-MARK-MASQ"], 3)],
+            ipsets: vec!["KUBE-CLUSTER-IP".into()],
+            ..Default::default()
+        };
+        assert_eq!(m(&ipvs), [Ipvs]);
+        for r in [
+            Report {
+                ipvs: vec!["TCP 10.96.0.1:443 (Service address)".into()],
+                ..Default::default()
+            },
+            Report {
+                links: vec!["kube-ipvs0".into()],
+                ..Default::default()
+            },
+            Report {
+                tables: vec![table("filter", &["KUBE-IPVS-FILTER"], 0)],
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(m(&r), [Ipvs], "{r:?}");
+            assert!(r.present());
+        }
+        // Shared chains alone: iptables mode (kube-proxy's default).
+        let shared = Report {
+            tables: vec![table("filter", &["KUBE-FORWARD"], 1)],
+            ..Default::default()
+        };
+        assert_eq!(m(&shared), [Iptables]);
+        // A mode switch that left both behind, plus the nft tables.
+        let both = Report {
+            tables: vec![table("nat", &["KUBE-SVC-X", "KUBE-LOAD-BALANCER"], 0)],
+            nft_tables: vec!["ip kube-proxy".into()],
+            ..Default::default()
+        };
+        assert_eq!(m(&both), [Iptables, Nftables, Ipvs]);
+        // Other components' IPVS state alone is no mode and nothing present.
+        let others = Report {
+            ipvs_others: vec!["TCP 172.18.0.3:8443".into()],
+            links_others: vec!["kube-ipvs0 (not a dummy link)".into()],
+            ..Default::default()
+        };
+        assert_eq!(m(&others), []);
+        assert!(!others.present());
     }
 
     #[test]

@@ -173,6 +173,10 @@ pub struct Status {
     /// kube-proxy chains are kept; empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kube_proxy_rules_reason: String,
+    /// kube-proxy's mode(s) whose state the rules pass found: `ipvs`,
+    /// `iptables+ipvs`, `none`, or `unknown`; empty before the first pass.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kube_proxy_mode: String,
     /// The cleanup cannot run on this node, so the agent does not report
     /// KubeProxyReplacement=true (the handover never starts).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -427,6 +431,9 @@ impl Status {
                 format!(" ({})", self.kube_proxy_rules_reason)
             }
         );
+        if !self.kube_proxy_mode.is_empty() {
+            let _ = writeln!(s, "KubeProxy mode on node: {}", self.kube_proxy_mode);
+        }
         if verbose {
             let _ = writeln!(s, "KubeProxyReplacement Details:");
             let _ = writeln!(

@@ -328,6 +328,16 @@ impl Watched {
             .unwrap_or_else(desired::served)
     }
 
+    /// Every address of every Service (ClusterIPs, externalIPs,
+    /// LoadBalancer ingress IPs), served or not: what kube-proxy's IPVS mode
+    /// made virtual servers of ([`service_addresses`]).
+    pub fn service_addresses(&self) -> BTreeSet<IpAddr> {
+        self.stores
+            .lock()
+            .map(|s| s.services.values().flat_map(service_addresses).collect())
+            .unwrap_or_default()
+    }
+
     /// The node addresses as last read.
     pub fn node_addresses(&self) -> Vec<IpAddr> {
         self.stores
@@ -520,6 +530,36 @@ impl Watched {
     }
 }
 
+/// A Service's ClusterIPs, externalIPs and LoadBalancer ingress IPs (those
+/// that parse).
+pub fn service_addresses(svc: &Service) -> Vec<IpAddr> {
+    let spec = svc.spec.as_ref();
+    let cluster = spec
+        .and_then(|s| s.cluster_ips.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.and_then(|s| s.cluster_ip.clone()));
+    let external = spec
+        .and_then(|s| s.external_ips.clone())
+        .unwrap_or_default();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| i.ip);
+    let mut out: Vec<IpAddr> = cluster
+        .chain(external)
+        .chain(ingress)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn key<K: Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
 }
@@ -673,6 +713,30 @@ mod tests {
             "metadata: {{name: {name}, namespace: d}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn service_addresses_are_every_ip_kube_proxy_made_a_virtual_server_of() {
+        let s: Service = serde_yaml::from_str(
+            "metadata: {name: lb, namespace: d}
+spec:
+  clusterIP: 10.96.5.8
+  clusterIPs: [10.96.5.8, fd00:10:96::8]
+  externalIPs: [198.51.100.4, not-an-ip]
+  ports: [{port: 80}]
+status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
+        )
+        .unwrap();
+        let got: Vec<String> = service_addresses(&s)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            ["10.96.5.8", "192.0.2.10", "198.51.100.4", "fd00:10:96::8"]
+        );
+        let headless = svc("h", "None");
+        assert_eq!(service_addresses(&headless), Vec::<IpAddr>::new());
     }
 
     fn ev(e: Event<Service>) -> Result<Event<Service>, String> {

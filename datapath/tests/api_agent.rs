@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netboot_datapath::handover::{self, RulesNetns};
+use netboot_datapath::handover::{self, IpvsOwnership, RulesNetns};
 use netboot_harness::controlplane;
 use support::*;
 
@@ -294,7 +294,11 @@ fn agent_against_a_real_api_server() {
 
     // kube-proxy hand-off.
     let rules = RulesNetns::new(Some(&topo.client.path()));
-    let present = || handover::detect(&rules).expect("detect").present();
+    let present = || {
+        handover::detect(&rules, &IpvsOwnership::default())
+            .expect("detect")
+            .present()
+    };
     let write_rules = || {
         in_ns(&topo.client, "iptables-nft-restore", &["-w"], Some(RULES));
         assert!(present());

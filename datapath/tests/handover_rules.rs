@@ -17,7 +17,14 @@
 //! removes exactly kube-proxy's; unable to clean, it blocks and touches
 //! nothing).
 //!
-//! Needs root, iptables 1.8.9 (legacy + nft), nft, nsenter, setpriv. Run:
+//! IPVS mode (`nbt-ipvs-*` namespaces): kube-proxy's ipsets (IPv4 and the
+//! IPv6 `KUBE-6-*` names) and its IPVS-mode iptables rules next to other
+//! components' sets and rules; only kube-proxy's go, rules before sets. This
+//! kernel may lack IPVS and dummy links: the virtual servers and
+//! `kube-ipvs0` are then covered by the unit tests of src/handover/ipvs.rs
+//! only, and the test says so on stderr.
+//!
+//! Needs root, iptables 1.8.9 (legacy + nft), nft, ipset, nsenter, setpriv. Run:
 //! `sudo cargo test -p netboot-datapath --test handover_rules`
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
@@ -28,7 +35,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netboot_datapath::handover::{self, HandoverError, RulesNetns, SaveError};
+use netboot_datapath::handover::{self, HandoverError, IpvsOwnership, RulesNetns, SaveError};
 use support::*;
 
 #[test]
@@ -45,6 +52,11 @@ const KUBE_ROUTER_V6: &str = include_str!("fixtures/kube-router-v6.rules");
 const KUBE_PROXY_V4: &str = include_str!("fixtures/kube-proxy-v4.rules");
 const KUBE_PROXY_V6: &str = include_str!("fixtures/kube-proxy-v6.rules");
 const KUBE_PROXY_V6_LEAVES: &str = include_str!("fixtures/kube-proxy-v6-leaves.rules");
+
+const KUBE_PROXY_IPVS_V4: &str = include_str!("fixtures/kube-proxy-ipvs-v4.rules");
+const KUBE_PROXY_IPVS_SETS: &str = include_str!("fixtures/kube-proxy-ipvs.ipset");
+const OTHERS_IPVS_SETS: &str = include_str!("fixtures/others-ipvs.ipset");
+const OTHERS_IPVS_V4: &str = include_str!("fixtures/others-ipvs-v4.rules");
 
 /// An iptables backend: `legacy` or `nft`.
 #[derive(Clone, Copy)]
@@ -196,7 +208,7 @@ fn cleanup_keeps_other_components_kube_chains(tag: &str, b: Backend) {
     assert_ne!(before, want);
     let rules = RulesNetns::new(Some(&ns.path()));
 
-    let found = handover::detect(&rules).expect("detect");
+    let found = handover::detect(&rules, &IpvsOwnership::default()).expect("detect");
     assert!(
         found.present() && found.localhost_node_ports(),
         "{found:#?}"
@@ -205,7 +217,7 @@ fn cleanup_keeps_other_components_kube_chains(tag: &str, b: Backend) {
     // Nothing changes on detect.
     assert_eq!(b.save(&ns), before);
 
-    let removed = handover::cleanup(&rules).expect("cleanup");
+    let removed = handover::cleanup(&rules, &IpvsOwnership::default()).expect("cleanup");
     assert_eq!(
         removed.tables.len(),
         6,
@@ -232,11 +244,13 @@ fn cleanup_keeps_other_components_kube_chains(tag: &str, b: Backend) {
     assert_eq!(route_localnet(&ns), "0");
 
     // The agent runs this every 30 s: the second pass finds and changes nothing.
-    let again = handover::cleanup(&rules).expect("second cleanup");
+    let again = handover::cleanup(&rules, &IpvsOwnership::default()).expect("second cleanup");
     assert_eq!(again, handover::Report::default(), "{again:#?}");
     assert_eq!(b.save(&ns), want);
     assert!(nft(&ns, &["list", "tables"]).contains("table inet foreign"));
-    assert!(!handover::detect(&rules).expect("detect").present());
+    assert!(!handover::detect(&rules, &IpvsOwnership::default())
+        .expect("detect")
+        .present());
     let v = cli_dry_run(&ns);
     assert_eq!(v["tables"].as_array().map(Vec::len), Some(0), "{v}");
     assert_eq!(v["nft_tables"].as_array().map(Vec::len), Some(0), "{v}");
@@ -265,7 +279,7 @@ fn route_localnet_stays_when_kube_proxy_did_not_serve_localhost_node_ports() {
     assert_ne!(no_localhost, KUBE_PROXY_V4);
     let ns = node("rln", b, &no_localhost);
     let rules = RulesNetns::new(Some(&ns.path()));
-    let removed = handover::cleanup(&rules).expect("cleanup");
+    let removed = handover::cleanup(&rules, &IpvsOwnership::default()).expect("cleanup");
     assert!(!removed.localhost_node_ports() && !removed.route_localnet_reset);
     assert_eq!(route_localnet(&ns), "1");
     assert_eq!(b.save(&ns), reference("rln", b));
@@ -359,7 +373,8 @@ fn an_incompatible_nft_table_is_an_error_never_absent() {
         ],
     );
     let rules = RulesNetns::new(Some(&ns.path()));
-    let err = handover::detect(&rules).expect_err("incompatible must not read as absent");
+    let err = handover::detect(&rules, &IpvsOwnership::default())
+        .expect_err("incompatible must not read as absent");
     assert!(
         matches!(
             &err,
@@ -371,7 +386,7 @@ fn an_incompatible_nft_table_is_an_error_never_absent() {
         "{err:?}"
     );
     assert!(err.is_capability());
-    assert!(handover::cleanup(&rules).is_err());
+    assert!(handover::cleanup(&rules, &IpvsOwnership::default()).is_err());
 }
 
 fn which(prog: &str) -> std::path::PathBuf {
@@ -580,5 +595,149 @@ fn agent_that_cannot_clean_blocks_and_touches_nothing() {
     assert!(
         text.contains("KubeProxy rules:        unknown (iptables-nft-save"),
         "{text}"
+    );
+}
+
+fn ipset_restore(ns: &Netns, sets: &str) {
+    let input: String = sets
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    in_ns(ns, "ipset", &["restore"], Some(&input));
+}
+
+fn ipsets(ns: &Netns) -> Vec<String> {
+    let mut v: Vec<String> = in_ns(ns, "ipset", &["list", "-n"], None)
+        .lines()
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+/// An IPVS-mode node without IPVS in the kernel: the other components'
+/// sets and rules (kubelet, kube-router with a rule matching its own set),
+/// then kube-proxy's sets and IPVS-mode rules.
+fn ipvs_node(tag: &str, b: Backend, with_kube_proxy: bool) -> Netns {
+    let ns = Netns::new(&format!("nbt-ipvs-{}-{tag}", std::process::id()));
+    ipset_restore(&ns, OTHERS_IPVS_SETS);
+    b.restore(&ns, "iptables", KUBELET_V4);
+    b.restore(&ns, "iptables", KUBE_ROUTER_V4);
+    b.restore(&ns, "iptables", OTHERS_IPVS_V4);
+    if with_kube_proxy {
+        ipset_restore(&ns, KUBE_PROXY_IPVS_SETS);
+        b.restore(&ns, "iptables", KUBE_PROXY_IPVS_V4);
+    }
+    ns
+}
+
+fn say_what_is_not_covered_here() {
+    if !Path::new("/proc/net/ip_vs").exists() {
+        eprintln!(
+            "NOTE: this kernel has no IPVS (/proc/net/ip_vs absent): IPVS virtual servers and kube-ipvs0 are NOT exercised here (unit tests of src/handover/ipvs.rs and the kind ipvs job cover them)"
+        );
+    }
+}
+
+fn ipvs_cleanup_removes_only_kube_proxys_sets_and_rules(tag: &str, b: Backend) {
+    require_privileges();
+    say_what_is_not_covered_here();
+    let ns = ipvs_node(tag, b, true);
+    let reference = ipvs_node(&format!("{tag}-ref"), b, false);
+    let (want_rules, want_sets) = (b.save(&reference), ipsets(&reference));
+    let kube_proxy_sets: Vec<String> = KUBE_PROXY_IPVS_SETS
+        .lines()
+        .filter_map(|l| l.strip_prefix("create "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect();
+    assert_eq!(kube_proxy_sets.len(), 22);
+    // Why the order matters: a set a rule matches cannot be destroyed.
+    let busy = ns.exec("ipset", &["destroy", "KUBE-CLUSTER-IP"]);
+    assert!(
+        !busy.status.success(),
+        "KUBE-CLUSTER-IP destroyed while in use"
+    );
+    assert!(ipsets(&ns).contains(&"KUBE-CLUSTER-IP".to_string()));
+
+    let rules = RulesNetns::new(Some(&ns.path()));
+    let found = handover::detect(&rules, &IpvsOwnership::default()).expect("detect");
+    assert!(found.present(), "{found:#?}");
+    let mut found_sets = found.ipsets.clone();
+    found_sets.sort();
+    let mut want_found = kube_proxy_sets.clone();
+    want_found.sort();
+    assert_eq!(found_sets, want_found);
+    assert_eq!(found.retained(), Vec::<String>::new());
+    assert_eq!(
+        netboot_contract::node::format_modes(&found.modes),
+        "ipvs",
+        "{found:#?}"
+    );
+    let v = cli_dry_run(&ns);
+    assert_eq!(v["modes"], "ipvs", "{v}");
+    assert_eq!(v["ipsets"].as_array().map(Vec::len), Some(22), "{v}");
+
+    let removed = handover::cleanup(&rules, &IpvsOwnership::default()).expect("cleanup");
+    assert_eq!(removed.ipsets.len(), 22, "{removed:#?}");
+    assert_eq!(
+        b.save(&ns),
+        want_rules,
+        "the node without kube-proxy's rules"
+    );
+    assert_eq!(
+        ipsets(&ns),
+        want_sets,
+        "only the other components' sets stay"
+    );
+    for keep in [
+        "KUBE-DST-VBH27M7NWLDOZIE4",
+        "KUBE-SRC-RUCZ2MNZJ3QUPUM2",
+        "KUBE-CLUSTER-IP-EXTRA",
+        "cali40all-ipam-pools",
+    ] {
+        assert!(ipsets(&ns).contains(&keep.to_string()), "lost {keep}");
+    }
+    let again = handover::cleanup(&rules, &IpvsOwnership::default()).expect("second cleanup");
+    assert_eq!(again, handover::Report::default(), "{again:#?}");
+}
+
+#[test]
+fn ipvs_mode_cleanup_removes_only_kube_proxys_ipsets_and_rules_nft() {
+    ipvs_cleanup_removes_only_kube_proxys_sets_and_rules("nft", Backend("nft"));
+}
+
+#[test]
+fn ipvs_mode_cleanup_removes_only_kube_proxys_ipsets_and_rules_legacy() {
+    ipvs_cleanup_removes_only_kube_proxys_sets_and_rules("legacy", Backend("legacy"));
+}
+
+/// A kube-proxy set another component's rule still matches cannot be
+/// destroyed: it is kept and reported, the rest goes, and the rules
+/// pass does not fail.
+#[test]
+fn a_kube_proxy_ipset_another_rule_matches_is_retained() {
+    require_privileges();
+    let b = Backend("nft");
+    let ns = ipvs_node("retained", b, true);
+    b.restore(
+        &ns,
+        "iptables",
+        "*filter\n-A FORWARD -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT\nCOMMIT\n",
+    );
+    let rules = RulesNetns::new(Some(&ns.path()));
+    let removed = handover::cleanup(&rules, &IpvsOwnership::default()).expect("cleanup");
+    assert_eq!(removed.ipsets.len(), 21, "{removed:#?}");
+    assert_eq!(removed.ipsets_retained.len(), 1, "{removed:#?}");
+    let sets = ipsets(&ns);
+    assert!(sets.contains(&"KUBE-CLUSTER-IP".to_string()), "{sets:?}");
+    assert!(!sets.contains(&"KUBE-LOOP-BACK".to_string()), "{sets:?}");
+    let after = handover::detect(&rules, &IpvsOwnership::default()).expect("detect");
+    assert!(after.present(), "a retained set keeps the gate shut");
+    assert!(
+        after.retained()[0].starts_with("ipset KUBE-CLUSTER-IP (matched by: "),
+        "{:?}",
+        after.retained()
     );
 }

@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use netboot::apply::{Action, ChangeSet};
 use netboot::converge::{HandoverPlan, Outcome, Plan};
+use netboot::kube_proxy_mode;
 use netboot::unserved::UnservedReport;
 use netboot::validate;
 
@@ -87,6 +88,20 @@ pub fn plan(p: &Plan) -> String {
             }
         }
     }
+    if p.kube_proxy.present() || !p.node_modes.is_empty() {
+        let _ = writeln!(
+            out,
+            "kube-proxy mode: {}; nodes report {}",
+            kube_proxy_mode::configured_text(
+                p.kube_proxy.configured_mode.as_ref(),
+                p.kube_proxy.configured_mode_error.as_deref()
+            ),
+            kube_proxy_mode::nodes_text(&p.node_modes, 5)
+        );
+    }
+    if p.ipvs_cleanup {
+        let _ = writeln!(out, "{}", kube_proxy_mode::IPVS_CLEANUP_NOTE);
+    }
     if let Some(u) = &p.unserved {
         out.push_str(&unserved(u));
     }
@@ -168,4 +183,110 @@ pub fn outcome(o: &Outcome) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netboot::apply::ChangeSet;
+    use netboot::endpoint::Detected;
+    use netboot::handover::KubeProxyState;
+    use netboot::kube_proxy_mode::{ConfiguredMode, NodeMode, ProxyMode};
+    use netboot_contract::node::KubeProxyMode;
+
+    fn plan(handover: HandoverPlan, mode: KubeProxyMode, nodes: &[(&str, &str)]) -> Plan {
+        let node_modes: Vec<NodeMode> = nodes
+            .iter()
+            .map(|(n, m)| NodeMode {
+                node: (*n).into(),
+                mode: (!m.is_empty()).then(|| (*m).into()),
+            })
+            .collect();
+        let kube_proxy = KubeProxyState {
+            daemon_set: true,
+            config_map: true,
+            pods: nodes.len(),
+            configured_mode: Some(ConfiguredMode {
+                mode: ProxyMode::Linux(mode),
+                default: false,
+            }),
+            configured_mode_error: None,
+        };
+        // As converge::plan decides it.
+        let ipvs_cleanup = matches!(handover, HandoverPlan::Replace | HandoverPlan::Resume(_))
+            && kube_proxy_mode::ipvs_in_use(kube_proxy.configured_mode.as_ref(), &node_modes);
+        Plan {
+            cluster: "local".into(),
+            revision: "git:1".into(),
+            endpoint: Detected {
+                endpoint: netboot::spec::ApiServer {
+                    host: "127.0.0.1".into(),
+                    port: 6443,
+                },
+                source: "spec".into(),
+            },
+            changes: ChangeSet { entries: vec![] },
+            handover,
+            handover_steps: vec!["kube-proxy-gone: they and their pods are gone".into()],
+            kube_proxy,
+            node_modes,
+            ipvs_cleanup,
+            journal: None,
+            unserved: None,
+            noop: false,
+        }
+    }
+
+    /// Before the handover of an IPVS cluster the plan shows the modes and
+    /// says, in one line, that the agents clear IPVS state.
+    #[test]
+    fn plan_shows_kube_proxys_mode_and_the_ipvs_cleanup() {
+        let p = plan(
+            HandoverPlan::Replace,
+            KubeProxyMode::Ipvs,
+            &[("node-0", "ipvs"), ("node-1", "ipvs"), ("node-2", "")],
+        );
+        insta::assert_snapshot!(super::plan(&p));
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["ipvsCleanup"], true);
+        assert_eq!(
+            json["nodeModes"][0],
+            serde_json::json!({"node": "node-0", "mode": "ipvs"})
+        );
+        assert_eq!(json["kubeProxy"]["configuredMode"]["mode"], "ipvs");
+    }
+
+    #[test]
+    fn plan_says_nothing_of_ipvs_without_it_or_without_a_handover() {
+        let iptables = super::plan(&plan(
+            HandoverPlan::Replace,
+            KubeProxyMode::Iptables,
+            &[("node-0", "iptables"), ("node-1", "iptables")],
+        ));
+        assert!(
+            iptables.contains(
+                "kube-proxy mode: iptables in its ConfigMap; nodes report iptables on node-0, node-1\n"
+            ),
+            "{iptables}"
+        );
+        assert!(!iptables.contains("IPVS"), "{iptables}");
+        // A node left with IPVS state although the ConfigMap says iptables.
+        let leftover = super::plan(&plan(
+            HandoverPlan::Replace,
+            KubeProxyMode::Iptables,
+            &[("node-0", "iptables+ipvs")],
+        ));
+        assert!(
+            leftover.contains(kube_proxy_mode::IPVS_CLEANUP_NOTE),
+            "{leftover}"
+        );
+        // Coexist: kube-proxy stays, its IPVS state too.
+        let coexist = super::plan(&plan(
+            HandoverPlan::None,
+            KubeProxyMode::Ipvs,
+            &[("node-0", "ipvs")],
+        ));
+        assert!(coexist.contains("kube-proxy mode: ipvs"), "{coexist}");
+        assert!(!coexist.contains("clears"), "{coexist}");
+    }
 }

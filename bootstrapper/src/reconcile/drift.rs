@@ -119,6 +119,8 @@ mod tests {
             handover,
             handover_steps: vec![],
             kube_proxy: kp,
+            node_modes: vec![],
+            ipvs_cleanup: false,
             journal: None,
             unserved: None,
             noop: false,
@@ -212,6 +214,7 @@ mod tests {
             daemon_set: true,
             config_map: true,
             pods: 3,
+            ..Default::default()
         };
         let p = plan(vec![], HandoverPlan::Replace, kp);
         let d = detect(&p, &spec(), Some(&inventory("replace", true)));

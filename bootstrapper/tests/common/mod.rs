@@ -212,7 +212,8 @@ pub async fn reset(c: &SharedCluster) {
             );
         }
         let patch = json!({"metadata": {"annotations": {
-            "netboot.io/kube-proxy-replacement": null, "netboot.io/datapath-version": null, "netboot.io/kube-proxy-rules": null}}});
+            "netboot.io/kube-proxy-replacement": null, "netboot.io/datapath-version": null, "netboot.io/kube-proxy-rules": null,
+            "netboot.io/kube-proxy-mode": null}}});
         nodes
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

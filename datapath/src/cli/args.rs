@@ -160,6 +160,10 @@ pub struct CleanupArgs {
     /// Only list what would be removed.
     #[arg(long)]
     pub dry_run: bool,
+    /// A Service address (ClusterIP, externalIP, LB IP) whose IPVS virtual
+    /// servers are kube-proxy's even when not bound on kube-ipvs0; repeatable.
+    #[arg(long, value_name = "IP")]
+    pub service_ip: Vec<std::net::IpAddr>,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t)]
     pub output: Output,

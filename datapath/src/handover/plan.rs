@@ -10,9 +10,15 @@
 //!   `KUBE-POSTROUTING`, `KUBE-MARK-MASQ`, `KUBE-PROXY-CANARY` and the
 //!   per-Service chains `KUBE-SVC-*`, `KUBE-SVL-*`, `KUBE-EXT-*`,
 //!   `KUBE-FW-*`, `KUBE-SEP-*`; mangle `KUBE-PROXY-CANARY`.
+//! - IPVS mode's (pkg/proxy/ipvs/proxier.go, `iptablesChains`), besides the
+//!   shared ones above: filter `KUBE-NODE-PORT`, `KUBE-SOURCE-RANGES-FIREWALL`,
+//!   `KUBE-IPVS-FILTER`, `KUBE-IPVS-OUT-FILTER`; nat `KUBE-NODE-PORT`,
+//!   `KUBE-LOAD-BALANCER` ([`IPVS_CHAINS`]). Their rules match kube-proxy's
+//!   ipsets (`-m set --match-set KUBE-…`), which go after the rules
+//!   ([`super::ipset`]).
 //! - rules outside those chains: only kube-proxy's jump rules from the
-//!   built-in chains ([`KUBE_PROXY_JUMPS`]), recognised by table, source
-//!   chain, target and their `kubernetes …` comment.
+//!   built-in chains ([`KUBE_PROXY_JUMPS`], [`IPVS_JUMPS`]), recognised by
+//!   table, source chain, target and their comment.
 //!
 //! Not kube-proxy's, never touched: kubelet's `KUBE-FIREWALL` (kube-proxy
 //! writes an identical copy of its localnet drop rule but never deletes it:
@@ -58,6 +64,22 @@ pub const KUBE_PROXY_CHAINS: [(&str, &[&str]); 3] = [
         ],
     ),
     ("mangle", &["KUBE-PROXY-CANARY"]),
+];
+
+/// IPVS mode's own chains, per table (the others it shares with the
+/// iptables mode: nat `KUBE-SERVICES`, `KUBE-POSTROUTING`, `KUBE-MARK-MASQ`,
+/// filter `KUBE-FORWARD`, `KUBE-PROXY-FIREWALL`).
+pub const IPVS_CHAINS: [(&str, &[&str]); 2] = [
+    (
+        "filter",
+        &[
+            "KUBE-NODE-PORT",
+            "KUBE-SOURCE-RANGES-FIREWALL",
+            "KUBE-IPVS-FILTER",
+            "KUBE-IPVS-OUT-FILTER",
+        ],
+    ),
+    ("nat", &["KUBE-NODE-PORT", "KUBE-LOAD-BALANCER"]),
 ];
 
 /// Prefixes of kube-proxy's per-Service chains (nat table only).
@@ -182,6 +204,41 @@ pub const KUBE_PROXY_JUMPS: [Jump; 13] = [
     ),
 ];
 
+/// IPVS mode's `iptablesJumpChain` entries that the iptables mode does not
+/// write (the nat ones and filter FORWARD → KUBE-FORWARD are the same).
+pub const IPVS_JUMPS: [Jump; 5] = [
+    jump(
+        "filter",
+        "INPUT",
+        "KUBE-NODE-PORT",
+        "kubernetes health check rules",
+    ),
+    jump(
+        "filter",
+        "INPUT",
+        "KUBE-PROXY-FIREWALL",
+        "kube-proxy firewall rules",
+    ),
+    jump(
+        "filter",
+        "FORWARD",
+        "KUBE-PROXY-FIREWALL",
+        "kube-proxy firewall rules",
+    ),
+    jump(
+        "filter",
+        "INPUT",
+        "KUBE-IPVS-FILTER",
+        "kubernetes ipvs access filter",
+    ),
+    jump(
+        "filter",
+        "OUTPUT",
+        "KUBE-IPVS-OUT-FILTER",
+        "kubernetes ipvs access filter",
+    ),
+];
+
 /// The comment on kube-proxy's last KUBE-SERVICES rule (→ KUBE-NODEPORTS).
 const NODEPORTS_COMMENT: &str =
     "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
@@ -190,6 +247,7 @@ const NODEPORTS_COMMENT: &str =
 pub fn is_kube_proxy_chain(table: &str, chain: &str) -> bool {
     let fixed = KUBE_PROXY_CHAINS
         .iter()
+        .chain(IPVS_CHAINS.iter())
         .any(|(t, chains)| *t == table && chains.contains(&chain));
     fixed || (table == "nat" && SERVICE_CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p)))
 }
@@ -417,7 +475,7 @@ impl TablePlan {
 }
 
 fn is_kube_proxy_jump(table: &str, rule: &Rule) -> bool {
-    KUBE_PROXY_JUMPS.iter().any(|j| {
+    KUBE_PROXY_JUMPS.iter().chain(IPVS_JUMPS.iter()).any(|j| {
         j.table == table
             && j.from == rule.chain
             && rule.target.as_deref() == Some(j.to)
@@ -519,6 +577,27 @@ pub fn plan_table(backend: &str, t: &SavedTable) -> Option<TablePlan> {
     })
 }
 
+/// The rules of `tables` that stay after `plans` (one backend's) and match
+/// an ipset, as (`BACKEND TABLE:`, `-A …` line): what keeps a set alive.
+pub fn staying_set_rules(
+    backend: &str,
+    tables: &[SavedTable],
+    plans: &[TablePlan],
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in tables {
+        let plan = plans.iter().find(|p| p.table == t.name);
+        for r in &t.rules {
+            let removed =
+                plan.is_some_and(|p| p.chains.contains(&r.chain) || p.jumps.contains(&r.line));
+            if !removed && r.line.contains("--match-set") {
+                out.push((format!("{backend} {}:", t.name), r.line.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// What removes kube-proxy's rules from one backend's `iptables-save`
 /// output: a plan per table that holds any (tables without are left out).
 pub fn plan_from_save(backend: &str, save: &str) -> Result<Vec<TablePlan>, SaveError> {
@@ -593,6 +672,65 @@ mod tests {
         }
     }
 
+    /// An IPVS-mode node (kube-proxy v1.36 `mode: ipvs`, kubelet,
+    /// kube-router with a rule matching its own ipset), generated like the
+    /// others: see tests/fixtures/README.md.
+    const NODE_IPVS_V4: &str = include_str!("../../tests/fixtures/node-ipvs-v4.save");
+    const NODE_IPVS_V4_WITHOUT: &str =
+        include_str!("../../tests/fixtures/node-ipvs-v4-without-kube-proxy.save");
+
+    #[test]
+    fn ipvs_mode_plan_leaves_exactly_the_node_without_kube_proxy() {
+        let plans = plan_from_save("iptables-nft-save", NODE_IPVS_V4).expect("plan");
+        assert!(plans.iter().all(|p| p.retained.is_empty()), "{plans:#?}");
+        assert_eq!(
+            apply(NODE_IPVS_V4, &plans),
+            rule_lines(NODE_IPVS_V4_WITHOUT)
+        );
+        let again = plan_from_save("iptables-nft-save", NODE_IPVS_V4_WITHOUT).expect("plan");
+        assert_eq!(again, vec![], "{again:#?}");
+        // Every IPVS chain and jump is in the fixture and found.
+        for (table, chains) in IPVS_CHAINS {
+            for c in chains {
+                assert!(
+                    plans
+                        .iter()
+                        .any(|p| p.table == table && p.chains.iter().any(|x| x == c)),
+                    "{table} {c}"
+                );
+            }
+        }
+        let jumps: Vec<&String> = plans.iter().flat_map(|p| &p.jumps).collect();
+        assert_eq!(jumps.len(), IPVS_JUMPS.len() + 4, "{jumps:#?}");
+    }
+
+    #[test]
+    fn only_rules_staying_after_the_plan_keep_a_set() {
+        let tables = parse_save(NODE_IPVS_V4).expect("parse");
+        let plans = plan_from_save("iptables-nft-save", NODE_IPVS_V4).expect("plan");
+        let staying = staying_set_rules("iptables-nft-save", &tables, &plans);
+        assert_eq!(
+            staying,
+            [(
+                "iptables-nft-save filter:".to_string(),
+                "-A KUBE-NWPLCY-IPVSNODE -m set --match-set KUBE-DST-VBH27M7NWLDOZIE4 dst -j ACCEPT"
+                    .to_string()
+            )]
+        );
+        // Without a plan every matching rule stays.
+        assert!(staying_set_rules("iptables-nft-save", &tables, &[]).len() > 10);
+    }
+
+    #[test]
+    fn ipvs_mode_plan_snapshot() {
+        let plans = plan_from_save("iptables-nft-save", NODE_IPVS_V4).expect("plan");
+        let text: String = plans
+            .iter()
+            .map(|p| format!("# {} {}\n{}", p.backend, p.table, p.restore_input()))
+            .collect();
+        insta::assert_snapshot!(text);
+    }
+
     #[test]
     fn plan_for_a_full_node_snapshot() {
         let plans = plan_from_save("iptables-nft-save", NODE_V4).expect("plan");
@@ -628,7 +766,7 @@ mod tests {
             ("filter", "KUBE-NWPLCY-DEFAULT"),
             ("filter", "KUBE-NWPLCY-C5AZDUAD3FIJEMXT"),
             ("filter", "KUBE-POD-FW-ZQHKHXKIVR3YQS5E"),
-            ("nat", "KUBE-NODE-PORT"),
+            // (nat KUBE-NODE-PORT, once listed here, is IPVS mode's.)
             ("filter", "KUBE-SVC-ABC"), // per-Service chains live in nat only
             ("mangle", "KUBE-SERVICES"),
         ] {

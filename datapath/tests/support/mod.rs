@@ -66,8 +66,9 @@ impl Netns {
                 || name.starts_with("nbcl-")
                 || name.starts_with("nbag-")
                 || name.starts_with("nbv6-")
-                || name.starts_with("nbns-"),
-            "test netns must be prefixed nbt-dp-, nbcl-, nbag-, nbv6- or nbns-: {name}"
+                || name.starts_with("nbns-")
+                || name.starts_with("nbt-ipvs-"),
+            "test netns must be prefixed nbt-dp-, nbcl-, nbag-, nbv6-, nbns- or nbt-ipvs-: {name}"
         );
         let inner = netns::Scoped::create(name).unwrap_or_else(|e| panic!("{e}"));
         Self {

@@ -567,12 +567,17 @@ async fn reconcile_loop(
     // programmed at once, and a burst's events gather while a pass runs or
     // waits (kube-proxy's minSyncPeriod, default 1 s, at map-write scale).
     const MIN_INTERVAL: Duration = Duration::from_millis(10);
+    // A healthCheckNodePort that could not listen (kube-proxy still holds
+    // it during a handover) is tried again this often, changes or not.
+    const HC_RETRY: Duration = Duration::from_secs(1);
     let mut backoff = MIN_BACKOFF;
     let mut pass_started: Instant;
     let mut last_resync = Instant::now();
     let mut passes = Passes::default();
     let mut last_pressure: Vec<String> = Vec::new();
     let mut last_unserved = 0;
+    let mut last_hc_failed: Vec<(u16, String)> = Vec::new();
+    let mut retry_soon: bool;
     loop {
         if !watched.synced() {
             watched.changed.notified().await;
@@ -652,10 +657,20 @@ async fn reconcile_loop(
                         }
                     }
                 }
-                let wanted = healthcheck::wanted(&watched.health_check_services(), passes.table());
-                for (port, error) in hc.sync(&wanted).await {
-                    tracing::warn!(port, error = %error, "healthCheckNodePort cannot listen, retrying after the next pass");
+                // In coexist mode kube-proxy answers them (on the same ports).
+                let wanted = if cfg.kube_proxy_replacement {
+                    healthcheck::wanted(&watched.health_check_services(), passes.table())
+                } else {
+                    Default::default()
+                };
+                let hc_failed = hc.sync(&wanted).await;
+                if hc_failed != last_hc_failed {
+                    for (port, error) in &hc_failed {
+                        tracing::warn!(port, error = %error, "healthCheckNodePort cannot listen (kube-proxy still running on this node?), retrying every second");
+                    }
                 }
+                retry_soon = !hc_failed.is_empty();
+                last_hc_failed = hc_failed;
                 state.update(|s| s.health_check_ports = hc.ports().len());
                 let st = pass.stats;
                 let prog = recon.programmed();
@@ -776,7 +791,7 @@ async fn reconcile_loop(
                     tokio::time::sleep(wait).await;
                 }
             }
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep(if retry_soon { HC_RETRY } else { RESYNC }) => {}
         }
         if let Ok(l) = watched.last_error.lock() {
             if !l.is_empty() {

@@ -39,7 +39,9 @@ pub struct Launch {
     /// Send the child SIGTERM when podnet dies, and put it in its own process group.
     pub supervised: bool,
     /// Capabilities the program keeps (a [`crate::caps::CapSet`]); `None` =
-    /// podnet's own. Not with `netns` (`ip netns exec` needs CAP_SYS_ADMIN).
+    /// podnet's own. With `netns`, the netns is then entered by setns(2)
+    /// before the capabilities go (no `ip netns exec`: it needs
+    /// CAP_SYS_ADMIN, remounts /sys and bind-mounts /etc/netns files).
     pub caps: Option<crate::caps::CapSet>,
 }
 
@@ -169,13 +171,14 @@ impl Confine {
 impl Launch {
     /// A std Command that starts this launch when spawned.
     pub fn command(&self) -> std::io::Result<std::process::Command> {
+        let setns = self.caps.is_some();
         let mut cmd = match &self.netns {
-            Some(ns) => {
+            Some(ns) if !setns => {
                 let mut c = std::process::Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(&self.program);
                 c
             }
-            None => std::process::Command::new(&self.program),
+            _ => std::process::Command::new(&self.program),
         };
         cmd.args(&self.args).env_clear().env("PATH", DEFAULT_PATH);
         for (k, v) in &self.env {
@@ -189,19 +192,17 @@ impl Launch {
             let file = OpenOptions::new().create(true).append(true).open(log)?;
             cmd.stdout(file.try_clone()?).stderr(file);
         }
-        if self.caps.is_some() && self.netns.is_some() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "capabilities cannot be limited for `ip netns exec` launches",
-            ));
-        }
         if self.supervised {
             cmd.process_group(0);
         }
         Confine {
             parent_death: self.supervised,
             cgroup: self.cgroup.clone(),
-            netns: None,
+            netns: self
+                .netns
+                .as_deref()
+                .filter(|_| setns)
+                .map(crate::names::netns_path),
             caps: self.caps,
         }
         .apply(&mut cmd)?;

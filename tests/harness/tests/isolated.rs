@@ -417,6 +417,7 @@ d = os.path.dirname(os.path.abspath(__file__))
 args = sys.argv[1:]
 open(os.path.join(d, "args"), "w").write("\n".join(args))
 open(os.path.join(d, "cgroup"), "w").write(open("/proc/self/cgroup").read())
+open(os.path.join(d, "netns"), "w").write(str(os.stat("/proc/self/ns/net").st_ino))
 def term(*_):
     open(os.path.join(d, "terminated"), "w").write("SIGTERM")
     os._exit(0)
@@ -442,9 +443,9 @@ fn pod_ready(p: &Pod) -> Option<bool> {
 }
 
 /// Agent pods: podnet runs the agent (here a stand-in, via the
-/// netboot.io/podnet-binary annotation) in the root netns and the node's
-/// cgroup with the node's pins dir and rules netns, mirrors /readyz into the
-/// pod's Ready condition, and SIGTERMs the agent when the pod is deleted.
+/// netboot.io/podnet-binary annotation) in the node's netns and cgroup with
+/// the node's pins dir, mirrors /readyz into the pod's Ready condition, and
+/// SIGTERMs the agent when the pod is deleted.
 #[tokio::test]
 async fn agent_pod_runs_in_node_cgroup_and_readiness_follows_readyz() {
     use std::os::unix::fs::PermissionsExt;
@@ -528,11 +529,16 @@ async fn agent_pod_runs_in_node_cgroup_and_readiness_follows_readyz() {
         flag("--bpffs"),
         layout.node_bpffs(node).display().to_string()
     );
+    // A hostNetwork pod: the node's netns (so no --rules-netns).
+    assert!(!args.contains(&"--rules-netns"), "{args:?}");
+    use std::os::unix::fs::MetadataExt;
+    let node_netns = std::fs::metadata(names::netns_path(&layout.node_netns(node)))
+        .unwrap()
+        .ino();
     assert_eq!(
-        flag("--rules-netns"),
-        names::netns_path(&layout.node_netns(node))
-            .display()
-            .to_string()
+        std::fs::read_to_string(dir.path().join("netns")).unwrap(),
+        node_netns.to_string(),
+        "the agent runs in the node's netns"
     );
     assert_eq!(
         flag("--kubeconfig"),

@@ -1,7 +1,10 @@
 //! Running the real `netboot-datapath agent` for agent DaemonSet pods: in the
-//! root netns (so it reaches the API at 127.0.0.1:6443), in the node's cgroup,
-//! with the node's bpffs pin dir and rules netns; readiness from its /readyz
-//! polled every second and written to the pod's status.
+//! node's netns (a hostNetwork pod: its per-packet path attaches to the
+//! node's interface and its healthCheckNodePorts listen on the node's
+//! addresses; it reaches the API at 127.0.0.1:6443 there, podnet's proxy on
+//! the node's loopback), in the node's cgroup, with the node's bpffs pin dir;
+//! readiness from its /readyz polled every second (inside the netns) and
+//! written to the pod's status.
 //!
 //! The agent runs as root with only the capabilities its container's
 //! `securityContext` grants ([`crate::caps`]); one this machine's bounding
@@ -20,7 +23,7 @@ use tracing::{info, warn};
 use super::kubelet::{run_once, until_stopped, PidBook, PodRef, RunEnd, Runner};
 use super::status::{self, AgentState};
 use crate::caps::{self, Grant};
-use crate::names::{self, Layout};
+use crate::names::Layout;
 use crate::process::Launch;
 
 /// Annotation on an agent pod that replaces the agent binary (tests use it to
@@ -179,10 +182,12 @@ impl AgentPod {
     }
 }
 
-/// Picks a free loopback port for the agent's --listen.
-fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// Picks a free loopback port inside `netns` for the agent's --listen.
+fn free_port(netns: &str) -> Result<u16, crate::netns::NetError> {
+    crate::netns::in_netns(netns, || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Ok(l.local_addr()?.port())
+    })
 }
 
 /// Writes the ConfigMap's `config.yaml` to the agent's dir; returns its path.
@@ -238,16 +243,12 @@ fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
         l.node_cgroup(&a.node).display().to_string(),
         "--bpffs".into(),
         l.node_bpffs(&a.node).display().to_string(),
-        "--rules-netns".into(),
-        names::netns_path(&l.node_netns(&a.node))
-            .display()
-            .to_string(),
         "--kubeconfig".into(),
         env.kubeconfig.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
-        // The DaemonSet's NETBOOT_METRICS_LISTEN (0.0.0.0:9891) is one port
-        // per host; here every node's agent shares the root netns.
+        // Not the DaemonSet's NETBOOT_METRICS_LISTEN (0.0.0.0:9891): tests
+        // read the metrics through the agent's own --listen.
         "--metrics-listen".into(),
         "127.0.0.1:0".into(),
     ];
@@ -257,7 +258,7 @@ fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
         program,
         args,
         env: vars,
-        netns: None,
+        netns: Some(l.node_netns(&a.node)),
         cgroup: Some(l.node_cgroup(&a.node)),
         log: Some(env.dir.join(&a.node).join(format!("{}.log", a.pod.name))),
         supervised: true,
@@ -265,12 +266,17 @@ fn launch(env: &AgentEnv, a: &AgentPod, config: &Path, port: u16) -> Launch {
     }
 }
 
-/// GET /readyz on the agent; true on HTTP 200.
-pub async fn readyz(port: u16) -> bool {
+/// GET /readyz on the agent listening on `port` inside `netns`; true on
+/// HTTP 200.
+pub async fn readyz(netns: &str, port: u16) -> bool {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let limit = Duration::from_millis(800);
-    let probe =
-        tokio::task::spawn_blocking(move || crate::http::get(addr, "/readyz", limit, limit));
+    let netns = netns.to_string();
+    let probe = tokio::task::spawn_blocking(move || {
+        crate::netns::in_netns(&netns, move || Ok(crate::http::get(addr, "/readyz", limit, limit)))
+            .ok()
+            .flatten()
+    });
     matches!(
         tokio::time::timeout(limit, probe).await,
         Ok(Ok(Some((200, _))))
@@ -342,7 +348,8 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                     }
                 }
             };
-            let port = match free_port() {
+            let node_netns = env.layout.node_netns(&a.node);
+            let port = match free_port(&node_netns) {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(pod = %a.pod, error = %e, "no free port for the agent");
@@ -381,7 +388,7 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                             _ = until_stopped(&mut poll_stop_rx) => return,
                         }
                         ticks += 1;
-                        let ready = readyz(port).await;
+                        let ready = readyz(&node_netns, port).await;
                         // Every 10 s, as a kubelet's status manager does: if
                         // the pod's Ready condition is not what was written
                         // (the node lifecycle controller marks pods not ready

@@ -213,6 +213,17 @@ struct RealNode {
     /// Dual-stack: the node's IPv6 InternalIP and IPv6 podCIDR.
     ip6: Option<Ipv6Addr>,
     pod_cidr6: Option<String>,
+    /// The API proxy on the node netns' 127.0.0.1:6443.
+    _api_loopback: AbortOnDrop,
+}
+
+/// A task aborted when its owner goes.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 struct Stores {
@@ -365,19 +376,26 @@ impl Controller {
         self.plumber.ensure_cp().await?;
         let cp = self.opts.layout.cp_netns();
         let bind = format!("{}:{}", names::CP_IP, names::API_PORT);
-        let std_listener = netns::in_netns(&cp, move || {
-            let l = std::net::TcpListener::bind(&bind)?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })?;
-        let listener =
-            tokio::net::TcpListener::from_std(std_listener).map_err(|source| Error::Io {
-                what: format!("netns {cp}: API proxy listener"),
-                source,
-            })?;
-        let upstream = self.opts.api_upstream.clone();
-        info!(netns = %cp, "API proxy {}:{} -> {upstream}", names::CP_IP, names::API_PORT);
-        self.proxy = Some(tokio::spawn(async move {
+        self.proxy = Some(api_proxy(&cp, bind, self.opts.api_upstream.clone())?);
+        Ok(())
+    }
+}
+
+/// Forwards TCP connections to `bind` inside `netns` to `upstream` (the API
+/// server on the root netns' loopback).
+fn api_proxy(netns: &str, bind: String, upstream: String) -> Result<JoinHandle<()>, Error> {
+    let addr = bind.clone();
+    let std_listener = netns::in_netns(netns, move || {
+        let l = std::net::TcpListener::bind(&addr)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| Error::Io {
+        what: format!("netns {netns}: API proxy listener"),
+        source,
+    })?;
+    info!(%netns, "API proxy {bind} -> {upstream}");
+    Ok(tokio::spawn(async move {
             loop {
                 let (mut down, peer) = match listener.accept().await {
                     Ok(x) => x,
@@ -397,9 +415,10 @@ impl Controller {
                     }
                 });
             }
-        }));
-        Ok(())
-    }
+        }))
+}
+
+impl Controller {
 
     /// Creates the node netns and cgroup if needed.
     async fn ensure_node(&mut self, node: &str) -> Result<bool, Error> {
@@ -420,6 +439,14 @@ impl Controller {
         if let Some(ip6) = ip6 {
             self.plumber.add_node_ip6(node, ip6).await?;
         }
+        // The node's own loopback serves the API as on a kubeadm
+        // control-plane node (where the agent's `apiServer: 127.0.0.1:6443`
+        // points): agents run in the node's netns, as hostNetwork pods do.
+        let api_loopback = api_proxy(
+            &self.opts.layout.node_netns(node),
+            format!("127.0.0.1:{}", names::API_PORT),
+            self.opts.api_upstream.clone(),
+        )?;
         cgroup::ensure(&self.opts.layout.node_cgroup(node))?;
         info!(
             "netns {} created for node {node} ({ip}, podCIDR {})",
@@ -434,6 +461,7 @@ impl Controller {
                 routes: BTreeMap::new(),
                 ip6,
                 pod_cidr6: pod_cidr6(&obj),
+                _api_loopback: AbortOnDrop(api_loopback),
             },
         );
         Ok(true)

@@ -21,7 +21,16 @@
 //!   Service's chain re-added, flushed and written again. Map elements of
 //!   unchanged Services are not touched.
 //!
-//! Not emulated: NodePorts, externalIPs, LoadBalancer IPs and firewall
+//! - [`nodeport_sync_chunks`] (north–south section): every Service also a
+//!   NodePort (policy Cluster) on the node's addresses: the `nodeport-ips`
+//!   elements, per Service an `external-<hash>-…` chain (mark for
+//!   masquerade, then goto the Service chain) and its `service-nodeports`
+//!   element `tcp . <nodePort> : goto external-…`, after proxier.go's
+//!   "Capture nodeports" and "Set up external traffic handling". Not yet
+//!   compared with the real kube-proxy's NodePort output (the generators
+//!   test covers ClusterIP Services only).
+//!
+//! Not emulated: externalIPs, LoadBalancer IPs and firewall
 //! chains, session affinity sets, traffic policy Local, local endpoints'
 //! hairpin elements (the bench has none).
 
@@ -263,6 +272,64 @@ pub fn full_sync_chunks(w: &Workload, per: u32) -> Vec<String> {
     out
 }
 
+/// `external-<hash>-bench/svc-NNNNNN/tcp/http`: Service `i`'s external
+/// (NodePort) chain.
+pub fn external_chain(i: u32) -> String {
+    format!(
+        "external-{}",
+        hash_and_truncate(&format!(
+            "{NAMESPACE}/{}/tcp/http",
+            workload::service_name(i)
+        ))
+    )
+}
+
+/// Every Service of a north–south ruleset a NodePort: where it listens and
+/// what its endpoints are.
+pub struct NodePorts<'a> {
+    /// The node's addresses (kube-proxy's `nodePortAddresses`: the node IPs).
+    pub node_ips: &'a [Ipv4Addr],
+    /// Service `i`'s nodePort.
+    pub port: &'a dyn Fn(u32) -> u16,
+    /// Service `i`'s endpoints.
+    pub endpoints: &'a dyn Fn(u32) -> Vec<Ipv4Addr>,
+}
+
+/// The first sync of `w` with every Service a NodePort (policy Cluster), in
+/// transactions of `per` Services (setup and the node addresses in the
+/// first; see [`full_sync_chunks`] for why the bench splits it).
+pub fn nodeport_sync_chunks(w: &Workload, np: &NodePorts, per: u32) -> Vec<String> {
+    let per = per.max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < w.n {
+        let end = (start + per).min(w.n);
+        let mut s = String::new();
+        if start == 0 {
+            setup(&mut s);
+            for ip in np.node_ips {
+                let _ = writeln!(s, "add element {T} nodeport-ips {{ {ip} }}");
+            }
+        }
+        for i in start..end {
+            service_rules(&mut s, i, &(np.endpoints)(i));
+            let ext = external_chain(i);
+            let _ = writeln!(s, "add chain {T} {ext}");
+            let _ = writeln!(s, "flush chain {T} {ext}");
+            let _ = writeln!(
+                s,
+                "add element {T} service-nodeports {{ tcp . {} : goto {ext} }}",
+                (np.port)(i)
+            );
+            let _ = writeln!(s, "add rule {T} {ext} mark set mark or {MASQ_MARK}");
+            let _ = writeln!(s, "add rule {T} {ext} goto {}", service_chain(i));
+        }
+        out.push(s);
+        start = end;
+    }
+    out
+}
+
 /// The partial sync after the changed Service's EndpointSlice went from
 /// `changed = !to_changed` to `to_changed`: its chain re-added, flushed and
 /// its one rule written again.
@@ -320,6 +387,33 @@ mod tests {
         assert!(chunks[0].starts_with("add table"));
         assert!(chunks[1].starts_with("add chain ip kube-proxy service-"));
         assert_eq!(chunks.concat(), full_sync(&w, false));
+    }
+
+    #[test]
+    fn node_ports_go_through_an_external_chain_to_the_service_chain() {
+        let w = Workload::new(5, 1).expect("size");
+        let node = [Ipv4Addr::new(192, 168, 50, 1)];
+        let np = NodePorts {
+            node_ips: &node,
+            port: &|i| 20000 + i as u16,
+            endpoints: &|i| vec![Ipv4Addr::new(10, 200, 0, 1 + i as u8)],
+        };
+        let chunks = nodeport_sync_chunks(&w, &np, 2);
+        assert_eq!(chunks.len(), 3);
+        let t = chunks.concat();
+        assert!(chunks[0].contains("add element ip kube-proxy nodeport-ips { 192.168.50.1 }"));
+        assert!(!chunks[1].contains("nodeport-ips {"));
+        let ext = external_chain(4);
+        assert!(ext.starts_with("external-") && ext.ends_with("-bench/svc-000004/tcp/http"));
+        assert!(t.contains(&format!(
+            "add element ip kube-proxy service-nodeports {{ tcp . 20004 : goto {ext} }}"
+        )));
+        assert!(t.contains(&format!(
+            "add rule ip kube-proxy {ext} goto {}",
+            service_chain(4)
+        )));
+        assert_eq!(t.matches("mark set mark or 0x00004000\n").count(), 5);
+        assert!(t.contains("0 : 10.200.0.5 . 8080 }"));
     }
 
     #[test]

@@ -24,15 +24,16 @@
 //! - [`nodeport_sync_chunks`] (north–south section): every Service also a
 //!   NodePort (policy Cluster) on the node's addresses: the `nodeport-ips`
 //!   elements, per Service an `external-<hash>-…` chain (mark for
-//!   masquerade, then goto the Service chain) and its `service-nodeports`
-//!   element `tcp . <nodePort> : goto external-…`, after proxier.go's
-//!   "Capture nodeports" and "Set up external traffic handling". Not yet
-//!   compared with the real kube-proxy's NodePort output (the generators
-//!   test covers ClusterIP Services only).
+//!   masquerade, commented "masquerade", then goto the Service chain) and
+//!   its `service-nodeports` element `tcp . <nodePort> : goto external-…`,
+//!   and a `hairpin-connections` element for each endpoint on this node.
+//!   Checked against the real kube-proxy v1.36.3 for the north–south
+//!   bench's Services (tests/generators_match_kube_proxy.rs,
+//!   `generators_match_the_real_kube_proxy_for_node_ports`).
 //!
 //! Not emulated: externalIPs, LoadBalancer IPs and firewall
 //! chains, session affinity sets, traffic policy Local, local endpoints'
-//! hairpin elements (the bench has none).
+//! hairpin elements in [`full_sync`] (the east–west workload has none).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -293,6 +294,9 @@ pub struct NodePorts<'a> {
     pub port: &'a dyn Fn(u32) -> u16,
     /// Service `i`'s endpoints.
     pub endpoints: &'a dyn Fn(u32) -> Vec<Ipv4Addr>,
+    /// Whether an endpoint is on this node (kube-proxy adds its
+    /// `hairpin-connections` element: endpoint . endpoint . tcp . port).
+    pub is_local: &'a dyn Fn(Ipv4Addr) -> bool,
 }
 
 /// The first sync of `w` with every Service a NodePort (policy Cluster), in
@@ -312,7 +316,14 @@ pub fn nodeport_sync_chunks(w: &Workload, np: &NodePorts, per: u32) -> Vec<Strin
             }
         }
         for i in start..end {
-            service_rules(&mut s, i, &(np.endpoints)(i));
+            let eps = (np.endpoints)(i);
+            service_rules(&mut s, i, &eps);
+            for ep in eps.iter().filter(|ep| (np.is_local)(**ep)) {
+                let _ = writeln!(
+                    s,
+                    "add element {T} hairpin-connections {{ {ep} . {ep} . tcp . {BACKEND_PORT} }}"
+                );
+            }
             let ext = external_chain(i);
             let _ = writeln!(s, "add chain {T} {ext}");
             let _ = writeln!(s, "flush chain {T} {ext}");
@@ -321,7 +332,10 @@ pub fn nodeport_sync_chunks(w: &Workload, np: &NodePorts, per: u32) -> Vec<Strin
                 "add element {T} service-nodeports {{ tcp . {} : goto {ext} }}",
                 (np.port)(i)
             );
-            let _ = writeln!(s, "add rule {T} {ext} mark set mark or {MASQ_MARK}");
+            let _ = writeln!(
+                s,
+                "add rule {T} {ext} mark set mark or {MASQ_MARK} comment \"masquerade\""
+            );
             let _ = writeln!(s, "add rule {T} {ext} goto {}", service_chain(i));
         }
         out.push(s);
@@ -397,6 +411,7 @@ mod tests {
             node_ips: &node,
             port: &|i| 20000 + i as u16,
             endpoints: &|i| vec![Ipv4Addr::new(10, 200, 0, 1 + i as u8)],
+            is_local: &|ip| ip == Ipv4Addr::new(10, 200, 0, 4),
         };
         let chunks = nodeport_sync_chunks(&w, &np, 2);
         assert_eq!(chunks.len(), 3);
@@ -412,7 +427,20 @@ mod tests {
             "add rule ip kube-proxy {ext} goto {}",
             service_chain(4)
         )));
-        assert_eq!(t.matches("mark set mark or 0x00004000\n").count(), 5);
+        assert_eq!(
+            t.matches("mark set mark or 0x00004000 comment \"masquerade\"\n")
+                .count(),
+            5
+        );
+        // Only the local endpoint (Service 3's) is a hairpin connection.
+        assert_eq!(
+            t.matches("add element ip kube-proxy hairpin-connections {")
+                .count(),
+            1
+        );
+        assert!(t.contains(
+            "add element ip kube-proxy hairpin-connections { 10.200.0.4 . 10.200.0.4 . tcp . 8080 }"
+        ));
         assert!(t.contains("0 : 10.200.0.5 . 8080 }"));
     }
 

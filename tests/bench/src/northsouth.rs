@@ -474,39 +474,47 @@ impl Drop for Agent {
     }
 }
 
+/// kube-proxy's iptables rules for `w` (every Service a NodePort) on this
+/// node: the harness's renderer on [`objects`].
+pub fn iptables_ruleset(w: &Workload) -> String {
+    let (svcs, slices) = objects(w);
+    netboot_harness::kubeproxy_rules::render(&svcs, &slices, &crate::iptables_rules::options())
+}
+
+/// Services per nftables transaction when the bench loads the ruleset.
+pub const NFT_PER_TRANSACTION: u32 = 1000;
+
+/// kube-proxy's nftables rules for `w` (every Service a NodePort) on this
+/// node (node address [`NODE_IP`], the local pod [`LOCAL_POD`]), in the
+/// transactions the bench loads.
+pub fn nft_transactions(w: &Workload) -> Vec<String> {
+    let node = [NODE_IP];
+    let np = crate::nft_rules::NodePorts {
+        node_ips: &node,
+        port: &node_port,
+        endpoints: &|i| vec![endpoint(w, i)],
+        is_local: &|ip| ip == LOCAL_POD,
+    };
+    crate::nft_rules::nodeport_sync_chunks(w, &np, NFT_PER_TRANSACTION)
+}
+
 /// Loads kube-proxy's rules for `w` (every Service a NodePort) into
-/// `site`'s node namespace; returns how long the load took.
+/// `site`'s node namespace ([`iptables_ruleset`], [`nft_transactions`]);
+/// returns how long the load took.
 pub fn load_rules(site: &Site, w: &Workload, run_tag: &str) -> Result<Duration> {
     let files = crate::kube_proxy::RuleFiles::new(&format!("{run_tag}-ns-rules-{}", w.n))?;
     let t = Instant::now();
     match site.proxy {
         Proxy::Iptables => {
             netboot_harness::netns::in_netns(&site.node.name, || {
-                netboot_harness::kubeproxy_rules::ensure_nfacct_counter(
-                    netboot_harness::kubeproxy_rules::INVALID_DROPPED_NFACCT,
-                )
+                netboot_harness::kubeproxy_rules::ensure_nfacct_counters()
             })
-            .context("kube-proxy's nfacct counter")?;
-            let (svcs, slices) = objects(w);
-            let rules = netboot_harness::kubeproxy_rules::render(
-                &svcs,
-                &slices,
-                &crate::iptables_rules::options(),
-            );
-            let p = files.write("iptables.rules", &rules)?;
+            .context("kube-proxy's nfacct counters")?;
+            let p = files.write("iptables.rules", &iptables_ruleset(w))?;
             crate::kube_proxy::iptables_restore(&site.node, IptablesBackend::Nft, &p, false)?;
         }
         Proxy::Nftables => {
-            let node = [NODE_IP];
-            let np = crate::nft_rules::NodePorts {
-                node_ips: &node,
-                port: &node_port,
-                endpoints: &|i| vec![endpoint(w, i)],
-            };
-            for (k, chunk) in crate::nft_rules::nodeport_sync_chunks(w, &np, 1000)
-                .iter()
-                .enumerate()
-            {
+            for (k, chunk) in nft_transactions(w).iter().enumerate() {
                 let p = files.write(&format!("nft-{k}.nft"), chunk)?;
                 crate::kube_proxy::nft_apply(&site.node, &p)?;
             }

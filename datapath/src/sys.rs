@@ -10,6 +10,8 @@ use std::path::Path;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 
 /// bpf_attr is a union of up to 144 bytes in current kernels; we zero a larger
 /// buffer and fill only the fields a command reads.
@@ -108,6 +110,78 @@ pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()>
     attr.put_u32(4, prog.as_raw_fd() as u32);
     bpf(BPF_LINK_UPDATE, &mut attr)?;
     Ok(())
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`: an fd of the loaded program `id` (e.g. a
+/// link's [`CgroupLinkInfo::prog_id`]; the first three fields of
+/// `bpf_link_info` are the same for every link type).
+pub fn prog_get_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    // struct { __u32 start_id / prog_id; __u32 next_id; __u32 open_flags; }
+    attr.put_u32(0, id);
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What one `BPF_PROG_TEST_RUN` returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRun {
+    /// The program's return value (of the last run).
+    pub retval: u32,
+    /// Mean time of one run, ns (the kernel's own clock around the runs).
+    pub duration_ns: u32,
+}
+
+/// `BPF_PROG_TEST_RUN`: runs `prog` `repeat` times on a copy of `data` (a
+/// frame from its Ethernet header) with context `ctx` (for tc programs a
+/// `struct __sk_buff`, of which the kernel reads the fields it allows, e.g.
+/// `ifindex` and `ingress_ifindex`; empty: none). Runs in the calling
+/// thread's network namespace (interfaces named by `ifindex` are its own).
+pub fn prog_test_run(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    ctx: &[u8],
+    repeat: u32,
+) -> io::Result<TestRun> {
+    let mut out = vec![0u8; data.len() + 256];
+    let mut ctx_out = vec![0u8; ctx.len()];
+    let mut attr = Attr::new();
+    // struct { __u32 prog_fd, retval, data_size_in, data_size_out;
+    //          __aligned_u64 data_in, data_out; __u32 repeat, duration,
+    //          ctx_size_in, ctx_size_out; __aligned_u64 ctx_in, ctx_out; … }
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(
+        8,
+        u32::try_from(data.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
+    );
+    attr.put_u32(
+        12,
+        u32::try_from(out.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
+    );
+    attr.put_u64(16, data.as_ptr() as u64);
+    attr.put_u64(24, out.as_mut_ptr() as u64);
+    attr.put_u32(32, repeat);
+    if !ctx.is_empty() {
+        attr.put_u32(
+            40,
+            u32::try_from(ctx.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
+        );
+        attr.put_u32(
+            44,
+            u32::try_from(ctx_out.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
+        );
+        attr.put_u64(48, ctx.as_ptr() as u64);
+        attr.put_u64(56, ctx_out.as_mut_ptr() as u64);
+    }
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    let u32_at =
+        |o: usize| u32::from_ne_bytes([attr.0[o], attr.0[o + 1], attr.0[o + 2], attr.0[o + 3]]);
+    Ok(TestRun {
+        retval: u32_at(4),
+        duration_ns: u32_at(36),
+    })
 }
 
 /// The cgroup id of a cgroup2 directory (its inode number).

@@ -73,6 +73,10 @@ pub enum Cmd {
     /// and nftables) and the real netboot agent, side by side on a private
     /// API server under EndpointSlice churn (issue 15, point 7).
     Programming(ProgrammingArgs),
+    /// North–south (issue 14): an external client to a NodePort, one
+    /// connection per request, netboot's tc path against kube-proxy's
+    /// iptables and nftables rules and the floor; the tc program's ns/packet.
+    Northsouth(NorthsouthArgs),
     /// The client process (spawned by the bench inside a cgroup and namespace).
     #[command(name = "__client", hide = true)]
     Client,
@@ -93,6 +97,27 @@ pub struct ProgrammingArgs {
     /// Outside-check samples per rate.
     #[arg(long, default_value_t = 5)]
     pub samples: u32,
+    /// The netboot-datapath binary [default: built next to this one].
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+}
+
+/// `northsouth` flags.
+#[derive(Debug, clap::Args)]
+pub struct NorthsouthArgs {
+    /// 1k Services, 300 connections per row; results to a temporary
+    /// directory unless --out is given.
+    #[arg(long)]
+    pub quick: bool,
+    /// Results folder (northsouth.json, northsouth.md) [default: results/bench].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Numbers of Services, comma-separated [default: 1000,10000; 1000 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    pub services: Vec<u32>,
+    /// Measured connections per row [default: 5000; 300 with --quick].
+    #[arg(long)]
+    pub connections: Option<u32>,
     /// The netboot-datapath binary [default: built next to this one].
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,

@@ -6,6 +6,10 @@
 //! `C <ip> <port> <count>` → `R <ok> <failed> <last errno> <ns> <ns> …`
 //! (the connect() time of every successful attempt), `F` → `F <errno>`
 //! (switch to SCHED_FIFO priority 1, `--realtime-clients`), `Q` → exit.
+//! `H <ip> <port> <count>` → `W <wall ns> <ok> <failed> <last errno> <ns> …`:
+//! the same with one request per connection (north–south section): after
+//! the timed connect(), send [`REQUEST`], read the reply to its end (the
+//! server closes), then close; `wall ns` is the whole batch's time.
 //!
 //! One attempt: socket(), then the timed part — a blocking connect() that
 //! returns once the handshake completed (SYN-ACK received, ACK sent) — then
@@ -24,6 +28,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::cleanup::{ChildGuard, Netns};
 
+/// What a request-mode attempt sends (the server answers and closes).
+pub const REQUEST: &[u8] = b"GET\n";
+
 /// Result of one batch.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
@@ -33,9 +40,11 @@ pub struct Batch {
     pub failed: u64,
     /// errno of the last failure (0 if none).
     pub errno: i32,
+    /// Request mode: the batch's wall time, ns (0 in connect mode).
+    pub wall_ns: u64,
 }
 
-fn attempt(addr: SocketAddr) -> std::result::Result<u64, i32> {
+fn attempt(addr: SocketAddr, request: bool) -> std::result::Result<u64, i32> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| e.raw_os_error().unwrap_or(-1))?;
     if addr.is_ipv6() {
@@ -49,27 +58,53 @@ fn attempt(addr: SocketAddr) -> std::result::Result<u64, i32> {
     let t = Instant::now();
     let r = s.connect(&addr.into());
     let took = t.elapsed();
-    drop(s);
-    match r {
-        Ok(()) => Ok(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX)),
-        Err(e) => Err(e.raw_os_error().unwrap_or(-1)),
+    let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(-1);
+    r.map_err(errno)?;
+    if request {
+        use std::io::Read as _;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut s = std::net::TcpStream::from(s);
+        s.write_all(REQUEST).map_err(errno)?;
+        let mut reply = [0u8; 64];
+        let mut got = 0;
+        loop {
+            match s.read(&mut reply[got.min(63)..]) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) => return Err(errno(e)),
+            }
+        }
+        if got == 0 {
+            return Err(libc::ECONNRESET);
+        }
     }
+    Ok(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Runs `count` attempts against `addr`.
 pub fn run_batch(addr: SocketAddr, count: u32) -> Batch {
+    batch_of(addr, count, false)
+}
+
+/// Runs `count` attempts against `addr`, each with one request when
+/// `request`; the wall time is the whole batch's.
+pub fn batch_of(addr: SocketAddr, count: u32, request: bool) -> Batch {
+    let t = Instant::now();
     let mut b = Batch {
         ns: Vec::with_capacity(count as usize),
         ..Default::default()
     };
     for _ in 0..count {
-        match attempt(addr) {
+        match attempt(addr, request) {
             Ok(ns) => b.ns.push(ns),
             Err(e) => {
                 b.failed += 1;
                 b.errno = e;
             }
         }
+    }
+    if request {
+        b.wall_ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
     }
     b
 }
@@ -82,13 +117,18 @@ pub fn child_main() -> Result<()> {
         let line = line?;
         let mut it = line.split_whitespace();
         match it.next() {
-            Some("C") => {
+            Some(cmd @ ("C" | "H")) => {
                 let ip = it.next().context("ip")?;
                 let port = it.next().context("port")?;
                 let count: u32 = it.next().context("count")?.parse()?;
                 let addr = SocketAddr::new(ip.parse::<IpAddr>()?, port.parse()?);
-                let b = run_batch(addr, count);
-                let mut reply = format!("R {} {} {}", b.ns.len(), b.failed, b.errno);
+                let b = batch_of(addr, count, cmd == "H");
+                let mut reply = if cmd == "H" {
+                    format!("W {} ", b.wall_ns)
+                } else {
+                    String::new()
+                };
+                reply.push_str(&format!("R {} {} {}", b.ns.len(), b.failed, b.errno));
                 for ns in &b.ns {
                     reply.push(' ');
                     reply.push_str(&ns.to_string());
@@ -173,8 +213,17 @@ impl Client {
 
     /// One batch of `count` connections to `addr`.
     pub fn batch(&mut self, addr: SocketAddr, count: u32) -> Result<Batch> {
+        self.send("C", addr, count)
+    }
+
+    /// One batch of `count` connections to `addr`, one request each.
+    pub fn requests(&mut self, addr: SocketAddr, count: u32) -> Result<Batch> {
+        self.send("H", addr, count)
+    }
+
+    fn send(&mut self, cmd: &str, addr: SocketAddr, count: u32) -> Result<Batch> {
         crate::cleanup::check_stop()?;
-        writeln!(self.stdin, "C {} {} {count}", addr.ip(), addr.port())?;
+        writeln!(self.stdin, "{cmd} {} {} {count}", addr.ip(), addr.port())?;
         self.stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
@@ -192,7 +241,12 @@ impl Drop for Client {
 }
 
 fn parse_reply(line: &str) -> Result<Batch> {
-    let mut it = line.split_whitespace();
+    let mut it = line.split_whitespace().peekable();
+    let mut wall_ns = 0;
+    if it.peek() == Some(&"W") {
+        it.next();
+        wall_ns = it.next().context("wall time")?.parse()?;
+    }
     if it.next() != Some("R") {
         bail!("not a reply");
     }
@@ -203,7 +257,12 @@ fn parse_reply(line: &str) -> Result<Batch> {
     if ns.len() != ok {
         bail!("{ok} successes announced, {} times sent", ns.len());
     }
-    Ok(Batch { ns, failed, errno })
+    Ok(Batch {
+        ns,
+        failed,
+        errno,
+        wall_ns,
+    })
 }
 
 #[cfg(test)]
@@ -217,6 +276,28 @@ mod tests {
         assert_eq!((b.failed, b.errno), (1, 111));
         assert!(parse_reply("R 2 0 0 10\n").is_err());
         assert!(parse_reply("X").is_err());
+        let b = parse_reply("W 5000 R 1 0 0 10\n").expect("parse");
+        assert_eq!((b.wall_ns, b.ns.clone()), (5000, vec![10]));
+    }
+
+    #[test]
+    fn request_mode_reads_the_reply_to_its_end() {
+        use std::io::{Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            for _ in 0..3 {
+                let (mut s, _) = l.accept().expect("accept");
+                let mut req = [0u8; 4];
+                s.read_exact(&mut req).expect("request");
+                assert_eq!(&req, REQUEST);
+                s.write_all(b"ok\n").expect("reply");
+            }
+        });
+        let b = batch_of(addr, 3, true);
+        server.join().expect("server");
+        assert_eq!((b.ns.len(), b.failed), (3, 0), "{b:?}");
+        assert!(b.wall_ns >= b.ns.iter().sum::<u64>(), "{b:?}");
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! the real agent on a private API server under EndpointSlice churn, each
 //! proxy's own latency [`histogram`], an outside [`probe`], and
 //! [`programming_report`].
+//! `netboot-bench northsouth` ([`northsouth`]): an external client to
+//! NodePorts through netboot's tc path, kube-proxy's rules and the floor,
+//! the tc program's ns/packet ([`tc_cost`]), [`northsouth_report`].
 //! [`cleanup`] owns every namespace, cgroup, pin and child the bench creates.
 
 pub mod agent_run;
@@ -27,6 +30,8 @@ pub mod latency;
 pub mod machine;
 pub mod netboot_lb;
 pub mod nft_rules;
+pub mod northsouth;
+pub mod northsouth_report;
 pub mod plot;
 pub mod probe;
 pub mod programming;
@@ -37,6 +42,7 @@ pub mod settings;
 pub mod size;
 pub mod stats;
 pub mod sys;
+pub mod tc_cost;
 pub mod topology;
 pub mod variant;
 pub mod workload;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use netboot_bench::args::{Cli, Cmd, ProgrammingArgs};
+use netboot_bench::args::{Cli, Cmd, NorthsouthArgs, ProgrammingArgs};
 use netboot_bench::{cleanup, client, probe, programming, programming_report};
 use netboot_bench::{report, run, settings::Settings};
 
@@ -34,6 +34,13 @@ fn main() -> ExitCode {
                 cleanup::cleanup_all();
             }
             return exit("programming", r);
+        }
+        Some(Cmd::Northsouth(a)) => {
+            let r = northsouth_section(a);
+            if r.is_err() {
+                cleanup::cleanup_all();
+            }
+            return exit("northsouth", r);
         }
         None => {}
     }
@@ -76,6 +83,41 @@ fn programming_section(a: &ProgrammingArgs) -> anyhow::Result<()> {
     })?;
     let written = programming_report::write(&rep, &a.out)?;
     println!("{}", programming_report::markdown(&rep));
+    println!("wrote {}", written.markdown.display());
+    println!("wrote {}", written.json.display());
+    if let Some(e) = &rep.error {
+        anyhow::bail!("stopped early: {e}");
+    }
+    Ok(())
+}
+
+fn northsouth_section(a: &NorthsouthArgs) -> anyhow::Result<()> {
+    use netboot_bench::{northsouth, northsouth_report};
+    run::preflight()?;
+    let agent = netboot_bench::agent_run::locate_binary(a.agent_bin.as_deref())?;
+    cleanup::install_signal_handler()?;
+    cleanup::sweep_stale();
+    let out = match (&a.out, a.quick) {
+        (Some(o), _) => o.clone(),
+        (None, false) => std::path::PathBuf::from(netboot_bench::args::DEFAULT_OUT),
+        (None, true) => {
+            std::env::temp_dir().join(format!("netboot-northsouth-quick-{}", std::process::id()))
+        }
+    };
+    let services = match (a.services.is_empty(), a.quick) {
+        (false, _) => a.services.clone(),
+        (true, true) => vec![1000],
+        (true, false) => vec![1000, 10000],
+    };
+    let o = northsouth::Options {
+        quick: a.quick,
+        services,
+        connections: a.connections.unwrap_or(if a.quick { 300 } else { 5000 }),
+        agent,
+    };
+    let rep = northsouth::run(&o, &mut |r| northsouth_report::write(r, &out).map(|_| ()))?;
+    let written = northsouth_report::write(&rep, &out)?;
+    println!("{}", northsouth_report::markdown(&rep));
     println!("wrote {}", written.markdown.display());
     println!("wrote {}", written.json.display());
     if let Some(e) = &rep.error {

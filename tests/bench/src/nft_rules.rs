@@ -21,9 +21,19 @@
 //!   Service's chain re-added, flushed and written again. Map elements of
 //!   unchanged Services are not touched.
 //!
-//! Not emulated: NodePorts, externalIPs, LoadBalancer IPs and firewall
+//! - [`nodeport_sync_chunks`] (north–south section): every Service also a
+//!   NodePort (policy Cluster) on the node's addresses: the `nodeport-ips`
+//!   elements, per Service an `external-<hash>-…` chain (mark for
+//!   masquerade, commented "masquerade", then goto the Service chain) and
+//!   its `service-nodeports` element `tcp . <nodePort> : goto external-…`,
+//!   and a `hairpin-connections` element for each endpoint on this node.
+//!   Checked against the real kube-proxy v1.36.3 for the north–south
+//!   bench's Services (tests/generators_match_kube_proxy.rs,
+//!   `generators_match_the_real_kube_proxy_for_node_ports`).
+//!
+//! Not emulated: externalIPs, LoadBalancer IPs and firewall
 //! chains, session affinity sets, traffic policy Local, local endpoints'
-//! hairpin elements (the bench has none).
+//! hairpin elements in [`full_sync`] (the east–west workload has none).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -263,6 +273,77 @@ pub fn full_sync_chunks(w: &Workload, per: u32) -> Vec<String> {
     out
 }
 
+/// `external-<hash>-bench/svc-NNNNNN/tcp/http`: Service `i`'s external
+/// (NodePort) chain.
+pub fn external_chain(i: u32) -> String {
+    format!(
+        "external-{}",
+        hash_and_truncate(&format!(
+            "{NAMESPACE}/{}/tcp/http",
+            workload::service_name(i)
+        ))
+    )
+}
+
+/// Every Service of a north–south ruleset a NodePort: where it listens and
+/// what its endpoints are.
+pub struct NodePorts<'a> {
+    /// The node's addresses (kube-proxy's `nodePortAddresses`: the node IPs).
+    pub node_ips: &'a [Ipv4Addr],
+    /// Service `i`'s nodePort.
+    pub port: &'a dyn Fn(u32) -> u16,
+    /// Service `i`'s endpoints.
+    pub endpoints: &'a dyn Fn(u32) -> Vec<Ipv4Addr>,
+    /// Whether an endpoint is on this node (kube-proxy adds its
+    /// `hairpin-connections` element: endpoint . endpoint . tcp . port).
+    pub is_local: &'a dyn Fn(Ipv4Addr) -> bool,
+}
+
+/// The first sync of `w` with every Service a NodePort (policy Cluster), in
+/// transactions of `per` Services (setup and the node addresses in the
+/// first; see [`full_sync_chunks`] for why the bench splits it).
+pub fn nodeport_sync_chunks(w: &Workload, np: &NodePorts, per: u32) -> Vec<String> {
+    let per = per.max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < w.n {
+        let end = (start + per).min(w.n);
+        let mut s = String::new();
+        if start == 0 {
+            setup(&mut s);
+            for ip in np.node_ips {
+                let _ = writeln!(s, "add element {T} nodeport-ips {{ {ip} }}");
+            }
+        }
+        for i in start..end {
+            let eps = (np.endpoints)(i);
+            service_rules(&mut s, i, &eps);
+            for ep in eps.iter().filter(|ep| (np.is_local)(**ep)) {
+                let _ = writeln!(
+                    s,
+                    "add element {T} hairpin-connections {{ {ep} . {ep} . tcp . {BACKEND_PORT} }}"
+                );
+            }
+            let ext = external_chain(i);
+            let _ = writeln!(s, "add chain {T} {ext}");
+            let _ = writeln!(s, "flush chain {T} {ext}");
+            let _ = writeln!(
+                s,
+                "add element {T} service-nodeports {{ tcp . {} : goto {ext} }}",
+                (np.port)(i)
+            );
+            let _ = writeln!(
+                s,
+                "add rule {T} {ext} mark set mark or {MASQ_MARK} comment \"masquerade\""
+            );
+            let _ = writeln!(s, "add rule {T} {ext} goto {}", service_chain(i));
+        }
+        out.push(s);
+        start = end;
+    }
+    out
+}
+
 /// The partial sync after the changed Service's EndpointSlice went from
 /// `changed = !to_changed` to `to_changed`: its chain re-added, flushed and
 /// its one rule written again.
@@ -320,6 +401,47 @@ mod tests {
         assert!(chunks[0].starts_with("add table"));
         assert!(chunks[1].starts_with("add chain ip kube-proxy service-"));
         assert_eq!(chunks.concat(), full_sync(&w, false));
+    }
+
+    #[test]
+    fn node_ports_go_through_an_external_chain_to_the_service_chain() {
+        let w = Workload::new(5, 1).expect("size");
+        let node = [Ipv4Addr::new(192, 168, 50, 1)];
+        let np = NodePorts {
+            node_ips: &node,
+            port: &|i| 20000 + i as u16,
+            endpoints: &|i| vec![Ipv4Addr::new(10, 200, 0, 1 + i as u8)],
+            is_local: &|ip| ip == Ipv4Addr::new(10, 200, 0, 4),
+        };
+        let chunks = nodeport_sync_chunks(&w, &np, 2);
+        assert_eq!(chunks.len(), 3);
+        let t = chunks.concat();
+        assert!(chunks[0].contains("add element ip kube-proxy nodeport-ips { 192.168.50.1 }"));
+        assert!(!chunks[1].contains("nodeport-ips {"));
+        let ext = external_chain(4);
+        assert!(ext.starts_with("external-") && ext.ends_with("-bench/svc-000004/tcp/http"));
+        assert!(t.contains(&format!(
+            "add element ip kube-proxy service-nodeports {{ tcp . 20004 : goto {ext} }}"
+        )));
+        assert!(t.contains(&format!(
+            "add rule ip kube-proxy {ext} goto {}",
+            service_chain(4)
+        )));
+        assert_eq!(
+            t.matches("mark set mark or 0x00004000 comment \"masquerade\"\n")
+                .count(),
+            5
+        );
+        // Only the local endpoint (Service 3's) is a hairpin connection.
+        assert_eq!(
+            t.matches("add element ip kube-proxy hairpin-connections {")
+                .count(),
+            1
+        );
+        assert!(t.contains(
+            "add element ip kube-proxy hairpin-connections { 10.200.0.4 . 10.200.0.4 . tcp . 8080 }"
+        ));
+        assert!(t.contains("0 : 10.200.0.5 . 8080 }"));
     }
 
     #[test]

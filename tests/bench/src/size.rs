@@ -232,13 +232,11 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
         let ipt_ns = topo.client(Variant::Iptables)?;
         let nft_ns = topo.client(Variant::Nftables)?;
         let backend = ctx.s.iptables;
-        // kube-proxy creates the nfacct counter its KUBE-FORWARD rule counts in.
+        // kube-proxy creates the nfacct counters its rules count in.
         netboot_harness::netns::in_netns(&ipt_ns.name, || {
-            netboot_harness::kubeproxy_rules::ensure_nfacct_counter(
-                netboot_harness::kubeproxy_rules::INVALID_DROPPED_NFACCT,
-            )
+            netboot_harness::kubeproxy_rules::ensure_nfacct_counters()
         })
-        .context("kube-proxy's nfacct counter")?;
+        .context("kube-proxy's nfacct counters")?;
 
         // Full syncs (cold: from empty every time; they end programmed).
         if let Some(nb) = nb.as_mut() {

@@ -38,6 +38,25 @@
 //!    nftables `endpoint_change`) applied on top of the generated rules must
 //!    give the generator's full ruleset with the change, and back.
 //!
+//! Two tests, one at a time, one control plane each:
+//! `generators_match_the_real_kube_proxy` for the east–west sections'
+//! ClusterIP Services (B = 2, steps 1–6), and
+//! `generators_match_the_real_kube_proxy_for_node_ports` for
+//! `netboot-bench northsouth`'s Services exactly as it generates them
+//! (`northsouth::objects`: type NodePort, externalTrafficPolicy Cluster,
+//! nodePort 20000 + i — the API server runs with
+//! `--service-node-port-range=20000-32767`, the harness's
+//! `NODE_PORT_RANGE` — one endpoint each, Service N−2's on this node).
+//! There kube-proxy runs as the bench's node (`hostnameOverride` and Node
+//! `nbb-node`, InternalIP 192.168.50.1) in a namespace with the bench node
+//! namespace's addresses on interfaces (eth0 192.168.50.1/24, pod0
+//! 10.200.1.254/24: veth pairs with both ends inside), since its nftables
+//! `nodeport-ips` set comes from the interfaces' addresses; the generated
+//! side is `northsouth::iptables_ruleset` / `northsouth::nft_transactions`,
+//! loaded as the bench loads it; step 6 does not apply (the north–south
+//! bench loads its rules once), and kube-proxy's rules must hold all N
+//! nodePorts and (nftables) the node address in `nodeport-ips`.
+//!
 //! Sizes: N = 1,000 always; N = 10,000 too with `NETBOOT_FULL=1` (the test
 //! prints loudly when it is not run). Root is required (namespaces,
 //! iptables/nft inside them); without the binaries the test panics saying so.
@@ -53,7 +72,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, PostParams};
 use netboot_bench::workload::{self, Workload, NAMESPACE, POD_CIDR, SERVICE_CIDR};
-use netboot_bench::{iptables_rules, nft_rules};
+use netboot_bench::{iptables_rules, nft_rules, northsouth};
 use netboot_harness::controlplane::{
     self, create_all, first_sync_elapsed, kube_proxy_command, kubeconfig, proxy_config,
     spawn_logged, sweep_leftovers, ControlPlane, ProxyMode as Mode, ProxySettings, Relay,
@@ -61,14 +80,87 @@ use netboot_harness::controlplane::{
 use netboot_harness::kubeproxy_rules;
 use netboot_harness::netns::{in_netns, Scoped};
 
-/// Endpoints per Service (the bench default).
-const B: u32 = 2;
-/// kube-proxy's `--hostname-override` and the Node object.
-const NODE: &str = "nbkq-node";
-/// The Node's InternalIP (the bench's iptables client namespace address).
-const NODE_IP: &str = "10.244.0.12";
 /// Concurrent creates.
 const IN_FLIGHT: usize = 48;
+
+/// Which of the bench's rulesets is compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The east–west sections' ClusterIP Services (`iptables_rules::full`,
+    /// `nft_rules::full_sync`), B = 2, and their endpoint change.
+    ClusterIp,
+    /// netboot-bench northsouth's NodePort Services (`northsouth::objects`:
+    /// type NodePort, externalTrafficPolicy Cluster, nodePort 20000 + i,
+    /// one endpoint, the local pod on this node), as it loads them
+    /// (`northsouth::iptables_ruleset`, `northsouth::nft_transactions`).
+    NodePort,
+}
+
+impl Kind {
+    /// Namespace and file tag.
+    fn tag(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "cip",
+            Self::NodePort => "np",
+        }
+    }
+
+    /// Endpoints per Service (the bench's for the section).
+    fn b(self) -> u32 {
+        match self {
+            Self::ClusterIp => 2,
+            Self::NodePort => 1,
+        }
+    }
+
+    /// kube-proxy's `hostnameOverride` (the Node object's name) and the
+    /// Node's InternalIP: for ClusterIP an unused address (the bench's
+    /// iptables client namespace address); for NodePort the bench's node.
+    fn node(self) -> (&'static str, String) {
+        match self {
+            Self::ClusterIp => ("nbkq-node", "10.244.0.12".into()),
+            Self::NodePort => (northsouth::NODE_NAME, northsouth::NODE_IP.to_string()),
+        }
+    }
+
+    /// Addresses on interfaces in kube-proxy's namespace: for
+    /// NodePort those of the bench's node namespace (eth0 and the local
+    /// pod's gateway pod0), because kube-proxy takes its NodePort
+    /// addresses from the interfaces it sees.
+    fn interfaces(self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::ClusterIp => Vec::new(),
+            Self::NodePort => vec![
+                ("eth0", format!("{}/24", northsouth::NODE_IP)),
+                ("pod0", "10.200.1.254/24".into()),
+            ],
+        }
+    }
+
+    /// The Services and EndpointSlices of `w` (without the change).
+    fn objects(self, w: &Workload) -> (Vec<Service>, Vec<EndpointSlice>) {
+        match self {
+            Self::ClusterIp => (w.services(), w.slices(false)),
+            Self::NodePort => northsouth::objects(w),
+        }
+    }
+
+    /// The generator's full ruleset (`changed`: with the bench's endpoint
+    /// change; ClusterIP only) in the inputs the bench loads it with.
+    fn generated(self, mode: Mode, w: &Workload, changed: bool) -> Vec<String> {
+        match (self, mode) {
+            (Self::ClusterIp, Mode::Iptables) => vec![iptables_rules::full(w, changed)],
+            (Self::ClusterIp, Mode::Nftables) => vec![nft_rules::full_sync(w, changed)],
+            (Self::NodePort, _) => {
+                assert!(!changed, "the north-south bench has no endpoint change");
+                match mode {
+                    Mode::Iptables => vec![northsouth::iptables_ruleset(w)],
+                    Mode::Nftables => northsouth::nft_transactions(w),
+                }
+            }
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------
 // The harness's control plane and kube-proxy, failing loudly
@@ -493,36 +585,35 @@ fn diff(generated: &str, real: &str, max_lines: usize) -> String {
 
 /// The namespace, the Node, and `bench/svc-000000` in `default/kubernetes`'
 /// place (10.96.0.1, as in the bench).
-async fn prepare(cp: &ControlPlane) {
+async fn prepare(cp: &ControlPlane, kind: Kind, w: &Workload) {
     cp.create_namespace(NAMESPACE)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    let (node, ip) = kind.node();
     Api::<Node>::all(cp.client.clone())
-        .create(&PostParams::default(), &controlplane::node(NODE, NODE_IP))
+        .create(&PostParams::default(), &controlplane::node(node, &ip))
         .await
         .expect("node");
-    let first = Workload::new(1, B).expect("size").services().remove(0);
+    let first = kind.objects(w).0.remove(0);
     cp.displace_default_kubernetes(&first)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Brings the API's objects to workload `w` (Services `created..n`
-/// created; the slice of a Service whose endpoints differ in `w`, i.e.
-/// the previously last one, replaced). Returns the time taken.
-async fn apply(cp: &ControlPlane, created: &mut u32, w: &Workload) -> Duration {
+/// created; the slices of the Services whose endpoints differ in `w`, i.e.
+/// the previously last two, replaced). Returns the time taken.
+async fn apply(cp: &ControlPlane, kind: Kind, created: &mut u32, w: &Workload) -> Duration {
     let t = Instant::now();
     let svcs: Api<Service> = Api::namespaced(cp.client.clone(), NAMESPACE);
     let slices: Api<EndpointSlice> = Api::namespaced(cp.client.clone(), NAMESPACE);
-    let services = w.services();
-    let all_slices = w.slices(false);
+    let (services, all_slices) = kind.objects(w);
     // svc-000000 exists since prepare().
     let from = (*created).max(1) as usize;
     create_all(&svcs, services.into_iter().skip(from).collect(), IN_FLIGHT)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    if *created > 0 {
-        let i = *created - 1;
+    for i in created.saturating_sub(2)..*created {
         let name = format!("{}-bench", workload::service_name(i));
         let mut s = all_slices[i as usize].clone();
         let old = slices.get(&name).await.expect("slice");
@@ -561,28 +652,54 @@ struct Outcome {
 fn run_kube_proxy(
     cp: &ControlPlane,
     dir: &Path,
+    kind: Kind,
     mode: Mode,
     w: &Workload,
 ) -> (String, Duration, Option<String>) {
-    let ns = Scoped::create(&format!("nbkq-{}-kp", std::process::id())).expect("netns");
+    let ns =
+        Scoped::create(&format!("nbkq-{}-{}kp", std::process::id(), kind.tag())).expect("netns");
+    for (dev, addr) in kind.interfaces() {
+        // Inside the test's own namespace only.
+        // A veth pair with both ends in the namespace (no dummy module here).
+        let peer = format!("{dev}p");
+        in_ns(
+            &ns.name,
+            "ip",
+            &["link", "add", dev, "type", "veth", "peer", "name", &peer],
+            None,
+        );
+        in_ns(&ns.name, "ip", &["link", "set", &peer, "up"], None);
+        in_ns(&ns.name, "ip", &["addr", "add", &addr, "dev", dev], None);
+        in_ns(&ns.name, "ip", &["link", "set", dev, "up"], None);
+    }
     let relay = Relay::start(&ns.name, SocketAddr::from(([127, 0, 0, 1], cp.api_port)))
         .unwrap_or_else(|e| panic!("{e}"));
     let kc = kubeconfig(
         dir,
-        &format!("kube-proxy-{}.conf", mode.name()),
+        &format!("kube-proxy-{}-{}.conf", kind.tag(), mode.name()),
         &format!("https://127.0.0.1:{}", relay.port),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let cfg = dir.join(format!("kube-proxy-{}-{}.yaml", mode.name(), w.n));
+    let cfg = dir.join(format!(
+        "kube-proxy-{}-{}-{}.yaml",
+        kind.tag(),
+        mode.name(),
+        w.n
+    ));
     let settings = ProxySettings {
         mode,
         kubeconfig: kc,
         cluster_cidr: POD_CIDR.into(),
-        node: NODE.into(),
+        node: kind.node().0.into(),
         metrics: None,
     };
     std::fs::write(&cfg, proxy_config(&settings)).expect("config");
-    let log = dir.join(format!("kube-proxy-{}-{}.log", mode.name(), w.n));
+    let log = dir.join(format!(
+        "kube-proxy-{}-{}-{}.log",
+        kind.tag(),
+        mode.name(),
+        w.n
+    ));
     let mut c = kube_proxy_command(&cp.bin_proxy, &ns.name, &cfg);
     if std::env::var_os("NBKQ_TRACE").is_some() {
         // Debugging aid: wrappers in front of PATH record every nft /
@@ -654,32 +771,45 @@ fn run_kube_proxy(
 
 /// Loads the generator's full ruleset (`changed`: with the bench's
 /// endpoint change) into a fresh namespace `nbkq-<pid>-<tag>` as the bench
-/// does; returns the namespace, its dump and the load time.
+/// does (one input after the other); returns the namespace, its dump and
+/// the load time.
 fn load_generated(
     dir: &Path,
+    kind: Kind,
     mode: Mode,
     w: &Workload,
     changed: bool,
     tag: &str,
 ) -> (Scoped, String, Duration) {
-    let ns = Scoped::create(&format!("nbkq-{}-{tag}", std::process::id())).expect("netns");
-    let t;
-    match mode {
-        Mode::Iptables => {
-            let p = dir.join(format!("generated-{}-{changed}.rules", w.n));
-            std::fs::write(&p, iptables_rules::full(w, changed)).expect("write");
-            in_netns(&ns.name, || {
-                kubeproxy_rules::ensure_nfacct_counter(kubeproxy_rules::INVALID_DROPPED_NFACCT)
-            })
-            .expect("nfacct counter");
-            t = Instant::now();
-            in_ns(&ns.name, "iptables-nft-restore", &["-w", "5"], Some(&p));
-        }
-        Mode::Nftables => {
-            let p = dir.join(format!("generated-{}-{changed}.nft", w.n));
-            std::fs::write(&p, nft_rules::full_sync(w, changed)).expect("write");
-            t = Instant::now();
-            in_ns(&ns.name, "nft", &["-f", &p.display().to_string()], None);
+    let ns =
+        Scoped::create(&format!("nbkq-{}-{}{tag}", std::process::id(), kind.tag())).expect("netns");
+    let inputs = kind.generated(mode, w, changed);
+    let mut files = Vec::new();
+    for (k, text) in inputs.iter().enumerate() {
+        let ext = match mode {
+            Mode::Iptables => "rules",
+            Mode::Nftables => "nft",
+        };
+        let p = dir.join(format!(
+            "generated-{}-{}-{changed}-{k}.{ext}",
+            kind.tag(),
+            w.n
+        ));
+        std::fs::write(&p, text).expect("write");
+        files.push(p);
+    }
+    if mode == Mode::Iptables {
+        in_netns(&ns.name, kubeproxy_rules::ensure_nfacct_counters).expect("nfacct counters");
+    }
+    let t = Instant::now();
+    for p in &files {
+        match mode {
+            Mode::Iptables => {
+                in_ns(&ns.name, "iptables-nft-restore", &["-w", "5"], Some(p));
+            }
+            Mode::Nftables => {
+                in_ns(&ns.name, "nft", &["-f", &p.display().to_string()], None);
+            }
         }
     }
     let took = t.elapsed();
@@ -721,7 +851,7 @@ fn check_incremental(
     original: &str,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    let (fresh_ns, fresh, _) = load_generated(dir, mode, w, true, "gen2");
+    let (fresh_ns, fresh, _) = load_generated(dir, Kind::ClusterIp, mode, w, true, "gen2");
     drop(fresh_ns);
     apply_change(dir, ns, mode, w, true);
     let (a, b) = (
@@ -748,25 +878,72 @@ fn check_incremental(
     problems
 }
 
-fn compare(cp: &ControlPlane, dir: &Path, mode: Mode, w: &Workload) -> Outcome {
-    let (real, proxy_sync, proxy_first_sync) = run_kube_proxy(cp, dir, mode, w);
-    let (gen_ns, generated, generator_load) = load_generated(dir, mode, w, false, "gen");
-    std::fs::write(dir.join(format!("real-{}-{}.txt", mode.name(), w.n)), &real).expect("w");
+fn compare(cp: &ControlPlane, dir: &Path, kind: Kind, mode: Mode, w: &Workload) -> Outcome {
+    let (real, proxy_sync, proxy_first_sync) = run_kube_proxy(cp, dir, kind, mode, w);
+    let (gen_ns, generated, generator_load) = load_generated(dir, kind, mode, w, false, "gen");
+    let t = kind.tag();
     std::fs::write(
-        dir.join(format!("gen-{}-{}.txt", mode.name(), w.n)),
+        dir.join(format!("real-{t}-{}-{}.txt", mode.name(), w.n)),
+        &real,
+    )
+    .expect("w");
+    std::fs::write(
+        dir.join(format!("gen-{t}-{}-{}.txt", mode.name(), w.n)),
         &generated,
     )
     .expect("w");
     let (nr, ng) = (mode.normalize(&real), mode.normalize(&generated));
     let mut notes = Vec::new();
     let mut problems = Vec::new();
+    if kind == Kind::NodePort {
+        // Not equal by both lacking them: kube-proxy's rules hold all N
+        // nodePorts, and (nftables) the node's address as a NodePort address.
+        // (Distinct nodePorts: kube-proxy's iptables rules have two per
+        // nodePort, the node's and localhost's.)
+        let node_ports = |dump: &str| match mode {
+            Mode::Iptables => dump
+                .lines()
+                .filter(|l| l.starts_with("-A KUBE-NODEPORTS "))
+                .filter_map(|l| arg_after(l, "--dport"))
+                .collect::<BTreeSet<_>>()
+                .len(),
+            Mode::Nftables => dump.matches(": goto external-").count(),
+        };
+        let (in_real, in_gen) = (node_ports(&real), node_ports(&generated));
+        notes.push(format!(
+            "nodePorts in the rules: kube-proxy {in_real}, generator {in_gen} (of {})",
+            w.n
+        ));
+        if in_real != w.n as usize {
+            problems.push(format!(
+                "kube-proxy's rules hold {in_real} nodePorts, not {}",
+                w.n
+            ));
+        }
+        if mode == Mode::Nftables {
+            let ip = northsouth::NODE_IP.to_string();
+            let has_node_ip = |dump: &str| {
+                normalize_nft(dump)
+                    .split("set nodeport-ips {")
+                    .nth(1)
+                    .and_then(|b| b.split('}').next())
+                    .is_some_and(|b| b.lines().any(|l| l.trim() == format!("element {ip}")))
+            };
+            if !has_node_ip(&real) {
+                problems.push(format!("kube-proxy's nodeport-ips set lacks {ip}"));
+            }
+        }
+    }
     if nr != ng {
         problems.push(format!(
             "normalized rules differ (first differences):\n{}",
             diff(&ng, &nr, 120)
         ));
     }
-    problems.extend(check_incremental(dir, &gen_ns, mode, w, &generated));
+    if kind == Kind::ClusterIp {
+        // The north-south bench loads its ruleset once: no update to check.
+        problems.extend(check_incremental(dir, &gen_ns, mode, w, &generated));
+    }
     drop(gen_ns);
     let (cr, cg) = (mode.chain_names(&real), mode.chain_names(&generated));
     if cr != cg {
@@ -809,13 +986,20 @@ fn compare(cp: &ControlPlane, dir: &Path, mode: Mode, w: &Workload) -> Outcome {
     }
 }
 
-#[test]
-fn generators_match_the_real_kube_proxy() {
+/// The two tests share the machine's 2 cores and the namespace prefix: one
+/// at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Starts a control plane, creates `kind`'s workload at each size and
+/// compares both modes; panics with every difference.
+fn generators_match(kind: Kind) {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let what = format!("generators_match_kube_proxy ({kind:?})");
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
         euid, 0,
-        "generators_match_kube_proxy: must run as root (network namespaces, iptables/nft inside them); euid is {euid}"
+        "{what}: must run as root (network namespaces, iptables/nft inside them); euid is {euid}"
     );
     let full = std::env::var("NETBOOT_FULL").is_ok_and(|v| v == "1");
     let sizes: Vec<u32> = if full {
@@ -825,8 +1009,7 @@ fn generators_match_the_real_kube_proxy() {
     };
     if !full {
         println!(
-            "\n!!! generators_match_kube_proxy: N = 10,000 NOT RUN (only N = 1,000); \
-             NETBOOT_FULL=1 runs it too !!!\n"
+            "\n!!! {what}: N = 10,000 NOT RUN (only N = 1,000); NETBOOT_FULL=1 runs it too !!!\n"
         );
     }
     for name in sweep_leftovers("nbkq-") {
@@ -840,21 +1023,22 @@ fn generators_match_the_real_kube_proxy() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cp = rt
         .block_on(ControlPlane::start(dir.path(), SERVICE_CIDR))
-        .unwrap_or_else(|e| panic!("generators_match_kube_proxy: {e}"));
-    rt.block_on(prepare(&cp));
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let first = Workload::new(sizes[0], kind.b()).expect("size");
+    rt.block_on(prepare(&cp, kind, &first));
     let mut created = 0;
     let mut outcomes = Vec::new();
     for n in sizes {
-        let w = Workload::new(n, B).expect("size");
-        let took = rt.block_on(apply(&cp, &mut created, &w));
+        let w = Workload::new(n, kind.b()).expect("size");
+        let took = rt.block_on(apply(&cp, kind, &mut created, &w));
         println!(
-            "N = {n}: {} Services + {} EndpointSlices in the API in {took:?}",
+            "{kind:?} N = {n}: {} Services + {} EndpointSlices in the API in {took:?}",
             n, n
         );
         for mode in [Mode::Iptables, Mode::Nftables] {
-            let o = compare(&cp, dir.path(), mode, &w);
+            let o = compare(&cp, dir.path(), kind, mode, &w);
             println!(
-                "N = {n} {}: kube-proxy start → synced (two equal dumps 2 s apart) {:.1?}, its first sync took {}; generator's rules loaded ({}) in {:.1?}: {}",
+                "{kind:?} N = {n} {}: kube-proxy start → synced (two equal dumps 2 s apart) {:.1?}, its first sync took {}; generator's rules loaded ({}) in {:.1?}: {}",
                 mode.name(),
                 o.proxy_sync,
                 o.proxy_first_sync.as_deref().unwrap_or("? (not in its log)"),
@@ -880,7 +1064,7 @@ fn generators_match_the_real_kube_proxy() {
         .filter_map(|o| {
             o.mismatch
                 .as_ref()
-                .map(|m| format!("== N = {} {}: {m}", o.n, o.mode.name()))
+                .map(|m| format!("== {kind:?} N = {} {}: {m}", o.n, o.mode.name()))
         })
         .collect();
     drop(cp);
@@ -889,6 +1073,20 @@ fn generators_match_the_real_kube_proxy() {
         "the generators differ from the real kube-proxy:\n{}",
         failures.join("\n\n")
     );
+}
+
+/// The east–west sections' ClusterIP Services.
+#[test]
+fn generators_match_the_real_kube_proxy() {
+    generators_match(Kind::ClusterIp);
+}
+
+/// netboot-bench northsouth's NodePort Services (API server
+/// `--service-node-port-range` = the harness's `NODE_PORT_RANGE`, kube-proxy
+/// on the bench's node name with the bench node's addresses on interfaces).
+#[test]
+fn generators_match_the_real_kube_proxy_for_node_ports() {
+    generators_match(Kind::NodePort);
 }
 
 // ---------------------------------------------------------------------------

@@ -478,6 +478,11 @@ pub fn first_sync_elapsed(log: &Path) -> Option<String> {
     Some(v.split('"').next()?.to_string())
 }
 
+/// The API server's `--service-node-port-range`: wider than the default
+/// 30000-32767 so that netboot-bench northsouth's nodePorts (20000 + i, up
+/// to 10k Services) are admitted.
+pub const NODE_PORT_RANGE: &str = "20000-32767";
+
 /// etcd + kube-apiserver on free 127.0.0.1 ports, stopped on drop.
 pub struct ControlPlane {
     _etcd: ChildGuard,
@@ -496,7 +501,8 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// Starts etcd and kube-apiserver (`--service-cluster-ip-range`
-    /// = `service_cidr`, RBAC, no endpoint reconciler) with their data,
+    /// = `service_cidr`, `--service-node-port-range` = [`NODE_PORT_RANGE`],
+    /// RBAC, no endpoint reconciler) with their data,
     /// certificates and logs in `dir`, and waits for /readyz (120 s).
     pub async fn start(dir: &Path, service_cidr: &str) -> Result<Self> {
         let etcd = cached("etcd", "etcd")?;
@@ -525,6 +531,7 @@ impl ControlPlane {
             .args(["--bind-address=127.0.0.1", "--advertise-address=192.0.2.10"])
             .arg(format!("--secure-port={ap}"))
             .arg(format!("--service-cluster-ip-range={service_cidr}"))
+            .arg(format!("--service-node-port-range={NODE_PORT_RANGE}"))
             .args([
                 "--authorization-mode=RBAC",
                 "--endpoint-reconciler-type=none",

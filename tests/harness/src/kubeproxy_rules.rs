@@ -49,9 +49,13 @@ pub struct RuleOptions {
     pub localhost_nodeports: bool,
     /// Count dropped INVALID packets in the nfacct object
     /// [`INVALID_DROPPED_NFACCT`] (`-m nfacct` in KUBE-FORWARD's DROP rule), as
-    /// kube-proxy ≥ 1.29 does where the kernel has nfacct. The object must
-    /// exist in the namespace before the rules are restored
-    /// ([`ensure_nfacct_counter`]), so it is off by default.
+    /// kube-proxy ≥ 1.29 does where the kernel has nfacct; with
+    /// `localhost_nodeports` also write kube-proxy's localhost NodePort rules
+    /// (`-d 127.0.0.0/8 … -m nfacct --nfacct-name`
+    /// [`LOCALHOST_NODEPORTS_NFACCT`] in KUBE-NODEPORTS, before each
+    /// NodePort's own rule), which kube-proxy writes only when that counter
+    /// exists. The objects must exist in the namespace before the rules are
+    /// restored ([`ensure_nfacct_counters`]), so it is off by default.
     pub nfacct: bool,
 }
 
@@ -73,6 +77,17 @@ pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
 /// The nfacct object kube-proxy counts dropped INVALID packets in.
 pub const INVALID_DROPPED_NFACCT: &str = "ct_state_invalid_dropped_pkts";
+
+/// The nfacct object kube-proxy counts accepted localhost NodePort packets in.
+pub const LOCALHOST_NODEPORTS_NFACCT: &str = "localhost_nps_accepted_pkts";
+
+/// Creates both nfacct objects kube-proxy (iptables mode) creates at start
+/// ([`INVALID_DROPPED_NFACCT`], [`LOCALHOST_NODEPORTS_NFACCT`]) in the
+/// calling thread's network namespace (see [`ensure_nfacct_counter`]).
+pub fn ensure_nfacct_counters() -> std::io::Result<()> {
+    ensure_nfacct_counter(INVALID_DROPPED_NFACCT)?;
+    ensure_nfacct_counter(LOCALHOST_NODEPORTS_NFACCT)
+}
 
 /// One endpoint (`ip:port`) of a service port.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -402,6 +417,13 @@ pub fn render(services: &[Service], slices: &[EndpointSlice], opts: &RuleOptions
         if let Some(np) = sp.node_port {
             let ext_chain = external_chain(&sp.name, proto);
             nat_chains.insert(ext_chain.clone());
+            if opts.localhost_nodeports && opts.nfacct {
+                let _ = writeln!(
+                    nodeport_rules,
+                    "-A KUBE-NODEPORTS -d 127.0.0.0/8 -p {proto} -m comment --comment {} -m {proto} --dport {np} -m nfacct --nfacct-name {LOCALHOST_NODEPORTS_NFACCT} -j {ext_chain}",
+                    sp.name
+                );
+            }
             let _ = writeln!(
                 nodeport_rules,
                 "-A KUBE-NODEPORTS -p {proto} -m comment --comment {} -m {proto} --dport {np} -j {ext_chain}",
@@ -809,6 +831,44 @@ mod tests {
         );
         assert!(on.contains("-A KUBE-FORWARD -m conntrack --ctstate INVALID -m nfacct --nfacct-name ct_state_invalid_dropped_pkts -j DROP"));
         assert!(on.contains("-A INPUT -j KUBE-FIREWALL\n"));
+        // Localhost NodePorts: only with both options (kube-proxy writes
+        // them only where it has the nfacct counter), before the NodePort's
+        // own rule.
+        let services = [svc(
+            "t",
+            "np",
+            "10.96.0.5",
+            "NodePort",
+            &[("http", "TCP", 80, Some(30080))],
+        )];
+        let slices = [slice(
+            "t",
+            "np",
+            &[("http", "TCP", 8080)],
+            &[("10.244.0.1", true)],
+        )];
+        let both = RuleOptions {
+            nfacct: true,
+            ..RuleOptions::default()
+        };
+        let np = render(&services, &slices, &both);
+        let ext = external_chain("t/np:http", "tcp");
+        let local = format!("-A KUBE-NODEPORTS -d 127.0.0.0/8 -p tcp -m comment --comment t/np:http -m tcp --dport 30080 -m nfacct --nfacct-name localhost_nps_accepted_pkts -j {ext}\n");
+        let plain = format!("-A KUBE-NODEPORTS -p tcp -m comment --comment t/np:http -m tcp --dport 30080 -j {ext}\n");
+        assert!(np.contains(&format!("{local}{plain}")), "{np}");
+        for opts in [
+            RuleOptions::default(),
+            RuleOptions {
+                localhost_nodeports: false,
+                ..both
+            },
+        ] {
+            let out = render(&services, &slices, &opts);
+            assert!(
+                out.contains(&plain) && !out.contains("127.0.0.0/8 -p tcp"),
+                "{out}"
+            );
+        }
         let off = render(
             &[],
             &[],

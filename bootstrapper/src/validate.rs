@@ -108,7 +108,7 @@ pub const TABLE: &[CheckSpec] = &[
     CheckSpec {
         name: "node-port",
         needs: &["probe workload", "nodes with an InternalIP"],
-        shows: "a NodePort Service answers over TCP and UDP at every schedulable node's InternalIP, from a client pod and from a client on a node's host network",
+        shows: "a NodePort Service answers over TCP and UDP at every schedulable node's InternalIP, from a client pod (its own node's address and the others' across the node network)",
         skipped_when: "no schedulable node has an InternalIP of the probe Service's family",
     },
     CheckSpec {
@@ -731,15 +731,12 @@ pub fn local_runs(pods: &[ProbePod], local_ip: IpAddr, empty: &str) -> Vec<(Stri
 pub struct Placement {
     /// On this node (None: where the scheduler puts it).
     pub node: Option<String>,
-    /// In the node's network namespace (`hostNetwork: true`).
-    pub host_network: bool,
 }
 
 impl Placement {
     fn on(node: &str) -> Self {
         Placement {
             node: Some(node.to_string()),
-            host_network: false,
         }
     }
 }
@@ -773,10 +770,13 @@ pub fn node_addresses(
         .collect()
 }
 
-/// The client runs of the `node-port` check: one client pod and one client
-/// on the host network of a node with probe pods, each reaching the
-/// NodePort Service (`tcp`, `udp` node ports) at every node's addresses.
-/// None when no node has an address.
+/// The client run of the `node-port` check: a client pod reaching the
+/// NodePort Service (`tcp`, `udp` node ports) at every node's addresses (its
+/// own node's through the local datapath, the others' across the node
+/// network). Not from a node's host network: the reconciler's admission
+/// policy keeps probe pods off it (least privilege); host processes are the
+/// datapath's kernel tests' (`kernel_northsouth`). None when no node has an
+/// address.
 pub fn node_port_runs(
     pods: &[ProbePod],
     addresses: &BTreeMap<String, Vec<IpAddr>>,
@@ -805,14 +805,7 @@ pub fn node_port_runs(
         ],
         timeout_ms: 2000,
     };
-    let host = Placement {
-        node: pods.first().map(|p| p.node.clone()),
-        host_network: true,
-    };
-    Some(vec![
-        (Placement::default(), plan("pod")),
-        (host, plan("host")),
-    ])
+    Some(vec![(Placement::default(), plan("pod"))])
 }
 
 /// The client run of the `external-traffic-local` check, on the first node
@@ -1417,9 +1410,6 @@ async fn start_client(
     if let Some(node) = &place.node {
         spec["nodeName"] = json!(node);
     }
-    if place.host_network {
-        spec["hostNetwork"] = json!(true);
-    }
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "netboot-probe-client", "app.kubernetes.io/managed-by": "netboot", "netboot.io/probe": "true", "netboot.io/podnet": "true"}},
@@ -1742,7 +1732,7 @@ mod tests {
     }
 
     #[test]
-    fn node_port_runs_reach_every_node_from_a_pod_and_from_a_host() {
+    fn node_port_runs_reach_every_node_from_a_pod() {
         let pods = [pod("p1", "n1"), pod("p2", "n2")];
         let addrs = addresses(&[
             ("n1", "172.18.0.2"),
@@ -1752,18 +1742,13 @@ mod tests {
         let runs = node_port_runs(&pods, &addrs, (30080, 30053)).unwrap();
         assert_eq!(
             runs.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
-            [
-                Placement::default(),
-                Placement {
-                    node: Some("n1".into()),
-                    host_network: true
-                }
-            ]
+            [Placement::default()],
+            "a pod, never the host network (the reconciler's admission policy)"
         );
-        let Check::Udp { name, targets, .. } = &runs[1].1.checks[1] else {
+        let Check::Udp { name, targets, .. } = &runs[0].1.checks[1] else {
             panic!("{runs:?}")
         };
-        assert_eq!(name, "node-port/host/udp");
+        assert_eq!(name, "node-port/pod/udp");
         assert_eq!(targets.len(), 3);
         assert!(targets.iter().all(|t| t.port() == 30053));
         assert!(node_port_runs(&pods, &BTreeMap::new(), (1, 2)).is_none());

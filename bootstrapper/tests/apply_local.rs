@@ -99,7 +99,7 @@ fn replace_then_noop_then_change_then_prune_then_coexist() {
         eprintln!("full apply took {:?}", started.elapsed());
         let out = run.json();
         let checks = check_results(&out);
-        assert_eq!(checks.len(), 12, "{checks:?}");
+        assert_eq!(checks.len(), 14, "{checks:?}");
         assert!(validated(&checks), "{checks:?}");
         let ipv6 = out["validation"]["checks"]
             .as_array()
@@ -333,15 +333,16 @@ fn agent_never_ready_keeps_kube_proxy() {
     });
 }
 
-/// Services the agents cannot serve (SCTP, NodePort) stop the handover
-/// before kube-proxy is touched (exit 2, each named with what it needs);
+/// Services the agents cannot serve (SCTP: a ClusterIP and a NodePort
+/// Service; the agents serve NodePorts, SCTP on no Service type) stop the
+/// handover before kube-proxy is touched (exit 2, each named with what it needs);
 /// `netboot plan` lists them too; `allowUnserved` accepts them by name, and
 /// the inventory and `netboot status` record it.
 #[test]
 fn an_unserved_service_keeps_kube_proxy_until_allowed() {
     scenario(|c| async move {
         let svcs: Api<Service> = Api::namespaced(c.client.clone(), "default");
-        let names = ["nb-unserved-sctp", "nb-unserved-np"];
+        let names = ["nb-unserved-sctp", "nb-unserved-np", "nb-unserved-sctp-np"];
         let remove = || async {
             for n in names {
                 let _ = svcs.delete(n, &DeleteParams::default()).await;
@@ -350,7 +351,7 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
         remove().await;
         for y in [
             "metadata: {name: nb-unserved-sctp}\nspec: {ports: [{name: http, port: 80}, {name: s, port: 9, protocol: SCTP}]}",
-            "metadata: {name: nb-unserved-np}\nspec: {type: NodePort, ports: [{port: 80}]}",
+            "metadata: {name: nb-unserved-sctp-np}\nspec: {type: NodePort, ports: [{port: 9, protocol: SCTP}]}",
         ] {
             let svc: Service = serde_yaml::from_str(y).unwrap();
             svcs.create(&PostParams::default(), &svc).await.unwrap();
@@ -375,7 +376,7 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
         let plan = netboot(&c, &["plan", "-o", "json", spec]).json();
         let refused = plan["unserved"]["refused"].to_string();
         assert!(refused.contains("default/nb-unserved-sctp"), "{plan:#}");
-        assert!(refused.contains("default/nb-unserved-np"), "{plan:#}");
+        assert!(refused.contains("default/nb-unserved-sctp-np"), "{plan:#}");
         // kube-proxy's mode: its ConfigMap's (tests/cluster/up renders
         // `mode: $KUBE_PROXY_MODE`) and node-0's; IPVS there → the agents clear it.
         let configured = cluster_env(&c, "KUBE_PROXY_MODE").unwrap_or_else(|| "iptables".into());
@@ -432,7 +433,7 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
         for needle in [
             "gate `nothing-unserved` failed",
             "Service/default/nb-unserved-sctp: needs sctp",
-            "Service/default/nb-unserved-np: needs nodeport",
+            "Service/default/nb-unserved-sctp-np: needs sctp",
         ] {
             assert!(run.stderr.contains(needle), "{needle}: {}", run.stderr);
         }
@@ -448,7 +449,7 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
         );
 
         let allowed = spec_file(dir.path(), "allowed.yaml", |s| {
-            s + "  kubeProxy:\n    allowUnserved: [sctp, nodeport]\n"
+            s + "  kubeProxy:\n    allowUnserved: [sctp]\n"
         });
         let allowed = allowed.to_str().unwrap();
         let run = netboot(&c, &["apply", "-o", "json", allowed]);
@@ -456,7 +457,7 @@ fn an_unserved_service_keeps_kube_proxy_until_allowed() {
         let status = netboot(&c, &["status", "-o", "json", allowed]).json();
         assert_eq!(
             status["inventory"]["allowUnserved"],
-            serde_json::json!(["sctp", "nodeport"])
+            serde_json::json!(["sctp"])
         );
         let accepted = status["inventory"]["unservedAllowed"].to_string();
         assert!(

@@ -718,3 +718,45 @@ fn cel_literals_cannot_end_early() {
     assert_eq!(cel_string("\\'"), r"'\\\''");
     assert_eq!(cel_string("x\u{2028}y\n"), r"'x\u2028y\u000a'");
 }
+
+/// The reconciler's Role names every probe object validation can create:
+/// a probe Service it may not patch fails validation as the reconciler, and
+/// the handover rolls back.
+#[test]
+fn the_reconciler_role_names_every_probe_object() {
+    use crate::validate::{probe_objects, Workload};
+    let manifests = render(&shipped("prod"), "prod", &opts_for("prod")).unwrap();
+    let mut allowed: Vec<(String, String)> = Vec::new();
+    for m in manifests.iter().filter(|m| m.object["kind"] == "Role") {
+        for rule in m.object["rules"].as_array().into_iter().flatten() {
+            for res in rule["resources"].as_array().into_iter().flatten() {
+                for name in rule["resourceNames"].as_array().into_iter().flatten() {
+                    allowed.push((
+                        res.as_str().unwrap().to_string(),
+                        name.as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    let all = Workload {
+        replicas: 3,
+        keep_off: Some("n3".into()),
+        local: true,
+        single: true,
+        node_port: true,
+        ext_local: true,
+    };
+    for o in probe_objects("netboot-system", "img", &all) {
+        let res = match o["kind"].as_str().unwrap() {
+            "Deployment" => "deployments",
+            "Service" => "services",
+            k => panic!("unexpected probe kind {k}"),
+        };
+        let name = o["metadata"]["name"].as_str().unwrap();
+        assert!(
+            allowed.contains(&(res.to_string(), name.to_string())),
+            "the reconciler's Role does not name {res}/{name}"
+        );
+    }
+}

@@ -652,12 +652,14 @@ fn external_frontends_are_flagged_dirty_only_when_one_changes() {
     let mut np = one_backend(1, 1);
     np.addr = tcp([172, 18, 0, 2], 30080);
     np.external = Some(External::default());
-    r.reconcile(&table(&[one_backend(2, 2), np.clone()])).unwrap();
+    r.reconcile(&table(&[one_backend(2, 2), np.clone()]))
+        .unwrap();
     assert!(r.take_external_dirty(), "a full pass rebuilds them");
     assert!(!r.take_external_dirty(), "taken");
     // ClusterIP churn: nothing built from the external frontends moves.
     let ci = one_backend(2, 3);
-    r.apply(&[(ci.addr, Some(ci))].into_iter().collect()).unwrap();
+    r.apply(&[(ci.addr, Some(ci))].into_iter().collect())
+        .unwrap();
     assert!(!r.take_external_dirty());
     // The NodePort's backends change, then it goes away: dirty each time.
     let mut moved = np.clone();

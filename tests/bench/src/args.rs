@@ -97,6 +97,11 @@ pub struct ProgrammingArgs {
     /// Outside-check samples per rate.
     #[arg(long, default_value_t = 5)]
     pub samples: u32,
+    /// The iptables backend kube-proxy's iptables mode runs with: `iptables`
+    /// and its save/restore resolve to iptables-nft or iptables-legacy (as
+    /// kube-proxy's image wrapper picks one per host).
+    #[arg(long, value_enum, default_value_t = IptablesBackend::Nft)]
+    pub iptables: IptablesBackend,
     /// The netboot-datapath binary [default: built next to this one].
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,

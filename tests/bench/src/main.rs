@@ -77,7 +77,8 @@ fn programming_section(a: &ProgrammingArgs) -> anyhow::Result<()> {
     let agent = netboot_bench::agent_run::locate_binary(a.agent_bin.as_deref())?;
     cleanup::install_signal_handler()?;
     cleanup::sweep_stale();
-    let o = programming::Options::new(a.quick, a.samples, agent);
+    let mut o = programming::Options::new(a.quick, a.samples, agent);
+    o.iptables = a.iptables;
     let rep = programming::run(&o, &mut |r| {
         programming_report::write(r, &a.out).map(|_| ())
     })?;

@@ -83,6 +83,8 @@ pub struct Options {
     pub quick: bool,
     /// The netboot-datapath binary.
     pub agent_bin: PathBuf,
+    /// The iptables backend of kube-proxy's iptables mode.
+    pub iptables: crate::kube_proxy::IptablesBackend,
 }
 
 impl Options {
@@ -99,6 +101,7 @@ impl Options {
             samples,
             quick,
             agent_bin,
+            iptables: crate::kube_proxy::IptablesBackend::Nft,
         }
     }
 }
@@ -366,6 +369,8 @@ struct Running {
     pid: u32,
     log: PathBuf,
     ns: Netns,
+    /// iptables mode on iptables-legacy (rules dumped with its save).
+    legacy: bool,
 }
 
 impl Running {
@@ -414,6 +419,14 @@ impl Running {
     /// Services programmed, as far as can be seen from outside.
     fn programmed(&self) -> Result<usize> {
         match self.proxy.kube_proxy_mode() {
+            Some(ProxyMode::Iptables) if self.legacy => {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", &self.ns.name, "iptables-legacy-save"])
+                    .output()
+                    .context("iptables-legacy-save")?;
+                let dump = String::from_utf8_lossy(&out.stdout);
+                Ok(ProxyMode::Iptables.services_in(&dump))
+            }
             Some(mode) => Ok(mode.services_in(&mode.dump(&self.ns.name)?)),
             None => {
                 let ready = matches!(self.get("/readyz"), Some((200, _)));
@@ -491,7 +504,32 @@ fn namespace(tag: &str, p: Proxy) -> Result<(Netns, Backends)> {
     Ok((ns, backends))
 }
 
-fn start_kube_proxy(cp: &ControlPlane, dir: &Path, tag: &str, p: Proxy) -> Result<Running> {
+/// A directory whose `iptables`, `iptables-save`, `iptables-restore` (and
+/// the ip6tables ones) are the legacy programs: first in kube-proxy's PATH.
+fn legacy_bin(dir: &Path) -> Result<PathBuf> {
+    let bin = dir.join("iptables-legacy-bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    for t in ["iptables", "ip6tables"] {
+        for suffix in ["", "-save", "-restore"] {
+            let link = bin.join(format!("{t}{suffix}"));
+            if !link.exists() {
+                let target = format!("/usr/sbin/{t}-legacy{suffix}");
+                std::os::unix::fs::symlink(&target, &link)
+                    .with_context(|| format!("{} -> {target}", link.display()))?;
+            }
+        }
+    }
+    Ok(bin)
+}
+
+fn start_kube_proxy(
+    cp: &ControlPlane,
+    dir: &Path,
+    tag: &str,
+    p: Proxy,
+    iptables: crate::kube_proxy::IptablesBackend,
+) -> Result<Running> {
+    let legacy = p == Proxy::Iptables && iptables == crate::kube_proxy::IptablesBackend::Legacy;
     let mode = p.kube_proxy_mode().context("not a kube-proxy")?;
     let (ns, backends) = namespace(tag, p)?;
     let relay = Relay::start(&ns.name, SocketAddr::from(([127, 0, 0, 1], cp.api_port)))?;
@@ -513,7 +551,12 @@ fn start_kube_proxy(cp: &ControlPlane, dir: &Path, tag: &str, p: Proxy) -> Resul
     )
     .with_context(|| format!("writing {}", cfg.display()))?;
     let log = dir.join(format!("kube-proxy-{}.log", mode.name()));
-    let child = spawn_logged(kube_proxy_command(&cp.bin_proxy, &ns.name, &cfg), &log)?;
+    let mut cmd = kube_proxy_command(&cp.bin_proxy, &ns.name, &cfg);
+    if legacy {
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        cmd.env("PATH", format!("{}:{path}", legacy_bin(dir)?.display()));
+    }
+    let child = spawn_logged(cmd, &log)?;
     Ok(Running {
         proxy: p,
         pid: child.pid(),
@@ -525,6 +568,7 @@ fn start_kube_proxy(cp: &ControlPlane, dir: &Path, tag: &str, p: Proxy) -> Resul
         cgroup: None,
         log,
         ns,
+        legacy,
     })
 }
 
@@ -589,6 +633,7 @@ fn start_agent(
         cgroup: Some(cg),
         log,
         ns,
+        legacy: false,
     })
 }
 
@@ -652,7 +697,7 @@ async fn grow(cp: &ControlPlane, state: &State, from: u32, n: u32) -> Result<()>
 /// before it are kept).
 pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<Report> {
     let started = Instant::now();
-    let mut machine = crate::machine::probe(crate::kube_proxy::IptablesBackend::Nft);
+    let mut machine = crate::machine::probe(o.iptables);
     let tag = crate::cleanup::run_tag();
     let dir = TmpDir::new(&format!("{tag}-pl"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -696,7 +741,7 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
                     Proxy::Netboot => {
                         start_agent(&cp, dir.path(), &tag, &o.agent_bin, max_services)?
                     }
-                    _ => start_kube_proxy(&cp, dir.path(), &tag, p)?,
+                    _ => start_kube_proxy(&cp, dir.path(), &tag, p, o.iptables)?,
                 };
                 match r.wait_synced(n, since)? {
                     Some(s) => {

@@ -210,13 +210,48 @@ fn a_launch_with_capabilities_execs_with_exactly_those() {
     assert_eq!(field("CapPrm:"), keep.0, "{text}");
     assert_eq!(field("CapBnd:"), keep.0, "{text}");
     assert_eq!((field("CapInh:"), field("CapAmb:")), (0, 0), "{text}");
-    // `ip netns exec` needs CAP_SYS_ADMIN itself: refused, not half-applied.
+    // With a netns too, it is entered by setns(2) before the capabilities
+    // go (`ip netns exec` would need CAP_SYS_ADMIN itself).
+    use std::os::unix::fs::MetadataExt;
+    let ns = format!("nbsl-caps-{}", std::process::id());
+    let added = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let ino = std::fs::metadata(names::netns_path(&ns)).unwrap().ino();
     let in_netns = Launch {
-        netns: Some("nbsl-none".into()),
+        args: vec![
+            "-c".into(),
+            "stat -L -c %i /proc/self/ns/net; grep ^CapEff /proc/self/status".into(),
+        ],
+        netns: Some(ns.clone()),
         ..launch
     };
+    let out = in_netns.command().unwrap().output();
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    let out = out.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(ino.to_string().as_str()), "{text}");
     assert_eq!(
-        in_netns.command().err().map(|e| e.kind()),
-        Some(std::io::ErrorKind::InvalidInput)
+        lines
+            .next()
+            .and_then(|l| l.strip_prefix("CapEff:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap()),
+        Some(keep.0),
+        "{text}"
+    );
+    // A netns that does not exist: an error, nothing started.
+    let missing = Launch {
+        netns: Some("nbsl-none".into()),
+        ..in_netns
+    };
+    assert_eq!(
+        missing.command().err().map(|e| e.kind()),
+        Some(std::io::ErrorKind::NotFound)
     );
 }

@@ -273,9 +273,11 @@ pub async fn readyz(netns: &str, port: u16) -> bool {
     let limit = Duration::from_millis(800);
     let netns = netns.to_string();
     let probe = tokio::task::spawn_blocking(move || {
-        crate::netns::in_netns(&netns, move || Ok(crate::http::get(addr, "/readyz", limit, limit)))
-            .ok()
-            .flatten()
+        crate::netns::in_netns(&netns, move || {
+            Ok(crate::http::get(addr, "/readyz", limit, limit))
+        })
+        .ok()
+        .flatten()
     });
     matches!(
         tokio::time::timeout(limit, probe).await,

@@ -396,30 +396,29 @@ fn api_proxy(netns: &str, bind: String, upstream: String) -> Result<JoinHandle<(
     })?;
     info!(%netns, "API proxy {bind} -> {upstream}");
     Ok(tokio::spawn(async move {
-            loop {
-                let (mut down, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "API proxy accept");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+        loop {
+            let (mut down, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "API proxy accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                match tokio::net::TcpStream::connect(&upstream).await {
+                    Ok(mut up) => {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
                     }
-                };
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    match tokio::net::TcpStream::connect(&upstream).await {
-                        Ok(mut up) => {
-                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                        }
-                        Err(e) => warn!(%peer, error = %e, "API proxy: connect {upstream}"),
-                    }
-                });
-            }
-        }))
+                    Err(e) => warn!(%peer, error = %e, "API proxy: connect {upstream}"),
+                }
+            });
+        }
+    }))
 }
 
 impl Controller {
-
     /// Creates the node netns and cgroup if needed.
     async fn ensure_node(&mut self, node: &str) -> Result<bool, Error> {
         if self.nodes.contains_key(node) {

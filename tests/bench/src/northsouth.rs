@@ -28,7 +28,6 @@
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -332,15 +331,7 @@ fn serve(l: &std::net::TcpListener, stop: &AtomicBool) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let mut pfd = libc::pollfd {
-                    fd: l.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe {
-                    libc::poll(&mut pfd, 1, 50);
-                }
+                crate::topology::wait_readable(l, 50)
             }
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }

@@ -255,15 +255,7 @@ fn serve(
                 drop(s);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let mut pfd = libc::pollfd {
-                    fd: l.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe {
-                    libc::poll(&mut pfd, 1, 50);
-                }
+                crate::topology::wait_readable(l, 50)
             }
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
@@ -276,5 +268,19 @@ impl Drop for Servers {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// Waits up to `ms` for `fd` to be readable (a listener with a connection
+/// to accept), so a non-blocking accept loop neither spins nor sleeps long.
+pub fn wait_readable(fd: &impl AsRawFd, ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe {
+        libc::poll(&mut pfd, 1, ms);
     }
 }

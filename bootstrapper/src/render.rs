@@ -207,6 +207,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
             "healthPort": d.health_port,
             "metricsPort": d.metrics_port,
             "loadBalancing": d.load_balancing,
+            "conntrack": d.conntrack,
             // Sized from mapSizes: netboot_contract::memory (docs/contracts.md).
             "memoryRequest": format!("{}Mi", memory.request_mib()),
             "memoryLimit": format!("{}Mi", memory.limit_mib()),

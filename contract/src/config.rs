@@ -187,6 +187,45 @@ impl Default for LoadBalancing {
     }
 }
 
+/// `conntrack`: lifetimes (seconds) of the per-packet path's tracked flows
+/// (north–south: NodePort, externalIPs, LB IPs from outside the node). A
+/// flow's entries lapse this long after its last packet; a lapsed entry is
+/// treated as absent and the agent deletes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Conntrack {
+    /// Established TCP (kube-proxy's `conntrack.tcpEstablishedTimeout`
+    /// default: 24 h).
+    pub tcp_established_timeout_seconds: u32,
+    /// TCP before the handshake completes (a bare SYN seen only): 60 s.
+    pub tcp_syn_timeout_seconds: u32,
+    /// TCP after a FIN or RST in either direction: 10 s. A bare SYN on a
+    /// closing flow starts a new one at once (the client reused its port).
+    pub tcp_close_timeout_seconds: u32,
+    /// UDP, since the last packet in either direction: 60 s.
+    pub udp_timeout_seconds: u32,
+}
+
+impl Conntrack {
+    /// The lifetimes when `conntrack` (or one of its keys) is left out; also
+    /// `NB_CT_*_DEFAULT` in `datapath/bpf/lb.h`.
+    pub const DEFAULT: Self = Self {
+        tcp_established_timeout_seconds: 86400,
+        tcp_syn_timeout_seconds: 60,
+        tcp_close_timeout_seconds: 10,
+        udp_timeout_seconds: 60,
+    };
+
+    /// The largest lifetime accepted (7 days), for every key.
+    pub const MAX_SECONDS: u32 = 7 * 86400;
+}
+
+impl Default for Conntrack {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// `sessionAffinityTimeoutSeconds` when left out: kube-proxy's default for
 /// ClientIP affinity (3 hours).
 pub const DEFAULT_SESSION_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
@@ -229,6 +268,9 @@ pub struct Config {
     /// Backend selection of the per-packet path.
     #[serde(default)]
     pub load_balancing: LoadBalancing,
+    /// Lifetimes of the per-packet path's tracked flows.
+    #[serde(default)]
+    pub conntrack: Conntrack,
 }
 
 impl Config {
@@ -282,6 +324,29 @@ impl Config {
                     "{t} must be a prime between {MIN_MAGLEV_TABLE_SIZE} and {MAX_MAGLEV_TABLE_SIZE}"
                 ),
             ));
+        }
+        let ct = cfg.conntrack;
+        for (field, v) in [
+            (
+                "conntrack.tcpEstablishedTimeoutSeconds",
+                ct.tcp_established_timeout_seconds,
+            ),
+            ("conntrack.tcpSynTimeoutSeconds", ct.tcp_syn_timeout_seconds),
+            (
+                "conntrack.tcpCloseTimeoutSeconds",
+                ct.tcp_close_timeout_seconds,
+            ),
+            ("conntrack.udpTimeoutSeconds", ct.udp_timeout_seconds),
+        ] {
+            if !(1..=Conntrack::MAX_SECONDS).contains(&v) {
+                return Err(invalid(
+                    field,
+                    &format!(
+                        "{v} must be between 1 and {} (7 days)",
+                        Conntrack::MAX_SECONDS
+                    ),
+                ));
+            }
         }
         let m = cfg.map_sizes;
         let min = MapSizes::MIN;
@@ -366,6 +431,29 @@ cleanupKubeProxyRules: true                  # replace mode: remove KUBE-* rules
         .unwrap_err()
         .to_string();
         assert_eq!(e, "c.yaml: kubeProxy.daemonSet: must not be empty");
+    }
+
+    #[test]
+    fn conntrack_lifetimes_default_per_key_and_are_bounded() {
+        let c = Config::parse("apiServer: {host: a, port: 1}\n", Path::new("c")).unwrap();
+        assert_eq!(c.conntrack, Conntrack::DEFAULT);
+        let c = Config::parse(
+            "apiServer: {host: a, port: 1}\nconntrack: {udpTimeoutSeconds: 5}\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert_eq!(c.conntrack.udp_timeout_seconds, 5);
+        assert_eq!(c.conntrack.tcp_established_timeout_seconds, 86400);
+        let e = Config::parse(
+            "apiServer: {host: a, port: 1}\nconntrack: {tcpCloseTimeoutSeconds: 0}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "c.yaml: conntrack.tcpCloseTimeoutSeconds: 0 must be between 1 and 604800 (7 days)"
+        );
     }
 
     #[test]

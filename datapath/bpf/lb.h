@@ -66,6 +66,7 @@
 #define NB_MAP_NP_DEV     nb_np_dev
 #define NB_MAP_MAGLEV     nb_lb4_maglev
 #define NB_MAP_SRC_RANGE  nb_lb4_src_range
+#define NB_MAP_CT_TIMEOUT nb_ct_timeout
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -74,6 +75,12 @@
 #define NB_DEFAULT_AFFINITY  65536
 #define NB_DEFAULT_REV_SK    262144
 #define NB_DEFAULT_CT4       65536   /* nb_ct4: 2 entries per north-south flow */
+/* Flow lifetimes (seconds) of nb_ct4 when nb_ct_timeout holds 0: kube-proxy's
+ * conntrack defaults for established TCP and Cilium's for the rest. */
+#define NB_CT_TCP_SYN_DEFAULT    60     /* TCP until a packet that is not a bare SYN */
+#define NB_CT_TCP_EST_DEFAULT    86400  /* TCP established */
+#define NB_CT_TCP_CLOSE_DEFAULT  10     /* TCP after a FIN or RST in either direction */
+#define NB_CT_UDP_DEFAULT        60     /* UDP, since the last packet either way */
 #define NB_DEFAULT_NP_DEV    64      /* nb_np_dev: external interfaces */
 #define NB_DEFAULT_MAGLEV    4096    /* nb_lb4_maglev: external frontends with a table */
 #define NB_MAGLEV_MAX        16381   /* largest Maglev table (entries), a prime */
@@ -248,19 +255,32 @@ struct nb_ct4_key {
 	__u8 pad[3];    /* always zero */
 };
 
-/* Value of nb_ct4: the tuple to write. 16 bytes. */
+/* Value of nb_ct4: the tuple to write, and how long the entry lives. 24 bytes.
+ * An entry whose expiry has passed is treated as absent (and replaced by the
+ * next flow that needs its key); the agent also deletes lapsed entries. */
 struct nb_ct4_val {
 	__be32 saddr;          /* new source address */
 	__be32 daddr;          /* new destination address */
 	__be16 sport;          /* new source port */
 	__be16 dport;          /* new destination port */
-	__u16 rev_nat_index;   /* service id of the flow (forward entry: still programmed?) */
+	__u32 rev_nat_index;   /* service id of the flow */
+	__u32 expires;         /* CLOCK_MONOTONIC second after which the entry is lapsed */
 	__u8 flags;            /* NB_CT_F_* */
-	__u8 pad;              /* always zero */
+	__u8 pad[3];           /* always zero */
 };
 
-#define NB_CT_F_REPLY  0x01 /* reply direction entry */
-#define NB_CT_F_SNAT   0x02 /* the flow is source-NATed to the node's address */
+#define NB_CT_F_REPLY   0x01 /* reply direction entry */
+#define NB_CT_F_SNAT    0x02 /* the flow is source-NATed to the node's address */
+#define NB_CT_F_CLOSING 0x04 /* TCP: a FIN or RST was seen (either direction) */
+
+/* Value of nb_ct_timeout (array, key 0): nb_ct4's lifetimes in seconds,
+ * written by the agent from config.yaml's `conntrack`; 0 = the default. 16 bytes. */
+struct nb_ct_timeouts {
+	__u32 tcp_syn;     /* NB_CT_TCP_SYN_DEFAULT */
+	__u32 tcp_est;     /* NB_CT_TCP_EST_DEFAULT */
+	__u32 tcp_close;   /* NB_CT_TCP_CLOSE_DEFAULT */
+	__u32 udp;         /* NB_CT_UDP_DEFAULT */
+};
 
 /* Value of nb_np_dev (key: __u32 ifindex of an external interface). 8 bytes. */
 struct nb_np_dev {
@@ -295,7 +315,7 @@ struct nb_src_range_key {
 #define NB_KFUNC_SOCK_DESTROY_MARKER 0x7e57d0
 
 /* Layout version: bump when any struct above changes incompatibly. */
-#define NB_LAYOUT_VERSION 1
+#define NB_LAYOUT_VERSION 2
 
 /* Index of nb_counters (per-CPU array of __u64). One per outcome. */
 enum nb_counter {
@@ -329,6 +349,10 @@ enum nb_counter {
 	NB_CTR_NP_MAGLEV,             /* tc: new flow's slot taken from the Maglev table */
 	NB_CTR_NP_SRC_RANGE_DENIED,   /* tc: LB IP flow from outside its source ranges: dropped */
 	NB_CTR_SRC_RANGE_PASSED,      /* socket LB: LB IP with source ranges: not translated */
+	NB_CTR_NP_CT_LAPSED,          /* tc: a tracked entry past its lifetime: treated as absent */
+	NB_CTR_NP_CT_REOPENED,        /* tc: a bare SYN on a closing flow: chosen anew */
+	NB_CTR_NP_CT_REPLACED,        /* tc: a new flow took over a lapsed or closed flow's reply key */
+	NB_CTR_NP_CT_CLASH,           /* tc: the reply tuple belongs to a live flow: dropped */
 	NB_CTR_MAX                    /* number of counters (array size) */
 };
 

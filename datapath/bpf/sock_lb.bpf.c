@@ -780,6 +780,13 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_lb4_src_range SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nb_ct_timeouts);
+} nb_ct_timeout SEC(".maps");
+
 /* The flow's Maglev hash: its source (address, port), destination port and
  * protocol, not the destination address, so a flow reaching any node's
  * address (or an LB IP) hashes alike; splitmix64's finalizer. Must equal
@@ -804,10 +811,15 @@ static __always_inline __u32 nb_flow_hash(const struct nb_ct4_key *k)
 #define NB_SNAT_PORT_MIN 32768
 #define NB_SNAT_PORT_N   28232 /* 32768..60999, Linux's ephemeral range */
 
-/* The packet's tuple and where its L4 header starts; 0 if not IPv4 TCP/UDP
- * (or a non-first fragment). */
+#define NB_TCP_FIN 0x01
+#define NB_TCP_SYN 0x02
+#define NB_TCP_RST 0x04
+#define NB_TCP_ACK 0x10
+
+/* The packet's tuple, where its L4 header starts and its TCP flags (0 for
+ * UDP); 0 if not IPv4 TCP/UDP (or a non-first fragment). */
 static __always_inline int nb_np_parse(struct __sk_buff *skb, struct nb_ct4_key *k,
-				       __u32 *l4_off)
+				       __u32 *l4_off, __u8 *tcpf)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -836,6 +848,14 @@ static __always_inline int nb_np_parse(struct __sk_buff *skb, struct nb_ct4_key 
 	k->dport = ports[1];
 	k->proto = ip->protocol;
 	*l4_off = off;
+	*tcpf = 0;
+	if (ip->protocol == IPPROTO_TCP) {
+		__u8 *fl = data + off + 13; /* the flags byte of the TCP header */
+
+		if ((void *)(fl + 1) > end)
+			return 0;
+		*tcpf = *fl;
+	}
 	return 1;
 }
 
@@ -915,24 +935,124 @@ static __always_inline int nb_np_redirect(struct __sk_buff *skb, const struct nb
 	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
 }
 
-/* A tracked flow's entry for this packet, if any (counts a hit). */
-static __always_inline struct nb_ct4_val *nb_np_tracked(const struct nb_ct4_key *k)
+static __always_inline __u32 nb_now_sec(void)
+{
+	return (__u32)(bpf_ktime_get_ns() / 1000000000ULL);
+}
+
+/* Lapsed: its expiry has passed (wrap-safe). */
+static __always_inline int nb_ct_lapsed(const struct nb_ct4_val *v, __u32 now)
+{
+	return (__s32)(now - v->expires) > 0;
+}
+
+/* How long an entry lives after this packet (seconds). */
+static __always_inline __u32 nb_ct_lifetime(__u8 proto, __u8 tcpf, __u8 ctflags)
+{
+	const __u32 zero = 0;
+	struct nb_ct_timeouts *t = bpf_map_lookup_elem(&nb_ct_timeout, &zero);
+	__u32 v;
+
+	if (proto != IPPROTO_TCP) {
+		v = t ? t->udp : 0;
+		return v ? v : NB_CT_UDP_DEFAULT;
+	}
+	if ((ctflags & NB_CT_F_CLOSING) || (tcpf & (NB_TCP_FIN | NB_TCP_RST))) {
+		v = t ? t->tcp_close : 0;
+		return v ? v : NB_CT_TCP_CLOSE_DEFAULT;
+	}
+	if ((tcpf & (NB_TCP_SYN | NB_TCP_ACK)) == NB_TCP_SYN) {
+		v = t ? t->tcp_syn : 0;
+		return v ? v : NB_CT_TCP_SYN_DEFAULT;
+	}
+	v = t ? t->tcp_est : 0;
+	return v ? v : NB_CT_TCP_EST_DEFAULT;
+}
+
+/* The key of the entry for the other direction of the flow *v rewrites to. */
+static __always_inline void nb_ct_peer_key(struct nb_ct4_key *pk, const struct nb_ct4_val *v,
+					   __u8 proto)
+{
+	__builtin_memset(pk, 0, sizeof(*pk));
+	pk->saddr = v->daddr;
+	pk->sport = v->dport;
+	pk->daddr = v->saddr;
+	pk->dport = v->sport;
+	pk->proto = proto;
+}
+
+/* Extends the flow's lifetime by this packet, in both of its entries; a
+ * FIN or RST marks both closing. Writes at most once a second per entry. */
+static __always_inline void nb_ct_refresh(const struct nb_ct4_key *k, struct nb_ct4_val *v,
+					  __u8 tcpf, __u32 now)
+{
+	__u8 closing = k->proto == IPPROTO_TCP && (tcpf & (NB_TCP_FIN | NB_TCP_RST)) &&
+		       !(v->flags & NB_CT_F_CLOSING);
+	__u32 expires = now + nb_ct_lifetime(k->proto, tcpf, v->flags);
+	struct nb_ct4_key pk;
+	struct nb_ct4_val *p;
+
+	if (expires == v->expires && !closing)
+		return;
+	if (closing)
+		v->flags |= NB_CT_F_CLOSING;
+	v->expires = expires;
+	nb_ct_peer_key(&pk, v, k->proto);
+	p = bpf_map_lookup_elem(&nb_ct4, &pk);
+	if (p) {
+		if (closing)
+			p->flags |= NB_CT_F_CLOSING;
+		p->expires = expires;
+	}
+}
+
+/* A tracked flow's live entry for this packet, if any: counts a hit and
+ * refreshes the flow. A lapsed entry, or a bare SYN on a closing flow (the
+ * client reuses its port for a new connection), is a new flow. */
+static __always_inline struct nb_ct4_val *nb_np_tracked(const struct nb_ct4_key *k, __u8 tcpf,
+							 __u32 now)
 {
 	struct nb_ct4_val *v = bpf_map_lookup_elem(&nb_ct4, k);
 
-	if (v)
-		nb_count(NB_CTR_NP_CT_HIT);
+	if (!v)
+		return NULL;
+	if (nb_ct_lapsed(v, now)) {
+		nb_count(NB_CTR_NP_CT_LAPSED);
+		return NULL;
+	}
+	if (k->proto == IPPROTO_TCP && (v->flags & NB_CT_F_CLOSING) &&
+	    !(v->flags & NB_CT_F_REPLY) && (tcpf & (NB_TCP_SYN | NB_TCP_ACK)) == NB_TCP_SYN) {
+		nb_count(NB_CTR_NP_CT_REOPENED);
+		return NULL;
+	}
+	nb_count(NB_CTR_NP_CT_HIT);
+	nb_ct_refresh(k, v, tcpf, now);
 	return v;
 }
 
+/* May a new flow from the client *k take over the existing reply entry *old?
+ * Yes if it lapsed, or if it is the closing flow of the same client address
+ * and port (the client reused its port: its old connection is over). */
+static __always_inline int nb_ct_replaceable(const struct nb_ct4_val *old,
+					     const struct nb_ct4_key *k, __u32 now)
+{
+	if (nb_ct_lapsed(old, now))
+		return 1;
+	return (old->flags & NB_CT_F_CLOSING) && old->daddr == k->saddr && old->dport == k->sport;
+}
+
 /* Both entries of a new flow: forward (k => fwd) and its reply. With SNAT
- * the node-side port is the client's when free, else a random one. */
-static __always_inline int nb_np_track(const struct nb_ct4_key *k, struct nb_ct4_val *fwd)
+ * the node-side port is the client's when free, else a random one. A reply
+ * key held by a live flow is a clash (-2): with DNAT only, the backend
+ * already has a connection with this client address and port. */
+static __always_inline int nb_np_track(const struct nb_ct4_key *k, struct nb_ct4_val *fwd,
+				       __u8 tcpf, __u32 now)
 {
 	struct nb_ct4_key rk;
-	struct nb_ct4_val rv;
+	struct nb_ct4_val rv, *old;
 	int i;
 
+	fwd->expires = now + nb_ct_lifetime(k->proto, tcpf, 0);
 	__builtin_memset(&rk, 0, sizeof(rk));
 	__builtin_memset(&rv, 0, sizeof(rv));
 	rk.saddr = fwd->daddr;
@@ -944,13 +1064,20 @@ static __always_inline int nb_np_track(const struct nb_ct4_key *k, struct nb_ct4
 	rv.daddr = k->saddr;
 	rv.dport = k->sport;
 	rv.rev_nat_index = fwd->rev_nat_index;
+	rv.expires = fwd->expires;
 	rv.flags = fwd->flags | NB_CT_F_REPLY;
 	for (i = 0; i < 8; i++) {
 		rk.dport = fwd->sport;
 		if (bpf_map_update_elem(&nb_ct4, &rk, &rv, BPF_NOEXIST) == 0)
 			break;
+		old = bpf_map_lookup_elem(&nb_ct4, &rk);
+		if (old && nb_ct_replaceable(old, k, now) &&
+		    bpf_map_update_elem(&nb_ct4, &rk, &rv, BPF_ANY) == 0) {
+			nb_count(NB_CTR_NP_CT_REPLACED);
+			break;
+		}
 		if (!(fwd->flags & NB_CT_F_SNAT))
-			return -1; /* DNAT only: the reply tuple is the client's own */
+			return -2; /* DNAT only: the reply tuple is the client's own */
 		fwd->sport = bpf_htons(NB_SNAT_PORT_MIN +
 				       bpf_get_prandom_u32() % NB_SNAT_PORT_N);
 	}
@@ -965,7 +1092,7 @@ static __always_inline int nb_np_track(const struct nb_ct4_key *k, struct nb_ct4
 
 /* A new flow to an external frontend: choose, track, rewrite. */
 static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
-				       const struct nb_ct4_key *k)
+				       const struct nb_ct4_key *k, __u8 tcpf, __u32 now)
 {
 	struct nb_lb4_key key;
 	struct nb_lb4_service *svc, *slot;
@@ -1059,9 +1186,13 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 		fwd.saddr = dev->snat_addr;
 		fwd.flags = NB_CT_F_SNAT;
 	}
-	if (nb_np_track(k, &fwd) < 0) {
-		nb_count(NB_CTR_NP_CT_FULL);
-		return TC_ACT_SHOT;
+	{
+		int rc = nb_np_track(k, &fwd, tcpf, now);
+
+		if (rc < 0) {
+			nb_count(rc == -2 ? NB_CTR_NP_CT_CLASH : NB_CTR_NP_CT_FULL);
+			return TC_ACT_SHOT;
+		}
 	}
 	nb_count(fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
 	if (nb_np_rewrite(skb, l4_off, k, &fwd) != TC_ACT_OK)
@@ -1074,11 +1205,13 @@ int nb_np_ingress(struct __sk_buff *skb)
 {
 	struct nb_ct4_key k;
 	struct nb_ct4_val *v;
-	__u32 l4_off;
+	__u32 l4_off, now;
+	__u8 tcpf;
 
-	if (!nb_np_parse(skb, &k, &l4_off))
+	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
-	v = nb_np_tracked(&k);
+	now = nb_now_sec();
+	v = nb_np_tracked(&k, tcpf, now);
 	if (v) {
 		struct nb_ct4_val copy = *v;
 
@@ -1086,7 +1219,7 @@ int nb_np_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		return copy.flags & NB_CT_F_SNAT ? nb_np_redirect(skb, &copy, k.proto) : TC_ACT_OK;
 	}
-	return __nb_np_new(skb, l4_off, &k);
+	return __nb_np_new(skb, l4_off, &k, tcpf, now);
 }
 
 /* Replies of local backends leave here: back to the frontend's address. */
@@ -1096,10 +1229,11 @@ int nb_np_egress(struct __sk_buff *skb)
 	struct nb_ct4_key k;
 	struct nb_ct4_val *v;
 	__u32 l4_off;
+	__u8 tcpf;
 
-	if (!nb_np_parse(skb, &k, &l4_off))
+	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
-	v = nb_np_tracked(&k);
+	v = nb_np_tracked(&k, tcpf, nb_now_sec());
 	if (v && (v->flags & NB_CT_F_REPLY)) {
 		struct nb_ct4_val copy = *v;
 

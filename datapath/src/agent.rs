@@ -344,7 +344,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             "mapSizes change refused: {c}; the pinned map keeps its size and contents (uninstall the datapath to resize)"
         );
     }
+    for m in &report.maps_reset {
+        tracing::warn!(map = %m, "the pinned map's layout differs from this build's: rebuilt empty (tracked north-south flows start over; counters restart)");
+    }
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
+    crate::conntrack::set_timeouts(&opts.pins, &cfg.conntrack)?;
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
     let (mut term, term_status) = match SockTerm::load() {
         Ok(t) => (Some(t), "available".to_string()),
@@ -451,6 +455,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             Some(c)
         }
     };
+    tasks.push(tokio::spawn(conntrack_loop(state.clone())));
     tasks.push(tokio::spawn(node_loop(
         client,
         state.clone(),
@@ -500,6 +505,41 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         t.abort();
     }
     result
+}
+
+/// How often the agent sweeps the per-packet path's flow table.
+const CT_SWEEP: Duration = Duration::from_secs(30);
+
+/// Deletes lapsed flow entries every [`CT_SWEEP`] and reports the table's
+/// fill; warns once when it passes [`crate::conntrack::NEAR_FULL`].
+async fn conntrack_loop(state: Arc<AgentState>) {
+    let mut warned = false;
+    loop {
+        let pins = state.pins.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            crate::conntrack::sweep(&pins, crate::conntrack::monotonic_secs())
+        })
+        .await;
+        match r {
+            Ok(Ok(sw)) => {
+                if sw.near_full() && !warned {
+                    tracing::warn!(
+                        live = sw.live,
+                        capacity = sw.capacity,
+                        "conntrack table near full: new north-south flows evict the least recently used ones"
+                    );
+                }
+                warned = sw.near_full();
+                state.update(|s| {
+                    s.conntrack_deleted += sw.deleted;
+                    s.conntrack = Some(sw);
+                });
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "conntrack sweep failed"),
+            Err(e) => tracing::warn!(error = %e, "conntrack sweep task failed"),
+        }
+        tokio::time::sleep(CT_SWEEP).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -47,10 +47,12 @@ pub mod names {
     /// (rev-nat id of an LB IP frontend, source CIDR) → allowed (LPM trie,
     /// `loadBalancerSourceRanges`, tc path).
     pub const SRC_RANGE: &str = "nb_lb4_src_range";
+    /// Single-entry lifetimes of `nb_ct4`'s entries (tc path).
+    pub const CT_TIMEOUT: &str = "nb_ct_timeout";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
-        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE,
+        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE, CT_TIMEOUT,
     ];
 }
 
@@ -78,7 +80,7 @@ pub const MODE_OBSERVE: u32 = 0;
 /// `NB_MODE_REPLACE`.
 pub const MODE_REPLACE: u32 = 1;
 /// `NB_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
 /// `IPPROTO_UDP`.
@@ -341,11 +343,30 @@ pub struct Ct4Val {
     /// New destination port, network order.
     pub dport: u16,
     /// Service id of the flow.
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
+    /// `CLOCK_MONOTONIC` second after which the entry is lapsed.
+    pub expires: u32,
     /// `CT_F_*`.
     pub flags: u8,
     /// Zero.
-    pub pad: u8,
+    pub pad: [u8; 3],
+}
+
+/// `NB_CT_F_CLOSING`: a FIN or RST was seen.
+pub const CT_F_CLOSING: u8 = 0x04;
+
+/// `struct nb_ct_timeouts`: `nb_ct4` lifetimes in seconds (0 = the default).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    /// TCP until a packet that is not a bare SYN.
+    pub tcp_syn: u32,
+    /// TCP established.
+    pub tcp_est: u32,
+    /// TCP after a FIN or RST.
+    pub tcp_close: u32,
+    /// UDP.
+    pub udp: u32,
 }
 
 /// `struct nb_np_dev`.
@@ -415,6 +436,7 @@ unsafe impl aya::Pod for Lb6RevSkVal {}
 unsafe impl aya::Pod for SockTermKey {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Val {}
+unsafe impl aya::Pod for CtTimeouts {}
 unsafe impl aya::Pod for NpDev {}
 unsafe impl aya::Pod for Maglev {}
 
@@ -439,10 +461,12 @@ const _: () = {
     assert!(offset_of!(Ct4Key, sport) == 8);
     assert!(offset_of!(Ct4Key, dport) == 10);
     assert!(offset_of!(Ct4Key, proto) == 12);
-    assert!(size_of::<Ct4Val>() == 16);
+    assert!(size_of::<Ct4Val>() == 24);
     assert!(offset_of!(Ct4Val, sport) == 8);
     assert!(offset_of!(Ct4Val, rev_nat_index) == 12);
-    assert!(offset_of!(Ct4Val, flags) == 14);
+    assert!(offset_of!(Ct4Val, expires) == 16);
+    assert!(offset_of!(Ct4Val, flags) == 20);
+    assert!(size_of::<CtTimeouts>() == 16);
     assert!(size_of::<NpDev>() == 8);
     assert!(size_of::<Maglev>() == 32768);
     assert!(offset_of!(Maglev, slot) == 4);
@@ -503,7 +527,7 @@ const _: () = {
 };
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
-pub const COUNTER_NAMES: [&str; 30] = [
+pub const COUNTER_NAMES: [&str; 34] = [
     "connect_translated",
     "sendmsg_translated",
     "not_service",
@@ -534,6 +558,10 @@ pub const COUNTER_NAMES: [&str; 30] = [
     "nodeport_maglev",
     "nodeport_src_range_denied",
     "src_range_passed",
+    "nodeport_ct_lapsed",
+    "nodeport_ct_reopened",
+    "nodeport_ct_replaced",
+    "nodeport_ct_clash",
 ];
 
 /// `NB_CTR_MAX`.

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod client;
 pub mod config;
+pub mod conntrack;
 pub mod desired;
 pub mod devices;
 pub mod diag;

@@ -124,6 +124,9 @@ pub struct InstallReport {
     /// `mapSizes` changes refused: the pinned maps keep their size (resizing
     /// means building new maps beside the old ones, not done yet).
     pub size_changes: Vec<MapSizeChange>,
+    /// Soft-state maps (flow table, counters) rebuilt empty because this
+    /// build's layout differs from the pinned one.
+    pub maps_reset: Vec<String>,
 }
 
 /// Expected (key, value) sizes per map.
@@ -148,6 +151,7 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::NP_DEV => s(4, size_of::<NpDev>()),
         names::MAGLEV => s(4, size_of::<Maglev>()),
         names::SRC_RANGE => s(4 + size_of::<SrcRangeKey>(), 4),
+        names::CT_TIMEOUT => s(4, size_of::<CtTimeouts>()),
         _ => None,
     }
 }
@@ -163,9 +167,23 @@ fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
     }
 }
 
+/// Pinned maps holding only soft state, rebuilt empty when their layout
+/// changed instead of refusing to start: the per-packet path's flow table
+/// (tracked north–south flows start over) and the outcome counters (a counter
+/// reset, which Prometheus handles). The programs still attached keep the old
+/// map until the new ones replace them.
+const RESETTABLE: [&str; 2] = [names::CT4, names::COUNTERS];
+
+/// What [`check_pinned`] found.
+#[derive(Default)]
+struct PinCheck {
+    size_changes: Vec<MapSizeChange>,
+    reset: Vec<String>,
+}
+
 /// Checks pinned maps against this build's layouts before reusing them.
-fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<MapSizeChange>, LoaderError> {
-    let mut warnings = Vec::new();
+fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<PinCheck, LoaderError> {
+    let mut out = PinCheck::default();
     for name in names::ALL {
         let path = pins.map(name);
         if !path.exists() {
@@ -174,8 +192,16 @@ fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<MapSizeChange>, Loa
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
+        let found = (info.key_size(), info.value_size());
+        let layout_changed = expected_sizes(name).is_some_and(|e| e != found)
+            || (name == names::COUNTERS && info.max_entries() != crate::layout::COUNTER_MAX);
+        if layout_changed && RESETTABLE.contains(&name) {
+            std::fs::remove_file(&path)
+                .map_err(|e| link_err(&path, "remove (layout changed)", e))?;
+            out.reset.push(name.to_string());
+            continue;
+        }
         if let Some(expected) = expected_sizes(name) {
-            let found = (info.key_size(), info.value_size());
             if found != expected {
                 return Err(LoaderError::Incompatible {
                     path,
@@ -186,7 +212,7 @@ fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<MapSizeChange>, Loa
         }
         if let Some(want) = wanted_entries(name, sizes) {
             if info.max_entries() != want {
-                warnings.push(MapSizeChange {
+                out.size_changes.push(MapSizeChange {
                     map: name.to_string(),
                     pinned: info.max_entries(),
                     configured: want,
@@ -194,17 +220,23 @@ fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<Vec<MapSizeChange>, Loa
             }
         }
     }
-    Ok(warnings)
+    Ok(out)
+}
+
+/// What loading found in the pinned maps.
+#[derive(Clone, Debug, Default)]
+pub struct PinCheckReport {
+    /// `mapSizes` changes refused (the pinned maps keep their size).
+    pub size_changes: Vec<MapSizeChange>,
+    /// Soft-state maps rebuilt empty because their layout changed.
+    pub reset: Vec<String>,
 }
 
 /// Loads the object with its maps pinned under `pins` (reusing existing pins).
-pub fn load(
-    pins: &Pins,
-    sizes: &MapSizes,
-) -> Result<(Ebpf, Vec<MapSizeChange>, bool), LoaderError> {
+pub fn load(pins: &Pins, sizes: &MapSizes) -> Result<(Ebpf, PinCheckReport, bool), LoaderError> {
     pins.prepare()?;
     let reused = pins.maps_exist();
-    let warnings = check_pinned(pins, sizes)?;
+    let check = check_pinned(pins, sizes)?;
     let mut loader = EbpfLoader::new();
     for name in names::ALL {
         loader.map_pin_path(name, pins.map(name));
@@ -215,7 +247,14 @@ pub fn load(
     let ebpf = loader
         .load(BPF_OBJECT)
         .map_err(|e| LoaderError::Load(Box::new(e)))?;
-    Ok((ebpf, warnings, reused))
+    Ok((
+        ebpf,
+        PinCheckReport {
+            size_changes: check.size_changes,
+            reset: check.reset,
+        },
+        reused,
+    ))
 }
 
 fn link_err(path: &Path, op: &'static str, reason: impl ToString) -> LoaderError {
@@ -233,7 +272,7 @@ pub fn install(
     sizes: &MapSizes,
     replace: bool,
 ) -> Result<InstallReport, LoaderError> {
-    let (mut ebpf, size_changes, maps_reused) = load(pins, sizes)?;
+    let (mut ebpf, check, maps_reused) = load(pins, sizes)?;
     let cg_id = sys::cgroup_id(cgroup).map_err(|source| LoaderError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
@@ -309,7 +348,8 @@ pub fn install(
     Ok(InstallReport {
         maps_reused,
         links,
-        size_changes,
+        size_changes: check.size_changes,
+        maps_reset: check.reset,
     })
 }
 

@@ -132,6 +132,12 @@ pub struct Status {
     /// `maglev (<M> entries), <n> tables`; empty when not known.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub load_balancing: String,
+    /// The per-packet path's flow table at the last sweep (`None` before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<crate::conntrack::Sweep>,
+    /// Lapsed flow entries the sweeps deleted since start.
+    #[serde(default)]
+    pub conntrack_deleted: u64,
     /// `healthCheckNodePort`s served (externalTrafficPolicy Local Services).
     #[serde(default)]
     pub health_check_ports: usize,
@@ -397,6 +403,22 @@ impl Status {
                 self.load_balancing
             );
         }
+        if let Some(ct) = &self.conntrack {
+            let _ = writeln!(
+                s,
+                "Conntrack (tc path):    {} of {} entries live ({} closing, {} SNAT), {} lapsed deleted{}",
+                ct.live,
+                ct.capacity,
+                ct.closing,
+                ct.snat,
+                self.conntrack_deleted,
+                if ct.near_full() {
+                    "; NEAR FULL: new flows evict the least recently used"
+                } else {
+                    ""
+                }
+            );
+        }
         let last = if self.last_sync_unix == 0 {
             "never".to_string()
         } else {
@@ -617,6 +639,23 @@ impl Status {
             "# HELP netboot_datapath_unserved_services Services needing a feature this agent does not serve (SCTP, IPv6, NodePort, ...)\n# TYPE netboot_datapath_unserved_services gauge\nnetboot_datapath_unserved_services {}",
             self.unserved
         );
+        if let Some(ct) = &self.conntrack {
+            let _ = writeln!(
+                s,
+                "# HELP netboot_datapath_conntrack_entries Live entries of the per-packet path's flow table (two per flow)\n# TYPE netboot_datapath_conntrack_entries gauge\nnetboot_datapath_conntrack_entries {}",
+                ct.live
+            );
+            let _ = writeln!(
+                s,
+                "# HELP netboot_datapath_conntrack_capacity Entries the per-packet path's flow table holds\n# TYPE netboot_datapath_conntrack_capacity gauge\nnetboot_datapath_conntrack_capacity {}",
+                ct.capacity
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_conntrack_lapsed_deleted_total Lapsed flow entries the agent's sweeps deleted\n# TYPE netboot_datapath_conntrack_lapsed_deleted_total counter\nnetboot_datapath_conntrack_lapsed_deleted_total {}",
+            self.conntrack_deleted
+        );
         let _ = writeln!(s, "# HELP netboot_datapath_bpf_outcomes_total Socket LB decisions by outcome (per-CPU counters summed)");
         let _ = writeln!(s, "# TYPE netboot_datapath_bpf_outcomes_total counter");
         for c in &self.counters {
@@ -670,6 +709,14 @@ mod tests {
                 name: "connect_translated".into(),
                 value: 5,
             }],
+            conntrack: Some(crate::conntrack::Sweep {
+                live: 24,
+                closing: 2,
+                snat: 10,
+                deleted: 3,
+                capacity: 65536,
+            }),
+            conntrack_deleted: 7,
             ..Default::default()
         }
     }

@@ -1173,3 +1173,151 @@ fn load_balancer_source_ranges_admit_only_their_sources_on_the_lb_ip() {
         get("nodeport_src_range_denied")
     );
 }
+
+// ---- Flow lifetimes of the per-packet path ----------------------------------
+
+/// A second Local-policy NodePort with the same single backend as `loc`.
+const CT_EXTRA: &str = "
+---
+kind: Service
+metadata: {name: loc2, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.83
+  externalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30083}]
+---
+kind: EndpointSlice
+metadata: {name: loc2-1, namespace: default, labels: {kubernetes.io/service-name: loc2}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.200.1.10], nodeName: node-a}
+";
+
+/// A client that reuses its source port for a new connection must be served
+/// even when the backend tuple is the one a finished flow used (the stale
+/// reply entry is taken over), a bare SYN on a closing flow chooses anew, and
+/// entries lapse after their lifetime, when the agent's sweep deletes them.
+/// Before lifetimes, the reused port's SYN was dropped as a tuple clash for
+/// as long as the old entry sat in the LRU table.
+#[test]
+fn a_reused_client_port_is_served_and_finished_flows_lapse_after_their_lifetime() {
+    use netboot_datapath::conntrack;
+    require_privileges();
+    let c = Cluster::new("ct");
+    let _pa = PeerServer::start(&c.pod_a, "pod-a");
+    let _pb = PeerServer::start(&c.pod_b, "pod-b");
+    let agent_cg = TestCgroup::new("nbns-ct-agent");
+    let client_cg = TestCgroup::new("nbns-ct-client");
+    let pins = TestPins::new("nbns-ct");
+    loader::install(&pins.pins, &agent_cg.path, &NP_SIZES, true).expect("install");
+    let close = 2;
+    conntrack::set_timeouts(
+        &pins.pins,
+        &netboot_contract::config::Conntrack {
+            tcp_close_timeout_seconds: close,
+            ..netboot_contract::config::Conntrack::DEFAULT
+        },
+    )
+    .expect("timeouts");
+    let (svcs, slices) = parse_objects(&format!("{NP_SERVICES}{CT_EXTRA}"));
+    let node_ips = ["192.168.50.1".parse().unwrap()];
+    let rules = Rules {
+        default_affinity_timeout: 10800,
+        node: "node-a",
+        zone: None,
+        node_ips: &node_ips,
+    };
+    let mut recon =
+        Reconciler::recover(KernelMaps::open(&pins.pins).expect("maps")).expect("recover");
+    recon
+        .reconcile(&desired::build(&svcs, &slices, rules))
+        .expect("reconcile");
+    attach_node_a(&c, &pins);
+    let from = |addr: SocketAddrV4, port: u16| {
+        client(
+            &client_cg.path,
+            &c.client,
+            ClientOp::TcpFromPorts {
+                addr,
+                ports: vec![port],
+            },
+        )
+    };
+    let counter = |n: &str| {
+        recon
+            .maps()
+            .counters()
+            .expect("counters")
+            .0
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    };
+
+    // Port 41001 to loc (pod-a), then at once to loc2 (pod-a again): the
+    // backend tuple 10.200.1.10:8080 <-> 192.168.50.100:41001 is reused.
+    let port = 41001;
+    let s = seen(&from(v4([192, 168, 50, 1], 30081), port));
+    assert_eq!(s, [("pod-a".to_string(), "192.168.50.100".to_string())]);
+    let rows = conntrack::list(&pins.pins, conntrack::monotonic_secs()).expect("ct list");
+    assert_eq!(rows.len(), 2, "forward and reply: {rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.flags == ["closing"] && (0..=i64::from(close)).contains(&r.expires_in)),
+        "a finished flow is closing and lapses within tcpCloseTimeoutSeconds: {rows:?}"
+    );
+    let s = seen(&from(v4([192, 168, 50, 1], 30083), port));
+    assert_eq!(s, [("pod-a".to_string(), "192.168.50.100".to_string())]);
+    assert!(
+        counter("nodeport_ct_replaced") >= 1,
+        "the stale reply entry was taken over"
+    );
+    // The same port to loc again: its forward entry is closing, the bare SYN
+    // starts a new flow.
+    let s = seen(&from(v4([192, 168, 50, 1], 30081), port));
+    assert_eq!(s, [("pod-a".to_string(), "192.168.50.100".to_string())]);
+    assert!(counter("nodeport_ct_reopened") >= 1);
+    assert_eq!(counter("nodeport_ct_clash"), 0);
+
+    // Many reused ports across both policies (the flake this fixes: a random
+    // ephemeral port of a Cluster-policy flow to pod-a, reused for loc).
+    let ports: Vec<u16> = (42001..42021).collect();
+    for p in &ports {
+        let s = seen(&from(v4([192, 168, 50, 1], 30080), *p));
+        assert_eq!(s.len(), 1);
+        let s = seen(&from(v4([192, 168, 50, 1], 30081), *p));
+        assert_eq!(s[0].0, "pod-a", "port {p}: {s:?}");
+    }
+
+    // Lapsing: after tcpCloseTimeoutSeconds every entry is lapsed; the sweep
+    // deletes them all and leaves nothing live.
+    std::thread::sleep(Duration::from_secs(u64::from(close) + 2));
+    let now = conntrack::monotonic_secs();
+    let before = conntrack::list(&pins.pins, now).expect("ct list");
+    assert!(
+        !before.is_empty() && before.iter().all(|r| r.expires_in < 0),
+        "{before:?}"
+    );
+    let sw = conntrack::sweep(&pins.pins, now).expect("sweep");
+    assert_eq!(sw.deleted as usize, before.len(), "{sw:?}");
+    assert_eq!(sw.live, 0, "{sw:?}");
+    assert_eq!(sw.capacity, 65536, "{sw:?}");
+    assert!(conntrack::list(&pins.pins, now)
+        .expect("ct list")
+        .is_empty());
+    // A lapsed entry still in the table is treated as absent: port 41001 again.
+    let s = seen(&from(v4([192, 168, 50, 1], 30083), port));
+    assert_eq!(s[0].0, "pod-a");
+    println!(
+        "NUMBERS conntrack: {} entries swept after {}s; counters replaced {} reopened {} lapsed {} clash {}",
+        sw.deleted,
+        close + 2,
+        counter("nodeport_ct_replaced"),
+        counter("nodeport_ct_reopened"),
+        counter("nodeport_ct_lapsed"),
+        counter("nodeport_ct_clash")
+    );
+}

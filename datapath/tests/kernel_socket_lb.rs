@@ -515,3 +515,85 @@ fn program_10k_services_through_the_reconciler() {
         .collect();
     assert_eq!(ids.len(), 10);
 }
+
+/// An agent of an older layout left `nb_ct4` (16-byte values) and a smaller
+/// `nb_counters` pinned: they hold only soft state, so the new agent rebuilds
+/// them empty (reported) instead of refusing to start, while a map that
+/// holds programmed state with a changed layout still stops it.
+#[test]
+fn soft_state_maps_of_an_older_layout_are_rebuilt_and_reported() {
+    require_privileges();
+    let cg = TestCgroup::new("upgr");
+    let pins = TestPins::new("upgr");
+    pins.pins.prepare().expect("pin dirs");
+    let bpftool = |args: &[&str]| {
+        let out = std::process::Command::new("bpftool")
+            .args(args)
+            .output()
+            .expect("bpftool (tests/install-deps installs it)");
+        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+    };
+    let ct = pins.pins.map("nb_ct4");
+    let ctr = pins.pins.map("nb_counters");
+    bpftool(&[
+        "map",
+        "create",
+        ct.to_str().unwrap(),
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "16",
+        "entries",
+        "1024",
+        "name",
+        "nb_ct4",
+    ]);
+    bpftool(&[
+        "map",
+        "create",
+        ctr.to_str().unwrap(),
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "30",
+        "name",
+        "nb_counters",
+    ]);
+    let report = loader::install(&pins.pins, &cg.path, &small_sizes(), true).expect("install");
+    assert_eq!(report.maps_reset, ["nb_counters", "nb_ct4"], "{report:?}");
+    let info = aya::maps::MapInfo::from_pin(&ct).expect("new nb_ct4");
+    assert_eq!(info.value_size(), 24);
+    let info = aya::maps::MapInfo::from_pin(&ctr).expect("new nb_counters");
+    assert_eq!(info.max_entries(), netboot_datapath::layout::COUNTER_MAX);
+    // Again: nothing to rebuild.
+    let report = loader::install(&pins.pins, &cg.path, &small_sizes(), true).expect("install");
+    assert!(report.maps_reset.is_empty(), "{report:?}");
+
+    // Programmed state (the frontends) of another layout: refused, named.
+    let pins2 = TestPins::new("upgr2");
+    pins2.pins.prepare().expect("pin dirs");
+    let svc = pins2.pins.map("nb_lb4_svc");
+    bpftool(&[
+        "map",
+        "create",
+        svc.to_str().unwrap(),
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        "16",
+        "entries",
+        "1024",
+        "name",
+        "nb_lb4_svc",
+    ]);
+    let e = loader::install(&pins2.pins, &cg.path, &small_sizes(), true).unwrap_err();
+    assert!(e.to_string().contains("nb_lb4_svc"), "{e}");
+}

@@ -116,7 +116,14 @@ pub struct Datapath {
     /// `loadBalancing`: `{algorithm: random|maglev, maglevTableSize: <prime>}`,
     /// the per-packet path's backend selection (the agent's `loadBalancing`).
     pub load_balancing: LoadBalancing,
+    /// `conntrack`: lifetimes of the per-packet path's tracked flows
+    /// (`tcpEstablishedTimeoutSeconds`, `tcpSynTimeoutSeconds`,
+    /// `tcpCloseTimeoutSeconds`, `udpTimeoutSeconds`; the agent's `conntrack`).
+    pub conntrack: Conntrack,
 }
+
+/// `spec.datapath.conntrack`: the contract's type and defaults.
+pub use netboot_contract::config::Conntrack;
 
 /// `spec.datapath.loadBalancing`: the contract's type and defaults.
 pub use netboot_contract::config::LoadBalancing;
@@ -580,6 +587,7 @@ impl Datapath {
             health_port: 9890,
             metrics_port: 9891,
             load_balancing: LoadBalancing::default(),
+            conntrack: Conntrack::DEFAULT,
         }
     }
 }
@@ -598,6 +606,7 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
             "healthPort",
             "metricsPort",
             "loadBalancing",
+            "conntrack",
         ],
     )?;
     let mut d = Datapath::defaults();
@@ -651,6 +660,29 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
                 format!("must differ from healthPort ({})", d.health_port),
             );
             ok = false;
+        }
+    }
+    if let Some(ct) = s.get("conntrack") {
+        let keys = [
+            "tcpEstablishedTimeoutSeconds",
+            "tcpSynTimeoutSeconds",
+            "tcpCloseTimeoutSeconds",
+            "udpTimeoutSeconds",
+        ];
+        let cs = c.section(ct, &s.child("conntrack"), &keys)?;
+        for key in keys {
+            let Some(v) = opt(c, &cs, key, |c, n, p| {
+                c.integer(n, p, 1, Conntrack::MAX_SECONDS.into())
+            }) else {
+                continue;
+            };
+            let v = u32::try_from(v).ok()?;
+            match key {
+                "tcpEstablishedTimeoutSeconds" => d.conntrack.tcp_established_timeout_seconds = v,
+                "tcpSynTimeoutSeconds" => d.conntrack.tcp_syn_timeout_seconds = v,
+                "tcpCloseTimeoutSeconds" => d.conntrack.tcp_close_timeout_seconds = v,
+                _ => d.conntrack.udp_timeout_seconds = v,
+            }
         }
     }
     if let Some(lb) = s.get("loadBalancing") {

@@ -211,6 +211,11 @@ fn malformed_specs_point_at_the_right_line() {
             "t.yaml:15:24: spec.datapath.loadBalancing.maglevTableSize: 16380 is not a prime (e.g. 251, 1021, 4093, 16381)",
         ),
         (
+            "conntrack lifetime out of range",
+            format!("{GOOD}  datapath:\n    conntrack:\n      udpTimeoutSeconds: 0\n"),
+            "t.yaml:14:26: spec.datapath.conntrack.udpTimeoutSeconds: 0 is out of range (1..=604800)",
+        ),
+        (
             "unknown load balancing algorithm",
             format!("{GOOD}  datapath:\n    loadBalancing:\n      algorithm: hash\n"),
             "t.yaml:14:18: spec.datapath.loadBalancing.algorithm: `hash` is not one of: random, maglev",

@@ -142,6 +142,20 @@ pub enum BpfCmd {
         #[command(subcommand)]
         cmd: LbCmd,
     },
+    /// The per-packet path's flow table (north–south NAT).
+    Ct {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: CtCmd,
+    },
+}
+
+/// `bpf ct …`.
+#[derive(Debug, Subcommand)]
+pub enum CtCmd {
+    /// Every nb_ct4 entry: PROTO, FROM (as on the wire), TO (rewritten),
+    /// DIRECTION, SERVICE ID, FLAGS, EXPIRES IN.
+    List(PinArgs),
 }
 
 /// `bpf lb …`.

@@ -1,4 +1,4 @@
-//! `service list` and `bpf lb list`: read the pinned maps directly.
+//! `service list`, `bpf lb list` and `bpf ct list`: read the pinned maps directly.
 
 use std::process::ExitCode;
 
@@ -28,6 +28,42 @@ pub fn lb_list(a: PinArgs) -> Result<ExitCode, CliError> {
     match a.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         Output::Text => print!("{}", diag::render_lb_list(&rows)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bpf ct list`.
+pub fn ct_list(a: PinArgs) -> Result<ExitCode, CliError> {
+    use netboot_datapath::conntrack;
+    let rows = conntrack::list(&Pins::new(&a.bpffs), conntrack::monotonic_secs())?;
+    match a.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Output::Text => {
+            println!(
+                "{:<5} {:<44} {:<44} {:<8} {:>6} {:<13} EXPIRES IN",
+                "PROTO", "FROM", "TO", "DIR", "SVC", "FLAGS"
+            );
+            for r in &rows {
+                println!(
+                    "{:<5} {:<44} {:<44} {:<8} {:>6} {:<13} {}",
+                    r.proto,
+                    r.from,
+                    r.to,
+                    r.direction,
+                    r.service_id,
+                    if r.flags.is_empty() {
+                        "-".to_string()
+                    } else {
+                        r.flags.join(",")
+                    },
+                    if r.expires_in < 0 {
+                        "lapsed".to_string()
+                    } else {
+                        format!("{}s", r.expires_in)
+                    }
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ pub mod status;
 
 use std::process::ExitCode;
 
-use args::{BpfCmd, Cli, Cmd, LbCmd, ServiceCmd};
+use args::{BpfCmd, Cli, Cmd, CtCmd, LbCmd, ServiceCmd};
 
 /// Errors of the CLI commands.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 cmd: LbCmd::List(a),
             },
         } => lists::lb_list(a),
+        Cmd::Bpf {
+            cmd: BpfCmd::Ct {
+                cmd: CtCmd::List(a),
+            },
+        } => lists::ct_list(a),
         Cmd::CleanupKubeProxy(a) => cleanup::run(a),
         Cmd::Uninstall(a) => {
             netboot_datapath::pins::Pins::new(&a.bpffs).remove_all()?;

@@ -67,6 +67,9 @@
 #define NB_MAP_MAGLEV     nb_lb4_maglev
 #define NB_MAP_SRC_RANGE  nb_lb4_src_range
 #define NB_MAP_CT_TIMEOUT nb_ct_timeout
+#define NB_MAP_CT6        nb_ct6
+#define NB_MAP_NP_DEV6    nb_np_dev6
+#define NB_MAP_SRC_RANGE6 nb_lb6_src_range
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -84,7 +87,8 @@
 #define NB_DEFAULT_NP_DEV    64      /* nb_np_dev: external interfaces */
 #define NB_DEFAULT_MAGLEV    4096    /* nb_lb4_maglev: external frontends with a table */
 #define NB_MAGLEV_MAX        16381   /* largest Maglev table (entries), a prime */
-#define NB_DEFAULT_SRC_RANGE 16384   /* nb_lb4_src_range: (LB frontend, CIDR) pairs */
+#define NB_DEFAULT_SRC_RANGE 16384   /* nb_lb4_src_range, nb_lb6_src_range: (LB frontend, CIDR) pairs */
+#define NB_DEFAULT_CT6       65536   /* nb_ct6: 2 entries per IPv6 north-south flow */
 
 /* Frontend flags (struct nb_lb4_service.flags, slot 0 only). */
 #define NB_SVC_F_AFFINITY  0x01 /* ClientIP session affinity */
@@ -307,6 +311,43 @@ struct nb_src_range_key {
 	__u32 prefixlen;
 	__u32 rev_nat_index;   /* host order, as in nb_lb4_service */
 	__be32 addr;           /* network order */
+};
+
+/* IPv6 twins of the per-packet path's maps (same semantics, 16-byte addresses). */
+
+/* Key of nb_ct6. 40 bytes. */
+struct nb_ct6_key {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];    /* always zero */
+};
+
+/* Value of nb_ct6. 48 bytes. */
+struct nb_ct6_val {
+	__be32 saddr[4];
+	__be32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u32 rev_nat_index;
+	__u32 expires;         /* CLOCK_MONOTONIC second after which the entry is lapsed */
+	__u8 flags;            /* NB_CT_F_* */
+	__u8 pad[3];           /* always zero */
+};
+
+/* Value of nb_np_dev6 (key: __u32 ifindex). 16 bytes. */
+struct nb_np_dev6 {
+	__be32 snat_addr[4];   /* the node's IPv6 address remote backends see (SNAT) */
+};
+
+/* Key of nb_lb6_src_range (LPM trie): as nb_src_range_key with an IPv6
+ * CIDR; prefixlen = 32 + the CIDR's mask length. 24 bytes. */
+struct nb_src_range6_key {
+	__u32 prefixlen;
+	__u32 rev_nat_index;   /* host order */
+	__be32 addr[4];        /* network order */
 };
 
 /* bpf_sock_destroy() is a kfunc; aya 0.14 cannot relocate kfunc calls, so

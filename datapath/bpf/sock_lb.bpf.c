@@ -24,6 +24,7 @@
 #include <linux/errno.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <linux/pkt_cls.h>
@@ -578,6 +579,11 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 		return res;
 	if (!nb_replace_mode(&res))
 		return res;
+	if (svc->flags & NB_SVC_F_SRC_RANGE) {
+		/* As for IPv4: the source is not known at connect(). */
+		res.outcome = NB_CTR_SRC_RANGE_PASSED;
+		return res;
+	}
 
 	rev_nat_id = svc->rev_nat_index;
 	affinity = svc->flags & NB_SVC_F_AFFINITY;
@@ -787,6 +793,29 @@ struct {
 	__type(value, struct nb_ct_timeouts);
 } nb_ct_timeout SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NB_DEFAULT_CT6);
+	__type(key, struct nb_ct6_key);
+	__type(value, struct nb_ct6_val);
+} nb_ct6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NB_DEFAULT_NP_DEV);
+	__type(key, __u32);
+	__type(value, struct nb_np_dev6);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_np_dev6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, NB_DEFAULT_SRC_RANGE);
+	__type(key, struct nb_src_range6_key);
+	__type(value, __u32);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_lb6_src_range SEC(".maps");
+
 /* The flow's Maglev hash: its source (address, port), destination port and
  * protocol, not the destination address, so a flow reaching any node's
  * address (or an LB IP) hashes alike; splitmix64's finalizer. Must equal
@@ -941,9 +970,9 @@ static __always_inline __u32 nb_now_sec(void)
 }
 
 /* Lapsed: its expiry has passed (wrap-safe). */
-static __always_inline int nb_ct_lapsed(const struct nb_ct4_val *v, __u32 now)
+static __always_inline int nb_ct_lapsed(__u32 expires, __u32 now)
 {
-	return (__s32)(now - v->expires) > 0;
+	return (__s32)(now - expires) > 0;
 }
 
 /* How long an entry lives after this packet (seconds). */
@@ -1016,7 +1045,7 @@ static __always_inline struct nb_ct4_val *nb_np_tracked(const struct nb_ct4_key 
 
 	if (!v)
 		return NULL;
-	if (nb_ct_lapsed(v, now)) {
+	if (nb_ct_lapsed(v->expires, now)) {
 		nb_count(NB_CTR_NP_CT_LAPSED);
 		return NULL;
 	}
@@ -1036,7 +1065,7 @@ static __always_inline struct nb_ct4_val *nb_np_tracked(const struct nb_ct4_key 
 static __always_inline int nb_ct_replaceable(const struct nb_ct4_val *old,
 					     const struct nb_ct4_key *k, __u32 now)
 {
-	if (nb_ct_lapsed(old, now))
+	if (nb_ct_lapsed(old->expires, now))
 		return 1;
 	return (old->flags & NB_CT_F_CLOSING) && old->daddr == k->saddr && old->dport == k->sport;
 }
@@ -1200,6 +1229,363 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 	return fwd.flags & NB_CT_F_SNAT ? nb_np_redirect(skb, &fwd, k->proto) : TC_ACT_OK;
 }
 
+/* ---- IPv6: the same path with nb_ct6 / nb_lb6_* --------------------------- */
+
+#define NB_IP6_SRC_OFF (ETH_HLEN + __builtin_offsetof(struct ipv6hdr, saddr))
+#define NB_IP6_DST_OFF (ETH_HLEN + __builtin_offsetof(struct ipv6hdr, daddr))
+
+static __always_inline void nb_addr6_copy(__be32 *d, const __be32 *s)
+{
+	d[0] = s[0];
+	d[1] = s[1];
+	d[2] = s[2];
+	d[3] = s[3];
+}
+
+/* As nb_np_parse for IPv6: TCP/UDP right after the fixed header (packets
+ * with extension headers, fragments included, pass untouched). */
+static __always_inline int nb_np_parse6(struct __sk_buff *skb, struct nb_ct6_key *k,
+					__u32 *l4_off, __u8 *tcpf)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6;
+	__u16 *ports;
+	__u32 off;
+
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IPV6))
+		return 0;
+	ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > end)
+		return 0;
+	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+		return 0;
+	off = ETH_HLEN + sizeof(struct ipv6hdr);
+	ports = data + off;
+	if ((void *)(ports + 2) > end)
+		return 0;
+	__builtin_memset(k, 0, sizeof(*k));
+	nb_addr6_copy(k->saddr, ip6->saddr.in6_u.u6_addr32);
+	nb_addr6_copy(k->daddr, ip6->daddr.in6_u.u6_addr32);
+	k->sport = ports[0];
+	k->dport = ports[1];
+	k->proto = ip6->nexthdr;
+	*l4_off = off;
+	*tcpf = 0;
+	if (ip6->nexthdr == IPPROTO_TCP) {
+		__u8 *fl = data + off + 13;
+
+		if ((void *)(fl + 1) > end)
+			return 0;
+		*tcpf = *fl;
+	}
+	return 1;
+}
+
+/* Rewrites one IPv6 address and the L4 checksum (IPv6 has no header checksum). */
+static __always_inline int nb_np_set_addr6(struct __sk_buff *skb, __u32 l4_off, __u8 proto,
+					   __u32 ip_off, __be32 *from, __be32 *to)
+{
+	__u32 csum_off = l4_off + (proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
+							 : __builtin_offsetof(struct udphdr, check));
+	__s64 diff;
+
+	if (nb_addr6_eq(from, to))
+		return 0;
+	diff = bpf_csum_diff(from, 16, to, 16, 0);
+	if (diff < 0)
+		return -1;
+	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ip_off, to, 16, 0);
+}
+
+static __always_inline int nb_np_rewrite6(struct __sk_buff *skb, __u32 l4_off,
+					  struct nb_ct6_key *k, struct nb_ct6_val *v)
+{
+	if (nb_np_set_addr6(skb, l4_off, k->proto, NB_IP6_SRC_OFF, k->saddr, v->saddr) < 0 ||
+	    nb_np_set_addr6(skb, l4_off, k->proto, NB_IP6_DST_OFF, k->daddr, v->daddr) < 0 ||
+	    nb_np_set_port(skb, l4_off, k->proto, 0, k->sport, v->sport) < 0 ||
+	    nb_np_set_port(skb, l4_off, k->proto, 1, k->dport, v->dport) < 0)
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+static __always_inline int nb_np_redirect6(struct __sk_buff *skb, const struct nb_ct6_val *v,
+					   __u8 proto)
+{
+	struct bpf_fib_lookup fib;
+	long rc;
+
+	__builtin_memset(&fib, 0, sizeof(fib));
+	fib.family = 10; /* AF_INET6 */
+	fib.l4_protocol = proto;
+	nb_addr6_copy(fib.ipv6_src, v->saddr);
+	nb_addr6_copy(fib.ipv6_dst, v->daddr);
+	fib.ifindex = skb->ingress_ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK;
+	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+}
+
+static __always_inline void nb_ct6_peer_key(struct nb_ct6_key *pk, const struct nb_ct6_val *v,
+					    __u8 proto)
+{
+	__builtin_memset(pk, 0, sizeof(*pk));
+	nb_addr6_copy(pk->saddr, v->daddr);
+	nb_addr6_copy(pk->daddr, v->saddr);
+	pk->sport = v->dport;
+	pk->dport = v->sport;
+	pk->proto = proto;
+}
+
+static __always_inline void nb_ct6_refresh(const struct nb_ct6_key *k, struct nb_ct6_val *v,
+					   __u8 tcpf, __u32 now)
+{
+	__u8 closing = k->proto == IPPROTO_TCP && (tcpf & (NB_TCP_FIN | NB_TCP_RST)) &&
+		       !(v->flags & NB_CT_F_CLOSING);
+	__u32 expires = now + nb_ct_lifetime(k->proto, tcpf, v->flags);
+	struct nb_ct6_key pk;
+	struct nb_ct6_val *p;
+
+	if (expires == v->expires && !closing)
+		return;
+	if (closing)
+		v->flags |= NB_CT_F_CLOSING;
+	v->expires = expires;
+	nb_ct6_peer_key(&pk, v, k->proto);
+	p = bpf_map_lookup_elem(&nb_ct6, &pk);
+	if (p) {
+		if (closing)
+			p->flags |= NB_CT_F_CLOSING;
+		p->expires = expires;
+	}
+}
+
+static __always_inline struct nb_ct6_val *nb_np_tracked6(const struct nb_ct6_key *k, __u8 tcpf,
+							  __u32 now)
+{
+	struct nb_ct6_val *v = bpf_map_lookup_elem(&nb_ct6, k);
+
+	if (!v)
+		return NULL;
+	if (nb_ct_lapsed(v->expires, now)) {
+		nb_count(NB_CTR_NP_CT_LAPSED);
+		return NULL;
+	}
+	if (k->proto == IPPROTO_TCP && (v->flags & NB_CT_F_CLOSING) &&
+	    !(v->flags & NB_CT_F_REPLY) && (tcpf & (NB_TCP_SYN | NB_TCP_ACK)) == NB_TCP_SYN) {
+		nb_count(NB_CTR_NP_CT_REOPENED);
+		return NULL;
+	}
+	nb_count(NB_CTR_NP_CT_HIT);
+	nb_ct6_refresh(k, v, tcpf, now);
+	return v;
+}
+
+static __always_inline int nb_np_track6(const struct nb_ct6_key *k, struct nb_ct6_val *fwd,
+					__u8 tcpf, __u32 now)
+{
+	struct nb_ct6_key rk;
+	struct nb_ct6_val rv, *old;
+	int i;
+
+	fwd->expires = now + nb_ct_lifetime(k->proto, tcpf, 0);
+	__builtin_memset(&rk, 0, sizeof(rk));
+	__builtin_memset(&rv, 0, sizeof(rv));
+	nb_addr6_copy(rk.saddr, fwd->daddr);
+	nb_addr6_copy(rk.daddr, fwd->saddr);
+	rk.sport = fwd->dport;
+	rk.proto = k->proto;
+	nb_addr6_copy(rv.saddr, k->daddr);
+	nb_addr6_copy(rv.daddr, k->saddr);
+	rv.sport = k->dport;
+	rv.dport = k->sport;
+	rv.rev_nat_index = fwd->rev_nat_index;
+	rv.expires = fwd->expires;
+	rv.flags = fwd->flags | NB_CT_F_REPLY;
+	for (i = 0; i < 8; i++) {
+		rk.dport = fwd->sport;
+		if (bpf_map_update_elem(&nb_ct6, &rk, &rv, BPF_NOEXIST) == 0)
+			break;
+		old = bpf_map_lookup_elem(&nb_ct6, &rk);
+		if (old && (nb_ct_lapsed(old->expires, now) ||
+			    ((old->flags & NB_CT_F_CLOSING) && nb_addr6_eq(old->daddr, k->saddr) &&
+			     old->dport == k->sport)) &&
+		    bpf_map_update_elem(&nb_ct6, &rk, &rv, BPF_ANY) == 0) {
+			nb_count(NB_CTR_NP_CT_REPLACED);
+			break;
+		}
+		if (!(fwd->flags & NB_CT_F_SNAT))
+			return -2;
+		fwd->sport = bpf_htons(NB_SNAT_PORT_MIN +
+				       bpf_get_prandom_u32() % NB_SNAT_PORT_N);
+	}
+	if (i == 8)
+		return -1;
+	if (bpf_map_update_elem(&nb_ct6, k, fwd, BPF_ANY) < 0) {
+		bpf_map_delete_elem(&nb_ct6, &rk);
+		return -1;
+	}
+	return 0;
+}
+
+/* As nb_flow_hash, the source address folded to 32 bits. */
+static __always_inline __u32 nb_flow_hash6(const struct nb_ct6_key *k)
+{
+	struct nb_ct4_key k4;
+
+	__builtin_memset(&k4, 0, sizeof(k4));
+	k4.saddr = k->saddr[0] ^ k->saddr[1] ^ k->saddr[2] ^ k->saddr[3];
+	k4.sport = k->sport;
+	k4.dport = k->dport;
+	k4.proto = k->proto;
+	return nb_flow_hash(&k4);
+}
+
+static __always_inline int __nb_np_new6(struct __sk_buff *skb, __u32 l4_off,
+					struct nb_ct6_key *k, __u8 tcpf, __u32 now)
+{
+	struct nb_lb6_key key;
+	struct nb_lb4_service *svc, *slot;
+	struct nb_lb6_backend *be;
+	struct nb_np_dev6 *dev;
+	struct nb_ct6_val fwd;
+	struct nb_fwd res;
+	__u32 ifindex = skb->ingress_ifindex, backend_id, n, pick;
+	int local_only, rc;
+
+	nb_set_key6(&key, k->daddr, k->dport, k->proto, 0);
+	svc = bpf_map_lookup_elem(&nb_lb6_svc, &key);
+	if (!svc || !(svc->flags & NB_SVC_F_EXTERNAL)) {
+		nb_count(NB_CTR_NP_NOT_SERVICE);
+		return TC_ACT_OK;
+	}
+	if (!nb_replace_mode(&res)) {
+		nb_count(res.outcome);
+		return TC_ACT_OK;
+	}
+	if (svc->flags & NB_SVC_F_SRC_RANGE) {
+		struct nb_src_range6_key sk;
+
+		__builtin_memset(&sk, 0, sizeof(sk));
+		sk.prefixlen = 32 + 128;
+		sk.rev_nat_index = svc->rev_nat_index;
+		nb_addr6_copy(sk.addr, k->saddr);
+		if (!bpf_map_lookup_elem(&nb_lb6_src_range, &sk)) {
+			nb_count(NB_CTR_NP_SRC_RANGE_DENIED);
+			return TC_ACT_SHOT;
+		}
+	}
+	local_only = svc->flags & NB_SVC_F_EXT_LOCAL;
+	n = local_only ? svc->local_count : svc->count;
+	if (n > svc->count)
+		n = svc->count;
+	if (n == 0) {
+		nb_count(local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
+						  : NB_CTR_NP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	pick = bpf_get_prandom_u32() % n;
+	{
+		__u32 rid = svc->rev_nat_index;
+		struct nb_maglev *mg = bpf_map_lookup_elem(&nb_lb4_maglev, &rid);
+
+		if (mg && mg->size > 0 && mg->size <= NB_MAGLEV_MAX) {
+			__u32 idx = nb_flow_hash6(k) % mg->size;
+
+			asm volatile("" : "+r"(idx));
+			if (idx < NB_MAGLEV_MAX) {
+				__u16 s = mg->slot[idx];
+
+				if (s >= 1 && s <= n) {
+					pick = s - 1;
+					nb_count(NB_CTR_NP_MAGLEV);
+				}
+			}
+		}
+	}
+	key.backend_slot = (__u16)(pick + 1);
+	slot = bpf_map_lookup_elem(&nb_lb6_svc, &key);
+	if (!slot) {
+		nb_count(NB_CTR_NO_BACKEND_SLOT);
+		return TC_ACT_SHOT;
+	}
+	backend_id = slot->backend_id;
+	be = bpf_map_lookup_elem(&nb_lb6_be, &backend_id);
+	if (!be) {
+		nb_count(NB_CTR_BACKEND_MISSING);
+		return TC_ACT_SHOT;
+	}
+
+	__builtin_memset(&fwd, 0, sizeof(fwd));
+	nb_addr6_copy(fwd.saddr, k->saddr);
+	fwd.sport = k->sport;
+	nb_addr6_copy(fwd.daddr, be->address);
+	fwd.dport = be->port;
+	fwd.rev_nat_index = svc->rev_nat_index;
+	if (!local_only && pick >= svc->local_count) {
+		dev = bpf_map_lookup_elem(&nb_np_dev6, &ifindex);
+		if (!dev || !(dev->snat_addr[0] | dev->snat_addr[1] | dev->snat_addr[2] |
+			      dev->snat_addr[3])) {
+			nb_count(NB_CTR_NP_NO_SNAT_ADDR);
+			return TC_ACT_SHOT;
+		}
+		nb_addr6_copy(fwd.saddr, dev->snat_addr);
+		fwd.flags = NB_CT_F_SNAT;
+	}
+	rc = nb_np_track6(k, &fwd, tcpf, now);
+	if (rc < 0) {
+		nb_count(rc == -2 ? NB_CTR_NP_CT_CLASH : NB_CTR_NP_CT_FULL);
+		return TC_ACT_SHOT;
+	}
+	nb_count(fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
+	if (nb_np_rewrite6(skb, l4_off, k, &fwd) != TC_ACT_OK)
+		return TC_ACT_SHOT;
+	return fwd.flags & NB_CT_F_SNAT ? nb_np_redirect6(skb, &fwd, k->proto) : TC_ACT_OK;
+}
+
+static __always_inline int nb_np_ingress6(struct __sk_buff *skb)
+{
+	struct nb_ct6_key k;
+	struct nb_ct6_val *v;
+	__u32 l4_off, now;
+	__u8 tcpf;
+
+	if (!nb_np_parse6(skb, &k, &l4_off, &tcpf))
+		return TC_ACT_OK;
+	now = nb_now_sec();
+	v = nb_np_tracked6(&k, tcpf, now);
+	if (v) {
+		struct nb_ct6_val copy = *v;
+
+		if (nb_np_rewrite6(skb, l4_off, &k, &copy) != TC_ACT_OK)
+			return TC_ACT_SHOT;
+		return copy.flags & NB_CT_F_SNAT ? nb_np_redirect6(skb, &copy, k.proto) : TC_ACT_OK;
+	}
+	return __nb_np_new6(skb, l4_off, &k, tcpf, now);
+}
+
+static __always_inline int nb_np_egress6(struct __sk_buff *skb)
+{
+	struct nb_ct6_key k;
+	struct nb_ct6_val *v;
+	__u32 l4_off;
+	__u8 tcpf;
+
+	if (!nb_np_parse6(skb, &k, &l4_off, &tcpf))
+		return TC_ACT_OK;
+	v = nb_np_tracked6(&k, tcpf, nb_now_sec());
+	if (v && (v->flags & NB_CT_F_REPLY)) {
+		struct nb_ct6_val copy = *v;
+
+		return nb_np_rewrite6(skb, l4_off, &k, &copy);
+	}
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int nb_np_ingress(struct __sk_buff *skb)
 {
@@ -1208,6 +1594,8 @@ int nb_np_ingress(struct __sk_buff *skb)
 	__u32 l4_off, now;
 	__u8 tcpf;
 
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return nb_np_ingress6(skb);
 	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
 	now = nb_now_sec();
@@ -1231,6 +1619,8 @@ int nb_np_egress(struct __sk_buff *skb)
 	__u32 l4_off;
 	__u8 tcpf;
 
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return nb_np_egress6(skb);
 	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
 	v = nb_np_tracked(&k, tcpf, nb_now_sec());

@@ -1,4 +1,4 @@
-//! The per-packet path's flow table (`nb_ct4`) from userspace: its lifetimes
+//! The per-packet path's flow tables (`nb_ct4`, `nb_ct6`) from userspace: its lifetimes
 //! (`nb_ct_timeout`, from config.yaml's `conntrack`), the agent's periodic
 //! sweep that deletes lapsed entries and measures the table, and the
 //! `bpf ct list` dump.
@@ -7,13 +7,14 @@
 //! the LRU table from evicting live flows to make room while dead ones still
 //! sit in it, and tells the operator how full it is.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{
-    addr_from_be, names, Ct4Key, Ct4Val, CtTimeouts, CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT,
+    addr6_from_be, addr_from_be, names, Ct4Key, Ct4Val, Ct6Key, Ct6Val, CtTimeouts, CT_F_CLOSING,
+    CT_F_REPLY, CT_F_SNAT,
 };
 use crate::maps::kernel::kerr;
 use crate::maps::MapsError;
@@ -69,7 +70,7 @@ pub fn set_timeouts(pins: &Pins, ct: &Conntrack) -> Result<(), MapsError> {
 
 /// Whether an entry's expiry has passed at `now` (wrap-safe, as in the program).
 pub fn lapsed(v: &Ct4Val, now: u32) -> bool {
-    (now.wrapping_sub(v.expires) as i32) > 0
+    lapsed_at(v.expires, now)
 }
 
 /// What one sweep found.
@@ -95,42 +96,81 @@ impl Sweep {
     }
 }
 
-/// Deletes every lapsed entry and counts the rest. An entry that lapses or is
-/// replaced while the sweep runs is at worst counted or deleted one sweep late.
-pub fn sweep(pins: &Pins, now: u32) -> Result<Sweep, MapsError> {
-    let mut m: HashMap<MapData, Ct4Key, Ct4Val> = open(pins, names::CT4)?;
-    let mut out = Sweep {
-        capacity: aya::maps::MapInfo::from_pin(pins.map(names::CT4))
-            .map(|i| i.max_entries())
-            .unwrap_or(0),
-        ..Sweep::default()
-    };
+/// The fields of an entry of either family the sweep and the list use.
+trait CtEntry: aya::Pod {
+    fn expires(&self) -> u32;
+    fn flags(&self) -> u8;
+}
+
+impl CtEntry for Ct4Val {
+    fn expires(&self) -> u32 {
+        self.expires
+    }
+    fn flags(&self) -> u8 {
+        self.flags
+    }
+}
+
+impl CtEntry for Ct6Val {
+    fn expires(&self) -> u32 {
+        self.expires
+    }
+    fn flags(&self) -> u8 {
+        self.flags
+    }
+}
+
+/// Whether an expiry has passed at `now` (wrap-safe, as in the program).
+fn lapsed_at(expires: u32, now: u32) -> bool {
+    (now.wrapping_sub(expires) as i32) > 0
+}
+
+fn sweep_map<K: aya::Pod + Ord, V: CtEntry>(
+    pins: &Pins,
+    name: &'static str,
+    now: u32,
+    out: &mut Sweep,
+) -> Result<(), MapsError> {
+    let mut m: HashMap<MapData, K, V> = open(pins, name)?;
+    out.capacity += aya::maps::MapInfo::from_pin(pins.map(name))
+        .map(|i| i.max_entries())
+        .unwrap_or(0);
     let mut dead = Vec::new();
     for item in m.iter() {
         let (k, v) = match item {
             Ok(kv) => kv,
             // The entry went away between the key walk and the read.
             Err(aya::maps::MapError::KeyNotFound) => continue,
-            Err(e) => return Err(kerr(names::CT4, "iter")(e)),
+            Err(e) => return Err(kerr(name, "iter")(e)),
         };
-        if lapsed(&v, now) {
+        if lapsed_at(v.expires(), now) {
             dead.push(k);
             continue;
         }
         out.live += 1;
-        out.closing += u64::from(v.flags & CT_F_CLOSING != 0);
-        out.snat += u64::from(v.flags & CT_F_SNAT != 0);
+        out.closing += u64::from(v.flags() & CT_F_CLOSING != 0);
+        out.snat += u64::from(v.flags() & CT_F_SNAT != 0);
     }
     for k in dead {
         // Re-check: the program may have replaced it with a live flow since.
         match m.get(&k, 0) {
-            Ok(v) if lapsed(&v, now) => {}
+            Ok(v) if lapsed_at(v.expires(), now) => {}
             _ => continue,
         }
         if m.remove(&k).is_ok() {
             out.deleted += 1;
         }
     }
+    Ok(())
+}
+
+/// Deletes every lapsed entry of both families and counts the rest. An
+/// entry that lapses or is replaced while the sweep runs is at worst
+/// counted or deleted one sweep late.
+pub fn sweep(pins: &Pins, now: u32) -> Result<Sweep, MapsError> {
+    let mut out = Sweep::default();
+    sweep_map::<Ct4Key, Ct4Val>(pins, names::CT4, now, &mut out)?;
+    sweep_map::<Ct6Key, Ct6Val>(pins, names::CT6, now, &mut out)?;
     Ok(out)
 }
 
@@ -154,59 +194,92 @@ pub struct Entry {
     pub expires_in: i64,
 }
 
-fn endpoint(addr: u32, port: u16) -> String {
-    let ip: Ipv4Addr = addr_from_be(addr);
-    format!("{ip}:{}", u16::from_be(port))
+fn endpoint(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, u16::from_be(port)).to_string()
 }
 
-/// Every entry, sorted by the packet tuple.
-pub fn list(pins: &Pins, now: u32) -> Result<Vec<Entry>, MapsError> {
-    let m: HashMap<MapData, Ct4Key, Ct4Val> = open(pins, names::CT4)?;
-    let mut rows: Vec<(Ct4Key, Ct4Val)> = m
-        .iter()
+#[allow(clippy::too_many_arguments)]
+fn entry(
+    proto: u8,
+    (ks, kd, ksp, kdp): (IpAddr, IpAddr, u16, u16),
+    (vs, vd, vsp, vdp): (IpAddr, IpAddr, u16, u16),
+    rev_nat_index: u32,
+    flags: u8,
+    expires: u32,
+    now: u32,
+) -> Entry {
+    let mut fl = Vec::new();
+    if flags & CT_F_SNAT != 0 {
+        fl.push("snat");
+    }
+    if flags & CT_F_CLOSING != 0 {
+        fl.push("closing");
+    }
+    Entry {
+        proto: if proto == libc::IPPROTO_TCP as u8 {
+            "TCP"
+        } else {
+            "UDP"
+        },
+        from: format!("{} -> {}", endpoint(ks, ksp), endpoint(kd, kdp)),
+        to: format!("{} -> {}", endpoint(vs, vsp), endpoint(vd, vdp)),
+        direction: if flags & CT_F_REPLY != 0 {
+            "reply"
+        } else {
+            "forward"
+        },
+        service_id: rev_nat_index,
+        flags: fl,
+        expires_in: i64::from(expires.wrapping_sub(now) as i32),
+    }
+}
+
+fn rows<K: aya::Pod, V: aya::Pod>(
+    pins: &Pins,
+    name: &'static str,
+) -> Result<Vec<(K, V)>, MapsError> {
+    let m: HashMap<MapData, K, V> = open(pins, name)?;
+    m.iter()
         .filter_map(|r| match r {
             Err(aya::maps::MapError::KeyNotFound) => None,
             other => Some(other),
         })
         .collect::<Result<_, _>>()
-        .map_err(kerr(names::CT4, "iter"))?;
-    rows.sort_by_key(|(k, _)| *k);
-    Ok(rows
+        .map_err(kerr(name, "iter"))
+}
+
+/// Every entry of both families, IPv4 first, each sorted by the packet tuple.
+pub fn list(pins: &Pins, now: u32) -> Result<Vec<Entry>, MapsError> {
+    let mut v4: Vec<(Ct4Key, Ct4Val)> = rows(pins, names::CT4)?;
+    v4.sort_by_key(|(k, _)| *k);
+    let mut v6: Vec<(Ct6Key, Ct6Val)> = rows(pins, names::CT6)?;
+    v6.sort_by_key(|(k, _)| *k);
+    let a4 = |a: u32| IpAddr::V4(addr_from_be(a));
+    let a6 = |a: [u32; 4]| IpAddr::V6(addr6_from_be(a));
+    Ok(v4
         .into_iter()
         .map(|(k, v)| {
-            let mut flags = Vec::new();
-            if v.flags & CT_F_SNAT != 0 {
-                flags.push("snat");
-            }
-            if v.flags & CT_F_CLOSING != 0 {
-                flags.push("closing");
-            }
-            Entry {
-                proto: if k.proto == libc::IPPROTO_TCP as u8 {
-                    "TCP"
-                } else {
-                    "UDP"
-                },
-                from: format!(
-                    "{} -> {}",
-                    endpoint(k.saddr, k.sport),
-                    endpoint(k.daddr, k.dport)
-                ),
-                to: format!(
-                    "{} -> {}",
-                    endpoint(v.saddr, v.sport),
-                    endpoint(v.daddr, v.dport)
-                ),
-                direction: if v.flags & CT_F_REPLY != 0 {
-                    "reply"
-                } else {
-                    "forward"
-                },
-                service_id: v.rev_nat_index,
-                flags,
-                expires_in: i64::from(v.expires.wrapping_sub(now) as i32),
-            }
+            entry(
+                k.proto,
+                (a4(k.saddr), a4(k.daddr), k.sport, k.dport),
+                (a4(v.saddr), a4(v.daddr), v.sport, v.dport),
+                v.rev_nat_index,
+                v.flags,
+                v.expires,
+                now,
+            )
         })
+        .chain(v6.into_iter().map(|(k, v)| {
+            entry(
+                k.proto,
+                (a6(k.saddr), a6(k.daddr), k.sport, k.dport),
+                (a6(v.saddr), a6(v.daddr), v.sport, v.dport),
+                v.rev_nat_index,
+                v.flags,
+                v.expires,
+                now,
+            )
+        }))
         .collect())
 }
 

@@ -99,28 +99,30 @@ pub struct External {
     /// The active backends whose endpoint is on this node (`nodeName`).
     pub local: BTreeSet<L4Addr>,
     /// An LB IP of a `LoadBalancer` Service with
-    /// `spec.loadBalancerSourceRanges`: the IPv4 CIDRs (address with its
-    /// host bits cleared, mask length) new flows from outside must come
-    /// from (kube-proxy's firewall chain), plus, as kube-proxy allows, the
-    /// LB IPs themselves when a range holds one of the node's addresses.
-    /// Empty: no restriction.
+    /// `spec.loadBalancerSourceRanges`: the CIDRs of the LB IP's family
+    /// (address with its host bits cleared, mask length) new flows from
+    /// outside must come from (kube-proxy's firewall chain), plus, as
+    /// kube-proxy allows, the LB IPs themselves when a range holds one of the
+    /// node's addresses. Empty: no restriction.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub source_ranges: Vec<(std::net::Ipv4Addr, u8)>,
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
-/// `spec.loadBalancerSourceRanges` as IPv4 CIDRs (IPv6 ones and ones that
-/// do not parse are left out: an IPv4 LB IP never sees those sources; the
-/// API server validates the field, so a bad entry is not expected), host
-/// bits cleared; plus the Service's IPv4 LB IPs as /32 when a range holds
-/// one of `node_ips` (a node's own request to a VIP bound locally comes
-/// back with the VIP as its source: kube-proxy's `allowFromNode`).
-pub fn source_ranges(svc: &Service, node_ips: &[IpAddr]) -> Vec<(std::net::Ipv4Addr, u8)> {
+/// `spec.loadBalancerSourceRanges` as CIDRs of both families (ones that do
+/// not parse are left out; the API server validates the field, so a bad
+/// entry is not expected), host bits cleared; plus, per family, the
+/// Service's LB IPs of that family as /32 or /128 when a range of it holds
+/// one of `node_ips` (a node's own request to a VIP bound locally comes back
+/// with the VIP as its source: kube-proxy's `allowFromNode`). Each LB IP
+/// frontend takes the ranges of its own family, as kube-proxy's proxier of
+/// that family does: none of its family means no restriction for it.
+pub fn source_ranges(svc: &Service, node_ips: &[IpAddr]) -> Vec<(IpAddr, u8)> {
     let spec = svc.spec.as_ref();
     if spec.and_then(|s| s.type_.as_deref()) != Some("LoadBalancer") {
         return Vec::new();
     }
-    let mut out: Vec<(std::net::Ipv4Addr, u8)> = Vec::new();
-    let mut holds_node = false;
+    let mut out: Vec<(IpAddr, u8)> = Vec::new();
+    let (mut holds_node4, mut holds_node6) = (false, false);
     for r in spec
         .and_then(|s| s.load_balancer_source_ranges.as_ref())
         .into_iter()
@@ -128,33 +130,36 @@ pub fn source_ranges(svc: &Service, node_ips: &[IpAddr]) -> Vec<(std::net::Ipv4A
     {
         let r = r.trim();
         let Ok(net) = r
-            .parse::<ipnet::Ipv4Net>()
-            .or_else(|_| r.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from))
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| r.parse::<IpAddr>().map(ipnet::IpNet::from))
             .map(|n| n.trunc())
         else {
             continue;
         };
-        holds_node |= node_ips.iter().any(|ip| match ip {
-            IpAddr::V4(n) => net.contains(n),
-            IpAddr::V6(_) => false,
-        });
+        let holds = node_ips.iter().any(|ip| net.contains(ip));
+        match net {
+            ipnet::IpNet::V4(_) => holds_node4 |= holds,
+            ipnet::IpNet::V6(_) => holds_node6 |= holds,
+        }
         out.push((net.network(), net.prefix_len()));
     }
     if out.is_empty() {
         return out;
     }
-    if holds_node {
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref());
-        for ip in ingress
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.ip.as_deref()?.parse::<std::net::Ipv4Addr>().ok())
-        {
-            out.push((ip, 32));
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    for ip in ingress
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse::<IpAddr>().ok())
+    {
+        match ip {
+            IpAddr::V4(_) if holds_node4 => out.push((ip, 32)),
+            IpAddr::V6(_) if holds_node6 => out.push((ip, 128)),
+            _ => {}
         }
     }
     out.sort();
@@ -594,8 +599,12 @@ pub fn service_frontends<'a, 'r>(
             };
             let external = ext.then(|| {
                 let mut e = if addr.is_v6() { &ext6 } else { &ext4 }.clone();
-                if lb_addrs.contains(&addr) && !addr.is_v6() {
-                    e.source_ranges = ranges.clone();
+                if lb_addrs.contains(&addr) {
+                    e.source_ranges = ranges
+                        .iter()
+                        .filter(|(ip, _)| ip.is_ipv6() == addr.is_v6())
+                        .copied()
+                        .collect();
                 }
                 e
             });
@@ -1293,8 +1302,7 @@ spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [203.0.113.7], externa
     }
 
     #[test]
-    fn source_ranges_are_ipv4_networks_of_load_balancers_plus_their_ips_when_a_range_holds_the_node(
-    ) {
+    fn source_ranges_are_networks_of_load_balancers_plus_their_ips_when_a_range_holds_the_node() {
         let svc = |type_: &str, ranges: &str| -> Service {
             serde_yaml::from_str(&format!(
                 "metadata: {{name: s, namespace: d}}\nspec: {{type: {type_}, loadBalancerSourceRanges: {ranges}}}\nstatus: {{loadBalancer: {{ingress: [{{ip: 203.0.113.10}}, {{ip: '2001:db8::1'}}, {{hostname: lb.example}}]}}}}"
@@ -1302,19 +1310,28 @@ spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [203.0.113.7], externa
             .unwrap()
         };
         let node: Vec<IpAddr> = vec!["192.168.50.1".parse().unwrap(), "fd00::1".parse().unwrap()];
-        // Host bits cleared; IPv6 and malformed entries left out; no node
-        // address inside: no LB IP added.
+        // Host bits cleared; both families; malformed entries left out; no
+        // node address inside: no LB IP added.
         assert_eq!(
             source_ranges(
                 &svc(
                     "LoadBalancer",
-                    "['10.1.2.3/8', '2001:db8::/32', 'bogus', '198.51.100.7']"
+                    "['10.1.2.3/8', '2001:db8::5/32', 'bogus', '198.51.100.7']"
                 ),
                 &node
             ),
             vec![
                 ("10.0.0.0".parse().unwrap(), 8),
-                ("198.51.100.7".parse().unwrap(), 32)
+                ("198.51.100.7".parse().unwrap(), 32),
+                ("2001:db8::".parse().unwrap(), 32)
+            ]
+        );
+        // An IPv6 range holding the node's IPv6 address: the IPv6 LB IP too.
+        assert_eq!(
+            source_ranges(&svc("LoadBalancer", "['fd00::/64']"), &node),
+            vec![
+                ("2001:db8::1".parse().unwrap(), 128),
+                ("fd00::".parse().unwrap(), 64)
             ]
         );
         // A range holding the node's address: the IPv4 LB IP too.

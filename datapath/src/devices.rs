@@ -5,7 +5,7 @@
 //! of the calling thread's network namespace.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
@@ -21,7 +21,7 @@ pub struct Choice {
 }
 
 impl Choice {
-    /// One status line: `eth0 (SNAT 192.168.50.1), eth1 (…)`, or `none: …`.
+    /// One status line: `eth0 (SNAT 192.168.50.1, fd00::1), eth1 (…)`, or `none: …`.
     pub fn summary(&self) -> String {
         if self.devices.is_empty() {
             return format!("none: {}", self.problems.join("; "));
@@ -29,7 +29,7 @@ impl Choice {
         let mut s = self
             .devices
             .iter()
-            .map(|d| format!("{} (SNAT {})", d.ifname, d.snat))
+            .map(NodePortDevice::describe)
             .collect::<Vec<_>>()
             .join(", ");
         if !self.problems.is_empty() {
@@ -39,26 +39,34 @@ impl Choice {
     }
 }
 
-/// The interfaces to attach to.
+/// An address SNAT may use: not link-local (a reply to it would not route
+/// off the link), not loopback.
+fn usable6(a: &Ipv6Addr) -> bool {
+    !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80
+}
+
+/// The interfaces to attach to, for both families.
 ///
 /// - `configured` None: every interface (not `lo`) carrying one of the
-///   Node's IPv4 addresses (`node_ips`: InternalIP/ExternalIP); its SNAT
-///   address is the first Node address on it, in the Node's order.
-/// - `configured` Some: exactly those interfaces; SNAT address the first
-///   Node address on it, else its first IPv4 address. An interface that
-///   does not exist or has no IPv4 address is left out and reported.
-///
-/// The path is IPv4 only: IPv6 Node addresses choose nothing.
+///   Node's addresses (`node_ips`: InternalIP/ExternalIP, IPv4 or IPv6); its
+///   SNAT address per family is the first Node address of that family on it,
+///   in the Node's order (none: that family's flows to remote backends are
+///   dropped and counted).
+/// - `configured` Some: exactly those interfaces; per family, the first Node
+///   address on it, else its first address of that family (IPv6: not
+///   link-local). An interface that does not exist or has neither is left
+///   out and reported.
 pub fn choose(
     ifaddrs: &[(String, IpAddr)],
     node_ips: &[IpAddr],
     configured: Option<&[String]>,
 ) -> Choice {
-    let mut by_if: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+    let mut by_if: BTreeMap<&str, (Vec<Ipv4Addr>, Vec<Ipv6Addr>)> = BTreeMap::new();
     for (name, ip) in ifaddrs {
         let e = by_if.entry(name.as_str()).or_default();
-        if let IpAddr::V4(v4) = ip {
-            e.push(*v4);
+        match ip {
+            IpAddr::V4(v4) => e.0.push(*v4),
+            IpAddr::V6(v6) => e.1.push(*v6),
         }
     }
     let node4: Vec<Ipv4Addr> = node_ips
@@ -68,43 +76,59 @@ pub fn choose(
             IpAddr::V6(_) => None,
         })
         .collect();
-    let node_addr_on = |addrs: &[Ipv4Addr]| node4.iter().find(|n| addrs.contains(n)).copied();
+    let node6: Vec<Ipv6Addr> = node_ips
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(v) => Some(*v),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    let node4_on = |addrs: &[Ipv4Addr]| node4.iter().find(|n| addrs.contains(n)).copied();
+    let node6_on = |addrs: &[Ipv6Addr]| node6.iter().find(|n| addrs.contains(n)).copied();
     let mut out = Choice::default();
     match configured {
         Some(names) => {
             for name in names {
-                match by_if.get(name.as_str()) {
-                    None => out.problems.push(format!("{name}: no such interface")),
-                    Some(addrs) => match node_addr_on(addrs).or_else(|| addrs.first().copied()) {
-                        Some(snat) => out.devices.push(NodePortDevice {
-                            ifname: name.clone(),
-                            snat,
-                        }),
-                        None => out.problems.push(format!("{name}: no IPv4 address")),
-                    },
+                let Some((a4, a6)) = by_if.get(name.as_str()) else {
+                    out.problems.push(format!("{name}: no such interface"));
+                    continue;
+                };
+                let snat = node4_on(a4).or_else(|| a4.first().copied());
+                let snat6 = node6_on(a6).or_else(|| a6.iter().find(|a| usable6(a)).copied());
+                if snat.is_none() && snat6.is_none() {
+                    out.problems
+                        .push(format!("{name}: no IPv4 or global IPv6 address"));
+                    continue;
                 }
+                out.devices.push(NodePortDevice {
+                    ifname: name.clone(),
+                    snat,
+                    snat6,
+                });
             }
         }
         None => {
-            for (name, addrs) in &by_if {
+            for (name, (a4, a6)) in &by_if {
                 if *name == "lo" {
                     continue;
                 }
-                if let Some(snat) = node_addr_on(addrs) {
+                let (snat, snat6) = (node4_on(a4), node6_on(a6));
+                if snat.is_some() || snat6.is_some() {
                     out.devices.push(NodePortDevice {
                         ifname: (*name).to_string(),
                         snat,
+                        snat6,
                     });
                 }
             }
             if out.devices.is_empty() {
-                out.problems.push(if node4.is_empty() {
-                    "the Node has no IPv4 InternalIP/ExternalIP address".to_string()
+                out.problems.push(if node_ips.is_empty() {
+                    "the Node has no InternalIP/ExternalIP address".to_string()
                 } else {
                     format!(
                         "no interface carries the Node's address{} {}",
-                        if node4.len() > 1 { "es" } else { "" },
-                        node4
+                        if node_ips.len() > 1 { "es" } else { "" },
+                        node_ips
                             .iter()
                             .map(|a| a.to_string())
                             .collect::<Vec<_>>()
@@ -177,7 +201,15 @@ mod tests {
     fn dev(n: &str, a: &str) -> NodePortDevice {
         NodePortDevice {
             ifname: n.into(),
-            snat: a.parse().unwrap(),
+            snat: Some(a.parse().unwrap()),
+            snat6: None,
+        }
+    }
+    fn dev6(n: &str, a: Option<&str>, a6: &str) -> NodePortDevice {
+        NodePortDevice {
+            ifname: n.into(),
+            snat: a.map(|a| a.parse().unwrap()),
+            snat6: Some(a6.parse().unwrap()),
         }
     }
 
@@ -202,12 +234,15 @@ mod tests {
         );
         assert_eq!(
             c.devices,
-            [dev("eth0", "192.168.50.1"), dev("eth1", "192.0.2.11")]
+            [
+                dev6("eth0", Some("192.168.50.1"), "fd00::1"),
+                dev("eth1", "192.0.2.11")
+            ]
         );
         assert!(c.problems.is_empty());
         assert_eq!(
             c.summary(),
-            "eth0 (SNAT 192.168.50.1), eth1 (SNAT 192.0.2.11)"
+            "eth0 (SNAT 192.168.50.1, fd00::1), eth1 (SNAT 192.0.2.11)"
         );
     }
 
@@ -219,10 +254,14 @@ mod tests {
             c.summary(),
             "none: no interface carries the Node's address 10.9.9.9"
         );
+        // An IPv6-only Node: the interface carrying its address, IPv6 SNAT only.
         let c = choose(&ifs(HOST), &ips(&["fd00::1"]), None);
+        assert_eq!(c.devices, [dev6("eth0", None, "fd00::1")]);
+        assert_eq!(c.summary(), "eth0 (SNAT fd00::1)");
+        let c = choose(&ifs(HOST), &[], None);
         assert_eq!(
             c.summary(),
-            "none: the Node has no IPv4 InternalIP/ExternalIP address"
+            "none: the Node has no InternalIP/ExternalIP address"
         );
         // 127.0.0.1 is never a device, even as a Node address.
         assert!(choose(&ifs(HOST), &ips(&["127.0.0.1"]), None)
@@ -239,18 +278,22 @@ mod tests {
             "eth1".into(),
         ];
         let c = choose(&ifs(HOST), &ips(&["192.0.2.11"]), Some(&names));
-        // cni0: not a Node address, its own; eth1: the Node's address on it.
+        // cni0: not a Node address, its own; eth1: the Node's address on it;
+        // wg0: IPv6 only.
         assert_eq!(
             c.devices,
-            [dev("cni0", "10.244.0.1"), dev("eth1", "192.0.2.11")]
+            [
+                dev("cni0", "10.244.0.1"),
+                dev("eth1", "192.0.2.11"),
+                dev6("wg0", None, "fd00::9")
+            ]
         );
-        assert_eq!(
-            c.problems,
-            ["eth9: no such interface", "wg0: no IPv4 address"]
-        );
-        assert!(c
-            .summary()
-            .ends_with("skipped: eth9: no such interface; wg0: no IPv4 address"));
+        assert_eq!(c.problems, ["eth9: no such interface"]);
+        assert!(c.summary().ends_with("skipped: eth9: no such interface"));
+        // Link-local only: no usable IPv6 SNAT address.
+        let ll = ifs(&[("eth5", "fe80::1")]);
+        let c = choose(&ll, &[], Some(&["eth5".to_string()]));
+        assert_eq!(c.problems, ["eth5: no IPv4 or global IPv6 address"]);
     }
 
     #[test]

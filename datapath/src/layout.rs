@@ -47,12 +47,19 @@ pub mod names {
     /// (rev-nat id of an LB IP frontend, source CIDR) → allowed (LPM trie,
     /// `loadBalancerSourceRanges`, tc path).
     pub const SRC_RANGE: &str = "nb_lb4_src_range";
-    /// Single-entry lifetimes of `nb_ct4`'s entries (tc path).
+    /// Single-entry lifetimes of `nb_ct4`'s and `nb_ct6`'s entries (tc path).
     pub const CT_TIMEOUT: &str = "nb_ct_timeout";
+    /// Connection tracking of the per-packet path, IPv6, LRU.
+    pub const CT6: &str = "nb_ct6";
+    /// ifindex → IPv6 SNAT address of an external interface (tc path).
+    pub const NP_DEV6: &str = "nb_np_dev6";
+    /// As [`SRC_RANGE`] for IPv6 LB IPs.
+    pub const SRC_RANGE6: &str = "nb_lb6_src_range";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 20] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
-        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE, CT_TIMEOUT,
+        BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE, CT_TIMEOUT, CT6, NP_DEV6,
+        SRC_RANGE6,
     ];
 }
 
@@ -352,6 +359,64 @@ pub struct Ct4Val {
     pub pad: [u8; 3],
 }
 
+/// `struct nb_ct6_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct6Key {
+    /// Source address on the wire, network order words.
+    pub saddr: [u32; 4],
+    /// Destination address.
+    pub daddr: [u32; 4],
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct nb_ct6_val`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Val {
+    /// New source address.
+    pub saddr: [u32; 4],
+    /// New destination address.
+    pub daddr: [u32; 4],
+    /// New source port, network order.
+    pub sport: u16,
+    /// New destination port, network order.
+    pub dport: u16,
+    /// Service id of the flow.
+    pub rev_nat_index: u32,
+    /// `CLOCK_MONOTONIC` second after which the entry is lapsed.
+    pub expires: u32,
+    /// `CT_F_*`.
+    pub flags: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// `struct nb_np_dev6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NpDev6 {
+    /// The node's IPv6 address remote backends see, network order words.
+    pub snat_addr: [u32; 4],
+}
+
+/// `struct nb_src_range6_key` without its prefixlen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange6Key {
+    /// The LB IP frontend's service id (host order).
+    pub rev_nat_index: u32,
+    /// The CIDR's address, network order words (host bits zero).
+    pub addr: [u32; 4],
+}
+
 /// `NB_CT_F_CLOSING`: a FIN or RST was seen.
 pub const CT_F_CLOSING: u8 = 0x04;
 
@@ -437,6 +502,10 @@ unsafe impl aya::Pod for SockTermKey {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Val {}
 unsafe impl aya::Pod for CtTimeouts {}
+unsafe impl aya::Pod for Ct6Key {}
+unsafe impl aya::Pod for Ct6Val {}
+unsafe impl aya::Pod for NpDev6 {}
+unsafe impl aya::Pod for SrcRange6Key {}
 unsafe impl aya::Pod for NpDev {}
 unsafe impl aya::Pod for Maglev {}
 
@@ -467,6 +536,15 @@ const _: () = {
     assert!(offset_of!(Ct4Val, expires) == 16);
     assert!(offset_of!(Ct4Val, flags) == 20);
     assert!(size_of::<CtTimeouts>() == 16);
+    assert!(size_of::<Ct6Key>() == 40);
+    assert!(offset_of!(Ct6Key, sport) == 32);
+    assert!(offset_of!(Ct6Key, proto) == 36);
+    assert!(size_of::<Ct6Val>() == 48);
+    assert!(offset_of!(Ct6Val, rev_nat_index) == 36);
+    assert!(offset_of!(Ct6Val, expires) == 40);
+    assert!(offset_of!(Ct6Val, flags) == 44);
+    assert!(size_of::<NpDev6>() == 16);
+    assert!(size_of::<SrcRange6Key>() == 20);
     assert!(size_of::<NpDev>() == 8);
     assert!(size_of::<Maglev>() == 32768);
     assert!(offset_of!(Maglev, slot) == 4);

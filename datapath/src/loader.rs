@@ -22,7 +22,7 @@ use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
 use crate::config::MapSizes;
-use crate::layout::{names, NbConfig, NpDev, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE};
+use crate::layout::{names, NbConfig, NpDev, NpDev6, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE};
 use crate::maps::kernel::KernelMaps;
 use crate::maps::MapsError;
 use crate::pins::{PinError, Pins};
@@ -152,6 +152,9 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::MAGLEV => s(4, size_of::<Maglev>()),
         names::SRC_RANGE => s(4 + size_of::<SrcRangeKey>(), 4),
         names::CT_TIMEOUT => s(4, size_of::<CtTimeouts>()),
+        names::CT6 => s(size_of::<Ct6Key>(), size_of::<Ct6Val>()),
+        names::NP_DEV6 => s(4, size_of::<NpDev6>()),
+        names::SRC_RANGE6 => s(4 + size_of::<SrcRange6Key>(), 4),
         _ => None,
     }
 }
@@ -172,7 +175,7 @@ fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
 /// (tracked north–south flows start over) and the outcome counters (a counter
 /// reset, which Prometheus handles). The programs still attached keep the old
 /// map until the new ones replace them.
-const RESETTABLE: [&str; 2] = [names::CT4, names::COUNTERS];
+const RESETTABLE: [&str; 3] = [names::CT4, names::CT6, names::COUNTERS];
 
 /// What [`check_pinned`] found.
 #[derive(Default)]
@@ -364,8 +367,24 @@ pub const NODEPORT_POINTS: [(&str, &str, TcAttachType); 2] = [
 pub struct NodePortDevice {
     /// Interface name (in the caller's network namespace).
     pub ifname: String,
-    /// The node's IPv4 address remote backends see for SNATed flows.
-    pub snat: std::net::Ipv4Addr,
+    /// The node's IPv4 address remote backends see for SNATed flows (None:
+    /// IPv4 flows to remote backends are dropped, counted `nodeport_no_snat_addr`).
+    pub snat: Option<std::net::Ipv4Addr>,
+    /// The node's IPv6 address for SNATed IPv6 flows (None: as above).
+    pub snat6: Option<std::net::Ipv6Addr>,
+}
+
+impl NodePortDevice {
+    /// `eth0 (SNAT 192.168.50.1, fd00::1)`.
+    pub fn describe(&self) -> String {
+        let addrs: Vec<String> = self
+            .snat
+            .map(|a| a.to_string())
+            .into_iter()
+            .chain(self.snat6.map(|a| a.to_string()))
+            .collect();
+        format!("{} (SNAT {})", self.ifname, addrs.join(", "))
+    }
 }
 
 /// Attaches the per-packet path (`nb_np_ingress`/`nb_np_egress`, tc via
@@ -394,30 +413,7 @@ pub fn install_nodeport(
         let ifindex = sys::ifindex(&dev.ifname)
             .map_err(|e| link_err(Path::new(&dev.ifname), "ifindex", e))?;
         ifindexes.push(ifindex);
-        {
-            let map = ebpf
-                .map_mut(names::NP_DEV)
-                .ok_or(LoaderError::MissingProgram("nb_np_dev"))?;
-            let mut m: aya::maps::HashMap<_, u32, NpDev> = aya::maps::HashMap::try_from(map)
-                .map_err(|e| {
-                    LoaderError::Maps(MapsError::Kernel {
-                        map: names::NP_DEV,
-                        op: "open",
-                        source: Box::new(e),
-                    })
-                })?;
-            let v = NpDev {
-                snat_addr: crate::layout::addr_be(dev.snat),
-                pad: 0,
-            };
-            m.insert(ifindex, v, 0).map_err(|e| {
-                LoaderError::Maps(MapsError::Kernel {
-                    map: names::NP_DEV,
-                    op: "update",
-                    source: Box::new(e),
-                })
-            })?;
-        }
+        set_np_dev(&mut ebpf, ifindex, dev)?;
         for (prefix, prog_name, dir) in NODEPORT_POINTS {
             let point = format!("{prefix}{}", dev.ifname);
             let pin = pins.link(&point);
@@ -472,6 +468,57 @@ pub fn install_nodeport(
     Ok(out)
 }
 
+/// Records (or clears) a device's SNAT addresses in `nb_np_dev` / `nb_np_dev6`.
+fn set_np_dev(ebpf: &mut Ebpf, ifindex: u32, dev: &NodePortDevice) -> Result<(), LoaderError> {
+    let kerr = |map: &'static str, op: &'static str| {
+        move |e: aya::maps::MapError| {
+            LoaderError::Maps(MapsError::Kernel {
+                map,
+                op,
+                source: Box::new(e),
+            })
+        }
+    };
+    {
+        let map = ebpf
+            .map_mut(names::NP_DEV)
+            .ok_or(LoaderError::MissingProgram("nb_np_dev"))?;
+        let mut m: aya::maps::HashMap<_, u32, NpDev> =
+            aya::maps::HashMap::try_from(map).map_err(kerr(names::NP_DEV, "open"))?;
+        match dev.snat {
+            Some(a) => {
+                let v = NpDev {
+                    snat_addr: crate::layout::addr_be(a),
+                    pad: 0,
+                };
+                m.insert(ifindex, v, 0)
+                    .map_err(kerr(names::NP_DEV, "update"))?;
+            }
+            None => {
+                let _ = m.remove(&ifindex);
+            }
+        }
+    }
+    let map = ebpf
+        .map_mut(names::NP_DEV6)
+        .ok_or(LoaderError::MissingProgram("nb_np_dev6"))?;
+    let mut m: aya::maps::HashMap<_, u32, NpDev6> =
+        aya::maps::HashMap::try_from(map).map_err(kerr(names::NP_DEV6, "open"))?;
+    match dev.snat6 {
+        Some(a) => {
+            let v = NpDev6 {
+                snat_addr: crate::layout::addr6_be(a),
+            };
+            m.insert(ifindex, v, 0)
+                .map_err(kerr(names::NP_DEV6, "update"))?;
+        }
+        None => {
+            let _ = m.remove(&ifindex);
+        }
+    }
+    Ok(())
+}
+
 /// The interfaces with a pinned per-packet link (`np-in-<ifname>`).
 pub fn nodeport_attached(pins: &Pins) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(pins.links_dir())
@@ -508,27 +555,37 @@ fn detach_nodeport_except(pins: &Pins, keep: &[&str]) -> Result<(), LoaderError>
     Ok(())
 }
 
-/// Deletes the `nb_np_dev` entries of interfaces not in `keep` (ifindexes).
+/// Deletes the `nb_np_dev` / `nb_np_dev6` entries of interfaces not in
+/// `keep` (ifindexes).
 fn clear_np_dev_except(pins: &Pins, keep: &[u32]) -> Result<(), LoaderError> {
-    let path = pins.map(names::NP_DEV);
-    if !path.exists() {
-        return Ok(());
+    fn clear<V: aya::Pod>(
+        pins: &Pins,
+        name: &'static str,
+        keep: &[u32],
+    ) -> Result<(), LoaderError> {
+        let path = pins.map(name);
+        if !path.exists() {
+            return Ok(());
+        }
+        let kerr = |op: &'static str, e: aya::maps::MapError| {
+            LoaderError::Maps(MapsError::Kernel {
+                map: name,
+                op,
+                source: Box::new(e),
+            })
+        };
+        let data = aya::maps::MapData::from_pin(&path).map_err(|e| kerr("open", e))?;
+        let mut m: aya::maps::HashMap<_, u32, V> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+                .map_err(|e| kerr("open", e))?;
+        let stale: Vec<u32> = m.keys().flatten().filter(|k| !keep.contains(k)).collect();
+        for k in stale {
+            m.remove(&k).map_err(|e| kerr("delete", e))?;
+        }
+        Ok(())
     }
-    let kerr = |op: &'static str, e: aya::maps::MapError| {
-        LoaderError::Maps(MapsError::Kernel {
-            map: names::NP_DEV,
-            op,
-            source: Box::new(e),
-        })
-    };
-    let data = aya::maps::MapData::from_pin(&path).map_err(|e| kerr("open", e))?;
-    let mut m: aya::maps::HashMap<_, u32, NpDev> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|e| kerr("open", e))?;
-    let stale: Vec<u32> = m.keys().flatten().filter(|k| !keep.contains(k)).collect();
-    for k in stale {
-        m.remove(&k).map_err(|e| kerr("delete", e))?;
-    }
-    Ok(())
+    clear::<NpDev>(pins, names::NP_DEV, keep)?;
+    clear::<NpDev6>(pins, names::NP_DEV6, keep)
 }
 
 /// Where the socket LB is attached, read back from the link pins.

@@ -451,8 +451,8 @@ impl<M: LbMaps> Reconciler<M> {
         &self.pressure
     }
 
-    /// Every programmed IPv4 external frontend the per-packet path can see
-    /// (not 127.0.0.1): its service id and the backends of the slots it
+    /// Every programmed external frontend of either family the per-packet
+    /// path can see (not loopback): its service id and the backends of the slots it
     /// chooses from (`1..local_count` under externalTrafficPolicy Local,
     /// else `1..count`), in slot order. What the Maglev tables are built from.
     pub fn external_slots(&self) -> Vec<(u16, Vec<L4Addr>)> {
@@ -461,8 +461,7 @@ impl<M: LbMaps> Reconciler<M> {
         let mut out = Vec::new();
         for (addr, p) in &self.frontends {
             let Some(v) = p.value else { continue };
-            if addr.is_v6() || addr.ip.is_loopback() || v.flags & crate::layout::SVC_F_EXTERNAL == 0
-            {
+            if addr.ip.is_loopback() || v.flags & crate::layout::SVC_F_EXTERNAL == 0 {
                 continue;
             }
             let n = if v.flags & crate::layout::SVC_F_EXT_LOCAL != 0 {
@@ -484,7 +483,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// The allowed source CIDRs of each programmed LB IP frontend with
     /// `loadBalancerSourceRanges` (by service id), for
     /// [`crate::srcrange::SourceRanges::sync`].
-    pub fn source_ranges(&self) -> Vec<(u16, Vec<(std::net::Ipv4Addr, u8)>)> {
+    pub fn source_ranges(&self) -> Vec<(u16, Vec<(std::net::IpAddr, u8)>)> {
         let mut out = Vec::new();
         for (addr, p) in &self.frontends {
             let Some(v) = p.value else { continue };

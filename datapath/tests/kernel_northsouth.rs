@@ -202,7 +202,8 @@ impl PeerServer {
             let f = std::fs::File::open(path).expect("netns");
             // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
             assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            let l = std::net::TcpListener::bind("0.0.0.0:8080").expect("bind");
+            // Dual-stack: IPv4 clients show as themselves (canonical form).
+            let l = std::net::TcpListener::bind("[::]:8080").expect("bind");
             l.set_nonblocking(true).expect("nonblocking");
             tx.send(()).expect("ready");
             while !stop2.load(Ordering::Relaxed) {
@@ -211,10 +212,11 @@ impl PeerServer {
                         let _ = s.set_nonblocking(false);
                         // "*": answer with the address the client reached.
                         let me = match (name.as_str(), s.local_addr()) {
-                            ("*", Ok(a)) => a.ip().to_string(),
+                            ("*", Ok(a)) => a.ip().to_canonical().to_string(),
                             _ => name.clone(),
                         };
-                        let _ = s.write_all(format!("{me} {}\n", peer.ip()).as_bytes());
+                        let _ =
+                            s.write_all(format!("{me} {}\n", peer.ip().to_canonical()).as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_micros(300)),
                 }
@@ -270,6 +272,11 @@ impl Cluster {
             ]);
             br.ip(&["link", "set", port, "master", "br0", "up"]);
             ns.ip(&["addr", "add", addr, "dev", "eth0"]);
+            let addr6 = format!(
+                "fd00:50::{}/64",
+                addr.split(['.', '/']).nth(3).unwrap_or("0")
+            );
+            ns.ip(&["addr", "add", &addr6, "dev", "eth0", "nodad"]);
             ns.ip(&["link", "set", "eth0", "up"]);
         }
         for (node, pod, net, other_net, other_node) in [
@@ -292,6 +299,37 @@ impl Cluster {
             let gw = format!("10.200.{net}.254");
             pod.ip(&["route", "add", "192.168.50.0/24", "via", &gw]);
             pod.ip(&["route", "add", "10.200.0.0/16", "via", &gw]);
+            // IPv6: pod fd00:200:<net>::10, node side ::fe.
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:200:{net}::fe/64"),
+                "dev",
+                "pod0",
+                "nodad",
+            ]);
+            pod.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:200:{net}::10/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            let gw6 = format!("fd00:200:{net}::fe");
+            pod.ip(&["-6", "route", "add", "fd00:50::/64", "via", &gw6]);
+            pod.ip(&["-6", "route", "add", "fd00:200::/32", "via", &gw6]);
+            let other6 = format!("fd00:50::{}", if net == 1 { 2 } else { 1 });
+            node.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:200:{other_net}::/64"),
+                "via",
+                &other6,
+            ]);
+            let out = node.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+            assert!(out.status.success(), "{out:?}");
             node.ip(&[
                 "route",
                 "add",
@@ -302,8 +340,16 @@ impl Cluster {
             let out = node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
             assert!(out.status.success(), "{out:?}");
         }
-        // The client reaches the externalIP through node-a.
+        // The client reaches the externalIPs through node-a.
         client.ip(&["route", "add", "198.51.100.7/32", "via", "192.168.50.1"]);
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:7::7/128",
+            "via",
+            "fd00:50::1",
+        ]);
         Self {
             client,
             node_a,
@@ -354,7 +400,8 @@ fn attach_node_a(c: &Cluster, pins: &TestPins) -> Vec<String> {
             &NP_SIZES,
             &[NodePortDevice {
                 ifname: "eth0".into(),
-                snat: "192.168.50.1".parse().unwrap(),
+                snat: Some("192.168.50.1".parse().unwrap()),
+                snat6: None,
             }],
         )
     })
@@ -962,7 +1009,8 @@ fn maglev_sends_each_flow_to_the_table_backend_and_removing_one_of_n_moves_only_
             &sizes,
             &[NodePortDevice {
                 ifname: "eth0".into(),
-                snat: "192.168.50.1".parse().unwrap(),
+                snat: Some("192.168.50.1".parse().unwrap()),
+                snat6: None,
             }],
         )
     })
@@ -1107,9 +1155,9 @@ fn load_balancer_source_ranges_admit_only_their_sources_on_the_lb_ip() {
     assert_eq!(
         written[0].1,
         vec![
-            (Ipv4Addr::new(10, 0, 0, 0), 8),
-            (Ipv4Addr::new(192, 168, 50, 0), 24),
-            (Ipv4Addr::new(203, 0, 113, 10), 32)
+            (Ipv4Addr::new(10, 0, 0, 0).into(), 8),
+            (Ipv4Addr::new(192, 168, 50, 0).into(), 24),
+            (Ipv4Addr::new(203, 0, 113, 10).into(), 32)
         ],
         "{written:?}"
     );
@@ -1126,7 +1174,10 @@ fn load_balancer_source_ranges_admit_only_their_sources_on_the_lb_ip() {
 
     // Ranges that leave the client out: its new flows to the LB IP are dropped.
     let written = program("[10.0.0.0/8]");
-    assert_eq!(written[0].1, vec![(Ipv4Addr::new(10, 0, 0, 0), 8)]);
+    assert_eq!(
+        written[0].1,
+        vec![(std::net::IpAddr::from(Ipv4Addr::new(10, 0, 0, 0)), 8)]
+    );
     let res = tcp(v4([203, 0, 113, 10], 80), 1);
     assert!(!res[0].ok, "outside the ranges: dropped: {res:?}");
     // The NodePort of the same Service is not guarded (kube-proxy's ranges
@@ -1304,7 +1355,7 @@ fn a_reused_client_port_is_served_and_finished_flows_lapse_after_their_lifetime(
     let sw = conntrack::sweep(&pins.pins, now).expect("sweep");
     assert_eq!(sw.deleted as usize, before.len(), "{sw:?}");
     assert_eq!(sw.live, 0, "{sw:?}");
-    assert_eq!(sw.capacity, 65536, "{sw:?}");
+    assert_eq!(sw.capacity, 2 * 65536, "nb_ct4 + nb_ct6: {sw:?}");
     assert!(conntrack::list(&pins.pins, now)
         .expect("ct list")
         .is_empty());
@@ -1319,5 +1370,270 @@ fn a_reused_client_port_is_served_and_finished_flows_lapse_after_their_lifetime(
         counter("nodeport_ct_reopened"),
         counter("nodeport_ct_lapsed"),
         counter("nodeport_ct_clash")
+    );
+}
+
+// ---- IPv6 on the per-packet path -------------------------------------------
+
+const NP_SERVICES6: &str = "
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.80
+  clusterIPs: [10.96.0.80, 'fd00:96::80']
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: ['2001:db8:7::7']
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+kind: Service
+metadata: {name: loc, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.81
+  clusterIPs: [10.96.0.81, 'fd00:96::81']
+  ipFamilies: [IPv4, IPv6]
+  externalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]
+---
+kind: Service
+metadata: {name: far, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.82
+  clusterIPs: [10.96.0.82, 'fd00:96::82']
+  ipFamilies: [IPv4, IPv6]
+  externalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080, nodePort: 30082}]
+---
+kind: EndpointSlice
+metadata: {name: web-6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ['fd00:200:1::10'], nodeName: node-a}
+- {addresses: ['fd00:200:2::10'], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: loc-6, namespace: default, labels: {kubernetes.io/service-name: loc}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ['fd00:200:1::10'], nodeName: node-a}
+- {addresses: ['fd00:200:2::10'], nodeName: node-b}
+---
+kind: EndpointSlice
+metadata: {name: far-6, namespace: default, labels: {kubernetes.io/service-name: far}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ['fd00:200:2::10'], nodeName: node-b}
+---
+kind: Service
+metadata: {name: open6, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 'fd00:96::90'
+  ipFamilies: [IPv6]
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: ['fd00:50::100/128']
+  ports: [{port: 80, targetPort: 8080, nodePort: 30090}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8:20::1'}]}}
+---
+kind: Service
+metadata: {name: shut6, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 'fd00:96::91'
+  ipFamilies: [IPv6]
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: ['2001:db8:ffff::/48', '10.0.0.0/8']
+  ports: [{port: 80, targetPort: 8080, nodePort: 30091}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8:20::2'}]}}
+---
+kind: Service
+metadata: {name: v4only, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 'fd00:96::92'
+  ipFamilies: [IPv6]
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: ['10.0.0.0/8']
+  ports: [{port: 80, targetPort: 8080, nodePort: 30092}]
+status: {loadBalancer: {ingress: [{ip: '2001:db8:20::3'}]}}
+---
+kind: EndpointSlice
+metadata: {name: open6-1, namespace: default, labels: {kubernetes.io/service-name: open6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ['fd00:200:1::10'], nodeName: node-a}
+---
+kind: EndpointSlice
+metadata: {name: shut6-1, namespace: default, labels: {kubernetes.io/service-name: shut6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ['fd00:200:1::10'], nodeName: node-a}
+---
+kind: EndpointSlice
+metadata: {name: v4only-1, namespace: default, labels: {kubernetes.io/service-name: v4only}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ['fd00:200:1::10'], nodeName: node-a}
+";
+
+/// The IPv6 twin of the IPv4 per-packet test: a dual-stack NodePort from an
+/// external IPv6 client, local backend DNATed (client address kept), remote
+/// one DNATed + SNATed to node-a's IPv6 address; externalTrafficPolicy
+/// Local; the IPv6 externalIP; and a reused client port.
+#[test]
+fn ipv6_external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own_address_under_local_policy(
+) {
+    require_privileges();
+    let c = Cluster::new("n6");
+    let _pa = PeerServer::start(&c.pod_a, "pod-a");
+    let _pb = PeerServer::start(&c.pod_b, "pod-b");
+    let agent_cg = TestCgroup::new("nbns-n6-agent");
+    let client_cg = TestCgroup::new("nbns-n6-client");
+    let pins = TestPins::new("nbns-n6");
+    loader::install(&pins.pins, &agent_cg.path, &NP_SIZES, true).expect("install");
+    let (svcs, slices) = parse_objects(NP_SERVICES6);
+    let node_ips = [
+        "192.168.50.1".parse().unwrap(),
+        "fd00:50::1".parse().unwrap(),
+    ];
+    let rules = Rules {
+        default_affinity_timeout: 10800,
+        node: "node-a",
+        zone: None,
+        node_ips: &node_ips,
+    };
+    let mut recon =
+        Reconciler::recover(KernelMaps::open(&pins.pins).expect("maps")).expect("recover");
+    recon
+        .reconcile(&desired::build(&svcs, &slices, rules))
+        .expect("reconcile");
+    let mut sr = netboot_datapath::srcrange::SourceRanges::open(&pins.pins).expect("tries");
+    let guarded = recon.source_ranges();
+    sr.sync(&guarded).expect("source ranges");
+    // open6 and shut6 are guarded with their IPv6 ranges; v4only's IPv6 LB
+    // IP has no range of its family: unrestricted, as kube-proxy's IPv6
+    // proxier leaves it.
+    assert_eq!(guarded.len(), 2, "{guarded:?}");
+    c.client.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:20::/64",
+        "via",
+        "fd00:50::1",
+    ]);
+    let (pins2, path) = (pins.pins.clone(), c.node_a.path());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(path).expect("netns");
+        // SAFETY: valid fd; CLONE_NEWNET only affects this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        loader::install_nodeport(
+            &pins2,
+            &NP_SIZES,
+            &[NodePortDevice {
+                ifname: "eth0".into(),
+                snat: Some("192.168.50.1".parse().unwrap()),
+                snat6: Some("fd00:50::1".parse().unwrap()),
+            }],
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("install_nodeport");
+
+    let tcp6 = |addr: &str, count: u32| {
+        client(
+            &client_cg.path,
+            &c.client,
+            ClientOp::TcpAny {
+                addr: addr.parse().unwrap(),
+                count,
+            },
+        )
+    };
+    // Cluster policy: both backends; the local one sees the client, the
+    // remote one node-a's IPv6 address.
+    let res = tcp6("[fd00:50::1]:30080", 40);
+    let s = seen(&res);
+    let a: Vec<_> = s.iter().filter(|(n, _)| n == "pod-a").collect();
+    let b: Vec<_> = s.iter().filter(|(n, _)| n == "pod-b").collect();
+    assert!(!a.is_empty() && !b.is_empty(), "both backends: {s:?}");
+    assert!(a.iter().all(|(_, src)| src == "fd00:50::100"), "{s:?}");
+    assert!(b.iter().all(|(_, src)| src == "fd00:50::1"), "{s:?}");
+    assert!(
+        res.iter().all(|a| a.peer == "[fd00:50::1]:30080"),
+        "replies come from the frontend: {res:?}"
+    );
+    // The IPv6 externalIP of the same Service.
+    let s = seen(&tcp6("[2001:db8:7::7]:80", 20));
+    assert!(
+        s.iter()
+            .all(|(n, src)| (n == "pod-a" && src == "fd00:50::100")
+                || (n == "pod-b" && src == "fd00:50::1")),
+        "{s:?}"
+    );
+    // Local policy: only pod-a, the client's own address.
+    let s = seen(&tcp6("[fd00:50::1]:30081", 20));
+    assert!(
+        s.iter()
+            .all(|(n, src)| n == "pod-a" && src == "fd00:50::100"),
+        "{s:?}"
+    );
+    // Local policy without a local endpoint: dropped.
+    let res = tcp6("[fd00:50::1]:30082", 1);
+    assert!(!res[0].ok, "{res:?}");
+
+    // loadBalancerSourceRanges on IPv6 LB IPs.
+    let s = seen(&tcp6("[2001:db8:20::1]:80", 5));
+    assert!(
+        s.iter()
+            .all(|(n, src)| n == "pod-a" && src == "fd00:50::100"),
+        "inside its IPv6 range: {s:?}"
+    );
+    let res = tcp6("[2001:db8:20::2]:80", 1);
+    assert!(!res[0].ok, "outside its IPv6 ranges: dropped: {res:?}");
+    let s = seen(&tcp6("[2001:db8:20::3]:80", 3));
+    assert!(
+        s.iter().all(|(n, _)| n == "pod-a"),
+        "no IPv6 range: open: {s:?}"
+    );
+
+    let rows = netboot_datapath::conntrack::list(
+        &pins.pins,
+        netboot_datapath::conntrack::monotonic_secs(),
+    )
+    .expect("ct list");
+    assert!(
+        rows.iter().any(|r| r.from.starts_with("[fd00:50::100]:")
+            && r.to.contains("[fd00:200:2::10]:8080")
+            && r.flags.contains(&"snat")),
+        "an IPv6 SNAT flow is listed: {rows:?}"
+    );
+    let ctr = recon.maps().counters().expect("counters");
+    let get = |n: &str| {
+        ctr.0
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    };
+    assert!(
+        get("nodeport_snat") > 0 && get("nodeport_local") > 0,
+        "{ctr:?}"
+    );
+    assert!(get("nodeport_no_local_backend") > 0, "{ctr:?}");
+    assert!(get("nodeport_src_range_denied") > 0, "{ctr:?}");
+    println!(
+        "NUMBERS ipv6 nodeport: {} local (client IP kept), {} remote (SNAT fd00:50::1)",
+        a.len(),
+        b.len()
     );
 }

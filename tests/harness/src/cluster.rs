@@ -614,6 +614,31 @@ pub fn probe_deployment(name: &str, replicas: i32) -> Deployment {
     .unwrap_or_else(|e| panic!("probe Deployment {name}: {e}"))
 }
 
+/// A podnet `netboot-probe serve` pod (app=`app`) pinned to `node`: a
+/// backend whose node a test chooses.
+pub fn probe_pod(name: &str, app: &str, node: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": podnet_labels(app)},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "probe",
+                "image": "netboot-probe:dev",
+                "command": ["netboot-probe", "serve"],
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "ports": [
+                    {"name": "tcp", "containerPort": 8080, "protocol": "TCP"},
+                    {"name": "udp", "containerPort": 8081, "protocol": "UDP"}
+                ]
+            }]
+        }
+    }))
+    .unwrap_or_else(|e| panic!("probe Pod {name}: {e}"))
+}
+
 /// A ClusterIP Service over the probe Deployment `app` (ports 80→8080/TCP, 81→8081/UDP).
 pub fn probe_service(name: &str, app: &str) -> k8s_openapi::api::core::v1::Service {
     serde_json::from_value(json!({

@@ -10,6 +10,7 @@
 //! - [`names`], [`netns`], [`cgroup`], [`process`], [`dns`]: the plumbing.
 //! - [`caps`]: the capabilities a container's securityContext grants.
 //! - [`http`]: a blocking HTTP/1.0 GET for polling agents.
+//! - [`external`]: connections from the external client's netns (not a node).
 //!
 //! The test toolkit (netns, cgroup, process, http) is also what the
 //! datapath's kernel tests and the bench use: it lives here only.
@@ -19,6 +20,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod controlplane;
 pub mod dns;
+pub mod external;
 pub mod http;
 pub mod kubeproxy_rules;
 pub mod names;

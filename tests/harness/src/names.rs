@@ -9,9 +9,21 @@ use sha2::{Digest, Sha256};
 pub const FABRIC_BRIDGE: &str = "br0";
 /// Address of the API server inside the pod world (in the cp netns).
 pub const CP_IP: &str = "172.18.0.2";
+/// Address of the external client on the fabric (in the ext netns): a
+/// machine on the nodes' network that is not a node (in no Node object).
+pub const EXT_IP: &str = "172.18.0.3";
+/// Where the external client routes [`EXT_ROUTES`]: node-0's InternalIP, as
+/// an upstream router would send a load balancer's or external IP's traffic
+/// to one node.
+pub const EXT_GATEWAY: &str = "172.18.1.1";
+/// Ranges the external client routes via [`EXT_GATEWAY`], for the external
+/// IPs and LoadBalancer ingress IPs tests assign (RFC 5737 TEST-NET-2 and
+/// TEST-NET-3). Its only other route is the connected node network; no
+/// default route.
+pub const EXT_ROUTES: [&str; 2] = ["198.51.100.0/24", "203.0.113.0/24"];
 /// Port of the API server, in the pod world and on loopback.
 pub const API_PORT: u16 = 6443;
-/// The node network (node i = 172.18.1.i).
+/// The node network (node-i = 172.18.1.(i+1); 172.18.0.x: cp, external client).
 pub const NODE_CIDR: &str = "172.18.0.0/16";
 /// Prefix length of node addresses on the fabric.
 pub const NODE_PREFIX: u8 = 16;
@@ -92,6 +104,12 @@ impl Layout {
     /// The control-plane netns (`nb-cp`).
     pub fn cp_netns(&self) -> String {
         format!("{}cp", self.netns_prefix)
+    }
+
+    /// The external client's netns (`nb-ext`): on the fabric at [`EXT_IP`],
+    /// not a node.
+    pub fn ext_netns(&self) -> String {
+        format!("{}ext", self.netns_prefix)
     }
 
     /// `nb-node-<node>`.
@@ -192,6 +210,9 @@ pub fn node_fabric_veth(node: &str) -> String {
 /// Fabric-side veth of the control-plane netns.
 pub const CP_FABRIC_VETH: &str = "cp0";
 
+/// Fabric-side veth of the external client's netns.
+pub const EXT_FABRIC_VETH: &str = "ext0";
+
 /// Node-side veth of a pod (inside the node netns).
 pub fn pod_node_veth(uid: &str) -> String {
     ifname("p", uid12(uid))
@@ -217,6 +238,8 @@ mod tests {
         );
         assert_eq!(pod_node_veth(uid), "p3f2a9c1b-7d4");
         assert_eq!(node_fabric_veth("node-999"), "n-node-999");
+        assert_eq!(Layout::default().ext_netns(), "nb-ext");
+        assert_eq!(Layout::default().cp_netns(), "nb-cp");
         let long = node_fabric_veth("a-very-long-node-name.example.com");
         assert!(long.len() <= 15 && long.starts_with("n-"), "{long}");
     }

@@ -2,7 +2,8 @@
 //!
 //! Topology (docs/contracts.md): a fabric netns with a bridge; a netns per node
 //! plugged into the bridge with its node IP; a netns per pod with a veth to its
-//! node netns. Every veth is created INSIDE a namespace podnet made and its
+//! node netns; the control-plane netns and an external client (not a node) on
+//! the bridge too. Every veth is created INSIDE a namespace podnet made and its
 //! peer moved straight into another one, so no device ever appears in the root
 //! namespace, no address is added there and no route or firewall rule of the
 //! root namespace is touched. No namespace gets a default route.
@@ -376,6 +377,34 @@ impl Plumber {
         add(&cp).await?;
         let ip: Ipv4Addr = names::CP_IP.parse().unwrap_or(Ipv4Addr::new(172, 18, 0, 2));
         self.plug(&cp, names::CP_FABRIC_VETH, ip).await
+    }
+
+    /// Creates the external client's netns on the fabric at
+    /// [`names::EXT_IP`] (idempotent): a machine on the node network that is
+    /// not a node. Its routes: the connected node network, and
+    /// [`names::EXT_ROUTES`] (external and LoadBalancer IPs) via
+    /// [`names::EXT_GATEWAY`]; no default route.
+    pub async fn ensure_ext_client(&self) -> Result<()> {
+        let ext = self.layout.ext_netns();
+        if !exists(&ext) {
+            self.ensure_fabric().await?;
+            add(&ext).await?;
+            let ip: Ipv4Addr = names::EXT_IP
+                .parse()
+                .unwrap_or(Ipv4Addr::new(172, 18, 0, 3));
+            self.plug(&ext, names::EXT_FABRIC_VETH, ip).await?;
+        }
+        let routes: Vec<String> = names::EXT_ROUTES
+            .iter()
+            .map(|cidr| {
+                format!(
+                    "route replace {cidr} via {} dev {}",
+                    names::EXT_GATEWAY,
+                    names::INNER_IF
+                )
+            })
+            .collect();
+        ip_batch(&ext, &routes).await
     }
 
     /// Creates a node's netns on the fabric with its node IP and forwarding on

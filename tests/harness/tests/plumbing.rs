@@ -255,3 +255,118 @@ fn a_launch_with_capabilities_execs_with_exactly_those() {
         Some(std::io::ErrorKind::NotFound)
     );
 }
+
+/// A tiny probe server in `netns` on 0.0.0.0:`port`: greets with `name`,
+/// answers the peer query with the source it sees (as `netboot-probe serve`),
+/// for `conns` connections.
+fn peer_server(
+    netns: &str,
+    port: u16,
+    name: &'static str,
+    conns: usize,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = netns::in_netns(netns, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port))
+    })
+    .unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..conns {
+            let (mut s, peer) = listener.accept().unwrap();
+            writeln!(s, "{name}").unwrap();
+            let mut line = String::new();
+            BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.as_bytes(), netboot_harness::external::PEER_QUERY);
+            writeln!(s, "peer {}", peer.ip()).unwrap();
+        }
+    })
+}
+
+/// The external client: on the fabric at its own address, reaching a node
+/// directly and the external/LoadBalancer ranges through node-0's address,
+/// nothing else (no default route); made idempotently and removed with the
+/// rest of the layout.
+#[tokio::test]
+async fn the_external_client_reaches_nodes_and_its_ranges_only() {
+    use netboot_harness::external::{self, NoAnswer, Seen};
+    require_root("the external client plumbing test");
+    let layout = test_layout("x");
+    let plumber = Plumber::new(layout.clone());
+    plumber.remove_all().await;
+    let gateway: Ipv4Addr = names::EXT_GATEWAY.parse().unwrap();
+    plumber.ensure_node("node-0", gateway).await.unwrap();
+    plumber.ensure_ext_client().await.unwrap();
+    plumber.ensure_ext_client().await.unwrap(); // idempotent
+    let ext = layout.ext_netns();
+    let node = layout.node_netns("node-0");
+
+    let routes = std::process::Command::new("ip")
+        .args(["-n", &ext, "-4", "route", "show"])
+        .output()
+        .unwrap();
+    let routes: Vec<String> = String::from_utf8_lossy(&routes.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            format!(
+                "172.18.0.0/16 dev eth0 proto kernel scope link src {}",
+                names::EXT_IP
+            ),
+            format!("198.51.100.0/24 via {} dev eth0", names::EXT_GATEWAY),
+            format!("203.0.113.0/24 via {} dev eth0", names::EXT_GATEWAY),
+        ],
+        "the external client's routes"
+    );
+
+    // An address of the routed ranges lives on node-0 (as a LoadBalancer IP
+    // a datapath would answer for); the node answers on both.
+    let lb = "198.51.100.7";
+    std::process::Command::new("ip")
+        .args(["-n", &node, "addr", "add", &format!("{lb}/32"), "dev", "lo"])
+        .status()
+        .map(|s| assert!(s.success()))
+        .unwrap();
+    let server = peer_server(&node, 8080, "node-0", 2);
+    let timeout = Duration::from_secs(2);
+    let client: std::net::IpAddr = names::EXT_IP.parse().unwrap();
+    for target in [format!("{gateway}:8080"), format!("{lb}:8080")] {
+        let ext = ext.clone();
+        let target = target.parse().unwrap();
+        let seen = tokio::task::spawn_blocking(move || external::peer_seen(&ext, target, timeout))
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            Ok(Seen {
+                name: "node-0".into(),
+                source: client
+            }),
+            "{target}"
+        );
+    }
+    server.join().unwrap();
+    // Nothing else is routed: no default route, an outside address fails at once.
+    let ext2 = ext.clone();
+    let outside = tokio::task::spawn_blocking(move || {
+        external::peer_seen(&ext2, "192.0.2.1:80".parse().unwrap(), timeout)
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&outside, Err(NoAnswer::Other(e)) if e.contains("unreachable")),
+        "{outside:?}"
+    );
+
+    let errors = plumber.remove_all().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(
+        netns::list(&layout.netns_prefix).is_empty(),
+        "netns left: {:?}",
+        netns::list(&layout.netns_prefix)
+    );
+}

@@ -2,7 +2,9 @@
 //!
 //! Watches Nodes, Pods, Services and EndpointSlices and, in one reconcile loop:
 //! - builds the fabric and `nb-cp` netns with the userspace API proxy
-//!   (172.18.0.2:6443 inside the pod world → 127.0.0.1:6443);
+//!   (172.18.0.2:6443 inside the pod world → 127.0.0.1:6443), and the
+//!   external client's `nb-ext` (172.18.0.3, not a node: traffic from
+//!   outside the cluster to node ports, external and LoadBalancer IPs);
 //! - for `netboot.io/podnet: "true"` pods with a podIP: a netns, a cgroup and
 //!   the container's command, supervised like a kubelet would;
 //! - for coredns pods (`k8s-app: kube-dns`, also podnet-labelled): the real
@@ -374,6 +376,7 @@ impl Controller {
         }
         self.plumber.ensure_fabric().await?;
         self.plumber.ensure_cp().await?;
+        self.plumber.ensure_ext_client().await?;
         let cp = self.opts.layout.cp_netns();
         let bind = format!("{}:{}", names::CP_IP, names::API_PORT);
         self.proxy = Some(api_proxy(&cp, bind, self.opts.api_upstream.clone())?);

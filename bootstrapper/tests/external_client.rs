@@ -7,7 +7,9 @@
 //! baseline), then after `netboot apply clusters/local.yaml` took over
 //! (replace mode). The first run must show kube-proxy's documented
 //! behaviour; the second must equal the first (parity), every difference
-//! listed.
+//! listed — except the one netboot makes on purpose ([`netboot_differs`]:
+//! an externalTrafficPolicy Cluster flow to a backend on the node asked keeps
+//! the client's address).
 //!
 //! A cluster-wide change (the handover), so it runs as a `scenario` (one at a
 //! time across test binaries, from and back to the baseline).
@@ -262,6 +264,23 @@ fn kube_proxy_says(case: &Case, o: &Outcome) -> Result<(), String> {
     }
 }
 
+/// What netboot does with a case where it deliberately differs from
+/// kube-proxy (None: exactly as kube-proxy), as the parity comparison
+/// sees it. The one difference, specified by the north–south issue and
+/// documented in datapath/README.md ("Per-packet path"): under
+/// externalTrafficPolicy Cluster a backend on the node asked is DNATed only,
+/// so it sees the client's own address where kube-proxy masquerades (as
+/// Cilium does). No flow is refused or lost by it.
+fn netboot_differs(case: &Case) -> Option<String> {
+    (case.kube_proxy == KubeProxy::MasqueradedToVeth)
+        .then(|| format!("{BACKEND} saw the external client"))
+}
+
+/// The parity string netboot's outcome must have for a case.
+fn netboot_wants(case: &Case, kube_proxy: &Outcome, a: &Addresses) -> String {
+    netboot_differs(case).unwrap_or_else(|| a.parity(kube_proxy))
+}
+
 fn netboot(c: &SharedCluster, args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_netboot"))
         .args(args)
@@ -490,7 +509,7 @@ fn external_client_sees_the_same_before_and_after_the_handover() {
                 &cases2,
                 |case, o| {
                     let i = cases2.iter().position(|c| c.name == case.name).unwrap();
-                    addr2.parity(o) == addr2.parity(&kp2[i])
+                    addr2.parity(o) == netboot_wants(case, &kp2[i], &addr2)
                 },
                 // apply returned after validation reached node ports from
                 // a pod: the agents' programs are in place.
@@ -507,17 +526,24 @@ fn external_client_sees_the_same_before_and_after_the_handover() {
         let differ: Vec<String> = cases
             .iter()
             .zip(kp.iter().zip(&nb))
-            .filter(|(_, (k, n))| addresses.parity(k) != addresses.parity(n))
+            .filter(|(case, (k, n))| addresses.parity(n) != netboot_wants(case, k, &addresses))
             .map(|(case, (k, n))| {
                 format!(
-                    "{} ({}): kube-proxy: {}; netboot: {}",
+                    "{} ({}): kube-proxy: {}; netboot: {} (want: {})",
                     case.name,
                     case.target,
                     Shown(k, &addresses),
-                    Shown(n, &addresses)
+                    Shown(n, &addresses),
+                    netboot_wants(case, k, &addresses)
                 )
             })
             .collect();
+        for case in cases.iter().filter(|c| netboot_differs(c).is_some()) {
+            eprintln!(
+                "documented difference: {}: netboot keeps the client's address (local backend, DNAT only)",
+                case.name
+            );
+        }
         assert!(
             differ.is_empty(),
             "netboot differs from kube-proxy for traffic from outside:\n{}",

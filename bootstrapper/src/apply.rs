@@ -167,6 +167,16 @@ async fn apply_one(client: &Client, m: &Manifest, opts: &ApplyOptions) -> Result
         reason: None,
         hash: m.hash().to_string(),
     };
+    if crate::resources::optional(&id.kind)
+        && !crate::resources::served(client, &id.kind)
+            .await
+            .map_err(|e| format!("discovery of {}: {}", id.kind, describe(&e)))?
+    {
+        return Ok(Change {
+            reason: Some(not_served(&id.kind, &m.object)),
+            ..change(Action::Skipped, String::new())
+        });
+    }
     let live = api.get_opt(&id.name).await.map_err(|e| describe(&e))?;
     let Some(live) = live else {
         let diff = diff::unified(None, &m.object, &id.to_string());
@@ -219,6 +229,14 @@ async fn apply_one(client: &Client, m: &Manifest, opts: &ApplyOptions) -> Result
     Ok(change(Action::Configured, diff))
 }
 
+/// Why an object of an optional kind was skipped: its CRD is not served.
+pub fn not_served(kind: &str, object: &Value) -> String {
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    format!(
+        "the cluster does not serve {kind} ({api_version}): install its CRD (the Prometheus Operator's) and the next apply or reconcile pass creates it, or set spec.observability.alerts: false"
+    )
+}
+
 async fn wait_gone(api: &kube::Api<DynamicObject>, name: &str) -> Result<(), String> {
     for _ in 0..120 {
         if api.get_opt(name).await.map_err(|e| describe(&e))?.is_none() {
@@ -242,5 +260,141 @@ pub fn describe(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
         other => netboot_contract::errors::chain(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A fake API server on loopback: answers discovery of
+    /// monitoring.coreos.com/v1 with `discovery` (status, body) and every
+    /// other request with 500; records each request line.
+    async fn fake_api(discovery: (u16, &'static str)) -> (Client, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 16384];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let line = req.lines().next().unwrap_or_default().to_string();
+                log.lock().unwrap().push(line.clone());
+                let (code, body) = if line.starts_with("GET /apis/monitoring.coreos.com/v1 ") {
+                    discovery
+                } else {
+                    (
+                        500,
+                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"unexpected","reason":"InternalError","code":500}"#,
+                    )
+                };
+                let resp = format!(
+                    "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        let mut config = kube::Config::new(url.parse::<http::Uri>().unwrap());
+        config.default_retry = false;
+        (Client::try_from(config).unwrap(), seen)
+    }
+
+    fn prometheus_rule() -> Manifest {
+        Manifest::from_rendered(
+            "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: netboot, namespace: netboot-system}\nspec:\n  groups: [{name: g, rules: [{alert: A, expr: up == 0, for: 5m}]}]\n",
+            "observability.yaml.hbs",
+            "local",
+        )
+        .unwrap()
+    }
+
+    const NOT_FOUND: &str = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","code":404}"#;
+
+    /// Without the Prometheus Operator's CRD, a PrometheusRule is skipped
+    /// with the reason and nothing is written: the rest of the apply goes on.
+    #[tokio::test]
+    async fn a_prometheus_rule_without_its_crd_is_skipped_without_a_write() {
+        let (client, seen) = fake_api((404, NOT_FOUND)).await;
+        let changes = apply(&client, &[prometheus_rule()], &ApplyOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(changes.entries.len(), 1);
+        let c = &changes.entries[0];
+        assert_eq!(c.action, Action::Skipped);
+        let reason = c.reason.as_deref().unwrap();
+        assert!(
+            reason.contains("does not serve PrometheusRule (monitoring.coreos.com/v1)"),
+            "{reason}"
+        );
+        assert!(reason.contains("install its CRD"), "{reason}");
+        assert_eq!(changes.changed(), 0);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["GET /apis/monitoring.coreos.com/v1 HTTP/1.1"]
+        );
+        // A group that exists without the resource is the same.
+        let (client, _) = fake_api((
+            200,
+            r#"{"kind":"APIResourceList","apiVersion":"v1","groupVersion":"monitoring.coreos.com/v1","resources":[{"name":"servicemonitors","singularName":"servicemonitor","namespaced":true,"kind":"ServiceMonitor","verbs":["get"]}]}"#,
+        ))
+        .await;
+        assert!(!crate::resources::served(&client, "PrometheusRule")
+            .await
+            .unwrap());
+    }
+
+    /// With the CRD, apply goes on to read the object (here the fake answers
+    /// 500, so the apply fails naming the object); a discovery error that
+    /// is not a 404 fails the apply rather than skipping.
+    #[tokio::test]
+    async fn a_served_prometheus_rule_is_applied_and_discovery_errors_fail() {
+        let (client, seen) = fake_api((
+            200,
+            r#"{"kind":"APIResourceList","apiVersion":"v1","groupVersion":"monitoring.coreos.com/v1","resources":[{"name":"prometheusrules","singularName":"prometheusrule","namespaced":true,"kind":"PrometheusRule","verbs":["get","patch"]}]}"#,
+        ))
+        .await;
+        assert!(crate::resources::served(&client, "PrometheusRule")
+            .await
+            .unwrap());
+        let err = apply(&client, &[prometheus_rule()], &ApplyOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("PrometheusRule/netboot-system/netboot: "),
+            "{err}"
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().any(|l| l.starts_with(
+                "GET /apis/monitoring.coreos.com/v1/namespaces/netboot-system/prometheusrules/netboot"
+            )),
+            "{seen:?}"
+        );
+        let (client, _) = fake_api((
+            403,
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"forbidden","reason":"Forbidden","code":403}"#,
+        ))
+        .await;
+        let err = apply(&client, &[prometheus_rule()], &ApplyOptions::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("discovery of PrometheusRule: forbidden"),
+            "{err}"
+        );
     }
 }

@@ -18,6 +18,7 @@ pub mod kube_proxy_mode;
 pub mod kubeadm;
 pub mod lock;
 pub mod manifest;
+pub mod observability;
 pub mod probe;
 pub mod prune;
 pub mod reconcile;

@@ -36,6 +36,7 @@ pub const KIND_RANK: &[&str] = &[
     "Deployment",
     "Pod",
     "CronJob",
+    "PrometheusRule",
 ];
 
 /// Which kinds are namespaced; everything netboot renders is in [`KIND_RANK`].
@@ -334,6 +335,7 @@ fn check_typed(id: &ObjectId, object: &Value) -> Result<(), ManifestError> {
         "Deployment" => typed::<apps::Deployment>(id, object),
         "Pod" => typed::<core::Pod>(id, object),
         "CronJob" => typed::<batch::CronJob>(id, object),
+        "PrometheusRule" => typed::<crate::observability::PrometheusRule>(id, object),
         _ => Ok(()),
     }
 }

@@ -48,6 +48,10 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "reconciler.yaml.hbs",
         include_str!("../../templates/reconciler.yaml.hbs"),
     ),
+    (
+        "observability.yaml.hbs",
+        include_str!("../../templates/observability.yaml.hbs"),
+    ),
 ];
 
 pub const TEMPLATE_SUFFIX: &str = ".yaml.hbs";
@@ -91,6 +95,12 @@ pub enum RenderError {
         object: String,
         #[source]
         source: netboot_contract::config::ConfigError,
+    },
+    #[error("{spec}: spec.observability: {source}")]
+    Observability {
+        spec: String,
+        #[source]
+        source: crate::observability::ObservabilityError,
     },
     #[error("{first} and {second} both render {object}")]
     Duplicate {
@@ -168,7 +178,8 @@ pub fn load_templates(dir: Option<&Path>) -> Result<Vec<(String, String)>, Rende
 }
 
 /// The values templates see. Documented in README.md ("Overriding templates").
-pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
+/// `observability` is [`crate::observability::template_value`]'s.
+pub fn template_data(spec: &ClusterNetwork, api: &ApiServer, observability: Value) -> Value {
     let d = &spec.datapath;
     let config = json!({
         "apiServer": {"host": api.host, "port": api.port},
@@ -221,6 +232,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer) -> Value {
         },
         "configHash": config_hash,
         "reconcile": reconcile,
+        "observability": observability,
     })
 }
 
@@ -244,7 +256,15 @@ pub fn render(
     })?;
     let templates = load_templates(opts.templates.as_deref())?;
     let hb = engine(&templates)?;
-    let data = template_data(spec, &api);
+    let o = spec.observability;
+    let observability =
+        crate::observability::template_value(o.dashboards, o.alerts).map_err(|source| {
+            RenderError::Observability {
+                spec: spec_file.to_string(),
+                source,
+            }
+        })?;
+    let data = template_data(spec, &api, observability);
     let mut manifests: Vec<Manifest> = Vec::new();
     for (name, _) in &templates {
         let text = hb
@@ -316,6 +336,7 @@ fn engine(templates: &[(String, String)]) -> Result<Handlebars<'static>, RenderE
     hb.register_helper("qs", Box::new(quote_string_helper));
     hb.register_helper("concat", Box::new(Concat));
     hb.register_helper("cel", Box::new(Cel));
+    hb.register_helper("json", Box::new(json_helper));
     for (name, text) in templates {
         hb.register_template_string(name, text)
             .map_err(|e| RenderError::Template {
@@ -433,6 +454,39 @@ fn quote_string_helper(
         other => other.to_string(),
     };
     Ok(out.write(&quote(&s))?)
+}
+
+/// `{{json value}}`: any value, arrays and objects too, as JSON on one line
+/// (YAML's flow style) with every string and key written by [`quote`]: a
+/// structure such as the alert rule groups reaches the YAML whole, and no
+/// string in it can end a line or the document.
+fn json_helper(
+    h: &Helper,
+    _: &Handlebars,
+    _: &Context,
+    _: &mut RenderContext,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let v = param(h, "json")?;
+    Ok(out.write(&flow_json(&v))?)
+}
+
+/// `v` as one-line JSON whose strings are [`quote`]d.
+pub fn flow_json(v: &Value) -> String {
+    match v {
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(flow_json).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!("{}: {}", quote(k), flow_json(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => scalar(other),
+    }
 }
 
 /// `(concat a b …)`: the parameters joined as one string value. Used alone

@@ -34,8 +34,44 @@ pub fn api_resource(kind: &str) -> Option<(ApiResource, bool)> {
         "Deployment" => (ApiResource::erase::<apps::Deployment>(&()), true),
         "Pod" => (ApiResource::erase::<core::Pod>(&()), true),
         "CronJob" => (ApiResource::erase::<batch::CronJob>(&()), true),
+        "PrometheusRule" => (prometheus_rule(), true),
         _ => return None,
     })
+}
+
+/// The Prometheus Operator's PrometheusRule (a CRD: present only where the
+/// operator's CRDs are installed; see [`served`]).
+fn prometheus_rule() -> ApiResource {
+    use crate::observability::{
+        PROMETHEUS_RULE_GROUP, PROMETHEUS_RULE_PLURAL, PROMETHEUS_RULE_VERSION,
+    };
+    ApiResource {
+        group: PROMETHEUS_RULE_GROUP.into(),
+        version: PROMETHEUS_RULE_VERSION.into(),
+        api_version: format!("{PROMETHEUS_RULE_GROUP}/{PROMETHEUS_RULE_VERSION}"),
+        kind: "PrometheusRule".into(),
+        plural: PROMETHEUS_RULE_PLURAL.into(),
+    }
+}
+
+/// Kinds netboot renders that a cluster may not serve: CRDs of optional
+/// add-ons. Apply asks discovery before it touches one ([`served`]).
+pub fn optional(kind: &str) -> bool {
+    kind == "PrometheusRule"
+}
+
+/// Whether the API server serves `kind` (discovery of its group version):
+/// `Ok(false)` when the group version or the resource is unknown (the CRD
+/// is not installed), an error for anything else.
+pub async fn served(client: &Client, kind: &str) -> Result<bool, kube::Error> {
+    let Some((ar, _)) = api_resource(kind) else {
+        return Ok(false);
+    };
+    match client.list_api_group_resources(&ar.api_version).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == ar.plural)),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// A dynamic `Api` for the object's kind, scoped to its namespace.

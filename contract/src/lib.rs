@@ -11,10 +11,13 @@
 //!   outermost first (`a: b: c`), with control and bidi characters escaped.
 //! - [`features`]: what an agent serves (its Node annotation) and what a
 //!   Service needs, for the handover's "nothing unserved" gate.
+//! - [`metrics`]: the Prometheus metric families each binary exports, which
+//!   the shipped dashboard and alert rules may query.
 
 pub mod agent;
 pub mod config;
 pub mod errors;
 pub mod features;
 pub mod memory;
+pub mod metrics;
 pub mod node;

@@ -591,6 +591,24 @@ fn terminate_removed(
     }
 }
 
+/// Each counted map's entries against the capacity it has in use.
+fn map_usage(
+    entries: &[(&'static str, usize)],
+    sizes: &crate::config::MapSizes,
+    changes: &[crate::status::MapSizeChange],
+) -> Vec<crate::status::MapUsage> {
+    entries
+        .iter()
+        .filter_map(|(map, n)| {
+            Some(crate::status::MapUsage {
+                map: (*map).to_string(),
+                entries: *n as u64,
+                capacity: u64::from(loader::capacity(map, sizes, changes)?),
+            })
+        })
+        .collect()
+}
+
 async fn reconcile_loop(
     recon: &mut Reconciler<KernelMaps>,
     term: &mut Option<SockTerm>,
@@ -773,6 +791,7 @@ async fn reconcile_loop(
                     })
                     .collect();
                 let zone = watched.zone().unwrap_or_default();
+                let map_entries = recon.map_entries();
                 let mut ready_changed = false;
                 let mut became_ready = false;
                 state.update(|s| {
@@ -787,6 +806,7 @@ async fn reconcile_loop(
                     s.unprogrammed_frontends = unfit_fe;
                     s.unprogrammed_backends = unfit_be;
                     s.map_pressure = summary;
+                    s.map_usage = map_usage(&map_entries, &cfg.map_sizes, &s.map_size_changes);
                     s.services = prog.services;
                     s.backends = prog.backends;
                     s.desired_services = pass.desired_frontends;

@@ -184,6 +184,19 @@ struct PinCheck {
     reset: Vec<String>,
 }
 
+/// The `max_entries` a map has in use: the pinned size when a `mapSizes`
+/// change was refused for it (`changes`), else what `sizes` asks for; None
+/// for maps `mapSizes` does not size.
+pub fn capacity(name: &str, sizes: &MapSizes, changes: &[MapSizeChange]) -> Option<u32> {
+    let wanted = wanted_entries(name, sizes)?;
+    Some(
+        changes
+            .iter()
+            .find(|c| c.map == name)
+            .map_or(wanted, |c| c.pinned),
+    )
+}
+
 /// Checks pinned maps against this build's layouts before reusing them.
 fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<PinCheck, LoaderError> {
     let mut out = PinCheck::default();
@@ -624,6 +637,31 @@ mod tests {
     fn elem(name: &str) -> u64 {
         let (k, v) = expected_sizes(name).unwrap();
         48 + u64::from(k.next_multiple_of(8)) + u64::from(v.next_multiple_of(8))
+    }
+
+    #[test]
+    fn capacity_is_the_pinned_size_when_a_change_was_refused() {
+        let sizes = MapSizes::default();
+        assert_eq!(capacity(names::SERVICES, &sizes, &[]), Some(sizes.services));
+        assert_eq!(
+            capacity(names::AFF_MATCH, &sizes, &[]),
+            Some(sizes.backends)
+        );
+        assert_eq!(
+            capacity(names::REVNAT6, &sizes, &[]),
+            Some(sizes.reverse_nat)
+        );
+        let refused = [MapSizeChange {
+            map: names::BACKENDS.into(),
+            pinned: 2048,
+            configured: sizes.backends,
+        }];
+        assert_eq!(capacity(names::BACKENDS, &sizes, &refused), Some(2048));
+        assert_eq!(
+            capacity(names::BACKENDS6, &sizes, &refused),
+            Some(sizes.backends)
+        );
+        assert_eq!(capacity(names::COUNTERS, &sizes, &refused), None);
     }
 
     #[test]

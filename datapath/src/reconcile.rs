@@ -227,6 +227,17 @@ impl IdAlloc {
     }
 }
 
+/// The maps [`Reconciler::map_entries`] counts, in its order.
+pub const MAP_USAGE_MAPS: [&str; 7] = [
+    crate::layout::names::SERVICES,
+    crate::layout::names::SERVICES6,
+    crate::layout::names::BACKENDS,
+    crate::layout::names::BACKENDS6,
+    crate::layout::names::REVNAT,
+    crate::layout::names::REVNAT6,
+    crate::layout::names::AFF_MATCH,
+];
+
 /// Programmed state, summarised for status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Programmed {
@@ -444,6 +455,27 @@ impl<M: LbMaps> Reconciler<M> {
                 .count(),
             backends: self.backends.len(),
         }
+    }
+
+    /// Entries the reconciler has written into each map it owns, by map
+    /// name (`nb_lb4_svc`: slot 0 and the backend slots of every IPv4
+    /// frontend; `nb_lb4_be`: backends; `nb_lb4_revnat`: reverse-NAT
+    /// entries; `nb_lb4_affmatch`: affinity members; and the IPv6 maps),
+    /// in [`MAP_USAGE_MAPS`] order: the map pressure `/metrics` reports
+    /// against each map's capacity.
+    pub fn map_entries(&self) -> Vec<(&'static str, usize)> {
+        // Indexes into MAP_USAGE_MAPS.
+        let mut n = [0usize; MAP_USAGE_MAPS.len()];
+        for (fe, p) in &self.frontends {
+            let v6 = usize::from(fe.is_v6());
+            n[v6] += usize::from(p.value.is_some()) + p.slots.iter().filter(|id| **id != 0).count();
+            n[4 + v6] += usize::from(p.revnat.is_some());
+            n[6] += p.members.len();
+        }
+        for a in self.backends.keys() {
+            n[2 + usize::from(a.is_v6())] += 1;
+        }
+        MAP_USAGE_MAPS.iter().copied().zip(n).collect()
     }
 
     /// What the last pass could not program for lack of room (empty: everything fits).

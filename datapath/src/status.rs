@@ -56,6 +56,17 @@ impl std::fmt::Display for MapSizeChange {
     }
 }
 
+/// One BPF map's entries against its capacity (map pressure).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapUsage {
+    /// Map name (`nb_lb4_svc`, ...).
+    pub map: String,
+    /// Entries the reconciler has written.
+    pub entries: u64,
+    /// The map's `max_entries` in use.
+    pub capacity: u64,
+}
+
 /// A Service the agent cannot fully serve, and what it lacks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnservedService {
@@ -117,6 +128,10 @@ pub struct Status {
     /// `mapSizes` changes refused for pinned maps (they keep their size).
     #[serde(default)]
     pub map_size_changes: Vec<MapSizeChange>,
+    /// Entries against capacity of each map the reconciler writes, as of
+    /// the last pass (/metrics: `netboot_datapath_map_entries`, `_capacity`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub map_usage: Vec<MapUsage>,
     /// Connected-UDP socket termination (iter/udp + bpf_sock_destroy):
     /// `available`, or `unavailable: <reason>`; empty when not checked.
     #[serde(default)]
@@ -619,6 +634,12 @@ impl Status {
             u8::from(self.kube_proxy_cleanup == Cleanup::HeldBack).to_string(),
         );
         gauge(
+            "netboot_datapath_kube_proxy_cleanup_blocked",
+            "1 while the kube-proxy rules cleanup this node needs cannot run, so KubeProxyReplacement is reported false",
+            "gauge",
+            u8::from(self.kube_proxy_cleanup_blocked).to_string(),
+        );
+        gauge(
             "netboot_datapath_map_full",
             "1 while the last pass left desired frontends or backends out of a full map (or without an id)",
             "gauge",
@@ -634,22 +655,42 @@ impl Status {
             "# HELP netboot_datapath_map_size_change_refused Maps whose pinned size differs from mapSizes (change refused)\n# TYPE netboot_datapath_map_size_change_refused gauge\nnetboot_datapath_map_size_change_refused {}",
             self.map_size_changes.len()
         );
+        for (name, help, value) in [
+            (
+                "netboot_datapath_map_entries",
+                "Entries the reconciler has written into each BPF map",
+                (|u: &MapUsage| u.entries) as fn(&MapUsage) -> u64,
+            ),
+            (
+                "netboot_datapath_map_capacity",
+                "max_entries of each BPF map the reconciler writes (mapSizes, or the pinned size when a change was refused)",
+                |u: &MapUsage| u.capacity,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for u in &self.map_usage {
+                let _ = writeln!(s, "{name}{{map=\"{}\"}} {}", u.map, value(u));
+            }
+        }
         let _ = writeln!(
             s,
             "# HELP netboot_datapath_unserved_services Services needing a feature this agent does not serve (SCTP, IPv6, NodePort, ...)\n# TYPE netboot_datapath_unserved_services gauge\nnetboot_datapath_unserved_services {}",
             self.unserved
         );
+        // Until the first sweep the families are declared without a sample.
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_conntrack_entries Live entries of the per-packet path's flow tables (two per flow)\n# TYPE netboot_datapath_conntrack_entries gauge"
+        );
         if let Some(ct) = &self.conntrack {
-            let _ = writeln!(
-                s,
-                "# HELP netboot_datapath_conntrack_entries Live entries of the per-packet path's flow table (two per flow)\n# TYPE netboot_datapath_conntrack_entries gauge\nnetboot_datapath_conntrack_entries {}",
-                ct.live
-            );
-            let _ = writeln!(
-                s,
-                "# HELP netboot_datapath_conntrack_capacity Entries the per-packet path's flow table holds\n# TYPE netboot_datapath_conntrack_capacity gauge\nnetboot_datapath_conntrack_capacity {}",
-                ct.capacity
-            );
+            let _ = writeln!(s, "netboot_datapath_conntrack_entries {}", ct.live);
+        }
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_conntrack_capacity Entries the per-packet path's flow tables hold\n# TYPE netboot_datapath_conntrack_capacity gauge"
+        );
+        if let Some(ct) = &self.conntrack {
+            let _ = writeln!(s, "netboot_datapath_conntrack_capacity {}", ct.capacity);
         }
         let _ = writeln!(
             s,
@@ -724,6 +765,53 @@ mod tests {
     #[test]
     fn status_text() {
         insta::assert_snapshot!(sample().render(true, 1_800_000_003));
+    }
+
+    /// The exposition has exactly the families the contract lists (which the
+    /// shipped dashboard and alert rules are checked against).
+    #[test]
+    fn metrics_have_the_contracts_families() {
+        use netboot_contract::metrics;
+        let mut st = sample();
+        st.map_usage = vec![MapUsage {
+            map: "nb_lb4_svc".into(),
+            entries: 10,
+            capacity: 65536,
+        }];
+        for s in [Status::default(), st] {
+            assert_eq!(
+                metrics::exposed_families(&s.metrics()),
+                metrics::families(metrics::DATAPATH)
+            );
+        }
+    }
+
+    #[test]
+    fn map_usage_is_exposed_per_map() {
+        let mut st = sample();
+        st.kube_proxy_cleanup_blocked = true;
+        st.map_usage = vec![
+            MapUsage {
+                map: "nb_lb4_svc".into(),
+                entries: 10,
+                capacity: 65536,
+            },
+            MapUsage {
+                map: "nb_lb4_be".into(),
+                entries: 7,
+                capacity: 1024,
+            },
+        ];
+        let m = st.metrics();
+        for want in [
+            "\nnetboot_datapath_map_entries{map=\"nb_lb4_svc\"} 10\n",
+            "\nnetboot_datapath_map_entries{map=\"nb_lb4_be\"} 7\n",
+            "\nnetboot_datapath_map_capacity{map=\"nb_lb4_svc\"} 65536\n",
+            "\nnetboot_datapath_map_capacity{map=\"nb_lb4_be\"} 1024\n",
+            "\nnetboot_datapath_kube_proxy_cleanup_blocked 1\n",
+        ] {
+            assert!(m.contains(want), "missing {want:?}:\n{m}");
+        }
     }
 
     #[test]

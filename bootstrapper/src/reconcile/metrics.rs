@@ -248,6 +248,32 @@ mod tests {
         assert!(!text.contains("git:abc"), "the old revision stays:\n{text}");
     }
 
+    /// The exposition has exactly the families the contract lists (which the
+    /// shipped dashboard and alert rules are checked against).
+    #[test]
+    fn exposition_has_the_contracts_families() {
+        use netboot_contract::metrics;
+        // A family shows in the exposition once it has a series.
+        let m = Metrics::default();
+        let local = Metrics::cluster("local");
+        m.duration.get_or_create(&local).observe(1.0);
+        m.results
+            .get_or_create(&ResultLabels {
+                cluster: "local".into(),
+                outcome: "failed".into(),
+            })
+            .inc();
+        m.drift_corrections.get_or_create(&local).inc();
+        m.drifted_objects.get_or_create(&local).set(1);
+        m.last_success.get_or_create(&local).set(1.7e9);
+        m.set_source("file:///r", "main", "git:abc");
+        m.source_failures.inc();
+        assert_eq!(
+            metrics::exposed_families(&m.encode()),
+            metrics::families(metrics::RECONCILER)
+        );
+    }
+
     #[tokio::test]
     async fn serves_metrics_over_http_on_loopback() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -68,7 +68,92 @@ fn objects_come_in_kind_rank_order() {
     sorted.sort();
     assert_eq!(ids, sorted);
     assert_eq!(ids[0].kind, "Namespace");
-    assert_eq!(ids.last().unwrap().kind, "CronJob");
+    assert_eq!(ids.last().unwrap().kind, "PrometheusRule");
+}
+
+fn with_observability(dashboards: bool, alerts: bool) -> ClusterNetwork {
+    let mut spec = shipped("local");
+    spec.observability = crate::spec::Observability { dashboards, alerts };
+    spec
+}
+
+fn rendered(spec: &ClusterNetwork, kind: &str) -> Vec<Manifest> {
+    render(spec, "local", &opts_for("local"))
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.id().kind == kind && m.id().name == "netboot")
+        .collect()
+}
+
+#[test]
+fn observability_renders_nothing_unless_asked() {
+    let spec = with_observability(false, false);
+    assert!(rendered(&spec, "ConfigMap").is_empty());
+    assert!(rendered(&spec, "PrometheusRule").is_empty());
+    let spec = with_observability(true, false);
+    assert_eq!(rendered(&spec, "ConfigMap").len(), 1);
+    assert!(rendered(&spec, "PrometheusRule").is_empty());
+    let spec = with_observability(false, true);
+    assert!(rendered(&spec, "ConfigMap").is_empty());
+    assert_eq!(rendered(&spec, "PrometheusRule").len(), 1);
+}
+
+#[test]
+fn the_dashboard_configmap_carries_the_dashboard_for_grafanas_sidecar() {
+    let spec = with_observability(true, true);
+    let cm = &rendered(&spec, "ConfigMap")[0];
+    assert_eq!(cm.id().namespace.as_deref(), Some(spec.namespace.as_str()));
+    assert_eq!(cm.object["metadata"]["labels"]["grafana_dashboard"], "1");
+    let text = cm.object["data"]["netboot.json"].as_str().unwrap();
+    assert_eq!(text, crate::observability::DASHBOARD_JSON);
+    let _: serde_json::Value = serde_json::from_str(text).unwrap();
+}
+
+#[test]
+fn the_prometheus_rule_carries_the_shipped_rule_groups() {
+    let spec = with_observability(true, true);
+    let pr = &rendered(&spec, "PrometheusRule")[0];
+    assert_eq!(pr.object["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(pr.id().namespace.as_deref(), Some(spec.namespace.as_str()));
+    let groups: Vec<crate::observability::RuleGroup> =
+        serde_json::from_value(pr.object["spec"]["groups"].clone()).unwrap();
+    assert_eq!(groups, crate::observability::rule_file().unwrap().groups);
+}
+
+/// The `json` helper writes any structure on one line with every string
+/// quoted: it reads back equal, and no string in it adds a key or a document.
+#[test]
+fn json_helper_writes_structures_that_read_back_whole() {
+    for s in NASTY {
+        let v = json!({"groups": [{"name": s, "rules": [{s.to_string(): [s, 1, true, null]}]}]});
+        let line = flow_json(&v);
+        assert!(!line.contains('\n') && !line.contains('\r'), "{line}");
+        let doc = format!("a: {line}\nb: 1\n");
+        let back: serde_json::Value = serde_yaml::from_str(&doc).unwrap();
+        assert_eq!(back["a"], v, "{s:?}");
+        assert_eq!(back.as_object().unwrap().len(), 2, "{s:?}");
+    }
+}
+
+#[test]
+fn a_prometheus_rule_with_a_field_the_crd_does_not_know_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("extra.yaml.hbs"),
+        "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: x, namespace: netboot-system}\nspec:\n  groups: [{name: g, rules: [{alert: A, expr: up == 0, fro: 5m}]}]\n",
+    )
+    .unwrap();
+    let opts = RenderOptions {
+        templates: Some(dir.path().to_path_buf()),
+        ..opts_for("local")
+    };
+    let err = render(&shipped("local"), "local", &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("extra.yaml.hbs") && err.contains("fro"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -148,7 +233,7 @@ fn a_line_separator_in_a_value_cannot_add_objects_or_fields() {
     assert_eq!(ids(&manifests), ids(&benign));
     let cm = manifests
         .iter()
-        .find(|m| m.id().kind == "ConfigMap")
+        .find(|m| m.id().kind == "ConfigMap" && m.id().name == "netboot-datapath-config")
         .unwrap();
     let config: serde_yaml::Value =
         serde_yaml::from_str(cm.object["data"]["config.yaml"].as_str().unwrap()).unwrap();
@@ -237,7 +322,7 @@ fn config_map_carries_the_explicit_endpoint() {
     let manifests = render(&shipped("prod"), "prod", &RenderOptions::default()).unwrap();
     let cm = manifests
         .iter()
-        .find(|m| m.id().kind == "ConfigMap")
+        .find(|m| m.id().kind == "ConfigMap" && m.id().name == "netboot-datapath-config")
         .unwrap();
     let config: serde_yaml::Value =
         serde_yaml::from_str(cm.object["data"]["config.yaml"].as_str().unwrap()).unwrap();

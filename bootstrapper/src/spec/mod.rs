@@ -57,6 +57,20 @@ pub struct ClusterNetwork {
     pub kube_proxy: KubeProxy,
     pub validation: Validation,
     pub reconcile: Option<Reconcile>,
+    pub observability: Observability,
+}
+
+/// `spec.observability`: what netboot renders for monitoring. Both off by
+/// default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Observability {
+    /// `dashboards`: the Grafana dashboard as a ConfigMap labelled
+    /// `grafana_dashboard: "1"` (the Grafana sidecar's convention).
+    pub dashboards: bool,
+    /// `alerts`: the alert rules as a Prometheus Operator PrometheusRule
+    /// (skipped, with the reason, on a cluster without its CRD).
+    pub alerts: bool,
 }
 
 /// `spec.cluster`: how to reach the cluster and its address ranges.
@@ -364,6 +378,7 @@ fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
                 "kubeProxy",
                 "validation",
                 "reconcile",
+                "observability",
             ],
         )
     })?;
@@ -395,6 +410,10 @@ fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
         (Some(n), Some(name)) => decode_reconcile(c, n, "spec.reconcile", name),
         _ => None,
     };
+    let observability = match spec.get("observability") {
+        Some(n) => decode_observability(c, n, "spec.observability"),
+        None => Some(Observability::default()),
+    };
     Some(ClusterNetwork {
         name: name?,
         namespace,
@@ -404,7 +423,20 @@ fn decode(c: &mut Checker, root: &Node) -> Option<ClusterNetwork> {
         kube_proxy: kube_proxy?,
         validation: validation?,
         reconcile,
+        observability: observability?,
     })
+}
+
+fn decode_observability(c: &mut Checker, n: &Node, path: &str) -> Option<Observability> {
+    let s = c.section(n, path, &["dashboards", "alerts"])?;
+    let mut o = Observability::default();
+    if let Some(b) = opt(c, &s, "dashboards", Checker::boolean) {
+        o.dashboards = b;
+    }
+    if let Some(b) = opt(c, &s, "alerts", Checker::boolean) {
+        o.alerts = b;
+    }
+    Some(o)
 }
 
 /// A string field checked by its grammar; a violation is reported at the value.

@@ -419,3 +419,42 @@ fn metrics_port_defaults_and_must_differ_from_health_port() {
         vec!["t.yaml:14:18: spec.datapath.metricsPort: must differ from healthPort (9000)"]
     );
 }
+
+#[test]
+fn observability_is_off_by_default_and_checked_with_positions() {
+    let s = parse("t.yaml", GOOD).unwrap();
+    assert_eq!(s.observability, Observability::default());
+    assert!(!s.observability.dashboards && !s.observability.alerts);
+    let s = parse(
+        "t.yaml",
+        &format!("{GOOD}  observability:\n    dashboards: true\n    alerts: true\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        s.observability,
+        Observability {
+            dashboards: true,
+            alerts: true
+        }
+    );
+    let e = errors(&format!(
+        "{GOOD}  observability:\n    dashboard: true\n    alerts: yes\n"
+    ));
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e[0].starts_with(
+            "t.yaml:13:5: spec.observability.dashboard: unknown field; did you mean `dashboards`?"
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e[1].starts_with("t.yaml:14:13: spec.observability.alerts: "),
+        "{e:?}"
+    );
+    assert!(e[1].contains("boolean"), "{e:?}");
+    let e = errors(&format!("{GOOD}  observability: true\n"));
+    assert!(
+        e[0].starts_with("t.yaml:12:18: spec.observability: "),
+        "{e:?}"
+    );
+}

@@ -674,3 +674,67 @@ fn external_frontends_are_flagged_dirty_only_when_one_changes() {
     r.mark_external_dirty();
     assert!(r.take_external_dirty(), "a failed sync asks again");
 }
+
+/// The map pressure /metrics reports: what the reconciler counts as written
+/// into each map is what the maps hold, for both families, and again after
+/// a restart reads the maps back.
+#[test]
+fn map_entries_count_what_each_map_holds() {
+    let dump_counts = |d: &MapsDump| -> Vec<(&'static str, usize)> {
+        MAP_USAGE_MAPS
+            .iter()
+            .copied()
+            .zip([
+                d.services.len(),
+                d.services6.len(),
+                d.backends.len(),
+                d.backends6.len(),
+                d.revnat.len(),
+                d.revnat6.len(),
+                d.aff_match.len(),
+            ])
+            .collect()
+    };
+    let (s, e) = fixture(
+        "kind: Service
+metadata: {name: web, namespace: d}
+spec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.5, 'fd00:96::5'], ipFamilies: [IPv4, IPv6], ports: [{port: 80, targetPort: 8080}]}
+---
+kind: EndpointSlice
+metadata: {name: web-4, namespace: d, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.0.1]}, {addresses: [10.244.0.2]}]
+---
+kind: EndpointSlice
+metadata: {name: web-6, namespace: d, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints: [{addresses: ['fd00:244::1']}]
+",
+    );
+    for desired in [cluster(), build(&s, &e, 10800)] {
+        let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+        r.reconcile(&desired).unwrap();
+        let counts = r.map_entries();
+        assert_eq!(counts, dump_counts(&r.maps().state));
+        assert!(counts.iter().any(|(_, n)| *n > 0), "{counts:?}");
+        let again = Reconciler::recover(r.maps().clone()).unwrap();
+        assert_eq!(again.map_entries(), counts);
+    }
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    r.reconcile(&build(&s, &e, 10800)).unwrap();
+    let counts = r.map_entries();
+    assert_eq!(
+        counts,
+        [
+            ("nb_lb4_svc", 3),
+            ("nb_lb6_svc", 2),
+            ("nb_lb4_be", 2),
+            ("nb_lb6_be", 1),
+            ("nb_lb4_revnat", 1),
+            ("nb_lb6_revnat", 1),
+            ("nb_lb4_affmatch", 3),
+        ]
+    );
+}

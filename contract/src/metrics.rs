@@ -65,6 +65,7 @@ pub const DATAPATH: &[Family] = &[
     family("netboot_datapath_map_size_change_refused", Kind::Gauge),
     family("netboot_datapath_map_entries", Kind::Gauge),
     family("netboot_datapath_map_capacity", Kind::Gauge),
+    family("netboot_datapath_lb_ingress_left", Kind::Gauge),
     family("netboot_datapath_unserved_services", Kind::Gauge),
     family("netboot_datapath_conntrack_entries", Kind::Gauge),
     family("netboot_datapath_conntrack_capacity", Kind::Gauge),

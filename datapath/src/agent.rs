@@ -689,11 +689,22 @@ async fn reconcile_loop(
                         }
                     }
                     let desc = if cfg.load_balancing.algorithm == crate::config::Algorithm::Maglev {
-                        format!(
+                        let mut d = format!(
                             "maglev ({} entries), {} tables",
                             cfg.load_balancing.maglev_table_size,
                             t.len()
-                        )
+                        );
+                        if t.unfit() > 0 {
+                            tracing::warn!(
+                                frontends = t.unfit(),
+                                "Maglev table map full: these external frontends pick random backends"
+                            );
+                            d.push_str(&format!(
+                                "; {} frontends without a table (map full: random selection)",
+                                t.unfit()
+                            ));
+                        }
+                        d
                     } else {
                         "random".to_string()
                     };
@@ -791,12 +802,15 @@ async fn reconcile_loop(
                     })
                     .collect();
                 let zone = watched.zone().unwrap_or_default();
+                let lb_left = watched.lb_ingress_left();
                 let map_entries = recon.map_entries();
                 let mut ready_changed = false;
                 let mut became_ready = false;
                 state.update(|s| {
                     s.unserved = unserved.len();
                     s.unserved_services = unserved_services;
+                    s.lb_ingress_left = lb_left.len();
+                    s.lb_ingress_left_listed = lb_left.into_iter().take(UNSERVED_LISTED).collect();
                     s.zone = zone;
                     let ready = unfit_fe + unfit_be == 0;
                     ready_changed = s.ready != ready;
@@ -906,6 +920,7 @@ async fn node_loop(
         // IPVS virtual servers of these addresses are kube-proxy's.
         let own = handover::IpvsOwnership {
             service_ips: watched.service_addresses(),
+            node_ports: watched.node_ports(),
             ..Default::default()
         };
         let rules = tokio::task::spawn_blocking(

@@ -308,6 +308,31 @@ fn external_addresses(svc: &Service, rules: &Rules, v6: bool) -> Vec<(AddressKin
     out
 }
 
+/// The `status.loadBalancer.ingress` entries of a Service that no proxy
+/// captures, each with why (kube-proxy leaves them alike): hostname-only
+/// entries (no IP to capture: the load balancer sends to the NodePorts) and
+/// `ipMode: Proxy` (the load balancer delivers to the node itself).
+pub fn lb_ingress_left(svc: &Service) -> Vec<String> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    let mut out = Vec::new();
+    for ing in ingress.into_iter().flatten() {
+        match (ing.ip.as_deref(), ing.hostname.as_deref()) {
+            (Some(ip), _) if ing.ip_mode.as_deref() == Some("Proxy") => out.push(format!(
+                "{ip} (ipMode Proxy: the load balancer delivers to the node)"
+            )),
+            (None, Some(h)) => out.push(format!(
+                "{h} (hostname only: the load balancer sends to the NodePorts)"
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The features this agent serves (published on its Node as
 /// `netboot.io/datapath-features`). A Service needing anything else is
 /// reported as unserved.
@@ -1345,6 +1370,21 @@ spec: {type: NodePort, clusterIP: 10.96.0.5, externalIPs: [203.0.113.7], externa
         // Not a LoadBalancer, or no ranges: no restriction.
         assert!(source_ranges(&svc("NodePort", "['10.0.0.0/8']"), &node).is_empty());
         assert!(source_ranges(&svc("LoadBalancer", "[]"), &node).is_empty());
+    }
+
+    #[test]
+    fn lb_ingress_entries_left_to_the_load_balancer_are_named_with_why() {
+        let s: Service = serde_yaml::from_str(
+            "metadata: {name: s, namespace: d}\nspec: {type: LoadBalancer}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.1}, {ip: 203.0.113.2, ipMode: Proxy}, {hostname: lb.example}, {ip: 203.0.113.3, ipMode: VIP}]}}",
+        )
+        .unwrap();
+        assert_eq!(
+            lb_ingress_left(&s),
+            [
+                "203.0.113.2 (ipMode Proxy: the load balancer delivers to the node)",
+                "lb.example (hostname only: the load balancer sends to the NodePorts)"
+            ]
+        );
     }
 
     #[test]

@@ -121,6 +121,9 @@ pub struct Tables {
     enabled: bool,
     /// Service id → the backends its table was built from.
     written: BTreeMap<u16, Vec<L4Addr>>,
+    /// Frontends the last sync found no room for (the map is full): their
+    /// new flows pick a random backend.
+    unfit: usize,
     /// Entries of an earlier run are checked once.
     cleaned: bool,
 }
@@ -136,7 +139,8 @@ impl Tables {
         Self::open_path(&pins.map(names::MAGLEV), size, enabled)
     }
 
-    fn open_path(path: &Path, size: u32, enabled: bool) -> Result<Self, MapsError> {
+    /// Opens a map pinned at `path` (tests give a small one).
+    pub fn open_path(path: &Path, size: u32, enabled: bool) -> Result<Self, MapsError> {
         let data = MapData::from_pin(path).map_err(kerr("open"))?;
         let map = HashMap::try_from(Map::HashMap(data)).map_err(kerr("open"))?;
         Ok(Self {
@@ -144,6 +148,7 @@ impl Tables {
             size: size.min(MAGLEV_MAX as u32),
             enabled,
             written: BTreeMap::new(),
+            unfit: 0,
             cleaned: false,
         })
     }
@@ -158,6 +163,12 @@ impl Tables {
         self.written.is_empty()
     }
 
+    /// Frontends left without a table by the last sync because the map is
+    /// full (`NB_DEFAULT_MAGLEV` tables): random selection for them.
+    pub fn unfit(&self) -> usize {
+        self.unfit
+    }
+
     /// Makes the map hold one table per frontend of `wanted`
     /// ([`crate::reconcile::Reconciler::external_slots`]); returns the
     /// number of tables written or deleted.
@@ -168,6 +179,7 @@ impl Tables {
             .map(|(id, b)| (*id, b))
             .collect();
         let mut writes = 0;
+        self.unfit = 0;
         if !self.cleaned {
             let stale: Vec<u32> = self
                 .map
@@ -206,9 +218,19 @@ impl Tables {
                     *e = s;
                 }
             }
-            self.map
-                .insert(u32::from(id), v, 0)
-                .map_err(kerr("update"))?;
+            match self.map.insert(u32::from(id), v, 0) {
+                Ok(()) => {}
+                // No room: this frontend goes without a table (random
+                // selection), the rest are still written.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    self.written.remove(&id);
+                    self.unfit += 1;
+                    continue;
+                }
+                Err(e) => return Err(kerr("update")(e)),
+            }
             self.written.insert(id, backends.clone());
             writes += 1;
         }

@@ -226,6 +226,13 @@ pub struct Status {
     /// The first [`UNSERVED_LISTED`] of them, by namespace/name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unserved_services: Vec<UnservedService>,
+    /// LoadBalancer ingress entries no proxy captures (hostname-only,
+    /// `ipMode: Proxy`): left to their load balancer, as by kube-proxy.
+    #[serde(default)]
+    pub lb_ingress_left: usize,
+    /// The first [`UNSERVED_LISTED`] of them, `ns/name: entry (why)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lb_ingress_left_listed: Vec<String>,
     /// Map reuse at start: true when the agent restarted on existing pins.
     pub maps_reused: bool,
     /// Per-outcome BPF counters.
@@ -384,6 +391,16 @@ impl Status {
                     "                        … and {} more",
                     self.unserved - self.unserved_services.len()
                 );
+            }
+        }
+        if self.lb_ingress_left > 0 {
+            let _ = writeln!(
+                s,
+                "LB ingress left:        {} entries are left to their load balancer (not captured, as by kube-proxy)",
+                self.lb_ingress_left
+            );
+            for l in &self.lb_ingress_left_listed {
+                let _ = writeln!(s, "                        {l}");
             }
         }
         if self.socket_termination == "available" {
@@ -674,6 +691,11 @@ impl Status {
         }
         let _ = writeln!(
             s,
+            "# HELP netboot_datapath_lb_ingress_left LoadBalancer ingress entries no proxy captures (hostname-only or ipMode Proxy)\n# TYPE netboot_datapath_lb_ingress_left gauge\nnetboot_datapath_lb_ingress_left {}",
+            self.lb_ingress_left
+        );
+        let _ = writeln!(
+            s,
             "# HELP netboot_datapath_unserved_services Services needing a feature this agent does not serve (SCTP, IPv6, NodePort, ...)\n# TYPE netboot_datapath_unserved_services gauge\nnetboot_datapath_unserved_services {}",
             self.unserved
         );
@@ -758,6 +780,11 @@ mod tests {
                 capacity: 65536,
             }),
             conntrack_deleted: 7,
+            lb_ingress_left: 1,
+            lb_ingress_left_listed: vec![
+                "d/web: lb.example (hostname only: the load balancer sends to the NodePorts)"
+                    .into(),
+            ],
             ..Default::default()
         }
     }

@@ -338,6 +338,15 @@ impl Watched {
             .unwrap_or_default()
     }
 
+    /// Every `nodePort` and `healthCheckNodePort` of the Services as last
+    /// listed (kube-proxy's IPVS virtual servers on node addresses use them).
+    pub fn node_ports(&self) -> BTreeSet<u16> {
+        self.stores
+            .lock()
+            .map(|s| s.services.values().flat_map(node_ports).collect())
+            .unwrap_or_default()
+    }
+
     /// The node addresses as last read.
     pub fn node_addresses(&self) -> Vec<IpAddr> {
         self.stores
@@ -375,6 +384,22 @@ impl Watched {
                             .get(k)
                             .and_then(|svc| desired::unserved_with(svc, &served)),
                     )
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The LB ingress entries no proxy captures, as `ns/name: entry (why)`.
+    pub fn lb_ingress_left(&self) -> Vec<String> {
+        match self.stores.lock() {
+            Ok(s) => s
+                .services
+                .iter()
+                .flat_map(|((ns, n), svc)| {
+                    desired::lb_ingress_left(svc)
+                        .into_iter()
+                        .map(move |e| format!("{ns}/{n}: {e}"))
                 })
                 .collect(),
             Err(_) => Vec::new(),
@@ -528,6 +553,18 @@ impl Watched {
         });
         Ok(())
     }
+}
+
+/// A Service's `nodePort`s and its `healthCheckNodePort`.
+pub fn node_ports(svc: &Service) -> Vec<u16> {
+    let spec = svc.spec.as_ref();
+    spec.and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.node_port)
+        .chain(spec.and_then(|s| s.health_check_node_port))
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect()
 }
 
 /// A Service's ClusterIPs, externalIPs and LoadBalancer ingress IPs (those

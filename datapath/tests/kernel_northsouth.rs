@@ -1637,3 +1637,46 @@ fn ipv6_external_clients_reach_node_ports_with_snat_for_remote_backends_and_thei
         b.len()
     );
 }
+
+/// A full Maglev table map leaves the frontends that do not fit without a
+/// table (random selection for them, counted and reported) and still writes
+/// every other one; room made later is used.
+#[test]
+fn a_full_maglev_map_leaves_only_the_frontends_that_do_not_fit_without_a_table() {
+    require_privileges();
+    let pins = TestPins::new("nbns-mgfull");
+    pins.pins.prepare().expect("pin dirs");
+    let path = pins.pins.map("nb_lb4_maglev");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "32768",
+            "entries",
+            "2",
+            "name",
+            "nb_lb4_maglev",
+            "flags",
+            "1",
+        ])
+        .output()
+        .expect("bpftool (tests/install-deps installs it)");
+    assert!(out.status.success(), "{out:?}");
+    let mut t = netboot_datapath::maglev::Tables::open_path(&path, 251, true).expect("open");
+    let be = |i: u8| netboot_datapath::layout::L4Addr {
+        ip: std::net::IpAddr::from([10, 0, 0, i]),
+        port: 8080,
+        proto: netboot_datapath::layout::PROTO_TCP,
+    };
+    let wanted = vec![(1u16, vec![be(1)]), (2, vec![be(2)]), (3, vec![be(3)])];
+    let writes = t.sync(&wanted).expect("a full map is no error");
+    assert_eq!((writes, t.len(), t.unfit()), (2, 2, 1));
+    // One frontend gone: the third gets its table.
+    let writes = t.sync(&wanted[1..]).expect("sync");
+    assert_eq!((t.len(), t.unfit()), (2, 0), "writes {writes}");
+}

@@ -13,8 +13,11 @@
 //! - or an address bound on `kube-ipvs0` (kube-proxy binds exactly its
 //!   Service addresses there; this also covers a Service deleted after
 //!   kube-proxy stopped, and the CLI, which watches no Services),
-//! - or an address of the node (any other interface) with a port in the
-//!   NodePort range ([`IpvsOwnership::node_port_range`]).
+//! - or an address of the node (any other interface) with a port that is a
+//!   `nodePort` of a Service the agent knows ([`IpvsOwnership::node_ports`],
+//!   whatever the API server's `--service-node-port-range`, changed or not)
+//!   or lies in the default NodePort range ([`IpvsOwnership::node_port_range`];
+//!   the CLI, which watches no Services).
 //!
 //! Every other virtual server (a firewall-mark one, a load balancer another
 //! component runs on the node) is left alone and reported as kept.
@@ -241,8 +244,12 @@ pub struct IpvsOwnership {
     /// Every address of every Service (ClusterIPs, externalIPs, LoadBalancer
     /// ingress IPs) the agent knows; empty without a watch.
     pub service_ips: BTreeSet<IpAddr>,
-    /// NodePorts are allocated from here.
+    /// NodePorts are allocated from here (the API server's default).
     pub node_port_range: RangeInclusive<u16>,
+    /// Every `nodePort` (and `healthCheckNodePort`) of every Service the
+    /// agent knows: a range changed on the API server leaves Services with
+    /// ports outside the default one, and kube-proxy serves those too.
+    pub node_ports: BTreeSet<u16>,
 }
 
 impl Default for IpvsOwnership {
@@ -250,6 +257,7 @@ impl Default for IpvsOwnership {
         Self {
             service_ips: BTreeSet::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            node_ports: BTreeSet::new(),
         }
     }
 }
@@ -300,6 +308,8 @@ pub fn plan_ipvs(
                     Some("Service address")
                 } else if on_dummy.contains(&addr.ip()) {
                     Some("address on kube-ipvs0")
+                } else if node.contains(&addr.ip()) && own.node_ports.contains(&addr.port()) {
+                    Some("node address, a Service's nodePort")
                 } else if node.contains(&addr.ip()) && own.node_port_range.contains(&addr.port()) {
                     Some("node address, NodePort range")
                 } else {
@@ -452,6 +462,16 @@ mod tests {
         assert!(plan_fixture(&own)
             .delete
             .contains(&(vs(Protocol::Tcp, "192.0.2.50:80"), "Service address")));
+        // The API server's NodePort range was changed: a Service's nodePort
+        // outside the default range is still kube-proxy's on a node address.
+        let own = IpvsOwnership {
+            node_ports: BTreeSet::from([8443]),
+            ..Default::default()
+        };
+        assert!(plan_fixture(&own).delete.contains(&(
+            vs(Protocol::Tcp, "172.18.0.3:8443"),
+            "node address, a Service's nodePort"
+        )));
     }
 
     /// Regression guard: a `kube-ipvs0` that is not a dummy link is not

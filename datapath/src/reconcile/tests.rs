@@ -738,3 +738,68 @@ endpoints: [{addresses: ['fd00:244::1']}]
         ]
     );
 }
+
+/// A NodePort Service with 1,000 ports (the API server's limit per Service
+/// is far higher than anyone uses): every port on every address becomes a
+/// frontend; when the map cannot hold them all, what does not fit is
+/// reported and the small Service next to it is still programmed.
+#[test]
+fn a_service_with_a_thousand_ports_is_programmed_or_reported_never_wedging_the_others() {
+    let mut text = String::from(
+        "kind: Service\nmetadata: {name: wide, namespace: d}\nspec:\n  type: NodePort\n  clusterIP: 10.96.9.9\n  ports:\n",
+    );
+    let mut slice = String::from(
+        "---\nkind: EndpointSlice\nmetadata: {name: wide-1, namespace: d, labels: {kubernetes.io/service-name: wide}}\naddressType: IPv4\nendpoints: [{addresses: [10.244.9.9]}]\nports:\n",
+    );
+    for i in 0..1000u32 {
+        text.push_str(&format!(
+            "  - {{name: p{i}, port: {}, targetPort: {}, nodePort: {}}}\n",
+            10000 + i,
+            20000 + i,
+            30000 + i
+        ));
+        slice.push_str(&format!("  - {{name: p{i}, port: {}}}\n", 20000 + i));
+    }
+    text.push_str(&slice);
+    text.push_str(
+        "---\nkind: Service\nmetadata: {name: small, namespace: d}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n---\nkind: EndpointSlice\nmetadata: {name: small-1, namespace: d, labels: {kubernetes.io/service-name: small}}\naddressType: IPv4\nendpoints: [{addresses: [10.244.0.5]}]\nports: [{port: 80}]\n",
+    );
+    let (svcs, slices) = fixture(&text);
+    let node_ips: Vec<IpAddr> = vec!["192.168.50.1".parse().unwrap()];
+    let rules = crate::desired::Rules {
+        default_affinity_timeout: 10800,
+        node: "node-a",
+        zone: None,
+        node_ips: &node_ips,
+    };
+    let t = build(&svcs, &slices, rules);
+    // Per port: ClusterIP, the node address, 127.0.0.1; plus small's one.
+    assert_eq!(t.frontends.len(), 3 * 1000 + 1);
+
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    r.reconcile(&t).unwrap();
+    assert!(r.pressure().is_empty());
+    assert_eq!(r.programmed().services, 3001);
+
+    // A map with room for 2,000 entries (frontend + backend slot each):
+    // about 1,000 frontends fit; the rest are reported, small among the fitted
+    // or the reported, never silently gone.
+    let limits = crate::maps::memory::MapLimits {
+        services: Some(2000),
+        ..Default::default()
+    };
+    let mut r = Reconciler::recover(MemoryMaps::with_limits(limits)).unwrap();
+    r.reconcile(&t).unwrap();
+    let p = r.pressure().clone();
+    assert!(!p.frontends.is_empty());
+    assert_eq!(
+        r.programmed().services + p.frontends.len(),
+        3001,
+        "every frontend is programmed or reported"
+    );
+    assert!(
+        p.summary()[0].starts_with("map nb_lb4_svc full:"),
+        "{:?}",
+        p.summary()
+    );
+}

@@ -226,6 +226,87 @@ impl Default for Conntrack {
     }
 }
 
+/// `socketLB`: where the socket-level load balancer acts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct SocketLb {
+    /// Cilium's `socketLB.hostNamespaceOnly`: translate at connect()/sendmsg()
+    /// only for sockets of the host's network namespace. Pods' sockets keep
+    /// the Service address they asked for (a sidecar's iptables REDIRECT
+    /// reads it back with `SO_ORIGINAL_DST`); their packets are translated by
+    /// a tc program on the host side of their interface instead. Default false.
+    pub host_namespace_only: bool,
+    /// The pod interfaces (host side) that get the tc program while
+    /// `hostNamespaceOnly` is on: interface names or globs (`*` any run of
+    /// characters, `?` one), matched against every interface of the agent's
+    /// network namespace. Default [`SocketLb::DEFAULT_POD_INTERFACES`].
+    pub pod_interfaces: Vec<String>,
+}
+
+impl SocketLb {
+    /// The pod interface patterns when left out: Cilium (`lxc*`), Calico
+    /// (`cali*`), the bridge/ptp plugins behind flannel, kindnet and weave
+    /// (`veth*`), AWS VPC CNI (`eni*`), GKE (`gke*`), Azure CNI (`azv*`), and
+    /// the local cluster's podnet (`p` + 12 characters of the pod uid,
+    /// `p????????-???`, tests/harness/src/names.rs).
+    pub const DEFAULT_POD_INTERFACES: [&'static str; 7] = [
+        "lxc*",
+        "cali*",
+        "veth*",
+        "eni*",
+        "gke*",
+        "azv*",
+        "p????????-???",
+    ];
+
+    /// Whether interface `name` is a pod interface.
+    pub fn is_pod_interface(&self, name: &str) -> bool {
+        self.pod_interfaces.iter().any(|p| glob_match(p, name))
+    }
+}
+
+impl Default for SocketLb {
+    fn default() -> Self {
+        Self {
+            host_namespace_only: false,
+            pod_interfaces: Self::DEFAULT_POD_INTERFACES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+/// Whether `name` matches the glob `pattern`: `*` any run of characters
+/// (also none), `?` exactly one, anything else itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative matcher with one backtrack point (the last `*`).
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(c) if *c == '?' || *c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
 /// `sessionAffinityTimeoutSeconds` when left out: kube-proxy's default for
 /// ClientIP affinity (3 hours).
 pub const DEFAULT_SESSION_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
@@ -271,6 +352,10 @@ pub struct Config {
     /// Lifetimes of the per-packet path's tracked flows.
     #[serde(default)]
     pub conntrack: Conntrack,
+    /// Where the socket LB acts (`hostNamespaceOnly`) and which interfaces
+    /// are pods' (`podInterfaces`).
+    #[serde(default, rename = "socketLB")]
+    pub socket_lb: SocketLb,
 }
 
 impl Config {
@@ -314,6 +399,25 @@ impl Config {
             return Err(invalid(
                 "nodePortDevices",
                 "interface names are 1-15 characters without '/', ',' or spaces",
+            ));
+        }
+        if let Some(p) = cfg
+            .socket_lb
+            .pod_interfaces
+            .iter()
+            .find(|p| p.is_empty() || p.len() > 15 || p.contains(['/', ' ', ',']))
+        {
+            return Err(invalid(
+                "socketLB.podInterfaces",
+                &format!(
+                    "{p:?}: interface names and globs are 1-15 characters without '/', ',' or spaces"
+                ),
+            ));
+        }
+        if cfg.socket_lb.host_namespace_only && cfg.socket_lb.pod_interfaces.is_empty() {
+            return Err(invalid(
+                "socketLB.podInterfaces",
+                "must name at least one interface or glob while hostNamespaceOnly is true (pods would reach no Service)",
             ));
         }
         let t = cfg.load_balancing.maglev_table_size;
@@ -542,6 +646,80 @@ cleanupKubeProxyRules: true                  # replace mode: remove KUBE-* rules
         .to_string();
         assert!(e.starts_with("c.yaml:2:"), "{e}");
         assert!(is_prime(16381) && is_prime(251) && !is_prime(16383) && !is_prime(1));
+    }
+
+    #[test]
+    fn socket_lb_defaults_parse_and_are_checked() {
+        let c = Config::parse("apiServer: {host: a, port: 1}\n", Path::new("c")).unwrap();
+        assert_eq!(c.socket_lb, SocketLb::default());
+        assert!(!c.socket_lb.host_namespace_only);
+        for (name, pod) in [
+            ("lxc1a2b3c", true),
+            ("lxc_health", true),
+            ("cali12345abcdef", true),
+            ("vethd3adb33f", true),
+            ("p3f2a9c1b-7d4", true),
+            ("eth0", false),
+            ("lo", false),
+            ("p-cl", false),
+            ("n-node-0", false),
+            ("cilium_host", false),
+        ] {
+            assert_eq!(c.socket_lb.is_pod_interface(name), pod, "{name}");
+        }
+        let c = Config::parse(
+            "apiServer: {host: a, port: 1}\nsocketLB: {hostNamespaceOnly: true, podInterfaces: [hn-*, tap?]}\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        assert!(c.socket_lb.host_namespace_only);
+        assert!(c.socket_lb.is_pod_interface("hn-p1") && c.socket_lb.is_pod_interface("tap0"));
+        assert!(!c.socket_lb.is_pod_interface("tap10") && !c.socket_lb.is_pod_interface("veth0"));
+        for (bad, want) in [
+            (
+                "socketLB: {hostNamespaceOnly: true, podInterfaces: []}",
+                "c.yaml: socketLB.podInterfaces: must name at least one",
+            ),
+            (
+                "socketLB: {podInterfaces: ['a b']}",
+                "c.yaml: socketLB.podInterfaces: \"a b\": interface names",
+            ),
+        ] {
+            let e = Config::parse(
+                &format!("apiServer: {{host: a, port: 1}}\n{bad}\n"),
+                Path::new("c.yaml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        let e = Config::parse(
+            "apiServer: {host: a, port: 1}\nsocketLB: {hostNamespace: true}\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("c.yaml:2:") && e.contains("hostNamespace"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        for (p, n, m) in [
+            ("*", "", true),
+            ("a*", "a", true),
+            ("a*b", "axxb", true),
+            ("a*b", "axxbc", false),
+            ("*b*c", "abxbc", true),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("abc", "abc", true),
+            ("abc", "abcd", false),
+        ] {
+            assert_eq!(glob_match(p, n), m, "{p} {n}");
+        }
     }
 
     #[test]

@@ -16,7 +16,8 @@
  *   nb_lb4_affmatch (backend id, rev-nat id) -> membership, kept for ready AND
  *                   terminating backends so existing affinity survives termination
  *   nb_counters     per-CPU u64 per outcome (enum nb_counter)
- *   nb_config       single entry: datapath mode (replace or observe)
+ *   nb_config       single entry: datapath mode (replace or observe), the host
+ *                   netns cookie and whether socket LB serves only that netns
  *
  * IPv6 (after Cilium's lb6 maps): separate maps with 16-byte addresses, the
  * values that hold no address are shared with lb4:
@@ -179,10 +180,19 @@ struct nb_lb4_affinity_match {
 	__u16 pad;         /* always zero */
 };
 
-/* Value of nb_config (array, key 0). 8 bytes. */
+/* nb_config.flags */
+#define NB_CFG_F_HOST_NS_ONLY 0x01 /* socketLB.hostNamespaceOnly: the cgroup hooks leave
+                                      sockets of other netns (pods) alone; the pod
+                                      interfaces' tc programs translate their packets */
+
+/* Value of nb_config (array, key 0). 24 bytes. Rewritten by every agent start
+ * (the loader rebuilds it when an older, smaller layout is pinned). */
 struct nb_config {
-	__u32 mode;      /* NB_MODE_* */
-	__u32 version;   /* datapath layout version the maps were written with */
+	__u32 mode;          /* NB_MODE_* */
+	__u32 version;       /* datapath layout version the maps were written with */
+	__u64 host_netns;    /* netns cookie of the agent's (the host's) netns */
+	__u32 flags;         /* NB_CFG_F_* */
+	__u32 pad;           /* always zero */
 };
 
 /* Key of nb_lb6_svc (value: struct nb_lb4_service). 24 bytes. */
@@ -276,6 +286,10 @@ struct nb_ct4_val {
 #define NB_CT_F_REPLY   0x01 /* reply direction entry */
 #define NB_CT_F_SNAT    0x02 /* the flow is source-NATed to the node's address */
 #define NB_CT_F_CLOSING 0x04 /* TCP: a FIN or RST was seen (either direction) */
+#define NB_CT_F_POD     0x08 /* a pod's flow to a Service (pod interface tc path,
+                                socketLB.hostNamespaceOnly): DNAT only; the forward
+                                entry applies at the pod interface's ingress, the
+                                reply entry at the client pod interface's egress */
 
 /* Value of nb_ct_timeout (array, key 0): nb_ct4's lifetimes in seconds,
  * written by the agent from config.yaml's `conntrack`; 0 = the default. 16 bytes. */
@@ -356,7 +370,7 @@ struct nb_src_range6_key {
 #define NB_KFUNC_SOCK_DESTROY_MARKER 0x7e57d0
 
 /* Layout version: bump when any struct above changes incompatibly. */
-#define NB_LAYOUT_VERSION 2
+#define NB_LAYOUT_VERSION 3
 
 /* Index of nb_counters (per-CPU array of __u64). One per outcome. */
 enum nb_counter {
@@ -394,6 +408,12 @@ enum nb_counter {
 	NB_CTR_NP_CT_REOPENED,        /* tc: a bare SYN on a closing flow: chosen anew */
 	NB_CTR_NP_CT_REPLACED,        /* tc: a new flow took over a lapsed or closed flow's reply key */
 	NB_CTR_NP_CT_CLASH,           /* tc: the reply tuple belongs to a live flow: dropped */
+	NB_CTR_SOCK_POD_NS,           /* socket LB, hostNamespaceOnly: a Service from a socket
+	                                 outside the host netns: left to the pod interface */
+	NB_CTR_POD_XLATED,            /* tc pod: a pod's new flow to a Service DNATed */
+	NB_CTR_POD_REPLY_XLATED,      /* tc pod: a reply rewritten to the Service toward the pod */
+	NB_CTR_POD_NO_BACKEND,        /* tc pod: Service without backend: dropped */
+	NB_CTR_POD_CT_FULL,           /* tc pod: tracking failed (full, or a live tuple clash): dropped */
 	NB_CTR_MAX                    /* number of counters (array size) */
 };
 

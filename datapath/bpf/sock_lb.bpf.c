@@ -260,6 +260,32 @@ static __always_inline int nb_replace_mode(struct nb_fwd *res)
 	return 1;
 }
 
+/* Replace mode, and a socket the socket LB serves? Sets the outcome when
+ * not. With socketLB.hostNamespaceOnly only sockets of the host's netns
+ * (the cookie the agent wrote) are translated: a pod's socket keeps the
+ * Service address it asked for, and the pod interface's tc program
+ * (nb_pod_ingress) translates its packets instead (Cilium's ctx_in_hostns). */
+static __always_inline int nb_sock_replace(struct bpf_sock_addr *ctx, struct nb_fwd *res)
+{
+	const __u32 zero = 0;
+	struct nb_config *cfg = bpf_map_lookup_elem(&nb_config, &zero);
+
+	if (!cfg) {
+		res->outcome = NB_CTR_NO_CONFIG;
+		return 0;
+	}
+	if (cfg->mode != NB_MODE_REPLACE) {
+		res->outcome = NB_CTR_OBSERVED;
+		return 0;
+	}
+	if ((cfg->flags & NB_CFG_F_HOST_NS_ONLY) &&
+	    bpf_get_netns_cookie(ctx) != cfg->host_netns) {
+		res->outcome = NB_CTR_SOCK_POD_NS;
+		return 0;
+	}
+	return 1;
+}
+
 /* Slot to use for a new selection: TCP random; UDP per socket, so a socket
  * keeps its backend. */
 static __always_inline __u16 nb_pick_slot(struct bpf_sock_addr *ctx, __u32 proto,
@@ -300,7 +326,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	svc = bpf_map_lookup_elem(&nb_lb4_svc, &key);
 	if (!svc)
 		return res;
-	if (!nb_replace_mode(&res))
+	if (!nb_sock_replace(ctx, &res))
 		return res;
 	if (svc->flags & NB_SVC_F_SRC_RANGE) {
 		/* The socket's source is not known at connect(): an LB IP with
@@ -577,6 +603,8 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	svc = bpf_map_lookup_elem(&nb_lb6_svc, &key);
 	if (!svc)
 		return res;
+	/* IPv6 ClusterIPs: pods too (hostNamespaceOnly covers IPv4, v4-mapped
+	 * included; the pod interfaces' tc path is IPv4 only so far). */
 	if (!nb_replace_mode(&res))
 		return res;
 	if (svc->flags & NB_SVC_F_SRC_RANGE) {
@@ -1600,6 +1628,8 @@ int nb_np_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	now = nb_now_sec();
 	v = nb_np_tracked(&k, tcpf, now);
+	if (v && (v->flags & NB_CT_F_POD))
+		return TC_ACT_OK; /* a pod's flow: rewritten at the pod's interface */
 	if (v) {
 		struct nb_ct4_val copy = *v;
 
@@ -1624,9 +1654,166 @@ int nb_np_egress(struct __sk_buff *skb)
 	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
 	v = nb_np_tracked(&k, tcpf, nb_now_sec());
-	if (v && (v->flags & NB_CT_F_REPLY)) {
+	if (v && (v->flags & NB_CT_F_REPLY) && !(v->flags & NB_CT_F_POD)) {
 		struct nb_ct4_val copy = *v;
 
+		return nb_np_rewrite(skb, l4_off, &k, &copy);
+	}
+	return TC_ACT_OK;
+}
+
+/* ---- Per-packet path at the pods' interfaces (socketLB.hostNamespaceOnly) --
+ *
+ * With hostNamespaceOnly the socket LB leaves pods' sockets alone (so a
+ * sidecar's iptables REDIRECT sees the Service address as SO_ORIGINAL_DST),
+ * and these programs translate a pod's packets instead, on the host side of
+ * its interface (after Cilium's bpf_lxc.c):
+ *   nb_pod_ingress (packets from the pod): a new TCP/UDP flow to any
+ *     frontend in nb_lb4_svc (ClusterIP, NodePort on a node address,
+ *     externalIP, LB IP) picks a backend as the socket LB does (a random
+ *     slot; ClientIP affinity keyed by the pod's address) and is DNATed;
+ *     its two nb_ct4 entries (flag NB_CT_F_POD, lifetimes as for external
+ *     flows) carry every later packet. No SNAT: the backend sees the pod.
+ *   nb_pod_egress (packets toward the pod): the backend's replies get the
+ *     frontend back as source, so the pod's socket sees the Service as its
+ *     peer. Replies are rewritten only here, after routing (a source that is
+ *     a Service address would fail the reverse-path check on the way).
+ * The external interfaces' programs leave NB_CT_F_POD entries alone, and
+ * these leave the external flows' entries alone.
+ */
+
+/* The affinity client of a pod flow: its IPv4 source, tagged so that it
+ * never equals a netns cookie (the kernel counts those up from 1). */
+#define NB_AFF_CLIENT_ADDR (1ULL << 63)
+
+/* A pod's new flow to a frontend: choose, track, rewrite. */
+static __always_inline int __nb_pod_new(struct __sk_buff *skb, __u32 l4_off,
+					const struct nb_ct4_key *k, __u8 tcpf, __u32 now)
+{
+	struct nb_lb4_key key;
+	struct nb_lb4_service *svc, *slot;
+	struct nb_lb4_backend *be = 0;
+	struct nb_ct4_val fwd;
+	struct nb_fwd res;
+	__u32 backend_id = 0;
+	__u64 client = 0;
+	__u16 rev_nat_id;
+	int affinity;
+
+	nb_set_key(&key, k->daddr, k->dport, k->proto, 0);
+	svc = bpf_map_lookup_elem(&nb_lb4_svc, &key);
+	if (!svc)
+		return TC_ACT_OK; /* not a Service: most packets, not counted */
+	if (!nb_replace_mode(&res)) {
+		nb_count(res.outcome);
+		return TC_ACT_OK;
+	}
+	if (svc->flags & NB_SVC_F_SRC_RANGE) {
+		/* As the socket LB: left to the load balancer, which applies
+		 * the ranges. */
+		nb_count(NB_CTR_SRC_RANGE_PASSED);
+		return TC_ACT_OK;
+	}
+	rev_nat_id = svc->rev_nat_index;
+	affinity = svc->flags & NB_SVC_F_AFFINITY;
+	if (affinity) {
+		client = NB_AFF_CLIENT_ADDR | bpf_ntohl(k->saddr);
+		backend_id = nb_affinity_lookup(svc, client, rev_nat_id);
+		if (backend_id) {
+			be = bpf_map_lookup_elem(&nb_lb4_be, &backend_id);
+			if (be)
+				nb_count(NB_CTR_AFFINITY_HIT);
+			else
+				backend_id = 0;
+		}
+	}
+	if (!backend_id) {
+		if (svc->count == 0) {
+			nb_count(NB_CTR_POD_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		key.backend_slot = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
+		slot = bpf_map_lookup_elem(&nb_lb4_svc, &key);
+		if (!slot) {
+			nb_count(NB_CTR_NO_BACKEND_SLOT);
+			return TC_ACT_SHOT;
+		}
+		backend_id = slot->backend_id;
+		be = bpf_map_lookup_elem(&nb_lb4_be, &backend_id);
+		if (!be) {
+			nb_count(NB_CTR_BACKEND_MISSING);
+			return TC_ACT_SHOT;
+		}
+		if (affinity) {
+			nb_affinity_update(client, rev_nat_id, backend_id);
+			nb_count(NB_CTR_AFFINITY_NEW);
+		}
+	}
+	if (!be)
+		return TC_ACT_OK;
+
+	__builtin_memset(&fwd, 0, sizeof(fwd));
+	fwd.saddr = k->saddr;
+	fwd.sport = k->sport;
+	fwd.daddr = be->address;
+	fwd.dport = be->port;
+	fwd.rev_nat_index = rev_nat_id;
+	fwd.flags = NB_CT_F_POD;
+	if (nb_np_track(k, &fwd, tcpf, now) < 0) {
+		nb_count(NB_CTR_POD_CT_FULL);
+		return TC_ACT_SHOT;
+	}
+	nb_count(NB_CTR_POD_XLATED);
+	return nb_np_rewrite(skb, l4_off, k, &fwd);
+}
+
+/* Packets from the pod (the host side's ingress). */
+SEC("classifier")
+int nb_pod_ingress(struct __sk_buff *skb)
+{
+	struct nb_ct4_key k;
+	struct nb_ct4_val *v;
+	__u32 l4_off, now;
+	__u8 tcpf;
+
+	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
+		return TC_ACT_OK;
+	v = bpf_map_lookup_elem(&nb_ct4, &k);
+	/* An external flow's reply (this pod is its backend) is rewritten on
+	 * the external interface; a pod flow's reply (this pod is the
+	 * backend) at the client pod's interface. */
+	if (v && (!(v->flags & NB_CT_F_POD) || (v->flags & NB_CT_F_REPLY)))
+		return TC_ACT_OK;
+	now = nb_now_sec();
+	v = nb_np_tracked(&k, tcpf, now);
+	if (v) {
+		struct nb_ct4_val copy = *v;
+
+		return nb_np_rewrite(skb, l4_off, &k, &copy);
+	}
+	return __nb_pod_new(skb, l4_off, &k, tcpf, now);
+}
+
+/* Packets toward the pod (the host side's egress): replies get the
+ * frontend back as their source. */
+SEC("classifier")
+int nb_pod_egress(struct __sk_buff *skb)
+{
+	struct nb_ct4_key k;
+	struct nb_ct4_val *v;
+	__u32 l4_off;
+	__u8 tcpf;
+
+	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
+		return TC_ACT_OK;
+	v = bpf_map_lookup_elem(&nb_ct4, &k);
+	if (!v || (v->flags & (NB_CT_F_POD | NB_CT_F_REPLY)) != (NB_CT_F_POD | NB_CT_F_REPLY))
+		return TC_ACT_OK;
+	v = nb_np_tracked(&k, tcpf, nb_now_sec());
+	if (v) {
+		struct nb_ct4_val copy = *v;
+
+		nb_count(NB_CTR_POD_REPLY_XLATED);
 		return nb_np_rewrite(skb, l4_off, &k, &copy);
 	}
 	return TC_ACT_OK;

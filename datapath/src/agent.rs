@@ -335,7 +335,17 @@ impl StatusSource for AgentState {
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let cfg = opts.config.clone();
     let replace = cfg.kube_proxy_replacement;
-    let report = loader::install(&opts.pins, &opts.cgroup, &cfg.map_sizes, replace)?;
+    // hostNamespaceOnly is set only once the pod interfaces carry their
+    // programs (pod_ifaces.rs): until then pods are socket-balanced.
+    let report = loader::install_with(
+        &opts.pins,
+        &opts.cgroup,
+        &cfg.map_sizes,
+        loader::DatapathMode {
+            replace,
+            host_namespace_only: false,
+        },
+    )?;
     for c in &report.size_changes {
         tracing::error!(
             map = %c.map,
@@ -456,6 +466,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
     };
     tasks.push(tokio::spawn(conntrack_loop(state.clone())));
+    spawn_pod_ifaces(
+        crate::pod_ifaces::PodIfaces::new(
+            opts.pins.clone(),
+            cfg.map_sizes,
+            cfg.socket_lb.clone(),
+            replace,
+        ),
+        state.clone(),
+    );
     tasks.push(tokio::spawn(node_loop(
         client,
         state.clone(),
@@ -539,6 +558,72 @@ async fn conntrack_loop(state: Arc<AgentState>) {
             Err(e) => tracing::warn!(error = %e, "conntrack sweep task failed"),
         }
         tokio::time::sleep(CT_SWEEP).await;
+    }
+}
+
+/// Runs the pod interfaces' controller on a thread of its own (it blocks on
+/// netlink): once at start (which detaches everything when the option is
+/// off), then, with `socketLB.hostNamespaceOnly`, on every link event and
+/// every [`crate::pod_ifaces::RESCAN`]. Ends with the process.
+fn spawn_pod_ifaces(mut ctl: crate::pod_ifaces::PodIfaces, state: Arc<AgentState>) {
+    let run = move || {
+        let events = if ctl.enabled() {
+            match crate::sys::LinkEvents::open() {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "netlink link events unavailable: new pod interfaces are found by the periodic scan only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut last_failed = Vec::new();
+        loop {
+            match ctl.sync() {
+                Ok(r) => {
+                    if r.changed {
+                        tracing::info!(
+                            pod_interfaces = r.attached,
+                            host_namespace_only = r.host_namespace_only,
+                            "pod interfaces' tc path synced"
+                        );
+                    }
+                    if r.failed != last_failed && !r.failed.is_empty() {
+                        tracing::warn!(failed = ?r.failed, "pod interfaces without the tc path (retried at the next scan)");
+                    }
+                    last_failed = r.failed;
+                    state.update(|s| {
+                        s.pod_interfaces = r.attached;
+                        s.socket_lb_host_namespace_only = r.host_namespace_only;
+                    });
+                }
+                Err(e) => {
+                    let error = netboot_contract::errors::chain(&e);
+                    tracing::warn!(error = %error, "pod interfaces' tc path: sync failed, retrying");
+                    state.update(|s| s.last_error = error.clone());
+                }
+            }
+            if !ctl.enabled() {
+                return;
+            }
+            match &events {
+                // A burst of link events (a pod's veth pair) settles first.
+                Some(ev) => {
+                    if ev.wait(crate::pod_ifaces::RESCAN) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        ev.wait(Duration::ZERO);
+                    }
+                }
+                None => std::thread::sleep(crate::pod_ifaces::RESCAN),
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("pod-ifaces".into())
+        .spawn(run)
+    {
+        tracing::error!(error = %e, "could not start the pod interfaces' thread: socketLB.hostNamespaceOnly not applied");
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::{
     addr6_from_be, addr_from_be, names, Ct4Key, Ct4Val, Ct6Key, Ct6Val, CtTimeouts, CT_F_CLOSING,
-    CT_F_REPLY, CT_F_SNAT,
+    CT_F_POD, CT_F_REPLY, CT_F_SNAT,
 };
 use crate::maps::kernel::kerr;
 use crate::maps::MapsError;
@@ -214,6 +214,9 @@ fn entry(
     }
     if flags & CT_F_CLOSING != 0 {
         fl.push("closing");
+    }
+    if flags & CT_F_POD != 0 {
+        fl.push("pod");
     }
     Entry {
         proto: if proto == libc::IPPROTO_TCP as u8 {

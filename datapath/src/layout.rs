@@ -87,7 +87,7 @@ pub const MODE_OBSERVE: u32 = 0;
 /// `NB_MODE_REPLACE`.
 pub const MODE_REPLACE: u32 = 1;
 /// `NB_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
 /// `IPPROTO_UDP`.
@@ -419,6 +419,8 @@ pub struct SrcRange6Key {
 
 /// `NB_CT_F_CLOSING`: a FIN or RST was seen.
 pub const CT_F_CLOSING: u8 = 0x04;
+/// `NB_CT_F_POD`: a pod's flow to a Service (pod interface tc path).
+pub const CT_F_POD: u8 = 0x08;
 
 /// `struct nb_ct_timeouts`: `nb_ct4` lifetimes in seconds (0 = the default).
 #[repr(C)]
@@ -470,6 +472,10 @@ pub struct SrcRangeKey {
     pub addr: u32,
 }
 
+/// `NB_CFG_F_HOST_NS_ONLY`: socket LB serves only the host netns
+/// (`socketLB.hostNamespaceOnly`); pods go through their interface's tc path.
+pub const CFG_F_HOST_NS_ONLY: u32 = 0x01;
+
 /// `struct nb_config`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -478,6 +484,12 @@ pub struct NbConfig {
     pub mode: u32,
     /// `LAYOUT_VERSION` the maps were written with.
     pub version: u32,
+    /// Netns cookie of the agent's (the host's) network namespace.
+    pub host_netns: u64,
+    /// `CFG_F_*`.
+    pub flags: u32,
+    /// Zero.
+    pub pad: u32,
 }
 
 // SAFETY: all of these are repr(C) plain data made of integers with explicit
@@ -571,7 +583,9 @@ const _: () = {
     assert!(size_of::<Lb4AffinityMatch>() == 8);
     assert!(offset_of!(Lb4AffinityMatch, rev_nat_id) == 4);
 
-    assert!(size_of::<NbConfig>() == 8);
+    assert!(size_of::<NbConfig>() == 24);
+    assert!(offset_of!(NbConfig, host_netns) == 8);
+    assert!(offset_of!(NbConfig, flags) == 16);
 
     assert!(size_of::<Lb6Key>() == 24);
     assert!(offset_of!(Lb6Key, dport) == 16);
@@ -605,7 +619,7 @@ const _: () = {
 };
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
-pub const COUNTER_NAMES: [&str; 34] = [
+pub const COUNTER_NAMES: [&str; 39] = [
     "connect_translated",
     "sendmsg_translated",
     "not_service",
@@ -640,6 +654,11 @@ pub const COUNTER_NAMES: [&str; 34] = [
     "nodeport_ct_reopened",
     "nodeport_ct_replaced",
     "nodeport_ct_clash",
+    "sock_pod_netns_skipped",
+    "pod_translated",
+    "pod_reply_translated",
+    "pod_no_backend",
+    "pod_ct_full",
 ];
 
 /// `NB_CTR_MAX`.

@@ -25,6 +25,7 @@ pub mod maglev;
 pub mod maps;
 pub mod pass;
 pub mod pins;
+pub mod pod_ifaces;
 pub mod reconcile;
 pub mod sock_term;
 pub mod srcrange;

@@ -22,7 +22,9 @@ use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
 use crate::config::MapSizes;
-use crate::layout::{names, NbConfig, NpDev, NpDev6, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE};
+use crate::layout::{
+    names, NbConfig, NpDev, NpDev6, CFG_F_HOST_NS_ONLY, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE,
+};
 use crate::maps::kernel::KernelMaps;
 use crate::maps::MapsError;
 use crate::pins::{PinError, Pins};
@@ -101,6 +103,9 @@ pub enum LoaderError {
     /// Map access after loading.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// The agent's network namespace cookie could not be read.
+    #[error("read the host netns cookie (getsockopt SO_NETNS_COOKIE, kernel >= 5.14): {0}")]
+    NetnsCookie(#[source] std::io::Error),
 }
 
 /// What happened to one attach point.
@@ -112,6 +117,8 @@ pub enum LinkAction {
     Updated,
     /// The pinned link pointed at another cgroup and was replaced.
     Reattached,
+    /// The pinned link is alive and runs this agent's program already.
+    Kept,
 }
 
 /// Result of [`install`].
@@ -175,7 +182,11 @@ fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
 /// (tracked north–south flows start over) and the outcome counters (a counter
 /// reset, which Prometheus handles). The programs still attached keep the old
 /// map until the new ones replace them.
-const RESETTABLE: [&str; 3] = [names::CT4, names::CT6, names::COUNTERS];
+///
+/// `nb_config` too (decision: it grew the host netns cookie and flags in
+/// place rather than a second single-entry map): it holds nothing but what
+/// [`install`] writes at every start, before any link gets the new programs.
+const RESETTABLE: [&str; 4] = [names::CT4, names::CT6, names::COUNTERS, names::CONFIG];
 
 /// What [`check_pinned`] found.
 #[derive(Default)]
@@ -281,14 +292,71 @@ fn link_err(path: &Path, op: &'static str, reason: impl ToString) -> LoaderError
     }
 }
 
-/// Loads, pins and attaches everything; sets the datapath mode.
+/// What `nb_config` says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathMode {
+    /// Translate (replace kube-proxy) rather than only observe.
+    pub replace: bool,
+    /// `socketLB.hostNamespaceOnly`: the socket LB serves only sockets of
+    /// the calling thread's network namespace (the host's); pods are served
+    /// by their interfaces' tc programs ([`install_pod_interfaces`]).
+    pub host_namespace_only: bool,
+}
+
+/// Writes `nb_config`: the mode, the layout version, the calling thread's
+/// netns cookie (the host's) and the flags. One array write: sockets see
+/// the old or the new entry whole.
+pub fn write_config(pins: &Pins, mode: DatapathMode) -> Result<(), LoaderError> {
+    let host_netns = sys::netns_cookie().map_err(LoaderError::NetnsCookie)?;
+    let mut maps = KernelMaps::open(pins)?;
+    maps.set_config(NbConfig {
+        mode: if mode.replace {
+            MODE_REPLACE
+        } else {
+            MODE_OBSERVE
+        },
+        version: LAYOUT_VERSION,
+        host_netns,
+        flags: if mode.host_namespace_only {
+            CFG_F_HOST_NS_ONLY
+        } else {
+            0
+        },
+        pad: 0,
+    })?;
+    Ok(())
+}
+
+/// Loads, pins and attaches everything; sets the datapath mode (socket LB
+/// in every network namespace).
 pub fn install(
     pins: &Pins,
     cgroup: &Path,
     sizes: &MapSizes,
     replace: bool,
 ) -> Result<InstallReport, LoaderError> {
+    install_with(
+        pins,
+        cgroup,
+        sizes,
+        DatapathMode {
+            replace,
+            host_namespace_only: false,
+        },
+    )
+}
+
+/// [`install`] with the whole `nb_config`. The configuration is written
+/// before any link gets the newly loaded programs, so a rebuilt `nb_config`
+/// (layout change) is never seen empty.
+pub fn install_with(
+    pins: &Pins,
+    cgroup: &Path,
+    sizes: &MapSizes,
+    mode: DatapathMode,
+) -> Result<InstallReport, LoaderError> {
     let (mut ebpf, check, maps_reused) = load(pins, sizes)?;
+    write_config(pins, mode)?;
     let cg_id = sys::cgroup_id(cgroup).map_err(|source| LoaderError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
@@ -355,12 +423,6 @@ pub fn install(
         links.push((point.to_string(), action));
     }
 
-    let mut maps = KernelMaps::open(pins)?;
-    let mode = if replace { MODE_REPLACE } else { MODE_OBSERVE };
-    maps.set_config(NbConfig {
-        mode,
-        version: LAYOUT_VERSION,
-    })?;
     Ok(InstallReport {
         maps_reused,
         links,
@@ -429,52 +491,8 @@ pub fn install_nodeport(
         set_np_dev(&mut ebpf, ifindex, dev)?;
         for (prefix, prog_name, dir) in NODEPORT_POINTS {
             let point = format!("{prefix}{}", dev.ifname);
-            let pin = pins.link(&point);
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(prog_name)
-                .ok_or(LoaderError::MissingProgram(prog_name))?
-                .try_into()
-                .map_err(|e| LoaderError::Program {
-                    name: prog_name,
-                    op: "type",
-                    source: Box::new(e),
-                })?;
-            if prog.fd().is_err() {
-                prog.load().map_err(|e| LoaderError::Program {
-                    name: prog_name,
-                    op: "load",
-                    source: Box::new(e),
-                })?;
-            }
-            if pin.exists() {
-                let link_fd = sys::obj_get(&pin).map_err(|e| link_err(&pin, "open", e))?;
-                let prog_fd = prog.fd().map_err(|e| LoaderError::Program {
-                    name: prog_name,
-                    op: "fd",
-                    source: Box::new(e),
-                })?;
-                if sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).is_ok() {
-                    out.push((point, LinkAction::Updated));
-                    continue;
-                }
-                // The interface went away (and its link with it): attach anew.
-                std::fs::remove_file(&pin).map_err(|e| link_err(&pin, "remove stale", e))?;
-            }
-            let id = prog
-                .attach(&dev.ifname, dir)
-                .map_err(|e| LoaderError::Program {
-                    name: prog_name,
-                    op: "attach",
-                    source: Box::new(e),
-                })?;
-            let link = prog.take_link(id).map_err(|e| LoaderError::Program {
-                name: prog_name,
-                op: "take link",
-                source: Box::new(e),
-            })?;
-            let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin, "convert", e))?;
-            fd_link.pin(&pin).map_err(|e| link_err(&pin, "pin", e))?;
-            out.push((point, LinkAction::Attached));
+            let action = attach_tc_link(&mut ebpf, pins, &point, prog_name, &dev.ifname, dir)?;
+            out.push((point, action));
         }
     }
     clear_np_dev_except(pins, &ifindexes)?;
@@ -534,38 +552,13 @@ fn set_np_dev(ebpf: &mut Ebpf, ifindex: u32, dev: &NodePortDevice) -> Result<(),
 
 /// The interfaces with a pinned per-packet link (`np-in-<ifname>`).
 pub fn nodeport_attached(pins: &Pins) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(pins.links_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.strip_prefix(NODEPORT_POINTS[0].0).map(str::to_string)
-        })
-        .collect();
-    out.sort();
-    out
+    attached_with(pins, NODEPORT_POINTS[0].0)
 }
 
 /// Removes the per-packet link pins of every interface not in `keep` (that
 /// detaches the programs from it).
 fn detach_nodeport_except(pins: &Pins, keep: &[&str]) -> Result<(), LoaderError> {
-    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ifname = NODEPORT_POINTS
-            .iter()
-            .find_map(|(prefix, _, _)| name.strip_prefix(prefix));
-        if let Some(ifname) = ifname {
-            if !keep.contains(&ifname) {
-                let p = e.path();
-                std::fs::remove_file(&p).map_err(|e| link_err(&p, "detach", e))?;
-            }
-        }
-    }
-    Ok(())
+    detach_links_except(pins, &NODEPORT_POINTS, keep)
 }
 
 /// Deletes the `nb_np_dev` / `nb_np_dev6` entries of interfaces not in
@@ -599,6 +592,183 @@ fn clear_np_dev_except(pins: &Pins, keep: &[u32]) -> Result<(), LoaderError> {
     }
     clear::<NpDev>(pins, names::NP_DEV, keep)?;
     clear::<NpDev6>(pins, names::NP_DEV6, keep)
+}
+
+/// The pod interfaces' programs (`socketLB.hostNamespaceOnly`): (link pin
+/// prefix, program, direction).
+pub const POD_POINTS: [(&str, &str, TcAttachType); 2] = [
+    ("pod-in-", "nb_pod_ingress", TcAttachType::Ingress),
+    ("pod-out-", "nb_pod_egress", TcAttachType::Egress),
+];
+
+/// Result of [`install_pod_interfaces`].
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PodAttach {
+    /// Per link (`pod-in-<if>`, `pod-out-<if>`).
+    pub links: Vec<(String, LinkAction)>,
+    /// Interfaces that could not get the programs (gone meanwhile, …), why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Attaches `nb_pod_ingress`/`nb_pod_egress` (tc via TCX) to the host side
+/// of each pod interface in `ifnames`, links pinned as `pod-in-<if>` /
+/// `pod-out-<if>`, and detaches them from every interface not listed (the
+/// list is the whole set; empty detaches all). A pinned link still attached
+/// to the interface of that name is kept as is, or given the newly loaded
+/// program with `update` (`BPF_LINK_UPDATE`, at agent start); one whose
+/// interface is gone (the pod was deleted, maybe re-created under the same
+/// name) is replaced. An interface failing does not stop the others.
+/// Interfaces are resolved in the calling thread's network namespace.
+pub fn install_pod_interfaces(
+    pins: &Pins,
+    sizes: &MapSizes,
+    ifnames: &[String],
+    update: bool,
+) -> Result<PodAttach, LoaderError> {
+    let keep: Vec<&str> = ifnames.iter().map(String::as_str).collect();
+    detach_links_except(pins, &POD_POINTS, &keep)?;
+    let mut out = PodAttach::default();
+    let mut todo = Vec::new();
+    for ifname in ifnames {
+        let Ok(ifindex) = sys::ifindex(ifname) else {
+            out.failed
+                .push((ifname.clone(), "no such interface".to_string()));
+            continue;
+        };
+        let alive = POD_POINTS.iter().all(|(prefix, _, _)| {
+            sys::obj_get(&pins.link(&format!("{prefix}{ifname}")))
+                .and_then(|fd| sys::link_info(fd.as_fd()))
+                .is_ok_and(|i| sys::tcx_link_ifindex(&i) == ifindex)
+        });
+        if alive && !update {
+            for (prefix, _, _) in POD_POINTS {
+                out.links
+                    .push((format!("{prefix}{ifname}"), LinkAction::Kept));
+            }
+        } else {
+            todo.push(ifname);
+        }
+    }
+    if todo.is_empty() {
+        return Ok(out);
+    }
+    let (mut ebpf, _, _) = load(pins, sizes)?;
+    for ifname in todo {
+        for (prefix, prog_name, dir) in POD_POINTS {
+            let point = format!("{prefix}{ifname}");
+            match attach_tc_link(&mut ebpf, pins, &point, prog_name, ifname, dir) {
+                Ok(action) => out.links.push((point, action)),
+                Err(e) => {
+                    out.failed.push((ifname.clone(), e.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Attaches program `prog_name` of `ebpf` to `ifname` (tc via TCX) as the
+/// link pinned at `point`: an existing pinned link gets the program with
+/// `BPF_LINK_UPDATE`; a pinned link whose interface is gone is replaced.
+fn attach_tc_link(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    point: &str,
+    prog_name: &'static str,
+    ifname: &str,
+    dir: TcAttachType,
+) -> Result<LinkAction, LoaderError> {
+    let pin = pins.link(point);
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(prog_name)
+        .ok_or(LoaderError::MissingProgram(prog_name))?
+        .try_into()
+        .map_err(|e| LoaderError::Program {
+            name: prog_name,
+            op: "type",
+            source: Box::new(e),
+        })?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| LoaderError::Program {
+            name: prog_name,
+            op: "load",
+            source: Box::new(e),
+        })?;
+    }
+    if pin.exists() {
+        let link_fd = sys::obj_get(&pin).map_err(|e| link_err(&pin, "open", e))?;
+        let live = sys::link_info(link_fd.as_fd()).is_ok_and(|i| sys::tcx_link_ifindex(&i) != 0)
+            && sys::ifindex(ifname).is_ok();
+        let prog_fd = prog.fd().map_err(|e| LoaderError::Program {
+            name: prog_name,
+            op: "fd",
+            source: Box::new(e),
+        })?;
+        if live && sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).is_ok() {
+            return Ok(LinkAction::Updated);
+        }
+        // The interface went away (and its link with it): attach anew.
+        std::fs::remove_file(&pin).map_err(|e| link_err(&pin, "remove stale", e))?;
+    }
+    let id = prog.attach(ifname, dir).map_err(|e| LoaderError::Program {
+        name: prog_name,
+        op: "attach",
+        source: Box::new(e),
+    })?;
+    let link = prog.take_link(id).map_err(|e| LoaderError::Program {
+        name: prog_name,
+        op: "take link",
+        source: Box::new(e),
+    })?;
+    let fd_link = FdLink::try_from(link).map_err(|e| link_err(&pin, "convert", e))?;
+    fd_link.pin(&pin).map_err(|e| link_err(&pin, "pin", e))?;
+    Ok(LinkAction::Attached)
+}
+
+/// The interfaces with a pinned pod-interface link (`pod-in-<ifname>`).
+pub fn pod_interfaces_attached(pins: &Pins) -> Vec<String> {
+    attached_with(pins, POD_POINTS[0].0)
+}
+
+/// The interface names of the link pins starting with `prefix`, sorted.
+fn attached_with(pins: &Pins, prefix: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(pins.links_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(prefix).map(str::to_string)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Removes the link pins of `points` for every interface not in `keep`
+/// (that detaches the programs from it).
+fn detach_links_except(
+    pins: &Pins,
+    points: &[(&str, &str, TcAttachType)],
+    keep: &[&str],
+) -> Result<(), LoaderError> {
+    let Ok(entries) = std::fs::read_dir(pins.links_dir()) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ifname = points
+            .iter()
+            .find_map(|(prefix, _, _)| name.strip_prefix(prefix));
+        if let Some(ifname) = ifname {
+            if !keep.contains(&ifname) {
+                let p = e.path();
+                std::fs::remove_file(&p).map_err(|e| link_err(&p, "detach", e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the socket LB is attached, read back from the link pins.

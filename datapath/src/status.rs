@@ -156,6 +156,13 @@ pub struct Status {
     /// `healthCheckNodePort`s served (externalTrafficPolicy Local Services).
     #[serde(default)]
     pub health_check_ports: usize,
+    /// `socketLB.hostNamespaceOnly` in force: the socket LB serves the host's
+    /// network namespace only; pods are served at their interfaces.
+    #[serde(default)]
+    pub socket_lb_host_namespace_only: bool,
+    /// Pod interfaces carrying the tc path (`nb_pod_ingress`/`nb_pod_egress`).
+    #[serde(default)]
+    pub pod_interfaces: usize,
     /// `MapFull` and `MapSizeChangeRefused`, derived from the fields above.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -426,6 +433,13 @@ impl Status {
                 s,
                 "NodePort devices:       {}, {} healthCheckNodePorts",
                 self.nodeport_devices, self.health_check_ports
+            );
+        }
+        if self.socket_lb_host_namespace_only {
+            let _ = writeln!(
+                s,
+                "Socket LB:              host network namespace only; pods through their interfaces' tc path: {} pod interfaces",
+                self.pod_interfaces
             );
         }
         if !self.load_balancing.is_empty() {
@@ -714,6 +728,11 @@ impl Status {
         if let Some(ct) = &self.conntrack {
             let _ = writeln!(s, "netboot_datapath_conntrack_capacity {}", ct.capacity);
         }
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_pod_interfaces Pod interfaces carrying the tc path (socketLB.hostNamespaceOnly)\n# TYPE netboot_datapath_pod_interfaces gauge\nnetboot_datapath_pod_interfaces {}",
+            self.pod_interfaces
+        );
         let _ = writeln!(
             s,
             "# HELP netboot_datapath_conntrack_lapsed_deleted_total Lapsed flow entries the agent's sweeps deleted\n# TYPE netboot_datapath_conntrack_lapsed_deleted_total counter\nnetboot_datapath_conntrack_lapsed_deleted_total {}",

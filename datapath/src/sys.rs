@@ -102,6 +102,12 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
     })
 }
 
+/// The interface a TCX link is attached to: `bpf_link_info.tcx.ifindex`
+/// (the union's first word); 0 once the interface is gone (a defunct link).
+pub fn tcx_link_ifindex(info: &CgroupLinkInfo) -> u32 {
+    (info.cgroup_id & 0xffff_ffff) as u32
+}
+
 /// `BPF_LINK_UPDATE`: atomically replaces the program in `link` with `prog`.
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = Attr::new();
@@ -200,4 +206,136 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
         return Err(io::Error::last_os_error());
     }
     Ok(i)
+}
+
+/// `SO_NETNS_COOKIE` (linux/socket.h; not in the libc crate yet).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace (what
+/// `bpf_get_netns_cookie` returns for its sockets), read with
+/// `getsockopt(SO_NETNS_COOKIE)` on a throwaway socket (kernel ≥ 5.14).
+pub fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: plain socket calls on an fd we own and close; `cookie` and
+    // `len` outlive the getsockopt call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        );
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cookie)
+    }
+}
+
+/// The names of the network interfaces of the calling thread's namespace
+/// (`if_nameindex`, which asks the kernel over netlink: never /sys, which
+/// may show another namespace).
+pub fn interface_names() -> io::Result<Vec<String>> {
+    // SAFETY: if_nameindex returns an array terminated by a zero entry,
+    // freed with if_freenameindex after we copied the names out.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+        Ok(out)
+    }
+}
+
+/// A netlink socket subscribed to link changes (`RTMGRP_LINK`) of the
+/// calling thread's network namespace: wakes the pod interface scan when a
+/// pod's interface appears or goes.
+pub struct LinkEvents {
+    fd: OwnedFd,
+}
+
+impl LinkEvents {
+    /// Opens and subscribes.
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket calls on an fd we own; `addr` outlives bind.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+            addr.nl_groups = libc::RTMGRP_LINK as u32;
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            );
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Self { fd })
+        }
+    }
+
+    /// Waits up to `timeout` for link changes; true if there were any (all
+    /// pending messages are read and dropped: the caller rescans).
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: pfd is valid for the call; buf outlives each recv.
+        unsafe {
+            if libc::poll(&mut pfd, 1, ms) <= 0 {
+                return false;
+            }
+            let mut buf = [0u8; 8192];
+            let mut any = false;
+            loop {
+                let n = libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                );
+                if n > 0 {
+                    any = true;
+                    continue;
+                }
+                // EAGAIN (drained), or ENOBUFS (overrun): either way rescan.
+                if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                    any = true;
+                    continue;
+                }
+                break;
+            }
+            any
+        }
+    }
 }

@@ -134,7 +134,15 @@ pub struct Datapath {
     /// (`tcpEstablishedTimeoutSeconds`, `tcpSynTimeoutSeconds`,
     /// `tcpCloseTimeoutSeconds`, `udpTimeoutSeconds`; the agent's `conntrack`).
     pub conntrack: Conntrack,
+    /// `socketLB`: `{hostNamespaceOnly: bool, podInterfaces: [glob…]}`, the
+    /// agent's `socketLB` (socket LB in the host netns only; pods through a
+    /// tc program on their interfaces, for sidecars needing SO_ORIGINAL_DST).
+    #[serde(rename = "socketLB")]
+    pub socket_lb: SocketLb,
 }
+
+/// `spec.datapath.socketLB`: the contract's type and defaults.
+pub use netboot_contract::config::SocketLb;
 
 /// `spec.datapath.conntrack`: the contract's type and defaults.
 pub use netboot_contract::config::Conntrack;
@@ -620,6 +628,7 @@ impl Datapath {
             metrics_port: 9891,
             load_balancing: LoadBalancing::default(),
             conntrack: Conntrack::DEFAULT,
+            socket_lb: SocketLb::default(),
         }
     }
 }
@@ -639,6 +648,7 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
             "metricsPort",
             "loadBalancing",
             "conntrack",
+            "socketLB",
         ],
     )?;
     let mut d = Datapath::defaults();
@@ -714,6 +724,55 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
                 "tcpSynTimeoutSeconds" => d.conntrack.tcp_syn_timeout_seconds = v,
                 "tcpCloseTimeoutSeconds" => d.conntrack.tcp_close_timeout_seconds = v,
                 _ => d.conntrack.udp_timeout_seconds = v,
+            }
+        }
+    }
+    if let Some(sl) = s.get("socketLB") {
+        let ss = c.section(
+            sl,
+            &s.child("socketLB"),
+            &["hostNamespaceOnly", "podInterfaces"],
+        )?;
+        if let Some(v) = opt(c, &ss, "hostNamespaceOnly", Checker::boolean) {
+            d.socket_lb.host_namespace_only = v;
+        }
+        if let Some(list) = ss.get("podInterfaces") {
+            let p = ss.child("podInterfaces");
+            match c.list(list, &p) {
+                Some(items) => {
+                    let mut globs = Vec::new();
+                    for (i, item) in items.iter().enumerate() {
+                        let ip = format!("{p}[{i}]");
+                        match c.string(item, &ip) {
+                            Some(g)
+                                if !g.is_empty()
+                                    && g.len() <= 15
+                                    && !g.contains(['/', ' ', ',']) =>
+                            {
+                                globs.push(g)
+                            }
+                            Some(g) => {
+                                c.error(
+                                    item.pos,
+                                    &ip,
+                                    format!("{g:?}: an interface name or glob is 1-15 characters without '/', ',' or spaces"),
+                                );
+                                ok = false;
+                            }
+                            None => ok = false,
+                        }
+                    }
+                    if globs.is_empty() && items.is_empty() && d.socket_lb.host_namespace_only {
+                        c.error(
+                            list.pos,
+                            &p,
+                            "must name at least one interface or glob while hostNamespaceOnly is true (pods would reach no Service)",
+                        );
+                        ok = false;
+                    }
+                    d.socket_lb.pod_interfaces = globs;
+                }
+                None => ok = false,
             }
         }
     }

@@ -216,6 +216,21 @@ fn malformed_specs_point_at_the_right_line() {
             "t.yaml:14:26: spec.datapath.conntrack.udpTimeoutSeconds: 0 is out of range (1..=604800)",
         ),
         (
+            "socketLB pod interface glob with a space",
+            format!("{GOOD}  datapath:\n    socketLB:\n      hostNamespaceOnly: true\n      podInterfaces: [lxc*, 'my pod']\n"),
+            "t.yaml:15:29: spec.datapath.socketLB.podInterfaces[1]: \"my pod\": an interface name or glob is 1-15 characters without '/', ',' or spaces",
+        ),
+        (
+            "socketLB hostNamespaceOnly not a boolean",
+            format!("{GOOD}  datapath:\n    socketLB:\n      hostNamespaceOnly: pods\n"),
+            "t.yaml:14:26: spec.datapath.socketLB.hostNamespaceOnly: expected a boolean (true or false)",
+        ),
+        (
+            "socketLB without pod interfaces",
+            format!("{GOOD}  datapath:\n    socketLB:\n      hostNamespaceOnly: true\n      podInterfaces: []\n"),
+            "t.yaml:15:22: spec.datapath.socketLB.podInterfaces: must name at least one interface or glob",
+        ),
+        (
             "unknown load balancing algorithm",
             format!("{GOOD}  datapath:\n    loadBalancing:\n      algorithm: hash\n"),
             "t.yaml:14:18: spec.datapath.loadBalancing.algorithm: `hash` is not one of: random, maglev",

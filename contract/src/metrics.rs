@@ -69,6 +69,7 @@ pub const DATAPATH: &[Family] = &[
     family("netboot_datapath_unserved_services", Kind::Gauge),
     family("netboot_datapath_conntrack_entries", Kind::Gauge),
     family("netboot_datapath_conntrack_capacity", Kind::Gauge),
+    family("netboot_datapath_pod_interfaces", Kind::Gauge),
     family(
         "netboot_datapath_conntrack_lapsed_deleted_total",
         Kind::Counter,

@@ -53,6 +53,11 @@ pub struct Settings {
     pub retry: bool,
     /// Skip validation after changes (never skipped after a handover).
     pub skip_validation: bool,
+    /// Validation may run a client pod on a node's host network (the
+    /// `node-port` check's host part): true for an operator's `apply` and
+    /// `validate`, false for the reconciler, whose admission policy keeps
+    /// probe pods off the host network.
+    pub host_network_probes: bool,
     /// Where progress lines go (the CLI: stderr; the reconciler: its log).
     pub progress: Progress,
 }
@@ -699,6 +704,7 @@ pub fn validate_options(
             .unwrap_or_else(|| format!("ghcr.io/netboot/netboot:{}", spec.datapath.version)),
         timeout: Duration::from_secs(u64::from(spec.validation.timeout_seconds)),
         keep_probes: false,
+        host_network_probes: s.host_network_probes,
     }
 }
 

@@ -458,6 +458,7 @@ async fn reconcile_one(
         probe_image: opts.probe_image.clone(),
         retry: false,
         skip_validation: opts.skip_validation,
+        host_network_probes: false,
         progress: {
             let cluster = spec.name.clone();
             converge::Progress(std::sync::Arc::new(move |line: &str| {

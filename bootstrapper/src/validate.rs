@@ -108,7 +108,7 @@ pub const TABLE: &[CheckSpec] = &[
     CheckSpec {
         name: "node-port",
         needs: &["probe workload", "nodes with an InternalIP"],
-        shows: "a NodePort Service answers over TCP and UDP at every schedulable node's InternalIP, from a client pod (its own node's address and the others' across the node network)",
+        shows: "a NodePort Service answers over TCP and UDP at every schedulable node's InternalIP, from a client pod (its own node's address and the others' across the node network) and from a node's host network (not in the reconciler's runs)",
         skipped_when: "no schedulable node has an InternalIP of the probe Service's family",
     },
     CheckSpec {
@@ -319,6 +319,9 @@ pub struct ValidateOptions {
     pub timeout: Duration,
     /// Keep the probe workload afterwards (for debugging).
     pub keep_probes: bool,
+    /// Run `node-port`'s host part (a client pod on a node's host network);
+    /// false: skipped with the reason (the reconciler).
+    pub host_network_probes: bool,
 }
 
 /// Runs every check not skipped by the spec and returns the report.
@@ -465,11 +468,20 @@ pub fn merge(name: &str, outcomes: &[probe::Outcome]) -> CheckResult {
         .filter(|o| o.name == name || o.name.starts_with(&format!("{name}/")))
         .collect();
     let millis = mine.iter().map(|o| o.millis).sum();
+    // Each distinct detail once; a host-network client's are marked so.
     let join = |os: &[&probe::Outcome]| {
-        os.iter()
-            .map(|o| o.detail.clone())
-            .collect::<Vec<_>>()
-            .join("; ")
+        let mut out: Vec<String> = Vec::new();
+        for o in os {
+            let d = if o.name.contains("/host/") && !o.skipped {
+                format!("from the host network: {}", o.detail)
+            } else {
+                o.detail.clone()
+            };
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out.join("; ")
     };
     let (result, detail) = if mine.is_empty() {
         (Verdict::Failed, "no probe reported it".to_string())
@@ -731,12 +743,24 @@ pub fn local_runs(pods: &[ProbePod], local_ip: IpAddr, empty: &str) -> Vec<(Stri
 pub struct Placement {
     /// On this node (None: where the scheduler puts it).
     pub node: Option<String>,
+    /// In the node's network namespace (`hostNetwork: true`): the node's own
+    /// processes' view. An admission policy may refuse such a pod (the
+    /// reconciler's does): its checks are then skipped with the reason.
+    pub host_network: bool,
 }
 
 impl Placement {
     fn on(node: &str) -> Self {
         Placement {
             node: Some(node.to_string()),
+            host_network: false,
+        }
+    }
+
+    fn host_of(node: &str) -> Self {
+        Placement {
+            node: Some(node.to_string()),
+            host_network: true,
         }
     }
 }
@@ -770,13 +794,16 @@ pub fn node_addresses(
         .collect()
 }
 
-/// The client run of the `node-port` check: a client pod reaching the
+/// The client runs of the `node-port` check: a client pod reaching the
 /// NodePort Service (`tcp`, `udp` node ports) at every node's addresses (its
 /// own node's through the local datapath, the others' across the node
-/// network). Not from a node's host network: the reconciler's admission
-/// policy keeps probe pods off it (least privilege); host processes are the
-/// datapath's kernel tests' (`kernel_northsouth`). None when no node has an
-/// address.
+/// network), and the same from the host network of the first node with a
+/// probe pod (`node-port/host/*`: the node's own processes, through the
+/// socket LB on its own addresses and the other nodes' per-packet path).
+/// The reconciler's admission policy keeps probe pods off the host network
+/// (least privilege), so in its runs the host part is skipped with that
+/// reason; `netboot apply`/`validate` by an operator run it. None when no
+/// node has an address.
 pub fn node_port_runs(
     pods: &[ProbePod],
     addresses: &BTreeMap<String, Vec<IpAddr>>,
@@ -805,7 +832,11 @@ pub fn node_port_runs(
         ],
         timeout_ms: 2000,
     };
-    Some(vec![(Placement::default(), plan("pod"))])
+    let mut runs = vec![(Placement::default(), plan("pod"))];
+    if let Some(home) = pods.first().map(|p| p.node.clone()) {
+        runs.push((Placement::host_of(&home), plan("host")));
+    }
+    Some(runs)
 }
 
 /// The client run of the `external-traffic-local` check, on the first node
@@ -1121,7 +1152,20 @@ async fn pod_checks_run(
     if workload.node_port {
         let ports = node_ports(client, ns, PROBE_NODE_PORT).await?;
         match node_port_runs(&pods, &addresses, ports) {
-            Some(r) => runs.extend(r),
+            Some(r) => {
+                for (place, plan) in r {
+                    if place.host_network && !opts.host_network_probes {
+                        outcomes.extend(plan.checks.iter().map(|c| {
+                            skipped_outcome(
+                                c.name(),
+                                "from a node's host network: not run by the reconciler (its admission policy keeps probe pods off the host network); `netboot validate` runs it".into(),
+                            )
+                        }));
+                    } else {
+                        runs.push((place, plan));
+                    }
+                }
+            }
             None => outcomes.push(skipped_outcome(
                 "node-port",
                 format!(
@@ -1176,7 +1220,22 @@ async fn run_until_ok(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let pod = start_client(client, ns, image, plan, place).await?;
+        let pod = match create_client(client, ns, image, plan, place).await {
+            Ok(p) => p,
+            Err(StartError::Refused(why)) if place.host_network => {
+                return Ok(plan
+                    .checks
+                    .iter()
+                    .map(|c| {
+                        skipped_outcome(
+                            c.name(),
+                            format!("a host-network client pod was refused ({why}): this identity may not run one (the reconciler's admission policy keeps probe pods off the host network); run `netboot validate` as an operator for it"),
+                        )
+                    })
+                    .collect());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let report = client_report(client, ns, &pod, deadline).await?;
         if report.ok() || Instant::now() + Duration::from_secs(3) >= deadline {
             if !report.ok() {
@@ -1382,6 +1441,22 @@ async fn ready_endpoints_of(
         }))
 }
 
+/// Why a client pod could not be created.
+enum StartError {
+    /// The API server refused it (403: RBAC or an admission policy).
+    Refused(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl From<StartError> for String {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Refused(s) | StartError::Other(s) => s,
+        }
+    }
+}
+
 /// Starts a client pod running `plan` (on `node` if given) and returns its name.
 async fn start_client(
     client: &Client,
@@ -1390,12 +1465,25 @@ async fn start_client(
     plan: &probe::Plan,
     place: &Placement,
 ) -> Result<String, String> {
+    create_client(client, ns, image, plan, place)
+        .await
+        .map_err(String::from)
+}
+
+/// [`start_client`], telling a refusal apart.
+async fn create_client(
+    client: &Client,
+    ns: &str,
+    image: &str,
+    plan: &probe::Plan,
+    place: &Placement,
+) -> Result<String, StartError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let name = format!(
         "netboot-probe-client-{:05x}",
         rand::random::<u32>() & 0xfffff
     );
-    let plan_json = serde_json::to_string(plan).map_err(|e| e.to_string())?;
+    let plan_json = serde_json::to_string(plan).map_err(|e| StartError::Other(e.to_string()))?;
     let mut spec = json!({
         "restartPolicy": "Never",
         "automountServiceAccountToken": false,
@@ -1410,15 +1498,24 @@ async fn start_client(
     if let Some(node) = &place.node {
         spec["nodeName"] = json!(node);
     }
+    if place.host_network {
+        spec["hostNetwork"] = json!(true);
+    }
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "netboot-probe-client", "app.kubernetes.io/managed-by": "netboot", "netboot.io/probe": "true", "netboot.io/podnet": "true"}},
         "spec": spec,
     }))
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| StartError::Other(e.to_string()))?;
     pods.create(&PostParams::default(), &pod)
         .await
-        .map_err(|e| format!("Pod/{ns}/{name}: {}", describe(&e)))?;
+        .map_err(|e| {
+            let msg = format!("Pod/{ns}/{name}: {}", describe(&e));
+            match &e {
+                kube::Error::Api(r) if r.code == 403 => StartError::Refused(msg),
+                _ => StartError::Other(msg),
+            }
+        })?;
     Ok(name)
 }
 
@@ -1732,6 +1829,40 @@ mod tests {
     }
 
     #[test]
+    fn a_check_merges_its_host_part_marked_and_a_skipped_host_part_with_its_reason() {
+        let o = |name: &str, detail: &str, skipped: bool| probe::Outcome {
+            name: name.into(),
+            ok: true,
+            detail: detail.into(),
+            millis: 1,
+            skipped,
+            outage_ms: None,
+        };
+        let r = merge(
+            "node-port",
+            &[
+                o("node-port/pod/tcp", "6 connections", false),
+                o("node-port/host/tcp", "6 connections", false),
+            ],
+        );
+        assert_eq!(r.result, Verdict::Passed);
+        assert_eq!(
+            r.detail,
+            "6 connections; from the host network: 6 connections"
+        );
+        let r = merge(
+            "node-port",
+            &[
+                o("node-port/pod/tcp", "6 connections", false),
+                o("node-port/host/tcp", "not run by the reconciler", true),
+                o("node-port/host/udp", "not run by the reconciler", true),
+            ],
+        );
+        assert_eq!(r.result, Verdict::Passed);
+        assert_eq!(r.detail, "6 connections; not run by the reconciler");
+    }
+
+    #[test]
     fn node_port_runs_reach_every_node_from_a_pod() {
         let pods = [pod("p1", "n1"), pod("p2", "n2")];
         let addrs = addresses(&[
@@ -1742,9 +1873,10 @@ mod tests {
         let runs = node_port_runs(&pods, &addrs, (30080, 30053)).unwrap();
         assert_eq!(
             runs.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
-            [Placement::default()],
-            "a pod, never the host network (the reconciler's admission policy)"
+            [Placement::default(), Placement::host_of("n1")],
+            "a pod, and the host network of the first probe pod's node"
         );
+        assert_eq!(runs[1].1.checks[0].name(), "node-port/host/tcp");
         let Check::Udp { name, targets, .. } = &runs[0].1.checks[1] else {
             panic!("{runs:?}")
         };

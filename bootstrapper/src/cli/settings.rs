@@ -125,6 +125,7 @@ pub async fn resolve(args: &ApplyArgs) -> anyhow::Result<(Settings, Connection, 
         probe_image: args.probe_image.clone(),
         retry: args.retry,
         skip_validation: args.skip_validation,
+        host_network_probes: true,
         // The CLI's progress goes to stderr; results go to stdout.
         progress: netboot::converge::Progress(std::sync::Arc::new(|line: &str| {
             eprintln!("{line}")

@@ -603,9 +603,7 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	svc = bpf_map_lookup_elem(&nb_lb6_svc, &key);
 	if (!svc)
 		return res;
-	/* IPv6 ClusterIPs: pods too (hostNamespaceOnly covers IPv4, v4-mapped
-	 * included; the pod interfaces' tc path is IPv4 only so far). */
-	if (!nb_replace_mode(&res))
+	if (!nb_sock_replace(ctx, &res))
 		return res;
 	if (svc->flags & NB_SVC_F_SRC_RANGE) {
 		/* As for IPv4: the source is not known at connect(). */
@@ -1586,6 +1584,8 @@ static __always_inline int nb_np_ingress6(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	now = nb_now_sec();
 	v = nb_np_tracked6(&k, tcpf, now);
+	if (v && (v->flags & NB_CT_F_POD))
+		return TC_ACT_OK; /* a pod's flow: rewritten at the pod's interface */
 	if (v) {
 		struct nb_ct6_val copy = *v;
 
@@ -1606,7 +1606,7 @@ static __always_inline int nb_np_egress6(struct __sk_buff *skb)
 	if (!nb_np_parse6(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
 	v = nb_np_tracked6(&k, tcpf, nb_now_sec());
-	if (v && (v->flags & NB_CT_F_REPLY)) {
+	if (v && (v->flags & NB_CT_F_REPLY) && !(v->flags & NB_CT_F_POD)) {
 		struct nb_ct6_val copy = *v;
 
 		return nb_np_rewrite6(skb, l4_off, &k, &copy);
@@ -1767,6 +1767,133 @@ static __always_inline int __nb_pod_new(struct __sk_buff *skb, __u32 l4_off,
 	return nb_np_rewrite(skb, l4_off, k, &fwd);
 }
 
+/* As __nb_pod_new for IPv6: nb_lb6_svc, nb_lb6_be, nb_ct6. The affinity
+ * client is the pod's address folded to 62 bits, tagged apart from IPv4
+ * pods' and netns cookies. */
+static __always_inline int __nb_pod_new6(struct __sk_buff *skb, __u32 l4_off,
+					 struct nb_ct6_key *k, __u8 tcpf, __u32 now)
+{
+	struct nb_lb6_key key;
+	struct nb_lb4_service *svc, *slot;
+	struct nb_lb6_backend *be = 0;
+	struct nb_ct6_val fwd;
+	struct nb_fwd res;
+	__u32 backend_id = 0;
+	__u64 client = 0;
+	__u16 rev_nat_id;
+	int affinity;
+
+	nb_set_key6(&key, k->daddr, k->dport, k->proto, 0);
+	svc = bpf_map_lookup_elem(&nb_lb6_svc, &key);
+	if (!svc)
+		return TC_ACT_OK;
+	if (!nb_replace_mode(&res)) {
+		nb_count(res.outcome);
+		return TC_ACT_OK;
+	}
+	if (svc->flags & NB_SVC_F_SRC_RANGE) {
+		nb_count(NB_CTR_SRC_RANGE_PASSED);
+		return TC_ACT_OK;
+	}
+	rev_nat_id = svc->rev_nat_index;
+	affinity = svc->flags & NB_SVC_F_AFFINITY;
+	if (affinity) {
+		__u64 fold = ((__u64)(k->saddr[0] ^ k->saddr[2]) << 32) | (k->saddr[1] ^ k->saddr[3]);
+
+		client = NB_AFF_CLIENT_ADDR | (1ULL << 62) | (fold & ((1ULL << 62) - 1));
+		backend_id = nb_affinity_lookup(svc, client, rev_nat_id);
+		if (backend_id) {
+			be = bpf_map_lookup_elem(&nb_lb6_be, &backend_id);
+			if (be)
+				nb_count(NB_CTR_AFFINITY_HIT);
+			else
+				backend_id = 0;
+		}
+	}
+	if (!backend_id) {
+		if (svc->count == 0) {
+			nb_count(NB_CTR_POD_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		key.backend_slot = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
+		slot = bpf_map_lookup_elem(&nb_lb6_svc, &key);
+		if (!slot) {
+			nb_count(NB_CTR_NO_BACKEND_SLOT);
+			return TC_ACT_SHOT;
+		}
+		backend_id = slot->backend_id;
+		be = bpf_map_lookup_elem(&nb_lb6_be, &backend_id);
+		if (!be) {
+			nb_count(NB_CTR_BACKEND_MISSING);
+			return TC_ACT_SHOT;
+		}
+		if (affinity) {
+			nb_affinity_update(client, rev_nat_id, backend_id);
+			nb_count(NB_CTR_AFFINITY_NEW);
+		}
+	}
+	if (!be)
+		return TC_ACT_OK;
+
+	__builtin_memset(&fwd, 0, sizeof(fwd));
+	nb_addr6_copy(fwd.saddr, k->saddr);
+	fwd.sport = k->sport;
+	nb_addr6_copy(fwd.daddr, be->address);
+	fwd.dport = be->port;
+	fwd.rev_nat_index = rev_nat_id;
+	fwd.flags = NB_CT_F_POD;
+	if (nb_np_track6(k, &fwd, tcpf, now) < 0) {
+		nb_count(NB_CTR_POD_CT_FULL);
+		return TC_ACT_SHOT;
+	}
+	nb_count(NB_CTR_POD_XLATED);
+	return nb_np_rewrite6(skb, l4_off, k, &fwd);
+}
+
+static __always_inline int nb_pod_ingress6(struct __sk_buff *skb)
+{
+	struct nb_ct6_key k;
+	struct nb_ct6_val *v;
+	__u32 l4_off, now;
+	__u8 tcpf;
+
+	if (!nb_np_parse6(skb, &k, &l4_off, &tcpf))
+		return TC_ACT_OK;
+	v = bpf_map_lookup_elem(&nb_ct6, &k);
+	if (v && (!(v->flags & NB_CT_F_POD) || (v->flags & NB_CT_F_REPLY)))
+		return TC_ACT_OK;
+	now = nb_now_sec();
+	v = nb_np_tracked6(&k, tcpf, now);
+	if (v) {
+		struct nb_ct6_val copy = *v;
+
+		return nb_np_rewrite6(skb, l4_off, &k, &copy);
+	}
+	return __nb_pod_new6(skb, l4_off, &k, tcpf, now);
+}
+
+static __always_inline int nb_pod_egress6(struct __sk_buff *skb)
+{
+	struct nb_ct6_key k;
+	struct nb_ct6_val *v;
+	__u32 l4_off;
+	__u8 tcpf;
+
+	if (!nb_np_parse6(skb, &k, &l4_off, &tcpf))
+		return TC_ACT_OK;
+	v = bpf_map_lookup_elem(&nb_ct6, &k);
+	if (!v || (v->flags & (NB_CT_F_POD | NB_CT_F_REPLY)) != (NB_CT_F_POD | NB_CT_F_REPLY))
+		return TC_ACT_OK;
+	v = nb_np_tracked6(&k, tcpf, nb_now_sec());
+	if (v) {
+		struct nb_ct6_val copy = *v;
+
+		nb_count(NB_CTR_POD_REPLY_XLATED);
+		return nb_np_rewrite6(skb, l4_off, &k, &copy);
+	}
+	return TC_ACT_OK;
+}
+
 /* Packets from the pod (the host side's ingress). */
 SEC("classifier")
 int nb_pod_ingress(struct __sk_buff *skb)
@@ -1776,6 +1903,8 @@ int nb_pod_ingress(struct __sk_buff *skb)
 	__u32 l4_off, now;
 	__u8 tcpf;
 
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return nb_pod_ingress6(skb);
 	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
 	v = bpf_map_lookup_elem(&nb_ct4, &k);
@@ -1804,6 +1933,8 @@ int nb_pod_egress(struct __sk_buff *skb)
 	__u32 l4_off;
 	__u8 tcpf;
 
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return nb_pod_egress6(skb);
 	if (!nb_np_parse(skb, &k, &l4_off, &tcpf))
 		return TC_ACT_OK;
 	v = bpf_map_lookup_elem(&nb_ct4, &k);

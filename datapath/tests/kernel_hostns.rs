@@ -184,12 +184,23 @@ impl Server {
         port: u16,
         answer: impl Fn(&std::net::TcpStream) -> String + Send + 'static,
     ) {
+        self.tcp_on(ns, "0.0.0.0", port, answer)
+    }
+
+    /// A TCP server on `ip` (`::`: IPv6, and IPv4 clients as mapped).
+    fn tcp_on(
+        &mut self,
+        ns: &Netns,
+        ip: &'static str,
+        port: u16,
+        answer: impl Fn(&std::net::TcpStream) -> String + Send + 'static,
+    ) {
         let (path, stop) = (ns.path(), self.stop.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         self.threads.push(std::thread::spawn(move || {
             let f = std::fs::File::open(&path).expect("netns");
             netboot_harness::netns::enter_thread(&f).expect("setns");
-            let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind tcp");
+            let l = std::net::TcpListener::bind((ip, port)).expect("bind tcp");
             l.set_nonblocking(true).expect("nonblocking");
             tx.send(()).expect("ready");
             while !stop.load(Ordering::Relaxed) {
@@ -585,4 +596,182 @@ fn pods_are_served_at_their_interface_so_a_sidecar_sees_the_cluster_ip_while_the
     println!(
         "NUMBERS hostns: pod via tc path median connect+first line {pod_us} us; host via socket LB {host_us} us"
     );
+}
+
+/// An IPv6 Service for the IPv6 pod path.
+const STATIC6: &str = "
+kind: Service
+metadata: {name: web6, namespace: default}
+spec:
+  clusterIP: 'fd00:96::80'
+  ipFamilies: [IPv6]
+  ports: [{port: 80, targetPort: 8080}]
+---
+kind: EndpointSlice
+metadata: {name: web6-1, namespace: default, labels: {kubernetes.io/service-name: web6}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- {addresses: ['fd00:201:2::10'], nodeName: node-hn}
+- {addresses: ['fd00:201:3::10'], nodeName: node-hn}
+";
+
+/// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`.
+fn original_dst6(s: &std::net::TcpStream) -> String {
+    const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+    let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: sin6 and len outlive the call; the fd is the stream's.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IPV6,
+            IP6T_SO_ORIGINAL_DST,
+            &mut sin6 as *mut libc::sockaddr_in6 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return format!("error:{}", std::io::Error::last_os_error());
+    }
+    let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+    format!("[{ip}]:{}", u16::from_be(sin6.sin6_port))
+}
+
+/// The IPv6 twin: a pod's IPv6 ClusterIP traffic goes through the pod
+/// interface's tc path too (nb_ct6), and a sidecar's ip6tables REDIRECT sees
+/// the IPv6 ClusterIP as its original destination.
+#[test]
+fn ipv6_pods_are_served_at_their_interface_so_a_sidecar_sees_the_ipv6_cluster_ip() {
+    require_privileges();
+    let n = Node::new();
+    for (i, ns) in n.pods.iter().enumerate() {
+        let i = i + 1;
+        n.node.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:201:{i}::fe/64"),
+            "dev",
+            &format!("vethhn{i}"),
+            "nodad",
+        ]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:201:{i}::10/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        let gw = format!("fd00:201:{i}::fe");
+        ns.ip(&["-6", "route", "add", "fd00:201::/32", "via", &gw]);
+        ns.ip(&["-6", "route", "add", "fd00:96::/64", "via", &gw]);
+    }
+    let out = n
+        .node
+        .exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    assert!(out.status.success(), "{out:?}");
+    let (pod, b2, b3) = (&n.pods[0], &n.pods[1], &n.pods[2]);
+    let mut servers = Vec::new();
+    for (ns, name) in [(b2, "b2"), (b3, "b3")] {
+        let mut s = Server {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        };
+        s.tcp_on(ns, "::", 8080, move |stream| {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.ip().to_canonical().to_string());
+            format!("{name} {}\n", peer.unwrap_or_default())
+        });
+        servers.push(s);
+    }
+    let cg = TestCgroup::new("nbns-hn6");
+    let pins = TestPins::new("nbns-hn6");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        format!("{CONFIG}socketLB: {{hostNamespaceOnly: true}}\n"),
+    )
+    .expect("config");
+    std::fs::write(dir.path().join("static.yaml"), STATIC6).expect("static");
+    let agent = start_agent(&n.node, dir.path(), &cg.path, pins.pins.root());
+    status_when(&n.node, dir.path(), "pod interfaces attached", |s| {
+        s["podInterfaces"] == 3 && s["ready"] == true
+    });
+
+    let vip: std::net::SocketAddr = "[fd00:96::80]:80".parse().unwrap();
+    let before = counters(&pins);
+    let res = client(
+        &cg.path,
+        pod,
+        ClientOp::TcpAny {
+            addr: vip,
+            count: 20,
+        },
+    );
+    let s = seen(&res);
+    assert!(
+        res.iter().all(|a| a.peer == "[fd00:96::80]:80"),
+        "peer = the IPv6 ClusterIP: {res:?}"
+    );
+    assert!(
+        s.iter().all(|(_, src)| src == "fd00:201:1::10"),
+        "no SNAT: {s:?}"
+    );
+    assert!(
+        s.iter().any(|(b, _)| b == "b2") && s.iter().any(|(b, _)| b == "b3"),
+        "both backends: {s:?}"
+    );
+    let after = counters(&pins);
+    assert!(delta(&before, &after, "pod_translated") >= 20, "{after:?}");
+    assert!(
+        delta(&before, &after, "sock_pod_netns_skipped") >= 20,
+        "{after:?}"
+    );
+    assert_eq!(delta(&before, &after, "connect_translated"), 0, "{after:?}");
+
+    // The sidecar (IPv6): ip6tables REDIRECT, IP6T_SO_ORIGINAL_DST.
+    let mut sidecar = Server {
+        stop: Arc::new(AtomicBool::new(false)),
+        threads: Vec::new(),
+    };
+    sidecar.tcp_on(pod, "::", SIDECAR_PORT, |stream| {
+        format!("orig {}\n", original_dst6(stream))
+    });
+    let port = SIDECAR_PORT.to_string();
+    let out = pod.exec(
+        "ip6tables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "fd00:96::/64",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let res = client(
+        &cg.path,
+        pod,
+        ClientOp::TcpAny {
+            addr: vip,
+            count: 3,
+        },
+    );
+    assert!(
+        res.iter()
+            .all(|a| a.ok && a.name == "orig [fd00:96::80]:80"),
+        "IP6T_SO_ORIGINAL_DST is the IPv6 ClusterIP: {res:?}"
+    );
+    drop(sidecar);
+    drop(agent);
+    drop(servers);
 }

@@ -84,12 +84,18 @@ struct Node {
 
 impl Node {
     fn new() -> Self {
-        let node = Netns::new("nbns-hn-n");
+        Self::tagged("hn")
+    }
+
+    /// Namespaces `nbns-<tag>-n`, `nbns-<tag>-p1..3` (tests running at once
+    /// use different tags).
+    fn tagged(tag: &str) -> Self {
+        let node = Netns::new(&format!("nbns-{tag}-n"));
         let out = node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         assert!(out.status.success(), "{out:?}");
         let mut pods = Vec::new();
         for i in 1..=3 {
-            let pod = Netns::new(&format!("nbns-hn-p{i}"));
+            let pod = Netns::new(&format!("nbns-{tag}-p{i}"));
             let host_if = format!("vethhn{i}");
             node.ip(&[
                 "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
@@ -644,7 +650,7 @@ fn original_dst6(s: &std::net::TcpStream) -> String {
 #[test]
 fn ipv6_pods_are_served_at_their_interface_so_a_sidecar_sees_the_ipv6_cluster_ip() {
     require_privileges();
-    let n = Node::new();
+    let n = Node::tagged("h6");
     for (i, ns) in n.pods.iter().enumerate() {
         let i = i + 1;
         n.node.ip(&[

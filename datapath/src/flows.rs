@@ -294,7 +294,11 @@ impl FlowFilter {
                     }
                     f.proto = Some(v)
                 }
-                _ => return Err(format!("unknown parameter {k:?} (service, pod, verdict, proto)")),
+                _ => {
+                    return Err(format!(
+                        "unknown parameter {k:?} (service, pod, verdict, proto)"
+                    ))
+                }
             }
         }
         Ok(f)
@@ -302,7 +306,11 @@ impl FlowFilter {
 
     /// The query string for these filters.
     pub fn query(&self) -> String {
-        let enc = |s: &str| s.replace('%', "%25").replace('&', "%26").replace('=', "%3D");
+        let enc = |s: &str| {
+            s.replace('%', "%25")
+                .replace('&', "%26")
+                .replace('=', "%3D")
+        };
         let mut parts = Vec::new();
         if let Some(s) = &self.service {
             parts.push(format!("service={}", enc(s)));
@@ -375,7 +383,10 @@ impl FlowNames {
                     };
                     n.frontends.insert(
                         (ip, port, proto),
-                        (format!("{ns}/{name}"), p.name.clone().filter(|s| !s.is_empty())),
+                        (
+                            format!("{ns}/{name}"),
+                            p.name.clone().filter(|s| !s.is_empty()),
+                        ),
                     );
                 }
             }
@@ -730,7 +741,10 @@ mod tests {
         assert_eq!(f.backend_pod.as_deref(), Some("shop/web-1"));
         let line = render(&f);
         assert!(line.contains("shop/web:http (10.96.0.10:80/tcp)"), "{line}");
-        assert!(line.contains("shop/web-1 10.0.1.5:8080  TRANSLATED"), "{line}");
+        assert!(
+            line.contains("shop/web-1 10.0.1.5:8080  TRANSLATED"),
+            "{line}"
+        );
     }
 
     #[test]
@@ -760,7 +774,9 @@ mod tests {
         assert!(!f.matches(&ok));
         let pod = FlowFilter::parse("pod=shop/web-1").unwrap();
         assert!(pod.matches(&ok) && !pod.matches(&refused));
-        assert!(FlowFilter::parse("verdict=nope").unwrap_err().contains("affinity-hit"));
+        assert!(FlowFilter::parse("verdict=nope")
+            .unwrap_err()
+            .contains("affinity-hit"));
         assert!(FlowFilter::parse("proto=sctp").is_err());
         assert!(FlowFilter::parse("colour=red").is_err());
         assert_eq!(FlowFilter::parse("").unwrap(), FlowFilter::default());

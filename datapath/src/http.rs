@@ -443,10 +443,7 @@ pub async fn get_lines(
         let text = body.collect().await.map_err(perr)?.to_bytes();
         return Err(HttpError::Request {
             addr: addr.into(),
-            message: format!(
-                "{path}: {code}: {}",
-                String::from_utf8_lossy(&text).trim()
-            ),
+            message: format!("{path}: {code}: {}", String::from_utf8_lossy(&text).trim()),
         });
     }
     let mut buf: Vec<u8> = Vec::new();

@@ -75,6 +75,9 @@ pub const DATAPATH: &[Family] = &[
         Kind::Counter,
     ),
     family("netboot_datapath_bpf_outcomes_total", Kind::Counter),
+    family("netboot_datapath_flow_events_total", Kind::Counter),
+    family("netboot_datapath_flow_events_dropped_total", Kind::Counter),
+    family("netboot_datapath_flow_watchers", Kind::Gauge),
     family(
         "netboot_datapath_network_programming_duration_seconds",
         Kind::Histogram,

@@ -71,6 +71,10 @@
 #define NB_MAP_CT6        nb_ct6
 #define NB_MAP_NP_DEV6    nb_np_dev6
 #define NB_MAP_SRC_RANGE6 nb_lb6_src_range
+#define NB_MAP_FLOW_RING  nb_flow_ring
+#define NB_MAP_FLOW_CFG   nb_flow_cfg
+#define NB_MAP_FLOW_RL    nb_flow_rl
+#define NB_MAP_FLOW_STATS nb_flow_stats
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -368,6 +372,78 @@ struct nb_src_range6_key {
  * sock_term.bpf.c calls this placeholder helper id and the loader
  * (src/sock_term.rs) rewrites that call into a kfunc call before loading. */
 #define NB_KFUNC_SOCK_DESTROY_MARKER 0x7e57d0
+
+/*
+ * Service flow events (after Hubble's flow records / Cilium's trace
+ * events): connect4/6 and sendmsg4/6 write one struct nb_flow_event to the
+ * nb_flow_ring ring buffer per decision on a Service address, when
+ * nb_flow_cfg.enabled is set (the agent sets it only while someone watches:
+ * `netboot-datapath monitor`, GET /v1/flows). Each CPU spends at most
+ * nb_flow_cfg.rate events per second (token bucket in nb_flow_rl, burst =
+ * one second's budget); what does not fit is counted in nb_flow_stats.
+ *
+ *   nb_flow_ring   ring buffer, NB_FLOW_RING_BYTES
+ *   nb_flow_cfg    array, key 0: struct nb_flow_cfg
+ *   nb_flow_rl     per-CPU array, key 0: struct nb_flow_bucket
+ *   nb_flow_stats  per-CPU array of __u64, index enum nb_flow_stat
+ */
+#define NB_FLOW_RING_BYTES   (1 << 20)  /* 1 MiB: ~13,000 events */
+#define NB_FLOW_RATE_DEFAULT 10000      /* events per second per CPU when rate is 0 */
+
+/* Verdicts (struct nb_flow_event.verdict). */
+#define NB_FLOW_TRANSLATED   1 /* translated to a backend chosen now */
+#define NB_FLOW_AFFINITY_HIT 2 /* translated to the backend of a ClientIP affinity entry */
+#define NB_FLOW_REFUSED      3 /* no usable backend: the syscall fails ECONNREFUSED */
+#define NB_FLOW_ERROR        4 /* reverse entry not recorded: the syscall fails ENOMEM */
+#define NB_FLOW_OBSERVED     5 /* coexist (observe) mode: looked up, not translated */
+#define NB_FLOW_SRC_RANGE    6 /* LB IP with source ranges: left to the per-packet path */
+
+/* Hooks (struct nb_flow_event.hook). */
+#define NB_FLOW_HOOK_CONNECT 1 /* connect4 / connect6 */
+#define NB_FLOW_HOOK_SENDMSG 2 /* sendmsg4 / sendmsg6 */
+
+/* Value of nb_flow_cfg (array, key 0). 8 bytes. */
+struct nb_flow_cfg {
+	__u32 enabled;  /* 0: no events (the default); 1: emit */
+	__u32 rate;     /* events per second per CPU; 0 = NB_FLOW_RATE_DEFAULT */
+};
+
+/* Value of nb_flow_rl (per-CPU array, key 0): the token bucket. 16 bytes.
+ * Tokens are kept in token-nanoseconds (one event costs 1e9), so refilling
+ * needs no division: tokens += elapsed_ns * rate, capped at rate * 1e9. */
+struct nb_flow_bucket {
+	__u64 tokens;   /* token-ns available */
+	__u64 last_ns;  /* bpf_ktime_get_ns() of the last refill */
+};
+
+/* Index of nb_flow_stats (per-CPU array of __u64). */
+enum nb_flow_stat {
+	NB_FLOW_STAT_EMITTED = 0,  /* events written to the ring buffer */
+	NB_FLOW_STAT_RATE_LIMITED, /* events not written: over the per-CPU budget */
+	NB_FLOW_STAT_RING_FULL,    /* events not written: ring buffer full (reader behind) */
+	NB_FLOW_STAT_MAX
+};
+
+/* One record of nb_flow_ring. 80 bytes. Addresses and ports in network
+ * order; IPv4 (and IPv4-mapped destinations) in vip[0] / backend[0] with
+ * family 4. */
+struct nb_flow_event {
+	__u64 ts_ns;          /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u64 netns_cookie;   /* client's network namespace cookie */
+	__u64 cgroup_id;      /* client's cgroup v2 id (bpf_get_current_cgroup_id) */
+	__be32 vip[4];        /* frontend address the client asked for */
+	__be32 backend[4];    /* chosen backend address; zero when none */
+	__u32 backend_id;     /* chosen backend id; 0 = none */
+	__u32 outcome;        /* enum nb_counter: the precise reason */
+	__be16 vport;         /* frontend port */
+	__be16 backend_port;  /* chosen backend port; 0 when none */
+	__u16 svc_id;         /* service id (rev-nat id) */
+	__u8 proto;           /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;          /* 4 or 6 */
+	__u8 verdict;         /* NB_FLOW_* */
+	__u8 hook;            /* NB_FLOW_HOOK_* */
+	__u8 pad[6];          /* always zero */
+};
 
 /* Layout version: bump when any struct above changes incompatibly. */
 #define NB_LAYOUT_VERSION 3

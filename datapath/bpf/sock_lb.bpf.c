@@ -127,6 +127,33 @@ struct {
 	__type(value, struct nb_lb6_rev_sk_val);
 } nb_lb6_rev_sk SEC(".maps");
 
+/* Flow events (lb.h, "Service flow events"). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, NB_FLOW_RING_BYTES);
+} nb_flow_ring SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nb_flow_cfg);
+} nb_flow_cfg SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nb_flow_bucket);
+} nb_flow_rl SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NB_FLOW_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} nb_flow_stats SEC(".maps");
+
 static __always_inline void nb_count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&nb_counters, &idx);
@@ -157,7 +184,36 @@ static __always_inline void nb_set_key(struct nb_lb4_key *key, __be32 addr,
 struct nb_fwd {
 	__u32 outcome;   /* enum nb_counter */
 	int reject_errno;/* 0 = proceed; else errno the syscall fails with */
+	/* What a flow event reports (svc_found: the destination is a Service). */
+	__u32 backend_id;    /* chosen backend, 0 = none */
+	__u16 svc_id;        /* rev-nat id */
+	__u8 svc_found;
+	__u8 affinity_hit;   /* the backend came from an affinity entry */
+	__be32 vip[4];       /* IPv4 in vip[0] */
+	__be32 backend[4];   /* IPv4 in backend[0] */
+	__be16 vport;
+	__be16 backend_port;
+	__u8 proto;
+	__u8 family;         /* 4 or 6 */
 };
+
+/* Records the frontend a decision is about (flow events). */
+static __always_inline void nb_fwd_frontend(struct nb_fwd *res, const struct nb_lb4_service *svc,
+					    const __be32 *vip, __u8 family, __be16 vport,
+					    __u32 proto)
+{
+	res->svc_found = 1;
+	res->svc_id = svc->rev_nat_index;
+	res->vip[0] = vip[0];
+	if (family == 6) {
+		res->vip[1] = vip[1];
+		res->vip[2] = vip[2];
+		res->vip[3] = vip[3];
+	}
+	res->vport = vport;
+	res->proto = (__u8)proto;
+	res->family = family;
+}
 
 /* Backend id from a valid affinity entry, 0 if none (outcome counted). */
 static __always_inline __u32
@@ -326,6 +382,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	svc = bpf_map_lookup_elem(&nb_lb4_svc, &key);
 	if (!svc)
 		return res;
+	nb_fwd_frontend(&res, svc, &vip, 4, vport, proto);
 	if (!nb_sock_replace(ctx, &res))
 		return res;
 	if (svc->flags & NB_SVC_F_SRC_RANGE) {
@@ -344,10 +401,12 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 		backend_id = nb_affinity_lookup(svc, client, rev_nat_id);
 		if (backend_id) {
 			be = bpf_map_lookup_elem(&nb_lb4_be, &backend_id);
-			if (be)
+			if (be) {
 				nb_count(NB_CTR_AFFINITY_HIT);
-			else
+				res.affinity_hit = 1;
+			} else {
 				backend_id = 0;
+			}
 		}
 	}
 
@@ -387,6 +446,9 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 
 	out->addr = be->address;
 	out->port = be->port;
+	res.backend_id = backend_id;
+	res.backend[0] = be->address;
+	res.backend_port = be->port;
 	res.outcome = NB_CTR_CONNECT_XLATED;
 	return res;
 }
@@ -404,8 +466,122 @@ static __always_inline struct nb_fwd __nb_xlate_fwd(struct bpf_sock_addr *ctx)
 	return res;
 }
 
-static __always_inline int nb_fwd_verdict(struct nb_fwd res, __u32 xlated_ctr)
+static __always_inline void nb_flow_stat(__u32 idx)
 {
+	__u64 *v = bpf_map_lookup_elem(&nb_flow_stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+#define NB_NS_PER_SEC 1000000000ULL
+
+/* The per-CPU token bucket: may this CPU emit one more event now? */
+static __always_inline int nb_flow_admit(__u32 rate)
+{
+	const __u32 zero = 0;
+	struct nb_flow_bucket *b = bpf_map_lookup_elem(&nb_flow_rl, &zero);
+	__u64 now, cap, elapsed, tokens;
+
+	if (!b)
+		return 0;
+	now = bpf_ktime_get_ns();
+	cap = (__u64)rate * NB_NS_PER_SEC;
+	elapsed = now - b->last_ns;
+	if (elapsed >= NB_NS_PER_SEC) {
+		tokens = cap;
+	} else {
+		/* elapsed < 1e9 and rate < 2^32: no overflow */
+		tokens = b->tokens + elapsed * rate;
+		if (tokens > cap)
+			tokens = cap;
+	}
+	b->last_ns = now;
+	if (tokens < NB_NS_PER_SEC) {
+		b->tokens = tokens;
+		return 0;
+	}
+	b->tokens = tokens - NB_NS_PER_SEC;
+	return 1;
+}
+
+static __always_inline __u8 nb_flow_verdict(const struct nb_fwd *res)
+{
+	switch (res->outcome) {
+	case NB_CTR_CONNECT_XLATED:
+		return res->affinity_hit ? NB_FLOW_AFFINITY_HIT : NB_FLOW_TRANSLATED;
+	case NB_CTR_NO_BACKEND:
+	case NB_CTR_NO_BACKEND_SLOT:
+	case NB_CTR_BACKEND_MISSING:
+		return NB_FLOW_REFUSED;
+	case NB_CTR_REV_SK_UPDATE_FAIL:
+		return NB_FLOW_ERROR;
+	case NB_CTR_OBSERVED:
+		return NB_FLOW_OBSERVED;
+	case NB_CTR_SRC_RANGE_PASSED:
+		return NB_FLOW_SRC_RANGE;
+	default:
+		return 0;
+	}
+}
+
+/* One flow event for a decision on a Service address, when events are on
+ * and this CPU's budget allows; otherwise at most a counter. */
+static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct nb_fwd *res,
+					 __u8 hook)
+{
+	const __u32 zero = 0;
+	struct nb_flow_cfg *cfg;
+	struct nb_flow_event *ev;
+	__u8 verdict;
+
+	if (!res->svc_found)
+		return;
+	cfg = bpf_map_lookup_elem(&nb_flow_cfg, &zero);
+	if (!cfg || !cfg->enabled)
+		return;
+	verdict = nb_flow_verdict(res);
+	if (!verdict)
+		return;
+	if (!nb_flow_admit(cfg->rate ? cfg->rate : NB_FLOW_RATE_DEFAULT)) {
+		nb_flow_stat(NB_FLOW_STAT_RATE_LIMITED);
+		return;
+	}
+	ev = bpf_ringbuf_reserve(&nb_flow_ring, sizeof(*ev), 0);
+	if (!ev) {
+		nb_flow_stat(NB_FLOW_STAT_RING_FULL);
+		return;
+	}
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->netns_cookie = bpf_get_netns_cookie(ctx);
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->vip[0] = res->vip[0];
+	ev->vip[1] = res->vip[1];
+	ev->vip[2] = res->vip[2];
+	ev->vip[3] = res->vip[3];
+	ev->backend[0] = res->backend[0];
+	ev->backend[1] = res->backend[1];
+	ev->backend[2] = res->backend[2];
+	ev->backend[3] = res->backend[3];
+	ev->backend_id = res->backend_id;
+	ev->outcome = res->outcome;
+	ev->vport = res->vport;
+	ev->backend_port = res->backend_port;
+	ev->svc_id = res->svc_id;
+	ev->proto = res->proto;
+	ev->family = res->family;
+	ev->verdict = verdict;
+	ev->hook = hook;
+	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
+	bpf_ringbuf_submit(ev, 0);
+	nb_flow_stat(NB_FLOW_STAT_EMITTED);
+}
+
+static __always_inline int nb_fwd_verdict(struct bpf_sock_addr *ctx, struct nb_fwd res,
+					  __u32 xlated_ctr)
+{
+	nb_flow_emit(ctx, &res, xlated_ctr == NB_CTR_CONNECT_XLATED ? NB_FLOW_HOOK_CONNECT
+								     : NB_FLOW_HOOK_SENDMSG);
 	if (res.outcome == NB_CTR_CONNECT_XLATED)
 		res.outcome = xlated_ctr;
 	nb_count(res.outcome);
@@ -419,13 +595,13 @@ static __always_inline int nb_fwd_verdict(struct nb_fwd res, __u32 xlated_ctr)
 SEC("cgroup/connect4")
 int nb_sock4_connect(struct bpf_sock_addr *ctx)
 {
-	return nb_fwd_verdict(__nb_xlate_fwd(ctx), NB_CTR_CONNECT_XLATED);
+	return nb_fwd_verdict(ctx, __nb_xlate_fwd(ctx), NB_CTR_CONNECT_XLATED);
 }
 
 SEC("cgroup/sendmsg4")
 int nb_sock4_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return nb_fwd_verdict(__nb_xlate_fwd(ctx), NB_CTR_SENDMSG_XLATED);
+	return nb_fwd_verdict(ctx, __nb_xlate_fwd(ctx), NB_CTR_SENDMSG_XLATED);
 }
 
 /*
@@ -603,6 +779,7 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	svc = bpf_map_lookup_elem(&nb_lb6_svc, &key);
 	if (!svc)
 		return res;
+	nb_fwd_frontend(&res, svc, vip->addr, 6, vip->port, proto);
 	if (!nb_sock_replace(ctx, &res))
 		return res;
 	if (svc->flags & NB_SVC_F_SRC_RANGE) {
@@ -619,10 +796,12 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 		backend_id = nb_affinity_lookup(svc, client, rev_nat_id);
 		if (backend_id) {
 			be = bpf_map_lookup_elem(&nb_lb6_be, &backend_id);
-			if (be)
+			if (be) {
 				nb_count(NB_CTR_AFFINITY_HIT);
-			else
+				res.affinity_hit = 1;
+			} else {
 				backend_id = 0;
+			}
 		}
 	}
 
@@ -665,6 +844,12 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	out->addr[2] = be->address[2];
 	out->addr[3] = be->address[3];
 	out->port = be->port;
+	res.backend_id = backend_id;
+	res.backend[0] = be->address[0];
+	res.backend[1] = be->address[1];
+	res.backend[2] = be->address[2];
+	res.backend[3] = be->address[3];
+	res.backend_port = be->port;
 	res.outcome = NB_CTR_CONNECT_XLATED;
 	return res;
 }
@@ -692,7 +877,7 @@ static __always_inline struct nb_fwd __nb_xlate_fwd_sk6(struct bpf_sock_addr *ct
 SEC("cgroup/connect6")
 int nb_sock6_connect(struct bpf_sock_addr *ctx)
 {
-	return nb_fwd_verdict(__nb_xlate_fwd_sk6(ctx), NB_CTR_CONNECT_XLATED);
+	return nb_fwd_verdict(ctx, __nb_xlate_fwd_sk6(ctx), NB_CTR_CONNECT_XLATED);
 }
 
 /* A v4-mapped sendmsg on an AF_INET6 socket reaches sendmsg4 (the kernel
@@ -700,7 +885,7 @@ int nb_sock6_connect(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg6")
 int nb_sock6_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return nb_fwd_verdict(__nb_xlate_fwd_sk6(ctx), NB_CTR_SENDMSG_XLATED);
+	return nb_fwd_verdict(ctx, __nb_xlate_fwd_sk6(ctx), NB_CTR_SENDMSG_XLATED);
 }
 
 static __always_inline __u32 __nb_xlate_rev6(struct bpf_sock_addr *ctx,

@@ -284,6 +284,8 @@ pub struct AgentState {
     replace: bool,
     /// cleanupKubeProxyRules.
     cleanup: bool,
+    /// Flow events (`/v1/flows`); None until the watchers exist.
+    flows: Mutex<Option<Arc<crate::flows::FlowHub>>>,
 }
 
 impl AgentState {
@@ -313,6 +315,9 @@ impl StatusSource for AgentState {
                         })
                         .collect();
             }
+        }
+        if let Some(hub) = self.flows.lock().ok().and_then(|f| f.clone()) {
+            s.flow_events = hub.stats().ok();
         }
         let s = s.with_conditions();
         let mut s = s;
@@ -419,15 +424,33 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         )),
         replace,
         cleanup: cfg.cleanup_kube_proxy_rules,
+        flows: Mutex::new(None),
     });
+    let watched = Arc::new(Watched::default());
+    let flows = {
+        let w = watched.clone();
+        crate::flows::FlowHub::new(
+            opts.pins.clone(),
+            crate::flows::FlowOptions::default(),
+            Arc::new(move || w.flow_names()),
+        )
+    };
+    // A previous agent may have died with a watcher attached.
+    if let Err(e) = crate::flows::set_enabled(&opts.pins, false, 0) {
+        tracing::warn!(error = %e, "flow events unavailable");
+    } else if let Ok(mut f) = state.flows.lock() {
+        *f = Some(flows.clone());
+    }
+    let flows = state.flows.lock().ok().and_then(|f| f.clone());
 
     let (listener, addr) = http::bind(&opts.listen).await?;
-    tracing::info!(%addr, "serving /healthz /readyz /metrics /v1/status");
-    let mut servers = vec![tokio::spawn(http::serve(
+    tracing::info!(%addr, "serving /healthz /readyz /metrics /v1/status /v1/flows");
+    let mut servers = vec![tokio::spawn(http::serve_with_flows(
         listener,
         state.clone(),
         http::Routes::All,
         http::Limits::default(),
+        flows,
     ))];
     if let Some(m) = opts.metrics_listen.as_deref().filter(|m| !m.is_empty()) {
         let (listener, addr) = http::bind(m).await?;
@@ -440,7 +463,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         )));
     }
 
-    let watched = Arc::new(Watched::default());
     let mut tasks = Vec::new();
     // Watching: the first pass waits for the Node's zone (zone hints).
     watched.set_node(&opts.node_name, opts.static_services.is_none());

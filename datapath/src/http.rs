@@ -9,14 +9,21 @@
 //! no memory), a header read timeout (slow-loris), a whole-connection
 //! timeout, a header size and count limit, one request per connection, and
 //! request bodies are never read.
+//!
+//! `/v1/flows` (health listener only, when the agent has a flow hub) is the
+//! one long-lived answer: newline-delimited JSON flows, chunked, until the
+//! client goes away; it is exempt from the whole-connection timeout and
+//! capped separately ([`crate::flows::FlowOptions::max_watchers`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -24,7 +31,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::flows::{FlowFilter, FlowHub};
 use crate::status::Status;
+
+/// A response body: whole (every route) or streamed (`/v1/flows`).
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Errors of serving or fetching.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +105,7 @@ pub fn reply(code: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes
 /// Which routes a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Routes {
-    /// `/healthz`, `/readyz`, `/metrics`, `/v1/status` (the loopback listener).
+    /// `/healthz`, `/readyz`, `/metrics`, `/v1/status`, `/v1/flows` (the loopback listener).
     All,
     /// `/metrics` only (the listener Prometheus scrapes).
     MetricsOnly,
@@ -210,9 +221,22 @@ pub async fn serve(
     routes: Routes,
     limits: Limits,
 ) {
+    serve_with_flows(listener, src, routes, limits, None).await
+}
+
+/// As [`serve`], plus `/v1/flows` from `flows` when given and `routes` is
+/// [`Routes::All`].
+pub async fn serve_with_flows(
+    listener: TcpListener,
+    src: Arc<dyn StatusSource>,
+    routes: Routes,
+    limits: Limits,
+    flows: Option<Arc<FlowHub>>,
+) {
     let handler: Arc<Handler> =
         Arc::new(move |m: &hyper::Method, path: &str| route(m, path, routes, src.as_ref()));
-    serve_fn(listener, handler, limits).await
+    let flows = flows.filter(|_| routes == Routes::All);
+    serve_inner(listener, handler, flows, limits).await
 }
 
 /// Answers one request from its method and path (bodies are never read).
@@ -221,6 +245,63 @@ pub type Handler = dyn Fn(&hyper::Method, &str) -> Response<Full<Bytes>> + Send 
 /// Serves `handler` on `listener` within `limits` until the task is dropped
 /// (the loop of every agent listener: connection cap, timeouts, header limits).
 pub async fn serve_fn(listener: TcpListener, handler: Arc<Handler>, limits: Limits) {
+    serve_inner(listener, handler, None, limits).await
+}
+
+/// `/v1/flows?service=ns/name&pod=ns/name&verdict=V&proto=P`: a stream of
+/// flows, one JSON object per line; `streaming` is set once it starts.
+fn flows_response(hub: &Arc<FlowHub>, query: &str, streaming: &AtomicBool) -> Response<Body> {
+    let whole = |code, body: String| reply(code, "text/plain", body).map(|b| b.boxed_unsync());
+    let filter = match FlowFilter::parse(query) {
+        Ok(f) => f,
+        Err(e) => return whole(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let sub = match hub.subscribe() {
+        Ok(s) => s,
+        Err(e) => return whole(StatusCode::TOO_MANY_REQUESTS, format!("{e}\n")),
+    };
+    streaming.store(true, Ordering::Relaxed);
+    let heartbeat = hub.options().heartbeat;
+    let start = tokio::time::Instant::now();
+    let stream = futures::stream::unfold(
+        (sub, filter, start),
+        move |(mut sub, filter, mut last)| async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let line = match tokio::time::timeout_at(last + heartbeat, sub.rx.recv()).await {
+                    // Nothing written for a while: an empty line finds out
+                    // whether the watcher is still there.
+                    Err(_) => Bytes::from_static(b"\n"),
+                    Ok(Ok(flow)) if filter.matches(&flow) => match serde_json::to_vec(&*flow) {
+                        Ok(mut l) => {
+                            l.push(b'\n');
+                            Bytes::from(l)
+                        }
+                        Err(_) => continue,
+                    },
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(RecvError::Lagged(n))) => Bytes::from(format!("{{\"lost\":{n}}}\n")),
+                    Ok(Err(RecvError::Closed)) => return None,
+                };
+                last = tokio::time::Instant::now();
+                return Some((Ok::<_, Infallible>(Frame::data(line)), (sub, filter, last)));
+            }
+        },
+    );
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+async fn serve_inner(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    flows: Option<Arc<FlowHub>>,
+    limits: Limits,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut builder = http1::Builder::new();
     builder
@@ -248,14 +329,36 @@ pub async fn serve_fn(listener: TcpListener, handler: Arc<Handler>, limits: Limi
         };
         let handler = handler.clone();
         let builder = builder.clone();
+        let flows = flows.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let streaming = Arc::new(AtomicBool::new(false));
+            let st = streaming.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req.method(), req.uri().path())) }
+                let flows = flows.clone();
+                let st = st.clone();
+                async move {
+                    let r = match flows.filter(|_| req.uri().path() == "/v1/flows") {
+                        Some(hub) if req.method() == hyper::Method::GET => {
+                            flows_response(&hub, req.uri().query().unwrap_or(""), &st)
+                        }
+                        _ => handler(req.method(), req.uri().path()).map(|b| b.boxed_unsync()),
+                    };
+                    Ok::<_, Infallible>(r)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(limits.request_timeout, conn).await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = &mut conn => {}
+                _ = tokio::time::sleep(limits.request_timeout) => {
+                    // A flow stream lives until its watcher goes away.
+                    if streaming.load(Ordering::Relaxed) {
+                        let _ = conn.await;
+                    }
+                }
+            }
         });
     }
 }
@@ -301,6 +404,63 @@ pub async fn get(addr: &str, path: &str) -> Result<(u16, String), HttpError> {
         })?
         .to_bytes();
     Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// GETs `path` and hands each line of the answer to `line` as it arrives
+/// (a streamed answer such as `/v1/flows`) until the agent ends it or `line`
+/// returns false. A status other than 200: its text as a request error.
+pub async fn get_lines(
+    addr: &str,
+    path: &str,
+    mut line: impl FnMut(&str) -> bool,
+) -> Result<(), HttpError> {
+    let perr = |source| HttpError::Protocol {
+        addr: addr.into(),
+        source,
+    };
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| HttpError::Connect {
+            addr: addr.into(),
+            source,
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(perr)?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, addr)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| HttpError::Request {
+            addr: addr.into(),
+            message: e.to_string(),
+        })?;
+    let res = sender.send_request(req).await.map_err(perr)?;
+    let code = res.status();
+    let mut body = res.into_body();
+    if code != StatusCode::OK {
+        let text = body.collect().await.map_err(perr)?.to_bytes();
+        return Err(HttpError::Request {
+            addr: addr.into(),
+            message: format!("{path}: {code}: {}", String::from_utf8_lossy(&text).trim()),
+        });
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(perr)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let l: Vec<u8> = buf.drain(..=nl).collect();
+            if !line(String::from_utf8_lossy(&l[..l.len() - 1]).as_ref()) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fetches and decodes `/v1/status`.

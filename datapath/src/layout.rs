@@ -55,11 +55,19 @@ pub mod names {
     pub const NP_DEV6: &str = "nb_np_dev6";
     /// As [`SRC_RANGE`] for IPv6 LB IPs.
     pub const SRC_RANGE6: &str = "nb_lb6_src_range";
+    /// Ring buffer of service flow events (`struct nb_flow_event`).
+    pub const FLOW_RING: &str = "nb_flow_ring";
+    /// Single-entry flow event switch and budget (`struct nb_flow_cfg`).
+    pub const FLOW_CFG: &str = "nb_flow_cfg";
+    /// Per-CPU token bucket of flow events.
+    pub const FLOW_RL: &str = "nb_flow_rl";
+    /// Per-CPU flow event counters (`enum nb_flow_stat`).
+    pub const FLOW_STATS: &str = "nb_flow_stats";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 24] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
         BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE, CT_TIMEOUT, CT6, NP_DEV6,
-        SRC_RANGE6,
+        SRC_RANGE6, FLOW_RING, FLOW_CFG, FLOW_RL, FLOW_STATS,
     ];
 }
 
@@ -617,6 +625,120 @@ const _: () = {
     assert!(offset_of!(SockTermRec, family) == 18);
     assert!(offset_of!(SockTermRec, result) == 20);
 };
+
+/// `NB_FLOW_RATE_DEFAULT`: events per second per CPU when the rate is 0.
+pub const FLOW_RATE_DEFAULT: u32 = 10_000;
+/// `NB_FLOW_RING_BYTES`.
+pub const FLOW_RING_BYTES: u32 = 1 << 20;
+/// `NB_FLOW_TRANSLATED`.
+pub const FLOW_TRANSLATED: u8 = 1;
+/// `NB_FLOW_AFFINITY_HIT`.
+pub const FLOW_AFFINITY_HIT: u8 = 2;
+/// `NB_FLOW_REFUSED`.
+pub const FLOW_REFUSED: u8 = 3;
+/// `NB_FLOW_ERROR`.
+pub const FLOW_ERROR: u8 = 4;
+/// `NB_FLOW_OBSERVED`.
+pub const FLOW_OBSERVED: u8 = 5;
+/// `NB_FLOW_SRC_RANGE`.
+pub const FLOW_SRC_RANGE: u8 = 6;
+/// `NB_FLOW_HOOK_CONNECT`.
+pub const FLOW_HOOK_CONNECT: u8 = 1;
+/// `NB_FLOW_HOOK_SENDMSG`.
+pub const FLOW_HOOK_SENDMSG: u8 = 2;
+/// `enum nb_flow_stat`, index of `nb_flow_stats`.
+pub const FLOW_STAT_NAMES: [&str; 3] = ["emitted", "rate_limited", "ring_full"];
+
+/// `struct nb_flow_cfg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCfg {
+    /// 0: no events; 1: emit.
+    pub enabled: u32,
+    /// Events per second per CPU; 0 = [`FLOW_RATE_DEFAULT`].
+    pub rate: u32,
+}
+
+/// `struct nb_flow_bucket`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket {
+    /// Token-nanoseconds available.
+    pub tokens: u64,
+    /// Last refill (CLOCK_MONOTONIC ns).
+    pub last_ns: u64,
+}
+
+/// `struct nb_flow_event`: one record of `nb_flow_ring`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// CLOCK_MONOTONIC ns.
+    pub ts_ns: u64,
+    /// Client's netns cookie.
+    pub netns_cookie: u64,
+    /// Client's cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Frontend address, network order (IPv4 in `[0]`).
+    pub vip: [u32; 4],
+    /// Chosen backend address, network order (IPv4 in `[0]`), zero if none.
+    pub backend: [u32; 4],
+    /// Chosen backend id, 0 = none.
+    pub backend_id: u32,
+    /// `enum nb_counter` index.
+    pub outcome: u32,
+    /// Frontend port, network order.
+    pub vport: u16,
+    /// Backend port, network order.
+    pub backend_port: u16,
+    /// Service id.
+    pub svc_id: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// `FLOW_*` verdict.
+    pub verdict: u8,
+    /// `FLOW_HOOK_*`.
+    pub hook: u8,
+    /// Zero.
+    pub pad: [u8; 6],
+}
+
+impl FlowEvent {
+    /// Decodes one ring buffer record (None: too short).
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: FlowEvent is repr(C) plain integers (every bit pattern is
+        // valid) and `b` holds at least size_of::<Self>() bytes; the read is
+        // unaligned-safe.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
+    }
+}
+
+const _: () = {
+    assert!(size_of::<FlowCfg>() == 8);
+    assert!(size_of::<FlowBucket>() == 16);
+    assert!(size_of::<FlowEvent>() == 80);
+    assert!(offset_of!(FlowEvent, vip) == 24);
+    assert!(offset_of!(FlowEvent, backend) == 40);
+    assert!(offset_of!(FlowEvent, backend_id) == 56);
+    assert!(offset_of!(FlowEvent, outcome) == 60);
+    assert!(offset_of!(FlowEvent, vport) == 64);
+    assert!(offset_of!(FlowEvent, backend_port) == 66);
+    assert!(offset_of!(FlowEvent, svc_id) == 68);
+    assert!(offset_of!(FlowEvent, proto) == 70);
+    assert!(offset_of!(FlowEvent, family) == 71);
+    assert!(offset_of!(FlowEvent, verdict) == 72);
+    assert!(offset_of!(FlowEvent, hook) == 73);
+};
+
+// SAFETY: repr(C) plain integers with explicit padding.
+unsafe impl aya::Pod for FlowCfg {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowBucket {}
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
 pub const COUNTER_NAMES: [&str; 39] = [

@@ -14,6 +14,7 @@ pub mod desired;
 pub mod devices;
 pub mod diag;
 pub mod events;
+pub mod flows;
 pub mod handover;
 pub mod healthcheck;
 pub mod http;

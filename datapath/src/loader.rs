@@ -162,6 +162,10 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::CT6 => s(size_of::<Ct6Key>(), size_of::<Ct6Val>()),
         names::NP_DEV6 => s(4, size_of::<NpDev6>()),
         names::SRC_RANGE6 => s(4 + size_of::<SrcRange6Key>(), 4),
+        names::FLOW_CFG => s(4, size_of::<FlowCfg>()),
+        names::FLOW_RL => s(4, size_of::<FlowBucket>()),
+        names::FLOW_STATS => s(4, 8),
+        // nb_flow_ring: a ring buffer has no key or value size.
         _ => None,
     }
 }
@@ -186,7 +190,17 @@ fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
 /// `nb_config` too (decision: it grew the host netns cookie and flags in
 /// place rather than a second single-entry map): it holds nothing but what
 /// [`install`] writes at every start, before any link gets the new programs.
-const RESETTABLE: [&str; 4] = [names::CT4, names::CT6, names::COUNTERS, names::CONFIG];
+/// The flow event maps are soft state too: the switch is set again by the
+/// next watcher, the bucket refills, the counters restart.
+const RESETTABLE: [&str; 7] = [
+    names::CT4,
+    names::CT6,
+    names::COUNTERS,
+    names::CONFIG,
+    names::FLOW_CFG,
+    names::FLOW_RL,
+    names::FLOW_STATS,
+];
 
 /// What [`check_pinned`] found.
 #[derive(Default)]
@@ -221,7 +235,9 @@ fn check_pinned(pins: &Pins, sizes: &MapSizes) -> Result<PinCheck, LoaderError> 
         };
         let found = (info.key_size(), info.value_size());
         let layout_changed = expected_sizes(name).is_some_and(|e| e != found)
-            || (name == names::COUNTERS && info.max_entries() != crate::layout::COUNTER_MAX);
+            || (name == names::COUNTERS && info.max_entries() != crate::layout::COUNTER_MAX)
+            || (name == names::FLOW_STATS
+                && info.max_entries() != crate::layout::FLOW_STAT_NAMES.len() as u32);
         if layout_changed && RESETTABLE.contains(&name) {
             std::fs::remove_file(&path)
                 .map_err(|e| link_err(&path, "remove (layout changed)", e))?;

@@ -153,6 +153,10 @@ pub struct Status {
     /// Lapsed flow entries the sweeps deleted since start.
     #[serde(default)]
     pub conntrack_deleted: u64,
+    /// Service flow events (`/v1/flows`): kernel counters and watchers
+    /// (`None`: the flow maps are unavailable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_events: Option<crate::flows::FlowStats>,
     /// `healthCheckNodePort`s served (externalTrafficPolicy Local Services).
     #[serde(default)]
     pub health_check_ports: usize,
@@ -737,6 +741,22 @@ impl Status {
             s,
             "# HELP netboot_datapath_conntrack_lapsed_deleted_total Lapsed flow entries the agent's sweeps deleted\n# TYPE netboot_datapath_conntrack_lapsed_deleted_total counter\nnetboot_datapath_conntrack_lapsed_deleted_total {}",
             self.conntrack_deleted
+        );
+        let fe = self.flow_events.unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_flow_events_total Service flow events the socket LB wrote to the ring buffer (only while watched)\n# TYPE netboot_datapath_flow_events_total counter\nnetboot_datapath_flow_events_total {}",
+            fe.emitted
+        );
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_flow_events_dropped_total Service flow events not written, by reason (rate_limited: over the per-CPU budget; ring_full: reader behind)\n# TYPE netboot_datapath_flow_events_dropped_total counter\nnetboot_datapath_flow_events_dropped_total{{reason=\"rate_limited\"}} {}\nnetboot_datapath_flow_events_dropped_total{{reason=\"ring_full\"}} {}",
+            fe.rate_limited, fe.ring_full
+        );
+        let _ = writeln!(
+            s,
+            "# HELP netboot_datapath_flow_watchers Clients streaming /v1/flows now (events are on while above 0)\n# TYPE netboot_datapath_flow_watchers gauge\nnetboot_datapath_flow_watchers {}",
+            fe.watchers
         );
         let _ = writeln!(s, "# HELP netboot_datapath_bpf_outcomes_total Socket LB decisions by outcome (per-CPU counters summed)");
         let _ = writeln!(s, "# TYPE netboot_datapath_bpf_outcomes_total counter");

@@ -506,6 +506,14 @@ impl Watched {
         r
     }
 
+    /// Names for flow events (Services by frontend, pods by backend address).
+    pub fn flow_names(&self) -> crate::flows::FlowNames {
+        self.stores
+            .lock()
+            .map(|s| crate::flows::FlowNames::build(s.services.values(), s.slices.values()))
+            .unwrap_or_default()
+    }
+
     /// Loads a fixed set of objects (multi-document YAML of Services and
     /// EndpointSlices) instead of watching: tests and API-less operation.
     /// A `Node` document named like this agent's Node gives its zone and

@@ -32,6 +32,8 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: BpfCmd,
     },
+    /// Watch Service flows (socket-LB decisions) live, like `hubble observe`.
+    Monitor(MonitorArgs),
     /// Remove (or with --dry-run, list) kube-proxy's KUBE-* rules and nft tables.
     CleanupKubeProxy(CleanupArgs),
     /// Detach the socket LB and remove every pin (ends translation on this node).
@@ -113,6 +115,32 @@ pub struct StatusArgs {
     /// Pin root to read when no agent is given.
     #[arg(long, env = "NETBOOT_BPFFS", default_value = "/sys/fs/bpf/netboot")]
     pub bpffs: PathBuf,
+}
+
+/// `monitor` flags.
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// The local agent's health listener (host:port).
+    #[arg(long, env = "NETBOOT_AGENT", default_value = "127.0.0.1:9890")]
+    pub agent: String,
+    /// Only flows to this Service (namespace/name).
+    #[arg(long, value_name = "NS/NAME")]
+    pub service: Option<String>,
+    /// Only flows to this backend pod (namespace/name).
+    #[arg(long, value_name = "NS/NAME")]
+    pub pod: Option<String>,
+    /// Only flows with this verdict (translated, affinity-hit, refused, error, observed, source-range).
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// Only this protocol (tcp, udp).
+    #[arg(long)]
+    pub proto: Option<String>,
+    /// Exit after this many flows [default: run until interrupted].
+    #[arg(long, short = 'n')]
+    pub count: Option<u64>,
+    /// Output format: one human line per flow, or the agent's JSON lines.
+    #[arg(long, short, value_enum, default_value_t)]
+    pub output: Output,
 }
 
 /// Flags of the map-reading list commands.

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod args;
 pub mod cleanup;
 pub mod lists;
+pub mod monitor;
 pub mod status;
 
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ pub enum CliError {
     /// Pins.
     #[error(transparent)]
     Pins(#[from] netboot_datapath::pins::PinError),
+    /// Bad flags.
+    #[error("{0}")]
+    Usage(String),
     /// JSON output.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
@@ -55,6 +59,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 cmd: CtCmd::List(a),
             },
         } => lists::ct_list(a),
+        Cmd::Monitor(a) => monitor::run(a).await,
         Cmd::CleanupKubeProxy(a) => cleanup::run(a),
         Cmd::Uninstall(a) => {
             netboot_datapath::pins::Pins::new(&a.bpffs).remove_all()?;

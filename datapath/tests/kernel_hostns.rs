@@ -21,7 +21,6 @@ mod support;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,18 +118,6 @@ impl Node {
         }
         Self { node, pods }
     }
-}
-
-/// Runs `f` on a thread inside `ns`.
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns");
-        netboot_harness::netns::enter_thread(&file).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread")
 }
 
 /// A server thread in `ns`: TCP and UDP on `0.0.0.0:port`, answering each
@@ -255,45 +242,6 @@ fn original_dst(s: &std::net::TcpStream) -> String {
     format!("{ip}:{}", u16::from_be(sin.sin_port))
 }
 
-fn start_agent(
-    node: &Netns,
-    dir: &std::path::Path,
-    cg: &std::path::Path,
-    pins: &std::path::Path,
-) -> ChildGuard {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["agent", "--node-name", "node-hn"])
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .arg("--cgroup")
-        .arg(cg)
-        .arg("--bpffs")
-        .arg(pins)
-        .args(["--listen", "127.0.0.1:9890"])
-        .arg("--static-services")
-        .arg(dir.join("static.yaml"))
-        .arg("--kube-proxy-present")
-        .env("RUST_LOG", "info")
-        .env_remove("KUBECONFIG")
-        .env_remove("NETBOOT_NODEPORT_DEVICES")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("agent.log"))
-                .expect("log"),
-        ));
-    netboot_harness::process::Confine {
-        parent_death: true,
-        netns: Some(node.path()),
-        ..Default::default()
-    }
-    .apply(&mut cmd)
-    .expect("confine agent");
-    ChildGuard(Some(cmd.spawn().expect("spawn agent")))
-}
-
 /// The agent's /v1/status once `done` holds for it (20 s at most).
 fn status_when(
     node: &Netns,
@@ -304,7 +252,7 @@ fn status_when(
     let t = Instant::now();
     let mut last = serde_json::Value::Null;
     while t.elapsed() < Duration::from_secs(20) {
-        if let Some((200, body)) = in_ns(node, || http_get("127.0.0.1:9890", "/v1/status")) {
+        if let Some((200, body)) = on_thread_in(node, || http_get("127.0.0.1:9890", "/v1/status")) {
             last = serde_json::from_str(&body).expect("status json");
             if done(&last) {
                 return last;
@@ -373,7 +321,14 @@ fn pods_are_served_at_their_interface_so_a_sidecar_sees_the_cluster_ip_while_the
     )
     .expect("config");
     std::fs::write(dir.path().join("static.yaml"), STATIC).expect("static");
-    let mut agent = start_agent(&n.node, dir.path(), &cg.path, pins.pins.root());
+    let mut agent = start_agent_in(
+        BIN,
+        &n.node,
+        "node-hn",
+        dir.path(),
+        &cg.path,
+        pins.pins.root(),
+    );
 
     // The default podInterfaces (`veth*` among them) find the three pods.
     let st = status_when(&n.node, dir.path(), "pod interfaces attached", |s| {
@@ -384,7 +339,7 @@ fn pods_are_served_at_their_interface_so_a_sidecar_sees_the_cluster_ip_while_the
         ["vethhn1", "vethhn2", "vethhn3"],
         "{st}"
     );
-    let host_cookie = in_ns(&n.node, || {
+    let host_cookie = on_thread_in(&n.node, || {
         netboot_datapath::sys::netns_cookie().expect("cookie")
     });
     let cfg = KernelMaps::open(&pins.pins)
@@ -400,7 +355,8 @@ fn pods_are_served_at_their_interface_so_a_sidecar_sees_the_cluster_ip_while_the
         cfg.host_netns, host_cookie,
         "the agent's (node's) netns cookie"
     );
-    let (_, metrics) = in_ns(&n.node, || http_get("127.0.0.1:9890", "/metrics")).expect("metrics");
+    let (_, metrics) =
+        on_thread_in(&n.node, || http_get("127.0.0.1:9890", "/metrics")).expect("metrics");
     assert!(
         metrics.contains("netboot_datapath_pod_interfaces 3"),
         "{metrics}"
@@ -553,7 +509,14 @@ fn pods_are_served_at_their_interface_so_a_sidecar_sees_the_cluster_ip_while_the
     // (c) Turned off: the next agent detaches the pod interfaces' programs
     // and the socket LB serves pods again; the sidecar now sees the backend.
     std::fs::write(dir.path().join("config.yaml"), CONFIG).expect("config");
-    agent = start_agent(&n.node, dir.path(), &cg.path, pins.pins.root());
+    agent = start_agent_in(
+        BIN,
+        &n.node,
+        "node-hn",
+        dir.path(),
+        &cg.path,
+        pins.pins.root(),
+    );
     let st = status_when(&n.node, dir.path(), "pod interfaces detached", |s| {
         s["ready"] == true && s["podInterfaces"] == 0 && s["socketLbHostNamespaceOnly"] == false
     });
@@ -701,7 +664,14 @@ fn ipv6_pods_are_served_at_their_interface_so_a_sidecar_sees_the_ipv6_cluster_ip
     )
     .expect("config");
     std::fs::write(dir.path().join("static.yaml"), STATIC6).expect("static");
-    let agent = start_agent(&n.node, dir.path(), &cg.path, pins.pins.root());
+    let agent = start_agent_in(
+        BIN,
+        &n.node,
+        "node-hn",
+        dir.path(),
+        &cg.path,
+        pins.pins.root(),
+    );
     status_when(&n.node, dir.path(), "pod interfaces attached", |s| {
         s["podInterfaces"] == 3 && s["ready"] == true
     });

@@ -659,62 +659,10 @@ endpoints:
 - {addresses: [10.200.1.10], nodeName: node-a}
 ";
 
-/// Runs `f` on a thread inside `ns`.
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns");
-        netboot_harness::netns::enter_thread(&file).expect("setns");
-        f()
-    })
-    .join()
-    .expect("thread")
-}
-
 /// GET `path` from `addr` from inside `ns`.
 fn get_in(ns: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
     let (addr, path) = (addr.to_string(), path.to_string());
-    in_ns(ns, move || http_get(&addr, &path))
-}
-
-/// The real agent inside node-a's namespace (its own `--listen` there).
-fn start_agent_in(
-    ns: &Netns,
-    dir: &std::path::Path,
-    cg: &std::path::Path,
-    pins: &std::path::Path,
-) -> ChildGuard {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["agent", "--node-name", "node-a"])
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .arg("--cgroup")
-        .arg(cg)
-        .arg("--bpffs")
-        .arg(pins)
-        .args(["--listen", "127.0.0.1:9890"])
-        .arg("--static-services")
-        .arg(dir.join("static.yaml"))
-        .arg("--kube-proxy-present")
-        .env("RUST_LOG", "info")
-        .env_remove("KUBECONFIG")
-        .env_remove("NETBOOT_NODEPORT_DEVICES")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("agent.log"))
-                .expect("log"),
-        ));
-    netboot_harness::process::Confine {
-        parent_death: true,
-        netns: Some(ns.path()),
-        ..Default::default()
-    }
-    .apply(&mut cmd)
-    .expect("confine agent");
-    ChildGuard(Some(cmd.spawn().expect("spawn agent")))
+    on_thread_in(ns, move || http_get(&addr, &path))
 }
 
 fn wait_ready_in(ns: &Netns, dir: &std::path::Path) {
@@ -748,7 +696,14 @@ fn the_agent_attaches_the_per_packet_path_to_the_node_address_interface_and_answ
     )
     .expect("config");
     std::fs::write(dir.path().join("static.yaml"), AGENT_STATIC).expect("static");
-    let mut agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    let mut agent = start_agent_in(
+        BIN,
+        &c.node_a,
+        "node-a",
+        dir.path(),
+        &agent_cg.path,
+        pins.pins.root(),
+    );
     wait_ready_in(&c.node_a, dir.path());
 
     let (_, js) = get_in(&c.node_a, "127.0.0.1:9890", "/v1/status").expect("status");
@@ -831,7 +786,14 @@ fn the_agent_attaches_the_per_packet_path_to_the_node_address_interface_and_answ
     // The links are pinned: no agent, still served; a new agent updates them.
     drop(agent);
     cluster_policy("no agent running");
-    agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    agent = start_agent_in(
+        BIN,
+        &c.node_a,
+        "node-a",
+        dir.path(),
+        &agent_cg.path,
+        pins.pins.root(),
+    );
     wait_ready_in(&c.node_a, dir.path());
     cluster_policy("restarted agent");
     drop(agent);
@@ -874,7 +836,14 @@ fn an_agent_without_an_interface_carrying_a_node_address_says_so_and_does_not_pu
         AGENT_STATIC.replace("192.168.50.1}", "192.0.2.99}"),
     )
     .expect("static");
-    let _agent = start_agent_in(&c.node_a, dir.path(), &agent_cg.path, pins.pins.root());
+    let _agent = start_agent_in(
+        BIN,
+        &c.node_a,
+        "node-a",
+        dir.path(),
+        &agent_cg.path,
+        pins.pins.root(),
+    );
     wait_ready_in(&c.node_a, dir.path());
     let (_, js) = get_in(&c.node_a, "127.0.0.1:9890", "/v1/status").expect("status");
     let st: serde_json::Value = serde_json::from_str(&js).expect("json");

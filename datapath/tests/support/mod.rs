@@ -813,3 +813,59 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .map(|l| l.local_addr().expect("addr").port())
         .collect()
 }
+
+/// Runs `f` on a thread inside `ns`.
+pub fn on_thread_in<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("netns");
+        netns::enter_thread(&file).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
+/// The real agent `bin` as node `node` inside `ns` (a hostNetwork pod's
+/// view): `dir` holds `config.yaml` and `static.yaml` and receives
+/// `agent.log`; it listens on 127.0.0.1:9890 there.
+pub fn start_agent_in(
+    bin: &str,
+    ns: &Netns,
+    node: &str,
+    dir: &Path,
+    cg: &Path,
+    pins: &Path,
+) -> ChildGuard {
+    let mut cmd = Command::new(bin);
+    cmd.args(["agent", "--node-name", node])
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .arg("--cgroup")
+        .arg(cg)
+        .arg("--bpffs")
+        .arg(pins)
+        .args(["--listen", "127.0.0.1:9890"])
+        .arg("--static-services")
+        .arg(dir.join("static.yaml"))
+        .arg("--kube-proxy-present")
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .env_remove("NETBOOT_NODEPORT_DEVICES")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("agent.log"))
+                .expect("log"),
+        ));
+    Confine {
+        parent_death: true,
+        netns: Some(ns.path()),
+        ..Default::default()
+    }
+    .apply(&mut cmd)
+    .expect("confine agent");
+    ChildGuard(Some(cmd.spawn().expect("spawn agent")))
+}

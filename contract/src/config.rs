@@ -65,7 +65,7 @@ pub struct MapSizes {
     pub backends: u32,
     /// Entries of the affinity LRU.
     pub affinity: u32,
-    /// Entries of `nb_lb4_revnat` (service ids are u16: at most 65535 used).
+    /// Entries of `nb_lb4_revnat`: at most this many frontends (over both families).
     pub reverse_nat: u32,
 }
 

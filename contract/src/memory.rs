@@ -16,16 +16,17 @@
 //!   use: a 48-byte `htab_elem` + key + value (8-byte rounded) + an 8-byte
 //!   free-list node = 88 bytes at most (memlock: 88 for `nb_lb4_svc`, 72 for the
 //!   others), which kmalloc serves from its 96-byte class: [`HASH_ENTRY`];
-//! - the LRU maps are preallocated in full: 72 bytes per `nb_lb4_rev_sk` entry
-//!   and 80 per `nb_lb4_aff` entry (measured: 88 and 96 with the buckets).
+//! - the LRU maps are preallocated in full: 80 bytes per `nb_lb4_rev_sk`
+//!   entry (its value is 12 bytes since service ids are u32) and 80 per
+//!   `nb_lb4_aff` entry (measured: 88 and 96 with the buckets).
 //!
 //! Userspace side (measured with `--static-services`, RSS of a debug build
 //! above an agent with one Service: 2000 Services × 10 endpoints +21 MiB,
 //! 10000 × 1 +64 MiB, 4000 × 10 +43 MiB; solved: 6.2 KB per Service frontend
 //! and 465 bytes per endpoint), doubled because objects from the API carry
 //! more than the static YAML (managedFields, labels, annotations):
-//! [`USER_PER_FRONTEND`], [`USER_PER_BACKEND`]. Frontends are bounded by the
-//! service-id space (65535) and `reverseNat`.
+//! [`USER_PER_FRONTEND`], [`USER_PER_BACKEND`]. Frontends are bounded by
+//! `reverseNat` (service ids are u32: the maps fill first).
 //!
 //! Base: [`BASE`], twice the startup peak measured (33 MiB high-water mark).
 //!
@@ -37,7 +38,7 @@ pub const BUCKET: u64 = 16;
 /// Bytes of one entry of a `BPF_F_NO_PREALLOC` hash map (kmalloc-96).
 pub const HASH_ENTRY: u64 = 96;
 /// Bytes of one preallocated `nb_lb4_rev_sk` element (LRU).
-pub const REV_SK_ENTRY: u64 = 72;
+pub const REV_SK_ENTRY: u64 = 80;
 /// Bytes of one preallocated `nb_lb4_aff` element (LRU).
 pub const AFFINITY_ENTRY: u64 = 80;
 /// Agent userspace bytes per Service frontend (watch cache, tables, mirror).
@@ -46,8 +47,6 @@ pub const USER_PER_FRONTEND: u64 = 12 * 1024;
 pub const USER_PER_BACKEND: u64 = 1024;
 /// Agent baseline: binary, runtime, API client, HTTP.
 pub const BASE: u64 = 64 * MIB;
-/// Service ids are u16: at most this many frontends.
-pub const MAX_FRONTENDS: u64 = 65535;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -87,8 +86,8 @@ impl AgentMemory {
             + buckets(m.reverse_nat)
             + buckets(m.backends) + REV_SK_ENTRY * be
             + buckets(m.affinity) + AFFINITY_ENTRY * aff;
-        let kernel_full = kernel_empty + HASH_ENTRY * (svc + 2 * be + rn.min(MAX_FRONTENDS));
-        let frontends = svc.min(rn).min(MAX_FRONTENDS);
+        let kernel_full = kernel_empty + HASH_ENTRY * (svc + 2 * be + rn);
+        let frontends = svc.min(rn);
         let userspace_full = USER_PER_FRONTEND * frontends + USER_PER_BACKEND * be;
         Self {
             kernel_empty,
@@ -117,9 +116,9 @@ mod tests {
     #[test]
     fn default_sizes() {
         let m = AgentMemory::for_sizes(MapSizes::DEFAULT);
-        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6 MiB.
-        assert_eq!(m.kernel_empty.div_ceil(MIB), 38);
-        assert_eq!(m.request_mib(), 102);
-        assert_eq!(m.limit_mib(), 1186);
+        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 24 + 6 MiB.
+        assert_eq!(m.kernel_empty.div_ceil(MIB), 40);
+        assert_eq!(m.request_mib(), 104);
+        assert_eq!(m.limit_mib(), 1188);
     }
 }

@@ -121,16 +121,16 @@ struct nb_lb4_key {
 	__u8 pad[3];         /* always zero */
 };
 
-/* Value of nb_lb4_svc. 16 bytes. */
+/* Value of nb_lb4_svc. 20 bytes. */
 struct nb_lb4_service {
 	__u32 backend_id;        /* slot > 0: id into nb_lb4_be; slot 0: 0 */
 	__u32 affinity_timeout;  /* slot 0: ClientIP affinity timeout in seconds; else 0 */
+	__u32 rev_nat_index;     /* service id (frontend id), key of nb_lb4_revnat */
 	__u16 count;             /* slot 0: number of backend slots (ready backends) */
-	__u16 rev_nat_index;     /* service id (frontend id), key of nb_lb4_revnat */
-	__u8 flags;              /* slot 0: NB_SVC_F_* */
-	__u8 pad;                /* always zero */
 	__u16 local_count;       /* slot 0, NB_SVC_F_EXTERNAL: slots 1..local_count hold
 	                            the backends on this node (local ones come first) */
+	__u8 flags;              /* slot 0: NB_SVC_F_* */
+	__u8 pad[3];             /* always zero */
 };
 
 /* Value of nb_lb4_be (key: __u32 backend id, 0 is never used). 8 bytes. */
@@ -141,7 +141,7 @@ struct nb_lb4_backend {
 	__u8 state;      /* NB_BE_* */
 };
 
-/* Value of nb_lb4_revnat (key: __u16 rev-nat id). 8 bytes. */
+/* Value of nb_lb4_revnat (key: __u32 rev-nat id). 8 bytes. */
 struct nb_lb4_reverse_nat {
 	__be32 address;  /* service VIP */
 	__be16 port;     /* service port */
@@ -156,18 +156,19 @@ struct nb_lb4_rev_sk_key {
 	__u16 pad;       /* always zero */
 };
 
-/* Value of nb_lb4_rev_sk: what the socket asked for. 8 bytes. */
+/* Value of nb_lb4_rev_sk: what the socket asked for. 12 bytes. */
 struct nb_lb4_rev_sk_val {
 	__be32 address;       /* service VIP */
 	__be16 port;          /* service port */
-	__u16 rev_nat_index;  /* service id, to check the service still exists */
+	__u16 pad;            /* always zero */
+	__u32 rev_nat_index;  /* service id, to check the service still exists */
 };
 
 /* Key of nb_lb4_aff. 16 bytes. */
 struct nb_lb4_affinity_key {
 	__u64 client_cookie;  /* client identity: netns cookie of the socket */
-	__u16 rev_nat_id;     /* service id */
-	__u8 pad[6];          /* always zero */
+	__u32 rev_nat_id;     /* service id */
+	__u32 pad;            /* always zero */
 };
 
 /* Value of nb_lb4_aff. 16 bytes. */
@@ -180,8 +181,7 @@ struct nb_lb4_affinity_val {
 /* Key of nb_lb4_affmatch (value: __u32 NB_BE_* state). 8 bytes. */
 struct nb_lb4_affinity_match {
 	__u32 backend_id;  /* backend id */
-	__u16 rev_nat_id;  /* service id the backend belongs to */
-	__u16 pad;         /* always zero */
+	__u32 rev_nat_id;  /* service id the backend belongs to */
 };
 
 /* nb_config.flags */
@@ -216,7 +216,7 @@ struct nb_lb6_backend {
 	__u8 state;         /* NB_BE_* */
 };
 
-/* Value of nb_lb6_revnat (key: __u16 rev-nat id). 20 bytes. */
+/* Value of nb_lb6_revnat (key: __u32 rev-nat id). 20 bytes. */
 struct nb_lb6_reverse_nat {
 	__be32 address[4];  /* service VIP */
 	__be16 port;        /* service port */
@@ -232,11 +232,12 @@ struct nb_lb6_rev_sk_key {
 	__u32 pad2;          /* always zero */
 };
 
-/* Value of nb_lb6_rev_sk: what the socket asked for. 20 bytes. */
+/* Value of nb_lb6_rev_sk: what the socket asked for. 24 bytes. */
 struct nb_lb6_rev_sk_val {
 	__be32 address[4];    /* service VIP */
 	__be16 port;          /* service port */
-	__u16 rev_nat_index;  /* service id, to check the service still exists */
+	__u16 pad;            /* always zero */
+	__u32 rev_nat_index;  /* service id, to check the service still exists */
 };
 
 /* Key of nb_sock_term (value: __u32, unused). 20 bytes. */
@@ -435,18 +436,18 @@ struct nb_flow_event {
 	__be32 backend[4];    /* chosen backend address; zero when none */
 	__u32 backend_id;     /* chosen backend id; 0 = none */
 	__u32 outcome;        /* enum nb_counter: the precise reason */
+	__u32 svc_id;         /* service id (rev-nat id) */
 	__be16 vport;         /* frontend port */
 	__be16 backend_port;  /* chosen backend port; 0 when none */
-	__u16 svc_id;         /* service id (rev-nat id) */
 	__u8 proto;           /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 family;          /* 4 or 6 */
 	__u8 verdict;         /* NB_FLOW_* */
 	__u8 hook;            /* NB_FLOW_HOOK_* */
-	__u8 pad[6];          /* always zero */
+	__u32 pad;            /* always zero */
 };
 
 /* Layout version: bump when any struct above changes incompatibly. */
-#define NB_LAYOUT_VERSION 3
+#define NB_LAYOUT_VERSION 4
 
 /* Index of nb_counters (per-CPU array of __u64). One per outcome. */
 enum nb_counter {

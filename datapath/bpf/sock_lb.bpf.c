@@ -55,7 +55,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NB_DEFAULT_REVNAT);
-	__type(key, __u16);
+	__type(key, __u32);
 	__type(value, struct nb_lb4_reverse_nat);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_lb4_revnat SEC(".maps");
@@ -115,7 +115,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, NB_DEFAULT_REVNAT);
-	__type(key, __u16);
+	__type(key, __u32);
 	__type(value, struct nb_lb6_reverse_nat);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_lb6_revnat SEC(".maps");
@@ -186,7 +186,7 @@ struct nb_fwd {
 	int reject_errno;/* 0 = proceed; else errno the syscall fails with */
 	/* What a flow event reports (svc_found: the destination is a Service). */
 	__u32 backend_id;    /* chosen backend, 0 = none */
-	__u16 svc_id;        /* rev-nat id */
+	__u32 svc_id;        /* rev-nat id */
 	__u8 svc_found;
 	__u8 affinity_hit;   /* the backend came from an affinity entry */
 	__be32 vip[4];       /* IPv4 in vip[0] */
@@ -217,7 +217,7 @@ static __always_inline void nb_fwd_frontend(struct nb_fwd *res, const struct nb_
 
 /* Backend id from a valid affinity entry, 0 if none (outcome counted). */
 static __always_inline __u32
-nb_affinity_lookup(const struct nb_lb4_service *svc, __u64 client, __u16 rev_nat_id)
+nb_affinity_lookup(const struct nb_lb4_service *svc, __u64 client, __u32 rev_nat_id)
 {
 	struct nb_lb4_affinity_key akey;
 	struct nb_lb4_affinity_match mkey;
@@ -256,7 +256,7 @@ nb_affinity_lookup(const struct nb_lb4_service *svc, __u64 client, __u16 rev_nat
 }
 
 static __always_inline void
-nb_affinity_update(__u64 client, __u16 rev_nat_id, __u32 backend_id)
+nb_affinity_update(__u64 client, __u32 rev_nat_id, __u32 backend_id)
 {
 	struct nb_lb4_affinity_key akey;
 	struct nb_lb4_affinity_val aval;
@@ -278,7 +278,7 @@ struct nb_l4_v4 {
 
 static __always_inline int
 nb_rev_sk_update(struct bpf_sock_addr *ctx, const struct nb_lb4_backend *be,
-		 __be32 vip, __be16 vport, __u16 rev_nat_id)
+		 __be32 vip, __be16 vport, __u32 rev_nat_id)
 {
 	struct nb_lb4_rev_sk_key key;
 	struct nb_lb4_rev_sk_val val, *cur;
@@ -370,7 +370,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	struct nb_lb4_backend *be = 0;
 	__u32 backend_id = 0;
 	__u64 client = 0;
-	__u16 rev_nat_id;
+	__u32 rev_nat_id;
 	int affinity;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
@@ -572,7 +572,7 @@ static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct
 	ev->family = res->family;
 	ev->verdict = verdict;
 	ev->hook = hook;
-	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
+	ev->pad = 0;
 	bpf_ringbuf_submit(ev, 0);
 	nb_flow_stat(NB_FLOW_STAT_EMITTED);
 }
@@ -729,7 +729,7 @@ static __always_inline int nb_addr6_eq(const __be32 *a, const __be32 *b)
 
 static __always_inline int
 nb_rev_sk6_update(struct bpf_sock_addr *ctx, const struct nb_lb6_backend *be,
-		  const struct nb_l4_v6 *vip, __u16 rev_nat_id)
+		  const struct nb_l4_v6 *vip, __u32 rev_nat_id)
 {
 	struct nb_lb6_rev_sk_key key;
 	struct nb_lb6_rev_sk_val val, *cur;
@@ -767,7 +767,7 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	struct nb_lb6_backend *be = 0;
 	__u32 backend_id = 0;
 	__u64 client = 0;
-	__u16 rev_nat_id;
+	__u32 rev_nat_id;
 	int affinity;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
@@ -1882,7 +1882,7 @@ static __always_inline int __nb_pod_new(struct __sk_buff *skb, __u32 l4_off,
 	struct nb_fwd res;
 	__u32 backend_id = 0;
 	__u64 client = 0;
-	__u16 rev_nat_id;
+	__u32 rev_nat_id;
 	int affinity;
 
 	nb_set_key(&key, k->daddr, k->dport, k->proto, 0);
@@ -1965,7 +1965,7 @@ static __always_inline int __nb_pod_new6(struct __sk_buff *skb, __u32 l4_off,
 	struct nb_fwd res;
 	__u32 backend_id = 0;
 	__u64 client = 0;
-	__u16 rev_nat_id;
+	__u32 rev_nat_id;
 	int affinity;
 
 	nb_set_key6(&key, k->daddr, k->dport, k->proto, 0);

@@ -32,7 +32,7 @@ pub struct BackendRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceRow {
     /// Service (rev-nat) id.
-    pub id: u16,
+    pub id: u32,
     /// Frontend `VIP:port/PROTO`.
     pub frontend: String,
     /// Always ClusterIP here.
@@ -138,7 +138,7 @@ pub struct LbRow {
     /// Backend `ip:port/PROTO`, or `0.0.0.0:0` for the frontend slot.
     pub backend: String,
     /// Rev-nat id.
-    pub revnat_id: u16,
+    pub revnat_id: u32,
     /// Slot.
     pub slot: u16,
     /// Frontend flags, slot 0 only.
@@ -211,7 +211,7 @@ pub fn render_lb_list(rows: &[LbRow]) -> String {
 }
 
 /// Reverse-NAT entries for display.
-pub fn revnat_rows(d: &MapsDump) -> Vec<(u16, String)> {
+pub fn revnat_rows(d: &MapsDump) -> Vec<(u32, String)> {
     d.revnat_entries()
         .into_iter()
         .map(|(id, ip, port)| match ip {

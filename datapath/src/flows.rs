@@ -143,7 +143,7 @@ pub struct Flow {
     /// The client's cgroup v2 id.
     pub client_cgroup_id: u64,
     /// Service id (rev-nat id, `service list`'s ID).
-    pub service_id: u16,
+    pub service_id: u32,
     /// `namespace/name` of the Service, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
@@ -707,7 +707,7 @@ mod tests {
             family: 4,
             verdict,
             hook: FLOW_HOOK_CONNECT,
-            pad: [0; 6],
+            pad: 0,
         }
     }
 

@@ -95,7 +95,7 @@ pub const MODE_OBSERVE: u32 = 0;
 /// `NB_MODE_REPLACE`.
 pub const MODE_REPLACE: u32 = 1;
 /// `NB_LAYOUT_VERSION`.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// `IPPROTO_TCP`.
 pub const PROTO_TCP: u8 = 6;
 /// `IPPROTO_UDP`.
@@ -125,17 +125,17 @@ pub struct Lb4Service {
     pub backend_id: u32,
     /// Slot 0: affinity timeout in seconds.
     pub affinity_timeout: u32,
+    /// Service id.
+    pub rev_nat_index: u32,
     /// Slot 0: number of backend slots.
     pub count: u16,
-    /// Service id.
-    pub rev_nat_index: u16,
-    /// Slot 0: `SVC_F_*`.
-    pub flags: u8,
-    /// Zero.
-    pub pad: u8,
     /// Slot 0 of an external frontend: slots `1..=local_count` hold the
     /// backends on this node.
     pub local_count: u16,
+    /// Slot 0: `SVC_F_*`.
+    pub flags: u8,
+    /// Zero.
+    pub pad: [u8; 3],
 }
 
 /// `struct nb_lb4_backend`.
@@ -186,8 +186,10 @@ pub struct Lb4RevSkVal {
     pub address: u32,
     /// Service port, network order.
     pub port: u16,
+    /// Zero.
+    pub pad: u16,
     /// Service id.
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
 }
 
 /// `struct nb_lb4_affinity_key`.
@@ -197,9 +199,9 @@ pub struct Lb4AffinityKey {
     /// Client netns cookie.
     pub client_cookie: u64,
     /// Service id.
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     /// Zero.
-    pub pad: [u8; 6],
+    pub pad: u32,
 }
 
 /// `struct nb_lb4_affinity_val`.
@@ -221,9 +223,7 @@ pub struct Lb4AffinityMatch {
     /// Backend id.
     pub backend_id: u32,
     /// Service id.
-    pub rev_nat_id: u16,
-    /// Zero.
-    pub pad: u16,
+    pub rev_nat_id: u32,
 }
 
 /// `struct nb_lb6_key`.
@@ -292,8 +292,10 @@ pub struct Lb6RevSkVal {
     pub address: [u32; 4],
     /// Service port, network order.
     pub port: u16,
+    /// Zero.
+    pub pad: u16,
     /// Service id.
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
 }
 
 /// `struct nb_sock_term_key`.
@@ -537,13 +539,13 @@ const _: () = {
     assert!(offset_of!(Lb4Key, proto) == 8);
     assert!(offset_of!(Lb4Key, pad) == 9);
 
-    assert!(size_of::<Lb4Service>() == 16);
+    assert!(size_of::<Lb4Service>() == 20);
     assert!(offset_of!(Lb4Service, backend_id) == 0);
     assert!(offset_of!(Lb4Service, affinity_timeout) == 4);
-    assert!(offset_of!(Lb4Service, count) == 8);
-    assert!(offset_of!(Lb4Service, rev_nat_index) == 10);
-    assert!(offset_of!(Lb4Service, flags) == 12);
+    assert!(offset_of!(Lb4Service, rev_nat_index) == 8);
+    assert!(offset_of!(Lb4Service, count) == 12);
     assert!(offset_of!(Lb4Service, local_count) == 14);
+    assert!(offset_of!(Lb4Service, flags) == 16);
 
     assert!(size_of::<Ct4Key>() == 16);
     assert!(offset_of!(Ct4Key, daddr) == 4);
@@ -580,8 +582,8 @@ const _: () = {
     assert!(size_of::<Lb4RevSkKey>() == 16);
     assert!(offset_of!(Lb4RevSkKey, address) == 8);
     assert!(offset_of!(Lb4RevSkKey, port) == 12);
-    assert!(size_of::<Lb4RevSkVal>() == 8);
-    assert!(offset_of!(Lb4RevSkVal, rev_nat_index) == 6);
+    assert!(size_of::<Lb4RevSkVal>() == 12);
+    assert!(offset_of!(Lb4RevSkVal, rev_nat_index) == 8);
 
     assert!(size_of::<Lb4AffinityKey>() == 16);
     assert!(offset_of!(Lb4AffinityKey, rev_nat_id) == 8);
@@ -613,9 +615,9 @@ const _: () = {
     assert!(offset_of!(Lb6RevSkKey, address) == 8);
     assert!(offset_of!(Lb6RevSkKey, port) == 24);
     assert!(offset_of!(Lb6RevSkKey, pad2) == 28);
-    assert!(size_of::<Lb6RevSkVal>() == 20);
+    assert!(size_of::<Lb6RevSkVal>() == 24);
     assert!(offset_of!(Lb6RevSkVal, port) == 16);
-    assert!(offset_of!(Lb6RevSkVal, rev_nat_index) == 18);
+    assert!(offset_of!(Lb6RevSkVal, rev_nat_index) == 20);
 
     assert!(size_of::<SockTermKey>() == 20);
     assert!(offset_of!(SockTermKey, port) == 16);
@@ -687,12 +689,12 @@ pub struct FlowEvent {
     pub backend_id: u32,
     /// `enum nb_counter` index.
     pub outcome: u32,
+    /// Service id.
+    pub svc_id: u32,
     /// Frontend port, network order.
     pub vport: u16,
     /// Backend port, network order.
     pub backend_port: u16,
-    /// Service id.
-    pub svc_id: u16,
     /// IP protocol number.
     pub proto: u8,
     /// 4 or 6.
@@ -702,7 +704,7 @@ pub struct FlowEvent {
     /// `FLOW_HOOK_*`.
     pub hook: u8,
     /// Zero.
-    pub pad: [u8; 6],
+    pub pad: u32,
 }
 
 impl FlowEvent {
@@ -726,13 +728,14 @@ const _: () = {
     assert!(offset_of!(FlowEvent, backend) == 40);
     assert!(offset_of!(FlowEvent, backend_id) == 56);
     assert!(offset_of!(FlowEvent, outcome) == 60);
-    assert!(offset_of!(FlowEvent, vport) == 64);
-    assert!(offset_of!(FlowEvent, backend_port) == 66);
-    assert!(offset_of!(FlowEvent, svc_id) == 68);
-    assert!(offset_of!(FlowEvent, proto) == 70);
-    assert!(offset_of!(FlowEvent, family) == 71);
-    assert!(offset_of!(FlowEvent, verdict) == 72);
-    assert!(offset_of!(FlowEvent, hook) == 73);
+    assert!(offset_of!(FlowEvent, svc_id) == 64);
+    assert!(offset_of!(FlowEvent, vport) == 68);
+    assert!(offset_of!(FlowEvent, backend_port) == 70);
+    assert!(offset_of!(FlowEvent, proto) == 72);
+    assert!(offset_of!(FlowEvent, family) == 73);
+    assert!(offset_of!(FlowEvent, verdict) == 74);
+    assert!(offset_of!(FlowEvent, hook) == 75);
+    assert!(offset_of!(FlowEvent, pad) == 76);
 };
 
 // SAFETY: repr(C) plain integers with explicit padding.

@@ -120,7 +120,7 @@ pub struct Tables {
     size: u32,
     enabled: bool,
     /// Service id → the backends its table was built from.
-    written: BTreeMap<u16, Vec<L4Addr>>,
+    written: BTreeMap<u32, Vec<L4Addr>>,
     /// Frontends the last sync found no room for (the map is full): their
     /// new flows pick a random backend.
     unfit: usize,
@@ -172,8 +172,8 @@ impl Tables {
     /// Makes the map hold one table per frontend of `wanted`
     /// ([`crate::reconcile::Reconciler::external_slots`]); returns the
     /// number of tables written or deleted.
-    pub fn sync(&mut self, wanted: &[(u16, Vec<L4Addr>)]) -> Result<usize, MapsError> {
-        let want: BTreeMap<u16, &Vec<L4Addr>> = wanted
+    pub fn sync(&mut self, wanted: &[(u32, Vec<L4Addr>)]) -> Result<usize, MapsError> {
+        let want: BTreeMap<u32, &Vec<L4Addr>> = wanted
             .iter()
             .filter(|(_, b)| self.enabled && !b.is_empty())
             .map(|(id, b)| (*id, b))
@@ -185,7 +185,7 @@ impl Tables {
                 .map
                 .keys()
                 .flatten()
-                .filter(|k| u16::try_from(*k).map_or(true, |id| !want.contains_key(&id)))
+                .filter(|k| !want.contains_key(k))
                 .collect();
             for k in stale {
                 self.map.remove(&k).map_err(kerr("delete"))?;
@@ -193,14 +193,14 @@ impl Tables {
             }
             self.cleaned = true;
         }
-        let gone: Vec<u16> = self
+        let gone: Vec<u32> = self
             .written
             .keys()
             .filter(|id| !want.contains_key(id))
             .copied()
             .collect();
         for id in gone {
-            self.map.remove(&u32::from(id)).map_err(kerr("delete"))?;
+            self.map.remove(&id).map_err(kerr("delete"))?;
             self.written.remove(&id);
             writes += 1;
         }
@@ -218,7 +218,7 @@ impl Tables {
                     *e = s;
                 }
             }
-            match self.map.insert(u32::from(id), v, 0) {
+            match self.map.insert(id, v, 0) {
                 Ok(()) => {}
                 // No room: this frontend goes without a table (random
                 // selection), the rest are still written.

@@ -57,8 +57,8 @@ pub enum ReconcileError {
         #[source]
         source: MapsError,
     },
-    /// No service id left (u16).
-    #[error("{0}: no free service id (65535 frontends in use)")]
+    /// No service id left (u32; the maps fill long before).
+    #[error("{0}: no free service id")]
     ServiceIdsExhausted(L4Addr),
     /// No backend id left.
     #[error("{0}: no free backend id")]
@@ -152,7 +152,7 @@ impl SyncStats {
 
 #[derive(Clone, Debug, Default)]
 struct ProgFrontend {
-    id: u16,
+    id: u32,
     /// Slot 0 as written (None: not written yet).
     value: Option<Lb4Service>,
     /// Slot i+1 → backend id.
@@ -169,7 +169,7 @@ struct Orphans {
     /// (frontend, slot) in nb_lb4_svc / nb_lb6_svc.
     services: BTreeSet<(L4Addr, u16)>,
     /// Rev-nat id → in nb_lb6_revnat (true) or nb_lb4_revnat.
-    revnat: BTreeMap<u16, bool>,
+    revnat: BTreeMap<u32, bool>,
     /// nb_lb4_affmatch keys.
     aff_match: BTreeMap<Lb4AffinityMatch, u32>,
 }
@@ -332,7 +332,7 @@ impl<M: LbMaps> Reconciler<M> {
             maps,
             frontends: BTreeMap::new(),
             backends: BTreeMap::new(),
-            svc_ids: IdAlloc::new(u32::from(u16::MAX)),
+            svc_ids: IdAlloc::new(u32::MAX - 1),
             be_ids: IdAlloc::new(u32::MAX - 1),
             orphans: Orphans::default(),
             target: BTreeMap::new(),
@@ -356,12 +356,12 @@ impl<M: LbMaps> Reconciler<M> {
         })?;
         self.frontends.clear();
         self.backends.clear();
-        self.svc_ids = IdAlloc::new(u32::from(u16::MAX));
+        self.svc_ids = IdAlloc::new(u32::MAX - 1);
         self.be_ids = IdAlloc::new(u32::MAX - 1);
         self.orphans = Orphans::default();
         let r = self;
         let entries = dump.service_entries();
-        let mut by_id: BTreeMap<u16, L4Addr> = BTreeMap::new();
+        let mut by_id: BTreeMap<u32, L4Addr> = BTreeMap::new();
         for (fe, slot, v) in &entries {
             if *slot == 0 {
                 // Ids are one space over both families: a second frontend
@@ -370,7 +370,7 @@ impl<M: LbMaps> Reconciler<M> {
                     r.orphans.services.insert((*fe, 0));
                     continue;
                 }
-                r.svc_ids.mark(u32::from(v.rev_nat_index));
+                r.svc_ids.mark(v.rev_nat_index);
                 by_id.insert(v.rev_nat_index, *fe);
                 r.frontends.insert(
                     *fe,
@@ -487,7 +487,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// path can see (not loopback): its service id and the backends of the slots it
     /// chooses from (`1..local_count` under externalTrafficPolicy Local,
     /// else `1..count`), in slot order. What the Maglev tables are built from.
-    pub fn external_slots(&self) -> Vec<(u16, Vec<L4Addr>)> {
+    pub fn external_slots(&self) -> Vec<(u32, Vec<L4Addr>)> {
         let by_id: BTreeMap<u32, L4Addr> =
             self.backends.iter().map(|(a, (id, _))| (*id, *a)).collect();
         let mut out = Vec::new();
@@ -515,7 +515,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// The allowed source CIDRs of each programmed LB IP frontend with
     /// `loadBalancerSourceRanges` (by service id), for
     /// [`crate::srcrange::SourceRanges::sync`].
-    pub fn source_ranges(&self) -> Vec<(u16, Vec<(std::net::IpAddr, u8)>)> {
+    pub fn source_ranges(&self) -> Vec<(u32, Vec<(std::net::IpAddr, u8)>)> {
         let mut out = Vec::new();
         for (addr, p) in &self.frontends {
             let Some(v) = p.value else { continue };
@@ -534,7 +534,7 @@ impl<M: LbMaps> Reconciler<M> {
     }
 
     /// Service id of a programmed frontend.
-    pub fn service_id(&self, fe: &L4Addr) -> Option<u16> {
+    pub fn service_id(&self, fe: &L4Addr) -> Option<u32> {
         self.frontends.get(fe).map(|p| p.id)
     }
 
@@ -715,7 +715,7 @@ impl<M: LbMaps> Reconciler<M> {
                         {
                             let id = p.id;
                             self.frontends.remove(&addr);
-                            self.svc_ids.free(u32::from(id));
+                            self.svc_ids.free(id);
                         }
                     }
                     Ok(())
@@ -815,8 +815,6 @@ impl<M: LbMaps> Reconciler<M> {
                     .svc_ids
                     .alloc()
                     .ok_or(ReconcileError::ServiceIdsExhausted(addr))?;
-                let id =
-                    u16::try_from(id).map_err(|_| ReconcileError::ServiceIdsExhausted(addr))?;
                 self.frontends.insert(
                     addr,
                     ProgFrontend {
@@ -883,7 +881,7 @@ impl<M: LbMaps> Reconciler<M> {
     fn upsert_frontend(
         &mut self,
         addr: L4Addr,
-        id: u16,
+        id: u32,
         fe: &Frontend,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
@@ -925,7 +923,6 @@ impl<M: LbMaps> Reconciler<M> {
             let k = Lb4AffinityMatch {
                 backend_id: bid,
                 rev_nat_id: id,
-                pad: 0,
             };
             self.maps
                 .delete_aff_match(k)
@@ -947,7 +944,6 @@ impl<M: LbMaps> Reconciler<M> {
                 let k = Lb4AffinityMatch {
                     backend_id: *bid,
                     rev_nat_id: id,
-                    pad: 0,
                 };
                 self.maps
                     .update_aff_match(k, *state)
@@ -982,7 +978,7 @@ impl<M: LbMaps> Reconciler<M> {
             count,
             rev_nat_index: id,
             flags: frontend_flags(fe),
-            pad: 0,
+            pad: [0; 3],
             local_count,
         };
         if p.value != Some(front) {
@@ -1029,7 +1025,6 @@ impl<M: LbMaps> Reconciler<M> {
             let k = Lb4AffinityMatch {
                 backend_id: bid,
                 rev_nat_id: id,
-                pad: 0,
             };
             self.maps
                 .delete_aff_match(k)
@@ -1045,7 +1040,7 @@ impl<M: LbMaps> Reconciler<M> {
             p.revnat = None;
         }
         self.frontends.remove(&addr);
-        self.svc_ids.free(u32::from(id));
+        self.svc_ids.free(id);
         Ok(())
     }
 

@@ -22,7 +22,7 @@ use crate::maps::MapsError;
 use crate::pins::Pins;
 
 /// One trie entry: service id, network address, mask length.
-type Entry = (u16, IpAddr, u8);
+type Entry = (u32, IpAddr, u8);
 
 /// The tries (`nb_lb4_src_range`, `nb_lb6_src_range`), as written by this agent.
 pub struct SourceRanges {
@@ -37,21 +37,21 @@ fn kerr(map: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError)
     crate::maps::kernel::kerr(map, op)
 }
 
-fn key4(id: u16, addr: Ipv4Addr, len: u8) -> Key<SrcRangeKey> {
+fn key4(id: u32, addr: Ipv4Addr, len: u8) -> Key<SrcRangeKey> {
     Key::new(
         32 + u32::from(len),
         SrcRangeKey {
-            rev_nat_index: u32::from(id),
+            rev_nat_index: id,
             addr: u32::from(addr).to_be(),
         },
     )
 }
 
-fn key6(id: u16, addr: std::net::Ipv6Addr, len: u8) -> Key<SrcRange6Key> {
+fn key6(id: u32, addr: std::net::Ipv6Addr, len: u8) -> Key<SrcRange6Key> {
     Key::new(
         32 + u32::from(len),
         SrcRange6Key {
-            rev_nat_index: u32::from(id),
+            rev_nat_index: id,
             addr: addr6_be(addr),
         },
     )
@@ -59,7 +59,7 @@ fn key6(id: u16, addr: std::net::Ipv6Addr, len: u8) -> Key<SrcRange6Key> {
 
 /// The entries `wanted` ([`crate::reconcile::Reconciler::source_ranges`])
 /// makes, masks clamped to the family's width.
-pub fn entries(wanted: &[(u16, Vec<(IpAddr, u8)>)]) -> BTreeSet<Entry> {
+pub fn entries(wanted: &[(u32, Vec<(IpAddr, u8)>)]) -> BTreeSet<Entry> {
     wanted
         .iter()
         .flat_map(|(id, ranges)| {
@@ -127,49 +127,43 @@ impl SourceRanges {
     }
 
     /// What an earlier run left in the tries.
-    fn found(&self) -> Vec<Option<Entry>> {
+    fn found(&self) -> Vec<Entry> {
         let len = |k: u32, max: u8| {
             u8::try_from(k.saturating_sub(32))
                 .unwrap_or(u8::MAX)
                 .min(max)
         };
-        let mut out: Vec<Option<Entry>> = self
+        let mut out: Vec<Entry> = self
             .map4
             .keys()
             .flatten()
             .map(|k| {
                 let d = k.data();
-                u16::try_from(d.rev_nat_index).ok().map(|id| {
-                    (
-                        id,
-                        IpAddr::V4(Ipv4Addr::from(u32::from_be(d.addr))),
-                        len(k.prefix_len(), 32),
-                    )
-                })
+                (
+                    d.rev_nat_index,
+                    IpAddr::V4(Ipv4Addr::from(u32::from_be(d.addr))),
+                    len(k.prefix_len(), 32),
+                )
             })
             .collect();
         out.extend(self.map6.keys().flatten().map(|k| {
             let d = k.data();
-            u16::try_from(d.rev_nat_index).ok().map(|id| {
-                (
-                    id,
-                    IpAddr::V6(addr6_from_be(d.addr)),
-                    len(k.prefix_len(), 128),
-                )
-            })
+            (
+                d.rev_nat_index,
+                IpAddr::V6(addr6_from_be(d.addr)),
+                len(k.prefix_len(), 128),
+            )
         }));
         out
     }
 
     /// Makes the tries hold exactly the entries of `wanted`; returns the
     /// number of entries written or deleted.
-    pub fn sync(&mut self, wanted: &[(u16, Vec<(IpAddr, u8)>)]) -> Result<usize, MapsError> {
+    pub fn sync(&mut self, wanted: &[(u32, Vec<(IpAddr, u8)>)]) -> Result<usize, MapsError> {
         let want = entries(wanted);
         let mut writes = 0;
         if !self.cleaned {
-            // An entry whose id does not fit (another layout) cannot be
-            // named for deletion here: the layout check resets such maps.
-            for e in self.found().into_iter().flatten() {
+            for e in self.found() {
                 if want.contains(&e) {
                     self.written.insert(e);
                 } else {

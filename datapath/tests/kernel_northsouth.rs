@@ -1642,7 +1642,7 @@ fn a_full_maglev_map_leaves_only_the_frontends_that_do_not_fit_without_a_table()
         port: 8080,
         proto: netboot_datapath::layout::PROTO_TCP,
     };
-    let wanted = vec![(1u16, vec![be(1)]), (2, vec![be(2)]), (3, vec![be(3)])];
+    let wanted = vec![(1u32, vec![be(1)]), (2, vec![be(2)]), (3, vec![be(3)])];
     let writes = t.sync(&wanted).expect("a full map is no error");
     assert_eq!((writes, t.len(), t.unfit()), (2, 2, 1));
     // One frontend gone: the third gets its table.

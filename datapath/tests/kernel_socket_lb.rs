@@ -507,7 +507,7 @@ fn program_10k_services_through_the_reconciler() {
     assert_eq!(st2.writes(), 0);
     assert_eq!(st3.writes(), 0);
     assert_eq!(re.programmed().services, 10_000);
-    let ids: BTreeSet<u16> = (0..10)
+    let ids: BTreeSet<u32> = (0..10)
         .map(|i| {
             re.service_id(&t.frontends.keys().nth(i).copied().expect("fe"))
                 .expect("id")

@@ -61,11 +61,11 @@ impl LbMaps for FaultyMaps {
         self.gate("delete_backend")?;
         self.inner.delete_backend(id)
     }
-    fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat(&mut self, id: u32, val: Lb4ReverseNat) -> Result<(), MapsError> {
         self.gate("update_revnat")?;
         self.inner.update_revnat(id, val)
     }
-    fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat(&mut self, id: u32) -> Result<(), MapsError> {
         self.gate("delete_revnat")?;
         self.inner.delete_revnat(id)
     }
@@ -93,11 +93,11 @@ impl LbMaps for FaultyMaps {
         self.gate("delete_backend6")?;
         self.inner.delete_backend6(id)
     }
-    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat6(&mut self, id: u32, val: Lb6ReverseNat) -> Result<(), MapsError> {
         self.gate("update_revnat6")?;
         self.inner.update_revnat6(id, val)
     }
-    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError> {
         self.gate("delete_revnat6")?;
         self.inner.delete_revnat6(id)
     }

@@ -14,7 +14,7 @@ use crate::pins::Pins;
 pub struct KernelMaps {
     services: HashMap<MapData, Lb4Key, Lb4Service>,
     backends: HashMap<MapData, u32, Lb4Backend>,
-    revnat: HashMap<MapData, u16, Lb4ReverseNat>,
+    revnat: HashMap<MapData, u32, Lb4ReverseNat>,
     aff_match: HashMap<MapData, Lb4AffinityMatch, u32>,
     affinity: HashMap<MapData, Lb4AffinityKey, Lb4AffinityVal>,
     rev_sk: HashMap<MapData, Lb4RevSkKey, Lb4RevSkVal>,
@@ -22,7 +22,7 @@ pub struct KernelMaps {
     config: Array<MapData, NbConfig>,
     services6: HashMap<MapData, Lb6Key, Lb4Service>,
     backends6: HashMap<MapData, u32, Lb6Backend>,
-    revnat6: HashMap<MapData, u16, Lb6ReverseNat>,
+    revnat6: HashMap<MapData, u32, Lb6ReverseNat>,
     rev_sk6: HashMap<MapData, Lb6RevSkKey, Lb6RevSkVal>,
 }
 
@@ -174,12 +174,12 @@ impl LbMaps for KernelMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.backends.remove(&id)).map_err(kerr(names::BACKENDS, "delete"))
     }
-    fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat(&mut self, id: u32, val: Lb4ReverseNat) -> Result<(), MapsError> {
         self.revnat
             .insert(id, val, 0)
             .map_err(kerr(names::REVNAT, "update"))
     }
-    fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.revnat.remove(&id)).map_err(kerr(names::REVNAT, "delete"))
     }
     fn update_aff_match(&mut self, key: Lb4AffinityMatch, state: u32) -> Result<(), MapsError> {
@@ -206,12 +206,12 @@ impl LbMaps for KernelMaps {
     fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.backends6.remove(&id)).map_err(kerr(names::BACKENDS6, "delete"))
     }
-    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat6(&mut self, id: u32, val: Lb6ReverseNat) -> Result<(), MapsError> {
         self.revnat6
             .insert(id, val, 0)
             .map_err(kerr(names::REVNAT6, "update"))
     }
-    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.revnat6.remove(&id)).map_err(kerr(names::REVNAT6, "delete"))
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {

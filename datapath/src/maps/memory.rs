@@ -103,13 +103,13 @@ impl LbMaps for MemoryMaps {
         self.state.backends.remove(&id);
         Ok(())
     }
-    fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat(&mut self, id: u32, val: Lb4ReverseNat) -> Result<(), MapsError> {
         self.writes += 1;
         room(&self.state.revnat, &id, self.limits.revnat, names::REVNAT)?;
         self.state.revnat.insert(id, val);
         Ok(())
     }
-    fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat(&mut self, id: u32) -> Result<(), MapsError> {
         self.writes += 1;
         self.state.revnat.remove(&id);
         Ok(())
@@ -162,7 +162,7 @@ impl LbMaps for MemoryMaps {
         self.state.backends6.remove(&id);
         Ok(())
     }
-    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat6(&mut self, id: u32, val: Lb6ReverseNat) -> Result<(), MapsError> {
         self.writes += 1;
         room(
             &self.state.revnat6,
@@ -173,7 +173,7 @@ impl LbMaps for MemoryMaps {
         self.state.revnat6.insert(id, val);
         Ok(())
     }
-    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError> {
         self.writes += 1;
         self.state.revnat6.remove(&id);
         Ok(())

@@ -92,7 +92,7 @@ pub struct MapsDump {
     /// `nb_lb4_be`.
     pub backends: BTreeMap<u32, Lb4Backend>,
     /// `nb_lb4_revnat`.
-    pub revnat: BTreeMap<u16, Lb4ReverseNat>,
+    pub revnat: BTreeMap<u32, Lb4ReverseNat>,
     /// `nb_lb4_affmatch` (both families: ids are shared).
     pub aff_match: BTreeMap<Lb4AffinityMatch, u32>,
     /// `nb_lb6_svc`.
@@ -100,7 +100,7 @@ pub struct MapsDump {
     /// `nb_lb6_be`.
     pub backends6: BTreeMap<u32, Lb6Backend>,
     /// `nb_lb6_revnat`.
-    pub revnat6: BTreeMap<u16, Lb6ReverseNat>,
+    pub revnat6: BTreeMap<u32, Lb6ReverseNat>,
 }
 
 impl MapsDump {
@@ -213,7 +213,7 @@ impl MapsDump {
     }
 
     /// Every reverse-NAT entry as (id, VIP, port), IPv4 first.
-    pub fn revnat_entries(&self) -> Vec<(u16, IpAddr, u16)> {
+    pub fn revnat_entries(&self) -> Vec<(u32, IpAddr, u16)> {
         self.revnat
             .iter()
             .map(|(id, r)| {
@@ -252,9 +252,9 @@ pub trait LbMaps {
     /// Removes a backend.
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
     /// Inserts or replaces a reverse-NAT entry.
-    fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError>;
+    fn update_revnat(&mut self, id: u32, val: Lb4ReverseNat) -> Result<(), MapsError>;
     /// Removes a reverse-NAT entry.
-    fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError>;
+    fn delete_revnat(&mut self, id: u32) -> Result<(), MapsError>;
     /// Inserts or replaces an affinity membership entry.
     fn update_aff_match(&mut self, key: Lb4AffinityMatch, state: u32) -> Result<(), MapsError>;
     /// Removes an affinity membership entry.
@@ -268,9 +268,9 @@ pub trait LbMaps {
     /// Removes an IPv6 backend.
     fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError>;
     /// Inserts or replaces an IPv6 reverse-NAT entry.
-    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError>;
+    fn update_revnat6(&mut self, id: u32, val: Lb6ReverseNat) -> Result<(), MapsError>;
     /// Removes an IPv6 reverse-NAT entry.
-    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError>;
+    fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError>;
     /// Reads everything back.
     fn dump(&self) -> Result<MapsDump, MapsError>;
 
@@ -322,7 +322,7 @@ pub trait LbMaps {
         }
     }
     /// Writes reverse-NAT entry `id` → `fe`'s VIP and port.
-    fn put_revnat(&mut self, id: u16, fe: L4Addr) -> Result<(), MapsError> {
+    fn put_revnat(&mut self, id: u32, fe: L4Addr) -> Result<(), MapsError> {
         match fe.ip {
             IpAddr::V4(ip) => self.update_revnat(
                 id,
@@ -343,7 +343,7 @@ pub trait LbMaps {
         }
     }
     /// Removes reverse-NAT entry `id` of an IPv6 (`v6`) or IPv4 frontend.
-    fn del_revnat(&mut self, id: u16, v6: bool) -> Result<(), MapsError> {
+    fn del_revnat(&mut self, id: u32, v6: bool) -> Result<(), MapsError> {
         if v6 {
             self.delete_revnat6(id)
         } else {

@@ -86,7 +86,7 @@ fn restart_recovers_ids_and_writes_nothing() {
     });
     r2.reconcile(&d).unwrap();
     let id = r2.service_id(&fe).unwrap();
-    let ids: BTreeSet<u16> = r2.maps().state.revnat.keys().copied().collect();
+    let ids: BTreeSet<u32> = r2.maps().state.revnat.keys().copied().collect();
     assert_eq!(ids.len(), d.frontends.len());
     assert!(!dump.revnat.contains_key(&id), "id {id} reused");
 }
@@ -176,13 +176,13 @@ fn terminating_backend_keeps_membership_but_no_slot() {
 /// addresses), so two reconcilers that allocated ids in a different order
 /// compare equal when they program the same thing.
 pub(crate) fn normalized(d: &MapsDump) -> Vec<String> {
-    let fe_of: BTreeMap<u16, L4Addr> = d
+    let fe_of: BTreeMap<u32, L4Addr> = d
         .services
         .iter()
         .filter(|(k, _)| k.backend_slot == 0)
         .map(|(k, v)| (v.rev_nat_index, k.frontend()))
         .collect();
-    let fe = |id: u16| {
+    let fe = |id: u32| {
         fe_of
             .get(&id)
             .map_or_else(|| format!("?svc{id}"), ToString::to_string)
@@ -237,7 +237,7 @@ fn frontend(addr: L4Addr, name: &str, backends: &[(L4Addr, BackendState)]) -> Fr
 }
 
 /// Entries of the dump that belong to frontend `fe` (by its service id).
-fn entries_of(d: &MapsDump, fe: L4Addr, id: u16) -> MapsDump {
+fn entries_of(d: &MapsDump, fe: L4Addr, id: u32) -> MapsDump {
     MapsDump {
         services: d
             .services
@@ -272,7 +272,7 @@ fn partial_pass_is_exact_and_leaves_other_frontends_untouched() {
     let before = r.maps().state.clone();
     let web = tcp([10, 96, 10, 1], 80);
     let web_id = r.service_id(&web).unwrap();
-    let others: Vec<(L4Addr, u16)> = full
+    let others: Vec<(L4Addr, u32)> = full
         .frontends
         .keys()
         .filter(|a| **a != web)

@@ -24,8 +24,9 @@ use netboot_datapath::watch::Watched;
 use crate::cleanup::{Cgroup, PinRoot};
 
 /// Most frontends netboot can program: service ids (`rev_nat_index`) are
-/// u16 and 0 is never used (`ReconcileError::ServiceIdsExhausted`).
-pub const MAX_FRONTENDS: usize = u16::MAX as usize;
+/// u32 and 0 is never used (`ReconcileError::ServiceIdsExhausted`); the
+/// maps (sized by [`map_sizes`]) are the real limit.
+pub const MAX_FRONTENDS: usize = (u32::MAX - 1) as usize;
 
 /// Map sizes that fit `frontends` × `per` slots and `endpoints` backends
 /// (never below the agent's defaults).
@@ -38,7 +39,9 @@ pub fn map_sizes(frontends: usize, per: u32, endpoints: u64) -> MapSizes {
             .backends
             .max(u32::try_from(endpoints + 1024).unwrap_or(u32::MAX)),
         affinity: d.affinity,
-        reverse_nat: d.reverse_nat,
+        reverse_nat: d
+            .reverse_nat
+            .max(u32::try_from(frontends + 1024).unwrap_or(u32::MAX)),
     }
 }
 
@@ -71,10 +74,10 @@ impl LbMaps for TimedMaps {
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
         self.timed(|m| m.delete_backend(id))
     }
-    fn update_revnat(&mut self, id: u16, val: Lb4ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat(&mut self, id: u32, val: Lb4ReverseNat) -> Result<(), MapsError> {
         self.timed(|m| m.update_revnat(id, val))
     }
-    fn delete_revnat(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat(&mut self, id: u32) -> Result<(), MapsError> {
         self.timed(|m| m.delete_revnat(id))
     }
     fn update_service6(&mut self, key: Lb6Key, val: Lb4Service) -> Result<(), MapsError> {
@@ -89,10 +92,10 @@ impl LbMaps for TimedMaps {
     fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError> {
         self.timed(|m| m.delete_backend6(id))
     }
-    fn update_revnat6(&mut self, id: u16, val: Lb6ReverseNat) -> Result<(), MapsError> {
+    fn update_revnat6(&mut self, id: u32, val: Lb6ReverseNat) -> Result<(), MapsError> {
         self.timed(|m| m.update_revnat6(id, val))
     }
-    fn delete_revnat6(&mut self, id: u16) -> Result<(), MapsError> {
+    fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError> {
         self.timed(|m| m.delete_revnat6(id))
     }
     fn update_aff_match(&mut self, key: Lb4AffinityMatch, state: u32) -> Result<(), MapsError> {
@@ -277,6 +280,7 @@ mod tests {
         let s = map_sizes(65535, 2, 200_000);
         assert!(s.services as usize >= 65535 * 3);
         assert!(s.backends >= 200_000);
+        assert!(map_sizes(1_000_000, 2, 0).reverse_nat >= 1_000_000);
         assert_eq!(map_sizes(10, 2, 20), MapSizes::default());
     }
 }

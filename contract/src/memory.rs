@@ -16,9 +16,9 @@
 //!   use: a 48-byte `htab_elem` + key + value (8-byte rounded) + an 8-byte
 //!   free-list node = 88 bytes at most (memlock: 88 for `nb_lb4_svc`, 72 for the
 //!   others), which kmalloc serves from its 96-byte class: [`HASH_ENTRY`];
-//! - the LRU maps are preallocated in full: 80 bytes per `nb_lb4_rev_sk`
-//!   entry (its value is 12 bytes since service ids are u32) and 80 per
-//!   `nb_lb4_aff` entry (measured: 88 and 96 with the buckets).
+//! - the LRU maps are preallocated in full: 72 bytes per `nb_lb4_rev_sk`
+//!   entry and 80 per `nb_lb4_aff` entry (measured: 88 and 96 with the
+//!   buckets).
 //!
 //! Userspace side (measured with `--static-services`, RSS of a debug build
 //! above an agent with one Service: 2000 Services × 10 endpoints +21 MiB,
@@ -38,7 +38,7 @@ pub const BUCKET: u64 = 16;
 /// Bytes of one entry of a `BPF_F_NO_PREALLOC` hash map (kmalloc-96).
 pub const HASH_ENTRY: u64 = 96;
 /// Bytes of one preallocated `nb_lb4_rev_sk` element (LRU).
-pub const REV_SK_ENTRY: u64 = 80;
+pub const REV_SK_ENTRY: u64 = 72;
 /// Bytes of one preallocated `nb_lb4_aff` element (LRU).
 pub const AFFINITY_ENTRY: u64 = 80;
 /// Agent userspace bytes per Service frontend (watch cache, tables, mirror).
@@ -116,9 +116,9 @@ mod tests {
     #[test]
     fn default_sizes() {
         let m = AgentMemory::for_sizes(MapSizes::DEFAULT);
-        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 24 + 6 MiB.
-        assert_eq!(m.kernel_empty.div_ceil(MIB), 40);
-        assert_eq!(m.request_mib(), 104);
-        assert_eq!(m.limit_mib(), 1188);
+        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6 MiB.
+        assert_eq!(m.kernel_empty.div_ceil(MIB), 38);
+        assert_eq!(m.request_mib(), 102);
+        assert_eq!(m.limit_mib(), 1186);
     }
 }

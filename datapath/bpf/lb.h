@@ -156,12 +156,16 @@ struct nb_lb4_rev_sk_key {
 	__u16 pad;       /* always zero */
 };
 
-/* Value of nb_lb4_rev_sk: what the socket asked for. 12 bytes. */
+/* Value of nb_lb4_rev_sk: what the socket asked for. 8 bytes. */
 struct nb_lb4_rev_sk_val {
 	__be32 address;       /* service VIP */
 	__be16 port;          /* service port */
-	__u16 pad;            /* always zero */
-	__u32 rev_nat_index;  /* service id, to check the service still exists */
+	__u16 rev_nat_tag;    /* low 16 bits of the service id: the service at
+	                         address:port still being the one the socket was
+	                         sent to (a recreated one with the same tag is
+	                         the same VIP:port, so translating to it is right
+	                         anyway). 16 bits keep layout 3's bytes: the map
+	                         is shared across a layout upgrade (upgrade.rs) */
 };
 
 /* Key of nb_lb4_aff. 16 bytes. */
@@ -232,12 +236,11 @@ struct nb_lb6_rev_sk_key {
 	__u32 pad2;          /* always zero */
 };
 
-/* Value of nb_lb6_rev_sk: what the socket asked for. 24 bytes. */
+/* Value of nb_lb6_rev_sk: what the socket asked for. 20 bytes. */
 struct nb_lb6_rev_sk_val {
 	__be32 address[4];    /* service VIP */
 	__be16 port;          /* service port */
-	__u16 pad;            /* always zero */
-	__u32 rev_nat_index;  /* service id, to check the service still exists */
+	__u16 rev_nat_tag;    /* low 16 bits of the service id (as nb_lb4_rev_sk_val) */
 };
 
 /* Key of nb_sock_term (value: __u32, unused). 20 bytes. */

@@ -290,11 +290,11 @@ nb_rev_sk_update(struct bpf_sock_addr *ctx, const struct nb_lb4_backend *be,
 	key.port = be->port;
 	val.address = vip;
 	val.port = vport;
-	val.rev_nat_index = rev_nat_id;
+	val.rev_nat_tag = (__u16)rev_nat_id;
 
 	cur = bpf_map_lookup_elem(&nb_lb4_rev_sk, &key);
 	if (cur && cur->address == val.address && cur->port == val.port &&
-	    cur->rev_nat_index == val.rev_nat_index)
+	    cur->rev_nat_tag == val.rev_nat_tag)
 		return 0;
 	return bpf_map_update_elem(&nb_lb4_rev_sk, &key, &val, BPF_ANY);
 }
@@ -628,7 +628,7 @@ static __always_inline __u32 __nb_xlate_rev4(struct bpf_sock_addr *ctx, __u32 pr
 
 	nb_set_key(&skey, val->address, val->port, (__u8)proto, 0);
 	svc = bpf_map_lookup_elem(&nb_lb4_svc, &skey);
-	if (!svc || svc->rev_nat_index != val->rev_nat_index) {
+	if (!svc || (__u16)svc->rev_nat_index != val->rev_nat_tag) {
 		bpf_map_delete_elem(&nb_lb4_rev_sk, &key);
 		return NB_CTR_REV_STALE;
 	}
@@ -747,11 +747,11 @@ nb_rev_sk6_update(struct bpf_sock_addr *ctx, const struct nb_lb6_backend *be,
 	val.address[2] = vip->addr[2];
 	val.address[3] = vip->addr[3];
 	val.port = vip->port;
-	val.rev_nat_index = rev_nat_id;
+	val.rev_nat_tag = (__u16)rev_nat_id;
 
 	cur = bpf_map_lookup_elem(&nb_lb6_rev_sk, &key);
 	if (cur && nb_addr6_eq(cur->address, val.address) && cur->port == val.port &&
-	    cur->rev_nat_index == val.rev_nat_index)
+	    cur->rev_nat_tag == val.rev_nat_tag)
 		return 0;
 	return bpf_map_update_elem(&nb_lb6_rev_sk, &key, &val, BPF_ANY);
 }
@@ -911,7 +911,7 @@ static __always_inline __u32 __nb_xlate_rev6(struct bpf_sock_addr *ctx,
 
 	nb_set_key6(&skey, val->address, val->port, (__u8)ctx->protocol, 0);
 	svc = bpf_map_lookup_elem(&nb_lb6_svc, &skey);
-	if (!svc || svc->rev_nat_index != val->rev_nat_index) {
+	if (!svc || (__u16)svc->rev_nat_index != val->rev_nat_tag) {
 		bpf_map_delete_elem(&nb_lb6_rev_sk, &key);
 		return NB_CTR_REV_STALE;
 	}

@@ -356,11 +356,18 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             map = %c.map,
             pinned = c.pinned,
             configured = c.configured,
-            "mapSizes change refused: {c}; the pinned map keeps its size and contents (uninstall the datapath to resize)"
+            "mapSizes change refused: {c}: the entries in use do not fit the new size; the pinned map keeps its size and contents"
         );
     }
     for m in &report.maps_reset {
         tracing::warn!(map = %m, "the pinned map's layout differs from this build's: rebuilt empty (tracked north-south flows start over; counters restart)");
+    }
+    if let Some(r) = &report.recovered {
+        tracing::warn!("{r}");
+    }
+    let layout_upgrade = report.upgrade.as_ref().map(|u| u.describe()).unwrap_or_default();
+    if !layout_upgrade.is_empty() {
+        tracing::info!(upgrade = ?report.upgrade, "{layout_upgrade}");
     }
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
     crate::conntrack::set_timeouts(&opts.pins, &cfg.conntrack)?;
@@ -407,6 +414,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 cfg.kube_proxy.to_string()
             },
             maps_reused: report.maps_reused,
+            layout_upgrade,
             map_size_changes: report.size_changes.clone(),
             features: desired::SERVED
                 .iter()

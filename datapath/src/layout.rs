@@ -186,10 +186,8 @@ pub struct Lb4RevSkVal {
     pub address: u32,
     /// Service port, network order.
     pub port: u16,
-    /// Zero.
-    pub pad: u16,
-    /// Service id.
-    pub rev_nat_index: u32,
+    /// Low 16 bits of the service id (`lb.h`).
+    pub rev_nat_tag: u16,
 }
 
 /// `struct nb_lb4_affinity_key`.
@@ -292,10 +290,8 @@ pub struct Lb6RevSkVal {
     pub address: [u32; 4],
     /// Service port, network order.
     pub port: u16,
-    /// Zero.
-    pub pad: u16,
-    /// Service id.
-    pub rev_nat_index: u32,
+    /// Low 16 bits of the service id (`lb.h`).
+    pub rev_nat_tag: u16,
 }
 
 /// `struct nb_sock_term_key`.
@@ -582,8 +578,8 @@ const _: () = {
     assert!(size_of::<Lb4RevSkKey>() == 16);
     assert!(offset_of!(Lb4RevSkKey, address) == 8);
     assert!(offset_of!(Lb4RevSkKey, port) == 12);
-    assert!(size_of::<Lb4RevSkVal>() == 12);
-    assert!(offset_of!(Lb4RevSkVal, rev_nat_index) == 8);
+    assert!(size_of::<Lb4RevSkVal>() == 8);
+    assert!(offset_of!(Lb4RevSkVal, rev_nat_tag) == 6);
 
     assert!(size_of::<Lb4AffinityKey>() == 16);
     assert!(offset_of!(Lb4AffinityKey, rev_nat_id) == 8);
@@ -615,9 +611,9 @@ const _: () = {
     assert!(offset_of!(Lb6RevSkKey, address) == 8);
     assert!(offset_of!(Lb6RevSkKey, port) == 24);
     assert!(offset_of!(Lb6RevSkKey, pad2) == 28);
-    assert!(size_of::<Lb6RevSkVal>() == 24);
+    assert!(size_of::<Lb6RevSkVal>() == 20);
     assert!(offset_of!(Lb6RevSkVal, port) == 16);
-    assert!(offset_of!(Lb6RevSkVal, rev_nat_index) == 20);
+    assert!(offset_of!(Lb6RevSkVal, rev_nat_tag) == 18);
 
     assert!(size_of::<SockTermKey>() == 20);
     assert!(offset_of!(SockTermKey, port) == 16);

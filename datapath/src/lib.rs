@@ -32,4 +32,5 @@ pub mod sock_term;
 pub mod srcrange;
 pub mod status;
 pub mod sys;
+pub mod upgrade;
 pub mod watch;

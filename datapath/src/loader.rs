@@ -10,6 +10,9 @@
 //! connect4 program. Only when no link is pinned yet is a new link created
 //! (and pinned). A link found attached to another cgroup than requested is
 //! replaced (new link first, then the old pin removed).
+//!
+//! Pinned maps of another layout or size are rebuilt beside the old ones
+//! and the links switched to them (`upgrade.rs`, from [`install_with`]).
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -22,6 +25,7 @@ use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
 use crate::config::MapSizes;
+use crate::upgrade;
 use crate::layout::{
     names, NbConfig, NpDev, NpDev6, CFG_F_HOST_NS_ONLY, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE,
 };
@@ -103,6 +107,9 @@ pub enum LoaderError {
     /// Map access after loading.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// Rebuilding the pinned maps for a new layout or sizes failed.
+    #[error("layout upgrade: {0}")]
+    Upgrade(#[from] upgrade::UpgradeError),
     /// The agent's network namespace cookie could not be read.
     #[error("read the host netns cookie (getsockopt SO_NETNS_COOKIE, kernel >= 5.14): {0}")]
     NetnsCookie(#[source] std::io::Error),
@@ -134,10 +141,15 @@ pub struct InstallReport {
     /// Soft-state maps (flow table, counters) rebuilt empty because this
     /// build's layout differs from the pinned one.
     pub maps_reset: Vec<String>,
+    /// The pinned maps were rebuilt for this layout or `mapSizes`
+    /// (`upgrade.rs`).
+    pub upgrade: Option<upgrade::UpgradeReport>,
+    /// What was done about an upgrade a crash interrupted.
+    pub recovered: Option<String>,
 }
 
 /// Expected (key, value) sizes per map.
-fn expected_sizes(name: &str) -> Option<(u32, u32)> {
+pub(crate) fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     use crate::layout::*;
     use std::mem::size_of;
     let s = |k: usize, v: usize| Some((k as u32, v as u32));
@@ -170,7 +182,7 @@ fn expected_sizes(name: &str) -> Option<(u32, u32)> {
     }
 }
 
-fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
+pub(crate) fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
     match name {
         names::SERVICES | names::SERVICES6 => Some(sizes.services),
         names::BACKENDS | names::AFF_MATCH | names::BACKENDS6 => Some(sizes.backends),
@@ -192,7 +204,7 @@ fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
 /// [`install`] writes at every start, before any link gets the new programs.
 /// The flow event maps are soft state too: the switch is set again by the
 /// next watcher, the bucket refills, the counters restart.
-const RESETTABLE: [&str; 7] = [
+pub(crate) const RESETTABLE: [&str; 7] = [
     names::CT4,
     names::CT6,
     names::COUNTERS,
@@ -371,14 +383,149 @@ pub fn install_with(
     sizes: &MapSizes,
     mode: DatapathMode,
 ) -> Result<InstallReport, LoaderError> {
+    pins.prepare()?;
+    let recovered = upgrade::recover_interrupted(pins)?;
+    if let Some(why) = upgrade::needed(pins, sizes) {
+        match upgrade_install(pins, cgroup, sizes, mode, &why) {
+            Ok(mut report) => {
+                report.recovered = recovered;
+                return Ok(report);
+            }
+            // Same layout, entries that do not fit the new sizes: the old
+            // maps keep serving at their size (a refused change, below).
+            Err(LoaderError::Upgrade(upgrade::UpgradeError::DoesNotFit { .. }))
+                if why.changed_layout.is_empty()
+                    && why.from_version.is_none_or(|v| v == LAYOUT_VERSION) => {}
+            Err(e) => return Err(e),
+        }
+    }
     let (mut ebpf, check, maps_reused) = load(pins, sizes)?;
     write_config(pins, mode)?;
+    let links = attach_cgroup(&mut ebpf, pins, cgroup)?;
+    Ok(InstallReport {
+        maps_reused,
+        links,
+        size_changes: check.size_changes,
+        maps_reset: check.reset,
+        upgrade: None,
+        recovered,
+    })
+}
+
+/// [`install_with`] when the pinned maps must be rebuilt (`upgrade.rs`):
+/// new maps beside the old, filled, every link switched, old pins removed.
+fn upgrade_install(
+    pins: &Pins,
+    cgroup: &Path,
+    sizes: &MapSizes,
+    mode: DatapathMode,
+    why: &upgrade::Why,
+) -> Result<InstallReport, LoaderError> {
+    let t = std::time::Instant::now();
+    let from = why.from_version;
+    upgrade::check_conversions(pins, from)?;
+    let staging = pins.staging();
+    upgrade::remove_dir(&staging.maps_dir())?;
+    // Until the links are switched, any failure leaves the old maps serving.
+    let filled = (|| {
+        prepare_staging(&staging)?;
+        let shared = upgrade::share_unchanged(pins, &staging, from, sizes)?;
+        let (ebpf, _, _) = load(&staging, sizes)?;
+        write_config(&staging, mode)?;
+        let todo: Vec<&str> = upgrade::CARRIED
+            .into_iter()
+            .filter(|n| !shared.iter().any(|s| s == n))
+            .collect();
+        let copied = upgrade::copy_maps(pins, &staging, from, &todo, sys::BPF_ANY)?;
+        Ok::<_, LoaderError>((ebpf, shared, copied))
+    })();
+    let (mut ebpf, shared, copied) = match filled {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = upgrade::remove_dir(&staging.maps_dir());
+            return Err(e);
+        }
+    };
+    let mut links = attach_cgroup(&mut ebpf, pins, cgroup)?;
+    links.extend(switch_tc_links(&mut ebpf, pins));
+    // What the old programs wrote meanwhile; a failure here loses only
+    // those entries (reverse translation, affinity, tracked flows).
+    let late_maps: Vec<&str> = upgrade::WRITTEN_BY_PROGRAMS
+        .into_iter()
+        .filter(|n| !shared.iter().any(|s| s == n))
+        .collect();
+    let late = match upgrade::copy_maps(pins, &staging, from, &late_maps, sys::BPF_NOEXIST) {
+        Ok(c) => c.iter().map(|(_, n)| n).sum(),
+        Err(e) => {
+            tracing::warn!(error = %e, "layout upgrade: entries created during the switch not carried over");
+            0
+        }
+    };
+    drop(ebpf);
+    upgrade::swap(pins)?;
+    let report = upgrade::UpgradeReport {
+        from_version: from,
+        to_version: LAYOUT_VERSION,
+        resized: why.resized.clone(),
+        shared,
+        copied,
+        late,
+        links: links.iter().map(|(p, _)| p.clone()).collect(),
+        took_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    Ok(InstallReport {
+        maps_reused: true,
+        links,
+        size_changes: Vec::new(),
+        maps_reset: Vec::new(),
+        upgrade: Some(report),
+        recovered: None,
+    })
+}
+
+/// Creates the (empty) staging map directory.
+fn prepare_staging(staging: &Pins) -> Result<(), LoaderError> {
+    std::fs::create_dir_all(staging.maps_dir()).map_err(|source| {
+        LoaderError::Upgrade(upgrade::UpgradeError::Pin {
+            path: staging.maps_dir(),
+            op: "create",
+            source,
+        })
+    })
+}
+
+/// Gives every pinned tc link (external and pod interfaces) its program
+/// from `ebpf`. An interface that fails is skipped with a warning: the agent
+/// attaches its interfaces again once running.
+fn switch_tc_links(ebpf: &mut Ebpf, pins: &Pins) -> Vec<(String, LinkAction)> {
+    let mut out = Vec::new();
+    for (prefix, prog_name, dir) in NODEPORT_POINTS.into_iter().chain(POD_POINTS) {
+        for ifname in attached_with(pins, prefix) {
+            let point = format!("{prefix}{ifname}");
+            match attach_tc_link(ebpf, pins, &point, prog_name, &ifname, dir) {
+                Ok(action) => out.push((point, action)),
+                Err(e) => {
+                    tracing::warn!(link = %point, error = %e, "layout upgrade: tc link not switched");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Attaches the socket LB programs of `ebpf` to `cgroup` through the pinned
+/// links: an existing link on that cgroup gets the new program with
+/// `BPF_LINK_UPDATE`; otherwise a new link is created and pinned.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    cgroup: &Path,
+) -> Result<Vec<(String, LinkAction)>, LoaderError> {
     let cg_id = sys::cgroup_id(cgroup).map_err(|source| LoaderError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
     })?;
     let mut links = Vec::new();
-
     for (point, prog_name) in ATTACH_POINTS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(prog_name)
@@ -439,12 +586,7 @@ pub fn install_with(
         links.push((point.to_string(), action));
     }
 
-    Ok(InstallReport {
-        maps_reused,
-        links,
-        size_changes: check.size_changes,
-        maps_reset: check.reset,
-    })
+    Ok(links)
 }
 
 /// The per-packet path's programs: (link pin prefix, program, direction).

@@ -7,7 +7,12 @@
 //! <root>/links/<attach point>     connect4, sendmsg4, recvmsg4, getpeername4,
 //!                                 connect6, sendmsg6, recvmsg6, getpeername6,
 //!                                 np-in-<ifname>, np-out-<ifname> (tc path)
+//! <root>/maps-next/<map name>     a layout upgrade's new maps, while they fill
+//! <root>/maps-old/<map name>      the maps it replaced, until they are removed
 //! ```
+//!
+//! See `upgrade.rs` for how `maps-next` becomes `maps` (bpffs refuses a dot
+//! in a name).
 //!
 //! Maps and links outlive the agent: a restarted agent opens them again, so the
 //! datapath keeps translating while no agent runs.
@@ -61,12 +66,33 @@ pub enum PinError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pins {
     root: PathBuf,
+    /// Directory of the map pins under the root: [`MAPS`] or [`STAGING`].
+    maps: &'static str,
 }
+
+/// The map pins in use.
+pub const MAPS: &str = "maps";
+/// A layout upgrade's new map pins while they are filled (`upgrade.rs`).
+pub const STAGING: &str = "maps-next";
+/// The map pins a layout upgrade replaced, until removed (`upgrade.rs`).
+pub const RETIRED: &str = "maps-old";
 
 impl Pins {
     /// Pins under `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            maps: MAPS,
+        }
+    }
+
+    /// The same root with the map pins in the staging directory of a layout
+    /// upgrade (links stay where they are).
+    pub fn staging(&self) -> Self {
+        Self {
+            root: self.root.clone(),
+            maps: STAGING,
+        }
     }
 
     /// The pin root.
@@ -76,7 +102,7 @@ impl Pins {
 
     /// Directory of map pins.
     pub fn maps_dir(&self) -> PathBuf {
-        self.root.join("maps")
+        self.root.join(self.maps)
     }
 
     /// Directory of link pins.
@@ -124,7 +150,13 @@ impl Pins {
     /// Removes every pin and the directories (links first: that detaches the
     /// programs). Used by tests and `agent --uninstall`-style cleanup.
     pub fn remove_all(&self) -> Result<(), PinError> {
-        for dir in [self.links_dir(), self.maps_dir()] {
+        let dirs = [
+            self.links_dir(),
+            self.maps_dir(),
+            self.root.join(STAGING),
+            self.root.join(RETIRED),
+        ];
+        for dir in dirs {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };

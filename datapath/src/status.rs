@@ -246,6 +246,10 @@ pub struct Status {
     pub lb_ingress_left_listed: Vec<String>,
     /// Map reuse at start: true when the agent restarted on existing pins.
     pub maps_reused: bool,
+    /// What the start did to maps of another layout or `mapSizes`
+    /// (`upgrade::UpgradeReport::describe`); empty when nothing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub layout_upgrade: String,
     /// Per-outcome BPF counters.
     pub counters: Vec<Counter>,
 }
@@ -549,6 +553,9 @@ impl Status {
                 let _ = writeln!(s, "  Zone:                 {}", self.zone);
             }
             let _ = writeln!(s, "  Maps reused at start: {}", yes(self.maps_reused));
+            if !self.layout_upgrade.is_empty() {
+                let _ = writeln!(s, "  Layout upgrade:       {}", self.layout_upgrade);
+            }
             let _ = writeln!(s, "  Map writes:           {}", self.map_writes);
             if !self.last_error.is_empty() {
                 let _ = writeln!(s, "  Last error:           {}", self.last_error);

@@ -1,6 +1,8 @@
 //! The few bpf(2) commands aya 0.14 does not expose for cgroup links:
 //! opening a pinned link as a plain fd, reading its info, and
-//! `BPF_LINK_UPDATE` (atomic program replacement inside an existing link).
+//! `BPF_LINK_UPDATE` (atomic program replacement inside an existing link);
+//! and untyped map access by fd, for copying maps of any layout
+//! (`upgrade.rs`).
 
 use std::ffi::CString;
 use std::io;
@@ -338,4 +340,110 @@ impl LinkEvents {
             any
         }
     }
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// `BPF_ANY`: create or replace.
+pub const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: create only.
+pub const BPF_NOEXIST: u64 = 1;
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` says of a map (the fields the layout
+/// upgrade needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawMapInfo {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Capacity.
+    pub max_entries: u32,
+}
+
+/// `BPF_MAP_TYPE_PERCPU_HASH`, `_PERCPU_ARRAY`, `_LRU_PERCPU_HASH`: values
+/// read back once per CPU.
+pub fn is_per_cpu(map_type: u32) -> bool {
+    matches!(map_type, 5 | 6 | 10)
+}
+
+/// `BPF_MAP_TYPE_RINGBUF`: no keys, no values.
+pub const MAP_TYPE_RINGBUF: u32 = 27;
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a map.
+pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<RawMapInfo> {
+    // struct bpf_map_info { __u32 type, id, key_size, value_size, max_entries, ... }
+    let mut info = [0u8; 96];
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u32(4, info.len() as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
+    Ok(RawMapInfo {
+        map_type: u32_at(0),
+        key_size: u32_at(8),
+        value_size: u32_at(12),
+        max_entries: u32_at(16),
+    })
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (the first with None) into
+/// `next`; false at the end.
+pub fn map_next_key(fd: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    let mut attr = Attr::new();
+    // struct { __u32 map_fd; __aligned_u64 key; __aligned_u64 next_key; }
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u64(8, key.map_or(0, |k| k.as_ptr() as u64));
+    attr.put_u64(16, next.as_mut_ptr() as u64);
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` of `key` into `value` (per-CPU maps: one
+/// 8-byte-rounded value per possible CPU); false when absent.
+pub fn map_lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    let mut attr = Attr::new();
+    // struct { __u32 map_fd; __aligned_u64 key; __aligned_u64 value; __u64 flags; }
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u64(8, key.as_ptr() as u64);
+    attr.put_u64(16, value.as_mut_ptr() as u64);
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` with `flags` ([`BPF_ANY`], [`BPF_NOEXIST`]).
+pub fn map_update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u64(8, key.as_ptr() as u64);
+    attr.put_u64(16, value.as_ptr() as u64);
+    attr.put_u64(24, flags);
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
+    Ok(())
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+
+/// `BPF_OBJ_PIN`: pins the object `fd` (one more pin; the object lives while
+/// any pin or fd holds it).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut attr = Attr::new();
+    // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    attr.put_u64(0, c.as_ptr() as u64);
+    attr.put_u32(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
 }

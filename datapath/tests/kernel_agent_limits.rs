@@ -300,7 +300,7 @@ fn many_services(n: u8) -> String {
 }
 
 #[test]
-fn tiny_maps_report_map_full_program_the_rest_and_refuse_a_resize() {
+fn tiny_maps_report_map_full_program_the_rest_and_resize_live_or_refuse() {
     // Why: a full map wedged the agent while /readyz said ready; a mapSizes change
     // for pinned maps was silently ignored.
     require_privileges();
@@ -377,7 +377,21 @@ fn tiny_maps_report_map_full_program_the_rest_and_refuse_a_resize() {
     assert!(res.iter().all(|a| a.ok && a.name == "be1"), "{res:?}");
     drop(agent);
 
-    // A restart asking for a bigger map: refused, said everywhere, maps kept.
+    let synced = |health: &str| {
+        let t = Instant::now();
+        loop {
+            let st: serde_json::Value = http_get(health, "/v1/status")
+                .and_then(|(_, b)| serde_json::from_str(&b).ok())
+                .unwrap_or_default();
+            if st["synced"] == true || t.elapsed() > Duration::from_secs(20) {
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // A restart asking for bigger maps: applied live (upgrade.rs), every
+    // Service programmed, the pressure gone.
     config(64);
     let (agent, _) = start_agent(
         dir.path(),
@@ -386,22 +400,37 @@ fn tiny_maps_report_map_full_program_the_rest_and_refuse_a_resize() {
         &topo.client,
         &["--listen", &health],
     );
-    let t = Instant::now();
-    let st = loop {
-        let st: serde_json::Value = http_get(&health, "/v1/status")
-            .and_then(|(_, b)| serde_json::from_str(&b).ok())
-            .unwrap_or_default();
-        if st["synced"] == true || t.elapsed() > Duration::from_secs(20) {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let st = synced(&health);
+    assert!(
+        st["layoutUpgrade"]
+            .as_str()
+            .is_some_and(|u| u.contains("resized nb_lb4_svc: pinned with 16 entries, mapSizes asks 64")),
+        "{st}"
+    );
+    assert!(st.get("mapSizeChanges").is_none_or(|c| c.as_array().is_none_or(Vec::is_empty)), "{st}");
+    assert_eq!(st["services"], 10, "{st}");
+    assert_eq!(st["ready"], true, "{st}");
+    let info = aya::maps::MapInfo::from_pin(pins.pins.map("nb_lb4_svc")).expect("svc");
+    assert_eq!(info.max_entries(), 64);
+    drop(agent);
+
+    // Back to 16, with 20 entries in use: they do not fit, so the change is
+    // refused, said everywhere, and the maps are kept as they are.
+    config(16);
+    let (agent, _) = start_agent(
+        dir.path(),
+        &cg.path,
+        pins.pins.root(),
+        &topo.client,
+        &["--listen", &health],
+    );
+    let st = synced(&health);
     assert_eq!(st["mapSizeChanges"][0]["map"], "nb_lb4_svc", "{st}");
-    assert_eq!(st["mapSizeChanges"][0]["pinned"], 16, "{st}");
-    assert_eq!(st["mapSizeChanges"][0]["configured"], 64, "{st}");
+    assert_eq!(st["mapSizeChanges"][0]["pinned"], 64, "{st}");
+    assert_eq!(st["mapSizeChanges"][0]["configured"], 16, "{st}");
     assert_eq!(st["conditions"][1]["type"], "MapSizeChangeRefused");
     assert_eq!(st["conditions"][1]["status"], "True");
-    assert_eq!(st["services"], 8, "{st}");
+    assert_eq!(st["services"], 10, "{st}");
     let (_, m) = http_get(&health, "/metrics").expect("metrics");
     // `mapSizes.services` sizes both service maps: lb4 and lb6 each refuse.
     assert_eq!(st["mapSizeChanges"][1]["map"], "nb_lb6_svc", "{st}");

@@ -441,7 +441,7 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
     // allowed mapSizes, so a large cluster got the agent OOM-killed.
     // The formula of docs/contracts.md, written out: per map
     // 16 B × pow2(max) buckets; 96 B per entry of the four NO_PREALLOC maps in
-    // use; 80 / 80 B per preallocated rev_sk / affinity element; userspace
+    // use; 72 / 80 B per preallocated rev_sk / affinity element; userspace
     // 12 KiB per frontend (≤ reverseNat) + 1 KiB per backend; 64 MiB base.
     let formula = |m: spec::MapSizes| -> (u64, u64) {
         let (s, b, a, r) = (
@@ -451,7 +451,7 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
             u64::from(m.reverse_nat),
         );
         let bk = |n: u64| 16 * n.next_power_of_two();
-        let empty = bk(s) + 3 * bk(b) + bk(r) + bk(a) + 80 * b + 80 * a;
+        let empty = bk(s) + 3 * bk(b) + bk(r) + bk(a) + 72 * b + 80 * a;
         let full = empty + 96 * (s + 2 * b + r);
         let user = 12 * 1024 * s.min(r) + 1024 * b;
         (64 * (1 << 20) + empty, 64 * (1 << 20) + full + user)

@@ -324,6 +324,24 @@ pub enum ClientOp {
     /// failure (errno, `mono_ns` when seen), unconnected after the failure,
     /// reconnect, unconnected before].
     UdpTerm { addr: SocketAddr },
+    /// A request/reply every `interval_ms` for `duration_ms`, each from a new
+    /// unconnected UDP socket (`peer`: the reply's source).
+    UdpLoop {
+        addr: SocketAddrV4,
+        duration_ms: u64,
+        interval_ms: u64,
+    },
+    /// Long-lived flows: `conns` TCP connections to an echo service and one
+    /// connected UDP socket, opened at once; prints `NBT-READY`, then every
+    /// 50 ms for `duration_ms` one echo on each TCP connection (an attempt
+    /// per connection and round, name = "echo") and one request on the UDP
+    /// socket (name = the backend's, peer = getpeername).
+    Hold {
+        echo: SocketAddrV4,
+        conns: u32,
+        udp: SocketAddrV4,
+        duration_ms: u64,
+    },
 }
 
 /// One attempt.
@@ -501,6 +519,49 @@ fn udp_term(addr: SocketAddr) -> Vec<Attempt> {
     vec![first, err, again, re, before]
 }
 
+/// See [`ClientOp::Hold`].
+fn hold(echo: SocketAddrV4, conns: u32, udp: SocketAddrV4, duration_ms: u64) -> Vec<Attempt> {
+    let mut streams: Vec<std::net::TcpStream> = (0..conns)
+        .map(|_| {
+            let s = std::net::TcpStream::connect_timeout(&echo.into(), Duration::from_secs(3))
+                .expect("long-lived connect");
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    let u = udp_sock();
+    u.connect(udp).expect("udp connect");
+    println!("NBT-READY");
+    let _ = std::io::stdout().flush();
+    let end = Instant::now() + Duration::from_millis(duration_ms);
+    let mut out = Vec::new();
+    let mut round = 0u32;
+    while Instant::now() < end {
+        for s in &mut streams {
+            let msg = format!("ping {round}\n");
+            let mut b = vec![0u8; msg.len()];
+            let r = s.write_all(msg.as_bytes()).and_then(|()| s.read_exact(&mut b));
+            out.push(match r {
+                Ok(()) if b == msg.as_bytes() => Attempt {
+                    ok: true,
+                    name: "echo".into(),
+                    peer: s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    errno: 0,
+                    micros: 0,
+                    mono_ns: monotonic_ns(),
+                },
+                Ok(()) => failed(-2),
+                Err(e) => failed(errno_of(&e)),
+            });
+        }
+        out.push(udp_connected_once(&u));
+        round += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    out
+}
+
 /// A TCP connection from source port `sport` (SO_REUSEADDR), reading one line.
 fn tcp_from_port(addr: SocketAddrV4, sport: u16) -> Attempt {
     use std::os::fd::FromRawFd;
@@ -597,6 +658,25 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
             (0..count).map(|_| udp_once(&s, addr)).collect()
         }
         ClientOp::UdpTerm { addr } => udp_term(addr),
+        ClientOp::UdpLoop {
+            addr,
+            duration_ms,
+            interval_ms,
+        } => {
+            let end = Instant::now() + Duration::from_millis(duration_ms);
+            let mut out = Vec::new();
+            while Instant::now() < end {
+                out.push(udp_once(&udp_sock(), addr));
+                std::thread::sleep(Duration::from_millis(interval_ms));
+            }
+            out
+        }
+        ClientOp::Hold {
+            echo,
+            conns,
+            udp,
+            duration_ms,
+        } => hold(echo, conns, udp, duration_ms),
         ClientOp::TcpFromPorts { addr, ports } => {
             ports.iter().map(|p| tcp_from_port(addr, *p)).collect()
         }

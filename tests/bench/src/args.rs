@@ -77,6 +77,11 @@ pub enum Cmd {
     /// connection per request, netboot's tc path against kube-proxy's
     /// iptables and nftables rules and the floor; the tc program's ns/packet.
     Northsouth(NorthsouthArgs),
+    /// Agent cold start from a real watch list (issue 18): 1,000 Nodes and
+    /// N Services x 10 endpoints in a private API server; spawn until ready
+    /// with every Service programmed, and VmRSS; agents side by side.
+    #[command(name = "coldstart-api")]
+    ColdstartApi(ColdstartApiArgs),
     /// The client process (spawned by the bench inside a cgroup and namespace).
     #[command(name = "__client", hide = true)]
     Client,
@@ -105,6 +110,24 @@ pub struct ProgrammingArgs {
     /// The netboot-datapath binary [default: built next to this one].
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,
+}
+
+/// `coldstart-api` flags.
+#[derive(Debug, clap::Args)]
+pub struct ColdstartApiArgs {
+    /// Numbers of Services, comma-separated, ascending.
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    pub services: Vec<u32>,
+    /// `LABEL=PATH` of a netboot-datapath binary to measure, repeatable
+    /// [default: `this=` the one built next to this bench].
+    #[arg(long = "agent")]
+    pub agents: Vec<String>,
+    /// Starts per agent and size.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: u32,
+    /// Results folder (coldstart-api.md, coldstart-api.json).
+    #[arg(long, default_value = DEFAULT_OUT)]
+    pub out: PathBuf,
 }
 
 /// `northsouth` flags.

@@ -21,6 +21,7 @@ pub mod agent_run;
 pub mod args;
 pub mod cleanup;
 pub mod client;
+pub mod coldstart_api;
 pub mod compare;
 pub mod goals;
 pub mod histogram;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use netboot_bench::args::{Cli, Cmd, NorthsouthArgs, ProgrammingArgs};
+use netboot_bench::args::{Cli, Cmd, ColdstartApiArgs, NorthsouthArgs, ProgrammingArgs};
 use netboot_bench::{cleanup, client, probe, programming, programming_report};
 use netboot_bench::{report, run, settings::Settings};
 
@@ -34,6 +34,13 @@ fn main() -> ExitCode {
                 cleanup::cleanup_all();
             }
             return exit("programming", r);
+        }
+        Some(Cmd::ColdstartApi(a)) => {
+            let r = coldstart_api_section(a);
+            if r.is_err() {
+                cleanup::cleanup_all();
+            }
+            return exit("coldstart-api", r);
         }
         Some(Cmd::Northsouth(a)) => {
             let r = northsouth_section(a);
@@ -89,6 +96,39 @@ fn programming_section(a: &ProgrammingArgs) -> anyhow::Result<()> {
     if let Some(e) = &rep.error {
         anyhow::bail!("stopped early: {e}");
     }
+    Ok(())
+}
+
+fn coldstart_api_section(a: &ColdstartApiArgs) -> anyhow::Result<()> {
+    use netboot_bench::coldstart_api;
+    run::preflight()?;
+    cleanup::install_signal_handler()?;
+    cleanup::sweep_stale();
+    let mut agents = Vec::new();
+    for spec in &a.agents {
+        let Some((label, path)) = spec.split_once('=') else {
+            anyhow::bail!("--agent {spec}: expected LABEL=PATH");
+        };
+        let path = std::path::PathBuf::from(path);
+        anyhow::ensure!(path.is_file(), "--agent {spec}: {} is not a file", path.display());
+        agents.push((label.to_string(), path));
+    }
+    if agents.is_empty() {
+        agents.push((
+            "this".to_string(),
+            netboot_bench::agent_run::locate_binary(None)?,
+        ));
+    }
+    let o = coldstart_api::Options {
+        sizes: a.services.clone(),
+        agents,
+        repeats: a.repeats.max(1),
+    };
+    let rep = coldstart_api::run(&o)?;
+    let (md, js) = coldstart_api::write(&rep, &a.out)?;
+    println!("{}", coldstart_api::markdown(&rep));
+    println!("wrote {}", md.display());
+    println!("wrote {}", js.display());
     Ok(())
 }
 

@@ -248,7 +248,7 @@ async fn write(api: &Api<EndpointSlice>, i: u32, ips: &[Ipv4Addr], at_ns: u64) -
 }
 
 /// Current endpoints of every churned Service.
-type State = Arc<Mutex<HashMap<u32, Vec<Ipv4Addr>>>>;
+pub(crate) type State = Arc<Mutex<HashMap<u32, Vec<Ipv4Addr>>>>;
 
 /// What one rate's churn did.
 #[derive(Clone, Debug, Default)]
@@ -358,7 +358,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// One proxy, running in its namespace. Fields drop in order: the process
 /// first, the namespace last.
-struct Running {
+pub(crate) struct Running {
     proxy: Proxy,
     kube_proxy: Option<controlplane::ChildGuard>,
     agent: Option<ChildGuard>,
@@ -366,7 +366,7 @@ struct Running {
     _relay: Relay,
     _backends: Backends,
     cgroup: Option<Cgroup>,
-    pid: u32,
+    pub(crate) pid: u32,
     log: PathBuf,
     ns: Netns,
     /// iptables mode on iptables-legacy (rules dumped with its save).
@@ -406,7 +406,7 @@ impl Running {
         })
     }
 
-    fn exited(&mut self) -> Option<String> {
+    pub(crate) fn exited(&mut self) -> Option<String> {
         if let Some(k) = self.kube_proxy.as_mut() {
             return k.exited().map(|s| s.to_string());
         }
@@ -417,7 +417,7 @@ impl Running {
     }
 
     /// Services programmed, as far as can be seen from outside.
-    fn programmed(&self) -> Result<usize> {
+    pub(crate) fn programmed(&self) -> Result<usize> {
         match self.proxy.kube_proxy_mode() {
             Some(ProxyMode::Iptables) if self.legacy => {
                 let out = std::process::Command::new("ip")
@@ -572,7 +572,7 @@ fn start_kube_proxy(
     })
 }
 
-fn start_agent(
+pub(crate) fn start_agent(
     cp: &ControlPlane,
     dir: &Path,
     tag: &str,
@@ -638,7 +638,7 @@ fn start_agent(
 }
 
 /// The API's objects: the namespace, the Nodes, the probe Service.
-async fn prepare(cp: &ControlPlane) -> Result<()> {
+pub(crate) async fn prepare(cp: &ControlPlane) -> Result<()> {
     cp.create_namespace(NAMESPACE).await?;
     let nodes: Vec<Node> = (0..NODES)
         .map(|i| controlplane::node(&node_name(i), &node_ip(i).to_string()))
@@ -650,7 +650,7 @@ async fn prepare(cp: &ControlPlane) -> Result<()> {
 }
 
 /// Creates Services `from..n` and their slices; records their endpoints.
-async fn grow(cp: &ControlPlane, state: &State, from: u32, n: u32) -> Result<()> {
+pub(crate) async fn grow(cp: &ControlPlane, state: &State, from: u32, n: u32) -> Result<()> {
     let w = Workload::new(n, ENDPOINTS)?;
     let (services, slices) = w.objects_from(from);
     // svc-000000 exists since prepare().

@@ -1,0 +1,289 @@
+//! Agent cold start from a real watch list (issue 18, P3):
+//! `netboot-bench coldstart-api`.
+//!
+//! The private control plane of the programming section (etcd +
+//! kube-apiserver, 1,000 Node objects), N Services of 10 endpoints each
+//! created through the API. Then the real `netboot-datapath agent` is
+//! started again and again in its own namespace (API through the harness's
+//! relay, its socket LB on a cgroup of this run, fresh pins each time): the
+//! time from spawn until `/readyz` answers 200 with all N Services
+//! programmed — the agent lists Services and EndpointSlices, writes the
+//! maps and attaches — and its VmRSS then (and VmHWM, the peak).
+//!
+//! Several agent binaries (`--agent-bin`, repeatable: e.g. the last
+//! release and this build) are measured side by side, alternating, on the
+//! same API state: the machine is shared and noisy, so only a comparison
+//! in one run means something.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::cleanup::TmpDir;
+use crate::programming::{self, ENDPOINTS, NODES};
+use netboot_harness::controlplane::ControlPlane;
+
+/// Longest a start may take.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Numbers of Services, ascending (the API grows from one to the next).
+    pub sizes: Vec<u32>,
+    /// (label, binary) of each agent measured.
+    pub agents: Vec<(String, PathBuf)>,
+    /// Starts per agent and size.
+    pub repeats: u32,
+}
+
+/// One start.
+#[derive(Clone, Debug, Serialize)]
+pub struct Start {
+    /// Milliseconds from spawn to ready with every Service programmed.
+    pub ready_ms: f64,
+    /// VmRSS at that moment, MiB.
+    pub rss_mib: f64,
+    /// VmHWM at that moment, MiB.
+    pub hwm_mib: f64,
+}
+
+/// One agent at one size.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Services.
+    pub services: u32,
+    /// The agent's label.
+    pub agent: String,
+    /// Every start, in order.
+    pub starts: Vec<Start>,
+    /// Why a start failed, if one did.
+    pub error: Option<String>,
+}
+
+/// The section's result.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// Rows, by size then agent.
+    pub rows: Vec<Row>,
+    /// Seconds the API took to hold each size's objects.
+    pub api_fill_s: Vec<(u32, f64)>,
+    /// Wall time, s.
+    pub duration_s: f64,
+}
+
+fn status_mib(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    (get("VmRSS:"), get("VmHWM:"))
+}
+
+fn one_start(
+    cp: &ControlPlane,
+    dir: &Path,
+    tag: &str,
+    bin: &Path,
+    n: u32,
+    max: u32,
+) -> Result<Start> {
+    let t = Instant::now();
+    let mut r = programming::start_agent(cp, dir, tag, bin, max)?;
+    loop {
+        crate::cleanup::check_stop()?;
+        if let Some(st) = r.exited() {
+            anyhow::bail!("the agent exited ({st}); see {}", dir.join("agent.log").display());
+        }
+        if r.programmed()? >= n as usize {
+            let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let (rss_mib, hwm_mib) = status_mib(r.pid);
+            return Ok(Start {
+                ready_ms,
+                rss_mib,
+                hwm_mib,
+            });
+        }
+        if t.elapsed() > READY_TIMEOUT {
+            anyhow::bail!("not ready with {n} Services after {READY_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs the section.
+pub fn run(o: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let tag = crate::cleanup::run_tag();
+    let dir = TmpDir::new(&format!("{tag}-cs"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    eprintln!("coldstart-api: starting etcd and kube-apiserver");
+    let cp = rt
+        .block_on(ControlPlane::start(dir.path(), crate::workload::SERVICE_CIDR))
+        .context("private control plane")?;
+    rt.block_on(programming::prepare(&cp))?;
+    let state: programming::State = std::sync::Arc::default();
+    let max = o.sizes.iter().copied().max().unwrap_or(1_000);
+    let mut report = Report::default();
+    let mut created = 0;
+    for &n in &o.sizes {
+        let t = Instant::now();
+        rt.block_on(programming::grow(&cp, &state, created, n))?;
+        created = n;
+        let fill = t.elapsed().as_secs_f64();
+        eprintln!("coldstart-api: {n} Services x {ENDPOINTS} endpoints in the API in {fill:.1} s");
+        report.api_fill_s.push((n, fill));
+        let mut rows: Vec<Row> = o
+            .agents
+            .iter()
+            .map(|(label, _)| Row {
+                services: n,
+                agent: label.clone(),
+                starts: Vec::new(),
+                error: None,
+            })
+            .collect();
+        for rep in 0..o.repeats {
+            // Alternate the order, so neither binary always starts second.
+            let order: Vec<usize> = if rep % 2 == 0 {
+                (0..o.agents.len()).collect()
+            } else {
+                (0..o.agents.len()).rev().collect()
+            };
+            for i in order {
+                let (label, bin) = &o.agents[i];
+                if rows[i].error.is_some() {
+                    continue;
+                }
+                match one_start(&cp, dir.path(), &tag, bin, n, max) {
+                    Ok(s) => {
+                        eprintln!(
+                            "coldstart-api: {n} Services, {label}: ready in {:.0} ms, VmRSS {:.1} MiB (peak {:.1})",
+                            s.ready_ms, s.rss_mib, s.hwm_mib
+                        );
+                        rows[i].starts.push(s);
+                    }
+                    Err(e) => rows[i].error = Some(format!("{e:#}")),
+                }
+            }
+        }
+        report.rows.extend(rows);
+    }
+    drop(cp);
+    report.duration_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The report as Markdown.
+pub fn markdown(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Agent cold start from a real watch list\n\n{NODES} Node objects, {ENDPOINTS} endpoints per Service, created through a private kube-apiserver; each start: spawn until /readyz is 200 with every Service programmed (lists, map writes, attach), VmRSS then, VmHWM (peak). Median of the starts (min–max).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| Services | agent | starts | ready ms | VmRSS MiB | peak MiB |\n|---:|---|---:|---:|---:|---:|"
+    );
+    for row in &r.rows {
+        let v = |f: fn(&Start) -> f64| -> Vec<f64> { row.starts.iter().map(f).collect() };
+        let cell = |xs: Vec<f64>| {
+            let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{:.0} ({:.0}–{:.0})", median(xs), lo, hi)
+        };
+        if row.starts.is_empty() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | 0 | {} | | |",
+                row.services,
+                row.agent,
+                row.error.as_deref().unwrap_or("no start")
+            );
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            row.services,
+            row.agent,
+            row.starts.len(),
+            cell(v(|s| s.ready_ms)),
+            cell(v(|s| s.rss_mib)),
+            cell(v(|s| s.hwm_mib)),
+        );
+        if let Some(e) = &row.error {
+            let _ = writeln!(out, "\n{}: {e}\n", row.agent);
+        }
+    }
+    for (n, s) in &r.api_fill_s {
+        let _ = writeln!(out, "\nAPI filled with {n} Services in {s:.1} s.");
+    }
+    let _ = writeln!(out, "\nRun took {:.0} s.", r.duration_s);
+    out
+}
+
+/// Writes `coldstart-api.md` and `.json` under `out`.
+pub fn write(r: &Report, out: &Path) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let md = out.join("coldstart-api.md");
+    let js = out.join("coldstart-api.json");
+    std::fs::write(&md, markdown(r)).with_context(|| format!("writing {}", md.display()))?;
+    std::fs::write(&js, serde_json::to_string_pretty(r)?)
+        .with_context(|| format!("writing {}", js.display()))?;
+    Ok((md, js))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_row_per_agent_and_size_with_median_and_range() {
+        let s = |ms: f64| Start {
+            ready_ms: ms,
+            rss_mib: 40.0,
+            hwm_mib: 50.0,
+        };
+        let r = Report {
+            rows: vec![
+                Row {
+                    services: 10_000,
+                    agent: "new".into(),
+                    starts: vec![s(900.0), s(700.0), s(800.0)],
+                    error: None,
+                },
+                Row {
+                    services: 10_000,
+                    agent: "old".into(),
+                    starts: vec![],
+                    error: Some("not ready".into()),
+                },
+            ],
+            api_fill_s: vec![(10_000, 61.0)],
+            duration_s: 100.0,
+        };
+        let md = markdown(&r);
+        assert!(md.contains("| 10000 | new | 3 | 800 (700–900) | 40 (40–40) | 50 (50–50) |"), "{md}");
+        assert!(md.contains("| 10000 | old | 0 | not ready | | |"), "{md}");
+    }
+}

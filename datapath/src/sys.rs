@@ -63,6 +63,17 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `BPF_OBJ_GET_INFO_BY_FD`: the object's info struct into `info`.
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> io::Result<()> {
+    let mut attr = Attr::new();
+    // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u32(4, info.len() as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(())
+}
+
 /// What a cgroup link is attached to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupLinkInfo {
@@ -86,12 +97,7 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned
     // union; for cgroup links { __u64 cgroup_id; __u32 attach_type; }.
     let mut info = [0u8; 64];
-    let mut attr = Attr::new();
-    // struct { __u32 bpf_fd; __u32 info_len; __aligned_u64 info; }
-    attr.put_u32(0, fd.as_raw_fd() as u32);
-    attr.put_u32(4, info.len() as u32);
-    attr.put_u64(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(fd, &mut info)?;
     let u32_at = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
     let mut c = [0u8; 8];
     c.copy_from_slice(&info[16..24]);
@@ -378,11 +384,7 @@ pub const MAP_TYPE_RINGBUF: u32 = 27;
 pub fn map_info(fd: BorrowedFd<'_>) -> io::Result<RawMapInfo> {
     // struct bpf_map_info { __u32 type, id, key_size, value_size, max_entries, ... }
     let mut info = [0u8; 96];
-    let mut attr = Attr::new();
-    attr.put_u32(0, fd.as_raw_fd() as u32);
-    attr.put_u32(4, info.len() as u32);
-    attr.put_u64(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(fd, &mut info)?;
     let u32_at = |o: usize| u32::from_ne_bytes([info[o], info[o + 1], info[o + 2], info[o + 3]]);
     Ok(RawMapInfo {
         map_type: u32_at(0),

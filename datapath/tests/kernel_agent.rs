@@ -23,34 +23,7 @@ fn helper() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
 
-const STATIC: &str = "
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.80
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- {addresses: [10.244.1.1], conditions: {ready: true}}
-- {addresses: [10.244.1.2], conditions: {ready: true}}
----
-kind: Service
-metadata: {name: dns, namespace: kube-system}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 8080}]
----
-kind: EndpointSlice
-metadata: {name: dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: dns}}
-addressType: IPv4
-ports: [{name: dns, port: 8080, protocol: UDP}]
-endpoints:
-- {addresses: [10.244.1.2]}
-";
+const STATIC: &str = WEB_AND_DNS;
 
 struct Agent {
     guard: ChildGuard,
@@ -64,25 +37,9 @@ fn start_agent(
     listen: &str,
     rules_ns: &Netns,
 ) -> Agent {
-    let child = Command::new(BIN)
-        .args(["agent", "--node-name", "test-node"])
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .arg("--cgroup")
-        .arg(cg)
-        .arg("--bpffs")
-        .arg(pins)
-        .args(["--listen", listen])
-        .arg("--static-services")
-        .arg(dir.join("static.yaml"))
+    let child = agent_command(std::path::Path::new(BIN), "test-node", dir, cg, pins, listen)
         .arg("--rules-netns")
         .arg(rules_ns.path())
-        .env("RUST_LOG", "info")
-        .env_remove("KUBECONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join("agent.log")).expect("log"),
-        ))
         .spawn()
         .expect("spawn agent");
     let pid = child.id();

@@ -66,35 +66,9 @@ fn previous_agent() -> PathBuf {
 }
 
 fn static_services() -> String {
-    let mut s = String::from(
-        "
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.80
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- {addresses: [10.244.1.1], conditions: {ready: true}}
-- {addresses: [10.244.1.2], conditions: {ready: true}}
----
-kind: Service
-metadata: {name: dns, namespace: kube-system}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 8080}]
----
-kind: EndpointSlice
-metadata: {name: dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: dns}}
-addressType: IPv4
-ports: [{name: dns, port: 8080, protocol: UDP}]
-endpoints:
-- {addresses: [10.244.1.2]}
----
+    let mut s = String::from(WEB_AND_DNS);
+    s.push_str(
+        "---
 kind: Service
 metadata: {name: echo, namespace: default}
 spec:
@@ -205,30 +179,9 @@ struct Agent {
 }
 
 fn start_agent(bin: &Path, dir: &Path, cg: &Path, pins: &Path, listen: &str, rules_ns: &Netns) -> Agent {
-    let child = Command::new(bin)
-        .args(["agent", "--node-name", "test-node"])
-        .arg("--config")
-        .arg(dir.join("config.yaml"))
-        .arg("--cgroup")
-        .arg(cg)
-        .arg("--bpffs")
-        .arg(pins)
-        .args(["--listen", listen])
-        .arg("--static-services")
-        .arg(dir.join("static.yaml"))
+    let child = agent_command(bin, "test-node", dir, cg, pins, listen)
         .arg("--rules-netns")
         .arg(rules_ns.path())
-        .env("RUST_LOG", "info")
-        .env_remove("KUBECONFIG")
-        .env_remove("NETBOOT_NODEPORT_DEVICES")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("agent.log"))
-                .expect("log"),
-        ))
         .spawn()
         .expect("spawn agent");
     let pid = child.id();
@@ -272,9 +225,10 @@ fn status(listen: &str) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-/// Frontend → service id, from the pinned maps.
-fn service_ids(pins: &Path) -> BTreeMap<String, u64> {
-    let out = Command::new(BIN)
+/// Frontend → service id, from the pinned maps, as `bin`'s `service list`
+/// reads them (the layout-3 binary has the same output contract).
+fn service_ids_by(bin: &Path, pins: &Path) -> BTreeMap<String, u64> {
+    let out = Command::new(bin)
         .args(["service", "list", "--bpffs"])
         .arg(pins)
         .args(["-o", "json"])
@@ -292,6 +246,11 @@ fn service_ids(pins: &Path) -> BTreeMap<String, u64> {
             )
         })
         .collect()
+}
+
+/// [`service_ids_by`] this build.
+fn service_ids(pins: &Path) -> BTreeMap<String, u64> {
+    service_ids_by(Path::new(BIN), pins)
 }
 
 /// The load of one upgrade: long-lived flows plus new TCP and UDP flows.
@@ -434,7 +393,7 @@ fn an_agent_of_layout_3_is_upgraded_under_load_without_a_failed_flow() {
     let old = start_agent(&prev, s.dir.path(), &s.cg.path, s.pins.pins.root(), &s.listen, &s.topo.client);
     wait_ready(&s.listen, Duration::from_secs(20));
     assert_eq!(netboot_datapath::upgrade::pinned_version(&s.pins.pins), Some(3));
-    let ids_before = service_ids_v3(&prev, s.pins.pins.root());
+    let ids_before = service_ids_by(&prev, s.pins.pins.root());
     assert_eq!(ids_before.len(), FILLER as usize + 3, "{ids_before:?}");
 
     let (agent, st) = replace_under_load(&s, old, Path::new(BIN), "layout 3 -> 4");
@@ -450,28 +409,6 @@ fn an_agent_of_layout_3_is_upgraded_under_load_without_a_failed_flow() {
     assert!(!s.pins.pins.root().join("maps-old").exists());
     assert_eq!(st["services"], FILLER + 3, "{st}");
     drop(agent);
-}
-
-/// `service list -o json` of the layout-3 binary (same output contract).
-fn service_ids_v3(bin: &Path, pins: &Path) -> BTreeMap<String, u64> {
-    let out = Command::new(bin)
-        .args(["service", "list", "--bpffs"])
-        .arg(pins)
-        .args(["-o", "json"])
-        .output()
-        .expect("service list");
-    assert!(out.status.success(), "{out:?}");
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    rows.as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            (
-                r["frontend"].as_str().unwrap_or_default().to_string(),
-                r["id"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
 }
 
 #[test]

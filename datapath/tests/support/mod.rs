@@ -906,17 +906,11 @@ pub fn on_thread_in<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send 
     .expect("thread")
 }
 
-/// The real agent `bin` as node `node` inside `ns` (a hostNetwork pod's
-/// view): `dir` holds `config.yaml` and `static.yaml` and receives
-/// `agent.log`; it listens on 127.0.0.1:9890 there.
-pub fn start_agent_in(
-    bin: &str,
-    ns: &Netns,
-    node: &str,
-    dir: &Path,
-    cg: &Path,
-    pins: &Path,
-) -> ChildGuard {
+/// `bin agent` with static Services: node `node`, `dir` holding
+/// `config.yaml` and `static.yaml` and receiving `agent.log` (appended),
+/// the socket LB on `cg`, pins under `pins`, `--listen` on `listen`; no API
+/// server, no NodePort devices from the environment. Callers add flags.
+pub fn agent_command(bin: &Path, node: &str, dir: &Path, cg: &Path, pins: &Path, listen: &str) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args(["agent", "--node-name", node])
         .arg("--config")
@@ -925,10 +919,9 @@ pub fn start_agent_in(
         .arg(cg)
         .arg("--bpffs")
         .arg(pins)
-        .args(["--listen", "127.0.0.1:9890"])
+        .args(["--listen", listen])
         .arg("--static-services")
         .arg(dir.join("static.yaml"))
-        .arg("--kube-proxy-present")
         .env("RUST_LOG", "info")
         .env_remove("KUBECONFIG")
         .env_remove("NETBOOT_NODEPORT_DEVICES")
@@ -940,6 +933,22 @@ pub fn start_agent_in(
                 .open(dir.join("agent.log"))
                 .expect("log"),
         ));
+    cmd
+}
+
+/// The real agent `bin` as node `node` inside `ns` (a hostNetwork pod's
+/// view): `dir` holds `config.yaml` and `static.yaml` and receives
+/// `agent.log`; it listens on 127.0.0.1:9890 there.
+pub fn start_agent_in(
+    bin: &str,
+    ns: &Netns,
+    node: &str,
+    dir: &Path,
+    cg: &Path,
+    pins: &Path,
+) -> ChildGuard {
+    let mut cmd = agent_command(Path::new(bin), node, dir, cg, pins, "127.0.0.1:9890");
+    cmd.arg("--kube-proxy-present");
     Confine {
         parent_death: true,
         netns: Some(ns.path()),
@@ -949,3 +958,34 @@ pub fn start_agent_in(
     .expect("confine agent");
     ChildGuard(Some(cmd.spawn().expect("spawn agent")))
 }
+
+/// A Service `web` (10.96.0.80:80/TCP → 10.244.1.1 and .2 :8080) and a
+/// Service `dns` (10.96.0.10:53/UDP → 10.244.1.2:8080), as `static.yaml`.
+pub const WEB_AND_DNS: &str = "
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.80
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [10.244.1.1], conditions: {ready: true}}
+- {addresses: [10.244.1.2], conditions: {ready: true}}
+---
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 8080}]
+---
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, port: 8080, protocol: UDP}]
+endpoints:
+- {addresses: [10.244.1.2]}
+";

@@ -82,6 +82,9 @@ pub enum Cmd {
     /// with every Service programmed, and VmRSS; agents side by side.
     #[command(name = "coldstart-api")]
     ColdstartApi(ColdstartApiArgs),
+    /// What flow events cost (issue 19): connect latency with the kernel
+    /// switch off against on (interleaved), and a flood's events/s and drops.
+    Flows(FlowsArgs),
     /// The client process (spawned by the bench inside a cgroup and namespace).
     #[command(name = "__client", hide = true)]
     Client,
@@ -126,6 +129,23 @@ pub struct ColdstartApiArgs {
     #[arg(long, default_value_t = 5)]
     pub repeats: u32,
     /// Results folder (coldstart-api.md, coldstart-api.json).
+    #[arg(long, default_value = DEFAULT_OUT)]
+    pub out: PathBuf,
+}
+
+/// `flows` flags.
+#[derive(Debug, clap::Args)]
+pub struct FlowsArgs {
+    /// Services programmed.
+    #[arg(long, default_value_t = 10_000)]
+    pub services: u32,
+    /// Measured connections per column.
+    #[arg(long, default_value_t = 20_000)]
+    pub connections: u32,
+    /// Seconds of the flood.
+    #[arg(long, default_value_t = 5)]
+    pub flood_seconds: u64,
+    /// Results folder (flows.md, flows.json).
     #[arg(long, default_value = DEFAULT_OUT)]
     pub out: PathBuf,
 }

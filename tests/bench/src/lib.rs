@@ -23,6 +23,7 @@ pub mod cleanup;
 pub mod client;
 pub mod coldstart_api;
 pub mod compare;
+pub mod flows_cost;
 pub mod goals;
 pub mod histogram;
 pub mod iptables_rules;

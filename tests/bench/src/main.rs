@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use netboot_bench::args::{Cli, Cmd, ColdstartApiArgs, NorthsouthArgs, ProgrammingArgs};
+use netboot_bench::args::{Cli, Cmd, ColdstartApiArgs, FlowsArgs, NorthsouthArgs, ProgrammingArgs};
 use netboot_bench::{cleanup, client, probe, programming, programming_report};
 use netboot_bench::{report, run, settings::Settings};
 
@@ -34,6 +34,13 @@ fn main() -> ExitCode {
                 cleanup::cleanup_all();
             }
             return exit("programming", r);
+        }
+        Some(Cmd::Flows(a)) => {
+            let r = flows_section(a);
+            if r.is_err() {
+                cleanup::cleanup_all();
+            }
+            return exit("flows", r);
         }
         Some(Cmd::ColdstartApi(a)) => {
             let r = coldstart_api_section(a);
@@ -96,6 +103,26 @@ fn programming_section(a: &ProgrammingArgs) -> anyhow::Result<()> {
     if let Some(e) = &rep.error {
         anyhow::bail!("stopped early: {e}");
     }
+    Ok(())
+}
+
+fn flows_section(a: &FlowsArgs) -> anyhow::Result<()> {
+    use netboot_bench::flows_cost;
+    run::preflight()?;
+    cleanup::install_signal_handler()?;
+    cleanup::sweep_stale();
+    let o = flows_cost::Options {
+        services: a.services,
+        endpoints: 2,
+        connections: a.connections,
+        batch: 500,
+        flood_s: a.flood_seconds,
+    };
+    let rep = flows_cost::run(&o)?;
+    let (md, js) = flows_cost::write(&rep, &a.out)?;
+    println!("{}", flows_cost::markdown(&rep));
+    println!("wrote {}", md.display());
+    println!("wrote {}", js.display());
     Ok(())
 }
 

@@ -159,6 +159,11 @@ impl NetbootLb {
         })
     }
 
+    /// Where its maps are pinned.
+    pub fn pins(&self) -> &netboot_datapath::pins::Pins {
+        &self._pins.pins
+    }
+
     /// One reconciler pass towards `desired`, timed.
     pub fn reconcile(&mut self, desired: &DesiredTable) -> Pass {
         self.recon.maps_mut().spent = Duration::ZERO;

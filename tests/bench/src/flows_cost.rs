@@ -1,0 +1,253 @@
+//! What flow events cost (issue 19): `netboot-bench flows`.
+//!
+//! netboot's socket LB with N Services (the last-declared one's backends
+//! are real listeners), the agent's flow reader ([`FlowHub`], the one behind
+//! `/v1/flows` and `netboot-datapath monitor`) subscribed throughout. The
+//! kernel switch is turned on and off batch by batch, in rotated order, so
+//! both columns see the same drifts of the shared machine:
+//!
+//! 1. connect latency to the last-declared Service, events off against on;
+//! 2. a flood: one client connecting back to back for a few seconds with
+//!    events on — the events per second the node's reader received, and the
+//!    kernel's drop counters (per-CPU budget, ring buffer full).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use netboot_datapath::desired;
+use netboot_datapath::flows::{self, FlowHub, FlowOptions, FlowStats};
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::netboot_lb::{map_sizes, NetbootLb};
+use crate::stats::{summarize, Summary};
+use crate::topology::Topology;
+use crate::variant::Variant;
+use crate::workload::Workload;
+
+/// The goal: added connect p99 with events on.
+pub const GOAL_ADDED_P99_US: f64 = 2.0;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Services.
+    pub services: u32,
+    /// Endpoints per Service.
+    pub endpoints: u32,
+    /// Measured connections per column.
+    pub connections: u32,
+    /// Connections per batch.
+    pub batch: u32,
+    /// Seconds of the flood.
+    pub flood_s: u64,
+}
+
+/// The section's result.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// Services.
+    pub services: u32,
+    /// Connect µs, events off.
+    pub off: Summary,
+    /// Connect µs, events on.
+    pub on: Summary,
+    /// Flows the reader received during the latency phase.
+    pub latency_events: u64,
+    /// Flood: connections made.
+    pub flood_connections: u64,
+    /// Flood: wall seconds.
+    pub flood_s: f64,
+    /// Flood: events the reader received.
+    pub flood_events: u64,
+    /// Flood: kernel counters over the flood.
+    pub flood_kernel: FlowStats,
+    /// The goal's verdict.
+    pub goal: String,
+}
+
+fn delta(a: FlowStats, b: FlowStats) -> FlowStats {
+    FlowStats {
+        emitted: b.emitted.saturating_sub(a.emitted),
+        rate_limited: b.rate_limited.saturating_sub(a.rate_limited),
+        ring_full: b.ring_full.saturating_sub(a.ring_full),
+        watchers: b.watchers,
+    }
+}
+
+/// Runs the section.
+pub fn run(o: &Options) -> Result<Report> {
+    let tag = format!("{}-flows", crate::cleanup::run_tag());
+    let w = Workload::new(o.services, o.endpoints)?;
+    let table = desired::build(&w.services(), &w.slices(false), 10800);
+    let topo = Topology::new(&tag, o.endpoints)?;
+    let sizes = map_sizes(table.frontends.len(), o.endpoints, w.endpoints());
+    let mut nb = NetbootLb::install(&tag, "lb", &sizes)?;
+    nb.reconcile(&table)
+        .result
+        .context("programming the Services")?;
+    drop(table);
+    let pins = nb.pins().clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let hub = FlowHub::new(
+        pins.clone(),
+        FlowOptions::default(),
+        Arc::new(flows::FlowNames::default),
+    );
+    let received = Arc::new(AtomicU64::new(0));
+    let sub = {
+        let _g = rt.enter();
+        hub.subscribe()
+            .map_err(|e| anyhow::anyhow!("subscribing to flow events: {e}"))?
+    };
+    let counter = received.clone();
+    let mut rx = sub.rx.resubscribe();
+    rt.spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(_) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    counter.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    let mut client = Client::spawn(&nb.cgroup.path, topo.client(Variant::Netboot)?)?;
+    let target = std::net::SocketAddr::V4(w.target());
+    let first = client.batch(target, 1)?;
+    anyhow::ensure!(
+        !first.ns.is_empty(),
+        "first connection to {target} failed: errno {}",
+        first.errno
+    );
+    client.batch(target, 500)?;
+    topo.drain();
+
+    // 1. Latency, off and on interleaved.
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let before = received.load(Ordering::Relaxed);
+    let rounds = o.connections.div_ceil(o.batch.max(1));
+    for r in 0..rounds {
+        crate::cleanup::check_stop()?;
+        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        for enabled in order {
+            flows::set_enabled(&pins, enabled, 0)?;
+            let b = client.batch(target, o.batch)?;
+            topo.drain();
+            let us = b.ns.iter().map(|ns| *ns as f64 / 1000.0);
+            if enabled {
+                on.extend(us);
+            } else {
+                off.extend(us);
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let latency_events = received.load(Ordering::Relaxed) - before;
+
+    // 2. The flood.
+    flows::set_enabled(&pins, true, 0)?;
+    let k0 = flows::stats(&pins)?;
+    let e0 = received.load(Ordering::Relaxed);
+    let t = Instant::now();
+    let mut made = 0u64;
+    while t.elapsed() < Duration::from_secs(o.flood_s) {
+        crate::cleanup::check_stop()?;
+        let b = client.batch(target, 2000)?;
+        made += b.ns.len() as u64;
+        topo.drain();
+    }
+    let flood_s = t.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    let flood_events = received.load(Ordering::Relaxed) - e0;
+    let flood_kernel = delta(k0, flows::stats(&pins)?);
+    flows::set_enabled(&pins, false, 0)?;
+    drop(sub);
+    drop(client);
+
+    let (off, on) = (summarize(&off), summarize(&on));
+    let added = on.p99 - off.p99;
+    let goal = format!(
+        "added connect p99 with flow events on < {GOAL_ADDED_P99_US} µs at {} Services: {} ({:+.2} µs: p99 {:.2} on vs {:.2} off; p50 {:+.2} µs)",
+        o.services,
+        if added < GOAL_ADDED_P99_US { "MET" } else { "MISSED" },
+        added,
+        on.p99,
+        off.p99,
+        on.p50 - off.p50
+    );
+    Ok(Report {
+        services: o.services,
+        off,
+        on,
+        latency_events,
+        flood_connections: made,
+        flood_s,
+        flood_events,
+        flood_kernel,
+        goal,
+    })
+}
+
+/// The report as Markdown.
+pub fn markdown(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Flow events: what they cost\n\nnetboot socket LB, {} Services, the agent's flow reader subscribed; the kernel switch toggled batch by batch (rotated order). Connect latency to the last-declared Service (µs):\n",
+        r.services
+    );
+    let _ = writeln!(
+        out,
+        "| events | n | p50 | p90 | p99 | p99.9 |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for (name, s) in [("off", &r.off), ("on", &r.on)] {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            s.n, s.p50, s.p90, s.p99, s.p999
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nEvents the reader received during the latency phase: {} (one per translated connect while on).\n",
+        r.latency_events
+    );
+    let k = &r.flood_kernel;
+    let _ = writeln!(
+        out,
+        "Flood: one client connecting back to back for {:.1} s, events on: {} connections ({:.0}/s); the reader received {} events ({:.0}/s); kernel: {} written, {} dropped over the per-CPU budget, {} dropped with the ring buffer full.\n",
+        r.flood_s,
+        r.flood_connections,
+        r.flood_connections as f64 / r.flood_s.max(1e-9),
+        r.flood_events,
+        r.flood_events as f64 / r.flood_s.max(1e-9),
+        k.emitted,
+        k.rate_limited,
+        k.ring_full
+    );
+    let _ = writeln!(out, "**Goal**: {}", r.goal);
+    out
+}
+
+/// Writes `flows.md` and `flows.json` under `out`.
+pub fn write(r: &Report, out: &Path) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let md = out.join("flows.md");
+    let js = out.join("flows.json");
+    std::fs::write(&md, markdown(r)).with_context(|| format!("writing {}", md.display()))?;
+    std::fs::write(&js, serde_json::to_string_pretty(r)?)
+        .with_context(|| format!("writing {}", js.display()))?;
+    Ok((md, js))
+}

@@ -393,6 +393,10 @@ struct nb_src_range6_key {
  */
 #define NB_FLOW_RING_BYTES   (1 << 20)  /* 1 MiB: ~13,000 events */
 #define NB_FLOW_RATE_DEFAULT 10000      /* events per second per CPU when rate is 0 */
+#define NB_FLOW_WAKE_BYTES   (64 << 10) /* wake the reader once this much is unread; it
+                                           also drains on its own every 50 ms (flows.rs):
+                                           a wakeup per event cost every connection a
+                                           context switch on a busy node */
 
 /* Verdicts (struct nb_flow_event.verdict). */
 #define NB_FLOW_TRANSLATED   1 /* translated to a backend chosen now */

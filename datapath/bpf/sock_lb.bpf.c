@@ -573,7 +573,10 @@ static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct
 	ev->verdict = verdict;
 	ev->hook = hook;
 	ev->pad = 0;
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&nb_flow_ring, BPF_RB_AVAIL_DATA) >=
+				       NB_FLOW_WAKE_BYTES ?
+				       BPF_RB_FORCE_WAKEUP :
+				       BPF_RB_NO_WAKEUP);
 	nb_flow_stat(NB_FLOW_STAT_EMITTED);
 }
 

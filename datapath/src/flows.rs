@@ -613,34 +613,47 @@ impl FlowHub {
         let mut names = (self.names)();
         let mut built = Instant::now();
         loop {
-            let mut guard = match fd.readable_mut().await {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::warn!(error = %e, "flow ring buffer: poll failed");
-                    return;
-                }
-            };
+            // The kernel wakes the reader only once NB_FLOW_WAKE_BYTES are
+            // unread (lb.h); otherwise the ring is drained every POLL.
+            let woken = tokio::time::timeout(POLL, fd.readable_mut()).await;
             if built.elapsed() > Duration::from_secs(1) {
                 names = (self.names)();
                 built = Instant::now();
             }
-            let off = wall_offset();
-            let ring = guard.get_inner_mut();
-            while let Some(rec) = ring.next() {
-                let Some(ev) = FlowEvent::from_bytes(&rec) else {
-                    continue;
-                };
-                drop(rec);
-                if let Some(mut flow) = Flow::from_event(&ev, off) {
-                    names.resolve(&mut flow);
-                    // No receiver: the last watcher is leaving.
-                    let _ = self.tx.send(Arc::new(flow));
+            match woken {
+                Ok(Ok(mut guard)) => {
+                    self.drain(guard.get_inner_mut(), &names);
+                    guard.clear_ready();
                 }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "flow ring buffer: poll failed");
+                    return;
+                }
+                Err(_) => self.drain(fd.get_mut(), &names),
             }
-            guard.clear_ready();
+        }
+    }
+
+    /// Sends every unread event to the watchers.
+    fn drain(&self, ring: &mut RingBuf<MapData>, names: &FlowNames) {
+        let off = wall_offset();
+        while let Some(rec) = ring.next() {
+            let Some(ev) = FlowEvent::from_bytes(&rec) else {
+                continue;
+            };
+            drop(rec);
+            if let Some(mut flow) = Flow::from_event(&ev, off) {
+                names.resolve(&mut flow);
+                // No receiver: the last watcher is leaving.
+                let _ = self.tx.send(Arc::new(flow));
+            }
         }
     }
 }
+
+/// How often the reader drains the ring buffer when the kernel did not wake
+/// it (fewer than NB_FLOW_WAKE_BYTES unread): the most a flow waits.
+const POLL: Duration = Duration::from_millis(50);
 
 fn open_ring(pins: &Pins) -> Result<RingBuf<MapData>, MapsError> {
     open(pins, names::FLOW_RING)

@@ -220,6 +220,7 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer, observability: Valu
             "loadBalancing": d.load_balancing,
             "conntrack": d.conntrack,
             "socketLB": d.socket_lb,
+            "serviceMetrics": d.service_metrics,
             // Sized from mapSizes: netboot_contract::memory (docs/contracts.md).
             "memoryRequest": format!("{}Mi", memory.request_mib()),
             "memoryLimit": format!("{}Mi", memory.limit_mib()),

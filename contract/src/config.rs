@@ -356,6 +356,12 @@ pub struct Config {
     /// are pods' (`podInterfaces`).
     #[serde(default, rename = "socketLB")]
     pub socket_lb: SocketLb,
+    /// Export the per-Service counters (`nb_svc_stats`) on /metrics as
+    /// `netboot_datapath_service_*_total{namespace,service,...}`: one series
+    /// per Service frontend and counter, so off by default (cardinality).
+    /// The datapath counts either way (`service list --stats`).
+    #[serde(default)]
+    pub service_metrics: bool,
 }
 
 impl Config {

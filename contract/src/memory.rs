@@ -19,6 +19,12 @@
 //! - the LRU maps are preallocated in full: 72 bytes per `nb_lb4_rev_sk`
 //!   entry and 80 per `nb_lb4_aff` entry (measured: 88 and 96 with the
 //!   buckets).
+//! - `nb_svc_stats` (per-Service counters, per-CPU hash, `BPF_F_NO_PREALLOC`,
+//!   sized by `reverseNat`): buckets, and per Service id with traffic one
+//!   element ([`HASH_ENTRY`]) plus its 40-byte value on every possible CPU
+//!   ([`SVC_STATS_VALUE`] × [`SVC_STATS_CPUS`]). The CPU count is the node's,
+//!   unknown when rendering: the formula assumes [`SVC_STATS_CPUS`]; a full
+//!   map on a node with more CPUs takes more (40 B per CPU per Service id).
 //!
 //! Userspace side (measured with `--static-services`, RSS of a debug build
 //! above an agent with one Service: 2000 Services × 10 endpoints +21 MiB,
@@ -41,6 +47,10 @@ pub const HASH_ENTRY: u64 = 96;
 pub const REV_SK_ENTRY: u64 = 72;
 /// Bytes of one preallocated `nb_lb4_aff` element (LRU).
 pub const AFFINITY_ENTRY: u64 = 80;
+/// Bytes of one CPU's `struct nb_svc_stats` (per-CPU value of `nb_svc_stats`).
+pub const SVC_STATS_VALUE: u64 = 40;
+/// Possible CPUs the formula assumes for `nb_svc_stats`'s per-CPU values.
+pub const SVC_STATS_CPUS: u64 = 64;
 /// Agent userspace bytes per Service frontend (watch cache, tables, mirror).
 pub const USER_PER_FRONTEND: u64 = 12 * 1024;
 /// Agent userspace bytes per backend (endpoint).
@@ -85,8 +95,11 @@ impl AgentMemory {
             + 2 * buckets(m.backends) // nb_lb4_be, nb_lb4_affmatch
             + buckets(m.reverse_nat)
             + buckets(m.backends) + REV_SK_ENTRY * be
-            + buckets(m.affinity) + AFFINITY_ENTRY * aff;
-        let kernel_full = kernel_empty + HASH_ENTRY * (svc + 2 * be + rn);
+            + buckets(m.affinity) + AFFINITY_ENTRY * aff
+            + buckets(m.reverse_nat); // nb_svc_stats
+        let kernel_full = kernel_empty
+            + HASH_ENTRY * (svc + 2 * be + rn)
+            + (HASH_ENTRY + SVC_STATS_VALUE * SVC_STATS_CPUS) * rn; // nb_svc_stats
         let frontends = svc.min(rn);
         let userspace_full = USER_PER_FRONTEND * frontends + USER_PER_BACKEND * be;
         Self {
@@ -116,9 +129,11 @@ mod tests {
     #[test]
     fn default_sizes() {
         let m = AgentMemory::for_sizes(MapSizes::DEFAULT);
-        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6 MiB.
-        assert_eq!(m.kernel_empty.div_ceil(MIB), 38);
-        assert_eq!(m.request_mib(), 102);
-        assert_eq!(m.limit_mib(), 1186);
+        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6
+        // MiB, + 1 MiB of nb_svc_stats buckets.
+        assert_eq!(m.kernel_empty.div_ceil(MIB), 39);
+        assert_eq!(m.request_mib(), 103);
+        // + 167 MiB for a full nb_svc_stats at 64 CPUs (65536 × (96 + 40 × 64) B).
+        assert_eq!(m.limit_mib(), 1353);
     }
 }

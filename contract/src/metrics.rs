@@ -78,6 +78,15 @@ pub const DATAPATH: &[Family] = &[
     family("netboot_datapath_flow_events_total", Kind::Counter),
     family("netboot_datapath_flow_events_dropped_total", Kind::Counter),
     family("netboot_datapath_flow_watchers", Kind::Gauge),
+    // Per-Service counters: series only with config.yaml `serviceMetrics`.
+    family("netboot_datapath_service_connections_total", Kind::Counter),
+    family("netboot_datapath_service_refused_total", Kind::Counter),
+    family(
+        "netboot_datapath_service_affinity_hits_total",
+        Kind::Counter,
+    ),
+    family("netboot_datapath_service_tc_flows_total", Kind::Counter),
+    family("netboot_datapath_service_tc_dropped_total", Kind::Counter),
     family(
         "netboot_datapath_network_programming_duration_seconds",
         Kind::Histogram,

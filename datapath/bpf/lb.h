@@ -18,6 +18,7 @@
  *   nb_counters     per-CPU u64 per outcome (enum nb_counter)
  *   nb_config       single entry: datapath mode (replace or observe), the host
  *                   netns cookie and whether socket LB serves only that netns
+ *   nb_svc_stats    service id -> per-CPU struct nb_svc_stats (per-Service counters)
  *
  * IPv6 (after Cilium's lb6 maps): separate maps with 16-byte addresses, the
  * values that hold no address are shared with lb4:
@@ -75,6 +76,7 @@
 #define NB_MAP_FLOW_CFG   nb_flow_cfg
 #define NB_MAP_FLOW_RL    nb_flow_rl
 #define NB_MAP_FLOW_STATS nb_flow_stats
+#define NB_MAP_SVC_STATS  nb_svc_stats
 
 /* Default sizes; the agent overrides them from config.yaml before load. */
 #define NB_DEFAULT_SERVICES  65536
@@ -451,6 +453,33 @@ struct nb_flow_event {
 	__u8 verdict;         /* NB_FLOW_* */
 	__u8 hook;            /* NB_FLOW_HOOK_* */
 	__u32 pad;            /* always zero */
+};
+
+/*
+ * Per-Service counters (issue 19): nb_svc_stats, a per-CPU hash keyed by
+ * __u32 service id (rev-nat id, so per frontend address:port:proto), value
+ * struct nb_svc_stats. Sized like nb_lb4_revnat (mapSizes.reverseNat: one
+ * entry per live service id at most).
+ *
+ * BPF_MAP_TYPE_PERCPU_HASH with BPF_F_NO_PREALLOC (decision): memory only
+ * for the Services that saw traffic (a preallocated or LRU per-CPU hash
+ * would take reverseNat x CPUs x 40 bytes at load, 168 MB with the
+ * defaults on 64 CPUs); LRU is not needed because the map cannot fill: it
+ * holds at most one entry per id the reconciler allocated, and the agent
+ * deletes an id's entry before it gives the id to a new frontend. Updates
+ * are best effort: a failed update (ENOMEM, E2BIG) loses one count and
+ * never fails the connection.
+ */
+/* Value of nb_svc_stats (per-CPU hash, key: __u32 service id). 40 bytes.
+ * Userspace sums the CPUs. */
+struct nb_svc_stats {
+	__u64 xlated;     /* socket LB: connect()/sendmsg() translated to a backend
+	                     (affinity hits included) */
+	__u64 refused;    /* socket LB: no usable backend, failed ECONNREFUSED */
+	__u64 affinity;   /* socket LB and pod tc path: backend taken from a
+	                     ClientIP affinity entry */
+	__u64 tc_new;     /* tc paths (NodePort, pod interfaces): new flows translated */
+	__u64 tc_dropped; /* tc paths: new flows dropped for want of a (local) backend */
 };
 
 /* Layout version: bump when any struct above changes incompatibly. */

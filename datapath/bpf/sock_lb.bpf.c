@@ -154,12 +154,74 @@ struct {
 	__type(value, __u64);
 } nb_flow_stats SEC(".maps");
 
+/* Per-Service counters (lb.h, "Per-Service counters"). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, NB_DEFAULT_REVNAT);
+	__type(key, __u32);
+	__type(value, struct nb_svc_stats);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} nb_svc_stats SEC(".maps");
+
 static __always_inline void nb_count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&nb_counters, &idx);
 
 	if (v)
 		*v += 1;
+}
+
+/* Which field of struct nb_svc_stats nb_svc_count() adds to. */
+enum nb_svc_stat {
+	NB_SVC_XLATED,
+	NB_SVC_REFUSED,
+	NB_SVC_AFFINITY,
+	NB_SVC_TC_NEW,
+	NB_SVC_TC_DROPPED,
+};
+
+static __always_inline void nb_svc_stat_add(struct nb_svc_stats *s, enum nb_svc_stat f)
+{
+	switch (f) {
+	case NB_SVC_XLATED:
+		s->xlated += 1;
+		break;
+	case NB_SVC_REFUSED:
+		s->refused += 1;
+		break;
+	case NB_SVC_AFFINITY:
+		s->affinity += 1;
+		break;
+	case NB_SVC_TC_NEW:
+		s->tc_new += 1;
+		break;
+	case NB_SVC_TC_DROPPED:
+		s->tc_dropped += 1;
+		break;
+	}
+}
+
+/* Counts one event of service `id` on this CPU. Best effort: a failed
+ * insert (map full, no memory) loses the count, never the connection. */
+static __always_inline void nb_svc_count(__u32 id, enum nb_svc_stat f)
+{
+	struct nb_svc_stats *s, init;
+
+	if (!id)
+		return;
+	s = bpf_map_lookup_elem(&nb_svc_stats, &id);
+	if (s) {
+		nb_svc_stat_add(s, f);
+		return;
+	}
+	__builtin_memset(&init, 0, sizeof(init));
+	nb_svc_stat_add(&init, f);
+	/* Another CPU may create it first: then count into ours. */
+	if (bpf_map_update_elem(&nb_svc_stats, &id, &init, BPF_NOEXIST) == 0)
+		return;
+	s = bpf_map_lookup_elem(&nb_svc_stats, &id);
+	if (s)
+		nb_svc_stat_add(s, f);
 }
 
 /* Narrow ctx access is not allowed on user_port: read the full word. */
@@ -585,6 +647,15 @@ static __always_inline int nb_fwd_verdict(struct bpf_sock_addr *ctx, struct nb_f
 {
 	nb_flow_emit(ctx, &res, xlated_ctr == NB_CTR_CONNECT_XLATED ? NB_FLOW_HOOK_CONNECT
 								     : NB_FLOW_HOOK_SENDMSG);
+	if (res.svc_found) {
+		if (res.outcome == NB_CTR_CONNECT_XLATED) {
+			nb_svc_count(res.svc_id, NB_SVC_XLATED);
+			if (res.affinity_hit)
+				nb_svc_count(res.svc_id, NB_SVC_AFFINITY);
+		} else if (res.reject_errno == ECONNREFUSED) {
+			nb_svc_count(res.svc_id, NB_SVC_REFUSED);
+		}
+	}
 	if (res.outcome == NB_CTR_CONNECT_XLATED)
 		res.outcome = xlated_ctr;
 	nb_count(res.outcome);
@@ -1377,6 +1448,7 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 	if (n == 0) {
 		nb_count(local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
 						  : NB_CTR_NP_NO_BACKEND);
+		nb_svc_count(svc->rev_nat_index, NB_SVC_TC_DROPPED);
 		return TC_ACT_SHOT;
 	}
 	pick = bpf_get_prandom_u32() % n;
@@ -1438,6 +1510,7 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 		}
 	}
 	nb_count(fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
+	nb_svc_count(fwd.rev_nat_index, NB_SVC_TC_NEW);
 	if (nb_np_rewrite(skb, l4_off, k, &fwd) != TC_ACT_OK)
 		return TC_ACT_SHOT;
 	return fwd.flags & NB_CT_F_SNAT ? nb_np_redirect(skb, &fwd, k->proto) : TC_ACT_OK;
@@ -1700,6 +1773,7 @@ static __always_inline int __nb_np_new6(struct __sk_buff *skb, __u32 l4_off,
 	if (n == 0) {
 		nb_count(local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
 						  : NB_CTR_NP_NO_BACKEND);
+		nb_svc_count(svc->rev_nat_index, NB_SVC_TC_DROPPED);
 		return TC_ACT_SHOT;
 	}
 	pick = bpf_get_prandom_u32() % n;
@@ -1756,6 +1830,7 @@ static __always_inline int __nb_np_new6(struct __sk_buff *skb, __u32 l4_off,
 		return TC_ACT_SHOT;
 	}
 	nb_count(fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
+	nb_svc_count(fwd.rev_nat_index, NB_SVC_TC_NEW);
 	if (nb_np_rewrite6(skb, l4_off, k, &fwd) != TC_ACT_OK)
 		return TC_ACT_SHOT;
 	return fwd.flags & NB_CT_F_SNAT ? nb_np_redirect6(skb, &fwd, k->proto) : TC_ACT_OK;
@@ -1909,15 +1984,18 @@ static __always_inline int __nb_pod_new(struct __sk_buff *skb, __u32 l4_off,
 		backend_id = nb_affinity_lookup(svc, client, rev_nat_id);
 		if (backend_id) {
 			be = bpf_map_lookup_elem(&nb_lb4_be, &backend_id);
-			if (be)
+			if (be) {
 				nb_count(NB_CTR_AFFINITY_HIT);
-			else
+				nb_svc_count(rev_nat_id, NB_SVC_AFFINITY);
+			} else {
 				backend_id = 0;
+			}
 		}
 	}
 	if (!backend_id) {
 		if (svc->count == 0) {
 			nb_count(NB_CTR_POD_NO_BACKEND);
+			nb_svc_count(rev_nat_id, NB_SVC_TC_DROPPED);
 			return TC_ACT_SHOT;
 		}
 		key.backend_slot = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
@@ -1952,6 +2030,7 @@ static __always_inline int __nb_pod_new(struct __sk_buff *skb, __u32 l4_off,
 		return TC_ACT_SHOT;
 	}
 	nb_count(NB_CTR_POD_XLATED);
+	nb_svc_count(rev_nat_id, NB_SVC_TC_NEW);
 	return nb_np_rewrite(skb, l4_off, k, &fwd);
 }
 
@@ -1992,15 +2071,18 @@ static __always_inline int __nb_pod_new6(struct __sk_buff *skb, __u32 l4_off,
 		backend_id = nb_affinity_lookup(svc, client, rev_nat_id);
 		if (backend_id) {
 			be = bpf_map_lookup_elem(&nb_lb6_be, &backend_id);
-			if (be)
+			if (be) {
 				nb_count(NB_CTR_AFFINITY_HIT);
-			else
+				nb_svc_count(rev_nat_id, NB_SVC_AFFINITY);
+			} else {
 				backend_id = 0;
+			}
 		}
 	}
 	if (!backend_id) {
 		if (svc->count == 0) {
 			nb_count(NB_CTR_POD_NO_BACKEND);
+			nb_svc_count(rev_nat_id, NB_SVC_TC_DROPPED);
 			return TC_ACT_SHOT;
 		}
 		key.backend_slot = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
@@ -2035,6 +2117,7 @@ static __always_inline int __nb_pod_new6(struct __sk_buff *skb, __u32 l4_off,
 		return TC_ACT_SHOT;
 	}
 	nb_count(NB_CTR_POD_XLATED);
+	nb_svc_count(rev_nat_id, NB_SVC_TC_NEW);
 	return nb_np_rewrite6(skb, l4_off, k, &fwd);
 }
 

@@ -47,7 +47,7 @@ pub use netboot_contract::node::KUBE_PROXY_RULES as ANN_RULES;
 /// Node annotation: why the rules are `unknown` (or why kube-proxy chains
 /// are kept); removed when there is nothing to say.
 pub use netboot_contract::node::KUBE_PROXY_RULES_REASON as ANN_RULES_REASON;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What one rules pass found: kube-proxy's rules present or not (and why
 /// some are kept), or the error that stopped the check.
@@ -286,9 +286,17 @@ pub struct AgentState {
     cleanup: bool,
     /// Flow events (`/v1/flows`); None until the watchers exist.
     flows: Mutex<Option<Arc<crate::flows::FlowHub>>>,
+    /// config.yaml `serviceMetrics`: per-Service counters on /metrics.
+    service_metrics: bool,
+    /// Service id → (frontend name `ns/name:port`, frontend address), as of
+    /// the last pass that wrote the maps (only with `service_metrics`).
+    svc_labels: Mutex<Arc<BTreeMap<u32, (String, String)>>>,
 }
 
 impl AgentState {
+    fn has_svc_labels(&self) -> bool {
+        self.svc_labels.lock().is_ok_and(|l| !l.is_empty())
+    }
     fn update(&self, f: impl FnOnce(&mut Status)) {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
@@ -296,6 +304,31 @@ impl AgentState {
     }
     fn get(&self) -> Status {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl AgentState {
+    /// The per-Service counters of the programmed frontends, labelled
+    /// (entries of ids no frontend has, a freed id's late counts, are left out).
+    fn service_stats(&self) -> Vec<crate::status::ServiceStatsRow> {
+        let labels = self
+            .svc_labels
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        let Ok(m) = self.maps.lock() else {
+            return Vec::new();
+        };
+        let Some(stats) = m.as_ref().and_then(|m| m.svc_stats().ok()) else {
+            return Vec::new();
+        };
+        stats
+            .into_iter()
+            .filter_map(|(id, st)| {
+                let (name, fe) = labels.get(&id)?;
+                Some(crate::status::ServiceStatsRow::new(name, fe.clone(), st))
+            })
+            .collect()
     }
 }
 
@@ -315,6 +348,9 @@ impl StatusSource for AgentState {
                         })
                         .collect();
             }
+        }
+        if self.service_metrics {
+            s.service_stats = self.service_stats();
         }
         if let Some(hub) = self.flows.lock().ok().and_then(|f| f.clone()) {
             s.flow_events = hub.stats().ok();
@@ -433,6 +469,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         replace,
         cleanup: cfg.cleanup_kube_proxy_rules,
         flows: Mutex::new(None),
+        service_metrics: cfg.service_metrics,
+        svc_labels: Mutex::new(Arc::new(BTreeMap::new())),
     });
     let watched = Arc::new(Watched::default());
     let flows = {
@@ -916,6 +954,19 @@ async fn reconcile_loop(
                         needs: m.iter().map(|f| f.name().to_string()).collect(),
                     })
                     .collect();
+                if cfg.service_metrics && (st.writes() > 0 || !state.has_svc_labels()) {
+                    let labels: BTreeMap<u32, (String, String)> = passes
+                        .table()
+                        .frontends()
+                        .filter_map(|fe| {
+                            let id = recon.service_id(&fe.addr)?;
+                            Some((id, (fe.name.clone(), fe.addr.to_string())))
+                        })
+                        .collect();
+                    if let Ok(mut l) = state.svc_labels.lock() {
+                        *l = Arc::new(labels);
+                    }
+                }
                 let zone = watched.zone().unwrap_or_default();
                 let lb_left = watched.lb_ingress_left();
                 let map_entries = recon.map_entries();

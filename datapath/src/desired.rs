@@ -718,6 +718,12 @@ impl ServiceTable {
         self.claims.is_empty()
     }
 
+    /// Every frontend of every Service (an address claimed by several
+    /// Services appears once per claim).
+    pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.by_service.values().flatten()
+    }
+
     /// The whole desired table.
     pub fn table(&self) -> DesiredTable {
         DesiredTable {

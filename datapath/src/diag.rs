@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use std::net::IpAddr;
 
-use crate::layout::{L4Addr, BE_TERMINATING, MODE_REPLACE, SVC_F_AFFINITY};
+use crate::layout::{L4Addr, SvcStats, BE_TERMINATING, MODE_REPLACE, SVC_F_AFFINITY};
 use crate::loader;
 use crate::maps::kernel::KernelMaps;
 use crate::maps::{LbMaps, MapsDump, MapsError};
@@ -42,6 +42,42 @@ pub struct ServiceRow {
     pub affinity_timeout: Option<u32>,
     /// Backends.
     pub backends: Vec<BackendRow>,
+    /// Per-Service counters (`service list --stats`; zero when the frontend
+    /// has seen no traffic since it got its id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<SvcStats>,
+}
+
+/// Fills every row's `stats` from `nb_svc_stats` (by service id).
+pub fn add_stats(rows: &mut [ServiceRow], stats: &BTreeMap<u32, SvcStats>) {
+    for r in rows {
+        r.stats = Some(stats.get(&r.id).copied().unwrap_or_default());
+    }
+}
+
+/// `service list --stats` text.
+pub fn render_service_stats(rows: &[ServiceRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<6} {:<24} {:>12} {:>10} {:>13} {:>10} {:>10}",
+        "ID", "Frontend", "Translated", "Refused", "AffinityHits", "TcFlows", "TcDropped"
+    );
+    for r in rows {
+        let st = r.stats.unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{:<6} {:<24} {:>12} {:>10} {:>13} {:>10} {:>10}",
+            r.id,
+            r.frontend,
+            st.translated,
+            st.refused,
+            st.affinity_hits,
+            st.tc_new_flows,
+            st.tc_dropped
+        );
+    }
+    s
 }
 
 /// Builds `service list` rows from a dump.
@@ -89,6 +125,7 @@ pub fn service_rows(d: &MapsDump) -> Vec<ServiceRow> {
                 type_: "ClusterIP".into(),
                 affinity_timeout: (v.flags & SVC_F_AFFINITY != 0).then_some(v.affinity_timeout),
                 backends,
+                stats: None,
             },
         );
     }

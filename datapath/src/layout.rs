@@ -63,11 +63,13 @@ pub mod names {
     pub const FLOW_RL: &str = "nb_flow_rl";
     /// Per-CPU flow event counters (`enum nb_flow_stat`).
     pub const FLOW_STATS: &str = "nb_flow_stats";
+    /// service id → per-CPU per-Service counters (`struct nb_svc_stats`).
+    pub const SVC_STATS: &str = "nb_svc_stats";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
         BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE, CT_TIMEOUT, CT6, NP_DEV6,
-        SRC_RANGE6, FLOW_RING, FLOW_CFG, FLOW_RL, FLOW_STATS,
+        SRC_RANGE6, FLOW_RING, FLOW_CFG, FLOW_RL, FLOW_STATS, SVC_STATS,
     ];
 }
 
@@ -738,6 +740,56 @@ const _: () = {
 unsafe impl aya::Pod for FlowCfg {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowBucket {}
+
+/// `struct nb_svc_stats`: one CPU's counters of one service id (value of
+/// `nb_svc_stats`); [`SvcStats::sum`] sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SvcStats {
+    /// Socket LB: connect()/sendmsg() translated to a backend (affinity hits included).
+    pub translated: u64,
+    /// Socket LB: no usable backend, failed ECONNREFUSED.
+    pub refused: u64,
+    /// Socket LB and pod tc path: backend taken from a ClientIP affinity entry.
+    pub affinity_hits: u64,
+    /// tc paths (NodePort, pod interfaces): new flows translated.
+    pub tc_new_flows: u64,
+    /// tc paths: new flows dropped for want of a (local) backend.
+    pub tc_dropped: u64,
+}
+
+impl SvcStats {
+    /// Field-wise sum (saturating), e.g. of the per-CPU values.
+    pub fn plus(self, o: SvcStats) -> SvcStats {
+        SvcStats {
+            translated: self.translated.saturating_add(o.translated),
+            refused: self.refused.saturating_add(o.refused),
+            affinity_hits: self.affinity_hits.saturating_add(o.affinity_hits),
+            tc_new_flows: self.tc_new_flows.saturating_add(o.tc_new_flows),
+            tc_dropped: self.tc_dropped.saturating_add(o.tc_dropped),
+        }
+    }
+
+    /// The sum of per-CPU values.
+    pub fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a SvcStats>) -> SvcStats {
+        per_cpu
+            .into_iter()
+            .fold(SvcStats::default(), |a, b| a.plus(*b))
+    }
+}
+
+const _: () = {
+    assert!(size_of::<SvcStats>() == 40);
+    assert!(offset_of!(SvcStats, translated) == 0);
+    assert!(offset_of!(SvcStats, refused) == 8);
+    assert!(offset_of!(SvcStats, affinity_hits) == 16);
+    assert!(offset_of!(SvcStats, tc_new_flows) == 24);
+    assert!(offset_of!(SvcStats, tc_dropped) == 32);
+};
+
+// SAFETY: repr(C) plain u64s, no padding.
+unsafe impl aya::Pod for SvcStats {}
 
 /// Outcome counters, index of `nb_counters` (`enum nb_counter`).
 pub const COUNTER_NAMES: [&str; 39] = [

@@ -177,6 +177,7 @@ pub(crate) fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::FLOW_CFG => s(4, size_of::<FlowCfg>()),
         names::FLOW_RL => s(4, size_of::<FlowBucket>()),
         names::FLOW_STATS => s(4, 8),
+        names::SVC_STATS => s(4, size_of::<SvcStats>()),
         // nb_flow_ring: a ring buffer has no key or value size.
         _ => None,
     }
@@ -186,7 +187,7 @@ pub(crate) fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
     match name {
         names::SERVICES | names::SERVICES6 => Some(sizes.services),
         names::BACKENDS | names::AFF_MATCH | names::BACKENDS6 => Some(sizes.backends),
-        names::REVNAT | names::REVNAT6 => Some(sizes.reverse_nat),
+        names::REVNAT | names::REVNAT6 | names::SVC_STATS => Some(sizes.reverse_nat),
         names::AFFINITY => Some(sizes.affinity),
         names::REV_SK | names::REV_SK6 => Some(sizes.backends),
         _ => None,
@@ -203,8 +204,9 @@ pub(crate) fn wanted_entries(name: &str, sizes: &MapSizes) -> Option<u32> {
 /// place rather than a second single-entry map): it holds nothing but what
 /// [`install`] writes at every start, before any link gets the new programs.
 /// The flow event maps are soft state too: the switch is set again by the
-/// next watcher, the bucket refills, the counters restart.
-pub(crate) const RESETTABLE: [&str; 7] = [
+/// next watcher, the bucket refills, the counters restart. So are the
+/// per-Service counters (`nb_svc_stats`).
+pub(crate) const RESETTABLE: [&str; 8] = [
     names::CT4,
     names::CT6,
     names::COUNTERS,
@@ -212,6 +214,7 @@ pub(crate) const RESETTABLE: [&str; 7] = [
     names::FLOW_CFG,
     names::FLOW_RL,
     names::FLOW_STATS,
+    names::SVC_STATS,
 ];
 
 /// What [`check_pinned`] found.
@@ -1032,8 +1035,14 @@ mod tests {
                 names::SERVICES6,
                 names::BACKENDS6,
                 names::REVNAT6,
-                names::REV_SK6
+                names::REV_SK6,
+                names::SVC_STATS
             ]
         );
+        // nb_svc_stats (per-CPU, BPF_F_NO_PREALLOC): the element holds the
+        // key and a pointer to the per-CPU values (40 B on each CPU).
+        let (k, v) = expected_sizes(names::SVC_STATS).unwrap();
+        assert!(48 + u64::from(k.next_multiple_of(8)) + 8 + 8 <= mem::HASH_ENTRY);
+        assert_eq!(u64::from(v), mem::SVC_STATS_VALUE);
     }
 }

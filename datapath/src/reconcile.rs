@@ -815,6 +815,12 @@ impl<M: LbMaps> Reconciler<M> {
                     .svc_ids
                     .alloc()
                     .ok_or(ReconcileError::ServiceIdsExhausted(addr))?;
+                // A freed id may still have the counters of the frontend
+                // that had it: the new one starts at 0. Best effort (a
+                // failure leaves old counts, never a wrong translation).
+                if let Err(e) = self.maps.delete_svc_stats(id) {
+                    tracing::warn!(id, error = %e, "reset per-Service counters");
+                }
                 self.frontends.insert(
                     addr,
                     ProgFrontend {
@@ -1041,6 +1047,11 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.frontends.remove(&addr);
         self.svc_ids.free(id);
+        // Its counters go with it (reset again when the id is reused, for
+        // counts of connections that raced the delete).
+        if let Err(e) = self.maps.delete_svc_stats(id) {
+            tracing::warn!(id, error = %e, "delete per-Service counters");
+        }
         Ok(())
     }
 

@@ -252,6 +252,77 @@ pub struct Status {
     pub layout_upgrade: String,
     /// Per-outcome BPF counters.
     pub counters: Vec<Counter>,
+    /// Per-Service counters, one row per programmed frontend with traffic;
+    /// filled only with config.yaml `serviceMetrics` (/metrics only).
+    #[serde(skip)]
+    pub service_stats: Vec<ServiceStatsRow>,
+}
+
+/// One frontend's per-Service counters (`nb_svc_stats`, CPUs summed) with
+/// its labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStatsRow {
+    /// Service namespace.
+    pub namespace: String,
+    /// Service name.
+    pub service: String,
+    /// Service port name (may be empty).
+    pub port: String,
+    /// Frontend `address:port/PROTO`.
+    pub frontend: String,
+    /// The counters.
+    pub stats: crate::layout::SvcStats,
+}
+
+impl ServiceStatsRow {
+    /// Labels from a frontend's name (`namespace/name:port-name`) and address.
+    pub fn new(name: &str, frontend: String, stats: crate::layout::SvcStats) -> Self {
+        let (namespace, rest) = name.split_once('/').unwrap_or(("", name));
+        let (service, port) = rest.split_once(':').unwrap_or((rest, ""));
+        Self {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+            port: port.to_string(),
+            frontend,
+            stats,
+        }
+    }
+}
+
+/// The per-Service families: (name, help, field).
+#[allow(clippy::type_complexity)]
+pub const SERVICE_FAMILIES: [(&str, &str, fn(&crate::layout::SvcStats) -> u64); 5] = [
+    (
+        "netboot_datapath_service_connections_total",
+        "Socket LB connect()/sendmsg() to the Service translated to a backend (config.yaml serviceMetrics)",
+        |s| s.translated,
+    ),
+    (
+        "netboot_datapath_service_refused_total",
+        "Socket LB connect()/sendmsg() to the Service refused with ECONNREFUSED: no usable backend",
+        |s| s.refused,
+    ),
+    (
+        "netboot_datapath_service_affinity_hits_total",
+        "Connections to the Service sent to the backend of a ClientIP affinity entry",
+        |s| s.affinity_hits,
+    ),
+    (
+        "netboot_datapath_service_tc_flows_total",
+        "New flows to the Service translated by the per-packet path (NodePort interfaces, pod interfaces)",
+        |s| s.tc_new_flows,
+    ),
+    (
+        "netboot_datapath_service_tc_dropped_total",
+        "New flows to the Service the per-packet path dropped: no (local) backend",
+        |s| s.tc_dropped,
+    ),
+];
+
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Seconds since the epoch.
@@ -774,6 +845,22 @@ impl Status {
                 c.name, c.value
             );
         }
+        // Per-Service families: always typed (the contract lists them), series
+        // only with serviceMetrics (one per frontend and counter).
+        for (name, help, field) in SERVICE_FAMILIES {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for r in &self.service_stats {
+                let _ = writeln!(
+                    s,
+                    "{name}{{namespace=\"{}\",service=\"{}\",port=\"{}\",frontend=\"{}\"}} {}",
+                    label_value(&r.namespace),
+                    label_value(&r.service),
+                    label_value(&r.port),
+                    label_value(&r.frontend),
+                    field(&r.stats)
+                );
+            }
+        }
         crate::latency::write_metrics(&mut s, &self.network_programming, &self.sync_duration);
         s
     }
@@ -885,6 +972,53 @@ mod tests {
         ] {
             assert!(m.contains(want), "missing {want:?}:\n{m}");
         }
+    }
+
+    #[test]
+    fn service_stats_are_labelled_series_only_when_filled() {
+        let mut st = sample();
+        let plain = st.metrics();
+        assert!(plain.contains("# TYPE netboot_datapath_service_connections_total counter\n"));
+        assert!(!plain.contains("netboot_datapath_service_connections_total{"));
+        st.service_stats = vec![ServiceStatsRow::new(
+            "default/web:http",
+            "10.96.0.10:80/TCP".into(),
+            crate::layout::SvcStats {
+                translated: 5,
+                refused: 2,
+                affinity_hits: 3,
+                tc_new_flows: 7,
+                tc_dropped: 1,
+            },
+        )];
+        let m = st.metrics();
+        let labels =
+            "{namespace=\"default\",service=\"web\",port=\"http\",frontend=\"10.96.0.10:80/TCP\"}";
+        for (family, v) in [
+            ("netboot_datapath_service_connections_total", 5),
+            ("netboot_datapath_service_refused_total", 2),
+            ("netboot_datapath_service_affinity_hits_total", 3),
+            ("netboot_datapath_service_tc_flows_total", 7),
+            ("netboot_datapath_service_tc_dropped_total", 1),
+        ] {
+            let want = format!("\n{family}{labels} {v}\n");
+            assert!(m.contains(&want), "missing {want:?}:\n{m}");
+        }
+        assert_eq!(
+            netboot_contract::metrics::exposed_families(&m),
+            netboot_contract::metrics::exposed_families(&plain)
+        );
+    }
+
+    #[test]
+    fn service_stats_row_labels_come_from_the_frontend_name() {
+        let r = ServiceStatsRow::new("ns/svc:", "x".into(), Default::default());
+        assert_eq!(
+            (r.namespace.as_str(), r.service.as_str(), r.port.as_str()),
+            ("ns", "svc", "")
+        );
+        let r = ServiceStatsRow::new("odd", "x".into(), Default::default());
+        assert_eq!((r.namespace.as_str(), r.service.as_str()), ("", "odd"));
     }
 
     #[test]

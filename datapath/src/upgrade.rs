@@ -150,7 +150,10 @@ impl UpgradeReport {
 
 /// Maps whose entries an upgrade carries over. Not: `nb_config` (written
 /// anew), the per-CPU counters and flow event maps (soft state, start anew).
-pub const CARRIED: [&str; 17] = [
+/// `nb_svc_stats` is listed so that an upgrade that keeps its layout and
+/// size shares it ([`share_unchanged`]: the per-Service counters survive);
+/// per-CPU maps are never copied, so a resized one starts anew.
+pub const CARRIED: [&str; 18] = [
     names::BACKENDS,
     names::BACKENDS6,
     names::SERVICES,
@@ -168,6 +171,7 @@ pub const CARRIED: [&str; 17] = [
     names::MAGLEV,
     names::SRC_RANGE,
     names::SRC_RANGE6,
+    names::SVC_STATS,
 ];
 
 /// Maps the old programs write while the new maps fill: copied once more
@@ -364,13 +368,11 @@ pub fn copy_maps(
             // the new map starts empty.
             continue;
         }
-        let conv = conv.ok_or_else(|| {
-            UpgradeError::NoConversion {
-                map: name.to_string(),
-                version: version.map_or_else(|| "unknown".to_string(), |v| v.to_string()),
-                found,
-                expected,
-            }
+        let conv = conv.ok_or_else(|| UpgradeError::NoConversion {
+            map: name.to_string(),
+            version: version.map_or_else(|| "unknown".to_string(), |v| v.to_string()),
+            found,
+            expected,
         })?;
         let n = copy_one(name, &sfd, &dfd, found, conv, flags, dinfo.max_entries)?;
         out.push((name.to_string(), n));

@@ -441,7 +441,8 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
     // allowed mapSizes, so a large cluster got the agent OOM-killed.
     // The formula of docs/contracts.md, written out: per map
     // 16 B × pow2(max) buckets; 96 B per entry of the four NO_PREALLOC maps in
-    // use; 72 / 80 B per preallocated rev_sk / affinity element; userspace
+    // use; 72 / 80 B per preallocated rev_sk / affinity element; the
+    // per-Service counters (per-CPU, 64 CPUs assumed); userspace
     // 12 KiB per frontend (≤ reverseNat) + 1 KiB per backend; 64 MiB base.
     let formula = |m: spec::MapSizes| -> (u64, u64) {
         let (s, b, a, r) = (
@@ -451,8 +452,9 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
             u64::from(m.reverse_nat),
         );
         let bk = |n: u64| 16 * n.next_power_of_two();
-        let empty = bk(s) + 3 * bk(b) + bk(r) + bk(a) + 72 * b + 80 * a;
-        let full = empty + 96 * (s + 2 * b + r);
+        // nb_svc_stats: buckets; 96 B + 40 B on each of 64 assumed CPUs per id.
+        let empty = bk(s) + 3 * bk(b) + 2 * bk(r) + bk(a) + 72 * b + 80 * a;
+        let full = empty + 96 * (s + 2 * b + r) + (96 + 40 * 64) * r;
         let user = 12 * 1024 * s.min(r) + 1024 * b;
         (64 * (1 << 20) + empty, 64 * (1 << 20) + full + user)
     };
@@ -542,6 +544,7 @@ fn every_shipped_specs_config_yaml_is_what_the_agent_parses() {
             "{name}"
         );
         assert_eq!(cfg.map_sizes, d.map_sizes, "{name}");
+        assert_eq!(cfg.service_metrics, d.service_metrics, "{name}");
         assert_eq!(
             cfg.cleanup_kube_proxy_rules, spec.kube_proxy.cleanup_rules,
             "{name}"
@@ -555,6 +558,21 @@ fn every_shipped_specs_config_yaml_is_what_the_agent_parses() {
             "{name}"
         );
     }
+}
+
+/// `spec.datapath.serviceMetrics: true` reaches the agent's config.yaml
+/// (per-Service counters on /metrics; off when left out).
+#[test]
+fn service_metrics_in_the_spec_turns_them_on_in_the_agents_config() {
+    let mut spec = shipped("prod");
+    spec.datapath.service_metrics = true;
+    let manifests = render(&spec, "prod", &opts_for("prod")).unwrap();
+    let cfg = agent_config(&manifests, &spec.namespace).unwrap().unwrap();
+    assert!(cfg.service_metrics);
+    let spec = shipped("prod");
+    let manifests = render(&spec, "prod", &opts_for("prod")).unwrap();
+    let cfg = agent_config(&manifests, &spec.namespace).unwrap().unwrap();
+    assert!(!cfg.service_metrics);
 }
 
 /// A template override the agent could not read fails the render, naming

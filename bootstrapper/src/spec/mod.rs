@@ -139,6 +139,9 @@ pub struct Datapath {
     /// tc program on their interfaces, for sidecars needing SO_ORIGINAL_DST).
     #[serde(rename = "socketLB")]
     pub socket_lb: SocketLb,
+    /// `serviceMetrics`: export per-Service counters on /metrics (one series
+    /// per Service frontend and counter). Default false (the agent's `serviceMetrics`).
+    pub service_metrics: bool,
 }
 
 /// `spec.datapath.socketLB`: the contract's type and defaults.
@@ -629,6 +632,7 @@ impl Datapath {
             load_balancing: LoadBalancing::default(),
             conntrack: Conntrack::DEFAULT,
             socket_lb: SocketLb::default(),
+            service_metrics: false,
         }
     }
 }
@@ -649,6 +653,7 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
             "loadBalancing",
             "conntrack",
             "socketLB",
+            "serviceMetrics",
         ],
     )?;
     let mut d = Datapath::defaults();
@@ -682,6 +687,9 @@ fn decode_datapath(c: &mut Checker, n: &Node, path: &str) -> Option<Datapath> {
     }
     if let Some(v) = opt(c, &s, "kubeProxyReplacement", Checker::boolean) {
         d.kube_proxy_replacement = v;
+    }
+    if let Some(v) = opt(c, &s, "serviceMetrics", Checker::boolean) {
+        d.service_metrics = v;
     }
     if let Some(v) = opt(c, &s, "sessionAffinityTimeoutSeconds", |c, n, p| {
         c.integer(n, p, 1, 86400)

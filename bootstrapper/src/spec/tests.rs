@@ -221,6 +221,11 @@ fn malformed_specs_point_at_the_right_line() {
             "t.yaml:15:29: spec.datapath.socketLB.podInterfaces[1]: \"my pod\": an interface name or glob is 1-15 characters without '/', ',' or spaces",
         ),
         (
+            "serviceMetrics not a boolean",
+            format!("{GOOD}  datapath:\n    serviceMetrics: yes please\n"),
+            "t.yaml:13:21: spec.datapath.serviceMetrics: expected a boolean (true or false)",
+        ),
+        (
             "socketLB hostNamespaceOnly not a boolean",
             format!("{GOOD}  datapath:\n    socketLB:\n      hostNamespaceOnly: pods\n"),
             "t.yaml:14:26: spec.datapath.socketLB.hostNamespaceOnly: expected a boolean (true or false)",

@@ -158,7 +158,20 @@ pub struct PinArgs {
 #[derive(Debug, Subcommand)]
 pub enum ServiceCmd {
     /// List frontends and backends (ID, Frontend, Service Type, Backend).
-    List(PinArgs),
+    List(ServiceListArgs),
+}
+
+/// `service list`.
+#[derive(Debug, Args)]
+pub struct ServiceListArgs {
+    /// Pins and output format.
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// Per-Service counters instead of backends: connections translated,
+    /// refused (no backend), affinity hits, per-packet path flows and drops
+    /// (`nb_svc_stats`, CPUs summed; since the frontend got its id).
+    #[arg(long)]
+    pub stats: bool,
 }
 
 /// `bpf …`.

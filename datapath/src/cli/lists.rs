@@ -7,16 +7,20 @@ use netboot_datapath::maps::kernel::KernelMaps;
 use netboot_datapath::maps::LbMaps;
 use netboot_datapath::pins::Pins;
 
-use super::args::{Output, PinArgs};
+use super::args::{Output, PinArgs, ServiceListArgs};
 use super::CliError;
 
-/// `service list`.
-pub fn service_list(a: PinArgs) -> Result<ExitCode, CliError> {
-    let dump = KernelMaps::open(&Pins::new(&a.bpffs))?.dump()?;
-    let rows = diag::service_rows(&dump);
-    match a.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Output::Text => print!("{}", diag::render_service_list(&rows)),
+/// `service list [--stats]`.
+pub fn service_list(a: ServiceListArgs) -> Result<ExitCode, CliError> {
+    let maps = KernelMaps::open(&Pins::new(&a.pins.bpffs))?;
+    let mut rows = diag::service_rows(&maps.dump()?);
+    if a.stats {
+        diag::add_stats(&mut rows, &maps.svc_stats()?);
+    }
+    match (a.pins.output, a.stats) {
+        (Output::Json, _) => println!("{}", serde_json::to_string_pretty(&rows)?),
+        (Output::Text, false) => print!("{}", diag::render_service_list(&rows)),
+        (Output::Text, true) => print!("{}", diag::render_service_stats(&rows)),
     }
     Ok(ExitCode::SUCCESS)
 }

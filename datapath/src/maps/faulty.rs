@@ -101,6 +101,11 @@ impl LbMaps for FaultyMaps {
         self.gate("delete_revnat6")?;
         self.inner.delete_revnat6(id)
     }
+    fn delete_svc_stats(&mut self, id: u32) -> Result<(), MapsError> {
+        // Not a programming write: never faulted, so the injected faults
+        // land where they did (the reconciler only logs its failure).
+        self.inner.delete_svc_stats(id)
+    }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         self.inner.dump()
     }

@@ -1,12 +1,12 @@
 //! The real maps, opened from their bpffs pins.
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 
 use super::{LbMaps, MapsDump, MapsError};
 use crate::layout::{
     names, Lb4AffinityKey, Lb4AffinityMatch, Lb4AffinityVal, Lb4Backend, Lb4Key, Lb4RevSkKey,
     Lb4RevSkVal, Lb4ReverseNat, Lb4Service, Lb6Backend, Lb6Key, Lb6RevSkKey, Lb6RevSkVal,
-    Lb6ReverseNat, NbConfig, COUNTER_MAX, COUNTER_NAMES,
+    Lb6ReverseNat, NbConfig, SvcStats, COUNTER_MAX, COUNTER_NAMES,
 };
 use crate::pins::Pins;
 
@@ -24,6 +24,9 @@ pub struct KernelMaps {
     backends6: HashMap<MapData, u32, Lb6Backend>,
     revnat6: HashMap<MapData, u32, Lb6ReverseNat>,
     rev_sk6: HashMap<MapData, Lb6RevSkKey, Lb6RevSkVal>,
+    /// `nb_svc_stats`; None when the pins predate it (an older agent's,
+    /// read by this build's CLI).
+    svc_stats: Option<PerCpuHashMap<MapData, u32, SvcStats>>,
 }
 
 fn open(pins: &Pins, name: &'static str) -> Result<Map, MapsError> {
@@ -106,7 +109,32 @@ impl KernelMaps {
             backends6: typed(pins, names::BACKENDS6)?,
             revnat6: typed(pins, names::REVNAT6)?,
             rev_sk6: typed(pins, names::REV_SK6)?,
+            svc_stats: if pins.map(names::SVC_STATS).exists() {
+                Some(typed(pins, names::SVC_STATS)?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// Per-Service counters, summed over CPUs, by service id (empty when
+    /// the pins have no `nb_svc_stats`).
+    pub fn svc_stats(&self) -> Result<std::collections::BTreeMap<u32, SvcStats>, MapsError> {
+        let mut out = std::collections::BTreeMap::new();
+        let Some(m) = &self.svc_stats else {
+            return Ok(out);
+        };
+        for e in m.iter() {
+            match e {
+                Ok((id, per_cpu)) => {
+                    out.insert(id, SvcStats::sum(per_cpu.iter()));
+                }
+                // Deleted while iterating: skip it.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(kerr(names::SVC_STATS, "iter")(e)),
+            }
+        }
+        Ok(out)
     }
 
     /// The per-outcome counters, summed over CPUs.
@@ -213,6 +241,12 @@ impl LbMaps for KernelMaps {
     }
     fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError> {
         absent_ok(self.revnat6.remove(&id)).map_err(kerr(names::REVNAT6, "delete"))
+    }
+    fn delete_svc_stats(&mut self, id: u32) -> Result<(), MapsError> {
+        match &mut self.svc_stats {
+            Some(m) => absent_ok(m.remove(&id)).map_err(kerr(names::SVC_STATS, "delete")),
+            None => Ok(()),
+        }
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         Ok(MapsDump {

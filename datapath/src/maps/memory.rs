@@ -37,6 +37,9 @@ pub struct MemoryMaps {
     /// Capacities: inserting a new key into a map at its limit fails with
     /// [`MapsError::Full`] (replacing an existing key never does), as in the kernel.
     pub limits: MapLimits,
+    /// `nb_svc_stats` (summed over CPUs); tests put counts here as traffic
+    /// would. Its deletes are not counted in `writes` (no programming).
+    pub svc_stats: BTreeMap<u32, crate::layout::SvcStats>,
 }
 
 impl MemoryMaps {
@@ -176,6 +179,10 @@ impl LbMaps for MemoryMaps {
     fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError> {
         self.writes += 1;
         self.state.revnat6.remove(&id);
+        Ok(())
+    }
+    fn delete_svc_stats(&mut self, id: u32) -> Result<(), MapsError> {
+        self.svc_stats.remove(&id);
         Ok(())
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {

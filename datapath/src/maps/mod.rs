@@ -273,6 +273,13 @@ pub trait LbMaps {
     fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError>;
     /// Reads everything back.
     fn dump(&self) -> Result<MapsDump, MapsError>;
+    /// Deletes service id `id`'s per-Service counters (`nb_svc_stats`), so
+    /// that a frontend given a freed id starts at 0. Absent: Ok. The
+    /// default is for backends without the map (e.g. timing wrappers).
+    fn delete_svc_stats(&mut self, id: u32) -> Result<(), MapsError> {
+        let _ = id;
+        Ok(())
+    }
 
     /// Writes slot `slot` of frontend `fe` into the map of its family.
     fn put_service(&mut self, fe: L4Addr, slot: u16, val: Lb4Service) -> Result<(), MapsError> {

@@ -803,3 +803,37 @@ fn a_service_with_a_thousand_ports_is_programmed_or_reported_never_wedging_the_o
         p.summary()
     );
 }
+
+/// Why: per-Service counters are keyed by service id and ids are reused; a
+/// new Service must not inherit the counts of the one that had its id.
+#[test]
+fn a_reused_service_id_starts_with_no_counters() {
+    use crate::layout::SvcStats;
+    let be = [(tcp([10, 244, 1, 1], 8080), BackendState::Active)];
+    let a = frontend(tcp([10, 96, 0, 1], 80), "ns/a:http", &be);
+    let b = frontend(tcp([10, 96, 0, 2], 80), "ns/b:http", &be);
+    let one = |f: &Frontend| {
+        let mut t = DesiredTable::default();
+        t.insert(f.clone());
+        t
+    };
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    r.reconcile(&one(&a)).unwrap();
+    let id = r.service_id(&a.addr).unwrap();
+    let traffic = SvcStats {
+        translated: 9,
+        ..Default::default()
+    };
+    r.maps_mut().svc_stats.insert(id, traffic);
+    // An unchanged pass leaves them alone.
+    r.reconcile(&one(&a)).unwrap();
+    assert_eq!(r.maps().svc_stats.get(&id), Some(&traffic));
+    // Deleted with the frontend ...
+    r.reconcile(&DesiredTable::default()).unwrap();
+    assert!(r.maps().svc_stats.is_empty());
+    // ... and again when the id is handed out (a racing connect recreated them).
+    r.maps_mut().svc_stats.insert(id, traffic);
+    r.reconcile(&one(&b)).unwrap();
+    assert_eq!(r.service_id(&b.addr), Some(id), "the freed id is reused");
+    assert!(r.maps().svc_stats.is_empty());
+}

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use crate::cleanup::{Cgroup, ChildGuard, Netns, PinRoot};
 use netboot_datapath::config::MapSizes;
 
-use crate::netboot_lb::{map_sizes, MAX_FRONTENDS};
+use crate::netboot_lb::map_sizes;
 use crate::workload::Workload;
 
 /// What one agent start showed.
@@ -183,7 +183,7 @@ pub fn run(
     timeout: Duration,
 ) -> Result<AgentResult> {
     let dir = crate::cleanup::TmpDir::new(&format!("{run_tag}-agent"))?;
-    let sizes = map_sizes((w.n as usize).min(MAX_FRONTENDS), w.b, w.endpoints());
+    let sizes = map_sizes(w.n as usize, w.b, w.endpoints());
     let config = agent_config(6443, &sizes);
     let cfg_path = dir.path().join("config.yaml");
     std::fs::write(&cfg_path, config)?;

@@ -48,6 +48,12 @@ pub struct Cli {
     /// Skip the goals' programming scenario (10k Services x 10 endpoints).
     #[arg(long)]
     pub no_goal_scenario: bool,
+    /// Skip the real agent binary's cold start and RSS (at 1M Services its
+    /// static file is ~1 GB: writing and parsing it takes minutes). The
+    /// latency and programming rows do not need it: they drive the agent's
+    /// reconciler in this process.
+    #[arg(long)]
+    pub no_agent: bool,
     /// Only the IPv4 latency rows: no IPv6 and IPv4-mapped rows, no IPv6
     /// frontends in netboot's maps.
     #[arg(long)]

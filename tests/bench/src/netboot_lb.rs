@@ -23,13 +23,11 @@ use netboot_datapath::watch::Watched;
 
 use crate::cleanup::{Cgroup, PinRoot};
 
-/// Most frontends netboot can program: service ids (`rev_nat_index`) are
-/// u32 and 0 is never used (`ReconcileError::ServiceIdsExhausted`); the
-/// maps (sized by [`map_sizes`]) are the real limit.
-pub const MAX_FRONTENDS: usize = (u32::MAX - 1) as usize;
-
 /// Map sizes that fit `frontends` × `per` slots and `endpoints` backends
-/// (never below the agent's defaults).
+/// (never below the agent's defaults). Service ids (`rev_nat_index`) are
+/// u32, so these sizes are netboot's only limit on the number of Services;
+/// the lb6 maps get the same sizes, so the dual-stack table of the same
+/// Services fits too.
 pub fn map_sizes(frontends: usize, per: u32, endpoints: u64) -> MapSizes {
     let d = MapSizes::default();
     let slots = frontends as u64 * (u64::from(per) + 1) + 1024;
@@ -253,42 +251,16 @@ impl NetbootLb {
     }
 }
 
-/// The last `max` frontends of `t` (by address: the last-declared Services,
-/// whose ClusterIPs are highest).
-pub fn capped(t: &DesiredTable, max: usize) -> DesiredTable {
-    let skip = t.frontends.len().saturating_sub(max);
-    DesiredTable {
-        frontends: t
-            .frontends
-            .iter()
-            .skip(skip)
-            .map(|(k, v)| (*k, v.clone()))
-            .collect(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::Workload;
-
-    #[test]
-    fn capped_keeps_the_last_declared_services() {
-        let w = Workload::new(10, 2).expect("size");
-        let t = netboot_datapath::desired::build(&w.services(), &w.slices(false), 10800);
-        let c = capped(&t, 4);
-        assert_eq!(c.frontends.len(), 4);
-        let last = w.target();
-        assert!(c.frontends.keys().any(|k| k.ip == *last.ip()));
-        assert_eq!(capped(&t, 100).frontends.len(), 10);
-    }
 
     #[test]
     fn map_sizes_fit_the_workload() {
-        let s = map_sizes(65535, 2, 200_000);
-        assert!(s.services as usize >= 65535 * 3);
-        assert!(s.backends >= 200_000);
-        assert!(map_sizes(1_000_000, 2, 0).reverse_nat >= 1_000_000);
+        let s = map_sizes(1_000_000, 2, 2_000_000);
+        assert!(s.services >= 3_000_000);
+        assert!(s.backends >= 2_000_000);
+        assert!(s.reverse_nat >= 1_000_000);
         assert_eq!(map_sizes(10, 2, 20), MapSizes::default());
     }
 }

@@ -410,7 +410,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
 
-    let _ = writeln!(o, "\n## Goals (issues 6 and 13)\n");
+    let _ = writeln!(o, "\n## Goals (issues 6, 13 and 18)\n");
     for g in &r.goals {
         let word = match g.status {
             GoalStatus::Met => "MET",

@@ -9,7 +9,7 @@ use crate::cleanup::{self, Cgroup};
 use crate::goals::{self, GoalStatus};
 use crate::report::{self, Report, RunConfig};
 use crate::settings::{Settings, GOAL_SCENARIO};
-use crate::size::{self, Ctx, Scope};
+use crate::size::{self, Ctx, Scope, TimedOut};
 use crate::workload::Workload;
 use crate::{machine, plot};
 
@@ -76,35 +76,41 @@ pub fn run(s: &Settings) -> Result<Report> {
     eprintln!("IPVS: {}", rep.machine.ipvs);
     rep.notes.push(format!("IPVS: {}.", rep.machine.ipvs));
 
-    let agent_bin = match crate::agent_run::locate_binary(s.agent_bin.as_deref()) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            let msg = format!("agent not measured: {e:#}");
-            eprintln!("{msg}");
-            rep.notes.push(msg);
-            None
+    let agent_bin = if !s.agent {
+        rep.notes.push("agent not measured: --no-agent".into());
+        None
+    } else {
+        match crate::agent_run::locate_binary(s.agent_bin.as_deref()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let msg = format!("agent not measured: {e:#}");
+                eprintln!("{msg}");
+                rep.notes.push(msg);
+                None
+            }
         }
     };
     let run_tag = cleanup::run_tag();
     let plain = Cgroup::new(&format!("{run_tag}/plain"))?;
+    let timed_out = TimedOut::default();
     let ctx = Ctx {
         s,
         run_tag: &run_tag,
         plain: &plain,
         agent_bin: agent_bin.as_deref(),
+        timed_out: &timed_out,
     };
     for n in &s.sizes {
         let w = Workload::new(*n, s.backends)?;
         size::run(&ctx, &w, Scope::Full, &mut rep)?;
+        checkpoint(&mut rep, s, started);
     }
     if let Some((n, b)) = s.goal_scenario {
         let w = Workload::new(n, b)?;
         size::run(&ctx, &w, Scope::ProgrammingOnly, &mut rep)?;
     }
     drop(plain);
-    rep.machine.loadavg_end = machine::loadavg();
-    rep.duration_s = started.elapsed().as_secs_f64();
-    rep.goals = goals::evaluate(&rep, s.goal_scenario.unwrap_or(GOAL_SCENARIO));
+    finish(&mut rep, s, started);
     if s.quick {
         rep.notes.push(
             "quick mode: N=1000 only with few connections and repeats; the goals need the full run"
@@ -112,6 +118,22 @@ pub fn run(s: &Settings) -> Result<Report> {
         );
     }
     Ok(rep)
+}
+
+/// Load average, duration and goals as of now.
+fn finish(rep: &mut Report, s: &Settings, started: Instant) {
+    rep.machine.loadavg_end = machine::loadavg();
+    rep.duration_s = started.elapsed().as_secs_f64();
+    rep.goals = goals::evaluate(rep, s.goal_scenario.unwrap_or(GOAL_SCENARIO));
+}
+
+/// Writes what the run has measured so far (a run stopped later keeps the
+/// sizes it finished); the final write replaces it.
+fn checkpoint(rep: &mut Report, s: &Settings, started: Instant) {
+    finish(rep, s, started);
+    if let Err(e) = write(rep, &s.out) {
+        eprintln!("writing the results so far: {e:#}");
+    }
 }
 
 /// Writes bench.md, bench.json and latency.svg into `out`.
@@ -138,7 +160,7 @@ pub fn write(rep: &Report, out: &Path) -> Result<Written> {
 
 /// The goals, one line each, for the terminal.
 pub fn print_goals(rep: &Report) {
-    println!("\nGoals (issues 6 and 13):");
+    println!("\nGoals (issues 6, 13 and 18):");
     for g in &rep.goals {
         let word = match g.status {
             GoalStatus::Met => "MET         ",

@@ -74,6 +74,8 @@ pub struct Settings {
     pub iptables: IptablesBackend,
     /// The agent binary (None: built/found next to this one).
     pub agent_bin: Option<PathBuf>,
+    /// Measure the real agent binary (`--no-agent` turns it off).
+    pub agent: bool,
     /// Programming-only run for the goals (services, endpoints per service).
     pub goal_scenario: Option<(u32, u32)>,
     /// Repeat policies.
@@ -143,6 +145,7 @@ impl Settings {
             out,
             iptables: cli.iptables,
             agent_bin: cli.agent_bin.clone(),
+            agent: !cli.no_agent,
             goal_scenario: (!quick && !cli.no_goal_scenario).then_some(GOAL_SCENARIO),
             repeats,
             agent_timeout: Duration::from_secs(if quick { 30 } else { 120 }),

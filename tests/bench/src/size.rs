@@ -3,6 +3,7 @@
 //! A phase that fails is recorded in the report and the run goes on (an
 //! interrupt stops it).
 
+use std::cell::RefCell;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use crate::kube_proxy::{
     RuleFiles,
 };
 use crate::latency::{self, Lane, Plan};
-use crate::netboot_lb::{capped, map_sizes, NetbootLb, MAX_FRONTENDS};
+use crate::netboot_lb::{map_sizes, NetbootLb};
 use crate::nft_rules;
 use crate::report::{m, Report, AGENT};
 use crate::settings::{Repeat, Settings};
@@ -37,8 +38,10 @@ pub struct Ctx<'a> {
     pub run_tag: &'a str,
     /// cgroup of the floor / iptables / nftables clients (no programs).
     pub plain: &'a Cgroup,
-    /// The agent binary, if found.
+    /// The agent binary, if found and wanted.
     pub agent_bin: Option<&'a Path>,
+    /// Rule loads that hit the time limit at an earlier size.
+    pub timed_out: &'a TimedOut,
 }
 
 /// What a size measures.
@@ -108,99 +111,162 @@ fn phase<T>(
     }
 }
 
-/// Files of one size.
-struct Files {
-    ipt_empty: PathBuf,
-    ipt_a: PathBuf,
-    ipt_b: PathBuf,
-    ipt_partial_a: PathBuf,
-    ipt_partial_b: PathBuf,
-    nft_delete: PathBuf,
-    nft_full: PathBuf,
-    nft_to_a: PathBuf,
-    nft_to_b: PathBuf,
+/// iptables files of one size.
+struct IptFiles {
+    empty: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+    partial_a: PathBuf,
+    partial_b: PathBuf,
+}
+
+/// nftables files of one size.
+struct NftFiles {
+    delete: PathBuf,
+    full: PathBuf,
+    to_a: PathBuf,
+    to_b: PathBuf,
     /// The same table in transactions of [`NFT_CHUNK`] Services (fallback load).
-    nft_chunks: Vec<PathBuf>,
+    chunks: Vec<PathBuf>,
+}
+
+/// Files of one size (None: that variant is not attempted at this size, see
+/// [`TimedOut`]).
+struct Files {
+    ipt: Option<IptFiles>,
+    nft: Option<NftFiles>,
     _dir: RuleFiles,
 }
 
 /// Services per transaction when the nft table is loaded in pieces.
 pub const NFT_CHUNK: u32 = 5000;
 
-/// netboot's table (before the change), capped to what it can hold.
+/// A rule load that can hit the time limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Load {
+    /// `iptables-restore` of the whole ruleset (nothing loaded in time).
+    IptablesFull,
+    /// kube-proxy ≥ 1.28's partial restore.
+    IptablesPartial,
+    /// kube-proxy's nftables table (whole, then in transactions).
+    Nftables,
+}
+
+impl Load {
+    fn what(self) -> &'static str {
+        match self {
+            Load::IptablesFull => "iptables-restore of the whole ruleset",
+            Load::IptablesPartial => "the partial iptables-restore",
+            Load::Nftables => "loading kube-proxy's nftables table (whole, then in transactions)",
+        }
+    }
+}
+
+/// Loads that hit the time limit in this run and the size they hit it at.
+/// A size at least as large (as many Services and endpoints per Service or
+/// more) does not try them again: they only get slower with N, and each try
+/// costs the whole limit (the 1M run would spend ~10 min failing).
+#[derive(Debug, Default)]
+pub struct TimedOut(RefCell<Vec<(Load, u32, u32)>>);
+
+impl TimedOut {
+    /// `load` hit the limit at `w`'s size.
+    pub fn record(&self, load: Load, w: &Workload) {
+        self.0.borrow_mut().push((load, w.n, w.b));
+    }
+
+    /// Why `load` is not attempted at `w`'s size (it hit the limit at a
+    /// size no larger), if so.
+    pub fn skip(&self, load: Load, w: &Workload, limit: Duration) -> Option<String> {
+        self.0
+            .borrow()
+            .iter()
+            .find(|(l, n, b)| *l == load && *n <= w.n && *b <= w.b)
+            .map(|(_, n, b)| {
+                format!(
+                    "not attempted: {} did not finish within {} s at {n} services x {b} earlier in this run",
+                    load.what(),
+                    limit.as_secs()
+                )
+            })
+    }
+}
+
+/// netboot's table (before the change).
 struct Tables {
     a: DesiredTable,
-    full: usize,
     build_ms: f64,
 }
 
-fn generate(w: &Workload, tag: &str) -> Result<(Files, Tables)> {
+fn generate(w: &Workload, tag: &str, ipt: bool, nft: bool) -> Result<(Files, Tables)> {
     let dir = RuleFiles::new(tag)?;
     let services = w.services();
-    let opts = iptables_rules::options();
     let slices_a = w.slices(false);
     let t = Instant::now();
     let a = desired::build(&services, &slices_a, 10800);
     let build_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let ipt_a_text = netboot_harness::kubeproxy_rules::render(&services, &slices_a, &opts);
-    drop(slices_a);
-    let slices_b = w.slices(true);
-    let ipt_b_text = netboot_harness::kubeproxy_rules::render(&services, &slices_b, &opts);
-    drop(slices_b);
-    drop(services);
-    let files = Files {
-        ipt_empty: dir.write("ipt-empty.rules", &iptables_rules::empty())?,
-        ipt_partial_a: dir.write(
+    let ipt = if ipt {
+        let opts = iptables_rules::options();
+        let a_text = netboot_harness::kubeproxy_rules::render(&services, &slices_a, &opts);
+        let a = dir.write("ipt-a.rules", &a_text)?;
+        let partial_a = dir.write(
             "ipt-partial-a.rules",
-            &iptables_rules::partial(w, &ipt_a_text, false),
-        )?,
-        ipt_partial_b: dir.write(
-            "ipt-partial-b.rules",
-            &iptables_rules::partial(w, &ipt_b_text, true),
-        )?,
-        ipt_a: dir.write("ipt-a.rules", &ipt_a_text)?,
-        ipt_b: dir.write("ipt-b.rules", &ipt_b_text)?,
-        nft_delete: dir.write("nft-delete.nft", &nft_rules::delete_table())?,
-        nft_full: dir.write("nft-full.nft", &nft_rules::full_sync(w, false))?,
-        nft_to_a: dir.write("nft-to-a.nft", &nft_rules::endpoint_change(w, false))?,
-        nft_to_b: dir.write("nft-to-b.nft", &nft_rules::endpoint_change(w, true))?,
-        nft_chunks: nft_rules::full_sync_chunks(w, NFT_CHUNK)
-            .iter()
-            .enumerate()
-            .map(|(i, text)| dir.write(&format!("nft-chunk-{i:03}.nft"), text))
-            .collect::<Result<_>>()?,
+            &iptables_rules::partial(w, &a_text, false),
+        )?;
+        drop(a_text);
+        let slices_b = w.slices(true);
+        let b_text = netboot_harness::kubeproxy_rules::render(&services, &slices_b, &opts);
+        drop(slices_b);
+        Some(IptFiles {
+            empty: dir.write("ipt-empty.rules", &iptables_rules::empty())?,
+            a,
+            partial_a,
+            partial_b: dir.write(
+                "ipt-partial-b.rules",
+                &iptables_rules::partial(w, &b_text, true),
+            )?,
+            b: dir.write("ipt-b.rules", &b_text)?,
+        })
+    } else {
+        None
+    };
+    drop(slices_a);
+    drop(services);
+    let nft = if nft {
+        Some(NftFiles {
+            delete: dir.write("nft-delete.nft", &nft_rules::delete_table())?,
+            full: dir.write("nft-full.nft", &nft_rules::full_sync(w, false))?,
+            to_a: dir.write("nft-to-a.nft", &nft_rules::endpoint_change(w, false))?,
+            to_b: dir.write("nft-to-b.nft", &nft_rules::endpoint_change(w, true))?,
+            chunks: nft_rules::full_sync_chunks(w, NFT_CHUNK)
+                .iter()
+                .enumerate()
+                .map(|(i, text)| dir.write(&format!("nft-chunk-{i:03}.nft"), text))
+                .collect::<Result<_>>()?,
+        })
+    } else {
+        None
+    };
+    let files = Files {
+        ipt,
+        nft,
         _dir: dir,
     };
-    let full = a.frontends.len();
-    let a = if full > MAX_FRONTENDS {
-        capped(&a, MAX_FRONTENDS)
-    } else {
-        a
-    };
-    Ok((files, Tables { a, full, build_ms }))
-}
-
-fn cap_note(t: &Tables) -> String {
-    if t.full > t.a.frontends.len() {
-        format!(
-            "capped at {} of {} services (u16 service ids)",
-            t.a.frontends.len(),
-            t.full
-        )
-    } else {
-        String::new()
-    }
+    Ok((files, Tables { a, build_ms }))
 }
 
 /// Runs one size.
 pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()> {
     let (n, b) = (w.n, w.b);
     let tag = format!("{}-{n}x{b}", ctx.run_tag);
+    let limit = ctx.s.sync_limit;
+    let skip_ipt = ctx.timed_out.skip(Load::IptablesFull, w, limit);
+    let skip_nft = ctx.timed_out.skip(Load::Nftables, w, limit);
     let Some((files, tables)) = phase(
         rep,
         w,
         "generating Services, EndpointSlices, desired tables and rules",
-        |_| generate(w, &tag),
+        |_| generate(w, &tag, skip_ipt.is_none(), skip_nft.is_none()),
     )?
     else {
         return Ok(());
@@ -241,23 +307,6 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
         // Full syncs (cold: from empty every time; they end programmed).
         if let Some(nb) = nb.as_mut() {
             phase(rep, w, "netboot full sync", |rep| {
-                let mut note = cap_note(&tables);
-                if tables.full > MAX_FRONTENDS {
-                    // Show what happens when all N are asked for.
-                    let whole = desired::build(&w.services(), &w.slices(false), 10800);
-                    let pass = nb.reconcile(&whole);
-                    drop(whole);
-                    if let Err(e) = pass.result {
-                        note = format!(
-                            "all {} services: failed after {:.0} ms with \"{e}\" ({} frontends programmed); numbers are for the last-declared {}",
-                            tables.full,
-                            pass.took.as_secs_f64() * 1000.0,
-                            nb.programmed(),
-                            tables.a.frontends.len()
-                        );
-                    }
-                    nb.clear()?;
-                }
                 let mut writes = 0;
                 let mut in_maps: Vec<f64> = Vec::new();
                 let samples = repeat(r.full_sync, |_| {
@@ -269,15 +318,11 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
                     in_maps.push(p.in_maps.as_secs_f64() * 1000.0);
                     Ok(p.took)
                 })?;
-                let maps = format!(
-                    "{writes} map writes taking {} ms of it",
+                let note = format!(
+                    "{} frontends; {writes} map writes taking {} ms of it",
+                    nb.programmed(),
                     crate::report::num(summarize(&in_maps).p50)
                 );
-                let note = if note.is_empty() {
-                    maps
-                } else {
-                    format!("{note}; {maps}")
-                };
                 rep.add(
                     n,
                     b,
@@ -290,100 +335,116 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
                 Ok(())
             })?;
         }
-        let limit = ctx.s.sync_limit;
         let over = |what: &str| {
             format!(
                 "one {what} did not finish within {} s: killed (nothing committed)",
                 limit.as_secs()
             )
         };
-        phase(rep, w, "iptables full sync (iptables-restore)", |rep| {
-            let mut killed = false;
-            let samples = repeat_until(r.full_sync, |_| {
-                iptables_restore(ipt_ns, backend, &files.ipt_empty, false)?;
-                match iptables_restore_limit(ipt_ns, backend, &files.ipt_a, false, limit)? {
-                    Timed::Done(d) => Ok(Some(d)),
-                    Timed::Killed(_) => {
-                        killed = true;
-                        Ok(None)
+        let ipt_loaded = match (&files.ipt, &skip_ipt) {
+            (Some(ipt), _) => phase(rep, w, "iptables full sync (iptables-restore)", |rep| {
+                let mut killed = false;
+                let samples = repeat_until(r.full_sync, |_| {
+                    iptables_restore(ipt_ns, backend, &ipt.empty, false)?;
+                    match iptables_restore_limit(ipt_ns, backend, &ipt.a, false, limit)? {
+                        Timed::Done(d) => Ok(Some(d)),
+                        Timed::Killed(_) => {
+                            killed = true;
+                            Ok(None)
+                        }
                     }
+                })?;
+                let loaded = !samples.is_empty();
+                let note = match (killed, loaded) {
+                    (false, _) => String::new(),
+                    (true, true) => over("iptables-restore"),
+                    (true, false) => format!(
+                        "{}: iptables not measured at this size",
+                        over("iptables-restore of the whole ruleset")
+                    ),
+                };
+                let stats = loaded.then(|| summarize(&samples));
+                rep.add(n, b, ipt_name, m::FULL_SYNC, "ms", stats, note);
+                if !loaded {
+                    ctx.timed_out.record(Load::IptablesFull, w);
+                } else if killed {
+                    iptables_restore(ipt_ns, backend, &ipt.a, false)?;
                 }
-            })?;
-            let note = if killed {
-                over("iptables-restore")
-            } else {
-                String::new()
-            };
-            rep.add(
-                n,
-                b,
-                ipt_name,
-                m::FULL_SYNC,
-                "ms",
-                Some(summarize(&samples)),
-                note,
-            );
-            if killed && samples.is_empty() {
-                bail!(
-                    "the iptables ruleset could not be loaded within {} s",
-                    limit.as_secs()
-                );
+                Ok(loaded)
+            })?
+            .unwrap_or(false),
+            (None, why) => {
+                let why = why.clone().unwrap_or_default();
+                rep.add(n, b, ipt_name, m::FULL_SYNC, "ms", None, why);
+                false
             }
-            if killed {
-                iptables_restore(ipt_ns, backend, &files.ipt_a, false)?;
-            }
-            Ok(())
-        })?;
-        let nft_loaded = phase(rep, w, "nftables full sync (nft -f)", |rep| {
-            let mut killed = false;
-            let samples = repeat_until(r.full_sync, |_| {
-                nft_apply(nft_ns, &files.nft_delete)?;
-                match nft_apply_limit(nft_ns, &files.nft_full, limit)? {
-                    Timed::Done(d) => Ok(Some(d)),
-                    Timed::Killed(_) => {
-                        killed = true;
-                        Ok(None)
+        };
+        let nft_loaded = match (&files.nft, &skip_nft) {
+            (Some(nft), _) => phase(rep, w, "nftables full sync (nft -f)", |rep| {
+                let mut killed = false;
+                let samples = repeat_until(r.full_sync, |_| {
+                    nft_apply(nft_ns, &nft.delete)?;
+                    match nft_apply_limit(nft_ns, &nft.full, limit)? {
+                        Timed::Done(d) => Ok(Some(d)),
+                        Timed::Killed(_) => {
+                            killed = true;
+                            Ok(None)
+                        }
                     }
-                }
-            })?;
-            let mut note = String::new();
-            let mut loaded = true;
-            if killed {
-                note = over("nft -f of the whole table");
-                // The latency measurement still needs the table: load the same
-                // commands in smaller transactions (untimed), within a budget.
-                let budget = ctx.s.nft_load_budget;
-                let t = Instant::now();
-                nft_apply(nft_ns, &files.nft_delete)?;
-                for (i, f) in files.nft_chunks.iter().enumerate() {
-                    let left = budget.saturating_sub(t.elapsed());
-                    let ok = !left.is_zero()
-                        && matches!(nft_apply_limit(nft_ns, f, left)?, Timed::Done(_));
-                    if !ok {
-                        loaded = false;
-                        nft_apply(nft_ns, &files.nft_delete)?;
+                })?;
+                let mut note = String::new();
+                let mut loaded = true;
+                if killed {
+                    note = over("nft -f of the whole table");
+                    // The latency measurement still needs the table: load the same
+                    // commands in smaller transactions (untimed), within a budget.
+                    let budget = ctx.s.nft_load_budget;
+                    let t = Instant::now();
+                    nft_apply(nft_ns, &nft.delete)?;
+                    for (i, f) in nft.chunks.iter().enumerate() {
+                        let left = budget.saturating_sub(t.elapsed());
+                        let ok = !left.is_zero()
+                            && matches!(nft_apply_limit(nft_ns, f, left)?, Timed::Done(_));
+                        if !ok {
+                            loaded = false;
+                            nft_apply(nft_ns, &nft.delete)?;
+                            note.push_str(&format!(
+                                "; loading it as transactions of {NFT_CHUNK} Services did not finish within {} s either ({i} of {} loaded; the kernel time of each transaction grows with the sets already in the table): nftables not measured at this size",
+                                budget.as_secs(),
+                                nft.chunks.len()
+                            ));
+                            break;
+                        }
+                    }
+                    if loaded {
                         note.push_str(&format!(
-                            "; loading it as transactions of {NFT_CHUNK} Services did not finish within {} s either ({i} of {} loaded; the kernel time of each transaction grows with the sets already in the table): nftables not measured at this size",
-                            budget.as_secs(),
-                            files.nft_chunks.len()
+                            "; loaded instead as {} transactions of {NFT_CHUNK} Services in {:.1} s",
+                            nft.chunks.len(),
+                            t.elapsed().as_secs_f64()
                         ));
-                        break;
                     }
                 }
-                if loaded {
-                    note.push_str(&format!(
-                        "; loaded instead as {} transactions of {NFT_CHUNK} Services in {:.1} s",
-                        files.nft_chunks.len(),
-                        t.elapsed().as_secs_f64()
-                    ));
+                if !loaded {
+                    ctx.timed_out.record(Load::Nftables, w);
                 }
+                let stats = (!samples.is_empty()).then(|| summarize(&samples));
+                rep.add(n, b, nft_name, m::FULL_SYNC, "ms", stats, note);
+                Ok(loaded)
+            })?
+            .unwrap_or(false),
+            (None, why) => {
+                let why = why.clone().unwrap_or_default();
+                rep.add(n, b, nft_name, m::FULL_SYNC, "ms", None, why);
+                false
             }
-            let stats = (!samples.is_empty()).then(|| summarize(&samples));
-            rep.add(n, b, nft_name, m::FULL_SYNC, "ms", stats, note);
-            Ok(loaded)
-        })?
-        .unwrap_or(false);
+        };
         let mut skip: Vec<(Variant, String)> = Vec::new();
+        if !ipt_loaded {
+            skip.push((
+                Variant::Iptables,
+                "not measured: kube-proxy's iptables ruleset could not be loaded in time (see programming cost)".into(),
+            ));
+        }
         if !nft_loaded {
             skip.push((
                 Variant::Nftables,
@@ -403,12 +464,7 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
         // rebuilt → partial reconcile.
         if let Some(nb) = nb.as_mut() {
             phase(rep, w, "netboot endpoint change", |rep| {
-                // The same Services the capped tables hold (one frontend each,
-                // VIPs in declaration order).
-                let first =
-                    w.n.saturating_sub(u32::try_from(MAX_FRONTENDS).unwrap_or(u32::MAX));
-                let (services, slices) = w.objects_from(first);
-                let (mut path, initial) = nb.agent_path(services, slices)?;
+                let (mut path, initial) = nb.agent_path(w.services(), w.slices(false))?;
                 let mut writes: Vec<u64> = Vec::new();
                 let mut in_maps: Vec<f64> = Vec::new();
                 let samples = repeat(r.netboot_change, |i| {
@@ -436,17 +492,13 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
                 );
                 let mut note = format!(
                     "timed: one EndpointSlice event through the agent's path (Service marked dirty, its frontends rebuilt, partial reconcile of that Service only; {} frontends programmed); {lo}-{hi} map writes per change",
-                    tables.a.frontends.len()
+                    nb.programmed()
                 );
                 if initial.writes() > 0 {
                     note.push_str(&format!(
                         "; the agent's first full pass wrote {} (expected 0)",
                         initial.writes()
                     ));
-                }
-                let cap = cap_note(&tables);
-                if !cap.is_empty() {
-                    note = format!("{cap}; {note}");
                 }
                 rep.add(
                     n,
@@ -460,72 +512,59 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
                 Ok(())
             })?;
         }
-        phase(
-            rep,
-            w,
-            "iptables endpoint change (full iptables-restore)",
-            |rep| {
-                let samples = repeat_until(r.iptables_change, |i| {
-                    let f = if i % 2 == 0 {
-                        &files.ipt_b
-                    } else {
-                        &files.ipt_a
-                    };
-                    match iptables_restore_limit(ipt_ns, backend, f, false, limit)? {
-                        Timed::Done(d) => Ok(Some(d)),
-                        Timed::Killed(_) => bail!("{}", over("iptables-restore")),
-                    }
-                })?;
-                if samples.len() % 2 == 1 {
-                    iptables_restore(ipt_ns, backend, &files.ipt_a, false)?;
+        match &files.ipt {
+            Some(ipt) if ipt_loaded => {
+                ipt_changes(ctx, w, ipt, ipt_ns, rep)?;
+            }
+            _ => {
+                for metric in [m::CHANGE, m::CHANGE_PARTIAL] {
+                    rep.add(
+                        n,
+                        b,
+                        ipt_name,
+                        metric,
+                        "ms",
+                        None,
+                        "not measured: no ruleset",
+                    );
                 }
-                rep.add(
-                    n,
-                    b,
-                    ipt_name,
-                    m::CHANGE,
-                    "ms",
-                    Some(summarize(&samples)),
-                    "",
-                );
-                Ok(())
-            },
-        )?;
-        phase(
-            rep,
-            w,
-            "iptables endpoint change (partial restore, kube-proxy >= 1.28)",
-            |rep| {
-                let mut killed = false;
-                let samples = repeat_until(r.iptables_partial, |i| {
-                    let f = if i % 2 == 0 {
-                        &files.ipt_partial_b
-                    } else {
-                        &files.ipt_partial_a
-                    };
-                    match iptables_restore_limit(ipt_ns, backend, f, true, limit)? {
-                        Timed::Done(d) => Ok(Some(d)),
-                        Timed::Killed(_) => {
-                            killed = true;
-                            Ok(None)
-                        }
-                    }
-                })?;
-                if samples.len() % 2 == 1 {
-                    iptables_restore(ipt_ns, backend, &files.ipt_partial_a, true)?;
-                }
-                let note = if killed {
-                    over("partial iptables-restore")
-                } else {
-                    String::new()
-                };
-                let stats = (!samples.is_empty()).then(|| summarize(&samples));
-                rep.add(n, b, ipt_name, m::CHANGE_PARTIAL, "ms", stats, note);
-                Ok(())
-            },
-        )?;
-        if !nft_loaded {
-            rep.add(
+            }
+        }
+        match &files.nft {
+            Some(nft) if nft_loaded => {
+                phase(
+                    rep,
+                    w,
+                    "nftables endpoint change (incremental transaction)",
+                    |rep| {
+                        let samples = repeat(r.nft_change, |i| {
+                            let f = if i % 2 == 0 { &nft.to_b } else { &nft.to_a };
+                            nft_apply(nft_ns, f)
+                        })?;
+                        rep.add(
+                            n,
+                            b,
+                            nft_name,
+                            m::CHANGE,
+                            "ms",
+                            Some(summarize(&samples)),
+                            "",
+                        );
+                        let list = repeat(r.nft_list, |_| nft_list_chains(nft_ns))?;
+                        rep.add(
+                            n,
+                            b,
+                            nft_name,
+                            m::LIST_CHAINS,
+                            "ms",
+                            Some(summarize(&list)),
+                            "",
+                        );
+                        Ok(())
+                    },
+                )?;
+            }
+            _ => rep.add(
                 n,
                 b,
                 nft_name,
@@ -533,43 +572,7 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
                 "ms",
                 None,
                 "not measured: no table",
-            );
-        } else {
-            phase(
-                rep,
-                w,
-                "nftables endpoint change (incremental transaction)",
-                |rep| {
-                    let samples = repeat(r.nft_change, |i| {
-                        let f = if i % 2 == 0 {
-                            &files.nft_to_b
-                        } else {
-                            &files.nft_to_a
-                        };
-                        nft_apply(nft_ns, f)
-                    })?;
-                    rep.add(
-                        n,
-                        b,
-                        nft_name,
-                        m::CHANGE,
-                        "ms",
-                        Some(summarize(&samples)),
-                        "",
-                    );
-                    let list = repeat(r.nft_list, |_| nft_list_chains(nft_ns))?;
-                    rep.add(
-                        n,
-                        b,
-                        nft_name,
-                        m::LIST_CHAINS,
-                        "ms",
-                        Some(summarize(&list)),
-                        "",
-                    );
-                    Ok(())
-                },
-            )?;
+            ),
         }
         log(w, "tearing down");
         drop(nb);
@@ -618,18 +621,89 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
     Ok(())
 }
 
+/// iptables' endpoint changes on the loaded ruleset: a full restore
+/// (kube-proxy's full sync) and kube-proxy ≥ 1.28's partial restore.
+fn ipt_changes(
+    ctx: &Ctx,
+    w: &Workload,
+    ipt: &IptFiles,
+    ns: &Netns,
+    rep: &mut Report,
+) -> Result<()> {
+    let (n, b) = (w.n, w.b);
+    let (r, limit, backend) = (ctx.s.repeats, ctx.s.sync_limit, ctx.s.iptables);
+    let name = Variant::Iptables.name();
+    let over = |what: &str| {
+        format!(
+            "one {what} did not finish within {} s: killed (nothing committed)",
+            limit.as_secs()
+        )
+    };
+    phase(
+        rep,
+        w,
+        "iptables endpoint change (full iptables-restore)",
+        |rep| {
+            let samples = repeat_until(r.iptables_change, |i| {
+                let f = if i % 2 == 0 { &ipt.b } else { &ipt.a };
+                match iptables_restore_limit(ns, backend, f, false, limit)? {
+                    Timed::Done(d) => Ok(Some(d)),
+                    Timed::Killed(_) => bail!("{}", over("iptables-restore")),
+                }
+            })?;
+            if samples.len() % 2 == 1 {
+                iptables_restore(ns, backend, &ipt.a, false)?;
+            }
+            rep.add(n, b, name, m::CHANGE, "ms", Some(summarize(&samples)), "");
+            Ok(())
+        },
+    )?;
+    if let Some(why) = ctx.timed_out.skip(Load::IptablesPartial, w, limit) {
+        rep.add(n, b, name, m::CHANGE_PARTIAL, "ms", None, why);
+        return Ok(());
+    }
+    phase(
+        rep,
+        w,
+        "iptables endpoint change (partial restore, kube-proxy >= 1.28)",
+        |rep| {
+            let mut killed = false;
+            let samples = repeat_until(r.iptables_partial, |i| {
+                let f = if i % 2 == 0 {
+                    &ipt.partial_b
+                } else {
+                    &ipt.partial_a
+                };
+                match iptables_restore_limit(ns, backend, f, true, limit)? {
+                    Timed::Done(d) => Ok(Some(d)),
+                    Timed::Killed(_) => {
+                        killed = true;
+                        Ok(None)
+                    }
+                }
+            })?;
+            if samples.len() % 2 == 1 {
+                iptables_restore(ns, backend, &ipt.partial_a, true)?;
+            }
+            let note = if killed {
+                ctx.timed_out.record(Load::IptablesPartial, w);
+                over("partial iptables-restore")
+            } else {
+                String::new()
+            };
+            let stats = (!samples.is_empty()).then(|| summarize(&samples));
+            rep.add(n, b, name, m::CHANGE_PARTIAL, "ms", stats, note);
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
 /// netboot's maps during the latency phase: the IPv4 table plus the IPv6
-/// frontends of the dual-stack Services (issue 13), when they fit the u16
-/// service ids; put back to the IPv4 table afterwards.
+/// frontends of the dual-stack Services (issue 13; the lb6 maps have the
+/// lb4 maps' sizes); put back to the IPv4 table afterwards.
 fn program_dual_stack(w: &Workload, nb: &mut NetbootLb, tables: &Tables) -> Result<(), String> {
     let needed = tables.a.frontends.len() + w.n as usize;
-    if needed > MAX_FRONTENDS {
-        return Err(format!(
-            "not measured: the {} IPv6 frontends do not fit next to the {} IPv4 ones (service ids are u16: at most {MAX_FRONTENDS} frontends over both families)",
-            w.n,
-            tables.a.frontends.len()
-        ));
-    }
     let (services, slices) = w.dual_stack();
     let dual = desired::build(&services, &slices, 10800);
     if dual.frontends.len() != needed {
@@ -699,7 +773,7 @@ fn latency_phase(
             }
         }
     }
-    let res = measure_rows(ctx, w, topo, nb.as_deref(), tables, &skip_rows, rep);
+    let res = measure_rows(ctx, w, topo, nb.as_deref(), &skip_rows, rep);
     if dual {
         if let Some(nb) = nb {
             // Back to the IPv4 table the programming measurements use.
@@ -716,7 +790,6 @@ fn measure_rows(
     w: &Workload,
     topo: &Topology,
     nb: Option<&NetbootLb>,
-    tables: &Tables,
     skip: &[(Row, String)],
     rep: &mut Report,
 ) -> Result<()> {
@@ -792,12 +865,6 @@ fn measure_rows(
             ));
         }
         if row.variant == Variant::Netboot {
-            if row.family == Family::Ipv4 {
-                let cap = cap_note(tables);
-                if !cap.is_empty() {
-                    notes.push(cap);
-                }
-            }
             let hook = match row.family {
                 Family::Ipv4 => "connect4",
                 Family::Ipv6 => "connect6",
@@ -894,5 +961,24 @@ mod tests {
         })
         .expect("repeat");
         assert_eq!(v.len(), 1);
+    }
+
+    #[test]
+    fn a_load_that_timed_out_is_not_tried_at_larger_sizes() {
+        let t = TimedOut::default();
+        let limit = Duration::from_secs(200);
+        let at = |n, b| Workload::new(n, b).expect("size");
+        assert!(t.skip(Load::Nftables, &at(100_000, 2), limit).is_none());
+        t.record(Load::Nftables, &at(100_000, 2));
+        let why = t
+            .skip(Load::Nftables, &at(1_000_000, 2), limit)
+            .expect("skipped at 1M");
+        assert!(why.contains("within 200 s at 100000 services x 2"), "{why}");
+        assert!(t.skip(Load::Nftables, &at(100_000, 2), limit).is_some());
+        assert!(t.skip(Load::Nftables, &at(10_000, 10), limit).is_none());
+        assert!(t.skip(Load::Nftables, &at(100_000, 1), limit).is_none());
+        assert!(t
+            .skip(Load::IptablesFull, &at(1_000_000, 2), limit)
+            .is_none());
     }
 }

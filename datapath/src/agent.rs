@@ -895,6 +895,9 @@ async fn reconcile_loop(
                 last_hc_failed = hc_failed;
                 state.update(|s| s.health_check_ports = hc.ports().len());
                 let st = pass.stats;
+                if pass.kind == PassKind::Full && st.writes() > 0 {
+                    crate::sys::release_free_memory();
+                }
                 let prog = recon.programmed();
                 let took = t.elapsed();
                 if st.writes() > 0 {

@@ -46,13 +46,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use netboot_contract::features::{self, Feature};
 use serde::Serialize;
 
 use crate::layout::{L4Addr, BE_ACTIVE, BE_TERMINATING, PROTO_TCP, PROTO_UDP};
+use crate::service::Svc;
+use crate::slice::{Slice, SliceEndpoint, SliceFamily};
 
 /// State of a backend of one frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -117,17 +120,17 @@ pub struct External {
 /// frontend takes the ranges of its own family, as kube-proxy's proxier of
 /// that family does: none of its family means no restriction for it.
 pub fn source_ranges(svc: &Service, node_ips: &[IpAddr]) -> Vec<(IpAddr, u8)> {
-    let spec = svc.spec.as_ref();
-    if spec.and_then(|s| s.type_.as_deref()) != Some("LoadBalancer") {
+    ranges_of(&Svc::from(svc), node_ips)
+}
+
+/// [`source_ranges`] of a Service as the agent keeps it.
+fn ranges_of(svc: &Svc, node_ips: &[IpAddr]) -> Vec<(IpAddr, u8)> {
+    if svc.type_.as_deref() != Some("LoadBalancer") {
         return Vec::new();
     }
     let mut out: Vec<(IpAddr, u8)> = Vec::new();
     let (mut holds_node4, mut holds_node6) = (false, false);
-    for r in spec
-        .and_then(|s| s.load_balancer_source_ranges.as_ref())
-        .into_iter()
-        .flatten()
-    {
+    for r in svc.source_ranges() {
         let r = r.trim();
         let Ok(net) = r
             .parse::<ipnet::IpNet>()
@@ -146,14 +149,9 @@ pub fn source_ranges(svc: &Service, node_ips: &[IpAddr]) -> Vec<(IpAddr, u8)> {
     if out.is_empty() {
         return out;
     }
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref());
-    for ip in ingress
-        .into_iter()
-        .flatten()
+    for ip in svc
+        .ingress()
+        .iter()
         .filter_map(|i| i.ip.as_deref()?.parse::<IpAddr>().ok())
     {
         match ip {
@@ -268,7 +266,7 @@ pub enum AddressKind {
 /// `ipMode` is unset or `VIP` (with `Proxy` the load balancer delivers to the
 /// node itself, so kube-proxy does not capture the IP; hostname-only entries
 /// have no IP).
-fn external_addresses(svc: &Service, rules: &Rules, v6: bool) -> Vec<(AddressKind, IpAddr)> {
+fn external_addresses(svc: &Svc, rules: &Rules, v6: bool) -> Vec<(AddressKind, IpAddr)> {
     let mut out = Vec::new();
     let fam = |ip: &IpAddr| ip.is_ipv6() == v6;
     for ip in rules.node_ips.iter().filter(|ip| fam(ip)) {
@@ -277,22 +275,15 @@ fn external_addresses(svc: &Service, rules: &Rules, v6: bool) -> Vec<(AddressKin
     if !v6 && rules.node_ips.iter().any(|ip| ip.is_ipv4()) {
         out.push((AddressKind::NodePort, LOCALHOST_NODEPORT));
     }
-    let spec = svc.spec.as_ref();
-    for ip in spec
-        .and_then(|s| s.external_ips.as_ref())
-        .into_iter()
-        .flatten()
+    for ip in svc
+        .external_ips()
+        .iter()
         .filter_map(|ip| ip.parse::<IpAddr>().ok())
         .filter(|ip| fam(ip))
     {
         out.push((AddressKind::ExternalIp, ip));
     }
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref());
-    for ing in ingress.into_iter().flatten() {
+    for ing in svc.ingress() {
         if !matches!(ing.ip_mode.as_deref(), None | Some("VIP")) {
             continue;
         }
@@ -313,13 +304,13 @@ fn external_addresses(svc: &Service, rules: &Rules, v6: bool) -> Vec<(AddressKin
 /// entries (no IP to capture: the load balancer sends to the NodePorts) and
 /// `ipMode: Proxy` (the load balancer delivers to the node itself).
 pub fn lb_ingress_left(svc: &Service) -> Vec<String> {
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|l| l.ingress.as_ref());
+    lb_ingress_left_of(&Svc::from(svc))
+}
+
+/// [`lb_ingress_left`] of a Service as the agent keeps it.
+pub fn lb_ingress_left_of(svc: &Svc) -> Vec<String> {
     let mut out = Vec::new();
-    for ing in ingress.into_iter().flatten() {
+    for ing in svc.ingress() {
         match (ing.ip.as_deref(), ing.hostname.as_deref()) {
             (Some(ip), _) if ing.ip_mode.as_deref() == Some("Proxy") => out.push(format!(
                 "{ip} (ipMode Proxy: the load balancer delivers to the node)"
@@ -389,7 +380,12 @@ pub fn unserved(svc: &Service) -> Option<Vec<Feature>> {
 
 /// As [`unserved`], against what the agent serves now (`served`).
 pub fn unserved_with(svc: &Service, served: &BTreeSet<Feature>) -> Option<Vec<Feature>> {
-    let needs = features::needs(&shape(svc))?;
+    unserved_of(&Svc::from(svc), served)
+}
+
+/// [`unserved_with`] of a Service as the agent keeps it.
+pub fn unserved_of(svc: &Svc, served: &BTreeSet<Feature>) -> Option<Vec<Feature>> {
+    let needs = features::needs(&svc.shape())?;
     let missing = features::missing(&needs, served);
     (!missing.is_empty()).then_some(missing)
 }
@@ -397,7 +393,9 @@ pub fn unserved_with(svc: &Service, served: &BTreeSet<Feature>) -> Option<Vec<Fe
 /// The EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-fn proto_of(p: Option<&str>) -> Option<u8> {
+/// A Service or slice port's `protocol` (nil = TCP) as a `PROTO_*` number;
+/// None: not TCP or UDP.
+pub(crate) fn proto_of(p: Option<&str>) -> Option<u8> {
     match p.unwrap_or("TCP") {
         "TCP" => Some(PROTO_TCP),
         "UDP" => Some(PROTO_UDP),
@@ -418,17 +416,6 @@ pub fn slice_service(s: &EndpointSlice) -> Option<ServiceKey> {
     ))
 }
 
-/// Whether slice `s` is labelled as belonging to Service `ns/name` (as
-/// [`slice_service`], without building the key).
-fn slice_belongs_to(s: &EndpointSlice, ns: &str, name: &str) -> bool {
-    s.metadata.namespace.as_deref().unwrap_or_default() == ns
-        && s.metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            .is_some_and(|v| v == name)
-}
-
 /// The key of a Service, None if it has no name.
 pub fn service_key(svc: &Service) -> Option<ServiceKey> {
     Some((
@@ -446,20 +433,23 @@ pub fn build<'a, 'r>(
     rules: impl Into<Rules<'r>>,
 ) -> DesiredTable {
     let rules = rules.into();
+    let slices: Vec<Slice> = slices.into_iter().map(Slice::from).collect();
     // Slices by (namespace, service name).
-    let mut by_svc: BTreeMap<ServiceKey, Vec<&EndpointSlice>> = BTreeMap::new();
-    for s in slices {
-        if let Some(k) = slice_service(s) {
+    let mut by_svc: BTreeMap<ServiceKey, Vec<&Slice>> = BTreeMap::new();
+    for s in &slices {
+        if let Some(k) = s.service_key() {
             by_svc.entry(k).or_default().push(s);
         }
     }
     let mut table = DesiredTable::default();
     for svc in services {
-        let slices = service_key(svc)
+        let svc = Svc::from(svc);
+        let slices = svc
+            .key()
             .and_then(|k| by_svc.get(&k))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        for fe in service_frontends(svc, slices.iter().copied(), rules) {
+        for fe in frontends(&svc, slices, rules) {
             table.insert(fe);
         }
     }
@@ -467,23 +457,30 @@ pub fn build<'a, 'r>(
 }
 
 /// The frontends of one Service, from the Service and its EndpointSlices
-/// (slices whose `kubernetes.io/service-name` is not this Service, or that
-/// are not IPv4, are skipped). The one place the rules above live.
+/// (slices whose `kubernetes.io/service-name` is not this Service are
+/// skipped): [`frontends`] on the API objects.
 pub fn service_frontends<'a, 'r>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     rules: impl Into<Rules<'r>>,
 ) -> Vec<Frontend> {
+    let slices: Vec<Slice> = slices.into_iter().map(Slice::from).collect();
+    let refs: Vec<&Slice> = slices.iter().collect();
+    frontends(&Svc::from(svc), &refs, rules)
+}
+
+/// The frontends of one Service, from the Service and its slices as the
+/// agent keeps them (slices whose `kubernetes.io/service-name` is not this
+/// Service, or that are not IPv4 or IPv6, are skipped). The one place the
+/// rules above live.
+pub fn frontends<'r>(svc: &Svc, slices: &[&Slice], rules: impl Into<Rules<'r>>) -> Vec<Frontend> {
     let rules = rules.into();
     let mut out = Vec::new();
-    let Some(key) = service_key(svc) else {
+    let Some(name) = svc.name.as_deref() else {
         return out;
     };
-    let (ns, name) = &key;
-    let Some(spec) = svc.spec.as_ref() else {
-        return out;
-    };
-    let shape = shape(svc);
+    let ns = svc.namespace.as_str();
+    let shape = svc.shape();
     if shape.skipped().is_some() {
         return out;
     }
@@ -496,24 +493,20 @@ pub fn service_frontends<'a, 'r>(
         return out; // unallocated
     }
     let local_only = shape.internal_traffic_policy == Some("Local");
-    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
+    let affinity_timeout = (svc.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        svc.affinity_timeout
             .and_then(|t| u32::try_from(t).ok())
             .filter(|t| *t > 0)
             .unwrap_or(rules.default_affinity_timeout)
     });
     // Dual-stack: an IPv4 cluster IP takes its backends from the IPv4 slices,
     // an IPv6 one from the IPv6 slices.
-    let (slices4, slices6): (Vec<&EndpointSlice>, Vec<&EndpointSlice>) = slices
-        .into_iter()
-        .filter(|s| {
-            (s.address_type == "IPv4" || s.address_type == "IPv6") && slice_belongs_to(s, ns, name)
-        })
-        .partition(|s| s.address_type == "IPv4");
-    for port in spec.ports.iter().flatten() {
+    let (slices4, slices6): (Vec<&Slice>, Vec<&Slice>) = slices
+        .iter()
+        .copied()
+        .filter(|s| s.family != SliceFamily::Other && s.belongs_to(ns, name))
+        .partition(|s| s.family == SliceFamily::V4);
+    for port in &svc.ports {
         let Some(proto) = proto_of(port.protocol.as_deref()) else {
             continue;
         };
@@ -592,7 +585,7 @@ pub fn service_frontends<'a, 'r>(
         let ranges = if lb_addrs.is_empty() {
             Vec::new()
         } else {
-            source_ranges(svc, rules.node_ips)
+            ranges_of(svc, rules.node_ips)
         };
         let local_of = |v6: bool, cluster: &BTreeMap<L4Addr, BackendState>| {
             let local = categorize(
@@ -653,15 +646,19 @@ pub fn service_frontends<'a, 'r>(
 ///
 /// Two Services claiming one address resolve as in [`build`] over Services
 /// sorted by key: the greatest key wins.
+///
+/// This is the agent's one desired table: the frontends are shared
+/// ([`Arc`]) with the reconciler's target ([`ServiceTable::shared`],
+/// [`ServiceTable::changes`]), never copied.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTable {
-    by_service: BTreeMap<ServiceKey, Vec<Frontend>>,
-    /// Address → the Services claiming it.
-    claims: BTreeMap<L4Addr, BTreeSet<ServiceKey>>,
+    by_service: BTreeMap<ServiceKey, Vec<Arc<Frontend>>>,
+    /// Address → the Services claiming it, sorted (almost always one).
+    claims: BTreeMap<L4Addr, Vec<ServiceKey>>,
 }
 
 /// What some frontend addresses should now hold (None: remove).
-pub type FrontendChanges = BTreeMap<L4Addr, Option<Frontend>>;
+pub type FrontendChanges = BTreeMap<L4Addr, Option<Arc<Frontend>>>;
 
 impl ServiceTable {
     /// Replaces the frontends of Service `key` (empty: the Service is gone
@@ -671,7 +668,9 @@ impl ServiceTable {
         if let Some(old) = self.by_service.remove(&key) {
             for fe in old {
                 if let Some(c) = self.claims.get_mut(&fe.addr) {
-                    c.remove(&key);
+                    if let Ok(i) = c.binary_search(&key) {
+                        c.remove(i);
+                    }
                     if c.is_empty() {
                         self.claims.remove(&fe.addr);
                     }
@@ -681,30 +680,46 @@ impl ServiceTable {
         }
         if !frontends.is_empty() {
             for fe in &frontends {
-                self.claims.entry(fe.addr).or_default().insert(key.clone());
+                let c = self.claims.entry(fe.addr).or_default();
+                if let Err(i) = c.binary_search(&key) {
+                    c.insert(i, key.clone());
+                }
                 touched.insert(fe.addr);
             }
-            self.by_service.insert(key, frontends);
+            self.by_service
+                .insert(key, frontends.into_iter().map(Arc::new).collect());
         }
         touched
     }
 
-    /// The frontend address `addr` should hold.
-    pub fn frontend(&self, addr: &L4Addr) -> Option<&Frontend> {
+    /// Rebuilds the maps with full nodes (after many [`ServiceTable::set`]
+    /// in key order, B-tree nodes are half empty).
+    pub fn compact(&mut self) {
+        self.by_service = std::mem::take(&mut self.by_service).into_iter().collect();
+        self.claims = std::mem::take(&mut self.claims).into_iter().collect();
+    }
+
+    /// The frontend address `addr` should hold, shared.
+    pub fn shared(&self, addr: &L4Addr) -> Option<&Arc<Frontend>> {
         let owner = self.claims.get(addr)?.last()?;
         self.by_service.get(owner)?.iter().find(|f| f.addr == *addr)
+    }
+
+    /// The frontend address `addr` should hold.
+    pub fn frontend(&self, addr: &L4Addr) -> Option<&Frontend> {
+        self.shared(addr).map(|f| &**f)
     }
 
     /// What each of `addrs` should now hold.
     pub fn changes<'a>(&self, addrs: impl IntoIterator<Item = &'a L4Addr>) -> FrontendChanges {
         addrs
             .into_iter()
-            .map(|a| (*a, self.frontend(a).cloned()))
+            .map(|a| (*a, self.shared(a).cloned()))
             .collect()
     }
 
     /// The frontends of one Service, as last set.
-    pub fn service(&self, key: &ServiceKey) -> &[Frontend] {
+    pub fn service(&self, key: &ServiceKey) -> &[Arc<Frontend>] {
         self.by_service.get(key).map(Vec::as_slice).unwrap_or(&[])
     }
 
@@ -721,10 +736,19 @@ impl ServiceTable {
     /// Every frontend of every Service (an address claimed by several
     /// Services appears once per claim).
     pub fn frontends(&self) -> impl Iterator<Item = &Frontend> {
-        self.by_service.values().flatten()
+        self.by_service.values().flatten().map(|f| &**f)
     }
 
-    /// The whole desired table.
+    /// Every address and the frontend it should hold, shared (what a full
+    /// pass of the reconciler is given; no frontend is copied).
+    pub fn shared_table(&self) -> BTreeMap<L4Addr, Arc<Frontend>> {
+        self.claims
+            .keys()
+            .filter_map(|a| self.shared(a).map(|f| (*a, f.clone())))
+            .collect()
+    }
+
+    /// The whole desired table, as a copy.
     pub fn table(&self) -> DesiredTable {
         DesiredTable {
             frontends: self
@@ -753,22 +777,16 @@ struct Candidate {
 }
 
 impl Candidate {
-    fn merge(&mut self, ep: &Endpoint) {
-        let c = ep.conditions.as_ref();
-        let ready = c.and_then(|c| c.ready).unwrap_or(true);
-        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    fn merge(&mut self, ep: &SliceEndpoint) {
         // The API never says ready while terminating; a bad object is not ready.
-        self.ready |= ready && !terminating;
-        self.serving_terminating |= serving && terminating;
+        self.ready |= ep.ready && !ep.terminating;
+        self.serving_terminating |= ep.serving && ep.terminating;
         if self.node.is_none() {
-            self.node.clone_from(&ep.node_name);
+            self.node = ep.node.as_deref().map(String::from);
         }
         if let Some(h) = &ep.hints {
-            self.zones
-                .extend(h.for_zones.iter().flatten().map(|z| z.name.clone()));
-            self.nodes
-                .extend(h.for_nodes.iter().flatten().map(|n| n.name.clone()));
+            self.zones.extend(h.zones.iter().cloned());
+            self.nodes.extend(h.nodes.iter().cloned());
         }
     }
 
@@ -779,29 +797,22 @@ impl Candidate {
 
 /// Every endpoint of the Service port `port_name`/`proto`, by backend address.
 fn candidates(
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     port_name: &str,
     proto: u8,
     v6: bool,
 ) -> BTreeMap<L4Addr, Candidate> {
     let mut out: BTreeMap<L4Addr, Candidate> = BTreeMap::new();
     for s in slices {
-        for p in s.ports.iter().flatten() {
-            if p.name.as_deref().unwrap_or("") != port_name
-                || proto_of(p.protocol.as_deref()) != Some(proto)
-            {
+        for p in &s.ports {
+            if p.name != port_name || p.proto != Some(proto) {
                 continue;
             }
-            let Some(port) = p.port.and_then(|p| u16::try_from(p).ok()) else {
+            let Some(port) = p.port else {
                 continue;
             };
-            for ep in s.endpoints.iter().flatten() {
-                let Some(ip) = ep
-                    .addresses
-                    .first()
-                    .and_then(|a| a.parse::<IpAddr>().ok())
-                    .filter(|a| a.is_ipv6() == v6)
-                else {
+            for ep in &s.endpoints {
+                let Some(ip) = ep.ip.filter(|a| a.is_ipv6() == v6) else {
                     continue;
                 };
                 out.entry(L4Addr { ip, port, proto }).or_default().merge(ep);

@@ -17,8 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
@@ -353,30 +351,22 @@ pub struct FlowNames {
 impl FlowNames {
     /// Builds the index.
     pub fn build<'a>(
-        services: impl IntoIterator<Item = &'a Service>,
-        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        services: impl IntoIterator<Item = &'a crate::service::Svc>,
+        slices: impl IntoIterator<Item = &'a crate::slice::Slice>,
     ) -> Self {
         let mut n = Self::default();
         for svc in services {
-            let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
+            let Some(name) = &svc.name else {
                 continue;
             };
-            let Some(spec) = &svc.spec else { continue };
-            let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
-            ips.extend(spec.cluster_ip.clone());
-            ips.extend(spec.external_ips.clone().unwrap_or_default());
-            if let Some(st) = &svc.status {
-                for ing in st
-                    .load_balancer
-                    .as_ref()
-                    .and_then(|l| l.ingress.clone())
-                    .unwrap_or_default()
-                {
-                    ips.extend(ing.ip);
-                }
-            }
-            for ip in ips.iter().filter_map(|i| i.parse::<IpAddr>().ok()) {
-                for p in spec.ports.iter().flatten() {
+            let ns = &svc.namespace;
+            let ips = svc
+                .cluster_ips
+                .iter()
+                .chain(svc.external_ips())
+                .chain(svc.ingress().iter().filter_map(|i| i.ip.as_ref()));
+            for ip in ips.filter_map(|i| i.parse::<IpAddr>().ok()) {
+                for p in &svc.ports {
                     let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
                     let Ok(port) = u16::try_from(p.port) else {
                         continue;
@@ -392,19 +382,9 @@ impl FlowNames {
             }
         }
         for s in slices {
-            for ep in s.endpoints.iter().flatten() {
-                let Some(r) = &ep.target_ref else { continue };
-                if r.kind.as_deref() != Some("Pod") {
-                    continue;
-                }
-                let (Some(ns), Some(name)) = (
-                    r.namespace.as_ref().or(s.metadata.namespace.as_ref()),
-                    &r.name,
-                ) else {
-                    continue;
-                };
-                for a in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
-                    n.pods.insert(a, format!("{ns}/{name}"));
+            for ep in &s.endpoints {
+                if let (Some(ip), Some(pod)) = (ep.ip, &ep.pod) {
+                    n.pods.insert(ip, pod.to_string());
                 }
             }
         }
@@ -698,6 +678,8 @@ pub fn render(flow: &Flow) -> String {
 mod tests {
     use super::*;
     use crate::layout::{addr_be, port_be, PROTO_TCP};
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use std::net::Ipv4Addr;
 
     fn event(verdict: u8, backend: bool) -> FlowEvent {
@@ -736,7 +718,10 @@ mod tests {
             "endpoints": [{"addresses": ["10.0.1.5"], "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-1"}}]
         }))
         .unwrap();
-        FlowNames::build([&svc], [&slice])
+        FlowNames::build(
+            [&crate::service::Svc::from(&svc)],
+            [&crate::slice::Slice::from(&slice)],
+        )
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub mod pass;
 pub mod pins;
 pub mod pod_ifaces;
 pub mod reconcile;
+pub mod service;
+pub mod slice;
 pub mod sock_term;
 pub mod srcrange;
 pub mod status;

@@ -129,7 +129,8 @@ impl Passes {
         if dirty.full || recon.needs_full() {
             self.table = watched.service_table(default_affinity_timeout);
             self.unserved = watched.unserved();
-            let stats = recon.reconcile_owned(self.table.table())?;
+            let shared = self.table.shared_table();
+            let stats = recon.reconcile_shared(shared)?;
             return Ok(PassReport {
                 kind: PassKind::Full,
                 stats,

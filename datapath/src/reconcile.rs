@@ -35,6 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -43,7 +44,7 @@ use crate::layout::{
     L4Addr, Lb4AffinityMatch, Lb4Service, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_EXT_LOCAL,
     SVC_F_SRC_RANGE,
 };
-use crate::maps::{LbMaps, MapsError};
+use crate::maps::{LbMaps, MapWrite, MapsError, Stopped};
 
 /// Errors of reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +164,126 @@ struct ProgFrontend {
     revnat: Option<(IpAddr, u16)>,
 }
 
+/// One planned map write, and what it records in the programmed mirror
+/// once written.
+#[derive(Clone, Copy, Debug)]
+enum Effect {
+    /// Backend `addr` is `id` with `state`; `new`: its id was allocated for
+    /// this write (given back if the write is not made).
+    Backend {
+        addr: L4Addr,
+        id: u32,
+        state: u8,
+        new: bool,
+    },
+    /// Frontend `fe` (service id `id`) loses membership `bid`.
+    AffDel { fe: L4Addr, id: u32, bid: u32 },
+    /// Frontend `fe`'s reverse NAT entry `id`.
+    Revnat { fe: L4Addr, id: u32 },
+    /// Frontend `fe`'s membership `bid` with `state`.
+    AffSet {
+        fe: L4Addr,
+        id: u32,
+        bid: u32,
+        state: u32,
+    },
+    /// Frontend `fe`'s slot `index + 1` names backend `bid`.
+    Slot {
+        fe: L4Addr,
+        id: u32,
+        index: usize,
+        bid: u32,
+    },
+    /// Frontend `fe`'s slot 0.
+    Front { fe: L4Addr, value: Lb4Service },
+    /// Frontend `fe`'s last slot `slot` goes.
+    SlotDel { fe: L4Addr, slot: u16 },
+}
+
+/// Number of [`Effect::phase`]s.
+const PHASES: usize = 6;
+
+impl Effect {
+    /// Dependency order of a batched pass: backends before the slots and
+    /// memberships naming them; memberships leaving first (room); reverse
+    /// NAT and memberships before the slot 0 that exposes them; then the
+    /// service map frontend by frontend, each one's slots before its slot 0
+    /// (one phase, so one batch: when the map fills up, the frontends
+    /// before the full point are whole, as with single writes, instead of
+    /// every frontend's slots and no slot 0); the slots a smaller count no
+    /// longer exposes last. One frontend's writes, in this order, are the
+    /// order a single-write pass uses.
+    fn phase(&self) -> usize {
+        match self {
+            Effect::Backend { .. } => 0,
+            Effect::AffDel { .. } => 1,
+            Effect::Revnat { .. } => 2,
+            Effect::AffSet { .. } => 3,
+            Effect::Slot { .. } | Effect::Front { .. } => 4,
+            Effect::SlotDel { .. } => 5,
+        }
+    }
+
+    /// The map write.
+    fn write(&self) -> MapWrite {
+        let aff = |id: u32, bid: u32| Lb4AffinityMatch {
+            backend_id: bid,
+            rev_nat_id: id,
+        };
+        match *self {
+            Effect::Backend {
+                addr, id, state, ..
+            } => MapWrite::backend(id, addr, state),
+            Effect::AffDel { id, bid, .. } => MapWrite::DelAffMatch(aff(id, bid)),
+            Effect::Revnat { fe, id } => MapWrite::revnat(id, fe),
+            Effect::AffSet { id, bid, state, .. } => MapWrite::AffMatch(aff(id, bid), state),
+            Effect::Slot { fe, id, index, bid } => MapWrite::service(
+                fe,
+                u16::try_from(index + 1).unwrap_or(u16::MAX),
+                Lb4Service {
+                    backend_id: bid,
+                    rev_nat_index: id,
+                    ..Default::default()
+                },
+            ),
+            Effect::Front { fe, value } => MapWrite::service(fe, 0, value),
+            Effect::SlotDel { fe, slot } => MapWrite::del_service(fe, slot),
+        }
+    }
+
+    /// A delete (counted as one).
+    fn is_delete(&self) -> bool {
+        matches!(self, Effect::AffDel { .. } | Effect::SlotDel { .. })
+    }
+
+    /// (is a backend, address) of the backend or frontend this is part of.
+    fn owner(&self) -> (bool, L4Addr) {
+        match *self {
+            Effect::Backend { addr, .. } => (true, addr),
+            Effect::AffDel { fe, .. }
+            | Effect::Revnat { fe, .. }
+            | Effect::AffSet { fe, .. }
+            | Effect::Slot { fe, .. }
+            | Effect::Front { fe, .. }
+            | Effect::SlotDel { fe, .. } => (false, fe),
+        }
+    }
+}
+
+/// Planned writes by [`Effect::phase`], each phase in the order planned.
+#[derive(Debug, Default)]
+struct Plans([Vec<Effect>; PHASES]);
+
+impl Plans {
+    fn push(&mut self, e: Effect) {
+        self.0[e.phase()].push(e);
+    }
+    /// Every plan in write order (a single frontend's: its own order).
+    fn ordered(&self) -> impl Iterator<Item = &Effect> {
+        self.0.iter().flatten()
+    }
+}
+
 /// Entries found at recovery that belong to nothing consistent.
 #[derive(Clone, Debug, Default)]
 struct Orphans {
@@ -226,6 +347,10 @@ impl IdAlloc {
         None
     }
 }
+
+/// A full pass that inserted more than this many entries compacts the
+/// mirror ([`Reconciler::compact`]).
+const COMPACT_AFTER: u64 = 4096;
 
 /// The maps [`Reconciler::map_entries`] counts, in its order.
 pub const MAP_USAGE_MAPS: [&str; 7] = [
@@ -300,8 +425,9 @@ fn frontend_flags(fe: &Frontend) -> u8 {
 /// The reconciler, owning the maps.
 pub struct Reconciler<M: LbMaps> {
     maps: M,
-    /// The desired frontends last given (full, then partial changes).
-    target: BTreeMap<L4Addr, Frontend>,
+    /// The desired frontends last given (full, then partial changes),
+    /// shared with the caller's table ([`crate::desired::ServiceTable`]).
+    target: BTreeMap<L4Addr, Arc<Frontend>>,
     /// Per backend, the target frontends that want it.
     refs: BTreeMap<L4Addr, BackendRefs>,
     /// No successful full pass since start, resync or a failed pass.
@@ -427,6 +553,16 @@ impl<M: LbMaps> Reconciler<M> {
             r.backends.insert(addr, (id, state));
         }
         Ok(())
+    }
+
+    /// Rebuilds the mirror's maps with full B-tree nodes: entries inserted
+    /// in key order (a first pass) leave their nodes half empty.
+    fn compact(&mut self) {
+        self.frontends = std::mem::take(&mut self.frontends).into_iter().collect();
+        self.backends = std::mem::take(&mut self.backends).into_iter().collect();
+        self.refs = std::mem::take(&mut self.refs).into_iter().collect();
+        self.be_ids.used = std::mem::take(&mut self.be_ids.used).into_iter().collect();
+        self.svc_ids.used = std::mem::take(&mut self.svc_ids.used).into_iter().collect();
     }
 
     /// Backends deleted from the maps since the last call: their connected
@@ -568,7 +704,23 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// [`Reconciler::reconcile`], keeping `desired` as the target without a copy.
     pub fn reconcile_owned(&mut self, desired: DesiredTable) -> Result<SyncStats, ReconcileError> {
-        self.target = desired.frontends;
+        self.reconcile_shared(
+            desired
+                .frontends
+                .into_iter()
+                .map(|(a, f)| (a, Arc::new(f)))
+                .collect(),
+        )
+    }
+
+    /// [`Reconciler::reconcile`] on frontends shared with the caller's
+    /// table ([`crate::desired::ServiceTable::shared_table`]): the agent
+    /// keeps one desired table, not two.
+    pub fn reconcile_shared(
+        &mut self,
+        desired: BTreeMap<L4Addr, Arc<Frontend>>,
+    ) -> Result<SyncStats, ReconcileError> {
+        self.target = desired;
         self.refs.clear();
         for fe in self.target.values() {
             for (a, s) in &fe.backends {
@@ -582,6 +734,9 @@ impl<M: LbMaps> Reconciler<M> {
         let r = self.pass(&target, &mut st);
         self.target = target;
         self.needs_full = r.is_err() || !self.pressure.is_empty();
+        if st.updates > COMPACT_AFTER {
+            self.compact();
+        }
         r.map(|()| st)
     }
 
@@ -595,7 +750,7 @@ impl<M: LbMaps> Reconciler<M> {
         if self.needs_full {
             return Err(ReconcileError::NeedsFullPass);
         }
-        let external = |fe: Option<&Frontend>| fe.is_some_and(|f| f.external.is_some());
+        let external = |fe: Option<&Arc<Frontend>>| fe.is_some_and(|f| f.external.is_some());
         if changes
             .iter()
             .any(|(addr, fe)| external(fe.as_ref()) || external(self.target.get(addr)))
@@ -754,32 +909,193 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(())
     }
 
+    /// The write that makes backend `addr` hold `state` (None: it does
+    /// already); a new backend gets its id here.
+    fn plan_backend(
+        &mut self,
+        addr: L4Addr,
+        state: BackendState,
+    ) -> Result<Option<Effect>, ReconcileError> {
+        let val = state.as_u8();
+        let (id, new) = match self.backends.get(&addr) {
+            Some((_, cur)) if *cur == val => return Ok(None),
+            Some((id, _)) => (*id, false),
+            None => (
+                self.be_ids
+                    .alloc()
+                    .ok_or(ReconcileError::BackendIdsExhausted(addr))?,
+                true,
+            ),
+        };
+        Ok(Some(Effect::Backend {
+            addr,
+            id,
+            state: val,
+            new,
+        }))
+    }
+
     fn write_backend(
         &mut self,
         addr: L4Addr,
         state: BackendState,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
-        let val = state.as_u8();
-        let id = match self.backends.get(&addr) {
-            Some((_, cur)) if *cur == val => return Ok(()),
-            Some((id, _)) => *id,
-            None => self
-                .be_ids
-                .alloc()
-                .ok_or(ReconcileError::BackendIdsExhausted(addr))?,
-        };
-        self.maps.put_backend(id, addr, val).map_err(|source| {
-            if !self.backends.contains_key(&addr) {
+        match self.plan_backend(addr, state)? {
+            Some(e) => self.execute([e].iter(), st),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `plans` one by one, in order, each recorded in the mirror once
+    /// written; stops at the first failure.
+    fn execute<'p>(
+        &mut self,
+        plans: impl Iterator<Item = &'p Effect>,
+        st: &mut SyncStats,
+    ) -> Result<(), ReconcileError> {
+        let mut plans = plans.peekable();
+        while let Some(e) = plans.next() {
+            if let Err(source) = self.maps.write(&e.write()) {
+                let err = ReconcileError::Map {
+                    what: self.describe(e),
+                    source,
+                };
+                self.unplanned(std::iter::once(e).chain(plans));
+                return Err(err);
+            }
+            self.record(e, st);
+        }
+        Ok(())
+    }
+
+    /// Gives back the ids of new backends whose writes were not made.
+    fn unplanned<'p>(&mut self, plans: impl IntoIterator<Item = &'p Effect>) {
+        for e in plans {
+            if let Effect::Backend { id, new: true, .. } = *e {
                 self.be_ids.free(id);
             }
-            ReconcileError::Map {
-                what: format!("backend {id} {addr}"),
-                source,
+        }
+    }
+
+    /// A written plan, recorded in the mirror.
+    fn record(&mut self, e: &Effect, st: &mut SyncStats) {
+        if e.is_delete() {
+            st.deletes += 1;
+        } else {
+            st.updates += 1;
+        }
+        if let Effect::Backend {
+            addr, id, state, ..
+        } = *e
+        {
+            self.backends.insert(addr, (id, state));
+            return;
+        }
+        let Some(p) = self.frontends.get_mut(&e.owner().1) else {
+            return;
+        };
+        match *e {
+            Effect::Backend { .. } => {}
+            Effect::AffDel { bid, .. } => {
+                p.members.remove(&bid);
             }
-        })?;
-        st.updates += 1;
-        self.backends.insert(addr, (id, val));
+            Effect::Revnat { fe, .. } => p.revnat = Some((fe.ip, fe.port)),
+            Effect::AffSet { bid, state, .. } => {
+                p.members.insert(bid, state);
+            }
+            Effect::Slot { index, bid, .. } => {
+                if p.slots.len() <= index {
+                    p.slots.resize(index + 1, 0);
+                }
+                p.slots[index] = bid;
+            }
+            Effect::Front { value, .. } => p.value = Some(value),
+            Effect::SlotDel { slot, .. } => {
+                if p.slots.len() == usize::from(slot) {
+                    p.slots.pop();
+                }
+            }
+        }
+    }
+
+    /// What a plan was about, for errors: `ns/name:port slot 3`.
+    fn describe(&self, e: &Effect) -> String {
+        let name = |fe: &L4Addr| {
+            self.target
+                .get(fe)
+                .map(|f| f.name.clone())
+                .unwrap_or_else(|| fe.to_string())
+        };
+        match e {
+            Effect::Backend { addr, id, .. } => format!("backend {id} {addr}"),
+            Effect::AffDel { fe, bid, .. } => format!("{} delete affmatch {bid}", name(fe)),
+            Effect::Revnat { fe, id } => format!("{} revnat {id}", name(fe)),
+            Effect::AffSet { fe, bid, .. } => format!("{} affmatch {bid}", name(fe)),
+            Effect::Slot { fe, index, .. } => format!("{} slot {}", name(fe), index + 1),
+            Effect::Front { fe, .. } => format!("{} frontend", name(fe)),
+            Effect::SlotDel { fe, slot } => format!("{} delete slot {slot}", name(fe)),
+        }
+    }
+
+    /// Writes `plans` phase by phase ([`Effect::phase`]: backends,
+    /// memberships leaving, reverse NAT, memberships, each frontend's slots
+    /// and slot 0, slots leaving), in chunks through [`LbMaps::write_all`] (one batch
+    /// syscall per map and kind on the kernel). Within a frontend that is
+    /// the order [`Self::plan_frontend`] gives, so the datapath never sees a
+    /// frontend count before its slots, reverse NAT and memberships are
+    /// written, and no write names a backend not yet written. A write that
+    /// does not fit is recorded in [`Pressure`] and the rest of that
+    /// backend's or frontend's plans is dropped (as a single-write pass
+    /// skips the rest of a frontend after its failed write); any other
+    /// error stops the flush, with every earlier write in the mirror.
+    fn flush(&mut self, plans: Plans, st: &mut SyncStats) -> Result<(), ReconcileError> {
+        const CHUNK: usize = 16_384;
+        let mut failed: BTreeSet<(bool, L4Addr)> = BTreeSet::new();
+        let mut phases = plans.0;
+        for n in 0..PHASES {
+            let group = std::mem::take(&mut phases[n]);
+            let mut at = 0;
+            while at < group.len() {
+                let mut idx: Vec<usize> = Vec::with_capacity(CHUNK.min(group.len() - at));
+                while at < group.len() && idx.len() < CHUNK {
+                    if failed.is_empty() || !failed.contains(&group[at].owner()) {
+                        idx.push(at);
+                    }
+                    at += 1;
+                }
+                let writes: Vec<MapWrite> = idx.iter().map(|i| group[*i].write()).collect();
+                let (applied, source) = match self.maps.write_all(&writes) {
+                    Ok(()) => (idx.len(), None),
+                    Err(Stopped { applied, source }) => (applied, Some(source)),
+                };
+                for i in &idx[..applied] {
+                    self.record(&group[*i], st);
+                }
+                let (Some(source), Some(&bad)) = (source, idx.get(applied)) else {
+                    continue;
+                };
+                let e = ReconcileError::Map {
+                    what: self.describe(&group[bad]),
+                    source,
+                };
+                let Some(u) = e.unfit() else {
+                    self.unplanned(&group[bad..]);
+                    self.unplanned(phases.iter().flatten());
+                    return Err(e);
+                };
+                let owner = group[bad].owner();
+                failed.insert(owner);
+                if owner.0 {
+                    self.unplanned([&group[bad]]);
+                    self.pressure.backends.insert(owner.1, u);
+                } else {
+                    self.tolerate_frontend(owner.1, Err(e))?;
+                }
+                // Go on right after the failed write.
+                at = bad + 1;
+            }
+        }
         Ok(())
     }
 
@@ -801,6 +1117,32 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(())
     }
 
+    /// The frontend's id, allocated (and the frontend entered in the
+    /// mirror, nothing written yet) if it is new.
+    fn frontend_id(&mut self, addr: L4Addr) -> Result<u32, ReconcileError> {
+        if let Some(p) = self.frontends.get(&addr) {
+            return Ok(p.id);
+        }
+        let id = self
+            .svc_ids
+            .alloc()
+            .ok_or(ReconcileError::ServiceIdsExhausted(addr))?;
+        // A freed id may still have the counters of the frontend that had
+        // it: the new one starts at 0. Best effort (a failure leaves old
+        // counts, never a wrong translation).
+        if let Err(e) = self.maps.delete_svc_stats(id) {
+            tracing::warn!(id, error = %e, "reset per-Service counters");
+        }
+        self.frontends.insert(
+            addr,
+            ProgFrontend {
+                id,
+                ..Default::default()
+            },
+        );
+        Ok(id)
+    }
+
     /// Allocates the frontend's id if new, then writes it.
     fn write_frontend(
         &mut self,
@@ -808,35 +1150,15 @@ impl<M: LbMaps> Reconciler<M> {
         fe: &Frontend,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
-        let id = match self.frontends.get(&addr) {
-            Some(p) => p.id,
-            None => {
-                let id = self
-                    .svc_ids
-                    .alloc()
-                    .ok_or(ReconcileError::ServiceIdsExhausted(addr))?;
-                // A freed id may still have the counters of the frontend
-                // that had it: the new one starts at 0. Best effort (a
-                // failure leaves old counts, never a wrong translation).
-                if let Err(e) = self.maps.delete_svc_stats(id) {
-                    tracing::warn!(id, error = %e, "reset per-Service counters");
-                }
-                self.frontends.insert(
-                    addr,
-                    ProgFrontend {
-                        id,
-                        ..Default::default()
-                    },
-                );
-                id
-            }
-        };
-        self.upsert_frontend(addr, id, fe, st)
+        let id = self.frontend_id(addr)?;
+        let mut plans = Plans::default();
+        self.plan_frontend(addr, id, fe, &mut plans);
+        self.execute(plans.ordered(), st)
     }
 
     fn pass(
         &mut self,
-        desired: &BTreeMap<L4Addr, Frontend>,
+        desired: &BTreeMap<L4Addr, Arc<Frontend>>,
         st: &mut SyncStats,
     ) -> Result<(), ReconcileError> {
         self.pressure = Pressure::default();
@@ -860,19 +1182,30 @@ impl<M: LbMaps> Reconciler<M> {
         for _round in 0..2 {
             let deletes = st.deletes;
             self.pressure = Pressure::default();
+            // Planned, then written in batches: every backend first (the
+            // frontends' plans need their ids), then every frontend's
+            // writes grouped by phase ([`Self::flush`]).
             let want_be: Vec<(L4Addr, BackendState)> = self
                 .refs
                 .iter()
                 .filter_map(|(a, r)| r.state().map(|s| (*a, s)))
                 .collect();
+            let mut plans = Plans::default();
             for (addr, state) in &want_be {
-                let r = self.write_backend(*addr, *state, st);
-                self.tolerate_backend(*addr, r)?;
+                match self.plan_backend(*addr, *state) {
+                    Ok(p) => plans.0[0].extend(p),
+                    Err(e) => self.tolerate_backend(*addr, Err(e))?,
+                }
             }
+            self.flush(plans, st)?;
+            let mut plans = Plans::default();
             for (addr, fe) in desired {
-                let r = self.write_frontend(*addr, fe, st);
-                self.tolerate_frontend(*addr, r)?;
+                match self.frontend_id(*addr) {
+                    Ok(id) => self.plan_frontend(*addr, id, fe, &mut plans),
+                    Err(e) => self.tolerate_frontend(*addr, Err(e))?,
+                }
             }
+            self.flush(plans, st)?;
             // Backends the updated frontends stopped naming.
             let named: Vec<L4Addr> = self.pressure.frontends.keys().copied().collect();
             let stale: Vec<L4Addr> = self.backends.keys().copied().collect();
@@ -884,25 +1217,23 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(())
     }
 
-    fn upsert_frontend(
-        &mut self,
-        addr: L4Addr,
-        id: u32,
-        fe: &Frontend,
-        st: &mut SyncStats,
-    ) -> Result<(), ReconcileError> {
-        let map_err = |what: String| move |source| ReconcileError::Map { what, source };
-        let mut members: BTreeMap<u32, u32> = BTreeMap::new();
-        let mut active: Vec<u32> = Vec::new();
+    /// The writes that make frontend `addr` (service id `id`) hold `fe`,
+    /// into `out` by phase; in phase order they are the order they must
+    /// reach the datapath: memberships it no longer has (they make room),
+    /// its reverse NAT, memberships, the slots, slot 0 (the count that
+    /// exposes the slots), then the slots it stops exposing.
+    fn plan_frontend(&self, addr: L4Addr, id: u32, fe: &Frontend, out: &mut Plans) {
+        let mut members: Vec<(u32, u32)> = Vec::with_capacity(fe.backends.len());
+        let mut active: Vec<u32> = Vec::with_capacity(fe.backends.len());
         // External frontends: the backends on this node take the first slots.
         let mut remote: Vec<u32> = Vec::new();
         let is_local = |b: &L4Addr| fe.external.as_ref().is_some_and(|e| e.local.contains(b));
         for (b, s) in &fe.backends {
-            // Phase A wrote every desired backend, so the id exists.
+            // The backends were written first; one that did not fit is left out.
             let Some((bid, _)) = self.backends.get(b) else {
                 continue;
             };
-            members.insert(*bid, u32::from(s.as_u8()));
+            members.push((*bid, u32::from(s.as_u8())));
             if *s == BackendState::Active {
                 if is_local(b) {
                     active.push(*bid);
@@ -911,71 +1242,43 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
         }
+        members.sort_unstable();
         let local_count = u16::try_from(active.len()).unwrap_or(u16::MAX);
         active.extend(remote);
-        let Some(p) = self.frontends.get_mut(&addr) else {
-            return Ok(());
+        let Some(p) = self.frontends.get(&addr) else {
+            return;
         };
-
-        // Memberships of backends the frontend no longer has go first: a
-        // backend leaving needs no room, and its entry makes room for a new one.
-        let extra: Vec<u32> = p
-            .members
-            .keys()
-            .filter(|b| !members.contains_key(b))
-            .copied()
-            .collect();
-        for bid in extra {
-            let k = Lb4AffinityMatch {
-                backend_id: bid,
-                rev_nat_id: id,
-            };
-            self.maps
-                .delete_aff_match(k)
-                .map_err(map_err(format!("{} delete affmatch {bid}", fe.name)))?;
-            st.deletes += 1;
-            p.members.remove(&bid);
+        for bid in p.members.keys() {
+            if members.binary_search_by_key(bid, |(b, _)| *b).is_err() {
+                out.push(Effect::AffDel {
+                    fe: addr,
+                    id,
+                    bid: *bid,
+                });
+            }
         }
-
-        let rn = (addr.ip, addr.port);
-        if p.revnat != Some(rn) {
-            self.maps
-                .put_revnat(id, addr)
-                .map_err(map_err(format!("{} revnat {id}", fe.name)))?;
-            st.updates += 1;
-            p.revnat = Some(rn);
+        if p.revnat != Some((addr.ip, addr.port)) {
+            out.push(Effect::Revnat { fe: addr, id });
         }
         for (bid, state) in &members {
             if p.members.get(bid) != Some(state) {
-                let k = Lb4AffinityMatch {
-                    backend_id: *bid,
-                    rev_nat_id: id,
-                };
-                self.maps
-                    .update_aff_match(k, *state)
-                    .map_err(map_err(format!("{} affmatch {bid}", fe.name)))?;
-                st.updates += 1;
-                p.members.insert(*bid, *state);
+                out.push(Effect::AffSet {
+                    fe: addr,
+                    id,
+                    bid: *bid,
+                    state: *state,
+                });
             }
         }
-        for (i, bid) in active.iter().enumerate() {
-            if p.slots.get(i) == Some(bid) {
-                continue;
+        for (index, bid) in active.iter().enumerate() {
+            if p.slots.get(index) != Some(bid) {
+                out.push(Effect::Slot {
+                    fe: addr,
+                    id,
+                    index,
+                    bid: *bid,
+                });
             }
-            let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
-            let v = Lb4Service {
-                backend_id: *bid,
-                rev_nat_index: id,
-                ..Default::default()
-            };
-            self.maps
-                .put_service(addr, slot, v)
-                .map_err(map_err(format!("{} slot {slot}", fe.name)))?;
-            st.updates += 1;
-            if p.slots.len() <= i {
-                p.slots.resize(i + 1, 0);
-            }
-            p.slots[i] = *bid;
         }
         let count = u16::try_from(active.len()).unwrap_or(u16::MAX);
         let front = Lb4Service {
@@ -988,21 +1291,17 @@ impl<M: LbMaps> Reconciler<M> {
             local_count,
         };
         if p.value != Some(front) {
-            self.maps
-                .put_service(addr, 0, front)
-                .map_err(map_err(format!("{} frontend", fe.name)))?;
-            st.updates += 1;
-            p.value = Some(front);
+            out.push(Effect::Front {
+                fe: addr,
+                value: front,
+            });
         }
-        while p.slots.len() > active.len() {
-            let slot = u16::try_from(p.slots.len()).unwrap_or(u16::MAX);
-            self.maps
-                .del_service(addr, slot)
-                .map_err(map_err(format!("{} delete slot {slot}", fe.name)))?;
-            st.deletes += 1;
-            p.slots.pop();
+        for slot in (active.len() + 1..=p.slots.len()).rev() {
+            out.push(Effect::SlotDel {
+                fe: addr,
+                slot: u16::try_from(slot).unwrap_or(u16::MAX),
+            });
         }
-        Ok(())
     }
 
     fn delete_frontend(&mut self, addr: L4Addr, st: &mut SyncStats) -> Result<(), ReconcileError> {

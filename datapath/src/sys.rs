@@ -449,3 +449,15 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr)?;
     Ok(())
 }
+
+/// Gives the allocator's free pages back to the kernel. glibc keeps what a
+/// big pass freed (the first pass's plans, a relist's buffers) in its
+/// arenas, counted in the agent's RSS until reused; after a full pass that
+/// is most of the difference between the RSS and the live heap.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

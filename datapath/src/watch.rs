@@ -31,6 +31,8 @@ use tokio::sync::Notify;
 
 use crate::desired::{self, DesiredTable, Frontend, Rules, ServiceKey, ServiceTable};
 use crate::latency::{self, Triggered};
+use crate::service::Svc;
+use crate::slice::Slice;
 use netboot_contract::features::Feature;
 
 /// The Node label the zone comes from (zone hints).
@@ -83,12 +85,14 @@ impl Dirty {
 /// The objects the desired table is built from.
 #[derive(Debug, Default)]
 pub struct Stores {
-    /// Services by (namespace, name).
-    pub services: BTreeMap<Key, Service>,
-    /// EndpointSlices by (namespace, name).
-    pub slices: BTreeMap<Key, EndpointSlice>,
+    /// Services by (namespace, name), compact.
+    pub services: BTreeMap<Key, Svc>,
+    /// EndpointSlices by (namespace, name), compact.
+    pub slices: BTreeMap<Key, Slice>,
     /// Slice keys by the Service their label names.
-    slices_by_service: BTreeMap<ServiceKey, BTreeSet<Key>>,
+    /// (A sorted `Vec`: almost always one slice, and a `BTreeSet` of one
+    /// takes a whole B-tree node.)
+    slices_by_service: BTreeMap<ServiceKey, Vec<Key>>,
     /// What changed since the last pass took it.
     dirty: Dirty,
     /// The Services list completed at least once.
@@ -118,7 +122,7 @@ impl Stores {
     fn apply_service(&mut self, o: Service) {
         let k = key(&o);
         self.triggered(&k, latency::service_trigger(&o));
-        self.services.insert(k.clone(), o);
+        self.services.insert(k.clone(), Svc::from(o));
         self.dirty.services.insert(k);
     }
 
@@ -133,9 +137,11 @@ impl Stores {
         let Some(old) = self.slices.remove(k) else {
             return;
         };
-        if let Some(svc) = desired::slice_service(&old) {
+        if let Some(svc) = old.service_key() {
             if let Some(set) = self.slices_by_service.get_mut(&svc) {
-                set.remove(k);
+                if let Ok(i) = set.binary_search(k) {
+                    set.remove(i);
+                }
                 if set.is_empty() {
                     self.slices_by_service.remove(&svc);
                 }
@@ -149,13 +155,13 @@ impl Stores {
         self.unindex_slice(&k);
         if let Some(svc) = desired::slice_service(&o) {
             self.triggered(&svc, latency::slice_trigger(&o));
-            self.slices_by_service
-                .entry(svc.clone())
-                .or_default()
-                .insert(k.clone());
+            let set = self.slices_by_service.entry(svc.clone()).or_default();
+            if let Err(i) = set.binary_search(&k) {
+                set.insert(i, k.clone());
+            }
             self.dirty.services.insert(svc);
         }
-        self.slices.insert(k, o);
+        self.slices.insert(k, Slice::from(o));
     }
 
     fn delete_slice(&mut self, o: &EndpointSlice) {
@@ -168,30 +174,44 @@ impl Stores {
         }
     }
 
-    fn replace_services(&mut self, all: BTreeMap<Key, Service>) {
-        for (k, o) in &all {
-            if changed(self.services.get(k), o) {
-                self.triggered(k, latency::service_trigger(o));
+    fn replace_services(&mut self, all: BTreeMap<Key, Listed<Svc>>) {
+        let mut kept = Vec::with_capacity(all.len());
+        for (k, o) in all {
+            if changed(
+                self.services
+                    .get(&k)
+                    .and_then(|s| s.resource_version.as_deref()),
+                o.version.as_deref(),
+            ) {
+                self.triggered(&k, o.trigger);
             }
+            kept.push((k, o.object));
         }
-        self.services = all;
+        // Collected, not inserted one by one: a bulk-built map has full nodes.
+        self.services = kept.into_iter().collect();
         self.dirty.full = true;
     }
 
-    fn replace_slices(&mut self, all: BTreeMap<Key, EndpointSlice>) {
-        self.slices_by_service.clear();
-        for (k, s) in &all {
-            if let Some(svc) = desired::slice_service(s) {
-                if changed(self.slices.get(k), s) {
-                    self.triggered(&svc, latency::slice_trigger(s));
+    fn replace_slices(&mut self, all: BTreeMap<Key, Listed<Slice>>) {
+        let mut index: BTreeMap<ServiceKey, Vec<Key>> = BTreeMap::new();
+        let mut kept = Vec::with_capacity(all.len());
+        for (k, o) in all {
+            if let Some(svc) = o.object.service_key() {
+                if changed(
+                    self.slices
+                        .get(&k)
+                        .and_then(|s| s.resource_version.as_deref()),
+                    o.version.as_deref(),
+                ) {
+                    self.triggered(&svc, o.trigger);
                 }
-                self.slices_by_service
-                    .entry(svc)
-                    .or_default()
-                    .insert(k.clone());
+                // Keys come in order: each Vec stays sorted.
+                index.entry(svc).or_default().push(k.clone());
             }
+            kept.push((k, o.object));
         }
-        self.slices = all;
+        self.slices = kept.into_iter().collect();
+        self.slices_by_service = index.into_iter().collect();
         self.dirty.full = true;
     }
 
@@ -199,8 +219,8 @@ impl Stores {
     /// load): both stores replaced and synced.
     fn replace_all(
         &mut self,
-        services: BTreeMap<Key, Service>,
-        slices: BTreeMap<Key, EndpointSlice>,
+        services: BTreeMap<Key, Listed<Svc>>,
+        slices: BTreeMap<Key, Listed<Slice>>,
     ) {
         self.replace_services(services);
         self.replace_slices(slices);
@@ -222,13 +242,14 @@ impl Stores {
         let Some(svc) = self.services.get(k) else {
             return Vec::new();
         };
-        let slices = self
+        let slices: Vec<&Slice> = self
             .slices_by_service
             .get(k)
             .into_iter()
             .flatten()
-            .filter_map(|sk| self.slices.get(sk));
-        desired::service_frontends(svc, slices, self.rules(default_affinity_timeout))
+            .filter_map(|sk| self.slices.get(sk))
+            .collect();
+        desired::frontends(svc, &slices, self.rules(default_affinity_timeout))
     }
 }
 
@@ -309,12 +330,11 @@ impl Watched {
         s.services
             .iter()
             .filter_map(|(k, svc)| {
-                let spec = svc.spec.as_ref()?;
-                if spec.external_traffic_policy.as_deref() != Some("Local") {
+                if svc.external_traffic_policy.as_deref() != Some("Local") {
                     return None;
                 }
-                let port = u16::try_from(spec.health_check_node_port?).ok()?;
-                (port > 0 && desired::shape(svc).skipped().is_none()).then(|| (port, k.clone()))
+                let port = u16::try_from(svc.health_check_node_port?).ok()?;
+                (port > 0 && svc.shape().skipped().is_none()).then(|| (port, k.clone()))
             })
             .collect()
     }
@@ -382,7 +402,7 @@ impl Watched {
                         k.clone(),
                         s.services
                             .get(k)
-                            .and_then(|svc| desired::unserved_with(svc, &served)),
+                            .and_then(|svc| desired::unserved_of(svc, &served)),
                     )
                 })
                 .collect(),
@@ -397,7 +417,7 @@ impl Watched {
                 .services
                 .iter()
                 .flat_map(|((ns, n), svc)| {
-                    desired::lb_ingress_left(svc)
+                    desired::lb_ingress_left_of(svc)
                         .into_iter()
                         .map(move |e| format!("{ns}/{n}: {e}"))
                 })
@@ -414,7 +434,7 @@ impl Watched {
                 s.services
                     .iter()
                     .filter_map(|(k, svc)| {
-                        desired::unserved_with(svc, &served).map(|m| (k.clone(), m))
+                        desired::unserved_of(svc, &served).map(|m| (k.clone(), m))
                     })
                     .collect()
             }
@@ -422,16 +442,10 @@ impl Watched {
         }
     }
 
-    /// Builds the desired table from the current stores.
+    /// Builds the desired table from the current stores (the whole table at
+    /// once: [`desired::build`]'s result).
     pub fn desired(&self, default_affinity_timeout: u32) -> DesiredTable {
-        match self.stores.lock() {
-            Ok(s) => desired::build(
-                s.services.values(),
-                s.slices.values(),
-                s.rules(default_affinity_timeout),
-            ),
-            Err(_) => DesiredTable::default(),
-        }
+        self.service_table(default_affinity_timeout).table()
     }
 
     /// What changed since the last call (and resets it).
@@ -453,6 +467,7 @@ impl Watched {
                 t.set(k.clone(), s.frontends_of(k, default_affinity_timeout));
             }
         }
+        t.compact();
         t
     }
 
@@ -495,8 +510,14 @@ impl Watched {
     /// Replaces every Service and EndpointSlice (a complete list) and marks
     /// both synced.
     pub fn replace_all(&self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
-        let services = services.into_iter().map(|o| (key(&o), o)).collect();
-        let slices = slices.into_iter().map(|o| (key(&o), o)).collect();
+        let services = services
+            .into_iter()
+            .map(|o| (key(&o), Service::listed(o)))
+            .collect();
+        let slices = slices
+            .into_iter()
+            .map(|o| (key(&o), EndpointSlice::listed(o)))
+            .collect();
         self.with(|s| s.replace_all(services, slices));
     }
 
@@ -527,29 +548,21 @@ impl Watched {
         let mut services = BTreeMap::new();
         let mut slices = BTreeMap::new();
         let mut nodes: Vec<Node> = Vec::new();
-        for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (index, doc) in documents(&text).enumerate() {
             let perr = |message: String| WatchError::Parse {
                 path: p.clone(),
                 index,
                 message,
             };
-            let v = serde_yaml::Value::deserialize(doc).map_err(|e| perr(e.to_string()))?;
-            match v.get("kind").and_then(|k| k.as_str()) {
-                Some("Service") => {
-                    let s: Service = serde_yaml::from_value(v).map_err(|e| perr(e.to_string()))?;
-                    services.insert(key(&s), s);
+            match parse_document(doc).map_err(perr)? {
+                Some(StaticObject::Service(s)) => {
+                    services.insert(key(&*s), Service::listed(*s));
                 }
-                Some("EndpointSlice") => {
-                    let s: EndpointSlice =
-                        serde_yaml::from_value(v).map_err(|e| perr(e.to_string()))?;
-                    slices.insert(key(&s), s);
+                Some(StaticObject::Slice(s)) => {
+                    slices.insert(key(&*s), EndpointSlice::listed(*s));
                 }
-                Some("Node") => {
-                    let n: Node = serde_yaml::from_value(v).map_err(|e| perr(e.to_string()))?;
-                    nodes.push(n);
-                }
-                None if v.is_null() => {}
-                other => return Err(perr(format!("unexpected kind {other:?}"))),
+                Some(StaticObject::Node(n)) => nodes.push(*n),
+                None => {}
             }
         }
         self.with(|s| {
@@ -563,41 +576,110 @@ impl Watched {
     }
 }
 
+/// One object of a static file.
+enum StaticObject {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Node(Box<Node>),
+}
+
+/// The documents of a multi-document YAML text: split at the `---` marker
+/// lines (a line starting with `---` followed by a blank or its end is
+/// always a document start in YAML, never content); what follows the
+/// marker on its line belongs to the document.
+fn documents(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let t = rest?;
+        let mut at = 0;
+        loop {
+            let line_end = t[at..].find('\n').map(|i| at + i + 1);
+            let line = &t[at..line_end.unwrap_or(t.len())];
+            let marker =
+                line.starts_with("---") && line[3..].chars().next().is_none_or(char::is_whitespace);
+            if marker && at > 0 {
+                rest = Some(&t[at..]);
+                return Some(&t[..at]);
+            }
+            match line_end {
+                Some(e) => at = e,
+                None => {
+                    rest = None;
+                    return Some(t);
+                }
+            }
+        }
+    })
+    .map(|d| match d.strip_prefix("---") {
+        Some(body) if body.chars().next().is_none_or(char::is_whitespace) => body,
+        _ => d,
+    })
+}
+
+/// The `kind` of a JSON document (everything else skipped unparsed).
+#[derive(Deserialize)]
+struct KindOnly<'a> {
+    #[serde(borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Parses one document of a static file: JSON straight into the object
+/// (what `netboot-bench` and `kubectl get -o json` write; an order of
+/// magnitude faster than YAML), anything else as YAML. None: an empty
+/// document.
+fn parse_document(doc: &str) -> Result<Option<StaticObject>, String> {
+    if doc.trim_start().starts_with('{') {
+        if let Ok(k) = serde_json::from_str::<KindOnly>(doc) {
+            let e = |e: serde_json::Error| e.to_string();
+            return match k.kind.as_deref() {
+                Some("Service") => Ok(Some(StaticObject::Service(
+                    serde_json::from_str(doc).map_err(e)?,
+                ))),
+                Some("EndpointSlice") => Ok(Some(StaticObject::Slice(
+                    serde_json::from_str(doc).map_err(e)?,
+                ))),
+                Some("Node") => Ok(Some(StaticObject::Node(
+                    serde_json::from_str(doc).map_err(e)?,
+                ))),
+                other => Err(format!("unexpected kind {other:?}")),
+            };
+        }
+    }
+    let e = |e: serde_yaml::Error| e.to_string();
+    let v = serde_yaml::from_str::<serde_yaml::Value>(doc).map_err(e)?;
+    match v.get("kind").and_then(|k| k.as_str()) {
+        Some("Service") => Ok(Some(StaticObject::Service(
+            serde_yaml::from_value(v).map_err(e)?,
+        ))),
+        Some("EndpointSlice") => Ok(Some(StaticObject::Slice(
+            serde_yaml::from_value(v).map_err(e)?,
+        ))),
+        Some("Node") => Ok(Some(StaticObject::Node(
+            serde_yaml::from_value(v).map_err(e)?,
+        ))),
+        None if v.is_null() => Ok(None),
+        other => Err(format!("unexpected kind {other:?}")),
+    }
+}
+
 /// A Service's `nodePort`s and its `healthCheckNodePort`.
-pub fn node_ports(svc: &Service) -> Vec<u16> {
-    let spec = svc.spec.as_ref();
-    spec.and_then(|s| s.ports.as_ref())
-        .into_iter()
-        .flatten()
+pub fn node_ports(svc: &Svc) -> Vec<u16> {
+    svc.ports
+        .iter()
         .filter_map(|p| p.node_port)
-        .chain(spec.and_then(|s| s.health_check_node_port))
+        .chain(svc.health_check_node_port)
         .filter_map(|p| u16::try_from(p).ok())
         .collect()
 }
 
 /// A Service's ClusterIPs, externalIPs and LoadBalancer ingress IPs (those
 /// that parse).
-pub fn service_addresses(svc: &Service) -> Vec<IpAddr> {
-    let spec = svc.spec.as_ref();
-    let cluster = spec
-        .and_then(|s| s.cluster_ips.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(spec.and_then(|s| s.cluster_ip.clone()));
-    let external = spec
-        .and_then(|s| s.external_ips.clone())
-        .unwrap_or_default();
-    let ingress = svc
-        .status
-        .as_ref()
-        .and_then(|st| st.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|i| i.ip);
-    let mut out: Vec<IpAddr> = cluster
-        .chain(external)
-        .chain(ingress)
+pub fn service_addresses(svc: &Svc) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = svc
+        .cluster_ips
+        .iter()
+        .chain(svc.external_ips())
+        .chain(svc.ingress().iter().filter_map(|i| i.ip.as_ref()))
         .filter_map(|a| a.parse().ok())
         .collect();
     out.sort();
@@ -609,44 +691,75 @@ fn key<K: Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
 }
 
-/// A relisted object is new, or not the version stored (no resourceVersion:
-/// a static load, always new).
-fn changed<K: Resource>(old: Option<&K>, new: &K) -> bool {
-    match (old, new.resource_version()) {
-        (Some(old), Some(v)) => old.resource_version().as_deref() != Some(v.as_str()),
+/// A relisted object is new, or not the version stored (`old`: the stored
+/// one's resourceVersion; no resourceVersion: a static load, always new).
+fn changed(old: Option<&str>, new: Option<&str>) -> bool {
+    match (old, new) {
+        (Some(old), Some(new)) => old != new,
         _ => true,
     }
 }
 
+/// An object of a (re)list as the stores keep it, with what the list needs
+/// of the API object it came from (the stores keep less).
+#[derive(Debug)]
+struct Listed<T> {
+    object: T,
+    /// Its resourceVersion.
+    version: Option<String>,
+    /// Its trigger time ([`crate::latency`]).
+    trigger: Option<Triggered>,
+}
+
 /// Which store a watcher feeds.
 trait Stored: Resource + Clone + Sized {
+    /// What the store keeps of it.
+    type Kept: std::fmt::Debug;
+    /// The object as a (re)list buffers it.
+    fn listed(o: Self) -> Listed<Self::Kept>;
     fn apply(s: &mut Stores, o: Self);
     fn delete(s: &mut Stores, o: &Self);
     /// A complete list: replaces the store and marks it synced.
-    fn replace(s: &mut Stores, all: BTreeMap<Key, Self>);
+    fn replace(s: &mut Stores, all: BTreeMap<Key, Listed<Self::Kept>>);
 }
 
 impl Stored for Service {
+    type Kept = Svc;
+    fn listed(o: Self) -> Listed<Svc> {
+        Listed {
+            version: o.metadata.resource_version.clone(),
+            trigger: latency::service_trigger(&o),
+            object: Svc::from(o),
+        }
+    }
     fn apply(s: &mut Stores, o: Self) {
         s.apply_service(o);
     }
     fn delete(s: &mut Stores, o: &Self) {
         s.delete_service(o);
     }
-    fn replace(s: &mut Stores, all: BTreeMap<Key, Self>) {
+    fn replace(s: &mut Stores, all: BTreeMap<Key, Listed<Svc>>) {
         s.replace_services(all);
         s.services_synced = true;
     }
 }
 
 impl Stored for EndpointSlice {
+    type Kept = Slice;
+    fn listed(o: Self) -> Listed<Slice> {
+        Listed {
+            version: o.metadata.resource_version.clone(),
+            trigger: latency::slice_trigger(&o),
+            object: Slice::from(o),
+        }
+    }
     fn apply(s: &mut Stores, o: Self) {
         s.apply_slice(o);
     }
     fn delete(s: &mut Stores, o: &Self) {
         s.delete_slice(o);
     }
-    fn replace(s: &mut Stores, all: BTreeMap<Key, Self>) {
+    fn replace(s: &mut Stores, all: BTreeMap<Key, Listed<Slice>>) {
         s.replace_slices(all);
         s.slices_synced = true;
     }
@@ -675,12 +788,15 @@ where
     S: futures::Stream<Item = Result<Event<K>, E>>,
 {
     futures::pin_mut!(stream);
-    let mut buffer: Option<BTreeMap<Key, K>> = None;
+    // A (re)list is kept compact as it arrives, not as API objects.
+    let mut buffer: Option<BTreeMap<Key, Listed<K::Kept>>> = None;
     while let Some(ev) = stream.next().await {
         match ev {
             Ok(Event::Init) => buffer = Some(BTreeMap::new()),
             Ok(Event::InitApply(o)) => {
-                buffer.get_or_insert_with(BTreeMap::new).insert(key(&o), o);
+                buffer
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key(&o), K::listed(o));
             }
             Ok(Event::InitDone) => {
                 let full = buffer.take().unwrap_or_default();
@@ -772,7 +888,7 @@ spec:
 status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
         )
         .unwrap();
-        let got: Vec<String> = service_addresses(&s)
+        let got: Vec<String> = service_addresses(&Svc::from(&s))
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -781,7 +897,10 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
             ["10.96.5.8", "192.0.2.10", "198.51.100.4", "fd00:10:96::8"]
         );
         let headless = svc("h", "None");
-        assert_eq!(service_addresses(&headless), Vec::<IpAddr>::new());
+        assert_eq!(
+            service_addresses(&Svc::from(&headless)),
+            Vec::<IpAddr>::new()
+        );
     }
 
     fn ev(e: Event<Service>) -> Result<Event<Service>, String> {

@@ -2,13 +2,26 @@
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 
-use super::{LbMaps, MapsDump, MapsError};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use super::{batch, LbMaps, MapWrite, MapsDump, MapsError, Stopped};
 use crate::layout::{
     names, Lb4AffinityKey, Lb4AffinityMatch, Lb4AffinityVal, Lb4Backend, Lb4Key, Lb4RevSkKey,
     Lb4RevSkVal, Lb4ReverseNat, Lb4Service, Lb6Backend, Lb6Key, Lb6RevSkKey, Lb6RevSkVal,
     Lb6ReverseNat, NbConfig, SvcStats, COUNTER_MAX, COUNTER_NAMES,
 };
 use crate::pins::Pins;
+
+/// The maps written in batches.
+const BATCHED: [&str; 7] = [
+    names::SERVICES,
+    names::SERVICES6,
+    names::BACKENDS,
+    names::BACKENDS6,
+    names::REVNAT,
+    names::REVNAT6,
+    names::AFF_MATCH,
+];
 
 /// Handles on every pinned map.
 pub struct KernelMaps {
@@ -27,6 +40,12 @@ pub struct KernelMaps {
     /// `nb_svc_stats`; None when the pins predate it (an older agent's,
     /// read by this build's CLI).
     svc_stats: Option<PerCpuHashMap<MapData, u32, SvcStats>>,
+    /// The same maps again for the batch syscalls (aya's typed maps do not
+    /// hand out their fd), by name.
+    raw: Vec<(&'static str, MapData)>,
+    /// The kernel took batch writes so far (cleared on the first
+    /// EINVAL/ENOTSUP: single writes from then on).
+    batches: bool,
 }
 
 fn open(pins: &Pins, name: &'static str) -> Result<Map, MapsError> {
@@ -114,6 +133,19 @@ impl KernelMaps {
             } else {
                 None
             },
+            raw: BATCHED
+                .iter()
+                .map(|name| {
+                    let path = pins.map(name);
+                    MapData::from_pin(&path)
+                        .map(|d| (*name, d))
+                        .map_err(|e| MapsError::Open {
+                            path,
+                            source: Box::new(e),
+                        })
+                })
+                .collect::<Result<_, _>>()?,
+            batches: true,
         })
     }
 
@@ -135,6 +167,131 @@ impl KernelMaps {
             }
         }
         Ok(out)
+    }
+
+    /// Batch writes off: every write is its own syscall (tests compare).
+    pub fn without_batches(mut self) -> Self {
+        self.batches = false;
+        self
+    }
+
+    fn raw_fd(&self, name: &str) -> Option<RawFd> {
+        self.raw
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, d)| d.fd().as_fd().as_raw_fd())
+    }
+
+    /// A run of writes of one kind (`run[0].kind()`) through [`batch::run`].
+    fn write_run(&mut self, run: &[MapWrite]) -> Result<(), Stopped> {
+        let map = match run.first() {
+            Some(w) => w.kind().0,
+            None => return Ok(()),
+        };
+        let fd = match self.raw_fd(map) {
+            Some(fd) if run.len() > 1 && self.batches => fd,
+            _ => return self.singles(run),
+        };
+        macro_rules! keys_values {
+            ($($upd:ident / $del:ident),* $(,)?) => {
+                match run[0] {
+                    $(
+                        MapWrite::$upd(..) => {
+                            let (k, v): (Vec<_>, Vec<_>) = run
+                                .iter()
+                                .filter_map(|w| match w {
+                                    MapWrite::$upd(k, v) => Some((*k, *v)),
+                                    _ => None,
+                                })
+                                .unzip();
+                            self.batched(run, fd, &k, Some(&v))
+                        }
+                        MapWrite::$del(..) => {
+                            let k: Vec<_> = run
+                                .iter()
+                                .filter_map(|w| match w {
+                                    MapWrite::$del(k) => Some(*k),
+                                    _ => None,
+                                })
+                                .collect();
+                            self.batched::<_, u8>(run, fd, &k, None)
+                        }
+                    )*
+                }
+            };
+        }
+        keys_values!(
+            Service / DelService,
+            Service6 / DelService6,
+            Backend / DelBackend,
+            Backend6 / DelBackend6,
+            Revnat / DelRevnat,
+            Revnat6 / DelRevnat6,
+            AffMatch / DelAffMatch,
+        )
+    }
+
+    fn batched<K, V>(
+        &mut self,
+        run: &[MapWrite],
+        fd: RawFd,
+        keys: &[K],
+        values: Option<&[V]>,
+    ) -> Result<(), Stopped> {
+        if keys.len() != run.len() {
+            return self.singles(run);
+        }
+        let (map, delete) = run[0].kind();
+        let mut batches = self.batches;
+        let mut failed: Option<MapsError> = None;
+        let r = batch::run(
+            run.len(),
+            delete,
+            &mut batches,
+            |r| batch::syscall(fd, keys, values, r),
+            |i| match self.write(&run[i]) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let errno = match &e {
+                        MapsError::Kernel { source, .. } => match source.as_ref() {
+                            MapError::SyscallError(s) => s.io_error.raw_os_error(),
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    failed = Some(e);
+                    Err(errno.unwrap_or(libc::EIO))
+                }
+            },
+        );
+        self.batches = batches;
+        r.map_err(|(applied, errno)| Stopped {
+            applied,
+            source: failed.take().unwrap_or_else(|| MapsError::Kernel {
+                map,
+                op: if delete {
+                    "delete batch"
+                } else {
+                    "update batch"
+                },
+                source: Box::new(MapError::SyscallError(aya::sys::SyscallError {
+                    call: if delete {
+                        "bpf_map_delete_batch"
+                    } else {
+                        "bpf_map_update_batch"
+                    },
+                    io_error: std::io::Error::from_raw_os_error(errno),
+                })),
+            }),
+        })
+    }
+
+    fn singles(&mut self, run: &[MapWrite]) -> Result<(), Stopped> {
+        for (applied, w) in run.iter().enumerate() {
+            self.write(w)
+                .map_err(|source| Stopped { applied, source })?;
+        }
+        Ok(())
     }
 
     /// The per-outcome counters, summed over CPUs.
@@ -247,6 +404,20 @@ impl LbMaps for KernelMaps {
             Some(m) => absent_ok(m.remove(&id)).map_err(kerr(names::SVC_STATS, "delete")),
             None => Ok(()),
         }
+    }
+    fn write_all(&mut self, ws: &[MapWrite]) -> Result<(), Stopped> {
+        let mut start = 0;
+        while start < ws.len() {
+            let kind = ws[start].kind();
+            let len = ws[start..].iter().take_while(|w| w.kind() == kind).count();
+            self.write_run(&ws[start..start + len])
+                .map_err(|s| Stopped {
+                    applied: start + s.applied,
+                    source: s.source,
+                })?;
+            start += len;
+        }
+        Ok(())
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         Ok(MapsDump {

@@ -3,6 +3,7 @@
 //! table for unit tests ([`memory::MemoryMaps`]) and one that fails on purpose
 //! ([`faulty::FaultyMaps`]), after Cilium's `LBMaps` / `FaultyLBMaps`.
 
+pub mod batch;
 pub mod faulty;
 pub mod kernel;
 pub mod memory;
@@ -239,9 +240,154 @@ impl MapsDump {
     }
 }
 
+/// One write to a map the reconciler owns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapWrite {
+    /// `nb_lb4_svc` update.
+    Service(Lb4Key, Lb4Service),
+    /// `nb_lb4_svc` delete.
+    DelService(Lb4Key),
+    /// `nb_lb6_svc` update.
+    Service6(Lb6Key, Lb4Service),
+    /// `nb_lb6_svc` delete.
+    DelService6(Lb6Key),
+    /// `nb_lb4_be` update.
+    Backend(u32, Lb4Backend),
+    /// `nb_lb4_be` delete.
+    DelBackend(u32),
+    /// `nb_lb6_be` update.
+    Backend6(u32, Lb6Backend),
+    /// `nb_lb6_be` delete.
+    DelBackend6(u32),
+    /// `nb_lb4_revnat` update.
+    Revnat(u32, Lb4ReverseNat),
+    /// `nb_lb4_revnat` delete.
+    DelRevnat(u32),
+    /// `nb_lb6_revnat` update.
+    Revnat6(u32, Lb6ReverseNat),
+    /// `nb_lb6_revnat` delete.
+    DelRevnat6(u32),
+    /// `nb_lb4_affmatch` update.
+    AffMatch(Lb4AffinityMatch, u32),
+    /// `nb_lb4_affmatch` delete.
+    DelAffMatch(Lb4AffinityMatch),
+}
+
+impl MapWrite {
+    /// Slot `slot` of frontend `fe`, in the map of its family.
+    pub fn service(fe: L4Addr, slot: u16, val: Lb4Service) -> Self {
+        if fe.is_v6() {
+            MapWrite::Service6(Lb6Key::new(fe, slot), val)
+        } else {
+            MapWrite::Service(Lb4Key::new(fe, slot), val)
+        }
+    }
+    /// Removes slot `slot` of frontend `fe`.
+    pub fn del_service(fe: L4Addr, slot: u16) -> Self {
+        if fe.is_v6() {
+            MapWrite::DelService6(Lb6Key::new(fe, slot))
+        } else {
+            MapWrite::DelService(Lb4Key::new(fe, slot))
+        }
+    }
+    /// Backend `id` at `addr`, in the map of its family.
+    pub fn backend(id: u32, addr: L4Addr, state: u8) -> Self {
+        match addr.ip {
+            IpAddr::V4(ip) => MapWrite::Backend(
+                id,
+                Lb4Backend {
+                    address: addr_be(ip),
+                    port: port_be(addr.port),
+                    proto: addr.proto,
+                    state,
+                },
+            ),
+            IpAddr::V6(ip) => MapWrite::Backend6(
+                id,
+                Lb6Backend {
+                    address: addr6_be(ip),
+                    port: port_be(addr.port),
+                    proto: addr.proto,
+                    state,
+                },
+            ),
+        }
+    }
+    /// Removes backend `id` (at `addr`).
+    pub fn del_backend(id: u32, addr: L4Addr) -> Self {
+        if addr.is_v6() {
+            MapWrite::DelBackend6(id)
+        } else {
+            MapWrite::DelBackend(id)
+        }
+    }
+    /// Reverse-NAT entry `id` → `fe`'s VIP and port.
+    pub fn revnat(id: u32, fe: L4Addr) -> Self {
+        match fe.ip {
+            IpAddr::V4(ip) => MapWrite::Revnat(
+                id,
+                Lb4ReverseNat {
+                    address: addr_be(ip),
+                    port: port_be(fe.port),
+                    pad: 0,
+                },
+            ),
+            IpAddr::V6(ip) => MapWrite::Revnat6(
+                id,
+                Lb6ReverseNat {
+                    address: addr6_be(ip),
+                    port: port_be(fe.port),
+                    pad: 0,
+                },
+            ),
+        }
+    }
+    /// Removes reverse-NAT entry `id` of an IPv6 (`v6`) or IPv4 frontend.
+    pub fn del_revnat(id: u32, v6: bool) -> Self {
+        if v6 {
+            MapWrite::DelRevnat6(id)
+        } else {
+            MapWrite::DelRevnat(id)
+        }
+    }
+
+    /// The map written and whether it is a delete: consecutive writes of one
+    /// kind can go to the kernel as one batch.
+    pub fn kind(&self) -> (&'static str, bool) {
+        use crate::layout::names;
+        match self {
+            MapWrite::Service(..) => (names::SERVICES, false),
+            MapWrite::DelService(..) => (names::SERVICES, true),
+            MapWrite::Service6(..) => (names::SERVICES6, false),
+            MapWrite::DelService6(..) => (names::SERVICES6, true),
+            MapWrite::Backend(..) => (names::BACKENDS, false),
+            MapWrite::DelBackend(..) => (names::BACKENDS, true),
+            MapWrite::Backend6(..) => (names::BACKENDS6, false),
+            MapWrite::DelBackend6(..) => (names::BACKENDS6, true),
+            MapWrite::Revnat(..) => (names::REVNAT, false),
+            MapWrite::DelRevnat(..) => (names::REVNAT, true),
+            MapWrite::Revnat6(..) => (names::REVNAT6, false),
+            MapWrite::DelRevnat6(..) => (names::REVNAT6, true),
+            MapWrite::AffMatch(..) => (names::AFF_MATCH, false),
+            MapWrite::DelAffMatch(..) => (names::AFF_MATCH, true),
+        }
+    }
+}
+
+/// [`LbMaps::write_all`] stopped: the first `applied` writes are in the
+/// maps, write number `applied` failed with `source`, and none after it was
+/// tried.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Writes applied before the failure.
+    pub applied: usize,
+    /// Why write number `applied` failed.
+    pub source: MapsError,
+}
+
 /// Update / delete / dump of the maps the reconciler owns. Deleting a missing
 /// key succeeds. Each call is one map operation, so a failure leaves every
-/// earlier call applied.
+/// earlier call applied; [`LbMaps::write_all`] keeps that promise per write.
 pub trait LbMaps {
     /// Inserts or replaces a frontend or slot.
     fn update_service(&mut self, key: Lb4Key, val: Lb4Service) -> Result<(), MapsError>;
@@ -281,80 +427,61 @@ pub trait LbMaps {
         Ok(())
     }
 
+    /// One write.
+    fn write(&mut self, w: &MapWrite) -> Result<(), MapsError> {
+        match *w {
+            MapWrite::Service(k, v) => self.update_service(k, v),
+            MapWrite::DelService(k) => self.delete_service(k),
+            MapWrite::Service6(k, v) => self.update_service6(k, v),
+            MapWrite::DelService6(k) => self.delete_service6(k),
+            MapWrite::Backend(k, v) => self.update_backend(k, v),
+            MapWrite::DelBackend(k) => self.delete_backend(k),
+            MapWrite::Backend6(k, v) => self.update_backend6(k, v),
+            MapWrite::DelBackend6(k) => self.delete_backend6(k),
+            MapWrite::Revnat(k, v) => self.update_revnat(k, v),
+            MapWrite::DelRevnat(k) => self.delete_revnat(k),
+            MapWrite::Revnat6(k, v) => self.update_revnat6(k, v),
+            MapWrite::DelRevnat6(k) => self.delete_revnat6(k),
+            MapWrite::AffMatch(k, v) => self.update_aff_match(k, v),
+            MapWrite::DelAffMatch(k) => self.delete_aff_match(k),
+        }
+    }
+
+    /// The writes `ws` in order, as if each were its own call: on failure
+    /// every earlier one is applied and no later one was tried. The kernel
+    /// backend sends consecutive writes of one kind as one batch
+    /// (`BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH`); the default writes
+    /// them one by one.
+    fn write_all(&mut self, ws: &[MapWrite]) -> Result<(), Stopped> {
+        for (applied, w) in ws.iter().enumerate() {
+            self.write(w)
+                .map_err(|source| Stopped { applied, source })?;
+        }
+        Ok(())
+    }
+
     /// Writes slot `slot` of frontend `fe` into the map of its family.
     fn put_service(&mut self, fe: L4Addr, slot: u16, val: Lb4Service) -> Result<(), MapsError> {
-        if fe.is_v6() {
-            self.update_service6(Lb6Key::new(fe, slot), val)
-        } else {
-            self.update_service(Lb4Key::new(fe, slot), val)
-        }
+        self.write(&MapWrite::service(fe, slot, val))
     }
     /// Removes slot `slot` of frontend `fe` from the map of its family.
     fn del_service(&mut self, fe: L4Addr, slot: u16) -> Result<(), MapsError> {
-        if fe.is_v6() {
-            self.delete_service6(Lb6Key::new(fe, slot))
-        } else {
-            self.delete_service(Lb4Key::new(fe, slot))
-        }
+        self.write(&MapWrite::del_service(fe, slot))
     }
     /// Writes backend `id` at `addr` into the map of its family.
     fn put_backend(&mut self, id: u32, addr: L4Addr, state: u8) -> Result<(), MapsError> {
-        match addr.ip {
-            IpAddr::V4(ip) => self.update_backend(
-                id,
-                Lb4Backend {
-                    address: addr_be(ip),
-                    port: port_be(addr.port),
-                    proto: addr.proto,
-                    state,
-                },
-            ),
-            IpAddr::V6(ip) => self.update_backend6(
-                id,
-                Lb6Backend {
-                    address: addr6_be(ip),
-                    port: port_be(addr.port),
-                    proto: addr.proto,
-                    state,
-                },
-            ),
-        }
+        self.write(&MapWrite::backend(id, addr, state))
     }
     /// Removes backend `id` (at `addr`) from the map of its family.
     fn del_backend(&mut self, id: u32, addr: L4Addr) -> Result<(), MapsError> {
-        if addr.is_v6() {
-            self.delete_backend6(id)
-        } else {
-            self.delete_backend(id)
-        }
+        self.write(&MapWrite::del_backend(id, addr))
     }
     /// Writes reverse-NAT entry `id` → `fe`'s VIP and port.
     fn put_revnat(&mut self, id: u32, fe: L4Addr) -> Result<(), MapsError> {
-        match fe.ip {
-            IpAddr::V4(ip) => self.update_revnat(
-                id,
-                Lb4ReverseNat {
-                    address: addr_be(ip),
-                    port: port_be(fe.port),
-                    pad: 0,
-                },
-            ),
-            IpAddr::V6(ip) => self.update_revnat6(
-                id,
-                Lb6ReverseNat {
-                    address: addr6_be(ip),
-                    port: port_be(fe.port),
-                    pad: 0,
-                },
-            ),
-        }
+        self.write(&MapWrite::revnat(id, fe))
     }
     /// Removes reverse-NAT entry `id` of an IPv6 (`v6`) or IPv4 frontend.
     fn del_revnat(&mut self, id: u32, v6: bool) -> Result<(), MapsError> {
-        if v6 {
-            self.delete_revnat6(id)
-        } else {
-            self.delete_revnat(id)
-        }
+        self.write(&MapWrite::del_revnat(id, v6))
     }
 }

@@ -292,8 +292,8 @@ fn partial_pass_is_exact_and_leaves_other_frontends_untouched() {
     );
     let (removed, removed_id) = others[0];
     let changes: FrontendChanges = [
-        (web, Some(new_web.clone())),
-        (added.addr, Some(added.clone())),
+        (web, Some(Arc::new(new_web.clone()))),
+        (added.addr, Some(Arc::new(added.clone()))),
         (removed, None),
     ]
     .into_iter()
@@ -375,7 +375,7 @@ fn partial_pass_keeps_a_backend_another_frontend_still_uses() {
     r.apply(&[(a.addr, None)].into_iter().collect()).unwrap();
     assert_eq!(state_of(&r), vec![BackendState::Terminating.as_u8()]);
     // a comes back: active again.
-    r.apply(&[(a.addr, Some(a.clone()))].into_iter().collect())
+    r.apply(&[(a.addr, Some(Arc::new(a.clone())))].into_iter().collect())
         .unwrap();
     assert_eq!(state_of(&r), vec![BackendState::Active.as_u8()]);
     // both go: the backend goes.
@@ -396,12 +396,12 @@ fn failed_partial_pass_asks_for_a_full_one() {
         &[(tcp([10, 244, 5, 5], 80), BackendState::Active)],
     );
     assert!(r
-        .apply(&[(fe.addr, Some(fe))].into_iter().collect())
+        .apply(&[(fe.addr, Some(Arc::new(fe)))].into_iter().collect())
         .is_err());
     assert!(r.needs_full());
     r.maps_mut().fail_every = 0;
     let fe = frontend(tcp([10, 96, 50, 6], 80), "d/y:", &[]);
-    let refused = r.apply(&[(fe.addr, Some(fe))].into_iter().collect());
+    let refused = r.apply(&[(fe.addr, Some(Arc::new(fe)))].into_iter().collect());
     assert!(matches!(refused, Err(ReconcileError::NeedsFullPass)));
     r.reconcile(&cluster()).unwrap();
     assert!(!r.needs_full());
@@ -568,8 +568,12 @@ fn partial_pass_under_pressure_succeeds_and_asks_for_a_full_one() {
     r.reconcile(&table(&[one_backend(1, 1)])).unwrap();
     assert!(!r.needs_full());
     let fe = one_backend(2, 2);
-    r.apply(&[(fe.addr, Some(fe.clone()))].into_iter().collect())
-        .unwrap();
+    r.apply(
+        &[(fe.addr, Some(Arc::new(fe.clone())))]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap();
     assert_eq!(r.pressure().backends.len(), 1);
     assert!(r.needs_full());
     // The frontend is programmed without its backend: it refuses connections
@@ -658,7 +662,7 @@ fn external_frontends_are_flagged_dirty_only_when_one_changes() {
     assert!(!r.take_external_dirty(), "taken");
     // ClusterIP churn: nothing built from the external frontends moves.
     let ci = one_backend(2, 3);
-    r.apply(&[(ci.addr, Some(ci))].into_iter().collect())
+    r.apply(&[(ci.addr, Some(Arc::new(ci)))].into_iter().collect())
         .unwrap();
     assert!(!r.take_external_dirty());
     // The NodePort's backends change, then it goes away: dirty each time.
@@ -666,7 +670,7 @@ fn external_frontends_are_flagged_dirty_only_when_one_changes() {
     moved.backends = [(tcp([10, 244, 6, 9], 8080), BackendState::Active)]
         .into_iter()
         .collect();
-    r.apply(&[(moved.addr, Some(moved))].into_iter().collect())
+    r.apply(&[(moved.addr, Some(Arc::new(moved)))].into_iter().collect())
         .unwrap();
     assert!(r.take_external_dirty());
     r.apply(&[(np.addr, None)].into_iter().collect()).unwrap();
@@ -836,4 +840,251 @@ fn a_reused_service_id_starts_with_no_counters() {
     r.reconcile(&one(&b)).unwrap();
     assert_eq!(r.service_id(&b.addr), Some(id), "the freed id is reused");
     assert!(r.maps().svc_stats.is_empty());
+}
+
+/// What the datapath could see wrong in `d`: a frontend whose count exposes
+/// a slot that is missing or names a missing backend, or without its
+/// reverse-NAT entry; an affinity membership naming a missing backend.
+fn inconsistencies(d: &MapsDump) -> Vec<String> {
+    let mut out = Vec::new();
+    let backends = d.backend_entries();
+    for (fe, slot, v) in d.service_entries() {
+        if slot != 0 {
+            continue;
+        }
+        for s in 1..=v.count {
+            match d.service(fe, s) {
+                Some(e) if backends.contains_key(&e.backend_id) => {}
+                Some(e) => out.push(format!("{fe} slot {s}: backend {} missing", e.backend_id)),
+                None => out.push(format!("{fe} slot {s} missing (count {})", v.count)),
+            }
+        }
+        let rn = if fe.is_v6() {
+            d.revnat6.contains_key(&v.rev_nat_index)
+        } else {
+            d.revnat.contains_key(&v.rev_nat_index)
+        };
+        if !rn {
+            out.push(format!("{fe}: revnat {} missing", v.rev_nat_index));
+        }
+    }
+    for k in d.aff_match.keys() {
+        if !backends.contains_key(&k.backend_id) {
+            out.push(format!("affmatch names missing backend {}", k.backend_id));
+        }
+    }
+    out
+}
+
+/// Memory maps that check after every single write that the datapath
+/// would see a consistent state (a batch on the kernel is the same writes,
+/// in the same order).
+#[derive(Default)]
+struct Watching {
+    inner: MemoryMaps,
+    seen: Vec<String>,
+    /// Writes per [`LbMaps::write_all`] call.
+    batches: Vec<usize>,
+}
+
+impl Watching {
+    fn check<T>(&mut self, r: Result<T, MapsError>) -> Result<T, MapsError> {
+        let bad = inconsistencies(&self.inner.state);
+        if let Some(first) = bad.into_iter().next() {
+            self.seen.push(first);
+        }
+        r
+    }
+}
+
+impl LbMaps for Watching {
+    fn update_service(&mut self, k: Lb4Key, v: Lb4Service) -> Result<(), MapsError> {
+        let r = self.inner.update_service(k, v);
+        self.check(r)
+    }
+    fn delete_service(&mut self, k: Lb4Key) -> Result<(), MapsError> {
+        let r = self.inner.delete_service(k);
+        self.check(r)
+    }
+    fn update_backend(&mut self, id: u32, v: crate::layout::Lb4Backend) -> Result<(), MapsError> {
+        let r = self.inner.update_backend(id, v);
+        self.check(r)
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        let r = self.inner.delete_backend(id);
+        self.check(r)
+    }
+    fn update_revnat(&mut self, id: u32, v: Lb4ReverseNat) -> Result<(), MapsError> {
+        let r = self.inner.update_revnat(id, v);
+        self.check(r)
+    }
+    fn delete_revnat(&mut self, id: u32) -> Result<(), MapsError> {
+        let r = self.inner.delete_revnat(id);
+        self.check(r)
+    }
+    fn update_aff_match(&mut self, k: Lb4AffinityMatch, s: u32) -> Result<(), MapsError> {
+        let r = self.inner.update_aff_match(k, s);
+        self.check(r)
+    }
+    fn delete_aff_match(&mut self, k: Lb4AffinityMatch) -> Result<(), MapsError> {
+        let r = self.inner.delete_aff_match(k);
+        self.check(r)
+    }
+    fn update_service6(
+        &mut self,
+        k: crate::layout::Lb6Key,
+        v: Lb4Service,
+    ) -> Result<(), MapsError> {
+        let r = self.inner.update_service6(k, v);
+        self.check(r)
+    }
+    fn delete_service6(&mut self, k: crate::layout::Lb6Key) -> Result<(), MapsError> {
+        let r = self.inner.delete_service6(k);
+        self.check(r)
+    }
+    fn update_backend6(&mut self, id: u32, v: crate::layout::Lb6Backend) -> Result<(), MapsError> {
+        let r = self.inner.update_backend6(id, v);
+        self.check(r)
+    }
+    fn delete_backend6(&mut self, id: u32) -> Result<(), MapsError> {
+        let r = self.inner.delete_backend6(id);
+        self.check(r)
+    }
+    fn update_revnat6(
+        &mut self,
+        id: u32,
+        v: crate::layout::Lb6ReverseNat,
+    ) -> Result<(), MapsError> {
+        let r = self.inner.update_revnat6(id, v);
+        self.check(r)
+    }
+    fn delete_revnat6(&mut self, id: u32) -> Result<(), MapsError> {
+        let r = self.inner.delete_revnat6(id);
+        self.check(r)
+    }
+    fn write_all(&mut self, ws: &[crate::maps::MapWrite]) -> Result<(), crate::maps::Stopped> {
+        self.batches.push(ws.len());
+        for (applied, w) in ws.iter().enumerate() {
+            self.write(w)
+                .map_err(|source| crate::maps::Stopped { applied, source })?;
+        }
+        Ok(())
+    }
+    fn dump(&self) -> Result<MapsDump, MapsError> {
+        self.inner.dump()
+    }
+}
+
+/// Frontends `vip` 1..=n, each with `per` backends of its own, plus one
+/// backend shared by all.
+fn many(n: u8, per: u8) -> DesiredTable {
+    let shared = tcp([10, 244, 200, 1], 8080);
+    table(
+        &(1..=n)
+            .map(|i| {
+                let mut bes: Vec<(L4Addr, BackendState)> = (1..=per)
+                    .map(|j| (tcp([10, 244, i, j], 8080), BackendState::Active))
+                    .collect();
+                bes.push((shared, BackendState::Active));
+                frontend(tcp([10, 96, 7, i], 80), &format!("d/s{i}:"), &bes)
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+#[test]
+fn a_batched_full_pass_never_shows_the_datapath_a_frontend_before_its_parts() {
+    // Why: a full pass writes by map in batches (issue 18); slot 0 must
+    // still come after its slots, reverse NAT and backends, and a removed
+    // backend go only after no slot names it.
+    let mut r = Reconciler::recover(Watching::default()).unwrap();
+    let st = r.reconcile(&many(20, 4)).unwrap();
+    assert_eq!(st.updates, 81 + 20 * (1 + 5 + 5 + 1));
+    assert!(r.maps().seen.is_empty(), "{:?}", r.maps().seen);
+    // Few map calls: one batch per phase, not one per write.
+    assert!(r.maps().batches.len() <= 6, "{:?}", r.maps().batches);
+    // Shrink, grow and move backends across frontends.
+    let mut next = many(20, 2);
+    for fe in next.frontends.values_mut().take(5) {
+        fe.backends
+            .insert(tcp([10, 244, 99, 9], 8080), BackendState::Active);
+    }
+    r.reconcile(&next).unwrap();
+    assert!(r.maps().seen.is_empty(), "{:?}", r.maps().seen);
+    r.reconcile(&many(3, 6)).unwrap();
+    assert!(r.maps().seen.is_empty(), "{:?}", r.maps().seen);
+    assert!(inconsistencies(&r.maps().inner.state).is_empty());
+    assert_eq!(r.reconcile(&many(3, 6)).unwrap(), SyncStats::default());
+}
+
+#[test]
+fn a_full_map_in_the_middle_of_a_batch_programs_what_fits_and_recovers() {
+    // Why: a batch stops at the element that does not fit; the rest of the
+    // batch and of that frontend must be handled as single writes would.
+    let limits = crate::maps::memory::MapLimits {
+        services: Some(30),
+        ..Default::default()
+    };
+    let mut r = Reconciler::recover(MemoryMaps::with_limits(limits)).unwrap();
+    let st = r.reconcile(&many(10, 4)).unwrap();
+    assert!(st.updates > 0);
+    assert!(!r.pressure().is_empty());
+    assert!(r.needs_full());
+    let state = &r.maps().state;
+    assert!(
+        inconsistencies(state).is_empty(),
+        "{:?}",
+        inconsistencies(state)
+    );
+    // What is programmed is whole frontends (6 entries each), the rest is
+    // reported, and the mirror matches the maps exactly.
+    let programmed = state.frontend_count();
+    assert_eq!(programmed + r.pressure().frontends.len(), 10);
+    assert!(programmed >= 4, "{programmed}");
+    let again = Reconciler::recover(r.maps().clone()).unwrap();
+    assert_eq!(again.programmed(), r.programmed());
+    // Room again: the next full pass finishes the job.
+    r.maps_mut().limits = Default::default();
+    r.reconcile(&many(10, 4)).unwrap();
+    assert!(r.pressure().is_empty() && !r.needs_full());
+    assert_eq!(r.maps().state.frontend_count(), 10);
+    assert_eq!(
+        normalized(&r.maps().state),
+        normalized(&{
+            let mut fresh = Reconciler::recover(MemoryMaps::new()).unwrap();
+            fresh.reconcile(&many(10, 4)).unwrap();
+            fresh.maps().state.clone()
+        })
+    );
+}
+
+#[test]
+fn a_failed_batch_leaves_the_mirror_exact_and_ids_not_leaked() {
+    // Why: "a failure leaves every earlier write applied" must hold per
+    // write inside a batch, and ids of unwritten backends come back.
+    for fail_every in [3, 7, 50, 101] {
+        let mut r = Reconciler::recover(FaultyMaps::new(fail_every)).unwrap();
+        let want = many(12, 3);
+        let mut tries = 0;
+        while r.reconcile(&want).is_err() {
+            // The mirror is what a fresh read of the maps gives.
+            let fresh = Reconciler::recover(r.maps().clone()).unwrap();
+            assert_eq!(
+                fresh.programmed(),
+                r.programmed(),
+                "fail_every {fail_every}"
+            );
+            assert!(inconsistencies(&r.maps().inner.state).is_empty());
+            tries += 1;
+            assert!(tries < 500, "fail_every {fail_every}: no convergence");
+        }
+        assert_eq!(r.maps().inner.state.frontend_count(), 12);
+        // Backend ids are dense: none was lost to a failed write.
+        let ids: Vec<u32> = r.maps().inner.state.backends.keys().copied().collect();
+        assert_eq!(
+            ids,
+            (1..=ids.len() as u32).collect::<Vec<_>>(),
+            "fail_every {fail_every}"
+        );
+    }
 }

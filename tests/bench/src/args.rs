@@ -91,6 +91,10 @@ pub enum Cmd {
     /// What flow events cost (issue 19): connect latency with the kernel
     /// switch off against on (interleaved), and a flood's events/s and drops.
     Flows(FlowsArgs),
+    /// Only the agent's cold start and RSS (issue 18): the real
+    /// `netboot-datapath agent --static-services` at each size, optionally
+    /// side by side with a base build.
+    Coldstart(ColdstartArgs),
     /// The client process (spawned by the bench inside a cgroup and namespace).
     #[command(name = "__client", hide = true)]
     Client,
@@ -175,6 +179,27 @@ pub struct NorthsouthArgs {
     /// The netboot-datapath binary [default: built next to this one].
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,
+}
+
+/// `coldstart` flags.
+#[derive(Debug, clap::Args)]
+pub struct ColdstartArgs {
+    /// Sizes as SERVICESxENDPOINTS, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000x10")]
+    pub sizes: Vec<String>,
+    /// Starts per binary and size (the table shows medians).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: u32,
+    /// The netboot-datapath binary [default: built next to this one].
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+    /// A second binary (e.g. built from main) started in turn with the
+    /// first, labelled "base".
+    #[arg(long)]
+    pub base_bin: Option<PathBuf>,
+    /// Seconds one start may take to get ready.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
 }
 
 /// `__probe` flags.

@@ -15,12 +15,15 @@
 //! `netboot-bench northsouth` ([`northsouth`]): an external client to
 //! NodePorts through netboot's tc path, kube-proxy's rules and the floor,
 //! the tc program's ns/packet ([`tc_cost`]), [`northsouth_report`].
+//! `netboot-bench coldstart` ([`coldstart`]): only the agent's cold start
+//! and RSS, optionally against a base build.
 //! [`cleanup`] owns every namespace, cgroup, pin and child the bench creates.
 
 pub mod agent_run;
 pub mod args;
 pub mod cleanup;
 pub mod client;
+pub mod coldstart;
 pub mod coldstart_api;
 pub mod compare;
 pub mod flows_cost;

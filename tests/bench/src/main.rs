@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use netboot_bench::args::{Cli, Cmd, ColdstartApiArgs, FlowsArgs, NorthsouthArgs, ProgrammingArgs};
+use netboot_bench::args::{
+    Cli, Cmd, ColdstartApiArgs, ColdstartArgs, FlowsArgs, NorthsouthArgs, ProgrammingArgs,
+};
 use netboot_bench::{cleanup, client, probe, programming, programming_report};
 use netboot_bench::{report, run, settings::Settings};
 
@@ -48,6 +50,13 @@ fn main() -> ExitCode {
                 cleanup::cleanup_all();
             }
             return exit("coldstart-api", r);
+        }
+        Some(Cmd::Coldstart(a)) => {
+            let r = coldstart_section(a);
+            if r.is_err() {
+                cleanup::cleanup_all();
+            }
+            return exit("coldstart", r);
         }
         Some(Cmd::Northsouth(a)) => {
             let r = northsouth_section(a);
@@ -156,6 +165,31 @@ fn coldstart_api_section(a: &ColdstartApiArgs) -> anyhow::Result<()> {
     println!("{}", coldstart_api::markdown(&rep));
     println!("wrote {}", md.display());
     println!("wrote {}", js.display());
+    Ok(())
+}
+
+fn coldstart_section(a: &ColdstartArgs) -> anyhow::Result<()> {
+    use netboot_bench::coldstart;
+    run::preflight()?;
+    let agent = netboot_bench::agent_run::locate_binary(a.agent_bin.as_deref())?;
+    cleanup::install_signal_handler()?;
+    cleanup::sweep_stale();
+    let mut agents = vec![("current".to_string(), agent)];
+    if let Some(b) = &a.base_bin {
+        agents.push(("base".to_string(), b.clone()));
+    }
+    let o = coldstart::Options {
+        sizes: a
+            .sizes
+            .iter()
+            .map(|s| coldstart::parse_size(s))
+            .collect::<anyhow::Result<_>>()?,
+        repeats: a.repeats.max(1),
+        agents,
+        timeout: std::time::Duration::from_secs(a.timeout_s),
+    };
+    let rows = coldstart::run(&o)?;
+    println!("{}", coldstart::markdown(&rows));
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use netboot_datapath::layout::{
 };
 use netboot_datapath::loader;
 use netboot_datapath::maps::kernel::KernelMaps;
-use netboot_datapath::maps::{LbMaps, MapsDump, MapsError};
+use netboot_datapath::maps::{LbMaps, MapWrite, MapsDump, MapsError, Stopped};
 use netboot_datapath::pass::{PassKind, Passes};
 use netboot_datapath::reconcile::{ReconcileError, Reconciler, SyncStats};
 use netboot_datapath::watch::Watched;
@@ -104,6 +104,10 @@ impl LbMaps for TimedMaps {
     }
     fn delete_aff_match(&mut self, key: Lb4AffinityMatch) -> Result<(), MapsError> {
         self.timed(|m| m.delete_aff_match(key))
+    }
+    fn write_all(&mut self, ws: &[MapWrite]) -> Result<(), Stopped> {
+        // The kernel's batches, timed as one (a full pass's writes go here).
+        self.timed(|m| m.write_all(ws))
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         self.inner.dump()

@@ -401,7 +401,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     if let Some(r) = &report.recovered {
         tracing::warn!("{r}");
     }
-    let layout_upgrade = report.upgrade.as_ref().map(|u| u.describe()).unwrap_or_default();
+    let layout_upgrade = report
+        .upgrade
+        .as_ref()
+        .map(|u| u.describe())
+        .unwrap_or_default();
     if !layout_upgrade.is_empty() {
         tracing::info!(upgrade = ?report.upgrade, "{layout_upgrade}");
     }

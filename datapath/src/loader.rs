@@ -25,7 +25,6 @@ use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
 use crate::config::MapSizes;
-use crate::upgrade;
 use crate::layout::{
     names, NbConfig, NpDev, NpDev6, CFG_F_HOST_NS_ONLY, LAYOUT_VERSION, MODE_OBSERVE, MODE_REPLACE,
 };
@@ -34,6 +33,7 @@ use crate::maps::MapsError;
 use crate::pins::{PinError, Pins};
 use crate::status::MapSizeChange;
 use crate::sys;
+use crate::upgrade;
 
 /// The compiled `bpf/sock_lb.bpf.c`.
 pub static BPF_OBJECT: &[u8] =

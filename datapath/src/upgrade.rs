@@ -126,9 +126,10 @@ pub struct UpgradeReport {
 impl UpgradeReport {
     /// One line for logs and `status`.
     pub fn describe(&self) -> String {
-        let from = self
-            .from_version
-            .map_or_else(|| "an unknown layout".to_string(), |v| format!("layout {v}"));
+        let from = self.from_version.map_or_else(
+            || "an unknown layout".to_string(),
+            |v| format!("layout {v}"),
+        );
         let entries: u64 = self.copied.iter().map(|(_, n)| n).sum();
         let resized = if self.resized.is_empty() {
             String::new()
@@ -218,7 +219,8 @@ pub fn needed(pins: &Pins, sizes: &MapSizes) -> Option<Why> {
         let Ok(info) = sys::map_info(fd.as_fd()) else {
             continue;
         };
-        if crate::loader::expected_sizes(name).is_some_and(|e| e != (info.key_size, info.value_size))
+        if crate::loader::expected_sizes(name)
+            .is_some_and(|e| e != (info.key_size, info.value_size))
         {
             why.changed_layout.push(name.to_string());
         }
@@ -414,7 +416,12 @@ fn copy_one(
         match sys::map_update(dst.as_fd(), &k, &v, flags) {
             Ok(()) => n += 1,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+                ) =>
+            {
                 return Err(UpgradeError::DoesNotFit {
                     map: name.to_string(),
                     entries: n,
@@ -447,8 +454,8 @@ pub fn share_unchanged(
         let Some(expected) = crate::loader::expected_sizes(name) else {
             continue;
         };
-        let same_size = crate::loader::wanted_entries(name, sizes)
-            .is_none_or(|want| want == info.max_entries);
+        let same_size =
+            crate::loader::wanted_entries(name, sizes).is_none_or(|want| want == info.max_entries);
         let raw = conversion(name, version, (info.key_size, info.value_size), expected)
             == Some(Conv::Raw);
         if same_size && raw {
@@ -540,8 +547,10 @@ mod tests {
 
     fn bytes<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: T is a repr(C) plain-integer layout struct.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
 
     #[test]
@@ -586,10 +595,16 @@ mod tests {
             conversion(names::BACKENDS, Some(9), (4, 8), (4, 8)),
             Some(Conv::Raw)
         );
-        assert_eq!(conversion(names::SERVICES, Some(9), (12, 24), (12, 20)), None);
+        assert_eq!(
+            conversion(names::SERVICES, Some(9), (12, 24), (12, 20)),
+            None
+        );
         assert_eq!(conversion(names::SERVICES, None, (12, 16), (12, 20)), None);
         // Layout 3 with sizes its converter does not take: refused too.
-        assert_eq!(conversion(names::SERVICES, Some(3), (8, 16), (12, 20)), None);
+        assert_eq!(
+            conversion(names::SERVICES, Some(3), (8, 16), (12, 20)),
+            None
+        );
     }
 
     #[test]

@@ -37,11 +37,18 @@ fn start_agent(
     listen: &str,
     rules_ns: &Netns,
 ) -> Agent {
-    let child = agent_command(std::path::Path::new(BIN), "test-node", dir, cg, pins, listen)
-        .arg("--rules-netns")
-        .arg(rules_ns.path())
-        .spawn()
-        .expect("spawn agent");
+    let child = agent_command(
+        std::path::Path::new(BIN),
+        "test-node",
+        dir,
+        cg,
+        pins,
+        listen,
+    )
+    .arg("--rules-netns")
+    .arg(rules_ns.path())
+    .spawn()
+    .expect("spawn agent");
     let pid = child.id();
     Agent {
         guard: ChildGuard(Some(child)),

@@ -402,12 +402,16 @@ fn tiny_maps_report_map_full_program_the_rest_and_resize_live_or_refuse() {
     );
     let st = synced(&health);
     assert!(
-        st["layoutUpgrade"]
-            .as_str()
-            .is_some_and(|u| u.contains("resized nb_lb4_svc: pinned with 16 entries, mapSizes asks 64")),
+        st["layoutUpgrade"].as_str().is_some_and(
+            |u| u.contains("resized nb_lb4_svc: pinned with 16 entries, mapSizes asks 64")
+        ),
         "{st}"
     );
-    assert!(st.get("mapSizeChanges").is_none_or(|c| c.as_array().is_none_or(Vec::is_empty)), "{st}");
+    assert!(
+        st.get("mapSizeChanges")
+            .is_none_or(|c| c.as_array().is_none_or(Vec::is_empty)),
+        "{st}"
+    );
     assert_eq!(st["services"], 10, "{st}");
     assert_eq!(st["ready"], true, "{st}");
     let info = aya::maps::MapInfo::from_pin(pins.pins.map("nb_lb4_svc")).expect("svc");

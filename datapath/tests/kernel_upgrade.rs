@@ -178,7 +178,14 @@ struct Agent {
     pid: u32,
 }
 
-fn start_agent(bin: &Path, dir: &Path, cg: &Path, pins: &Path, listen: &str, rules_ns: &Netns) -> Agent {
+fn start_agent(
+    bin: &Path,
+    dir: &Path,
+    cg: &Path,
+    pins: &Path,
+    listen: &str,
+    rules_ns: &Netns,
+) -> Agent {
     let child = agent_command(bin, "test-node", dir, cg, pins, listen)
         .arg("--rules-netns")
         .arg(rules_ns.path())
@@ -272,12 +279,17 @@ fn start_load(cg: &Path, client: &Netns, ms: u64) -> Load {
         },
     );
     // Wait until the long-lived flows are open.
-    let out = hold.0.as_mut().and_then(|c| c.stdout.as_mut()).expect("stdout");
+    let out = hold
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.as_mut())
+        .expect("stdout");
     // Byte by byte: what follows (the result line) stays for client_results.
     let mut seen = Vec::new();
     let mut b = [0u8; 1];
     while !seen.ends_with(b"NBT-READY\n") {
-        out.read_exact(&mut b).expect("the long-lived flows did not open");
+        out.read_exact(&mut b)
+            .expect("the long-lived flows did not open");
         seen.push(b[0]);
     }
     let tcp = spawn_client(
@@ -328,11 +340,26 @@ fn check_load(load: Load, what: &str) -> (usize, usize, usize) {
         hold.len(),
         bad_hold.len()
     );
-    assert!(tcp.len() > 100 && udp.len() > 100, "{what}: too little load");
-    assert!(bad_tcp.is_empty(), "{what}: new TCP flows failed: {bad_tcp:?}");
-    assert!(bad_udp.is_empty(), "{what}: new UDP flows failed: {bad_udp:?}");
-    assert!(wrong_src.is_empty(), "{what}: UDP replies not from the VIP: {wrong_src:?}");
-    assert!(bad_hold.is_empty(), "{what}: long-lived flows broke: {bad_hold:?}");
+    assert!(
+        tcp.len() > 100 && udp.len() > 100,
+        "{what}: too little load"
+    );
+    assert!(
+        bad_tcp.is_empty(),
+        "{what}: new TCP flows failed: {bad_tcp:?}"
+    );
+    assert!(
+        bad_udp.is_empty(),
+        "{what}: new UDP flows failed: {bad_udp:?}"
+    );
+    assert!(
+        wrong_src.is_empty(),
+        "{what}: UDP replies not from the VIP: {wrong_src:?}"
+    );
+    assert!(
+        bad_hold.is_empty(),
+        "{what}: long-lived flows broke: {bad_hold:?}"
+    );
     (tcp.len(), udp.len(), hold.len())
 }
 
@@ -373,14 +400,29 @@ fn setup(tag: &str) -> Setup {
 
 /// Replaces the running agent under load by `next` (with the config already
 /// written); returns the new agent and its status.
-fn replace_under_load(s: &Setup, old: Agent, next: &Path, what: &str) -> (Agent, serde_json::Value) {
+fn replace_under_load(
+    s: &Setup,
+    old: Agent,
+    next: &Path,
+    what: &str,
+) -> (Agent, serde_json::Value) {
     let load = start_load(&s.cg.path, &s.topo.client, 3500);
     std::thread::sleep(Duration::from_millis(700));
     stop(old);
     let t = Instant::now();
-    let agent = start_agent(next, s.dir.path(), &s.cg.path, s.pins.pins.root(), &s.listen, &s.topo.client);
+    let agent = start_agent(
+        next,
+        s.dir.path(),
+        &s.cg.path,
+        s.pins.pins.root(),
+        &s.listen,
+        &s.topo.client,
+    );
     ready_or_log(s, what);
-    println!("{what}: the new agent was ready {} ms after its start", t.elapsed().as_millis());
+    println!(
+        "{what}: the new agent was ready {} ms after its start",
+        t.elapsed().as_millis()
+    );
     let st = status(&s.listen);
     check_load(load, what);
     (agent, st)
@@ -390,9 +432,19 @@ fn replace_under_load(s: &Setup, old: Agent, next: &Path, what: &str) -> (Agent,
 fn an_agent_of_layout_3_is_upgraded_under_load_without_a_failed_flow() {
     let prev = previous_agent();
     let s = setup("nbup-3");
-    let old = start_agent(&prev, s.dir.path(), &s.cg.path, s.pins.pins.root(), &s.listen, &s.topo.client);
+    let old = start_agent(
+        &prev,
+        s.dir.path(),
+        &s.cg.path,
+        s.pins.pins.root(),
+        &s.listen,
+        &s.topo.client,
+    );
     wait_ready(&s.listen, Duration::from_secs(20));
-    assert_eq!(netboot_datapath::upgrade::pinned_version(&s.pins.pins), Some(3));
+    assert_eq!(
+        netboot_datapath::upgrade::pinned_version(&s.pins.pins),
+        Some(3)
+    );
     let ids_before = service_ids_by(&prev, s.pins.pins.root());
     assert_eq!(ids_before.len(), FILLER as usize + 3, "{ids_before:?}");
 
@@ -414,7 +466,14 @@ fn an_agent_of_layout_3_is_upgraded_under_load_without_a_failed_flow() {
 #[test]
 fn maps_of_a_newer_layout_and_a_map_resize_are_taken_over_under_load() {
     let s = setup("nbup-n");
-    let agent = start_agent(Path::new(BIN), s.dir.path(), &s.cg.path, s.pins.pins.root(), &s.listen, &s.topo.client);
+    let agent = start_agent(
+        Path::new(BIN),
+        s.dir.path(),
+        &s.cg.path,
+        s.pins.pins.root(),
+        &s.listen,
+        &s.topo.client,
+    );
     wait_ready(&s.listen, Duration::from_secs(20));
     let ids = service_ids(s.pins.pins.root());
     // A downgrade: the maps say a newer layout wrote them (the running agent
@@ -430,9 +489,13 @@ fn maps_of_a_newer_layout_and_a_map_resize_are_taken_over_under_load() {
 
     // A resize of nb_lb4_svc / nb_lb6_svc: copied; the rest shared.
     std::fs::write(s.dir.path().join("config.yaml"), config(8192)).expect("config");
-    let (agent, st) = replace_under_load(&s, agent, Path::new(BIN), "mapSizes.services 4096 -> 8192");
+    let (agent, st) =
+        replace_under_load(&s, agent, Path::new(BIN), "mapSizes.services 4096 -> 8192");
     let up = st["layoutUpgrade"].as_str().unwrap_or_default();
-    assert!(up.contains("resized nb_lb4_svc") && up.contains("2 maps copied"), "{st}");
+    assert!(
+        up.contains("resized nb_lb4_svc") && up.contains("2 maps copied"),
+        "{st}"
+    );
     let info = aya::maps::MapInfo::from_pin(s.pins.pins.map("nb_lb4_svc")).expect("svc");
     assert_eq!(info.max_entries(), 8192);
     assert_eq!(service_ids(s.pins.pins.root()), ids);

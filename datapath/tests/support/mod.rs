@@ -541,7 +541,9 @@ fn hold(echo: SocketAddrV4, conns: u32, udp: SocketAddrV4, duration_ms: u64) -> 
         for s in &mut streams {
             let msg = format!("ping {round}\n");
             let mut b = vec![0u8; msg.len()];
-            let r = s.write_all(msg.as_bytes()).and_then(|()| s.read_exact(&mut b));
+            let r = s
+                .write_all(msg.as_bytes())
+                .and_then(|()| s.read_exact(&mut b));
             out.push(match r {
                 Ok(()) if b == msg.as_bytes() => Attempt {
                     ok: true,
@@ -910,7 +912,14 @@ pub fn on_thread_in<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send 
 /// `config.yaml` and `static.yaml` and receiving `agent.log` (appended),
 /// the socket LB on `cg`, pins under `pins`, `--listen` on `listen`; no API
 /// server, no NodePort devices from the environment. Callers add flags.
-pub fn agent_command(bin: &Path, node: &str, dir: &Path, cg: &Path, pins: &Path, listen: &str) -> Command {
+pub fn agent_command(
+    bin: &Path,
+    node: &str,
+    dir: &Path,
+    cg: &Path,
+    pins: &Path,
+    listen: &str,
+) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args(["agent", "--node-name", node])
         .arg("--config")

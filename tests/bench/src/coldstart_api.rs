@@ -100,7 +100,10 @@ fn one_start(
     loop {
         crate::cleanup::check_stop()?;
         if let Some(st) = r.exited() {
-            anyhow::bail!("the agent exited ({st}); see {}", dir.join("agent.log").display());
+            anyhow::bail!(
+                "the agent exited ({st}); see {}",
+                dir.join("agent.log").display()
+            );
         }
         if r.programmed()? >= n as usize {
             let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
@@ -130,7 +133,10 @@ pub fn run(o: &Options) -> Result<Report> {
         .context("tokio runtime")?;
     eprintln!("coldstart-api: starting etcd and kube-apiserver");
     let cp = rt
-        .block_on(ControlPlane::start(dir.path(), crate::workload::SERVICE_CIDR))
+        .block_on(ControlPlane::start(
+            dir.path(),
+            crate::workload::SERVICE_CIDR,
+        ))
         .context("private control plane")?;
     rt.block_on(programming::prepare(&cp))?;
     let state: programming::State = std::sync::Arc::default();
@@ -283,7 +289,10 @@ mod tests {
             duration_s: 100.0,
         };
         let md = markdown(&r);
-        assert!(md.contains("| 10000 | new | 3 | 800 (700–900) | 40 (40–40) | 50 (50–50) |"), "{md}");
+        assert!(
+            md.contains("| 10000 | new | 3 | 800 (700–900) | 40 (40–40) | 50 (50–50) |"),
+            "{md}"
+        );
         assert!(md.contains("| 10000 | old | 0 | not ready | | |"), "{md}");
     }
 }

@@ -140,7 +140,11 @@ pub fn run(o: &Options) -> Result<Report> {
     let rounds = o.connections.div_ceil(o.batch.max(1));
     for r in 0..rounds {
         crate::cleanup::check_stop()?;
-        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for enabled in order {
             flows::set_enabled(&pins, enabled, 0)?;
             let b = client.batch(target, o.batch)?;

@@ -146,7 +146,11 @@ fn coldstart_api_section(a: &ColdstartApiArgs) -> anyhow::Result<()> {
             anyhow::bail!("--agent {spec}: expected LABEL=PATH");
         };
         let path = std::path::PathBuf::from(path);
-        anyhow::ensure!(path.is_file(), "--agent {spec}: {} is not a file", path.display());
+        anyhow::ensure!(
+            path.is_file(),
+            "--agent {spec}: {} is not a file",
+            path.display()
+        );
         agents.push((label.to_string(), path));
     }
     if agents.is_empty() {

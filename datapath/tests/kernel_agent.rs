@@ -25,37 +25,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_netboot-datapath");
 
 const STATIC: &str = WEB_AND_DNS;
 
-struct Agent {
-    guard: ChildGuard,
-    pid: u32,
-}
-
-fn start_agent(
-    dir: &std::path::Path,
-    cg: &std::path::Path,
-    pins: &std::path::Path,
-    listen: &str,
-    rules_ns: &Netns,
-) -> Agent {
-    let child = agent_command(
-        std::path::Path::new(BIN),
-        "test-node",
-        dir,
-        cg,
-        pins,
-        listen,
-    )
-    .arg("--rules-netns")
-    .arg(rules_ns.path())
-    .spawn()
-    .expect("spawn agent");
-    let pid = child.id();
-    Agent {
-        guard: ChildGuard(Some(child)),
-        pid,
-    }
-}
-
 fn cli(args: &[&str]) -> (bool, String) {
     let out = Command::new(BIN).args(args).output().expect("run cli");
     (
@@ -85,7 +54,14 @@ fn agent_kill9_and_restart_drop_no_connection() {
     let listen = format!("127.0.0.1:{port}");
     let pin_root = pins.pins.root().to_path_buf();
 
-    let mut agent = start_agent(dir.path(), &cg.path, &pin_root, &listen, &topo.client);
+    let mut agent = start_agent_confined(
+        std::path::Path::new(BIN),
+        dir.path(),
+        &cg.path,
+        &pin_root,
+        &listen,
+        &topo.client,
+    );
     let first_ready = wait_ready(&listen, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     let rss = rss_kib(agent.pid);
@@ -165,7 +141,14 @@ fn agent_kill9_and_restart_drop_no_connection() {
         unsafe { libc::kill(agent.pid as i32, libc::SIGKILL) };
         let _ = agent.guard.0.as_mut().map(|c| c.wait());
         std::thread::sleep(Duration::from_millis(300)); // no agent at all for a while
-        agent = start_agent(dir.path(), &cg.path, &pin_root, &listen, &topo.client);
+        agent = start_agent_confined(
+            std::path::Path::new(BIN),
+            dir.path(),
+            &cg.path,
+            &pin_root,
+            &listen,
+            &topo.client,
+        );
         ready_after_restart.push(wait_ready(&listen, Duration::from_secs(20)));
         restarts += 1;
     }

@@ -63,22 +63,6 @@ fn start_agent(
     (ChildGuard(Some(child)), pid)
 }
 
-const WEB: &str = "
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.80
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- {addresses: [10.244.1.1], conditions: {ready: true}}
-- {addresses: [10.244.1.2], conditions: {ready: true}}
-";
-
 /// Half a request, then one header byte per second until `stop` or the server closes.
 /// Returns how long the server kept the connection.
 fn slowloris(addr: &str, stop: &AtomicBool) -> Option<Duration> {

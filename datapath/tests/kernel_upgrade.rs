@@ -173,31 +173,6 @@ impl Drop for Echo {
     }
 }
 
-struct Agent {
-    guard: ChildGuard,
-    pid: u32,
-}
-
-fn start_agent(
-    bin: &Path,
-    dir: &Path,
-    cg: &Path,
-    pins: &Path,
-    listen: &str,
-    rules_ns: &Netns,
-) -> Agent {
-    let child = agent_command(bin, "test-node", dir, cg, pins, listen)
-        .arg("--rules-netns")
-        .arg(rules_ns.path())
-        .spawn()
-        .expect("spawn agent");
-    let pid = child.id();
-    Agent {
-        guard: ChildGuard(Some(child)),
-        pid,
-    }
-}
-
 /// SIGTERM, as a DaemonSet rollout does, and wait.
 fn stop(mut a: Agent) {
     // SAFETY: kill(2) on the pid of the child this test spawned.
@@ -410,7 +385,7 @@ fn replace_under_load(
     std::thread::sleep(Duration::from_millis(700));
     stop(old);
     let t = Instant::now();
-    let agent = start_agent(
+    let agent = start_agent_confined(
         next,
         s.dir.path(),
         &s.cg.path,
@@ -432,7 +407,7 @@ fn replace_under_load(
 fn an_agent_of_layout_3_is_upgraded_under_load_without_a_failed_flow() {
     let prev = previous_agent();
     let s = setup("nbup-3");
-    let old = start_agent(
+    let old = start_agent_confined(
         &prev,
         s.dir.path(),
         &s.cg.path,
@@ -466,7 +441,7 @@ fn an_agent_of_layout_3_is_upgraded_under_load_without_a_failed_flow() {
 #[test]
 fn maps_of_a_newer_layout_and_a_map_resize_are_taken_over_under_load() {
     let s = setup("nbup-n");
-    let agent = start_agent(
+    let agent = start_agent_confined(
         Path::new(BIN),
         s.dir.path(),
         &s.cg.path,

@@ -945,6 +945,34 @@ pub fn agent_command(
     cmd
 }
 
+/// An agent this test started (killed on drop) and its pid.
+pub struct Agent {
+    pub guard: ChildGuard,
+    pub pid: u32,
+}
+
+/// `bin agent` ([`agent_command`], node `test-node`) in the test's own
+/// network namespace, its kube-proxy rule cleanup confined to `rules_ns`.
+pub fn start_agent_confined(
+    bin: &Path,
+    dir: &Path,
+    cg: &Path,
+    pins: &Path,
+    listen: &str,
+    rules_ns: &Netns,
+) -> Agent {
+    let child = agent_command(bin, "test-node", dir, cg, pins, listen)
+        .arg("--rules-netns")
+        .arg(rules_ns.path())
+        .spawn()
+        .expect("spawn agent");
+    let pid = child.id();
+    Agent {
+        guard: ChildGuard(Some(child)),
+        pid,
+    }
+}
+
 /// The real agent `bin` as node `node` inside `ns` (a hostNetwork pod's
 /// view): `dir` holds `config.yaml` and `static.yaml` and receives
 /// `agent.log`; it listens on 127.0.0.1:9890 there.
@@ -968,9 +996,11 @@ pub fn start_agent_in(
     ChildGuard(Some(cmd.spawn().expect("spawn agent")))
 }
 
-/// A Service `web` (10.96.0.80:80/TCP → 10.244.1.1 and .2 :8080) and a
-/// Service `dns` (10.96.0.10:53/UDP → 10.244.1.2:8080), as `static.yaml`.
-pub const WEB_AND_DNS: &str = "
+/// `static.yaml` text of Service `web` (10.96.0.80:80/TCP → 10.244.1.1 and
+/// .2 :8080); a macro so [`WEB_AND_DNS`] can be one literal.
+macro_rules! web_yaml {
+    () => {
+        "
 kind: Service
 metadata: {name: web, namespace: default}
 spec:
@@ -984,7 +1014,18 @@ ports: [{name: http, port: 8080, protocol: TCP}]
 endpoints:
 - {addresses: [10.244.1.1], conditions: {ready: true}}
 - {addresses: [10.244.1.2], conditions: {ready: true}}
----
+"
+    };
+}
+
+/// The web Service of [`WEB_AND_DNS`] alone.
+pub const WEB: &str = web_yaml!();
+
+/// A Service `web` (10.96.0.80:80/TCP → 10.244.1.1 and .2 :8080) and a
+/// Service `dns` (10.96.0.10:53/UDP → 10.244.1.2:8080), as `static.yaml`.
+pub const WEB_AND_DNS: &str = concat!(
+    web_yaml!(),
+    "---
 kind: Service
 metadata: {name: dns, namespace: kube-system}
 spec:
@@ -997,4 +1038,5 @@ addressType: IPv4
 ports: [{name: dns, port: 8080, protocol: UDP}]
 endpoints:
 - {addresses: [10.244.1.2]}
-";
+"
+);

@@ -479,10 +479,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let watched = Arc::new(Watched::default());
     let flows = {
         let w = watched.clone();
-        crate::flows::FlowHub::new(
+        crate::flows::FlowHub::with_client_pods(
             opts.pins.clone(),
             crate::flows::FlowOptions::default(),
             Arc::new(move || w.flow_names()),
+            Some(opts.cgroup.clone()),
         )
     };
     // A previous agent may have died with a watcher attached.

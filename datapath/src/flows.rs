@@ -29,6 +29,7 @@ use crate::layout::{
 use crate::maps::kernel::kerr;
 use crate::maps::MapsError;
 use crate::pins::Pins;
+use crate::podcgroup::ClientPods;
 
 /// Options of the flow event stream. `Default` is what the agent uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +141,10 @@ pub struct Flow {
     pub client_netns_cookie: u64,
     /// The client's cgroup v2 id.
     pub client_cgroup_id: u64,
+    /// UID of the client's pod, from its cgroup's path
+    /// ([`crate::podcgroup`]); absent for host processes and unknown cgroups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_pod_uid: Option<String>,
     /// Service id (rev-nat id, `service list`'s ID).
     pub service_id: u32,
     /// `namespace/name` of the Service, when known.
@@ -217,6 +222,7 @@ impl Flow {
                 .map_or_else(|| ev.outcome.to_string(), |n| (*n).to_string()),
             client_netns_cookie: ev.netns_cookie,
             client_cgroup_id: ev.cgroup_id,
+            client_pod_uid: None,
             service_id: ev.svc_id,
             service: None,
             port_name: None,
@@ -484,6 +490,8 @@ pub struct FlowHub {
     pins: Pins,
     opts: FlowOptions,
     names: Arc<NamesSource>,
+    /// cgroup v2 root the client pods are found under (None: not named).
+    cgroup_root: Option<std::path::PathBuf>,
     tx: broadcast::Sender<Item>,
     state: Mutex<HubState>,
 }
@@ -504,11 +512,23 @@ impl Drop for Subscription {
 impl FlowHub {
     /// A hub over the pinned maps under `pins`; `names` gives the index.
     pub fn new(pins: Pins, opts: FlowOptions, names: Arc<NamesSource>) -> Arc<Self> {
+        Self::with_client_pods(pins, opts, names, None)
+    }
+
+    /// As [`FlowHub::new`], and names each flow's client pod (its UID) from
+    /// the cgroup v2 hierarchy at `cgroup_root`.
+    pub fn with_client_pods(
+        pins: Pins,
+        opts: FlowOptions,
+        names: Arc<NamesSource>,
+        cgroup_root: Option<std::path::PathBuf>,
+    ) -> Arc<Self> {
         let (tx, _) = broadcast::channel(opts.channel.max(1));
         Arc::new(Self {
             pins,
             opts,
             names,
+            cgroup_root,
             tx,
             state: Mutex::new(HubState {
                 watchers: 0,
@@ -591,6 +611,7 @@ impl FlowHub {
             }
         };
         let mut names = (self.names)();
+        let mut clients = self.cgroup_root.as_ref().map(ClientPods::new);
         let mut built = Instant::now();
         loop {
             // The kernel wakes the reader only once NB_FLOW_WAKE_BYTES are
@@ -602,20 +623,25 @@ impl FlowHub {
             }
             match woken {
                 Ok(Ok(mut guard)) => {
-                    self.drain(guard.get_inner_mut(), &names);
+                    self.drain(guard.get_inner_mut(), &names, clients.as_mut());
                     guard.clear_ready();
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "flow ring buffer: poll failed");
                     return;
                 }
-                Err(_) => self.drain(fd.get_mut(), &names),
+                Err(_) => self.drain(fd.get_mut(), &names, clients.as_mut()),
             }
         }
     }
 
     /// Sends every unread event to the watchers.
-    fn drain(&self, ring: &mut RingBuf<MapData>, names: &FlowNames) {
+    fn drain(
+        &self,
+        ring: &mut RingBuf<MapData>,
+        names: &FlowNames,
+        mut clients: Option<&mut ClientPods>,
+    ) {
         let off = wall_offset();
         while let Some(rec) = ring.next() {
             let Some(ev) = FlowEvent::from_bytes(&rec) else {
@@ -624,6 +650,9 @@ impl FlowHub {
             drop(rec);
             if let Some(mut flow) = Flow::from_event(&ev, off) {
                 names.resolve(&mut flow);
+                if let Some(c) = clients.as_deref_mut() {
+                    flow.client_pod_uid = c.pod_uid(flow.client_cgroup_id);
+                }
                 // No receiver: the last watcher is leaving.
                 let _ = self.tx.send(Arc::new(flow));
             }
@@ -667,9 +696,12 @@ pub fn render(flow: &Flow) -> String {
         }
         _ => "-".into(),
     };
+    let client = match &flow.client_pod_uid {
+        Some(uid) => format!("pod-uid:{uid}"),
+        None => format!("netns:{}", flow.client_netns_cookie),
+    };
     format!(
-        "{h:02}:{m:02}:{s:02}.{ms:03}  netns:{}  →  {svc}  →  {be}  {}",
-        flow.client_netns_cookie,
+        "{h:02}:{m:02}:{s:02}.{ms:03}  {client}  →  {svc}  →  {be}  {}",
         flow.verdict.name().to_ascii_uppercase()
     )
 }

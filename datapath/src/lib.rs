@@ -27,6 +27,7 @@ pub mod maps;
 pub mod pass;
 pub mod pins;
 pub mod pod_ifaces;
+pub mod podcgroup;
 pub mod reconcile;
 pub mod service;
 pub mod slice;

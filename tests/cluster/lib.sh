@@ -15,6 +15,7 @@ K8S_BIN="$CACHE/k8s/$K8S_VERSION/bin"
 COREDNS_BIN="$CACHE/coredns/$COREDNS_VERSION/bin"
 ETCD_BIN="$CACHE/etcd/$ETCD_VERSION/bin"
 KWOK_BIN="$CACHE/kwok/$KWOK_VERSION/bin"
+KWOK_CRD_DIR="$CACHE/kwok/$KWOK_VERSION/crd"
 KUBECTL="$K8S_BIN/kubectl"
 
 API_HOST=127.0.0.1
@@ -38,6 +39,10 @@ KCM_PORT=10257
 SCHED_PORT=10259
 KWOK_PORT=10247
 CLUSTER_PORTS=("$ETCD_PORT" "$ETCD_PEER_PORT" "$API_PORT" "$KCM_PORT" "$SCHED_PORT" "$KWOK_PORT")
+
+# podnet's HTTP CONNECT proxy for the API server's egress to the cluster
+# (kubelets, pods, Services): the only way the API server reaches in.
+EGRESS_SOCKET="$STATE/egress.sock"
 
 # Start order; down stops in the reverse order, podnet first.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok podnet)

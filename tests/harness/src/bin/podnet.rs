@@ -47,6 +47,13 @@ struct Args {
     /// Only handle pods in this namespace (default: all).
     #[arg(long)]
     namespace: Option<String>,
+    /// Serve the API server's egress (HTTP CONNECT) on this Unix socket:
+    /// kubelet connections go to kwok on loopback, the rest is refused.
+    #[arg(long, requires = "kubelet_port")]
+    egress_socket: Option<PathBuf>,
+    /// The kubelet port the nodes advertise (kwok's server, on 127.0.0.1).
+    #[arg(long)]
+    kubelet_port: Option<u16>,
 }
 
 #[tokio::main]
@@ -69,6 +76,7 @@ async fn main() -> Result<()> {
     opts.namespace = args.namespace;
     opts.kube_proxy = args.kube_proxy;
     opts.coredns = args.coredns;
+    opts.egress = args.egress_socket.zip(args.kubelet_port);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {

@@ -10,14 +10,24 @@
 //! `securityContext` grants ([`crate::caps`]); one this machine's bounding
 //! set lacks (CAP_SYS_RESOURCE on ours) is left out with a warning at every
 //! start. Read-only root and the seccomp profile are not applied.
+//!
+//! `kubectl port-forward` to an agent pod (what `netboot flows` does) works
+//! as on a real node, where the CRI dials the port on the pod's loopback:
+//! podnet relays a root-loopback port to the agent's loopback listener in
+//! the node netns, and writes a kwok `PortForward` object (owned by the pod)
+//! that sends every port of the pod there.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::Client;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::kubelet::{run_once, until_stopped, PidBook, PodRef, RunEnd, Runner};
@@ -325,10 +335,149 @@ async fn status_says(client: &Client, a: &AgentPod, ready: bool) -> bool {
         .is_none_or(|c| c.status == want)
 }
 
+/// The relay and kwok `PortForward` that make `port-forward` to the agent
+/// pod reach the agent's listener.
+struct Forward {
+    relay: JoinHandle<()>,
+}
+
+fn port_forward_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kwok.x-k8s.io", "v1alpha1", "PortForward"),
+        "portforwards",
+    )
+}
+
+/// Starts the relay (root 127.0.0.1:0 → the agent's current port on the
+/// node netns' loopback) and writes the pod's `PortForward`. None (with a
+/// warning) when either fails: the agent runs regardless.
+async fn port_forward(
+    client: &Client,
+    a: &AgentPod,
+    node_netns: String,
+    current: Arc<AtomicU16>,
+) -> Option<Forward> {
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(pod = %a.pod, error = %e, "port-forward relay: bind");
+            return None;
+        }
+    };
+    let relay_port = listener.local_addr().ok()?.port();
+    let pod = a.pod.to_string();
+    let relay = tokio::spawn(async move {
+        loop {
+            let Ok((mut down, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let port = current.load(Ordering::Relaxed);
+            let netns = node_netns.clone();
+            let pod = pod.clone();
+            tokio::spawn(async move {
+                if port == 0 {
+                    return; // no agent running yet: the client sees the stream end
+                }
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                let up = tokio::task::spawn_blocking(move || {
+                    crate::netns::in_netns(&netns, move || {
+                        let s =
+                            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                        s.set_nonblocking(true)?;
+                        Ok(s)
+                    })
+                })
+                .await;
+                match up {
+                    Ok(Ok(s)) => match tokio::net::TcpStream::from_std(s) {
+                        Ok(mut up) => {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                        Err(e) => warn!(%pod, error = %e, "port-forward relay"),
+                    },
+                    Ok(Err(e)) => warn!(%pod, error = %e, "port-forward relay: agent port {port}"),
+                    Err(e) => warn!(%pod, error = %e, "port-forward relay"),
+                }
+            });
+        }
+    });
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &a.pod.namespace, &port_forward_resource());
+    let obj = serde_json::json!({
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "PortForward",
+        "metadata": {
+            "name": a.pod.name,
+            "namespace": a.pod.namespace,
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Pod", "name": a.pod.name, "uid": a.pod.uid,
+            }],
+        },
+        // No `ports`: every port of the pod goes to the relay, which knows
+        // the agent's (podnet picks a free one per start).
+        "spec": { "forwards": [{ "target": { "address": "127.0.0.1", "port": relay_port } }] },
+    });
+    match api
+        .patch(
+            &a.pod.name,
+            &PatchParams::apply("netboot-podnet").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+    {
+        Ok(_) => {
+            info!(pod = %a.pod, relay_port, "port-forward to the agent pod relayed");
+            Some(Forward { relay })
+        }
+        Err(e) => {
+            warn!(pod = %a.pod, error = %e, "PortForward not written (is kwok's PortForward CRD installed?); port-forward to this agent pod will not work");
+            relay.abort();
+            None
+        }
+    }
+}
+
+impl Forward {
+    async fn remove(self, client: &Client, a: &AgentPod) {
+        self.relay.abort();
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &a.pod.namespace, &port_forward_resource());
+        match api.delete(&a.pod.name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                warn!(pod = %a.pod, error = %e, "PortForward not deleted (the pod's deletion takes it)")
+            }
+        }
+    }
+}
+
 /// Runs and supervises one agent until stopped.
 pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runner {
-    let (tx, mut rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(async move {
+        let current = Arc::new(AtomicU16::new(0));
+        let forward =
+            port_forward(&client, &a, env.layout.node_netns(&a.node), current.clone()).await;
+        supervise(&a, &env, &client, &pids, rx, &current).await;
+        if let Some(f) = forward {
+            f.remove(&client, &a).await;
+        }
+    });
+    Runner::new(tx, task)
+}
+
+/// Starts the agent, restarts it when it exits, until stopped.
+async fn supervise(
+    a: &AgentPod,
+    env: &AgentEnv,
+    client: &Client,
+    pids: &PidBook,
+    mut rx: watch::Receiver<bool>,
+    current: &AtomicU16,
+) {
+    {
         let what = format!("{} (agent for {})", a.pod, a.node);
         let mut state = AgentState {
             node_ip: a.node_ip.clone(),
@@ -340,7 +489,7 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
         };
         let mut backoff = Duration::from_secs(1);
         loop {
-            let config = match materialize_config(&client, &env, &a).await {
+            let config = match materialize_config(client, env, a).await {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(error = %e, "agent not started");
@@ -368,11 +517,12 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                     "AGENT RUNS WITHOUT CAPABILITIES ITS securityContext GRANTS: not in this machine's bounding set"
                 );
             }
-            let l = launch(&env, &a, &config, port);
+            current.store(port, Ordering::Relaxed);
+            let l = launch(env, a, &config, port);
             state.running = true;
             state.ready = false;
             state.started_at = status::now();
-            let patched = patch(&client, &a, &state).await;
+            let patched = patch(client, a, &state).await;
 
             // Run the process while a poller keeps readiness in the status.
             let (poll_stop_tx, mut poll_stop_rx) = watch::channel(false);
@@ -409,7 +559,7 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                 })
             };
             let t0 = Instant::now();
-            let end = run_once(&l, &what, &pids, &mut rx, a.grace).await;
+            let end = run_once(&l, &what, pids, &mut rx, a.grace).await;
             let _ = poll_stop_tx.send(true);
             let _ = poller.await;
             match end {
@@ -423,7 +573,7 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
                     state.ready = false;
                     state.restarts += 1;
                     state.last_exit = Some(t);
-                    let _ = patch(&client, &a, &state).await;
+                    let _ = patch(client, a, &state).await;
                 }
             }
             if t0.elapsed() > Duration::from_secs(10) {
@@ -435,6 +585,5 @@ pub fn spawn(a: AgentPod, env: AgentEnv, client: Client, pids: PidBook) -> Runne
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
-    });
-    Runner::new(tx, task)
+    }
 }

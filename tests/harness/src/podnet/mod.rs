@@ -21,6 +21,7 @@
 
 pub mod agent;
 pub mod coredns;
+pub mod egress;
 pub mod kube_proxy;
 pub mod kubelet;
 pub mod status;
@@ -75,6 +76,9 @@ pub struct Options {
     pub kube_proxy: Option<PathBuf>,
     /// The real CoreDNS binary; `None` = podnet's own DNS responder.
     pub coredns: Option<PathBuf>,
+    /// The API server's egress proxy ([`egress`]): its Unix socket and the
+    /// kubelet port (kwok's, on loopback). `None`: none (a second podnet).
+    pub egress: Option<(PathBuf, u16)>,
 }
 
 impl Options {
@@ -91,6 +95,7 @@ impl Options {
             namespace: None,
             kube_proxy: None,
             coredns: None,
+            egress: None,
         }
     }
 
@@ -1109,6 +1114,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             Some(svc_gen.clone()),
         ),
     ];
+    let egress = match &opts.egress {
+        Some((socket, port)) => Some(egress::spawn(socket.clone(), *port, nodes.clone())?),
+        None => None,
+    };
     let mut ctl = Controller {
         plumber: Plumber::new(opts.layout.clone()),
         opts,
@@ -1163,6 +1172,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     for w in watchers {
         w.abort();
+    }
+    if let Some(e) = egress {
+        e.abort();
+        if let Some((socket, _)) = &ctl.opts.egress {
+            let _ = std::fs::remove_file(socket);
+        }
     }
     ctl.shutdown().await;
     // Nothing of this podnet is left; its lock file goes too (still held

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
                     Command::Reconcile(a) => cli::reconcile::run(a, output).await,
                     Command::Validate(a) => cli::validate::run(a, output).await,
                     Command::Status(a) => cli::status::run(a, output).await,
+                    Command::Flows(a) => cli::flows::run(a, output).await,
                     Command::Render(_) | Command::Check(_) => Ok(ExitCode::SUCCESS),
                 }
             }),

@@ -271,41 +271,71 @@ pub async fn follow(
     }
     drop(tx);
 
-    // Each agent's first result (None: up), until all are in.
-    let mut first: BTreeMap<Arc<str>, Option<String>> = BTreeMap::new();
-    let mut announced = false;
-    let mut held: Vec<(Arc<str>, String)> = Vec::new();
-    // Per agent: up now, and the last failure reported.
-    let mut up: BTreeSet<Arc<str>> = BTreeSet::new();
-    let mut last: BTreeMap<Arc<str>, String> = BTreeMap::new();
+    let mut merge = Merge::new(names.len());
     while let Some((node, msg)) = rx.recv().await {
+        if merge.handle(node, msg, &mut on)?.is_break() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The merger's state: what the agents' tasks said so far.
+#[derive(Default)]
+struct Merge {
+    /// Agents followed.
+    total: usize,
+    /// Each agent's first result (None: up), until all are in.
+    first: BTreeMap<Arc<str>, Option<String>>,
+    /// [`Event::Up`] was sent.
+    announced: bool,
+    /// Lines that came before it.
+    held: Vec<(Arc<str>, String)>,
+    /// Agents up now.
+    up: BTreeSet<Arc<str>>,
+    /// The last failure reported per agent that is down.
+    last: BTreeMap<Arc<str>, String>,
+}
+
+impl Merge {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            ..Self::default()
+        }
+    }
+
+    /// Turns one message into events. Err: the first attempt of every
+    /// agent failed.
+    fn handle(
+        &mut self,
+        node: Arc<str>,
+        msg: Msg,
+        on: &mut impl FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, FlowsError> {
         let flow = match msg {
-            Msg::Line(line) if announced => {
-                if line_event(&node, &line, &mut on).is_break() {
-                    return Ok(());
-                }
-                continue;
-            }
+            Msg::Line(line) if self.announced => line_event(&node, &line, on),
             Msg::Line(line) => {
-                held.push((node, line));
-                continue;
-            }
-            Msg::Up => {
-                if !announced && !first.contains_key(&node) {
-                    first.insert(node.clone(), None);
-                } else if on(Event::Reconnected { node: &node }).is_break() {
-                    return Ok(());
-                }
-                last.remove(&node);
-                up.insert(node);
+                self.held.push((node, line));
                 ControlFlow::Continue(())
             }
-            Msg::Down(reason) => {
-                let was_up = up.remove(&node);
-                let flow = if !announced && !first.contains_key(&node) {
-                    first.insert(node.clone(), Some(reason.clone()));
+            Msg::Up => {
+                let flow = if !self.announced && !self.first.contains_key(&node) {
+                    self.first.insert(node.clone(), None);
                     ControlFlow::Continue(())
-                } else if was_up || last.get(&node) != Some(&reason) {
+                } else {
+                    on(Event::Reconnected { node: &node })
+                };
+                self.last.remove(&node);
+                self.up.insert(node);
+                flow
+            }
+            Msg::Down(reason) => {
+                let was_up = self.up.remove(&node);
+                let flow = if !self.announced && !self.first.contains_key(&node) {
+                    self.first.insert(node.clone(), Some(reason.clone()));
+                    ControlFlow::Continue(())
+                } else if was_up || self.last.get(&node) != Some(&reason) {
                     // Once per failure: not again for each retry that fails alike.
                     on(Event::Retrying {
                         node: &node,
@@ -314,48 +344,57 @@ pub async fn follow(
                 } else {
                     ControlFlow::Continue(())
                 };
-                last.insert(node, reason);
+                self.last.insert(node, reason);
                 flow
             }
         };
-        if flow.is_break() {
-            return Ok(());
+        if flow.is_break() || self.announced || self.first.len() < self.total {
+            return Ok(flow);
         }
-        if !announced && first.len() == names.len() {
-            let ok: Vec<String> = first
-                .iter()
-                .filter(|(_, r)| r.is_none())
-                .map(|(n, _)| n.to_string())
-                .collect();
-            if ok.is_empty() {
-                return Err(FlowsError::Unreachable(
-                    first
-                        .into_iter()
-                        .map(|(n, r)| (n.to_string(), r.unwrap_or_default()))
-                        .collect(),
-                ));
-            }
-            announced = true;
-            if on(Event::Up { nodes: &ok }).is_break() {
-                return Ok(());
-            }
-            let still_down = first
-                .iter()
-                .filter(|(n, _)| !up.contains(*n))
-                .filter_map(|(n, r)| Some((n, r.as_ref()?)));
-            for (node, reason) in still_down {
-                if on(Event::Retrying { node, reason }).is_break() {
-                    return Ok(());
-                }
-            }
-            for (node, line) in std::mem::take(&mut held) {
-                if line_event(&node, &line, &mut on).is_break() {
-                    return Ok(());
-                }
-            }
-        }
+        self.announce(on)
     }
-    Ok(())
+
+    /// Every agent was tried once: the header, the agents still down, the
+    /// lines held back.
+    fn announce(
+        &mut self,
+        on: &mut impl FnMut(Event<'_>) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, FlowsError> {
+        let ok: Vec<String> = self
+            .first
+            .iter()
+            .filter(|(_, r)| r.is_none())
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if ok.is_empty() {
+            return Err(FlowsError::Unreachable(
+                std::mem::take(&mut self.first)
+                    .into_iter()
+                    .map(|(n, r)| (n.to_string(), r.unwrap_or_default()))
+                    .collect(),
+            ));
+        }
+        self.announced = true;
+        if on(Event::Up { nodes: &ok }).is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
+        let still_down = self
+            .first
+            .iter()
+            .filter(|(n, _)| !self.up.contains(*n))
+            .filter_map(|(n, r)| Some((n, r.as_ref()?)));
+        for (node, reason) in still_down {
+            if on(Event::Retrying { node, reason }).is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        for (node, line) in std::mem::take(&mut self.held) {
+            if line_event(&node, &line, on).is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    }
 }
 
 fn line_event(
@@ -624,6 +663,121 @@ mod tests {
         insta::assert_snapshot!(
             [err(&[], &[]), err(&pods, &["node-7"]), err(&pods[1..], &[])].join("\n")
         );
+    }
+
+    /// Feeds `msgs` to a merger of `total` agents; every event as a line,
+    /// and how it ended.
+    fn merged(total: usize, msgs: Vec<(&str, Msg)>, stop_after_flows: usize) -> String {
+        let mut merge = Merge::new(total);
+        let mut out = Vec::new();
+        let mut flows = 0;
+        let mut on = |e: Event<'_>| {
+            if matches!(e, Event::Flow { .. }) {
+                flows += 1;
+            }
+            out.push(match e {
+                Event::Flow { node, line, .. } => format!("flow {node}: {line}"),
+                other => format!("{other:?}"),
+            });
+            if flows >= stop_after_flows {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let mut end = "(messages done)".to_string();
+        for (node, msg) in msgs {
+            match merge.handle(Arc::from(node), msg, &mut on) {
+                Ok(ControlFlow::Continue(())) => {}
+                Ok(ControlFlow::Break(())) => {
+                    end = "(stopped)".into();
+                    break;
+                }
+                Err(e) => {
+                    end = format!("error: {e}");
+                    break;
+                }
+            }
+        }
+        out.push(end);
+        out.join("\n")
+    }
+
+    fn line(l: &str) -> Msg {
+        Msg::Line(l.into())
+    }
+
+    #[test]
+    fn the_header_waits_for_every_agents_first_try_and_held_lines_follow_it() {
+        insta::assert_snapshot!(merged(
+            3,
+            vec![
+                ("node-0", Msg::Up),
+                ("node-0", line(r#"{"verdict":"refused"}"#)),
+                (
+                    "node-2",
+                    Msg::Down("pod nd-c: HTTP 429 Too Many Requests".into())
+                ),
+                ("node-0", line("")),
+                ("node-1", Msg::Up),
+                ("node-1", line(r#"{"lost":4}"#)),
+                ("node-1", line("garbage")),
+                (
+                    "node-0",
+                    Msg::Down("pod nd-a: the agent ended the stream".into())
+                ),
+                (
+                    "node-0",
+                    Msg::Down("pod nd-a: port 9890: connection refused".into())
+                ),
+                (
+                    "node-0",
+                    Msg::Down("pod nd-a: port 9890: connection refused".into())
+                ),
+                ("node-0", Msg::Up),
+                (
+                    "node-2",
+                    Msg::Down("pod nd-c: HTTP 429 Too Many Requests".into())
+                ),
+                ("node-2", Msg::Up),
+                ("node-2", line(r#"{"verdict":"translated"}"#)),
+            ],
+            usize::MAX,
+        ));
+    }
+
+    #[test]
+    fn every_first_try_failing_is_an_error_and_a_count_stops_the_merge() {
+        let refused = |n: &str| {
+            (
+                n.to_string(),
+                format!("pod nd-{n}: port 9890: connection refused"),
+            )
+        };
+        let failed = merged(
+            2,
+            vec![
+                ("node-0", Msg::Down(refused("0").1)),
+                ("node-1", Msg::Down(refused("1").1)),
+            ],
+            usize::MAX,
+        );
+        assert!(
+            failed.starts_with("error: no agent could be reached:\n  node-0: pod nd-0"),
+            "{failed}"
+        );
+        let two = merged(
+            2,
+            vec![
+                ("node-0", Msg::Up),
+                ("node-0", line(r#"{"a":1}"#)),
+                ("node-0", line(r#"{"a":2}"#)),
+                ("node-1", Msg::Down(refused("1").1)),
+                ("node-0", line(r#"{"a":3}"#)),
+            ],
+            2,
+        );
+        insta::assert_snapshot!(two);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `netboot`: a thin CLI over the netboot library. Each subcommand lives in
 //! cli/<name>.rs and returns the process's exit status:
-//! 0 ok, 1 validation failed (rolled back when configured) or `check` found
-//! errors, 2 any other error.
+//! 0 ok, 1 validation failed (rolled back when configured), `check` found
+//! errors or `flows` reached no agent, 2 any other error.
 
 mod cli;
 

@@ -479,7 +479,10 @@ async fn open(
     });
     let host = format!("127.0.0.1:{}", opts.port);
     let body = tokio::select! {
-        r = http::get(stream, path, &host) => r.map_err(|e| format!("pod {pod}: {e}"))?,
+        r = http::get(stream, path, &host) => match r {
+            Ok(body) => body,
+            Err(e) => return Err(format!("pod {pod}: {}", why(&mut error, e.to_string()).await)),
+        },
         m = &mut error => return Err(format!("pod {pod}: {m}")),
     };
     Ok(Stream {
@@ -487,6 +490,15 @@ async fn open(
         error,
         body,
     })
+}
+
+/// The kubelet's reason for a stream that broke (the agent's port refused
+/// the connection, the pod went away), which often comes just after the
+/// stream closes; else `fallback`.
+async fn why(error: &mut PortError, fallback: String) -> String {
+    tokio::time::timeout(Duration::from_secs(1), error)
+        .await
+        .unwrap_or(fallback)
 }
 
 /// Sends the stream's lines until it fails or ends; returns why. Err: the
@@ -503,20 +515,18 @@ async fn pump(
             r = tokio::time::timeout(idle, s.body.next_line()) => r,
             m = &mut s.error => return Ok(format!("pod {pod}: {m}")),
         };
-        let line = match line {
-            Err(_) => {
-                return Ok(format!(
-                    "pod {pod}: nothing for {}s, not even a heartbeat",
-                    idle.as_secs()
-                ))
+        let fallback = match line {
+            Err(_) => format!("nothing for {}s, not even a heartbeat", idle.as_secs()),
+            Ok(Err(e)) => e.to_string(),
+            Ok(Ok(None)) => "the agent ended the stream".into(),
+            Ok(Ok(Some(l))) => {
+                tx.send((node.clone(), Msg::Line(l)))
+                    .await
+                    .map_err(|_| ())?;
+                continue;
             }
-            Ok(Err(e)) => return Ok(format!("pod {pod}: {e}")),
-            Ok(Ok(None)) => return Ok(format!("pod {pod}: the agent ended the stream")),
-            Ok(Ok(Some(l))) => l,
         };
-        tx.send((node.clone(), Msg::Line(line)))
-            .await
-            .map_err(|_| ())?;
+        return Ok(format!("pod {pod}: {}", why(&mut s.error, fallback).await));
     }
 }
 

@@ -150,6 +150,19 @@ pub fn select_agents(
             by_node.entry(n).or_default().push(p);
         }
     }
+    if by_node.is_empty() && !pods.is_empty() {
+        return Err(FlowsError::NoneReady {
+            namespace: namespace.into(),
+            reasons: pods
+                .iter()
+                .map(|p| {
+                    let name = p.metadata.name.as_deref().unwrap_or_default();
+                    format!("pod {name}: not scheduled to a node")
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
     if by_node.is_empty() {
         return Err(FlowsError::NoAgents {
             namespace: namespace.into(),
@@ -670,9 +683,15 @@ mod tests {
             pod("nd-a", "node-0", "Running", true),
             pod("nd-b", "node-1", "Pending", false),
         ];
-        insta::assert_snapshot!(
-            [err(&[], &[]), err(&pods, &["node-7"]), err(&pods[1..], &[])].join("\n")
-        );
+        let mut unscheduled = pod("nd-u", "", "Pending", false);
+        unscheduled.spec = None;
+        insta::assert_snapshot!([
+            err(&[], &[]),
+            err(&pods, &["node-7"]),
+            err(&pods[1..], &[]),
+            err(&[unscheduled], &[]),
+        ]
+        .join("\n"));
     }
 
     /// Feeds `msgs` to a merger of `total` agents; every event as a line,

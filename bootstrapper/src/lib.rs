@@ -11,6 +11,7 @@ pub mod converge;
 pub mod diff;
 pub mod endpoint;
 pub mod fault;
+pub mod flows;
 pub mod handover;
 pub mod inventory;
 pub mod journal;

@@ -1,7 +1,7 @@
 //! `netboot`: a thin CLI over the netboot library. Each subcommand lives in
 //! cli/<name>.rs and returns the process's exit status:
-//! 0 ok, 1 validation failed (rolled back when configured) or `check` found
-//! errors, 2 any other error.
+//! 0 ok, 1 validation failed (rolled back when configured), `check` found
+//! errors or `flows` reached no agent, 2 any other error.
 
 mod cli;
 
@@ -29,6 +29,7 @@ fn main() -> ExitCode {
                     Command::Reconcile(a) => cli::reconcile::run(a, output).await,
                     Command::Validate(a) => cli::validate::run(a, output).await,
                     Command::Status(a) => cli::status::run(a, output).await,
+                    Command::Flows(a) => cli::flows::run(a, output).await,
                     Command::Render(_) | Command::Check(_) => Ok(ExitCode::SUCCESS),
                 }
             }),

@@ -59,6 +59,8 @@ pub enum Command {
     Status(ApplyArgs),
     /// Go back to kube-proxy: restore it from the backup and switch the agents to coexist mode.
     Rollback(ApplyArgs),
+    /// Follow Service flows from every node's agent through the API server, like `hubble observe --follow`.
+    Flows(FlowsArgs),
     /// Keep clusters at the state committed in git: fetch, plan, apply what drifted, every interval.
     Reconcile(ReconcileArgs),
 }
@@ -137,6 +139,34 @@ pub struct ApplyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// The cluster's spec, e.g. clusters/prod.yaml (with --repo: its path in the repository); gives the agents' namespace and health port.
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Only the agent on this node (repeatable; default every node).
+    #[arg(long = "node", value_name = "NAME")]
+    pub nodes: Vec<String>,
+    /// Only flows to this Service.
+    #[arg(long, value_name = "NS/NAME")]
+    pub service: Option<String>,
+    /// Only flows to this backend pod.
+    #[arg(long, value_name = "NS/NAME")]
+    pub pod: Option<String>,
+    /// Only this verdict: translated, affinity-hit, refused, error, observed or source-range.
+    #[arg(long, value_name = "VERDICT")]
+    pub verdict: Option<String>,
+    /// Only tcp or udp.
+    #[arg(long, value_name = "PROTO")]
+    pub proto: Option<String>,
+    /// Exit after N flows in total (default: follow until interrupted).
+    #[arg(short = 'n', long, value_name = "N", value_parser = parse_count)]
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
 pub struct ReconcileArgs {
     /// Spec paths in the repository, e.g. clusters/prod.yaml.
     #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -176,6 +206,15 @@ fn parse_image(s: &str) -> Result<String, String> {
     netboot::spec::grammar::image_reference(s)
         .map(|_| s.to_string())
         .map_err(|e| e.to_string())
+}
+
+/// A count of at least 1.
+fn parse_count(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
 }
 
 /// `30s`, `5m`, `1h`, or plain seconds.

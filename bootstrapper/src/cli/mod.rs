@@ -1,6 +1,7 @@
 pub mod apply;
 pub mod args;
 pub mod check;
+pub mod flows;
 pub mod print;
 pub mod reconcile;
 pub mod render;

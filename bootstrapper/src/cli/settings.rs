@@ -12,7 +12,7 @@ use netboot::source::{self, Auth, FetchLimits, Secret, Snapshot, SourceOptions, 
 use netboot::spec;
 use sha2::{Digest, Sha256};
 
-use super::args::{ApplyArgs, ReconcileArgs, SourceArgs};
+use super::args::{ApplyArgs, ClusterArgs, ReconcileArgs, SourceArgs};
 
 /// Directory of mounted git credentials (the CronJob's Secret): `known_hosts`,
 /// `ssh-privatekey` (or `identity`), `token`.
@@ -100,18 +100,7 @@ pub async fn resolve(args: &ApplyArgs) -> anyhow::Result<(Settings, Connection, 
             )
         }
     };
-    let target = Target {
-        kubeconfig: args.cluster.kubeconfig.clone(),
-        context: args
-            .cluster
-            .context
-            .clone()
-            .or_else(|| spec.cluster.context.clone()),
-        in_cluster: args.cluster.in_cluster || spec.cluster.in_cluster,
-    };
-    let conn = cluster::connect(&target)
-        .await
-        .with_context(|| format!("{file}: connecting to cluster {}", spec.name))?;
+    let conn = connect(&args.cluster, &spec, &file).await?;
     let settings = Settings {
         spec,
         spec_file: file,
@@ -132,6 +121,42 @@ pub async fn resolve(args: &ApplyArgs) -> anyhow::Result<(Settings, Connection, 
         })),
     };
     Ok((settings, conn, snapshot))
+}
+
+/// Connects to the spec's cluster: the flags first, then the spec's
+/// `cluster.context` / `cluster.inCluster`.
+async fn connect(
+    cluster: &ClusterArgs,
+    spec: &spec::ClusterNetwork,
+    file: &str,
+) -> anyhow::Result<Connection> {
+    let target = Target {
+        kubeconfig: cluster.kubeconfig.clone(),
+        context: cluster
+            .context
+            .clone()
+            .or_else(|| spec.cluster.context.clone()),
+        in_cluster: cluster.in_cluster || spec.cluster.in_cluster,
+    };
+    cluster::connect(&target)
+        .await
+        .with_context(|| format!("{file}: connecting to cluster {}", spec.name))
+}
+
+/// The spec (a file, or from `--repo`) and its cluster, for commands that
+/// only read the cluster and need no templates (`flows`).
+pub async fn spec_and_connection(
+    path: &Path,
+    source: &SourceArgs,
+    cluster: &ClusterArgs,
+) -> anyhow::Result<(spec::ClusterNetwork, Connection)> {
+    let file = path.display().to_string();
+    let spec = match source_options(source) {
+        Some(opts) => fetch(&opts).await?.load_spec(&file)?,
+        None => spec::load(path)?,
+    };
+    let conn = connect(cluster, &spec, &file).await?;
+    Ok((spec, conn))
 }
 
 fn file_revision(path: &Path, file: &str) -> anyhow::Result<String> {

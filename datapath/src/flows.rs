@@ -351,6 +351,8 @@ impl FlowFilter {
 #[derive(Clone, Debug, Default)]
 pub struct FlowNames {
     frontends: HashMap<(IpAddr, u16, String), (String, Option<String>)>,
+    /// NodePorts: on any of the node's addresses.
+    node_ports: HashMap<(u16, String), (String, Option<String>)>,
     pods: HashMap<IpAddr, String>,
 }
 
@@ -371,6 +373,19 @@ impl FlowNames {
                 .iter()
                 .chain(svc.external_ips())
                 .chain(svc.ingress().iter().filter_map(|i| i.ip.as_ref()));
+            for p in &svc.ports {
+                let Some(port) = p.node_port.and_then(|n| u16::try_from(n).ok()) else {
+                    continue;
+                };
+                let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
+                n.node_ports.insert(
+                    (port, proto),
+                    (
+                        format!("{ns}/{name}"),
+                        p.name.clone().filter(|s| !s.is_empty()),
+                    ),
+                );
+            }
             for ip in ips.filter_map(|i| i.parse::<IpAddr>().ok()) {
                 for p in &svc.ports {
                     let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
@@ -400,7 +415,11 @@ impl FlowNames {
     /// Fills the names of `flow` it knows.
     pub fn resolve(&self, flow: &mut Flow) {
         let key = (flow.frontend_ip, flow.frontend_port, flow.proto.clone());
-        if let Some((svc, port)) = self.frontends.get(&key) {
+        let named = self.frontends.get(&key).or_else(|| {
+            self.node_ports
+                .get(&(flow.frontend_port, flow.proto.clone()))
+        });
+        if let Some((svc, port)) = named {
             flow.service = Some(svc.clone());
             flow.port_name = port.clone();
         }
@@ -741,7 +760,7 @@ mod tests {
     fn names() -> FlowNames {
         let svc: Service = serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "shop", "name": "web"},
-            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
         }))
         .unwrap();
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
@@ -768,6 +787,19 @@ mod tests {
         assert_eq!(f.frontend_ip, IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)));
         assert_eq!(f.backend_ip, Some(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 5))));
         assert_eq!(f.backend_port, Some(8080));
+        // A NodePort, on a node's address, is named too.
+        let mut np = f.clone();
+        np.service = None;
+        np.port_name = None;
+        np.frontend_ip = IpAddr::V4(Ipv4Addr::new(172, 18, 1, 1));
+        np.frontend_port = 30080;
+        names().resolve(&mut np);
+        assert_eq!(np.service.as_deref(), Some("shop/web"));
+        assert_eq!(np.port_name.as_deref(), Some("http"));
+        np.frontend_port = 30081;
+        np.service = None;
+        names().resolve(&mut np);
+        assert_eq!(np.service, None);
         assert_eq!(f.backend_pod.as_deref(), Some("shop/web-1"));
         let line = render(&f);
         assert!(line.contains("shop/web:http (10.96.0.10:80/tcp)"), "{line}");

@@ -6,10 +6,12 @@
 //! under the agent's cgroup root maps an id to a pod UID. `netboot flows`
 //! turns the UID into namespace/name (the agent does not watch pods).
 //!
-//! The map is rebuilt by a walk when an id is not in it, at most every
-//! [`RESCAN`]: a pod's first connect right after it started is named from the
-//! next walk on, and a connection storm from unknown cgroups costs one walk
-//! per [`RESCAN`].
+//! The map is rebuilt by a walk when an id is not in it. cgroup ids grow
+//! (kernfs allocates inode numbers cyclically), so an id above every id the
+//! last walk saw is a cgroup made since: walked for at once, so a pod's first
+//! connect is named. Any other unknown id (a cgroup outside the root) walks
+//! at most every [`RESCAN`], and is remembered as no pod until the next walk:
+//! a connection storm from unknown cgroups costs one walk per [`RESCAN`].
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +32,8 @@ pub struct ClientPods {
     root: PathBuf,
     ids: HashMap<u64, Option<String>>,
     walked: Option<Instant>,
+    /// The highest id seen (by a walk, or asked for).
+    newest: u64,
 }
 
 impl ClientPods {
@@ -39,6 +43,7 @@ impl ClientPods {
             root: root.into(),
             ids: HashMap::new(),
             walked: None,
+            newest: 0,
         }
     }
 
@@ -50,11 +55,13 @@ impl ClientPods {
         if let Some(uid) = self.ids.get(&id) {
             return uid.clone();
         }
-        if self.walked.is_some_and(|t| t.elapsed() < RESCAN) {
+        let made_since = id > self.newest;
+        if !made_since && self.walked.is_some_and(|t| t.elapsed() < RESCAN) {
             return None;
         }
         self.walk();
-        self.ids.get(&id).cloned().flatten()
+        self.newest = self.newest.max(id);
+        self.ids.entry(id).or_insert(None).clone()
     }
 
     fn walk(&mut self) {
@@ -89,6 +96,7 @@ impl ClientPods {
                 }
             }
         }
+        self.newest = ids.keys().copied().max().unwrap_or(0).max(self.newest);
         self.ids = ids;
     }
 
@@ -174,10 +182,14 @@ mod tests {
         assert_eq!(r.pod_uid(ino(&container)).as_deref(), Some(UID));
         assert_eq!(r.pod_uid(ino(&pod)).as_deref(), Some(UID));
         assert_eq!(r.pod_uid(ino(&other)), None);
-        // A pod started after the walk is found by the next one.
+        // A pod started right after the walk (a higher id) is found at once.
         let later = root.path().join("pod11111111-2222-3333-4444-555555555555");
         std::fs::create_dir_all(&later).unwrap();
-        std::thread::sleep(RESCAN);
+        // (cgroupfs ids grow; a test directory's inodes need not: then the
+        // next walk after RESCAN finds it.)
+        if ino(&later) < r.newest {
+            std::thread::sleep(RESCAN);
+        }
         assert_eq!(
             r.pod_uid(ino(&later)).as_deref(),
             Some("11111111-2222-3333-4444-555555555555")

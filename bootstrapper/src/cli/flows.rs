@@ -31,11 +31,12 @@ pub fn format_flow(
     node: &str,
     line: &str,
     flow: &serde_json::Map<String, serde_json::Value>,
+    client_pod: Option<&str>,
 ) -> Result<String, String> {
     if json {
-        Ok(wire::annotate(line, flow, node))
+        Ok(wire::annotate_with(line, flow, node, client_pod))
     } else {
-        wire::Flow::from_map(flow).map(|f| wire::render(node, &f))
+        wire::Flow::from_map(flow).map(|f| wire::render_with(node, &f, client_pod))
     }
 }
 
@@ -89,6 +90,7 @@ pub async fn run(args: &FlowsArgs, output: Option<OutputFormat>) -> anyhow::Resu
         ..FollowOptions::default()
     };
     let mut seen = 0u64;
+    let mut clients = flows::clients::ClientPods::start(&conn.client);
     let res = flows::follow(&conn.client, &opts, |e| {
         let Event::Flow { node, line, flow } = e else {
             if let Some(n) = note(&e) {
@@ -96,7 +98,11 @@ pub async fn run(args: &FlowsArgs, output: Option<OutputFormat>) -> anyhow::Resu
             }
             return ControlFlow::Continue(());
         };
-        match format_flow(json, node, line, flow) {
+        let client_pod = flow
+            .get("client_pod_uid")
+            .and_then(|u| u.as_str())
+            .and_then(|uid| clients.name(uid));
+        match format_flow(json, node, line, flow, client_pod.as_deref()) {
             Ok(line) => {
                 // stdout gone (`| head`): done.
                 if writeln!(std::io::stdout(), "{line}").is_err() {
@@ -196,15 +202,15 @@ mod tests {
     fn each_flow_is_one_line_prefixed_with_its_node() {
         let line = r#"{"time_unix_ns":1764763200123000000,"hook":"sendmsg","proto":"udp","family":4,"verdict":"affinity-hit","reason":"sendmsg_affinity","client_netns_cookie":8,"client_cgroup_id":9,"service_id":4,"service":"kube-system/kube-dns","port_name":"dns","frontend_ip":"10.96.0.10","frontend_port":53,"backend_id":2,"backend_ip":"10.244.1.3","backend_port":53,"backend_pod":"kube-system/coredns-1"}"#;
         let flow: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
-        let text = format_flow(false, "node-1", line, &flow).unwrap();
-        let json = format_flow(true, "node-1", line, &flow).unwrap();
+        let text = format_flow(false, "node-1", line, &flow, None).unwrap();
+        let json = format_flow(true, "node-1", line, &flow, None).unwrap();
         insta::assert_snapshot!(format!("{text}\n{json}"));
         let bad_line = r#"{"verdict":"refused"}"#;
         let bad: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(bad_line).unwrap();
-        assert!(format_flow(false, "n", bad_line, &bad).is_err());
+        assert!(format_flow(false, "n", bad_line, &bad, None).is_err());
         assert_eq!(
-            format_flow(true, "n", bad_line, &bad).unwrap(),
+            format_flow(true, "n", bad_line, &bad, None).unwrap(),
             r#"{"node":"n","verdict":"refused"}"#
         );
     }

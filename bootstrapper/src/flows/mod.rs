@@ -8,6 +8,7 @@
 //! pod looked up again (a rollout replaces it). The library never prints: it
 //! hands every line and every change to the caller as an [`Event`].
 
+pub mod clients;
 pub mod http;
 pub mod wire;
 

@@ -144,7 +144,21 @@ pub fn annotate(
     flow: &serde_json::Map<String, serde_json::Value>,
     node: &str,
 ) -> String {
-    let node_json = serde_json::Value::from(node).to_string();
+    annotate_with(line, flow, node, None)
+}
+
+/// As [`annotate`], with `"client_pod"` (namespace/name) after `"node"`
+/// when `netboot flows` named the client.
+pub fn annotate_with(
+    line: &str,
+    flow: &serde_json::Map<String, serde_json::Value>,
+    node: &str,
+    client_pod: Option<&str>,
+) -> String {
+    let mut node_json = serde_json::Value::from(node).to_string();
+    if let Some(c) = client_pod.filter(|_| !flow.contains_key("client_pod")) {
+        node_json = format!("{node_json},\"client_pod\":{}", serde_json::Value::from(c));
+    }
     let rest = line.trim().strip_prefix('{').map(str::trim_start);
     match rest {
         Some(rest) if !flow.contains_key("node") => {
@@ -177,6 +191,9 @@ pub struct Flow {
     pub verdict: String,
     /// The client's network namespace cookie.
     pub client_netns_cookie: u64,
+    /// The client pod's UID, when the agent found it from the cgroup.
+    #[serde(default)]
+    pub client_pod_uid: Option<String>,
     /// Service id (rev-nat id).
     pub service_id: u32,
     /// `namespace/name` of the Service, when the agent knew it.
@@ -220,6 +237,12 @@ fn addr(ip: IpAddr, port: u16) -> String {
 /// The datapath's `render`, prefixed with the node:
 /// `NODE  TIME  netns:COOKIE  →  ns/svc:port (VIP:port/proto)  →  pod ip:port  VERDICT`.
 pub fn render(node: &str, flow: &Flow) -> String {
+    render_with(node, flow, None)
+}
+
+/// As [`render`], naming the client `client_pod` (namespace/name) when
+/// known, else by its pod UID, else by its netns cookie.
+pub fn render_with(node: &str, flow: &Flow, client_pod: Option<&str>) -> String {
     let secs = flow.time_unix_ns / 1_000_000_000;
     let ms = (flow.time_unix_ns / 1_000_000) % 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
@@ -240,9 +263,13 @@ pub fn render(node: &str, flow: &Flow) -> String {
         },
         _ => "-".into(),
     };
+    let client = match (client_pod, &flow.client_pod_uid) {
+        (Some(p), _) => p.to_string(),
+        (None, Some(uid)) => format!("pod-uid:{uid}"),
+        (None, None) => format!("netns:{}", flow.client_netns_cookie),
+    };
     format!(
-        "{node}  {h:02}:{m:02}:{s:02}.{ms:03}  netns:{}  →  {svc}  →  {be}  {}",
-        flow.client_netns_cookie,
+        "{node}  {h:02}:{m:02}:{s:02}.{ms:03}  {client}  →  {svc}  →  {be}  {}",
         flow.verdict.to_ascii_uppercase()
     )
 }
@@ -380,5 +407,18 @@ mod tests {
             "{line}"
         );
         assert!(Flow::from_map(&flow(r#"{"verdict":"refused"}"#)).is_err());
+        // The client: its pod's name, else its UID, else its netns.
+        let with_uid = TRANSLATED.replace(
+            r#""client_cgroup_id":77,"#,
+            r#""client_cgroup_id":77,"client_pod_uid":"3f2b8c1e-5d4a-4b7e-9c0f-1a2b3c4d5e6f","#,
+        );
+        let f = Flow::from_map(&flow(&with_uid)).unwrap();
+        assert!(render_with("n", &f, Some("shop/client")).contains("  shop/client  →  "));
+        assert!(render("n", &f).contains("  pod-uid:3f2b8c1e-5d4a-4b7e-9c0f-1a2b3c4d5e6f  →  "));
+        let j = annotate_with(&with_uid, &flow(&with_uid), "n", Some("shop/client"));
+        assert!(
+            j.starts_with(r#"{"node":"n","client_pod":"shop/client","time_unix_ns""#),
+            "{j}"
+        );
     }
 }

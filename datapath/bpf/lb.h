@@ -411,6 +411,7 @@ struct nb_src_range6_key {
 /* Hooks (struct nb_flow_event.hook). */
 #define NB_FLOW_HOOK_CONNECT 1 /* connect4 / connect6 */
 #define NB_FLOW_HOOK_SENDMSG 2 /* sendmsg4 / sendmsg6 */
+#define NB_FLOW_HOOK_PACKET  3 /* the per-packet (tc) path: a new external flow */
 
 /* Value of nb_flow_cfg (array, key 0). 8 bytes. */
 struct nb_flow_cfg {
@@ -434,9 +435,11 @@ enum nb_flow_stat {
 	NB_FLOW_STAT_MAX
 };
 
-/* One record of nb_flow_ring. 80 bytes. Addresses and ports in network
- * order; IPv4 (and IPv4-mapped destinations) in vip[0] / backend[0] with
- * family 4. */
+/* One record of nb_flow_ring. 104 bytes. Addresses and ports in network
+ * order; IPv4 (and IPv4-mapped destinations) in vip[0] / backend[0] /
+ * client[0] with family 4. Socket hooks know the client by its netns and
+ * cgroup (client[] zero: not bound yet); the per-packet path by its address
+ * (netns_cookie, cgroup_id zero: no local socket). */
 struct nb_flow_event {
 	__u64 ts_ns;          /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
 	__u64 netns_cookie;   /* client's network namespace cookie */
@@ -453,6 +456,10 @@ struct nb_flow_event {
 	__u8 verdict;         /* NB_FLOW_* */
 	__u8 hook;            /* NB_FLOW_HOOK_* */
 	__u32 pad;            /* always zero */
+	__be32 client[4];     /* per-packet path: the client's address; else zero */
+	__be16 client_port;   /* per-packet path: the client's port; else zero */
+	__u16 pad2;           /* always zero */
+	__u32 pad3;           /* always zero */
 };
 
 /*

@@ -587,33 +587,54 @@ static __always_inline __u8 nb_flow_verdict(const struct nb_fwd *res)
 	}
 }
 
+/* A record to fill when events are on and this CPU's budget allows (NULL
+ * otherwise, counted); hand it to nb_flow_commit. */
+static __always_inline struct nb_flow_event *nb_flow_begin(void)
+{
+	const __u32 zero = 0;
+	struct nb_flow_cfg *cfg;
+	struct nb_flow_event *ev;
+
+	cfg = bpf_map_lookup_elem(&nb_flow_cfg, &zero);
+	if (!cfg || !cfg->enabled)
+		return NULL;
+	if (!nb_flow_admit(cfg->rate ? cfg->rate : NB_FLOW_RATE_DEFAULT)) {
+		nb_flow_stat(NB_FLOW_STAT_RATE_LIMITED);
+		return NULL;
+	}
+	ev = bpf_ringbuf_reserve(&nb_flow_ring, sizeof(*ev), 0);
+	if (!ev) {
+		nb_flow_stat(NB_FLOW_STAT_RING_FULL);
+		return NULL;
+	}
+	return ev;
+}
+
+static __always_inline void nb_flow_commit(struct nb_flow_event *ev)
+{
+	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&nb_flow_ring, BPF_RB_AVAIL_DATA) >=
+				       NB_FLOW_WAKE_BYTES ?
+				       BPF_RB_FORCE_WAKEUP :
+				       BPF_RB_NO_WAKEUP);
+	nb_flow_stat(NB_FLOW_STAT_EMITTED);
+}
+
 /* One flow event for a decision on a Service address, when events are on
  * and this CPU's budget allows; otherwise at most a counter. */
 static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct nb_fwd *res,
 					 __u8 hook)
 {
-	const __u32 zero = 0;
-	struct nb_flow_cfg *cfg;
 	struct nb_flow_event *ev;
 	__u8 verdict;
 
 	if (!res->svc_found)
 		return;
-	cfg = bpf_map_lookup_elem(&nb_flow_cfg, &zero);
-	if (!cfg || !cfg->enabled)
-		return;
 	verdict = nb_flow_verdict(res);
 	if (!verdict)
 		return;
-	if (!nb_flow_admit(cfg->rate ? cfg->rate : NB_FLOW_RATE_DEFAULT)) {
-		nb_flow_stat(NB_FLOW_STAT_RATE_LIMITED);
+	ev = nb_flow_begin();
+	if (!ev)
 		return;
-	}
-	ev = bpf_ringbuf_reserve(&nb_flow_ring, sizeof(*ev), 0);
-	if (!ev) {
-		nb_flow_stat(NB_FLOW_STAT_RING_FULL);
-		return;
-	}
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->netns_cookie = bpf_get_netns_cookie(ctx);
 	ev->cgroup_id = bpf_get_current_cgroup_id();
@@ -635,11 +656,59 @@ static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct
 	ev->verdict = verdict;
 	ev->hook = hook;
 	ev->pad = 0;
-	bpf_ringbuf_submit(ev, bpf_ringbuf_query(&nb_flow_ring, BPF_RB_AVAIL_DATA) >=
-				       NB_FLOW_WAKE_BYTES ?
-				       BPF_RB_FORCE_WAKEUP :
-				       BPF_RB_NO_WAKEUP);
-	nb_flow_stat(NB_FLOW_STAT_EMITTED);
+	ev->client[0] = 0;
+	ev->client[1] = 0;
+	ev->client[2] = 0;
+	ev->client[3] = 0;
+	ev->client_port = 0;
+	ev->pad2 = 0;
+	ev->pad3 = 0;
+	nb_flow_commit(ev);
+}
+
+/* A flow event from the per-packet path: a new external flow translated
+ * (backend != NULL) or dropped for want of a backend. Addresses are 4
+ * words (IPv4 in [0]); ports in network order. */
+static __always_inline void nb_flow_packet(const __be32 *client, __be16 cport, const __be32 *vip,
+					   __be16 vport, const __be32 *backend, __be16 bport,
+					   __u32 backend_id, __u32 svc_id, __u8 proto, __u8 family,
+					   __u32 outcome)
+{
+	struct nb_flow_event *ev = nb_flow_begin();
+
+	if (!ev)
+		return;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->client[0] = client[0];
+	ev->vip[0] = vip[0];
+	if (family == 6) {
+		ev->client[1] = client[1];
+		ev->client[2] = client[2];
+		ev->client[3] = client[3];
+		ev->vip[1] = vip[1];
+		ev->vip[2] = vip[2];
+		ev->vip[3] = vip[3];
+	}
+	if (backend) {
+		ev->backend[0] = backend[0];
+		if (family == 6) {
+			ev->backend[1] = backend[1];
+			ev->backend[2] = backend[2];
+			ev->backend[3] = backend[3];
+		}
+		ev->backend_port = bport;
+		ev->backend_id = backend_id;
+	}
+	ev->client_port = cport;
+	ev->vport = vport;
+	ev->svc_id = svc_id;
+	ev->outcome = outcome;
+	ev->proto = proto;
+	ev->family = family;
+	ev->verdict = backend ? NB_FLOW_TRANSLATED : NB_FLOW_REFUSED;
+	ev->hook = NB_FLOW_HOOK_PACKET;
+	nb_flow_commit(ev);
 }
 
 static __always_inline int nb_fwd_verdict(struct bpf_sock_addr *ctx, struct nb_fwd res,
@@ -1446,9 +1515,14 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 	if (n > svc->count)
 		n = svc->count;
 	if (n == 0) {
-		nb_count(local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
-						  : NB_CTR_NP_NO_BACKEND);
+		__u32 why = local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
+						      : NB_CTR_NP_NO_BACKEND;
+		__be32 c4[4] = { k->saddr }, v4[4] = { k->daddr };
+
+		nb_count(why);
 		nb_svc_count(svc->rev_nat_index, NB_SVC_TC_DROPPED);
+		nb_flow_packet(c4, k->sport, v4, k->dport, NULL, 0, 0, svc->rev_nat_index,
+			       k->proto, 4, why);
 		return TC_ACT_SHOT;
 	}
 	pick = bpf_get_prandom_u32() % n;
@@ -1511,6 +1585,13 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 	}
 	nb_count(fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
 	nb_svc_count(fwd.rev_nat_index, NB_SVC_TC_NEW);
+	{
+		__be32 c4[4] = { k->saddr }, v4[4] = { k->daddr }, b4[4] = { be->address };
+
+		nb_flow_packet(c4, k->sport, v4, k->dport, b4, be->port, backend_id,
+			       fwd.rev_nat_index, k->proto, 4,
+			       fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
+	}
 	if (nb_np_rewrite(skb, l4_off, k, &fwd) != TC_ACT_OK)
 		return TC_ACT_SHOT;
 	return fwd.flags & NB_CT_F_SNAT ? nb_np_redirect(skb, &fwd, k->proto) : TC_ACT_OK;
@@ -1771,9 +1852,13 @@ static __always_inline int __nb_np_new6(struct __sk_buff *skb, __u32 l4_off,
 	if (n > svc->count)
 		n = svc->count;
 	if (n == 0) {
-		nb_count(local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
-						  : NB_CTR_NP_NO_BACKEND);
+		__u32 why = local_only && svc->count ? NB_CTR_NP_NO_LOCAL_BACKEND
+						      : NB_CTR_NP_NO_BACKEND;
+
+		nb_count(why);
 		nb_svc_count(svc->rev_nat_index, NB_SVC_TC_DROPPED);
+		nb_flow_packet(k->saddr, k->sport, k->daddr, k->dport, NULL, 0, 0,
+			       svc->rev_nat_index, k->proto, 6, why);
 		return TC_ACT_SHOT;
 	}
 	pick = bpf_get_prandom_u32() % n;
@@ -1831,6 +1916,9 @@ static __always_inline int __nb_np_new6(struct __sk_buff *skb, __u32 l4_off,
 	}
 	nb_count(fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
 	nb_svc_count(fwd.rev_nat_index, NB_SVC_TC_NEW);
+	nb_flow_packet(k->saddr, k->sport, k->daddr, k->dport, be->address, be->port, backend_id,
+		       fwd.rev_nat_index, k->proto, 6,
+		       fwd.flags & NB_CT_F_SNAT ? NB_CTR_NP_SNAT : NB_CTR_NP_LOCAL);
 	if (nb_np_rewrite6(skb, l4_off, k, &fwd) != TC_ACT_OK)
 		return TC_ACT_SHOT;
 	return fwd.flags & NB_CT_F_SNAT ? nb_np_redirect6(skb, &fwd, k->proto) : TC_ACT_OK;

@@ -23,8 +23,8 @@ use tokio::sync::broadcast;
 
 use crate::layout::{
     addr6_from_be, addr_from_be, names, port_from_be, proto_name, FlowCfg, FlowEvent,
-    COUNTER_NAMES, FLOW_AFFINITY_HIT, FLOW_ERROR, FLOW_HOOK_CONNECT, FLOW_OBSERVED, FLOW_REFUSED,
-    FLOW_SRC_RANGE, FLOW_STAT_NAMES, FLOW_TRANSLATED,
+    COUNTER_NAMES, FLOW_AFFINITY_HIT, FLOW_ERROR, FLOW_HOOK_CONNECT, FLOW_HOOK_PACKET,
+    FLOW_OBSERVED, FLOW_REFUSED, FLOW_SRC_RANGE, FLOW_STAT_NAMES, FLOW_TRANSLATED,
 };
 use crate::maps::kernel::kerr;
 use crate::maps::MapsError;
@@ -127,7 +127,9 @@ pub struct Flow {
     /// Wall-clock time of the decision, ns since the Unix epoch (converted
     /// from the kernel's CLOCK_MONOTONIC stamp).
     pub time_unix_ns: u64,
-    /// `connect` (TCP, connected UDP) or `sendmsg` (unconnected UDP).
+    /// `connect` (TCP, connected UDP), `sendmsg` (unconnected UDP), or
+    /// `packet` (a new external flow on the per-packet path: NodePort, LB
+    /// and external IPs from outside the node).
     pub hook: String,
     /// `tcp` or `udp`.
     pub proto: String,
@@ -145,6 +147,13 @@ pub struct Flow {
     /// ([`crate::podcgroup`]); absent for host processes and unknown cgroups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_pod_uid: Option<String>,
+    /// Per-packet path: the client's address (an external client, or a
+    /// node SNATed in front of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<IpAddr>,
+    /// Per-packet path: the client's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_port: Option<u16>,
     /// Service id (rev-nat id, `service list`'s ID).
     pub service_id: u32,
     /// `namespace/name` of the Service, when known.
@@ -208,10 +217,10 @@ impl Flow {
         let chosen = ev.backend_id != 0;
         Some(Self {
             time_unix_ns: u64::try_from(i128::from(ev.ts_ns) + wall_offset).unwrap_or(0),
-            hook: if ev.hook == FLOW_HOOK_CONNECT {
-                "connect"
-            } else {
-                "sendmsg"
+            hook: match ev.hook {
+                FLOW_HOOK_CONNECT => "connect",
+                FLOW_HOOK_PACKET => "packet",
+                _ => "sendmsg",
             }
             .into(),
             proto: proto_name(ev.proto).to_ascii_lowercase(),
@@ -223,6 +232,8 @@ impl Flow {
             client_netns_cookie: ev.netns_cookie,
             client_cgroup_id: ev.cgroup_id,
             client_pod_uid: None,
+            client_ip: (ev.hook == FLOW_HOOK_PACKET).then(|| ip(ev.client)),
+            client_port: (ev.hook == FLOW_HOOK_PACKET).then(|| port_from_be(ev.client_port)),
             service_id: ev.svc_id,
             service: None,
             port_name: None,
@@ -715,9 +726,11 @@ pub fn render(flow: &Flow) -> String {
         }
         _ => "-".into(),
     };
-    let client = match &flow.client_pod_uid {
-        Some(uid) => format!("pod-uid:{uid}"),
-        None => format!("netns:{}", flow.client_netns_cookie),
+    let client = match (&flow.client_pod_uid, flow.client_ip, flow.client_port) {
+        (Some(uid), _, _) => format!("pod-uid:{uid}"),
+        (None, Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
+        (None, Some(IpAddr::V4(a)), Some(p)) => format!("{a}:{p}"),
+        _ => format!("netns:{}", flow.client_netns_cookie),
     };
     format!(
         "{h:02}:{m:02}:{s:02}.{ms:03}  {client}  →  {svc}  →  {be}  {}",
@@ -754,7 +767,37 @@ mod tests {
             verdict,
             hook: FLOW_HOOK_CONNECT,
             pad: 0,
+            client: [0; 4],
+            client_port: 0,
+            pad2: 0,
+            pad3: 0,
         }
+    }
+
+    #[test]
+    fn a_per_packet_event_names_its_client_by_address() {
+        let mut ev = event(FLOW_TRANSLATED, true);
+        ev.hook = FLOW_HOOK_PACKET;
+        ev.netns_cookie = 0;
+        ev.cgroup_id = 0;
+        ev.vip = [addr_be(Ipv4Addr::new(172, 18, 1, 1)), 0, 0, 0];
+        ev.vport = port_be(30080);
+        ev.client = [addr_be(Ipv4Addr::new(172, 18, 0, 3)), 0, 0, 0];
+        ev.client_port = port_be(41000);
+        let mut f = Flow::from_event(&ev, 0).unwrap();
+        names().resolve(&mut f);
+        assert_eq!(f.hook, "packet");
+        assert_eq!(f.client_ip, Some(IpAddr::V4(Ipv4Addr::new(172, 18, 0, 3))));
+        assert_eq!(f.client_port, Some(41000));
+        assert_eq!(f.service.as_deref(), Some("shop/web"));
+        let line = render(&f);
+        assert!(
+            line.contains("  172.18.0.3:41000  →  shop/web:http (172.18.1.1:30080/tcp)  →  shop/web-1 10.0.1.5:8080  TRANSLATED"),
+            "{line}"
+        );
+        // Socket hooks have no client address.
+        let c = Flow::from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
+        assert_eq!((c.client_ip, c.client_port), (None, None));
     }
 
     fn names() -> FlowNames {

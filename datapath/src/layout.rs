@@ -644,6 +644,8 @@ pub const FLOW_OBSERVED: u8 = 5;
 pub const FLOW_SRC_RANGE: u8 = 6;
 /// `NB_FLOW_HOOK_CONNECT`.
 pub const FLOW_HOOK_CONNECT: u8 = 1;
+/// `NB_FLOW_HOOK_PACKET`: the per-packet (tc) path.
+pub const FLOW_HOOK_PACKET: u8 = 3;
 /// `NB_FLOW_HOOK_SENDMSG`.
 pub const FLOW_HOOK_SENDMSG: u8 = 2;
 /// `enum nb_flow_stat`, index of `nb_flow_stats`.
@@ -703,6 +705,15 @@ pub struct FlowEvent {
     pub hook: u8,
     /// Zero.
     pub pad: u32,
+    /// Per-packet path: the client's address, network order (IPv4 in
+    /// `[0]`); zero from the socket hooks.
+    pub client: [u32; 4],
+    /// Per-packet path: the client's port, network order.
+    pub client_port: u16,
+    /// Zero.
+    pub pad2: u16,
+    /// Zero.
+    pub pad3: u32,
 }
 
 impl FlowEvent {
@@ -721,7 +732,9 @@ impl FlowEvent {
 const _: () = {
     assert!(size_of::<FlowCfg>() == 8);
     assert!(size_of::<FlowBucket>() == 16);
-    assert!(size_of::<FlowEvent>() == 80);
+    assert!(size_of::<FlowEvent>() == 104);
+    assert!(offset_of!(FlowEvent, client) == 80);
+    assert!(offset_of!(FlowEvent, client_port) == 96);
     assert!(offset_of!(FlowEvent, vip) == 24);
     assert!(offset_of!(FlowEvent, backend) == 40);
     assert!(offset_of!(FlowEvent, backend_id) == 56);

@@ -12,7 +12,7 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -499,6 +499,23 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     recon.reconcile(&table).expect("reconcile");
     let links = attach_node_a(&c, &pins);
     assert_eq!(links.len(), 2, "{links:?}");
+    // Flow events on: every new external flow is one `packet` event.
+    let mut ring = {
+        let data =
+            aya::maps::MapData::from_pin(pins.pins.map(netboot_datapath::layout::names::FLOW_RING))
+                .expect("open ring");
+        aya::maps::RingBuf::try_from(aya::maps::Map::from_map_data(data).expect("map"))
+            .expect("ringbuf")
+    };
+    netboot_datapath::flows::set_enabled(&pins.pins, true, 0).expect("flow events on");
+    let mut drain = || {
+        let mut out = Vec::new();
+        while let Some(rec) = ring.next() {
+            let ev = netboot_datapath::layout::FlowEvent::from_bytes(&rec).expect("record size");
+            out.push(netboot_datapath::flows::Flow::from_event(&ev, 0).expect("decodes"));
+        }
+        out
+    };
 
     let tcp = |addr: SocketAddrV4, count: u32| {
         client(&client_cg.path, &c.client, ClientOp::Tcp { addr, count })
@@ -517,6 +534,24 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     assert!(!a.is_empty() && !b.is_empty(), "both backends: {s:?}");
     assert!(a.iter().all(|(_, src)| src == "192.168.50.100"), "{s:?}");
     assert!(b.iter().all(|(_, src)| src == "192.168.50.1"), "{s:?}");
+    let evs = drain();
+    let client_ip: IpAddr = "192.168.50.100".parse().unwrap();
+    let xl: Vec<_> = evs
+        .iter()
+        .filter(|f| f.hook == "packet" && f.frontend_port == 30080)
+        .collect();
+    assert_eq!(xl.len(), res.len(), "one event per new flow: {evs:?}");
+    assert!(
+        xl.iter().all(
+            |f| f.verdict == netboot_datapath::flows::Verdict::Translated
+                && f.client_ip == Some(client_ip)
+                && f.client_port.is_some_and(|p| p > 0)
+                && f.frontend_ip == "192.168.50.1".parse::<IpAddr>().unwrap()
+                && f.backend_port == Some(8080)
+                && f.reason.starts_with("nodeport_")
+        ),
+        "{xl:?}"
+    );
     println!(
         "NUMBERS nodeport cluster policy: {} connections, {} local (client IP kept), {} remote (SNAT), worst {} us",
         res.len(),
@@ -542,8 +577,20 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     );
 
     // Local policy and no endpoint on node-a: dropped (the client times out).
+    let _ = drain();
     let res = tcp(v4([192, 168, 50, 1], 30082), 1);
     assert!(!res[0].ok, "{res:?}");
+    let evs = drain();
+    assert!(
+        !evs.is_empty()
+            && evs.iter().all(|f| f.hook == "packet"
+                && f.frontend_port == 30082
+                && f.verdict == netboot_datapath::flows::Verdict::Refused
+                && f.client_ip == Some(client_ip)
+                && f.backend_ip.is_none()
+                && f.reason == "nodeport_no_local_backend"),
+        "each dropped SYN is a refused event: {evs:?}"
+    );
 
     let ctr = recon.maps().counters().expect("counters");
     let get = |n: &str| {

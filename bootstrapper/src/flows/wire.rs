@@ -194,6 +194,12 @@ pub struct Flow {
     /// The client pod's UID, when the agent found it from the cgroup.
     #[serde(default)]
     pub client_pod_uid: Option<String>,
+    /// Per-packet path: the client's address and port.
+    #[serde(default)]
+    pub client_ip: Option<IpAddr>,
+    /// Its port.
+    #[serde(default)]
+    pub client_port: Option<u16>,
     /// Service id (rev-nat id).
     pub service_id: u32,
     /// `namespace/name` of the Service, when the agent knew it.
@@ -263,10 +269,16 @@ pub fn render_with(node: &str, flow: &Flow, client_pod: Option<&str>) -> String 
         },
         _ => "-".into(),
     };
-    let client = match (client_pod, &flow.client_pod_uid) {
-        (Some(p), _) => p.to_string(),
-        (None, Some(uid)) => format!("pod-uid:{uid}"),
-        (None, None) => format!("netns:{}", flow.client_netns_cookie),
+    let client = match (
+        client_pod,
+        &flow.client_pod_uid,
+        flow.client_ip,
+        flow.client_port,
+    ) {
+        (Some(p), ..) => p.to_string(),
+        (None, Some(uid), ..) => format!("pod-uid:{uid}"),
+        (None, None, Some(ip), Some(port)) => addr(ip, port),
+        _ => format!("netns:{}", flow.client_netns_cookie),
     };
     format!(
         "{node}  {h:02}:{m:02}:{s:02}.{ms:03}  {client}  →  {svc}  →  {be}  {}",

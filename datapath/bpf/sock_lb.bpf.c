@@ -668,7 +668,7 @@ static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct
 
 /* A flow event from the per-packet path: a new external flow translated
  * (backend != NULL) or dropped for want of a backend. Addresses are 4
- * words (IPv4 in [0]); ports in network order. */
+ * words (IPv4 in [0], the rest zero); ports in network order. */
 static __always_inline void nb_flow_packet(const __be32 *client, __be16 cport, const __be32 *vip,
 					   __be16 vport, const __be32 *backend, __be16 bport,
 					   __u32 backend_id, __u32 svc_id, __u8 proto, __u8 family,
@@ -680,23 +680,21 @@ static __always_inline void nb_flow_packet(const __be32 *client, __be16 cport, c
 		return;
 	__builtin_memset(ev, 0, sizeof(*ev));
 	ev->ts_ns = bpf_ktime_get_ns();
+	/* Four words each, as in the socket path (IPv4 callers pass [0] and
+	 * zeros). */
 	ev->client[0] = client[0];
+	ev->client[1] = client[1];
+	ev->client[2] = client[2];
+	ev->client[3] = client[3];
 	ev->vip[0] = vip[0];
-	if (family == 6) {
-		ev->client[1] = client[1];
-		ev->client[2] = client[2];
-		ev->client[3] = client[3];
-		ev->vip[1] = vip[1];
-		ev->vip[2] = vip[2];
-		ev->vip[3] = vip[3];
-	}
+	ev->vip[1] = vip[1];
+	ev->vip[2] = vip[2];
+	ev->vip[3] = vip[3];
 	if (backend) {
 		ev->backend[0] = backend[0];
-		if (family == 6) {
-			ev->backend[1] = backend[1];
-			ev->backend[2] = backend[2];
-			ev->backend[3] = backend[3];
-		}
+		ev->backend[1] = backend[1];
+		ev->backend[2] = backend[2];
+		ev->backend[3] = backend[3];
 		ev->backend_port = bport;
 		ev->backend_id = backend_id;
 	}

@@ -20,7 +20,7 @@ fn main() {
     let bpf_dir = manifest.join("bpf");
     let clang = env::var("NETBOOT_CLANG").unwrap_or_else(|_| "clang-19".into());
 
-    for f in ["lb.h", "sock_lb.bpf.c", "sock_term.bpf.c"] {
+    for f in ["lb.h", "rev_sk.h", "sock_lb.bpf.c", "sock_term.bpf.c"] {
         println!("cargo:rerun-if-changed={}", bpf_dir.join(f).display());
     }
     println!("cargo:rerun-if-env-changed=NETBOOT_CLANG");

@@ -1035,7 +1035,11 @@ mod tests {
         );
         assert!(d.contains("the socket failed ("), "{d}");
         assert!(d.contains("was connected again"), "{d}");
-        assert!(r.outcomes[0].outage_ms.is_some_and(|o| o >= 300), "{r:?}");
+        // The replacement binds 300 ms after the old server is told to stop;
+        // the old one may still answer within its 20 ms read timeout (more
+        // on a loaded machine: 287 ms was seen in CI), so the outage is at
+        // least the gap less that tail, never near zero.
+        assert!(r.outcomes[0].outage_ms.is_some_and(|o| o >= 200), "{r:?}");
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   outermost first (`a: b: c`), with control and bidi characters escaped.
 //! - [`features`]: what an agent serves (its Node annotation) and what a
 //!   Service needs, for the handover's "nothing unserved" gate.
+//! - [`flows`]: the flow record the agent serves on `GET /v1/flows`, its
+//!   verdicts and hooks, the filter query string, and the one-line text
+//!   rendering both `netboot-datapath monitor` and `netboot flows` print.
 //! - [`metrics`]: the Prometheus metric families each binary exports, which
 //!   the shipped dashboard and alert rules may query.
 
@@ -18,6 +21,7 @@ pub mod agent;
 pub mod config;
 pub mod errors;
 pub mod features;
+pub mod flows;
 pub mod memory;
 pub mod metrics;
 pub mod node;

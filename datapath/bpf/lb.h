@@ -253,12 +253,20 @@ struct nb_sock_term_key {
 	__u8 pad;           /* always zero */
 };
 
-/* One record the iterator writes per destroyed socket. 24 bytes. */
+/* One record the iterator writes per destroyed socket. 64 bytes. Not a map
+ * value (the iterator's output, read once by the agent that ran it), so it
+ * may grow without a layout version. */
 struct nb_sock_term_rec {
 	__be32 address[4];  /* the socket's peer (a removed backend), v4-mapped for IPv4 */
 	__be16 port;        /* peer port */
 	__u16 family;       /* AF_INET or AF_INET6: the socket's family */
 	__s32 result;       /* bpf_sock_destroy() return: 0 or -errno */
+	__u64 cookie;       /* socket cookie */
+	__u64 cgroup_id;    /* the socket's cgroup v2 id (its owner: the client pod) */
+	__be32 vip[4];      /* the frontend it asked for (its reverse entry), v4-mapped for IPv4 */
+	__be16 vport;       /* its port */
+	__u16 pad;          /* always zero */
+	__u32 pad2;         /* always zero */
 };
 
 /*
@@ -407,6 +415,18 @@ struct nb_src_range6_key {
 #define NB_FLOW_ERROR        4 /* reverse entry not recorded: the syscall fails ENOMEM */
 #define NB_FLOW_OBSERVED     5 /* coexist (observe) mode: looked up, not translated */
 #define NB_FLOW_SRC_RANGE    6 /* LB IP with source ranges: left to the per-packet path */
+#define NB_FLOW_DENIED       7 /* per-packet path: dropped, the client is outside the
+                                  Service's loadBalancerSourceRanges */
+/* 8 (terminated: a connected UDP socket destroyed because its backend went) is
+ * the agent's own, from the sock_term iterator's records, never the kernel's. */
+/* Only while nb_flow_cfg.enabled has NB_FLOW_CFG_ALL (a watcher asked for them):
+ * socket decisions about destinations that are no Service. */
+#define NB_FLOW_NOT_SERVICE  9 /* the destination is no Service: left alone */
+#define NB_FLOW_UNSUPPORTED  10 /* neither TCP nor UDP: not looked up */
+
+/* nb_flow_cfg.enabled bits. */
+#define NB_FLOW_CFG_ON       0x1 /* decisions on Service addresses */
+#define NB_FLOW_CFG_ALL      0x2 /* also not-a-service and unsupported ones */
 
 /* Hooks (struct nb_flow_event.hook). */
 #define NB_FLOW_HOOK_CONNECT 1 /* connect4 / connect6 */
@@ -415,7 +435,7 @@ struct nb_src_range6_key {
 
 /* Value of nb_flow_cfg (array, key 0). 8 bytes. */
 struct nb_flow_cfg {
-	__u32 enabled;  /* 0: no events (the default); 1: emit */
+	__u32 enabled;  /* 0: no events (the default); NB_FLOW_CFG_* bits */
 	__u32 rate;     /* events per second per CPU; 0 = NB_FLOW_RATE_DEFAULT */
 };
 

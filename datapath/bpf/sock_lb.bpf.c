@@ -60,12 +60,8 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_lb4_revnat SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, NB_DEFAULT_REV_SK);
-	__type(key, struct nb_lb4_rev_sk_key);
-	__type(value, struct nb_lb4_rev_sk_val);
-} nb_lb4_rev_sk SEC(".maps");
+/* nb_lb4_rev_sk and nb_lb6_rev_sk, shared with sock_term.bpf.c. */
+#include "rev_sk.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -119,13 +115,6 @@ struct {
 	__type(value, struct nb_lb6_reverse_nat);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_lb6_revnat SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, NB_DEFAULT_REV_SK);
-	__type(key, struct nb_lb6_rev_sk_key);
-	__type(value, struct nb_lb6_rev_sk_val);
-} nb_lb6_rev_sk SEC(".maps");
 
 /* Flow events (lb.h, "Service flow events"). */
 struct {
@@ -435,6 +424,11 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	__u32 rev_nat_id;
 	int affinity;
 
+	/* The destination, for a flow event even when it is no Service. */
+	res.vip[0] = vip;
+	res.vport = vport;
+	res.proto = (__u8)proto;
+	res.family = 4;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
 		res.outcome = NB_CTR_PROTO_UNSUPPORTED;
 		return res;
@@ -587,9 +581,10 @@ static __always_inline __u8 nb_flow_verdict(const struct nb_fwd *res)
 	}
 }
 
-/* A record to fill when events are on and this CPU's budget allows (NULL
- * otherwise, counted); hand it to nb_flow_commit. */
-static __always_inline struct nb_flow_event *nb_flow_begin(void)
+/* A record to fill when events are on (`all`: also for destinations that
+ * are no Service) and this CPU's budget allows (NULL otherwise, counted);
+ * hand it to nb_flow_commit. */
+static __always_inline struct nb_flow_event *nb_flow_begin(int all)
 {
 	const __u32 zero = 0;
 	struct nb_flow_cfg *cfg;
@@ -597,6 +592,8 @@ static __always_inline struct nb_flow_event *nb_flow_begin(void)
 
 	cfg = bpf_map_lookup_elem(&nb_flow_cfg, &zero);
 	if (!cfg || !cfg->enabled)
+		return NULL;
+	if (all && !(cfg->enabled & NB_FLOW_CFG_ALL))
 		return NULL;
 	if (!nb_flow_admit(cfg->rate ? cfg->rate : NB_FLOW_RATE_DEFAULT)) {
 		nb_flow_stat(NB_FLOW_STAT_RATE_LIMITED);
@@ -626,13 +623,20 @@ static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct
 {
 	struct nb_flow_event *ev;
 	__u8 verdict;
+	int all = 0;
 
-	if (!res->svc_found)
-		return;
-	verdict = nb_flow_verdict(res);
+	if (res->svc_found) {
+		verdict = nb_flow_verdict(res);
+	} else {
+		/* Not about a Service: only for watchers that asked. */
+		verdict = res->outcome == NB_CTR_NOT_SERVICE	   ? NB_FLOW_NOT_SERVICE :
+			  res->outcome == NB_CTR_PROTO_UNSUPPORTED ? NB_FLOW_UNSUPPORTED :
+								     0;
+		all = 1;
+	}
 	if (!verdict)
 		return;
-	ev = nb_flow_begin();
+	ev = nb_flow_begin(all);
 	if (!ev)
 		return;
 	ev->ts_ns = bpf_ktime_get_ns();
@@ -667,14 +671,16 @@ static __always_inline void nb_flow_emit(struct bpf_sock_addr *ctx, const struct
 }
 
 /* A flow event from the per-packet path: a new external flow translated
- * (backend != NULL) or dropped for want of a backend. Addresses are 4
- * words (IPv4 in [0], the rest zero); ports in network order. */
+ * (backend != NULL), or dropped: for want of a backend, or (outcome
+ * NB_CTR_NP_SRC_RANGE_DENIED) from outside the Service's source ranges.
+ * Addresses are 4 words (IPv4 in [0], the rest zero); ports in network
+ * order. */
 static __always_inline void nb_flow_packet(const __be32 *client, __be16 cport, const __be32 *vip,
 					   __be16 vport, const __be32 *backend, __be16 bport,
 					   __u32 backend_id, __u32 svc_id, __u8 proto, __u8 family,
 					   __u32 outcome)
 {
-	struct nb_flow_event *ev = nb_flow_begin();
+	struct nb_flow_event *ev = nb_flow_begin(0);
 
 	if (!ev)
 		return;
@@ -704,7 +710,8 @@ static __always_inline void nb_flow_packet(const __be32 *client, __be16 cport, c
 	ev->outcome = outcome;
 	ev->proto = proto;
 	ev->family = family;
-	ev->verdict = backend ? NB_FLOW_TRANSLATED : NB_FLOW_REFUSED;
+	ev->verdict = backend ? NB_FLOW_TRANSLATED
+			      : outcome == NB_CTR_NP_SRC_RANGE_DENIED ? NB_FLOW_DENIED : NB_FLOW_REFUSED;
 	ev->hook = NB_FLOW_HOOK_PACKET;
 	nb_flow_commit(ev);
 }
@@ -911,6 +918,14 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	__u32 rev_nat_id;
 	int affinity;
 
+	/* The destination, for a flow event even when it is no Service. */
+	res.vip[0] = vip->addr[0];
+	res.vip[1] = vip->addr[1];
+	res.vip[2] = vip->addr[2];
+	res.vip[3] = vip->addr[3];
+	res.vport = vip->port;
+	res.proto = (__u8)proto;
+	res.family = 6;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
 		res.outcome = NB_CTR_PROTO_UNSUPPORTED;
 		return res;
@@ -1504,7 +1519,11 @@ static __always_inline int __nb_np_new(struct __sk_buff *skb, __u32 l4_off,
 		};
 
 		if (!bpf_map_lookup_elem(&nb_lb4_src_range, &sk)) {
+			__be32 c4[4] = { k->saddr }, v4[4] = { k->daddr };
+
 			nb_count(NB_CTR_NP_SRC_RANGE_DENIED);
+			nb_flow_packet(c4, k->sport, v4, k->dport, NULL, 0, 0, svc->rev_nat_index,
+				       k->proto, 4, NB_CTR_NP_SRC_RANGE_DENIED);
 			return TC_ACT_SHOT;
 		}
 	}
@@ -1842,6 +1861,8 @@ static __always_inline int __nb_np_new6(struct __sk_buff *skb, __u32 l4_off,
 		nb_addr6_copy(sk.addr, k->saddr);
 		if (!bpf_map_lookup_elem(&nb_lb6_src_range, &sk)) {
 			nb_count(NB_CTR_NP_SRC_RANGE_DENIED);
+			nb_flow_packet(k->saddr, k->sport, k->daddr, k->dport, NULL, 0, 0,
+				       svc->rev_nat_index, k->proto, 6, NB_CTR_NP_SRC_RANGE_DENIED);
 			return TC_ACT_SHOT;
 		}
 	}

@@ -10,7 +10,8 @@
  * iterator once per network namespace (the udp iterator walks the sockets
  * of the netns it was created in). Only sockets in TCP_ESTABLISHED state,
  * i.e. connect()ed UDP sockets, are candidates: an unconnected socket has
- * no peer and is left alone. Each destroyed socket is reported as one
+ * no peer and is left alone; and of those only the ones the socket LB sent
+ * to the removed backend (their reverse entry, nb_lb4_rev_sk/nb_lb6_rev_sk). Each destroyed socket is reported as one
  * struct nb_sock_term_rec in the iterator's output.
  *
  * Needs kernel >= 6.5 (bpf_sock_destroy, batched udp iterator); the loader
@@ -41,6 +42,23 @@ struct sock_common {
 	struct in6_addr skc_v6_daddr;
 } __attribute__((preserve_access_index));
 
+/* The socket's cgroup v2: sk->sk_cgrp_data.cgroup->kn->id. */
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_cgroup_data sk_cgrp_data;
+} __attribute__((preserve_access_index));
+
 struct seq_file;
 struct udp_sock;
 
@@ -64,6 +82,11 @@ struct {
 	__type(key, struct nb_sock_term_key);
 	__type(value, __u32);
 } nb_sock_term SEC(".maps");
+
+/* The socket LB's reverse entries, the agent's pinned maps: the loader
+ * opens them from their pins (SockTerm::load), never creates them. A socket
+ * is ours only if the socket LB sent it to this backend. */
+#include "rev_sk.h"
 
 /* See NB_KFUNC_SOCK_DESTROY_MARKER in lb.h. */
 static long (*nb_sock_destroy)(void *sk) = (void *)NB_KFUNC_SOCK_DESTROY_MARKER;
@@ -102,12 +125,60 @@ int nb_sock_term_udp(struct bpf_iter__udp *ctx)
 		return 0;
 
 	__builtin_memset(&rec, 0, sizeof(rec));
+	rec.cookie = bpf_get_socket_cookie(sk);
+	/* Only a socket the socket LB sent to this backend (its reverse entry
+	 * says which frontend it asked for), as kube-proxy clears only the UDP
+	 * conntrack entries DNATed from the Service to the endpoint: a socket
+	 * connected to the pod's address itself, or one another node's socket
+	 * LB translated, is left alone. */
+	if (key.address[0] == 0 && key.address[1] == 0 &&
+	    key.address[2] == __builtin_bswap32(0x0000ffff)) {
+		struct nb_lb4_rev_sk_key rk = {
+			.cookie = rec.cookie,
+			.address = key.address[3],
+			.port = key.port,
+		};
+		struct nb_lb4_rev_sk_val *rv = bpf_map_lookup_elem(&nb_lb4_rev_sk, &rk);
+
+		if (!rv)
+			return 0;
+		rec.vip[2] = key.address[2];
+		rec.vip[3] = rv->address;
+		rec.vport = rv->port;
+	} else {
+		struct nb_lb6_rev_sk_key rk;
+		struct nb_lb6_rev_sk_val *rv;
+
+		__builtin_memset(&rk, 0, sizeof(rk));
+		rk.cookie = rec.cookie;
+		rk.address[0] = key.address[0];
+		rk.address[1] = key.address[1];
+		rk.address[2] = key.address[2];
+		rk.address[3] = key.address[3];
+		rk.port = key.port;
+		rv = bpf_map_lookup_elem(&nb_lb6_rev_sk, &rk);
+		if (!rv)
+			return 0;
+		rec.vip[0] = rv->address[0];
+		rec.vip[1] = rv->address[1];
+		rec.vip[2] = rv->address[2];
+		rec.vip[3] = rv->address[3];
+		rec.vport = rv->port;
+	}
 	rec.address[0] = key.address[0];
 	rec.address[1] = key.address[1];
 	rec.address[2] = key.address[2];
 	rec.address[3] = key.address[3];
 	rec.port = key.port;
 	rec.family = family;
+	/* Who owned it, for the agent's flow event; read before the socket is
+	 * destroyed. */
+	{
+		struct cgroup *cg = ((struct sock *)sk)->sk_cgrp_data.cgroup;
+
+		if (cg && cg->kn)
+			rec.cgroup_id = cg->kn->id;
+	}
 	rec.result = (__s32)nb_sock_destroy(sk); /* the NULL-checked pointer */
 	bpf_seq_write(ctx->meta->seq, &rec, sizeof(rec));
 	return 0;

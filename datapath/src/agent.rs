@@ -412,7 +412,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
     crate::conntrack::set_timeouts(&opts.pins, &cfg.conntrack)?;
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
-    let (mut term, term_status) = match SockTerm::load() {
+    let (mut term, term_status) = match SockTerm::load(&opts.pins) {
         Ok(t) => (Some(t), "available".to_string()),
         Err(e) => {
             tracing::warn!(error = %e, "socket termination unavailable: connected UDP sockets of removed backends are not destroyed");
@@ -744,6 +744,19 @@ fn terminate_removed(
                 tracing::debug!(netns = %f, "socket termination skipped a namespace");
             }
             state.update(|s| s.sockets_destroyed += n);
+            if let Some(hub) = state.flows.lock().ok().and_then(|f| f.clone()) {
+                if hub.watchers() > 0 {
+                    let now = crate::flows::now_unix_ns();
+                    hub.publish(r.destroyed.iter().filter(|d| d.result == 0).map(|d| {
+                        let id = recon.service_id(&crate::layout::L4Addr {
+                            ip: d.frontend.ip(),
+                            port: d.frontend.port(),
+                            proto: crate::layout::PROTO_UDP,
+                        });
+                        crate::flows::terminated_flow(d, id, now)
+                    }));
+                }
+            }
         }
         Err(e) => tracing::warn!(error = %e, "socket termination failed"),
     }

@@ -317,7 +317,7 @@ pub fn status_from_pins(pins: &Pins) -> Result<Status, MapsError> {
             })
             .collect(),
         kube_proxy_rules: "unknown".into(),
-        socket_termination: match crate::sock_term::SockTerm::load() {
+        socket_termination: match crate::sock_term::SockTerm::load(pins) {
             Ok(_) => "available".into(),
             Err(e) => e.to_string(),
         },

@@ -6,10 +6,19 @@
 //!
 //! Off by default: the kernel switch (`nb_flow_cfg.enabled`) is set by the
 //! first subscriber and cleared by the last, so an unwatched node pays one
-//! array lookup per Service connect. While on, each CPU emits at most
+//! array lookup per connect. Decisions on destinations that are no Service
+//! (`not-a-service`, `unsupported`) are emitted only while a watcher asks
+//! for that verdict ([`FlowHub::subscribe_for`], the switch's `FLOW_CFG_ALL`
+//! bit). While on, each CPU emits at most
 //! `rate` events per second (token bucket in the kernel); what does not fit
 //! (budget, or the ring buffer full because the reader is behind) is counted
 //! in `nb_flow_stats`, exported as `netboot_datapath_flow_events_dropped_total`.
+//!
+//! The record served, its verdicts, the filter query and the text rendering
+//! are the contract's ([`netboot_contract::flows`], re-exported here), which
+//! `netboot flows` reads too; what is here is kernel-specific: decoding the
+//! ring buffer's records ([`from_event`]), naming them ([`FlowNames`]) and
+//! the fan-out ([`FlowHub`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,9 +32,12 @@ use tokio::sync::broadcast;
 
 use crate::layout::{
     addr6_from_be, addr_from_be, names, port_from_be, proto_name, FlowCfg, FlowEvent,
-    COUNTER_NAMES, FLOW_AFFINITY_HIT, FLOW_ERROR, FLOW_HOOK_CONNECT, FLOW_HOOK_PACKET,
-    FLOW_OBSERVED, FLOW_REFUSED, FLOW_SRC_RANGE, FLOW_STAT_NAMES, FLOW_TRANSLATED,
+    COUNTER_NAMES, FLOW_AFFINITY_HIT, FLOW_CFG_ALL, FLOW_CFG_ON, FLOW_DENIED, FLOW_ERROR,
+    FLOW_HOOK_CONNECT, FLOW_HOOK_PACKET, FLOW_NOT_SERVICE, FLOW_OBSERVED, FLOW_REFUSED,
+    FLOW_SRC_RANGE, FLOW_STAT_NAMES, FLOW_TRANSLATED, FLOW_UNSUPPORTED,
 };
+pub use netboot_contract::flows::{hook, render, FilterError, Flow, FlowFilter, Verdict};
+
 use crate::maps::kernel::kerr;
 use crate::maps::MapsError;
 use crate::pins::Pins;
@@ -59,125 +71,30 @@ impl Default for FlowOptions {
     }
 }
 
-/// The verdict of one decision, as flows and filters name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Verdict {
-    /// Translated to a backend chosen now.
-    Translated,
-    /// Translated to the backend of a ClientIP affinity entry.
-    AffinityHit,
-    /// No usable backend: the syscall failed with ECONNREFUSED.
-    Refused,
-    /// The reverse entry could not be recorded: the syscall failed with ENOMEM.
-    Error,
-    /// Coexist (observe) mode: looked up, not translated.
-    Observed,
-    /// An LB IP with source ranges: left to the per-packet path.
-    SourceRange,
+/// The contract's verdict for a kernel `NB_FLOW_*` value (None: one this
+/// agent does not know).
+pub fn verdict_from_kernel(v: u8) -> Option<Verdict> {
+    Some(match v {
+        FLOW_TRANSLATED => Verdict::Translated,
+        FLOW_AFFINITY_HIT => Verdict::AffinityHit,
+        FLOW_REFUSED => Verdict::Refused,
+        FLOW_ERROR => Verdict::Error,
+        FLOW_OBSERVED => Verdict::Observed,
+        FLOW_SRC_RANGE => Verdict::SourceRange,
+        FLOW_DENIED => Verdict::Denied,
+        FLOW_NOT_SERVICE => Verdict::NotAService,
+        FLOW_UNSUPPORTED => Verdict::Unsupported,
+        _ => return None,
+    })
 }
 
-impl Verdict {
-    /// Every verdict, in the kernel's order.
-    pub const ALL: [Verdict; 6] = [
-        Verdict::Translated,
-        Verdict::AffinityHit,
-        Verdict::Refused,
-        Verdict::Error,
-        Verdict::Observed,
-        Verdict::SourceRange,
-    ];
-
-    /// From `NB_FLOW_*`.
-    pub fn from_kernel(v: u8) -> Option<Self> {
-        Some(match v {
-            FLOW_TRANSLATED => Self::Translated,
-            FLOW_AFFINITY_HIT => Self::AffinityHit,
-            FLOW_REFUSED => Self::Refused,
-            FLOW_ERROR => Self::Error,
-            FLOW_OBSERVED => Self::Observed,
-            FLOW_SRC_RANGE => Self::SourceRange,
-            _ => return None,
-        })
+/// The contract's hook name for a kernel `NB_FLOW_HOOK_*` value.
+pub fn hook_from_kernel(h: u8) -> &'static str {
+    match h {
+        FLOW_HOOK_CONNECT => hook::CONNECT,
+        FLOW_HOOK_PACKET => hook::PACKET,
+        _ => hook::SENDMSG,
     }
-
-    /// The name used in JSON and filters.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Translated => "translated",
-            Self::AffinityHit => "affinity-hit",
-            Self::Refused => "refused",
-            Self::Error => "error",
-            Self::Observed => "observed",
-            Self::SourceRange => "source-range",
-        }
-    }
-
-    /// From its name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|v| v.name() == s)
-    }
-}
-
-/// One flow: a socket-LB decision on a Service address, as served by
-/// `/v1/flows` (one JSON object per line). Names the agent could not
-/// resolve are absent; the raw ids are always there.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Flow {
-    /// Wall-clock time of the decision, ns since the Unix epoch (converted
-    /// from the kernel's CLOCK_MONOTONIC stamp).
-    pub time_unix_ns: u64,
-    /// `connect` (TCP, connected UDP), `sendmsg` (unconnected UDP), or
-    /// `packet` (a new external flow on the per-packet path: NodePort, LB
-    /// and external IPs from outside the node).
-    pub hook: String,
-    /// `tcp` or `udp`.
-    pub proto: String,
-    /// 4 or 6 (IPv4-mapped destinations on IPv6 sockets count as 4).
-    pub family: u8,
-    /// What happened.
-    pub verdict: Verdict,
-    /// The kernel's outcome counter name (the precise reason).
-    pub reason: String,
-    /// The client's network namespace cookie (a pod is its netns).
-    pub client_netns_cookie: u64,
-    /// The client's cgroup v2 id.
-    pub client_cgroup_id: u64,
-    /// UID of the client's pod, from its cgroup's path
-    /// ([`crate::podcgroup`]); absent for host processes and unknown cgroups.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_pod_uid: Option<String>,
-    /// Per-packet path: the client's address (an external client, or a
-    /// node SNATed in front of it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_ip: Option<IpAddr>,
-    /// Per-packet path: the client's port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_port: Option<u16>,
-    /// Service id (rev-nat id, `service list`'s ID).
-    pub service_id: u32,
-    /// `namespace/name` of the Service, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-    /// The Service port's name, when known and named.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port_name: Option<String>,
-    /// The address the client asked for (ClusterIP, externalIP, LB IP).
-    pub frontend_ip: IpAddr,
-    /// Its port.
-    pub frontend_port: u16,
-    /// The backend chosen (translated, affinity-hit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_id: Option<u32>,
-    /// Its address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_ip: Option<IpAddr>,
-    /// Its port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_port: Option<u16>,
-    /// `namespace/name` of the backend's pod (EndpointSlice `targetRef`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend_pod: Option<String>,
 }
 
 /// CLOCK_MONOTONIC now, ns.
@@ -202,163 +119,89 @@ fn wall_offset() -> i128 {
     wall - i128::from(monotonic_ns())
 }
 
-impl Flow {
-    /// Decodes a kernel record (None: an unknown verdict). `wall_offset`:
-    /// wall-clock minus monotonic ns.
-    pub fn from_event(ev: &FlowEvent, wall_offset: i128) -> Option<Self> {
-        let verdict = Verdict::from_kernel(ev.verdict)?;
-        let ip = |a: [u32; 4]| -> IpAddr {
-            if ev.family == 6 {
-                IpAddr::V6(addr6_from_be(a))
-            } else {
-                IpAddr::V4(addr_from_be(a[0]))
-            }
-        };
-        let chosen = ev.backend_id != 0;
-        Some(Self {
-            time_unix_ns: u64::try_from(i128::from(ev.ts_ns) + wall_offset).unwrap_or(0),
-            hook: match ev.hook {
-                FLOW_HOOK_CONNECT => "connect",
-                FLOW_HOOK_PACKET => "packet",
-                _ => "sendmsg",
-            }
-            .into(),
-            proto: proto_name(ev.proto).to_ascii_lowercase(),
-            family: ev.family,
-            verdict,
-            reason: COUNTER_NAMES
-                .get(ev.outcome as usize)
-                .map_or_else(|| ev.outcome.to_string(), |n| (*n).to_string()),
-            client_netns_cookie: ev.netns_cookie,
-            client_cgroup_id: ev.cgroup_id,
-            client_pod_uid: None,
-            client_ip: (ev.hook == FLOW_HOOK_PACKET).then(|| ip(ev.client)),
-            client_port: (ev.hook == FLOW_HOOK_PACKET).then(|| port_from_be(ev.client_port)),
-            service_id: ev.svc_id,
-            service: None,
-            port_name: None,
-            frontend_ip: ip(ev.vip),
-            frontend_port: port_from_be(ev.vport),
-            backend_id: chosen.then_some(ev.backend_id),
-            backend_ip: chosen.then(|| ip(ev.backend)),
-            backend_port: chosen.then(|| port_from_be(ev.backend_port)),
-            backend_pod: None,
-        })
+/// Decodes a kernel record into a flow, names not filled in (None: an
+/// unknown verdict). `wall_offset`: wall-clock minus monotonic ns.
+pub fn from_event(ev: &FlowEvent, wall_offset: i128) -> Option<Flow> {
+    let verdict = verdict_from_kernel(ev.verdict)?;
+    let ip = |a: [u32; 4]| -> IpAddr {
+        if ev.family == 6 {
+            IpAddr::V6(addr6_from_be(a))
+        } else {
+            IpAddr::V4(addr_from_be(a[0]))
+        }
+    };
+    let chosen = ev.backend_id != 0;
+    Some(Flow {
+        time_unix_ns: u64::try_from(i128::from(ev.ts_ns) + wall_offset).unwrap_or(0),
+        hook: hook_from_kernel(ev.hook).into(),
+        proto: proto_name(ev.proto).to_ascii_lowercase(),
+        family: ev.family,
+        verdict,
+        reason: COUNTER_NAMES
+            .get(ev.outcome as usize)
+            .map_or_else(|| ev.outcome.to_string(), |n| (*n).to_string()),
+        client_netns_cookie: ev.netns_cookie,
+        client_cgroup_id: ev.cgroup_id,
+        client_pod_uid: None,
+        client_ip: (ev.hook == FLOW_HOOK_PACKET).then(|| ip(ev.client)),
+        client_port: (ev.hook == FLOW_HOOK_PACKET).then(|| port_from_be(ev.client_port)),
+        service_id: ev.svc_id,
+        service: None,
+        port_name: None,
+        frontend_ip: ip(ev.vip),
+        frontend_port: port_from_be(ev.vport),
+        backend_id: chosen.then_some(ev.backend_id),
+        backend_ip: chosen.then(|| ip(ev.backend)),
+        backend_port: chosen.then(|| port_from_be(ev.backend_port)),
+        backend_pod: None,
+    })
+}
+
+/// The flow of a connected UDP socket destroyed because its backend was
+/// removed (`sock_term`): verdict `terminated`, hook `terminate`, reason
+/// `backend_removed`; the frontend is the one the socket asked for (its
+/// reverse entry), `service_id` the one programmed there now (0: none),
+/// `now_unix_ns` when the agent destroyed it.
+pub fn terminated_flow(
+    d: &crate::sock_term::Destroyed,
+    service_id: Option<u32>,
+    now_unix_ns: u64,
+) -> Flow {
+    Flow {
+        time_unix_ns: now_unix_ns,
+        hook: hook::TERMINATE.into(),
+        proto: "udp".into(),
+        family: if d.frontend.is_ipv4() { 4 } else { 6 },
+        verdict: Verdict::Terminated,
+        reason: "backend_removed".into(),
+        client_netns_cookie: d.netns_cookie,
+        client_cgroup_id: d.cgroup_id,
+        client_pod_uid: None,
+        client_ip: None,
+        client_port: None,
+        service_id: service_id.unwrap_or(0),
+        service: None,
+        port_name: None,
+        frontend_ip: d.frontend.ip(),
+        frontend_port: d.frontend.port(),
+        backend_id: None,
+        backend_ip: Some(d.peer.ip()),
+        backend_port: Some(d.peer.port()),
+        backend_pod: None,
     }
 }
 
-/// What a watcher wants to see (`/v1/flows?service=ns/name&pod=ns/name&verdict=refused&proto=tcp`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FlowFilter {
-    /// `namespace/name` of the Service.
-    pub service: Option<String>,
-    /// `namespace/name` of the backend pod.
-    pub pod: Option<String>,
-    /// The verdict.
-    pub verdict: Option<Verdict>,
-    /// `tcp` or `udp`.
-    pub proto: Option<String>,
-}
-
-/// `%XX` and `+` decoding of one query component.
-fn percent_decode(s: &str) -> String {
-    let hex = |c: u8| (c as char).to_digit(16);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'%');
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-impl FlowFilter {
-    /// Parses a query string; an unknown key or value is an error (the text
-    /// says which).
-    pub fn parse(query: &str) -> Result<Self, String> {
-        let mut f = Self::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
-            match k {
-                "service" => f.service = Some(v),
-                "pod" => f.pod = Some(v),
-                "verdict" => {
-                    f.verdict = Some(Verdict::parse(&v).ok_or_else(|| {
-                        format!(
-                            "verdict {v:?}: one of {}",
-                            Verdict::ALL.map(Verdict::name).join(", ")
-                        )
-                    })?)
-                }
-                "proto" => {
-                    if v != "tcp" && v != "udp" {
-                        return Err(format!("proto {v:?}: tcp or udp"));
-                    }
-                    f.proto = Some(v)
-                }
-                _ => {
-                    return Err(format!(
-                        "unknown parameter {k:?} (service, pod, verdict, proto)"
-                    ))
-                }
-            }
-        }
-        Ok(f)
-    }
-
-    /// The query string for these filters.
-    pub fn query(&self) -> String {
-        let enc = |s: &str| {
-            s.replace('%', "%25")
-                .replace('&', "%26")
-                .replace('=', "%3D")
-        };
-        let mut parts = Vec::new();
-        if let Some(s) = &self.service {
-            parts.push(format!("service={}", enc(s)));
-        }
-        if let Some(s) = &self.pod {
-            parts.push(format!("pod={}", enc(s)));
-        }
-        if let Some(v) = self.verdict {
-            parts.push(format!("verdict={}", v.name()));
-        }
-        if let Some(p) = &self.proto {
-            parts.push(format!("proto={}", enc(p)));
-        }
-        parts.join("&")
-    }
-
-    /// Whether `flow` passes.
-    pub fn matches(&self, flow: &Flow) -> bool {
-        self.service
-            .as_ref()
-            .is_none_or(|s| flow.service.as_ref() == Some(s))
-            && self
-                .pod
-                .as_ref()
-                .is_none_or(|p| flow.backend_pod.as_ref() == Some(p))
-            && self.verdict.is_none_or(|v| flow.verdict == v)
-            && self.proto.as_ref().is_none_or(|p| flow.proto == *p)
-    }
+/// Wall-clock now, ns since the Unix epoch.
+pub fn now_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Names for flows: frontend address → Service (and port name), backend
 /// address → pod, built from the Services and EndpointSlices the agent
-/// watches (it does not watch pods: the client is left as raw ids).
+/// watches (it does not watch pods: the client pod is named by the
+/// `netboot flows` side from its UID).
 #[derive(Clone, Debug, Default)]
 pub struct FlowNames {
     frontends: HashMap<(IpAddr, u16, String), (String, Option<String>)>,
@@ -473,18 +316,31 @@ fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
     })
 }
 
-/// Sets the kernel switch and budget (`rate` 0: the kernel default).
+/// Sets the kernel switch (decisions on Services) and budget (`rate` 0:
+/// the kernel default).
 pub fn set_enabled(pins: &Pins, enabled: bool, rate: u32) -> Result<(), MapsError> {
+    set_flags(pins, if enabled { FLOW_CFG_ON } else { 0 }, rate)
+}
+
+/// Sets the kernel switch's bits (`FLOW_CFG_ON`, `FLOW_CFG_ALL`: also
+/// not-a-service and unsupported decisions) and budget.
+pub fn set_flags(pins: &Pins, flags: u32, rate: u32) -> Result<(), MapsError> {
     let mut m: Array<MapData, FlowCfg> = open(pins, names::FLOW_CFG)?;
     m.set(
         0,
         FlowCfg {
-            enabled: u32::from(enabled),
+            enabled: flags,
             rate,
         },
         0,
     )
     .map_err(kerr(names::FLOW_CFG, "set"))
+}
+
+/// The kernel switch's bits now.
+pub fn flags(pins: &Pins) -> Result<u32, MapsError> {
+    let m: Array<MapData, FlowCfg> = open(pins, names::FLOW_CFG)?;
+    Ok(m.get(&0, 0).map_err(kerr(names::FLOW_CFG, "get"))?.enabled)
 }
 
 /// Reads the kernel counters (summed over CPUs; `watchers` left 0).
@@ -506,13 +362,24 @@ pub fn stats(pins: &Pins) -> Result<FlowStats, MapsError> {
 /// A stream item: one flow, shared by the watchers.
 pub type Item = Arc<Flow>;
 
-/// Names the agent's watchers know, read when the index is rebuilt.
-pub type NamesSource = dyn Fn() -> FlowNames + Send + Sync;
+/// Names the agent's watchers know, asked for at most once a second; a
+/// source returns the same `Arc` until its objects change, so an unchanged
+/// cluster costs no rebuild ([`crate::watch::Watched::flow_names`]).
+pub type NamesSource = dyn Fn() -> Arc<FlowNames> + Send + Sync;
 
 struct HubState {
     watchers: usize,
+    /// Watchers that asked for decisions on destinations that are no
+    /// Service (the kernel's `FLOW_CFG_ALL` is on while there are any).
+    all_watchers: usize,
     reader: Option<tokio::task::JoinHandle<()>>,
+    /// Flows the agent made itself ([`FlowHub::publish`]), named and sent by
+    /// the reader on its next round (at most [`POLL`] later).
+    published: Vec<Flow>,
 }
+
+/// Agent-made flows held for the reader at most; beyond, they are lost.
+const PUBLISHED_MAX: usize = 4096;
 
 /// Fans the ring buffer out to watchers; reads it (and keeps the kernel
 /// switch on) only while there is at least one.
@@ -529,13 +396,15 @@ pub struct FlowHub {
 /// Held by a watcher; the last one dropped turns events off.
 pub struct Subscription {
     hub: Arc<FlowHub>,
+    /// Counted in the hub's watchers of every decision ([`FlowHub::subscribe_for`]).
+    all: bool,
     /// Flows for this watcher.
     pub rx: broadcast::Receiver<Item>,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.hub.unsubscribe();
+        self.hub.unsubscribe(self.all);
     }
 }
 
@@ -562,7 +431,9 @@ impl FlowHub {
             tx,
             state: Mutex::new(HubState {
                 watchers: 0,
+                all_watchers: 0,
                 reader: None,
+                published: Vec::new(),
             }),
         })
     }
@@ -584,9 +455,19 @@ impl FlowHub {
         Ok(s)
     }
 
-    /// Adds a watcher: the first starts the reader and turns events on.
+    /// Adds a watcher of the usual flows: decisions on Services.
     /// Err: too many watchers, or the maps could not be used.
     pub fn subscribe(self: &Arc<Self>) -> Result<Subscription, String> {
+        self.subscribe_for(&FlowFilter::default())
+    }
+
+    /// Adds a watcher with `filter`: the first starts the reader and turns
+    /// events on; one whose verdict is emitted only on request
+    /// ([`Verdict::on_request_only`]: not-a-service, unsupported) also turns
+    /// those on while it watches. Err: too many watchers, or the maps could
+    /// not be used.
+    pub fn subscribe_for(self: &Arc<Self>, filter: &FlowFilter) -> Result<Subscription, String> {
+        let all = filter.verdict.is_some_and(Verdict::on_request_only);
         let mut st = self
             .state
             .lock()
@@ -598,26 +479,62 @@ impl FlowHub {
             ));
         }
         let rx = self.tx.subscribe();
+        let flags =
+            |all_watchers: usize| FLOW_CFG_ON | if all_watchers > 0 { FLOW_CFG_ALL } else { 0 };
         if st.watchers == 0 {
             let ring = open_ring(&self.pins).map_err(|e| e.to_string())?;
-            set_enabled(&self.pins, true, self.opts.rate_per_cpu).map_err(|e| e.to_string())?;
+            set_flags(&self.pins, flags(usize::from(all)), self.opts.rate_per_cpu)
+                .map_err(|e| e.to_string())?;
             let hub = self.clone();
             st.reader = Some(tokio::spawn(async move { hub.read(ring).await }));
             tracing::info!("flow events on (first watcher)");
+        } else if all && st.all_watchers == 0 {
+            set_flags(&self.pins, flags(1), self.opts.rate_per_cpu).map_err(|e| e.to_string())?;
         }
         st.watchers += 1;
+        st.all_watchers += usize::from(all);
         Ok(Subscription {
             hub: self.clone(),
+            all,
             rx,
         })
     }
 
-    fn unsubscribe(&self) {
+    /// Hands flows the agent made itself (destroyed sockets) to the
+    /// watchers, named like the kernel's; dropped when nobody watches.
+    pub fn publish(&self, flows: impl IntoIterator<Item = Flow>) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        if st.watchers == 0 {
+            return;
+        }
+        let room = PUBLISHED_MAX.saturating_sub(st.published.len());
+        st.published.extend(flows.into_iter().take(room));
+    }
+
+    fn take_published(&self) -> Vec<Flow> {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.published))
+            .unwrap_or_default()
+    }
+
+    fn unsubscribe(&self, all: bool) {
         let Ok(mut st) = self.state.lock() else {
             return;
         };
         st.watchers = st.watchers.saturating_sub(1);
+        if all {
+            st.all_watchers = st.all_watchers.saturating_sub(1);
+            if st.all_watchers == 0 && st.watchers > 0 {
+                if let Err(e) = set_flags(&self.pins, FLOW_CFG_ON, self.opts.rate_per_cpu) {
+                    tracing::warn!(error = %e, "turning not-a-service flow events off failed");
+                }
+            }
+        }
         if st.watchers == 0 {
+            st.published.clear();
             if let Err(e) = set_enabled(&self.pins, false, self.opts.rate_per_cpu) {
                 tracing::warn!(error = %e, "turning flow events off failed");
             }
@@ -662,6 +579,13 @@ impl FlowHub {
                 }
                 Err(_) => self.drain(fd.get_mut(), &names, clients.as_mut()),
             }
+            for mut flow in self.take_published() {
+                names.resolve(&mut flow);
+                if let Some(c) = clients.as_mut() {
+                    flow.client_pod_uid = c.pod_uid(flow.client_cgroup_id);
+                }
+                let _ = self.tx.send(Arc::new(flow));
+            }
         }
     }
 
@@ -678,7 +602,7 @@ impl FlowHub {
                 continue;
             };
             drop(rec);
-            if let Some(mut flow) = Flow::from_event(&ev, off) {
+            if let Some(mut flow) = from_event(&ev, off) {
                 names.resolve(&mut flow);
                 if let Some(c) = clients.as_deref_mut() {
                     flow.client_pod_uid = c.pod_uid(flow.client_cgroup_id);
@@ -698,50 +622,10 @@ fn open_ring(pins: &Pins) -> Result<RingBuf<MapData>, MapsError> {
     open(pins, names::FLOW_RING)
 }
 
-/// A client-side rendering of one flow:
-/// `TIME  netns:COOKIE  →  ns/svc:port (VIP:port/proto)  →  pod ip:port  VERDICT`.
-pub fn render(flow: &Flow) -> String {
-    let secs = flow.time_unix_ns / 1_000_000_000;
-    let ms = (flow.time_unix_ns / 1_000_000) % 1000;
-    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    let fe = match flow.frontend_ip {
-        IpAddr::V6(a) => format!("[{a}]:{}", flow.frontend_port),
-        IpAddr::V4(a) => format!("{a}:{}", flow.frontend_port),
-    };
-    let svc = match (&flow.service, &flow.port_name) {
-        (Some(s), Some(p)) => format!("{s}:{p} ({fe}/{})", flow.proto),
-        (Some(s), None) => format!("{s}:{} ({fe}/{})", flow.frontend_port, flow.proto),
-        _ => format!("service#{} ({fe}/{})", flow.service_id, flow.proto),
-    };
-    let be = match (flow.backend_ip, flow.backend_port) {
-        (Some(ip), Some(port)) => {
-            let addr = match ip {
-                IpAddr::V6(a) => format!("[{a}]:{port}"),
-                IpAddr::V4(a) => format!("{a}:{port}"),
-            };
-            match &flow.backend_pod {
-                Some(p) => format!("{p} {addr}"),
-                None => format!("backend#{} {addr}", flow.backend_id.unwrap_or(0)),
-            }
-        }
-        _ => "-".into(),
-    };
-    let client = match (&flow.client_pod_uid, flow.client_ip, flow.client_port) {
-        (Some(uid), _, _) => format!("pod-uid:{uid}"),
-        (None, Some(IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
-        (None, Some(IpAddr::V4(a)), Some(p)) => format!("{a}:{p}"),
-        _ => format!("netns:{}", flow.client_netns_cookie),
-    };
-    format!(
-        "{h:02}:{m:02}:{s:02}.{ms:03}  {client}  →  {svc}  →  {be}  {}",
-        flow.verdict.name().to_ascii_uppercase()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{addr_be, port_be, PROTO_TCP};
+    use crate::layout::{addr_be, port_be, FLOW_HOOK_SENDMSG, PROTO_TCP};
     use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use std::net::Ipv4Addr;
@@ -784,19 +668,19 @@ mod tests {
         ev.vport = port_be(30080);
         ev.client = [addr_be(Ipv4Addr::new(172, 18, 0, 3)), 0, 0, 0];
         ev.client_port = port_be(41000);
-        let mut f = Flow::from_event(&ev, 0).unwrap();
+        let mut f = from_event(&ev, 0).unwrap();
         names().resolve(&mut f);
         assert_eq!(f.hook, "packet");
         assert_eq!(f.client_ip, Some(IpAddr::V4(Ipv4Addr::new(172, 18, 0, 3))));
         assert_eq!(f.client_port, Some(41000));
         assert_eq!(f.service.as_deref(), Some("shop/web"));
-        let line = render(&f);
+        let line = render(&f, None, None);
         assert!(
             line.contains("  172.18.0.3:41000  →  shop/web:http (172.18.1.1:30080/tcp)  →  shop/web-1 10.0.1.5:8080  TRANSLATED"),
             "{line}"
         );
         // Socket hooks have no client address.
-        let c = Flow::from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
+        let c = from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
         assert_eq!((c.client_ip, c.client_port), (None, None));
     }
 
@@ -820,7 +704,7 @@ mod tests {
 
     #[test]
     fn a_translated_event_decodes_and_resolves() {
-        let mut f = Flow::from_event(&event(FLOW_TRANSLATED, true), 1_000).unwrap();
+        let mut f = from_event(&event(FLOW_TRANSLATED, true), 1_000).unwrap();
         names().resolve(&mut f);
         assert_eq!(f.time_unix_ns, 5_000_001_000);
         assert_eq!(f.verdict, Verdict::Translated);
@@ -844,7 +728,12 @@ mod tests {
         names().resolve(&mut np);
         assert_eq!(np.service, None);
         assert_eq!(f.backend_pod.as_deref(), Some("shop/web-1"));
-        let line = render(&f);
+        // The line `/v1/flows` serves, byte for byte (the contract's type).
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"time_unix_ns":5000001000,"hook":"connect","proto":"tcp","family":4,"verdict":"translated","reason":"connect_translated","client_netns_cookie":4097,"client_cgroup_id":77,"service_id":3,"service":"shop/web","port_name":"http","frontend_ip":"10.96.0.10","frontend_port":80,"backend_id":9,"backend_ip":"10.0.1.5","backend_port":8080,"backend_pod":"shop/web-1"}"#
+        );
+        let line = render(&f, None, None);
         assert!(line.contains("shop/web:http (10.96.0.10:80/tcp)"), "{line}");
         assert!(
             line.contains("shop/web-1 10.0.1.5:8080  TRANSLATED"),
@@ -854,15 +743,42 @@ mod tests {
 
     #[test]
     fn a_refused_event_has_no_backend() {
-        let f = Flow::from_event(&event(FLOW_REFUSED, false), 0).unwrap();
+        let f = from_event(&event(FLOW_REFUSED, false), 0).unwrap();
         assert_eq!(f.verdict, Verdict::Refused);
         assert_eq!(f.reason, "no_backend");
         assert_eq!(f.backend_ip, None);
         let j = serde_json::to_value(&f).unwrap();
         assert_eq!(j["verdict"], "refused");
         assert!(j.get("backend_ip").is_none());
-        assert!(render(&f).ends_with("→  -  REFUSED"), "{}", render(&f));
-        assert_eq!(Flow::from_event(&event(0, false), 0), None);
+        assert!(
+            render(&f, None, None).ends_with("→  -  REFUSED"),
+            "{}",
+            render(&f, None, None)
+        );
+        assert_eq!(from_event(&event(0, false), 0), None);
+    }
+
+    #[test]
+    fn every_kernel_verdict_and_hook_has_its_contract_name() {
+        let kernel = [
+            (FLOW_TRANSLATED, "translated"),
+            (FLOW_AFFINITY_HIT, "affinity-hit"),
+            (FLOW_REFUSED, "refused"),
+            (FLOW_ERROR, "error"),
+            (FLOW_OBSERVED, "observed"),
+            (FLOW_SRC_RANGE, "source-range"),
+            (FLOW_DENIED, "denied"),
+            (FLOW_NOT_SERVICE, "not-a-service"),
+            (FLOW_UNSUPPORTED, "unsupported"),
+        ];
+        for (k, name) in kernel {
+            assert_eq!(verdict_from_kernel(k).map(Verdict::name), Some(name));
+        }
+        assert_eq!(verdict_from_kernel(0), None);
+        assert_eq!(verdict_from_kernel(200), None);
+        assert_eq!(hook_from_kernel(FLOW_HOOK_CONNECT), hook::CONNECT);
+        assert_eq!(hook_from_kernel(FLOW_HOOK_SENDMSG), hook::SENDMSG);
+        assert_eq!(hook_from_kernel(FLOW_HOOK_PACKET), hook::PACKET);
     }
 
     #[test]
@@ -871,9 +787,9 @@ mod tests {
         assert_eq!(f.service.as_deref(), Some("shop/web"));
         assert_eq!(f.verdict, Some(Verdict::Refused));
         assert_eq!(FlowFilter::parse(&f.query()).unwrap(), f);
-        let mut refused = Flow::from_event(&event(FLOW_REFUSED, false), 0).unwrap();
+        let mut refused = from_event(&event(FLOW_REFUSED, false), 0).unwrap();
         names().resolve(&mut refused);
-        let mut ok = Flow::from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
+        let mut ok = from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
         names().resolve(&mut ok);
         assert!(f.matches(&refused));
         assert!(!f.matches(&ok));
@@ -881,6 +797,7 @@ mod tests {
         assert!(pod.matches(&ok) && !pod.matches(&refused));
         assert!(FlowFilter::parse("verdict=nope")
             .unwrap_err()
+            .to_string()
             .contains("affinity-hit"));
         assert!(FlowFilter::parse("proto=sctp").is_err());
         assert!(FlowFilter::parse("colour=red").is_err());

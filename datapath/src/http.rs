@@ -256,7 +256,7 @@ fn flows_response(hub: &Arc<FlowHub>, query: &str, streaming: &AtomicBool) -> Re
         Ok(f) => f,
         Err(e) => return whole(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    let sub = match hub.subscribe() {
+    let sub = match hub.subscribe_for(&filter) {
         Ok(s) => s,
         Err(e) => return whole(StatusCode::TOO_MANY_REQUESTS, format!("{e}\n")),
     };

@@ -322,6 +322,19 @@ pub struct SockTermRec {
     pub family: u16,
     /// `bpf_sock_destroy()` result: 0 or -errno.
     pub result: i32,
+    /// The socket's cookie.
+    pub cookie: u64,
+    /// The socket's cgroup v2 id.
+    pub cgroup_id: u64,
+    /// The frontend it asked for (its reverse entry), network order,
+    /// v4-mapped for IPv4.
+    pub vip: [u32; 4],
+    /// Its port, network order.
+    pub vport: u16,
+    /// Zero.
+    pub pad: u16,
+    /// Zero.
+    pub pad2: u32,
 }
 
 /// `NB_KFUNC_SOCK_DESTROY_MARKER`.
@@ -620,7 +633,11 @@ const _: () = {
     assert!(size_of::<SockTermKey>() == 20);
     assert!(offset_of!(SockTermKey, port) == 16);
     assert!(offset_of!(SockTermKey, proto) == 18);
-    assert!(size_of::<SockTermRec>() == 24);
+    assert!(size_of::<SockTermRec>() == 64);
+    assert!(offset_of!(SockTermRec, vip) == 40);
+    assert!(offset_of!(SockTermRec, vport) == 56);
+    assert!(offset_of!(SockTermRec, cookie) == 24);
+    assert!(offset_of!(SockTermRec, cgroup_id) == 32);
     assert!(offset_of!(SockTermRec, port) == 16);
     assert!(offset_of!(SockTermRec, family) == 18);
     assert!(offset_of!(SockTermRec, result) == 20);
@@ -642,6 +659,19 @@ pub const FLOW_ERROR: u8 = 4;
 pub const FLOW_OBSERVED: u8 = 5;
 /// `NB_FLOW_SRC_RANGE`.
 pub const FLOW_SRC_RANGE: u8 = 6;
+/// `NB_FLOW_DENIED`: the per-packet path dropped a flow from outside the
+/// Service's `loadBalancerSourceRanges`.
+pub const FLOW_DENIED: u8 = 7;
+/// `NB_FLOW_NOT_SERVICE`: the destination is no Service (only with
+/// [`FLOW_CFG_ALL`]).
+pub const FLOW_NOT_SERVICE: u8 = 9;
+/// `NB_FLOW_UNSUPPORTED`: neither TCP nor UDP (only with [`FLOW_CFG_ALL`]).
+pub const FLOW_UNSUPPORTED: u8 = 10;
+/// `NB_FLOW_CFG_ON`: `nb_flow_cfg.enabled` bit, decisions on Services.
+pub const FLOW_CFG_ON: u32 = 0x1;
+/// `NB_FLOW_CFG_ALL`: `nb_flow_cfg.enabled` bit, also not-a-service and
+/// unsupported decisions.
+pub const FLOW_CFG_ALL: u32 = 0x2;
 /// `NB_FLOW_HOOK_CONNECT`.
 pub const FLOW_HOOK_CONNECT: u8 = 1;
 /// `NB_FLOW_HOOK_PACKET`: the per-packet (tc) path.
@@ -1022,6 +1052,13 @@ impl SockTermRec {
         let ip = addr6_from_be(self.address);
         let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
         (ip, port_from_be(self.port))
+    }
+
+    /// The frontend the socket asked for, IPv4 when v4-mapped.
+    pub fn frontend(&self) -> (IpAddr, u16) {
+        let ip = addr6_from_be(self.vip);
+        let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+        (ip, port_from_be(self.vport))
     }
 }
 

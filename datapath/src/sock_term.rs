@@ -5,10 +5,15 @@
 //!
 //! How: `bpf/sock_term.bpf.c` is an `iter/udp` program calling the
 //! `bpf_sock_destroy()` kfunc (kernel ≥ 6.5) on each connected UDP socket
-//! whose peer is in `nb_sock_term`. The agent writes the backends the
-//! reconciler just removed into that map and reads the iterator once per
-//! network namespace (the udp iterator walks the sockets of the netns it is
-//! created in; each run enters the namespace on a thread of its own).
+//! whose peer is in `nb_sock_term` and that the socket LB sent there (its
+//! entry in the agent's pinned `nb_lb4_rev_sk` / `nb_lb6_rev_sk`, which the
+//! iterator shares): a socket connected to the pod's address itself, or one
+//! another node's socket LB translated, is left alone, as kube-proxy clears
+//! only the conntrack entries DNATed from the Service. The agent writes the
+//! backends the reconciler just removed into that map and reads the
+//! iterator once per network namespace (the udp iterator walks the sockets
+//! of the netns it is created in; each run enters the namespace on a thread
+//! of its own).
 //!
 //! aya 0.14 cannot relocate kfunc calls: the program calls a placeholder
 //! helper id ([`KFUNC_SOCK_DESTROY_MARKER`]) that [`SockTerm::load`] rewrites
@@ -74,11 +79,19 @@ fn run_err(op: &'static str, e: impl std::fmt::Display) -> SockTermError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Destroyed {
     /// The socket's peer (a removed backend).
-    pub peer: String,
+    pub peer: std::net::SocketAddr,
+    /// The frontend the socket asked for (its reverse entry).
+    pub frontend: std::net::SocketAddr,
     /// `AF_INET` (2) or `AF_INET6` (10): the socket's family.
     pub family: u16,
     /// `bpf_sock_destroy()` result: 0 or -errno.
     pub result: i32,
+    /// The socket's cookie.
+    pub cookie: u64,
+    /// The socket's cgroup v2 id (its owner, the client pod).
+    pub cgroup_id: u64,
+    /// Cookie of the network namespace it lived in (0: unknown).
+    pub netns_cookie: u64,
 }
 
 /// What one run did.
@@ -131,10 +144,23 @@ fn patch_kfunc_calls(obj: &mut [u8], marker: i32, btf_id: u32) -> usize {
 }
 
 impl SockTerm {
-    /// Loads the iterator: fails with [`SockTermError::Unavailable`] and the
-    /// reason when the kernel lacks BTF, the `bpf_sock_destroy` kfunc or the
-    /// udp iterator.
-    pub fn load() -> Result<Self, SockTermError> {
+    /// Loads the iterator, sharing the socket LB's reverse entries pinned
+    /// under `pins`: fails with [`SockTermError::Unavailable`] and the
+    /// reason when they are not pinned, or the kernel lacks BTF, the
+    /// `bpf_sock_destroy` kfunc or the udp iterator.
+    pub fn load(pins: &crate::pins::Pins) -> Result<Self, SockTermError> {
+        let mut loader = EbpfLoader::new();
+        for name in [names::REV_SK, names::REV_SK6] {
+            let pin = pins.map(name);
+            // aya would create and pin a missing map: never here.
+            if !pin.exists() {
+                return Err(SockTermError::Unavailable(format!(
+                    "{} is not pinned (the socket LB is not installed there)",
+                    pin.display()
+                )));
+            }
+            loader.map_pin_path(name, pin);
+        }
         let btf = Btf::from_sys_fs().map_err(|e| unavailable("kernel BTF", e))?;
         let kfunc = btf
             .id_by_type_name_kind("bpf_sock_destroy", BtfKind::Func)
@@ -159,7 +185,7 @@ impl SockTerm {
                 "sock_term.bpf.o has no bpf_sock_destroy call to patch".into(),
             ));
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut ebpf = loader
             .btf(Some(&btf))
             .load(obj)
             .map_err(|e| unavailable("load sock_term.bpf.o", e))?;
@@ -243,18 +269,24 @@ impl SockTerm {
             report.netns += 1;
             // The iterator walks the netns of the thread that creates it.
             let out = std::thread::scope(|s| {
-                s.spawn(move || -> Result<Vec<u8>, String> {
+                s.spawn(move || -> Result<(Vec<u8>, u64), String> {
                     if let Some(path) = ns {
                         enter_netns(path)?;
                     }
                     let mut f = link.into_file().map_err(|e| e.to_string())?;
                     let mut buf = Vec::new();
                     f.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-                    Ok(buf)
+                    // Names the namespace in the flow events (0: unknown).
+                    let cookie = if buf.is_empty() {
+                        0
+                    } else {
+                        crate::sys::netns_cookie().unwrap_or(0)
+                    };
+                    Ok((buf, cookie))
                 })
                 .join()
             });
-            let out = match out {
+            let (out, netns_cookie) = match out {
                 Ok(Ok(buf)) => buf,
                 Ok(Err(e)) => {
                     let name = ns.map_or("own netns".into(), |p| p.display().to_string());
@@ -276,10 +308,15 @@ impl SockTerm {
                     );
                 }
                 let (ip, port) = r.peer();
+                let (fip, fport) = r.frontend();
                 report.destroyed.push(Destroyed {
-                    peer: std::net::SocketAddr::new(ip, port).to_string(),
+                    peer: std::net::SocketAddr::new(ip, port),
+                    frontend: std::net::SocketAddr::new(fip, fport),
                     family: r.family,
                     result: r.result,
+                    cookie: r.cookie,
+                    cgroup_id: r.cgroup_id,
+                    netns_cookie,
                 });
             }
         }

@@ -263,6 +263,10 @@ pub struct Watched {
     pub errors: AtomicU64,
     /// Last watch error text.
     pub last_error: Mutex<String>,
+    /// Bumped by every change of the stores.
+    generation: AtomicU64,
+    /// The flow names of a generation ([`Watched::flow_names`]).
+    names: Mutex<Option<(u64, Arc<crate::flows::FlowNames>)>>,
 }
 
 impl Watched {
@@ -522,17 +526,37 @@ impl Watched {
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Stores) -> R) -> Option<R> {
-        let r = self.stores.lock().ok().map(|mut s| f(&mut s));
+        let r = self.stores.lock().ok().map(|mut s| {
+            let r = f(&mut s);
+            self.generation.fetch_add(1, Ordering::Relaxed);
+            r
+        });
         self.changed.notify_one();
         r
     }
 
-    /// Names for flow events (Services by frontend, pods by backend address).
-    pub fn flow_names(&self) -> crate::flows::FlowNames {
-        self.stores
-            .lock()
-            .map(|s| crate::flows::FlowNames::build(s.services.values(), s.slices.values()))
-            .unwrap_or_default()
+    /// Names for flow events (Services by frontend, pods by backend
+    /// address): built again only after the stores changed, so a watcher on
+    /// a quiet large cluster costs no rebuild per second.
+    pub fn flow_names(&self) -> Arc<crate::flows::FlowNames> {
+        let Ok(stores) = self.stores.lock() else {
+            return Arc::default();
+        };
+        let generation = self.generation.load(Ordering::Relaxed);
+        let Ok(mut cached) = self.names.lock() else {
+            return Arc::default();
+        };
+        match &*cached {
+            Some((g, names)) if *g == generation => names.clone(),
+            _ => {
+                let names = Arc::new(crate::flows::FlowNames::build(
+                    stores.services.values(),
+                    stores.slices.values(),
+                ));
+                *cached = Some((generation, names.clone()));
+                names
+            }
+        }
     }
 
     /// Loads a fixed set of objects (multi-document YAML of Services and
@@ -983,6 +1007,38 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
             .iter()
             .map(|n| ("d".to_string(), n.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn flow_names_are_rebuilt_only_after_a_change() {
+        // Why: a flow watcher asks every second; rebuilding 10k Services'
+        // names each time cost a quiet large cluster CPU and the stores lock.
+        let w = Watched::default();
+        w.replace_all(vec![svc("a", "10.96.0.1")], vec![]);
+        let first = w.flow_names();
+        assert!(
+            Arc::ptr_eq(&first, &w.flow_names()),
+            "unchanged: the same names"
+        );
+        w.apply_service(svc("b", "10.96.0.2"));
+        let second = w.flow_names();
+        assert!(!Arc::ptr_eq(&first, &second), "a change: built again");
+        let mut f = crate::flows::terminated_flow(
+            &crate::sock_term::Destroyed {
+                peer: "10.0.0.9:53".parse().unwrap(),
+                frontend: "10.96.0.2:80".parse().unwrap(),
+                family: 2,
+                result: 0,
+                cookie: 1,
+                cgroup_id: 2,
+                netns_cookie: 3,
+            },
+            Some(5),
+            0,
+        );
+        f.proto = "tcp".into(); // svc()'s port is TCP
+        second.resolve(&mut f);
+        assert_eq!(f.service.as_deref(), Some("d/b"), "{f:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use aya::maps::{Map, MapData, RingBuf};
 use netboot_datapath::config::MapSizes;
 use netboot_datapath::desired::{BackendState, DesiredTable, Frontend};
-use netboot_datapath::flows::{self, Flow, Verdict};
+use netboot_datapath::flows::{self, Verdict};
 use netboot_datapath::layout::{names, FlowEvent, L4Addr, PROTO_TCP};
 use netboot_datapath::loader;
 use netboot_datapath::maps::kernel::KernelMaps;
@@ -136,7 +136,7 @@ fn a_connect_to_a_cluster_ip_is_one_translated_event() {
     assert!(got[0].ok, "connect failed: {got:?}");
     let evs = drain(&mut r);
     assert_eq!(evs.len(), 1, "one connect, one event: {evs:?}");
-    let f = Flow::from_event(&evs[0], 0).expect("decodes");
+    let f = flows::from_event(&evs[0], 0).expect("decodes");
     assert_eq!(f.verdict, Verdict::Translated);
     assert_eq!(f.hook, "connect");
     assert_eq!(f.proto, "tcp");
@@ -165,7 +165,7 @@ fn a_service_without_endpoints_is_refused() {
     assert!(!got[0].ok && got[0].errno == 111, "ECONNREFUSED: {got:?}");
     let evs = drain(&mut r);
     assert_eq!(evs.len(), 1, "{evs:?}");
-    let f = Flow::from_event(&evs[0], 0).expect("decodes");
+    let f = flows::from_event(&evs[0], 0).expect("decodes");
     assert_eq!(f.verdict, Verdict::Refused);
     assert_eq!(f.reason, "no_backend");
     assert_eq!(f.frontend_ip, IpAddr::V4(vip(11)));
@@ -221,4 +221,153 @@ fn the_rate_limit_drops_beyond_the_budget_and_counts_it() {
     assert!(st.emitted >= u64::from(RATE), "a full bucket first");
     assert!(st.emitted <= bound, "budget exceeded: {st:?}");
     assert!(st.rate_limited > 0);
+}
+
+/// The agent's own flows (a destroyed socket's `terminated` flow) reach the
+/// watchers through the same hub as the kernel's, after them in time order
+/// of reading, and are dropped, not queued, while nobody watches.
+#[test]
+fn flows_the_agent_publishes_reach_watchers_beside_the_kernels() {
+    let env = Env::new("flw-pub");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let destroyed = netboot_datapath::sock_term::Destroyed {
+        peer: std::net::SocketAddr::new(backend_ip(1).into(), BE_PORT),
+        frontend: std::net::SocketAddr::new(vip(10).into(), 80),
+        family: 2,
+        result: 0,
+        cookie: 7,
+        cgroup_id: 8,
+        netns_cookie: 9,
+    };
+    let id = env
+        .recon
+        .service_id(&frontend(vip(10), true).addr)
+        .expect("programmed");
+    let terminated = || flows::terminated_flow(&destroyed, Some(id), flows::now_unix_ns());
+    let hub = flows::FlowHub::new(
+        env.pins.pins.clone(),
+        flows::FlowOptions::default(),
+        std::sync::Arc::new(|| std::sync::Arc::new(flows::FlowNames::default())),
+    );
+    // Unwatched: dropped at once.
+    hub.publish([terminated()]);
+    rt.block_on(async {
+        let mut sub = hub.subscribe().expect("subscribe");
+        let got = env.connect(vip(10), 1);
+        assert!(got[0].ok, "{got:?}");
+        hub.publish([terminated()]);
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let f = tokio::time::timeout(std::time::Duration::from_secs(2), sub.rx.recv())
+                .await
+                .expect("a flow within 2 s (the reader drains every 50 ms)")
+                .expect("recv");
+            seen.push(f);
+        }
+        let verdicts: Vec<_> = seen.iter().map(|f| f.verdict).collect();
+        assert_eq!(
+            verdicts,
+            vec![Verdict::Translated, Verdict::Terminated],
+            "the connect, then the published flow, and not the unwatched one: {seen:?}"
+        );
+        let t = &seen[1];
+        assert_eq!(
+            (
+                t.hook.as_str(),
+                t.reason.as_str(),
+                t.service_id,
+                t.frontend_port
+            ),
+            ("terminate", "backend_removed", id, 80)
+        );
+        assert_eq!(t.backend_ip, Some(IpAddr::V4(backend_ip(1))));
+        assert_eq!((t.client_cgroup_id, t.client_netns_cookie), (8, 9));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), sub.rx.recv())
+                .await
+                .is_err(),
+            "nothing more"
+        );
+    });
+}
+
+/// Decisions on destinations that are no Service are emitted only while a
+/// watcher asks for them (`verdict=not-a-service`): the kernel's
+/// `FLOW_CFG_ALL` bit, set by the hub for that watcher and cleared when it
+/// leaves, while Service flows go on for the others.
+#[test]
+fn not_a_service_flows_only_for_a_watcher_that_asks() {
+    use netboot_datapath::layout::{FLOW_CFG_ALL, FLOW_CFG_ON};
+    let env = Env::new("flw-nsv");
+    let mut r = ring(&env.pins.pins);
+    let direct = SocketAddrV4::new(backend_ip(1), BE_PORT);
+    let connect_direct = || {
+        client(
+            &env.cg.path,
+            &env.topo.client,
+            ClientOp::Tcp {
+                addr: direct,
+                count: 1,
+            },
+        )
+    };
+    // Service flows only: a connect to the pod's own address emits nothing.
+    flows::set_enabled(&env.pins.pins, true, 0).expect("enable");
+    assert!(connect_direct()[0].ok);
+    assert!(drain(&mut r).is_empty(), "no Service: no event by default");
+    // Asked for: one not-a-service event naming the destination.
+    flows::set_flags(&env.pins.pins, FLOW_CFG_ON | FLOW_CFG_ALL, 0).expect("all");
+    assert!(connect_direct()[0].ok);
+    let evs = drain(&mut r);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let f = flows::from_event(&evs[0], 0).expect("decodes");
+    assert_eq!(f.verdict, Verdict::NotAService, "{f:?}");
+    assert_eq!((f.service_id, f.reason.as_str()), (0, "not_service"));
+    assert_eq!(f.frontend_ip, IpAddr::V4(backend_ip(1)));
+    assert_eq!(f.frontend_port, BE_PORT);
+    assert_eq!((f.backend_ip, f.backend_id), (None, None));
+    // A protocol the socket LB does not balance (an ICMP echo socket's
+    // connect, even to a ClusterIP): `unsupported`, not looked up.
+    let ping = client(
+        &env.cg.path,
+        &env.topo.client,
+        ClientOp::PingConnect {
+            addr: SocketAddrV4::new(vip(10), 0),
+        },
+    );
+    // The hook runs first; the connect itself then fails ENETUNREACH (a
+    // ClusterIP has no route: only the socket LB's translation reaches it).
+    assert_eq!(ping[0].errno, libc::ENETUNREACH, "{ping:?}");
+    let evs = drain(&mut r);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let f = flows::from_event(&evs[0], 0).expect("decodes");
+    assert_eq!(f.verdict, Verdict::Unsupported, "{f:?}");
+    assert_eq!(
+        (f.service_id, f.reason.as_str(), f.frontend_ip),
+        (0, "proto_unsupported", IpAddr::V4(vip(10)))
+    );
+    flows::set_enabled(&env.pins.pins, false, 0).expect("disable");
+
+    // The hub sets the bit for the watcher that asks, and only while it watches.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _g = rt.enter();
+    let hub = flows::FlowHub::new(
+        env.pins.pins.clone(),
+        flows::FlowOptions::default(),
+        std::sync::Arc::new(|| std::sync::Arc::new(flows::FlowNames::default())),
+    );
+    let flags = || flows::flags(&env.pins.pins).expect("flags");
+    let plain = hub.subscribe().expect("subscribe");
+    assert_eq!(flags(), FLOW_CFG_ON);
+    let asking = hub
+        .subscribe_for(&flows::FlowFilter {
+            verdict: Some(Verdict::NotAService),
+            ..Default::default()
+        })
+        .expect("subscribe");
+    assert_eq!(flags(), FLOW_CFG_ON | FLOW_CFG_ALL);
+    drop(asking);
+    assert_eq!(flags(), FLOW_CFG_ON, "the asking watcher left");
+    drop(plain);
+    assert_eq!(flags(), 0, "nobody watches");
 }

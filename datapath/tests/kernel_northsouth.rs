@@ -500,22 +500,8 @@ fn external_clients_reach_node_ports_with_snat_for_remote_backends_and_their_own
     let links = attach_node_a(&c, &pins);
     assert_eq!(links.len(), 2, "{links:?}");
     // Flow events on: every new external flow is one `packet` event.
-    let mut ring = {
-        let data =
-            aya::maps::MapData::from_pin(pins.pins.map(netboot_datapath::layout::names::FLOW_RING))
-                .expect("open ring");
-        aya::maps::RingBuf::try_from(aya::maps::Map::from_map_data(data).expect("map"))
-            .expect("ringbuf")
-    };
-    netboot_datapath::flows::set_enabled(&pins.pins, true, 0).expect("flow events on");
-    let mut drain = || {
-        let mut out = Vec::new();
-        while let Some(rec) = ring.next() {
-            let ev = netboot_datapath::layout::FlowEvent::from_bytes(&rec).expect("record size");
-            out.push(netboot_datapath::flows::Flow::from_event(&ev, 0).expect("decodes"));
-        }
-        out
-    };
+    let mut ring = FlowRing::on(&pins.pins);
+    let mut drain = || ring.drain();
 
     let tcp = |addr: SocketAddrV4, count: u32| {
         client(&client_cg.path, &c.client, ClientOp::Tcp { addr, count })
@@ -1095,6 +1081,31 @@ fn maglev_sends_each_flow_to_the_table_backend_and_removing_one_of_n_moves_only_
     );
 }
 
+/// The flow ring buffer, read directly (no agent), with events turned on.
+struct FlowRing(aya::maps::RingBuf<aya::maps::MapData>);
+
+impl FlowRing {
+    fn on(pins: &netboot_datapath::pins::Pins) -> Self {
+        let data =
+            aya::maps::MapData::from_pin(pins.map(netboot_datapath::layout::names::FLOW_RING))
+                .expect("open ring");
+        let ring = aya::maps::RingBuf::try_from(aya::maps::Map::from_map_data(data).expect("map"))
+            .expect("ringbuf");
+        netboot_datapath::flows::set_enabled(pins, true, 0).expect("flow events on");
+        Self(ring)
+    }
+
+    /// Every unread event, decoded.
+    fn drain(&mut self) -> Vec<netboot_datapath::flows::Flow> {
+        let mut out = Vec::new();
+        while let Some(rec) = self.0.next() {
+            let ev = netboot_datapath::layout::FlowEvent::from_bytes(&rec).expect("record size");
+            out.push(netboot_datapath::flows::from_event(&ev, 0).expect("decodes"));
+        }
+        out
+    }
+}
+
 // ---- loadBalancerSourceRanges --------------------------------------------
 
 /// A LoadBalancer Service whose LB IP (203.0.113.10, VIP mode) admits only
@@ -1194,8 +1205,23 @@ fn load_balancer_source_ranges_admit_only_their_sources_on_the_lb_ip() {
         written[0].1,
         vec![(std::net::IpAddr::from(Ipv4Addr::new(10, 0, 0, 0)), 8)]
     );
+    let mut ring = FlowRing::on(&pins.pins);
     let res = tcp(v4([203, 0, 113, 10], 80), 1);
     assert!(!res[0].ok, "outside the ranges: dropped: {res:?}");
+    // Each dropped SYN (the client retries) is a `denied` flow naming it.
+    let evs = ring.drain();
+    let client_ip: IpAddr = "192.168.50.100".parse().unwrap();
+    assert!(
+        !evs.is_empty()
+            && evs.iter().all(|f| f.hook == "packet"
+                && f.verdict == netboot_datapath::flows::Verdict::Denied
+                && f.reason == "nodeport_src_range_denied"
+                && f.client_ip == Some(client_ip)
+                && f.frontend_ip == "203.0.113.10".parse::<IpAddr>().unwrap()
+                && f.frontend_port == 80
+                && f.backend_ip.is_none()),
+        "each dropped SYN is a denied event: {evs:?}"
+    );
     // The NodePort of the same Service is not guarded (kube-proxy's ranges
     // apply to the LB IP only).
     let s = seen(&tcp(v4([192, 168, 50, 1], 30090), 5));
@@ -1614,8 +1640,24 @@ fn ipv6_external_clients_reach_node_ports_with_snat_for_remote_backends_and_thei
             .all(|(n, src)| n == "pod-a" && src == "fd00:50::100"),
         "inside its IPv6 range: {s:?}"
     );
+    let mut ring = FlowRing::on(&pins.pins);
     let res = tcp6("[2001:db8:20::2]:80", 1);
     assert!(!res[0].ok, "outside its IPv6 ranges: dropped: {res:?}");
+    let evs: Vec<_> = ring
+        .drain()
+        .into_iter()
+        .filter(|f| f.frontend_port == 80)
+        .collect();
+    assert!(
+        !evs.is_empty()
+            && evs
+                .iter()
+                .all(|f| f.verdict == netboot_datapath::flows::Verdict::Denied
+                    && f.family == 6
+                    && f.client_ip == "fd00:50::100".parse().ok()
+                    && f.frontend_ip == "2001:db8:20::2".parse::<IpAddr>().unwrap()),
+        "each dropped IPv6 SYN is a denied event: {evs:?}"
+    );
     let s = seen(&tcp6("[2001:db8:20::3]:80", 3));
     assert!(
         s.iter().all(|(n, _)| n == "pod-a"),

@@ -60,6 +60,14 @@ impl Fam {
             (_, ip) => SocketAddr::new(ip, port),
         }
     }
+    /// Backend `i`'s own address as this family's socket dials it.
+    fn direct(self, i: u8) -> IpAddr {
+        match self {
+            Fam::V4 => IpAddr::V4(backend_ip(i)),
+            Fam::Mapped => IpAddr::V6(backend_ip(i).to_ipv6_mapped()),
+            Fam::V6 => IpAddr::V6(backend_ip6(i)),
+        }
+    }
     fn backend(self, i: u8) -> IpAddr {
         match self {
             Fam::V4 | Fam::Mapped => IpAddr::V4(backend_ip(i)),
@@ -274,6 +282,12 @@ fn terminate_one(env: &mut Env, term: &mut SockTerm, fam: Fam, last: u8) -> (u64
         &env.topo.client,
         &ClientOp::UdpTerm {
             addr: fam.dial(last, 53),
+            // Both backends' own addresses: sockets connected there directly
+            // are not the Service's, and stay.
+            direct: [1, 2]
+                .iter()
+                .map(|i| SocketAddr::new(fam.direct(*i), BE_PORT))
+                .collect(),
         },
     );
     let stdout = g.0.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
@@ -300,14 +314,44 @@ fn terminate_one(env: &mut Env, term: &mut SockTerm, fam: Fam, last: u8) -> (u64
     let t2 = monotonic_ns();
     assert_eq!(report.destroyed.len(), 1, "{fam:?}: {report:?}");
     assert_eq!(report.destroyed[0].result, 0);
-    assert_eq!(
-        report.destroyed[0].peer,
-        SocketAddr::new(fam.backend(i), BE_PORT).to_string()
-    );
+    let d = &report.destroyed[0];
+    assert_eq!(d.peer, SocketAddr::new(fam.backend(i), BE_PORT));
     let af = if fam == Fam::V4 { 2 } else { 10 };
+    assert_eq!(d.family, af, "{fam:?}: the socket's family");
+
+    // What the flow event of the destroyed socket says: who owned it (the
+    // client's cgroup and netns) and which frontend it asked for (its
+    // reverse entry, read by the iterator), named by the agent's reconciler.
+    use std::os::unix::fs::MetadataExt as _;
+    let cgroup_id = std::fs::metadata(&env.cg.path).expect("cgroup").ino();
     assert_eq!(
-        report.destroyed[0].family, af,
-        "{fam:?}: the socket's family"
+        d.cgroup_id, cgroup_id,
+        "{fam:?}: the client's cgroup: {d:?}"
+    );
+    assert!(d.cookie != 0 && d.netns_cookie != 0, "{d:?}");
+    // An IPv4-mapped destination is the IPv4 frontend (the v4 maps).
+    let vip = fam.vip(last);
+    assert_eq!(d.frontend, SocketAddr::new(vip, 53), "{fam:?}");
+    let id = env.recon.service_id(&L4Addr {
+        ip: vip,
+        port: 53,
+        proto: PROTO_UDP,
+    });
+    let flow = netboot_datapath::flows::terminated_flow(d, id, 1);
+    assert_eq!(
+        flow.verdict,
+        netboot_datapath::flows::Verdict::Terminated,
+        "{flow:?}"
+    );
+    assert!(
+        id.is_some()
+            && flow.hook == "terminate"
+            && flow.frontend_ip == vip
+            && flow.service_id == id.unwrap_or(0)
+            && flow.backend_ip == Some(fam.backend(i))
+            && flow.client_cgroup_id == cgroup_id
+            && flow.family == if fam == Fam::V6 { 6 } else { 4 },
+        "{fam:?}: {flow:?}"
     );
 
     let line = lines
@@ -318,9 +362,13 @@ fn terminate_one(env: &mut Env, term: &mut SockTerm, fam: Fam, last: u8) -> (u64
         .expect("client result");
     let _ = g.0.take().map(|mut c| c.wait());
     let res: Vec<Attempt> = serde_json::from_str(&line).expect("json");
-    let [first, err, again, re, before] = &res[..] else {
+    let [first, err, again, re, before, direct @ ..] = &res[..] else {
         panic!("{res:?}")
     };
+    assert!(
+        direct.len() == 2 && direct.iter().all(|a| a.ok),
+        "{fam:?}: sockets connected to a backend's own address are left alone: {direct:?}"
+    );
     assert!(first.ok && before.ok, "{fam:?}: {res:?}");
     assert_eq!(
         err.errno,
@@ -345,8 +393,9 @@ fn terminate_one(env: &mut Env, term: &mut SockTerm, fam: Fam, last: u8) -> (u64
 fn connected_udp_to_a_removed_backend_is_destroyed_and_unconnected_is_left_alone() {
     // Why: a connected UDP socket keeps its translated backend forever; without
     // termination it talks to a dead pod until the application gives up.
-    let mut term = SockTerm::load().expect("socket termination must be available on this kernel");
     let mut env = Env::new("term", 2);
+    let mut term = SockTerm::load(&env._pins.pins)
+        .expect("socket termination must be available on this kernel");
     for (n, fam) in ALL.iter().enumerate() {
         let (reconcile_us, iter_us, app_us) =
             terminate_one(&mut env, &mut term, *fam, 60 + n as u8);
@@ -358,8 +407,8 @@ fn connected_udp_to_a_removed_backend_is_destroyed_and_unconnected_is_left_alone
 
 #[test]
 fn removed_tcp_backends_destroy_nothing() {
-    require_privileges();
-    let mut term = SockTerm::load().expect("socket termination available");
+    let env = Env::new("term-tcp", 1);
+    let mut term = SockTerm::load(&env._pins.pins).expect("socket termination available");
     let r = term
         .destroy(
             &[L4Addr {

@@ -35,6 +35,23 @@ enum Command {
     /// Run a validation plan (JSON, see netboot::probe) and report as JSON on
     /// stdout and in $TERMINATION_LOG (default /dev/termination-log).
     Check(CheckArgs),
+    /// Keep one connected UDP socket to a probe server, asking it every
+    /// interval, until the socket is aborted (its backend went and the
+    /// datapath destroyed it: exit 0) or the time is up (exit 1). An
+    /// unanswered ask is retried: only ECONNABORTED ends it early.
+    Hold(HoldArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct HoldArgs {
+    /// Server address, HOST:PORT.
+    target: String,
+    /// How long to wait for the abort, in seconds.
+    #[arg(long, default_value_t = 120)]
+    seconds: u64,
+    /// Time between asks, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    interval_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +108,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Connect(args) => connect(args),
         Command::Check(args) => check(args),
+        Command::Hold(args) => hold(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,12 +267,7 @@ fn serve_udp(socket: UdpSocket, name: String) -> Result<()> {
 
 fn connect(args: ConnectArgs) -> Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
-    let addr = args
-        .target
-        .to_socket_addrs()
-        .with_context(|| format!("resolve {}", args.target))?
-        .next()
-        .with_context(|| format!("{} resolves to no address", args.target))?;
+    let addr = resolve(&args.target)?;
     let mut failures = 0u32;
     for _ in 0..args.count.max(1) {
         let answer = match args.proto {
@@ -281,6 +294,66 @@ fn connect(args: ConnectArgs) -> Result<()> {
     Ok(())
 }
 
+fn hold(args: HoldArgs) -> Result<()> {
+    let addr = resolve(&args.target)?;
+    let socket = udp_socket_for(addr)?;
+    socket.set_read_timeout(Some(Duration::from_millis(args.interval_ms.max(10))))?;
+    socket.connect(addr).context("udp connect")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.seconds);
+    let mut answered = 0u64;
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        let r = socket.send(b"ping").and_then(|_| socket.recv(&mut buf));
+        match r {
+            Ok(n) => {
+                if answered == 0 {
+                    println!("held: {}", String::from_utf8_lossy(&buf[..n]));
+                }
+                answered += 1;
+                std::thread::sleep(Duration::from_millis(args.interval_ms.max(10)));
+            }
+            Err(e) => {
+                // A socket destroyed between two asks is disconnected: its
+                // send fails (EDESTADDRREQ) and the abort waits in SO_ERROR.
+                let pending = socket.take_error().ok().flatten();
+                let abort = [Some(&e), pending.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e.raw_os_error() == Some(libc::ECONNABORTED));
+                if let Some(abort) = abort {
+                    println!("aborted after {answered} answers: {abort}");
+                    return Ok(());
+                }
+                // Unanswered (the backend is going) or refused: ask again.
+                std::thread::sleep(Duration::from_millis(args.interval_ms.max(10)));
+            }
+        }
+    }
+    bail!(
+        "{addr}: the connected socket was not aborted within {} s ({answered} answers)",
+        args.seconds
+    )
+}
+
+/// The first address `target` (HOST:PORT) resolves to.
+fn resolve(target: &str) -> Result<SocketAddr> {
+    target
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {target}"))?
+        .next()
+        .with_context(|| format!("{target} resolves to no address"))
+}
+
+/// An unconnected UDP socket of `addr`'s family, on an ephemeral port.
+fn udp_socket_for(addr: SocketAddr) -> Result<UdpSocket> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
+    UdpSocket::bind(bind).context("udp bind")
+}
+
 fn tcp_name(addr: SocketAddr, timeout: Duration) -> Result<String> {
     let stream = TcpStream::connect_timeout(&addr, timeout).context("tcp connect")?;
     stream.set_read_timeout(Some(timeout))?;
@@ -304,12 +377,7 @@ fn tcp_name(addr: SocketAddr, timeout: Duration) -> Result<String> {
 }
 
 fn udp_name(addr: SocketAddr, timeout: Duration) -> Result<String> {
-    let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let socket = UdpSocket::bind(bind).context("udp bind")?;
+    let socket = udp_socket_for(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.connect(addr).context("udp connect")?;
     socket.send(b"ping").context("udp send")?;

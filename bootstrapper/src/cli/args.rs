@@ -155,7 +155,7 @@ pub struct FlowsArgs {
     /// Only flows to this backend pod.
     #[arg(long, value_name = "NS/NAME")]
     pub pod: Option<String>,
-    /// Only this verdict: translated, affinity-hit, refused, error, observed or source-range.
+    /// Only this verdict: translated, affinity-hit, refused, error, observed, source-range, denied or terminated.
     #[arg(long, value_name = "VERDICT")]
     pub verdict: Option<String>,
     /// Only tcp or udp.

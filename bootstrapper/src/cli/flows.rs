@@ -7,24 +7,22 @@ use std::ops::ControlFlow;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use netboot::flows::{self, wire, Event, FlowQuery, FlowsError, FollowOptions};
+use netboot::flows::{self, wire, Event, FlowFilter, FlowsError, FollowOptions};
 
 use super::args::{FlowsArgs, OutputFormat};
 use super::settings;
 
 /// The filters the flags ask for, checked before connecting.
-pub fn query(args: &FlowsArgs) -> anyhow::Result<FlowQuery> {
-    let q = FlowQuery {
-        service: args.service.clone(),
-        pod: args.pod.clone(),
-        verdict: args.verdict.clone(),
-        proto: args.proto.clone(),
-    };
-    q.validate()?;
-    Ok(q)
+pub fn query(args: &FlowsArgs) -> anyhow::Result<FlowFilter> {
+    Ok(FlowFilter::from_flags(
+        args.service.as_deref(),
+        args.pod.as_deref(),
+        args.verdict.as_deref(),
+        args.proto.as_deref(),
+    )?)
 }
 
-/// One flow as printed: text (the datapath's rendering after the node) or
+/// One flow as printed: text (the contract's rendering, after the node) or
 /// the agent's JSON with `"node"`. Err: a flow the text rendering cannot read.
 pub fn format_flow(
     json: bool,
@@ -36,7 +34,7 @@ pub fn format_flow(
     if json {
         Ok(wire::annotate_with(line, flow, node, client_pod))
     } else {
-        wire::Flow::from_map(flow).map(|f| wire::render_with(node, &f, client_pod))
+        wire::flow_from_map(flow).map(|f| wire::render(&f, Some(node), client_pod))
     }
 }
 
@@ -57,6 +55,7 @@ pub fn note(e: &Event<'_>) -> Option<String> {
         }
         Event::Retrying { node, reason } => format!("netboot flows: {node}: {reason}; retrying"),
         Event::Reconnected { node } => format!("netboot flows: {node}: reconnected"),
+        Event::Joined { node } => format!("following flows from {node} (joined)"),
         Event::Flow { .. } => return None,
     })
 }
@@ -245,5 +244,9 @@ mod tests {
         .filter_map(note)
         .collect();
         insta::assert_snapshot!(lines.join("\n"));
+        assert_eq!(
+            note(&Event::Joined { node: "node-3" }).as_deref(),
+            Some("following flows from node-3 (joined)")
+        );
     }
 }

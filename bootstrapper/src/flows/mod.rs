@@ -5,8 +5,11 @@
 //! hostNetwork), so each is reached by a port-forward to its pod
 //! (`pods/portforward`), with a plain HTTP/1.1 GET on it ([`http`]). One task
 //! per agent; a stream that fails or ends is retried with backoff, the agent's
-//! pod looked up again (a rollout replaces it). The library never prints: it
-//! hands every line and every change to the caller as an [`Event`].
+//! pod looked up again (a rollout replaces it). Once every agent was tried,
+//! the agents' pods are listed again every few seconds and a node that has a
+//! usable agent and no task yet (it joined, or its agent became ready) gets
+//! one ([`joined`]). The library never prints: it hands every line and every
+//! change to the caller as an [`Event`].
 
 pub mod clients;
 pub mod http;
@@ -27,7 +30,7 @@ use tokio::task::JoinSet;
 
 use crate::apply::describe;
 use crate::wait::{pod_not_ready, AGENT_SELECTOR};
-pub use wire::FlowQuery;
+pub use wire::FlowFilter;
 
 /// What to follow and how. `Default` is what `netboot flows` uses, but for
 /// the namespace, port and filters, which come from the spec and the flags.
@@ -40,7 +43,7 @@ pub struct FollowOptions {
     /// Only the agents on these nodes (empty: every agent).
     pub nodes: Vec<String>,
     /// The filters every agent applies.
-    pub query: FlowQuery,
+    pub query: FlowFilter,
     /// The first wait before a retry; doubled up to `backoff_max`.
     pub backoff_min: Duration,
     /// The longest wait between retries.
@@ -50,6 +53,8 @@ pub struct FollowOptions {
     /// A stream silent this long is taken as dead (the agent sends an empty
     /// line every 2 s when it has no flow).
     pub idle_timeout: Duration,
+    /// How often the agents' pods are listed again, for nodes that joined.
+    pub relist: Duration,
 }
 
 impl Default for FollowOptions {
@@ -58,11 +63,12 @@ impl Default for FollowOptions {
             namespace: String::new(),
             port: 0,
             nodes: Vec::new(),
-            query: FlowQuery::default(),
+            query: FlowFilter::default(),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(30),
+            relist: Duration::from_secs(5),
         }
     }
 }
@@ -96,6 +102,9 @@ pub enum Event<'a> {
     Retrying { node: &'a str, reason: &'a str },
     /// An agent's stream is back after a failure.
     Reconnected { node: &'a str },
+    /// An agent found after the start (its node joined, or its pod became
+    /// ready) is streaming, for the first time.
+    Joined { node: &'a str },
 }
 
 /// Why following could not start.
@@ -145,12 +154,7 @@ pub fn select_agents(
     nodes: &[String],
     namespace: &str,
 ) -> Result<(Vec<Agent>, Skipped), FlowsError> {
-    let mut by_node: BTreeMap<String, Vec<&Pod>> = BTreeMap::new();
-    for p in pods {
-        if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
-            by_node.entry(n).or_default().push(p);
-        }
-    }
+    let by_node = by_node(pods);
     if by_node.is_empty() && !pods.is_empty() {
         return Err(FlowsError::NoneReady {
             namespace: namespace.into(),
@@ -206,6 +210,31 @@ pub fn select_agents(
     Ok((agents, skipped))
 }
 
+/// The agents' pods by node (pods not scheduled yet left out).
+fn by_node(pods: &[Pod]) -> BTreeMap<String, Vec<&Pod>> {
+    let mut by_node: BTreeMap<String, Vec<&Pod>> = BTreeMap::new();
+    for p in pods {
+        if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            by_node.entry(n).or_default().push(p);
+        }
+    }
+    by_node
+}
+
+/// The agents to start following now, from the agents' pods listed again:
+/// one per node that has a usable pod (as [`select_agents`]) and is not in
+/// `followed` (an agent pod replaced on a followed node is its task's to
+/// find), only on `nodes` when given. Nodes without a usable pod yet are
+/// left for a later list.
+pub fn joined(pods: &[Pod], followed: &BTreeSet<String>, nodes: &[String]) -> Vec<Agent> {
+    by_node(pods)
+        .into_iter()
+        .filter(|(node, _)| !followed.contains(node))
+        .filter(|(node, _)| nodes.is_empty() || nodes.contains(node))
+        .filter_map(|(node, pods)| usable(&pods).ok().map(|pod| Agent { node, pod }))
+        .collect()
+}
+
 /// The name of the first running, ready pod not being deleted, or why none is.
 fn usable(pods: &[&Pod]) -> Result<String, String> {
     let mut why = Vec::new();
@@ -257,8 +286,9 @@ enum Msg {
 }
 
 /// Follows the agents' flows until `on` breaks (the caller's count is
-/// reached, stdout is gone) or, without any agent, never. `on` is called
-/// from one task, so lines are never interleaved.
+/// reached, stdout is gone), never otherwise; agents that appear later are
+/// followed too ([`joined`], reported as [`Event::Joined`] once streaming).
+/// `on` is called from one task, so lines are never interleaved.
 pub async fn follow(
     client: &Client,
     opts: &FollowOptions,
@@ -283,15 +313,40 @@ pub async fn follow(
     for a in agents {
         tasks.spawn(agent_task(client.clone(), opts.clone(), a, tx.clone()));
     }
-    drop(tx);
-
+    let mut followed: BTreeSet<String> = names.iter().cloned().collect();
     let mut merge = Merge::new(names.len());
-    while let Some((node, msg)) = rx.recv().await {
-        if merge.handle(node, msg, &mut on)?.is_break() {
-            return Ok(());
+    let mut relist = tokio::time::interval(opts.relist.max(Duration::from_millis(100)));
+    relist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                // Never None: `tx` is held here.
+                let Some((node, msg)) = msg else {
+                    return Ok(());
+                };
+                if merge.handle(node, msg, &mut on)?.is_break() {
+                    return Ok(());
+                }
+            }
+            // Only once every agent was tried: until then the header waits.
+            _ = relist.tick(), if merge.announced => {
+                let listed = tokio::time::timeout(
+                    opts.connect_timeout,
+                    list_pods(client, &opts.namespace, None),
+                )
+                .await;
+                // A failed list is tried again at the next tick.
+                let Ok(Ok(pods)) = listed else {
+                    continue;
+                };
+                for a in joined(&pods, &followed, &opts.nodes) {
+                    followed.insert(a.node.clone());
+                    merge.join(Arc::from(a.node.as_str()));
+                    tasks.spawn(agent_task(client.clone(), opts.clone(), a, tx.clone()));
+                }
+            }
         }
     }
-    Ok(())
 }
 
 /// The merger's state: what the agents' tasks said so far.
@@ -309,6 +364,8 @@ struct Merge {
     up: BTreeSet<Arc<str>>,
     /// The last failure reported per agent that is down.
     last: BTreeMap<Arc<str>, String>,
+    /// Agents started after the header, not streaming yet.
+    joining: BTreeSet<Arc<str>>,
 }
 
 impl Merge {
@@ -317,6 +374,12 @@ impl Merge {
             total,
             ..Self::default()
         }
+    }
+
+    /// An agent started after the header: its first stream is reported as
+    /// [`Event::Joined`].
+    fn join(&mut self, node: Arc<str>) {
+        self.joining.insert(node);
     }
 
     /// Turns one message into events. Err: the first attempt of every
@@ -337,6 +400,8 @@ impl Merge {
                 let flow = if !self.announced && !self.first.contains_key(&node) {
                     self.first.insert(node.clone(), None);
                     ControlFlow::Continue(())
+                } else if self.joining.remove(&node) {
+                    on(Event::Joined { node: &node })
                 } else {
                     on(Event::Reconnected { node: &node })
                 };
@@ -670,6 +735,100 @@ mod tests {
                 "node-9".to_string(),
                 "no agent pod on this node".to_string()
             )]
+        );
+    }
+
+    fn set(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn nodes_that_join_are_started_once_and_only_when_ready() {
+        let pods = [
+            pod("nd-a", "node-0", "Running", true),
+            pod("nd-b", "node-1", "Running", true),
+            pod("nd-c", "node-2", "Pending", false),
+            pod("nd-d", "node-3", "Running", true),
+        ];
+        let started = |followed: &[&str], wanted: &[&str]| {
+            joined(&pods, &set(followed), &nodes(wanted))
+                .into_iter()
+                .map(|a| format!("{}={}", a.node, a.pod))
+                .collect::<Vec<_>>()
+        };
+        // node-0 is followed; node-2's agent is not ready yet: left for later.
+        assert_eq!(started(&["node-0"], &[]), ["node-1=nd-b", "node-3=nd-d"]);
+        // Nothing new: nothing started (a replaced pod on a followed node is
+        // its task's to find).
+        assert!(started(&["node-0", "node-1", "node-3"], &[]).is_empty());
+        // --node: only those, whether or not they had an agent at the start.
+        assert_eq!(started(&["node-0"], &["node-0", "node-3"]), ["node-3=nd-d"]);
+        assert!(started(&[], &["node-2", "node-9"]).is_empty());
+        // node-2's agent becomes ready; a terminating pod next to it is passed over.
+        let mut old = pod("nd-old", "node-2", "Running", true);
+        old.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-12-03T12:00:00Z".parse().unwrap(),
+            ));
+        let later = [old, pod("nd-c", "node-2", "Running", true)];
+        assert_eq!(
+            joined(&later, &set(&["node-0"]), &[]),
+            [Agent {
+                node: "node-2".into(),
+                pod: "nd-c".into()
+            }]
+        );
+        // Pods not scheduled yet, or none at all: nothing.
+        let mut unscheduled = pod("nd-u", "", "Pending", false);
+        unscheduled.spec = None;
+        assert!(joined(&[unscheduled], &set(&[]), &[]).is_empty());
+        assert!(joined(&[], &set(&["node-0"]), &[]).is_empty());
+    }
+
+    #[test]
+    fn a_joined_agent_is_announced_when_it_streams_then_handled_as_the_others() {
+        let mut merge = Merge::new(1);
+        let mut out = Vec::new();
+        let mut on = |e: Event<'_>| {
+            out.push(match e {
+                Event::Flow { node, line, .. } => format!("flow {node}: {line}"),
+                other => format!("{other:?}"),
+            });
+            ControlFlow::Continue(())
+        };
+        let msgs = [
+            ("node-0", Msg::Up),
+            (
+                "node-3",
+                Msg::Down("pod nd-d: port 9890: connection refused".into()),
+            ),
+            ("node-3", Msg::Up),
+            ("node-3", line(r#"{"verdict":"translated"}"#)),
+            (
+                "node-3",
+                Msg::Down("pod nd-d: the agent ended the stream".into()),
+            ),
+            ("node-3", Msg::Up),
+        ];
+        for (i, (node, msg)) in msgs.into_iter().enumerate() {
+            if i == 1 {
+                merge.join(Arc::from("node-3"));
+            }
+            assert!(merge
+                .handle(Arc::from(node), msg, &mut on)
+                .unwrap()
+                .is_continue());
+        }
+        assert_eq!(
+            out,
+            [
+                r#"Up { nodes: ["node-0"] }"#,
+                r#"Retrying { node: "node-3", reason: "pod nd-d: port 9890: connection refused" }"#,
+                r#"Joined { node: "node-3" }"#,
+                r#"flow node-3: {"verdict":"translated"}"#,
+                r#"Retrying { node: "node-3", reason: "pod nd-d: the agent ended the stream" }"#,
+                r#"Reconnected { node: "node-3" }"#,
+            ]
         );
     }
 

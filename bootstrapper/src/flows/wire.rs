@@ -1,110 +1,13 @@
-//! The agent's `/v1/flows` as the bootstrapper reads it: the query it takes,
-//! the lines it sends, and the one-line text rendering `netboot-datapath
-//! monitor` prints. The agent defines them (datapath/src/flows.rs: `Flow`,
-//! `FlowFilter::query`, `render`); the crates share only this JSON, so the
-//! few fields read here are mirrored, and unknown ones pass through.
-
-use std::net::IpAddr;
+//! The agent's `/v1/flows` as the bootstrapper reads it. The record, its
+//! verdicts, the query and the text rendering are the contract's
+//! ([`netboot_contract::flows`], shared with the agent and `netboot-datapath
+//! monitor`); what is here is the stream's lines: heartbeats, losses and
+//! flows, kept as the agent's JSON so that `-o json` passes every field
+//! through (with `"node"` first), even one this build does not know.
 
 use serde::Deserialize;
 
-/// The verdicts the agent names (datapath `Verdict::name`), in its order.
-pub const VERDICTS: [&str; 6] = [
-    "translated",
-    "affinity-hit",
-    "refused",
-    "error",
-    "observed",
-    "source-range",
-];
-
-/// What to ask every agent for (`/v1/flows?service=…&pod=…&verdict=…&proto=…`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FlowQuery {
-    /// `namespace/name` of the Service.
-    pub service: Option<String>,
-    /// `namespace/name` of the backend pod.
-    pub pod: Option<String>,
-    /// One of [`VERDICTS`].
-    pub verdict: Option<String>,
-    /// `tcp` or `udp`.
-    pub proto: Option<String>,
-}
-
-/// A filter the agent would refuse (400), named by its flag.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--{flag} {value}: {expected}")]
-pub struct QueryError {
-    /// The flag, without dashes.
-    pub flag: &'static str,
-    /// What was given.
-    pub value: String,
-    /// What is accepted.
-    pub expected: String,
-}
-
-impl FlowQuery {
-    /// Checks the filters as the agent will (so a typo fails before
-    /// connecting): `namespace/name`, a known verdict, `tcp` or `udp`.
-    pub fn validate(&self) -> Result<(), QueryError> {
-        let bad = |flag, value: &str, expected: String| QueryError {
-            flag,
-            value: value.into(),
-            expected,
-        };
-        for (flag, v) in [("service", &self.service), ("pod", &self.pod)] {
-            if let Some(v) = v.as_deref() {
-                let ok = v.split_once('/').is_some_and(|(ns, name)| {
-                    !ns.is_empty() && !name.is_empty() && !name.contains('/')
-                });
-                if !ok {
-                    return Err(bad(flag, v, "namespace/name".into()));
-                }
-            }
-        }
-        if let Some(v) = self.verdict.as_deref().filter(|v| !VERDICTS.contains(v)) {
-            return Err(bad("verdict", v, format!("one of {}", VERDICTS.join(", "))));
-        }
-        if let Some(p) = self.proto.as_deref().filter(|p| *p != "tcp" && *p != "udp") {
-            return Err(bad("proto", p, "tcp or udp".into()));
-        }
-        Ok(())
-    }
-
-    /// The query string. Every byte but letters, digits, `-._~/` is
-    /// `%XX`-encoded (the agent's `FlowFilter::parse` decodes them; a `+`
-    /// would be a space to it, a space or newline would break the request line).
-    pub fn query(&self) -> String {
-        let enc = |s: &str| {
-            s.bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
-                        char::from(b).to_string()
-                    }
-                    _ => format!("%{b:02X}"),
-                })
-                .collect::<String>()
-        };
-        [
-            ("service", &self.service),
-            ("pod", &self.pod),
-            ("verdict", &self.verdict),
-            ("proto", &self.proto),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.as_deref().map(|v| format!("{k}={}", enc(v))))
-        .collect::<Vec<_>>()
-        .join("&")
-    }
-
-    /// The request path.
-    pub fn path(&self) -> String {
-        match self.query() {
-            q if q.is_empty() => "/v1/flows".into(),
-            q => format!("/v1/flows?{q}"),
-        }
-    }
-}
+pub use netboot_contract::flows::{render, Flow, FlowFilter, Verdict};
 
 /// One line of the stream.
 #[derive(Clone, Debug, PartialEq)]
@@ -180,110 +83,10 @@ pub fn annotate_with(
     }
 }
 
-/// The fields [`render`] reads (datapath `Flow`; the rest are ignored).
-#[derive(Clone, Debug, Deserialize)]
-pub struct Flow {
-    /// Wall-clock ns since the Unix epoch.
-    pub time_unix_ns: u64,
-    /// `tcp` or `udp`.
-    pub proto: String,
-    /// The verdict's name.
-    pub verdict: String,
-    /// The client's network namespace cookie.
-    pub client_netns_cookie: u64,
-    /// The client pod's UID, when the agent found it from the cgroup.
-    #[serde(default)]
-    pub client_pod_uid: Option<String>,
-    /// Per-packet path: the client's address and port.
-    #[serde(default)]
-    pub client_ip: Option<IpAddr>,
-    /// Its port.
-    #[serde(default)]
-    pub client_port: Option<u16>,
-    /// Service id (rev-nat id).
-    pub service_id: u32,
-    /// `namespace/name` of the Service, when the agent knew it.
-    #[serde(default)]
-    pub service: Option<String>,
-    /// The Service port's name, when known and named.
-    #[serde(default)]
-    pub port_name: Option<String>,
-    /// The address the client asked for.
-    pub frontend_ip: IpAddr,
-    /// Its port.
-    pub frontend_port: u16,
-    /// The backend chosen.
-    #[serde(default)]
-    pub backend_id: Option<u32>,
-    /// Its address.
-    #[serde(default)]
-    pub backend_ip: Option<IpAddr>,
-    /// Its port.
-    #[serde(default)]
-    pub backend_port: Option<u16>,
-    /// `namespace/name` of the backend's pod.
-    #[serde(default)]
-    pub backend_pod: Option<String>,
-}
-
-impl Flow {
-    /// From a flow line's object.
-    pub fn from_map(m: &serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
-        Flow::deserialize(serde_json::Value::Object(m.clone())).map_err(|e| e.to_string())
-    }
-}
-
-fn addr(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-        IpAddr::V4(a) => format!("{a}:{port}"),
-    }
-}
-
-/// The datapath's `render`, prefixed with the node:
-/// `NODE  TIME  netns:COOKIE  →  ns/svc:port (VIP:port/proto)  →  pod ip:port  VERDICT`.
-pub fn render(node: &str, flow: &Flow) -> String {
-    render_with(node, flow, None)
-}
-
-/// As [`render`], naming the client `client_pod` (namespace/name) when
-/// known, else by its pod UID, else by its netns cookie.
-pub fn render_with(node: &str, flow: &Flow, client_pod: Option<&str>) -> String {
-    let secs = flow.time_unix_ns / 1_000_000_000;
-    let ms = (flow.time_unix_ns / 1_000_000) % 1000;
-    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    let fe = addr(flow.frontend_ip, flow.frontend_port);
-    let svc = match (&flow.service, &flow.port_name) {
-        (Some(s), Some(p)) => format!("{s}:{p} ({fe}/{})", flow.proto),
-        (Some(s), None) => format!("{s}:{} ({fe}/{})", flow.frontend_port, flow.proto),
-        _ => format!("service#{} ({fe}/{})", flow.service_id, flow.proto),
-    };
-    let be = match (flow.backend_ip, flow.backend_port) {
-        (Some(ip), Some(port)) => match &flow.backend_pod {
-            Some(p) => format!("{p} {}", addr(ip, port)),
-            None => format!(
-                "backend#{} {}",
-                flow.backend_id.unwrap_or(0),
-                addr(ip, port)
-            ),
-        },
-        _ => "-".into(),
-    };
-    let client = match (
-        client_pod,
-        &flow.client_pod_uid,
-        flow.client_ip,
-        flow.client_port,
-    ) {
-        (Some(p), ..) => p.to_string(),
-        (None, Some(uid), ..) => format!("pod-uid:{uid}"),
-        (None, None, Some(ip), Some(port)) => addr(ip, port),
-        _ => format!("netns:{}", flow.client_netns_cookie),
-    };
-    format!(
-        "{node}  {h:02}:{m:02}:{s:02}.{ms:03}  {client}  →  {svc}  →  {be}  {}",
-        flow.verdict.to_ascii_uppercase()
-    )
+/// The record of a flow line's object ([`classify`]); Err: why it is not
+/// one (a required field missing or of the wrong type, an unknown verdict).
+pub fn flow_from_map(m: &serde_json::Map<String, serde_json::Value>) -> Result<Flow, String> {
+    Flow::deserialize(serde_json::Value::Object(m.clone())).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -304,61 +107,25 @@ mod tests {
     }
 
     #[test]
-    fn query_encodes_like_the_agent_and_skips_unset_filters() {
-        assert_eq!(FlowQuery::default().path(), "/v1/flows");
-        let q = FlowQuery {
+    fn the_query_is_the_contracts_and_skips_unset_filters() {
+        assert_eq!(FlowFilter::default().path(), "/v1/flows");
+        let q = FlowFilter {
             service: Some("shop/web".into()),
             pod: Some("shop/a&b=c%+ \n".into()),
-            verdict: Some("refused".into()),
+            verdict: Some(Verdict::Refused),
             proto: Some("tcp".into()),
         };
         assert_eq!(
             q.path(),
             "/v1/flows?service=shop/web&pod=shop/a%26b%3Dc%25%2B%20%0A&verdict=refused&proto=tcp"
         );
-        let only = FlowQuery {
-            verdict: Some("affinity-hit".into()),
-            ..FlowQuery::default()
+        // What the agent parses back.
+        assert_eq!(FlowFilter::parse(&q.query()), Ok(q));
+        let only = FlowFilter {
+            verdict: Some(Verdict::AffinityHit),
+            ..FlowFilter::default()
         };
         assert_eq!(only.query(), "verdict=affinity-hit");
-    }
-
-    #[test]
-    fn filters_the_agent_would_refuse_fail_before_connecting() {
-        let q = |f: fn(&mut FlowQuery)| {
-            let mut q = FlowQuery::default();
-            f(&mut q);
-            q.validate().map_err(|e| e.to_string())
-        };
-        assert_eq!(q(|_| {}), Ok(()));
-        assert_eq!(q(|q| q.service = Some("shop/web".into())), Ok(()));
-        assert_eq!(
-            q(|q| q.service = Some("web".into())),
-            Err("--service web: namespace/name".into())
-        );
-        assert_eq!(
-            q(|q| q.pod = Some("a/b/c".into())),
-            Err("--pod a/b/c: namespace/name".into())
-        );
-        assert_eq!(
-            q(|q| q.pod = Some("/b".into())),
-            Err("--pod /b: namespace/name".into())
-        );
-        assert_eq!(
-            q(|q| q.verdict = Some("dropped".into())),
-            Err("--verdict dropped: one of translated, affinity-hit, refused, error, observed, source-range".into())
-        );
-        assert_eq!(
-            q(|q| q.proto = Some("sctp".into())),
-            Err("--proto sctp: tcp or udp".into())
-        );
-        for v in VERDICTS {
-            let q = FlowQuery {
-                verdict: Some(v.into()),
-                ..FlowQuery::default()
-            };
-            assert_eq!(q.validate(), Ok(()), "{v}");
-        }
     }
 
     #[test]
@@ -406,27 +173,35 @@ mod tests {
     #[test]
     fn text_output_is_the_datapath_rendering_prefixed_with_the_node() {
         let lines = [TRANSLATED, REFUSED]
-            .map(|l| render("node-1", &Flow::from_map(&flow(l)).unwrap()))
+            .map(|l| render(&flow_from_map(&flow(l)).unwrap(), Some("node-1"), None))
             .join("\n");
         insta::assert_snapshot!(lines);
         let no_pod = TRANSLATED.replace(r#","backend_pod":"shop/web-1""#, "");
         let no_port_name = no_pod.replace(r#","port_name":"http""#, "");
-        let line = render("n", &Flow::from_map(&flow(&no_port_name)).unwrap());
+        let line = render(
+            &flow_from_map(&flow(&no_port_name)).unwrap(),
+            Some("n"),
+            None,
+        );
         assert!(
             line.ends_with(
                 "→  shop/web:80 (10.96.0.10:80/tcp)  →  backend#9 10.0.1.5:8080  TRANSLATED"
             ),
             "{line}"
         );
-        assert!(Flow::from_map(&flow(r#"{"verdict":"refused"}"#)).is_err());
+        assert!(flow_from_map(&flow(r#"{"verdict":"refused"}"#)).is_err());
+        // A verdict this build does not know: not a flow for the text form
+        // (-o json passes it through).
+        assert!(flow_from_map(&flow(&TRANSLATED.replace("translated\"", "rerouted\""))).is_err());
         // The client: its pod's name, else its UID, else its netns.
         let with_uid = TRANSLATED.replace(
             r#""client_cgroup_id":77,"#,
             r#""client_cgroup_id":77,"client_pod_uid":"3f2b8c1e-5d4a-4b7e-9c0f-1a2b3c4d5e6f","#,
         );
-        let f = Flow::from_map(&flow(&with_uid)).unwrap();
-        assert!(render_with("n", &f, Some("shop/client")).contains("  shop/client  →  "));
-        assert!(render("n", &f).contains("  pod-uid:3f2b8c1e-5d4a-4b7e-9c0f-1a2b3c4d5e6f  →  "));
+        let f = flow_from_map(&flow(&with_uid)).unwrap();
+        assert!(render(&f, Some("n"), Some("shop/client")).contains("  shop/client  →  "));
+        assert!(render(&f, Some("n"), None)
+            .contains("  pod-uid:3f2b8c1e-5d4a-4b7e-9c0f-1a2b3c4d5e6f  →  "));
         let j = annotate_with(&with_uid, &flow(&with_uid), "n", Some("shop/client"));
         assert!(
             j.starts_with(r#"{"node":"n","client_pod":"shop/client","time_unix_ns""#),

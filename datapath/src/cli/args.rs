@@ -129,7 +129,7 @@ pub struct MonitorArgs {
     /// Only flows to this backend pod (namespace/name).
     #[arg(long, value_name = "NS/NAME")]
     pub pod: Option<String>,
-    /// Only flows with this verdict (translated, affinity-hit, refused, error, observed, source-range).
+    /// Only flows with this verdict (translated, affinity-hit, refused, error, observed, source-range, denied, terminated).
     #[arg(long)]
     pub verdict: Option<String>,
     /// Only this protocol (tcp, udp).

@@ -4,43 +4,28 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use netboot_datapath::flows::{render, Flow, FlowFilter, Verdict};
+use netboot_datapath::flows::{render, Flow, FlowFilter};
 use netboot_datapath::http::{self, HttpError};
 
 use super::args::{MonitorArgs, Output};
 use super::CliError;
 
-/// The filters the flags ask for (checked here, so a typo fails before connecting).
+/// The filters the flags ask for (checked here, as the agent checks the
+/// query, so a typo fails before connecting).
 pub fn filter(a: &MonitorArgs) -> Result<FlowFilter, CliError> {
-    let verdict = match &a.verdict {
-        None => None,
-        Some(v) => Some(Verdict::parse(v).ok_or_else(|| {
-            CliError::Usage(format!(
-                "--verdict {v}: one of {}",
-                Verdict::ALL.map(Verdict::name).join(", ")
-            ))
-        })?),
-    };
-    if let Some(p) = a.proto.as_deref().filter(|p| *p != "tcp" && *p != "udp") {
-        return Err(CliError::Usage(format!("--proto {p}: tcp or udp")));
-    }
-    for (flag, v) in [("--service", &a.service), ("--pod", &a.pod)] {
-        if let Some(v) = v.as_deref().filter(|v| v.split('/').count() != 2) {
-            return Err(CliError::Usage(format!("{flag} {v}: namespace/name")));
-        }
-    }
-    Ok(FlowFilter {
-        service: a.service.clone(),
-        pod: a.pod.clone(),
-        verdict,
-        proto: a.proto.clone(),
-    })
+    FlowFilter::from_flags(
+        a.service.as_deref(),
+        a.pod.as_deref(),
+        a.verdict.as_deref(),
+        a.proto.as_deref(),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// Streams flows until interrupted, the agent ends the stream, or `--count`.
 pub async fn run(a: MonitorArgs) -> Result<ExitCode, CliError> {
     let f = filter(&a)?;
-    let path = format!("/v1/flows?{}", f.query());
+    let path = f.path();
     let mut seen = 0u64;
     let mut out = std::io::stdout().lock();
     let res = http::get_lines(&a.agent, &path, |line| {
@@ -56,7 +41,7 @@ pub async fn run(a: MonitorArgs) -> Result<ExitCode, CliError> {
         let ok = match a.output {
             Output::Json => writeln!(out, "{line}").is_ok(),
             Output::Text => match serde_json::from_str::<Flow>(line) {
-                Ok(flow) => writeln!(out, "{}", render(&flow)).is_ok(),
+                Ok(flow) => writeln!(out, "{}", render(&flow, None, None)).is_ok(),
                 Err(e) => {
                     eprintln!("monitor: unreadable flow ({e}): {line}");
                     true

@@ -307,6 +307,10 @@ pub enum ClientOp {
     TcpFromPorts { addr: SocketAddrV4, ports: Vec<u16> },
     /// `count` datagrams, each from a new unconnected socket.
     UdpNewSocket { addr: SocketAddrV4, count: u32 },
+    /// connect() of an ICMP echo ("ping") socket: a protocol the socket LB
+    /// does not balance (the netns's `ping_group_range` is opened to gid 0
+    /// first). `ok`: the connect succeeded.
+    PingConnect { addr: SocketAddrV4 },
     /// TCP connects every `interval_ms` for `duration_ms`.
     TcpLoop {
         addr: SocketAddrV4,
@@ -322,8 +326,14 @@ pub enum ClientOp {
     /// each get a reply; prints `NBT-READY <backend>` and waits for the
     /// connected one to fail. Results: [connected first reply, connected
     /// failure (errno, `mono_ns` when seen), unconnected after the failure,
-    /// reconnect, unconnected before].
-    UdpTerm { addr: SocketAddr },
+    /// reconnect, unconnected before], then one reply on each socket
+    /// connected to a `direct` address (a backend's own, not through the
+    /// Service) after the failure.
+    UdpTerm {
+        addr: SocketAddr,
+        #[serde(default)]
+        direct: Vec<SocketAddr>,
+    },
     /// A request/reply every `interval_ms` for `duration_ms`, each from a new
     /// unconnected UDP socket (`peer`: the reply's source).
     UdpLoop {
@@ -494,10 +504,18 @@ fn udp_connected_once(s: &UdpSocket) -> Attempt {
     }
 }
 
-fn udp_term(addr: SocketAddr) -> Vec<Attempt> {
+fn udp_term(addr: SocketAddr, direct: &[SocketAddr]) -> Vec<Attempt> {
     let conn = udp_sock_for(addr);
     conn.connect(addr).expect("udp connect");
     let first = udp_connected_once(&conn);
+    let direct: Vec<UdpSocket> = direct
+        .iter()
+        .map(|d| {
+            let s = udp_sock_for(*d);
+            s.connect(d).expect("udp connect (direct)");
+            s
+        })
+        .collect();
     let unconn = udp_sock_for(addr);
     let before = udp_once(&unconn, addr);
     println!("NBT-READY {}", first.name);
@@ -516,7 +534,49 @@ fn udp_term(addr: SocketAddr) -> Vec<Attempt> {
         Ok(()) => udp_connected_once(&conn2),
         Err(e) => failed(errno_of(&e)),
     };
-    vec![first, err, again, re, before]
+    let mut out = vec![first, err, again, re, before];
+    out.extend(direct.iter().map(udp_connected_once));
+    out
+}
+
+/// See [`ClientOp::PingConnect`].
+fn ping_connect(addr: SocketAddrV4) -> Attempt {
+    // This netns only (the helper runs inside the test's client netns).
+    std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 0").expect("ping_group_range");
+    let t = Instant::now();
+    // SAFETY: plain socket calls on an fd we own and close; `sa` outlives connect.
+    let errno = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP);
+        assert!(fd >= 0, "ping socket: {}", std::io::Error::last_os_error());
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            std::ptr::from_ref(&sa).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let e = if rc == 0 {
+            0
+        } else {
+            errno_of(&std::io::Error::last_os_error())
+        };
+        libc::close(fd);
+        e
+    };
+    Attempt {
+        ok: errno == 0,
+        name: String::new(),
+        peer: addr.to_string(),
+        errno,
+        micros: t.elapsed().as_micros() as u64,
+        mono_ns: 0,
+    }
 }
 
 /// See [`ClientOp::Hold`].
@@ -659,7 +719,7 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
             let s = udp_sock_for(addr);
             (0..count).map(|_| udp_once(&s, addr)).collect()
         }
-        ClientOp::UdpTerm { addr } => udp_term(addr),
+        ClientOp::UdpTerm { addr, direct } => udp_term(addr, &direct),
         ClientOp::UdpLoop {
             addr,
             duration_ms,
@@ -682,6 +742,7 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
         ClientOp::TcpFromPorts { addr, ports } => {
             ports.iter().map(|p| tcp_from_port(addr, *p)).collect()
         }
+        ClientOp::PingConnect { addr } => vec![ping_connect(addr)],
         ClientOp::UdpNewSocket { addr, count } => {
             (0..count).map(|_| udp_once(&udp_sock(), addr)).collect()
         }

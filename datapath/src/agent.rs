@@ -291,6 +291,8 @@ pub struct AgentState {
     /// Service id → (frontend name `ns/name:port`, frontend address), as of
     /// the last pass that wrote the maps (only with `service_metrics`).
     svc_labels: Mutex<Arc<BTreeMap<u32, (String, String)>>>,
+    /// The steps of this start ([`crate::startup`]), shared with the watchers.
+    startup: Arc<crate::startup::Timeline>,
 }
 
 impl AgentState {
@@ -335,6 +337,7 @@ impl AgentState {
 impl StatusSource for AgentState {
     fn status(&self) -> Status {
         let mut s = self.get();
+        s.startup = self.startup.get();
         s.kube_proxy = self.kube_proxy.get().0;
         s.kube_proxy_cleanup =
             kube_proxy::decide(self.replace, self.cleanup, s.ready, s.kube_proxy);
@@ -410,6 +413,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tracing::info!(upgrade = ?report.upgrade, "{layout_upgrade}");
     }
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
+    let watched = Arc::new(Watched::default());
+    watched.startup.mark(|s| &mut s.datapath_installed_ms);
     crate::conntrack::set_timeouts(&opts.pins, &cfg.conntrack)?;
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
     let (mut term, term_status) = match SockTerm::load(&opts.pins) {
@@ -475,8 +480,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         flows: Mutex::new(None),
         service_metrics: cfg.service_metrics,
         svc_labels: Mutex::new(Arc::new(BTreeMap::new())),
+        startup: watched.startup.clone(),
     });
-    let watched = Arc::new(Watched::default());
     let flows = {
         let w = watched.clone();
         crate::flows::FlowHub::with_client_pods(
@@ -821,6 +826,7 @@ async fn reconcile_loop(
         }
         // Devices first: what is served decides the pass's unserved Services.
         np.sync(watched, state);
+        watched.startup.mark(|s| &mut s.first_pass_ms);
         let t = Instant::now();
         pass_started = t;
         let pass = tokio::task::block_in_place(|| {
@@ -1018,7 +1024,8 @@ async fn reconcile_loop(
                     s.watch_errors = watched.errors.load(Ordering::Relaxed);
                 });
                 if became_ready {
-                    tracing::info!("initial sync complete");
+                    watched.startup.mark(|s| &mut s.synced_ms);
+                    tracing::info!(startup = %watched.startup.get().line(), "initial sync complete");
                 }
                 if ready_changed {
                     state.ready_changed.notify_one();

@@ -8,6 +8,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    netboot_datapath::startup::begin();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -250,6 +250,9 @@ pub struct Status {
     /// (`upgrade::UpgradeReport::describe`); empty when nothing.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub layout_upgrade: String,
+    /// When each step of this agent's start finished ([`crate::startup`]).
+    #[serde(default)]
+    pub startup: crate::startup::Startup,
     /// Per-outcome BPF counters.
     pub counters: Vec<Counter>,
     /// Per-Service counters, one row per programmed frontend with traffic;
@@ -624,6 +627,10 @@ impl Status {
                 let _ = writeln!(s, "  Zone:                 {}", self.zone);
             }
             let _ = writeln!(s, "  Maps reused at start: {}", yes(self.maps_reused));
+            let startup = self.startup.line();
+            if !startup.is_empty() {
+                let _ = writeln!(s, "  Startup:              {startup}");
+            }
             if !self.layout_upgrade.is_empty() {
                 let _ = writeln!(s, "  Layout upgrade:       {}", self.layout_upgrade);
             }

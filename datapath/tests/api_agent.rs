@@ -308,6 +308,42 @@ fn agent_against_a_real_api_server() {
         serde_json::from_str(&body).expect("status json")
     };
     let agent_log = |name: &str| std::fs::read_to_string(d.join(name)).unwrap_or_default();
+    // The agent's account of its start: every step, in the order they depend on.
+    let s = st();
+    let step = |k: &str| {
+        s["startup"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("startup.{k} missing: {s}"))
+    };
+    assert!(s["startup"]["servicesListed"].as_u64() >= Some(1), "{s}");
+    assert!(step("datapathInstalledMs") <= step("firstPassMs"), "{s}");
+    assert!(step("servicesListedMs") <= step("firstPassMs"), "{s}");
+    assert!(step("endpointSlicesListedMs") <= step("firstPassMs"), "{s}");
+    assert!(step("nodeReadMs") <= step("firstPassMs"), "{s}");
+    assert!(step("firstPassMs") <= step("syncedMs"), "{s}");
+    // Without the colours tracing may write.
+    let log: String = {
+        let raw = agent_log("agent.log");
+        let mut out = String::with_capacity(raw.len());
+        let mut esc = false;
+        for c in raw.chars() {
+            match (esc, c) {
+                (false, '\x1b') => esc = true,
+                (true, 'm') => esc = false,
+                (true, _) => {}
+                (false, c) => out.push(c),
+            }
+        }
+        out
+    };
+    assert!(
+        log.contains("listed kind=Service ") && log.contains("listed kind=EndpointSlice "),
+        "no list lines in the agent log:\n{log}"
+    );
+    assert!(
+        log.contains("initial sync complete startup=synced at "),
+        "{log}"
+    );
     wait_for("kube-proxy known absent", Duration::from_secs(15), || {
         st()["kubeProxy"] == "absent"
     });

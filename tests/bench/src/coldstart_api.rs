@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::cleanup::TmpDir;
 use crate::programming::{self, ENDPOINTS, NODES};
+use netboot_datapath::startup::Startup;
 use netboot_harness::controlplane::ControlPlane;
 
 /// Longest a start may take.
@@ -49,6 +50,10 @@ pub struct Start {
     pub rss_mib: f64,
     /// VmHWM at that moment, MiB.
     pub hwm_mib: f64,
+    /// The agent's own account of its start (`/v1/status` `startup`;
+    /// None from an agent that predates it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup: Option<Startup>,
 }
 
 /// One agent at one size.
@@ -108,10 +113,17 @@ fn one_start(
         if r.programmed()? >= n as usize {
             let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
             let (rss_mib, hwm_mib) = status_mib(r.pid);
+            let startup = r
+                .get("/v1/status")
+                .and_then(|(c, b)| (c == 200).then_some(b))
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|mut v| serde_json::from_value::<Startup>(v["startup"].take()).ok())
+                .filter(|s| s.synced_ms.is_some());
             return Ok(Start {
                 ready_ms,
                 rss_mib,
                 hwm_mib,
+                startup,
             });
         }
         if t.elapsed() > READY_TIMEOUT {
@@ -241,6 +253,44 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(out, "\n{}: {e}\n", row.agent);
         }
     }
+    let phases: Vec<&Row> = r
+        .rows
+        .iter()
+        .filter(|row| !row.starts.is_empty() && row.starts.iter().all(|s| s.startup.is_some()))
+        .collect();
+    if !phases.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nWhere the start went, from the agent's own `/v1/status` `startup` (ms since the agent began, median of the starts; the lists and the Node read run at once, so these are points on one time line):\n\n| Services | agent | datapath installed | Services listed | EndpointSlices listed | Node read | first pass began | synced |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for row in phases {
+            let m = |f: fn(&Startup) -> Option<u64>| -> String {
+                let xs: Vec<f64> = row
+                    .starts
+                    .iter()
+                    .filter_map(|s| s.startup.as_ref().and_then(f))
+                    .map(|v| v as f64)
+                    .collect();
+                if xs.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.0}", median(xs))
+                }
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                row.services,
+                row.agent,
+                m(|s| s.datapath_installed_ms),
+                m(|s| s.services_listed_ms),
+                m(|s| s.endpoint_slices_listed_ms),
+                m(|s| s.node_read_ms),
+                m(|s| s.first_pass_ms),
+                m(|s| s.synced_ms),
+            );
+        }
+    }
     for (n, s) in &r.api_fill_s {
         let _ = writeln!(out, "\nAPI filled with {n} Services in {s:.1} s.");
     }
@@ -269,6 +319,12 @@ mod tests {
             ready_ms: ms,
             rss_mib: 40.0,
             hwm_mib: 50.0,
+            startup: Some(Startup {
+                datapath_installed_ms: Some(ms as u64 / 10),
+                services_listed_ms: Some(ms as u64 / 2),
+                synced_ms: Some(ms as u64 - 5),
+                ..Default::default()
+            }),
         };
         let r = Report {
             rows: vec![
@@ -294,5 +350,11 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 10000 | old | 0 | not ready | | |"), "{md}");
+        // The agent's own account: medians, – for a step none reported.
+        assert!(
+            md.contains("| 10000 | new | 80 | 400 | – | – | – | 795 |"),
+            "{md}"
+        );
+        assert_eq!(md.matches("| 10000 | old |").count(), 1, "{md}");
     }
 }

@@ -378,7 +378,7 @@ impl Running {
         SocketAddr::from(([127, 0, 0, 1], METRICS_PORT))
     }
 
-    fn get(&self, path: &str) -> Option<(u16, String)> {
+    pub(crate) fn get(&self, path: &str) -> Option<(u16, String)> {
         let addr = Self::metrics_addr();
         let path = path.to_string();
         netboot_harness::netns::in_netns(&self.ns.name, move || {

@@ -114,7 +114,7 @@ fn read_annotations<'de, D: Deserializer<'de>>(
         }
         fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
             let mut kept = BTreeMap::new();
-            // Keys borrow from the input when they can (no escapes).
+            // The values of the annotations not read are skipped unparsed.
             while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
                 if read_annotation(&k) {
                     kept.insert(k.into_owned(), m.next_value::<String>()?);

@@ -866,8 +866,9 @@ where
             Ok(Event::InitDone) => {
                 let full = buffer.take().unwrap_or_default();
                 let (kind, objects) = (K::kind(&()), full.len());
-                shared.with(|s| K::replace(s, full));
+                // Recorded first: the swap may start the first pass at once.
                 shared.startup.listed(&kind, objects);
+                shared.with(|s| K::replace(s, full));
                 let took_ms = list_began.elapsed().as_millis() as u64;
                 if lists == 0 {
                     tracing::info!(%kind, objects, took_ms, "listed");

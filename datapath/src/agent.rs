@@ -379,6 +379,27 @@ impl StatusSource for AgentState {
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let cfg = opts.config.clone();
     let replace = cfg.kube_proxy_replacement;
+    let watched = Arc::new(Watched::default());
+    let mut tasks = Vec::new();
+    // Watching: the first pass waits for the Node's zone (zone hints).
+    watched.set_node(&opts.node_name, opts.static_services.is_none());
+    // The lists begin before the datapath is installed: they wait on the
+    // API server, the install on the kernel's verifier, and a cold start
+    // needs both (`netboot-bench coldstart-api`). The stores only fill;
+    // the first pass runs once the datapath is in.
+    let client = match &opts.static_services {
+        Some(_) => None,
+        None => {
+            let c = crate::client::build(opts.kubeconfig.as_deref(), &cfg.api_url()).await?;
+            tasks.extend(watch::spawn(c.clone(), watched.clone()));
+            tasks.push(watch::spawn_node(
+                c.clone(),
+                watched.clone(),
+                opts.node_name.clone(),
+            ));
+            Some(c)
+        }
+    };
     // hostNamespaceOnly is set only once the pod interfaces carry their
     // programs (pod_ifaces.rs): until then pods are socket-balanced.
     let report = loader::install_with(
@@ -413,7 +434,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tracing::info!(upgrade = ?report.upgrade, "{layout_upgrade}");
     }
     tracing::info!(links = ?report.links, maps_reused = report.maps_reused, replace, "datapath installed");
-    let watched = Arc::new(Watched::default());
     watched.startup.mark(|s| &mut s.datapath_installed_ms);
     crate::conntrack::set_timeouts(&opts.pins, &cfg.conntrack)?;
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
@@ -519,30 +539,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         )));
     }
 
-    let mut tasks = Vec::new();
-    // Watching: the first pass waits for the Node's zone (zone hints).
-    watched.set_node(&opts.node_name, opts.static_services.is_none());
-    let client = match &opts.static_services {
-        Some(p) => {
-            watched.load_static(p)?;
-            None
-        }
-        None => {
-            let c = crate::client::build(opts.kubeconfig.as_deref(), &cfg.api_url()).await?;
-            tasks.extend(watch::spawn(c.clone(), watched.clone()));
-            tasks.push(watch::spawn_node(
-                c.clone(),
-                watched.clone(),
-                opts.node_name.clone(),
-            ));
-            tasks.push(kube_proxy::spawn(
-                c.clone(),
-                state.kube_proxy.clone(),
-                watched.clone(),
-            ));
-            Some(c)
-        }
-    };
+    if let Some(p) = &opts.static_services {
+        watched.load_static(p)?;
+    }
+    if let Some(c) = &client {
+        tasks.push(kube_proxy::spawn(
+            c.clone(),
+            state.kube_proxy.clone(),
+            watched.clone(),
+        ));
+    }
     tasks.push(tokio::spawn(conntrack_loop(state.clone())));
     spawn_pod_ifaces(
         crate::pod_ifaces::PodIfaces::new(

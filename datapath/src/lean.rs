@@ -15,7 +15,9 @@
 //! datapath reads is decoded with the k8s-openapi types themselves.
 //!
 //! They are k8s-openapi resources of their own (same group, version, kind
-//! and URL), so kube's `Api` and watcher list and watch them as usual.
+//! and URL), so kube's `Api` watches them as usual. Lists come in protobuf
+//! ([`crate::pb`], [`crate::listwatch`]) and are decoded with this only
+//! when an API server answers them in JSON.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -151,3 +151,42 @@ fn a_map_filling_up_mid_batch_programs_what_a_single_write_pass_does() {
         Reconciler::recover(KernelMaps::open(&batched._pins.pins).expect("open")).expect("recover");
     assert_eq!(again.programmed(), batched.recon.programmed());
 }
+
+#[test]
+fn a_cold_start_at_two_thread_sizes_programs_what_single_writes_do() {
+    require_privileges();
+    // Runs over TWO_THREADS_FROM: 1,800 IPv4 frontends of 1 + 5 slots
+    // (10,800 service entries) and 9,000 IPv4 backends. The backends fit
+    // and go over two threads; the service map has room for 9,000 and
+    // fills up, so it stays on one thread.
+    const { assert!(10_800 > netboot_datapath::maps::kernel::TWO_THREADS_FROM) };
+    let sizes = MapSizes {
+        services: 9_000,
+        backends: 32_768,
+        affinity: 1024,
+        reverse_nat: 4096,
+    };
+    let mut batched = side("cs-batch-2b", &sizes, true);
+    let mut single = side("cs-batch-2s", &sizes, false);
+    let t = table(2000, 5, 0);
+    batched.recon.reconcile(&t).expect("batched pass");
+    single.recon.reconcile(&t).expect("single pass");
+    assert!(
+        !batched.recon.pressure().is_empty(),
+        "the service map must fill up"
+    );
+    assert_eq!(batched.recon.pressure(), single.recon.pressure());
+    let (da, db) = (
+        batched.recon.maps().dump().expect("dump"),
+        single.recon.maps().dump().expect("dump"),
+    );
+    assert_eq!(da.render(), db.render());
+    assert_eq!(
+        da.backends.len() + da.backends6.len(),
+        10_000,
+        "every backend written"
+    );
+    let again =
+        Reconciler::recover(KernelMaps::open(&batched._pins.pins).expect("open")).expect("recover");
+    assert_eq!(again.programmed(), batched.recon.programmed());
+}

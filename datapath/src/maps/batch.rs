@@ -101,6 +101,21 @@ pub fn syscall<K, V>(
     }
 }
 
+/// Writes all of `keys[range]` (and `values`) in [`CHUNK`]s; false at the
+/// first element that fails (how many were written is not reported: the
+/// caller writes the whole range again).
+pub fn syscall_all<K, V>(fd: RawFd, keys: &[K], values: Option<&[V]>, range: Range<usize>) -> bool {
+    let mut i = range.start;
+    while i < range.end {
+        let end = range.end.min(i.saturating_add(CHUNK));
+        match syscall(fd, keys, values, i..end) {
+            (done, None) if done > 0 => i += done,
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Whether `errno`, before any element was written, means the kernel or
 /// map type has no batch operation.
 fn unsupported(errno: i32) -> bool {

@@ -46,6 +46,10 @@ pub struct KernelMaps {
     /// The kernel took batch writes so far (cleared on the first
     /// EINVAL/ENOTSUP: single writes from then on).
     batches: bool,
+    /// Every batched map was empty when opened (a cold start).
+    cold: bool,
+    /// By batched map: (name, max_entries, updates written since opened).
+    room: Vec<(&'static str, u32, u64)>,
 }
 
 fn open(pins: &Pins, name: &'static str) -> Result<Map, MapsError> {
@@ -146,7 +150,46 @@ impl KernelMaps {
                 })
                 .collect::<Result<_, _>>()?,
             batches: true,
-        })
+            cold: false,
+            room: Vec::new(),
+        }
+        .with_room())
+    }
+
+    /// Notes whether the batched maps are empty and how large they are
+    /// (see [`TWO_THREADS_FROM`]).
+    fn with_room(mut self) -> Self {
+        self.cold = self.services.keys().next().is_none()
+            && self.services6.keys().next().is_none()
+            && self.backends.keys().next().is_none()
+            && self.backends6.keys().next().is_none()
+            && self.revnat.keys().next().is_none()
+            && self.revnat6.keys().next().is_none()
+            && self.aff_match.keys().next().is_none();
+        self.room = self
+            .raw
+            .iter()
+            .map(|(n, d)| (*n, d.info().map(|i| i.max_entries()).unwrap_or(0), 0))
+            .collect();
+        self
+    }
+
+    /// Whether `n` more updates of `map` surely fit: on a cold start the
+    /// updates written so far bound the entries from above.
+    fn surely_fits(&self, map: &str, n: usize) -> bool {
+        self.cold
+            && self
+                .room
+                .iter()
+                .find(|(name, ..)| *name == map)
+                .is_some_and(|(_, max, written)| written + n as u64 <= u64::from(*max))
+    }
+
+    /// Counts `n` updates of `map` (whether written or not: an upper bound).
+    fn count_updates(&mut self, map: &str, n: usize) {
+        if let Some(r) = self.room.iter_mut().find(|(name, ..)| *name == map) {
+            r.2 += n as u64;
+        }
     }
 
     /// Per-Service counters, summed over CPUs, by service id (empty when
@@ -188,6 +231,9 @@ impl KernelMaps {
             Some(w) => w.kind().0,
             None => return Ok(()),
         };
+        if !run[0].kind().1 {
+            self.count_updates(map, run.len());
+        }
         let fd = match self.raw_fd(map) {
             Some(fd) if run.len() > 1 && self.batches => fd,
             _ => return self.singles(run),
@@ -231,7 +277,7 @@ impl KernelMaps {
         )
     }
 
-    fn batched<K, V>(
+    fn batched<K: Sync, V: Sync>(
         &mut self,
         run: &[MapWrite],
         fd: RawFd,
@@ -242,6 +288,18 @@ impl KernelMaps {
             return self.singles(run);
         }
         let (map, delete) = run[0].kind();
+        if let (Some(v), Some(mid)) = (values, halves(run)) {
+            // Only where no write can fail for room: then a half can stop
+            // only on an unsupported batch (nothing written) or a fault, and
+            // the run is written again, one thread, below (updates written
+            // twice are written once; a frontend a half left incomplete has
+            // no slot 0 yet, so the datapath never saw it). A full map stays
+            // on one thread, so the frontends before the full point are the
+            // ones programmed, as with single writes.
+            if self.batches && self.surely_fits(map, 0) && two_threads(fd, keys, v, mid) {
+                return Ok(());
+            }
+        }
         let mut batches = self.batches;
         let mut failed: Option<MapsError> = None;
         let r = batch::run(
@@ -340,6 +398,44 @@ impl KernelMaps {
         }
         Ok(n)
     }
+}
+
+/// Update runs at least this long are written by two threads at once, on
+/// a cold start (every batched map empty when opened) while the updates
+/// written since surely fit the map (`max_entries`).
+/// The first pass at 10,000 Services × 10 endpoints is ~320,000 updates,
+/// half of its time in the kernel's hash-map insert
+/// (`htab_map_update_elem`, `perf`); the buckets have their own locks, so
+/// two threads on one map do not wait on each other.
+pub const TWO_THREADS_FROM: usize = 8192;
+
+/// Where to split an update run in two, or None (too short). In the
+/// service map the split falls after a slot 0: a frontend's slots come
+/// before its slot 0 in the run ([`crate::reconcile`]), so each frontend
+/// is written whole by one thread, in its order.
+fn halves(run: &[MapWrite]) -> Option<usize> {
+    if run.len() < TWO_THREADS_FROM {
+        return None;
+    }
+    let frontend_end = |w: &MapWrite| match w {
+        MapWrite::Service(k, _) => k.backend_slot == 0,
+        MapWrite::Service6(k, _) => k.backend_slot == 0,
+        _ => true,
+    };
+    let mid = run.len() / 2;
+    (mid..run.len())
+        .find(|&i| frontend_end(&run[i - 1]))
+        .filter(|&i| i < run.len())
+}
+
+/// Writes `keys[..mid]` on this thread and `keys[mid..]` on another, at
+/// once; true when both halves were written whole.
+fn two_threads<K: Sync, V: Sync>(fd: RawFd, keys: &[K], values: &[V], mid: usize) -> bool {
+    std::thread::scope(|s| {
+        let second = s.spawn(|| batch::syscall_all(fd, keys, Some(values), mid..keys.len()));
+        let first = batch::syscall_all(fd, keys, Some(values), 0..mid);
+        first && second.join().unwrap_or(false)
+    })
 }
 
 impl LbMaps for KernelMaps {

@@ -24,6 +24,8 @@ use serde::Serialize;
 
 use crate::cleanup::TmpDir;
 use crate::programming::{self, ENDPOINTS, NODES};
+use netboot_datapath::lean::{LeanService, LeanSlice};
+use netboot_datapath::listwatch::{self, Encoding, Listable};
 use netboot_datapath::startup::Startup;
 use netboot_harness::controlplane::ControlPlane;
 
@@ -76,8 +78,75 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// Seconds the API took to hold each size's objects.
     pub api_fill_s: Vec<(u32, f64)>,
+    /// The lists alone, by encoding and page size.
+    pub lists: Vec<ListCost>,
     /// Wall time, s.
     pub duration_s: f64,
+}
+
+/// One way of listing, timed alone (in this process, one list at a time).
+#[derive(Clone, Debug, Serialize)]
+pub struct ListCost {
+    /// Services in the API.
+    pub services: u32,
+    /// "protobuf" or "json".
+    pub encoding: &'static str,
+    /// Objects per page.
+    pub page: u32,
+    /// Milliseconds to list every Service, each time.
+    pub services_ms: Vec<f64>,
+    /// Milliseconds to list every EndpointSlice, each time.
+    pub slices_ms: Vec<f64>,
+}
+
+/// Lists every `K` in pages of `limit` the agent's way; milliseconds.
+async fn list_ms<K: Listable>(c: &kube::Client, enc: Encoding, limit: u32) -> Result<f64> {
+    let t = Instant::now();
+    let mut token = None;
+    loop {
+        let p = listwatch::page::<K>(c, enc, limit, token).await?;
+        anyhow::ensure!(
+            p.protobuf == (enc == Encoding::Protobuf),
+            "the API server answered in another encoding than asked for"
+        );
+        token = p.continue_token;
+        if token.is_none() {
+            return Ok(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+}
+
+/// The agent's two lists alone, through its own list code (fetch and
+/// decode, no stores): JSON against protobuf, pages of 500 (kube-runtime's
+/// default) and of the agent's 5,000, alternated, 3 times each.
+async fn list_costs(c: &kube::Client, n: u32) -> Result<Vec<ListCost>> {
+    let mut out: Vec<ListCost> = Vec::new();
+    let ways = [Encoding::Json, Encoding::Protobuf];
+    for enc in ways {
+        for page in [500, 5000] {
+            out.push(ListCost {
+                services: n,
+                encoding: if enc == Encoding::Json {
+                    "json"
+                } else {
+                    "protobuf"
+                },
+                page,
+                services_ms: Vec::new(),
+                slices_ms: Vec::new(),
+            });
+        }
+    }
+    for _ in 0..3 {
+        for (i, row) in out.iter_mut().enumerate() {
+            let enc = ways[i / 2];
+            row.services_ms
+                .push(list_ms::<LeanService>(c, enc, row.page).await?);
+            row.slices_ms
+                .push(list_ms::<LeanSlice>(c, enc, row.page).await?);
+        }
+    }
+    Ok(out)
 }
 
 fn status_mib(pid: u32) -> (f64, f64) {
@@ -162,6 +231,10 @@ pub fn run(o: &Options) -> Result<Report> {
         let fill = t.elapsed().as_secs_f64();
         eprintln!("coldstart-api: {n} Services x {ENDPOINTS} endpoints in the API in {fill:.1} s");
         report.api_fill_s.push((n, fill));
+        match rt.block_on(list_costs(&cp.client, n)) {
+            Ok(mut v) => report.lists.append(&mut v),
+            Err(e) => eprintln!("coldstart-api: timing the lists alone failed: {e:#}"),
+        }
         let mut rows: Vec<Row> = o
             .agents
             .iter()
@@ -291,6 +364,23 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
+    if !r.lists.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nThe two lists alone, through the agent's list code in the bench process (fetch and decode; one list at a time, so the API server has a core to itself), ms, median of 3:\n\n| Services | encoding | page | Services | EndpointSlices |\n|---:|---|---:|---:|---:|"
+        );
+        for l in &r.lists {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {:.0} |",
+                l.services,
+                l.encoding,
+                l.page,
+                median(l.services_ms.clone()),
+                median(l.slices_ms.clone())
+            );
+        }
+    }
     for (n, s) in &r.api_fill_s {
         let _ = writeln!(out, "\nAPI filled with {n} Services in {s:.1} s.");
     }
@@ -342,6 +432,13 @@ mod tests {
                 },
             ],
             api_fill_s: vec![(10_000, 61.0)],
+            lists: vec![ListCost {
+                services: 10_000,
+                encoding: "protobuf",
+                page: 5000,
+                services_ms: vec![90.0, 120.0, 100.0],
+                slices_ms: vec![200.0, 180.0, 400.0],
+            }],
             duration_s: 100.0,
         };
         let md = markdown(&r);
@@ -356,5 +453,10 @@ mod tests {
             "{md}"
         );
         assert_eq!(md.matches("| 10000 | old |").count(), 1, "{md}");
+        // The lists alone: medians.
+        assert!(
+            md.contains("| 10000 | protobuf | 5000 | 100 | 200 |"),
+            "{md}"
+        );
     }
 }

@@ -1,0 +1,272 @@
+//! The protobuf lists against a real API server: a varied set of Services
+//! and EndpointSlices listed in protobuf and in JSON, in pages of two,
+//! must leave the agent's stores the same (what it keeps of each object,
+//! its resourceVersion and its trigger time).
+//!
+//! Needs the cached kube-apiserver and etcd (tests/cluster/build), not
+//! root.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: fail loudly
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use netboot_datapath::latency;
+use netboot_datapath::lean::{LeanService, LeanSlice};
+use netboot_datapath::listwatch::{self, Encoding, Listable};
+use netboot_datapath::service::Svc;
+use netboot_datapath::slice::Slice;
+use netboot_harness::controlplane;
+
+const OBJECTS: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: lists}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: affinity
+  namespace: lists
+  labels: {service.kubernetes.io/service-proxy-name: other, app: x}
+  annotations: {service.kubernetes.io/topology-mode: Auto, unrelated: '{\"big\": true}'}
+spec:
+  selector: {app: x}
+  ports: [{name: http, port: 80, targetPort: 8080}, {name: dns, port: 53, protocol: UDP}]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}
+  internalTrafficPolicy: Local
+  trafficDistribution: PreferClose
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nodeport, namespace: lists}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  externalIPs: [192.0.2.50]
+  ports: [{name: web, port: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: lists}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  loadBalancerSourceRanges: [198.51.100.0/24]
+  ports: [{port: 443, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: lists, labels: {service.kubernetes.io/headless: ''}}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external, namespace: lists}
+spec: {type: ExternalName, externalName: example.invalid}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: affinity-1
+  namespace: lists
+  labels: {kubernetes.io/service-name: affinity}
+  annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2026-12-04T10:11:12Z', other: x}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {port: 53, protocol: UDP}, {name: no-port}]
+endpoints:
+- addresses: [10.244.1.1]
+  conditions: {ready: true}
+  nodeName: node-1
+  zone: z1
+  targetRef: {kind: Pod, name: p1}
+  hints: {forZones: [{name: z1}]}
+- addresses: [10.244.1.2]
+  conditions: {ready: false, serving: true, terminating: true}
+  targetRef: {kind: Pod, namespace: elsewhere, name: p2}
+- addresses: [10.244.1.3]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: affinity-v6, namespace: lists, labels: {kubernetes.io/service-name: affinity}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: ['fd00::1'], conditions: {ready: true, serving: true, terminating: false}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: empty, namespace: lists, labels: {kubernetes.io/service-name: nodeport}}
+addressType: FQDN
+endpoints: []
+";
+
+const LB_STATUS: &str = r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.0.2.80","ipMode":"Proxy"},{"hostname":"lb.example.invalid"}]}}}"#;
+
+async fn all<K: Listable>(c: &kube::Client, enc: Encoding) -> (Vec<K>, Option<String>) {
+    let (mut items, mut token, mut rv) = (Vec::new(), None, None);
+    loop {
+        let p = listwatch::page::<K>(c, enc, 2, token)
+            .await
+            .unwrap_or_else(|e| panic!("api_lists: list {enc:?}: {e}"));
+        assert_eq!(
+            p.protobuf,
+            enc == Encoding::Protobuf,
+            "answered in the encoding asked for"
+        );
+        items.extend(p.items);
+        rv = p.resource_version.or(rv);
+        token = p.continue_token;
+        if token.is_none() {
+            return (items, rv);
+        }
+    }
+}
+
+#[test]
+fn protobuf_and_json_lists_fill_the_stores_alike() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cp = rt
+        .block_on(controlplane::ControlPlane::start(dir.path(), "10.96.0.0/16"))
+        .unwrap_or_else(|e| {
+            panic!("api_lists: {e} (tests/cluster/build fills the cache; NETBOOT_CACHE overrides ~/.cache/netboot)")
+        });
+    let kubectl = controlplane::cached("k8s", "kubectl").expect("kubectl");
+    let run = |args: &[&str], stdin: Option<&str>| {
+        let mut c = Command::new(&kubectl);
+        c.arg("--kubeconfig").arg(&cp.admin).args(args);
+        let out = if let Some(s) = stdin {
+            use std::io::Write;
+            let mut ch = c
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("kubectl");
+            ch.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+            ch.wait_with_output().unwrap()
+        } else {
+            c.output().expect("kubectl")
+        };
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["apply", "-f", "-"], Some(OBJECTS));
+    run(
+        &[
+            "-n",
+            "lists",
+            "patch",
+            "service",
+            "lb",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            LB_STATUS,
+        ],
+        None,
+    );
+
+    let c = &cp.client;
+    let (svc_pb, rv_pb) = rt.block_on(all::<LeanService>(c, Encoding::Protobuf));
+    let (svc_js, rv_js) = rt.block_on(all::<LeanService>(c, Encoding::Json));
+    assert!(
+        rv_pb.is_some() && rv_js.is_some(),
+        "lists carry a resourceVersion"
+    );
+    let kept = |v: &[LeanService]| -> BTreeMap<String, (Svc, Option<String>, String)> {
+        v.iter()
+            .map(|s| {
+                let s = &s.0;
+                let key = format!(
+                    "{}/{}",
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default()
+                );
+                let trig = format!("{:?}", latency::service_trigger(s));
+                (
+                    key,
+                    (Svc::from(s), s.metadata.resource_version.clone(), trig),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (kept(&svc_pb), kept(&svc_js));
+    assert!(
+        a.len() >= 6,
+        "the Services of the test and kubernetes: {:?}",
+        a.keys()
+    );
+    assert_eq!(a, b, "Services: protobuf against JSON");
+    // Not vacuous: the fields that differ most between the encodings came through.
+    let lb = &a["lists/lb"].0;
+    let ext = lb
+        .external
+        .as_deref()
+        .expect("lb has source ranges and ingress");
+    assert_eq!(ext.ingress.len(), 2);
+    assert_eq!(ext.ingress[0].ip_mode.as_deref(), Some("Proxy"));
+    assert_eq!(lb.allocate_load_balancer_node_ports, Some(false));
+    let aff = &a["lists/affinity"].0;
+    assert_eq!(aff.affinity_timeout, Some(300));
+    assert_eq!(aff.traffic_distribution.as_deref(), Some("PreferClose"));
+    assert!(aff.labels.is_some() && aff.annotations.is_some());
+    assert_eq!(a["lists/nodeport"].0.ports[0].node_port, Some(30080));
+    assert_eq!(
+        a["lists/nodeport"].0.external_traffic_policy.as_deref(),
+        Some("Local")
+    );
+    assert_eq!(
+        a["lists/affinity"].0.external_traffic_policy, None,
+        "empty in protobuf is unset"
+    );
+    assert!(
+        a["lists/affinity"].2.contains("Some"),
+        "a Service's trigger time"
+    );
+
+    let (sl_pb, _) = rt.block_on(all::<LeanSlice>(c, Encoding::Protobuf));
+    let (sl_js, _) = rt.block_on(all::<LeanSlice>(c, Encoding::Json));
+    let kept = |v: &[LeanSlice]| -> BTreeMap<String, (Slice, String)> {
+        v.iter()
+            .map(|s| {
+                let s = &s.0;
+                let key = format!(
+                    "{}/{}",
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                    s.metadata.name.clone().unwrap_or_default()
+                );
+                (
+                    key,
+                    (Slice::from(s), format!("{:?}", latency::slice_trigger(s))),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (kept(&sl_pb), kept(&sl_js));
+    assert!(a.len() >= 3, "{:?}", a.keys());
+    assert_eq!(a, b, "EndpointSlices: protobuf against JSON");
+    let s = &a["lists/affinity-1"].0;
+    assert_eq!(s.endpoints.len(), 3);
+    assert_eq!(s.endpoints[0].node.as_deref(), Some("node-1"));
+    assert_eq!(
+        s.endpoints[0].hints.as_ref().map(|h| h.zones.clone()),
+        Some(vec!["z1".to_string()])
+    );
+    assert_eq!(s.endpoints[1].pod.as_deref(), Some("elsewhere/p2"));
+    assert!(!s.endpoints[1].ready && s.endpoints[1].serving && s.endpoints[1].terminating);
+    assert_eq!(s.ports.len(), 3);
+    assert!(
+        a["lists/affinity-1"].1.contains("Some"),
+        "the slice's trigger time"
+    );
+    assert_eq!(
+        a["lists/affinity-v6"].0.endpoints[0].ip,
+        Some("fd00::1".parse().unwrap())
+    );
+}

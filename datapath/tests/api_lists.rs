@@ -104,6 +104,14 @@ endpoints: []
 
 const LB_STATUS: &str = r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.0.2.80","ipMode":"Proxy"},{"hostname":"lb.example.invalid"}]}}}"#;
 
+fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        m.namespace.as_deref().unwrap_or_default(),
+        m.name.as_deref().unwrap_or_default()
+    )
+}
+
 async fn all<K: Listable>(c: &kube::Client, enc: Encoding) -> (Vec<K>, Option<String>) {
     let (mut items, mut token, mut rv) = (Vec::new(), None, None);
     loop {
@@ -183,11 +191,7 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
         v.iter()
             .map(|s| {
                 let s = &s.0;
-                let key = format!(
-                    "{}/{}",
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    s.metadata.name.clone().unwrap_or_default()
-                );
+                let key = key(&s.metadata);
                 let trig = format!("{:?}", latency::service_trigger(s));
                 (
                     key,
@@ -236,11 +240,7 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
         v.iter()
             .map(|s| {
                 let s = &s.0;
-                let key = format!(
-                    "{}/{}",
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    s.metadata.name.clone().unwrap_or_default()
-                );
+                let key = key(&s.metadata);
                 (
                     key,
                     (Slice::from(s), format!("{:?}", latency::slice_trigger(s))),

@@ -14,7 +14,9 @@
  *   nb_lb4_rev_sk   (socket cookie, backend ip, port) -> (vip, port, rev-nat id)   LRU
  *   nb_lb4_aff      (client netns cookie, rev-nat id) -> (last used, backend id)  LRU
  *   nb_lb4_affmatch (backend id, rev-nat id) -> membership, kept for ready AND
- *                   terminating backends so existing affinity survives termination
+ *                   terminating backends so existing affinity survives termination;
+ *                   written only for frontends with ClientIP affinity (the only
+ *                   reader is the affinity lookup)
  *   nb_counters     per-CPU u64 per outcome (enum nb_counter)
  *   nb_config       single entry: datapath mode (replace or observe), the host
  *                   netns cookie and whether socket LB serves only that netns

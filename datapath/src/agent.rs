@@ -242,6 +242,7 @@ impl NodePortCtl {
                 (format!("none: attach failed: {error}"), false)
             }
         };
+        watched.startup.mark(|s| &mut s.per_packet_ms);
         let served = desired::served_with(attached);
         watched.set_served(served.clone());
         state.update(|s| {
@@ -820,6 +821,12 @@ async fn reconcile_loop(
     let mut retry_soon: bool;
     loop {
         if !watched.synced() {
+            // The per-packet path needs only the Node's addresses: attached
+            // (its programs verified) while the lists are still arriving,
+            // not after them.
+            if watched.node_settled() {
+                np.sync(watched, state);
+            }
             watched.changed.notified().await;
             continue;
         }

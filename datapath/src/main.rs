@@ -9,7 +9,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     netboot_datapath::startup::begin();
     // Before the runtime's threads exist.
-    netboot_datapath::sys::one_malloc_arena();
+    netboot_datapath::sys::tune_malloc();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

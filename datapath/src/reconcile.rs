@@ -1228,12 +1228,19 @@ impl<M: LbMaps> Reconciler<M> {
         // External frontends: the backends on this node take the first slots.
         let mut remote: Vec<u32> = Vec::new();
         let is_local = |b: &L4Addr| fe.external.as_ref().is_some_and(|e| e.local.contains(b));
+        // Memberships only where ClientIP affinity reads them (as Cilium
+        // writes its affinity match entries only for Services with session
+        // affinity): the datapath looks one up only behind SVC_F_AFFINITY.
+        // A frontend that loses affinity loses its memberships below.
+        let affinity = fe.affinity_timeout.is_some();
         for (b, s) in &fe.backends {
             // The backends were written first; one that did not fit is left out.
             let Some((bid, _)) = self.backends.get(b) else {
                 continue;
             };
-            members.push((*bid, u32::from(s.as_u8())));
+            if affinity {
+                members.push((*bid, u32::from(s.as_u8())));
+            }
             if *s == BackendState::Active {
                 if is_local(b) {
                     active.push(*bid);

@@ -102,7 +102,7 @@ impl From<&EndpointSlice> for Slice {
             "IPv6" => SliceFamily::V6,
             _ => SliceFamily::Other,
         };
-        let ports = s
+        let mut ports: Vec<SlicePort> = s
             .ports
             .iter()
             .flatten()
@@ -112,7 +112,7 @@ impl From<&EndpointSlice> for Slice {
                 port: p.port.and_then(|p| u16::try_from(p).ok()),
             })
             .collect();
-        let endpoints = s
+        let mut endpoints: Vec<SliceEndpoint> = s
             .endpoints
             .iter()
             .flatten()
@@ -154,6 +154,10 @@ impl From<&EndpointSlice> for Slice {
                 }
             })
             .collect();
+        // Kept for the slice's life: without the room the growth left (a
+        // flattened iterator has no exact size; 10 endpoints took 16 slots).
+        ports.shrink_to_fit();
+        endpoints.shrink_to_fit();
         Slice {
             service: m
                 .labels

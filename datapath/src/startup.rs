@@ -49,6 +49,11 @@ pub struct Startup {
     /// This agent's Node read (its zone and addresses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_read_ms: Option<u64>,
+    /// The per-packet path (NodePorts, externalIPs, LB IPs from outside)
+    /// attached to the node's devices (or found to attach nowhere, or
+    /// failed: retried after each pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_packet_ms: Option<u64>,
     /// The first full pass began (everything above it needs is in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_pass_ms: Option<u64>,
@@ -58,7 +63,7 @@ pub struct Startup {
 }
 
 impl Startup {
-    /// `synced at 1204 ms: datapath 95, Services 812 (10000), EndpointSlices 1003 (10000), Node 60, first pass 1010`;
+    /// `synced at 1204 ms: datapath 95, Services 812 (10000), EndpointSlices 1003 (10000), Node 60, per-packet path 130, first pass 1010`;
     /// empty before anything was recorded.
     pub fn line(&self) -> String {
         let mut parts = Vec::new();
@@ -83,6 +88,7 @@ impl Startup {
             Some(self.endpoint_slices_listed),
         );
         step("Node", self.node_read_ms, None);
+        step("per-packet path", self.per_packet_ms, None);
         step("first pass", self.first_pass_ms, None);
         if parts.is_empty() && self.synced_ms.is_none() {
             return String::new();
@@ -167,12 +173,13 @@ mod tests {
             endpoint_slices_listed_ms: Some(1003),
             endpoint_slices_listed: 10_000,
             node_read_ms: Some(60),
+            per_packet_ms: Some(130),
             first_pass_ms: Some(1010),
             synced_ms: Some(1204),
         };
         assert_eq!(
             fixed.line(),
-            "synced at 1204 ms: datapath 95, Services 812 (10000), EndpointSlices 1003 (10000), Node 60, first pass 1010"
+            "synced at 1204 ms: datapath 95, Services 812 (10000), EndpointSlices 1003 (10000), Node 60, per-packet path 130, first pass 1010"
         );
         let partial = Startup {
             datapath_installed_ms: Some(7),

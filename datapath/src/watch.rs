@@ -158,7 +158,10 @@ impl Stores {
         self.unindex_slice(&k);
         if let Some(svc) = desired::slice_service(&o) {
             self.triggered(&svc, latency::slice_trigger(&o));
-            let set = self.slices_by_service.entry(svc.clone()).or_default();
+            let set = self
+                .slices_by_service
+                .entry(svc.clone())
+                .or_insert_with(|| Vec::with_capacity(1));
             if let Err(i) = set.binary_search(&k) {
                 set.insert(i, k.clone());
             }
@@ -208,8 +211,12 @@ impl Stores {
                 ) {
                     self.triggered(&svc, o.trigger);
                 }
-                // Keys come in order: each Vec stays sorted.
-                index.entry(svc).or_default().push(k.clone());
+                // Keys come in order: each Vec stays sorted. Most Services
+                // have one slice per family: room for one to begin with.
+                index
+                    .entry(svc)
+                    .or_insert_with(|| Vec::with_capacity(1))
+                    .push(k.clone());
             }
             kept.push((k, o.object));
         }
@@ -281,6 +288,12 @@ impl Watched {
             .lock()
             .map(|s| s.services_synced && s.slices_synced && !s.node_pending)
             .unwrap_or(false)
+    }
+
+    /// The Node was read, failed to be read, or is not waited for: what
+    /// depends on its addresses alone can be done before the lists are in.
+    pub fn node_settled(&self) -> bool {
+        self.stores.lock().map(|s| !s.node_pending).unwrap_or(false)
     }
 
     /// The Node this agent serves; with `wait_for_zone`, the first pass waits

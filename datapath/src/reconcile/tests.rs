@@ -384,6 +384,72 @@ fn partial_pass_keeps_a_backend_another_frontend_still_uses() {
     assert_eq!(r.maps().state, MapsDump::default());
 }
 
+/// Memberships (nb_lb4_affmatch) exist only for frontends with ClientIP
+/// affinity, the one thing that reads them: a Service that turns affinity
+/// on gains one per backend, terminating ones included; one that turns it
+/// off loses them, in a partial pass as in a full one and after a restart.
+#[test]
+fn memberships_follow_client_ip_affinity_on_and_off() {
+    let bes = [
+        (tcp([10, 244, 3, 1], 8080), BackendState::Active),
+        (tcp([10, 244, 3, 2], 8080), BackendState::Terminating),
+    ];
+    let plain = frontend(tcp([10, 96, 3, 1], 80), "d/a:", &bes);
+    let mut sticky = plain.clone();
+    sticky.affinity_timeout = Some(10800);
+    let other = frontend(tcp([10, 96, 3, 2], 80), "d/b:", &bes[..1]);
+    let members = |r: &Reconciler<MemoryMaps>| -> Vec<(u32, u32)> {
+        r.maps()
+            .state
+            .aff_match
+            .iter()
+            .map(|(k, v)| (k.backend_id, *v))
+            .collect()
+    };
+    let term = u32::from(BackendState::Terminating.as_u8());
+    let act = u32::from(BackendState::Active.as_u8());
+
+    // Full pass: none without affinity.
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    r.reconcile(&table(&[plain.clone(), other.clone()]))
+        .unwrap();
+    assert_eq!(members(&r), vec![]);
+    // Partial: affinity on, both backends become members.
+    r.apply(
+        &[(sticky.addr, Some(Arc::new(sticky.clone())))]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = r.maps().state.backends.keys().copied().collect();
+    assert_eq!(ids.len(), 2);
+    let mut want: Vec<(u32, u32)> = vec![(ids[0], act), (ids[1], term)];
+    want.sort_unstable();
+    assert_eq!(members(&r), want);
+    // A restart reads them back and keeps them.
+    let mut r = Reconciler::recover(r.maps().clone()).unwrap();
+    let st = r
+        .reconcile(&table(&[sticky.clone(), other.clone()]))
+        .unwrap();
+    assert_eq!(st, SyncStats::default());
+    assert_eq!(members(&r), want);
+    // Partial: affinity off, they go; the backends stay.
+    r.apply(
+        &[(plain.addr, Some(Arc::new(plain.clone())))]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(members(&r), vec![]);
+    assert_eq!(r.maps().state.backends.len(), 2);
+    // Full pass: on again, then off again.
+    r.reconcile(&table(&[sticky.clone(), other.clone()]))
+        .unwrap();
+    assert_eq!(members(&r), want);
+    r.reconcile(&table(&[plain, other])).unwrap();
+    assert_eq!(members(&r), vec![]);
+}
+
 #[test]
 fn failed_partial_pass_asks_for_a_full_one() {
     let mut r = Reconciler::recover(FaultyMaps::new(0)).unwrap();
@@ -624,8 +690,6 @@ backend 1 10.244.0.1:8080/TCP active
 backend 2 [fd00:244::1]:8080/TCP active
 revnat 1 10.96.0.5:80
 revnat 2 [fd00:96::5]:80
-affmatch backend=1 revnat=1 state=0
-affmatch backend=2 revnat=2 state=0
 "
     );
     // A restart reads both families back and writes nothing.
@@ -702,7 +766,7 @@ fn map_entries_count_what_each_map_holds() {
     let (s, e) = fixture(
         "kind: Service
 metadata: {name: web, namespace: d}
-spec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.5, 'fd00:96::5'], ipFamilies: [IPv4, IPv6], ports: [{port: 80, targetPort: 8080}]}
+spec: {clusterIP: 10.96.0.5, clusterIPs: [10.96.0.5, 'fd00:96::5'], ipFamilies: [IPv4, IPv6], ports: [{port: 80, targetPort: 8080}], sessionAffinity: ClientIP}
 ---
 kind: EndpointSlice
 metadata: {name: web-4, namespace: d, labels: {kubernetes.io/service-name: web}}
@@ -976,7 +1040,8 @@ impl LbMaps for Watching {
 }
 
 /// Frontends `vip` 1..=n, each with `per` backends of its own, plus one
-/// backend shared by all.
+/// backend shared by all; the even ones with ClientIP affinity (so they
+/// have memberships too).
 fn many(n: u8, per: u8) -> DesiredTable {
     let shared = tcp([10, 244, 200, 1], 8080);
     table(
@@ -986,7 +1051,11 @@ fn many(n: u8, per: u8) -> DesiredTable {
                     .map(|j| (tcp([10, 244, i, j], 8080), BackendState::Active))
                     .collect();
                 bes.push((shared, BackendState::Active));
-                frontend(tcp([10, 96, 7, i], 80), &format!("d/s{i}:"), &bes)
+                let mut fe = frontend(tcp([10, 96, 7, i], 80), &format!("d/s{i}:"), &bes);
+                if i % 2 == 0 {
+                    fe.affinity_timeout = Some(10800);
+                }
+                fe
             })
             .collect::<Vec<_>>(),
     )
@@ -999,7 +1068,9 @@ fn a_batched_full_pass_never_shows_the_datapath_a_frontend_before_its_parts() {
     // backend go only after no slot names it.
     let mut r = Reconciler::recover(Watching::default()).unwrap();
     let st = r.reconcile(&many(20, 4)).unwrap();
-    assert_eq!(st.updates, 81 + 20 * (1 + 5 + 5 + 1));
+    // Backends; per frontend reverse NAT, 5 slots, slot 0; memberships
+    // only for the 10 with affinity.
+    assert_eq!(st.updates, 81 + 20 * (1 + 5 + 1) + 10 * 5);
     assert!(r.maps().seen.is_empty(), "{:?}", r.maps().seen);
     // Few map calls: one batch per phase, not one per write.
     assert!(r.maps().batches.len() <= 6, "{:?}", r.maps().batches);

@@ -52,6 +52,13 @@ pub struct Start {
     pub rss_mib: f64,
     /// VmHWM at that moment, MiB.
     pub hwm_mib: f64,
+    /// Of the VmRSS: anonymous memory (heap, stacks), MiB.
+    #[serde(default)]
+    pub anon_mib: f64,
+    /// Of the VmRSS: file pages (the binary's and libraries' code and data
+    /// as far as they were touched), MiB.
+    #[serde(default)]
+    pub file_mib: f64,
     /// The agent's own account of its start (`/v1/status` `startup`;
     /// None from an agent that predates it).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -149,7 +156,8 @@ async fn list_costs(c: &kube::Client, n: u32) -> Result<Vec<ListCost>> {
     Ok(out)
 }
 
-fn status_mib(pid: u32) -> (f64, f64) {
+/// (VmRSS, VmHWM, RssAnon, RssFile) of a process, MiB.
+fn status_mib(pid: u32) -> (f64, f64, f64, f64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let get = |k: &str| {
         s.lines()
@@ -158,7 +166,12 @@ fn status_mib(pid: u32) -> (f64, f64) {
             .and_then(|v| v.parse::<f64>().ok())
             .map_or(0.0, |kib| kib / 1024.0)
     };
-    (get("VmRSS:"), get("VmHWM:"))
+    (
+        get("VmRSS:"),
+        get("VmHWM:"),
+        get("RssAnon:"),
+        get("RssFile:"),
+    )
 }
 
 fn one_start(
@@ -181,7 +194,7 @@ fn one_start(
         }
         if r.programmed()? >= n as usize {
             let ready_ms = t.elapsed().as_secs_f64() * 1000.0;
-            let (rss_mib, hwm_mib) = status_mib(r.pid);
+            let (rss_mib, hwm_mib, anon_mib, file_mib) = status_mib(r.pid);
             let startup = r
                 .get("/v1/status")
                 .and_then(|(c, b)| (c == 200).then_some(b))
@@ -192,6 +205,8 @@ fn one_start(
                 ready_ms,
                 rss_mib,
                 hwm_mib,
+                anon_mib,
+                file_mib,
                 startup,
             });
         }
@@ -289,11 +304,11 @@ pub fn markdown(r: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# Agent cold start from a real watch list\n\n{NODES} Node objects, {ENDPOINTS} endpoints per Service, created through a private kube-apiserver; each start: spawn until /readyz is 200 with every Service programmed (lists, map writes, attach), VmRSS then, VmHWM (peak). Median of the starts (min–max).\n"
+        "# Agent cold start from a real watch list\n\n{NODES} Node objects, {ENDPOINTS} endpoints per Service, created through a private kube-apiserver; each start: spawn until /readyz is 200 with every Service programmed (lists, map writes, attach), VmRSS then (and of it anonymous and file pages), VmHWM (peak). Median of the starts (min–max).\n"
     );
     let _ = writeln!(
         out,
-        "| Services | agent | starts | ready ms | VmRSS MiB | peak MiB |\n|---:|---|---:|---:|---:|---:|"
+        "| Services | agent | starts | ready ms | VmRSS MiB | of it anon / file | peak MiB |\n|---:|---|---:|---:|---:|---:|---:|"
     );
     for row in &r.rows {
         let v = |f: fn(&Start) -> f64| -> Vec<f64> { row.starts.iter().map(f).collect() };
@@ -305,7 +320,7 @@ pub fn markdown(r: &Report) -> String {
         if row.starts.is_empty() {
             let _ = writeln!(
                 out,
-                "| {} | {} | 0 | {} | | |",
+                "| {} | {} | 0 | {} | | | |",
                 row.services,
                 row.agent,
                 row.error.as_deref().unwrap_or("no start")
@@ -314,12 +329,14 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.1} / {:.1} | {} |",
             row.services,
             row.agent,
             row.starts.len(),
             cell(v(|s| s.ready_ms)),
             cell(v(|s| s.rss_mib)),
+            median(v(|s| s.anon_mib)),
+            median(v(|s| s.file_mib)),
             cell(v(|s| s.hwm_mib)),
         );
         if let Some(e) = &row.error {
@@ -334,7 +351,7 @@ pub fn markdown(r: &Report) -> String {
     if !phases.is_empty() {
         let _ = writeln!(
             out,
-            "\nWhere the start went, from the agent's own `/v1/status` `startup` (ms since the agent began, median of the starts; the lists and the Node read run at once, so these are points on one time line):\n\n| Services | agent | datapath installed | Services listed | EndpointSlices listed | Node read | first pass began | synced |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+            "\nWhere the start went, from the agent's own `/v1/status` `startup` (ms since the agent began, median of the starts; the lists and the Node read run at once, so these are points on one time line):\n\n| Services | agent | datapath installed | Services listed | EndpointSlices listed | Node read | per-packet path | first pass began | synced |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
         );
         for row in phases {
             let m = |f: fn(&Startup) -> Option<u64>| -> String {
@@ -352,13 +369,14 @@ pub fn markdown(r: &Report) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.services,
                 row.agent,
                 m(|s| s.datapath_installed_ms),
                 m(|s| s.services_listed_ms),
                 m(|s| s.endpoint_slices_listed_ms),
                 m(|s| s.node_read_ms),
+                m(|s| s.per_packet_ms),
                 m(|s| s.first_pass_ms),
                 m(|s| s.synced_ms),
             );
@@ -409,6 +427,8 @@ mod tests {
             ready_ms: ms,
             rss_mib: 40.0,
             hwm_mib: 50.0,
+            anon_mib: 30.0,
+            file_mib: 10.0,
             startup: Some(Startup {
                 datapath_installed_ms: Some(ms as u64 / 10),
                 services_listed_ms: Some(ms as u64 / 2),
@@ -443,13 +463,15 @@ mod tests {
         };
         let md = markdown(&r);
         assert!(
-            md.contains("| 10000 | new | 3 | 800 (700–900) | 40 (40–40) | 50 (50–50) |"),
+            md.contains(
+                "| 10000 | new | 3 | 800 (700–900) | 40 (40–40) | 30.0 / 10.0 | 50 (50–50) |"
+            ),
             "{md}"
         );
-        assert!(md.contains("| 10000 | old | 0 | not ready | | |"), "{md}");
+        assert!(md.contains("| 10000 | old | 0 | not ready | | | |"), "{md}");
         // The agent's own account: medians, – for a step none reported.
         assert!(
-            md.contains("| 10000 | new | 80 | 400 | – | – | – | 795 |"),
+            md.contains("| 10000 | new | 80 | 400 | – | – | – | – | 795 |"),
             "{md}"
         );
         assert_eq!(md.matches("| 10000 | old |").count(), 1, "{md}");

@@ -819,13 +819,17 @@ async fn reconcile_loop(
     let mut last_unserved = 0;
     let mut last_hc_failed: Vec<(u16, String)> = Vec::new();
     let mut retry_soon: bool;
+    // The per-packet path was tried once while the lists arrived.
+    let mut attached_early = false;
     loop {
         if !watched.synced() {
             // The per-packet path needs only the Node's addresses: attached
             // (its programs verified) while the lists are still arriving,
-            // not after them.
-            if watched.node_settled() {
+            // not after them. Once: a change or a failure is taken up by
+            // the passes, as before.
+            if !attached_early && watched.node_settled() {
                 np.sync(watched, state);
+                attached_early = true;
             }
             watched.changed.notified().await;
             continue;

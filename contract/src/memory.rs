@@ -19,6 +19,8 @@
 //! - the LRU maps are preallocated in full: 72 bytes per `nb_lb4_rev_sk`
 //!   entry and 80 per `nb_lb4_aff` entry (measured: 88 and 96 with the
 //!   buckets).
+//! - `nb_rev_tcp` (TCP sockets' reverse entries, an array of a fixed
+//!   262,144 slots of 48 bytes, not sized by `mapSizes`): [`REV_TCP`];
 //! - `nb_svc_stats` (per-Service counters, per-CPU hash, `BPF_F_NO_PREALLOC`,
 //!   sized by `reverseNat`): buckets, and per Service id with traffic one
 //!   element ([`HASH_ENTRY`]) plus its 40-byte value on every possible CPU
@@ -47,6 +49,9 @@ pub const HASH_ENTRY: u64 = 96;
 pub const REV_SK_ENTRY: u64 = 72;
 /// Bytes of one preallocated `nb_lb4_aff` element (LRU).
 pub const AFFINITY_ENTRY: u64 = 80;
+/// Bytes of `nb_rev_tcp`: `NB_REV_TCP_SLOTS` × `struct nb_rev_tcp`,
+/// preallocated (an array).
+pub const REV_TCP: u64 = 262_144 * 48;
 /// Bytes of one CPU's `struct nb_svc_stats` (per-CPU value of `nb_svc_stats`).
 pub const SVC_STATS_VALUE: u64 = 40;
 /// Possible CPUs the formula assumes for `nb_svc_stats`'s per-CPU values.
@@ -96,7 +101,8 @@ impl AgentMemory {
             + buckets(m.reverse_nat)
             + buckets(m.backends) + REV_SK_ENTRY * be
             + buckets(m.affinity) + AFFINITY_ENTRY * aff
-            + buckets(m.reverse_nat); // nb_svc_stats
+            + buckets(m.reverse_nat) // nb_svc_stats
+            + REV_TCP;
         let kernel_full = kernel_empty
             + HASH_ENTRY * (svc + 2 * be + rn)
             + (HASH_ENTRY + SVC_STATS_VALUE * SVC_STATS_CPUS) * rn; // nb_svc_stats
@@ -130,10 +136,10 @@ mod tests {
     fn default_sizes() {
         let m = AgentMemory::for_sizes(MapSizes::DEFAULT);
         // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6
-        // MiB, + 1 MiB of nb_svc_stats buckets.
-        assert_eq!(m.kernel_empty.div_ceil(MIB), 39);
-        assert_eq!(m.request_mib(), 103);
+        // MiB, + 1 MiB of nb_svc_stats buckets, + 12 MiB of nb_rev_tcp.
+        assert_eq!(m.kernel_empty.div_ceil(MIB), 51);
+        assert_eq!(m.request_mib(), 115);
         // + 167 MiB for a full nb_svc_stats at 64 CPUs (65536 × (96 + 40 × 64) B).
-        assert_eq!(m.limit_mib(), 1353);
+        assert_eq!(m.limit_mib(), 1365);
     }
 }

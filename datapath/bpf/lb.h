@@ -86,6 +86,7 @@
 #define NB_DEFAULT_REVNAT    65536
 #define NB_DEFAULT_AFFINITY  65536
 #define NB_DEFAULT_REV_SK    262144
+#define NB_REV_TCP_SLOTS     262144  /* nb_rev_tcp: a power of two, fixed (not in mapSizes) */
 #define NB_DEFAULT_CT4       65536   /* nb_ct4: 2 entries per north-south flow */
 /* Flow lifetimes (seconds) of nb_ct4 when nb_ct_timeout holds 0: kube-proxy's
  * conntrack defaults for established TCP and Cilium's for the rest. */
@@ -170,6 +171,30 @@ struct nb_lb4_rev_sk_val {
 	                         the same VIP:port, so translating to it is right
 	                         anyway). 16 bits keep layout 3's bytes: the map
 	                         is shared across a layout upgrade (upgrade.rs) */
+};
+
+/* Value of nb_rev_tcp (key: __u32 slot = socket cookie & (NB_REV_TCP_SLOTS -
+ * 1)): what a TCP socket the socket LB translated asked for, both families.
+ * 48 bytes.
+ *
+ * Why not nb_lb4_rev_sk: a hash map keyed by a new socket's cookie lands in a
+ * cold bucket of a multi-MiB table on every connect; that cache and TLB miss
+ * was ~400 of the ~550 ns the connect4 program took (kernel BPF statistics,
+ * netboot-bench flows). Cookies are handed out in per-CPU runs, so a CPU's
+ * new sockets take neighbouring slots here, in cache. A TCP socket has one
+ * peer, so one slot suffices; a later socket whose cookie falls on the same
+ * slot replaces the entry (as an LRU eviction would), and getpeername then
+ * returns the backend. UDP sockets (one per peer and message) keep the LRU
+ * maps. */
+struct nb_rev_tcp {
+	__u64 cookie;          /* the socket's cookie; 0: empty */
+	__be32 backend[4];     /* backend address the socket was sent to (IPv4: [0]) */
+	__be32 vip[4];         /* what it asked for (IPv4: [0]) */
+	__be16 backend_port;
+	__be16 vport;
+	__u16 rev_nat_tag;     /* as nb_lb4_rev_sk_val's */
+	__u8 family;           /* 4 (also for IPv4-mapped sockets) or 6 */
+	__u8 pad;              /* always zero */
 };
 
 /* Key of nb_lb4_aff. 16 bytes. */

@@ -152,6 +152,16 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } nb_svc_stats SEC(".maps");
 
+/* TCP sockets' reverse entries (struct nb_rev_tcp, NB_REV_TCP_SLOTS slots,
+ * not in mapSizes). This object's only: sock_term's UDP sockets are in the
+ * LRU maps. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NB_REV_TCP_SLOTS);
+	__type(key, __u32);
+	__type(value, struct nb_rev_tcp);
+} nb_rev_tcp SEC(".maps");
+
 static __always_inline void nb_count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&nb_counters, &idx);
@@ -327,16 +337,98 @@ struct nb_l4_v4 {
 	__be16 port;
 };
 
+#define nb_compiler_barrier() asm volatile("" ::: "memory")
+
+/* The slot of a TCP socket's reverse entry. */
+static __always_inline struct nb_rev_tcp *nb_rev_tcp_slot(__u64 cookie)
+{
+	__u32 idx = (__u32)cookie & (NB_REV_TCP_SLOTS - 1);
+
+	return bpf_map_lookup_elem(&nb_rev_tcp, &idx);
+}
+
+/* Writes a TCP socket's reverse entry; `family` 4: word 0 of each address.
+ * The cookie is cleared first and set last, and the reader checks it before
+ * and after copying the entry: a socket on another CPU writing the same
+ * slot at the same moment (its cookie a multiple of the slot count away)
+ * makes the reader find no entry rather than a torn one (stores are seen in
+ * order on x86; elsewhere the reader's check of the backend against the
+ * socket's real peer remains). */
+static __always_inline int nb_rev_tcp_put(__u64 cookie, __u8 family, const __be32 *backend,
+					  __be16 backend_port, const __be32 *vip, __be16 vport,
+					  __u32 rev_nat_id)
+{
+	struct nb_rev_tcp *r = nb_rev_tcp_slot(cookie);
+
+	if (!r)
+		return -1;
+	*(volatile __u64 *)&r->cookie = 0;
+	nb_compiler_barrier();
+	r->backend[0] = backend[0];
+	r->vip[0] = vip[0];
+	if (family == 6) {
+		r->backend[1] = backend[1];
+		r->backend[2] = backend[2];
+		r->backend[3] = backend[3];
+		r->vip[1] = vip[1];
+		r->vip[2] = vip[2];
+		r->vip[3] = vip[3];
+	} else {
+		r->backend[1] = 0;
+		r->backend[2] = 0;
+		r->backend[3] = 0;
+		r->vip[1] = 0;
+		r->vip[2] = 0;
+		r->vip[3] = 0;
+	}
+	r->backend_port = backend_port;
+	r->vport = vport;
+	r->rev_nat_tag = (__u16)rev_nat_id;
+	r->family = family;
+	r->pad = 0;
+	nb_compiler_barrier();
+	*(volatile __u64 *)&r->cookie = cookie;
+	return 0;
+}
+
+/* A TCP socket's reverse entry into *out, if its slot still holds it for
+ * the peer backend:port (1), else 0. */
+static __always_inline int nb_rev_tcp_get(__u64 cookie, __u8 family, const __be32 *backend,
+					  __be16 port, struct nb_rev_tcp *out)
+{
+	struct nb_rev_tcp *r = nb_rev_tcp_slot(cookie);
+
+	if (!r || *(volatile __u64 *)&r->cookie != cookie)
+		return 0;
+	nb_compiler_barrier();
+	__builtin_memcpy(out, r, sizeof(*out));
+	nb_compiler_barrier();
+	if (*(volatile __u64 *)&r->cookie != cookie)
+		return 0;
+	if (out->family != family || out->backend_port != port || out->backend[0] != backend[0])
+		return 0;
+	if (family == 6 && (out->backend[1] != backend[1] || out->backend[2] != backend[2] ||
+			    out->backend[3] != backend[3]))
+		return 0;
+	return 1;
+}
+
+/* The reverse entry of a translated socket: TCP in nb_rev_tcp, UDP (a
+ * socket may send to several Services) in the LRU map. */
 static __always_inline int
-nb_rev_sk_update(struct bpf_sock_addr *ctx, const struct nb_lb4_backend *be,
+nb_rev_sk_update(struct bpf_sock_addr *ctx, __u32 proto, const struct nb_lb4_backend *be,
 		 __be32 vip, __be16 vport, __u32 rev_nat_id)
 {
 	struct nb_lb4_rev_sk_key key;
 	struct nb_lb4_rev_sk_val val, *cur;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	if (proto == IPPROTO_TCP)
+		return nb_rev_tcp_put(cookie, 4, &be->address, be->port, &vip, vport, rev_nat_id);
 
 	__builtin_memset(&key, 0, sizeof(key));
 	__builtin_memset(&val, 0, sizeof(val));
-	key.cookie = bpf_get_socket_cookie(ctx);
+	key.cookie = cookie;
 	key.address = be->address;
 	key.port = be->port;
 	val.address = vip;
@@ -494,7 +586,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	if (!be)
 		return res;
 
-	if (nb_rev_sk_update(ctx, be, vip, vport, rev_nat_id) < 0) {
+	if (nb_rev_sk_update(ctx, proto, be, vip, vport, rev_nat_id) < 0) {
 		res.outcome = NB_CTR_REV_SK_UPDATE_FAIL;
 		res.reject_errno = ENOMEM;
 		return res;
@@ -770,6 +862,22 @@ static __always_inline __u32 __nb_xlate_rev4(struct bpf_sock_addr *ctx, __u32 pr
 	key.address = io->addr;
 	key.port = io->port;
 
+	if (proto == IPPROTO_TCP) {
+		struct nb_rev_tcp r;
+
+		if (nb_rev_tcp_get(key.cookie, 4, &io->addr, io->port, &r)) {
+			nb_set_key(&skey, r.vip[0], r.vport, (__u8)proto, 0);
+			svc = bpf_map_lookup_elem(&nb_lb4_svc, &skey);
+			if (!svc || (__u16)svc->rev_nat_index != r.rev_nat_tag)
+				return NB_CTR_REV_STALE;
+			io->addr = r.vip[0];
+			io->port = r.vport;
+			return xlated;
+		}
+		/* Not there: a socket connected before this layout (its entry
+		 * is in the LRU map), or its slot was taken since. */
+	}
+
 	val = bpf_map_lookup_elem(&nb_lb4_rev_sk, &key);
 	if (!val)
 		return no_entry;
@@ -876,15 +984,20 @@ static __always_inline int nb_addr6_eq(const __be32 *a, const __be32 *b)
 }
 
 static __always_inline int
-nb_rev_sk6_update(struct bpf_sock_addr *ctx, const struct nb_lb6_backend *be,
+nb_rev_sk6_update(struct bpf_sock_addr *ctx, __u32 proto, const struct nb_lb6_backend *be,
 		  const struct nb_l4_v6 *vip, __u32 rev_nat_id)
 {
 	struct nb_lb6_rev_sk_key key;
 	struct nb_lb6_rev_sk_val val, *cur;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	if (proto == IPPROTO_TCP)
+		return nb_rev_tcp_put(cookie, 6, be->address, be->port, vip->addr, vip->port,
+				      rev_nat_id);
 
 	__builtin_memset(&key, 0, sizeof(key));
 	__builtin_memset(&val, 0, sizeof(val));
-	key.cookie = bpf_get_socket_cookie(ctx);
+	key.cookie = cookie;
 	key.address[0] = be->address[0];
 	key.address[1] = be->address[1];
 	key.address[2] = be->address[2];
@@ -989,7 +1102,7 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	if (!be)
 		return res;
 
-	if (nb_rev_sk6_update(ctx, be, vip, rev_nat_id) < 0) {
+	if (nb_rev_sk6_update(ctx, proto, be, vip, rev_nat_id) < 0) {
 		res.outcome = NB_CTR_REV_SK_UPDATE_FAIL;
 		res.reject_errno = ENOMEM;
 		return res;
@@ -1060,6 +1173,20 @@ static __always_inline __u32 __nb_xlate_rev6(struct bpf_sock_addr *ctx,
 	key.address[2] = src->addr[2];
 	key.address[3] = src->addr[3];
 	key.port = src->port;
+
+	if (ctx->protocol == IPPROTO_TCP) {
+		struct nb_rev_tcp r;
+
+		if (nb_rev_tcp_get(key.cookie, 6, src->addr, src->port, &r)) {
+			nb_set_key6(&skey, r.vip, r.vport, IPPROTO_TCP, 0);
+			svc = bpf_map_lookup_elem(&nb_lb6_svc, &skey);
+			if (!svc || (__u16)svc->rev_nat_index != r.rev_nat_tag)
+				return NB_CTR_REV_STALE;
+			nb_write6(ctx, r.vip, r.vport);
+			return xlated;
+		}
+		/* As for IPv4: fall back to the LRU map. */
+	}
 
 	val = bpf_map_lookup_elem(&nb_lb6_rev_sk, &key);
 	if (!val)

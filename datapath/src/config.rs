@@ -61,6 +61,8 @@ const _: () = {
     assert!(define(LB_H, "NB_DEFAULT_SRC_RANGE") == crate::layout::SRC_RANGE_ENTRIES as u64);
     // nb_lb4_rev_sk is sized like the backends (loader.rs).
     assert!(define(LB_H, "NB_DEFAULT_REV_SK") == d.backends as u64);
+    assert!(define(LB_H, "NB_REV_TCP_SLOTS") == crate::layout::REV_TCP_SLOTS as u64);
+    assert!(crate::layout::REV_TCP_SLOTS.is_power_of_two());
 };
 
 #[cfg(test)]

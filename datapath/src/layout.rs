@@ -65,11 +65,14 @@ pub mod names {
     pub const FLOW_STATS: &str = "nb_flow_stats";
     /// service id → per-CPU per-Service counters (`struct nb_svc_stats`).
     pub const SVC_STATS: &str = "nb_svc_stats";
+    /// socket cookie's slot → a TCP socket's reverse entry, both families
+    /// (`struct nb_rev_tcp`, array of [`super::REV_TCP_SLOTS`]).
+    pub const REV_TCP: &str = "nb_rev_tcp";
     /// All maps the agent pins, in load order.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         SERVICES, BACKENDS, REVNAT, REV_SK, AFFINITY, AFF_MATCH, COUNTERS, CONFIG, SERVICES6,
         BACKENDS6, REVNAT6, REV_SK6, CT4, NP_DEV, MAGLEV, SRC_RANGE, CT_TIMEOUT, CT6, NP_DEV6,
-        SRC_RANGE6, FLOW_RING, FLOW_CFG, FLOW_RL, FLOW_STATS, SVC_STATS,
+        SRC_RANGE6, FLOW_RING, FLOW_CFG, FLOW_RL, FLOW_STATS, SVC_STATS, REV_TCP,
     ];
 }
 
@@ -294,6 +297,31 @@ pub struct Lb6RevSkVal {
     pub port: u16,
     /// Low 16 bits of the service id (`lb.h`).
     pub rev_nat_tag: u16,
+}
+
+/// `NB_REV_TCP_SLOTS`: slots of `nb_rev_tcp`.
+pub const REV_TCP_SLOTS: u32 = 262_144;
+
+/// `struct nb_rev_tcp`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevTcp {
+    /// The socket's cookie; 0: an empty slot.
+    pub cookie: u64,
+    /// Backend address, network order (IPv4: `[0]`).
+    pub backend: [u32; 4],
+    /// Service VIP, network order (IPv4: `[0]`).
+    pub vip: [u32; 4],
+    /// Backend port, network order.
+    pub backend_port: u16,
+    /// Service port, network order.
+    pub vport: u16,
+    /// Low 16 bits of the service id.
+    pub rev_nat_tag: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// Always zero.
+    pub pad: u8,
 }
 
 /// `struct nb_sock_term_key`.
@@ -531,6 +559,7 @@ unsafe impl aya::Pod for Lb6Backend {}
 unsafe impl aya::Pod for Lb6ReverseNat {}
 unsafe impl aya::Pod for Lb6RevSkKey {}
 unsafe impl aya::Pod for Lb6RevSkVal {}
+unsafe impl aya::Pod for RevTcp {}
 unsafe impl aya::Pod for SockTermKey {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Val {}
@@ -627,6 +656,12 @@ const _: () = {
     assert!(offset_of!(Lb6RevSkKey, port) == 24);
     assert!(offset_of!(Lb6RevSkKey, pad2) == 28);
     assert!(size_of::<Lb6RevSkVal>() == 20);
+    assert!(size_of::<RevTcp>() == 48);
+    assert!(offset_of!(RevTcp, backend) == 8);
+    assert!(offset_of!(RevTcp, vip) == 24);
+    assert!(offset_of!(RevTcp, backend_port) == 40);
+    assert!(offset_of!(RevTcp, rev_nat_tag) == 44);
+    assert!(offset_of!(RevTcp, family) == 46);
     assert!(offset_of!(Lb6RevSkVal, port) == 16);
     assert!(offset_of!(Lb6RevSkVal, rev_nat_tag) == 18);
 

@@ -178,6 +178,7 @@ pub(crate) fn expected_sizes(name: &str) -> Option<(u32, u32)> {
         names::FLOW_RL => s(4, size_of::<FlowBucket>()),
         names::FLOW_STATS => s(4, 8),
         names::SVC_STATS => s(4, size_of::<SvcStats>()),
+        names::REV_TCP => s(4, size_of::<RevTcp>()),
         // nb_flow_ring: a ring buffer has no key or value size.
         _ => None,
     }
@@ -1018,6 +1019,12 @@ mod tests {
         // The lb6 maps (issue 13) are not in netboot_contract::memory yet:
         // nb_lb6_rev_sk is a preallocated LRU of this many bytes per entry.
         assert_eq!(elem(names::REV_SK6), 104);
+        // nb_rev_tcp: an array of fixed size, in the formula as a constant.
+        let (_, v) = expected_sizes(names::REV_TCP).unwrap();
+        assert_eq!(
+            u64::from(crate::layout::REV_TCP_SLOTS) * u64::from(v),
+            mem::REV_TCP
+        );
         // Every map the formula sizes from mapSizes, and no other.
         let sized: Vec<&str> = names::ALL
             .into_iter()

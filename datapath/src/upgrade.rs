@@ -154,7 +154,7 @@ impl UpgradeReport {
 /// `nb_svc_stats` is listed so that an upgrade that keeps its layout and
 /// size shares it ([`share_unchanged`]: the per-Service counters survive);
 /// per-CPU maps are never copied, so a resized one starts anew.
-pub const CARRIED: [&str; 18] = [
+pub const CARRIED: [&str; 19] = [
     names::BACKENDS,
     names::BACKENDS6,
     names::SERVICES,
@@ -173,6 +173,9 @@ pub const CARRIED: [&str; 18] = [
     names::SRC_RANGE,
     names::SRC_RANGE6,
     names::SVC_STATS,
+    // Fixed size: shared whenever its layout is unchanged, so an upgrade
+    // keeps every TCP socket's reverse entry.
+    names::REV_TCP,
 ];
 
 /// Maps the old programs write while the new maps fill: copied once more

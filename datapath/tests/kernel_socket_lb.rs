@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use netboot_datapath::config::MapSizes;
 use netboot_datapath::desired::{BackendState, DesiredTable, Frontend};
-use netboot_datapath::layout::{L4Addr, PROTO_TCP, PROTO_UDP};
+use netboot_datapath::layout::{names, L4Addr, PROTO_TCP, PROTO_UDP, REV_TCP_SLOTS};
 use netboot_datapath::loader::{self, LinkAction};
 use netboot_datapath::maps::kernel::KernelMaps;
 use netboot_datapath::reconcile::Reconciler;
@@ -174,6 +174,144 @@ fn tcp_and_udp_reach_a_backend_and_the_app_sees_the_vip() {
     assert!(env.counter("sendmsg_translated") >= 3);
     assert!(env.counter("recvmsg_translated") >= 3);
     assert!(env.counter("getpeername_translated") >= 3);
+}
+
+/// One `nb_rev_tcp` slot's bytes (`struct nb_rev_tcp`, 48 bytes).
+fn rev_tcp_slot(pins: &netboot_datapath::pins::Pins, cookie: u64) -> [u8; 48] {
+    use std::os::fd::AsFd;
+    let fd = netboot_datapath::sys::obj_get(&pins.map(names::REV_TCP)).expect("open nb_rev_tcp");
+    let idx = (cookie as u32) & (REV_TCP_SLOTS - 1);
+    let mut v = [0u8; 48];
+    assert!(
+        netboot_datapath::sys::map_lookup(fd.as_fd(), &idx.to_ne_bytes(), &mut v).expect("lookup")
+    );
+    v
+}
+
+fn set_rev_tcp_slot(pins: &netboot_datapath::pins::Pins, cookie: u64, v: &[u8; 48]) {
+    use std::os::fd::AsFd;
+    let fd = netboot_datapath::sys::obj_get(&pins.map(names::REV_TCP)).expect("open nb_rev_tcp");
+    let idx = (cookie as u32) & (REV_TCP_SLOTS - 1);
+    netboot_datapath::sys::map_update(fd.as_fd(), &idx.to_ne_bytes(), v, 0).expect("update");
+}
+
+/// Why: a TCP socket's reverse entry is in its cookie's `nb_rev_tcp` slot
+/// (the connect path's cheap write), never in the LRU map; getpeername still
+/// reads an entry an older layout's program left in the LRU map (sockets
+/// connected before an upgrade), and a slot another socket took since gives
+/// the backend's address, never the other socket's Service.
+#[test]
+fn tcp_reverse_entries_live_in_their_slot_and_older_ones_are_still_read() {
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::AsFd;
+    let mut env = Env::new("revtcp", 1, true);
+    env.recon
+        .reconcile(&table(vec![
+            frontend(vip(11), 80, PROTO_TCP, &[(1, Active)], None),
+            frontend(vip(12), 80, PROTO_TCP, &[(1, Active)], None),
+        ]))
+        .expect("reconcile");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let go = dir.path().join("go");
+    let mut g = spawn_client(
+        &env.cg.path,
+        &env.topo.client,
+        &ClientOp::TcpPeerAfter {
+            addr: SocketAddrV4::new(vip(11), 80).into(),
+            count: 3,
+            go: go.clone(),
+        },
+    );
+    // Another socket, to another Service on the same backend.
+    let mut g2 = spawn_client(
+        &env.cg.path,
+        &env.topo.client,
+        &ClientOp::TcpPeerAfter {
+            addr: SocketAddrV4::new(vip(12), 80).into(),
+            count: 1,
+            go: go.clone(),
+        },
+    );
+    let ready = |g: &mut ChildGuard| {
+        let stdout = g.0.as_mut().and_then(|c| c.stdout.take()).expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let cookies: Vec<u64> = loop {
+            let l = lines.next().expect("client exited early").expect("read");
+            if let Some((_, c)) = l.split_once("NBT-READY ") {
+                break c
+                    .trim()
+                    .split(',')
+                    .map(|c| c.parse().expect("cookie"))
+                    .collect();
+            }
+        };
+        (lines, cookies)
+    };
+    let (mut lines, cookies) = ready(&mut g);
+    let (_lines2, other_cookie) = ready(&mut g2);
+    assert_eq!(cookies.len(), 3);
+
+    // Each socket's entry is in its slot: the Service asked for, the backend.
+    let be = backend_ip(1).octets();
+    let mut tag = [0u8; 2];
+    for c in &cookies {
+        let v = rev_tcp_slot(&env.pins.pins, *c);
+        assert_eq!(
+            u64::from_ne_bytes(v[0..8].try_into().unwrap()),
+            *c,
+            "slot holds the socket"
+        );
+        assert_eq!(v[8..12], be, "backend address");
+        assert_eq!(v[24..28], vip(11).octets(), "VIP");
+        assert_eq!(v[40..42], BE_PORT.to_be_bytes(), "backend port");
+        assert_eq!(v[42..44], 80u16.to_be_bytes(), "service port");
+        assert_eq!(v[46], 4, "family");
+        tag.copy_from_slice(&v[44..46]);
+    }
+    let lru = netboot_datapath::sys::obj_get(&env.pins.pins.map(names::REV_SK)).expect("lru");
+    let mut k = [0u8; 16];
+    assert!(
+        !netboot_datapath::sys::map_next_key(lru.as_fd(), None, &mut k).expect("keys"),
+        "TCP sockets write no LRU reverse entry"
+    );
+
+    // Socket 1: its entry only in the LRU map, as an older program wrote it.
+    set_rev_tcp_slot(&env.pins.pins, cookies[1], &[0u8; 48]);
+    let mut key = Vec::new();
+    key.extend_from_slice(&cookies[1].to_ne_bytes());
+    key.extend_from_slice(&be);
+    key.extend_from_slice(&BE_PORT.to_be_bytes());
+    key.extend_from_slice(&[0, 0]);
+    let mut val = Vec::new();
+    val.extend_from_slice(&vip(11).octets());
+    val.extend_from_slice(&80u16.to_be_bytes());
+    val.extend_from_slice(&tag);
+    netboot_datapath::sys::map_update(lru.as_fd(), &key, &val, 0).expect("lru entry");
+    // Socket 2: its slot taken by a socket whose cookie falls on it, sent
+    // to another (live) Service on the same backend: that socket's entry,
+    // with a cookie that lands on socket 2's slot.
+    let mut other = rev_tcp_slot(&env.pins.pins, other_cookie[0]);
+    assert_eq!(other[24..28], vip(12).octets());
+    other[0..8].copy_from_slice(&(cookies[2] + u64::from(REV_TCP_SLOTS)).to_ne_bytes());
+    set_rev_tcp_slot(&env.pins.pins, cookies[2], &other);
+
+    std::fs::write(&go, b"").expect("go");
+    let res: Vec<Attempt> = loop {
+        let l = lines.next().expect("client exited early").expect("read");
+        if let Some((_, r)) = l.split_once("NBT-RESULT ") {
+            break serde_json::from_str(r).expect("result json");
+        }
+    };
+    let peers: Vec<&str> = res.iter().map(|a| a.peer.as_str()).collect();
+    assert_eq!(
+        peers,
+        [
+            "10.96.0.11:80",
+            "10.96.0.11:80",
+            &format!("{}:{BE_PORT}", backend_ip(1))
+        ],
+        "slot, LRU fallback, slot taken by another socket"
+    );
 }
 
 #[test]

@@ -442,8 +442,9 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
     // The formula of docs/contracts.md, written out: per map
     // 16 B × pow2(max) buckets; 96 B per entry of the four NO_PREALLOC maps in
     // use; 72 / 80 B per preallocated rev_sk / affinity element; the
-    // per-Service counters (per-CPU, 64 CPUs assumed); userspace
-    // 12 KiB per frontend (≤ reverseNat) + 1 KiB per backend; 64 MiB base.
+    // per-Service counters (per-CPU, 64 CPUs assumed); the fixed 12 MiB
+    // nb_rev_tcp array (262,144 × 48 B); userspace 12 KiB per frontend
+    // (≤ reverseNat) + 1 KiB per backend; 64 MiB base.
     let formula = |m: spec::MapSizes| -> (u64, u64) {
         let (s, b, a, r) = (
             u64::from(m.services),
@@ -453,7 +454,7 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
         );
         let bk = |n: u64| 16 * n.next_power_of_two();
         // nb_svc_stats: buckets; 96 B + 40 B on each of 64 assumed CPUs per id.
-        let empty = bk(s) + 3 * bk(b) + 2 * bk(r) + bk(a) + 72 * b + 80 * a;
+        let empty = bk(s) + 3 * bk(b) + 2 * bk(r) + bk(a) + 72 * b + 80 * a + 262_144 * 48;
         let full = empty + 96 * (s + 2 * b + r) + (96 + 40 * 64) * r;
         let user = 12 * 1024 * s.min(r) + 1024 * b;
         (64 * (1 << 20) + empty, 64 * (1 << 20) + full + user)

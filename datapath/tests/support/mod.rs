@@ -352,6 +352,14 @@ pub enum ClientOp {
         udp: SocketAddrV4,
         duration_ms: u64,
     },
+    /// `count` TCP connections held open; prints `NBT-READY <cookie>,...`
+    /// (SO_COOKIE), waits until the file `go` exists, then records each
+    /// one's getpeername (name = its cookie).
+    TcpPeerAfter {
+        addr: SocketAddr,
+        count: u32,
+        go: PathBuf,
+    },
 }
 
 /// One attempt.
@@ -369,6 +377,51 @@ pub struct Attempt {
 
 fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)
+}
+
+/// A socket's cookie (SO_COOKIE).
+pub fn socket_cookie(fd: &impl std::os::fd::AsRawFd) -> u64 {
+    let mut v = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: v and len outlive the call; the length is v's size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    v
+}
+
+fn tcp_peer_after(addr: SocketAddr, count: u32, go: &Path) -> Vec<Attempt> {
+    let socks: Vec<std::net::TcpStream> = (0..count)
+        .map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect")
+        })
+        .collect();
+    let cookies: Vec<String> = socks.iter().map(|s| socket_cookie(s).to_string()).collect();
+    println!("NBT-READY {}", cookies.join(","));
+    let _ = std::io::stdout().flush();
+    let end = Instant::now() + Duration::from_secs(30);
+    while !go.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    socks
+        .iter()
+        .zip(cookies)
+        .map(|(s, cookie)| Attempt {
+            ok: true,
+            name: cookie,
+            peer: s.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            errno: 0,
+            micros: 0,
+            mono_ns: 0,
+        })
+        .collect()
 }
 
 fn tcp_once(addr: impl Into<SocketAddr>) -> Attempt {
@@ -743,6 +796,7 @@ fn client_main(op: ClientOp) -> Vec<Attempt> {
             ports.iter().map(|p| tcp_from_port(addr, *p)).collect()
         }
         ClientOp::PingConnect { addr } => vec![ping_connect(addr)],
+        ClientOp::TcpPeerAfter { addr, count, go } => tcp_peer_after(addr, count, &go),
         ClientOp::UdpNewSocket { addr, count } => {
             (0..count).map(|_| udp_once(&udp_sock(), addr)).collect()
         }

@@ -174,15 +174,16 @@ impl KernelMaps {
         self
     }
 
-    /// Whether `n` more updates of `map` surely fit: on a cold start the
-    /// updates written so far bound the entries from above.
-    fn surely_fits(&self, map: &str, n: usize) -> bool {
+    /// Whether the updates of `map` counted so far (the current run's
+    /// included: [`Self::count_updates`] runs before the write) surely fit:
+    /// on a cold start they bound the entries from above.
+    fn surely_fits(&self, map: &str) -> bool {
         self.cold
             && self
                 .room
                 .iter()
                 .find(|(name, ..)| *name == map)
-                .is_some_and(|(_, max, written)| written + n as u64 <= u64::from(*max))
+                .is_some_and(|(_, max, written)| *written <= u64::from(*max))
     }
 
     /// Counts `n` updates of `map` (whether written or not: an upper bound).
@@ -296,7 +297,7 @@ impl KernelMaps {
             // no slot 0 yet, so the datapath never saw it). A full map stays
             // on one thread, so the frontends before the full point are the
             // ones programmed, as with single writes.
-            if self.batches && self.surely_fits(map, 0) && two_threads(fd, keys, v, mid) {
+            if self.batches && self.surely_fits(map) && two_threads(fd, keys, v, mid) {
                 return Ok(());
             }
         }

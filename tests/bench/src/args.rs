@@ -138,6 +138,11 @@ pub struct ColdstartApiArgs {
     /// Starts per agent and size.
     #[arg(long, default_value_t = 5)]
     pub repeats: u32,
+    /// How the objects get into the API: `api` creates them through the
+    /// API server; `etcd` writes them into its etcd as it stores them (for
+    /// 100k and more: the API server's create path is quadratic in Services).
+    #[arg(long, value_enum, default_value_t = crate::coldstart_api::Fill::Api)]
+    pub fill: crate::coldstart_api::Fill,
     /// Results folder (coldstart-api.md, coldstart-api.json).
     #[arg(long, default_value = DEFAULT_OUT)]
     pub out: PathBuf,

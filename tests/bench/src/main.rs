@@ -160,6 +160,7 @@ fn coldstart_api_section(a: &ColdstartApiArgs) -> anyhow::Result<()> {
         ));
     }
     let o = coldstart_api::Options {
+        fill: a.fill,
         sizes: a.services.clone(),
         agents,
         repeats: a.repeats.max(1),

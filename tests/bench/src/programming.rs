@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use kube::api::{Api, Patch, PatchParams};
 use netboot_harness::controlplane::{
@@ -429,7 +429,11 @@ impl Running {
             }
             Some(mode) => Ok(mode.services_in(&mode.dump(&self.ns.name)?)),
             None => {
-                let ready = matches!(self.get("/readyz"), Some((200, _)));
+                // Not ready: nothing more to ask (a status while the agent
+                // starts costs it CPU the start needs).
+                if !matches!(self.get("/readyz"), Some((200, _))) {
+                    return Ok(0);
+                }
                 let status = self
                     .get("/v1/status")
                     .and_then(|(c, b)| (c == 200).then_some(b))
@@ -438,7 +442,7 @@ impl Running {
                     .as_ref()
                     .and_then(|s| s["services"].as_u64())
                     .unwrap_or(0);
-                Ok(if ready { services as usize } else { 0 })
+                Ok(services as usize)
             }
         }
     }
@@ -649,47 +653,151 @@ pub(crate) async fn prepare(cp: &ControlPlane) -> Result<()> {
     Ok(())
 }
 
-/// Creates Services `from..n` and their slices; records their endpoints.
-pub(crate) async fn grow(cp: &ControlPlane, state: &State, from: u32, n: u32) -> Result<()> {
+/// Services `from..n` (without the probe's, which [`prepare`] created) and
+/// the slices of all of them; records their endpoints in `state`.
+fn objects(state: &State, from: u32, n: u32) -> Result<(Vec<Service>, Vec<EndpointSlice>)> {
     let w = Workload::new(n, ENDPOINTS)?;
     let (services, slices) = w.objects_from(from);
-    // svc-000000 exists since prepare().
     let services: Vec<_> = services
         .into_iter()
         .zip(from..)
         .filter(|(_, i)| *i != PROBE_SERVICE)
         .map(|(s, _)| s)
         .collect();
+    let mut out = Vec::new();
+    let mut st = state
+        .lock()
+        .map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
+    for (s, i) in slices.into_iter().zip(from..) {
+        let ips = if i == PROBE_SERVICE {
+            vec![probe_backends()[0]]
+        } else {
+            w.endpoint_ips(i, false)
+        };
+        out.push(slice(s, i, &ips));
+        if i != PROBE_SERVICE {
+            st.insert(i, ips);
+        }
+    }
+    Ok((services, out))
+}
+
+/// Creates Services `from..n` and their slices; records their endpoints.
+pub(crate) async fn grow(cp: &ControlPlane, state: &State, from: u32, n: u32) -> Result<()> {
+    let (services, slices) = objects(state, from, n)?;
     create_all(
         &Api::namespaced(cp.client.clone(), NAMESPACE),
         services,
         IN_FLIGHT,
     )
     .await?;
-    let mut out = Vec::new();
-    {
-        let mut st = state
-            .lock()
-            .map_err(|_| anyhow::anyhow!("state lock poisoned"))?;
-        for (s, i) in slices.into_iter().zip(from..) {
-            let ips = if i == PROBE_SERVICE {
-                vec![probe_backends()[0]]
-            } else {
-                w.endpoint_ips(i, false)
-            };
-            out.push(slice(s, i, &ips));
-            if i != PROBE_SERVICE {
-                st.insert(i, ips);
-            }
-        }
-    }
     create_all(
         &Api::namespaced(cp.client.clone(), NAMESPACE),
-        out,
+        slices,
         IN_FLIGHT,
     )
     .await?;
     Ok(())
+}
+
+/// [`grow`]'s objects written straight into the API server's etcd
+/// ([`ControlPlane::etcd_put_all`]) as the API server would have stored
+/// them: defaulted (IP family, policies, affinity), with a uid and a
+/// creation time, each ClusterIP with its IPAddress object (so the API
+/// server's repair loop finds nothing to do). Returns once the API server's
+/// watch cache lists them all. For sizes the API server cannot be filled
+/// with in the time (its create path is O(Services) per Service).
+pub(crate) async fn grow_in_etcd(
+    cp: &ControlPlane,
+    state: &State,
+    from: u32,
+    n: u32,
+) -> Result<()> {
+    let (services, slices) = objects(state, from, n)?;
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+    let uid = |kind: u32, i: u32| format!("00000000-0000-4000-8{kind:03x}-{i:012x}");
+    let mut kvs = Vec::with_capacity(services.len() * 2 + slices.len());
+    for (mut s, i) in services
+        .into_iter()
+        .zip((from..).filter(|i| *i != PROBE_SERVICE))
+    {
+        s.metadata.uid = Some(uid(1, i));
+        s.metadata.creation_timestamp = Some(now.clone());
+        let ip = workload::vip(i).to_string();
+        if let Some(spec) = s.spec.as_mut() {
+            spec.ip_families = Some(vec!["IPv4".into()]);
+            spec.ip_family_policy = Some("SingleStack".into());
+            spec.session_affinity = Some("None".into());
+            spec.internal_traffic_policy = Some("Cluster".into());
+        }
+        s.status = Some(Default::default());
+        let name = workload::service_name(i);
+        let addr = serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "IPAddress",
+            "metadata": {
+                "name": ip,
+                "uid": uid(2, i),
+                "creationTimestamp": now,
+                "labels": {
+                    "ipaddress.kubernetes.io/ip-family": "IPv4",
+                    "ipaddress.kubernetes.io/managed-by": "ipallocator.k8s.io",
+                },
+            },
+            "spec": {"parentRef": {
+                "group": "", "resource": "services", "namespace": NAMESPACE, "name": name,
+            }},
+        });
+        kvs.push((format!("ipaddresses/{ip}"), serde_json::to_vec(&addr)?));
+        kvs.push((
+            format!("services/specs/{NAMESPACE}/{name}"),
+            serde_json::to_vec(&s)?,
+        ));
+    }
+    for (mut s, i) in slices.into_iter().zip(from..) {
+        s.metadata.uid = Some(uid(3, i));
+        s.metadata.creation_timestamp = Some(now.clone());
+        s.metadata.generation = Some(1);
+        let name = s.metadata.name.clone().unwrap_or_default();
+        kvs.push((
+            format!("endpointslices/{NAMESPACE}/{name}"),
+            serde_json::to_vec(&s)?,
+        ));
+    }
+    cp.etcd_put_all(kvs).await?;
+    let t = Instant::now();
+    for kind in ["Services", "EndpointSlices"] {
+        loop {
+            let listed = if kind == "Services" {
+                count::<netboot_datapath::lean::LeanService>(&cp.client).await?
+            } else {
+                count::<netboot_datapath::lean::LeanSlice>(&cp.client).await?
+            };
+            if listed >= n as usize {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < SYNC_TIMEOUT,
+                "the API server lists {listed} {kind} of the {n} written into etcd after {SYNC_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// How many `K` the API server's watch cache lists.
+async fn count<K: netboot_datapath::listwatch::Listable>(c: &kube::Client) -> Result<usize> {
+    use netboot_datapath::listwatch::{page, Encoding};
+    let (mut token, mut n) = (None, 0);
+    loop {
+        let p = page::<K>(c, Encoding::Protobuf, 5_000, token).await?;
+        n += p.items.len();
+        token = p.continue_token;
+        if token.is_none() {
+            return Ok(n);
+        }
+    }
 }
 
 /// Runs the whole section; `save` gets the report after each size. A

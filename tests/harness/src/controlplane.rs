@@ -489,6 +489,9 @@ pub struct ControlPlane {
     _api: ChildGuard,
     /// The API server's port on 127.0.0.1.
     pub api_port: u16,
+    /// etcd's client port on 127.0.0.1 (plain HTTP), for
+    /// [`ControlPlane::etcd_put_all`].
+    pub etcd_port: u16,
     /// An admin client.
     pub client: kube::Client,
     /// The admin kubeconfig (server 127.0.0.1:api_port).
@@ -582,11 +585,71 @@ impl ControlPlane {
             _etcd: etcd,
             _api: api,
             api_port: ap,
+            etcd_port: ec,
             client,
             admin,
             bin_proxy,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// Writes `objects` (etcd key under the API server's `/registry`
+    /// prefix, object JSON with apiVersion and kind) straight into etcd,
+    /// [`ETCD_TXN_OPS`] per transaction through etcd's JSON gateway,
+    /// bypassing the API server: for benchmarks that need more objects than
+    /// the API server admits in their time (its ClusterIP allocator counts
+    /// every IPAddress on each create, so filling it is quadratic). The API
+    /// server reads JSON from etcd as it reads its own protobuf, and its
+    /// watch cache takes the writes up like any other; nothing validates or
+    /// defaults them on the way in, so `objects` must be complete.
+    pub async fn etcd_put_all(&self, objects: Vec<(String, Vec<u8>)>) -> Result<()> {
+        use base64::Engine as _;
+        let url = format!("http://127.0.0.1:{}", self.etcd_port);
+        let cfg = kube::Config::new(
+            url.parse()
+                .map_err(|e| Error::Failed(format!("{url}: {e}")))?,
+        );
+        let etcd = kube::Client::try_from(cfg).map_err(kube_err("etcd client"))?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let txns: Vec<Vec<u8>> = objects
+            .chunks(ETCD_TXN_OPS)
+            .map(|chunk| {
+                let puts: Vec<serde_json::Value> = chunk
+                    .iter()
+                    .map(|(key, value)| {
+                        serde_json::json!({"requestPut": {
+                            "key": b64.encode(format!("/registry/{key}")),
+                            "value": b64.encode(value),
+                        }})
+                    })
+                    .collect();
+                serde_json::to_vec(&serde_json::json!({ "success": puts }))
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Failed(format!("etcd transaction: {e}")))?;
+        futures::stream::iter(txns)
+            .map(|body| {
+                let etcd = etcd.clone();
+                async move {
+                    let req = http::Request::post("/v3/kv/txn")
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .body(body)
+                        .map_err(|e| Error::Failed(format!("POST /v3/kv/txn: {e}")))?;
+                    let text = etcd
+                        .request_text(req)
+                        .await
+                        .map_err(kube_err("etcd: POST /v3/kv/txn"))?;
+                    let v: serde_json::Value = serde_json::from_str(&text)
+                        .map_err(|e| Error::Failed(format!("etcd: {e}: {text}")))?;
+                    if v["succeeded"] != serde_json::Value::Bool(true) {
+                        return Err(Error::Failed(format!("etcd: transaction failed: {text}")));
+                    }
+                    Ok(())
+                }
+            })
+            .buffer_unordered(4)
+            .try_for_each(|()| async { Ok(()) })
+            .await
     }
 
     /// Creates Namespace `name`.
@@ -650,21 +713,75 @@ pub fn node(name: &str, internal_ip: &str) -> Node {
     }
 }
 
-/// Creates `objects` through `api`, `in_flight` at a time.
+/// Writes per etcd transaction of [`ControlPlane::etcd_put_all`]
+/// (etcd's default `--max-txn-ops`).
+pub const ETCD_TXN_OPS: usize = 128;
+
+/// Tries per object [`create_all`] makes before it gives up.
+const CREATE_TRIES: u32 = 8;
+/// Objects between two progress lines of [`create_all`].
+const CREATE_PROGRESS: usize = 10_000;
+
+/// Whether a failed create may succeed if sent again: the API server shed
+/// load (429), timed out or failed inside (5xx), or the connection broke.
+fn retriable(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(r) => r.code == 429 || r.code >= 500,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// Creates `objects` through `api`, `in_flight` at a time. A create the API
+/// server sheds or times out under load is sent again (up to
+/// [`CREATE_TRIES`] times, backing off); "already exists" after such a retry
+/// means the first attempt landed. Prints progress every
+/// [`CREATE_PROGRESS`] objects when there are more than that.
 pub async fn create_all<K>(api: &Api<K>, objects: Vec<K>, in_flight: usize) -> Result<()>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let kind = K::kind(&K::DynamicType::default()).to_string();
+    let total = objects.len();
+    let started = Instant::now();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let retried = std::sync::atomic::AtomicUsize::new(0);
     futures::stream::iter(objects)
         .map(|o| {
-            let api = api.clone();
-            async move { api.create(&PostParams::default(), &o).await }
+            let (api, done, retried, kind) = (api.clone(), &done, &retried, &kind);
+            async move {
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match api.create(&PostParams::default(), &o).await {
+                        Ok(_) => break,
+                        Err(kube::Error::Api(r)) if r.is_already_exists() && tries > 1 => break,
+                        Err(e) if retriable(&e) && tries < CREATE_TRIES => {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(250 << tries.min(5))).await;
+                        }
+                        Err(e) => {
+                            let name = o.meta().name.clone().unwrap_or_default();
+                            return Err(Error::Kube {
+                                what: format!("creating {kind} {name} (try {tries})"),
+                                source: e,
+                            });
+                        }
+                    }
+                }
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if total > CREATE_PROGRESS && n % CREATE_PROGRESS == 0 {
+                    eprintln!(
+                        "  {n}/{total} {kind}s created ({:.0}/s, {} retried)",
+                        n as f64 / started.elapsed().as_secs_f64(),
+                        retried.load(Ordering::Relaxed)
+                    );
+                }
+                Ok(())
+            }
         })
         .buffer_unordered(in_flight.max(1))
-        .try_collect::<Vec<_>>()
+        .try_for_each(|()| async { Ok(()) })
         .await
-        .map_err(kube_err(format!("creating {kind}s")))?;
-    Ok(())
 }

@@ -176,23 +176,26 @@ fn tcp_and_udp_reach_a_backend_and_the_app_sees_the_vip() {
     assert!(env.counter("getpeername_translated") >= 3);
 }
 
+/// The pinned `nb_rev_tcp` map and the slot of `cookie` in it.
+fn rev_tcp(pins: &netboot_datapath::pins::Pins, cookie: u64) -> (std::os::fd::OwnedFd, [u8; 4]) {
+    let fd = netboot_datapath::sys::obj_get(&pins.map(names::REV_TCP)).expect("open nb_rev_tcp");
+    let idx = (cookie as u32) & (REV_TCP_SLOTS - 1);
+    (fd, idx.to_ne_bytes())
+}
+
 /// One `nb_rev_tcp` slot's bytes (`struct nb_rev_tcp`, 48 bytes).
 fn rev_tcp_slot(pins: &netboot_datapath::pins::Pins, cookie: u64) -> [u8; 48] {
     use std::os::fd::AsFd;
-    let fd = netboot_datapath::sys::obj_get(&pins.map(names::REV_TCP)).expect("open nb_rev_tcp");
-    let idx = (cookie as u32) & (REV_TCP_SLOTS - 1);
+    let (fd, key) = rev_tcp(pins, cookie);
     let mut v = [0u8; 48];
-    assert!(
-        netboot_datapath::sys::map_lookup(fd.as_fd(), &idx.to_ne_bytes(), &mut v).expect("lookup")
-    );
+    assert!(netboot_datapath::sys::map_lookup(fd.as_fd(), &key, &mut v).expect("lookup"));
     v
 }
 
 fn set_rev_tcp_slot(pins: &netboot_datapath::pins::Pins, cookie: u64, v: &[u8; 48]) {
     use std::os::fd::AsFd;
-    let fd = netboot_datapath::sys::obj_get(&pins.map(names::REV_TCP)).expect("open nb_rev_tcp");
-    let idx = (cookie as u32) & (REV_TCP_SLOTS - 1);
-    netboot_datapath::sys::map_update(fd.as_fd(), &idx.to_ne_bytes(), v, 0).expect("update");
+    let (fd, key) = rev_tcp(pins, cookie);
+    netboot_datapath::sys::map_update(fd.as_fd(), &key, v, 0).expect("update");
 }
 
 /// Why: a TCP socket's reverse entry is in its cookie's `nb_rev_tcp` slot

@@ -766,37 +766,37 @@ pub(crate) async fn grow_in_etcd(
     }
     cp.etcd_put_all(kvs).await?;
     let t = Instant::now();
-    for kind in ["Services", "EndpointSlices"] {
-        loop {
-            let listed = if kind == "Services" {
-                count::<netboot_datapath::lean::LeanService>(&cp.client).await?
-            } else {
-                count::<netboot_datapath::lean::LeanSlice>(&cp.client).await?
-            };
-            if listed >= n as usize {
-                break;
-            }
-            anyhow::ensure!(
-                t.elapsed() < SYNC_TIMEOUT,
-                "the API server lists {listed} {kind} of the {n} written into etcd after {SYNC_TIMEOUT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    Ok(())
+    wait_listed::<netboot_datapath::lean::LeanService>(&cp.client, n, "Services", t).await?;
+    wait_listed::<netboot_datapath::lean::LeanSlice>(&cp.client, n, "EndpointSlices", t).await
 }
 
-/// How many `K` the API server's watch cache lists.
-async fn count<K: netboot_datapath::listwatch::Listable>(c: &kube::Client) -> Result<usize> {
+/// Waits until the API server's watch cache lists at least `n` `K`
+/// (`kind` names them in the error), at most [`SYNC_TIMEOUT`] from `since`.
+async fn wait_listed<K: netboot_datapath::listwatch::Listable>(
+    c: &kube::Client,
+    n: u32,
+    kind: &str,
+    since: Instant,
+) -> Result<()> {
     use netboot_datapath::listwatch::{page, Encoding};
-    let (mut token, mut n) = (None, 0);
     loop {
-        let p = page::<K>(c, Encoding::Protobuf, 5_000, token).await?;
-        n += p.items.len();
-        token = p.continue_token;
-        if token.is_none() {
-            return Ok(n);
+        let (mut token, mut listed) = (None, 0);
+        loop {
+            let p = page::<K>(c, Encoding::Protobuf, 5_000, token).await?;
+            listed += p.items.len();
+            token = p.continue_token;
+            if token.is_none() {
+                break;
+            }
         }
+        if listed >= n as usize {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            since.elapsed() < SYNC_TIMEOUT,
+            "the API server lists {listed} {kind} of the {n} written into etcd after {SYNC_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -969,7 +969,8 @@ pub fn proto_name(p: u8) -> &'static str {
 }
 
 /// A frontend address as a value type (host order), for tables and display.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// Ordered by family (IPv4 first), address, port, protocol ([`Ord`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct L4Addr {
     /// IPv4 or IPv6 address.
     pub ip: IpAddr,
@@ -985,6 +986,32 @@ impl std::fmt::Display for L4Addr {
             IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, proto_name(self.proto)),
             IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, proto_name(self.proto)),
         }
+    }
+}
+
+impl Ord for L4Addr {
+    /// The order a derived `Ord` gives (`IpAddr`'s, then port, then
+    /// protocol), by integer compares: the addresses' own `Ord` compares
+    /// their octet arrays through `memcmp`, a call per step of every B-tree
+    /// search in the reconciler's mirror (a million backends at 100k
+    /// Services × 10).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        fn rank(ip: &IpAddr) -> (u8, u128) {
+            match ip {
+                IpAddr::V4(a) => (4, u128::from(u32::from(*a))),
+                IpAddr::V6(a) => (6, u128::from(*a)),
+            }
+        }
+        rank(&self.ip)
+            .cmp(&rank(&other.ip))
+            .then(self.port.cmp(&other.port))
+            .then(self.proto.cmp(&other.proto))
+    }
+}
+
+impl PartialOrd for L4Addr {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -1100,6 +1127,54 @@ impl SockTermRec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l4addr_orders_as_the_derived_order_would() {
+        // The tuple's order is what `#[derive(Ord)]` gave: the mirror's
+        // B-trees, id allocation and golden snapshots depend on it.
+        let ips: Vec<IpAddr> = [
+            "0.0.0.0",
+            "0.0.0.1",
+            "9.255.255.255",
+            "10.0.0.1",
+            "10.0.1.0",
+            "10.1.0.0",
+            "128.0.0.0",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:10.0.0.1",
+            "fd00::1",
+            "fd00::100",
+            "fd00:1::",
+            "ff00::",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut all = Vec::new();
+        for ip in &ips {
+            for port in [0u16, 1, 80, 255, 256, 65535] {
+                for proto in [6u8, 17, 132] {
+                    all.push(L4Addr {
+                        ip: *ip,
+                        port,
+                        proto,
+                    });
+                }
+            }
+        }
+        for a in &all {
+            for b in &all {
+                assert_eq!(
+                    a.cmp(b),
+                    (a.ip, a.port, a.proto).cmp(&(b.ip, b.port, b.proto)),
+                    "{a} vs {b}"
+                );
+                assert_eq!(a.partial_cmp(b), Some(a.cmp(b)));
+            }
+        }
+    }
 
     #[test]
     fn header_counter_names_match_enum() {

@@ -106,6 +106,9 @@ impl LbMaps for FaultyMaps {
         // land where they did (the reconciler only logs its failure).
         self.inner.delete_svc_stats(id)
     }
+    fn svc_stats_ids(&self) -> Option<Vec<u32>> {
+        self.inner.svc_stats_ids()
+    }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         self.inner.dump()
     }

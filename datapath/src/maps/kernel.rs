@@ -502,6 +502,22 @@ impl LbMaps for KernelMaps {
             None => Ok(()),
         }
     }
+    fn svc_stats_ids(&self) -> Option<Vec<u32>> {
+        let Some(m) = &self.svc_stats else {
+            return Some(Vec::new());
+        };
+        let mut ids = Vec::new();
+        for k in m.keys() {
+            match k {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing per-Service counters: every new service id is reset");
+                    return None;
+                }
+            }
+        }
+        Some(ids)
+    }
     fn write_all(&mut self, ws: &[MapWrite]) -> Result<(), Stopped> {
         let mut start = 0;
         while start < ws.len() {

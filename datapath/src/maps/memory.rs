@@ -40,6 +40,8 @@ pub struct MemoryMaps {
     /// `nb_svc_stats` (summed over CPUs); tests put counts here as traffic
     /// would. Its deletes are not counted in `writes` (no programming).
     pub svc_stats: BTreeMap<u32, crate::layout::SvcStats>,
+    /// Calls of `delete_svc_stats` so far.
+    pub svc_stats_deletes: u64,
 }
 
 impl MemoryMaps {
@@ -183,7 +185,11 @@ impl LbMaps for MemoryMaps {
     }
     fn delete_svc_stats(&mut self, id: u32) -> Result<(), MapsError> {
         self.svc_stats.remove(&id);
+        self.svc_stats_deletes += 1;
         Ok(())
+    }
+    fn svc_stats_ids(&self) -> Option<Vec<u32>> {
+        Some(self.svc_stats.keys().copied().collect())
     }
     fn dump(&self) -> Result<MapsDump, MapsError> {
         Ok(self.state.clone())

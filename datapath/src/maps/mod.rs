@@ -426,6 +426,14 @@ pub trait LbMaps {
         let _ = id;
         Ok(())
     }
+    /// The service ids `nb_svc_stats` has counters for, read at recovery:
+    /// a new frontend's id is reset only if it is among them or was freed
+    /// since (a fresh start's 100k frontends otherwise cost 100k deletes of
+    /// absent keys). None (the default, or the read failed): unknown, every
+    /// new id is reset.
+    fn svc_stats_ids(&self) -> Option<Vec<u32>> {
+        None
+    }
 
     /// One write.
     fn write(&mut self, w: &MapWrite) -> Result<(), MapsError> {

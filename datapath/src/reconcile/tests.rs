@@ -501,6 +501,47 @@ fn ids_freed_are_reused_and_fresh_ones_continue_upwards() {
     assert_eq!(b.alloc(), None);
 }
 
+#[test]
+fn id_set_holds_ids_as_bits_and_far_ones_beside_them() {
+    let mut s = IdSet::default();
+    let ids = [
+        1,
+        63,
+        64,
+        65,
+        4095,
+        IdSet::DENSE - 1,
+        IdSet::DENSE,
+        u32::MAX - 1,
+    ];
+    for id in ids {
+        assert!(!s.contains(id), "{id} before");
+        s.insert(id);
+        assert!(s.contains(id), "{id} after");
+    }
+    assert!(!s.contains(2) && !s.contains(66) && !s.contains(IdSet::DENSE + 1));
+    // A far id costs no bits.
+    assert_eq!(s.words.len(), (IdSet::DENSE / 64) as usize);
+    let mut t = IdSet::default();
+    t.insert(u32::MAX - 1);
+    assert!(t.words.is_empty());
+    for id in ids {
+        assert!(s.remove(id), "{id} removed");
+        assert!(!s.contains(id), "{id} gone");
+        assert!(!s.remove(id), "{id} twice");
+    }
+    assert!(!s.remove(7) && !s.remove(1 << 30));
+
+    // Recovery marks a far id; allocation still goes from 1 and skips it.
+    let mut a = IdAlloc::new(u32::MAX - 1);
+    a.mark(u32::MAX - 1);
+    a.mark(2);
+    assert_eq!(a.alloc(), Some(1));
+    assert_eq!(a.alloc(), Some(3));
+    a.free(u32::MAX - 1);
+    assert_eq!(a.alloc(), Some(u32::MAX - 1), "freed ids first");
+}
+
 fn table(fes: &[Frontend]) -> DesiredTable {
     let mut d = DesiredTable::default();
     for fe in fes {
@@ -904,6 +945,53 @@ fn a_reused_service_id_starts_with_no_counters() {
     r.reconcile(&one(&b)).unwrap();
     assert_eq!(r.service_id(&b.addr), Some(id), "the freed id is reused");
     assert!(r.maps().svc_stats.is_empty());
+}
+
+#[test]
+fn counters_left_behind_are_reset_when_their_id_is_handed_out_and_only_then() {
+    // Why: every new frontend's id used to cost a counter delete, 100k
+    // syscalls on a fresh start with no counters at all; now only ids with
+    // counters when the maps were read back, or freed since, are reset.
+    use crate::layout::SvcStats;
+    let be = [(tcp([10, 244, 1, 1], 8080), BackendState::Active)];
+    let a = frontend(tcp([10, 96, 0, 1], 80), "ns/a:http", &be);
+    let b = frontend(tcp([10, 96, 0, 2], 80), "ns/b:http", &be);
+    let traffic = SvcStats {
+        translated: 9,
+        ..Default::default()
+    };
+    // A predecessor left counters for ids 1 and 5; no frontend holds them.
+    let mut maps = MemoryMaps::new();
+    maps.svc_stats.insert(1, traffic);
+    maps.svc_stats.insert(5, traffic);
+    let mut r = Reconciler::recover(maps).unwrap();
+    r.reconcile(&table(std::slice::from_ref(&a))).unwrap();
+    assert_eq!(r.service_id(&a.addr), Some(1));
+    assert_eq!(r.maps().svc_stats.get(&1), None, "id 1 handed out: reset");
+    assert_eq!(r.maps().svc_stats.get(&5), Some(&traffic), "id 5 not yet");
+    assert_eq!(r.maps().svc_stats_deletes, 1, "only the stale id");
+    // Counters the datapath writes for a live frontend are its own: a
+    // later id handed out leaves them alone.
+    r.maps_mut().svc_stats.insert(1, traffic);
+    r.reconcile(&table(&[a.clone(), b.clone()])).unwrap();
+    assert_eq!(r.service_id(&b.addr), Some(2));
+    assert_eq!(r.maps().svc_stats.get(&1), Some(&traffic));
+    assert_eq!(r.maps().svc_stats_deletes, 1, "a fresh id costs no delete");
+    // Read back again (a resync), the ids in use keep their counters.
+    r.resync().unwrap();
+    r.reconcile(&table(&[a.clone(), b.clone()])).unwrap();
+    assert_eq!(r.maps().svc_stats.get(&1), Some(&traffic));
+    assert_eq!(r.maps().svc_stats.get(&5), Some(&traffic));
+    // Ids 3 and 4 fresh; 5 is reset when it comes.
+    let more: Vec<Frontend> = (3..=5)
+        .map(|i| frontend(tcp([10, 96, 0, i], 80), &format!("ns/s{i}:http"), &be))
+        .collect();
+    let mut all = vec![a, b];
+    all.extend(more.iter().cloned());
+    r.reconcile(&table(&all)).unwrap();
+    assert_eq!(r.service_id(&more[2].addr), Some(5));
+    assert_eq!(r.maps().svc_stats.get(&5), None);
+    assert_eq!(r.maps().svc_stats.get(&1), Some(&traffic));
 }
 
 /// What the datapath could see wrong in `d`: a frontend whose count exposes

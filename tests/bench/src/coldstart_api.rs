@@ -205,8 +205,10 @@ fn one_start(
     n: u32,
     max: u32,
 ) -> Result<Start> {
-    let t = Instant::now();
     let mut r = programming::start_agent(cp, dir, tag, bin, max)?;
+    // From spawn, as the static-file bench (`agent_run`): the bench's own
+    // namespace, relay, cgroup and pins come before it.
+    let t = r.spawned;
     loop {
         crate::cleanup::check_stop()?;
         if let Some(st) = r.exited() {

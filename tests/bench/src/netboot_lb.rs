@@ -63,6 +63,9 @@ impl LbMaps for TimedMaps {
     fn delete_svc_stats(&mut self, id: u32) -> Result<(), MapsError> {
         self.timed(|m| m.delete_svc_stats(id))
     }
+    fn svc_stats_ids(&self) -> Option<Vec<u32>> {
+        self.inner.svc_stats_ids()
+    }
     fn update_service(&mut self, key: Lb4Key, val: Lb4Service) -> Result<(), MapsError> {
         self.timed(|m| m.update_service(key, val))
     }

@@ -367,6 +367,9 @@ pub(crate) struct Running {
     _backends: Backends,
     cgroup: Option<Cgroup>,
     pub(crate) pid: u32,
+    /// Just before the process was spawned: the namespace, relay, cgroup
+    /// and pins this bench sets up first are not the proxy's start.
+    pub(crate) spawned: Instant,
     log: PathBuf,
     ns: Netns,
     /// iptables mode on iptables-legacy (rules dumped with its save).
@@ -560,10 +563,12 @@ fn start_kube_proxy(
         let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
         cmd.env("PATH", format!("{}:{path}", legacy_bin(dir)?.display()));
     }
+    let spawned = Instant::now();
     let child = spawn_logged(cmd, &log)?;
     Ok(Running {
         proxy: p,
         pid: child.pid(),
+        spawned,
         kube_proxy: Some(child),
         agent: None,
         _pins: None,
@@ -622,6 +627,7 @@ pub(crate) fn start_agent(
     .apply(&mut cmd)
     .context("confining the agent")?;
     crate::cleanup::check_stop()?;
+    let spawned = Instant::now();
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
@@ -629,6 +635,7 @@ pub(crate) fn start_agent(
     Ok(Running {
         proxy: p,
         pid: guard.pid(),
+        spawned,
         kube_proxy: None,
         agent: Some(guard),
         _pins: Some(pins),
@@ -844,13 +851,13 @@ pub fn run(o: &Options, save: &mut dyn FnMut(&Report) -> Result<()>) -> Result<R
             // itself (with etcd, the API server and the churn writer), and
             // sees the same API state and the same churn as the others.
             for p in Proxy::ALL {
-                let since = Instant::now();
                 let mut r = match p {
                     Proxy::Netboot => {
                         start_agent(&cp, dir.path(), &tag, &o.agent_bin, max_services)?
                     }
                     _ => start_kube_proxy(&cp, dir.path(), &tag, p, o.iptables)?,
                 };
+                let since = r.spawned;
                 match r.wait_synced(n, since)? {
                     Some(s) => {
                         eprintln!("programming: {} has all {n} Services ({s:.1} s)", p.name());

@@ -66,7 +66,7 @@ pub struct RateRows {
 pub struct SizeResult {
     /// Services.
     pub services: u32,
-    /// Per proxy: seconds from start (or from the API growing) until all
+    /// Per proxy: seconds from spawn (or from the API growing) until all
     /// Services were programmed.
     pub synced_s: Vec<(String, f64)>,
     /// Proxies that had not programmed all Services after 15 min: left out

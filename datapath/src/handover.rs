@@ -270,17 +270,18 @@ impl RulesNetns {
         };
         let file = std::fs::File::open(path)?;
         std::thread::scope(|s| {
-            s.spawn(move || {
-                use std::os::fd::AsRawFd;
-                // SAFETY: setns on a valid namespace fd affects only this
-                // thread, which ends when `f` returns.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+            std::thread::Builder::new()
+                .spawn_scoped(s, move || {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: setns on a valid namespace fd affects only this
+                    // thread, which ends when `f` returns.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    f()
+                })?
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
         })
     }
 

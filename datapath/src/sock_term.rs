@@ -269,22 +269,28 @@ impl SockTerm {
             report.netns += 1;
             // The iterator walks the netns of the thread that creates it.
             let out = std::thread::scope(|s| {
-                s.spawn(move || -> Result<(Vec<u8>, u64), String> {
-                    if let Some(path) = ns {
-                        enter_netns(path)?;
-                    }
-                    let mut f = link.into_file().map_err(|e| e.to_string())?;
-                    let mut buf = Vec::new();
-                    f.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-                    // Names the namespace in the flow events (0: unknown).
-                    let cookie = if buf.is_empty() {
-                        0
-                    } else {
-                        crate::sys::netns_cookie().unwrap_or(0)
-                    };
-                    Ok((buf, cookie))
-                })
-                .join()
+                let worker = std::thread::Builder::new().spawn_scoped(
+                    s,
+                    move || -> Result<(Vec<u8>, u64), String> {
+                        if let Some(path) = ns {
+                            enter_netns(path)?;
+                        }
+                        let mut f = link.into_file().map_err(|e| e.to_string())?;
+                        let mut buf = Vec::new();
+                        f.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+                        // Names the namespace in the flow events (0: unknown).
+                        let cookie = if buf.is_empty() {
+                            0
+                        } else {
+                            crate::sys::netns_cookie().unwrap_or(0)
+                        };
+                        Ok((buf, cookie))
+                    },
+                );
+                match worker {
+                    Ok(h) => h.join(),
+                    Err(e) => Ok(Err(format!("starting its thread: {e}"))),
+                }
             });
             let (out, netns_cookie) = match out {
                 Ok(Ok(buf)) => buf,

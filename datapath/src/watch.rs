@@ -498,15 +498,15 @@ impl Watched {
             // slices): the larger half of a full pass's table is built on a
             // second thread (0.5 of the first pass's 4 s at 100k Services,
             // one core, before), then entered in key order.
+            // Without a second thread (a pids limit), all on this one.
             let built: Vec<Vec<Frontend>> = if keys.len() >= PARALLEL_TABLE_FROM {
                 let (a, b) = keys.split_at(keys.len() / 2);
                 std::thread::scope(|sc| {
-                    let second = sc.spawn(|| of(b));
+                    let second = std::thread::Builder::new().spawn_scoped(sc, || of(b));
                     let mut v = of(a);
-                    match second.join() {
-                        Ok(w) => v.extend(w),
-                        // Not expected (no panics on this path); built again here.
-                        Err(_) => v.extend(of(b)),
+                    match second.map(|h| h.join()) {
+                        Ok(Ok(w)) => v.extend(w),
+                        _ => v.extend(of(b)),
                     }
                     v
                 })

@@ -430,10 +430,16 @@ fn halves(run: &[MapWrite]) -> Option<usize> {
 }
 
 /// Writes `keys[..mid]` on this thread and `keys[mid..]` on another, at
-/// once; true when both halves were written whole.
+/// once; true when both halves were written whole. False, nothing written,
+/// when no thread can be started (a pids limit): the caller writes the run
+/// on its own thread.
 fn two_threads<K: Sync, V: Sync>(fd: RawFd, keys: &[K], values: &[V], mid: usize) -> bool {
     std::thread::scope(|s| {
-        let second = s.spawn(|| batch::syscall_all(fd, keys, Some(values), mid..keys.len()));
+        let Ok(second) = std::thread::Builder::new().spawn_scoped(s, || {
+            batch::syscall_all(fd, keys, Some(values), mid..keys.len())
+        }) else {
+            return false;
+        };
         let first = batch::syscall_all(fd, keys, Some(values), 0..mid);
         first && second.join().unwrap_or(false)
     })

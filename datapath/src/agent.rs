@@ -277,7 +277,7 @@ pub struct AgentState {
     status: Mutex<Status>,
     maps: Mutex<Option<KernelMaps>>,
     pins: Pins,
-    /// Woken when readiness changes.
+    /// Woken when readiness changes, and at the initial sync.
     pub ready_changed: Notify,
     /// Whether kube-proxy's DaemonSet exists (woken on change).
     pub kube_proxy: Arc<KubeProxyWatch>,
@@ -336,6 +336,13 @@ impl AgentState {
 }
 
 impl StatusSource for AgentState {
+    fn readiness(&self) -> (hyper::StatusCode, String) {
+        match self.status.lock() {
+            Ok(s) => crate::http::readyz(&s),
+            Err(_) => crate::http::readyz(&Status::default()),
+        }
+    }
+
     fn status(&self) -> Status {
         let mut s = self.get();
         s.startup = self.startup.get();
@@ -1015,7 +1022,13 @@ async fn reconcile_loop(
                 let lb_left = watched.lb_ingress_left();
                 let map_entries = recon.map_entries();
                 let mut ready_changed = false;
-                let mut became_ready = false;
+                // Logged before the status says so: whatever waits for the
+                // sync (the first rules check) comes after this line.
+                let became_ready = !state.get().synced;
+                if became_ready {
+                    watched.startup.mark(|s| &mut s.synced_ms);
+                    tracing::info!(startup = %watched.startup.get().line(), "initial sync complete");
+                }
                 state.update(|s| {
                     s.unserved = unserved.len();
                     s.unserved_services = unserved_services;
@@ -1024,7 +1037,6 @@ async fn reconcile_loop(
                     s.zone = zone;
                     let ready = unfit_fe + unfit_be == 0;
                     ready_changed = s.ready != ready;
-                    became_ready = !s.synced;
                     s.synced = true;
                     s.ready = ready;
                     s.unprogrammed_frontends = unfit_fe;
@@ -1040,11 +1052,7 @@ async fn reconcile_loop(
                     s.last_sync_millis = took.as_millis() as u64;
                     s.watch_errors = watched.errors.load(Ordering::Relaxed);
                 });
-                if became_ready {
-                    watched.startup.mark(|s| &mut s.synced_ms);
-                    tracing::info!(startup = %watched.startup.get().line(), "initial sync complete");
-                }
-                if ready_changed {
+                if ready_changed || became_ready {
                     state.ready_changed.notify_one();
                 }
                 if unfit_fe + unfit_be > 0 {
@@ -1099,6 +1107,9 @@ fn names(features: &[netboot_contract::features::Feature]) -> String {
 /// readiness or kube-proxy's presence changes). kube-proxy's rules are removed
 /// only in replace mode with cleanup enabled, once the maps are programmed and
 /// kube-proxy's DaemonSet is known to be gone (see [`kube_proxy::decide`]).
+/// Longest the first kube-proxy rules check waits for the initial sync.
+const FIRST_RULES_CHECK_WAIT: Duration = Duration::from_secs(30);
+
 async fn node_loop(
     client: Option<Client>,
     state: Arc<AgentState>,
@@ -1113,6 +1124,18 @@ async fn node_loop(
         .map(|c| crate::events::NodeEvents::new(c, &opts.node_name));
     // The map pressure last posted as an Event.
     let mut posted_pressure: Vec<String> = Vec::new();
+    // The first rules check waits for the initial sync (at most
+    // FIRST_RULES_CHECK_WAIT): it runs iptables-save, ip6tables-save and nft
+    // for each backend, processes that on a small node take the CPU from the
+    // lists and the first pass, and before the sync the report can only say
+    // "not ready".
+    let deadline = tokio::time::Instant::now() + FIRST_RULES_CHECK_WAIT;
+    while !state.get().synced {
+        tokio::select! {
+            _ = state.ready_changed.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
     loop {
         let ready = state.get().ready;
         let kp = state.kube_proxy.get().0;

@@ -90,6 +90,13 @@ pub enum HttpError {
 pub trait StatusSource: Send + Sync + 'static {
     /// A fresh snapshot.
     fn status(&self) -> Status;
+
+    /// `/readyz`: only what readiness needs. Probes come often (the
+    /// kubelet, a rollout's checks) and a full [`StatusSource::status`]
+    /// reads every counter, per-Service counter and link from the kernel.
+    fn readiness(&self) -> (StatusCode, String) {
+        readyz(&self.status())
+    }
 }
 
 /// A response with a body and its content type.
@@ -179,7 +186,7 @@ fn route(
     match path {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let (code, body) = readyz(&src.status());
+            let (code, body) = src.readiness();
             reply(code, "text/plain", body)
         }
         "/metrics" => reply(
@@ -470,4 +477,82 @@ pub async fn fetch_status(addr: &str) -> Result<Status, HttpError> {
         addr: addr.into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts full snapshots; ready as told.
+    struct Source {
+        snapshots: AtomicUsize,
+        ready: bool,
+    }
+
+    impl StatusSource for Source {
+        fn status(&self) -> Status {
+            self.snapshots.fetch_add(1, Ordering::Relaxed);
+            Status {
+                synced: true,
+                ready: self.ready,
+                ..Default::default()
+            }
+        }
+    }
+
+    /// Answers readiness from a stored flag, as the agent does.
+    struct Cheap(Source);
+
+    impl StatusSource for Cheap {
+        fn status(&self) -> Status {
+            self.0.status()
+        }
+        fn readiness(&self) -> (StatusCode, String) {
+            let st = Status {
+                synced: true,
+                ready: self.0.ready,
+                ..Default::default()
+            };
+            readyz(&st)
+        }
+    }
+
+    fn source(ready: bool) -> Source {
+        Source {
+            snapshots: AtomicUsize::new(0),
+            ready,
+        }
+    }
+
+    #[test]
+    fn readyz_answers_from_readiness_without_a_full_snapshot() {
+        let get = hyper::Method::GET;
+        for ready in [true, false] {
+            let src = Cheap(source(ready));
+            let r = route(&get, "/readyz", Routes::All, &src);
+            let want = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            assert_eq!(r.status(), want);
+            assert_eq!(src.0.snapshots.load(Ordering::Relaxed), 0);
+            // The status page still takes one.
+            let r = route(&get, "/v1/status", Routes::All, &src);
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(src.0.snapshots.load(Ordering::Relaxed), 1);
+        }
+        // A source without its own readiness: from the snapshot.
+        let src = source(true);
+        assert_eq!(
+            route(&get, "/readyz", Routes::All, &src).status(),
+            StatusCode::OK
+        );
+        assert_eq!(src.snapshots.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            route(&get, "/readyz", Routes::MetricsOnly, &src).status(),
+            StatusCode::NOT_FOUND
+        );
+    }
 }

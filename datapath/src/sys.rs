@@ -484,12 +484,23 @@ const MMAP_THRESHOLD: i32 = 128 * 1024;
 /// 94–104 (peak 94 instead of 126–134; `netboot-bench coldstart-api`, run
 /// with `MALLOC_ARENA_MAX=1` against without). Nothing the agent allocates
 /// on is a hot path: per-thread caches (tcache) remain.
+///
+/// `MALLOC_ARENA_MAX` or `MALLOC_MMAP_THRESHOLD_` in the environment
+/// (glibc's own variables) win over these: an operator can trade memory
+/// for time without a rebuild. Measured 2026-12-06 (2-core AMD EPYC VM,
+/// 10,000 Services × 10 endpoints from the API, 6 starts each): two arenas
+/// took the same CPU time to ready (1,320 against 1,360 ms) for 72 MiB of
+/// RSS against 64.
 pub fn tune_malloc() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; called before
     // other threads exist.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
     }
 }

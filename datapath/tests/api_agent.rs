@@ -344,6 +344,14 @@ fn agent_against_a_real_api_server() {
         log.contains("initial sync complete startup=synced at "),
         "{log}"
     );
+    // The first kube-proxy rules check (iptables-save, nft: processes that
+    // would take the CPU the lists and the first pass need) waits for it.
+    let synced_at = log.find("initial sync complete").unwrap_or(usize::MAX);
+    let first_check = log.find("kube-proxy rules cleanup").unwrap_or(usize::MAX);
+    assert!(
+        first_check != usize::MAX && synced_at < first_check,
+        "the first rules check came before the initial sync:\n{log}"
+    );
     wait_for("kube-proxy known absent", Duration::from_secs(15), || {
         st()["kubeProxy"] == "absent"
     });

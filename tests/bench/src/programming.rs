@@ -335,7 +335,7 @@ fn tally(res: &mut Churned, done: std::result::Result<Result<()>, tokio::task::J
 
 /// utime+stime of `pid` and of its waited-for children (kube-proxy's
 /// iptables-restore / nft), seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("/proc/{pid}/stat"))?;
     let after = stat

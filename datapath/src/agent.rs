@@ -1103,13 +1103,13 @@ fn names(features: &[netboot_contract::features::Feature]) -> String {
         .join(", ")
 }
 
+/// Longest the first kube-proxy rules check waits for the initial sync.
+const FIRST_RULES_CHECK_WAIT: Duration = Duration::from_secs(30);
+
 /// Handover and Node annotations, re-checked periodically (and at once when
 /// readiness or kube-proxy's presence changes). kube-proxy's rules are removed
 /// only in replace mode with cleanup enabled, once the maps are programmed and
 /// kube-proxy's DaemonSet is known to be gone (see [`kube_proxy::decide`]).
-/// Longest the first kube-proxy rules check waits for the initial sync.
-const FIRST_RULES_CHECK_WAIT: Duration = Duration::from_secs(30);
-
 async fn node_loop(
     client: Option<Client>,
     state: Arc<AgentState>,
@@ -1125,10 +1125,10 @@ async fn node_loop(
     // The map pressure last posted as an Event.
     let mut posted_pressure: Vec<String> = Vec::new();
     // The first rules check waits for the initial sync (at most
-    // FIRST_RULES_CHECK_WAIT): it runs iptables-save, ip6tables-save and nft
-    // for each backend, processes that on a small node take the CPU from the
-    // lists and the first pass, and before the sync the report can only say
-    // "not ready".
+    // FIRST_RULES_CHECK_WAIT): it runs iptables-save and ip6tables-save
+    // (legacy and nft) and nft, processes that on a small node take the CPU
+    // from the lists and the first pass, and before the sync the report can
+    // only say "not ready".
     let deadline = tokio::time::Instant::now() + FIRST_RULES_CHECK_WAIT;
     while !state.get().synced {
         tokio::select! {

@@ -266,8 +266,10 @@ impl FlowNames {
         n
     }
 
-    /// Fills the names of `flow` it knows.
-    pub fn resolve(&self, flow: &mut Flow) {
+    /// Fills the names of `flow` it knows. False: a name the flow should
+    /// have is missing (its Service, or the pod of its backend), which an
+    /// index built before the flow may simply not have had yet.
+    pub fn resolve(&self, flow: &mut Flow) -> bool {
         let key = (flow.frontend_ip, flow.frontend_port, flow.proto.clone());
         let named = self.frontends.get(&key).or_else(|| {
             self.node_ports
@@ -280,6 +282,66 @@ impl FlowNames {
         if let Some(ip) = flow.backend_ip {
             flow.backend_pod = self.pods.get(&ip).cloned();
         }
+        let service_missing = flow.service_id != 0 && flow.service.is_none();
+        let pod_missing = flow.backend_ip.is_some() && flow.backend_pod.is_none();
+        !(service_missing || pod_missing)
+    }
+}
+
+/// The reader's copy of the name index, and when it was taken.
+///
+/// Asked for again once a second, and sooner for a flow that misses a name
+/// and happened after the copy was taken: the datapath programs a backend
+/// only after the agent's stores hold it, so such a flow may be about an
+/// object the copy predates (a Service and its first ready pod, created a
+/// moment before a client connects). How often that may happen is bounded
+/// by what a copy costs: at most a tenth of the reader's time goes to
+/// rebuilding (a large cluster whose flows miss names for good, e.g. API
+/// server endpoints without a pod, does not rebuild on every flow).
+struct NameCache {
+    names: Arc<FlowNames>,
+    /// Wall clock (ns) just before the copy was asked for: every object the
+    /// stores held then is in it.
+    taken_unix_ns: u64,
+    taken: Instant,
+    /// What asking took.
+    cost: Duration,
+}
+
+/// How often the reader takes a fresh copy of the names regardless.
+const NAMES_REFRESH: Duration = Duration::from_secs(1);
+
+impl NameCache {
+    fn take(source: &NamesSource) -> Self {
+        let (taken_unix_ns, taken) = (now_unix_ns(), Instant::now());
+        let names = source();
+        Self {
+            names,
+            taken_unix_ns,
+            taken,
+            cost: taken.elapsed(),
+        }
+    }
+
+    /// Takes a fresh copy if this one is older than [`NAMES_REFRESH`].
+    fn refresh_if_old(&mut self, source: &NamesSource) {
+        if self.taken.elapsed() > NAMES_REFRESH {
+            *self = Self::take(source);
+        }
+    }
+
+    /// Names `flow`; if a name is missing and the flow happened after the
+    /// copy was taken, takes a fresh one (within the cost bound) and tries
+    /// again.
+    fn resolve(&mut self, source: &NamesSource, flow: &mut Flow) {
+        if self.names.resolve(flow) || flow.time_unix_ns <= self.taken_unix_ns {
+            return;
+        }
+        if self.taken.elapsed() < self.cost.saturating_mul(10) {
+            return;
+        }
+        *self = Self::take(source);
+        self.names.resolve(flow);
     }
 }
 
@@ -362,9 +424,10 @@ pub fn stats(pins: &Pins) -> Result<FlowStats, MapsError> {
 /// A stream item: one flow, shared by the watchers.
 pub type Item = Arc<Flow>;
 
-/// Names the agent's watchers know, asked for at most once a second; a
-/// source returns the same `Arc` until its objects change, so an unchanged
-/// cluster costs no rebuild ([`crate::watch::Watched::flow_names`]).
+/// Names the agent's watchers know, asked for once a second and for a flow
+/// that misses a name ([`NameCache`]); a source returns the same `Arc` until
+/// its objects change, so an unchanged cluster costs no rebuild
+/// ([`crate::watch::Watched::flow_names`]).
 pub type NamesSource = dyn Fn() -> Arc<FlowNames> + Send + Sync;
 
 struct HubState {
@@ -557,30 +620,26 @@ impl FlowHub {
                 return;
             }
         };
-        let mut names = (self.names)();
+        let mut names = NameCache::take(&*self.names);
         let mut clients = self.cgroup_root.as_ref().map(ClientPods::new);
-        let mut built = Instant::now();
         loop {
             // The kernel wakes the reader only once NB_FLOW_WAKE_BYTES are
             // unread (lb.h); otherwise the ring is drained every POLL.
             let woken = tokio::time::timeout(POLL, fd.readable_mut()).await;
-            if built.elapsed() > Duration::from_secs(1) {
-                names = (self.names)();
-                built = Instant::now();
-            }
+            names.refresh_if_old(&*self.names);
             match woken {
                 Ok(Ok(mut guard)) => {
-                    self.drain(guard.get_inner_mut(), &names, clients.as_mut());
+                    self.drain(guard.get_inner_mut(), &mut names, clients.as_mut());
                     guard.clear_ready();
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "flow ring buffer: poll failed");
                     return;
                 }
-                Err(_) => self.drain(fd.get_mut(), &names, clients.as_mut()),
+                Err(_) => self.drain(fd.get_mut(), &mut names, clients.as_mut()),
             }
             for mut flow in self.take_published() {
-                names.resolve(&mut flow);
+                names.resolve(&*self.names, &mut flow);
                 if let Some(c) = clients.as_mut() {
                     flow.client_pod_uid = c.pod_uid(flow.client_cgroup_id);
                 }
@@ -593,7 +652,7 @@ impl FlowHub {
     fn drain(
         &self,
         ring: &mut RingBuf<MapData>,
-        names: &FlowNames,
+        names: &mut NameCache,
         mut clients: Option<&mut ClientPods>,
     ) {
         let off = wall_offset();
@@ -603,7 +662,7 @@ impl FlowHub {
             };
             drop(rec);
             if let Some(mut flow) = from_event(&ev, off) {
-                names.resolve(&mut flow);
+                names.resolve(&*self.names, &mut flow);
                 if let Some(c) = clients.as_deref_mut() {
                     flow.client_pod_uid = c.pod_uid(flow.client_cgroup_id);
                 }
@@ -739,6 +798,63 @@ mod tests {
             line.contains("shop/web-1 10.0.1.5:8080  TRANSLATED"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn a_flow_missing_a_name_the_copy_predates_takes_a_fresh_copy_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // The first copy knows the Service but not its pod yet (the slice's
+        // endpoint came later); every later one knows both.
+        let asked = Arc::new(AtomicUsize::new(0));
+        let source: Arc<NamesSource> = {
+            let asked = asked.clone();
+            Arc::new(move || {
+                if asked.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let mut n = names();
+                    n.pods.clear();
+                    Arc::new(n)
+                } else {
+                    Arc::new(names())
+                }
+            })
+        };
+        let mut cache = NameCache::take(&*source);
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+
+        // Happened before the copy: what it misses the copy cannot lack.
+        let mut old = from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
+        old.time_unix_ns = cache.taken_unix_ns - 1;
+        cache.resolve(&*source, &mut old);
+        assert_eq!(old.service.as_deref(), Some("shop/web"));
+        assert_eq!(old.backend_pod, None);
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "no copy for an old flow");
+
+        // Too soon after a costly copy: the bound holds.
+        cache.cost = Duration::from_secs(3600);
+        let mut new = from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
+        new.time_unix_ns = now_unix_ns() + 1;
+        cache.resolve(&*source, &mut new.clone());
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            1,
+            "no copy within the cost bound"
+        );
+
+        // After the copy, missing its pod: a fresh copy names it.
+        cache.cost = Duration::ZERO;
+        cache.resolve(&*source, &mut new);
+        assert_eq!(new.backend_pod.as_deref(), Some("shop/web-1"));
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+
+        // Fully named: no copy asked for.
+        let mut again = new.clone();
+        again.time_unix_ns = now_unix_ns() + 1;
+        cache.resolve(&*source, &mut again);
+        assert_eq!(asked.load(Ordering::SeqCst), 2);
+
+        // A refused flow (no backend) of a known Service misses nothing.
+        let mut refused = from_event(&event(FLOW_REFUSED, false), 0).unwrap();
+        assert!(names().resolve(&mut refused));
     }
 
     #[test]

@@ -59,10 +59,14 @@ fn parse_time(s: &str) -> Option<SystemTime> {
 /// The slice's `last-change-trigger-time` (None without it or unparsable:
 /// such a change is not measured, as in kube-proxy).
 pub fn slice_trigger(s: &EndpointSlice) -> Option<Triggered> {
-    let at = parse_time(s.metadata.annotations.as_ref()?.get(TRIGGER_ANNOTATION)?)?;
+    slice_trigger_at(s.metadata.annotations.as_ref()?.get(TRIGGER_ANNOTATION)?)
+}
+
+/// A slice's trigger from its annotation's value (None: not a time).
+pub fn slice_trigger_at(annotation: &str) -> Option<Triggered> {
     Some(Triggered {
         by: Trigger::EndpointSlice,
-        at,
+        at: parse_time(annotation)?,
     })
 }
 

@@ -1,18 +1,20 @@
 //! List then watch, as kube-runtime's watcher does, with the list asked
 //! for in protobuf ([`crate::pb`]).
 //!
-//! The stream is the watcher's: `Init`, an `InitApply` per listed object,
-//! `InitDone`, then `Apply`/`Delete` from a watch that starts at the
-//! list's resourceVersion, and errors as [`watcher::Error`] so that
-//! kube-runtime's backoff applies unchanged. Like the watcher: the list is
+//! The stream is the watcher's ([`Event`]): `Init`, an `InitApply` per
+//! listed object, `InitDone`, then `Apply`/`Delete` from a watch that
+//! starts at the list's resourceVersion, and errors as [`watcher::Error`]
+//! so that kube-runtime's backoff applies unchanged. Like the watcher: the list is
 //! paged, a watch that ends is resumed from the last version seen
 //! (bookmarks included), and a `410 Gone` starts over with a new list.
 //!
 //! Only the list differs. Its pages ask for
 //! `application/vnd.kubernetes.protobuf, application/json` and are decoded
 //! by the answer's `Content-Type`, so an API server (or a proxy) that
-//! answers JSON still works. The watch stays JSON: its events are single
-//! objects, and kube's watch decoding is kept.
+//! answers JSON still works, and a listed object comes already in the form
+//! the stores keep ([`Listable::Listed`]): a protobuf page may be decoded
+//! straight into it. The watch stays JSON: its events are single objects,
+//! and kube's watch decoding is kept.
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -20,33 +22,38 @@ use futures::{Stream, StreamExt};
 use http_body_util::BodyExt;
 use kube::api::{ListParams, VersionMatch, WatchEvent, WatchParams};
 use kube::core::ObjectList;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use crate::lean::{LeanService, LeanSlice};
-use crate::pb::{self, FromProtobufList, ListMeta};
+use crate::pb::{self, ListMeta};
 
 /// An object listed in protobuf or JSON and watched in JSON.
 pub trait Listable:
     Resource<DynamicType = ()> + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static
 {
-    /// Decodes a protobuf page.
-    fn protobuf_page(body: Bytes) -> Result<(Vec<Self>, ListMeta), pb::DecodeError>;
+    /// What a list keeps of each object.
+    type Listed: Send + 'static;
+    /// An object of a JSON page, as a list keeps it.
+    fn listed(o: Self) -> Self::Listed;
+    /// Decodes a protobuf page into what a list keeps.
+    fn protobuf_page(body: Bytes) -> Result<(Vec<Self::Listed>, ListMeta), pb::DecodeError>;
 }
 
-impl Listable for LeanService {
-    fn protobuf_page(body: Bytes) -> Result<(Vec<Self>, ListMeta), pb::DecodeError> {
-        let (items, meta) = k8s_openapi::api::core::v1::Service::decode_list(body)?;
-        Ok((items.into_iter().map(LeanService).collect(), meta))
-    }
-}
-
-impl Listable for LeanSlice {
-    fn protobuf_page(body: Bytes) -> Result<(Vec<Self>, ListMeta), pb::DecodeError> {
-        let (items, meta) = k8s_openapi::api::discovery::v1::EndpointSlice::decode_list(body)?;
-        Ok((items.into_iter().map(LeanSlice).collect(), meta))
-    }
+/// kube-runtime's `watcher::Event`, with a list's objects in the form a
+/// list keeps ([`Listable::Listed`]).
+#[derive(Debug)]
+pub enum Event<K: Listable> {
+    /// A (re)list begins.
+    Init,
+    /// An object of it.
+    InitApply(K::Listed),
+    /// The list is complete.
+    InitDone,
+    /// Added or changed (the watch).
+    Apply(K),
+    /// Deleted (the watch).
+    Delete(K),
 }
 
 /// How a list is asked for.
@@ -59,9 +66,9 @@ pub enum Encoding {
 }
 
 /// One page: its objects, the list's resourceVersion, the next page's token.
-pub struct Page<K> {
+pub struct Page<K: Listable> {
     /// The objects.
-    pub items: Vec<K>,
+    pub items: Vec<K::Listed>,
     /// `metadata.resourceVersion` (None: empty).
     pub resource_version: Option<String>,
     /// `metadata.continue` (None: the last page).
@@ -121,7 +128,7 @@ pub async fn page<K: Listable>(
     } else {
         let list: ObjectList<K> = serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
         (
-            list.items,
+            list.items.into_iter().map(K::listed).collect(),
             list.metadata.resource_version,
             list.metadata.continue_,
         )
@@ -134,7 +141,7 @@ pub async fn page<K: Listable>(
     })
 }
 
-enum State<K> {
+enum State<K: Listable> {
     /// A list is to begin.
     Empty,
     /// A list is under way.

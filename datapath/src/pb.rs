@@ -1,6 +1,7 @@
 //! Lists of Services and EndpointSlices in the API server's protobuf
-//! encoding (`application/vnd.kubernetes.protobuf`), decoded into the
-//! k8s-openapi types the rest of the agent reads.
+//! encoding (`application/vnd.kubernetes.protobuf`): Services decoded into
+//! the k8s-openapi type the rest of the agent reads, EndpointSlices
+//! straight into the compact form the stores keep ([`slice`]).
 //!
 //! Why: at 10,000 Services × 10 endpoints a cold start is mostly the two
 //! lists, and the lists are mostly JSON — the API server encoding it and
@@ -17,13 +18,14 @@
 //! Go's non-pointer fields are always encoded, empty or not, where JSON
 //! omits them (`omitempty`): an empty string or a zero number of such a
 //! field becomes None here, so both encodings give the same objects
-//! (`api_agent` lists a varied set both ways from a real API server and
+//! (`api_lists` lists a varied set both ways from a real API server and
 //! compares what the stores keep).
 
 use std::collections::BTreeMap;
 
 use bytes::{Buf, Bytes};
 use k8s_openapi::api::core::v1 as core;
+#[cfg(test)]
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta, Time};
 use prost::Message;
@@ -34,6 +36,8 @@ pub const MEDIA_TYPE: &str = "application/vnd.kubernetes.protobuf";
 /// What starts every protobuf body of the API server.
 const MAGIC: &[u8; 4] = b"k8s\0";
 
+pub mod slice;
+
 /// Why a body could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -43,6 +47,9 @@ pub enum DecodeError {
     /// The envelope or the object is not valid protobuf.
     #[error("invalid protobuf: {0}")]
     Invalid(#[from] prost::DecodeError),
+    /// A field is not what its number says it is ([`slice`]).
+    #[error("invalid protobuf: {0}")]
+    Malformed(&'static str),
     /// The envelope holds another kind.
     #[error("expected a {expected}, the body is a {got}")]
     Kind {
@@ -214,6 +221,11 @@ struct PbServiceList {
     items: Vec<PbService>,
 }
 
+// The EndpointSlice messages: [`slice`] decodes them by hand, straight
+// into the compact form; these, and the generic path through k8s-openapi's
+// type, are the reference it is tested against.
+
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbConditions {
     #[prost(bool, optional, tag = "1")]
@@ -224,6 +236,7 @@ struct PbConditions {
     terminating: Option<bool>,
 }
 
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbObjectReference {
     #[prost(string, optional, tag = "1")]
@@ -234,12 +247,14 @@ struct PbObjectReference {
     name: Option<String>,
 }
 
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbNamed {
     #[prost(string, optional, tag = "1")]
     name: Option<String>,
 }
 
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbHints {
     #[prost(message, repeated, tag = "1")]
@@ -248,6 +263,7 @@ struct PbHints {
     for_nodes: Vec<PbNamed>,
 }
 
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbEndpoint {
     #[prost(string, repeated, tag = "1")]
@@ -264,6 +280,7 @@ struct PbEndpoint {
     hints: Option<PbHints>,
 }
 
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbEndpointPort {
     #[prost(string, optional, tag = "1")]
@@ -274,6 +291,7 @@ struct PbEndpointPort {
     port: Option<i32>,
 }
 
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbEndpointSlice {
     #[prost(message, optional, tag = "1")]
@@ -286,6 +304,7 @@ struct PbEndpointSlice {
     address_type: Option<String>,
 }
 
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct PbEndpointSliceList {
     #[prost(message, optional, tag = "1")]
@@ -404,6 +423,8 @@ impl From<PbService> for core::Service {
     }
 }
 
+/// The generic path, kept as the reference [`slice`] is tested against.
+#[cfg(test)]
 impl From<PbEndpointSlice> for discovery::EndpointSlice {
     fn from(s: PbEndpointSlice) -> Self {
         let named = |v: Vec<PbNamed>| -> Option<Vec<String>> {
@@ -495,6 +516,7 @@ impl FromProtobufList for core::Service {
     }
 }
 
+#[cfg(test)]
 impl FromProtobufList for discovery::EndpointSlice {
     const LIST_KIND: &'static str = "EndpointSliceList";
     fn decode_list(body: Bytes) -> Result<(Vec<Self>, ListMeta), DecodeError> {

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -34,6 +35,7 @@ use crate::desired::{self, DesiredTable, Frontend, Rules, ServiceKey, ServiceTab
 use crate::latency::{self, Triggered};
 use crate::lean::{LeanService, LeanSlice};
 use crate::listwatch::{self, Listable};
+use crate::pb::{self, FromProtobufList, ListMeta};
 use crate::service::Svc;
 use crate::slice::Slice;
 use netboot_contract::features::Feature;
@@ -773,12 +775,29 @@ fn changed(old: Option<&str>, new: Option<&str>) -> bool {
 /// An object of a (re)list as the stores keep it, with what the list needs
 /// of the API object it came from (the stores keep less).
 #[derive(Debug)]
-struct Listed<T> {
+pub struct Listed<T> {
     object: T,
     /// Its resourceVersion.
     version: Option<String>,
     /// Its trigger time ([`crate::latency`]).
     trigger: Option<Triggered>,
+}
+
+impl<T> Listed<T> {
+    /// What the store keeps.
+    pub fn object(&self) -> &T {
+        &self.object
+    }
+
+    /// Its resourceVersion.
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
+    }
+
+    /// Its trigger time.
+    pub fn trigger(&self) -> Option<&Triggered> {
+        self.trigger.as_ref()
+    }
 }
 
 /// Objects per page of a (re)list of Services or EndpointSlices, asked
@@ -848,6 +867,45 @@ macro_rules! stored_as {
 stored_as!(LeanService, Service);
 stored_as!(LeanSlice, EndpointSlice);
 
+impl Listable for LeanService {
+    type Listed = (Key, Listed<Svc>);
+    fn listed(o: Self) -> Self::Listed {
+        (key(&o), <Self as Stored>::listed(o))
+    }
+    fn protobuf_page(body: Bytes) -> Result<(Vec<Self::Listed>, ListMeta), pb::DecodeError> {
+        let (items, meta) = Service::decode_list(body)?;
+        let items = items
+            .into_iter()
+            .map(|o| (key(&o), Service::listed(o)))
+            .collect();
+        Ok((items, meta))
+    }
+}
+
+impl Listable for LeanSlice {
+    type Listed = (Key, Listed<Slice>);
+    fn listed(o: Self) -> Self::Listed {
+        (key(&o), <Self as Stored>::listed(o))
+    }
+    /// Straight into the compact slice ([`pb::slice`]).
+    fn protobuf_page(body: Bytes) -> Result<(Vec<Self::Listed>, ListMeta), pb::DecodeError> {
+        let (items, meta) = pb::slice::decode_list(body)?;
+        let items = items
+            .into_iter()
+            .map(|l| {
+                let key = (l.slice.namespace.clone(), l.slice.name.clone());
+                let listed = Listed {
+                    version: l.slice.resource_version.clone(),
+                    trigger: l.trigger.as_deref().and_then(latency::slice_trigger_at),
+                    object: l.slice,
+                };
+                (key, listed)
+            })
+            .collect();
+        Ok((items, meta))
+    }
+}
+
 impl Stored for EndpointSlice {
     type Kept = Slice;
     fn listed(o: Self) -> Listed<Slice> {
@@ -871,7 +929,7 @@ impl Stored for EndpointSlice {
 
 async fn run_one<K>(client: Client, shared: Arc<Watched>)
 where
-    K: Stored + Listable + Sync,
+    K: Stored + Listable<Listed = (Key, Listed<<K as Stored>::Kept>)> + Sync,
 {
     let stream = listwatch::list_watch::<K>(client, LIST_PAGE_SIZE).default_backoff();
     consume(stream, &shared).await;
@@ -881,10 +939,11 @@ where
 /// whole at `InitDone`; errors are counted (the stream itself backs off).
 async fn consume<K, E, S>(stream: S, shared: &Watched)
 where
-    K: Stored + Resource<DynamicType = ()>,
+    K: Stored + Listable<Listed = (Key, Listed<<K as Stored>::Kept>)>,
     E: std::fmt::Display,
-    S: futures::Stream<Item = Result<Event<K>, E>>,
+    S: futures::Stream<Item = Result<listwatch::Event<K>, E>>,
 {
+    use listwatch::Event;
     futures::pin_mut!(stream);
     // A (re)list is kept compact as it arrives, not as API objects.
     let mut buffer: Option<BTreeMap<Key, Listed<K::Kept>>> = None;
@@ -896,10 +955,8 @@ where
                 buffer = Some(BTreeMap::new());
                 list_began = std::time::Instant::now();
             }
-            Ok(Event::InitApply(o)) => {
-                buffer
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(key(&o), K::listed(o));
+            Ok(Event::InitApply((k, o))) => {
+                buffer.get_or_insert_with(BTreeMap::new).insert(k, o);
             }
             Ok(Event::InitDone) => {
                 let full = buffer.take().unwrap_or_default();
@@ -1021,14 +1078,25 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
         );
     }
 
-    fn ev(e: Event<Service>) -> Result<Event<Service>, String> {
+    type Ev = listwatch::Event<LeanService>;
+
+    fn ev(e: Ev) -> Result<Ev, String> {
         Ok(e)
+    }
+
+    /// A listed Service, as a list page gives it.
+    fn init_apply(s: Service) -> Ev {
+        Ev::InitApply(<LeanService as Listable>::listed(LeanService(s)))
+    }
+
+    fn apply(s: Service) -> Ev {
+        Ev::Apply(LeanService(s))
     }
 
     #[tokio::test]
     async fn relist_is_swapped_in_only_when_complete() {
         let w = Arc::new(Watched::default());
-        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Event<Service>, String>>();
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Ev, String>>();
         let task = {
             let w = w.clone();
             tokio::spawn(async move { consume(rx, &w).await })
@@ -1045,30 +1113,29 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
         };
 
         // Initial list in progress: nothing visible, not synced.
-        tx.unbounded_send(ev(Event::Init)).unwrap();
-        tx.unbounded_send(ev(Event::InitApply(svc("a", "10.96.0.1"))))
+        tx.unbounded_send(ev(Ev::Init)).unwrap();
+        tx.unbounded_send(ev(init_apply(svc("a", "10.96.0.1"))))
             .unwrap();
-        tx.unbounded_send(ev(Event::InitApply(svc("b", "10.96.0.2"))))
+        tx.unbounded_send(ev(init_apply(svc("b", "10.96.0.2"))))
             .unwrap();
         settle().await;
         assert!(!w.stores.lock().unwrap().services_synced);
         assert!(names(&w).is_empty());
-        tx.unbounded_send(ev(Event::InitDone)).unwrap();
+        tx.unbounded_send(ev(Ev::InitDone)).unwrap();
         settle().await;
         assert_eq!(names(&w), vec!["a", "b"]);
 
         // An error, then a re-list in which "a" is gone: the last complete list stays until InitDone.
         tx.unbounded_send(Err("connection reset".to_string()))
             .unwrap();
-        tx.unbounded_send(ev(Event::Init)).unwrap();
-        tx.unbounded_send(ev(Event::InitApply(svc("b", "10.96.0.2"))))
+        tx.unbounded_send(ev(Ev::Init)).unwrap();
+        tx.unbounded_send(ev(init_apply(svc("b", "10.96.0.2"))))
             .unwrap();
         settle().await;
         assert_eq!(names(&w), vec!["a", "b"]);
         assert_eq!(w.errors.load(Ordering::Relaxed), 1);
-        tx.unbounded_send(ev(Event::InitDone)).unwrap();
-        tx.unbounded_send(ev(Event::Apply(svc("c", "10.96.0.3"))))
-            .unwrap();
+        tx.unbounded_send(ev(Ev::InitDone)).unwrap();
+        tx.unbounded_send(ev(apply(svc("c", "10.96.0.3")))).unwrap();
         settle().await;
         assert_eq!(names(&w), vec!["b", "c"]);
         drop(tx);
@@ -1291,18 +1358,13 @@ spec: {type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80, nodePort: 30080}
     #[tokio::test]
     async fn relist_marks_a_full_pass() {
         let w = Arc::new(Watched::default());
-        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Event<Service>, String>>();
-        tx.unbounded_send(ev(Event::Apply(svc("a", "10.96.0.1"))))
-            .unwrap();
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Ev, String>>();
+        tx.unbounded_send(ev(apply(svc("a", "10.96.0.1")))).unwrap();
         drop(tx);
         consume(rx, &w).await;
         assert_eq!(w.take_dirty().services, keys(&["a"]));
-        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Event<Service>, String>>();
-        for e in [
-            Event::Init,
-            Event::InitApply(svc("b", "10.96.0.2")),
-            Event::InitDone,
-        ] {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Ev, String>>();
+        for e in [Ev::Init, init_apply(svc("b", "10.96.0.2")), Ev::InitDone] {
             tx.unbounded_send(ev(e)).unwrap();
         }
         drop(tx);

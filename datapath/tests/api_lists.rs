@@ -11,11 +11,14 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use netboot_datapath::latency;
 use netboot_datapath::lean::{LeanService, LeanSlice};
 use netboot_datapath::listwatch::{self, Encoding, Listable};
 use netboot_datapath::service::Svc;
 use netboot_datapath::slice::Slice;
+use netboot_datapath::watch;
+
+/// An object of a list, as the stores keep it.
+type Listed<T> = ((String, String), watch::Listed<T>);
 use netboot_harness::controlplane;
 
 const OBJECTS: &str = "
@@ -104,15 +107,7 @@ endpoints: []
 
 const LB_STATUS: &str = r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.0.2.80","ipMode":"Proxy"},{"hostname":"lb.example.invalid"}]}}}"#;
 
-fn key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        m.namespace.as_deref().unwrap_or_default(),
-        m.name.as_deref().unwrap_or_default()
-    )
-}
-
-async fn all<K: Listable>(c: &kube::Client, enc: Encoding) -> (Vec<K>, Option<String>) {
+async fn all<K: Listable>(c: &kube::Client, enc: Encoding) -> (Vec<K::Listed>, Option<String>) {
     let (mut items, mut token, mut rv) = (Vec::new(), None, None);
     loop {
         let p = listwatch::page::<K>(c, enc, 2, token)
@@ -187,15 +182,13 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
         rv_pb.is_some() && rv_js.is_some(),
         "lists carry a resourceVersion"
     );
-    let kept = |v: &[LeanService]| -> BTreeMap<String, (Svc, Option<String>, String)> {
+    let kept = |v: &[Listed<Svc>]| -> BTreeMap<String, (Svc, Option<String>, String)> {
         v.iter()
-            .map(|s| {
-                let s = &s.0;
-                let key = key(&s.metadata);
-                let trig = format!("{:?}", latency::service_trigger(s));
+            .map(|((ns, name), l)| {
+                let trig = format!("{:?}", l.trigger());
                 (
-                    key,
-                    (Svc::from(s), s.metadata.resource_version.clone(), trig),
+                    format!("{ns}/{name}"),
+                    (l.object().clone(), l.version().map(str::to_owned), trig),
                 )
             })
             .collect()
@@ -236,14 +229,16 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
 
     let (sl_pb, _) = rt.block_on(all::<LeanSlice>(c, Encoding::Protobuf));
     let (sl_js, _) = rt.block_on(all::<LeanSlice>(c, Encoding::Json));
-    let kept = |v: &[LeanSlice]| -> BTreeMap<String, (Slice, String)> {
+    let kept = |v: &[Listed<Slice>]| -> BTreeMap<String, (Slice, Option<String>, String)> {
         v.iter()
-            .map(|s| {
-                let s = &s.0;
-                let key = key(&s.metadata);
+            .map(|((ns, name), l)| {
                 (
-                    key,
-                    (Slice::from(s), format!("{:?}", latency::slice_trigger(s))),
+                    format!("{ns}/{name}"),
+                    (
+                        l.object().clone(),
+                        l.version().map(str::to_owned),
+                        format!("{:?}", l.trigger()),
+                    ),
                 )
             })
             .collect()
@@ -258,11 +253,18 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
         s.endpoints[0].hints.as_ref().map(|h| h.zones.clone()),
         Some(vec!["z1".to_string()])
     );
+    assert_eq!(
+        s.endpoints[0].pod.as_deref(),
+        Some("lists/p1"),
+        "a targetRef without a namespace is in the slice's"
+    );
     assert_eq!(s.endpoints[1].pod.as_deref(), Some("elsewhere/p2"));
+    assert_eq!(s.endpoints[2].pod, None);
+    assert!(a["lists/affinity-1"].1.is_some(), "a resourceVersion");
     assert!(!s.endpoints[1].ready && s.endpoints[1].serving && s.endpoints[1].terminating);
     assert_eq!(s.ports.len(), 3);
     assert!(
-        a["lists/affinity-1"].1.contains("Some"),
+        a["lists/affinity-1"].2.contains("Some"),
         "the slice's trigger time"
     );
     assert_eq!(

@@ -82,10 +82,15 @@ pub fn service_trigger(s: &Service) -> Option<Triggered> {
         .filter_map(|m| m.time.as_ref())
         .max()
         .or(s.metadata.creation_timestamp.as_ref())?;
-    Some(Triggered {
+    Some(service_trigger_at(newest.0))
+}
+
+/// A Service's trigger at its last write `newest` ([`service_trigger`]).
+pub fn service_trigger_at(newest: Timestamp) -> Triggered {
+    Triggered {
         by: Trigger::Service,
-        at: SystemTime::from(newest.0),
-    })
+        at: SystemTime::from(newest),
+    }
 }
 
 /// The latency of a change written at `done`: zero when the trigger time is

@@ -35,7 +35,7 @@ use crate::desired::{self, DesiredTable, Frontend, Rules, ServiceKey, ServiceTab
 use crate::latency::{self, Triggered};
 use crate::lean::{LeanService, LeanSlice};
 use crate::listwatch::{self, Listable};
-use crate::pb::{self, FromProtobufList, ListMeta};
+use crate::pb::{self, ListMeta};
 use crate::service::Svc;
 use crate::slice::Slice;
 use netboot_contract::features::Feature;
@@ -873,10 +873,21 @@ impl Listable for LeanService {
         (key(&o), <Self as Stored>::listed(o))
     }
     fn protobuf_page(body: Bytes) -> Result<(Vec<Self::Listed>, ListMeta), pb::DecodeError> {
-        let (items, meta) = Service::decode_list(body)?;
+        let (items, meta) = pb::decode_services(body)?;
         let items = items
             .into_iter()
-            .map(|o| (key(&o), Service::listed(o)))
+            .map(|l| {
+                let key = (
+                    l.svc.namespace.clone(),
+                    l.svc.name.clone().unwrap_or_default(),
+                );
+                let listed = Listed {
+                    version: l.svc.resource_version.clone(),
+                    trigger: l.trigger,
+                    object: l.svc,
+                };
+                (key, listed)
+            })
             .collect();
         Ok((items, meta))
     }

@@ -281,21 +281,90 @@ fn relay_one(
     Ok(())
 }
 
+/// One direction of a relayed connection, on a thread of its own: through
+/// a pipe with splice(2), so the bytes never pass through this process (a
+/// cold-start benchmark relays ~12 MiB of lists per start on the cores the
+/// agent is measured on); by read and write where splice is refused.
 fn pipe(mut from: TcpStream, mut to: TcpStream) {
     std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
+        if let Err(Spliced::Nothing) = splice_all(&from, &to) {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
                     }
                 }
             }
         }
         let _ = to.shutdown(Shutdown::Write);
     });
+}
+
+/// How a splice relay ended short of the end of the stream.
+enum Spliced {
+    /// Before any byte moved (no pipe, or splice refused): copy instead.
+    Nothing,
+    /// Part way: the connection is broken.
+    Broken,
+}
+
+/// Moves everything `from` sends to `to` through a pipe (splice(2)).
+fn splice_all(from: &TcpStream, to: &TcpStream) -> std::result::Result<(), Spliced> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Spliced::Nothing);
+    }
+    // SAFETY: both descriptors are new and ours alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // A larger pipe: fewer calls per list (the default is 64 KiB; failing
+    // is fine).
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    let splice = |fd_in: i32, fd_out: i32, len: usize| loop {
+        // SAFETY: splice between descriptors this function holds, no
+        // offsets (sockets and pipes have none).
+        let n = unsafe {
+            libc::splice(
+                fd_in,
+                std::ptr::null_mut(),
+                fd_out,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 && std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+            continue;
+        }
+        return n;
+    };
+    let mut moved = false;
+    loop {
+        let n = splice(from.as_raw_fd(), w.as_raw_fd(), 1 << 20);
+        if n == 0 {
+            return Ok(());
+        }
+        let Ok(mut left) = usize::try_from(n) else {
+            return Err(if moved {
+                Spliced::Broken
+            } else {
+                Spliced::Nothing
+            });
+        };
+        moved = true;
+        while left > 0 {
+            match usize::try_from(splice(r.as_raw_fd(), to.as_raw_fd(), left)) {
+                Ok(m) if m > 0 => left -= m.min(left),
+                _ => return Err(Spliced::Broken),
+            }
+        }
+    }
 }
 
 impl Drop for Relay {

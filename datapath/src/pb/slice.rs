@@ -95,6 +95,20 @@ impl<'a> Fields<'a> {
             DecodeContext::default(),
         )?)
     }
+
+    /// Calls `field` with each field's number and wire type, in order; a
+    /// field it does not read (false) is skipped.
+    fn read(
+        mut self,
+        mut field: impl FnMut(&mut Self, u32, WireType) -> Result<bool, DecodeError>,
+    ) -> Result<(), DecodeError> {
+        while let Some((tag, wire)) = self.next()? {
+            if !field(&mut self, tag, wire)? {
+                self.skip(tag, wire)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A Go non-pointer string: empty is unset.
@@ -103,15 +117,16 @@ fn text(s: &str) -> Option<&str> {
 }
 
 /// A `map<string, string>` entry: (key, value).
-fn map_entry(mut f: Fields<'_>) -> Result<(&str, &str), DecodeError> {
+fn map_entry(f: Fields<'_>) -> Result<(&str, &str), DecodeError> {
     let (mut k, mut v) = ("", "");
-    while let Some((tag, wire)) = f.next()? {
+    f.read(|f, tag, wire| {
         match tag {
             1 => k = f.str(wire)?,
             2 => v = f.str(wire)?,
-            _ => f.skip(tag, wire)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok((k, v))
 }
 
@@ -125,16 +140,17 @@ enum PodRef {
     Name(Box<str>),
 }
 
-fn target_ref(mut f: Fields<'_>) -> Result<PodRef, DecodeError> {
+fn target_ref(f: Fields<'_>) -> Result<PodRef, DecodeError> {
     let (mut kind, mut ns, mut name) = ("", "", "");
-    while let Some((tag, wire)) = f.next()? {
+    f.read(|f, tag, wire| {
         match tag {
             1 => kind = f.str(wire)?,
             2 => ns = f.str(wire)?,
             3 => name = f.str(wire)?,
-            _ => f.skip(tag, wire)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok(match (kind, text(ns), text(name)) {
         ("Pod", Some(ns), Some(name)) => PodRef::Full(format!("{ns}/{name}").into_boxed_str()),
         ("Pod", None, Some(name)) => PodRef::Name(Box::from(name)),
@@ -142,58 +158,60 @@ fn target_ref(mut f: Fields<'_>) -> Result<PodRef, DecodeError> {
     })
 }
 
-fn hints(mut f: Fields<'_>) -> Result<Hints, DecodeError> {
+fn hints(f: Fields<'_>) -> Result<Hints, DecodeError> {
     let mut h = Hints::default();
-    while let Some((tag, wire)) = f.next()? {
-        match tag {
-            1 | 2 => {
-                let mut named = f.message(wire)?;
-                let mut name = String::new();
-                while let Some((t, w)) = named.next()? {
-                    match t {
-                        1 => name = named.str(w)?.to_owned(),
-                        _ => named.skip(t, w)?,
-                    }
-                }
-                if tag == 1 { &mut h.zones } else { &mut h.nodes }.push(name);
+    f.read(|f, tag, wire| {
+        let list = match tag {
+            1 => &mut h.zones,
+            2 => &mut h.nodes,
+            _ => return Ok(false),
+        };
+        // `forZones[]` / `forNodes[]`: a message with a name.
+        let mut name = String::new();
+        f.message(wire)?.read(|named, t, w| {
+            if t != 1 {
+                return Ok(false);
             }
-            _ => f.skip(tag, wire)?,
-        }
-    }
+            name = named.str(w)?.to_owned();
+            Ok(true)
+        })?;
+        list.push(name);
+        Ok(true)
+    })?;
     Ok(h)
 }
 
 /// An endpoint, and the pod name of a `targetRef` without a namespace (the
 /// slice's own, known once the whole slice is read).
-fn endpoint(mut f: Fields<'_>) -> Result<(SliceEndpoint, Option<Box<str>>), DecodeError> {
+fn endpoint(f: Fields<'_>) -> Result<(SliceEndpoint, Option<Box<str>>), DecodeError> {
     let mut first: Option<&str> = None;
     let (mut ready, mut serving, mut terminating) = (None, None, None);
     let mut node = None;
     let mut hint = None;
     let mut pod = PodRef::None;
-    while let Some((tag, wire)) = f.next()? {
+    f.read(|f, tag, wire| {
         match tag {
             1 => {
                 let a = f.str(wire)?;
                 first.get_or_insert(a);
             }
-            2 => {
-                let mut c = f.message(wire)?;
-                while let Some((t, w)) = c.next()? {
-                    match t {
-                        1 => ready = Some(c.varint(w)? != 0),
-                        2 => serving = Some(c.varint(w)? != 0),
-                        3 => terminating = Some(c.varint(w)? != 0),
-                        _ => c.skip(t, w)?,
-                    }
-                }
-            }
+            2 => f.message(wire)?.read(|c, t, w| {
+                let flag = match t {
+                    1 => &mut ready,
+                    2 => &mut serving,
+                    3 => &mut terminating,
+                    _ => return Ok(false),
+                };
+                *flag = Some(c.varint(w)? != 0);
+                Ok(true)
+            })?,
             4 => pod = target_ref(f.message(wire)?)?,
             6 => node = Some(Box::from(f.str(wire)?)),
             8 => hint = Some(Box::new(hints(f.message(wire)?)?)),
-            _ => f.skip(tag, wire)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     let ready = ready.unwrap_or(true);
     let ep = SliceEndpoint {
         ip: first.and_then(|a| a.parse::<IpAddr>().ok()),
@@ -211,17 +229,18 @@ fn endpoint(mut f: Fields<'_>) -> Result<(SliceEndpoint, Option<Box<str>>), Deco
     })
 }
 
-fn port(mut f: Fields<'_>) -> Result<SlicePort, DecodeError> {
+fn port(f: Fields<'_>) -> Result<SlicePort, DecodeError> {
     let (mut name, mut proto, mut number) = (String::new(), None, None);
-    while let Some((tag, wire)) = f.next()? {
+    f.read(|f, tag, wire| {
         match tag {
             1 => name = f.str(wire)?.to_owned(),
             2 => proto = Some(f.str(wire)?),
             // An int32: the low 32 bits of the varint.
             3 => number = Some(f.varint(wire)? as i32),
-            _ => f.skip(tag, wire)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok(SlicePort {
         name,
         proto: proto_of(proto),
@@ -229,7 +248,7 @@ fn port(mut f: Fields<'_>) -> Result<SlicePort, DecodeError> {
     })
 }
 
-fn slice(mut f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
+fn slice(f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
     let (mut namespace, mut name, mut version) = (String::new(), String::new(), None);
     let (mut service, mut trigger) = (None, None);
     let mut family = SliceFamily::Other;
@@ -237,31 +256,29 @@ fn slice(mut f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
     let mut endpoints = Vec::new();
     // Endpoints whose pod is in the slice's namespace: (index, pod name).
     let mut in_namespace = Vec::new();
-    while let Some((tag, wire)) = f.next()? {
+    f.read(|f, tag, wire| {
         match tag {
-            1 => {
-                let mut m = f.message(wire)?;
-                while let Some((t, w)) = m.next()? {
-                    match t {
-                        1 => name = m.str(w)?.to_owned(),
-                        3 => namespace = m.str(w)?.to_owned(),
-                        6 => version = text(m.str(w)?).map(str::to_owned),
-                        11 => {
-                            let (k, v) = map_entry(m.message(w)?)?;
-                            if k == SERVICE_NAME_LABEL {
-                                service = Some(v.to_owned());
-                            }
+            1 => f.message(wire)?.read(|m, t, w| {
+                match t {
+                    1 => name = m.str(w)?.to_owned(),
+                    3 => namespace = m.str(w)?.to_owned(),
+                    6 => version = text(m.str(w)?).map(str::to_owned),
+                    11 => {
+                        let (k, v) = map_entry(m.message(w)?)?;
+                        if k == SERVICE_NAME_LABEL {
+                            service = Some(v.to_owned());
                         }
-                        12 => {
-                            let (k, v) = map_entry(m.message(w)?)?;
-                            if k == TRIGGER_ANNOTATION {
-                                trigger = Some(v.to_owned());
-                            }
-                        }
-                        _ => m.skip(t, w)?,
                     }
+                    12 => {
+                        let (k, v) = map_entry(m.message(w)?)?;
+                        if k == TRIGGER_ANNOTATION {
+                            trigger = Some(v.to_owned());
+                        }
+                    }
+                    _ => return Ok(false),
                 }
-            }
+                Ok(true)
+            })?,
             2 => {
                 let (ep, pod) = endpoint(f.message(wire)?)?;
                 if let Some(pod) = pod {
@@ -277,9 +294,10 @@ fn slice(mut f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
                     _ => SliceFamily::Other,
                 }
             }
-            _ => f.skip(tag, wire)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if let Some(ns) = text(&namespace) {
         for (i, pod) in in_namespace {
             if let Some(ep) = endpoints.get_mut(i) {
@@ -307,24 +325,22 @@ fn slice(mut f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
 /// Decodes a whole `EndpointSliceList` response body.
 pub fn decode_list(body: bytes::Bytes) -> Result<(Vec<ListedSlice>, ListMeta), DecodeError> {
     let raw = unwrap_envelope(body, "EndpointSliceList")?;
-    let mut f = Fields::new(&raw);
     let (mut items, mut meta) = (Vec::new(), ListMeta::default());
-    while let Some((tag, wire)) = f.next()? {
+    Fields::new(&raw).read(|f, tag, wire| {
         match tag {
-            1 => {
-                let mut m = f.message(wire)?;
-                while let Some((t, w)) = m.next()? {
-                    match t {
-                        2 => meta.resource_version = Some(m.str(w)?.to_owned()),
-                        3 => meta.continue_ = Some(m.str(w)?.to_owned()),
-                        _ => m.skip(t, w)?,
-                    }
+            1 => f.message(wire)?.read(|m, t, w| {
+                match t {
+                    2 => meta.resource_version = Some(m.str(w)?.to_owned()),
+                    3 => meta.continue_ = Some(m.str(w)?.to_owned()),
+                    _ => return Ok(false),
                 }
-            }
+                Ok(true)
+            })?,
             2 => items.push(slice(f.message(wire)?)?),
-            _ => f.skip(tag, wire)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     Ok((items, meta))
 }
 

@@ -299,6 +299,8 @@ impl FlowNames {
 /// rebuilding (a large cluster whose flows miss names for good, e.g. API
 /// server endpoints without a pod, does not rebuild on every flow).
 struct NameCache {
+    /// Where copies come from.
+    source: Arc<NamesSource>,
     names: Arc<FlowNames>,
     /// Wall clock (ns) just before the copy was asked for: every object the
     /// stores held then is in it.
@@ -312,10 +314,11 @@ struct NameCache {
 const NAMES_REFRESH: Duration = Duration::from_secs(1);
 
 impl NameCache {
-    fn take(source: &NamesSource) -> Self {
+    fn take(source: Arc<NamesSource>) -> Self {
         let (taken_unix_ns, taken) = (now_unix_ns(), Instant::now());
         let names = source();
         Self {
+            source,
             names,
             taken_unix_ns,
             taken,
@@ -324,23 +327,23 @@ impl NameCache {
     }
 
     /// Takes a fresh copy if this one is older than [`NAMES_REFRESH`].
-    fn refresh_if_old(&mut self, source: &NamesSource) {
+    fn refresh_if_old(&mut self) {
         if self.taken.elapsed() > NAMES_REFRESH {
-            *self = Self::take(source);
+            *self = Self::take(self.source.clone());
         }
     }
 
     /// Names `flow`; if a name is missing and the flow happened after the
     /// copy was taken, takes a fresh one (within the cost bound) and tries
     /// again.
-    fn resolve(&mut self, source: &NamesSource, flow: &mut Flow) {
+    fn resolve(&mut self, flow: &mut Flow) {
         if self.names.resolve(flow) || flow.time_unix_ns <= self.taken_unix_ns {
             return;
         }
         if self.taken.elapsed() < self.cost.saturating_mul(10) {
             return;
         }
-        *self = Self::take(source);
+        *self = Self::take(self.source.clone());
         self.names.resolve(flow);
     }
 }
@@ -620,13 +623,13 @@ impl FlowHub {
                 return;
             }
         };
-        let mut names = NameCache::take(&*self.names);
+        let mut names = NameCache::take(self.names.clone());
         let mut clients = self.cgroup_root.as_ref().map(ClientPods::new);
         loop {
             // The kernel wakes the reader only once NB_FLOW_WAKE_BYTES are
             // unread (lb.h); otherwise the ring is drained every POLL.
             let woken = tokio::time::timeout(POLL, fd.readable_mut()).await;
-            names.refresh_if_old(&*self.names);
+            names.refresh_if_old();
             match woken {
                 Ok(Ok(mut guard)) => {
                     self.drain(guard.get_inner_mut(), &mut names, clients.as_mut());
@@ -639,7 +642,7 @@ impl FlowHub {
                 Err(_) => self.drain(fd.get_mut(), &mut names, clients.as_mut()),
             }
             for mut flow in self.take_published() {
-                names.resolve(&*self.names, &mut flow);
+                names.resolve(&mut flow);
                 if let Some(c) = clients.as_mut() {
                     flow.client_pod_uid = c.pod_uid(flow.client_cgroup_id);
                 }
@@ -662,7 +665,7 @@ impl FlowHub {
             };
             drop(rec);
             if let Some(mut flow) = from_event(&ev, off) {
-                names.resolve(&*self.names, &mut flow);
+                names.resolve(&mut flow);
                 if let Some(c) = clients.as_deref_mut() {
                     flow.client_pod_uid = c.pod_uid(flow.client_cgroup_id);
                 }
@@ -818,13 +821,13 @@ mod tests {
                 }
             })
         };
-        let mut cache = NameCache::take(&*source);
+        let mut cache = NameCache::take(source);
         assert_eq!(asked.load(Ordering::SeqCst), 1);
 
         // Happened before the copy: what it misses the copy cannot lack.
         let mut old = from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
         old.time_unix_ns = cache.taken_unix_ns - 1;
-        cache.resolve(&*source, &mut old);
+        cache.resolve(&mut old);
         assert_eq!(old.service.as_deref(), Some("shop/web"));
         assert_eq!(old.backend_pod, None);
         assert_eq!(asked.load(Ordering::SeqCst), 1, "no copy for an old flow");
@@ -833,7 +836,7 @@ mod tests {
         cache.cost = Duration::from_secs(3600);
         let mut new = from_event(&event(FLOW_TRANSLATED, true), 0).unwrap();
         new.time_unix_ns = now_unix_ns() + 1;
-        cache.resolve(&*source, &mut new.clone());
+        cache.resolve(&mut new.clone());
         assert_eq!(
             asked.load(Ordering::SeqCst),
             1,
@@ -842,14 +845,14 @@ mod tests {
 
         // After the copy, missing its pod: a fresh copy names it.
         cache.cost = Duration::ZERO;
-        cache.resolve(&*source, &mut new);
+        cache.resolve(&mut new);
         assert_eq!(new.backend_pod.as_deref(), Some("shop/web-1"));
         assert_eq!(asked.load(Ordering::SeqCst), 2);
 
         // Fully named: no copy asked for.
         let mut again = new.clone();
         again.time_unix_ns = now_unix_ns() + 1;
-        cache.resolve(&*source, &mut again);
+        cache.resolve(&mut again);
         assert_eq!(asked.load(Ordering::SeqCst), 2);
 
         // A refused flow (no backend) of a known Service misses nothing.

@@ -784,6 +784,24 @@ pub struct Listed<T> {
 }
 
 impl<T> Listed<T> {
+    /// A listed object under its key, with its resourceVersion and
+    /// trigger time (a protobuf page decoded straight into `object`).
+    fn keyed(
+        key: Key,
+        object: T,
+        version: Option<String>,
+        trigger: Option<Triggered>,
+    ) -> (Key, Self) {
+        (
+            key,
+            Listed {
+                object,
+                version,
+                trigger,
+            },
+        )
+    }
+
     /// What the store keeps.
     pub fn object(&self) -> &T {
         &self.object
@@ -881,12 +899,8 @@ impl Listable for LeanService {
                     l.svc.namespace.clone(),
                     l.svc.name.clone().unwrap_or_default(),
                 );
-                let listed = Listed {
-                    version: l.svc.resource_version.clone(),
-                    trigger: l.trigger,
-                    object: l.svc,
-                };
-                (key, listed)
+                let version = l.svc.resource_version.clone();
+                Listed::keyed(key, l.svc, version, l.trigger)
             })
             .collect();
         Ok((items, meta))
@@ -905,12 +919,9 @@ impl Listable for LeanSlice {
             .into_iter()
             .map(|l| {
                 let key = (l.slice.namespace.clone(), l.slice.name.clone());
-                let listed = Listed {
-                    version: l.slice.resource_version.clone(),
-                    trigger: l.trigger.as_deref().and_then(latency::slice_trigger_at),
-                    object: l.slice,
-                };
-                (key, listed)
+                let version = l.slice.resource_version.clone();
+                let trigger = l.trigger.as_deref().and_then(latency::slice_trigger_at);
+                Listed::keyed(key, l.slice, version, trigger)
             })
             .collect();
         Ok((items, meta))

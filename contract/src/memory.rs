@@ -11,11 +11,16 @@
 //! Kernel side (per map, measured on 6.18 with `bpftool map show` memlock,
 //! then rounded up to the kmalloc size class an entry really takes):
 //! - every hash map has `16 × roundup_pow_of_two(max_entries)` bytes of buckets;
-//! - the `BPF_F_NO_PREALLOC` hash maps (`nb_lb4_svc`, `nb_lb4_be`,
-//!   `nb_lb4_affmatch`, `nb_lb4_revnat`) allocate one element per entry in
-//!   use: a 48-byte `htab_elem` + key + value (8-byte rounded) + an 8-byte
-//!   free-list node = 88 bytes at most (memlock: 88 for `nb_lb4_svc`, 72 for the
-//!   others), which kmalloc serves from its 96-byte class: [`HASH_ENTRY`];
+//! - `nb_lb4_svc`, `nb_lb4_be` and `nb_lb4_revnat` are preallocated in full
+//!   (since 2026-12-06: a cold start's inserts cost half as much, see
+//!   `datapath/bpf/sock_lb.bpf.c`): a 48-byte `htab_elem` + key + value
+//!   (8-byte rounded) per entry, 88 bytes for `nb_lb4_svc`
+//!   ([`SERVICE_ENTRY`]) and 64 for the other two ([`ID_ENTRY`]), measured
+//!   with memlock (and one spare element per possible CPU, left out);
+//! - the `BPF_F_NO_PREALLOC` hash map `nb_lb4_affmatch` allocates one
+//!   element per entry in use: `htab_elem` + key + value + an 8-byte
+//!   free-list node, which kmalloc serves from its 96-byte class:
+//!   [`HASH_ENTRY`];
 //! - the LRU maps are preallocated in full: 72 bytes per `nb_lb4_rev_sk`
 //!   entry and 80 per `nb_lb4_aff` entry (measured: 88 and 96 with the
 //!   buckets).
@@ -39,12 +44,17 @@
 //! Base: [`BASE`], twice the startup peak measured (33 MiB high-water mark).
 //!
 //! `limit = BASE + kernel(full maps) + userspace(full maps)`;
-//! `request = BASE + kernel(what is allocated with empty maps: buckets, LRU maps)`.
+//! `request = BASE + kernel(what is allocated with empty maps: buckets,
+//! preallocated maps)`.
 
 /// Bytes of one bucket of a BPF hash map.
 pub const BUCKET: u64 = 16;
 /// Bytes of one entry of a `BPF_F_NO_PREALLOC` hash map (kmalloc-96).
 pub const HASH_ENTRY: u64 = 96;
+/// Bytes of one preallocated `nb_lb4_svc` element.
+pub const SERVICE_ENTRY: u64 = 88;
+/// Bytes of one preallocated `nb_lb4_be` or `nb_lb4_revnat` element.
+pub const ID_ENTRY: u64 = 64;
 /// Bytes of one preallocated `nb_lb4_rev_sk` element (LRU).
 pub const REV_SK_ENTRY: u64 = 72;
 /// Bytes of one preallocated `nb_lb4_aff` element (LRU).
@@ -71,7 +81,7 @@ pub use crate::config::MapSizes;
 /// The agent's memory request and limit, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentMemory {
-    /// Kernel memory of empty maps (buckets, preallocated LRU maps).
+    /// Kernel memory of empty maps (buckets, preallocated maps).
     pub kernel_empty: u64,
     /// Kernel memory of full maps.
     pub kernel_full: u64,
@@ -96,15 +106,16 @@ impl AgentMemory {
             u64::from(m.affinity),
             u64::from(m.reverse_nat),
         );
-        let kernel_empty = buckets(m.services)
-            + 2 * buckets(m.backends) // nb_lb4_be, nb_lb4_affmatch
-            + buckets(m.reverse_nat)
+        let kernel_empty = buckets(m.services) + SERVICE_ENTRY * svc
+            + buckets(m.backends) + ID_ENTRY * be // nb_lb4_be
+            + buckets(m.backends) // nb_lb4_affmatch
+            + buckets(m.reverse_nat) + ID_ENTRY * rn
             + buckets(m.backends) + REV_SK_ENTRY * be
             + buckets(m.affinity) + AFFINITY_ENTRY * aff
             + buckets(m.reverse_nat) // nb_svc_stats
             + REV_TCP;
         let kernel_full = kernel_empty
-            + HASH_ENTRY * (svc + 2 * be + rn)
+            + HASH_ENTRY * be // nb_lb4_affmatch
             + (HASH_ENTRY + SVC_STATS_VALUE * SVC_STATS_CPUS) * rn; // nb_svc_stats
         let frontends = svc.min(rn);
         let userspace_full = USER_PER_FRONTEND * frontends + USER_PER_BACKEND * be;
@@ -136,10 +147,12 @@ mod tests {
     fn default_sizes() {
         let m = AgentMemory::for_sizes(MapSizes::DEFAULT);
         // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6
-        // MiB, + 1 MiB of nb_svc_stats buckets, + 12 MiB of nb_rev_tcp.
-        assert_eq!(m.kernel_empty.div_ceil(MIB), 51);
-        assert_eq!(m.request_mib(), 115);
+        // MiB, + 1 MiB of nb_svc_stats buckets, + 12 MiB of nb_rev_tcp, + the
+        // preallocated nb_lb4_svc (5.5 MiB), nb_lb4_be (16) and nb_lb4_revnat (4)
+        // (memlock of maps with their key and value sizes: 88 and 64 B per entry).
+        assert_eq!(m.kernel_empty.div_ceil(MIB), 77);
+        assert_eq!(m.request_mib(), 141);
         // + 167 MiB for a full nb_svc_stats at 64 CPUs (65536 × (96 + 40 × 64) B).
-        assert_eq!(m.limit_mib(), 1365);
+        assert_eq!(m.limit_mib(), 1355);
     }
 }

@@ -440,8 +440,10 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
     // Why: BPF map memory is charged to the agent's cgroup; 256Mi did not fit the
     // allowed mapSizes, so a large cluster got the agent OOM-killed.
     // The formula of docs/contracts.md, written out: per map
-    // 16 B × pow2(max) buckets; 96 B per entry of the four NO_PREALLOC maps in
-    // use; 72 / 80 B per preallocated rev_sk / affinity element; the
+    // 16 B × pow2(max) buckets; 88 B per preallocated lb4_svc element, 64 B per
+    // preallocated lb4_be / lb4_revnat element; 96 B per entry of the
+    // NO_PREALLOC affmatch map in use; 72 / 80 B per preallocated rev_sk /
+    // affinity element; the
     // per-Service counters (per-CPU, 64 CPUs assumed); the fixed 12 MiB
     // nb_rev_tcp array (262,144 × 48 B); userspace 12 KiB per frontend
     // (≤ reverseNat) + 1 KiB per backend; 64 MiB base.
@@ -454,8 +456,16 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
         );
         let bk = |n: u64| 16 * n.next_power_of_two();
         // nb_svc_stats: buckets; 96 B + 40 B on each of 64 assumed CPUs per id.
-        let empty = bk(s) + 3 * bk(b) + 2 * bk(r) + bk(a) + 72 * b + 80 * a + 262_144 * 48;
-        let full = empty + 96 * (s + 2 * b + r) + (96 + 40 * 64) * r;
+        let empty = bk(s)
+            + 3 * bk(b)
+            + 2 * bk(r)
+            + bk(a)
+            + 88 * s
+            + 64 * (b + r)
+            + 72 * b
+            + 80 * a
+            + 262_144 * 48;
+        let full = empty + 96 * b + (96 + 40 * 64) * r;
         let user = 12 * 1024 * s.min(r) + 1024 * b;
         (64 * (1 << 20) + empty, 64 * (1 << 20) + full + user)
     };

@@ -202,6 +202,8 @@ struct NodePortCtl {
     sizes: crate::config::MapSizes,
     configured: Option<Vec<String>>,
     applied: Option<devices::Choice>,
+    /// The install's object, for the first attach (then dropped).
+    loaded: Option<loader::Loaded>,
 }
 
 impl NodePortCtl {
@@ -221,8 +223,9 @@ impl NodePortCtl {
         if self.applied.as_ref() == Some(&choice) {
             return;
         }
+        let loaded = self.loaded.take();
         let res = tokio::task::block_in_place(|| {
-            loader::install_nodeport(&self.pins, &self.sizes, &choice.devices)
+            loader::install_nodeport_with(loaded, &self.pins, &self.sizes, &choice.devices)
         });
         let (summary, attached) = match res {
             Ok(links) => {
@@ -410,7 +413,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     // hostNamespaceOnly is set only once the pod interfaces carry their
     // programs (pod_ifaces.rs): until then pods are socket-balanced.
-    let report = loader::install_with(
+    let (report, loaded) = loader::install_keeping(
         &opts.pins,
         &opts.cgroup,
         &cfg.map_sizes,
@@ -445,13 +448,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     watched.startup.mark(|s| &mut s.datapath_installed_ms);
     crate::conntrack::set_timeouts(&opts.pins, &cfg.conntrack)?;
     let mut recon = Reconciler::recover(KernelMaps::open(&opts.pins)?)?;
-    let (mut term, term_status) = match SockTerm::load(&opts.pins) {
-        Ok(t) => (Some(t), "available".to_string()),
-        Err(e) => {
-            tracing::warn!(error = %e, "socket termination unavailable: connected UDP sockets of removed backends are not destroyed");
-            (None, e.to_string())
-        }
-    };
+    let mut term = Term::Later(opts.pins.clone());
     let prog = recon.programmed();
     tracing::info!(
         services = prog.services,
@@ -493,7 +490,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 .iter()
                 .map(|f| f.name().to_string())
                 .collect(),
-            socket_termination: term_status,
+            socket_termination: crate::status::SOCKET_TERMINATION_PENDING.into(),
             ..Default::default()
         }),
         maps: Mutex::new(KernelMaps::open(&opts.pins).ok()),
@@ -510,6 +507,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         svc_labels: Mutex::new(Arc::new(BTreeMap::new())),
         startup: watched.startup.clone(),
     });
+    term.start(&state);
     let flows = {
         let w = watched.clone();
         crate::flows::FlowHub::with_client_pods(
@@ -577,6 +575,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let np = NodePortCtl {
         pins: opts.pins.clone(),
         sizes: cfg.map_sizes,
+        loaded,
         configured: opts
             .nodeport_devices
             .clone()
@@ -734,20 +733,84 @@ async fn shutdown_signal() {
     }
 }
 
+/// Socket termination ([`SockTerm`]), loaded on a thread of its own while
+/// the lists arrive and the per-packet path is attached: the load parses
+/// the kernel's BTF twice (aya's loader does on creation, the kfunc lookup
+/// needs it) and verifies an iterator, ~70 ms that the agent's main thread
+/// no longer spends before its first pass. A pass that removes UDP backends
+/// before the load is done waits for it, so no removal goes without
+/// termination.
+enum Term {
+    /// Not started: the pins to load with.
+    Later(Pins),
+    /// Loading.
+    Loading(std::thread::JoinHandle<Option<SockTerm>>),
+    /// Loaded, or unavailable (status says why).
+    Done(Option<SockTerm>),
+}
+
+impl Term {
+    fn load(pins: &Pins, state: &AgentState) -> Option<SockTerm> {
+        let (t, status) = match SockTerm::load(pins) {
+            Ok(t) => (Some(t), "available".to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "socket termination unavailable: connected UDP sockets of removed backends are not destroyed");
+                (None, e.to_string())
+            }
+        };
+        state.update(|s| s.socket_termination = status);
+        t
+    }
+
+    /// Starts the load on its own thread (here, if no thread can start).
+    fn start(&mut self, state: &Arc<AgentState>) {
+        let Term::Later(pins) = self else {
+            return;
+        };
+        let pins = pins.clone();
+        let (p, st) = (pins.clone(), state.clone());
+        *self = match std::thread::Builder::new()
+            .name("nb-sock-term".into())
+            .spawn(move || {
+                let t = Term::load(&p, &st);
+                // The kernel BTF it parsed (~10 MiB, freed) would stay in
+                // the heap's free lists, counted in the agent's RSS.
+                crate::sys::release_free_memory();
+                t
+            }) {
+            Ok(h) => Term::Loading(h),
+            Err(_) => Term::Done(Term::load(&pins, state)),
+        };
+    }
+
+    /// The loaded socket termination, after waiting for (or doing) the load.
+    fn get(&mut self, state: &AgentState) -> Option<&mut SockTerm> {
+        let t = match std::mem::replace(self, Term::Done(None)) {
+            Term::Later(pins) => Term::load(&pins, state),
+            Term::Loading(h) => h.join().unwrap_or_else(|_| {
+                state.update(|s| s.socket_termination = "the load panicked".into());
+                None
+            }),
+            Term::Done(t) => t,
+        };
+        *self = Term::Done(t);
+        match self {
+            Term::Done(t) => t.as_mut(),
+            _ => None,
+        }
+    }
+}
+
 /// Destroys the connected UDP sockets of the backends the last pass removed
 /// (every network namespace on the node), and counts them in status.
-fn terminate_removed(
-    recon: &mut Reconciler<KernelMaps>,
-    term: &mut Option<SockTerm>,
-    state: &AgentState,
-) {
+fn terminate_removed(recon: &mut Reconciler<KernelMaps>, term: &mut Term, state: &AgentState) {
     let removed = recon.take_removed_backends();
-    let Some(term) = term.as_mut() else {
-        return;
-    };
     if !removed.iter().any(|b| b.proto == crate::layout::PROTO_UDP) {
         return;
     }
+    let Some(term) = tokio::task::block_in_place(|| term.get(state)) else {
+        return;
+    };
     match tokio::task::block_in_place(|| term.destroy(&removed, &sock_term::all_netns())) {
         Ok(r) => {
             let n = r.destroyed.len() as u64;
@@ -801,9 +864,9 @@ fn map_usage(
 
 async fn reconcile_loop(
     recon: &mut Reconciler<KernelMaps>,
-    term: &mut Option<SockTerm>,
+    term: &mut Term,
     watched: &Watched,
-    state: &AgentState,
+    state: &Arc<AgentState>,
     cfg: &Config,
     ns: &mut NorthSouth,
 ) -> Result<(), AgentError> {
@@ -1306,6 +1369,63 @@ pub async fn annotate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state_on(pins: &Pins) -> Arc<AgentState> {
+        Arc::new(AgentState {
+            status: Mutex::new(Status {
+                socket_termination: crate::status::SOCKET_TERMINATION_PENDING.into(),
+                ..Default::default()
+            }),
+            maps: Mutex::new(None),
+            pins: pins.clone(),
+            ready_changed: Notify::new(),
+            kube_proxy: Arc::new(KubeProxyWatch::new(
+                crate::config::KubeProxyRef::default(),
+                KubeProxyState::Unknown,
+            )),
+            replace: true,
+            cleanup: false,
+            flows: Mutex::new(None),
+            service_metrics: false,
+            svc_labels: Mutex::new(Arc::new(BTreeMap::new())),
+            startup: Arc::new(crate::startup::Timeline::default()),
+        })
+    }
+
+    #[test]
+    fn socket_termination_loads_once_started_and_a_removal_waits_for_the_load() {
+        // Why: the load is off the cold start's path (after the initial
+        // thread); a removal must never find it still loading and skip
+        // the sockets. Pins without the socket LB's maps make the load fail
+        // with its reason, deterministically and without privileges.
+        let dir = tempfile::tempdir().unwrap();
+        let pins = Pins::new(dir.path());
+        let state = state_on(&pins);
+        let mut term = Term::Later(pins.clone());
+        term.start(&state);
+        assert!(
+            matches!(term, Term::Loading(_)),
+            "started on its own thread"
+        );
+        term.start(&state);
+        assert!(
+            matches!(term, Term::Loading(_) | Term::Done(_)),
+            "started once"
+        );
+        // What a removal does: wait for the load, then use what it gave.
+        assert!(term.get(&state).is_none());
+        assert!(matches!(term, Term::Done(None)));
+        let said = state.get().socket_termination;
+        assert!(said.contains("is not pinned"), "{said}");
+        // Never started (a removal before the initial sync): loaded there.
+        let state = state_on(&pins);
+        let mut term = Term::Later(pins);
+        assert!(term.get(&state).is_none());
+        assert_ne!(
+            state.get().socket_termination,
+            crate::status::SOCKET_TERMINATION_PENDING
+        );
+    }
 
     fn checked(present: bool) -> RulesCheck {
         RulesCheck::Checked {

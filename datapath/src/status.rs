@@ -92,6 +92,9 @@ pub struct Condition {
     pub message: String,
 }
 
+/// `socketTermination` while the agent loads it (beside its lists).
+pub const SOCKET_TERMINATION_PENDING: &str = "pending (loading)";
+
 /// Everything status and metrics report.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -497,6 +500,12 @@ impl Status {
                 s,
                 "Socket termination:     available (connected UDP), {} sockets destroyed",
                 self.sockets_destroyed
+            );
+        } else if self.socket_termination == SOCKET_TERMINATION_PENDING {
+            let _ = writeln!(
+                s,
+                "Socket termination:     {} (a removal before then waits for it)",
+                self.socket_termination
             );
         } else if !self.socket_termination.is_empty() {
             let _ = writeln!(
@@ -1067,6 +1076,23 @@ mod tests {
         let js = serde_json::to_value(sample()).unwrap();
         assert_eq!(js["kubeProxy"], "absent");
         assert_eq!(js["kubeProxyCleanup"], "active");
+    }
+
+    #[test]
+    fn socket_termination_pending_is_not_said_to_be_unavailable() {
+        // Why: it loads on a thread of its own, and a removal waits for it.
+        let st = Status {
+            socket_termination: SOCKET_TERMINATION_PENDING.into(),
+            ..Default::default()
+        };
+        let text = st.render(false, 0);
+        assert!(
+            text.contains(
+                "Socket termination:     pending (loading) (a removal before then waits for it)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("NOT destroyed"), "{text}");
     }
 
     #[test]

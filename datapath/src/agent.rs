@@ -866,7 +866,7 @@ async fn reconcile_loop(
     recon: &mut Reconciler<KernelMaps>,
     term: &mut Term,
     watched: &Watched,
-    state: &Arc<AgentState>,
+    state: &AgentState,
     cfg: &Config,
     ns: &mut NorthSouth,
 ) -> Result<(), AgentError> {
@@ -1394,9 +1394,9 @@ mod tests {
 
     #[test]
     fn socket_termination_loads_once_started_and_a_removal_waits_for_the_load() {
-        // Why: the load is off the cold start's path (after the initial
-        // thread); a removal must never find it still loading and skip
-        // the sockets. Pins without the socket LB's maps make the load fail
+        // Why: the load is off the cold start's path (on a thread of its
+        // own); a removal must never find it still loading and skip the
+        // sockets. Pins without the socket LB's maps make the load fail
         // with its reason, deterministically and without privileges.
         let dir = tempfile::tempdir().unwrap();
         let pins = Pins::new(dir.path());
@@ -1417,7 +1417,7 @@ mod tests {
         assert!(matches!(term, Term::Done(None)));
         let said = state.get().socket_termination;
         assert!(said.contains("is not pinned"), "{said}");
-        // Never started (a removal before the initial sync): loaded there.
+        // Never started (a removal before the start): loaded there.
         let state = state_on(&pins);
         let mut term = Term::Later(pins);
         assert!(term.get(&state).is_none());

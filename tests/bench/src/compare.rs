@@ -154,6 +154,102 @@ pub fn compare(
     })
 }
 
+/// Issue 18's P1 at one size and percentile: netboot's latency over the
+/// floor's (IPv4 rows), in percent, with its 95% interval.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloorComparison {
+    /// Services (N).
+    pub services: u32,
+    /// 50 or 99.
+    pub percentile: f64,
+    /// netboot's percentile, µs (all rounds).
+    pub netboot: f64,
+    /// The floor's, µs (all rounds).
+    pub floor: f64,
+    /// `100 × (netboot / floor − 1)`, with its interval.
+    pub over_pct: Interval,
+    /// Rounds the rows had in common.
+    pub rounds: usize,
+}
+
+/// Where an interval lies against an allowance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Against {
+    /// Its upper end is within the allowance.
+    Within,
+    /// Its lower end is over it.
+    Over,
+    /// It straddles the allowance: this run cannot tell.
+    Straddles,
+}
+
+impl Interval {
+    /// Where the interval lies against `allowed` (a NaN end straddles).
+    pub fn against(&self, allowed: f64) -> Against {
+        if self.hi <= allowed {
+            Against::Within
+        } else if self.lo > allowed {
+            Against::Over
+        } else {
+            Against::Straddles
+        }
+    }
+}
+
+/// netboot's `q`-th percentile over the floor's, in percent, with a 95%
+/// interval from `resamples` draws of whole rounds (both rows' batches of a
+/// round together, as in [`compare`]); None when the rows share no round.
+pub fn over_floor(
+    services: u32,
+    netboot: &Rounds,
+    floor: &Rounds,
+    q: f64,
+    resamples: u32,
+) -> Option<FloorComparison> {
+    let rounds = netboot.len().min(floor.len());
+    if rounds == 0 {
+        return None;
+    }
+    let mut buf = Vec::new();
+    let over = |pick: &[usize], buf: &mut Vec<f64>| {
+        let nb = percentile_of(netboot, pick, q, buf);
+        let fl = percentile_of(floor, pick, q, buf);
+        (nb, fl, (nb / fl - 1.0) * 100.0)
+    };
+    let all: Vec<usize> = (0..rounds).collect();
+    let (nb, fl, point) = over(&all, &mut buf);
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ u64::from(services) ^ (q as u64) << 40);
+    let mut pick = vec![0usize; rounds];
+    let mut draws: Vec<f64> = Vec::with_capacity(resamples as usize);
+    for _ in 0..resamples {
+        for p in pick.iter_mut() {
+            *p = rng.below(rounds);
+        }
+        draws.push(over(&pick, &mut buf).2);
+    }
+    let (lo, hi) = if draws.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (
+            percentile_in_place(&mut draws, 2.5),
+            percentile_in_place(&mut draws, 97.5),
+        )
+    };
+    Some(FloorComparison {
+        services,
+        percentile: q,
+        netboot: nb,
+        floor: fl,
+        over_pct: Interval {
+            point,
+            lo,
+            hi,
+            resamples,
+        },
+        rounds,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +316,44 @@ mod tests {
     }
 
     #[test]
+    fn over_the_floor_is_a_percentage_with_an_interval_that_can_decide() {
+        // 2% over the floor, tight: within a 5% allowance at 95%.
+        let fl = rows(40, 200, 10.0, 1.0, 11);
+        let nb = rows(40, 200, 10.2, 1.0, 12);
+        let c = over_floor(100_000, &nb, &fl, 50.0, 400).expect("rounds");
+        assert!((c.over_pct.point - 2.0).abs() < 1.0, "{c:?}");
+        assert_eq!(c.over_pct.against(5.0), Against::Within, "{c:?}");
+        assert_eq!(c.rounds, 40);
+        // 20% over: over the allowance at 95%.
+        let nb = rows(40, 200, 12.0, 1.0, 13);
+        let c = over_floor(100_000, &nb, &fl, 99.0, 400).expect("rounds");
+        assert!(c.over_pct.lo > 5.0, "{c:?}");
+        assert_eq!(c.over_pct.against(5.0), Against::Over, "{c:?}");
+    }
+
+    #[test]
+    fn slow_rounds_leave_the_floor_comparison_undecided() {
+        // 3% over, but a few rounds of each row hit by bursts of other
+        // work: the p99 is set by the bursts, and the interval straddles.
+        let fl = rows(30, 100, 10.0, 1.0, 14);
+        let mut nb = rows(30, 100, 10.3, 1.0, 15);
+        let mut fl = fl;
+        for r in [2usize, 9, 17] {
+            for x in nb[r].iter_mut().take(15) {
+                *x += 40.0;
+            }
+        }
+        for r in [5usize, 21] {
+            for x in fl[r].iter_mut().take(15) {
+                *x += 30.0;
+            }
+        }
+        let c = over_floor(100_000, &nb, &fl, 99.0, 400).expect("rounds");
+        assert_eq!(c.over_pct.against(5.0), Against::Straddles, "{c:?}");
+        assert!(c.over_pct.hi - c.over_pct.lo > 10.0, "{c:?}");
+    }
+
+    #[test]
     fn no_rounds_no_comparison() {
         let empty: Vec<Vec<f64>> = Vec::new();
         let some = rows(3, 10, 1.0, 1.0, 10);
@@ -230,5 +364,6 @@ mod tests {
             flx: &some,
         };
         assert!(compare(1000, "ipv6", &q, 50.0, 10).is_none());
+        assert!(over_floor(1000, &some, &empty, 50.0, 10).is_none());
     }
 }

@@ -18,6 +18,21 @@ pub enum GoalStatus {
     Missed,
     /// The run did not measure what it needs.
     NotMeasured,
+    /// Measured, but the run's 95% interval straddles the goal's line: this
+    /// run cannot tell met from missed.
+    Undecided,
+}
+
+impl GoalStatus {
+    /// The word reports use.
+    pub fn word(self) -> &'static str {
+        match self {
+            GoalStatus::Met => "MET",
+            GoalStatus::Missed => "MISSED",
+            GoalStatus::NotMeasured => "NOT MEASURED",
+            GoalStatus::Undecided => "UNDECIDED",
+        }
+    }
 }
 
 /// One goal.
@@ -62,7 +77,11 @@ const P1_SIZES: [(u32, &str); 2] = [(100_000, "latency-100k"), (1_000_000, "late
 const FLOOR_TOLERANCE_PCT: f64 = 5.0;
 
 /// netboot's connect latency at `n` Services within 5% of the floor's, p50
-/// and p99.
+/// and p99. With the run's round-block intervals (compare.rs) the intervals
+/// decide: met when both upper ends are within 5%, missed when a lower end
+/// is over, undecided otherwise (the shared machine's scheduling moves a
+/// p99 by more than 5% between runs; a point estimate would then say met or
+/// missed by chance). Without them, the point estimates.
 fn within_floor(r: &Report, n: u32, b: u32, id: &'static str) -> Goal {
     let text = format!(
         "netboot at {} services within 5% of the floor (p50 and p99)",
@@ -80,6 +99,17 @@ fn within_floor(r: &Report, n: u32, b: u32, id: &'static str) -> Goal {
         (Some(x), Some(f)) => match x.stats.filter(|s| s.n > 0) {
             Some(s) => {
                 let (d50, d99) = (pct(s.p50, f.p50), pct(s.p99, f.p99));
+                let intervals: Vec<&crate::compare::FloorComparison> = [50.0, 99.0]
+                    .iter()
+                    .filter_map(|q| {
+                        r.floor_comparisons
+                            .iter()
+                            .find(|c| c.services == n && c.percentile == *q)
+                    })
+                    .collect();
+                if intervals.len() == 2 {
+                    return floor_verdict(id, &text, &intervals, s.n);
+                }
                 goal(
                     id,
                     &text,
@@ -110,6 +140,57 @@ fn within_floor(r: &Report, n: u32, b: u32, id: &'static str) -> Goal {
             format!("the run did not measure latency at {n} services"),
         ),
     }
+}
+
+/// [`within_floor`]'s verdict from the p50 and p99 intervals.
+fn floor_verdict(
+    id: &'static str,
+    text: &str,
+    cs: &[&crate::compare::FloorComparison],
+    connections: usize,
+) -> Goal {
+    use crate::compare::Against;
+    let sides: Vec<Against> = cs
+        .iter()
+        .map(|c| c.over_pct.against(FLOOR_TOLERANCE_PCT))
+        .collect();
+    let status = if sides.contains(&Against::Over) {
+        GoalStatus::Missed
+    } else if sides.iter().all(|a| *a == Against::Within) {
+        GoalStatus::Met
+    } else {
+        GoalStatus::Undecided
+    };
+    let cells: Vec<String> = cs
+        .iter()
+        .zip(&sides)
+        .map(|(c, a)| {
+            format!(
+                "p{} netboot {} µs vs floor {} µs: {:+.1}%, 95% interval [{:+.1}%, {:+.1}%] over {} rounds ({})",
+                c.percentile,
+                num(c.netboot),
+                num(c.floor),
+                c.over_pct.point,
+                c.over_pct.lo,
+                c.over_pct.hi,
+                c.rounds,
+                match a {
+                    Against::Within => "within 5% at 95%",
+                    Against::Over => "over 5% at 95%",
+                    Against::Straddles => "the interval straddles 5%",
+                }
+            )
+        })
+        .collect();
+    goal(
+        id,
+        text,
+        status,
+        format!(
+            "{}; {connections} connections. The intervals decide (a bootstrap over whole rounds of the interleaving): met when both are within 5%, missed when one is over, undecided when one straddles",
+            cells.join("; ")
+        ),
+    )
 }
 
 /// One endpoint change at 1M Services under 1 ms p99 (netboot; the agent's
@@ -620,6 +701,51 @@ mod tests {
         let g = ipv6_goal(&r, 2);
         assert_eq!(g.status, GoalStatus::Missed, "{g:?}");
         assert!(g.detail.contains("no ids"), "{}", g.detail);
+    }
+
+    #[test]
+    fn floor_intervals_decide_met_missed_or_undecided() {
+        use crate::compare::over_floor;
+        // Rows in rounds: `per` connections per batch around `base` µs.
+        let rows = |base: f64, bursts: &[usize]| -> Vec<Vec<f64>> {
+            (0..30)
+                .map(|r| {
+                    (0..100)
+                        .map(|i| {
+                            let x = base + (i * 37 % 100) as f64 / 100.0;
+                            if bursts.contains(&r) && i < 15 {
+                                x + 40.0
+                            } else {
+                                x
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let run = |nb: Vec<Vec<f64>>, fl: Vec<Vec<f64>>| {
+            let mut r = report();
+            // Point estimates that alone would say met.
+            add(&mut r, 100_000, 2, "floor", m::CONNECT, &[50.0, 60.0], "");
+            add(&mut r, 100_000, 2, "netboot", m::CONNECT, &[51.0, 61.0], "");
+            for q in [50.0, 99.0] {
+                r.floor_comparisons
+                    .extend(over_floor(100_000, &nb, &fl, q, 400));
+            }
+            within_floor(&r, 100_000, 2, "latency-100k")
+        };
+        let g = run(rows(10.2, &[]), rows(10.0, &[]));
+        assert_eq!(g.status, GoalStatus::Met, "{g:?}");
+        assert!(g.detail.contains("within 5% at 95%"), "{}", g.detail);
+        // 20% over the floor at p50: missed, whatever the p99 says.
+        let g = run(rows(12.0, &[]), rows(10.0, &[]));
+        assert_eq!(g.status, GoalStatus::Missed, "{g:?}");
+        assert!(g.detail.contains("over 5% at 95%"), "{}", g.detail);
+        // Bursts in a few rounds of each row set both p99s: undecided.
+        let g = run(rows(10.1, &[2, 9, 17]), rows(10.0, &[5, 21]));
+        assert_eq!(g.status, GoalStatus::Undecided, "{g:?}");
+        assert!(g.detail.contains("straddles"), "{}", g.detail);
+        assert_eq!(GoalStatus::Undecided.word(), "UNDECIDED");
     }
 
     #[test]

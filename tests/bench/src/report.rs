@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::goals::{Goal, GoalStatus};
+use crate::goals::Goal;
 use crate::kube_proxy::IptablesBackend;
 use crate::machine::Machine;
 use crate::stats::Summary;
@@ -98,6 +98,9 @@ pub struct Report {
     /// Issue 13's IPv6 / IPv4-mapped against IPv4 comparisons, with their
     /// 95% intervals (compare.rs).
     pub comparisons: Vec<crate::compare::FamilyComparison>,
+    /// Issue 18's P1: netboot over the floor (IPv4), p50 and p99, with their
+    /// 95% intervals (compare.rs).
+    pub floor_comparisons: Vec<crate::compare::FloorComparison>,
     /// Against the issue's goals.
     pub goals: Vec<Goal>,
     /// Remarks (IPVS, failed phases).
@@ -114,6 +117,7 @@ impl Report {
             config,
             metrics: Vec::new(),
             comparisons: Vec::new(),
+            floor_comparisons: Vec::new(),
             goals: Vec::new(),
             notes: Vec::new(),
             duration_s: 0.0,
@@ -317,6 +321,27 @@ pub fn markdown(r: &Report) -> String {
         }
     }
 
+    if !r.floor_comparisons.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nnetboot over the floor (IPv4; issue 18's P1: within 5%), with a 95% interval from the same bootstrap over whole rounds.\n\n| Services | Percentile | netboot (µs) | floor (µs) | over the floor | 95% interval | rounds |\n|---:|---:|---:|---:|---:|---|---:|"
+        );
+        for c in &r.floor_comparisons {
+            let _ = writeln!(
+                o,
+                "| {} | p{} | {} | {} | {:+.1}% | [{:+.1}%, {:+.1}%] | {} |",
+                thousands(u64::from(c.services)),
+                c.percentile,
+                num(c.netboot),
+                num(c.floor),
+                c.over_pct.point,
+                c.over_pct.lo,
+                c.over_pct.hi,
+                c.rounds
+            );
+        }
+    }
+
     let _ = writeln!(
         o,
         "\n## Programming cost\n\nms, p50 / p99 (samples). Full sync: all N Services from empty (netboot: the reconciler into the pinned maps; iptables: iptables-restore of the whole ruleset; nftables: `nft -f` of kube-proxy's whole transaction). Endpoint change: one endpoint of one Service swapped (netboot: the agent's path for one EndpointSlice event: its Service marked dirty, that Service's frontends rebuilt, the reconciler's partial pass writing the difference; iptables: a full iptables-restore as kube-proxy's full sync does, and kube-proxy ≥ 1.28's partial restore; nftables: kube-proxy's incremental transaction). Process start of iptables-restore / nft is included, as kube-proxy forks them too.\n"
@@ -412,12 +437,7 @@ pub fn markdown(r: &Report) -> String {
 
     let _ = writeln!(o, "\n## Goals (issues 6, 13 and 18)\n");
     for g in &r.goals {
-        let word = match g.status {
-            GoalStatus::Met => "MET",
-            GoalStatus::Missed => "MISSED",
-            GoalStatus::NotMeasured => "NOT MEASURED",
-        };
-        let _ = writeln!(o, "- **{word}** — {}: {}", g.text, g.detail);
+        let _ = writeln!(o, "- **{}** — {}: {}", g.status.word(), g.text, g.detail);
     }
     if !r.notes.is_empty() {
         let _ = writeln!(o, "\n## Notes\n");

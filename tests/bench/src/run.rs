@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::cleanup::{self, Cgroup};
-use crate::goals::{self, GoalStatus};
+use crate::goals;
 use crate::report::{self, Report, RunConfig};
 use crate::settings::{Settings, GOAL_SCENARIO};
 use crate::size::{self, Ctx, Scope, TimedOut};
@@ -162,11 +162,11 @@ pub fn write(rep: &Report, out: &Path) -> Result<Written> {
 pub fn print_goals(rep: &Report) {
     println!("\nGoals (issues 6, 13 and 18):");
     for g in &rep.goals {
-        let word = match g.status {
-            GoalStatus::Met => "MET         ",
-            GoalStatus::Missed => "MISSED      ",
-            GoalStatus::NotMeasured => "NOT MEASURED",
-        };
-        println!("  {word} {}\n               {}", g.text, g.detail);
+        println!(
+            "  {:<12} {}\n               {}",
+            g.status.word(),
+            g.text,
+            g.detail
+        );
     }
 }

@@ -896,7 +896,33 @@ fn measure_rows(
     let resamples = if ctx.s.quick { 200 } else { 1000 };
     rep.comparisons
         .extend(family_comparisons(n, &res, resamples));
+    rep.floor_comparisons
+        .extend(floor_comparisons(n, &res, resamples));
     Ok(())
+}
+
+/// Issue 18's P1 (compare.rs): netboot's IPv4 row over the floor's, p50 and
+/// p99.
+fn floor_comparisons(
+    n: u32,
+    res: &std::collections::BTreeMap<Row, latency::LaneResult>,
+    resamples: u32,
+) -> Vec<crate::compare::FloorComparison> {
+    let rounds = |v: Variant| {
+        res.get(&Row {
+            variant: v,
+            family: Family::Ipv4,
+        })
+        .filter(|r| r.error.is_none())
+        .map(|r| r.rounds.as_slice())
+    };
+    let (Some(nb), Some(fl)) = (rounds(Variant::Netboot), rounds(Variant::Floor)) else {
+        return Vec::new();
+    };
+    [50.0, 99.0]
+        .into_iter()
+        .filter_map(|q| crate::compare::over_floor(n, nb, fl, q, resamples))
+        .collect()
 }
 
 /// Issue 13's comparisons (compare.rs) of the rows just measured: IPv6 and

@@ -190,7 +190,10 @@ pub fn template_data(spec: &ClusterNetwork, api: &ApiServer, observability: Valu
         "sha256:{}",
         hex(&Sha256::digest(config.to_string().as_bytes()))
     );
-    let memory = netboot_contract::memory::AgentMemory::for_sizes(d.map_sizes);
+    let memory = netboot_contract::memory::AgentMemory::for_config(
+        d.map_sizes,
+        d.load_balancing.algorithm == netboot_contract::config::Algorithm::Maglev,
+    );
     let reconcile = spec.reconcile.as_ref().map(|r| {
         json!({
             "repo": r.repo,

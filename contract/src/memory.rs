@@ -33,6 +33,22 @@
 //!   unknown when rendering: the formula assumes [`SVC_STATS_CPUS`]; a full
 //!   map on a node with more CPUs takes more (40 B per CPU per Service id).
 //!
+//! - the IPv6 twins, sized by the same `mapSizes` fields (since 2026-12-06;
+//!   before, ~36 MiB at default sizes went uncounted): `nb_lb6_svc`,
+//!   `nb_lb6_be` and `nb_lb6_revnat` are `BPF_F_NO_PREALLOC` (an IPv4-only
+//!   cluster pays only their buckets): per entry in use `htab_elem` + key +
+//!   value + the free-list node, 104 bytes for `nb_lb6_svc` in the 128-byte
+//!   class ([`SERVICE6_ENTRY`]), 88 for the other two ([`HASH_ENTRY`]);
+//!   `nb_lb6_rev_sk` is an LRU, preallocated: [`REV_SK6_ENTRY`];
+//! - the maps `mapSizes` does not size (north–south conntrack `nb_ct4` /
+//!   `nb_ct6`, preallocated LRUs of 65,536 entries; the flow ring; the
+//!   source-range tries, Maglev and device maps' buckets; counters and
+//!   configuration; socket termination's own `nb_sock_term`):
+//!   [`FIXED_EMPTY`], measured; full, the source-range tries add
+//!   [`SRC_RANGES_FULL`] and, with `loadBalancing.algorithm: maglev`, the
+//!   Maglev tables, min([`MAGLEV_TABLES`], `reverseNat`) × [`MAGLEV_TABLE`] (a table's 32 KiB
+//!   value is served by the page allocator as 64 KiB).
+//!
 //! Userspace side (measured with `--static-services`, RSS of a debug build
 //! above an agent with one Service: 2000 Services × 10 endpoints +21 MiB,
 //! 10000 × 1 +64 MiB, 4000 × 10 +43 MiB; solved: 6.2 KB per Service frontend
@@ -59,6 +75,35 @@ pub const ID_ENTRY: u64 = 64;
 pub const REV_SK_ENTRY: u64 = 72;
 /// Bytes of one preallocated `nb_lb4_aff` element (LRU).
 pub const AFFINITY_ENTRY: u64 = 80;
+/// Bytes of one `nb_lb6_svc` entry in use (`BPF_F_NO_PREALLOC`: 48 + 24 +
+/// 24 + 8 = 104, served from the 128-byte class).
+pub const SERVICE6_ENTRY: u64 = 128;
+/// Bytes of one preallocated `nb_lb6_rev_sk` element (LRU): 48 + 32 + 24.
+pub const REV_SK6_ENTRY: u64 = 104;
+/// Bytes of one Maglev table in `nb_lb4_maglev` (`BPF_F_NO_PREALLOC`; a
+/// 32,824-byte element, an order-4 page allocation).
+pub const MAGLEV_TABLE: u64 = 64 * 1024;
+/// Maglev tables at most (`NB_DEFAULT_MAGLEV`: external frontends with a
+/// table; the rest pick at random), and never more than frontends
+/// (`reverseNat`).
+pub const MAGLEV_TABLES: u64 = 4096;
+/// Bytes of both source-range tries full (`NB_DEFAULT_SRC_RANGE` = 16,384
+/// (frontend, CIDR) pairs per family; an LPM trie takes up to two nodes per
+/// entry, each under 96 bytes).
+pub const SRC_RANGES_FULL: u64 = 2 * 16_384 * 2 * 96;
+/// Bytes of the maps `mapSizes` does not size, empty, as the kernel charges
+/// them (memlock, measured on 6.18 by the datapath's
+/// `the_memory_formula_counts_what_the_kernel_charges_for_every_map`),
+/// their per-CPU values counted for [`SVC_STATS_CPUS`] CPUs.
+pub const FIXED_EMPTY: u64 = FIXED_EMPTY_SHARED + FIXED_PER_CPU * SVC_STATS_CPUS;
+/// [`FIXED_EMPTY`] without the per-CPU values: measured 18,311,120 B on a
+/// 2-CPU node (`nb_ct6` 9.5 MiB, `nb_ct4` 6.5 MiB, `nb_flow_ring` 1 MiB,
+/// `nb_sock_term` 385 KiB, `nb_lb4_maglev`'s buckets 65 KiB, the rest a few
+/// KiB), less its per-CPU values, rounded down.
+pub const FIXED_EMPTY_SHARED: u64 = 18_300_000;
+/// The per-CPU values of the fixed maps, per CPU: `nb_counters` (39 × 8 B),
+/// `nb_flow_rl` (16 B) and `nb_flow_stats` (3 × 8 B).
+pub const FIXED_PER_CPU: u64 = 39 * 8 + 16 + 3 * 8;
 /// Bytes of `nb_rev_tcp`: `NB_REV_TCP_SLOTS` × `struct nb_rev_tcp`,
 /// preallocated (an array).
 pub const REV_TCP: u64 = 262_144 * 48;
@@ -98,8 +143,20 @@ fn buckets(max: u32) -> u64 {
 }
 
 impl AgentMemory {
-    /// The formula of the module documentation.
+    /// The formula of the module documentation, with random backend
+    /// selection (no Maglev tables).
     pub fn for_sizes(m: MapSizes) -> Self {
+        Self::for_config(m, false)
+    }
+
+    /// The formula, `maglev` when `loadBalancing.algorithm` is `maglev`.
+    pub fn for_config(m: MapSizes, maglev: bool) -> Self {
+        Self::on_cpus(m, maglev, SVC_STATS_CPUS)
+    }
+
+    /// The formula on a node with `cpus` possible CPUs (per-CPU values; a
+    /// rendered DaemonSet assumes [`SVC_STATS_CPUS`]).
+    pub fn on_cpus(m: MapSizes, maglev: bool, cpus: u64) -> Self {
         let (svc, be, aff, rn) = (
             u64::from(m.services),
             u64::from(m.backends),
@@ -113,10 +170,18 @@ impl AgentMemory {
             + buckets(m.backends) + REV_SK_ENTRY * be
             + buckets(m.affinity) + AFFINITY_ENTRY * aff
             + buckets(m.reverse_nat) // nb_svc_stats
-            + REV_TCP;
+            + REV_TCP
+            + buckets(m.services) // nb_lb6_svc
+            + buckets(m.backends) // nb_lb6_be
+            + buckets(m.reverse_nat) // nb_lb6_revnat
+            + buckets(m.backends) + REV_SK6_ENTRY * be
+            + FIXED_EMPTY_SHARED + FIXED_PER_CPU * cpus;
         let kernel_full = kernel_empty
             + HASH_ENTRY * be // nb_lb4_affmatch
-            + (HASH_ENTRY + SVC_STATS_VALUE * SVC_STATS_CPUS) * rn; // nb_svc_stats
+            + (HASH_ENTRY + SVC_STATS_VALUE * cpus) * rn // nb_svc_stats
+            + SERVICE6_ENTRY * svc + HASH_ENTRY * be + HASH_ENTRY * rn // IPv6 twins
+            + SRC_RANGES_FULL
+            + if maglev { MAGLEV_TABLE * MAGLEV_TABLES.min(rn) } else { 0 };
         let frontends = svc.min(rn);
         let userspace_full = USER_PER_FRONTEND * frontends + USER_PER_BACKEND * be;
         Self {
@@ -146,13 +211,20 @@ mod tests {
     #[test]
     fn default_sizes() {
         let m = AgentMemory::for_sizes(MapSizes::DEFAULT);
-        // Matches the measured memlock of empty maps (bpftool): 1 + 4 + 4 + 1 + 22 + 6
-        // MiB, + 1 MiB of nb_svc_stats buckets, + 12 MiB of nb_rev_tcp, + the
-        // preallocated nb_lb4_svc (5.5 MiB), nb_lb4_be (16) and nb_lb4_revnat (4)
-        // (memlock of maps with their key and value sizes: 88 and 64 B per entry).
-        assert_eq!(m.kernel_empty.div_ceil(MIB), 77);
-        assert_eq!(m.request_mib(), 141);
-        // + 167 MiB for a full nb_svc_stats at 64 CPUs (65536 × (96 + 40 × 64) B).
-        assert_eq!(m.limit_mib(), 1355);
+        // Matches the measured memlock of every map at creation (2026-12-06,
+        // `the_memory_formula_counts_what_the_kernel_charges_for_every_map`):
+        // the IPv4 maps' 77 MiB (buckets, the preallocated nb_lb4_svc,
+        // nb_lb4_be, nb_lb4_revnat, the LRUs, nb_rev_tcp), the IPv6 twins'
+        // 6 MiB of buckets and nb_lb6_rev_sk's 30 MiB, and the fixed maps'
+        // 17.5 MiB (north-south conntrack, the flow ring, ...).
+        assert_eq!(m.kernel_empty.div_ceil(MIB), 130);
+        assert_eq!(m.request_mib(), 194);
+        // + 167 MiB for a full nb_svc_stats at 64 CPUs (65536 × (96 + 40 × 64) B),
+        // the IPv6 twins in use (38 MiB) and full source-range tries (6 MiB).
+        assert_eq!(m.limit_mib(), 1452);
+        // Maglev tables: 4096 × 64 KiB more, only with the maglev algorithm.
+        let g = AgentMemory::for_config(MapSizes::DEFAULT, true);
+        assert_eq!(g.request_mib(), 194);
+        assert_eq!(g.limit_mib(), 1452 + 256);
     }
 }

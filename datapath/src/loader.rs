@@ -1046,13 +1046,17 @@ mod tests {
             assert!(elem(name) + 8 <= mem::HASH_ENTRY, "{name}: {}", elem(name));
         }
         // nb_lb6_svc (24-byte key and value since the u32 service ids) takes
-        // a kmalloc-128 object; the IPv6 maps are not in the formula (below).
+        // an object of the 128-byte class.
         assert_eq!(elem(names::SERVICES6) + 8, 104);
+        assert!(elem(names::SERVICES6) + 8 <= mem::SERVICE6_ENTRY);
         assert_eq!(elem(names::REV_SK), mem::REV_SK_ENTRY);
         assert_eq!(elem(names::AFFINITY), mem::AFFINITY_ENTRY);
-        // The lb6 maps (issue 13) are not in netboot_contract::memory yet:
-        // nb_lb6_rev_sk is a preallocated LRU of this many bytes per entry.
-        assert_eq!(elem(names::REV_SK6), 104);
+        // nb_lb6_rev_sk: a preallocated LRU of this many bytes per entry.
+        assert_eq!(elem(names::REV_SK6), mem::REV_SK6_ENTRY);
+        // A Maglev table: its element is more than 32 KiB, an order-4 (64
+        // KiB) page allocation.
+        let table = elem(names::MAGLEV) + 8;
+        assert!(table > 32 * 1024 && table <= mem::MAGLEV_TABLE, "{table}");
         // nb_rev_tcp: an array of fixed size, in the formula as a constant.
         let (_, v) = expected_sizes(names::REV_TCP).unwrap();
         assert_eq!(

@@ -445,9 +445,18 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
     // NO_PREALLOC affmatch map in use; 72 / 80 B per preallocated rev_sk /
     // affinity element; the
     // per-Service counters (per-CPU, 64 CPUs assumed); the fixed 12 MiB
-    // nb_rev_tcp array (262,144 × 48 B); userspace 12 KiB per frontend
-    // (≤ reverseNat) + 1 KiB per backend; 64 MiB base.
-    let formula = |m: spec::MapSizes| -> (u64, u64) {
+    // nb_rev_tcp array (262,144 × 48 B); the IPv6 twins (buckets; 104 B per
+    // preallocated lb6_rev_sk element; in use 128 B per lb6_svc entry, 96 B
+    // per lb6_be / lb6_revnat entry); the maps mapSizes does not size (FIXED
+    // B empty, measured, per-CPU values at 64 CPUs; both source-range tries
+    // full: 2 × 16,384 × 2 × 96 B; with Maglev, min(4,096, reverseNat)
+    // tables × 64 KiB);
+    // userspace 12 KiB per frontend (≤ reverseNat) + 1 KiB per backend;
+    // 64 MiB base.
+    const FIXED_SHARED: u64 = 18_300_000;
+    const FIXED_PER_CPU: u64 = 39 * 8 + 16 + 3 * 8;
+    const FIXED: u64 = FIXED_SHARED + 64 * FIXED_PER_CPU;
+    let formula = |m: spec::MapSizes, maglev: bool| -> (u64, u64) {
         let (s, b, a, r) = (
             u64::from(m.services),
             u64::from(m.backends),
@@ -464,8 +473,15 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
             + 64 * (b + r)
             + 72 * b
             + 80 * a
-            + 262_144 * 48;
-        let full = empty + 96 * b + (96 + 40 * 64) * r;
+            + 262_144 * 48
+            + bk(s) + 2 * bk(b) + bk(r) + 104 * b // IPv6 twins
+            + FIXED;
+        let full = empty
+            + 96 * b
+            + (96 + 40 * 64) * r
+            + 128 * s + 96 * b + 96 * r // IPv6 twins in use
+            + 2 * 16_384 * 2 * 96
+            + if maglev { 4096.min(r) * 65_536 } else { 0 };
         let user = 12 * 1024 * s.min(r) + 1024 * b;
         (64 * (1 << 20) + empty, 64 * (1 << 20) + full + user)
     };
@@ -485,27 +501,34 @@ fn agent_memory_limit_fits_full_maps_for_default_and_maximum_map_sizes() {
             reverse_nat: 1024,
         },
     ] {
-        let mut spec = shipped("prod");
-        spec.datapath.map_sizes = sizes;
-        let (request, limit) = agent_memory(&spec);
-        let (want_request, want_limit) = formula(sizes);
-        assert!(
-            limit >= want_limit,
-            "{sizes:?}: limit {limit} < {want_limit}"
-        );
-        assert!(
-            request >= want_request,
-            "{sizes:?}: request {request} < {want_request}"
-        );
-        assert!(
-            limit - want_limit < 1 << 20,
-            "{sizes:?}: rounded up by less than 1 MiB"
-        );
-        println!(
-            "NUMBERS {sizes:?}: request {} MiB, limit {} MiB",
-            request >> 20,
-            limit >> 20
-        );
+        for maglev in [false, true] {
+            let mut spec = shipped("prod");
+            spec.datapath.map_sizes = sizes;
+            spec.datapath.load_balancing.algorithm = if maglev {
+                netboot_contract::config::Algorithm::Maglev
+            } else {
+                netboot_contract::config::Algorithm::Random
+            };
+            let (request, limit) = agent_memory(&spec);
+            let (want_request, want_limit) = formula(sizes, maglev);
+            assert!(
+                limit >= want_limit,
+                "{sizes:?}: limit {limit} < {want_limit}"
+            );
+            assert!(
+                request >= want_request,
+                "{sizes:?}: request {request} < {want_request}"
+            );
+            assert!(
+                limit - want_limit < 1 << 20,
+                "{sizes:?}: rounded up by less than 1 MiB"
+            );
+            println!(
+                "NUMBERS {sizes:?}, maglev {maglev}: request {} MiB, limit {} MiB",
+                request >> 20,
+                limit >> 20
+            );
+        }
     }
 }
 

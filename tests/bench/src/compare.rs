@@ -91,6 +91,34 @@ impl Rng {
     }
 }
 
+/// The 95% interval of `stat` over `resamples` draws of `rounds` whole
+/// rounds with replacement (`stat` gets the rounds drawn); NaN ends without
+/// draws.
+fn bootstrap(
+    rounds: usize,
+    resamples: u32,
+    seed: u64,
+    mut stat: impl FnMut(&[usize]) -> f64,
+) -> (f64, f64) {
+    let mut rng = Rng(seed);
+    let mut pick = vec![0usize; rounds];
+    let mut draws: Vec<f64> = Vec::with_capacity(resamples as usize);
+    for _ in 0..resamples {
+        for p in pick.iter_mut() {
+            *p = rng.below(rounds);
+        }
+        draws.push(stat(&pick));
+    }
+    if draws.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (
+            percentile_in_place(&mut draws, 2.5),
+            percentile_in_place(&mut draws, 97.5),
+        )
+    }
+}
+
 /// `(added_x, added_4)` at `q` over the rounds `pick`.
 fn added(quad: &Quad<'_>, pick: &[usize], q: f64, buf: &mut Vec<f64>) -> (f64, f64) {
     let nb4 = percentile_of(quad.nb4, pick, q, buf);
@@ -120,24 +148,11 @@ pub fn compare(
     let all: Vec<usize> = (0..rounds).collect();
     let mut buf = Vec::new();
     let (ax, a4) = added(quad, &all, q, &mut buf);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(services) ^ (q as u64) << 40);
-    let mut pick = vec![0usize; rounds];
-    let mut diffs: Vec<f64> = Vec::with_capacity(resamples as usize);
-    for _ in 0..resamples {
-        for p in pick.iter_mut() {
-            *p = rng.below(rounds);
-        }
-        let (x, f) = added(quad, &pick, q, &mut buf);
-        diffs.push(x - f);
-    }
-    let (lo, hi) = if diffs.is_empty() {
-        (f64::NAN, f64::NAN)
-    } else {
-        (
-            percentile_in_place(&mut diffs, 2.5),
-            percentile_in_place(&mut diffs, 97.5),
-        )
-    };
+    let seed = 0x9E37_79B9_7F4A_7C15 ^ u64::from(services) ^ (q as u64) << 40;
+    let (lo, hi) = bootstrap(rounds, resamples, seed, |pick| {
+        let (x, f) = added(quad, pick, q, &mut buf);
+        x - f
+    });
     Some(FamilyComparison {
         services,
         family: family.to_string(),
@@ -218,23 +233,8 @@ pub fn over_floor(
     };
     let all: Vec<usize> = (0..rounds).collect();
     let (nb, fl, point) = over(&all, &mut buf);
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ u64::from(services) ^ (q as u64) << 40);
-    let mut pick = vec![0usize; rounds];
-    let mut draws: Vec<f64> = Vec::with_capacity(resamples as usize);
-    for _ in 0..resamples {
-        for p in pick.iter_mut() {
-            *p = rng.below(rounds);
-        }
-        draws.push(over(&pick, &mut buf).2);
-    }
-    let (lo, hi) = if draws.is_empty() {
-        (f64::NAN, f64::NAN)
-    } else {
-        (
-            percentile_in_place(&mut draws, 2.5),
-            percentile_in_place(&mut draws, 97.5),
-        )
-    };
+    let seed = 0x2545_F491_4F6C_DD1D ^ u64::from(services) ^ (q as u64) << 40;
+    let (lo, hi) = bootstrap(rounds, resamples, seed, |pick| over(pick, &mut buf).2);
     Some(FloorComparison {
         services,
         percentile: q,

@@ -199,6 +199,16 @@ pub enum Against {
 }
 
 impl Interval {
+    /// The point estimate of a percentage, signed: `+6.2%`.
+    pub fn point_pct(&self) -> String {
+        format!("{:+.1}%", self.point)
+    }
+
+    /// The interval of a percentage: `[-0.3%, +14.5%]`.
+    pub fn range_pct(&self) -> String {
+        format!("[{:+.1}%, {:+.1}%]", self.lo, self.hi)
+    }
+
     /// Where the interval lies against `allowed` (a NaN end straddles).
     pub fn against(&self, allowed: f64) -> Against {
         if self.hi <= allowed {

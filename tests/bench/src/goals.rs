@@ -166,13 +166,12 @@ fn floor_verdict(
         .zip(&sides)
         .map(|(c, a)| {
             format!(
-                "p{} netboot {} µs vs floor {} µs: {:+.1}%, 95% interval [{:+.1}%, {:+.1}%] over {} rounds ({})",
+                "p{} netboot {} µs vs floor {} µs: {}, 95% interval {} over {} rounds ({})",
                 c.percentile,
                 num(c.netboot),
                 num(c.floor),
-                c.over_pct.point,
-                c.over_pct.lo,
-                c.over_pct.hi,
+                c.over_pct.point_pct(),
+                c.over_pct.range_pct(),
                 c.rounds,
                 match a {
                     Against::Within => "within 5% at 95%",

@@ -329,14 +329,13 @@ pub fn markdown(r: &Report) -> String {
         for c in &r.floor_comparisons {
             let _ = writeln!(
                 o,
-                "| {} | p{} | {} | {} | {:+.1}% | [{:+.1}%, {:+.1}%] | {} |",
+                "| {} | p{} | {} | {} | {} | {} | {} |",
                 thousands(u64::from(c.services)),
                 c.percentile,
                 num(c.netboot),
                 num(c.floor),
-                c.over_pct.point,
-                c.over_pct.lo,
-                c.over_pct.hi,
+                c.over_pct.point_pct(),
+                c.over_pct.range_pct(),
                 c.rounds
             );
         }

@@ -46,8 +46,9 @@
 //!   configuration; socket termination's own `nb_sock_term`):
 //!   [`FIXED_EMPTY`], measured; full, the source-range tries add
 //!   [`SRC_RANGES_FULL`] and, with `loadBalancing.algorithm: maglev`, the
-//!   Maglev tables, min([`MAGLEV_TABLES`], `reverseNat`) × [`MAGLEV_TABLE`] (a table's 32 KiB
-//!   value is served by the page allocator as 64 KiB).
+//!   Maglev tables, min([`MAGLEV_TABLES`], `reverseNat`) ×
+//!   [`MAGLEV_TABLE`] (a table's 32 KiB value is served by the page
+//!   allocator as 64 KiB).
 //!
 //! Userspace side (measured with `--static-services`, RSS of a debug build
 //! above an agent with one Service: 2000 Services × 10 endpoints +21 MiB,

@@ -58,18 +58,6 @@ fn fdinfo_field(info: &str, key: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{key}: {e}"))
 }
 
-/// Possible CPUs (what per-CPU maps allocate for).
-fn possible_cpus() -> u64 {
-    let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible");
-    s.trim()
-        .split(',')
-        .map(|r| match r.split_once('-') {
-            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
-            None => 1,
-        })
-        .sum()
-}
-
 #[test]
 fn the_memory_formula_counts_what_the_kernel_charges_for_every_map() {
     // Why: the DaemonSet's memory request is the formula's kernel memory of
@@ -136,7 +124,8 @@ fn the_memory_formula_counts_what_the_kernel_charges_for_every_map() {
     assert!(term_maps > 0, "socket termination's maps were not seen");
     lines.push(format!("socket termination {term_maps}"));
     charged += term_maps;
-    let cpus = possible_cpus();
+    // Possible CPUs: what per-CPU maps allocate for.
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
     let formula = netboot_contract::memory::AgentMemory::on_cpus(sizes, false, cpus).kernel_empty;
     println!(
         "NUMBERS every map at default sizes, {cpus} possible CPUs: memlock {charged} B, formula {formula} B\n{}",

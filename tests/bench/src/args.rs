@@ -58,6 +58,13 @@ pub struct Cli {
     /// frontends in netboot's maps.
     #[arg(long)]
     pub no_ipv6: bool,
+    /// Only netboot and the floor: kube-proxy's iptables and nftables rows
+    /// are neither loaded nor measured (their loads take most of a run at
+    /// 100k Services, and at 2 ms a connection their latency rows limit how
+    /// many connections a run can afford). For runs that decide netboot
+    /// against the floor with many connections (issue 18's P1).
+    #[arg(long)]
+    pub no_kube_proxy: bool,
     /// The listener threads accept as connections come during the latency
     /// phase, as in issue 6's runs. By default they do not (no thread is
     /// woken while a client is in connect(); the bench accepts each batch's

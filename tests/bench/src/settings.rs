@@ -63,6 +63,9 @@ pub struct Settings {
     /// The IPv6 and IPv4-mapped latency rows (netboot's maps also hold the
     /// IPv6 frontends of the dual-stack Services while latency is measured).
     pub ipv6: bool,
+    /// kube-proxy's iptables and nftables rows (`--no-kube-proxy` turns
+    /// them off).
+    pub kube_proxy: bool,
     /// Listener threads stay asleep during the latency phase; the bench
     /// accepts the connections between batches.
     pub drain_listeners: bool,
@@ -140,6 +143,7 @@ impl Settings {
             warmup: if quick { 20 } else { 200 },
             quick,
             ipv6: !cli.no_ipv6,
+            kube_proxy: !cli.no_kube_proxy,
             drain_listeners: !cli.listeners_accept,
             realtime_clients: cli.realtime_clients,
             out,

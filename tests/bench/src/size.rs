@@ -260,8 +260,15 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
     let (n, b) = (w.n, w.b);
     let tag = format!("{}-{n}x{b}", ctx.run_tag);
     let limit = ctx.s.sync_limit;
-    let skip_ipt = ctx.timed_out.skip(Load::IptablesFull, w, limit);
-    let skip_nft = ctx.timed_out.skip(Load::Nftables, w, limit);
+    const OFF: &str = "not measured: --no-kube-proxy";
+    let (skip_ipt, skip_nft) = if ctx.s.kube_proxy {
+        (
+            ctx.timed_out.skip(Load::IptablesFull, w, limit),
+            ctx.timed_out.skip(Load::Nftables, w, limit),
+        )
+    } else {
+        (Some(OFF.to_string()), Some(OFF.to_string()))
+    };
     let Some((files, tables)) = phase(
         rep,
         w,
@@ -439,17 +446,22 @@ pub fn run(ctx: &Ctx, w: &Workload, scope: Scope, rep: &mut Report) -> Result<()
             }
         };
         let mut skip: Vec<(Variant, String)> = Vec::new();
-        if !ipt_loaded {
-            skip.push((
-                Variant::Iptables,
-                "not measured: kube-proxy's iptables ruleset could not be loaded in time (see programming cost)".into(),
-            ));
-        }
-        if !nft_loaded {
-            skip.push((
-                Variant::Nftables,
-                "not measured: kube-proxy's nftables table could not be loaded in time (see programming cost)".into(),
-            ));
+        if !ctx.s.kube_proxy {
+            skip.push((Variant::Iptables, OFF.into()));
+            skip.push((Variant::Nftables, OFF.into()));
+        } else {
+            if !ipt_loaded {
+                skip.push((
+                    Variant::Iptables,
+                    "not measured: kube-proxy's iptables ruleset could not be loaded in time (see programming cost)".into(),
+                ));
+            }
+            if !nft_loaded {
+                skip.push((
+                    Variant::Nftables,
+                    "not measured: kube-proxy's nftables table could not be loaded in time (see programming cost)".into(),
+                ));
+            }
         }
 
         // Latency, every row interleaved.

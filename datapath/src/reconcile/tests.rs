@@ -1247,3 +1247,52 @@ fn a_failed_batch_leaves_the_mirror_exact_and_ids_not_leaked() {
         );
     }
 }
+
+/// `frontends` frontends of ten backends each, backend `k` for k in
+/// `first..`, every `terminating`-th one terminating (0: none).
+fn wide(frontends: u16, first: u16, terminating: u16) -> DesiredTable {
+    let fes: Vec<Frontend> = (0..frontends)
+        .map(|i| {
+            let backends: Vec<(L4Addr, BackendState)> = (0..10)
+                .map(|j| {
+                    let k = first + i * 10 + j;
+                    let state = if terminating > 0 && k.is_multiple_of(terminating) {
+                        BackendState::Terminating
+                    } else {
+                        BackendState::Active
+                    };
+                    (tcp([10, 244, (k >> 8) as u8, k as u8], 8080), state)
+                })
+                .collect();
+            frontend(
+                tcp([10, 96, (i >> 8) as u8, i as u8], 80),
+                &format!("d/w{i}:"),
+                &backends,
+            )
+        })
+        .collect();
+    table(&fes)
+}
+
+#[test]
+fn backends_recorded_in_bulk_are_what_single_inserts_record() {
+    // Why: a pass records a large chunk of written backends by merging it
+    // into the mirror; the mirror must still be exactly what the maps hold
+    // (read back by a restart), also when the chunk overwrites backends
+    // that were there.
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    for desired in [wide(300, 0, 0), wide(300, 1000, 3), wide(40, 0, 0)] {
+        r.reconcile(&desired).unwrap();
+        let recovered = Reconciler::recover(r.maps().clone()).unwrap();
+        assert_eq!(recovered.backends, r.backends);
+        assert_eq!(r.backends.len(), desired.backend_count());
+        assert!(inconsistencies(&r.maps().state).is_empty());
+        assert_eq!(r.reconcile(&desired).unwrap(), SyncStats::default());
+    }
+    let terminating = r
+        .backends
+        .values()
+        .filter(|(_, s)| *s == crate::layout::BE_TERMINATING)
+        .count();
+    assert_eq!(terminating, 0);
+}

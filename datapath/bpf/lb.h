@@ -8,7 +8,8 @@
  * kernel hashes as part of a key) can hold garbage.
  *
  * Design after Cilium's lb4 maps (bpf/lib/lb.h):
- *   nb_lb4_svc      (vip, dport, proto, slot) -> frontend (slot 0) / backend id (slot 1..n)
+ *   nb_lb4_svc      (vip, dport, proto, slot) -> frontend (slot 0) / backend id (slot 1..n,
+ *                   IPv4: with the backend's address and port)
  *   nb_lb4_be       backend id -> (ip, port, proto, state)
  *   nb_lb4_revnat   rev-nat id (= service id) -> (vip, port)
  *   nb_lb4_rev_sk   (socket cookie, backend ip, port) -> (vip, port, rev-nat id)   LRU
@@ -126,12 +127,28 @@ struct nb_lb4_key {
 	__u8 pad[3];         /* always zero */
 };
 
-/* Value of nb_lb4_svc. 20 bytes. */
+/* Value of nb_lb4_svc. 20 bytes.
+ *
+ * A slot (> 0) of an IPv4 frontend also carries its backend's address and
+ * port (backend_addr, backend_port: unions with fields only slot 0 uses, as
+ * Cilium's lb4_service overlays backend_id and affinity_timeout), so
+ * connect() translates with the two lookups in nb_lb4_svc and none in
+ * nb_lb4_be. The copy is taken from the same element as backend_id, and a
+ * backend id never changes its address while a slot names it, so the two
+ * agree. backend_addr 0 (a slot written before this field, an IPv6 slot):
+ * the socket LB looks the backend up in nb_lb4_be as before; the agent
+ * rewrites such an IPv4 slot at its first pass. */
 struct nb_lb4_service {
 	__u32 backend_id;        /* slot > 0: id into nb_lb4_be; slot 0: 0 */
-	__u32 affinity_timeout;  /* slot 0: ClientIP affinity timeout in seconds; else 0 */
+	union {
+		__u32 affinity_timeout;  /* slot 0: ClientIP affinity timeout in seconds */
+		__be32 backend_addr;     /* slot > 0, IPv4: nb_lb4_be[backend_id].address */
+	};
 	__u32 rev_nat_index;     /* service id (frontend id), key of nb_lb4_revnat */
-	__u16 count;             /* slot 0: number of backend slots (ready backends) */
+	union {
+		__u16 count;             /* slot 0: number of backend slots (ready backends) */
+		__be16 backend_port;     /* slot > 0, IPv4: nb_lb4_be[backend_id].port */
+	};
 	__u16 local_count;       /* slot 0, NB_SVC_F_EXTERNAL: slots 1..local_count hold
 	                            the backends on this node (local ones come first) */
 	__u8 flags;              /* slot 0: NB_SVC_F_* */

@@ -519,7 +519,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	struct nb_fwd res = { .outcome = NB_CTR_NOT_SERVICE, .reject_errno = 0 };
 	struct nb_lb4_key key;
 	struct nb_lb4_service *svc, *slot;
-	struct nb_lb4_backend *be = 0;
+	struct nb_lb4_backend *be = 0, inline_be;
 	__u32 backend_id = 0;
 	__u64 client = 0;
 	__u32 rev_nat_id;
@@ -581,7 +581,16 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 			return res;
 		}
 		backend_id = slot->backend_id;
-		be = bpf_map_lookup_elem(&nb_lb4_be, &backend_id);
+		if (slot->backend_addr) {
+			/* The slot carries its backend (lb.h): no nb_lb4_be lookup. */
+			inline_be.address = slot->backend_addr;
+			inline_be.port = slot->backend_port;
+			inline_be.proto = (__u8)proto;
+			inline_be.state = NB_BE_ACTIVE;
+			be = &inline_be;
+		} else {
+			be = bpf_map_lookup_elem(&nb_lb4_be, &backend_id);
+		}
 		if (!be) {
 			res.outcome = NB_CTR_BACKEND_MISSING;
 			res.reject_errno = ECONNREFUSED;

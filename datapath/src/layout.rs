@@ -122,17 +122,22 @@ pub struct Lb4Key {
     pub pad: [u8; 3],
 }
 
-/// `struct nb_lb4_service`.
+/// `struct nb_lb4_service`. A slot (> 0) of an IPv4 frontend carries its
+/// backend's address and port in the fields only slot 0 uses (C unions
+/// `backend_addr`, `backend_port`): [`Lb4Service::slot`],
+/// [`Lb4Service::slot_backend`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Lb4Service {
     /// Slot > 0: backend id.
     pub backend_id: u32,
-    /// Slot 0: affinity timeout in seconds.
+    /// Slot 0: affinity timeout in seconds. Slot > 0 of an IPv4 frontend:
+    /// the backend's address, network order (C `backend_addr`).
     pub affinity_timeout: u32,
     /// Service id.
     pub rev_nat_index: u32,
-    /// Slot 0: number of backend slots.
+    /// Slot 0: number of backend slots. Slot > 0 of an IPv4 frontend: the
+    /// backend's port, network order (C `backend_port`).
     pub count: u16,
     /// Slot 0 of an external frontend: slots `1..=local_count` hold the
     /// backends on this node.
@@ -141,6 +146,41 @@ pub struct Lb4Service {
     pub flags: u8,
     /// Zero.
     pub pad: [u8; 3],
+}
+
+impl Lb4Service {
+    /// What a slot carries of backend `be`: an IPv4 backend's address and
+    /// port in map form, so the socket LB needs no lookup in nb_lb4_be;
+    /// zeros for an IPv6 one (nb_lb6_be has it).
+    pub fn slot_copy(be: L4Addr) -> (u32, u16) {
+        match be.ip {
+            IpAddr::V4(ip) => (addr_be(ip), port_be(be.port)),
+            IpAddr::V6(_) => (0, 0),
+        }
+    }
+
+    /// Slot > 0 of service `id`: backend `bid`, carrying `copy`
+    /// ([`Lb4Service::slot_copy`]).
+    pub fn slot(id: u32, bid: u32, (addr, port): (u32, u16)) -> Self {
+        Self {
+            backend_id: bid,
+            affinity_timeout: addr,
+            rev_nat_index: id,
+            count: port,
+            ..Default::default()
+        }
+    }
+
+    /// The IPv4 backend a slot (> 0) carries, (address, port) in host form;
+    /// None when it carries none.
+    pub fn slot_backend(&self) -> Option<(Ipv4Addr, u16)> {
+        (self.affinity_timeout != 0).then(|| {
+            (
+                addr_from_be(self.affinity_timeout),
+                port_from_be(self.count),
+            )
+        })
+    }
 }
 
 /// `struct nb_lb4_backend`.

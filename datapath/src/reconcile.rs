@@ -187,12 +187,15 @@ enum Effect {
         bid: u32,
         state: u32,
     },
-    /// Frontend `fe`'s slot `index + 1` names backend `bid`.
+    /// Frontend `fe`'s slot `index + 1` names backend `bid`, carrying
+    /// `copy` of it ([`Lb4Service::slot_copy`]; in this form, not as an
+    /// [`L4Addr`], so an effect stays as small as the slot 0 one).
     Slot {
         fe: L4Addr,
         id: u32,
         index: usize,
         bid: u32,
+        copy: (u32, u16),
     },
     /// Frontend `fe`'s slot 0.
     Front { fe: L4Addr, value: Lb4Service },
@@ -237,14 +240,16 @@ impl Effect {
             Effect::AffDel { id, bid, .. } => MapWrite::DelAffMatch(aff(id, bid)),
             Effect::Revnat { fe, id } => MapWrite::revnat(id, fe),
             Effect::AffSet { id, bid, state, .. } => MapWrite::AffMatch(aff(id, bid), state),
-            Effect::Slot { fe, id, index, bid } => MapWrite::service(
+            Effect::Slot {
+                fe,
+                id,
+                index,
+                bid,
+                copy,
+            } => MapWrite::service(
                 fe,
                 u16::try_from(index + 1).unwrap_or(u16::MAX),
-                Lb4Service {
-                    backend_id: bid,
-                    rev_nat_index: id,
-                    ..Default::default()
-                },
+                Lb4Service::slot(id, bid, copy),
             ),
             Effect::Front { fe, value } => MapWrite::service(fe, 0, value),
             Effect::SlotDel { fe, slot } => MapWrite::del_service(fe, slot),
@@ -614,7 +619,12 @@ impl<M: LbMaps> Reconciler<M> {
                     if p.slots.len() <= i {
                         p.slots.resize(i + 1, 0);
                     }
-                    p.slots[i] = v.backend_id;
+                    // An IPv4 slot without its backend's copy (written by
+                    // an agent before the copy) is recorded as a hole: the
+                    // next pass rewrites it. The copy is written with the
+                    // id in one element, so one that is there matches it.
+                    let carried = fe.is_v6() || v.slot_backend().is_some();
+                    p.slots[i] = if carried { v.backend_id } else { 0 };
                 }
                 _ => {
                     r.orphans.services.insert((*fe, *slot));
@@ -1376,9 +1386,9 @@ impl<M: LbMaps> Reconciler<M> {
     /// exposes the slots), then the slots it stops exposing.
     fn plan_frontend(&self, addr: L4Addr, id: u32, fe: &Frontend, out: &mut Plans) {
         let mut members: Vec<(u32, u32)> = Vec::with_capacity(fe.backends.len());
-        let mut active: Vec<u32> = Vec::with_capacity(fe.backends.len());
+        let mut active: Vec<(u32, (u32, u16))> = Vec::with_capacity(fe.backends.len());
         // External frontends: the backends on this node take the first slots.
-        let mut remote: Vec<u32> = Vec::new();
+        let mut remote: Vec<(u32, (u32, u16))> = Vec::new();
         let is_local = |b: &L4Addr| fe.external.as_ref().is_some_and(|e| e.local.contains(b));
         // Memberships only where ClientIP affinity reads them (as Cilium
         // writes its affinity match entries only for Services with session
@@ -1394,10 +1404,11 @@ impl<M: LbMaps> Reconciler<M> {
                 members.push((*bid, u32::from(s.as_u8())));
             }
             if *s == BackendState::Active {
+                let copy = Lb4Service::slot_copy(*b);
                 if is_local(b) {
-                    active.push(*bid);
+                    active.push((*bid, copy));
                 } else {
-                    remote.push(*bid);
+                    remote.push((*bid, copy));
                 }
             }
         }
@@ -1429,13 +1440,14 @@ impl<M: LbMaps> Reconciler<M> {
                 });
             }
         }
-        for (index, bid) in active.iter().enumerate() {
+        for (index, (bid, copy)) in active.iter().enumerate() {
             if p.slots.get(index) != Some(bid) {
                 out.push(Effect::Slot {
                     fe: addr,
                     id,
                     index,
                     bid: *bid,
+                    copy: *copy,
                 });
             }
         }

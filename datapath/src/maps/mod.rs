@@ -116,9 +116,16 @@ impl MapsDump {
                     v.count, v.rev_nat_index, v.flags, v.affinity_timeout
                 );
             } else {
+                // An IPv4 slot's copy of its backend (`at=none`: looked up
+                // in nb_lb4_be instead).
+                let at = match v.slot_backend() {
+                    _ if fe.is_v6() => String::new(),
+                    Some((ip, port)) => format!(" at={ip}:{port}"),
+                    None => " at=none".into(),
+                };
                 let _ = writeln!(
                     s,
-                    "svc {fe} slot={slot} backend={} revnat={}",
+                    "svc {fe} slot={slot} backend={} revnat={}{at}",
                     v.backend_id, v.rev_nat_index
                 );
             }

@@ -724,7 +724,7 @@ endpoints: [{addresses: ['fd00:244::1']}, {addresses: ['fd00:244::2'], condition
     assert_eq!(
         r.maps().state.render(),
         "svc 10.96.0.5:80/TCP slot=0 count=1 revnat=1 flags=0x0 affinity_timeout=0
-svc 10.96.0.5:80/TCP slot=1 backend=1 revnat=1
+svc 10.96.0.5:80/TCP slot=1 backend=1 revnat=1 at=10.244.0.1:8080
 svc [fd00:96::5]:80/TCP slot=0 count=1 revnat=2 flags=0x0 affinity_timeout=0
 svc [fd00:96::5]:80/TCP slot=1 backend=2 revnat=2
 backend 1 10.244.0.1:8080/TCP active
@@ -1006,6 +1006,20 @@ fn inconsistencies(d: &MapsDump) -> Vec<String> {
         }
         for s in 1..=v.count {
             match d.service(fe, s) {
+                // An IPv4 slot carries a copy of its backend (the socket
+                // LB's only source for it): it must be the backend's.
+                Some(e)
+                    if !fe.is_v6()
+                        && backends.get(&e.backend_id).map(|(b, _)| (b.ip, b.port))
+                            != e.slot_backend().map(|(ip, port)| (IpAddr::V4(ip), port)) =>
+                {
+                    out.push(format!(
+                        "{fe} slot {s}: carries {:?}, backend {} is {:?}",
+                        e.slot_backend(),
+                        e.backend_id,
+                        backends.get(&e.backend_id)
+                    ))
+                }
                 Some(e) if backends.contains_key(&e.backend_id) => {}
                 Some(e) => out.push(format!("{fe} slot {s}: backend {} missing", e.backend_id)),
                 None => out.push(format!("{fe} slot {s} missing (count {})", v.count)),
@@ -1295,4 +1309,61 @@ fn backends_recorded_in_bulk_are_what_single_inserts_record() {
         .filter(|(_, s)| *s == crate::layout::BE_TERMINATING)
         .count();
     assert_eq!(terminating, 0);
+}
+
+#[test]
+fn ipv4_slots_carry_their_backend_and_older_slots_are_rewritten() {
+    // Why: connect() takes an IPv4 slot's backend from the slot itself
+    // (lb.h, struct nb_lb4_service), so every IPv4 slot must carry its
+    // backend's address and port; slots an older agent wrote without the
+    // copy must be rewritten by the first pass after a restart.
+    let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+    let desired = wide(50, 0, 0);
+    r.reconcile(&desired).unwrap();
+    let slots = |d: &MapsDump| d.services.keys().filter(|k| k.backend_slot > 0).count();
+    let mut maps = r.maps().clone();
+    let n = slots(&maps.state);
+    assert_eq!(n, 500);
+    assert!(inconsistencies(&maps.state).is_empty());
+    for (k, v) in &maps.state.services {
+        if k.backend_slot > 0 {
+            let (ip, port) = v.slot_backend().expect("an IPv4 slot carries its backend");
+            let b = maps.state.backends[&v.backend_id];
+            assert_eq!(
+                (ip, port),
+                (b.l4().ip.to_string().parse().unwrap(), b.l4().port)
+            );
+        }
+    }
+    // An older agent's slots: the copy's fields zero.
+    for (k, v) in maps.state.services.iter_mut() {
+        if k.backend_slot > 0 {
+            v.affinity_timeout = 0;
+            v.count = 0;
+        }
+    }
+    assert!(!inconsistencies(&maps.state).is_empty());
+    let mut r = Reconciler::recover(maps).unwrap();
+    let st = r.reconcile(&desired).unwrap();
+    assert_eq!(
+        st,
+        SyncStats {
+            updates: n as u64,
+            deletes: 0
+        }
+    );
+    assert!(inconsistencies(&r.maps().state).is_empty());
+    assert_eq!(r.reconcile(&desired).unwrap(), SyncStats::default());
+}
+
+#[test]
+fn a_slot_effect_is_no_larger_than_a_slot_0_one() {
+    // Why: a full pass at 10k x 10 plans ~220,000 effects at once; the slot's
+    // backend copy must not grow every one of them (an L4Addr in it did:
+    // VmHWM +5 MiB at 10k).
+    assert!(
+        std::mem::size_of::<Effect>() <= 48,
+        "{}",
+        std::mem::size_of::<Effect>()
+    );
 }

@@ -207,10 +207,18 @@ async fn step<K: Listable>(api: &Api<K>, client: &Client, limit: u32, state: Sta
                         stream: s.boxed(),
                     },
                 ),
-                Err(e) => (
-                    vec![Err(watcher::Error::WatchStartFailed(e))],
-                    State::Listed { version },
-                ),
+                Err(e) => {
+                    // A watch refused with 410 before it began (the API
+                    // server usually sends it as the stream's first event)
+                    // is as stale: list again rather than retry the
+                    // version for ever.
+                    let next = if matches!(&e, kube::Error::Api(r) if r.code == 410) {
+                        State::Empty
+                    } else {
+                        State::Listed { version }
+                    };
+                    (vec![Err(watcher::Error::WatchStartFailed(e))], next)
+                }
             }
         }
         State::Watching {

@@ -1,7 +1,9 @@
 //! The protobuf lists against a real API server: a varied set of Services
 //! and EndpointSlices listed in protobuf and in JSON, in pages of two,
 //! must leave the agent's stores the same (what it keeps of each object,
-//! its resourceVersion and its trigger time).
+//! its resourceVersion and its trigger time). And the list-watch's
+//! `410 Gone` path against the real thing: a watch resuming after an API
+//! server restart, past an etcd compaction, lists again.
 //!
 //! Needs the cached kube-apiserver and etcd (tests/cluster/build), not
 //! root.
@@ -271,4 +273,179 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
         a["lists/affinity-v6"].0.endpoints[0].ip,
         Some("fd00::1".parse().unwrap())
     );
+}
+
+/// What the test saw of a list-watch stream, in order.
+#[derive(Debug)]
+#[allow(dead_code)] // the names and messages are read in failure messages ({:?})
+enum Seen {
+    /// A complete (re)list: the `namespace/name`s in it.
+    Listed(Vec<String>),
+    Apply(String),
+    Delete(String),
+    /// An error, with the API status code when the server sent one.
+    Error(Option<u16>, String),
+}
+
+/// The status code a watcher error carries, if the API server sent one.
+fn status_code(e: &kube::runtime::watcher::Error) -> Option<u16> {
+    use kube::runtime::watcher::Error as W;
+    match e {
+        W::WatchError(s) => Some(s.code),
+        W::WatchStartFailed(kube::Error::Api(s))
+        | W::WatchFailed(kube::Error::Api(s))
+        | W::InitialListFailed(kube::Error::Api(s)) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Waits up to `within` for an event of `rx` matching `f`; the events seen
+/// on the way (the matching one last).
+fn until(
+    rx: &std::sync::mpsc::Receiver<Seen>,
+    within: std::time::Duration,
+    what: &str,
+    f: impl Fn(&Seen) -> bool,
+) -> Vec<Seen> {
+    let deadline = std::time::Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(s) => {
+                let done = f(&s);
+                seen.push(s);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("api_lists: no {what} within {within:?}; saw {seen:#?}"),
+        }
+    }
+}
+
+/// The agent's list-watch when the API server restarts after etcd compacted
+/// past the watch's version, and a Service was deleted meanwhile (no watch
+/// ever carries its Delete): the resumed watch must be answered 410 Gone
+/// and the stream must list again, without the deleted Service. Without the
+/// relist the agent would keep the Service's frontends for ever.
+#[test]
+fn a_watch_too_old_after_compaction_and_an_api_server_restart_lists_again() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, PostParams};
+    use kube::runtime::WatchStreamExt;
+    use kube::ResourceExt;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut cp = rt
+        .block_on(controlplane::ControlPlane::start(dir.path(), "10.96.0.0/16"))
+        .unwrap_or_else(|e| {
+            panic!("api_lists: {e} (tests/cluster/build fills the cache; NETBOOT_CACHE overrides ~/.cache/netboot)")
+        });
+    rt.block_on(cp.create_namespace("gone")).expect("namespace");
+    let svcs: Api<Service> = Api::namespaced(cp.client.clone(), "gone");
+    for name in ["kept", "deleted"] {
+        let s: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"ports": [{"port": 80}]},
+        }))
+        .expect("service");
+        rt.block_on(svcs.create(&PostParams::default(), &s))
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    }
+
+    // The stream as the agent runs it (pages of 2, kube-runtime's backoff),
+    // on the runtime's threads; what it yields goes to this thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stream = listwatch::list_watch::<LeanService>(cp.client.clone(), 2).default_backoff();
+    rt.spawn(async move {
+        futures::pin_mut!(stream);
+        let mut list: Option<Vec<String>> = None;
+        while let Some(ev) = stream.next().await {
+            let seen = match ev {
+                Ok(listwatch::Event::Init) => {
+                    list = Some(Vec::new());
+                    continue;
+                }
+                Ok(listwatch::Event::InitApply(((ns, name), _))) => {
+                    list.get_or_insert_with(Vec::new)
+                        .push(format!("{ns}/{name}"));
+                    continue;
+                }
+                Ok(listwatch::Event::InitDone) => Seen::Listed(list.take().unwrap_or_default()),
+                Ok(listwatch::Event::Apply(o)) => Seen::Apply(format!(
+                    "{}/{}",
+                    o.namespace().unwrap_or_default(),
+                    o.name_any()
+                )),
+                Ok(listwatch::Event::Delete(o)) => Seen::Delete(format!(
+                    "{}/{}",
+                    o.namespace().unwrap_or_default(),
+                    o.name_any()
+                )),
+                Err(e) => Seen::Error(status_code(&e), e.to_string()),
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    let has = |l: &[String], n: &str| l.iter().any(|x| x == n);
+    let first = until(&rx, Duration::from_secs(60), "first list", |s| {
+        matches!(s, Seen::Listed(_))
+    });
+    match first.last() {
+        Some(Seen::Listed(l)) => assert!(
+            has(l, "gone/kept") && has(l, "gone/deleted"),
+            "the first list has both Services: {l:?}"
+        ),
+        other => panic!("not a list: {other:?}"),
+    }
+
+    // The API server goes away; meanwhile `deleted` goes from etcd and
+    // etcd compacts its history, as a control-plane restart after a
+    // compaction leaves a watcher that was away.
+    cp.stop_apiserver();
+    let deleted = rt
+        .block_on(cp.etcd_delete("services/specs/gone/deleted"))
+        .expect("etcd delete");
+    assert_eq!(deleted, 1, "the Service's key was in etcd");
+    let rev = rt.block_on(cp.etcd_compact()).expect("etcd compact");
+    assert!(rev > 0);
+    rt.block_on(cp.start_apiserver()).expect("API server again");
+
+    let after = until(
+        &rx,
+        Duration::from_secs(120),
+        "relist after the restart",
+        |s| matches!(s, Seen::Listed(_)),
+    );
+    eprintln!("api_lists: after the restart: {after:?}");
+    match after.last() {
+        Some(Seen::Listed(l)) => {
+            assert!(
+                has(l, "gone/kept"),
+                "the relist has the kept Service: {l:?}"
+            );
+            assert!(
+                !has(l, "gone/deleted"),
+                "the relist lacks the Service deleted while the watch was away: {l:?}"
+            );
+        }
+        other => panic!("not a list: {other:?}"),
+    }
+    assert!(
+        after.iter().any(|s| matches!(s, Seen::Error(Some(410), _))),
+        "the resumed watch was answered 410 Gone before the relist: {after:#?}"
+    );
+    assert!(
+        !after
+            .iter()
+            .any(|s| matches!(s, Seen::Delete(n) if n == "gone/deleted")),
+        "no watch carried the deletion (it happened behind the API server): {after:#?}"
+    );
+    drop(rx);
 }

@@ -552,10 +552,69 @@ pub fn first_sync_elapsed(log: &Path) -> Option<String> {
 /// to 10k Services) are admitted.
 pub const NODE_PORT_RANGE: &str = "20000-32767";
 
+/// How [`ControlPlane`] runs kube-apiserver, kept to start it again.
+struct ApiServerCmd {
+    bin: PathBuf,
+    dir: PathBuf,
+    etcd_port: u16,
+    api_port: u16,
+    service_cidr: String,
+}
+
+impl ApiServerCmd {
+    fn command(&self) -> Command {
+        let (dir, ec, ap) = (self.dir.display(), self.etcd_port, self.api_port);
+        let mut c = Command::new(&self.bin);
+        c.arg(format!("--etcd-servers=http://127.0.0.1:{ec}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=192.0.2.10"])
+            .arg(format!("--secure-port={ap}"))
+            .arg(format!("--service-cluster-ip-range={}", self.service_cidr))
+            .arg(format!("--service-node-port-range={NODE_PORT_RANGE}"))
+            .args([
+                "--authorization-mode=RBAC",
+                "--endpoint-reconciler-type=none",
+                "--max-requests-inflight=800",
+                "--max-mutating-requests-inflight=400",
+            ])
+            .arg(format!("--client-ca-file={dir}/ca.crt"))
+            .arg(format!("--tls-cert-file={dir}/apiserver.crt"))
+            .arg(format!("--tls-private-key-file={dir}/apiserver.key"))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!("--service-account-key-file={dir}/sa.pub"))
+            .arg(format!("--service-account-signing-key-file={dir}/sa.key"));
+        c
+    }
+}
+
+/// Waits for the API server's /readyz (120 s); `log` is named in the error.
+async fn wait_ready(client: &kube::Client, log: &Path) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let req = http::Request::get("/readyz")
+            .body(Vec::new())
+            .map_err(|e| Error::Failed(format!("GET /readyz: {e}")))?;
+        if client.request_text(req).await.is_ok() {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(Error::Failed(format!(
+                "kube-apiserver not ready after 120 s: see {}",
+                log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// etcd + kube-apiserver on free 127.0.0.1 ports, stopped on drop.
 pub struct ControlPlane {
     _etcd: ChildGuard,
-    _api: ChildGuard,
+    /// None while stopped ([`ControlPlane::stop_apiserver`]).
+    api: Option<ChildGuard>,
+    /// How the API server was started, for [`ControlPlane::start_apiserver`].
+    api_cmd: ApiServerCmd,
+    /// API server starts so far (each logs to its own file).
+    api_starts: u32,
     /// The API server's port on 127.0.0.1.
     pub api_port: u16,
     /// etcd's client port on 127.0.0.1 (plain HTTP), for
@@ -598,34 +657,14 @@ impl ControlPlane {
             .arg("--unsafe-no-fsync")
             .arg("--quota-backend-bytes=8589934592");
         let etcd = spawn_logged(c, &dir.join("etcd.log"))?;
-        let mut c = Command::new(&apiserver);
-        c.arg(format!("--etcd-servers=http://127.0.0.1:{ec}"))
-            .args(["--bind-address=127.0.0.1", "--advertise-address=192.0.2.10"])
-            .arg(format!("--secure-port={ap}"))
-            .arg(format!("--service-cluster-ip-range={service_cidr}"))
-            .arg(format!("--service-node-port-range={NODE_PORT_RANGE}"))
-            .args([
-                "--authorization-mode=RBAC",
-                "--endpoint-reconciler-type=none",
-                "--max-requests-inflight=800",
-                "--max-mutating-requests-inflight=400",
-            ])
-            .arg(format!("--client-ca-file={}/ca.crt", dir.display()))
-            .arg(format!("--tls-cert-file={}/apiserver.crt", dir.display()))
-            .arg(format!(
-                "--tls-private-key-file={}/apiserver.key",
-                dir.display()
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!(
-                "--service-account-key-file={}/sa.pub",
-                dir.display()
-            ))
-            .arg(format!(
-                "--service-account-signing-key-file={}/sa.key",
-                dir.display()
-            ));
-        let api = spawn_logged(c, &dir.join("apiserver.log"))?;
+        let api_cmd = ApiServerCmd {
+            bin: apiserver,
+            dir: dir.to_path_buf(),
+            etcd_port: ec,
+            api_port: ap,
+            service_cidr: service_cidr.to_string(),
+        };
+        let api = spawn_logged(api_cmd.command(), &dir.join("apiserver.log"))?;
         let admin = kubeconfig(dir, "admin.conf", &format!("https://127.0.0.1:{ap}"))?;
         let kc = kube::config::Kubeconfig::read_from(&admin)
             .map_err(|e| Error::Failed(format!("{}: {e}", admin.display())))?;
@@ -634,25 +673,12 @@ impl ControlPlane {
                 .await
                 .map_err(|e| Error::Failed(format!("{}: {e}", admin.display())))?;
         let client = kube::Client::try_from(cfg).map_err(kube_err("API client"))?;
-        let t = Instant::now();
-        loop {
-            let req = http::Request::get("/readyz")
-                .body(Vec::new())
-                .map_err(|e| Error::Failed(format!("GET /readyz: {e}")))?;
-            if client.request_text(req).await.is_ok() {
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(120) {
-                return Err(Error::Failed(format!(
-                    "kube-apiserver not ready after 120 s: see {}/apiserver.log",
-                    dir.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_ready(&client, &dir.join("apiserver.log")).await?;
         Ok(Self {
             _etcd: etcd,
-            _api: api,
+            api: Some(api),
+            api_cmd,
+            api_starts: 1,
             api_port: ap,
             etcd_port: ec,
             client,
@@ -673,12 +699,7 @@ impl ControlPlane {
     /// defaults them on the way in, so `objects` must be complete.
     pub async fn etcd_put_all(&self, objects: Vec<(String, Vec<u8>)>) -> Result<()> {
         use base64::Engine as _;
-        let url = format!("http://127.0.0.1:{}", self.etcd_port);
-        let cfg = kube::Config::new(
-            url.parse()
-                .map_err(|e| Error::Failed(format!("{url}: {e}")))?,
-        );
-        let etcd = kube::Client::try_from(cfg).map_err(kube_err("etcd client"))?;
+        let etcd = self.etcd()?;
         let b64 = base64::engine::general_purpose::STANDARD;
         let txns: Vec<Vec<u8>> = objects
             .chunks(ETCD_TXN_OPS)
@@ -719,6 +740,95 @@ impl ControlPlane {
             .buffer_unordered(4)
             .try_for_each(|()| async { Ok(()) })
             .await
+    }
+
+    /// Stops the API server (SIGKILL, as a crashed one goes); etcd keeps
+    /// running. Clients' requests fail until
+    /// [`ControlPlane::start_apiserver`].
+    pub fn stop_apiserver(&mut self) {
+        self.api = None;
+    }
+
+    /// Starts the API server again on the same port, PKI and etcd, and waits
+    /// for /readyz. Its watch cache starts at etcd's current revision: a
+    /// watch resuming from an older version gets `410 Gone` once etcd has
+    /// compacted past it ([`ControlPlane::etcd_compact`]).
+    pub async fn start_apiserver(&mut self) -> Result<()> {
+        if self.api.is_some() {
+            return Ok(());
+        }
+        self.api_starts += 1;
+        let log = self.dir.join(format!("apiserver.{}.log", self.api_starts));
+        self.api = Some(spawn_logged(self.api_cmd.command(), &log)?);
+        wait_ready(&self.client, &log).await
+    }
+
+    /// A client of etcd's JSON gateway.
+    fn etcd(&self) -> Result<kube::Client> {
+        let url = format!("http://127.0.0.1:{}", self.etcd_port);
+        let cfg = kube::Config::new(
+            url.parse()
+                .map_err(|e| Error::Failed(format!("{url}: {e}")))?,
+        );
+        kube::Client::try_from(cfg).map_err(kube_err("etcd client"))
+    }
+
+    /// POSTs `body` to etcd's gateway at `path`; its JSON answer.
+    async fn etcd_call(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let body =
+            serde_json::to_vec(&body).map_err(|e| Error::Failed(format!("etcd {path}: {e}")))?;
+        let req = http::Request::post(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .map_err(|e| Error::Failed(format!("POST {path}: {e}")))?;
+        let text = self
+            .etcd()?
+            .request_text(req)
+            .await
+            .map_err(kube_err(format!("etcd: POST {path}")))?;
+        serde_json::from_str(&text).map_err(|e| Error::Failed(format!("etcd {path}: {e}: {text}")))
+    }
+
+    /// Deletes etcd key `/registry/{key}` behind the API server's back;
+    /// how many keys went (0 or 1).
+    pub async fn etcd_delete(&self, key: &str) -> Result<u64> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let v = self
+            .etcd_call(
+                "/v3/kv/deleterange",
+                serde_json::json!({"key": b64.encode(format!("/registry/{key}"))}),
+            )
+            .await?;
+        // proto3 JSON leaves zero values out: no "deleted" is 0.
+        Ok(v["deleted"]
+            .as_str()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Compacts etcd's history up to its current revision (the API server
+    /// compacts every five minutes); returns that revision. A watch from an
+    /// older resourceVersion is then answered `410 Gone`.
+    pub async fn etcd_compact(&self) -> Result<i64> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let v = self
+            .etcd_call(
+                "/v3/kv/range",
+                serde_json::json!({"key": b64.encode("/registry/"), "limit": 1}),
+            )
+            .await?;
+        let rev: i64 = v["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| Error::Failed(format!("etcd: no revision in {v}")))?;
+        self.etcd_call(
+            "/v3/kv/compaction",
+            serde_json::json!({"revision": rev.to_string(), "physical": true}),
+        )
+        .await?;
+        Ok(rev)
     }
 
     /// Creates Namespace `name`.

@@ -734,15 +734,11 @@ impl ServiceTable {
         }
         claims.sort_unstable();
         claims.dedup();
-        let mut grouped: Vec<(L4Addr, Vec<ServiceKey>)> = Vec::with_capacity(claims.len());
-        for (addr, i) in claims {
-            let key = by_service[i].0.clone();
-            match grouped.last_mut() {
-                Some((a, keys)) if *a == addr => keys.push(key),
-                // `vec!` of one: room for exactly one claim.
-                _ => grouped.push((addr, vec![key])),
-            }
-        }
+        let grouped = group_runs(
+            claims
+                .into_iter()
+                .map(|(addr, i)| (addr, by_service[i].0.clone())),
+        );
         Self {
             by_service: by_service.into_iter().collect(),
             claims: grouped.into_iter().collect(),
@@ -964,10 +960,43 @@ fn categorize(
         .collect()
 }
 
+/// Pairs sorted by key, grouped: each run of equal keys becomes one key
+/// with its values in order. A group of one gets a `Vec` of exactly one
+/// (`vec!`), which most groups are (a Service's one frontend per address,
+/// a Service's one slice per family).
+pub(crate) fn group_runs<K: PartialEq, V>(
+    sorted: impl IntoIterator<Item = (K, V)>,
+) -> Vec<(K, Vec<V>)> {
+    let sorted = sorted.into_iter();
+    let mut grouped: Vec<(K, Vec<V>)> = Vec::with_capacity(sorted.size_hint().0);
+    for (k, v) in sorted {
+        match grouped.last_mut() {
+            Some((last, vs)) if *last == k => vs.push(v),
+            _ => grouped.push((k, vec![v])),
+        }
+    }
+    grouped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layout::PROTO_TCP;
+
+    #[test]
+    fn group_runs_groups_equal_neighbours_in_order() {
+        let g = group_runs([(1, 'a'), (1, 'b'), (2, 'c'), (3, 'd'), (3, 'e'), (3, 'f')]);
+        assert_eq!(
+            g,
+            vec![
+                (1, vec!['a', 'b']),
+                (2, vec!['c']),
+                (3, vec!['d', 'e', 'f'])
+            ]
+        );
+        assert_eq!(g[1].1.capacity(), 1, "a group of one holds exactly one");
+        assert!(group_runs(Vec::<(u8, u8)>::new()).is_empty());
+    }
 
     pub(crate) fn svc(yaml: &str) -> Service {
         serde_yaml::from_str(yaml).unwrap()

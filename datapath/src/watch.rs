@@ -224,14 +224,7 @@ impl Stores {
         // in order: each group stays sorted. Most Services have one slice
         // per family: `vec!` of one has room for exactly one.
         index.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut grouped: Vec<(ServiceKey, Vec<Key>)> = Vec::new();
-        for (svc, k) in index {
-            match grouped.last_mut() {
-                Some((last, keys)) if *last == svc => keys.push(k),
-                _ => grouped.push((svc, vec![k])),
-            }
-        }
-        self.slices_by_service = grouped.into_iter().collect();
+        self.slices_by_service = crate::desired::group_runs(index).into_iter().collect();
         self.dirty.full = true;
     }
 

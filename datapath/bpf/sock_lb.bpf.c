@@ -425,12 +425,11 @@ static __always_inline int nb_rev_tcp_get(__u64 cookie, __u8 family, const __be3
 /* The reverse entry of a translated socket: TCP in nb_rev_tcp, UDP (a
  * socket may send to several Services) in the LRU map. */
 static __always_inline int
-nb_rev_sk_update(struct bpf_sock_addr *ctx, __u32 proto, const struct nb_lb4_backend *be,
-		 __be32 vip, __be16 vport, __u32 rev_nat_id)
+nb_rev_sk_update(__u64 cookie, __u32 proto, const struct nb_lb4_backend *be, __be32 vip,
+		 __be16 vport, __u32 rev_nat_id)
 {
 	struct nb_lb4_rev_sk_key key;
 	struct nb_lb4_rev_sk_val val, *cur;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	if (proto == IPPROTO_TCP)
 		return nb_rev_tcp_put(cookie, 4, &be->address, be->port, &vip, vport, rev_nat_id);
@@ -494,17 +493,34 @@ static __always_inline int nb_sock_replace(struct bpf_sock_addr *ctx, struct nb_
 	return 1;
 }
 
-/* Slot to use for a new selection: TCP random; UDP per socket, so a socket
- * keeps its backend. */
-static __always_inline __u16 nb_pick_slot(struct bpf_sock_addr *ctx, __u32 proto,
-					  __u16 count)
+/* A TCP connect's draw, without a helper call: the socket's cookie (no two
+ * sockets share one) plus this CPU's count of translated connects (one more
+ * at every connect, so a socket that connects again draws again), through
+ * splitmix64's finalizer, whose every output bit depends on every input bit.
+ * As uniform over the slots as bpf_get_prandom_u32(), which cost 7% of
+ * connect4's run time (results/bench/connect4-cost.md); neither is secret,
+ * nor is kube-proxy's `-m statistic --probability`. */
+static __always_inline __u32 nb_draw(__u64 cookie)
+{
+	__u32 idx = NB_CTR_CONNECT_XLATED;
+	__u64 *n = bpf_map_lookup_elem(&nb_counters, &idx);
+	__u64 z = cookie + (n ? *n : 0) * 0x9e3779b97f4a7c15ULL;
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return (__u32)(z ^ (z >> 31));
+}
+
+/* Slot to use for a new selection: TCP a fresh draw per connect; UDP per
+ * socket (`cookie`: the socket's), so a socket keeps its backend. */
+static __always_inline __u16 nb_pick_slot(__u64 cookie, __u32 proto, __u16 count)
 {
 	__u32 sel;
 
 	if (proto == IPPROTO_TCP)
-		sel = bpf_get_prandom_u32();
+		sel = nb_draw(cookie);
 	else
-		sel = (__u32)bpf_get_socket_cookie(ctx);
+		sel = (__u32)cookie;
 	return (__u16)((sel % count) + 1);
 }
 
@@ -521,7 +537,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	struct nb_lb4_service *svc, *slot;
 	struct nb_lb4_backend *be = 0, inline_be;
 	__u32 backend_id = 0;
-	__u64 client = 0;
+	__u64 client = 0, cookie;
 	__u32 rev_nat_id;
 	int affinity;
 
@@ -552,6 +568,8 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 
 	rev_nat_id = svc->rev_nat_index;
 	affinity = svc->flags & NB_SVC_F_AFFINITY;
+	/* Once: the UDP slot and the reverse entry both key on it. */
+	cookie = bpf_get_socket_cookie(ctx);
 
 	if (affinity) {
 		client = bpf_get_netns_cookie(ctx);
@@ -573,7 +591,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 			res.reject_errno = ECONNREFUSED;
 			return res;
 		}
-		key.backend_slot = nb_pick_slot(ctx, proto, svc->count);
+		key.backend_slot = nb_pick_slot(cookie, proto, svc->count);
 		slot = bpf_map_lookup_elem(&nb_lb4_svc, &key);
 		if (!slot) {
 			res.outcome = NB_CTR_NO_BACKEND_SLOT;
@@ -604,7 +622,7 @@ __nb_xlate_fwd4(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, __u32 proto
 	if (!be)
 		return res;
 
-	if (nb_rev_sk_update(ctx, proto, be, vip, vport, rev_nat_id) < 0) {
+	if (nb_rev_sk_update(cookie, proto, be, vip, vport, rev_nat_id) < 0) {
 		res.outcome = NB_CTR_REV_SK_UPDATE_FAIL;
 		res.reject_errno = ENOMEM;
 		return res;
@@ -1002,12 +1020,11 @@ static __always_inline int nb_addr6_eq(const __be32 *a, const __be32 *b)
 }
 
 static __always_inline int
-nb_rev_sk6_update(struct bpf_sock_addr *ctx, __u32 proto, const struct nb_lb6_backend *be,
+nb_rev_sk6_update(__u64 cookie, __u32 proto, const struct nb_lb6_backend *be,
 		  const struct nb_l4_v6 *vip, __u32 rev_nat_id)
 {
 	struct nb_lb6_rev_sk_key key;
 	struct nb_lb6_rev_sk_val val, *cur;
-	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	if (proto == IPPROTO_TCP)
 		return nb_rev_tcp_put(cookie, 6, be->address, be->port, vip->addr, vip->port,
@@ -1045,7 +1062,7 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	struct nb_lb4_service *svc, *slot;
 	struct nb_lb6_backend *be = 0;
 	__u32 backend_id = 0;
-	__u64 client = 0;
+	__u64 client = 0, cookie;
 	__u32 rev_nat_id;
 	int affinity;
 
@@ -1077,6 +1094,8 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 
 	rev_nat_id = svc->rev_nat_index;
 	affinity = svc->flags & NB_SVC_F_AFFINITY;
+	/* Once: the UDP slot and the reverse entry both key on it. */
+	cookie = bpf_get_socket_cookie(ctx);
 
 	if (affinity) {
 		client = bpf_get_netns_cookie(ctx);
@@ -1098,7 +1117,7 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 			res.reject_errno = ECONNREFUSED;
 			return res;
 		}
-		key.backend_slot = nb_pick_slot(ctx, proto, svc->count);
+		key.backend_slot = nb_pick_slot(cookie, proto, svc->count);
 		slot = bpf_map_lookup_elem(&nb_lb6_svc, &key);
 		if (!slot) {
 			res.outcome = NB_CTR_NO_BACKEND_SLOT;
@@ -1120,7 +1139,7 @@ __nb_xlate_fwd6(struct bpf_sock_addr *ctx, const struct nb_l4_v6 *vip, __u32 pro
 	if (!be)
 		return res;
 
-	if (nb_rev_sk6_update(ctx, proto, be, vip, rev_nat_id) < 0) {
+	if (nb_rev_sk6_update(cookie, proto, be, vip, rev_nat_id) < 0) {
 		res.outcome = NB_CTR_REV_SK_UPDATE_FAIL;
 		res.reject_errno = ENOMEM;
 		return res;

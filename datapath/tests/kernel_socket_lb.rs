@@ -317,6 +317,63 @@ fn tcp_reverse_entries_live_in_their_slot_and_older_ones_are_still_read() {
     );
 }
 
+/// TCP draws (connect4's `nb_draw`: the socket cookie and the CPU's count
+/// of translated connects, mixed; no helper call) are uniform over the
+/// slots and independent of the previous connect's: 1,800 connects over 3
+/// backends, each backend and each (previous, next) pair within 4.5
+/// standard deviations of its share. Sockets' cookies come in runs, so an
+/// unmixed draw would cycle (a round robin passes the first check, not
+/// the second).
+#[test]
+fn tcp_draws_are_uniform_and_independent_of_the_last() {
+    let mut env = Env::new("draw", 3, true);
+    let be = [(1, Active), (2, Active), (3, Active)];
+    env.recon
+        .reconcile(&table(vec![frontend(vip(21), 80, PROTO_TCP, &be, None)]))
+        .expect("reconcile");
+    let n = 1800usize;
+    let got = env.client(ClientOp::Tcp {
+        addr: SocketAddrV4::new(vip(21), 80),
+        count: n as u32,
+    });
+    let names: Vec<&str> = got
+        .iter()
+        .filter(|a| a.ok)
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(
+        names.len(),
+        n,
+        "every connect reached a backend: {:?}",
+        tally(&got)
+    );
+    let t = tally(&got);
+    eprintln!("tcp draws: {t:?}");
+    // Binomial(1800, 1/3): mean 600, sd 20.
+    for b in ["be1", "be2", "be3"] {
+        let c = t.get(b).copied().unwrap_or(0);
+        assert!((510..=690).contains(&c), "{b}: {c} of {n}: {t:?}");
+    }
+    // (previous, next): 1,799 pairs, 9 kinds, mean ~200, sd ~13.3.
+    let mut pairs: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for w in names.windows(2) {
+        *pairs.entry((w[0], w[1])).or_default() += 1;
+    }
+    eprintln!("tcp draw pairs: {pairs:?}");
+    assert_eq!(
+        pairs.len(),
+        9,
+        "every (previous, next) pair occurs: {pairs:?}"
+    );
+    for (p, c) in &pairs {
+        assert!(
+            (140..=260).contains(c),
+            "pair {p:?}: {c} of {}: {pairs:?}",
+            n - 1
+        );
+    }
+}
+
 #[test]
 fn load_spreads_over_backends() {
     let mut env = Env::new("spread", 3, true);

@@ -606,6 +606,19 @@ async fn wait_ready(client: &kube::Client, log: &Path) -> Result<()> {
     }
 }
 
+/// POSTs JSON `body` to `path` of etcd's gateway (`etcd`); its JSON answer.
+async fn etcd_post(etcd: &kube::Client, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
+    let req = http::Request::post(path)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(|e| Error::Failed(format!("POST {path}: {e}")))?;
+    let text = etcd
+        .request_text(req)
+        .await
+        .map_err(kube_err(format!("etcd: POST {path}")))?;
+    serde_json::from_str(&text).map_err(|e| Error::Failed(format!("etcd {path}: {e}: {text}")))
+}
+
 /// etcd + kube-apiserver on free 127.0.0.1 ports, stopped on drop.
 pub struct ControlPlane {
     _etcd: ChildGuard,
@@ -721,18 +734,9 @@ impl ControlPlane {
             .map(|body| {
                 let etcd = etcd.clone();
                 async move {
-                    let req = http::Request::post("/v3/kv/txn")
-                        .header(http::header::CONTENT_TYPE, "application/json")
-                        .body(body)
-                        .map_err(|e| Error::Failed(format!("POST /v3/kv/txn: {e}")))?;
-                    let text = etcd
-                        .request_text(req)
-                        .await
-                        .map_err(kube_err("etcd: POST /v3/kv/txn"))?;
-                    let v: serde_json::Value = serde_json::from_str(&text)
-                        .map_err(|e| Error::Failed(format!("etcd: {e}: {text}")))?;
+                    let v = etcd_post(&etcd, "/v3/kv/txn", body).await?;
                     if v["succeeded"] != serde_json::Value::Bool(true) {
-                        return Err(Error::Failed(format!("etcd: transaction failed: {text}")));
+                        return Err(Error::Failed(format!("etcd: transaction failed: {v}")));
                     }
                     Ok(())
                 }
@@ -777,16 +781,7 @@ impl ControlPlane {
     async fn etcd_call(&self, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
         let body =
             serde_json::to_vec(&body).map_err(|e| Error::Failed(format!("etcd {path}: {e}")))?;
-        let req = http::Request::post(path)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .map_err(|e| Error::Failed(format!("POST {path}: {e}")))?;
-        let text = self
-            .etcd()?
-            .request_text(req)
-            .await
-            .map_err(kube_err(format!("etcd: POST {path}")))?;
-        serde_json::from_str(&text).map_err(|e| Error::Failed(format!("etcd {path}: {e}: {text}")))
+        etcd_post(&self.etcd()?, path, body).await
     }
 
     /// Deletes etcd key `/registry/{key}` behind the API server's back;

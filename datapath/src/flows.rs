@@ -258,8 +258,8 @@ impl FlowNames {
         }
         for s in slices {
             for ep in &s.endpoints {
-                if let (Some(ip), Some(pod)) = (ep.ip, &ep.pod) {
-                    n.pods.insert(ip, pod.to_string());
+                if let (Some(ip), Some(pod)) = (ep.ip, s.pod(ep)) {
+                    n.pods.insert(ip, pod);
                 }
             }
         }

@@ -5,7 +5,9 @@
 //! its address strings; [`SliceEndpoint`] is a fraction of that, which at
 //! 100k endpoints is most of the agent's memory.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -54,12 +56,114 @@ pub struct SliceEndpoint {
     pub serving: bool,
     /// `conditions.terminating` (nil = false).
     pub terminating: bool,
-    /// `nodeName`.
-    pub node: Option<Box<str>>,
+    /// `nodeName`, shared with every other endpoint on that node
+    /// ([`node_name`]).
+    pub node: Option<Arc<str>>,
     /// `hints` (None: no hints at all).
     pub hints: Option<Box<Hints>>,
-    /// `targetRef` of kind Pod as `namespace/name` (flow events).
-    pub pod: Option<Box<str>>,
+    /// `targetRef` of kind Pod (flow events); [`Slice::pod`] spells it.
+    pub pod: PodName,
+}
+
+/// The node names endpoints are on, each held once: a cluster has far
+/// fewer nodes than endpoints (100,000 endpoints on 1,000 nodes at 10k
+/// Services x 10), and one allocation per endpoint cost ~3 MiB there.
+static NODE_NAMES: Mutex<NodeNames> = Mutex::new(NodeNames {
+    names: None,
+    kept: 0,
+});
+
+struct NodeNames {
+    names: Option<HashSet<Arc<str>>>,
+    /// How many were left after the last sweep.
+    kept: usize,
+}
+
+/// `name` as the one shared copy of it.
+pub fn node_name(name: &str) -> Arc<str> {
+    let Ok(mut n) = NODE_NAMES.lock() else {
+        // A panic while holding the lock: no sharing from then on.
+        return Arc::from(name);
+    };
+    let n = &mut *n;
+    let names = n.names.get_or_insert_with(HashSet::new);
+    if let Some(a) = names.get(name) {
+        return a.clone();
+    }
+    // Nodes come and go (autoscaling): drop the names no endpoint holds
+    // any more each time the set has doubled since the last sweep.
+    if names.len() >= 2 * n.kept + 1024 {
+        names.retain(|a| Arc::strong_count(a) > 1);
+        n.kept = names.len();
+    }
+    let a: Arc<str> = Arc::from(name);
+    names.insert(a.clone());
+    a
+}
+
+/// Bytes of a pod name after the slice's [`Slice::pod_prefix`] held inline.
+const SUFFIX_BYTES: usize = 14;
+
+/// An endpoint's pod, without a heap allocation for the usual case: a pod
+/// in the slice's namespace whose name is the slice's `pod_prefix` (its
+/// first pod's name up to the last `-`: a ReplicaSet's `web-7f9c4d8b6-`, a
+/// StatefulSet's `db-`) followed by at most 14 bytes. With one
+/// `namespace/name` per endpoint the API's `targetRef`s cost the agent ~47
+/// MiB at 100k Services x 10 endpoints (results/bench/coldstart-api.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PodName {
+    /// No `targetRef` of kind Pod.
+    #[default]
+    None,
+    /// In the slice's namespace, named `pod_prefix` + these bytes.
+    Suffix {
+        /// Bytes used.
+        len: u8,
+        /// The suffix, UTF-8 (cut after an ASCII `-`).
+        bytes: [u8; SUFFIX_BYTES],
+    },
+    /// Any other: `namespace/name`.
+    Full(Box<str>),
+}
+
+/// Sets each endpoint's pod from its `targetRef`, `(endpoint index,
+/// namespace, name)` with an empty namespace meaning `slice_ns`, and
+/// returns the slice's pod prefix (see [`PodName`]).
+pub(crate) fn name_pods<'a>(
+    slice_ns: &str,
+    endpoints: &mut [SliceEndpoint],
+    refs: impl IntoIterator<Item = (usize, &'a str, &'a str)>,
+) -> Box<str> {
+    let mut prefix: Option<&str> = None;
+    for (i, ns, name) in refs {
+        let Some(ep) = endpoints.get_mut(i) else {
+            continue;
+        };
+        let ns = if ns.is_empty() { slice_ns } else { ns };
+        if ns.is_empty() || name.is_empty() {
+            continue;
+        }
+        let local = ns == slice_ns;
+        if local && prefix.is_none() {
+            prefix = Some(name.rfind('-').map_or("", |at| &name[..=at]));
+        }
+        let suffix = prefix
+            .filter(|_| local)
+            .and_then(|p| name.strip_prefix(p))
+            .filter(|s| s.len() <= SUFFIX_BYTES);
+        ep.pod = match suffix {
+            Some(s) => {
+                let mut bytes = [0u8; SUFFIX_BYTES];
+                bytes[..s.len()].copy_from_slice(s.as_bytes());
+                PodName::Suffix {
+                    len: s.len() as u8,
+                    bytes,
+                }
+            }
+            None => PodName::Full(format!("{ns}/{name}").into_boxed_str()),
+        };
+    }
+    Box::from(prefix.unwrap_or(""))
 }
 
 /// An EndpointSlice, compact.
@@ -79,9 +183,23 @@ pub struct Slice {
     pub endpoints: Vec<SliceEndpoint>,
     /// `metadata.resourceVersion` (a relist writes only what changed).
     pub resource_version: Option<String>,
+    /// What its endpoints' [`PodName::Suffix`] names follow.
+    pub pod_prefix: Box<str>,
 }
 
 impl Slice {
+    /// Endpoint `ep`'s pod as `namespace/name`, None without one.
+    pub fn pod(&self, ep: &SliceEndpoint) -> Option<String> {
+        match &ep.pod {
+            PodName::None => None,
+            PodName::Suffix { len, bytes } => {
+                let suffix = std::str::from_utf8(bytes.get(..usize::from(*len))?).ok()?;
+                Some(format!("{}/{}{suffix}", self.namespace, self.pod_prefix))
+            }
+            PodName::Full(p) => Some(p.to_string()),
+        }
+    }
+
     /// The Service this slice belongs to (its label), None without one.
     pub fn service_key(&self) -> Option<ServiceKey> {
         Some((self.namespace.clone(), self.service.clone()?))
@@ -112,11 +230,13 @@ impl From<&EndpointSlice> for Slice {
                 port: p.port.and_then(|p| u16::try_from(p).ok()),
             })
             .collect();
+        let mut refs = Vec::new();
         let mut endpoints: Vec<SliceEndpoint> = s
             .endpoints
             .iter()
             .flatten()
-            .map(|ep| {
+            .enumerate()
+            .map(|(i, ep)| {
                 let c = ep.conditions.as_ref();
                 let ready = c.and_then(|c| c.ready).unwrap_or(true);
                 let hints = ep.hints.as_ref().map(|h| {
@@ -135,25 +255,29 @@ impl From<&EndpointSlice> for Slice {
                             .collect(),
                     })
                 });
-                let pod = ep
+                if let Some(r) = ep
                     .target_ref
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        let ns = r.namespace.as_ref().or(m.namespace.as_ref())?;
-                        Some(format!("{ns}/{}", r.name.as_ref()?).into_boxed_str())
-                    });
+                {
+                    refs.push((
+                        i,
+                        r.namespace.as_deref().unwrap_or_default(),
+                        r.name.as_deref().unwrap_or_default(),
+                    ));
+                }
                 SliceEndpoint {
                     ip: ep.addresses.first().and_then(|a| a.parse().ok()),
                     ready,
                     serving: c.and_then(|c| c.serving).unwrap_or(ready),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-                    node: ep.node_name.as_deref().map(Box::from),
+                    node: ep.node_name.as_deref().map(node_name),
                     hints,
-                    pod,
+                    pod: PodName::None,
                 }
             })
             .collect();
+        let pod_prefix = name_pods(&namespace, &mut endpoints, refs);
         // Kept for the slice's life: without the room the growth left (a
         // flattened iterator has no exact size; 10 endpoints took 16 slots).
         ports.shrink_to_fit();
@@ -170,6 +294,7 @@ impl From<&EndpointSlice> for Slice {
             ports,
             endpoints,
             resource_version: m.resource_version.clone(),
+            pod_prefix,
         }
     }
 }
@@ -220,10 +345,85 @@ endpoints:
         assert_eq!(e[0].ip, Some("10.244.0.1".parse().unwrap()));
         assert!(e[0].ready && e[0].serving && !e[0].terminating);
         assert_eq!(e[0].node.as_deref(), Some("n1"));
-        assert_eq!(e[0].pod.as_deref(), Some("d/w-abc"));
+        assert_eq!(c.pod(&e[0]).as_deref(), Some("d/w-abc"));
+        assert_eq!(c.pod(&e[1]), None);
         assert!(!e[1].ready && e[1].serving && e[1].terminating);
         assert_eq!(e[1].hints.as_ref().unwrap().zones, ["z1"]);
         assert_eq!((e[2].ip, e[2].ready, e[2].serving), (None, false, false));
+    }
+
+    #[test]
+    fn a_node_name_is_held_once_and_dropped_when_unused() {
+        let a = node_name("nn-shared");
+        let b = node_name("nn-shared");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a, "nn-shared");
+        // Enough names no endpoint holds to trigger sweeps.
+        for i in 0..5000 {
+            let _ = node_name(&format!("nn-gone-{i}"));
+        }
+        let n = NODE_NAMES.lock().unwrap();
+        let names = n.names.as_ref().unwrap();
+        assert!(names.contains("nn-shared"), "a held name stays");
+        assert!(names.len() < 4000, "swept: {}", names.len());
+    }
+
+    #[test]
+    fn pods_after_the_slices_prefix_are_held_inline() {
+        let ep = || SliceEndpoint {
+            ip: None,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node: None,
+            hints: None,
+            pod: PodName::None,
+        };
+        let named = |refs: &[(&'static str, &'static str)]| {
+            let mut s = Slice {
+                namespace: "db".into(),
+                name: "x".into(),
+                service: None,
+                family: SliceFamily::V4,
+                ports: Vec::new(),
+                endpoints: refs.iter().map(|_| ep()).collect(),
+                resource_version: None,
+                pod_prefix: Box::from(""),
+            };
+            let refs = refs.iter().enumerate().map(|(i, (ns, n))| (i, *ns, *n));
+            s.pod_prefix = name_pods("db", &mut s.endpoints, refs);
+            let inline: Vec<bool> = s
+                .endpoints
+                .iter()
+                .map(|e| matches!(e.pod, PodName::Suffix { .. }))
+                .collect();
+            let pods: Vec<String> = s
+                .endpoints
+                .iter()
+                .map(|e| s.pod(e).unwrap_or_default())
+                .collect();
+            (s.pod_prefix.to_string(), inline, pods)
+        };
+        // A StatefulSet's; the first pod in another namespace sets no prefix.
+        assert_eq!(
+            named(&[("other", "db-9"), ("", "db-0"), ("db", "db-10")]),
+            (
+                "db-".into(),
+                vec![false, true, true],
+                vec!["other/db-9".into(), "db/db-0".into(), "db/db-10".into()]
+            )
+        );
+        // A name without a dash: no prefix, the name itself inline when short.
+        assert_eq!(
+            named(&[("", "solo"), ("", "a-name-of-fifteen")]),
+            (
+                String::new(),
+                vec![true, false],
+                vec!["db/solo".into(), "db/a-name-of-fifteen".into()]
+            )
+        );
+        // Multi-byte UTF-8 after the prefix is kept whole.
+        assert_eq!(named(&[("", "w-é")]).2, vec!["db/w-é".to_string()]);
     }
 
     #[test]

@@ -256,12 +256,12 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
         Some(vec!["z1".to_string()])
     );
     assert_eq!(
-        s.endpoints[0].pod.as_deref(),
+        s.pod(&s.endpoints[0]).as_deref(),
         Some("lists/p1"),
         "a targetRef without a namespace is in the slice's"
     );
-    assert_eq!(s.endpoints[1].pod.as_deref(), Some("elsewhere/p2"));
-    assert_eq!(s.endpoints[2].pod, None);
+    assert_eq!(s.pod(&s.endpoints[1]).as_deref(), Some("elsewhere/p2"));
+    assert_eq!(s.pod(&s.endpoints[2]), None);
     assert!(a["lists/affinity-1"].1.is_some(), "a resourceVersion");
     assert!(!s.endpoints[1].ready && s.endpoints[1].serving && s.endpoints[1].terminating);
     assert_eq!(s.ports.len(), 3);

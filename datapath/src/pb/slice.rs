@@ -21,7 +21,9 @@ use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, Wire
 use super::{unwrap_envelope, DecodeError, ListMeta};
 use crate::desired::{proto_of, SERVICE_NAME_LABEL};
 use crate::latency::TRIGGER_ANNOTATION;
-use crate::slice::{Hints, Slice, SliceEndpoint, SliceFamily, SlicePort};
+use crate::slice::{
+    name_pods, node_name, Hints, PodName, Slice, SliceEndpoint, SliceFamily, SlicePort,
+};
 
 /// One slice of a list: the [`Slice`] and its trigger annotation's value
 /// ([`crate::latency`]).
@@ -130,17 +132,9 @@ fn map_entry(f: Fields<'_>) -> Result<(&str, &str), DecodeError> {
     Ok((k, v))
 }
 
-/// The pod an endpoint's `targetRef` names, before the slice's namespace
-/// is known for certain (fields may come in any order).
-enum PodRef {
-    None,
-    /// `namespace/name`.
-    Full(Box<str>),
-    /// Only a name: in the slice's namespace.
-    Name(Box<str>),
-}
-
-fn target_ref(f: Fields<'_>) -> Result<PodRef, DecodeError> {
+/// The `(namespace, name)` of an endpoint's `targetRef` of kind Pod (an
+/// empty namespace: the slice's, known once the whole slice is read).
+fn target_ref<'a>(f: Fields<'a>) -> Result<Option<(&'a str, &'a str)>, DecodeError> {
     let (mut kind, mut ns, mut name) = ("", "", "");
     f.read(|f, tag, wire| {
         match tag {
@@ -151,11 +145,7 @@ fn target_ref(f: Fields<'_>) -> Result<PodRef, DecodeError> {
         }
         Ok(true)
     })?;
-    Ok(match (kind, text(ns), text(name)) {
-        ("Pod", Some(ns), Some(name)) => PodRef::Full(format!("{ns}/{name}").into_boxed_str()),
-        ("Pod", None, Some(name)) => PodRef::Name(Box::from(name)),
-        _ => PodRef::None,
-    })
+    Ok((kind == "Pod" && !name.is_empty()).then_some((ns, name)))
 }
 
 fn hints(f: Fields<'_>) -> Result<Hints, DecodeError> {
@@ -181,14 +171,14 @@ fn hints(f: Fields<'_>) -> Result<Hints, DecodeError> {
     Ok(h)
 }
 
-/// An endpoint, and the pod name of a `targetRef` without a namespace (the
-/// slice's own, known once the whole slice is read).
-fn endpoint(f: Fields<'_>) -> Result<(SliceEndpoint, Option<Box<str>>), DecodeError> {
+/// An endpoint, and its `targetRef`'s pod (see [`target_ref`]).
+#[allow(clippy::type_complexity)]
+fn endpoint<'a>(f: Fields<'a>) -> Result<(SliceEndpoint, Option<(&'a str, &'a str)>), DecodeError> {
     let mut first: Option<&str> = None;
     let (mut ready, mut serving, mut terminating) = (None, None, None);
     let mut node = None;
     let mut hint = None;
-    let mut pod = PodRef::None;
+    let mut pod = None;
     f.read(|f, tag, wire| {
         match tag {
             1 => {
@@ -206,7 +196,7 @@ fn endpoint(f: Fields<'_>) -> Result<(SliceEndpoint, Option<Box<str>>), DecodeEr
                 Ok(true)
             })?,
             4 => pod = target_ref(f.message(wire)?)?,
-            6 => node = Some(Box::from(f.str(wire)?)),
+            6 => node = Some(node_name(f.str(wire)?)),
             8 => hint = Some(Box::new(hints(f.message(wire)?)?)),
             _ => return Ok(false),
         }
@@ -220,13 +210,9 @@ fn endpoint(f: Fields<'_>) -> Result<(SliceEndpoint, Option<Box<str>>), DecodeEr
         terminating: terminating.unwrap_or(false),
         node,
         hints: hint,
-        pod: None,
+        pod: PodName::None,
     };
-    Ok(match pod {
-        PodRef::None => (ep, None),
-        PodRef::Full(p) => (SliceEndpoint { pod: Some(p), ..ep }, None),
-        PodRef::Name(n) => (ep, Some(n)),
-    })
+    Ok((ep, pod))
 }
 
 fn port(f: Fields<'_>) -> Result<SlicePort, DecodeError> {
@@ -254,8 +240,8 @@ fn slice(f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
     let mut family = SliceFamily::Other;
     let mut ports = Vec::new();
     let mut endpoints = Vec::new();
-    // Endpoints whose pod is in the slice's namespace: (index, pod name).
-    let mut in_namespace = Vec::new();
+    // Endpoints' pods: (index, namespace, name).
+    let mut pods = Vec::new();
     f.read(|f, tag, wire| {
         match tag {
             1 => f.message(wire)?.read(|m, t, w| {
@@ -281,8 +267,8 @@ fn slice(f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
             })?,
             2 => {
                 let (ep, pod) = endpoint(f.message(wire)?)?;
-                if let Some(pod) = pod {
-                    in_namespace.push((endpoints.len(), pod));
+                if let Some((ns, pod)) = pod {
+                    pods.push((endpoints.len(), ns, pod));
                 }
                 endpoints.push(ep);
             }
@@ -298,13 +284,7 @@ fn slice(f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
         }
         Ok(true)
     })?;
-    if let Some(ns) = text(&namespace) {
-        for (i, pod) in in_namespace {
-            if let Some(ep) = endpoints.get_mut(i) {
-                ep.pod = Some(format!("{ns}/{pod}").into_boxed_str());
-            }
-        }
-    }
+    let pod_prefix = name_pods(&namespace, &mut endpoints, pods);
     // Kept for the slice's life: without the room the growth left.
     ports.shrink_to_fit();
     endpoints.shrink_to_fit();
@@ -317,6 +297,7 @@ fn slice(f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
             ports,
             endpoints,
             resource_version: version,
+            pod_prefix,
         },
         trigger,
     })
@@ -453,6 +434,20 @@ mod tests {
                         target_ref: pod_ref("Pod", "shop", ""),
                         ..ep(&[])
                     },
+                    // Another namespace's pod, and one of another workload:
+                    // spelled out in full, not after the slice's prefix.
+                    PbEndpoint {
+                        target_ref: pod_ref("Pod", "kube-system", "web-3"),
+                        ..ep(&["10.244.1.8"])
+                    },
+                    PbEndpoint {
+                        target_ref: pod_ref("Pod", "shop", "api-7f9c4d8b6-x2x9z"),
+                        ..ep(&["10.244.1.9"])
+                    },
+                    PbEndpoint {
+                        target_ref: pod_ref("Pod", "shop", "web-a-suffix-of-15-b"),
+                        ..ep(&["10.244.1.10"])
+                    },
                 ],
                 ports: vec![
                     PbEndpointPort {
@@ -585,8 +580,27 @@ mod tests {
         assert_eq!(web.resource_version.as_deref(), Some("4711"));
         assert!(got[0].2.contains("Some"), "the trigger: {}", got[0].2);
         assert_eq!(web.endpoints[0].ip, Some("10.244.1.5".parse().unwrap()));
-        assert_eq!(web.endpoints[0].pod.as_deref(), Some("shop/web-1"));
-        assert_eq!(web.endpoints[1].pod.as_deref(), Some("shop/web-2"));
+        let pods: Vec<_> = web.endpoints.iter().map(|e| web.pod(e)).collect();
+        assert_eq!(
+            pods.iter().map(Option::as_deref).collect::<Vec<_>>(),
+            [
+                Some("shop/web-1"),
+                Some("shop/web-2"),
+                None,
+                None,
+                Some("kube-system/web-3"),
+                Some("shop/api-7f9c4d8b6-x2x9z"),
+                Some("shop/web-a-suffix-of-15-b"),
+            ]
+        );
+        // The slice's own pods after its prefix, without an allocation.
+        assert_eq!(&*web.pod_prefix, "web-");
+        let inline: Vec<_> = web
+            .endpoints
+            .iter()
+            .map(|e| matches!(e.pod, PodName::Suffix { .. }))
+            .collect();
+        assert_eq!(inline, [true, true, false, false, false, false, false]);
         assert_eq!(
             (web.endpoints[1].ready, web.endpoints[1].serving),
             (false, false)
@@ -601,8 +615,11 @@ mod tests {
         );
         assert_eq!(web.ports.len(), 5);
         assert_eq!(got[1].1.service.as_deref(), Some(""));
-        assert_eq!(got[1].1.endpoints[0].pod.as_deref(), Some("shop/web-3"));
-        assert_eq!(got[2].1.endpoints[0].pod, None);
+        assert_eq!(
+            got[1].1.pod(&got[1].1.endpoints[0]).as_deref(),
+            Some("shop/web-3")
+        );
+        assert_eq!(got[2].1.endpoints[0].pod, PodName::None);
         assert_eq!(got[3].0, "/");
         assert_eq!(
             (
@@ -634,7 +651,10 @@ mod tests {
         let (want, _) = generic(enveloped(raw.clone()));
         let (got, _) = direct(enveloped(raw));
         assert_eq!(got, want);
-        assert_eq!(got[0].1.endpoints[1].pod.as_deref(), Some("shop/web-2"));
+        assert_eq!(
+            got[0].1.pod(&got[0].1.endpoints[1]).as_deref(),
+            Some("shop/web-2")
+        );
     }
 
     #[test]

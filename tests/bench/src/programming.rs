@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use kube::api::{Api, Patch, PatchParams};
 use netboot_harness::controlplane::{
@@ -189,6 +189,39 @@ fn endpoint_node(i: u32, j: u32) -> String {
     node_name((i * ENDPOINTS + j) % NODES)
 }
 
+/// The Pod behind endpoint `j` of Service `i`, referenced as the
+/// EndpointSlice controller references it (kind, namespace, name, uid): the
+/// agent's lists carry these bytes in a real cluster, so the bench's do too.
+/// Named as a Deployment's pods are, `<deployment>-<pod-template-hash>-<5
+/// random characters>`, the hash shared by the Service's pods.
+fn endpoint_pod(i: u32, j: u32) -> ObjectReference {
+    // The alphabet of Kubernetes' random name suffixes (no vowels).
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut x = u64::from(i) * 1_000_003 + u64::from(j) * 7_919 + 17;
+    let suffix: String = (0..5)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from(ALPHABET[((x >> 33) % ALPHABET.len() as u64) as usize])
+        })
+        .collect();
+    ObjectReference {
+        kind: Some("Pod".into()),
+        namespace: Some(NAMESPACE.into()),
+        name: Some(format!(
+            "{}-{:010x}-{suffix}",
+            workload::service_name(i),
+            u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 24
+        )),
+        uid: Some(format!(
+            "6f1d{i:04x}-{j:04x}-4c1e-9b7a-{:012x}",
+            u64::from(i) * 31 + u64::from(j)
+        )),
+        ..Default::default()
+    }
+}
+
 fn endpoints(i: u32, ips: &[Ipv4Addr]) -> Vec<Endpoint> {
     ips.iter()
         .zip(0u32..)
@@ -200,6 +233,7 @@ fn endpoints(i: u32, ips: &[Ipv4Addr]) -> Vec<Endpoint> {
                 terminating: Some(false),
             }),
             node_name: Some(endpoint_node(i, j)),
+            target_ref: Some(endpoint_pod(i, j)),
             ..Default::default()
         })
         .collect()
@@ -1042,6 +1076,33 @@ fn measure_rate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_services_pods_are_named_as_one_deployments() {
+        let names: Vec<String> = (0..ENDPOINTS)
+            .map(|j| endpoint_pod(42, j).name.unwrap_or_default())
+            .collect();
+        let stem = |n: &str| n.rsplit_once('-').map(|(a, _)| a.to_string());
+        // One pod-template hash per Service, a distinct suffix per pod.
+        assert!(
+            names.iter().all(|n| stem(n) == stem(&names[0])),
+            "{names:?}"
+        );
+        assert_ne!(
+            stem(&names[0]),
+            stem(&endpoint_pod(43, 0).name.unwrap_or_default())
+        );
+        let suffixes: std::collections::BTreeSet<_> = names
+            .iter()
+            .filter_map(|n| n.rsplit_once('-'))
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(suffixes.len(), names.len(), "{names:?}");
+        assert!(
+            names[0].starts_with("svc-000042-") && names[0].len() == 27,
+            "{names:?}"
+        );
+    }
 
     #[test]
     fn endpoints_spread_over_the_nodes() {

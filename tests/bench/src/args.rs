@@ -167,6 +167,17 @@ pub struct FlowsArgs {
     /// Seconds of the flood.
     #[arg(long, default_value_t = 5)]
     pub flood_seconds: u64,
+    /// Also measure connect4's run time with the CPU caches made cold before
+    /// each connect: the client writes over a buffer of each of these sizes
+    /// (KiB, comma-separated; 0 = warm, as a reference), rotated round by
+    /// round. E.g. `0,4096,65536`: warm, L1/L2 and TLBs evicted, all levels
+    /// evicted (this machine's L3 is 32 MiB). What the program costs after
+    /// an interruption, where a p99 lives.
+    #[arg(long, value_delimiter = ',')]
+    pub cold_kib: Vec<u32>,
+    /// Connections per size of --cold-kib.
+    #[arg(long, default_value_t = 2_000)]
+    pub cold_connections: u32,
     /// Results folder (flows.md, flows.json).
     #[arg(long, default_value = DEFAULT_OUT)]
     pub out: PathBuf,

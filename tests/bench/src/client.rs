@@ -6,6 +6,9 @@
 //! `C <ip> <port> <count>` → `R <ok> <failed> <last errno> <ns> <ns> …`
 //! (the connect() time of every successful attempt), `F` → `F <errno>`
 //! (switch to SCHED_FIFO priority 1, `--realtime-clients`), `Q` → exit.
+//! `E <bytes>` → `E 0`: from now on, before each attempt (untimed), write
+//! over a buffer of that many bytes, one store per cache line, so the
+//! attempt starts with cold CPU caches and TLBs (`flows --cold-kib`).
 //! `H <ip> <port> <count>` → `W <wall ns> <ok> <failed> <last errno> <ns> …`:
 //! the same with one request per connection (north–south section): after
 //! the timed connect(), send [`REQUEST`], read the reply to its end (the
@@ -83,18 +86,31 @@ fn attempt(addr: SocketAddr, request: bool) -> std::result::Result<u64, i32> {
 
 /// Runs `count` attempts against `addr`.
 pub fn run_batch(addr: SocketAddr, count: u32) -> Batch {
-    batch_of(addr, count, false)
+    batch_of(addr, count, false, &mut [])
+}
+
+/// One store in each 64-byte line of `buf`: afterwards the caches and TLBs
+/// hold it rather than what ran before.
+fn evict(buf: &mut [u8]) {
+    for line in buf.chunks_mut(64) {
+        line[0] = line[0].wrapping_add(1);
+    }
+    std::hint::black_box(buf);
 }
 
 /// Runs `count` attempts against `addr`, each with one request when
-/// `request`; the wall time is the whole batch's.
-pub fn batch_of(addr: SocketAddr, count: u32, request: bool) -> Batch {
+/// `request`, each after writing over `cold` (untimed; empty: none); the
+/// wall time is the whole batch's.
+pub fn batch_of(addr: SocketAddr, count: u32, request: bool, cold: &mut [u8]) -> Batch {
     let t = Instant::now();
     let mut b = Batch {
         ns: Vec::with_capacity(count as usize),
         ..Default::default()
     };
     for _ in 0..count {
+        if !cold.is_empty() {
+            evict(cold);
+        }
         match attempt(addr, request) {
             Ok(ns) => b.ns.push(ns),
             Err(e) => {
@@ -113,6 +129,7 @@ pub fn batch_of(addr: SocketAddr, count: u32, request: bool) -> Batch {
 pub fn child_main() -> Result<()> {
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
+    let mut cold: Vec<u8> = Vec::new();
     for line in stdin.lock().lines() {
         let line = line?;
         let mut it = line.split_whitespace();
@@ -122,7 +139,7 @@ pub fn child_main() -> Result<()> {
                 let port = it.next().context("port")?;
                 let count: u32 = it.next().context("count")?.parse()?;
                 let addr = SocketAddr::new(ip.parse::<IpAddr>()?, port.parse()?);
-                let b = batch_of(addr, count, cmd == "H");
+                let b = batch_of(addr, count, cmd == "H", &mut cold);
                 let mut reply = if cmd == "H" {
                     format!("W {} ", b.wall_ns)
                 } else {
@@ -134,6 +151,12 @@ pub fn child_main() -> Result<()> {
                     reply.push_str(&ns.to_string());
                 }
                 writeln!(out, "{reply}")?;
+                out.flush()?;
+            }
+            Some("E") => {
+                let bytes: usize = it.next().context("bytes")?.parse()?;
+                cold = vec![0u8; bytes];
+                writeln!(out, "E 0")?;
                 out.flush()?;
             }
             Some("F") => {
@@ -209,6 +232,19 @@ impl Client {
             ),
             _ => bail!("client pid {} replied {:?}", self.guard.pid(), line.trim()),
         }
+    }
+
+    /// From now on, write over a buffer of `bytes` before each attempt
+    /// (0: stop).
+    pub fn cold(&mut self, bytes: usize) -> Result<()> {
+        writeln!(self.stdin, "E {bytes}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.trim() != "E 0" {
+            bail!("client pid {} replied {:?}", self.guard.pid(), line.trim());
+        }
+        Ok(())
     }
 
     /// One batch of `count` connections to `addr`.
@@ -294,7 +330,7 @@ mod tests {
                 s.write_all(b"ok\n").expect("reply");
             }
         });
-        let b = batch_of(addr, 3, true);
+        let b = batch_of(addr, 3, true, &mut []);
         server.join().expect("server");
         assert_eq!((b.ns.len(), b.failed), (3, 0), "{b:?}");
         assert!(b.wall_ns >= b.ns.iter().sum::<u64>(), "{b:?}");
@@ -307,6 +343,12 @@ mod tests {
         let b = run_batch(addr, 5);
         assert_eq!(b.ns.len(), 5, "{b:?}");
         assert!(b.ns.iter().all(|ns| *ns > 0));
+        // With a cold buffer: one store per line before each attempt.
+        let mut cold = vec![0u8; 200];
+        let b = batch_of(addr, 3, false, &mut cold);
+        assert_eq!(b.ns.len(), 3, "{b:?}");
+        assert_eq!((cold[0], cold[64], cold[128], cold[192]), (3, 3, 3, 3));
+        assert_eq!((cold[1], cold[63], cold[199]), (0, 0, 0));
         let SocketAddr::V4(v4) = addr else {
             panic!("bound 127.0.0.1, got {addr}");
         };

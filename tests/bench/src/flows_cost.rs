@@ -13,7 +13,13 @@
 //!    dominates a shared machine's p99;
 //! 2. a flood: one client connecting back to back for a few seconds with
 //!    events on — the events per second the node's reader received, and the
-//!    kernel's drop counters (per-CPU budget, ring buffer full).
+//!    kernel's drop counters (per-CPU budget, ring buffer full);
+//! 3. with `--cold-kib`, connect4's run time per connect (events off) when
+//!    the client has written over a buffer of each size just before each
+//!    connect, sizes rotated round by round: what the program costs when
+//!    its maps, code and page-table entries are no longer in the caches, as
+//!    after an interrupt or another task — where a connect's p99 lives,
+//!    while the warm figure is its p50.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,6 +55,28 @@ pub struct Options {
     pub batch: u32,
     /// Seconds of the flood.
     pub flood_s: u64,
+    /// Buffer sizes (KiB) written over before each connect of phase 3;
+    /// empty: no phase 3.
+    pub cold_kib: Vec<u32>,
+    /// Connections per size in phase 3.
+    pub cold_connections: u32,
+}
+
+/// connect4's run time with the caches made cold (phase 3), one size.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ColdRow {
+    /// Buffer written over before each connect, KiB (0: none).
+    pub kib: u32,
+    /// Program runs counted.
+    pub runs: u64,
+    /// Mean run time per connect, ns.
+    pub mean_ns: f64,
+    /// Per-batch means, ns: their spread shows how steady the figure is.
+    pub batch_min_ns: f64,
+    /// See `batch_min_ns`.
+    pub batch_max_ns: f64,
+    /// Connect latency, µs (the client's clock, caches just as cold).
+    pub connect: Summary,
 }
 
 /// The section's result.
@@ -74,6 +102,8 @@ pub struct Report {
     pub flood_events: u64,
     /// Flood: kernel counters over the flood.
     pub flood_kernel: FlowStats,
+    /// Phase 3, one row per `--cold-kib` size (empty when not run).
+    pub cold: Vec<ColdRow>,
     /// The goal's verdict.
     pub goal: String,
 }
@@ -205,6 +235,9 @@ pub fn run(o: &Options) -> Result<Report> {
     std::thread::sleep(Duration::from_millis(200));
     let latency_events = received.load(Ordering::Relaxed) - before;
 
+    // 3. Cold caches (before the flood, whose events would fill the ring).
+    let cold = cold_phase(o, &mut client, target, &runs, &topo)?;
+
     // 2. The flood.
     flows::set_enabled(&pins, true, 0)?;
     let k0 = flows::stats(&pins)?;
@@ -252,8 +285,60 @@ pub fn run(o: &Options) -> Result<Report> {
         flood_s,
         flood_events,
         flood_kernel,
+        cold,
         goal,
     })
+}
+
+/// Phase 3: events off; per round, every size of `o.cold_kib` in rotated
+/// order, one batch each.
+fn cold_phase(
+    o: &Options,
+    client: &mut Client,
+    target: std::net::SocketAddr,
+    runs: &ProgRuns,
+    topo: &Topology,
+) -> Result<Vec<ColdRow>> {
+    if o.cold_kib.is_empty() {
+        return Ok(Vec::new());
+    }
+    let batch = 100u32;
+    let sizes = &o.cold_kib;
+    let mut acc: Vec<(u64, u64, Vec<f64>, Vec<f64>)> =
+        vec![(0, 0, Vec::new(), Vec::new()); sizes.len()];
+    let rounds = o.cold_connections.div_ceil(batch).max(1);
+    for r in 0..rounds as usize {
+        crate::cleanup::check_stop()?;
+        for k in 0..sizes.len() {
+            let i = (k + r) % sizes.len();
+            client.cold(sizes[i] as usize * 1024)?;
+            let (t0, n0) = runs.read()?;
+            let b = client.batch(target, batch)?;
+            let (t1, n1) = runs.read()?;
+            topo.drain();
+            let (dt, dn) = (t1.saturating_sub(t0), n1.saturating_sub(n0));
+            let a = &mut acc[i];
+            a.0 += dt;
+            a.1 += dn;
+            if dn > 0 {
+                a.2.push(dt as f64 / dn as f64);
+            }
+            a.3.extend(b.ns.iter().map(|ns| *ns as f64 / 1000.0));
+        }
+    }
+    client.cold(0)?;
+    Ok(sizes
+        .iter()
+        .zip(acc)
+        .map(|(kib, (ns, n, means, us))| ColdRow {
+            kib: *kib,
+            runs: n,
+            mean_ns: ns as f64 / n.max(1) as f64,
+            batch_min_ns: means.iter().copied().fold(f64::INFINITY, f64::min),
+            batch_max_ns: means.iter().copied().fold(0.0, f64::max),
+            connect: summarize(&us),
+        })
+        .collect())
 }
 
 /// The report as Markdown.
@@ -300,6 +385,26 @@ pub fn markdown(r: &Report) -> String {
         k.rate_limited,
         k.ring_full
     );
+    if !r.cold.is_empty() {
+        let _ = writeln!(
+            out,
+            "connect4's run time with cold caches (events off): before each connect the client writes over a buffer (one store per 64-byte line; 0 KiB: none), sizes rotated round by round, batches of 100; kernel BPF statistics around each batch. Connect latency from the client's clock.\n\n| buffer written before each connect | runs | connect4 ns per connect | batch means, ns | connect p50 µs | connect p99 µs |\n|---:|---:|---:|---|---:|---:|"
+        );
+        for c in &r.cold {
+            let _ = writeln!(
+                out,
+                "| {} KiB | {} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2} |",
+                c.kib,
+                c.runs,
+                c.mean_ns,
+                c.batch_min_ns,
+                c.batch_max_ns,
+                c.connect.p50,
+                c.connect.p99
+            );
+        }
+        let _ = writeln!(out);
+    }
     let _ = writeln!(out, "**Goal**: {}", r.goal);
     out
 }

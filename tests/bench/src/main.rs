@@ -126,6 +126,8 @@ fn flows_section(a: &FlowsArgs) -> anyhow::Result<()> {
         connections: a.connections,
         batch: 500,
         flood_s: a.flood_seconds,
+        cold_kib: a.cold_kib.clone(),
+        cold_connections: a.cold_connections,
     };
     let rep = flows_cost::run(&o)?;
     let (md, js) = flows_cost::write(&rep, &a.out)?;

@@ -119,7 +119,7 @@ pub enum PodName {
     Suffix {
         /// Bytes used.
         len: u8,
-        /// The suffix, UTF-8 (cut after an ASCII `-`).
+        /// The suffix, UTF-8 (the prefix ends at an ASCII `-` or is empty).
         bytes: [u8; SUFFIX_BYTES],
     },
     /// Any other: `namespace/name`.

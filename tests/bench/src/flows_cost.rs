@@ -302,10 +302,17 @@ fn cold_phase(
     if o.cold_kib.is_empty() {
         return Ok(Vec::new());
     }
+    /// One size's sums over the rounds.
+    #[derive(Clone, Default)]
+    struct Acc {
+        run_ns: u64,
+        runs: u64,
+        batch_means_ns: Vec<f64>,
+        connect_us: Vec<f64>,
+    }
     let batch = 100u32;
     let sizes = &o.cold_kib;
-    let mut acc: Vec<(u64, u64, Vec<f64>, Vec<f64>)> =
-        vec![(0, 0, Vec::new(), Vec::new()); sizes.len()];
+    let mut acc = vec![Acc::default(); sizes.len()];
     let rounds = o.cold_connections.div_ceil(batch).max(1);
     for r in 0..rounds as usize {
         crate::cleanup::check_stop()?;
@@ -318,25 +325,30 @@ fn cold_phase(
             topo.drain();
             let (dt, dn) = (t1.saturating_sub(t0), n1.saturating_sub(n0));
             let a = &mut acc[i];
-            a.0 += dt;
-            a.1 += dn;
+            a.run_ns += dt;
+            a.runs += dn;
             if dn > 0 {
-                a.2.push(dt as f64 / dn as f64);
+                a.batch_means_ns.push(dt as f64 / dn as f64);
             }
-            a.3.extend(b.ns.iter().map(|ns| *ns as f64 / 1000.0));
+            a.connect_us
+                .extend(b.ns.iter().map(|ns| *ns as f64 / 1000.0));
         }
     }
     client.cold(0)?;
     Ok(sizes
         .iter()
         .zip(acc)
-        .map(|(kib, (ns, n, means, us))| ColdRow {
+        .map(|(kib, a)| ColdRow {
             kib: *kib,
-            runs: n,
-            mean_ns: ns as f64 / n.max(1) as f64,
-            batch_min_ns: means.iter().copied().fold(f64::INFINITY, f64::min),
-            batch_max_ns: means.iter().copied().fold(0.0, f64::max),
-            connect: summarize(&us),
+            runs: a.runs,
+            mean_ns: a.run_ns as f64 / a.runs.max(1) as f64,
+            batch_min_ns: a
+                .batch_means_ns
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min),
+            batch_max_ns: a.batch_means_ns.iter().copied().fold(0.0, f64::max),
+            connect: summarize(&a.connect_us),
         })
         .collect())
 }

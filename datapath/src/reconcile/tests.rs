@@ -1191,6 +1191,47 @@ fn a_batched_full_pass_never_shows_the_datapath_a_frontend_before_its_parts() {
 }
 
 #[test]
+fn a_full_pass_planned_in_chunks_writes_what_one_plan_writes_never_a_partial_frontend() {
+    // Why: a first pass plans and writes a chunk of writes at a time, so
+    // 100k Services do not hold every write at once (issue 18); a frontend
+    // is never split across chunks, and the result is the one-chunk pass's.
+    let whole = {
+        let mut r = Reconciler::recover(MemoryMaps::new()).unwrap();
+        r.reconcile(&many(20, 4)).unwrap();
+        r.maps().state.clone()
+    };
+    for chunk in [1, 5, 13] {
+        let mut r = Reconciler::recover(Watching::default()).unwrap();
+        r.set_plan_chunk(chunk);
+        let st = r.reconcile(&many(20, 4)).unwrap();
+        assert_eq!(st.updates, 81 + 20 * (1 + 5 + 1) + 10 * 5, "chunk {chunk}");
+        assert!(
+            r.maps().seen.is_empty(),
+            "chunk {chunk}: {:?}",
+            r.maps().seen
+        );
+        // Chunks, not one batch per phase: and no batch larger than a
+        // chunk plus the one frontend that crossed its end (7 writes, or
+        // 12 with memberships).
+        let batches = &r.maps().batches;
+        assert!(batches.len() > 6, "chunk {chunk}: {batches:?}");
+        assert!(
+            batches.iter().all(|n| *n <= chunk + 12),
+            "chunk {chunk}: {batches:?}"
+        );
+        assert_eq!(normalized(&r.maps().inner.state), normalized(&whole));
+        // And the next passes from that state, shrinking and growing.
+        r.reconcile(&many(7, 6)).unwrap();
+        assert!(
+            r.maps().seen.is_empty(),
+            "chunk {chunk}: {:?}",
+            r.maps().seen
+        );
+        assert_eq!(r.reconcile(&many(7, 6)).unwrap(), SyncStats::default());
+    }
+}
+
+#[test]
 fn a_full_map_in_the_middle_of_a_batch_programs_what_fits_and_recovers() {
     // Why: a batch stops at the element that does not fit; the rest of the
     // batch and of that frontend must be handled as single writes would.

@@ -36,7 +36,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 use prost::Message;
 
-use crate::service::{Ingress, Svc, SvcExternal, SvcPort, READ_LABELS};
+use crate::service::{Ingress, Svc, SvcExternal, SvcPort, Word, READ_LABELS};
 use netboot_contract::features::TOPOLOGY_ANNOTATIONS;
 
 /// The media type asked for.
@@ -327,6 +327,11 @@ fn text(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.is_empty())
 }
 
+/// [`text`] as a [`Word`].
+fn word(s: Option<String>) -> Option<Word> {
+    text(s).map(Word::from)
+}
+
 /// A Go non-pointer number: zero is unset (JSON's `omitempty`).
 fn number(n: Option<i32>) -> Option<i32> {
     n.filter(|n| *n != 0)
@@ -474,7 +479,7 @@ impl From<PbService> for ListedService {
             .into_iter()
             .map(|p| SvcPort {
                 name: text(p.name),
-                protocol: text(p.protocol),
+                protocol: word(p.protocol),
                 port: p.port.unwrap_or(0),
                 node_port: number(p.node_port),
             })
@@ -502,17 +507,17 @@ impl From<PbService> for ListedService {
             resource_version: text(m.resource_version),
             labels: kept(m.labels, &READ_LABELS),
             annotations: kept(m.annotations, &TOPOLOGY_ANNOTATIONS),
-            type_: text(p.type_),
+            type_: word(p.type_),
             cluster_ips,
             ports,
-            session_affinity: text(p.session_affinity),
+            session_affinity: word(p.session_affinity),
             affinity_timeout: p
                 .session_affinity_config
                 .and_then(|c| c.client_ip)
                 .and_then(|c| c.timeout_seconds),
-            internal_traffic_policy: p.internal_traffic_policy,
-            external_traffic_policy: text(p.external_traffic_policy),
-            traffic_distribution: p.traffic_distribution,
+            internal_traffic_policy: p.internal_traffic_policy.map(Word::from),
+            external_traffic_policy: word(p.external_traffic_policy),
+            traffic_distribution: p.traffic_distribution.map(Word::from),
             health_check_node_port: number(p.health_check_node_port),
             allocate_load_balancer_node_ports: p.allocate_load_balancer_node_ports,
             external: (external != SvcExternal::default()).then(|| Box::new(external)),

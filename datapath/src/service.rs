@@ -5,6 +5,7 @@
 //! part of the agent's heap after the endpoints.
 
 use std::collections::BTreeMap;
+use std::ops::Deref;
 
 use k8s_openapi::api::core::v1::Service;
 use netboot_contract::features::{ServiceShape, TOPOLOGY_ANNOTATIONS};
@@ -18,13 +19,74 @@ pub const READ_LABELS: [&str; 2] = [
     netboot_contract::features::HEADLESS_LABEL,
 ];
 
+/// The values the API server gives the enum-like fields a [`Svc`] keeps
+/// ([`Word`]).
+const WORDS: [&str; 14] = [
+    "ClusterIP",
+    "NodePort",
+    "LoadBalancer",
+    "ExternalName",
+    "None",
+    "ClientIP",
+    "Cluster",
+    "Local",
+    "PreferClose",
+    "PreferSameZone",
+    "PreferSameNode",
+    "TCP",
+    "UDP",
+    "SCTP",
+];
+
+/// The value of an enum-like field (`spec.type`, the affinity, the traffic
+/// policies and distribution, a port's protocol). The API server fills
+/// most of them in on every Service, so each was a heap string per
+/// Service (~17 MB at 100k Services): a known value is now an index into
+/// [`WORDS`], anything else kept as it came. 16 bytes either way, and
+/// `Option<Word>::as_deref()` gives the `&str` as before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Word {
+    /// `WORDS[i]`.
+    Known(u8),
+    /// Not one of [`WORDS`].
+    Other(Box<String>),
+}
+
+impl Deref for Word {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            Word::Known(i) => WORDS.get(usize::from(*i)).copied().unwrap_or_default(),
+            Word::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for Word {
+    fn from(s: &str) -> Self {
+        match WORDS.iter().position(|w| *w == s) {
+            Some(i) => Word::Known(i as u8),
+            None => Word::Other(Box::new(s.to_string())),
+        }
+    }
+}
+
+impl From<String> for Word {
+    fn from(s: String) -> Self {
+        match WORDS.iter().position(|w| *w == s) {
+            Some(i) => Word::Known(i as u8),
+            None => Word::Other(Box::new(s)),
+        }
+    }
+}
+
 /// One port.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SvcPort {
     /// `name`.
     pub name: Option<String>,
     /// `protocol` (None = TCP).
-    pub protocol: Option<String>,
+    pub protocol: Option<Word>,
     /// `port`.
     pub port: i32,
     /// `nodePort`.
@@ -67,21 +129,21 @@ pub struct Svc {
     /// The topology annotations it has.
     pub annotations: Option<BTreeMap<String, String>>,
     /// `spec.type`.
-    pub type_: Option<String>,
+    pub type_: Option<Word>,
     /// `spec.clusterIPs`, or `spec.clusterIP` when that list is empty.
     pub cluster_ips: Vec<String>,
     /// `spec.ports`.
     pub ports: Vec<SvcPort>,
     /// `spec.sessionAffinity`.
-    pub session_affinity: Option<String>,
+    pub session_affinity: Option<Word>,
     /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout: Option<i32>,
     /// `spec.internalTrafficPolicy`.
-    pub internal_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<Word>,
     /// `spec.externalTrafficPolicy`.
-    pub external_traffic_policy: Option<String>,
+    pub external_traffic_policy: Option<Word>,
     /// `spec.trafficDistribution`.
-    pub traffic_distribution: Option<String>,
+    pub traffic_distribution: Option<Word>,
     /// `spec.healthCheckNodePort`.
     pub health_check_node_port: Option<i32>,
     /// `spec.allocateLoadBalancerNodePorts`.
@@ -135,7 +197,7 @@ impl From<&Service> for Svc {
             .flatten()
             .map(|p| SvcPort {
                 name: p.name.clone(),
-                protocol: p.protocol.clone(),
+                protocol: p.protocol.as_deref().map(Word::from),
                 port: p.port,
                 node_port: p.node_port,
             })
@@ -144,7 +206,7 @@ impl From<&Service> for Svc {
         // flattened iterator has no exact size: one port kept room for
         // four, 2.4 MiB at 10,000 Services, heaptrack).
         ports.shrink_to_fit();
-        let some = |v: Option<&String>| v.cloned();
+        let some = |v: Option<&String>| v.map(|v| Word::from(v.as_str()));
         Svc {
             namespace: m.namespace.clone().unwrap_or_default(),
             name: m.name.clone(),
@@ -277,5 +339,31 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10, ipMode: VIP}, {hostname: lb.e
         let api = std::mem::size_of::<Service>();
         let lean = std::mem::size_of::<Svc>();
         assert!(lean * 2 <= api, "{lean} vs {api} bytes");
+    }
+
+    #[test]
+    fn an_enum_like_value_is_held_without_a_string_unless_unknown() {
+        for w in WORDS {
+            let v = Word::from(w);
+            assert!(matches!(v, Word::Known(_)), "{w}");
+            assert_eq!(&*v, w);
+            assert_eq!(Word::from(w.to_string()), v);
+        }
+        // A value a newer API server may add, and case that does not match:
+        // kept as given, never taken for a known one.
+        for other in ["PreferSomewhereNew", "local", ""] {
+            let v = Word::from(other);
+            assert_eq!(v, Word::Other(Box::new(other.to_string())));
+            assert_eq!(&*v, other);
+        }
+        assert_eq!(std::mem::size_of::<Option<Word>>(), 16);
+        // As the rules read it.
+        let svc = Svc {
+            type_: Some("LoadBalancer".into()),
+            internal_traffic_policy: Some("Local".into()),
+            ..Default::default()
+        };
+        assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(svc.shape().internal_traffic_policy, Some("Local"));
     }
 }

@@ -295,9 +295,10 @@ impl Plans {
 }
 
 /// How many writes a full pass plans before it makes them
-/// ([`Reconciler::pass`]; ~3 MiB of plans). A frontend's plans are never split, and each phase of a chunk is still
-/// one batch per map ([`Reconciler::flush`]); only frontends in different
-/// chunks no longer share a phase. The one effect of that: memberships one
+/// ([`Reconciler::pass`]; ~3 MiB of plans). A frontend's plans are never
+/// split, and each phase of a chunk is still one batch per map
+/// ([`Reconciler::flush`]); only frontends in different chunks no longer
+/// share a phase. The one effect of that: memberships one
 /// frontend gives up in a later chunk no longer make room for another's in
 /// an earlier one, so a full nb_lb4_affmatch may need the pass's second
 /// round, which runs when a round deleted anything.

@@ -62,21 +62,25 @@ impl Deref for Word {
     }
 }
 
+impl Word {
+    /// `s`'s index in [`WORDS`].
+    fn known(s: &str) -> Option<Word> {
+        WORDS
+            .iter()
+            .position(|w| *w == s)
+            .map(|i| Word::Known(i as u8))
+    }
+}
+
 impl From<&str> for Word {
     fn from(s: &str) -> Self {
-        match WORDS.iter().position(|w| *w == s) {
-            Some(i) => Word::Known(i as u8),
-            None => Word::Other(Box::new(s.to_string())),
-        }
+        Word::known(s).unwrap_or_else(|| Word::Other(Box::new(s.to_string())))
     }
 }
 
 impl From<String> for Word {
     fn from(s: String) -> Self {
-        match WORDS.iter().position(|w| *w == s) {
-            Some(i) => Word::Known(i as u8),
-            None => Word::Other(Box::new(s)),
-        }
+        Word::known(&s).unwrap_or_else(|| Word::Other(Box::new(s)))
     }
 }
 

@@ -63,7 +63,7 @@ impl Deref for Word {
 }
 
 impl Word {
-    /// `s`'s index in [`WORDS`].
+    /// `s` as a [`Word::Known`]; None when it is not one of [`WORDS`].
     fn known(s: &str) -> Option<Word> {
         WORDS
             .iter()

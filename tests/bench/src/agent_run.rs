@@ -151,9 +151,13 @@ pub struct AgentCommand<'a> {
 
 /// `netboot-datapath agent …` with `a`, Node checks hourly, info logs, no
 /// KUBECONFIG from the environment, stdin/stdout null (the caller adds the
-/// source of Services and stderr).
+/// source of Services and stderr). In a process group of its own, which the
+/// bench stops whole ([`crate::cleanup::ChildGuard`]): an agent behind a
+/// wrapper (a profiler's script) is stopped with it, not left running.
 pub fn agent_command(a: &AgentCommand) -> Command {
+    use std::os::unix::process::CommandExt;
     let mut c = Command::new(a.bin);
+    c.process_group(0);
     c.args(["agent", "--node-name", a.node])
         .arg("--config")
         .arg(a.config)

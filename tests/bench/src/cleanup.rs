@@ -5,9 +5,12 @@
 //!
 //! The bench owns exactly these names and nothing else: network namespaces
 //! `nbb-<pid>-…`, cgroups `/sys/fs/cgroup/unified/nbb-<pid>/…`, pins
-//! `/sys/fs/bpf/nbb-<pid>/…`, and the child processes it spawned (by pid).
+//! `/sys/fs/bpf/nbb-<pid>/…`, and the child processes it spawned (by pid,
+//! or, for a child started as the leader of a process group of its own, by
+//! that group: whatever the child started in turn, such as the agent behind
+//! a profiler's wrapper script, goes with it).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +35,8 @@ struct Registry {
     /// Deepest first when removed (sorted by reverse path length).
     cgroups: BTreeSet<PathBuf>,
     pins: BTreeSet<PathBuf>,
-    pids: BTreeSet<u32>,
+    /// Pid → whether it leads a process group of its own.
+    pids: BTreeMap<u32, bool>,
     tmpdirs: BTreeSet<PathBuf>,
 }
 
@@ -91,8 +95,8 @@ pub fn cleanup_all() {
         .ok()
         .and_then(|mut g| g.take())
         .unwrap_or_default();
-    for pid in &reg.pids {
-        kill_pid(*pid, libc::SIGKILL);
+    for (pid, group) in &reg.pids {
+        kill_child(*pid, *group, libc::SIGKILL);
     }
     for root in &reg.pins {
         remove_pins(root);
@@ -113,16 +117,28 @@ pub fn cleanup_all() {
     }
 }
 
-/// kill(2) on a pid this run spawned (never a pattern, never a group).
-fn kill_pid(pid: u32, sig: i32) {
+/// kill(2) on a child this run spawned, by its pid, or when `group`, on the
+/// process group it leads (created for it: [`ChildGuard::new`]). Never a
+/// pattern, never a group this run did not create.
+fn kill_child(pid: u32, group: bool, sig: i32) {
     if let Ok(p) = i32::try_from(pid) {
         if p > 0 {
-            // SAFETY: kill(2) with a positive pid of a child we spawned; no memory is touched.
+            let target = if group { -p } else { p };
+            // SAFETY: kill(2) on a child we spawned or the group it leads; no memory is touched.
             unsafe {
-                libc::kill(p, sig);
+                libc::kill(target, sig);
             }
         }
     }
+}
+
+/// Whether `pid` leads its own process group (`Command::process_group(0)`).
+fn leads_group(pid: u32) -> bool {
+    let Ok(p) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: getpgid(2) reads no memory of ours.
+    p > 0 && unsafe { libc::getpgid(p) } == p
 }
 
 fn remove_pins(root: &Path) {
@@ -292,18 +308,25 @@ impl Drop for PinRoot {
 pub struct ChildGuard {
     child: Option<Child>,
     pid: u32,
+    /// It leads a process group of its own: stopped as that group.
+    group: bool,
 }
 
 impl ChildGuard {
-    /// Takes ownership of a spawned child.
+    /// Takes ownership of a spawned child. One spawned with
+    /// `Command::process_group(0)` (the agents: [`crate::agent_run::agent_command`])
+    /// is stopped with its group, so what it started stops too; it set its
+    /// group before exec, so before `spawn` returned.
     pub fn new(child: Child) -> Self {
         let pid = child.id();
+        let group = leads_group(pid);
         with_registry(|r| {
-            r.pids.insert(pid);
+            r.pids.insert(pid, group);
         });
         Self {
             child: Some(child),
             pid,
+            group,
         }
     }
 
@@ -333,7 +356,7 @@ impl ChildGuard {
             return;
         };
         if matches!(child.try_wait(), Ok(None)) {
-            kill_pid(self.pid, libc::SIGTERM);
+            kill_child(self.pid, self.group, libc::SIGTERM);
             let until = std::time::Instant::now() + grace;
             while std::time::Instant::now() < until {
                 if !matches!(child.try_wait(), Ok(None)) {
@@ -341,6 +364,12 @@ impl ChildGuard {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+        if self.group {
+            // The group outlives its leader: what the child started (its
+            // leader reaped or not, the group id stays ours until the last
+            // member has gone).
+            kill_child(self.pid, true, libc::SIGKILL);
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -354,6 +383,9 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
+            if self.group {
+                kill_child(self.pid, true, libc::SIGKILL);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -482,6 +514,84 @@ pub fn sweep_stale() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+
+    /// A shell that starts `sleep` in the background and prints its pid:
+    /// (the shell's guard, the sleep's pid).
+    fn shell_with_a_child(group: bool) -> (ChildGuard, u32) {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(Stdio::piped());
+        if group {
+            cmd.process_group(0);
+        }
+        let mut guard = ChildGuard::new(cmd.spawn().unwrap());
+        let out = guard.child_mut().unwrap().stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        (guard, line.trim().parse().unwrap())
+    }
+
+    /// Whether `pid` still runs (a zombie does not).
+    fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    }
+
+    fn gone_within(pid: u32, d: Duration) -> bool {
+        let until = std::time::Instant::now() + d;
+        while std::time::Instant::now() < until {
+            if !running(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        !running(pid)
+    }
+
+    #[test]
+    fn a_child_leading_its_own_group_is_stopped_with_what_it_started() {
+        // Why: an agent profiled behind a wrapper script kept running after
+        // the bench had stopped the wrapper (by its pid) and removed its pins.
+        let (mut guard, sleep) = shell_with_a_child(true);
+        assert!(guard.group);
+        assert!(running(sleep));
+        guard.stop(Duration::from_millis(200));
+        assert!(
+            gone_within(sleep, Duration::from_secs(5)),
+            "sleep {sleep} outlived its group"
+        );
+
+        // Dropped without a stop: the same.
+        let (guard, sleep) = shell_with_a_child(true);
+        drop(guard);
+        assert!(
+            gone_within(sleep, Duration::from_secs(5)),
+            "sleep {sleep} outlived its group"
+        );
+    }
+
+    #[test]
+    fn a_child_in_the_benchs_group_is_stopped_by_its_pid_alone() {
+        // The control: only the leader of its own group is stopped as one
+        // (never the bench's own group).
+        let (mut guard, sleep) = shell_with_a_child(false);
+        assert!(!guard.group);
+        guard.stop(Duration::from_millis(200));
+        assert!(
+            !gone_within(sleep, Duration::from_millis(300)),
+            "a pid kill reached the grandchild"
+        );
+        // Ours (started by our child): stopped by its pid.
+        kill_child(sleep, false, libc::SIGKILL);
+        assert!(gone_within(sleep, Duration::from_secs(5)));
+    }
 
     #[test]
     fn owner_pid_parses_only_bench_names() {

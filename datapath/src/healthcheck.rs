@@ -64,8 +64,8 @@ pub fn wanted(services: &[(u16, ServiceKey)], table: &ServiceTable) -> BTreeMap<
             .flat_map(|e| e.local.iter().map(|b| b.ip))
             .collect();
         let hc = HealthCheck {
-            namespace: key.0.clone(),
-            name: key.1.clone(),
+            namespace: key.0.to_string(),
+            name: key.1.to_string(),
             local_endpoints: local.len(),
         };
         match out.get(port) {

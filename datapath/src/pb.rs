@@ -36,6 +36,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 use prost::Message;
 
+use crate::desired::Name;
 use crate::service::{Ingress, Svc, SvcExternal, SvcPort, Word, READ_LABELS};
 use netboot_contract::features::TOPOLOGY_ANNOTATIONS;
 
@@ -502,8 +503,8 @@ impl From<PbService> for ListedService {
                 .collect(),
         };
         let svc = Svc {
-            namespace: text(m.namespace).unwrap_or_default(),
-            name: text(m.name),
+            namespace: text(m.namespace).unwrap_or_default().into(),
+            name: text(m.name).map(Name::from),
             resource_version: text(m.resource_version),
             labels: kept(m.labels, &READ_LABELS),
             annotations: kept(m.annotations, &TOPOLOGY_ANNOTATIONS),

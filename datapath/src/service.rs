@@ -10,7 +10,7 @@ use std::ops::Deref;
 use k8s_openapi::api::core::v1::Service;
 use netboot_contract::features::{ServiceShape, TOPOLOGY_ANNOTATIONS};
 
-use crate::desired::ServiceKey;
+use crate::desired::{Name, ServiceKey};
 
 /// The labels of a Service the datapath reads (kube-proxy skips Services
 /// carrying either); every other label is dropped.
@@ -123,9 +123,9 @@ pub struct SvcExternal {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Svc {
     /// `metadata.namespace` ("" when unset).
-    pub namespace: String,
+    pub namespace: Name,
     /// `metadata.name`.
-    pub name: Option<String>,
+    pub name: Option<Name>,
     /// `metadata.resourceVersion`.
     pub resource_version: Option<String>,
     /// The [`READ_LABELS`] it has.
@@ -212,8 +212,8 @@ impl From<&Service> for Svc {
         ports.shrink_to_fit();
         let some = |v: Option<&String>| v.map(|v| Word::from(v.as_str()));
         Svc {
-            namespace: m.namespace.clone().unwrap_or_default(),
-            name: m.name.clone(),
+            namespace: m.namespace.as_deref().unwrap_or_default().into(),
+            name: m.name.as_deref().map(Name::from),
             resource_version: m.resource_version.clone(),
             labels: kept(m.labels.as_ref(), &READ_LABELS),
             annotations: kept(m.annotations.as_ref(), &TOPOLOGY_ANNOTATIONS),

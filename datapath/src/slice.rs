@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::desired::{proto_of, ServiceKey, SERVICE_NAME_LABEL};
+use crate::desired::{proto_of, Name, ServiceKey, SERVICE_NAME_LABEL};
 
 /// The address family of a slice (`addressType`); FQDN slices are kept
 /// (they still name their Service) but hold no backend.
@@ -194,11 +194,11 @@ pub(crate) fn name_pods<'a>(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slice {
     /// `metadata.namespace`.
-    pub namespace: String,
+    pub namespace: Name,
     /// `metadata.name`.
-    pub name: String,
+    pub name: Name,
     /// Its `kubernetes.io/service-name` label.
-    pub service: Option<String>,
+    pub service: Option<Name>,
     /// `addressType`.
     pub family: SliceFamily,
     /// `ports`.
@@ -231,7 +231,7 @@ impl Slice {
 
     /// Whether it is labelled as belonging to Service `ns/name`.
     pub fn belongs_to(&self, ns: &str, name: &str) -> bool {
-        self.namespace == ns && self.service.as_deref() == Some(name)
+        &*self.namespace == ns && self.service.as_deref() == Some(name)
     }
 }
 
@@ -311,9 +311,9 @@ impl From<&EndpointSlice> for Slice {
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .cloned(),
-            namespace,
-            name: m.name.clone().unwrap_or_default(),
+                .map(|s| Name::from(s.as_str())),
+            namespace: namespace.into(),
+            name: m.name.as_deref().unwrap_or_default().into(),
             family,
             ports,
             endpoints,

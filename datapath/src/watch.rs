@@ -31,7 +31,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-use crate::desired::{self, DesiredTable, Frontend, Rules, ServiceKey, ServiceTable};
+use crate::desired::{self, DesiredTable, Frontend, Name, Rules, ServiceKey, ServiceTable};
 use crate::latency::{self, Triggered};
 use crate::lean::{LeanService, LeanSlice};
 use crate::listwatch::{self, Listable};
@@ -67,7 +67,7 @@ pub enum WatchError {
     },
 }
 
-type Key = (String, String);
+type Key = (Name, Name);
 
 /// What changed since the last [`Watched::take_dirty`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -115,9 +115,45 @@ pub struct Stores {
     /// What this agent serves now (None: [`desired::served`]); the
     /// north–south features depend on the per-packet path being attached.
     served: Option<BTreeSet<Feature>>,
+    /// Every namespace an object in the stores is in, held once
+    /// ([`Stores::intern`]).
+    namespaces: Namespaces,
+}
+
+/// The namespaces of the stored objects: one copy each, which every key and
+/// object in it shares, where each would otherwise hold its own (most
+/// objects are in a few namespaces). Pruned of the ones nothing else holds
+/// any more whenever it has doubled, so namespace churn does not grow it.
+#[derive(Debug, Default)]
+struct Namespaces {
+    set: BTreeSet<Name>,
+    /// Its size after the last prune.
+    kept: usize,
+}
+
+impl Namespaces {
+    /// The shared copy of `ns`.
+    fn intern(&mut self, ns: &Name) -> Name {
+        if let Some(n) = self.set.get(ns) {
+            return n.clone();
+        }
+        if self.set.len() >= 2 * self.kept + 64 {
+            self.set.retain(|n| Arc::strong_count(n) > 1);
+            self.kept = self.set.len();
+        }
+        self.set.insert(ns.clone());
+        ns.clone()
+    }
 }
 
 impl Stores {
+    /// `k` and the object's namespace `ns` sharing the interned namespace.
+    fn interned(&mut self, k: Key, ns: &mut Name) -> Key {
+        let shared = self.namespaces.intern(&k.0);
+        *ns = shared.clone();
+        (shared, k.1)
+    }
+
     fn triggered(&mut self, svc: &ServiceKey, t: Option<Triggered>) {
         if let Some(t) = t {
             self.dirty.triggers.entry(svc.clone()).or_default().push(t);
@@ -125,9 +161,11 @@ impl Stores {
     }
 
     fn apply_service(&mut self, o: Service) {
-        let k = key(&o);
-        self.triggered(&k, latency::service_trigger(&o));
-        self.services.insert(k.clone(), Svc::from(o));
+        let trigger = latency::service_trigger(&o);
+        let mut svc = Svc::from(o);
+        let k = self.interned(svc_key(&svc), &mut svc.namespace);
+        self.triggered(&k, trigger);
+        self.services.insert(k.clone(), svc);
         self.dirty.services.insert(k);
     }
 
@@ -156,10 +194,13 @@ impl Stores {
     }
 
     fn apply_slice(&mut self, o: EndpointSlice) {
-        let k = key(&o);
+        let trigger = latency::slice_trigger(&o);
+        let mut slice = Slice::from(o);
+        let k = slice_key(&slice);
         self.unindex_slice(&k);
-        if let Some(svc) = desired::slice_service(&o) {
-            self.triggered(&svc, latency::slice_trigger(&o));
+        let k = self.interned(k, &mut slice.namespace);
+        if let Some(svc) = slice.service_key() {
+            self.triggered(&svc, trigger);
             let set = self
                 .slices_by_service
                 .entry(svc.clone())
@@ -169,7 +210,7 @@ impl Stores {
             }
             self.dirty.services.insert(svc);
         }
-        self.slices.insert(k, Slice::from(o));
+        self.slices.insert(k, slice);
     }
 
     fn delete_slice(&mut self, o: &EndpointSlice) {
@@ -184,7 +225,8 @@ impl Stores {
 
     fn replace_services(&mut self, all: BTreeMap<Key, Listed<Svc>>) {
         let mut kept = Vec::with_capacity(all.len());
-        for (k, o) in all {
+        for (k, mut o) in all {
+            let k = self.interned(k, &mut o.object.namespace);
             if changed(
                 self.services
                     .get(&k)
@@ -203,7 +245,8 @@ impl Stores {
     fn replace_slices(&mut self, all: BTreeMap<Key, Listed<Slice>>) {
         let mut index: Vec<(ServiceKey, Key)> = Vec::with_capacity(all.len());
         let mut kept = Vec::with_capacity(all.len());
-        for (k, o) in all {
+        for (k, mut o) in all {
+            let k = self.interned(k, &mut o.object.namespace);
             if let Some(svc) = o.object.service_key() {
                 if changed(
                     self.slices
@@ -601,11 +644,17 @@ impl Watched {
     pub fn replace_all(&self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
         let services = services
             .into_iter()
-            .map(|o| (key(&o), Service::listed(o)))
+            .map(|o| {
+                let l = Service::listed(o);
+                (svc_key(&l.object), l)
+            })
             .collect();
         let slices = slices
             .into_iter()
-            .map(|o| (key(&o), EndpointSlice::listed(o)))
+            .map(|o| {
+                let l = EndpointSlice::listed(o);
+                (slice_key(&l.object), l)
+            })
             .collect();
         self.with(|s| s.replace_all(services, slices));
     }
@@ -797,7 +846,20 @@ pub fn service_addresses(svc: &Svc) -> Vec<IpAddr> {
 }
 
 fn key<K: Resource>(o: &K) -> Key {
-    (o.namespace().unwrap_or_default(), o.name_any())
+    (
+        o.namespace().unwrap_or_default().into(),
+        o.name_any().into(),
+    )
+}
+
+/// A stored Service's key, sharing its namespace and name.
+fn svc_key(svc: &Svc) -> Key {
+    (svc.namespace.clone(), svc.name.clone().unwrap_or_default())
+}
+
+/// A stored slice's key, sharing its namespace and name.
+fn slice_key(s: &Slice) -> Key {
+    (s.namespace.clone(), s.name.clone())
 }
 
 /// A relisted object is new, or not the version stored (`old`: the stored
@@ -925,17 +987,15 @@ stored_as!(LeanSlice, EndpointSlice);
 impl Listable for LeanService {
     type Listed = (Key, Listed<Svc>);
     fn listed(o: Self) -> Self::Listed {
-        (key(&o), <Self as Stored>::listed(o))
+        let l = <Self as Stored>::listed(o);
+        (svc_key(&l.object), l)
     }
     fn protobuf_page(body: Bytes) -> Result<(Vec<Self::Listed>, ListMeta), pb::DecodeError> {
         let (items, meta) = pb::decode_services(body)?;
         let items = items
             .into_iter()
             .map(|l| {
-                let key = (
-                    l.svc.namespace.clone(),
-                    l.svc.name.clone().unwrap_or_default(),
-                );
+                let key = svc_key(&l.svc);
                 let version = l.svc.resource_version.clone();
                 Listed::keyed(key, l.svc, version, l.trigger)
             })
@@ -947,7 +1007,8 @@ impl Listable for LeanService {
 impl Listable for LeanSlice {
     type Listed = (Key, Listed<Slice>);
     fn listed(o: Self) -> Self::Listed {
-        (key(&o), <Self as Stored>::listed(o))
+        let l = <Self as Stored>::listed(o);
+        (slice_key(&l.object), l)
     }
     /// Straight into the compact slice ([`pb::slice`]).
     fn protobuf_page(body: Bytes) -> Result<(Vec<Self::Listed>, ListMeta), pb::DecodeError> {
@@ -955,7 +1016,7 @@ impl Listable for LeanSlice {
         let items = items
             .into_iter()
             .map(|l| {
-                let key = (l.slice.namespace.clone(), l.slice.name.clone());
+                let key = slice_key(&l.slice);
                 let version = l.slice.resource_version.clone();
                 let trigger = l.trigger.as_deref().and_then(latency::slice_trigger_at);
                 Listed::keyed(key, l.slice, version, trigger)
@@ -1173,7 +1234,7 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
                 .unwrap()
                 .services
                 .keys()
-                .map(|k| k.1.clone())
+                .map(|k| k.1.to_string())
                 .collect()
         };
 
@@ -1228,11 +1289,60 @@ status: {loadBalancer: {ingress: [{ip: 192.0.2.10}, {hostname: lb.example}]}}",
         .unwrap()
     }
 
+    #[test]
+    fn a_namespace_and_a_name_are_held_once_by_keys_objects_and_the_index() {
+        // Why: at 1M Services the agent held each namespace and name up to
+        // a dozen times (keys, objects, the slice index): a tenth of it.
+        let w = Watched::default();
+        w.replace_all(
+            vec![svc("a", "10.96.0.1"), svc("b", "10.96.0.2")],
+            vec![slice("a-1", Some("a"), "10.0.0.1")],
+        );
+        // One by one too: a watch event takes the same path as a list.
+        w.apply_service(svc("c", "10.96.0.3"));
+        w.apply_slice(slice("c-1", Some("c"), "10.0.0.3"));
+        let s = w.stores.lock().unwrap();
+        let first = s.services.keys().next().unwrap().0.clone();
+        for (k, o) in &s.services {
+            assert!(Arc::ptr_eq(&k.0, &first), "{k:?}: its own namespace");
+            assert!(Arc::ptr_eq(&k.0, &o.namespace), "{k:?}");
+            assert!(Arc::ptr_eq(&k.1, o.name.as_ref().unwrap()), "{k:?}");
+        }
+        assert_eq!(s.slices.len(), 2);
+        for (k, o) in &s.slices {
+            assert!(Arc::ptr_eq(&k.0, &first), "{k:?}: its own namespace");
+            assert!(Arc::ptr_eq(&k.0, &o.namespace), "{k:?}");
+            assert!(Arc::ptr_eq(&k.1, &o.name), "{k:?}");
+        }
+        assert_eq!(s.slices_by_service.len(), 2);
+        for (svc, slices) in &s.slices_by_service {
+            assert!(Arc::ptr_eq(&svc.0, &first), "{svc:?}");
+            let stored = s.slices.get_key_value(&slices[0]).unwrap().0;
+            assert!(Arc::ptr_eq(&slices[0].1, &stored.1), "{svc:?}");
+            let label = s.slices[&slices[0]].service.as_ref().unwrap();
+            assert!(Arc::ptr_eq(&svc.1, label), "{svc:?}");
+        }
+    }
+
+    #[test]
+    fn namespaces_nothing_holds_any_more_are_let_go() {
+        let mut n = Namespaces::default();
+        let kept: Name = "kept".into();
+        let shared = n.intern(&kept);
+        assert!(Arc::ptr_eq(&shared, &n.intern(&"kept".into())));
+        // Namespaces that came and went (their objects deleted).
+        for i in 0..10_000 {
+            n.intern(&format!("gone-{i}").into());
+        }
+        assert!(n.set.len() <= 2 * 64 + 2, "{} namespaces kept", n.set.len());
+        assert!(
+            Arc::ptr_eq(&shared, &n.intern(&"kept".into())),
+            "one still held was let go"
+        );
+    }
+
     fn keys(names: &[&str]) -> BTreeSet<ServiceKey> {
-        names
-            .iter()
-            .map(|n| ("d".to_string(), n.to_string()))
-            .collect()
+        names.iter().map(|n| ("d".into(), (*n).into())).collect()
     }
 
     #[test]

@@ -20,7 +20,7 @@ use netboot_datapath::slice::Slice;
 use netboot_datapath::watch;
 
 /// An object of a list, as the stores keep it.
-type Listed<T> = ((String, String), watch::Listed<T>);
+type Listed<T> = (netboot_datapath::desired::ServiceKey, watch::Listed<T>);
 use netboot_harness::controlplane;
 
 const OBJECTS: &str = "

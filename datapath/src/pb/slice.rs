@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 
 use super::{unwrap_envelope, DecodeError, ListMeta};
-use crate::desired::{proto_of, SERVICE_NAME_LABEL};
+use crate::desired::{proto_of, Name, SERVICE_NAME_LABEL};
 use crate::latency::TRIGGER_ANNOTATION;
 use crate::slice::{
     name_pods, node_name, Hints, PodName, Slice, SliceEndpoint, SliceFamily, SlicePort,
@@ -290,9 +290,9 @@ fn slice(f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
     endpoints.shrink_to_fit();
     Ok(ListedSlice {
         slice: Slice {
-            namespace,
-            name,
-            service,
+            namespace: namespace.into(),
+            name: name.into(),
+            service: service.map(Name::from),
             family,
             ports,
             endpoints,

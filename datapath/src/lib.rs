@@ -40,4 +40,5 @@ pub mod startup;
 pub mod status;
 pub mod sys;
 pub mod upgrade;
+pub mod version;
 pub mod watch;

@@ -38,6 +38,7 @@ use prost::Message;
 
 use crate::desired::Name;
 use crate::service::{Ingress, Svc, SvcExternal, SvcPort, Word, READ_LABELS};
+use crate::version::Version;
 use netboot_contract::features::TOPOLOGY_ANNOTATIONS;
 
 /// The media type asked for.
@@ -505,7 +506,7 @@ impl From<PbService> for ListedService {
         let svc = Svc {
             namespace: text(m.namespace).unwrap_or_default().into(),
             name: text(m.name).map(Name::from),
-            resource_version: text(m.resource_version),
+            resource_version: text(m.resource_version).as_deref().map(Version::new),
             labels: kept(m.labels, &READ_LABELS),
             annotations: kept(m.annotations, &TOPOLOGY_ANNOTATIONS),
             type_: word(p.type_),

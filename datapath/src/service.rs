@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Service;
 use netboot_contract::features::{ServiceShape, TOPOLOGY_ANNOTATIONS};
 
 use crate::desired::{Name, ServiceKey};
+use crate::version::Version;
 
 /// The labels of a Service the datapath reads (kube-proxy skips Services
 /// carrying either); every other label is dropped.
@@ -127,7 +128,7 @@ pub struct Svc {
     /// `metadata.name`.
     pub name: Option<Name>,
     /// `metadata.resourceVersion`.
-    pub resource_version: Option<String>,
+    pub resource_version: Option<Version>,
     /// The [`READ_LABELS`] it has.
     pub labels: Option<BTreeMap<String, String>>,
     /// The topology annotations it has.
@@ -214,7 +215,7 @@ impl From<&Service> for Svc {
         Svc {
             namespace: m.namespace.as_deref().unwrap_or_default().into(),
             name: m.name.as_deref().map(Name::from),
-            resource_version: m.resource_version.clone(),
+            resource_version: m.resource_version.as_deref().map(Version::new),
             labels: kept(m.labels.as_ref(), &READ_LABELS),
             annotations: kept(m.annotations.as_ref(), &TOPOLOGY_ANNOTATIONS),
             type_: some(spec.and_then(|s| s.type_.as_ref())),

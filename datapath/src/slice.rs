@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::desired::{proto_of, Name, ServiceKey, SERVICE_NAME_LABEL};
+use crate::version::Version;
 
 /// The address family of a slice (`addressType`); FQDN slices are kept
 /// (they still name their Service) but hold no backend.
@@ -206,7 +207,7 @@ pub struct Slice {
     /// `endpoints`.
     pub endpoints: Vec<SliceEndpoint>,
     /// `metadata.resourceVersion` (a relist writes only what changed).
-    pub resource_version: Option<String>,
+    pub resource_version: Option<Version>,
     /// What its endpoints' [`PodName::Suffix`] names follow.
     pub pod_prefix: Box<str>,
 }
@@ -317,7 +318,7 @@ impl From<&EndpointSlice> for Slice {
             family,
             ports,
             endpoints,
-            resource_version: m.resource_version.clone(),
+            resource_version: m.resource_version.as_deref().map(Version::new),
             pod_prefix,
         }
     }
@@ -351,7 +352,7 @@ endpoints:
         assert_eq!(c.service_key(), Some(("d".into(), "w".into())));
         assert!(c.belongs_to("d", "w") && !c.belongs_to("e", "w"));
         assert_eq!(c.family, SliceFamily::V4);
-        assert_eq!(c.resource_version.as_deref(), Some("7"));
+        assert_eq!(c.resource_version, Some(Version::Number(7)));
         let ports: Vec<_> = c
             .ports
             .iter()

@@ -38,6 +38,7 @@ use crate::listwatch::{self, Listable};
 use crate::pb::{self, ListMeta};
 use crate::service::Svc;
 use crate::slice::Slice;
+use crate::version::Version;
 use netboot_contract::features::Feature;
 
 /// The Node label the zone comes from (zone hints).
@@ -230,8 +231,8 @@ impl Stores {
             if changed(
                 self.services
                     .get(&k)
-                    .and_then(|s| s.resource_version.as_deref()),
-                o.version.as_deref(),
+                    .and_then(|s| s.resource_version.as_ref()),
+                o.version.as_ref(),
             ) {
                 self.triggered(&k, o.trigger);
             }
@@ -251,8 +252,8 @@ impl Stores {
                 if changed(
                     self.slices
                         .get(&k)
-                        .and_then(|s| s.resource_version.as_deref()),
-                    o.version.as_deref(),
+                        .and_then(|s| s.resource_version.as_ref()),
+                    o.version.as_ref(),
                 ) {
                     self.triggered(&svc, o.trigger);
                 }
@@ -864,7 +865,7 @@ fn slice_key(s: &Slice) -> Key {
 
 /// A relisted object is new, or not the version stored (`old`: the stored
 /// one's resourceVersion; no resourceVersion: a static load, always new).
-fn changed(old: Option<&str>, new: Option<&str>) -> bool {
+fn changed(old: Option<&Version>, new: Option<&Version>) -> bool {
     match (old, new) {
         (Some(old), Some(new)) => old != new,
         _ => true,
@@ -877,7 +878,7 @@ fn changed(old: Option<&str>, new: Option<&str>) -> bool {
 pub struct Listed<T> {
     object: T,
     /// Its resourceVersion.
-    version: Option<String>,
+    version: Option<Version>,
     /// Its trigger time ([`crate::latency`]).
     trigger: Option<Triggered>,
 }
@@ -888,7 +889,7 @@ impl<T> Listed<T> {
     fn keyed(
         key: Key,
         object: T,
-        version: Option<String>,
+        version: Option<Version>,
         trigger: Option<Triggered>,
     ) -> (Key, Self) {
         (
@@ -907,8 +908,8 @@ impl<T> Listed<T> {
     }
 
     /// Its resourceVersion.
-    pub fn version(&self) -> Option<&str> {
-        self.version.as_deref()
+    pub fn version(&self) -> Option<&Version> {
+        self.version.as_ref()
     }
 
     /// Its trigger time.
@@ -944,7 +945,7 @@ impl Stored for Service {
     type Kept = Svc;
     fn listed(o: Self) -> Listed<Svc> {
         Listed {
-            version: o.metadata.resource_version.clone(),
+            version: o.metadata.resource_version.as_deref().map(Version::new),
             trigger: latency::service_trigger(&o),
             object: Svc::from(o),
         }
@@ -1030,7 +1031,7 @@ impl Stored for EndpointSlice {
     type Kept = Slice;
     fn listed(o: Self) -> Listed<Slice> {
         Listed {
-            version: o.metadata.resource_version.clone(),
+            version: o.metadata.resource_version.as_deref().map(Version::new),
             trigger: latency::slice_trigger(&o),
             object: Slice::from(o),
         }

@@ -190,7 +190,11 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
                 let trig = format!("{:?}", l.trigger());
                 (
                     format!("{ns}/{name}"),
-                    (l.object().clone(), l.version().map(str::to_owned), trig),
+                    (
+                        l.object().clone(),
+                        l.version().map(ToString::to_string),
+                        trig,
+                    ),
                 )
             })
             .collect()
@@ -238,7 +242,7 @@ fn protobuf_and_json_lists_fill_the_stores_alike() {
                     format!("{ns}/{name}"),
                     (
                         l.object().clone(),
-                        l.version().map(str::to_owned),
+                        l.version().map(ToString::to_string),
                         format!("{:?}", l.trigger()),
                     ),
                 )

@@ -24,6 +24,7 @@ use crate::latency::TRIGGER_ANNOTATION;
 use crate::slice::{
     name_pods, node_name, Hints, PodName, Slice, SliceEndpoint, SliceFamily, SlicePort,
 };
+use crate::version::Version;
 
 /// One slice of a list: the [`Slice`] and its trigger annotation's value
 /// ([`crate::latency`]).
@@ -248,7 +249,7 @@ fn slice(f: Fields<'_>) -> Result<ListedSlice, DecodeError> {
                 match t {
                     1 => name = m.str(w)?.to_owned(),
                     3 => namespace = m.str(w)?.to_owned(),
-                    6 => version = text(m.str(w)?).map(str::to_owned),
+                    6 => version = text(m.str(w)?).map(Version::new),
                     11 => {
                         let (k, v) = map_entry(m.message(w)?)?;
                         if k == SERVICE_NAME_LABEL {
@@ -577,7 +578,7 @@ mod tests {
         // Not vacuous: the cases the test means are there.
         let web = &got[0].1;
         assert_eq!(web.service.as_deref(), Some("web"));
-        assert_eq!(web.resource_version.as_deref(), Some("4711"));
+        assert_eq!(web.resource_version, Some(Version::Number(4711)));
         assert!(got[0].2.contains("Some"), "the trigger: {}", got[0].2);
         assert_eq!(web.endpoints[0].ip, Some("10.244.1.5".parse().unwrap()));
         let pods: Vec<_> = web.endpoints.iter().map(|e| web.pod(e)).collect();

@@ -565,6 +565,12 @@ pub struct Reconciler<M: LbMaps> {
     stale_stats: Option<BTreeSet<u32>>,
     /// [`PLAN_CHUNK`]; smaller in tests.
     plan_chunk: usize,
+    /// During a full pass's backend writes: the backends written, merged
+    /// into [`Self::backends`] in one go when they are done.
+    deferred_backends: Option<Vec<(L4Addr, (u32, u8))>>,
+    /// Entries inserted one by one into (frontends, backends) since each
+    /// was last built whole ([`Self::compact`]).
+    single_inserts: (u64, u64),
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -585,6 +591,8 @@ impl<M: LbMaps> Reconciler<M> {
             pressure: Pressure::default(),
             removed: Vec::new(),
             stale_stats: None,
+            deferred_backends: None,
+            single_inserts: (0, 0),
             plan_chunk: PLAN_CHUNK,
         };
         r.resync()?;
@@ -684,11 +692,20 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(())
     }
 
-    /// Rebuilds the mirror's maps with full B-tree nodes: entries inserted
-    /// in key order (a first pass) leave their nodes half empty.
+    /// Rebuilds the mirror's maps that took more than [`COMPACT_AFTER`]
+    /// single inserts since they were last built whole: entries inserted in
+    /// key order leave their nodes half empty. (Not `append`ed into a new
+    /// map: that frees the old nodes between the new ones, and the holes
+    /// stay in the agent's RSS; collected, the new map reuses the old one's
+    /// memory.)
     fn compact(&mut self) {
-        self.frontends = std::mem::take(&mut self.frontends).into_iter().collect();
-        self.backends = std::mem::take(&mut self.backends).into_iter().collect();
+        if self.single_inserts.0 > COMPACT_AFTER {
+            self.frontends = std::mem::take(&mut self.frontends).into_iter().collect();
+        }
+        if self.single_inserts.1 > COMPACT_AFTER {
+            self.backends = std::mem::take(&mut self.backends).into_iter().collect();
+        }
+        self.single_inserts = (0, 0);
     }
 
     /// Backends deleted from the maps since the last call: their connected
@@ -889,9 +906,7 @@ impl<M: LbMaps> Reconciler<M> {
         let r = self.pass(&target, &mut st);
         self.target = target;
         self.needs_full = r.is_err() || !self.pressure.is_empty();
-        if st.updates > COMPACT_AFTER {
-            self.compact();
-        }
+        self.compact();
         r.map(|()| st)
     }
 
@@ -1186,11 +1201,16 @@ impl<M: LbMaps> Reconciler<M> {
     /// with full nodes, instead of a search from the root per backend; a
     /// few are inserted one by one (a merge copies the whole mirror).
     fn record_backends(&mut self, written: Vec<(L4Addr, (u32, u8))>) {
+        if let Some(d) = &mut self.deferred_backends {
+            d.extend(written);
+            return;
+        }
         if written.len() >= 1024 && written.len() * 8 >= self.backends.len() {
             // Equal addresses: the later write wins, as with inserts.
             let mut more: BTreeMap<L4Addr, (u32, u8)> = written.into_iter().collect();
             self.backends.append(&mut more);
         } else {
+            self.single_inserts.1 += written.len() as u64;
             for (addr, v) in written {
                 self.backends.insert(addr, v);
             }
@@ -1300,6 +1320,53 @@ impl<M: LbMaps> Reconciler<M> {
         if let Some(p) = self.frontends.get(&addr) {
             return Ok(p.id);
         }
+        let id = self.new_frontend_id(addr)?;
+        self.single_inserts.0 += 1;
+        self.frontends.insert(
+            addr,
+            ProgFrontend {
+                id,
+                ..Default::default()
+            },
+        );
+        Ok(id)
+    }
+
+    /// Enters every frontend of `desired` the mirror lacks, with its id, in
+    /// one go when they are many (a first pass: entered one by one, in key
+    /// order, they left the B-tree's nodes half empty, and rebuilding it
+    /// took its size again at the agent's peak). Few are left to
+    /// [`Self::frontend_id`]: merging rebuilds the whole map. Ids are handed
+    /// out in the order the pass plans the frontends, as it would; once they
+    /// run out, the rest are left to `frontend_id` too, which reports it.
+    fn adopt_frontends(&mut self, desired: &BTreeMap<L4Addr, Arc<Frontend>>) {
+        let missing: Vec<L4Addr> = desired
+            .keys()
+            .filter(|a| !self.frontends.contains_key(a))
+            .copied()
+            .collect();
+        if missing.len() < 1024 || missing.len() * 8 < self.frontends.len() {
+            return;
+        }
+        let mut adopted = Vec::with_capacity(missing.len());
+        for addr in missing {
+            let Ok(id) = self.new_frontend_id(addr) else {
+                break;
+            };
+            adopted.push((
+                addr,
+                ProgFrontend {
+                    id,
+                    ..Default::default()
+                },
+            ));
+        }
+        let mut more: BTreeMap<L4Addr, ProgFrontend> = adopted.into_iter().collect();
+        self.frontends.append(&mut more);
+    }
+
+    /// A service id for new frontend `addr`, its counters reset.
+    fn new_frontend_id(&mut self, addr: L4Addr) -> Result<u32, ReconcileError> {
         // A freed id is handed out first.
         let reused = !self.svc_ids.freed.is_empty();
         let id = self
@@ -1320,13 +1387,6 @@ impl<M: LbMaps> Reconciler<M> {
                 tracing::warn!(id, error = %e, "reset per-Service counters");
             }
         }
-        self.frontends.insert(
-            addr,
-            ProgFrontend {
-                id,
-                ..Default::default()
-            },
-        );
         Ok(id)
     }
 
@@ -1379,27 +1439,16 @@ impl<M: LbMaps> Reconciler<M> {
             // writes at a time: a first pass planned whole held every
             // write at once (1.2 million at 100k Services × 10, 100 MiB
             // at the agent's peak).
-            let mut after = Bound::Unbounded;
-            loop {
-                let wanted: Vec<(L4Addr, BackendState)> = self
-                    .refs
-                    .range((after, Bound::Unbounded))
-                    .filter_map(|(a, r)| r.state().map(|s| (*a, s)))
-                    .take(self.plan_chunk)
-                    .collect();
-                let Some(&(last, _)) = wanted.last() else {
-                    break;
-                };
-                after = Bound::Excluded(last);
-                let mut plans = Plans::default();
-                for (addr, state) in wanted {
-                    match self.plan_backend(addr, state) {
-                        Ok(p) => plans.0[0].extend(p),
-                        Err(e) => self.tolerate_backend(addr, Err(e))?,
-                    }
-                }
-                self.flush(plans, st)?;
+            // The written backends enter the mirror in one go once all are
+            // written (in chunks, entered one by one, half of a million
+            // left the B-tree's nodes half empty), also when a write fails.
+            self.deferred_backends = Some(Vec::new());
+            let written = self.write_wanted_backends(st);
+            if let Some(d) = self.deferred_backends.take() {
+                self.record_backends(d);
             }
+            written?;
+            self.adopt_frontends(desired);
             let mut plans = Plans::default();
             for (addr, fe) in desired {
                 match self.frontend_id(*addr) {
@@ -1419,6 +1468,31 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         Ok(())
+    }
+
+    /// Writes every backend the target wants, [`PLAN_CHUNK`] at a time.
+    fn write_wanted_backends(&mut self, st: &mut SyncStats) -> Result<(), ReconcileError> {
+        let mut after = Bound::Unbounded;
+        loop {
+            let wanted: Vec<(L4Addr, BackendState)> = self
+                .refs
+                .range((after, Bound::Unbounded))
+                .filter_map(|(a, r)| r.state().map(|s| (*a, s)))
+                .take(self.plan_chunk)
+                .collect();
+            let Some(&(last, _)) = wanted.last() else {
+                return Ok(());
+            };
+            after = Bound::Excluded(last);
+            let mut plans = Plans::default();
+            for (addr, state) in wanted {
+                match self.plan_backend(addr, state) {
+                    Ok(p) => plans.0[0].extend(p),
+                    Err(e) => self.tolerate_backend(addr, Err(e))?,
+                }
+            }
+            self.flush(plans, st)?;
+        }
     }
 
     /// The writes that make frontend `addr` (service id `id`) hold `fe`,

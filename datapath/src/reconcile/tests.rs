@@ -1408,3 +1408,40 @@ fn a_slot_effect_is_no_larger_than_a_slot_0_one() {
         std::mem::size_of::<Effect>()
     );
 }
+
+#[test]
+fn a_failed_pass_entering_frontends_and_backends_in_bulk_leaves_the_mirror_exact() {
+    // Why: a full pass enters 1,024 or more new frontends, and the backends
+    // it writes, into the mirror in one go; a write failing part way must
+    // still leave the mirror what the maps hold, with no id lost.
+    for fail_every in [997, 4001, 9973] {
+        let mut r = Reconciler::recover(FaultyMaps::new(fail_every)).unwrap();
+        r.set_plan_chunk(2000);
+        let want = wide(1200, 0, 7);
+        let mut tries = 0;
+        while r.reconcile(&want).is_err() {
+            let fresh = Reconciler::recover(r.maps().clone()).unwrap();
+            assert_eq!(
+                fresh.programmed(),
+                r.programmed(),
+                "fail_every {fail_every}"
+            );
+            assert!(inconsistencies(&r.maps().inner.state).is_empty());
+            tries += 1;
+            assert!(tries < 100, "fail_every {fail_every}: no convergence");
+        }
+        assert!(tries > 0, "fail_every {fail_every}: no write failed");
+        assert_eq!(r.maps().inner.state.frontend_count(), 1200);
+        assert_eq!(r.programmed().backends, 12_000);
+        let ids: Vec<u32> = r.maps().inner.state.backends.keys().copied().collect();
+        assert_eq!(
+            ids,
+            (1..=12_000).collect::<Vec<_>>(),
+            "fail_every {fail_every}"
+        );
+        // And what the next pass finds is what it left.
+        let fresh = Reconciler::recover(r.maps().clone()).unwrap();
+        assert_eq!(fresh.programmed(), r.programmed());
+        assert_eq!(r.reconcile(&want).unwrap().writes(), 0);
+    }
+}

@@ -406,7 +406,7 @@ pub(crate) fn proto_of(p: Option<&str>) -> Option<u8> {
 /// A namespace or an object's name, shared: a Service's or slice's key, the
 /// object itself, the slice index and the desired table hold one copy of it
 /// (at 1M Services its copies were a tenth of the agent's memory), and a
-/// namespace is held once for all its objects (`Stores::intern`).
+/// namespace is held once for all its objects (`watch::Stores`).
 pub type Name = Arc<str>;
 
 /// A Service's key: (namespace, name).

@@ -117,7 +117,7 @@ pub struct Stores {
     /// north–south features depend on the per-packet path being attached.
     served: Option<BTreeSet<Feature>>,
     /// Every namespace an object in the stores is in, held once
-    /// ([`Stores::intern`]).
+    /// ([`Stores::interned`]).
     namespaces: Namespaces,
 }
 

@@ -1272,26 +1272,36 @@ fn a_full_map_in_the_middle_of_a_batch_programs_what_fits_and_recovers() {
     );
 }
 
+/// Full passes of `want` until one succeeds (at most `max_tries` failed):
+/// after each failed one the mirror is what a fresh read of the maps gives,
+/// and the maps are consistent. The failed passes.
+fn converge_through_failures(
+    r: &mut Reconciler<FaultyMaps>,
+    want: &DesiredTable,
+    max_tries: usize,
+) -> usize {
+    let mut tries = 0;
+    while r.reconcile(want).is_err() {
+        let fresh = Reconciler::recover(r.maps().clone()).unwrap();
+        assert_eq!(
+            fresh.programmed(),
+            r.programmed(),
+            "after {tries} failed passes"
+        );
+        assert!(inconsistencies(&r.maps().inner.state).is_empty());
+        tries += 1;
+        assert!(tries < max_tries, "no convergence in {max_tries} passes");
+    }
+    tries
+}
+
 #[test]
 fn a_failed_batch_leaves_the_mirror_exact_and_ids_not_leaked() {
     // Why: "a failure leaves every earlier write applied" must hold per
     // write inside a batch, and ids of unwritten backends come back.
     for fail_every in [3, 7, 50, 101] {
         let mut r = Reconciler::recover(FaultyMaps::new(fail_every)).unwrap();
-        let want = many(12, 3);
-        let mut tries = 0;
-        while r.reconcile(&want).is_err() {
-            // The mirror is what a fresh read of the maps gives.
-            let fresh = Reconciler::recover(r.maps().clone()).unwrap();
-            assert_eq!(
-                fresh.programmed(),
-                r.programmed(),
-                "fail_every {fail_every}"
-            );
-            assert!(inconsistencies(&r.maps().inner.state).is_empty());
-            tries += 1;
-            assert!(tries < 500, "fail_every {fail_every}: no convergence");
-        }
+        converge_through_failures(&mut r, &many(12, 3), 500);
         assert_eq!(r.maps().inner.state.frontend_count(), 12);
         // Backend ids are dense: none was lost to a failed write.
         let ids: Vec<u32> = r.maps().inner.state.backends.keys().copied().collect();
@@ -1418,18 +1428,7 @@ fn a_failed_pass_entering_frontends_and_backends_in_bulk_leaves_the_mirror_exact
         let mut r = Reconciler::recover(FaultyMaps::new(fail_every)).unwrap();
         r.set_plan_chunk(2000);
         let want = wide(1200, 0, 7);
-        let mut tries = 0;
-        while r.reconcile(&want).is_err() {
-            let fresh = Reconciler::recover(r.maps().clone()).unwrap();
-            assert_eq!(
-                fresh.programmed(),
-                r.programmed(),
-                "fail_every {fail_every}"
-            );
-            assert!(inconsistencies(&r.maps().inner.state).is_empty());
-            tries += 1;
-            assert!(tries < 100, "fail_every {fail_every}: no convergence");
-        }
+        let tries = converge_through_failures(&mut r, &want, 100);
         assert!(tries > 0, "fail_every {fail_every}: no write failed");
         assert_eq!(r.maps().inner.state.frontend_count(), 1200);
         assert_eq!(r.programmed().backends, 12_000);

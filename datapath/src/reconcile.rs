@@ -460,6 +460,13 @@ impl IdSet {
 /// mirror ([`Reconciler::compact`]).
 const COMPACT_AFTER: u64 = 4096;
 
+/// Whether `new` entries go into a mirror map of `len` as one merged map
+/// (built whole, with full nodes; a merge rebuilds the whole map) rather
+/// than one insert each.
+fn merge_whole(new: usize, len: usize) -> bool {
+    new >= 1024 && new * 8 >= len
+}
+
 /// The maps [`Reconciler::map_entries`] counts, in its order.
 pub const MAP_USAGE_MAPS: [&str; 7] = [
     crate::layout::names::SERVICES,
@@ -1205,7 +1212,7 @@ impl<M: LbMaps> Reconciler<M> {
             d.extend(written);
             return;
         }
-        if written.len() >= 1024 && written.len() * 8 >= self.backends.len() {
+        if merge_whole(written.len(), self.backends.len()) {
             // Equal addresses: the later write wins, as with inserts.
             let mut more: BTreeMap<L4Addr, (u32, u8)> = written.into_iter().collect();
             self.backends.append(&mut more);
@@ -1345,7 +1352,7 @@ impl<M: LbMaps> Reconciler<M> {
             .filter(|a| !self.frontends.contains_key(a))
             .copied()
             .collect();
-        if missing.len() < 1024 || missing.len() * 8 < self.frontends.len() {
+        if !merge_whole(missing.len(), self.frontends.len()) {
             return;
         }
         let mut adopted = Vec::with_capacity(missing.len());

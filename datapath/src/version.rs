@@ -30,12 +30,6 @@ impl Version {
     }
 }
 
-impl From<&str> for Version {
-    fn from(s: &str) -> Self {
-        Self::new(s)
-    }
-}
-
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -365,14 +365,21 @@ impl ChildGuard {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        if self.group {
-            // The group outlives its leader: what the child started (its
-            // leader reaped or not, the group id stays ours until the last
-            // member has gone).
-            kill_child(self.pid, true, libc::SIGKILL);
+        self.kill_and_reap();
+    }
+
+    /// SIGKILL to the child (and its group), reaped and deregistered.
+    fn kill_and_reap(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if self.group {
+                // The group outlives its leader: what the child started (its
+                // leader reaped or not, the group id stays ours until the
+                // last member has gone).
+                kill_child(self.pid, true, libc::SIGKILL);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
         }
-        let _ = child.kill();
-        let _ = child.wait();
         self.child = None;
         with_registry(|r| {
             r.pids.remove(&self.pid);
@@ -382,16 +389,7 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            if self.group {
-                kill_child(self.pid, true, libc::SIGKILL);
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        with_registry(|r| {
-            r.pids.remove(&self.pid);
-        });
+        self.kill_and_reap();
     }
 }
 

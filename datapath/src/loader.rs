@@ -293,6 +293,16 @@ pub struct PinCheckReport {
 
 /// Loads the object with its maps pinned under `pins` (reusing existing pins).
 pub fn load(pins: &Pins, sizes: &MapSizes) -> Result<(Ebpf, PinCheckReport, bool), LoaderError> {
+    load_object(pins, sizes, BPF_OBJECT)
+}
+
+/// [`load`] of `object`, another build of `sock_lb.bpf.c` with the same
+/// maps ([`install_object`]).
+fn load_object(
+    pins: &Pins,
+    sizes: &MapSizes,
+    object: &[u8],
+) -> Result<(Ebpf, PinCheckReport, bool), LoaderError> {
     pins.prepare()?;
     let reused = pins.maps_exist();
     let check = check_pinned(pins, sizes)?;
@@ -304,7 +314,7 @@ pub fn load(pins: &Pins, sizes: &MapSizes) -> Result<(Ebpf, PinCheckReport, bool
         }
     }
     let ebpf = loader
-        .load(BPF_OBJECT)
+        .load(object)
         .map_err(|e| LoaderError::Load(Box::new(e)))?;
     Ok((
         ebpf,
@@ -434,6 +444,30 @@ pub fn install_keeping(
         },
         Some(Loaded(ebpf)),
     ))
+}
+
+/// [`install_with`] of `object`, another build of `sock_lb.bpf.c` with the
+/// same maps and programs, into a pin root and cgroup of its own: how a
+/// benchmark measures a change to the programs side by side with this
+/// build's, in one run. No layout upgrade, nothing carried over.
+pub fn install_object(
+    pins: &Pins,
+    cgroup: &Path,
+    sizes: &MapSizes,
+    mode: DatapathMode,
+    object: &[u8],
+) -> Result<InstallReport, LoaderError> {
+    let (mut ebpf, check, maps_reused) = load_object(pins, sizes, object)?;
+    write_config(pins, mode)?;
+    let links = attach_cgroup(&mut ebpf, pins, cgroup)?;
+    Ok(InstallReport {
+        maps_reused,
+        links,
+        size_changes: check.size_changes,
+        maps_reset: check.reset,
+        upgrade: None,
+        recovered: None,
+    })
 }
 
 /// [`install_with`] when the pinned maps must be rebuilt (`upgrade.rs`):

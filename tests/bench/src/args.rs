@@ -77,6 +77,12 @@ pub struct Cli {
     /// most of a p99's noise here. Every row gets it alike.
     #[arg(long)]
     pub realtime_clients: bool,
+    /// Another build of `datapath/bpf/sock_lb.bpf.c` (same maps and
+    /// programs), loaded into maps and a cgroup of its own beside netboot's
+    /// and measured in a latency row interleaved with netboot's: a change to
+    /// the programs against this build, side by side in one run.
+    #[arg(long, value_name = "FILE")]
+    pub variant_object: Option<std::path::PathBuf>,
 }
 
 /// Subcommands (without one: the socket-LB benchmark).

@@ -559,6 +559,7 @@ mod tests {
                 ipv6: true,
                 drain_listeners: false,
                 realtime_clients: false,
+                variant_object: None,
                 iptables_backend: IptablesBackend::Nft,
                 goal_scenario: Some((10_000, 10)),
             },

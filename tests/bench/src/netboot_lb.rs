@@ -124,6 +124,10 @@ pub struct NetbootLb {
     _pins: PinRoot,
     /// Clients of this variant join this cgroup.
     pub cgroup: Cgroup,
+    /// Times the maps were emptied ([`NetbootLb::clear`]): a map's history
+    /// (its elements freed and taken again) is part of what a connect
+    /// costs, so `--variant-object`'s maps are given the same.
+    pub clears: u32,
 }
 
 /// The agent's watch path over a [`NetbootLb`]: the stores its watchers
@@ -150,10 +154,34 @@ impl NetbootLb {
     /// Loads the programs, pins the maps under `nbb-<pid>/<tag>` and attaches
     /// them (replace mode) to a new cgroup `nbb-<pid>/<tag>`.
     pub fn install(run_tag: &str, tag: &str, sizes: &MapSizes) -> Result<Self> {
+        Self::install_object(run_tag, tag, sizes, None)
+    }
+
+    /// [`NetbootLb::install`] of `object` (another build of the programs,
+    /// `--variant-object`), or of this build's (None).
+    pub fn install_object(
+        run_tag: &str,
+        tag: &str,
+        sizes: &MapSizes,
+        object: Option<&[u8]>,
+    ) -> Result<Self> {
         let cgroup = Cgroup::new(&format!("{run_tag}/{tag}"))?;
         let pins = PinRoot::new(&format!("{run_tag}/{tag}"))?;
-        loader::install(&pins.pins, &cgroup.path, sizes, true)
-            .context("loading and attaching netboot's socket LB")?;
+        match object {
+            None => loader::install(&pins.pins, &cgroup.path, sizes, true).map(|_| ()),
+            Some(o) => loader::install_object(
+                &pins.pins,
+                &cgroup.path,
+                sizes,
+                loader::DatapathMode {
+                    replace: true,
+                    host_namespace_only: false,
+                },
+                o,
+            )
+            .map(|_| ()),
+        }
+        .context("loading and attaching netboot's socket LB")?;
         let maps = KernelMaps::open(&pins.pins).context("opening the pinned maps")?;
         let maps = TimedMaps {
             inner: maps,
@@ -164,6 +192,7 @@ impl NetbootLb {
             recon,
             _pins: pins,
             cgroup,
+            clears: 0,
         })
     }
 
@@ -239,6 +268,7 @@ impl NetbootLb {
         self.recon
             .reconcile(&DesiredTable::default())
             .context("clearing the maps")?;
+        self.clears += 1;
         Ok(())
     }
 

@@ -16,6 +16,7 @@ fn colour(r: Row) -> RGBColor {
         (Variant::Netboot, Family::Ipv4) => RGBColor(0, 114, 178),
         (Variant::Iptables, _) => RGBColor(213, 94, 0),
         (Variant::Nftables, _) => RGBColor(0, 158, 115),
+        (Variant::NetbootVariant, _) => RGBColor(240, 228, 66),
         (Variant::Floor, Family::Ipv6) => RGBColor(170, 170, 170),
         (Variant::Netboot, Family::Ipv6) => RGBColor(86, 180, 233),
         (Variant::Floor, Family::Ipv4Mapped) => RGBColor(140, 110, 60),

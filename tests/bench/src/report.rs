@@ -80,6 +80,10 @@ pub struct RunConfig {
     /// `--realtime-clients`: the latency clients ran under SCHED_FIFO.
     #[serde(default)]
     pub realtime_clients: bool,
+    /// `--variant-object`: the file of the other build of the programs,
+    /// measured in a row of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant_object: Option<String>,
     /// iptables backend of the iptables variant.
     pub iptables_backend: IptablesBackend,
     /// Programming-only scenario for the goals (services, endpoints per service).
@@ -243,7 +247,7 @@ pub fn markdown(r: &Report) -> String {
     let sizes = r.sizes();
     let _ = writeln!(
         o,
-        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}{}\n",
+        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}{}{}\n",
         thousands(u64::from(r.config.connections)),
         if r.config.ipv6 {
             " The IPv6 rows use an AF_INET6 socket and IPv6 addresses (netboot: the Service's IPv6 ClusterIP, its maps holding the IPv6 frontends of all N dual-stack Services); the IPv4-mapped rows an AF_INET6 socket to `::ffff:<IPv4>` (netboot: the IPv4 ClusterIP, served by connect6 from the IPv4 maps). Each row's − floor columns are against the floor of its own family."
@@ -254,6 +258,13 @@ pub fn markdown(r: &Report) -> String {
             " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect()."
         } else {
             ""
+        },
+        {
+            let mut s = String::new();
+            if let Some(f) = &r.config.variant_object {
+                s.push_str(&format!(" `netboot-variant` (`--variant-object {f}`): that build of the programs, loaded into maps and a cgroup of its own holding the same Services, in netboot's namespace."));
+            }
+            s
         },
         if r.config.drain_listeners {
             " Listeners drained (the default; `--listeners-accept` turns it off): no listener thread accepts while a client is in connect(); each batch's connections are accepted after it."
@@ -266,7 +277,10 @@ pub fn markdown(r: &Report) -> String {
         "| Services | Variant | p50 | p99 | p50 − floor | p99 − floor | Notes |\n|---:|---|---:|---:|---:|---:|---|"
     );
     for (n, b) in &sizes {
-        for row in Row::ALL {
+        for row in Row::ALL
+            .into_iter()
+            .chain([Row::v4(Variant::NetbootVariant)])
+        {
             let Some(x) = r.get(*n, *b, row.name(), m::CONNECT) else {
                 continue;
             };
@@ -299,12 +313,43 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
-    if !r.comparisons.is_empty() {
+    let (ablations, families): (Vec<_>, Vec<_>) = r
+        .comparisons
+        .iter()
+        .partition(|c| c.family == crate::size::VARIANT_OBJECT);
+    for (family, what) in [(
+        crate::size::VARIANT_OBJECT,
+        "What `--variant-object` changes: the variant build's added latency over the floor minus netboot's (negative: the variant is faster)",
+    )] {
+        let rows: Vec<_> = ablations.iter().filter(|c| c.family == family).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "\n{what}, with a 95% interval from a bootstrap over whole rounds of the interleaving.\n\n| Services | Percentile | added (other) | added (netboot) | difference | 95% interval | rounds |\n|---:|---:|---:|---:|---:|---|---:|"
+        );
+        for c in rows {
+            let _ = writeln!(
+                o,
+                "| {} | p{} | {} | {} | {} | [{}, {}] | {} |",
+                thousands(u64::from(c.services)),
+                c.percentile,
+                num(c.added_other),
+                num(c.added_ipv4),
+                num(c.difference.point),
+                num(c.difference.lo),
+                num(c.difference.hi),
+                c.rounds
+            );
+        }
+    }
+    if !families.is_empty() {
         let _ = writeln!(
             o,
             "\nIPv6 and IPv4-mapped against IPv4 (issue 13): netboot's added latency over the floor of the same family, minus IPv4's, with a 95% interval from a bootstrap over whole rounds of the interleaving (a burst of other work hits one round's batches together, so rounds are resampled, not single connections).\n\n| Services | Family | Percentile | added (other) | added (IPv4) | difference | 95% interval | rounds |\n|---:|---|---:|---:|---:|---:|---|---:|"
         );
-        for c in &r.comparisons {
+        for c in &families {
             let _ = writeln!(
                 o,
                 "| {} | {} | p{} | {} | {} | {} | [{}, {}] | {} |",
@@ -378,7 +423,7 @@ pub fn markdown(r: &Report) -> String {
                 Variant::Netboot => r.get(*n, *b, v.name(), m::DESIRED_BUILD),
                 Variant::Iptables => r.get(*n, *b, v.name(), m::CHANGE_PARTIAL),
                 Variant::Nftables => r.get(*n, *b, v.name(), m::LIST_CHAINS),
-                Variant::Floor => None,
+                Variant::Floor | Variant::NetbootVariant => None,
             };
             if let Some(x) = extra {
                 let label = match v {
@@ -461,5 +506,64 @@ mod tests {
         assert_eq!(signed(-3.0), "-3.00");
         assert_eq!(thousands(100000), "100,000");
         assert_eq!(thousands(999), "999");
+    }
+
+    /// Why: a `--variant-object` run is read for its own table (the
+    /// variant against this build); it must not be mixed into issue 13's
+    /// family table, whose rows mean something else.
+    #[test]
+    fn a_variant_comparison_gets_a_table_of_its_own() {
+        use crate::compare::{FamilyComparison, Interval};
+        let mut r = Report::new(
+            Machine::default(),
+            RunConfig {
+                services: vec![100_000],
+                endpoints_per_service: 2,
+                connections: 10,
+                quick: false,
+                ipv6: false,
+                drain_listeners: true,
+                realtime_clients: true,
+                variant_object: Some("t0.o".into()),
+                iptables_backend: IptablesBackend::Nft,
+                goal_scenario: None,
+            },
+        );
+        r.comparisons.push(FamilyComparison {
+            services: 100_000,
+            family: crate::size::VARIANT_OBJECT.into(),
+            percentile: 99.0,
+            added_ipv4: 1.5,
+            added_other: 0.5,
+            difference: Interval {
+                point: -1.0,
+                lo: -1.4,
+                hi: -0.6,
+                resamples: 1000,
+            },
+            rounds: 16000,
+        });
+        for (row, xs) in [("floor", [20.0, 40.0]), ("netboot-variant", [20.2, 40.5])] {
+            r.add(
+                100_000,
+                2,
+                row,
+                m::CONNECT,
+                "µs",
+                Some(crate::stats::summarize(&xs)),
+                "",
+            );
+        }
+        let md = markdown(&r);
+        assert!(md.contains("| 100,000 | netboot-variant |"), "{md}");
+        let at = md
+            .find("What `--variant-object` changes")
+            .expect("the variant's table");
+        assert!(
+            md[at..].contains("| 100,000 | p99 | 0.500 | 1.50 | -1.00 | [-1.40, -0.600] | 16000 |"),
+            "{md}"
+        );
+        assert!(md.contains("`--variant-object t0.o`"), "{md}");
+        assert!(!md.contains("IPv6 and IPv4-mapped against IPv4"), "{md}");
     }
 }

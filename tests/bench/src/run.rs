@@ -65,6 +65,10 @@ pub fn run(s: &Settings) -> Result<Report> {
             ipv6: s.ipv6,
             drain_listeners: s.drain_listeners,
             realtime_clients: s.realtime_clients,
+            variant_object: s
+                .variant_object
+                .as_ref()
+                .map(|(p, _)| p.display().to_string()),
             iptables_backend: s.iptables,
             goal_scenario: s.goal_scenario,
         },

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::args::Cli;
 use crate::kube_proxy::IptablesBackend;
@@ -71,6 +71,8 @@ pub struct Settings {
     pub drain_listeners: bool,
     /// `--realtime-clients`: latency clients under SCHED_FIFO.
     pub realtime_clients: bool,
+    /// `--variant-object`: its path and bytes.
+    pub variant_object: Option<(PathBuf, Vec<u8>)>,
     /// Results folder.
     pub out: PathBuf,
     /// iptables backend.
@@ -146,6 +148,14 @@ impl Settings {
             kube_proxy: !cli.no_kube_proxy,
             drain_listeners: !cli.listeners_accept,
             realtime_clients: cli.realtime_clients,
+            variant_object: match &cli.variant_object {
+                Some(p) => Some((
+                    p.clone(),
+                    std::fs::read(p)
+                        .with_context(|| format!("--variant-object {}", p.display()))?,
+                )),
+                None => None,
+            },
             out,
             iptables: cli.iptables,
             agent_bin: cli.agent_bin.clone(),

@@ -785,7 +785,34 @@ fn latency_phase(
             }
         }
     }
-    let res = measure_rows(ctx, w, topo, nb.as_deref(), &skip_rows, rep);
+    // --variant-object: the other build, holding the same Services.
+    let alt = match (&ctx.s.variant_object, nb.as_deref()) {
+        (Some((path, object)), Some(base)) => {
+            let sizes = map_sizes(tables.a.frontends.len(), w.b, w.endpoints());
+            let mut alt = NetbootLb::install_object(
+                ctx.run_tag,
+                &format!("lbv-{}x{}", w.n, w.b),
+                &sizes,
+                Some(object),
+            )
+            .with_context(|| format!("--variant-object {}", path.display()))?;
+            // The same history as netboot's maps (emptied and filled again
+            // by the full-sync phase): an A/A run of this build against
+            // itself without it showed a 3 µs p99 "difference" at 1M.
+            for _ in 0..=base.clears {
+                if alt.programmed() > 0 {
+                    alt.clear()?;
+                }
+                alt.reconcile(&tables.a)
+                    .result
+                    .context("programming the variant build's maps")?;
+            }
+            Some(alt)
+        }
+        _ => None,
+    };
+    let res = measure_rows(ctx, w, topo, nb.as_deref(), alt.as_ref(), &skip_rows, rep);
+    drop(alt);
     if dual {
         if let Some(nb) = nb {
             // Back to the IPv4 table the programming measurements use.
@@ -802,6 +829,7 @@ fn measure_rows(
     w: &Workload,
     topo: &Topology,
     nb: Option<&NetbootLb>,
+    alt: Option<&NetbootLb>,
     skip: &[(Row, String)],
     rep: &mut Report,
 ) -> Result<()> {
@@ -810,7 +838,11 @@ fn measure_rows(
     for (row, why) in skip {
         rep.add(n, b, row.name(), m::CONNECT, "µs", None, why.clone());
     }
-    for row in Row::ALL {
+    let mut rows = Row::ALL.to_vec();
+    if alt.is_some() {
+        rows.insert(2, Row::v4(Variant::NetbootVariant));
+    }
+    for row in rows {
         if skip.iter().any(|(s, _)| *s == row) {
             continue;
         }
@@ -818,13 +850,17 @@ fn measure_rows(
             continue;
         }
         let cgroup = match row.variant {
+            Variant::NetbootVariant => match alt {
+                Some(alt) => &alt.cgroup.path,
+                None => continue,
+            },
             Variant::Netboot => match nb {
                 Some(nb) => &nb.cgroup.path,
                 None => continue,
             },
             _ => &ctx.plain.path,
         };
-        let mut client = Client::spawn(cgroup, topo.client(row.variant)?)?;
+        let mut client = Client::spawn(cgroup, topo.client(row.variant.base())?)?;
         if ctx.s.realtime_clients {
             client
                 .realtime()
@@ -836,7 +872,13 @@ fn measure_rows(
             target: target(w, row),
         });
     }
-    let counter = || nb.map(|x| x.counter("connect_translated")).unwrap_or(0);
+    let counter = || {
+        [nb, alt]
+            .into_iter()
+            .flatten()
+            .map(|x| x.counter("connect_translated"))
+            .sum()
+    };
     let accepted_before = topo.accepted();
     let plan = Plan {
         connections: ctx.s.connections,
@@ -876,7 +918,7 @@ fn measure_rows(
                 std::io::Error::from_raw_os_error(r.errno)
             ));
         }
-        if row.variant == Variant::Netboot {
+        if row.variant.base() == Variant::Netboot {
             let hook = match row.family {
                 Family::Ipv4 => "connect4",
                 Family::Ipv6 => "connect6",
@@ -937,8 +979,12 @@ fn floor_comparisons(
         .collect()
 }
 
+/// The `family` of `--variant-object`'s comparison (report.rs prints it in
+/// a table of its own).
+pub const VARIANT_OBJECT: &str = "variant object";
+
 /// Issue 13's comparisons (compare.rs) of the rows just measured: IPv6 and
-/// IPv4-mapped against IPv4, p50 and p99.
+/// IPv4-mapped against IPv4, p50 and p99; `--variant-object`'s.
 fn family_comparisons(
     n: u32,
     res: &std::collections::BTreeMap<Row, latency::LaneResult>,
@@ -959,6 +1005,22 @@ fn family_comparisons(
     ) else {
         return out;
     };
+    // --variant-object: the same statistic with the variant build's row as
+    // the "other" one and the floor for both: what the variant changes.
+    for (v, name) in [(Variant::NetbootVariant, VARIANT_OBJECT)] {
+        let Some(nbx) = rounds(v, Family::Ipv4) else {
+            continue;
+        };
+        let quad = crate::compare::Quad {
+            nb4,
+            fl4,
+            nbx,
+            flx: fl4,
+        };
+        for q in [50.0, 99.0] {
+            out.extend(crate::compare::compare(n, name, &quad, q, resamples));
+        }
+    }
     for (fam, name) in [(Family::Ipv6, "ipv6"), (Family::Ipv4Mapped, "ipv4-mapped")] {
         let (Some(nbx), Some(flx)) = (rounds(Variant::Netboot, fam), rounds(Variant::Floor, fam))
         else {

@@ -15,6 +15,9 @@ pub enum Variant {
     Iptables,
     /// kube-proxy nftables mode (service-ips verdict map → numgen → dnat).
     Nftables,
+    /// `--variant-object`: another build of netboot's programs, in maps and
+    /// a cgroup of its own holding the same Services; netboot's namespace.
+    NetbootVariant,
 }
 
 impl Variant {
@@ -33,6 +36,7 @@ impl Variant {
             Self::Netboot => "netboot",
             Self::Iptables => "iptables",
             Self::Nftables => "nftables",
+            Self::NetbootVariant => "netboot-variant",
         }
     }
 
@@ -43,6 +47,7 @@ impl Variant {
             Self::Netboot => "nb",
             Self::Iptables => "ipt",
             Self::Nftables => "nft",
+            Self::NetbootVariant => "nb",
         }
     }
 
@@ -53,6 +58,15 @@ impl Variant {
             Self::Netboot => 1,
             Self::Iptables => 2,
             Self::Nftables => 3,
+            Self::NetbootVariant => 4,
+        }
+    }
+
+    /// The variant whose namespace, cgroup and target this one uses.
+    pub fn base(self) -> Variant {
+        match self {
+            Self::NetbootVariant => Self::Netboot,
+            v => v,
         }
     }
 
@@ -127,6 +141,8 @@ impl Row {
             (Variant::Netboot, Family::Ipv4Mapped) => "netboot-ipv4-mapped",
             (Variant::Iptables, Family::Ipv4Mapped) => "iptables-ipv4-mapped",
             (Variant::Nftables, Family::Ipv4Mapped) => "nftables-ipv4-mapped",
+            (Variant::NetbootVariant, Family::Ipv6) => "netboot-variant-ipv6",
+            (Variant::NetbootVariant, Family::Ipv4Mapped) => "netboot-variant-ipv4-mapped",
         }
     }
 

@@ -22,22 +22,30 @@ const MODE: DatapathMode = DatapathMode {
     host_namespace_only: false,
 };
 
+/// `object` installed into a fresh cgroup and pin root named `tag` (kept
+/// alive with the result: dropping them detaches and unpins).
+fn install(
+    tag: &str,
+    object: &[u8],
+) -> (
+    TestCgroup,
+    TestPins,
+    Result<loader::InstallReport, loader::LoaderError>,
+) {
+    require_privileges();
+    let cg = TestCgroup::new(tag);
+    let pins = TestPins::new(tag);
+    let r = loader::install_object(&pins.pins, &cg.path, &MapSizes::default(), MODE, object);
+    (cg, pins, r)
+}
+
 #[test]
 fn an_object_given_is_attached_at_every_point_in_replace_mode() {
     // Why: a variant run compares two builds only if the variant's
     // programs really serve its cgroup; a load that attached nothing, or
     // left the mode at observe, would make the variant's row the floor's.
-    require_privileges();
-    let cg = TestCgroup::new("instobj");
-    let pins = TestPins::new("instobj");
-    let report = loader::install_object(
-        &pins.pins,
-        &cg.path,
-        &MapSizes::default(),
-        MODE,
-        loader::BPF_OBJECT,
-    )
-    .expect("install_object");
+    let (_cg, pins, r) = install("instobj", loader::BPF_OBJECT);
+    let report = r.expect("install_object");
     assert_eq!(report.links.len(), ATTACH_POINTS.len(), "{report:?}");
     let state = loader::attach_state(&pins.pins);
     let points: Vec<&str> = state.links.iter().map(|l| l.0.as_str()).collect();
@@ -49,17 +57,8 @@ fn an_object_given_is_attached_at_every_point_in_replace_mode() {
 
 #[test]
 fn an_object_that_is_not_bpf_is_refused_and_nothing_is_attached() {
-    require_privileges();
-    let cg = TestCgroup::new("instbad");
-    let pins = TestPins::new("instbad");
-    let err = loader::install_object(
-        &pins.pins,
-        &cg.path,
-        &MapSizes::default(),
-        MODE,
-        b"not an ELF object",
-    )
-    .expect_err("garbage must not load");
+    let (_cg, pins, r) = install("instbad", b"not an ELF object");
+    let err = r.expect_err("garbage must not load");
     assert!(
         matches!(err, loader::LoaderError::Load(_)),
         "the loader's error, not another: {err}"

@@ -313,35 +313,30 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
-    let (ablations, families): (Vec<_>, Vec<_>) = r
+    let (variants, families): (Vec<_>, Vec<_>) = r
         .comparisons
         .iter()
         .partition(|c| c.family == crate::size::VARIANT_OBJECT);
-    for (family, what) in [(
-        crate::size::VARIANT_OBJECT,
-        "What `--variant-object` changes: the variant build's added latency over the floor minus netboot's (negative: the variant is faster)",
-    )] {
-        let rows: Vec<_> = ablations.iter().filter(|c| c.family == family).collect();
-        if rows.is_empty() {
-            continue;
-        }
+    // The cells after the size (and family) columns, alike in both tables.
+    let cells = |c: &crate::compare::FamilyComparison| {
+        format!(
+            "p{} | {} | {} | {} | [{}, {}] | {}",
+            c.percentile,
+            num(c.added_other),
+            num(c.added_ipv4),
+            num(c.difference.point),
+            num(c.difference.lo),
+            num(c.difference.hi),
+            c.rounds
+        )
+    };
+    if !variants.is_empty() {
         let _ = writeln!(
             o,
-            "\n{what}, with a 95% interval from a bootstrap over whole rounds of the interleaving.\n\n| Services | Percentile | added (other) | added (netboot) | difference | 95% interval | rounds |\n|---:|---:|---:|---:|---:|---|---:|"
+            "\nWhat `--variant-object` changes: the variant build's added latency over the floor minus netboot's (negative: the variant is faster), with a 95% interval from a bootstrap over whole rounds of the interleaving.\n\n| Services | Percentile | added (other) | added (netboot) | difference | 95% interval | rounds |\n|---:|---:|---:|---:|---:|---|---:|"
         );
-        for c in rows {
-            let _ = writeln!(
-                o,
-                "| {} | p{} | {} | {} | {} | [{}, {}] | {} |",
-                thousands(u64::from(c.services)),
-                c.percentile,
-                num(c.added_other),
-                num(c.added_ipv4),
-                num(c.difference.point),
-                num(c.difference.lo),
-                num(c.difference.hi),
-                c.rounds
-            );
+        for c in &variants {
+            let _ = writeln!(o, "| {} | {} |", thousands(u64::from(c.services)), cells(c));
         }
     }
     if !families.is_empty() {
@@ -352,16 +347,10 @@ pub fn markdown(r: &Report) -> String {
         for c in &families {
             let _ = writeln!(
                 o,
-                "| {} | {} | p{} | {} | {} | {} | [{}, {}] | {} |",
+                "| {} | {} | {} |",
                 thousands(u64::from(c.services)),
                 c.family,
-                c.percentile,
-                num(c.added_other),
-                num(c.added_ipv4),
-                num(c.difference.point),
-                num(c.difference.lo),
-                num(c.difference.hi),
-                c.rounds
+                cells(c)
             );
         }
     }

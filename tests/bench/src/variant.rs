@@ -62,7 +62,8 @@ impl Variant {
         }
     }
 
-    /// The variant whose namespace, cgroup and target this one uses.
+    /// The variant whose namespace and target this one uses (its cgroup and
+    /// maps are its own).
     pub fn base(self) -> Variant {
         match self {
             Self::NetbootVariant => Self::Netboot,

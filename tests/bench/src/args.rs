@@ -83,6 +83,18 @@ pub struct Cli {
     /// the programs against this build, side by side in one run.
     #[arg(long, value_name = "FILE")]
     pub variant_object: Option<std::path::PathBuf>,
+    /// The order of the latency rows' turns in each round: `shuffled` (a
+    /// new random order every round, fixed seed) or `rotated` (by one a
+    /// round, as runs before 2026-12-07 night: netboot's batch then nearly
+    /// always follows the floor's).
+    #[arg(long, value_enum, default_value_t = crate::latency::Order::Shuffled)]
+    pub order: crate::latency::Order,
+    /// Pin every latency client to this CPU. Unpinned, the scheduler keeps
+    /// each client mostly on one CPU, and on two shared cores not always
+    /// the same one for every row (one run here: the floor's client 97% on
+    /// CPU 1, the variant's 92% on CPU 0).
+    #[arg(long, value_name = "CPU")]
+    pub client_cpu: Option<usize>,
 }
 
 /// Subcommands (without one: the socket-LB benchmark).

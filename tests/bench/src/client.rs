@@ -234,6 +234,30 @@ impl Client {
         }
     }
 
+    /// Pins the client to one CPU (`--client-cpu`): on two shared cores the
+    /// scheduler keeps each client mostly on one CPU, not necessarily the
+    /// same one for every row, and the two CPUs' other work differs.
+    pub fn pin(&self, cpu: usize) -> Result<()> {
+        let pid = self.guard.pid();
+        let target = libc::pid_t::try_from(pid).context("client pid")?;
+        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it
+        // (CPU_SET ignores a CPU beyond the set's size), and
+        // sched_setaffinity only reads the set.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(target, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            bail!(
+                "pinning client pid {pid} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
     /// From now on, write over a buffer of `bytes` before each attempt
     /// (0: stop).
     pub fn cold(&mut self, bytes: usize) -> Result<()> {

@@ -560,6 +560,8 @@ mod tests {
                 drain_listeners: false,
                 realtime_clients: false,
                 variant_object: None,
+                order: crate::latency::Order::Shuffled,
+                client_cpu: None,
                 iptables_backend: IptablesBackend::Nft,
                 goal_scenario: Some((10_000, 10)),
             },

@@ -562,8 +562,9 @@ struct Lane {
     error: Option<String>,
 }
 
-/// Runs the rows in rounds (one batch each, order rotated every round, so
-/// the machine's drifts hit every row alike).
+/// Runs the rows in rounds (one batch each, so the machine's drifts hit
+/// every row alike; the order shuffled every round, so no row always
+/// follows the same one: latency.rs's [`Order`](crate::latency::Order)).
 pub fn measure(
     w: &Workload,
     sites: &[Site],
@@ -603,10 +604,11 @@ pub fn measure(
         .collect();
     let batch = plan.batch.max(1);
     let rounds = plan.connections.div_ceil(batch);
+    let mut turns = crate::latency::Turns::new(crate::latency::Order::Shuffled);
     for r in 0..rounds {
         let count = batch.min(plan.connections - r * batch);
-        for k in 0..active.len() {
-            let lane = &mut lanes[active[(k + r as usize) % active.len()]];
+        for k in turns.of_round(r as usize, active.len()) {
+            let lane = &mut lanes[active[k]];
             let b = lane.client.requests(lane.target, count)?;
             lane.micros
                 .extend(b.ns.iter().map(|ns| *ns as f64 / 1000.0));

@@ -84,10 +84,27 @@ pub struct RunConfig {
     /// measured in a row of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant_object: Option<String>,
+    /// `--order`: the order of the latency rows' turns in a round.
+    pub order: crate::latency::Order,
+    /// `--client-cpu`: the CPU every latency client was pinned to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cpu: Option<usize>,
     /// iptables backend of the iptables variant.
     pub iptables_backend: IptablesBackend,
     /// Programming-only scenario for the goals (services, endpoints per service).
     pub goal_scenario: Option<(u32, u32)>,
+}
+
+/// Where one latency row's slow connections lie in its batches.
+#[derive(Clone, Debug, Serialize)]
+pub struct PositionRow {
+    /// Services (N).
+    pub services: u32,
+    /// The row's label.
+    pub row: String,
+    /// What was found.
+    #[serde(flatten)]
+    pub at: crate::latency::Positions,
 }
 
 /// Everything a run produced.
@@ -105,6 +122,8 @@ pub struct Report {
     /// Issue 18's P1: netboot over the floor (IPv4), p50 and p99, with their
     /// 95% intervals (compare.rs).
     pub floor_comparisons: Vec<crate::compare::FloorComparison>,
+    /// Where each latency row's slow connections lie in its batches.
+    pub positions: Vec<PositionRow>,
     /// Against the issue's goals.
     pub goals: Vec<Goal>,
     /// Remarks (IPVS, failed phases).
@@ -122,6 +141,7 @@ impl Report {
             metrics: Vec::new(),
             comparisons: Vec::new(),
             floor_comparisons: Vec::new(),
+            positions: Vec::new(),
             goals: Vec::new(),
             notes: Vec::new(),
             duration_s: 0.0,
@@ -247,17 +267,22 @@ pub fn markdown(r: &Report) -> String {
     let sizes = r.sizes();
     let _ = writeln!(
         o,
-        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}{}{}\n",
+        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches, {}; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}{}{}\n",
         thousands(u64::from(r.config.connections)),
+        match r.config.order {
+            crate::latency::Order::Shuffled => "the rows' turns in a new random order every round (`--order shuffled`)",
+            crate::latency::Order::Rotated => "the rows' turns rotated by one every round (`--order rotated`: a row nearly always follows the same row)",
+        },
         if r.config.ipv6 {
             " The IPv6 rows use an AF_INET6 socket and IPv6 addresses (netboot: the Service's IPv6 ClusterIP, its maps holding the IPv6 frontends of all N dual-stack Services); the IPv4-mapped rows an AF_INET6 socket to `::ffff:<IPv4>` (netboot: the IPv4 ClusterIP, served by connect6 from the IPv4 maps). Each row's − floor columns are against the floor of its own family."
         } else {
             ""
         },
-        if r.config.realtime_clients {
-            " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect()."
-        } else {
-            ""
+        match (r.config.realtime_clients, r.config.client_cpu) {
+            (true, Some(cpu)) => format!(" Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect(); all pinned to CPU {cpu} (`--client-cpu`)."),
+            (true, None) => " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect().".to_string(),
+            (false, Some(cpu)) => format!(" Clients all pinned to CPU {cpu} (`--client-cpu`)."),
+            (false, None) => String::new(),
         },
         {
             let mut s = String::new();
@@ -371,6 +396,27 @@ pub fn markdown(r: &Report) -> String {
                 c.over_pct.point_pct(),
                 c.over_pct.range_pct(),
                 c.rounds
+            );
+        }
+    }
+
+    if !r.positions.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nWhere the slow connections are: a batch's first connections pay for the switch from the row before (its client woken, the caches holding that row's work), and a p99 over batches of 250 is 2.5 connections a batch. Head = the first {} connections of every batch.\n\n| Services | Row | p99 (µs) | p99 without the heads | over the p99: share in a head | heads' share of all | first connection's p50 (µs) |\n|---:|---|---:|---:|---:|---:|---:|",
+            r.positions[0].at.head
+        );
+        for p in &r.positions {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {:.1}% | {:.1}% | {} |",
+                thousands(u64::from(p.services)),
+                p.row,
+                num(p.at.p99),
+                num(p.at.p99_without_head),
+                p.at.slow_in_head_pct,
+                p.at.head_pct,
+                num(p.at.first_p50)
             );
         }
     }
@@ -514,6 +560,8 @@ mod tests {
                 drain_listeners: true,
                 realtime_clients: true,
                 variant_object: Some("t0.o".into()),
+                order: crate::latency::Order::Shuffled,
+                client_cpu: Some(1),
                 iptables_backend: IptablesBackend::Nft,
                 goal_scenario: None,
             },

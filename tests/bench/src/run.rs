@@ -69,6 +69,8 @@ pub fn run(s: &Settings) -> Result<Report> {
                 .variant_object
                 .as_ref()
                 .map(|(p, _)| p.display().to_string()),
+            order: s.order,
+            client_cpu: s.client_cpu,
             iptables_backend: s.iptables,
             goal_scenario: s.goal_scenario,
         },

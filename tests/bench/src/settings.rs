@@ -73,6 +73,10 @@ pub struct Settings {
     pub realtime_clients: bool,
     /// `--variant-object`: its path and bytes.
     pub variant_object: Option<(PathBuf, Vec<u8>)>,
+    /// `--order`: the order of the latency rows' turns.
+    pub order: crate::latency::Order,
+    /// `--client-cpu`: the CPU every latency client is pinned to.
+    pub client_cpu: Option<usize>,
     /// Results folder.
     pub out: PathBuf,
     /// iptables backend.
@@ -156,6 +160,8 @@ impl Settings {
                 )),
                 None => None,
             },
+            order: cli.order,
+            client_cpu: cli.client_cpu,
             out,
             iptables: cli.iptables,
             agent_bin: cli.agent_bin.clone(),

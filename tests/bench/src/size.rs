@@ -824,6 +824,10 @@ fn latency_phase(
     res
 }
 
+/// The first connections of a batch, the head, whose share of the slow
+/// ones the report gives (latency::positions).
+const HEAD: usize = 3;
+
 fn measure_rows(
     ctx: &Ctx,
     w: &Workload,
@@ -866,6 +870,11 @@ fn measure_rows(
                 .realtime()
                 .with_context(|| format!("--realtime-clients for {}", row.label()))?;
         }
+        if let Some(cpu) = ctx.s.client_cpu {
+            client
+                .pin(cpu)
+                .with_context(|| format!("--client-cpu for {}", row.label()))?;
+        }
         lanes.push(Lane {
             row,
             client,
@@ -884,6 +893,7 @@ fn measure_rows(
         connections: ctx.s.connections,
         batch: ctx.s.batch,
         warmup: ctx.s.warmup,
+        order: ctx.s.order,
     };
     let drain = ctx.s.drain_listeners;
     if drain {
@@ -952,6 +962,16 @@ fn measure_rows(
         .extend(family_comparisons(n, &res, resamples));
     rep.floor_comparisons
         .extend(floor_comparisons(n, &res, resamples));
+    rep.positions
+        .extend(
+            res.iter()
+                .filter(|(_, r)| r.ok > 0)
+                .map(|(row, r)| crate::report::PositionRow {
+                    services: n,
+                    row: row.label(),
+                    at: latency::positions(&r.rounds, HEAD),
+                }),
+        );
     Ok(())
 }
 

@@ -240,8 +240,14 @@ impl Client {
     pub fn pin(&self, cpu: usize) -> Result<()> {
         let pid = self.guard.pid();
         let target = libc::pid_t::try_from(pid).context("client pid")?;
+        if cpu >= usize::try_from(libc::CPU_SETSIZE).unwrap_or(0) {
+            bail!(
+                "--client-cpu {cpu}: beyond the kernel's CPU set ({} CPUs)",
+                libc::CPU_SETSIZE
+            );
+        }
         // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it
-        // (CPU_SET ignores a CPU beyond the set's size), and
+        // (the CPU was checked against its size above), and
         // sched_setaffinity only reads the set.
         let rc = unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();

@@ -403,7 +403,7 @@ pub fn markdown(r: &Report) -> String {
     if !r.positions.is_empty() {
         let _ = writeln!(
             o,
-            "\nWhere the slow connections are: a batch's first connections pay for the switch from the row before (its client woken, the caches holding that row's work), and a p99 over batches of 250 is 2.5 connections a batch. Head = the first {} connections of every batch.\n\n| Services | Row | p99 (µs) | p99 without the heads | over the p99: share in a head | heads' share of all | first connection's p50 (µs) |\n|---:|---|---:|---:|---:|---:|---:|",
+            "\nWhere the slow connections are: a batch's first connections pay for the switch from the row before (its client woken, the caches holding that row's work), and a p99 is decided by one connection in a hundred (2.5 a batch in batches of 250). Head = the first {} connections of every batch.\n\n| Services | Row | p99 (µs) | p99 without the heads | over the p99: share in a head | heads' share of all | first connection's p50 (µs) |\n|---:|---|---:|---:|---:|---:|---:|",
             r.positions[0].at.head
         );
         for p in &r.positions {

@@ -71,18 +71,10 @@ impl Turns {
     /// Positions into `lanes` lanes, in the order they take their turns in
     /// round `round` (rounds asked for in order, from 0).
     pub fn of_round(&mut self, round: usize, lanes: usize) -> Vec<usize> {
-        self.order.turns(round, lanes, &mut self.rng)
-    }
-}
-
-impl Order {
-    /// Positions into the active lanes, in the order they take their turns
-    /// in round `round`.
-    fn turns(self, round: usize, lanes: usize, rng: &mut fastrand::Rng) -> Vec<usize> {
         let mut v: Vec<usize> = (0..lanes).collect();
-        match self {
-            Self::Shuffled => rng.shuffle(&mut v),
-            Self::Rotated => v.rotate_left(round % lanes.max(1)),
+        match self.order {
+            Order::Shuffled => self.rng.shuffle(&mut v),
+            Order::Rotated => v.rotate_left(round % lanes.max(1)),
         }
         v
     }
@@ -287,15 +279,15 @@ mod tests {
 
     #[test]
     fn every_round_is_a_permutation() {
-        let mut rng = fastrand::Rng::with_seed(SEED);
         for order in [Order::Shuffled, Order::Rotated] {
+            let mut turns = Turns::new(order);
             for r in 0..50 {
-                let mut t = order.turns(r, 4, &mut rng);
+                let mut t = turns.of_round(r, 4);
                 t.sort_unstable();
                 assert_eq!(t, vec![0, 1, 2, 3], "{order:?} round {r}");
             }
         }
-        assert!(Order::Rotated.turns(0, 0, &mut rng).is_empty());
+        assert!(Turns::new(Order::Rotated).of_round(0, 0).is_empty());
     }
 
     #[test]

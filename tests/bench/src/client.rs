@@ -331,9 +331,50 @@ fn parse_reply(line: &str) -> Result<Batch> {
     })
 }
 
+/// `--client-cpu auto`: the highest CPU this process may run on (on the
+/// 2-core machines here, CPU 1, where the P1 runs since 2026-12-07 night
+/// pinned their clients).
+pub fn highest_allowed_cpu() -> Result<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its
+    // size into it, and CPU_ISSET reads inside it (i < CPU_SETSIZE).
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            bail!(
+                "--client-cpu auto: sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        set
+    };
+    let size = usize::try_from(libc::CPU_SETSIZE).unwrap_or(0);
+    // SAFETY: as above.
+    (0..size)
+        .rev()
+        .find(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .context("--client-cpu auto: this process may run on no CPU")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_client_cpu_is_the_last_in_cpus_allowed_list() {
+        // /proc/self/status says the same set another way: "0-1", "0,3-5".
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim();
+        let last = list.rsplit([',', '-']).next().expect("entry");
+        assert_eq!(
+            highest_allowed_cpu().expect("affinity"),
+            last.parse::<usize>().expect("number"),
+            "{list}"
+        );
+    }
 
     #[test]
     fn replies_round_trip() {

@@ -280,9 +280,9 @@ pub fn markdown(r: &Report) -> String {
         },
         match (r.config.realtime_clients, r.config.client_cpu) {
             (true, Some(cpu)) => format!(" Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect(); all pinned to CPU {cpu} (`--client-cpu`)."),
-            (true, None) => " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect().".to_string(),
+            (true, None) => " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect(); not pinned (`--client-cpu off`: each row's client where the scheduler puts it).".to_string(),
             (false, Some(cpu)) => format!(" Clients all pinned to CPU {cpu} (`--client-cpu`)."),
-            (false, None) => String::new(),
+            (false, None) => " Clients not pinned (`--client-cpu off`: each row's client where the scheduler puts it).".to_string(),
         },
         {
             let mut s = String::new();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::args::Cli;
+use crate::args::{Cli, ClientCpu};
 use crate::kube_proxy::IptablesBackend;
 
 /// How often a programming measurement repeats: at least `min`, at most
@@ -161,7 +161,11 @@ impl Settings {
                 None => None,
             },
             order: cli.order,
-            client_cpu: cli.client_cpu,
+            client_cpu: match cli.client_cpu {
+                ClientCpu::Off => None,
+                ClientCpu::Cpu(n) => Some(n),
+                ClientCpu::Auto => Some(crate::client::highest_allowed_cpu()?),
+            },
             out,
             iptables: cli.iptables,
             agent_bin: cli.agent_bin.clone(),

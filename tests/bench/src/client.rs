@@ -240,7 +240,7 @@ impl Client {
     pub fn pin(&self, cpu: usize) -> Result<()> {
         let pid = self.guard.pid();
         let target = libc::pid_t::try_from(pid).context("client pid")?;
-        if cpu >= usize::try_from(libc::CPU_SETSIZE).unwrap_or(0) {
+        if cpu >= cpu_set_size() {
             bail!(
                 "--client-cpu {cpu}: beyond the kernel's CPU set ({} CPUs)",
                 libc::CPU_SETSIZE
@@ -331,6 +331,11 @@ fn parse_reply(line: &str) -> Result<Batch> {
     })
 }
 
+/// CPUs a `cpu_set_t` holds (CPU_SETSIZE, 1024).
+fn cpu_set_size() -> usize {
+    usize::try_from(libc::CPU_SETSIZE).unwrap_or(0)
+}
+
 /// `--client-cpu auto`: the highest CPU this process may run on (on the
 /// 2-core machines here, CPU 1, where the P1 runs since 2026-12-07 night
 /// pinned their clients).
@@ -347,9 +352,8 @@ pub fn highest_allowed_cpu() -> Result<usize> {
         }
         set
     };
-    let size = usize::try_from(libc::CPU_SETSIZE).unwrap_or(0);
     // SAFETY: as above.
-    (0..size)
+    (0..cpu_set_size())
         .rev()
         .find(|&i| unsafe { libc::CPU_ISSET(i, &set) })
         .context("--client-cpu auto: this process may run on no CPU")

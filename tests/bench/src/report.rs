@@ -267,7 +267,7 @@ pub fn markdown(r: &Report) -> String {
     let sizes = r.sizes();
     let _ = writeln!(
         o,
-        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches, {}; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}{}{}\n",
+        "## New-connection latency\n\nconnect() until established, µs; {} connections per row and size, all rows interleaved in batches, {}; clients connect to the last-declared Service (floor: straight to a backend IP).{}{}{}{}{}\n",
         thousands(u64::from(r.config.connections)),
         match r.config.order {
             crate::latency::Order::Shuffled => "the rows' turns in a new random order every round (`--order shuffled`)",
@@ -278,11 +278,14 @@ pub fn markdown(r: &Report) -> String {
         } else {
             ""
         },
-        match (r.config.realtime_clients, r.config.client_cpu) {
-            (true, Some(cpu)) => format!(" Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect(); all pinned to CPU {cpu} (`--client-cpu`)."),
-            (true, None) => " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect(); not pinned (`--client-cpu off`: each row's client where the scheduler puts it).".to_string(),
-            (false, Some(cpu)) => format!(" Clients all pinned to CPU {cpu} (`--client-cpu`)."),
-            (false, None) => " Clients not pinned (`--client-cpu off`: each row's client where the scheduler puts it).".to_string(),
+        if r.config.realtime_clients {
+            " Clients under SCHED_FIFO priority 1 (`--realtime-clients`): no ordinary task preempts a client inside connect()."
+        } else {
+            ""
+        },
+        match r.config.client_cpu {
+            Some(cpu) => format!(" Clients all pinned to CPU {cpu} (`--client-cpu`)."),
+            None => " Clients not pinned (`--client-cpu off`: each row's client where the scheduler puts it).".to_string(),
         },
         {
             let mut s = String::new();
@@ -403,7 +406,7 @@ pub fn markdown(r: &Report) -> String {
     if !r.positions.is_empty() {
         let _ = writeln!(
             o,
-            "\nWhere the slow connections are: a batch's first connections pay for the switch from the row before (its client woken, the caches holding that row's work), and a p99 is decided by one connection in a hundred (2.5 a batch in batches of 250). Head = the first {} connections of every batch.\n\n| Services | Row | p99 (µs) | p99 without the heads | over the p99: share in a head | heads' share of all | first connection's p50 (µs) |\n|---:|---|---:|---:|---:|---:|---:|",
+            "\nWhere the slow connections are: a batch's first connections pay for the switch from the row before (its client woken, the caches holding that row's work), and a p99 is decided by one connection in a hundred (2.5 a batch in the full runs' batches of 250). Head = the first {} connections of every batch.\n\n| Services | Row | p99 (µs) | p99 without the heads | over the p99: share in a head | heads' share of all | first connection's p50 (µs) |\n|---:|---|---:|---:|---:|---:|---:|",
             r.positions[0].at.head
         );
         for p in &r.positions {
